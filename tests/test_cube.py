@@ -1,0 +1,165 @@
+import datetime as dt
+
+import numpy as np
+import pytest
+
+from tests.helpers import write_prj, write_scene
+from treesits_dask import cube, discovery
+from treesits_dask.config import DEFAULT_QAI_FLAGS, QAI_FLAGS
+from treesits_dask.errors import ConfigError, InputDataError
+
+
+def _reference_invalid(q: int, flags) -> bool:
+    """Per-pixel QAI rule written from REFERENCE.md section 1 (bit by bit)."""
+    bit = lambda b: (q >> b) & 1  # noqa: E731
+    cloud = bit(1) | (bit(2) << 1)
+    aerosol = bit(6) | (bit(7) << 1)
+    illum = bit(11) | (bit(12) << 1)
+    tests = {
+        "NODATA": bit(0) == 1, "CLOUD_BUFFER": cloud == 1, "CLOUD_OPAQUE": cloud == 2,
+        "CLOUD_CIRRUS": cloud == 3, "CLOUD_SHADOW": bit(3) == 1, "SNOW": bit(4) == 1, "WATER": bit(5) == 1,
+        "AEROSOL_INT": aerosol == 1, "AEROSOL_HIGH": aerosol == 2, "AEROSOL_FILL": aerosol == 3,
+        "SUBZERO": bit(8) == 1, "SATURATION": bit(9) == 1, "SUN_LOW": bit(10) == 1,
+        "ILLUMINATION_MEDIUM": illum == 1, "ILLUMINATION_POOR": illum == 2, "ILLUMINATION_SHADOW": illum == 3,
+        "SLOPE": bit(13) == 1, "WVP_FILL": bit(14) == 1,
+    }
+    return any(tests[f] for f in flags)
+
+
+def test_qai_every_flag_against_reference():
+    rng = np.random.default_rng(0)
+    # every single bit, every 2-bit field value, and random combinations (as int16, sign bit included)
+    singles = [1 << b for b in range(16)]
+    fields = [v << s for s in (1, 6, 11) for v in (1, 2, 3)]
+    values = np.array(singles + fields + list(rng.integers(0, 2**16, 3000)), dtype=np.uint16).view(np.int16)
+    for flag in QAI_FLAGS:
+        got = cube.qai_invalid(values, [flag])
+        ref = np.array([_reference_invalid(int(v), [flag]) for v in values.view(np.uint16)])
+        np.testing.assert_array_equal(got, ref, err_msg=flag)
+        assert got.any(), flag  # each flag is exercised
+    got = cube.qai_invalid(values, DEFAULT_QAI_FLAGS)
+    ref = np.array([_reference_invalid(int(v), DEFAULT_QAI_FLAGS) for v in values.view(np.uint16)])
+    np.testing.assert_array_equal(got, ref)
+    # FORCE's default: invalid where bit 0, cloud != 0, or bits 3, 4, 8, 9
+    u = values.view(np.uint16)
+    force_default = ((u & 1) | ((u >> 1) & 3) | (u >> 3 & 1) | (u >> 4 & 1) | (u >> 8 & 1) | (u >> 9 & 1)) != 0
+    np.testing.assert_array_equal(got, force_default)
+
+
+@pytest.fixture()
+def hand_tile(tmp_path):
+    """30x40 px tile, 3 scenes, COG-like 16x16 blocks (which do not divide the tile)."""
+    root = tmp_path / "cube"
+    write_prj(root, 40)  # tile edge 400 m; only the origin matters for the 30x40 files
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 5000, (3, 10, 30, 40)).astype(np.int16)
+    qai = np.zeros((3, 30, 40), np.int16)
+    qai[0, 0:5, 0:5] = 2 << 1  # opaque cloud
+    qai[1, 10, 10] = 1 << 3  # shadow
+    qai[2, 20, 30] = 1 << 5  # water: not screened by default
+    data[1, 4, 7, 8] = -9999  # one band nodata
+    for t in range(3):
+        write_scene(root, "X0010_Y0010", dt.date(2022, 5, 1 + t), data[t], qai[t], blocks=(16, 16))
+    return root, data, qai
+
+
+def _grid(root):
+    definition = discovery.read_cube_definition(str(root))
+    scenes = discovery.scene_table(str(root), "X0010_Y0010")
+    return definition, scenes, cube.tile_grid(definition, scenes[0])
+
+
+def test_window_read_and_screening(hand_tile):
+    root, data, qai = hand_tile
+    _, scenes, grid = _grid(root)
+    assert grid.block_shape == (16, 16) and (grid.height, grid.width) == (30, 40)
+    shape = cube.choose_window_shape(grid, (15, 20), len(scenes))
+    arr = cube.open_cube(scenes, grid, shape, DEFAULT_QAI_FLAGS)
+    assert arr.dims == ("time", "band", "y", "x") and arr.dtype == np.int16
+    assert arr.data.numblocks == (1, 1, 2, 2)  # one task per window, all scenes in it
+    assert str(arr.rio.crs) == "EPSG:3035" and list(arr.band.values)[7] == "NIR"
+    assert arr.time.dtype.kind == "M"
+    before = cube.OPEN_COUNTER.count
+    got = arr.values
+    assert cube.OPEN_COUNTER.count - before == 4 * 3 * 2  # windows x scenes x (BOA + QAI)
+    expected = data.copy()
+    expected[0, :, 0:5, 0:5] = -9999
+    expected[1, :, 10, 10] = -9999
+    np.testing.assert_array_equal(got, expected)
+    none = cube.open_cube(scenes, grid, shape, ()).values
+    np.testing.assert_array_equal(none, data)
+
+
+def test_empty_mask_window_opens_nothing(hand_tile):
+    import dask.array as da
+
+    root, data, _ = hand_tile
+    _, scenes, grid = _grid(root)
+    mask = np.zeros((30, 40), bool)
+    mask[0, 0] = True  # only the first window has a mask pixel
+    dmask = da.from_array(mask, chunks=(15, 20))
+    arr = cube.open_cube(scenes, grid, (15, 20), DEFAULT_QAI_FLAGS, mask=dmask)
+    before = cube.OPEN_COUNTER.count
+    vals = arr.values
+    assert cube.OPEN_COUNTER.count - before == 1 * 3 * 2
+    assert (vals[:, :, 15:, :] == -9999).all() and (vals[:, :, :, 20:] == -9999).all()
+
+
+def test_window_shape_rules(hand_tile):
+    root, *_ = hand_tile
+    _, scenes, grid = _grid(root)
+    with pytest.raises(ConfigError, match="does not divide tile X0010_Y0010"):
+        cube.choose_window_shape(grid, (16, 16), 3)
+    assert cube.choose_window_shape(grid, None, 3) == (30, 40)
+
+
+def test_missing_qai_is_an_error_unless_disabled(hand_tile):
+    root, data, _ = hand_tile
+    (root / "X0010_Y0010" / "20220502_LEVEL2_SEN2A_QAI.tif").unlink()
+    _, scenes, grid = _grid(root)
+    with pytest.raises(InputDataError, match=r"20220502_LEVEL2_SEN2A_BOA.tif has no QAI.*--qai none"):
+        cube.open_cube(scenes, grid, (30, 40), DEFAULT_QAI_FLAGS).values
+    cube.open_cube(scenes, grid, (30, 40), ()).values
+
+
+def test_truncated_file(hand_tile):
+    root, *_ = hand_tile
+    _, scenes, grid = _grid(root)
+    path = root / "X0010_Y0010" / "20220503_LEVEL2_SEN2A_BOA.tif"
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(InputDataError, match="20220503_LEVEL2_SEN2A_BOA.tif"):
+        cube.open_cube(scenes, grid, (30, 40), ()).values
+
+
+def test_wrong_band_count_and_grid(hand_tile):
+    from tests.helpers import tile_transform
+
+    root, data, _ = hand_tile
+    write_scene(root, "X0010_Y0010", dt.date(2022, 6, 1), data[0, :6])
+    _, scenes, grid = _grid(root)
+    with pytest.raises(InputDataError, match=r"20220601_LEVEL2_SEN2A_BOA.tif has 6 bands"):
+        cube.open_cube(scenes, grid, (30, 40), ()).values
+    write_scene(root, "X0010_Y0010", dt.date(2022, 6, 1), data[0],
+                transform=tile_transform("X0011_Y0010", 40))
+    _, scenes, grid = _grid(root)
+    with pytest.raises(InputDataError, match=r"20220601_LEVEL2_SEN2A_BOA.tif is on another grid"):
+        cube.open_cube(scenes, grid, (30, 40), ()).values
+    import rasterio
+
+    write_scene(root, "X0010_Y0010", dt.date(2022, 6, 1), data[0], crs=rasterio.crs.CRS.from_epsg(32632))
+    _, scenes, grid = _grid(root)
+    with pytest.raises(InputDataError, match=r"20220601_LEVEL2_SEN2A_BOA.tif has CRS"):
+        cube.open_cube(scenes, grid, (30, 40), ()).values
+
+
+def test_first_scene_checked_against_prj(hand_tile):
+    from tests.helpers import tile_transform
+
+    root, data, _ = hand_tile
+    write_scene(root, "X0010_Y0010", dt.date(2022, 1, 1), data[0], transform=tile_transform("X0012_Y0010", 40))
+    definition, scenes, _ = None, None, None
+    definition = discovery.read_cube_definition(str(root))
+    scenes = discovery.scene_table(str(root), "X0010_Y0010")
+    with pytest.raises(InputDataError, match="is not the origin of tile X0010_Y0010"):
+        cube.tile_grid(definition, scenes[0])

@@ -1,0 +1,370 @@
+"""Scene table -> lazy ``xarray.DataArray`` (time, band, y, x) int16, one dask task per window.
+
+A task reads ONE spatial window of ALL scenes of a tile (graph size grows with tiles x windows, not
+with scenes).  QAI screening happens in the same task: screened observations are set to the BOA
+nodata value (-9999) in every band, so downstream code sees a single validity rule.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import storage
+from .discovery import S2_BANDS, CubeDefinition, Scene
+from .errors import InputDataError
+
+__all__ = [
+    "NODATA",
+    "TileGrid",
+    "Window",
+    "WindowReader",
+    "tile_grid",
+    "choose_window_shape",
+    "plan_windows",
+    "qai_invalid",
+    "open_cube",
+    "OPEN_COUNTER",
+]
+
+log = logging.getLogger(__name__)
+
+NODATA = -9999
+
+# QAI bit layout (REFERENCE.md section 1): (shift, mask, value that is flagged) per flag name.
+_QAI_FIELDS = {
+    "NODATA": (0, 1, 1),
+    "CLOUD_BUFFER": (1, 3, 1),
+    "CLOUD_OPAQUE": (1, 3, 2),
+    "CLOUD_CIRRUS": (1, 3, 3),
+    "CLOUD_SHADOW": (3, 1, 1),
+    "SNOW": (4, 1, 1),
+    "WATER": (5, 1, 1),
+    "AEROSOL_INT": (6, 3, 1),
+    "AEROSOL_HIGH": (6, 3, 2),
+    "AEROSOL_FILL": (6, 3, 3),
+    "SUBZERO": (8, 1, 1),
+    "SATURATION": (9, 1, 1),
+    "SUN_LOW": (10, 1, 1),
+    "ILLUMINATION_MEDIUM": (11, 3, 1),
+    "ILLUMINATION_POOR": (11, 3, 2),
+    "ILLUMINATION_SHADOW": (11, 3, 3),
+    "SLOPE": (13, 1, 1),
+    "WVP_FILL": (14, 1, 1),
+}
+
+
+def qai_invalid(qai: np.ndarray, flags: Sequence[str]) -> np.ndarray:
+    """Boolean array: True where any of ``flags`` is set in the FORCE QAI values."""
+    q = np.asarray(qai).view(np.uint16) if np.asarray(qai).dtype == np.int16 else np.asarray(qai, np.uint16)
+    out = np.zeros(q.shape, dtype=bool)
+    for flag in flags:
+        shift, mask, value = _QAI_FIELDS[flag]
+        out |= ((q >> shift) & mask) == value
+    return out
+
+
+class _OpenCounter:
+    """Counts GDAL dataset opens in this process (tests and benchmarks read it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def add(self, n: int = 1) -> None:
+        with self._lock:
+            self.count += n
+
+
+OPEN_COUNTER = _OpenCounter()
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Pixel grid of one tile, read once from its first BOA file and checked against the .prj."""
+
+    tile: str
+    crs_wkt: str
+    transform: tuple[float, float, float, float, float, float]
+    width: int
+    height: int
+    block_shape: tuple[int, int]
+    count: int
+
+    @property
+    def affine(self):
+        from affine import Affine
+
+        return Affine(*self.transform)
+
+    def x_coords(self) -> np.ndarray:
+        a, _, c = self.transform[:3]
+        return c + a * (np.arange(self.width) + 0.5)
+
+    def y_coords(self) -> np.ndarray:
+        e, f = self.transform[4], self.transform[5]
+        return f + e * (np.arange(self.height) + 0.5)
+
+
+@dataclass(frozen=True)
+class Window:
+    row_off: int
+    col_off: int
+    height: int
+    width: int
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.row_off, self.row_off + self.height)
+
+    @property
+    def cols(self) -> slice:
+        return slice(self.col_off, self.col_off + self.width)
+
+
+def _open(url: str):
+    import rasterio
+
+    OPEN_COUNTER.add()
+    try:
+        return rasterio.open(storage.gdal_path(url))
+    except Exception as exc:  # rasterio raises RasterioIOError and friends
+        raise InputDataError(
+            f"cannot open {url}: {exc}. The file is missing, unreadable or not a GeoTIFF; "
+            "restore it or remove it (with its QAI twin) from the tile folder"
+        ) from exc
+
+
+def tile_grid(definition: CubeDefinition, scene: Scene) -> TileGrid:
+    """The tile's pixel grid from its first BOA; checked against datacube-definition.prj."""
+    from rasterio.crs import CRS
+
+    with _open(scene.boa) as src:
+        tr = src.transform
+        grid = TileGrid(
+            tile=scene.tile,
+            crs_wkt=src.crs.to_wkt() if src.crs else "",
+            transform=(tr.a, tr.b, tr.c, tr.d, tr.e, tr.f),
+            width=src.width,
+            height=src.height,
+            block_shape=tuple(src.block_shapes[0]),
+            count=src.count,
+        )
+    left, top = definition.tile_origin(scene.tile)
+    if not grid.crs_wkt or CRS.from_wkt(grid.crs_wkt) != CRS.from_wkt(definition.crs_wkt):
+        raise InputDataError(
+            f"{scene.boa}: CRS does not match datacube-definition.prj of the cube; the tile "
+            f"{scene.tile} does not belong to this cube"
+        )
+    res_x, res_y = abs(tr.a), abs(tr.e)
+    if abs(tr.c - left) > res_x / 2 or abs(tr.f - top) > res_y / 2:
+        raise InputDataError(
+            f"{scene.boa}: upper-left corner ({tr.c:.3f}, {tr.f:.3f}) is not the origin of tile "
+            f"{scene.tile} ({left:.3f}, {top:.3f}) from datacube-definition.prj; the file is in "
+            "the wrong tile folder or the .prj belongs to another cube"
+        )
+    if grid.count != len(S2_BANDS):
+        raise InputDataError(
+            f"{scene.boa} has {grid.count} bands, but Sentinel-2 BOA has {len(S2_BANDS)}; "
+            "restrict --sensors to Sentinel-2 (SEN2A,SEN2B,SEN2C) or remove the file"
+        )
+    return grid
+
+
+def _divisor_at_most(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def choose_window_shape(
+    grid: TileGrid,
+    requested: tuple[int, int] | None,
+    n_scenes: int,
+    max_bytes: int = 2 * 1024**3,
+    target: int = 512,
+) -> tuple[int, int]:
+    """Window ``(rows, cols)``; both must divide the tile so that windows align with Zarr chunks.
+
+    ``auto``: full-width strips of the file's strip height for striped files (FORCE < 3.8, decoded
+    once per window) when a window of all scenes stays under ``max_bytes``; otherwise the largest
+    divisors of the tile size up to ``target`` pixels.
+    """
+    from .errors import ConfigError
+
+    if requested is not None:
+        rows, cols = requested
+        if grid.height % rows or grid.width % cols:
+            raise ConfigError(
+                f"setting 'window' {rows}x{cols} does not divide tile {grid.tile} "
+                f"({grid.height}x{grid.width} px); windows must tile it exactly so that they align "
+                f"with the Zarr chunks, e.g. {_divisor_at_most(grid.height, rows)}x"
+                f"{_divisor_at_most(grid.width, cols)}"
+            )
+        return rows, cols
+    bh, bw = grid.block_shape
+    bytes_per_px = n_scenes * grid.count * 2
+    if bw == grid.width and grid.height % bh == 0:
+        # striped file: whole strips, as many as fit target**2 pixels (at least one) and the budget
+        fits = [
+            k * bh
+            for k in range(1, grid.height // bh + 1)
+            if grid.height % (k * bh) == 0
+            and (k == 1 or k * bh * grid.width <= target * target)
+            and k * bh * grid.width * bytes_per_px <= max_bytes
+        ]
+        if fits:
+            return max(fits), grid.width
+    return _divisor_at_most(grid.height, target), _divisor_at_most(grid.width, target)
+
+
+def plan_windows(grid: TileGrid, shape: tuple[int, int]) -> list[list[Window]]:
+    """Row-major 2-D list of windows covering the tile."""
+    rows, cols = shape
+    return [
+        [Window(r, c, min(rows, grid.height - r), min(cols, grid.width - c)) for c in range(0, grid.width, cols)]
+        for r in range(0, grid.height, rows)
+    ]
+
+
+@dataclass(frozen=True)
+class WindowReader:
+    """Recipe to read one window of all scenes of a tile: pickles as a few strings, opens files in the task."""
+
+    grid: TileGrid
+    boa: tuple[str, ...]
+    qai: tuple[str | None, ...]
+    qai_flags: tuple[str, ...] = ()
+
+    def _check(self, src, url: str) -> None:
+        g = self.grid
+        tr = src.transform
+        if src.count != g.count or src.dtypes[0] != "int16":
+            raise InputDataError(
+                f"{url} has {src.count} bands of {src.dtypes[0]}; expected {g.count} int16 bands "
+                f"like the other scenes of tile {g.tile}; remove or re-create the file"
+            )
+        if (src.width, src.height) != (g.width, g.height) or not np.allclose(
+            (tr.a, tr.b, tr.c, tr.d, tr.e, tr.f), g.transform, rtol=0, atol=1e-6 * abs(g.transform[0])
+        ):
+            raise InputDataError(
+                f"{url} is on another grid ({src.width}x{src.height} px, transform {tuple(tr)[:6]}) "
+                f"than tile {g.tile} ({g.width}x{g.height} px, transform {g.transform}); "
+                "the file does not belong in this tile folder"
+            )
+        if src.crs is None or src.crs.to_wkt() != g.crs_wkt:
+            from rasterio.crs import CRS
+
+            if src.crs is None or CRS.from_wkt(g.crs_wkt) != src.crs:
+                raise InputDataError(f"{url} has CRS {src.crs}, not the CRS of tile {g.tile}")
+
+    def read(self, window: Window, mask: np.ndarray | None = None) -> np.ndarray:
+        """``(T, bands, h, w)`` int16; screened observations set to -9999.
+
+        When ``mask`` is given and has no pixel set, no file is opened and a read-only block of
+        nodata is returned (broadcast, no memory).
+        """
+        shape = (len(self.boa), self.grid.count, window.height, window.width)
+        if mask is not None and not np.any(mask):
+            return np.broadcast_to(np.int16(NODATA), shape)
+        from rasterio.windows import Window as RioWindow
+
+        rw = RioWindow(window.col_off, window.row_off, window.width, window.height)
+        out = np.empty(shape, dtype=np.int16)
+        for t, (boa, qai) in enumerate(zip(self.boa, self.qai, strict=True)):
+            src = _open(boa)
+            try:
+                with src:
+                    self._check(src, boa)
+                    src.read(window=rw, out=out[t])
+            except InputDataError:
+                raise
+            except Exception as exc:
+                raise InputDataError(
+                    f"cannot read {boa} (window rows {window.row_off}:{window.row_off + window.height}, "
+                    f"cols {window.col_off}:{window.col_off + window.width}): {exc}. The file is "
+                    "truncated or corrupt; re-create it or remove it (with its QAI twin)"
+                ) from exc
+            if self.qai_flags:
+                if qai is None:
+                    raise InputDataError(
+                        f"{boa} has no QAI file ({storage.basename(boa).replace('_BOA', '_QAI')}) but QAI "
+                        "screening is on; restore the QAI file or set --qai none"
+                    )
+                src = _open(qai)
+                try:
+                    with src:
+                        q = src.read(1, window=rw)
+                except Exception as exc:
+                    raise InputDataError(f"cannot read QAI file {qai}: {exc}; re-create or remove it") from exc
+                bad = qai_invalid(q, self.qai_flags)
+                if bad.any():
+                    out[t][:, bad] = NODATA
+        return out
+
+
+def open_cube(
+    scenes: Sequence[Scene],
+    grid: TileGrid,
+    window_shape: tuple[int, int],
+    qai_flags: Sequence[str] = (),
+    mask=None,
+):
+    """Lazy ``xarray.DataArray`` (time, band, y, x) int16 of one tile, chunked by window.
+
+    ``mask`` (optional dask array (y, x) bool, chunked like the windows) lets a window with no
+    masked-in pixel skip all reads.
+    """
+    import dask.array as da
+    import rioxarray  # noqa: F401  (registers the .rio accessor)
+    import xarray as xr
+    from dask.base import tokenize
+    from dask.highlevelgraph import HighLevelGraph
+
+    reader = WindowReader(
+        grid=grid,
+        boa=tuple(s.boa for s in scenes),
+        qai=tuple(s.qai for s in scenes),
+        qai_flags=tuple(qai_flags),
+    )
+    windows = plan_windows(grid, window_shape)
+    name = f"read-{grid.tile}-" + tokenize(reader, window_shape, mask.name if mask is not None else None)
+    dsk = {}
+    for i, row in enumerate(windows):
+        for j, w in enumerate(row):
+            if mask is None:
+                dsk[(name, 0, 0, i, j)] = (reader.read, w)
+            else:
+                dsk[(name, 0, 0, i, j)] = (reader.read, w, (mask.name, i, j))
+    chunks = (
+        (len(scenes),),
+        (grid.count,),
+        tuple(row[0].height for row in windows),
+        tuple(w.width for w in windows[0]),
+    )
+    deps = [mask] if mask is not None else []
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=deps)
+    data = da.Array(graph, name, chunks, dtype=np.int16)
+    times = np.array([np.datetime64(s.date, "ns") for s in scenes], dtype="datetime64[ns]")
+    arr = xr.DataArray(
+        data,
+        dims=("time", "band", "y", "x"),
+        coords={
+            "time": times,
+            "band": list(S2_BANDS[: grid.count]),
+            "y": grid.y_coords(),
+            "x": grid.x_coords(),
+            "sensor": ("time", [s.sensor for s in scenes]),
+        },
+        name=grid.tile,
+        attrs={"nodata": NODATA, "tile": grid.tile, "_FillValue": NODATA},
+    )
+    arr = arr.rio.write_crs(grid.crs_wkt).rio.write_transform(grid.affine)
+    return arr
+
+
+def days_since_epoch(dates: Sequence[dt.date]) -> np.ndarray:
+    return np.array([(d - dt.date(1970, 1, 1)).days for d in dates], dtype=np.int64)
