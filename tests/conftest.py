@@ -1,0 +1,55 @@
+"""Shared fixtures: paths to ../shared/data, small synthetic FORCE cubes, a native model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# keep Dask/GDAL quiet and deterministic in tests
+os.environ.setdefault("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"test data folder {SHARED_DATA} is missing (expected ../shared/data beside the repo)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def small_cube(tmp_path_factory):
+    """Two 60x60 px tiles, 10 scenes, strips layout, old .prj, masks and truth."""
+    from treesits_dask.synthetic import make_cube
+
+    root = tmp_path_factory.mktemp("cube")
+    return make_cube(
+        root / "cube", tiles=("X0069_Y0043", "X0070_Y0043"), size=60, n_scenes=10,
+        mask_dir=str(root / "masks"), truth_dir=str(root / "truth"), seed=3,
+    )
+
+
+@pytest.fixture(scope="session")
+def native_lstm(tmp_path_factory):
+    """A small native sits-lstm with random weights (5 species classes)."""
+    import torch
+
+    from treesits_dask.models import ModelCard, save_native
+    from treesits_dask.models.architectures import LSTMClassifier  # noqa: F401  (import checks the API)
+
+    torch.manual_seed(0)
+    hp = {"num_bands": 10, "input_size": 16, "hidden_size": 16, "num_layers": 1, "num_classes": 5}
+    module = LSTMClassifier(**hp).eval()
+    card = ModelCard(
+        family="sits-lstm", hyperparameters=hp,
+        bands=["BLUE", "GREEN", "RED", "REDEDGE1", "REDEDGE2", "REDEDGE3", "BROADNIR", "NIR", "SWIR1", "SWIR2"],
+        class_names=["Spruce", "Beech", "Pine", "Douglas fir", "Oak"], output_kind="softmax",
+        sequence={"kind": "full"},
+    )
+    path = tmp_path_factory.mktemp("model") / "lstm.pt"
+    pt, _ = save_native(module, card, str(path))
+    return pt
