@@ -1,0 +1,397 @@
+"""Zarr store, region writes, per-tile COGs and VRT mosaics on a tiny grid (2 tiles of 40x40 px)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import xarray as xr
+import zarr
+from affine import Affine
+from rasterio.crs import CRS
+from rio_cogeo.cogeo import cog_validate
+
+from treesits_dask import sinks, storage
+from treesits_dask.errors import OutputError
+
+ORIGIN = (2456026.363042, 4574919.607965)
+CLASSES = ("Spruce", "Beech", "Pine")
+TILES = ("X0069_Y0043", "X0070_Y0043")
+GRID = sinks.OutputGrid(
+    crs_wkt=CRS.from_epsg(3035).to_wkt(),
+    transform=(10.0, 0.0, ORIGIN[0] + 69 * 400.0, 0.0, -10.0, ORIGIN[1] - 43 * 400.0),
+    width=80, height=40, chunk=(20, 20), class_names=CLASSES, multiclass=True,
+)  # fmt: skip
+REGIONS = [sinks.TileRegion(t, 0, 40 * k, 40, 40) for k, t in enumerate(TILES)]
+ALL = sinks.TileRegion("all", 0, 0, 40, 80)
+UNWRITTEN = (20, 60)  # upper-left pixel of the one chunk that is never written
+
+
+def _window_outputs(rng, shape=(20, 20), n=3):
+    """Realistic window outputs: some pixels not predicted (nodata in every variable)."""
+    prob = rng.dirichlet(np.ones(n), size=shape).transpose(2, 0, 1).astype(np.float32)
+    cls = prob.argmax(axis=0).astype(np.uint8)
+    vobs = rng.integers(1, 300, size=shape).astype(np.uint16)
+    last = rng.integers(0, 2, size=shape).astype(np.uint8)
+    skip = rng.random(shape) < 0.3
+    prob[:, skip], cls[skip], vobs[skip], last[skip] = np.nan, 255, 0, 255
+    return {"probability": prob, "class": cls, "valid_obs": vobs, "last_obs_valid": last}
+
+
+def _fill(url, grid=GRID, seed=0):
+    """Write every chunk but UNWRITTEN; returns the expected full-store arrays."""
+    rng = np.random.default_rng(seed)
+    expected = {v: _nodata_array(v, grid) for v in grid.variables()}
+    for r in range(0, grid.height, 20):
+        for c in range(0, grid.width, 20):
+            if (r, c) == UNWRITTEN:
+                continue
+            out = _window_outputs(rng, n=len(grid.class_names))
+            out = {k: v for k, v in out.items() if k in grid.variables()}
+            sinks.write_window(url, slice(r, r + 20), slice(c, c + 20), out)
+            for k, v in out.items():
+                expected[k][..., r : r + 20, c : c + 20] = v
+    return expected
+
+
+def _nodata_array(var, grid=GRID):
+    shape = (grid.height, grid.width)
+    if var == "probability":
+        shape = (len(grid.class_names), *shape)
+    return np.full(shape, sinks.NODATA[var], dtype=sinks.DTYPES[var])
+
+
+@pytest.fixture
+def store(tmp_path) -> str:
+    url = str(tmp_path / "out" / "predictions.zarr")
+    sinks.create_store(url, GRID, attrs={"model": "lstm.pt"})
+    return url
+
+
+@pytest.fixture
+def filled(store):
+    return store, _fill(store)
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): _sha(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------------------- Zarr
+def test_store_metadata_for_xarray_and_rioxarray(store):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no consolidated-metadata (or other) warnings for users
+        ds = xr.open_zarr(store)
+    assert ds.rio.crs.to_epsg() == 3035
+    assert ds.rio.transform() == Affine(*GRID.transform)
+    assert ds.probability.rio.crs.to_epsg() == 3035
+    assert list(ds[sinks.CLASS_DIM].values) == list(CLASSES)
+    assert ds.probability.dims == (sinks.CLASS_DIM, "y", "x")
+    assert ds["class"].dims == ("y", "x") and "class" in ds.data_vars
+    assert set(ds.data_vars) == set(sinks.VARIABLES)
+    assert ds.x.values[0] == GRID.transform[2] + 5 and ds.y.values[0] == GRID.transform[5] - 5
+    assert ds.attrs["model"] == "lstm.pt"
+    # default decoding: integer layers with nodata become float with NaN; valid_obs stays uint16
+    assert ds["class"].dtype == np.float32 and ds["class"].rio.encoded_nodata == 255
+    assert ds.valid_obs.dtype == np.uint16
+    raw = xr.open_zarr(store, mask_and_scale=False)
+    assert raw["class"].dtype == np.uint8 and raw["class"].rio.nodata == 255
+    assert raw.last_obs_valid.dtype == np.uint8 and raw.last_obs_valid.rio.nodata == 255
+    assert raw.valid_obs.dtype == np.uint16 and raw.valid_obs.rio.nodata is None
+    assert np.isnan(raw.probability.rio.nodata) and raw.probability.dtype == np.float32
+    assert list(raw["class"].attrs["class_names"]) == list(CLASSES)
+    group = zarr.open_group(store, mode="r")
+    assert group["probability"].chunks == (3, 20, 20)  # all classes in one chunk
+    assert group["class"].chunks == group["valid_obs"].chunks == (20, 20)
+    assert group["class"].fill_value == 255  # unwritten chunks are nodata, not class 0 (Spruce)
+
+
+def test_unwritten_store_reads_nodata(store):
+    for var in sinks.VARIABLES:
+        np.testing.assert_array_equal(sinks.read_region(store, ALL, var), _nodata_array(var))
+    ds = xr.open_zarr(store, mask_and_scale=False)
+    assert (ds["class"].values == 255).all() and (ds.valid_obs.values == 0).all()
+    assert np.isnan(xr.open_zarr(store)["class"].values).all()
+
+
+def test_write_window_reads_back(filled):
+    store, expected = filled
+    for var in sinks.VARIABLES:
+        np.testing.assert_array_equal(sinks.read_region(store, ALL, var), expected[var])
+    r, c = UNWRITTEN
+    cls = sinks.read_region(store, ALL, "class")
+    assert (cls[r : r + 20, c : c + 20] == 255).all()
+    ds = xr.open_zarr(store, mask_and_scale=False)
+    np.testing.assert_array_equal(ds.probability.values, expected["probability"])
+    np.testing.assert_array_equal(ds.valid_obs.values, expected["valid_obs"])
+    # the edge tile region reads the right part of the store
+    np.testing.assert_array_equal(
+        sinks.read_region(store, REGIONS[1], "last_obs_valid"), expected["last_obs_valid"][:, 40:]
+    )
+
+
+def test_write_window_is_idempotent_and_thread_safe(tmp_path):
+    url = str(tmp_path / "predictions.zarr")
+    sinks.create_store(url, GRID)
+    rng = np.random.default_rng(5)
+    jobs = [
+        (slice(r, r + 20), slice(c, c + 20), _window_outputs(rng))
+        for r in range(0, 40, 20)
+        for c in range(0, 80, 20)
+    ]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda j: sinks.write_window(url, *j), jobs))
+    before = _tree_digest(Path(url))
+    for rows, cols, out in jobs:
+        got = sinks.read_region(url, sinks.TileRegion("w", rows.start, cols.start, 20, 20), "class")
+        np.testing.assert_array_equal(got, out["class"])
+    sinks.write_window(url, *jobs[3])  # rewriting a window changes no byte
+    assert _tree_digest(Path(url)) == before
+
+
+def test_write_window_rejects_bad_windows(store, tmp_path):
+    out = _window_outputs(np.random.default_rng(1))
+    with pytest.raises(OutputError, match="not aligned"):
+        sinks.write_window(store, slice(10, 30), slice(0, 20), out)
+    with pytest.raises(OutputError, match="shape"):
+        sinks.write_window(store, slice(0, 20), slice(0, 40), {"valid_obs": out["valid_obs"]})
+    with pytest.raises(OutputError, match="no Zarr store"):
+        sinks.write_window(str(tmp_path / "missing.zarr"), slice(0, 20), slice(0, 20), out)
+    binary = sinks.OutputGrid(
+        **{**GRID.__dict__, "class_names": ("disturbance",), "multiclass": False}
+    )
+    url = str(tmp_path / "binary.zarr")
+    sinks.create_store(url, binary)
+    with pytest.raises(OutputError, match=r"no variable\(s\) \['class'\]"):
+        sinks.write_window(url, slice(0, 20), slice(0, 20), {"class": out["class"]})
+
+
+def test_binary_store_has_no_class_variable(tmp_path):
+    grid = sinks.OutputGrid(
+        **{**GRID.__dict__, "class_names": ("disturbance",), "multiclass": False}
+    )
+    assert grid.variables() == ("probability", "valid_obs", "last_obs_valid")
+    url = str(tmp_path / "predictions.zarr")
+    sinks.create_store(url, grid)
+    expected = _fill(url, grid)
+    ds = xr.open_zarr(url, mask_and_scale=False)
+    assert set(ds.data_vars) == {"probability", "valid_obs", "last_obs_valid"}
+    assert ds.probability.shape == (1, 40, 80)
+    np.testing.assert_array_equal(ds.probability.values, expected["probability"])
+    cogs = sinks.write_tile_cogs(str(tmp_path), url, REGIONS[0], grid)
+    assert set(cogs) == set(grid.variables())
+
+
+def test_create_store_twice_changes_nothing(filled):
+    store, expected = filled
+    before = _tree_digest(Path(store))
+    sinks.create_store(store, GRID, attrs={"model": "lstm.pt"})
+    sinks.create_store(store, GRID, attrs={"model": "other.pt"})  # attrs differ: warning only
+    assert _tree_digest(Path(store)) == before
+    np.testing.assert_array_equal(sinks.read_region(store, ALL, "class"), expected["class"])
+
+
+@pytest.mark.parametrize(
+    ("change", "what"),
+    [
+        ({"chunk": (40, 40)}, "chunk"),
+        ({"width": 120}, "size"),
+        ({"class_names": ("Spruce", "Beech", "Oak")}, "class names"),
+        ({"crs_wkt": CRS.from_epsg(25832).to_wkt()}, "CRS"),
+        ({"transform": (10.0, 0.0, 0.0, 0.0, -10.0, 0.0)}, "transform"),
+    ],
+)
+def test_create_store_incompatible_raises(store, change, what):
+    other = sinks.OutputGrid(**{**GRID.__dict__, **change})
+    with pytest.raises(OutputError, match=what) as info:
+        sinks.create_store(store, other)
+    assert store in str(info.value) and "--output" in str(info.value)
+
+
+def test_create_store_refuses_foreign_folder(tmp_path):
+    foreign = tmp_path / "predictions.zarr"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not a store")
+    with pytest.raises(OutputError, match="not a Zarr store"):
+        sinks.create_store(str(foreign), GRID)
+    zarr.open_group(str(tmp_path / "other.zarr"), mode="w")  # a store without our grid
+    with pytest.raises(OutputError, match="did not create"):
+        sinks.create_store(str(tmp_path / "other.zarr"), GRID)
+
+
+def test_grid_rejects_too_many_classes():
+    with pytest.raises(OutputError, match="255"):
+        sinks.OutputGrid(**{**GRID.__dict__, "class_names": tuple(map(str, range(256)))})
+
+
+# ----------------------------------------------------------------------------------------- COGs
+def _check_cogs(output: Path, store: str, region: sinks.TileRegion) -> None:
+    expect_nodata = {"probability": "nan", "class": 255, "valid_obs": None, "last_obs_valid": 255}
+    for var in sinks.VARIABLES:
+        path = output / "cog" / region.tile / f"{var}.tif"
+        ok, errors, _ = cog_validate(str(path), quiet=True)
+        assert ok, errors
+        with rasterio.open(path) as src:
+            assert src.crs.to_epsg() == 3035
+            a, _, c, _, e, f = GRID.transform
+            assert src.transform == Affine(a, 0, c + region.col_off * a, 0, e, f)
+            assert src.compression is not None and src.compression.name in ("deflate", "zstd")
+            assert src.block_shapes[0] == (16, 16) and src.overviews(1) == [2, 4]
+            assert src.dtypes[0] == sinks.DTYPES[var]
+            if expect_nodata[var] == "nan":
+                assert np.isnan(src.nodata)
+            else:
+                assert src.nodata == expect_nodata[var]
+            assert src.descriptions == (CLASSES if var == "probability" else (var,))
+            data = src.read()
+        stored = sinks.read_region(store, region, var)
+        np.testing.assert_array_equal(data.reshape(stored.shape), stored)
+
+
+def test_write_tile_cogs_valid_and_equal_to_zarr(filled, tmp_path):
+    store, _ = filled
+    output = tmp_path / "out"
+    for region in REGIONS:
+        urls = sinks.write_tile_cogs(str(output), store, region, GRID, tmp_dir=str(tmp_path))
+        assert urls == {v: str(output / "cog" / region.tile / f"{v}.tif") for v in sinks.VARIABLES}
+        _check_cogs(output, store, region)
+    with rasterio.open(output / "cog" / TILES[1] / "class.tif") as src:
+        assert (src.read(1)[20:, 20:] == 255).all()  # the unwritten chunk is nodata in the COG too
+    with rasterio.open(output / "cog" / TILES[0] / "probability.tif") as src:
+        assert src.tags()["OVERVIEW_RESAMPLING"] == "AVERAGE"
+    with rasterio.open(output / "cog" / TILES[0] / "class.tif") as src:
+        assert src.tags()["OVERVIEW_RESAMPLING"] == "NEAREST"
+    # nothing but the final files: no partial or temporary files left behind
+    left = {p.name for p in (output / "cog" / TILES[0]).iterdir()}
+    assert left == {f"{v}.tif" for v in sinks.VARIABLES}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("treesits-")]
+
+
+def test_write_tile_cogs_twice_is_byte_identical(filled, tmp_path):
+    store, _ = filled
+    output = tmp_path / "out"
+    sinks.write_tile_cogs(str(output), store, REGIONS[0], GRID)
+    first = _tree_digest(output / "cog")
+    time.sleep(1.1)  # a timestamp in the file would now differ
+    sinks.write_tile_cogs(str(output), store, REGIONS[0], GRID)
+    assert _tree_digest(output / "cog") == first
+
+
+def test_vrt_mosaic_reads_back_store_values(filled, tmp_path):
+    store, expected = filled
+    output = tmp_path / "out"
+    for region in REGIONS:
+        sinks.write_tile_cogs(str(output), store, region, GRID)
+    vrts = sinks.write_mosaics(str(output), list(TILES))
+    assert vrts == {v: str(output / "cog" / f"{v}.vrt") for v in sinks.VARIABLES}
+    text = (output / "cog" / "class.vrt").read_text()
+    assert 'relativeToVRT="1"' in text and str(output) not in text
+    moved = tmp_path / "moved"  # relative paths: the mosaic still works after moving the folder
+    shutil.move(str(output), str(moved))
+    for var in sinks.VARIABLES:
+        with rasterio.open(moved / "cog" / f"{var}.vrt") as src:
+            assert (src.width, src.height) == (80, 40) and src.crs.to_epsg() == 3035
+            assert src.transform == Affine(*GRID.transform)
+            assert src.descriptions == (CLASSES if var == "probability" else (var,))
+            assert src.count == (3 if var == "probability" else 1)
+            assert src.dtypes[0] == sinks.DTYPES[var]
+            if var == "valid_obs":
+                assert src.nodata is None
+            elif var == "probability":
+                assert np.isnan(src.nodata)
+            else:
+                assert src.nodata == 255
+            data = src.read()
+        np.testing.assert_array_equal(data.reshape(expected[var].shape), expected[var])
+
+
+def test_write_mosaics_without_cogs_raises(tmp_path):
+    with pytest.raises(OutputError, match="no tile COGs"):
+        sinks.write_mosaics(str(tmp_path), list(TILES))
+
+
+def test_check_writable(tmp_path):
+    out = tmp_path / "new" / "output"
+    sinks.check_writable(str(out))
+    assert out.is_dir() and not list(out.iterdir())  # the probe is gone
+    afile = tmp_path / "afile"
+    afile.write_text("a regular file")
+    with pytest.raises(OutputError, match="afile/out") as info:
+        sinks.check_writable(str(afile / "out"))
+    assert "--output" in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------- S3
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    """A moto S3 server as a subprocess (GDAL deadlocks against an in-process server)."""
+    pytest.importorskip("moto")
+    pytest.importorskip("s3fs")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(100):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        else:
+            pytest.fail("moto server did not start")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.s3
+def test_s3_round_trip(moto_endpoint, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    env = storage.s3_environment(endpoint_url=moto_endpoint, region="eu-central-1", environ={})
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    fs, _ = storage.get_fs("s3://outdir")
+    fs.mkdir("outdir")
+    output = "s3://outdir/run"
+    sinks.check_writable(output)
+    with pytest.raises(OutputError, match="no-such-bucket"):
+        sinks.check_writable("s3://no-such-bucket/run")
+    url = storage.join(output, "predictions.zarr")
+    sinks.create_store(url, GRID)
+    sinks.create_store(url, GRID)
+    expected = _fill(url)
+    np.testing.assert_array_equal(
+        sinks.read_region(url, ALL, "probability"), expected["probability"]
+    )
+    ds = xr.open_zarr(fs.get_mapper("outdir/run/predictions.zarr"), mask_and_scale=False)
+    assert ds.rio.crs.to_epsg() == 3035
+    np.testing.assert_array_equal(ds["class"].values, expected["class"])
+    for region in REGIONS:
+        sinks.write_tile_cogs(output, url, region, GRID)
+    sinks.write_mosaics(output, list(TILES))
+    with rasterio.open("/vsis3/outdir/run/cog/valid_obs.vrt") as src:
+        np.testing.assert_array_equal(src.read(1), expected["valid_obs"])
+    assert not [p for p in fs.find("outdir/run/cog") if "partial" in p]
