@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,3 +57,50 @@ def native_lstm(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "lstm.pt"
     pt, _ = save_native(module, card, str(path))
     return pt
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen, what: str) -> None:
+    for _ in range(200):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with code {proc.returncode}")
+        time.sleep(0.05)
+    pytest.fail(f"{what} did not start on port {port}")
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """A real S3 endpoint: moto's server as a subprocess on 127.0.0.1 (GDAL deadlocks against an
+    in-process server)."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_port(port, proc, "moto server")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture()
+def s3_env(moto_endpoint, monkeypatch):
+    """Process environment for the moto endpoint (path-style, plain HTTP, region RegionOne)."""
+    from treesits_dask import storage
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-value")
+    env = storage.s3_environment(endpoint_url=moto_endpoint, region="RegionOne", environ={})
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
