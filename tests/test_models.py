@@ -1,0 +1,373 @@
+"""Models: published SITS-NN weights, checkpoint errors, cards, windows, native round trip, training."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from treesits_dask.discovery import S2_BANDS
+from treesits_dask.errors import ModelError
+from treesits_dask.models import (
+    FAMILIES,
+    ModelCard,
+    ModelSpec,
+    effective_window,
+    load_model,
+    read_card,
+    save_native,
+)
+from treesits_dask.models.architectures import LSTMClassifier, TransformerClassifier
+from treesits_dask.models.preprocess import full_inputs
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+WEIGHTS = DATA / "sitsnn-weights" / "04"
+PUBLISHED = {"sits-lstm": "lstm_5pure", "sits-transformer": "transformer_5pure"}
+
+
+def _spec(family: str, params: Path | None = None, weights: Path | None = None) -> ModelSpec:
+    stem = PUBLISHED[family]
+    return ModelSpec(
+        str(weights or WEIGHTS / f"{stem}.pth"),
+        family,
+        str(params or WEIGHTS / f"{stem}_params.json"),
+    )
+
+
+def _random_inputs(n: int, t: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    series = rng.integers(-500, 6000, (n, t, 10)).astype(np.int16)
+    valid = rng.random((n, t)) > 0.4
+    valid[np.arange(n), rng.integers(0, t, n)] = True
+    series[~valid] = -9999
+    days = 16000 + np.sort(rng.choice(900, t, replace=False)).astype(np.int64)
+    return series, valid, days
+
+
+def _card(
+    family: str, hp: dict, classes=("Spruce", "Beech", "Pine", "Douglas fir", "Oak")
+) -> ModelCard:
+    return ModelCard(
+        family=family,
+        hyperparameters=hp,
+        bands=list(S2_BANDS),
+        class_names=list(classes),
+        output_kind="softmax",
+        sequence={"kind": "full"},
+    )
+
+
+# --- published SITS-NN weights ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["sits-lstm", "sits-transformer"])
+def test_published_sitsnn_weights(family):
+    predictor = load_model(_spec(family), device="cpu")
+    assert predictor.device == torch.device("cpu")
+    assert not predictor.module.training
+    assert predictor.card.class_names == ["Spruce", "Beech", "Pine", "Douglas fir", "Oak"]
+    assert predictor.card.multiclass and predictor.card.n_classes == 5
+    series, valid, days = _random_inputs(70, 23)
+    probs, n_used = predictor.predict(series, valid, days, batch_size=32)
+    assert probs.shape == (70, 5) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert (probs >= 0).all()
+    np.testing.assert_array_equal(n_used, valid.sum(axis=1))
+    assert len(np.unique(probs.argmax(1))) > 1 or probs.std(axis=0).max() > 1e-3  # not constant
+
+    # batching does not change results
+    again, _ = predictor.predict(series, valid, days, batch_size=7)
+    np.testing.assert_allclose(again, probs, rtol=1e-5, atol=1e-6)
+
+
+def test_sitsnn_inputs_zero_filled_raw_and_sequence_first():
+    """Invalid observations are 0 in all bands, values stay raw; the transformer sees (T, N, 10)."""
+    series, valid, days = _random_inputs(9, 11, seed=3)
+    x, n = full_inputs(series, valid)
+    assert x.dtype == np.float32
+    assert (x[~valid] == 0).all()
+    np.testing.assert_array_equal(x[valid], series[valid].astype(np.float32))
+    np.testing.assert_array_equal(n, valid.sum(1))
+
+    predictor = load_model(_spec("sits-transformer"), device="cpu")
+    probs, _ = predictor.predict(series, valid, days)
+    with torch.inference_mode():
+        direct = predictor.module(torch.from_numpy(x).transpose(0, 1)).numpy()
+        # the published model is order sensitive: the last position's output is used
+        reversed_ = predictor.module(torch.from_numpy(x[:, ::-1].copy()).transpose(0, 1)).numpy()
+    np.testing.assert_allclose(probs, direct, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(direct, reversed_, atol=1e-4)
+
+    lstm = load_model(_spec("sits-lstm"), device="cpu")
+    probs, _ = lstm.predict(series, valid, days)
+    with torch.inference_mode():
+        np.testing.assert_allclose(
+            probs, lstm.module(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-6
+        )
+
+
+def test_read_card_without_torch_import():
+    code = (
+        "import sys\n"
+        "from treesits_dask.models import ModelSpec, read_card, effective_window, ModelCard\n"
+        f"c = read_card(ModelSpec({str(WEIGHTS / 'lstm_5pure.pth')!r}, 'sits-lstm', "
+        f"{str(WEIGHTS / 'lstm_5pure_params.json')!r}))\n"
+        "assert c.hyperparameters['hidden_size'] == 64, c\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert res.returncode == 0, res.stderr
+
+
+def test_transformer_card_from_params():
+    card = read_card(_spec("sits-transformer"))
+    assert card.family == "sits-transformer" and card.sequence == {"kind": "full"}
+    assert card.hyperparameters == {
+        "num_bands": 10,
+        "num_classes": 5,
+        "d_model": 64,
+        "nhead": 8,
+        "num_layers": 2,
+        "dim_feedforward": 256,
+    }
+
+
+# --- checkpoint errors -----------------------------------------------------------------------
+
+
+def test_missing_params_asks_for_model_params():
+    with pytest.raises(ModelError, match="--model-params"):
+        load_model(ModelSpec(str(WEIGHTS / "lstm_5pure.pth"), "sits-lstm"), device="cpu")
+
+
+def test_unknown_family():
+    with pytest.raises(ModelError, match="sits-lstm"):
+        ModelSpec("x.pt", "lstm")
+    assert set(FAMILIES) == {"sbert", "sits-lstm", "sits-transformer", "native"}
+
+
+def test_wrong_family_for_checkpoint():
+    spec = ModelSpec(
+        str(WEIGHTS / "transformer_5pure.pth"), "sits-lstm", str(WEIGHTS / "lstm_5pure_params.json")
+    )
+    with pytest.raises(ModelError, match="transformer_5pure.pth") as err:
+        load_model(spec, device="cpu")
+    assert "missing keys" in str(err.value) and "unexpected keys" in str(err.value)
+
+
+def test_wrong_shape_and_missing_key(tmp_path):
+    state = torch.load(WEIGHTS / "lstm_5pure.pth", map_location="cpu", weights_only=True)
+    bad = dict(state)
+    bad["fc.4.weight"] = torch.zeros(4, 256)
+    path = tmp_path / "wrong_shape.pth"
+    torch.save(bad, path)
+    with pytest.raises(ModelError, match="wrong_shape.pth") as err:
+        load_model(_spec("sits-lstm", weights=path), device="cpu")
+    assert "fc.4.weight" in str(err.value) and "(4, 256)" in str(err.value)
+
+    missing = {k: v for k, v in state.items() if k != "lstm.weight_hh_l1"}
+    path = tmp_path / "missing_key.pth"
+    torch.save(missing, path)
+    with pytest.raises(ModelError, match="missing_key.pth") as err:
+        load_model(_spec("sits-lstm", weights=path), device="cpu")
+    assert "lstm.weight_hh_l1" in str(err.value)
+
+
+def test_band_count_in_params(tmp_path):
+    params = json.loads((WEIGHTS / "lstm_5pure_params.json").read_text())
+    params["lstm hyperparameters"]["number of bands"] = 7
+    p = tmp_path / "seven_params.json"
+    p.write_text(json.dumps(params))
+    for call in (read_card, lambda s: load_model(s, device="cpu")):
+        with pytest.raises(ModelError, match="seven_params.json") as err:
+            call(_spec("sits-lstm", params=p))
+        assert "7 bands" in str(err.value) and "10" in str(err.value)
+
+
+def test_malicious_pickle_refused(tmp_path):
+    marker = tmp_path / "marker"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    bad = tmp_path / "evil.pth"
+    bad.write_bytes(pickle.dumps({"fc.0.weight": Evil()}))  # legacy (non-zip) pickle
+    bad_zip = tmp_path / "evil_zip.pth"
+    torch.save({"model_state_dict": Evil()}, bad_zip)
+    for path, family in ((bad, "sits-lstm"), (bad_zip, "sbert")):
+        spec = ModelSpec(
+            str(path),
+            family,
+            str(WEIGHTS / "lstm_5pure_params.json") if family != "sbert" else None,
+        )
+        with pytest.raises(ModelError, match="refused to load") as err:
+            load_model(spec, device="cpu")
+        assert path.name in str(err.value) and "weights_only" in str(err.value)
+    assert not marker.exists()
+
+
+def test_unreadable_and_missing_checkpoint(tmp_path):
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"this is not a torch file")
+    with pytest.raises(ModelError, match="junk.pth") as err:
+        load_model(_spec("sits-lstm", weights=junk), device="cpu")
+    assert "unreadable" in str(err.value) and "refused" not in str(err.value)
+    with pytest.raises(ModelError, match="nope.pth"):
+        read_card(_spec("sits-lstm", weights=tmp_path / "nope.pth"))
+
+
+# --- native checkpoints ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["sits-lstm", "sits-transformer"])
+def test_native_round_trip(tmp_path, family):
+    torch.manual_seed(1)
+    if family == "sits-lstm":
+        hp = {
+            "num_bands": 10,
+            "input_size": 8,
+            "hidden_size": 12,
+            "num_layers": 1,
+            "num_classes": 3,
+            "bidirectional": False,
+        }
+        module = LSTMClassifier(**hp)
+    else:
+        hp = {
+            "num_bands": 10,
+            "num_classes": 3,
+            "d_model": 16,
+            "nhead": 2,
+            "num_layers": 1,
+            "dim_feedforward": 32,
+        }
+        module = TransformerClassifier(**hp)
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        module.fc[2].running_mean.uniform_(-1, 1)
+        module.fc[2].running_var.uniform_(0.5, 2)
+    module.eval()
+    card = _card(family, hp, classes=("a", "b", "c"))
+    pt, js = save_native(module, card, str(tmp_path / "sub" / "m.pt"))
+    assert pt.endswith("m.pt") and js.endswith("m.json") and Path(js).is_file()
+    assert read_card(ModelSpec(pt, "native")) == card
+
+    series, valid, days = _random_inputs(40, 9, seed=5)
+    x, _ = full_inputs(series, valid)
+    with torch.inference_mode():
+        expected = (
+            module(torch.from_numpy(x))
+            if family == "sits-lstm"
+            else module(torch.from_numpy(x).transpose(0, 1))
+        ).numpy()
+    loaded = load_model(ModelSpec(pt, "native"), device="cpu")
+    probs, _ = loaded.predict(series, valid, days)
+    np.testing.assert_array_equal(probs, expected)
+    assert loaded.card.class_names == ["a", "b", "c"]
+
+
+def test_native_card_errors(tmp_path):
+    hp = {"num_bands": 10, "input_size": 4, "hidden_size": 4, "num_layers": 1, "num_classes": 2}
+    pt, js = save_native(
+        LSTMClassifier(**hp), _card("sits-lstm", hp, ("x", "y")), str(tmp_path / "m.pt")
+    )
+    raw = json.loads(Path(js).read_text())
+    raw["bands"] = raw["bands"][:7]
+    Path(js).write_text(json.dumps(raw))
+    with pytest.raises(ModelError, match="m.json") as err:
+        read_card(ModelSpec(pt, "native"))
+    assert "bands" in str(err.value)
+    Path(js).unlink()
+    with pytest.raises(ModelError, match="m.json"):
+        load_model(ModelSpec(pt, "native"), device="cpu")
+    with pytest.raises(ModelError, match="do not match"):
+        save_native(
+            LSTMClassifier(**{**hp, "hidden_size": 5}),
+            _card("sits-lstm", hp, ("x", "y")),
+            str(tmp_path / "n.pt"),
+        )
+
+
+# --- windows ---------------------------------------------------------------------------------
+
+
+def test_effective_window():
+    sits = _card("sits-lstm", {})
+    sbert = ModelCard(
+        family="sbert",
+        hyperparameters={},
+        bands=list(S2_BANDS),
+        class_names=["disturbance"],
+        output_kind="sigmoid",
+        sequence={"kind": "sbert", "seq_len": 256, "window_days": 1460, "max_position": 1826},
+    )
+    dates = [dt.date(2017, 3, 1), dt.date(2019, 1, 5), dt.date(2023, 8, 30), dt.date(2021, 6, 1)]
+    d = dt.date
+    assert effective_window(sits, dates, None, None) == (d(2017, 3, 1), d(2023, 8, 30))
+    assert effective_window(sits, dates, d(2018, 1, 1), None) == (d(2018, 1, 1), d(2023, 8, 30))
+    assert effective_window(sits, dates, None, d(2020, 1, 1)) == (d(2017, 3, 1), d(2020, 1, 1))
+    assert effective_window(sbert, dates, None, None) == (
+        d(2023, 8, 30) - dt.timedelta(1460),
+        d(2023, 8, 30),
+    )
+    assert effective_window(sbert, dates, None, d(2022, 1, 1)) == (d(2018, 1, 2), d(2022, 1, 1))
+    # a later start shortens the window, an earlier one cannot lengthen it
+    assert effective_window(sbert, dates, d(2022, 1, 1), None) == (d(2022, 1, 1), d(2023, 8, 30))
+    assert effective_window(sbert, dates, d(2010, 1, 1), None)[0] == d(2019, 8, 31)
+    with pytest.raises(ModelError, match="--start-date"):
+        effective_window(sits, dates, d(2024, 1, 1), None)
+
+
+# --- training --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["sits-lstm", "sits-transformer"])
+def test_fit_easy_problem(family, tmp_path):
+    from treesits_dask.models.training import fit
+
+    rng = np.random.default_rng(0)
+    n, t = 300, 16
+    phase = np.linspace(0, 2 * np.pi, t)
+    labels = rng.integers(0, 2, n)
+    curve = np.where(labels[:, None] == 0, 2500 + 1500 * np.sin(phase), 2500 - 1500 * np.sin(phase))
+    series = (
+        curve[:, :, None] * np.linspace(0.5, 1.5, 10) + rng.normal(0, 250, (n, t, 10))
+    ).astype(np.int16)
+    valid = rng.random((n, t)) > 0.3
+    valid[:, -1] = True
+    series[~valid] = -9999
+    days = 17000 + 20 * np.arange(t)
+    predictor, metrics = fit(
+        family, series, valid, days, labels, ["broadleaf", "conifer"], max_seconds=15, seed=1
+    )
+    assert metrics["val_accuracy"] > 0.9, metrics
+    assert predictor.card.metrics["val_accuracy"] == metrics["val_accuracy"]
+    assert metrics["seconds"] < 20
+    # the trained model reads raw BOA exactly like inference; save/load keeps it identical
+    pt, _ = save_native(predictor.module, predictor.card, str(tmp_path / "trained.pt"))
+    loaded = load_model(ModelSpec(pt, "native"), device="cpu")
+    a, _ = predictor.predict(series, valid, days)
+    b, _ = loaded.predict(series, valid, days)
+    np.testing.assert_array_equal(a, b)
+    assert float((a.argmax(1) == labels).mean()) > 0.9
+    assert loaded.card.metrics["val_accuracy"] == metrics["val_accuracy"]
+
+
+def test_fit_rejects_bad_labels():
+    from treesits_dask.models.training import fit
+
+    series, valid, days = _random_inputs(10, 4)
+    with pytest.raises(ModelError, match="labels"):
+        fit("sits-lstm", series, valid, days, np.full(10, 3), ["a", "b"], max_seconds=1)
+    with pytest.raises(ModelError, match="sbert"):
+        fit("sbert", series, valid, days, np.zeros(10, int), ["a", "b"], max_seconds=1)

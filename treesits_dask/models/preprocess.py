@@ -1,0 +1,101 @@
+"""Per-family input preparation, vectorised numpy over a batch of pixels (no torch here).
+
+Both :meth:`Predictor.predict <treesits_dask.models.loading.Predictor.predict>` and training use
+these functions, so a model sees the same inputs in training and inference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import InputDataError, ModelError
+
+__all__ = ["check_inputs", "day_of_year", "full_inputs", "sbert_inputs"]
+
+_EPOCH = np.datetime64("1970-01-01", "D")
+
+
+def check_inputs(series: np.ndarray, valid: np.ndarray, days: np.ndarray, bands: int = 10) -> None:
+    """Shapes of ``series`` (N, T, bands), ``valid`` (N, T) and ``days`` (T,) must agree."""
+    if series.ndim != 3 or series.shape[2] != bands:
+        raise InputDataError(
+            f"expected series of shape (pixels, scenes, {bands}), got {series.shape}"
+        )
+    if valid.shape != series.shape[:2]:
+        raise InputDataError(f"valid has shape {valid.shape}, expected {series.shape[:2]}")
+    if days.shape != (series.shape[1],):
+        raise InputDataError(f"days has shape {days.shape}, expected ({series.shape[1]},)")
+
+
+def full_inputs(series: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """SITS-NN input (REFERENCE 3b/3c): raw BOA as float32, invalid observations 0 in all bands.
+
+    Returns ``x`` (N, T, 10) float32 and ``n_used`` (N,) int64 (valid observations per pixel).
+    """
+    x = series.astype(np.float32)
+    x *= valid[:, :, None]
+    return x, valid.sum(axis=1, dtype=np.int64)
+
+
+def day_of_year(days: np.ndarray) -> np.ndarray:
+    """Day of year (1..366) of days since 1970-01-01."""
+    d = _EPOCH + np.asarray(days, dtype="timedelta64[D]")
+    return (d - d.astype("datetime64[Y]").astype("datetime64[D]")).astype(np.int64) + 1
+
+
+def sbert_inputs(
+    series: np.ndarray,
+    valid: np.ndarray,
+    days: np.ndarray,
+    seq_len: int = 256,
+    max_position: int = 1826,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """SBERT input (REFERENCE 3a) of a batch of pixels.
+
+    Keeps the latest ``seq_len`` valid observations of each pixel, day index relative to the
+    day-of-year of the first kept one, per-pixel/band z-score of reflectance / 10000 (ddof 0,
+    epsilon added to the std), right-aligned into ``seq_len`` slots with zero padding in front.
+
+    Returns ``x`` (N, seq_len, 10) float32, ``doy`` (N, seq_len) int64, ``mask`` (N, seq_len)
+    bool and ``n_used`` (N,) int64.  Raises :class:`ModelError` where a day index would fall
+    outside the ``max_position``-row position table.
+    """
+    n_pix, _, n_bands = series.shape
+    valid = valid.astype(bool, copy=False)
+    days = np.asarray(days, dtype=np.int64)
+    # rank of each valid observation counted from the newest (1 = newest)
+    rank = np.cumsum(valid[:, ::-1], axis=1, dtype=np.int64)[:, ::-1]
+    kept = valid & (rank <= seq_len)
+    n_used = np.minimum(valid.sum(axis=1, dtype=np.int64), seq_len)
+    x = np.zeros((n_pix, seq_len, n_bands), dtype=np.float32)
+    doy = np.zeros((n_pix, seq_len), dtype=np.int64)
+    mask = np.zeros((n_pix, seq_len), dtype=bool)
+    if not kept.any():
+        return x, doy, mask, n_used
+    first = np.argmax(kept, axis=1)  # index of the oldest kept observation
+    first_day = days[first]
+    t0 = day_of_year(first_day)
+    pix, obs = np.nonzero(kept)
+    slot = seq_len - rank[pix, obs]
+    day_index = days[obs] - first_day[pix] + t0[pix]
+    top = int(day_index.max())
+    if top >= max_position:
+        raise ModelError(
+            f"SBERT day index {top} is beyond the model's {max_position}-row position table "
+            f"(day-of-year of the first kept observation + days spanned must stay below {max_position}): "
+            "the window is too long for this model; shorten it with --start-date/--end-date"
+        )
+    # z-score per pixel and band over the kept observations (float64 statistics, ddof 0)
+    weight = kept[:, :, None]
+    refl = series.astype(np.float64)
+    refl /= 10000.0
+    count = np.maximum(n_used, 1)[:, None]
+    mean = np.where(weight, refl, 0.0).sum(axis=1) / count
+    refl -= mean[:, None, :]
+    refl *= weight
+    std = np.sqrt(np.einsum("ntb,ntb->nb", refl, refl) / count)
+    refl /= (std + 1e-6)[:, None, :]
+    x[pix, slot] = refl[pix, obs]
+    doy[pix, slot] = day_index
+    mask[pix, slot] = True
+    return x, doy, mask, n_used
