@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from . import storage
 from .errors import ConfigError
+from .kube_settings import KubeSettings
 
 __all__ = ["RunConfig", "load_config", "QAI_FLAGS", "DEFAULT_QAI_FLAGS", "ENV_PREFIX"]
 
@@ -68,6 +69,14 @@ class RunConfig(BaseModel):
     tiles_in_flight: int = Field(2, gt=0)
     cog: bool = True
     dashboard_address: str = ":8787"
+    force: bool = False
+    lease_ttl: float = Field(900.0, gt=0)
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_addressing: Literal["auto", "path", "virtual"] = "auto"
+    cluster: Literal["local", "kubernetes"] = "local"
+    local_gpu_workers: int = Field(0, ge=0)
+    kubernetes: KubeSettings = Field(default_factory=KubeSettings)
 
     @field_validator("sensors", mode="before")
     @classmethod
@@ -148,6 +157,22 @@ class RunConfig(BaseModel):
         rows = int(m[1])
         return rows, int(m[2]) if m[2] else rows
 
+    @property
+    def gpu_group(self) -> bool:
+        """Whether inference tasks carry the ``GPU`` resource (a worker group advertises it)."""
+        if self.scheduler_address:
+            return False
+        if self.cluster == "kubernetes":
+            return self.kubernetes.gpu.enabled
+        return self.local_gpu_workers > 0
+
+    @property
+    def read_on_cpu(self) -> bool:
+        """Whether reads carry the ``CPU`` resource (only CPU-group workers advertise it)."""
+        if not self.gpu_group:
+            return False
+        return self.cluster != "kubernetes" or self.kubernetes.read_on == "cpu"
+
     def require_model(self) -> None:
         if not self.model:
             raise ConfigError("no model given: set --model (a checkpoint) and --model-family")
@@ -179,7 +204,12 @@ def _format_errors(exc: ValidationError, sources: str) -> str:
         loc = ".".join(str(p) for p in err["loc"]) or "config"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            valid = ", ".join(sorted(RunConfig.model_fields))
+            if len(err["loc"]) > 1 and err["loc"][0] == "kubernetes":
+                from .kube import valid_keys
+
+                valid = ", ".join(valid_keys(err["loc"][1:]))
+            else:
+                valid = ", ".join(sorted(RunConfig.model_fields))
             lines.append(f"unknown setting {loc!r} (from {sources}); valid settings are: {valid}")
         elif err["type"] == "missing":
             lines.append(f"setting {loc!r} is required (flag --{loc.replace('_', '-')} or key {loc} in YAML)")

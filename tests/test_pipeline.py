@@ -1,0 +1,145 @@
+"""End-to-end runs on a real LocalCluster; outputs checked by opening them with xarray / rasterio."""
+
+import json
+
+import numpy as np
+import pytest
+import rasterio
+import xarray as xr
+
+from treesits_dask import discovery, predict
+from treesits_dask.cli import main
+from treesits_dask.config import DEFAULT_QAI_FLAGS, load_config
+from treesits_dask.cube import qai_invalid
+from treesits_dask.pipeline import run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        with Client(cluster) as c:
+            yield c
+
+
+def _raw_valid(cube_root, tile, flags):
+    """(T, H, W) validity straight from the files: all bands != -9999 and QAI not flagged."""
+    out = []
+    for s in discovery.scene_table(cube_root, tile):
+        with rasterio.open(s.boa) as src:
+            v = (src.read() != -9999).all(axis=0)
+        if flags:
+            with rasterio.open(s.qai) as src:
+                v &= ~qai_invalid(src.read(1), flags)
+        out.append(v)
+    return np.array(out)
+
+
+def test_run_synthetic(small_cube, native_lstm, tmp_path, client):
+    out = tmp_path / "out"
+    config = load_config(overrides=dict(
+        cube=small_cube.root, tiles="all", output=str(out), model=native_lstm, model_family="native",
+        mask_dir=small_cube.mask_dir, window="30x60", batch_size=100,
+    ), environ={})
+    result = run(config, client=client)
+    assert set(result.tiles) == set(small_cube.tiles)
+
+    ds = xr.open_zarr(out / "predictions.zarr", mask_and_scale=False)
+    assert ds.rio.crs.to_epsg() == 3035
+    assert list(ds.probability.coords["class_name"].values) == list(small_cube.class_names)
+    assert ds.probability.dims == ("class_name", "y", "x") and ds.probability.dtype == np.float32
+    assert ds["class"].dtype == np.uint8 and ds.valid_obs.dtype == np.uint16
+    assert ds.sizes["x"] == 120 and ds.sizes["y"] == 60  # two tiles side by side
+
+    predicted_total = 0
+    for k, tile in enumerate(small_cube.tiles):
+        forest = small_cube.forest(tile)
+        valid = _raw_valid(small_cube.root, tile, DEFAULT_QAI_FLAGS)
+        expect_pred = forest & valid.any(axis=0)
+        sl = dict(y=slice(0, 60), x=slice(60 * k, 60 * (k + 1)))
+        prob = ds.probability.isel(**sl).values
+        cls = ds["class"].isel(**sl).values
+        vobs = ds.valid_obs.isel(**sl).values
+        last = ds.last_obs_valid.isel(**sl).values
+        np.testing.assert_array_equal(~np.isnan(prob[0]), expect_pred)
+        np.testing.assert_array_equal(cls != 255, expect_pred)
+        np.testing.assert_allclose(prob[:, expect_pred].sum(axis=0), 1.0, atol=1e-5)
+        np.testing.assert_array_equal(cls[expect_pred], prob[:, expect_pred].argmax(axis=0))
+        np.testing.assert_array_equal(vobs, np.where(expect_pred, valid.sum(axis=0), 0))
+        np.testing.assert_array_equal(last, np.where(expect_pred, valid[-1], 255))
+        predicted_total += int(expect_pred.sum())
+        # COGs hold the same values, and are valid COGs
+        from rio_cogeo.cogeo import cog_validate
+
+        for var, arr in (("probability", prob), ("class", cls), ("valid_obs", vobs), ("last_obs_valid", last)):
+            path = out / "cog" / tile / f"{var}.tif"
+            ok, errors, _ = cog_validate(str(path))
+            assert ok, errors
+            with rasterio.open(path) as src:
+                data = src.read()
+                assert src.crs.to_epsg() == 3035
+                if var == "probability":
+                    assert src.descriptions == tuple(small_cube.class_names)
+                np.testing.assert_array_equal(data.reshape(arr.shape), arr)
+    assert result.pixels_predicted == predicted_total
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["complete"] and summary["pixels_predicted"] == predicted_total
+    # the mosaic reads back both tiles
+    with rasterio.open(out / "cog" / "class.vrt") as src:
+        assert src.width == 120
+        np.testing.assert_array_equal(src.read(1), ds["class"].values)
+    # the model was loaded exactly once in each worker process
+    loads = client.run(predict.load_count)
+    assert sorted(loads.values()) == [1, 1]
+
+
+def test_pipeline_equals_direct_prediction(small_cube, native_lstm, tmp_path, client):
+    """The distributed result equals the kernel applied to the whole tile in one piece."""
+    out = tmp_path / "out"
+    config = load_config(overrides=dict(
+        cube=small_cube.root, tiles="X0069_Y0043", output=str(out), model=native_lstm,
+        window="20x30", qai="none", cog=False,
+    ), environ={})
+    run(config, client=client)
+    scenes = discovery.scene_table(small_cube.root, "X0069_Y0043")
+    block = np.array([rasterio.open(s.boa).read() for s in scenes])
+    from treesits_dask.cube import days_since_epoch
+    from treesits_dask.models import ModelSpec, load_model
+
+    predictor = load_model(ModelSpec(native_lstm, "native"), device="cpu")
+    direct = predict.predict_block(block, None, days_since_epoch([s.date for s in scenes]), predictor)
+    ds = xr.open_zarr(out / "predictions.zarr", mask_and_scale=False)
+    np.testing.assert_allclose(ds.probability.values, direct["probability"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(ds["class"].values, direct["class"])
+    np.testing.assert_array_equal(ds.valid_obs.values, direct["valid_obs"])
+
+
+@pytest.mark.parametrize("family", ["sits-lstm", "sits-transformer"])
+def test_real_sitsnn_weights_on_real_tile(shared_data, tmp_path, family, capsys):
+    """Published SITS-NN weights run on the real Sentinel-2 tile through `run` (CLI, LocalCluster)."""
+    stem = "lstm_5pure" if family == "sits-lstm" else "transformer_5pure"
+    weights = shared_data / "sitsnn-weights" / "04"
+    out = tmp_path / "out"
+    rc = main([
+        "run", "--cube", str(shared_data / "real-s2-eolearn"), "--tiles", "X0000_Y0000",
+        "--model", str(weights / f"{stem}.pth"), "--model-family", family,
+        "--model-params", str(weights / f"{stem}_params.json"),
+        "--mask-dir", str(shared_data / "real-s2-eolearn-masks"), "--qai", "none",
+        "--output", str(out), "--workers", "1", "--dashboard-address", ":0",
+    ])
+    assert rc == 0, capsys.readouterr().err
+    ds = xr.open_zarr(out / "predictions.zarr", mask_and_scale=False)
+    with rasterio.open(shared_data / "real-s2-eolearn-masks" / "X0000_Y0000" / "mask.tif") as src:
+        forest = src.read(1) > 0
+    predicted = ds["class"].values != 255
+    np.testing.assert_array_equal(predicted, forest)  # every forest pixel has valid observations here
+    assert set(np.unique(ds["class"].values[predicted])) <= set(range(5))
+    prob = ds.probability.values[:, predicted]
+    np.testing.assert_allclose(prob.sum(axis=0), 1, atol=1e-4)
+    assert list(ds.probability.coords["class_name"].values) == [
+        "Spruce", "Beech", "Pine", "Douglas fir", "Oak"]
+    # 3 of the 5 scenes are valid at most pixels: two dates are fully clouded
+    assert ds.valid_obs.values[predicted].max() == 3

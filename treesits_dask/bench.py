@@ -1,0 +1,270 @@
+"""Throughput and memory benchmark (``python -m treesits_dask bench`` / ``benchmarks/throughput.py``).
+
+Prints one JSON document.  All ratios come from one run on one machine:
+
+- ``decode_s``: reading every window of the tile (all scenes) on the cluster, no model;
+- ``forward_s``: the model alone on pre-loaded inputs of the same pixels (all cores);
+- ``end_to_end_s``: :func:`treesits_dask.pipeline.run` on a started LocalCluster (read, screen,
+  predict, Zarr + COG writes);
+- ``efficiency`` = end_to_end / (decode + forward); ``px_per_s`` = predicted pixels / end_to_end;
+- ``peak_rss_mib``: peak of the summed RSS of the driver and all worker processes during the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["main"]
+
+
+class _RSSSampler:
+    """Peak of the summed RSS of this process and its children, sampled every 50 ms."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _sample(self) -> int:
+        import psutil
+
+        total = 0
+        for p in [self._proc, *self._proc.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            time.sleep(0.05)
+
+    def __enter__(self):
+        self.baseline = self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def _cluster(workers: int, threads: int):
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
+                           dashboard_address=":0")
+    return cluster, Client(cluster)
+
+
+def _models(workdir: Path, families: list[str]) -> dict[str, dict]:
+    """Random weights of the published shapes (speed does not depend on the values)."""
+    import torch
+
+    from .models import ModelCard, save_native
+    from .models.bench import random_sbert_state_dict
+
+    out = {}
+    if "sits-lstm" in families:
+        from .models.architectures import LSTMClassifier
+
+        hp = {"num_bands": 10, "input_size": 32, "hidden_size": 64, "num_layers": 2, "num_classes": 5}
+        card = ModelCard(family="sits-lstm", hyperparameters=hp,
+                         bands=["BLUE", "GREEN", "RED", "REDEDGE1", "REDEDGE2", "REDEDGE3", "BROADNIR",
+                                "NIR", "SWIR1", "SWIR2"],
+                         class_names=["Spruce", "Beech", "Pine", "Douglas fir", "Oak"],
+                         output_kind="softmax", sequence={"kind": "full"})
+        pt, _ = save_native(LSTMClassifier(**hp).eval(), card, str(workdir / "lstm.pt"))
+        out["sits-lstm"] = {"model": pt, "model_family": "native"}
+    if "sbert" in families:
+        path = workdir / "sbert.tar"
+        torch.save({"model_state_dict": random_sbert_state_dict(), "epoch": 0}, path)
+        out["sbert"] = {"model": str(path), "model_family": "sbert"}
+    return out
+
+
+def _decode(plan, client) -> float:
+    import dask.array as da
+
+    from .cube import open_cube
+    from .masks import open_mask
+
+    arrays = []
+    for tile in plan.tiles:
+        mask = open_mask(tile.mask, tile.grid, plan.window_shape) if tile.mask else None
+        cube = open_cube(tile.scenes, tile.grid, plan.window_shape, plan.config.qai_flags, mask=mask)
+        arrays.append(cube.data.map_blocks(
+            lambda b: np.array(int(b[:1, :1].sum()), ndmin=4), chunks=(1, 1, 1, 1), dtype=np.int64))
+    t0 = time.perf_counter()
+    client.compute([a.sum() for a in arrays], sync=True) if arrays else None
+    return time.perf_counter() - t0
+
+
+def _forward(plan, threads: int) -> tuple[float, int]:
+    """Model alone on pre-loaded inputs of exactly the pixels that the run predicts."""
+    import torch
+
+    from .cube import NODATA, days_since_epoch, open_cube
+    from .masks import open_mask
+    from .predict import get_predictor
+
+    torch.set_num_threads(threads)
+    predictor = get_predictor(plan.spec, "cpu")
+    total_t = 0.0
+    n = 0
+    for tile in plan.tiles:
+        mask = open_mask(tile.mask, tile.grid, plan.window_shape) if tile.mask else None
+        cube = open_cube(tile.scenes, tile.grid, plan.window_shape, plan.config.qai_flags, mask=mask)
+        block = cube.values  # (T, 10, H, W)
+        valid = (block != NODATA).all(axis=1)
+        sel = valid.any(axis=0)
+        if mask is not None:
+            sel &= mask.compute()
+        idx = np.flatnonzero(sel)
+        t_, b_, h, w = block.shape
+        series = np.ascontiguousarray(block.reshape(t_, b_, h * w)[:, :, idx].transpose(2, 0, 1))
+        vsel = np.ascontiguousarray(valid.reshape(t_, h * w)[:, idx].T)
+        del block, valid
+        days = days_since_epoch([s.date for s in tile.scenes])
+        t0 = time.perf_counter()
+        predictor.predict(series, vsel, days, batch_size=plan.config.batch_size)
+        total_t += time.perf_counter() - t0
+        n += idx.size
+    return total_t, n
+
+
+def _end_to_end(config, workers: int, threads: int) -> dict:
+    from .pipeline import run
+    from .plan import make_plan
+
+    plan = make_plan(config)
+    cluster, client = _cluster(workers, threads)
+    try:
+        with _RSSSampler() as rss:
+            t0 = time.perf_counter()
+            result = run(config, client=client, plan=plan)
+            seconds = time.perf_counter() - t0
+    finally:
+        client.close()
+        cluster.close()
+    return {"seconds": seconds, "pixels": result.pixels_predicted, "peak_rss_mib": rss.peak / 2**20,
+            "baseline_rss_mib": rss.baseline / 2**20}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="treesits_dask bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", type=int, default=1000, help="tile edge in pixels (default 1000)")
+    p.add_argument("--scenes", type=int, default=60, help="scenes (default 60)")
+    p.add_argument("--families", default="sits-lstm,sbert")
+    p.add_argument("--sbert-forest", type=float, default=0.01,
+                   help="forest share of the tile for the sbert run (its forward is ~100x the LSTM's)")
+    p.add_argument("--rss-sizes", default="1000,500", help="tile sizes for the memory comparison")
+    p.add_argument("--rss-window", default="250x250", help="fixed window for the memory comparison")
+    p.add_argument("--workers", type=int, default=None, help="default: cores / threads")
+    p.add_argument("--threads-per-worker", type=int, default=1)
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--skip-sbert-pxps", action="store_true")
+    p.add_argument("--json", default=None, help="also write the report to this file")
+    args = p.parse_args(argv)
+
+    from .config import load_config
+    from .plan import make_plan
+    from .synthetic import make_cube
+
+    cores = os.cpu_count() or 1
+    workers = args.workers or max(1, cores // args.threads_per_worker)
+    families = [f for f in args.families.split(",") if f]
+    tmp = tempfile.TemporaryDirectory(prefix="treesits-bench-") if args.workdir is None else None
+    workdir = Path(args.workdir or tmp.name)
+    workdir.mkdir(parents=True, exist_ok=True)
+    report: dict = {"machine": {"cores": cores, "workers": workers, "threads_per_worker": args.threads_per_worker},
+                    "tile": {"size": args.size, "scenes": args.scenes}, "families": {}}
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    models = _models(workdir, families)
+    for family in families:
+        forest = args.sbert_forest if family == "sbert" else 1.0
+        t0 = time.perf_counter()
+        cube = make_cube(workdir / f"cube-{family}", size=args.size, n_scenes=args.scenes,
+                         forest_fraction=forest, mask_dir=str(workdir / f"masks-{family}"),
+                         truth_dir=str(workdir / f"truth-{family}"), seed=1)
+        log(f"[{family}] generated {args.size}x{args.size} px x {args.scenes} scenes in "
+            f"{time.perf_counter() - t0:.1f} s")
+        config = load_config(overrides=dict(
+            cube=cube.root, tiles="all", output=str(workdir / f"out-{family}"), workers=workers,
+            threads_per_worker=args.threads_per_worker, dashboard_address=":0",
+            mask_dir=cube.mask_dir if family == "sbert" else None, **models[family]), environ={})
+        plan = make_plan(config)
+        cluster, client = _cluster(workers, args.threads_per_worker)
+        try:
+            decode = _decode(plan, client)
+        finally:
+            client.close()
+            cluster.close()
+        log(f"[{family}] decode-only {decode:.1f} s")
+        forward, n_fwd = _forward(plan, cores)
+        log(f"[{family}] forward-only {forward:.1f} s for {n_fwd} px")
+        e2e = _end_to_end(config, workers, args.threads_per_worker)
+        log(f"[{family}] end-to-end {e2e['seconds']:.1f} s")
+        report["families"][family] = {
+            "window_shape": list(plan.window_shape),
+            "windows": sum(plan.windows_per_tile(t) for t in plan.tiles),
+            "forest_fraction": forest,
+            "decode_s": round(decode, 2),
+            "forward_s": round(forward, 2),
+            "forward_pixels": n_fwd,
+            "end_to_end_s": round(e2e["seconds"], 2),
+            "pixels_predicted": e2e["pixels"],
+            "px_per_s": round(e2e["pixels"] / e2e["seconds"], 1),
+            "efficiency": round(e2e["seconds"] / (decode + forward), 3),
+            "peak_rss_mib": round(e2e["peak_rss_mib"], 1),
+        }
+
+    if args.rss_sizes and "sits-lstm" in models:
+        report["memory"] = {"window": args.rss_window, "runs": []}
+        for size in [int(s) for s in args.rss_sizes.split(",")]:
+            cube = make_cube(workdir / f"cube-rss-{size}", size=size, n_scenes=args.scenes,
+                             mask_dir=str(workdir / f"masks-rss-{size}"), truth_dir=str(workdir / f"t-{size}"),
+                             seed=2)
+            config = load_config(overrides=dict(
+                cube=cube.root, tiles="all", output=str(workdir / f"out-rss-{size}"), workers=workers,
+                threads_per_worker=args.threads_per_worker, dashboard_address=":0", window=args.rss_window,
+                **models["sits-lstm"]), environ={})
+            e2e = _end_to_end(config, workers, args.threads_per_worker)
+            report["memory"]["runs"].append({"size": size, "scenes": args.scenes,
+                                             "peak_rss_mib": round(e2e["peak_rss_mib"], 1),
+                                             "end_to_end_s": round(e2e["seconds"], 2)})
+            log(f"[memory] {size} px: peak RSS {e2e['peak_rss_mib']:.0f} MiB")
+        peaks = [r["peak_rss_mib"] for r in report["memory"]["runs"]]
+        report["memory"]["max_over_min"] = round(max(peaks) / min(peaks), 3)
+
+    if "sbert" in families and not args.skip_sbert_pxps:
+        from .models.bench import sbert_forward_pxps
+
+        report["sbert_forward"] = sbert_forward_pxps(batch=256, seq_len=256, threads=min(2, cores))
+    print(json.dumps(report, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

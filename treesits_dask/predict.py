@@ -1,0 +1,164 @@
+"""The prediction kernel: numpy window in, numpy outputs out; plus the per-process model cache.
+
+:func:`predict_block` is a pure function of its inputs (a window of all scenes, the mask, the scene
+days and a model); only pixels inside the mask with at least one valid observation are packed into
+batches, everything else gets the output nodata without touching the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from .cube import NODATA
+from .models import ModelSpec
+
+__all__ = [
+    "predict_block",
+    "pack_outputs",
+    "unpack_outputs",
+    "get_predictor",
+    "load_count",
+    "ModelPlugin",
+    "empty_outputs",
+]
+
+log = logging.getLogger(__name__)
+
+_CACHE: dict[tuple[ModelSpec, str], object] = {}
+_LOCK = threading.Lock()
+_LOADS = 0
+
+
+def get_predictor(spec: ModelSpec, device: str = "auto"):
+    """The model for ``spec``, loaded once per process and kept on its device."""
+    global _LOADS
+    key = (spec, device)
+    model = _CACHE.get(key)
+    if model is None:
+        with _LOCK:
+            model = _CACHE.get(key)
+            if model is None:
+                from .models import load_model
+
+                t0 = time.perf_counter()
+                model = load_model(spec, device=device)
+                _CACHE[key] = model
+                _LOADS += 1
+                log.info("loaded %s model %s on %s in %.2fs", spec.family, spec.uri, model.device,
+                         time.perf_counter() - t0)
+    return model
+
+
+def load_count() -> int:
+    """How many times this process loaded a model (tests check that it is once per worker)."""
+    return _LOADS
+
+
+def empty_outputs(n_classes: int, shape: tuple[int, int]) -> dict[str, np.ndarray]:
+    return {
+        "probability": np.full((n_classes, *shape), np.nan, dtype=np.float32),
+        "class": np.full(shape, 255, dtype=np.uint8),
+        "valid_obs": np.zeros(shape, dtype=np.uint16),
+        "last_obs_valid": np.full(shape, 255, dtype=np.uint8),
+    }
+
+
+def predict_block(
+    block: np.ndarray,
+    mask: np.ndarray | None,
+    days: np.ndarray,
+    predictor,
+    batch_size: int = 2048,
+) -> dict[str, np.ndarray]:
+    """Predict one window.
+
+    Parameters
+    ----------
+    block : (T, 10, h, w) int16 BOA of all scenes of the window, -9999 = invalid observation
+        (nodata or QAI-screened), ascending dates.
+    mask : (h, w) bool or None; False pixels are not predicted.
+    days : (T,) int64 days since 1970-01-01 of the scenes.
+    predictor : an object with ``card`` (``n_classes``) and
+        ``predict(series (N, T, 10) int16, valid (N, T) bool, days) -> (probs (N, C), n_used (N,))``.
+
+    Returns ``probability`` (C, h, w) float32 NaN where not predicted, ``class`` (h, w) uint8
+    (255 not predicted), ``valid_obs`` (h, w) uint16 (observations used, 0 where not predicted),
+    ``last_obs_valid`` (h, w) uint8 (1 newest scene valid, 0 invalid, 255 not predicted).
+    """
+    t_, _, h, w = block.shape
+    n_classes = predictor.card.n_classes
+    out = empty_outputs(n_classes, (h, w))
+    if mask is not None and not mask.any():
+        return out
+    valid = (block != NODATA).all(axis=1)  # (T, h, w)
+    selected = valid.any(axis=0)
+    if mask is not None:
+        selected &= mask.astype(bool)
+    idx = np.flatnonzero(selected)
+    if idx.size == 0:
+        return out
+    series = np.ascontiguousarray(block.reshape(t_, block.shape[1], h * w)[:, :, idx].transpose(2, 0, 1))
+    valid_sel = np.ascontiguousarray(valid.reshape(t_, h * w)[:, idx].T)
+    probs, n_used = predictor.predict(series, valid_sel, np.asarray(days), batch_size=batch_size)
+    prob = out["probability"].reshape(n_classes, h * w)
+    prob[:, idx] = probs.T
+    if n_classes > 1:
+        out["class"].reshape(-1)[idx] = np.argmax(probs, axis=1).astype(np.uint8)
+    out["valid_obs"].reshape(-1)[idx] = np.minimum(n_used, np.iinfo(np.uint16).max).astype(np.uint16)
+    out["last_obs_valid"].reshape(-1)[idx] = valid_sel[:, -1].astype(np.uint8)
+    return out
+
+
+def pack_outputs(outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """All outputs of a window in one float32 array (C + 3, h, w); integers are exact in float32."""
+    return np.concatenate(
+        [
+            outputs["probability"],
+            outputs["class"][None].astype(np.float32),
+            outputs["valid_obs"][None].astype(np.float32),
+            outputs["last_obs_valid"][None].astype(np.float32),
+        ]
+    )
+
+
+def unpack_outputs(packed: np.ndarray, variables: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Inverse of :func:`pack_outputs`."""
+    c = packed.shape[0] - 3
+    out = {
+        "probability": packed[:c],
+        "class": packed[c].astype(np.uint8),
+        "valid_obs": packed[c + 1].astype(np.uint16),
+        "last_obs_valid": packed[c + 2].astype(np.uint8),
+    }
+    if variables is not None:
+        out = {k: v for k, v in out.items() if k in variables}
+    return out
+
+
+class ModelPlugin(WorkerPlugin):
+    """Dask worker plugin: sets torch threads and loads the model once when a worker starts.
+
+    Registered with ``client.register_plugin``; it also runs on workers that join later.
+    """
+
+    name = "treesits-model"
+
+    def __init__(self, spec: ModelSpec, device: str = "auto", torch_threads: int = 1):
+        self.spec = spec
+        self.device = device
+        self.torch_threads = torch_threads
+
+    def setup(self, worker=None):  # noqa: D401 - dask WorkerPlugin hook
+        import torch
+
+        torch.set_num_threads(max(1, self.torch_threads))
+        get_predictor(self.spec, self.device)
+
+    def teardown(self, worker=None):
+        pass
