@@ -30,6 +30,9 @@ _RUN_FLAGS = [
     ("--sensors", dict(help="comma-separated FORCE sensors (default SEN2A,SEN2B,SEN2C)")),
     ("--mask-dir", dict(help="folder with <tile>/<mask-name> forest masks (value > 0 = predict)")),
     ("--mask-name", dict(help="mask file name or glob inside <mask-dir>/<tile>/ (default mask.tif)")),
+    ("--mask-worldcover", dict(help="ESA WorldCover folder or s3:// prefix: build missing masks on the fly "
+                                    "into --mask-dir (default <output>/masks)")),
+    ("--mask-classes", dict(help="WorldCover classes that count as forest (default 10 = tree cover)")),
     ("--qai", dict(help="QAI screening: default (FORCE's), none, or a comma list of flags")),
     ("--batch-size", dict(type=int, help="pixels per model batch (default 2048)")),
     ("--window", dict(help="window size: auto (default), N or ROWSxCOLS pixels; must divide the tile")),
@@ -98,14 +101,43 @@ class _Progress:
             self.bar.close()
 
 
+def _missing_worldcover_masks(config) -> list[str]:
+    from . import discovery, masks
+    from .errors import MaskError
+
+    missing = []
+    for tile in discovery.select_tiles(config.cube, config.tiles):
+        try:
+            masks.find_mask(config.mask_dir, config.mask_name, tile)
+        except MaskError:
+            missing.append(tile)
+    return missing
+
+
+def _run_with_masks(config, callbacks, plan=None):
+    """``run``; with ``mask_worldcover``, first build the missing masks on the same cluster."""
+    from .pipeline import run
+
+    missing = _missing_worldcover_masks(config) if config.mask_worldcover else []
+    if not missing:
+        return run(config, callbacks=callbacks, plan=plan)
+    from .cluster import connect
+    from .worldcover import build_masks
+
+    with connect(config) as client:
+        log.info("building %d forest mask(s) from WorldCover %s", len(missing), config.mask_worldcover)
+        build_masks(config.mask_worldcover, config.cube, missing, config.mask_dir,
+                    classes=config.mask_classes, client=client)
+        return run(config, client=client, callbacks=callbacks, plan=plan)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .pipeline import run
 
     config = load_config(args.config, _overrides(args))
     progress = _Progress()
     try:
-        result = run(config, callbacks=progress)
+        result = _run_with_masks(config, progress)
     finally:
         progress.close()
     skipped = f", {len(result.skipped)} up to date (skipped)" if result.skipped else ""
@@ -142,6 +174,16 @@ def _cmd_update(args: argparse.Namespace) -> int:
     from .plan import make_plan
 
     config = load_config(args.config, _overrides(args))
+    if config.mask_worldcover and _missing_worldcover_masks(config):
+        plan = None
+        print("building missing WorldCover masks first")
+        progress = _Progress()
+        try:
+            result = _run_with_masks(config, progress)
+        finally:
+            progress.close()
+        print(f"updated {len(result.tiles)} tile(s) in {result.seconds:.1f} s")
+        return 0
     plan = make_plan(config)
     for tile, why in plan.skipped.items():
         print(f"{tile}: skip ({why})")
@@ -152,10 +194,29 @@ def _cmd_update(args: argparse.Namespace) -> int:
         return 0
     progress = _Progress()
     try:
-        result = run(config, callbacks=progress, plan=plan)
+        result = _run_with_masks(config, progress, plan=plan)
     finally:
         progress.close()
     print(f"updated {len(result.tiles)} tile(s) in {result.seconds:.1f} s")
+    return 0
+
+
+def _cmd_mask(args: argparse.Namespace) -> int:
+    from .cluster import connect
+    from .config import load_config
+    from .worldcover import build_masks
+
+    config = load_config(overrides={
+        "cube": args.cube, "output": args.output, "tiles": args.tiles, "workers": args.workers,
+        "threads_per_worker": args.threads_per_worker, "dashboard_address": args.dashboard_address,
+    })
+    classes = [int(c) for c in args.classes.split(",")]
+    with connect(config) as client:
+        print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
+        built = build_masks(args.worldcover, config.cube, config.tiles, config.output, classes=classes,
+                            overwrite=args.overwrite, client=client, window=args.window)
+    for tile, url in built.items():
+        print(f"{tile}: {url}")
     return 0
 
 
@@ -202,6 +263,19 @@ def build_parser() -> argparse.ArgumentParser:
                                       "prints what it does and why")
     _add_run_flags(p)
     p.set_defaults(func=_cmd_update)
+
+    p = sub.add_parser("mask", help="build <output>/<tile>/mask.tif forest masks from ESA WorldCover tiles")
+    p.add_argument("--worldcover", required=True, help="folder or s3:// prefix with ESA_WorldCover_10m_*_Map.tif")
+    p.add_argument("--cube", required=True, help="FORCE datacube root (its .prj defines the tile grid)")
+    p.add_argument("--tiles", default="all", help="tile ids, a FORCE tile-list file, or 'all' (default)")
+    p.add_argument("--output", required=True, help="mask folder (use it as --mask-dir of run)")
+    p.add_argument("--classes", default="10", help="WorldCover classes that count as forest (default 10)")
+    p.add_argument("--overwrite", action="store_true", help="rebuild masks that exist")
+    p.add_argument("--window", type=int, default=1000, help="pixels per task edge (default 1000)")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--threads-per-worker", type=int, default=None)
+    p.add_argument("--dashboard-address", default=None)
+    p.set_defaults(func=_cmd_mask)
 
     p = sub.add_parser("demo", help="build a synthetic FORCE cube, train a small LSTM, run the pipeline")
     p.add_argument("--workdir", default="demo-output", help="folder for the cube, model and outputs")

@@ -58,6 +58,8 @@ class RunConfig(BaseModel):
     sensors: list[str] = Field(default_factory=lambda: ["SEN2A", "SEN2B", "SEN2C"])
     mask_dir: str | None = None
     mask_name: str = "mask.tif"
+    mask_worldcover: str | None = None
+    mask_classes: list[int] = Field(default_factory=lambda: [10])
     qai: str | list[str] = "default"
     batch_size: int = Field(2048, gt=0)
     window: str = "auto"
@@ -95,6 +97,13 @@ class RunConfig(BaseModel):
             raise ValueError("at least one sensor is needed")
         return v
 
+    @field_validator("mask_classes", mode="before")
+    @classmethod
+    def _split_classes(cls, v: Any) -> Any:
+        if isinstance(v, (str, int)):
+            v = [int(c) for c in str(v).split(",") if c.strip()]
+        return v
+
     @field_validator("window", mode="before")
     @classmethod
     def _check_window(cls, v: Any) -> str:
@@ -126,6 +135,16 @@ class RunConfig(BaseModel):
                 f"unknown QAI flag(s) {bad}; use 'default', 'none' or a comma list of {', '.join(QAI_FLAGS)}"
             )
         return flags
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_mask_dir(cls, values: Any) -> Any:
+        # masks built from WorldCover go to <output>/masks unless a mask_dir is given
+        if isinstance(values, dict) and values.get("mask_worldcover") and not values.get("mask_dir"):
+            if values.get("output"):
+                values = {**values, "mask_dir": storage.join(str(values["output"]), "masks"),
+                          "mask_name": "mask.tif"}
+        return values
 
     @model_validator(mode="after")
     def _check_dates(self) -> RunConfig:
@@ -184,7 +203,7 @@ def _absolute(url: str | None) -> str | None:
     return str(Path(storage.strip_protocol(url)))
 
 
-_PATH_KEYS = ("cube", "output", "model", "model_params", "mask_dir")
+_PATH_KEYS = ("cube", "output", "model", "model_params", "mask_dir", "mask_worldcover")
 
 
 def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:

@@ -192,7 +192,8 @@ def _run_tiles(plan: RunPlan, client, cb: _Callbacks, result: RunResult) -> None
     from distributed import as_completed
 
     cfg = plan.config
-    client.register_plugin(ModelPlugin(plan.spec, cfg.device, cfg.threads_per_worker))
+    client.register_plugin(ModelPlugin(plan.spec, cfg.device, cfg.threads_per_worker,
+                                       resource="GPU" if cfg.gpu_group else None))
     cb.start(sum(plan.windows_per_tile(t) for t in plan.tiles), getattr(client, "dashboard_link", None))
     pending = list(plan.tiles)
     state: dict[str, dict] = {}

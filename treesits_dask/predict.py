@@ -149,15 +149,21 @@ class ModelPlugin(WorkerPlugin):
 
     name = "treesits-model"
 
-    def __init__(self, spec: ModelSpec, device: str = "auto", torch_threads: int = 1):
+    def __init__(self, spec: ModelSpec, device: str = "auto", torch_threads: int = 1,
+                 resource: str | None = None):
         self.spec = spec
         self.device = device
         self.torch_threads = torch_threads
+        self.resource = resource  # only workers advertising it run inference (e.g. "GPU")
 
     def setup(self, worker=None):  # noqa: D401 - dask WorkerPlugin hook
         import torch
 
         torch.set_num_threads(max(1, self.torch_threads))
+        if self.resource and worker is not None:
+            resources = getattr(getattr(worker, "state", None), "total_resources", None) or {}
+            if self.resource not in resources:
+                return  # a reading-only worker: never runs inference, keeps no model
         get_predictor(self.spec, self.device)
 
     def teardown(self, worker=None):
