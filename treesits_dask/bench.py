@@ -147,7 +147,14 @@ def _forward(plan, threads: int) -> tuple[float, int]:
     return total_t, n
 
 
+def _open_count() -> int:
+    from .cube import OPEN_COUNTER
+
+    return OPEN_COUNTER.count
+
+
 def _end_to_end(config, workers: int, threads: int) -> dict:
+    """``run`` on a fresh cluster (so RSS and file-open counts belong to this run alone)."""
     from .pipeline import run
     from .plan import make_plan
 
@@ -158,11 +165,54 @@ def _end_to_end(config, workers: int, threads: int) -> dict:
             t0 = time.perf_counter()
             result = run(config, client=client, plan=plan)
             seconds = time.perf_counter() - t0
+        opens = sum(client.run(_open_count).values())
     finally:
         client.close()
         cluster.close()
     return {"seconds": seconds, "pixels": result.pixels_predicted, "peak_rss_mib": rss.peak / 2**20,
-            "baseline_rss_mib": rss.baseline / 2**20}
+            "baseline_rss_mib": rss.baseline / 2**20, "file_opens": opens, "plan": plan}
+
+
+def _windows_with_forest(plan) -> tuple[int, int]:
+    """(windows holding at least one mask pixel, all windows) of the plan, from the mask files."""
+    from .cube import plan_windows
+
+    with_forest = total = 0
+    for tile in plan.tiles:
+        for row in plan_windows(tile.grid, plan.window_shape):
+            for w in row:
+                total += 1
+                with_forest += bool(tile.mask.read(w).any()) if tile.mask else 1
+    return with_forest, total
+
+
+def _masked(args, workdir: Path, models: dict, workers: int, log) -> dict:
+    """Same tile, with and without a forest mask of ``args.masked_forest`` share (in blobs)."""
+    from .config import load_config
+    from .synthetic import make_cube
+
+    cube = make_cube(workdir / "cube-masked", size=args.size, n_scenes=args.scenes,
+                     forest_fraction=args.masked_forest, mask_dir=str(workdir / "masks-masked"),
+                     truth_dir=str(workdir / "truth-masked"), seed=3)
+    out = {"forest_fraction": args.masked_forest, "window": args.masked_window}
+    for mode in ("unmasked", "masked"):
+        config = load_config(overrides=dict(
+            cube=cube.root, tiles="all", output=str(workdir / f"out-masked-{mode}"), workers=workers,
+            threads_per_worker=args.threads_per_worker, dashboard_address=":0", window=args.masked_window,
+            mask_dir=cube.mask_dir if mode == "masked" else None, **models["sits-lstm"]), environ={})
+        e2e = _end_to_end(config, workers, args.threads_per_worker)
+        plan = e2e["plan"]
+        with_forest, total = _windows_with_forest(plan)
+        per_window = sum(len(t.scenes) * (1 + bool(config.qai_flags)) for t in plan.tiles) // len(plan.tiles)
+        out[mode] = {"end_to_end_s": round(e2e["seconds"], 2), "pixels_predicted": e2e["pixels"],
+                     "windows": total, "windows_with_forest": with_forest, "file_opens": e2e["file_opens"],
+                     "file_opens_if_forest_windows_only": with_forest * per_window,
+                     "file_opens_if_all_windows": total * per_window}
+        log(f"[masked] {mode}: {e2e['seconds']:.1f} s, {e2e['file_opens']} file opens")
+    out["masked_over_unmasked"] = round(out["masked"]["end_to_end_s"] / out["unmasked"]["end_to_end_s"], 3)
+    out["windows_without_forest_opened_files"] = (
+        out["masked"]["file_opens"] - out["masked"]["file_opens_if_forest_windows_only"])
+    return out
 
 
 def main(argv=None) -> int:
@@ -174,6 +224,9 @@ def main(argv=None) -> int:
                    help="forest share of the tile for the sbert run (its forward is ~100x the LSTM's)")
     p.add_argument("--rss-sizes", default="1000,500", help="tile sizes for the memory comparison")
     p.add_argument("--rss-window", default="250x250", help="fixed window for the memory comparison")
+    p.add_argument("--masked-forest", type=float, default=0.25,
+                   help="forest share for the masked-vs-unmasked comparison (0 skips it)")
+    p.add_argument("--masked-window", default="100x100", help="window for the masked comparison")
     p.add_argument("--workers", type=int, default=None, help="default: cores / threads")
     p.add_argument("--threads-per-worker", type=int, default=1)
     p.add_argument("--workdir", default=None)
@@ -235,6 +288,9 @@ def main(argv=None) -> int:
             "efficiency": round(e2e["seconds"] / (decode + forward), 3),
             "peak_rss_mib": round(e2e["peak_rss_mib"], 1),
         }
+
+    if args.masked_forest and "sits-lstm" in models:
+        report["masked"] = _masked(args, workdir, models, workers, log)
 
     if args.rss_sizes and "sits-lstm" in models:
         report["memory"] = {"window": args.rss_window, "runs": []}

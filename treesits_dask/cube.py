@@ -185,7 +185,7 @@ def choose_window_shape(
     requested: tuple[int, int] | None,
     n_scenes: int,
     max_bytes: int = 2 * 1024**3,
-    target: int = 512,
+    target: int = 256,
 ) -> tuple[int, int]:
     """Window ``(rows, cols)``; both must divide the tile so that windows align with Zarr chunks.
 
