@@ -228,7 +228,7 @@ def main(argv=None) -> int:
                    help="forest share for the masked-vs-unmasked comparison (0 skips it)")
     p.add_argument("--masked-window", default="100x100", help="window for the masked comparison")
     p.add_argument("--workers", type=int, default=None, help="default: cores / threads")
-    p.add_argument("--threads-per-worker", type=int, default=1)
+    p.add_argument("--threads-per-worker", type=int, default=None, help="default: as `run` (min(cores, 4))")
     p.add_argument("--workdir", default=None)
     p.add_argument("--skip-sbert-pxps", action="store_true")
     p.add_argument("--json", default=None, help="also write the report to this file")
@@ -239,6 +239,7 @@ def main(argv=None) -> int:
     from .synthetic import make_cube
 
     cores = os.cpu_count() or 1
+    args.threads_per_worker = args.threads_per_worker or min(cores, 4)  # the defaults of `run`
     workers = args.workers or max(1, cores // args.threads_per_worker)
     families = [f for f in args.families.split(",") if f]
     tmp = tempfile.TemporaryDirectory(prefix="treesits-bench-") if args.workdir is None else None

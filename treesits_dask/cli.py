@@ -1,4 +1,4 @@
-"""Command line: ``python -m treesits_dask {run,plan,demo,bench}``.
+"""Command line: ``python -m treesits_dask {run,plan,update,demo,quicklook,bench,train,evaluate}``.
 
 The only place that configures logging and draws progress bars.
 """
@@ -37,7 +37,7 @@ _RUN_FLAGS = [
     ("--batch-size", dict(type=int, help="pixels per model batch (default 2048)")),
     ("--window", dict(help="window size: auto (default), N or ROWSxCOLS pixels; must divide the tile")),
     ("--workers", dict(type=int, help="LocalCluster worker processes (default: cores / threads-per-worker)")),
-    ("--threads-per-worker", dict(type=int, help="threads per worker, also torch threads (default 1)")),
+    ("--threads-per-worker", dict(type=int, help="threads per worker, also torch threads (default min(cores, 4))")),
     ("--memory-limit", dict(help="memory limit per LocalCluster worker (default auto)")),
     ("--scheduler-address", dict(help="use an existing Dask scheduler (tcp://host:8786) instead of a LocalCluster")),
     ("--device", dict(help="torch device: auto (CUDA if available), cpu, cuda, cuda:N")),
@@ -292,6 +292,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="throughput / memory benchmark (JSON); see benchmarks/throughput.py")
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_bench)
+
+    from .train import add_evaluate_arguments, add_train_arguments, run_evaluate, run_train
+
+    p = sub.add_parser("train", help="train or fine-tune a model on reference samples (points or "
+                                     "per-sample CSVs); writes a native model + card")
+    add_train_arguments(p)
+    p.set_defaults(func=run_train)
+    p = sub.add_parser("evaluate", help="overall accuracy, per-class precision/recall/F1 and the "
+                                        "confusion matrix of a model on reference samples")
+    add_evaluate_arguments(p)
+    p.set_defaults(func=run_evaluate)
     return parser
 
 

@@ -56,8 +56,11 @@ class EnvPlugin(WorkerPlugin):
 
 def local_cluster_kwargs(config: RunConfig) -> dict:
     """Arguments of ``distributed.LocalCluster`` for a config (pure; used by ``plan`` too)."""
-    threads = config.threads_per_worker
-    workers = config.workers or max(1, (os.cpu_count() or 1) // threads)
+    cores = os.cpu_count() or 1
+    # default: few processes with several threads each (torch uses as many threads as the worker),
+    # so a window that holds most of the forest still gets all cores of its process
+    threads = config.threads_per_worker or min(cores, 4)
+    workers = config.workers or max(1, cores // threads)
     return {
         "n_workers": workers,
         "threads_per_worker": threads,

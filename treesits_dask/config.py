@@ -64,7 +64,7 @@ class RunConfig(BaseModel):
     batch_size: int = Field(2048, gt=0)
     window: str = "auto"
     workers: int | None = Field(None, gt=0)
-    threads_per_worker: int = Field(1, gt=0)
+    threads_per_worker: int | None = Field(None, gt=0)
     memory_limit: str = "auto"
     scheduler_address: str | None = None
     device: str = "auto"

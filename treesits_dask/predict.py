@@ -149,7 +149,7 @@ class ModelPlugin(WorkerPlugin):
 
     name = "treesits-model"
 
-    def __init__(self, spec: ModelSpec, device: str = "auto", torch_threads: int = 1,
+    def __init__(self, spec: ModelSpec, device: str = "auto", torch_threads: int | None = None,
                  resource: str | None = None):
         self.spec = spec
         self.device = device
@@ -159,7 +159,9 @@ class ModelPlugin(WorkerPlugin):
     def setup(self, worker=None):  # noqa: D401 - dask WorkerPlugin hook
         import torch
 
-        torch.set_num_threads(max(1, self.torch_threads))
+        # as many torch threads as the worker has (nanny workers start with OMP_NUM_THREADS=1)
+        threads = self.torch_threads or getattr(getattr(worker, "state", None), "nthreads", None) or 1
+        torch.set_num_threads(max(1, threads))
         if self.resource and worker is not None:
             resources = getattr(getattr(worker, "state", None), "total_resources", None) or {}
             if self.resource not in resources:
