@@ -110,13 +110,16 @@ def _quantile_mask(field: np.ndarray, fraction: float) -> np.ndarray:
 
 
 def species_map(
-    rng: np.random.Generator, size: int, forest_fraction: float, n_classes: int
+    rng: np.random.Generator, size: int, forest_fraction: float, n_classes: int,
+    forest_scale: float | None = None,
 ) -> np.ndarray:
-    """(size, size) uint8 species id in coherent stands, ``NON_FOREST`` (255) elsewhere."""
+    """(size, size) uint8 species id in coherent stands, ``NON_FOREST`` (255) elsewhere.
+
+    ``forest_scale``: width of the forest patches in pixels (default ``size / 5``, at most 60).
+    """
     shape = (size, size)
-    forest = top_fraction(
-        value_noise(rng, shape, max(6.0, min(size / 5, 60.0)), 3), forest_fraction
-    )
+    scale = forest_scale if forest_scale else max(6.0, min(size / 5, 60.0))
+    forest = top_fraction(value_noise(rng, shape, scale, 3), forest_fraction)
     stand = max(4.0, min(size / 8, 30.0))
     fields = np.stack([value_noise(rng, shape, stand) for _ in range(n_classes)])
     out = np.argmax(fields, axis=0).astype(np.uint8)

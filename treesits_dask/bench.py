@@ -192,9 +192,11 @@ def _masked(args, workdir: Path, models: dict, workers: int, log) -> dict:
     from .synthetic import make_cube
 
     cube = make_cube(workdir / "cube-masked", size=args.size, n_scenes=args.scenes,
-                     forest_fraction=args.masked_forest, mask_dir=str(workdir / "masks-masked"),
+                     forest_fraction=args.masked_forest, forest_scale=args.forest_scale,
+                     mask_dir=str(workdir / "masks-masked"),
                      truth_dir=str(workdir / "truth-masked"), seed=3)
-    out = {"forest_fraction": args.masked_forest, "window": args.masked_window}
+    out = {"forest_fraction": args.masked_forest, "forest_scale_px": args.forest_scale,
+           "window": args.masked_window}
     for mode in ("unmasked", "masked"):
         config = load_config(overrides=dict(
             cube=cube.root, tiles="all", output=str(workdir / f"out-masked-{mode}"), workers=workers,
@@ -227,6 +229,8 @@ def main(argv=None) -> int:
     p.add_argument("--masked-forest", type=float, default=0.25,
                    help="forest share for the masked-vs-unmasked comparison (0 skips it)")
     p.add_argument("--masked-window", default="100x100", help="window for the masked comparison")
+    p.add_argument("--forest-scale", type=float, default=250.0,
+                   help="width of forest patches (px) in the masked comparison (default 250 = 2.5 km)")
     p.add_argument("--workers", type=int, default=None, help="default: cores / threads")
     p.add_argument("--threads-per-worker", type=int, default=None, help="default: as `run` (min(cores, 4))")
     p.add_argument("--workdir", default=None)

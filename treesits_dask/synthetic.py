@@ -73,6 +73,7 @@ def make_cube(
     prj_format: str = "old",
     cloud_fraction: float = 0.25,
     forest_fraction: float = 0.6,
+    forest_scale: float | None = None,
     write_qai: bool = True,
     with_masks: bool = True,
     mask_dir: str | None = None,
@@ -86,7 +87,8 @@ def make_cube(
     ``prj_format``: ``"old"`` 7-line or ``"new"`` ``KEY = value`` ``datacube-definition.prj``.
     Truth maps go to ``truth_dir`` (default ``<root>/../truth``), masks to ``mask_dir``
     (default ``<root>/../masks``).  Same arguments, same bytes; the species map of a tile
-    depends only on ``seed``, the tile id, ``size`` and ``forest_fraction``.  Nothing is deleted:
+    depends only on ``seed``, the tile id, ``size``, ``forest_fraction`` and ``forest_scale`` (the
+    width of forest patches in pixels; default ``size / 5``, at most 60).  Nothing is deleted:
     give an empty ``root`` (a warning names stale scenes).  Memory is about 2 GB for a 3000 px
     tile; 1000 px x 60 scenes takes about 15 s on 2 cores.
     """
@@ -115,7 +117,7 @@ def make_cube(
             key = (tx & 0xFFFFFFFF, ty & 0xFFFFFFFF)
             transform = _tile_transform(tx, ty, size)
             tile_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
-            species = ph.species_map(tile_rng, size, forest_fraction, len(SPECIES))
+            species = ph.species_map(tile_rng, size, forest_fraction, len(SPECIES), forest_scale)
             sig = ph.tile_signal(tile_rng, species)
             folder = root_p / tile
             folder.mkdir(parents=True, exist_ok=True)
