@@ -369,5 +369,5 @@ def test_fit_rejects_bad_labels():
     series, valid, days = _random_inputs(10, 4)
     with pytest.raises(ModelError, match="labels"):
         fit("sits-lstm", series, valid, days, np.full(10, 3), ["a", "b"], max_seconds=1)
-    with pytest.raises(ModelError, match="sbert"):
-        fit("sbert", series, valid, days, np.zeros(10, int), ["a", "b"], max_seconds=1)
+    with pytest.raises(ModelError, match="native"):  # a native card names its architecture
+        fit("native", series, valid, days, np.zeros(10, int), ["a", "b"], max_seconds=1)

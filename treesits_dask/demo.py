@@ -21,23 +21,11 @@ DEMO_TILES = ("X0069_Y0043", "X0070_Y0043")
 def extract_samples(scenes, grid, rows, cols, qai_flags, window_shape=None):
     """Time series of pixels (rows, cols) through the same cube code as inference.
 
-    Returns ``series`` (N, T, 10) int16, ``valid`` (N, T) bool, ``days`` (T,) int64.
+    Kept for compatibility: see :func:`treesits_dask.samples.extract_pixels`.
     """
-    from .cube import NODATA, choose_window_shape, days_since_epoch, open_cube
+    from .samples import extract_pixels
 
-    shape = window_shape or choose_window_shape(grid, None, len(scenes))
-    cube = open_cube(scenes, grid, shape, qai_flags)
-    # vectorised point selection: dask reads only the windows that hold samples
-    block = cube.isel(y=_points(rows), x=_points(cols)).values  # (T, 10, N)
-    series = np.ascontiguousarray(block.transpose(2, 0, 1))
-    valid = (series != NODATA).all(axis=2)
-    return series, valid, days_since_epoch([s.date for s in scenes])
-
-
-def _points(idx):
-    import xarray as xr
-
-    return xr.DataArray(np.asarray(idx), dims="sample")
+    return extract_pixels(scenes, grid, rows, cols, qai_flags, window_shape)
 
 
 def run_demo(workdir: str | Path = "demo-output", size: int = 300, n_scenes: int = 36,
@@ -46,10 +34,11 @@ def run_demo(workdir: str | Path = "demo-output", size: int = 300, n_scenes: int
     from . import discovery
     from .config import load_config
     from .cube import tile_grid
-    from .models import save_native
-    from .models.training import fit
     from .pipeline import run
+    from .points import write_points
+    from .samples import pixel_centres
     from .synthetic import make_cube, sample_pixels
+    from .train import TrainConfig, train
 
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -60,21 +49,26 @@ def run_demo(workdir: str | Path = "demo-output", size: int = 300, n_scenes: int
                      mask_dir=str(workdir / "masks"), truth_dir=str(workdir / "truth"), seed=seed)
     definition = discovery.read_cube_definition(cube.root)
     train_tile = DEMO_TILES[0]
-    scenes = discovery.scene_table(cube.root, train_tile)
-    grid = tile_grid(definition, scenes[0])
+    grid = tile_grid(definition, discovery.scene_table(cube.root, train_tile)[0])
     rows, cols, labels = sample_pixels(cube, train_tile, n_per_class=400, seed=seed)
-    from .config import DEFAULT_QAI_FLAGS
+    # reference samples as a user has them: labelled points in a GeoPackage (WGS 84)
+    from rasterio.warp import transform
 
-    series, valid, days = extract_samples(scenes, grid, rows, cols, DEFAULT_QAI_FLAGS)
-    keep = valid.any(axis=1)
-    print(f"[2/4] training a native sits-lstm on {int(keep.sum())} labelled pixels of {train_tile} "
-          f"(at most {train_seconds:.0f} s)", flush=True)
-    predictor, metrics = fit("sits-lstm", series[keep], valid[keep], days, labels[keep],
-                             list(cube.class_names), max_seconds=train_seconds, seed=seed)
+    x, y = pixel_centres(grid, rows, cols)
+    lon, lat = transform(grid.crs_wkt, "EPSG:4326", x.tolist(), y.tolist())
+    points = workdir / "samples" / "reference_points.gpkg"
+    write_points(str(points), lon, lat, [cube.class_names[k] for k in labels], "EPSG:4326",
+                 ids=[f"{train_tile}_{r}_{c}" for r, c in zip(rows, cols, strict=True)],
+                 label_column="species")
     model_path = workdir / "model" / "species_lstm.pt"
-    model_path.parent.mkdir(exist_ok=True)
-    save_native(predictor.module, predictor.card, str(model_path))
-    print(f"      validation accuracy {metrics.get('val_accuracy', float('nan')):.3f}; model card "
+    print(f"[2/4] training a native sits-lstm on {len(labels)} reference points of {train_tile} "
+          f"({points.name}, at most {train_seconds:.0f} s)", flush=True)
+    train_config = TrainConfig(samples=str(points), cube=cube.root, label_column="species",
+                               class_names=list(cube.class_names), family="sits-lstm",
+                               max_seconds=train_seconds, max_epochs=500, seed=seed,
+                               output=str(model_path), device="cpu")
+    _, metrics = train(train_config)
+    print(f"      validation accuracy {metrics['val_accuracy']:.3f}; model card "
           f"{model_path.with_suffix('.json')}", flush=True)
 
     output = workdir / "output"

@@ -251,9 +251,8 @@ class Predictor:
         logits = torch.cat(
             [self.module(xt[s], dt_[s], mt[s]) for s in self._chunks(len(x), heads * keep * keep)]
         )
-        probs = (
-            logits.float() if self.card.output_kind != "sigmoid" else torch.sigmoid(logits.float())
-        )
+        logits = logits.float()
+        probs = torch.sigmoid(logits) if self.card.output_kind == "sigmoid" else logits.softmax(1)
         return probs.cpu().numpy(), used
 
 

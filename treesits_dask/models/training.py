@@ -1,75 +1,211 @@
-"""Minimal, time-bounded training of native SITS-NN models (used by the demo).
+"""Time-bounded training of native ``sits-lstm``, ``sits-transformer`` and ``sbert`` models.
 
-The inputs go through :func:`~treesits_dask.models.preprocess.full_inputs`, the same function as
-inference, so a trained model reads raw BOA integers with gaps zero-filled like the published
-weights.  For numerical comfort the network is trained on inputs scaled by 1e-4 and the scale is
-folded into the first Linear layer afterwards, which makes the saved model exact on raw inputs.
+Inputs go through the same preparation as inference (:func:`~.preprocess.full_inputs` for the
+SITS-NN families, :func:`~.preprocess.sbert_inputs` for SBERT), and the loss is computed on the
+logits (``module.logits``: no softmax before the cross entropy).  For numerical comfort the
+SITS-NN networks see each band standardised with the mean and standard deviation of the valid
+training observations; this affine map is folded into the first Linear layer afterwards (and
+unfolded from a checkpoint that is fine-tuned), so the saved model reads raw BOA integers with
+zero-filled gaps exactly like the published weights.
+
+SBERT with two classes is trained as the published binary model (one logit, sigmoid; the card
+names the positive class); with more classes it gets a softmax head.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..discovery import S2_BANDS
 from ..errors import ModelError
 from .architectures import build_module
-from .card import ModelCard
-from .loading import Predictor
-from .preprocess import check_inputs, full_inputs
+from .card import SBERT_SEQUENCE, ModelCard
+from .loading import Predictor, resolve_device
+from .preprocess import check_inputs, full_inputs, sbert_inputs
 
-__all__ = ["default_hyperparameters", "fit"]
+__all__ = ["TRAINABLE", "default_hyperparameters", "fit", "stratified_split"]
 
 log = logging.getLogger(__name__)
 
-_SCALE = 1e-4
-_TRAINABLE = ("sits-lstm", "sits-transformer")
+#: Epochs without a lower held-out loss after which a perfect held-out accuracy stops training.
+_PERFECT_PATIENCE = 3
+#: Families that :func:`fit` trains.
+TRAINABLE = ("sits-lstm", "sits-transformer", "sbert")
 
 
-def default_hyperparameters(family: str, n_classes: int) -> dict:
-    """Small architectures that train in seconds on a CPU."""
+def default_hyperparameters(family: str, n_outputs: int) -> dict:
+    """Small architectures that train in seconds on a CPU (``n_outputs``: 1 for binary SBERT)."""
     if family == "sits-lstm":
         return {
             "num_bands": 10,
             "input_size": 32,
             "hidden_size": 64,
             "num_layers": 2,
-            "num_classes": n_classes,
+            "num_classes": n_outputs,
         }
     if family == "sits-transformer":
         return {
             "num_bands": 10,
-            "num_classes": n_classes,
+            "num_classes": n_outputs,
             "d_model": 32,
             "nhead": 4,
             "num_layers": 2,
             "dim_feedforward": 64,
         }
-    raise ModelError(f"training supports the families {', '.join(_TRAINABLE)}, not {family!r}")
+    if family == "sbert":
+        return {
+            "num_features": 10,
+            "hidden": 64,
+            "n_layers": 2,
+            "attn_heads": 4,
+            "dropout": 0.1,
+            "num_classes": n_outputs,
+            "max_position": SBERT_SEQUENCE["max_position"],
+        }
+    raise ModelError(f"training supports the families {', '.join(TRAINABLE)}, not {family!r}")
 
 
-def _first_linear(module: torch.nn.Module, family: str) -> torch.nn.Linear:
+def stratified_split(
+    labels: np.ndarray, fraction: float, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(keep, held_out)`` indices: ``round(n_k * fraction)`` samples of each class held out
+    (at least one where a class has two or more samples), chosen with ``seed``."""
+    rng = np.random.default_rng(seed)
+    held = []
+    for k in np.unique(labels):
+        idx = np.flatnonzero(labels == k)
+        n = round(len(idx) * fraction)
+        if len(idx) >= 2:
+            n = min(max(n, 1), len(idx) - 1)
+        else:
+            n = 0
+        held.append(rng.permutation(idx)[:n])
+    held_out = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
+    keep = np.setdiff1d(np.arange(len(labels)), held_out)
+    return keep.astype(np.int64), held_out.astype(np.int64)
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None):
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(max(1, int(threads)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _first_linear(module: nn.Module, family: str) -> nn.Linear:
     return module.embd if family == "sits-lstm" else module.src_embd
 
 
-def _logits(module: torch.nn.Module, family: str, x: torch.Tensor) -> torch.Tensor:
-    x = x * _SCALE
-    return module.logits(x if family == "sits-lstm" else x.transpose(0, 1))
+def _replace_head(module: nn.Module, family: str, n_outputs: int) -> None:
+    """New last layer for another number of classes (the rest keeps the checkpoint's weights)."""
+    if family == "sbert":
+        old = module.classification.linear
+        module.classification.linear = nn.Linear(old.in_features, n_outputs)
+    else:
+        old = module.fc[4]
+        module.fc[4] = nn.Linear(old.in_features, n_outputs)
 
 
-def _accuracy(module, family, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> float:
+class _Inputs:
+    """Model inputs of all samples (CPU tensors) and the forward pass on a batch of them."""
+
+    def __init__(self, family: str, series, valid, days, sequence: dict, train_idx):
+        self.family = family
+        if family == "sbert":
+            x, doy, mask, used = sbert_inputs(
+                series, valid, days, int(sequence["seq_len"]), int(sequence["max_position"])
+            )
+            self.tensors = (torch.from_numpy(x), torch.from_numpy(doy), torch.from_numpy(mask))
+            self.used = torch.from_numpy(used)
+        else:
+            x, _ = full_inputs(series, valid)
+            self.tensors = (torch.from_numpy(x),)
+            # per-band statistics of the valid training observations (float64)
+            obs = series[train_idx][valid[train_idx]].astype(np.float64)
+            mean = obs.mean(axis=0) if len(obs) else np.zeros(x.shape[2])
+            std = obs.std(axis=0) if len(obs) > 1 else np.ones(x.shape[2])
+            self.mean = torch.tensor(mean, dtype=torch.float32)
+            self.std = torch.tensor(np.where(std > 1.0, std, 1.0), dtype=torch.float32)
+
+    def logits(self, module: nn.Module, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if self.family == "sbert":
+            # leading padding slots are identical and masked: one of them gives the same result
+            keep = min(self.tensors[0].shape[1], int(self.used[idx].max()) + 1)
+            x, doy, mask = (t[idx][:, -keep:].to(device) for t in self.tensors)
+            return module.logits(x, doy, mask)
+        x = (self.tensors[0][idx].to(device) - self.mean.to(device)) / self.std.to(device)
+        return module.logits(x if self.family == "sits-lstm" else x.transpose(0, 1))
+
+    def fold(self, module: nn.Module) -> None:
+        """Make ``module`` read raw BOA: absorb the standardisation into its first Linear."""
+        lin = _first_linear(module, self.family)
+        w, b = lin.weight.detach().double(), lin.bias.detach().double()
+        w_raw = w / self.std.double().to(w.device)
+        with torch.no_grad():  # in float64: exact up to one float32 rounding
+            lin.weight.copy_(w_raw)
+            lin.bias.copy_(b - w_raw @ self.mean.double().to(w.device))
+
+    def unfold(self, module: nn.Module) -> None:
+        """Inverse of :meth:`fold`: a raw-BOA checkpoint that reads standardised inputs."""
+        lin = _first_linear(module, self.family)
+        w_raw, b_raw = lin.weight.detach().double(), lin.bias.detach().double()
+        with torch.no_grad():
+            lin.bias.copy_(b_raw + w_raw @ self.mean.double().to(w_raw.device))
+            lin.weight.copy_(w_raw * self.std.double().to(w_raw.device))
+
+
+def _loss(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None, sigmoid: bool):
+    if sigmoid:
+        w = weights[y] if weights is not None else None
+        return F.binary_cross_entropy_with_logits(logits[:, 0], y.float(), weight=w)
+    return F.cross_entropy(logits, y, weight=weights)
+
+
+def _predict(logits: torch.Tensor, sigmoid: bool) -> torch.Tensor:
+    return (logits[:, 0] > 0).long() if sigmoid else logits.argmax(1)
+
+
+def _evaluate(module, inputs: _Inputs, y, idx, weights, sigmoid, device, batch=512):
+    """Accuracy and mean loss of ``module`` on the samples ``idx`` (eval mode, no grad)."""
     module.eval()
+    if len(idx) == 0:
+        return float("nan"), float("nan")
+    correct, total_loss = 0, 0.0
     with torch.inference_mode():
-        pred = torch.cat(
-            [_logits(module, family, x[i : i + batch]).argmax(1) for i in range(0, len(x), batch)]
-        )
-    return float((pred == y).float().mean())
+        for i in range(0, len(idx), batch):
+            b = idx[i : i + batch]
+            z = inputs.logits(module, b, device).float()
+            yb = y[b].to(device)
+            correct += int((_predict(z, sigmoid) == yb).sum())
+            total_loss += float(_loss(z, yb, weights, sigmoid)) * len(b)
+    return correct / len(idx), total_loss / len(idx)
+
+
+def _class_weights(spec, y_train: torch.Tensor, n_classes: int) -> torch.Tensor | None:
+    if spec is None or (isinstance(spec, str) and spec == "none"):
+        return None
+    if isinstance(spec, str):
+        if spec != "balanced":
+            raise ModelError(f"class_weights must be 'balanced', 'none' or a list, got {spec!r}")
+        counts = torch.bincount(y_train, minlength=n_classes).float()
+        return torch.where(counts > 0, len(y_train) / (n_classes * counts.clamp(min=1)), 0.0)
+    w = torch.tensor([float(v) for v in spec], dtype=torch.float32)
+    if w.shape != (n_classes,) or (w < 0).any():
+        raise ModelError(f"class_weights needs {n_classes} non-negative numbers, got {list(spec)}")
+    return w
 
 
 def fit(
@@ -87,128 +223,212 @@ def fit(
     learning_rate: float = 1e-3,
     patience: int = 15,
     max_epochs: int = 500,
+    *,
+    init: Predictor | None = None,
+    class_weights: str | Sequence[float] | None = "balanced",
+    callback: Callable[[dict], None] | None = None,
+    device: str = "cpu",
+    split: tuple[np.ndarray, np.ndarray] | None = None,
+    seq_len: int | None = None,
+    threads: int | None = 1,
 ) -> tuple[Predictor, dict]:
-    """Train a native ``sits-lstm`` or ``sits-transformer`` classifier.
+    """Train a native classifier of ``family`` (sits-lstm, sits-transformer or sbert).
 
     ``series`` int16 (N, T, 10), ``valid`` bool (N, T), ``days`` int64 (T,), ``labels`` int (N,)
-    in ``0 .. len(class_names) - 1``.  Adam on the pre-softmax output with class-weighted cross
-    entropy, fixed seed, early stop on held-out accuracy, at most ``max_seconds``.  Returns a CPU
-    :class:`Predictor` (best held-out epoch) whose card carries the metrics, and the metrics.
+    in ``0 .. len(class_names) - 1``.  Adam on the logits with class-weighted cross entropy
+    (``class_weights``: ``"balanced"``, ``"none"`` or one weight per class), fixed ``seed``,
+    a stratified held-out split (``val_fraction``, or ``split=(train_idx, val_idx)``), early
+    stop after ``patience`` epochs without a better held-out accuracy (ties: lower loss), at most
+    ``max_epochs`` epochs and ``max_seconds``.  ``init`` fine-tunes a loaded model of the same
+    family (a new last layer when the number of classes differs).  ``callback`` receives a dict
+    after every epoch.  ``threads``: torch CPU threads while training (restored afterwards; small
+    sequence models gain nothing from more, and oversubscribed cores slow them down a lot).
+    Returns a CPU :class:`Predictor` with the best held-out epoch's weights, whose card carries
+    the metrics, and the metrics.
     """
-    t_start = time.perf_counter()
-    if family not in _TRAINABLE:
-        raise ModelError(f"training supports the families {', '.join(_TRAINABLE)}, not {family!r}")
-    series = np.asarray(series)
-    valid = np.asarray(valid, dtype=bool)
-    days = np.asarray(days, dtype=np.int64)
-    check_inputs(series, valid, days)
-    labels = np.asarray(labels).astype(np.int64)
-    n_classes = len(class_names)
-    if labels.shape != (series.shape[0],):
-        raise ModelError(f"labels has shape {labels.shape}, expected ({series.shape[0]},)")
-    if n_classes < 2 or labels.min(initial=0) < 0 or labels.max(initial=0) >= n_classes:
-        raise ModelError(
-            f"labels must lie in 0..{n_classes - 1} ({n_classes} class names, at least 2)"
-        )
-    if not 0.0 < val_fraction < 1.0:
-        raise ModelError(f"val_fraction must be between 0 and 1, got {val_fraction}")
-    n = series.shape[0]
-    n_val = max(1, round(n * val_fraction))
-    if n - n_val < 2:
-        raise ModelError(
-            f"{n} labelled pixels are too few to train and validate; label more pixels"
-        )
-
-    hp = dict(hyperparameters or default_hyperparameters(family, n_classes))
-    hp.setdefault("num_classes", n_classes)
-    if hp["num_classes"] != n_classes:
-        raise ModelError(
-            f"hyperparameters num_classes={hp['num_classes']} but {n_classes} class names"
-        )
-    card = ModelCard(
-        family=family,
-        hyperparameters=hp,
-        bands=list(S2_BANDS),
-        class_names=list(class_names),
-        output_kind="softmax",
-        sequence={"kind": "full"},
-    )
-
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(n)
-    val_idx, train_idx = perm[:n_val], perm[n_val:]
-    x, _ = full_inputs(series, valid)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(labels)
-    x_train, y_train, x_val, y_val = xt[train_idx], yt[train_idx], xt[val_idx], yt[val_idx]
-    counts = torch.bincount(y_train, minlength=n_classes).float()
-    weights = torch.where(counts > 0, len(y_train) / (n_classes * counts.clamp(min=1)), 0.0)
-
-    torch.manual_seed(seed)
-    module = build_module(family, hp)
-    optimizer = torch.optim.Adam(module.parameters(), lr=learning_rate)
-    gen = torch.Generator().manual_seed(seed)
-    best_acc, best_state, best_epoch, epoch, stale = -1.0, None, 0, 0, 0
-    deadline = t_start + max_seconds
-    out_of_time = False
-    last_loss = float("nan")
-    reason = ""
-    while epoch < max_epochs and stale < patience and not out_of_time:
-        epoch += 1
-        module.train()
-        order = torch.randperm(len(x_train), generator=gen)
-        for i in range(0, len(order), batch_size):
-            idx = order[i : i + batch_size]
-            if len(idx) < 2:  # BatchNorm needs two samples in training mode
-                continue
-            loss = F.cross_entropy(
-                _logits(module, family, x_train[idx]), y_train[idx], weight=weights
+    with _torch_threads(threads):
+        t_start = time.perf_counter()
+        if family not in TRAINABLE:
+            raise ModelError(
+                f"training supports the families {', '.join(TRAINABLE)}, not {family!r}"
             )
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            last_loss = loss.detach().item()
-            if time.perf_counter() > deadline:
-                out_of_time = True
-                break
-        acc = _accuracy(module, family, x_val, y_val)
-        if acc > best_acc:
-            best_acc, best_state, best_epoch, stale = (
-                acc,
-                copy.deepcopy(module.state_dict()),
-                epoch,
-                0,
+        series = np.asarray(series)
+        valid = np.asarray(valid, dtype=bool)
+        days = np.asarray(days, dtype=np.int64)
+        check_inputs(series, valid, days)
+        labels = np.asarray(labels).astype(np.int64)
+        n_classes = len(class_names)
+        if labels.shape != (series.shape[0],):
+            raise ModelError(f"labels has shape {labels.shape}, expected ({series.shape[0]},)")
+        if n_classes < 2 or labels.min(initial=0) < 0 or labels.max(initial=0) >= n_classes:
+            raise ModelError(
+                f"labels must lie in 0..{n_classes - 1} ({n_classes} class names, at least 2)"
             )
+        if split is None:
+            if not 0.0 < val_fraction < 1.0:
+                raise ModelError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+            train_idx, val_idx = stratified_split(labels, val_fraction, seed)
         else:
-            stale += 1
-        log.debug("epoch %d: loss %.4f, held-out accuracy %.4f", epoch, last_loss, acc)
-        if best_acc >= 1.0:
-            reason = "perfect"
-            break
+            train_idx, val_idx = (np.asarray(s, dtype=np.int64) for s in split)
+        if len(train_idx) < 2 or len(val_idx) < 1:
+            raise ModelError(
+                f"{series.shape[0]} labelled samples are too few to train and validate "
+                f"({len(train_idx)} for training, {len(val_idx)} held out); label more samples"
+            )
 
-    module.load_state_dict(best_state)
-    train_accuracy = _accuracy(module, family, x_train, y_train)
-    with torch.no_grad():
-        _first_linear(module, family).weight.mul_(_SCALE)  # fold the input scale: exact on raw BOA
-    module.eval()
-    predictor = Predictor(module, card, torch.device("cpu"))
-    probs, _ = predictor.predict(series[val_idx], valid[val_idx], days)
-    metrics = {
-        "val_accuracy": float((probs.argmax(1) == labels[val_idx]).mean()),
-        "train_accuracy": train_accuracy,
-        "best_epoch": best_epoch,
-        "epochs": epoch,
-        "n_train": len(train_idx),
-        "n_val": int(n_val),
-        "seconds": round(time.perf_counter() - t_start, 2),
-        "stopped": reason
-        or ("time" if out_of_time else "early" if stale >= patience else "max_epochs"),
+        sigmoid = family == "sbert" and n_classes == 2
+        n_out = 1 if sigmoid else n_classes
+        torch.manual_seed(seed)
+        if init is not None:
+            module, hp = _init_module(init, family, n_out, hyperparameters)
+        else:
+            hp = {**default_hyperparameters(family, n_out), **(hyperparameters or {})}
+            if hp["num_classes"] != n_out:
+                raise ModelError(
+                    f"hyperparameters num_classes={hp['num_classes']} but {n_classes} classes "
+                    f"({n_out} model outputs)"
+                )
+            try:
+                module = build_module(family, hp)
+            except (TypeError, ValueError) as exc:
+                raise ModelError(
+                    f"cannot build a {family} with hyperparameters {hp}: {exc}"
+                ) from exc
+        if family == "sbert":
+            sequence = dict(SBERT_SEQUENCE, max_position=int(hp["max_position"]))
+            if init is not None and init.card.sequence.get("kind") == "sbert":
+                sequence.update(init.card.sequence)
+            if seq_len:
+                sequence["seq_len"] = int(seq_len)
+        else:
+            sequence = {"kind": "full"}
+        card = ModelCard(
+            family=family,
+            hyperparameters=hp,
+            bands=list(S2_BANDS),
+            class_names=[class_names[1]] if sigmoid else list(class_names),
+            output_kind="sigmoid" if sigmoid else "softmax",
+            sequence=sequence,
+        )
+
+        dev = resolve_device(device)
+        inputs = _Inputs(family, series, valid, days, sequence, train_idx)
+        y = torch.from_numpy(labels)
+        train_t, val_t = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
+        weights = _class_weights(class_weights, y[train_t], n_classes)
+        if weights is not None:
+            weights = weights.to(dev)
+        if family != "sbert" and init is not None:
+            inputs.unfold(module)  # the network sees standardised inputs
+        module.to(dev)
+        optimizer = torch.optim.Adam(module.parameters(), lr=learning_rate)
+        gen = torch.Generator().manual_seed(seed)
+        best = (-1.0, float("inf"))
+        best_state, best_epoch, epoch, stale = None, 0, 0, 0
+        deadline = t_start + max_seconds
+        out_of_time = False
+        last_loss = float("nan")
+        reason = ""
+        while epoch < max_epochs and stale < patience and not out_of_time:
+            epoch += 1
+            module.train()
+            order = train_t[torch.randperm(len(train_t), generator=gen)]
+            for i in range(0, len(order), batch_size):
+                idx = order[i : i + batch_size]
+                if len(idx) < 2:  # BatchNorm needs two samples in training mode
+                    continue
+                loss = _loss(inputs.logits(module, idx, dev), y[idx].to(dev), weights, sigmoid)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                last_loss = loss.detach().item()
+                if time.perf_counter() > deadline:
+                    out_of_time = True
+                    break
+            acc, val_loss = _evaluate(module, inputs, y, val_t, weights, sigmoid, dev)
+            if acc > best[0] or (acc == best[0] and val_loss < best[1]):
+                best, best_epoch, stale = (acc, val_loss), epoch, 0
+                best_state = copy.deepcopy(module.state_dict())
+            else:
+                stale += 1
+            log.debug("epoch %d: loss %.4f, held-out accuracy %.4f", epoch, last_loss, acc)
+            if callback is not None:
+                callback(
+                    {
+                        "epoch": epoch,
+                        "max_epochs": max_epochs,
+                        "loss": last_loss,
+                        "val_accuracy": acc,
+                        "val_loss": val_loss,
+                        "best_val_accuracy": best[0],
+                        "seconds": round(time.perf_counter() - t_start, 2),
+                    }
+                )
+            if best[0] >= 1.0 and stale >= min(patience, _PERFECT_PATIENCE):
+                reason = "perfect"  # every held-out sample right and the loss no longer improving
+                break
+
+        module.load_state_dict(best_state)
+        train_accuracy, _ = _evaluate(module, inputs, y, train_t, weights, sigmoid, dev)
+        module.to("cpu").eval()
+        if family != "sbert":
+            inputs.fold(module)  # exact on raw BOA
+        predictor = Predictor(module, card, torch.device("cpu"))
+        # the held-out accuracy through the inference path (Predictor.predict)
+        probs, _ = predictor.predict(series[val_idx], valid[val_idx], days)
+        pred = (probs[:, 0] >= 0.5).astype(np.int64) if sigmoid else probs.argmax(1)
+        metrics = {
+            "val_accuracy": float((pred == labels[val_idx]).mean()),
+            "train_accuracy": float(train_accuracy),
+            "best_epoch": best_epoch,
+            "epochs": epoch,
+            "n_train": len(train_idx),
+            "n_val": len(val_idx),
+            "seconds": round(time.perf_counter() - t_start, 2),
+            "stopped": reason
+            or ("time" if out_of_time else "early" if stale >= patience else "max_epochs"),
+        }
+        if sigmoid:
+            metrics["class_names"] = list(class_names)  # [negative, positive]
+        if init is not None:
+            metrics["fine_tuned"] = True
+        predictor.card = card.model_copy(update={"metrics": metrics})
+        log.info(
+            "trained %s: held-out accuracy %.3f after %d epochs (%.1f s, stopped: %s)",
+            family,
+            metrics["val_accuracy"],
+            epoch,
+            metrics["seconds"],
+            metrics["stopped"],
+        )
+        return predictor, metrics
+
+
+def _init_module(init: Predictor, family: str, n_out: int, hyperparameters: dict | None):
+    """A trainable copy of ``init`` (CPU) and its hyper-parameters, head resized to ``n_out``."""
+    if init.card.family != family:
+        raise ModelError(
+            f"cannot fine-tune a {init.card.family} checkpoint as {family}; set family to "
+            f"{init.card.family} or init_family to the checkpoint's family"
+        )
+    hp = dict(init.card.hyperparameters)
+    clash = {
+        k: v
+        for k, v in (hyperparameters or {}).items()
+        if k != "num_classes" and k in hp and hp[k] != v
     }
-    predictor.card = card.model_copy(update={"metrics": metrics})
-    log.info(
-        "trained %s: held-out accuracy %.3f after %d epochs (%.1f s)",
-        family,
-        metrics["val_accuracy"],
-        epoch,
-        metrics["seconds"],
-    )
-    return predictor, metrics
+    if clash:
+        raise ModelError(
+            f"hyperparameters {clash} differ from the checkpoint's {hp}; a fine-tuned model keeps "
+            "the architecture of its checkpoint (drop them, or train from scratch)"
+        )
+    module = copy.deepcopy(init.module).to("cpu")
+    if hp["num_classes"] != n_out:
+        log.info(
+            "fine-tuning: the checkpoint has %d outputs, %d are needed: new last layer",
+            hp["num_classes"],
+            n_out,
+        )
+        _replace_head(module, family, n_out)
+        hp["num_classes"] = n_out
+    return module, hp
