@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 _CACHE: dict[tuple[ModelSpec, str], object] = {}
 _LOCK = threading.Lock()
 _LOADS = 0
+# One forward pass at a time per process: it uses all of the worker's torch threads, while the
+# worker's other threads read the next windows (no oversubscription of the cores).
+_INFERENCE = threading.Lock()
 
 
 def get_predictor(spec: ModelSpec, device: str = "auto"):
@@ -105,7 +108,8 @@ def predict_block(
         return out
     series = np.ascontiguousarray(block.reshape(t_, block.shape[1], h * w)[:, :, idx].transpose(2, 0, 1))
     valid_sel = np.ascontiguousarray(valid.reshape(t_, h * w)[:, idx].T)
-    probs, n_used = predictor.predict(series, valid_sel, np.asarray(days), batch_size=batch_size)
+    with _INFERENCE:
+        probs, n_used = predictor.predict(series, valid_sel, np.asarray(days), batch_size=batch_size)
     prob = out["probability"].reshape(n_classes, h * w)
     prob[:, idx] = probs.T
     if n_classes > 1:
