@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -104,3 +105,60 @@ def s3_env(moto_endpoint, monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return env
+
+
+# ------------------------------------------------------------------------------------------- S3
+#: Distinctive fake credentials: tests assert that these never show up in graphs, logs or outputs.
+FAKE_KEY_ID = "AKIATREESITSFAKE0001"
+FAKE_SECRET = "treesits-FAKE-secret-4f9c2e81d7b3"
+FAKE_TOKEN = "treesits-FAKE-session-token-a1b2c3d4"
+
+
+@contextlib.contextmanager
+def environ_restored():
+    """Restore ``os.environ`` exactly (``run`` applies GDAL/S3 settings to the driver's environment)."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def s3_module_env(moto_endpoint):
+    """Like ``s3_env`` for a whole module (so that a module's LocalCluster workers inherit the fake
+    credentials): moto endpoint, path-style, region RegionOne, distinctive fake credentials."""
+    from treesits_dask import storage
+
+    with environ_restored():
+        for key in (*storage.S3_ENV_KEYS, "AWS_ENDPOINT_URL_S3"):
+            os.environ.pop(key, None)
+        os.environ.update(AWS_ACCESS_KEY_ID=FAKE_KEY_ID, AWS_SECRET_ACCESS_KEY=FAKE_SECRET,
+                          AWS_SESSION_TOKEN=FAKE_TOKEN)
+        env = storage.s3_environment(endpoint_url=moto_endpoint, region="RegionOne", environ={})
+        os.environ.update(env)
+        yield env
+
+
+def new_bucket(prefix: str = "treesits", versioned: bool = False) -> str:
+    """Create a bucket with a unique name on the endpoint of the current environment."""
+    import uuid
+
+    import boto3
+
+    name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name=os.environ["AWS_REGION"])
+    s3.create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": os.environ["AWS_REGION"]})
+    if versioned:
+        s3.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
+    return name
+
+
+def upload_tree(local_dir, url: str) -> str:
+    """Copy a local folder to ``url`` (``s3://bucket/prefix``); returns ``url``."""
+    from treesits_dask import storage
+
+    fs, path = storage.get_fs(url)
+    fs.put(str(local_dir), path, recursive=True)
+    return url

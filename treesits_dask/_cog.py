@@ -3,7 +3,7 @@
 A COG is written in three local steps (a tiled GeoTIFF fed block by block ->
 ``rio_cogeo.cog_translate`` -> ``cog_validate``) and only then published under its final URL: an
 atomic rename on local disks, one ``fs.put`` on object stores (an S3 object appears whole or not
-at all).  GDAL's COG driver
+at all; multipart above :data:`storage.UPLOAD_PART_SIZE`).  GDAL's COG driver
 cannot write to ``s3://``, and nothing partial ever carries the final name.
 """
 
@@ -69,11 +69,12 @@ def write_cog(
     spec: CogSpec,
     blocks: Iterable[tuple[int, int, np.ndarray]],
     tmp_dir: str | None = None,
+    part_size: int | None = None,
 ) -> str:
     """Write a validated COG to ``url`` from ``(row_off, col_off, array (count, h, w))`` blocks.
 
     Only one block is in memory at a time (plus what GDAL caches).  Raises :class:`OutputError` if
-    the result is not a valid COG or cannot be published.
+    the result is not a valid COG or cannot be published.  ``part_size``: see :func:`publish_file`.
     """
     import rasterio
     from affine import Affine
@@ -107,16 +108,20 @@ def write_cog(
             raise OutputError(
                 f"the COG written for {url} is not valid ({'; '.join(errors)}); this is a bug"
             )
-        publish_file(cog_path, url)
+        publish_file(cog_path, url, part_size)
     return url
 
 
-def publish_file(local_path: str, url: str) -> None:
-    """Copy a finished local file to ``url`` so that no partial file ever has the final name."""
+def publish_file(local_path: str, url: str, part_size: int | None = None) -> None:
+    """Copy a finished local file to ``url`` so that no partial file ever has the final name.
+
+    Object stores: one PUT, or a multipart upload for files of at least ``2 * part_size`` (default
+    :data:`storage.UPLOAD_PART_SIZE`); the object appears only when the upload is complete.
+    """
     fs, path = storage.get_fs(url)
     try:
         if storage.is_remote(url):
-            fs.put_file(local_path, path)
+            storage.upload(local_path, url, part_size)
             return
         parent = os.path.dirname(path)
         os.makedirs(parent, exist_ok=True)

@@ -127,17 +127,31 @@ class Window:
         return slice(self.col_off, self.col_off + self.width)
 
 
-def _open(url: str):
+def _open_raw(url: str):
     import rasterio
 
     OPEN_COUNTER.add()
+    return rasterio.open(storage.gdal_path(url))
+
+
+def _open_error(url: str, exc: BaseException) -> InputDataError:
+    return InputDataError(
+        f"cannot open {url}: {exc}. The file is missing, unreadable or not a GeoTIFF; "
+        "restore it or remove it (with its QAI twin) from the tile folder"
+    )
+
+
+def _open(url: str):
+    """Open a GeoTIFF (remote ones with retries); :class:`InputDataError` naming it if impossible."""
     try:
-        return rasterio.open(storage.gdal_path(url))
+        return storage.read_retrying(url, lambda: _open_raw(url), what="opening")
     except Exception as exc:  # rasterio raises RasterioIOError and friends
-        raise InputDataError(
-            f"cannot open {url}: {exc}. The file is missing, unreadable or not a GeoTIFF; "
-            "restore it or remove it (with its QAI twin) from the tile folder"
-        ) from exc
+        raise _open_error(url, exc) from exc
+
+
+def _missing(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "does not exist" in text or "no such file" in text
 
 
 def tile_grid(definition: CubeDefinition, scene: Scene) -> TileGrid:
@@ -274,18 +288,23 @@ class WindowReader:
 
         rw = RioWindow(window.col_off, window.row_off, window.width, window.height)
         out = np.empty(shape, dtype=np.int16)
+        rows = f"rows {window.row_off}:{window.row_off + window.height}, cols {window.col_off}:{window.col_off + window.width}"
         for t, (boa, qai) in enumerate(zip(self.boa, self.qai, strict=True)):
-            src = _open(boa)
-            try:
-                with src:
+
+            def read_boa(boa=boa, t=t):
+                with _open_raw(boa) as src:
                     self._check(src, boa)
                     src.read(window=rw, out=out[t])
+
+            try:
+                storage.read_retrying(boa, read_boa, what=f"reading window {rows}", permanent=(InputDataError,))
             except InputDataError:
                 raise
             except Exception as exc:
+                if _missing(exc):
+                    raise _open_error(boa, exc) from exc
                 raise InputDataError(
-                    f"cannot read {boa} (window rows {window.row_off}:{window.row_off + window.height}, "
-                    f"cols {window.col_off}:{window.col_off + window.width}): {exc}. The file is "
+                    f"cannot read {boa} (window {rows}): {exc}. The file is "
                     "truncated or corrupt; re-create it or remove it (with its QAI twin)"
                 ) from exc
             if self.qai_flags:
@@ -294,11 +313,16 @@ class WindowReader:
                         f"{boa} has no QAI file ({storage.basename(boa).replace('_BOA', '_QAI')}) but QAI "
                         "screening is on; restore the QAI file or set --qai none"
                     )
-                src = _open(qai)
+
+                def read_qai(qai=qai):
+                    with _open_raw(qai) as src:
+                        return src.read(1, window=rw)
+
                 try:
-                    with src:
-                        q = src.read(1, window=rw)
+                    q = storage.read_retrying(qai, read_qai, what=f"reading window {rows}")
                 except Exception as exc:
+                    if _missing(exc):
+                        raise _open_error(qai, exc) from exc
                     raise InputDataError(f"cannot read QAI file {qai}: {exc}; re-create or remove it") from exc
                 bad = qai_invalid(q, self.qai_flags)
                 if bad.any():

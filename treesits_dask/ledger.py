@@ -32,6 +32,7 @@ __all__ = [
     "read_record",
     "write_record",
     "compare",
+    "changed_inputs",
     "Lease",
 ]
 
@@ -151,6 +152,40 @@ def compare(record: dict | None, fingerprint: dict, model_digest: str | None = N
     return reasons
 
 
+def changed_inputs(processed: dict, now: dict) -> list[str]:
+    """What changed among the inputs a tile was processed with: scenes gone or changed, another
+    mask.  Scenes added since are not a change of what was read (the next ``update`` takes them)."""
+    old = {s["name"]: s for s in processed["scenes"]}
+    new = {s["name"]: s for s in now["scenes"]}
+    gone = sorted(set(old) - set(new))
+    changed = sorted(n for n in set(old) & set(new) if old[n] != new[n])
+    reasons = []
+    if gone:
+        reasons.append(f"{len(gone)} scene(s) gone: {', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''}")
+    if changed:
+        reasons.append(f"{len(changed)} scene(s) changed: {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}")
+    if processed.get("mask") != now.get("mask"):
+        reasons.append("mask changed")
+    return reasons
+
+
+def _driver_is_dead(lease: dict) -> bool:
+    """True when the lease's driver ran on this machine and its process is gone."""
+    host, pid = lease.get("host"), lease.get("pid")
+    if host is None or pid is None:  # older lease objects: "host:pid:token"
+        parts = str(lease.get("owner", "")).split(":")
+        host, pid = (parts[0], parts[1]) if len(parts) >= 3 else (None, None)
+    if host != socket.gethostname() or not str(pid).isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return False
+
+
 @dataclass
 class Lease:
     """A lease on an output: one driver at a time; expires ``ttl`` seconds after its last renewal."""
@@ -178,22 +213,31 @@ class Lease:
     def _write(self) -> None:
         fs, path = storage.get_fs(self.url)
         now = time.time()
-        body = {"owner": self.owner, "renewed": now, "expires": now + self.ttl,
+        body = {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "renewed": now,
+                "expires": now + self.ttl,
                 "expires_utc": dt.datetime.fromtimestamp(now + self.ttl, dt.UTC).isoformat()}
         if not storage.is_remote(self.url):
             fs.makedirs(os.path.dirname(path), exist_ok=True)
         fs.pipe_file(path, json.dumps(body).encode())
 
     def acquire(self) -> Lease:
+        """Take the lease, or raise :class:`OutputError` naming the driver that holds it.
+
+        A lease is stale when it expired (its driver stopped renewing it) or when its driver was a
+        process on this machine that no longer exists; a stale lease is taken over.
+        """
         current = self._read()
-        if current and current.get("owner") != self.owner and current.get("expires", 0) > time.time():
-            raise OutputError(
-                f"output {self.output} is leased by another driver ({current.get('owner')}) until "
-                f"{current.get('expires_utc')}; wait for it to finish, or delete {self.url} if that "
-                "driver is known to be dead (leases of dead drivers expire on their own)"
-            )
-        if current:
-            log.warning("taking over the expired lease of %s on %s", current.get("owner"), self.output)
+        if current and current.get("owner") != self.owner:
+            expired = current.get("expires", 0) <= time.time()
+            dead = _driver_is_dead(current)
+            if not (expired or dead):
+                raise OutputError(
+                    f"output {self.output} is leased by another driver ({current.get('owner')}) until "
+                    f"{current.get('expires_utc')}; wait for it to finish, or delete {self.url} if that "
+                    "driver is known to be dead (leases of dead drivers expire on their own)"
+                )
+            log.warning("taking over the %s lease of %s on %s",
+                        "expired" if expired else "dead driver's", current.get("owner"), self.output)
         self._write()
         time.sleep(0.05)
         again = self._read()
@@ -206,6 +250,11 @@ class Lease:
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 3):
             try:
+                current = self._read()
+                if current and current.get("owner") != self.owner:
+                    log.error("the lease on %s was taken over by %s (this driver did not renew it in "
+                              "time); stop this run", self.output, current.get("owner"))
+                    return
                 self._write()
             except Exception as exc:  # noqa: BLE001 - keep renewing; the run itself reports storage errors
                 log.warning("could not renew the lease on %s: %s", self.output, exc)

@@ -33,13 +33,16 @@ class MaskSource:
         import rasterio
         from rasterio.windows import Window as RioWindow
 
-        try:
+        def read():
             with rasterio.open(storage.gdal_path(self.url)) as src:
-                data = src.read(
+                return src.read(
                     1,
                     window=RioWindow(self.col_off + window.col_off, self.row_off + window.row_off,
                                      window.width, window.height),
                 )
+
+        try:
+            data = storage.read_retrying(self.url, read, what="reading mask window")
         except Exception as exc:
             raise MaskError(f"cannot read mask {self.url}: {exc}; re-create the mask file") from exc
         with np.errstate(invalid="ignore"):
@@ -74,9 +77,12 @@ def mask_source(url: str, grid: TileGrid) -> MaskSource:
     import rasterio
     from rasterio.crs import CRS
 
-    try:
+    def header():
         with rasterio.open(storage.gdal_path(url)) as src:
-            tr, crs, width, height, count = src.transform, src.crs, src.width, src.height, src.count
+            return src.transform, src.crs, src.width, src.height, src.count
+
+    try:
+        tr, crs, width, height, count = storage.read_retrying(url, header, what="opening mask")
     except Exception as exc:
         raise MaskError(f"cannot open mask {url} for tile {grid.tile}: {exc}") from exc
     a, _, c, _, e, f = grid.transform

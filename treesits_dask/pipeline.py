@@ -145,6 +145,8 @@ def run(
         log.info("nothing to do: all %d tile(s) are up to date in %s", len(plan.skipped), config.output)
         result.seconds = time.perf_counter() - t0
         return result
+    for t in plan.tiles:
+        log.info("tile %s: process (%s)", t.tile, "; ".join(t.reasons) or "requested")
     sinks.check_writable(config.output)
     with ledger.Lease(config.output, ttl=config.lease_ttl):
         sinks.create_store(
@@ -191,7 +193,14 @@ def _write_summary(plan: RunPlan, result: RunResult) -> None:
 def _run_tiles(plan: RunPlan, client, cb: _Callbacks, result: RunResult) -> None:
     from distributed import as_completed
 
+    from .cluster import EnvPlugin, worker_environment
+
     cfg = plan.config
+    # GDAL/S3 settings on every worker (also of a cluster this run did not start, and ones that join
+    # later); credentials stay in each worker's own environment
+    client.register_plugin(EnvPlugin(worker_environment(cfg)))
+    # workers that outlive a run must not serve scene bytes GDAL cached before files were replaced
+    client.run(storage.clear_gdal_cache)
     client.register_plugin(ModelPlugin(plan.spec, cfg.device, cfg.threads_per_worker,
                                        resource="GPU" if cfg.gpu_group else None))
     cb.start(sum(plan.windows_per_tile(t) for t in plan.tiles), getattr(client, "dashboard_link", None))
@@ -270,12 +279,15 @@ def _finish(plan: RunPlan, st: dict, result: RunResult, cb: _Callbacks, tile: st
     cfg = plan.config
     now = discovery.scene_table(cfg.cube, tile, cfg.sensors, tp.start, tp.end)
     fingerprint = ledger.tile_fingerprint(now, tp.start, tp.end, tp.mask.url if tp.mask else None)
-    if fingerprint != tp.fingerprint:
-        diff = ledger.compare({"fingerprint": tp.fingerprint}, fingerprint)
+    diff = ledger.changed_inputs(tp.fingerprint, fingerprint)
+    if diff:
         raise InputDataError(
             f"the inputs of tile {tile} changed while it was processed ({'; '.join(diff)}); "
             "its outputs are not marked complete: run again to process the new state"
         )
+    if fingerprint != tp.fingerprint:
+        log.info("tile %s: %s since it was planned; the next update will take them", tile,
+                 "; ".join(ledger.compare({"fingerprint": tp.fingerprint}, fingerprint)))
     arr = np.array(st["stats"]).sum(axis=0) if st["stats"] else np.zeros(len(_STATS), int)
     stats = {
         "scenes": len(tp.scenes),

@@ -2,20 +2,45 @@
 
 Every other module passes URLs around as plain strings and asks this module for a filesystem, a
 GDAL path or a joined URL.  Remote protocols need the ``s3`` extra (``pip install treesits_dask[s3]``).
+
+Object stores: s3fs retries throttling, 5xx answers and dropped connections (botocore "standard"
+retries with backoff, plus s3fs's own retries of interrupted body reads); listings are never
+cached, so a scene added or replaced while a driver runs is seen by its next listing; uploads
+above ``2 * UPLOAD_PART_SIZE`` are multipart (:func:`upload`).  GDAL (``/vsis3/``) retries 429/5xx
+answers and resets before an answer by itself; what it does not retry (a connection dropped in the
+middle of a body) the readers retry with :func:`read_retrying`, after :func:`clear_gdal_cache`
+has dropped what GDAL kept of the file.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import logging
 import os
 import posixpath
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import urlparse
 
 import fsspec
 
 __all__ = [
     "is_remote", "join", "get_fs", "gdal_path", "strip_protocol", "basename", "s3_environment",
-    "apply_environment", "S3_ENV_KEYS",
+    "apply_environment", "S3_ENV_KEYS", "UPLOAD_PART_SIZE", "upload", "clear_gdal_cache",
+    "read_retrying",
 ]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Part size of multipart uploads: files of at least twice this size are uploaded in parts
+#: (s3fs uploads smaller files with one PUT).  S3 needs parts of at least 5 MiB.
+UPLOAD_PART_SIZE = 32 * 2**20
 
 #: Non-secret variables that configure S3 access for s3fs/boto3 and GDAL (never credentials).
 S3_ENV_KEYS = (
@@ -108,8 +133,15 @@ def get_fs(url: str, **storage_options) -> tuple[fsspec.AbstractFileSystem, str]
 
 
 def _s3_options() -> dict:
-    """s3fs options from the process environment (set by :func:`apply_environment`)."""
-    opts: dict = {"config_kwargs": {"retries": {"max_attempts": 10, "mode": "standard"}}}
+    """s3fs options from the process environment (set by :func:`apply_environment`).
+
+    No credentials: s3fs/botocore find them in the environment, a profile or the pod's role.
+    Listings are not cached (a cached listing would hide scenes added or replaced since).
+    """
+    opts: dict = {
+        "config_kwargs": {"retries": {"max_attempts": 10, "mode": "standard"}},
+        "use_listings_cache": False,
+    }
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     client_kwargs = {}
     if endpoint:
@@ -134,3 +166,93 @@ def gdal_path(url: str) -> str:
     if is_remote(url):
         raise ValueError(f"GDAL cannot read {url!r}: only local paths and s3:// URLs are supported")
     return strip_protocol(url)
+
+
+def upload(local_path: str, url: str, part_size: int | None = None) -> None:
+    """Copy a local file to ``url``; on object stores files of at least ``2 * part_size``
+    (default :data:`UPLOAD_PART_SIZE`) go up as a multipart upload, so an S3 object appears whole
+    or not at all either way."""
+    fs, path = get_fs(url)
+    if str(url).split("://", 1)[0] in ("s3", "s3a"):
+        part = int(part_size or UPLOAD_PART_SIZE)
+        if part < 5 * 2**20:
+            raise ValueError(f"S3 multipart parts must be at least 5 MiB, not {part} bytes")
+        fs.put_file(local_path, path, chunksize=part)
+    else:
+        fs.put_file(local_path, path)
+
+
+# ------------------------------------------------------------------------------------ GDAL cache
+_GDAL_LIB: ctypes.CDLL | None | bool = None
+_GDAL_LOCK = threading.Lock()
+
+
+def _gdal_library():
+    """The libgdal that rasterio loaded in this process (``False`` when it cannot be found)."""
+    global _GDAL_LIB
+    with _GDAL_LOCK:
+        if _GDAL_LIB is None:
+            import rasterio  # noqa: F401  (loads libgdal)
+
+            path = None
+            try:
+                with open("/proc/self/maps") as fh:
+                    path = next((line.split()[-1] for line in fh if "libgdal" in line.rsplit("/", 1)[-1]), None)
+            except OSError:  # not Linux
+                path = ctypes.util.find_library("gdal")
+            try:
+                lib = ctypes.CDLL(path) if path else None
+                lib.VSICurlPartialClearCache.argtypes = [ctypes.c_char_p]
+                lib.VSICurlPartialClearCache.restype = None
+                lib.VSICurlClearCache.argtypes = []
+                lib.VSICurlClearCache.restype = None
+                _GDAL_LIB = lib
+            except (OSError, AttributeError):
+                log.debug("libgdal not found in this process; GDAL's /vsis3/ cache cannot be cleared")
+                _GDAL_LIB = False
+        return _GDAL_LIB
+
+
+def clear_gdal_cache(url: str | None = None) -> bool:
+    """Forget what GDAL cached (sizes, headers, blocks) of one remote file, or of all files.
+
+    GDAL keeps the bytes of ``/vsis3/`` files for the life of the process: after a transfer broke
+    off in the middle, or when a file was replaced since it was first read, the cache would serve
+    wrong bytes.  Returns False when libgdal could not be reached (nothing was cleared).
+    """
+    lib = _gdal_library()
+    if not lib:
+        return False
+    if url is None:
+        lib.VSICurlClearCache()
+    else:
+        lib.VSICurlPartialClearCache(gdal_path(url).encode())
+    return True
+
+
+#: Substrings of GDAL errors that no retry can fix (missing object, no permission).
+_PERMANENT = ("does not exist", "no such file", "nosuchkey", "nosuchbucket", "accessdenied",
+              "access denied", "permission denied", "forbidden")
+
+
+def read_retrying(url: str, fn: Callable[[], T], what: str = "read", attempts: int = 4,
+                  delay: float = 0.5, permanent: tuple[type[BaseException], ...] = ()) -> T:
+    """``fn()`` with retries when ``url`` is remote: GDAL does not retry a connection that drops in
+    the middle of a body.  Missing files and permission errors (and ``permanent`` exceptions) are
+    raised at once; local files are never retried.  Between attempts GDAL's cache of the file is
+    cleared and the wait doubles (with jitter)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except permanent:
+            raise
+        except Exception as exc:  # noqa: BLE001 - GDAL/rasterio raise many types; filtered below
+            text = str(exc).lower() + " " + str(exc.__cause__ or "").lower()
+            if attempt == attempts or not is_remote(url) or any(p in text for p in _PERMANENT):
+                raise
+            clear_gdal_cache(url)
+            wait = delay * 2 ** (attempt - 1) * (1 + random.random() / 2)
+            log.warning("%s of %s failed (%s); retry %d of %d in %.1f s", what, url, exc, attempt,
+                        attempts - 1, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")

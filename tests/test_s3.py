@@ -1,0 +1,240 @@
+"""Cube, masks, model and outputs on an S3 endpoint (a moto server on 127.0.0.1, spoken to over HTTP)
+give the same outputs as the local-disk run, leave no credentials anywhere, and upload large COGs
+in parts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import time
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+import rasterio
+import xarray as xr
+
+from tests.conftest import FAKE_SECRET, FAKE_TOKEN, new_bucket, upload_tree
+from treesits_dask import _cog, cube, ledger, storage
+from treesits_dask.config import load_config
+from treesits_dask.errors import OutputError
+from treesits_dask.pipeline import run, tile_graph
+from treesits_dask.plan import make_plan
+
+pytestmark = [pytest.mark.s3, pytest.mark.slow]
+
+SETTINGS = dict(window="30x60", batch_size=500, dashboard_address=":0")
+
+
+@pytest.fixture(scope="module")
+def client(s3_module_env):
+    """Workers inherit the fake credentials from the environment (as pods get them from a secret);
+    endpoint and addressing reach them through the run's worker plugin."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        with Client(cluster) as c:
+            yield c
+
+
+@pytest.fixture(scope="module")
+def inputs(s3_module_env, small_cube, native_lstm):
+    """The small cube, its masks and the model uploaded to two buckets."""
+    bucket = new_bucket("cube")
+    cube_url = upload_tree(small_cube.root, f"s3://{bucket}/force/level2")
+    mask_url = upload_tree(small_cube.mask_dir, f"s3://{bucket}/masks")
+    models = new_bucket("models")
+    fs, _ = storage.get_fs(f"s3://{models}")
+    for src in (native_lstm, native_lstm[:-3] + ".json"):
+        fs.put_file(src, f"{models}/species/{Path(src).name}")
+    return {"cube": cube_url, "mask_dir": mask_url, "model": f"s3://{models}/species/{Path(native_lstm).name}"}
+
+
+@pytest.fixture(scope="module")
+def local_run(small_cube, native_lstm, client, tmp_path_factory):
+    out = tmp_path_factory.mktemp("local") / "out"
+    config = load_config(overrides=dict(cube=small_cube.root, mask_dir=small_cube.mask_dir, model=native_lstm,
+                                        output=str(out), **SETTINGS), environ={})
+    run(config, client=client)
+    return out
+
+
+@pytest.fixture(scope="module")
+def s3_run(inputs, client, local_run):
+    output = f"s3://{new_bucket('out', versioned=True)}/maps/2024"
+    config = load_config(overrides=dict(**inputs, output=output, **SETTINGS), environ={})
+    leases = []
+
+    class Watch:  # what a second process would see while the run holds the lease
+        def start(self, total, link):
+            fs, path = storage.get_fs(storage.join(output, ledger.LEASE_NAME))
+            leases.append(fs.cat_file(path))
+
+        def window_done(self, tile): ...
+        def tile_done(self, tile, stats): ...
+        def tile_failed(self, tile, error): ...
+
+    t0 = time.perf_counter()
+    result = run(config, client=client, callbacks=Watch())
+    return {"config": config, "result": result, "seconds": time.perf_counter() - t0, "leases": leases}
+
+
+def _s3_objects(url: str) -> dict[str, bytes]:
+    fs, path = storage.get_fs(url)
+    return {p[len(path) + 1 :]: fs.cat_file(p) for p in fs.find(path)}
+
+
+def _local_objects(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _open_zarr(url: str):
+    if storage.is_remote(url):
+        fs, path = storage.get_fs(url)
+        return xr.open_zarr(fs.get_mapper(path), mask_and_scale=False)
+    return xr.open_zarr(url, mask_and_scale=False)
+
+
+def test_s3_run_equals_local_run(s3_run, local_run, small_cube):
+    assert set(s3_run["result"].tiles) == set(small_cube.tiles) and not s3_run["result"].failed
+    output = s3_run["config"].output
+    remote = _s3_objects(output)
+    local = _local_objects(local_run)
+    # the same objects, with the same bytes: Zarr metadata and chunks, COGs, VRT mosaics
+    same_bytes = [k for k in local if k.startswith(("predictions.zarr/", "cog/"))]
+    assert same_bytes and {k for k in remote if k.startswith(("predictions.zarr/", "cog/"))} == set(same_bytes)
+    differ = [k for k in same_bytes if remote[k] != local[k]]
+    assert not differ, differ
+    assert sorted(k for k in remote if k.startswith("_ledger/")) == [f"_ledger/{t}.json" for t in small_cube.tiles]
+    # and read back through xarray (s3fs) and GDAL (/vsis3/), the same arrays
+    a, b = _open_zarr(storage.join(output, "predictions.zarr")), _open_zarr(str(local_run / "predictions.zarr"))
+    assert set(a.data_vars) == set(b.data_vars) == {"probability", "class", "valid_obs", "last_obs_valid"}
+    for var in a.data_vars:
+        np.testing.assert_array_equal(a[var].values, b[var].values)
+    assert (a["class"].values != 255).sum() > 1000
+    for tile in small_cube.tiles:
+        for var in ("probability", "class", "valid_obs", "last_obs_valid"):
+            with rasterio.open(storage.gdal_path(storage.join(output, "cog", tile, f"{var}.tif"))) as r, \
+                    rasterio.open(local_run / "cog" / tile / f"{var}.tif") as l:
+                np.testing.assert_array_equal(r.read(), l.read())
+                assert r.crs == l.crs and r.transform == l.transform
+    with rasterio.open(storage.gdal_path(storage.join(output, "cog", "class.vrt"))) as src:
+        np.testing.assert_array_equal(src.read(1), b["class"].values)
+    summary = json.loads(remote["run.json"])
+    assert summary["complete"] and summary["pixels_predicted"] == s3_run["result"].pixels_predicted
+    # the lease object existed while the run was going, and is gone
+    assert json.loads(s3_run["leases"][0])["expires"] > time.time() - 600
+    assert ledger.LEASE_NAME not in remote
+
+
+def test_no_credentials_in_graph_logs_or_outputs(s3_run, inputs, client, caplog):
+    secrets = (FAKE_SECRET.encode(), FAKE_TOKEN.encode())
+    # outputs: every object the run wrote (run.json, ledger records, Zarr attributes, COGs, VRTs)
+    for key, data in _s3_objects(s3_run["config"].output).items():
+        assert not any(s in data for s in secrets), key
+    # the task graph of a tile, and the plugins sent to the workers
+    from treesits_dask.cluster import EnvPlugin, worker_environment
+    from treesits_dask.predict import ModelPlugin
+
+    config = s3_run["config"].model_copy(update={"force": True})
+    with caplog.at_level(logging.DEBUG, logger="treesits_dask"):
+        plan = make_plan(config)
+        graph = tile_graph(plan, plan.tiles[0])
+    import cloudpickle
+
+    blobs = [cloudpickle.dumps(dict(graph.__dask_graph__())), pickle.dumps(plan.spec),
+             cloudpickle.dumps(EnvPlugin(worker_environment(config))),
+             cloudpickle.dumps(ModelPlugin(plan.spec, "cpu")), json.dumps(plan.summary(), default=str).encode(),
+             repr(config).encode()]
+    assert not any(s in blob for blob in blobs for s in secrets)
+    # logs: the driver's and every worker's
+    text = caplog.text + json.dumps(client.get_worker_logs(n=10_000)) + json.dumps(client.get_scheduler_logs(n=10_000))
+    assert FAKE_SECRET not in text and FAKE_TOKEN not in text
+    with pytest.raises(ValueError, match="refusing"):
+        EnvPlugin({"AWS_SECRET_ACCESS_KEY": FAKE_SECRET})
+
+
+def test_second_run_reads_no_pixels_and_starts_no_cluster(s3_run, monkeypatch):
+    """Everything is up to date: no cluster, no GDAL open, a small fraction of the first run's time."""
+    import treesits_dask.cluster
+
+    def no_cluster(config):
+        raise AssertionError("a cluster was started for an up-to-date output")
+
+    monkeypatch.setattr(treesits_dask.cluster, "connect", no_cluster)
+    opens = cube.OPEN_COUNTER.count
+    t0 = time.perf_counter()
+    again = run(s3_run["config"])
+    seconds = time.perf_counter() - t0
+    assert cube.OPEN_COUNTER.count == opens
+    assert not again.tiles and set(again.skipped) == set(s3_run["result"].tiles)
+    assert seconds < s3_run["seconds"] / 4, (seconds, s3_run["seconds"])
+
+
+def test_force_rewrites_identical_objects(s3_run, client):
+    """Re-running every tile writes every object again (a second version) with the same bytes."""
+    config = s3_run["config"]
+    bucket, prefix = storage.strip_protocol(config.output).split("/", 1)
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="RegionOne")
+
+    def versions():
+        out: dict[str, list[str]] = {}
+        for page in s3.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=prefix):
+            for v in page.get("Versions", []):
+                out.setdefault(v["Key"][len(prefix) + 1 :], []).append(v["ETag"])
+        return out
+
+    before = versions()
+    result = run(config.model_copy(update={"force": True}), client=client)
+    assert set(result.tiles) == set(s3_run["result"].tiles)
+    after = versions()
+    data_vars = ("probability", "class", "valid_obs", "last_obs_valid")  # coordinates are written once
+    written = [k for k in before if k.endswith((".tif", ".vrt"))
+               or (k.startswith("predictions.zarr/") and k.split("/")[1] in data_vars and "/c/" in k)]
+    assert len([k for k in written if k.endswith(".tif")]) == 8 and len(written) > 20
+    for key in written:
+        assert len(after[key]) == len(before[key]) + 1, key  # written again ...
+        assert len(set(after[key])) == 1, key  # ... with the same bytes (same ETag)
+
+
+def test_second_driver_is_refused_and_stale_lease_taken_over(s3_run):
+    config = s3_run["config"].model_copy(update={"force": True})
+    with ledger.Lease(config.output, ttl=60) as holder:
+        with pytest.raises(OutputError, match=f"leased by another driver \\({holder.owner}\\)") as info:
+            run(config)
+        assert "_lease.json" in str(info.value)
+    fs, path = storage.get_fs(storage.join(config.output, ledger.LEASE_NAME))
+    assert not fs.exists(path)  # released
+    fs.pipe_file(path, json.dumps({"owner": "other-host:4242:dead", "host": "other-host", "pid": 4242,
+                                   "expires": time.time() - 5}).encode())
+    lease = ledger.Lease(config.output, ttl=60).acquire()
+    assert json.loads(fs.cat_file(path))["owner"] == lease.owner
+    lease.release()
+    assert not fs.exists(path)
+
+
+def test_large_cogs_are_uploaded_in_parts(s3_module_env, tmp_path):
+    """COGs of at least twice the part size go up as multipart uploads (S3 ETag ``<md5>-<parts>``)."""
+    from affine import Affine
+
+    bucket = new_bucket("cogs")
+    rng = np.random.default_rng(0)
+    spec = _cog.CogSpec(width=1800, height=1800, count=1, dtype="float32", crs_wkt=rasterio.crs.CRS.from_epsg(3035).to_wkt(),
+                        transform=tuple(Affine(10, 0, 4e6, 0, -10, 3e6))[:6], nodata=float("nan"))
+    block = rng.random((1, 1800, 1800), dtype=np.float32)
+    big = _cog.write_cog(f"s3://{bucket}/big.tif", spec, [(0, 0, block)], part_size=5 * 2**20)
+    small = _cog.write_cog(f"s3://{bucket}/small.tif", spec, [(0, 0, block)])  # default parts: 32 MiB
+    s3 = boto3.client("s3", endpoint_url=s3_module_env["AWS_ENDPOINT_URL"], region_name="RegionOne")
+    big_head = s3.head_object(Bucket=bucket, Key="big.tif")
+    assert big_head["ContentLength"] >= 10 * 2**20
+    assert big_head["ETag"].strip('"').endswith(f"-{-(-big_head['ContentLength'] // (5 * 2**20))}")
+    assert "-" not in s3.head_object(Bucket=bucket, Key="small.tif")["ETag"]
+    assert not s3.list_multipart_uploads(Bucket=bucket).get("Uploads")
+    with rasterio.open(storage.gdal_path(big)) as a, rasterio.open(storage.gdal_path(small)) as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+        np.testing.assert_array_equal(a.read(1), block[0])
+    with pytest.raises(ValueError, match="5 MiB"):
+        storage.upload(str(tmp_path), f"s3://{bucket}/x", part_size=2**20)
