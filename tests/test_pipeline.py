@@ -87,6 +87,21 @@ def test_run_synthetic(small_cube, native_lstm, tmp_path, client):
     assert result.pixels_predicted == predicted_total
     summary = json.loads((out / "run.json").read_text())
     assert summary["complete"] and summary["pixels_predicted"] == predicted_total
+    # run report: seconds per stage from the task stream, throughput, a Dask performance report
+    stages = summary["stages"]
+    windows = sum(t["windows"] for t in summary["tiles"].values())
+    assert windows == 4 and summary["throughput"]["windows"] == windows
+    read = stages["read"]
+    assert read["tasks"] == windows and read["seconds"] > 0
+    predict_stage = next(v for k, v in stages.items() if k.startswith("predict"))
+    assert predict_stage["tasks"] == windows and predict_stage["seconds"] > 0
+    assert stages["cog"]["tasks"] == 2
+    assert summary["throughput"]["pixels_per_second"] == pytest.approx(predicted_total / summary["seconds"], rel=0.01)
+    report = out / "_runs" / result.report_dir.rsplit("/", 1)[-1]
+    assert json.loads((report / "run.json").read_text()) == summary
+    html = (report / "dask-report.html").read_text()
+    assert summary["performance_report"].endswith("dask-report.html") and len(html) > 10_000
+    assert "Dask Performance Report" in html and "Task Stream" in html
     # the mosaic reads back both tiles
     with rasterio.open(out / "cog" / "class.vrt") as src:
         assert src.width == 120

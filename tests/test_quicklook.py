@@ -319,3 +319,21 @@ def test_quicklook_and_stac_on_s3(output, s3_env):
     assert sorted(link["href"] for link in catalog["links"] if link["rel"] == "item") == [
         f"./{t}/{t}.json" for t in TILES
     ]
+
+
+def test_readme_links_a_quicklook_png():
+    """The map shown in the README exists, is a PNG drawn by quicklook, and is not blank."""
+    import re
+    from pathlib import Path
+
+    from PIL import Image
+
+    root = Path(__file__).resolve().parents[1]
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", (root / "README.md").read_text())
+    assert links, "README.md shows no PNG"
+    for link in links:
+        with Image.open(root / link) as img:
+            assert img.format == "PNG" and img.width >= 400 and img.height >= 200
+            arr = np.asarray(img.convert("RGB"))
+        colours = np.unique(arr.reshape(-1, 3), axis=0)
+        assert len(colours) > 6  # a legend of classes, not an empty canvas

@@ -145,6 +145,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         f"done: {len(result.tiles)} tile(s){skipped}, {result.pixels_predicted} pixels predicted in "
         f"{result.seconds:.1f} s; outputs in {config.output} (predictions.zarr, cog/, run.json)"
     )
+    if result.report_dir:
+        print(f"run report: {result.report_dir} (run.json, dask-report.html)")
     return 0
 
 
@@ -284,12 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-seconds", type=float, default=60.0, help="training time limit (default 60)")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("quicklook", help="PNG maps per tile and for the mosaic (+ STAC catalog with --stac); "
-                                         "see `quicklook -- --help`")
+    # add_help=False: `quicklook --help` / `bench --help` show the options of those tools
+    p = sub.add_parser("quicklook", add_help=False,
+                       help="PNG maps per tile and for the mosaic (+ STAC catalog with --stac); "
+                            "see `quicklook --help`")
     p.add_argument("quicklook_args", nargs=argparse.REMAINDER, metavar="OUTPUT [options]")
     p.set_defaults(func=_cmd_quicklook)
 
-    p = sub.add_parser("bench", help="throughput / memory benchmark (JSON); see benchmarks/throughput.py")
+    p = sub.add_parser("bench", add_help=False,
+                       help="throughput / memory benchmark (JSON); see `bench --help`")
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_bench)
 
@@ -308,7 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    passthrough = {"quicklook": "quicklook_args", "bench": "bench_args"}.get(args.command)
+    if passthrough:  # e.g. `quicklook --help`: argparse leaves leading options out of REMAINDER
+        setattr(args, passthrough, extra + getattr(args, passthrough))
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     import os
 
     if args.verbose == 0:  # before distributed is imported; spawned workers inherit it

@@ -72,6 +72,11 @@ def run_demo(workdir: str | Path = "demo-output", size: int = 300, n_scenes: int
           f"{model_path.with_suffix('.json')}", flush=True)
 
     output = workdir / "output"
+    if output.exists():  # the cube and model were just rebuilt; an older demo output cannot match them
+        import shutil
+
+        print(f"      removing the previous demo output {output}", flush=True)
+        shutil.rmtree(output)
     config = load_config(overrides=dict(
         cube=cube.root, tiles=",".join(DEMO_TILES), output=str(output), model=str(model_path),
         model_family="native", mask_dir=cube.mask_dir, workers=workers,
@@ -105,6 +110,9 @@ def run_demo(workdir: str | Path = "demo-output", size: int = 300, n_scenes: int
     print(f"      all tiles: {report['accuracy']:.3f}", flush=True)
     print(f"outputs: {output / 'predictions.zarr'} and {output / 'cog'} (per-tile COGs, VRT mosaics); "
           f"total {report['seconds']} s", flush=True)
+    if result.report_dir:
+        print(f"run report: {output / 'run.json'} and {result.report_dir}/dask-report.html; maps: "
+              f"python -m treesits_dask quicklook {output}", flush=True)
     return report
 
 

@@ -4,8 +4,10 @@ of its own beyond scheduling: a bounded number of tiles in flight, one task chai
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +27,11 @@ __all__ = ["run", "tile_graph", "RunResult", "RunError"]
 log = logging.getLogger(__name__)
 
 #: per-window statistics returned by the write tasks
-_STATS = ("pixels_predicted", "pixels_in_mask", "read_skipped")
+_STATS = ("pixels_predicted",)
+
+#: task-name prefixes -> stage of the run report (see :func:`stage_seconds`)
+_STAGES = {"read": "read", "mask": "mask", "predict_packed": "predict", "predict_packed_nomask": "predict",
+           "write": "write", "cog": "cog"}
 
 
 class RunError(TreesitsError):
@@ -39,6 +45,10 @@ class RunResult:
     failed: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    #: seconds of task compute time per stage (read, mask, predict, write, cog), summed over threads
+    stages: dict[str, dict] = field(default_factory=dict)
+    #: ``<output>/_runs/<run id>/``: this run's ``run.json`` and Dask performance report
+    report_dir: str | None = None
 
     @property
     def pixels_predicted(self) -> int:
@@ -58,7 +68,7 @@ def _write_packed(packed, store_url, rows, cols, variables):
     sinks.write_window(store_url, rows, cols, unpack_outputs(packed, variables))
     c = packed.shape[0] - 3
     predicted = int(np.count_nonzero(packed[c + 2] != 255))
-    return np.array([[[predicted, 0, 0]]], dtype=np.int64)
+    return np.array([[[predicted]]], dtype=np.int64)
 
 
 def _annotate(resources: dict | None):
@@ -137,6 +147,8 @@ def run(
     from .cluster import connect, worker_environment
 
     t0 = time.perf_counter()
+    started = dt.datetime.now(dt.UTC)
+    run_id = started.strftime("%Y%m%dT%H%M%SZ") + f"-{os.getpid()}"
     cb = callbacks or _Callbacks()
     storage.apply_environment(worker_environment(config))
     plan = plan or make_plan(config)
@@ -155,17 +167,18 @@ def run(
             attrs={"model_family": plan.card.family, "model": storage.basename(plan.spec.uri),
                    "treesits_dask_version": __version__},
         )
+        result.report_dir = storage.join(config.output, "_runs", run_id)
         if client is None:
             with connect(config) as c:
-                _run_tiles(plan, c, cb, result)
+                _run_reported(plan, c, cb, result)
         else:
-            _run_tiles(plan, client, cb, result)
+            _run_reported(plan, client, cb, result)
         if config.cog and result.tiles:
             with_cogs = [t for t in [*plan.skipped, *(t.tile for t in plan.tiles)]
                          if t in plan.skipped or t in result.tiles]
             sinks.write_mosaics(config.output, sorted(with_cogs))
         result.seconds = time.perf_counter() - t0
-        _write_summary(plan, result)
+        _write_summary(plan, result, started)
     if result.failed:
         lines = "; ".join(f"{t}: {e}" for t, e in result.failed.items())
         raise RunError(
@@ -175,22 +188,128 @@ def run(
     return result
 
 
-def _write_summary(plan: RunPlan, result: RunResult) -> None:
+def _write_summary(plan: RunPlan, result: RunResult, started: dt.datetime) -> None:
+    """``<output>/run.json`` (the latest run) and ``<output>/_runs/<run id>/run.json``."""
+    windows = sum(t.get("windows", 0) for t in result.tiles.values())
     summary = {
         "treesits_dask_version": __version__,
+        "started_utc": started.isoformat(timespec="seconds"),
         "seconds": round(result.seconds, 3),
+        "tiles_processed": len(result.tiles),
         "pixels_predicted": result.pixels_predicted,
+        "throughput": {
+            "pixels_per_second": round(result.pixels_predicted / result.seconds, 1) if result.seconds else None,
+            "windows": windows,
+            "windows_per_second": round(windows / result.seconds, 3) if result.seconds else None,
+        },
+        # task compute seconds per stage, summed over all worker threads (not wall-clock time)
+        "stages": result.stages,
+        "performance_report": storage.join(result.report_dir, "dask-report.html") if result.report_dir else None,
         "tiles": result.tiles,
         "skipped": result.skipped,
         "failed": result.failed,
         "complete": not result.failed,
     }
-    fs, path = storage.get_fs(storage.join(plan.config.output, "run.json"))
-    with fs.open(path, "w") as fh:
-        json.dump(summary, fh, indent=2, default=str)
+    text = json.dumps(summary, indent=2, default=str)
+    targets = [storage.join(plan.config.output, "run.json")]
+    if result.report_dir:
+        targets.append(storage.join(result.report_dir, "run.json"))
+    for url in targets:
+        fs, path = storage.get_fs(url)
+        if not storage.is_remote(url):
+            fs.makedirs(os.path.dirname(path), exist_ok=True)
+        fs.pipe_file(path, text.encode())
 
 
-def _run_tiles(plan: RunPlan, client, cb: _Callbacks, result: RunResult) -> None:
+def stage_seconds(records, totals: dict | None = None) -> dict[str, dict]:
+    """Add task-stream records (``distributed`` ``startstops``) up per stage of the pipeline."""
+    totals = {} if totals is None else totals
+    for rec in records:
+        key = rec["key"]
+        name = key[0] if isinstance(key, tuple) else str(key)
+        # tasks that Dask fused carry all their names ("predict_packed-write-<tile>-<token>")
+        parts = [_STAGES[p] for p in name.split("-") if p in _STAGES]
+        stage = "+".join(dict.fromkeys(parts)) or "other"
+        t = totals.setdefault(stage, {"tasks": 0, "seconds": 0.0, "transfer_seconds": 0.0})
+        t["tasks"] += 1
+        for ss in rec["startstops"]:
+            if ss["action"] == "compute":
+                t["seconds"] += ss["stop"] - ss["start"]
+            elif ss["action"] == "transfer":
+                t["transfer_seconds"] += ss["stop"] - ss["start"]
+    return totals
+
+
+def _task_stream_since(start_index: int | None, dask_scheduler=None):
+    """On the scheduler: stage totals of the tasks finished since ``start_index`` (None: only
+    make sure the task stream is recorded), and the index to continue from."""
+    from distributed.diagnostics.task_stream import TaskStreamPlugin
+
+    plugin = dask_scheduler.plugins.get(TaskStreamPlugin.name)
+    if plugin is None:
+        plugin = TaskStreamPlugin(dask_scheduler)
+        dask_scheduler.add_plugin(plugin)
+    if start_index is None:
+        return {}, plugin.index
+    return stage_seconds(plugin.collect(start_index=start_index)), plugin.index
+
+
+class _StageClock:
+    """Collects per-stage task seconds from the scheduler's task stream, a tile at a time (so the
+    stream's bounded buffer never drops records of a long run).  Never fails the run."""
+
+    def __init__(self, client, totals: dict):
+        self.client, self.totals, self.index = client, totals, None
+        try:
+            _, self.index = client.run_on_scheduler(_task_stream_since, None)
+        except Exception as exc:  # noqa: BLE001 - e.g. a scheduler without treesits_dask installed
+            log.warning("no per-stage timings in run.json: %s", exc)
+
+    def pull(self) -> None:
+        if self.index is None:
+            return
+        try:
+            part, self.index = self.client.run_on_scheduler(_task_stream_since, self.index)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("no per-stage timings in run.json: %s", exc)
+            self.index = None
+            return
+        for stage, t in part.items():
+            mine = self.totals.setdefault(stage, {"tasks": 0, "seconds": 0.0, "transfer_seconds": 0.0})
+            for k, v in t.items():
+                mine[k] = round(mine[k] + v, 3)
+
+
+def _run_reported(plan: RunPlan, client, cb: _Callbacks, result: RunResult) -> None:
+    """:func:`_run_tiles` inside a Dask performance report, published to ``result.report_dir``."""
+    import tempfile
+
+    from distributed import performance_report
+
+    from ._cog import publish_file
+
+    with tempfile.TemporaryDirectory(prefix="treesits-report-") as tmp:
+        html = os.path.join(tmp, "dask-report.html")
+        with client.as_current():
+            report = performance_report(filename=html, stacklevel=2)
+            try:
+                report.__enter__()
+            except Exception as exc:  # noqa: BLE001 - a report is nice to have, never a reason to fail
+                log.warning("no Dask performance report for this run: %s", exc)
+                report = None
+            clock = _StageClock(client, result.stages)
+            _run_tiles(plan, client, cb, result, clock)
+            if report is not None:
+                try:
+                    t0 = time.perf_counter()
+                    report.__exit__(None, None, None)
+                    publish_file(html, storage.join(result.report_dir, "dask-report.html"))
+                    log.info("Dask performance report written in %.1f s", time.perf_counter() - t0)
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("could not write the Dask performance report: %s", exc)
+
+
+def _run_tiles(plan: RunPlan, client, cb: _Callbacks, result: RunResult, clock: _StageClock | None = None) -> None:
     from distributed import as_completed
 
     from .cluster import EnvPlugin, worker_environment
@@ -262,6 +381,8 @@ def _run_tiles(plan: RunPlan, client, cb: _Callbacks, result: RunResult) -> None
             _finish_or_fail(plan, st, result, cb, tile, future.result(), fail)
             state.pop(tile, None)
         if tile not in state:
+            if clock is not None:
+                clock.pull()
             while pending and len(state) < cfg.tiles_in_flight:
                 submit(pending.pop(0))
 

@@ -4,7 +4,8 @@
 output folder can be copied or synced to S3 and still resolves.  Items carry the footprint in
 EPSG:4326, the ``proj`` (grid), ``raster`` (dtype, nodata) and, for the class layers,
 ``classification`` extensions, plus the quicklook PNGs when present.  Output is deterministic: no
-wall-clock timestamps; item times come from the scene dates in ``run.json``.
+wall-clock timestamps; item times come from the scene dates in the tiles' ledger records and
+``run.json``.
 """
 
 from __future__ import annotations
@@ -310,6 +311,14 @@ def write_stac(
         )
     quicklook_dir = quicklook_dir or storage.join(output, "quicklook")
     run = _read_json(storage.join(output, "run.json"))
+    # run.json covers only the tiles of the latest run (an update may process one tile); every
+    # finished tile's ledger record has its own scene dates
+    from . import ledger
+
+    for tile in tiles:
+        record = ledger.read_record(output, tile)
+        if record and isinstance(record.get("stats"), dict):
+            run.setdefault("tiles", {})[tile] = record["stats"]
     store_attrs = _read_json(storage.join(output, "predictions.zarr", "zarr.json")).get(
         "attributes", {}
     )
