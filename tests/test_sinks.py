@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import socket
-import subprocess
-import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor

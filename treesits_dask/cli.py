@@ -172,7 +172,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_update(args: argparse.Namespace) -> int:
     """Process only tiles whose scenes, mask, model or settings changed since their ledger record."""
     from .config import load_config
-    from .pipeline import run
     from .plan import make_plan
 
     config = load_config(args.config, _overrides(args))
