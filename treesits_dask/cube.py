@@ -149,6 +149,10 @@ def _open(url: str):
         raise _open_error(url, exc) from exc
 
 
+class _OpenFailed(Exception):
+    """A scene could not be opened at all (as opposed to failing in the middle of a read)."""
+
+
 def _missing(exc: BaseException) -> bool:
     text = str(exc).lower()
     return "does not exist" in text or "no such file" in text
@@ -292,7 +296,11 @@ class WindowReader:
         for t, (boa, qai) in enumerate(zip(self.boa, self.qai, strict=True)):
 
             def read_boa(boa=boa, t=t):
-                with _open_raw(boa) as src:
+                try:
+                    src = _open_raw(boa)
+                except Exception as exc:  # not a GeoTIFF, gone, no access: retried if remote, then named
+                    raise _OpenFailed(str(exc)) from exc
+                with src:
                     self._check(src, boa)
                     src.read(window=rw, out=out[t])
 
@@ -301,7 +309,7 @@ class WindowReader:
             except InputDataError:
                 raise
             except Exception as exc:
-                if _missing(exc):
+                if _missing(exc) or isinstance(exc, _OpenFailed):
                     raise _open_error(boa, exc) from exc
                 raise InputDataError(
                     f"cannot read {boa} (window {rows}): {exc}. The file is "

@@ -22,6 +22,16 @@ class TreesitsError(Exception):
 
     exit_code = 2
 
+    def __reduce__(self):
+        # Dask sends a task's exception to the driver pickled with its __cause__/__context__ chain
+        # (tblib reads the chain after calling this method).  When a link cannot be unpickled
+        # (rasterio's CPLE_* errors, the causes of every RasterioIOError, cannot), distributed sends a
+        # bare Exception(repr) instead and the driver no longer sees a TreesitsError.  Links that are
+        # not known to be portable are replaced by stand-ins with their text and traceback.
+        self.__cause__ = _portable(self.__cause__)
+        self.__context__ = _portable(self.__context__)
+        return type(self), self.args, self.__dict__ or None
+
 
 class ConfigError(TreesitsError, ValueError):
     """A setting is missing, unknown or has an invalid value."""
@@ -45,3 +55,14 @@ class ModelError(TreesitsError):
 
 class OutputError(TreesitsError):
     """The output location is not writable or holds an incompatible store."""
+
+
+def _portable(exc: BaseException | None) -> BaseException | None:
+    """``exc`` if it pickles with its chain (errors of this package, plain builtin exceptions), otherwise
+    a ``RuntimeError`` with its type, text and traceback."""
+    if exc is None or isinstance(exc, TreesitsError):
+        return exc
+    if type(exc).__module__ == "builtins" and exc.__cause__ is None and exc.__context__ is None:
+        return exc
+    stand_in = RuntimeError(f"{type(exc).__module__}.{type(exc).__name__}: {exc}")
+    return stand_in.with_traceback(exc.__traceback__)

@@ -1,0 +1,355 @@
+"""Faults during a run, with real components (LocalCluster worker processes, a driver subprocess, files
+on disk): a worker killed mid-run, a driver killed mid-run and resumed, scenes that disappear or
+change between planning and reading, and incremental ``update`` runs.
+
+Every finished output is compared with a clean run of the same inputs (Zarr arrays of all variables,
+COG pixels).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import zarr
+
+from treesits_dask import cube, discovery, ledger, predict
+from treesits_dask.cli import main
+from treesits_dask.config import load_config
+from treesits_dask.pipeline import RunError, _Callbacks, run
+from treesits_dask.plan import make_plan
+
+pytestmark = pytest.mark.slow
+
+TILES = ("X0069_Y0043", "X0070_Y0043", "X0069_Y0044", "X0070_Y0044")
+VARIABLES = ("probability", "class", "valid_obs", "last_obs_valid")
+WINDOW = "20x60"  # 3 windows per 60 x 60 px tile
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def fault_cube(tmp_path_factory):
+    """Four 60 x 60 px tiles (2 x 2), 12 scenes each, with forest masks."""
+    from treesits_dask.synthetic import make_cube
+
+    root = tmp_path_factory.mktemp("faultcube")
+    return make_cube(root / "cube", tiles=TILES, size=60, n_scenes=12, mask_dir=str(root / "masks"),
+                     truth_dir=str(root / "truth"), seed=5)
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as c:
+        yield c
+
+
+def _config(cube_root, mask_dir, model, output, **kw):
+    return load_config(overrides=dict(cube=str(cube_root), mask_dir=str(mask_dir), model=model,
+                                      output=str(output), window=WINDOW, batch_size=500,
+                                      dashboard_address=":0", **kw), environ={})
+
+
+@pytest.fixture(scope="module")
+def clean_run(fault_cube, native_lstm, client, tmp_path_factory):
+    """A run of the whole cube without faults: the reference outputs."""
+    out = tmp_path_factory.mktemp("clean") / "out"
+    result = run(_config(fault_cube.root, fault_cube.mask_dir, native_lstm, out), client=client)
+    assert set(result.tiles) == set(TILES) and not result.failed
+    return out
+
+
+def _copy_cube(fault_cube, dest: Path) -> Path:
+    """A private copy of the cube's folder (tests that change scenes must not touch the shared one)."""
+    shutil.copytree(fault_cube.root, dest)
+    return dest
+
+
+def _assert_same_outputs(out: Path, ref: Path, tiles=TILES) -> None:
+    """Zarr arrays of all variables (whole store) and the COG pixels of ``tiles`` are identical."""
+    a = zarr.open_group(str(out / "predictions.zarr"), mode="r")
+    b = zarr.open_group(str(ref / "predictions.zarr"), mode="r")
+    for var in VARIABLES:
+        np.testing.assert_array_equal(a[var][...], b[var][...], err_msg=f"zarr {var}")
+    for tile in tiles:
+        for var in VARIABLES:
+            with rasterio.open(out / "cog" / tile / f"{var}.tif") as x, \
+                    rasterio.open(ref / "cog" / tile / f"{var}.tif") as y:
+                np.testing.assert_array_equal(x.read(), y.read(), err_msg=f"cog {tile} {var}")
+                assert x.transform == y.transform and x.crs == y.crs
+
+
+def _records(out: Path) -> set[str]:
+    return {p.stem for p in (out / ledger.LEDGER_DIR).glob("*.json")}
+
+
+# ------------------------------------------------------------------------------ 1. worker killed
+class _KillWorker(_Callbacks):
+    """Kills (SIGKILL) one worker process of the cluster once ``after`` windows are done."""
+
+    def __init__(self, client, after: int):
+        self.client, self.after, self.done, self.killed = client, after, 0, None
+
+    def window_done(self, tile: str) -> None:
+        self.done += 1
+        if self.done == self.after and self.killed is None:
+            pids = self.client.run(os.getpid)
+            addr = max(pids)
+            self.killed = (addr, pids[addr])
+            os.kill(pids[addr], signal.SIGKILL)
+
+
+def test_worker_killed_mid_run(fault_cube, native_lstm, client, clean_run, tmp_path):
+    out = tmp_path / "out"
+    before = client.run(os.getpid)
+    assert len(before) == 2
+    cb = _KillWorker(client, after=2)
+    result = run(_config(fault_cube.root, fault_cube.mask_dir, native_lstm, out), client=client, callbacks=cb)
+    assert cb.killed is not None, "the worker was never killed"
+    assert set(result.tiles) == set(TILES) and not result.failed
+    assert _records(out) == set(TILES)
+    _assert_same_outputs(out, clean_run)
+
+    # the nanny restarted the worker: a new process, with both plugins applied and the model loaded
+    client.wait_for_workers(2, timeout=60)
+    after = client.run(os.getpid)
+    assert cb.killed[1] not in after.values()
+    assert len(set(after.values()) - set(before.values())) == 1
+
+    def state(dask_worker):
+        return sorted(dask_worker.plugins), predict.load_count()
+
+    # both plugins are set up on the new worker too: ModelPlugin.setup loaded the model there (once),
+    # even if no task of the run reached it (polled: a worker registers before its plugins are set up)
+    deadline = time.monotonic() + 60
+    while True:
+        states = client.run(state)
+        ok = all({"treesits-model", "treesits-env"} <= set(names) and loads == 1
+                 for names, loads in states.values())
+        if ok or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert ok, states
+
+
+# ------------------------------------------------------------------------------ 2. driver killed
+def _descendants(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_driver_killed_and_resumed(fault_cube, native_lstm, client, clean_run, tmp_path, caplog):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "treesits_dask", "run", "--cube", fault_cube.root, "--tiles", "all",
+           "--output", str(out), "--model", native_lstm, "--mask-dir", fault_cube.mask_dir,
+           "--window", WINDOW, "--batch-size", "500", "--tiles-in-flight", "1", "--workers", "1",
+           "--threads-per-worker", "1", "--dashboard-address", ":0"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TREESITS_")}
+    log_path = tmp_path / "driver.log"
+    with open(log_path, "wb") as log_fh:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_fh, stderr=subprocess.STDOUT)
+    children = []
+    try:
+        deadline = time.monotonic() + 120
+        while not _records(out):
+            if proc.poll() is not None:
+                pytest.fail(f"the driver exited ({proc.returncode}) before a tile was done:\n"
+                            f"{log_path.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no tile finished within 120 s:\n{log_path.read_text()[-3000:]}")
+            children = _descendants(proc.pid) or children
+            time.sleep(0.02)
+        children = _descendants(proc.pid) or children
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)  # reaped: its pid no longer exists
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        # the LocalCluster worker processes of the dead driver exit when their parent is gone
+        import psutil
+
+        _, alive = psutil.wait_procs(children, timeout=30)
+        for p in alive:
+            p.kill()
+    assert not alive, f"worker processes of the killed driver were still running 30 s later: {alive}"
+
+    done = _records(out)
+    assert 1 <= len(done) < len(TILES), f"kill came too late: {sorted(done)} were all done"
+    lease = json.loads((out / ledger.LEASE_NAME).read_text())
+    assert lease["pid"] == proc.pid  # the dead driver's lease is still there
+    assert not (out / "run.json").exists()
+    stamps = {t: (out / ledger.LEDGER_DIR / f"{t}.json").stat().st_mtime_ns for t in done}
+
+    # a second run takes the lease over at once (not waiting for it to expire) and does the rest only
+    config = _config(fault_cube.root, fault_cube.mask_dir, native_lstm, out, tiles_in_flight=1)
+    with caplog.at_level(logging.WARNING, logger="treesits_dask"):
+        t0 = time.monotonic()
+        result = run(config, client=client)
+    assert time.monotonic() - t0 < 60
+    assert "taking over the dead driver's lease" in caplog.text
+    assert set(result.tiles) == set(TILES) - done
+    assert len(result.tiles) == len(TILES) - len(done)
+    assert set(result.skipped) == done and not result.failed
+    assert _records(out) == set(TILES)
+    assert {t: (out / ledger.LEDGER_DIR / f"{t}.json").stat().st_mtime_ns for t in done} == stamps
+    assert not (out / ledger.LEASE_NAME).exists()  # released
+    _assert_same_outputs(out, clean_run)
+    for var in VARIABLES:
+        with rasterio.open(out / "cog" / f"{var}.vrt") as x, rasterio.open(clean_run / "cog" / f"{var}.vrt") as y:
+            np.testing.assert_array_equal(x.read(), y.read())
+
+
+# ------------------------------------------------------------- 3. scenes vanish/change after planning
+def _rewrite_scene(boa: Path) -> None:
+    """Same grid and bands, other pixel values and another file size."""
+    with rasterio.open(boa) as src:
+        data, profile = src.read(), src.profile
+    profile.update(compress="deflate", predictor=1)
+    data = np.where(data == -9999, data, data // 2 + 7).astype(np.int16)
+    boa.unlink()
+    with rasterio.open(boa, "w", **profile) as dst:
+        dst.write(data)
+
+
+@pytest.mark.parametrize("fault", ["disappears", "changes"])
+def test_scene_vanishes_or_changes_after_planning(fault_cube, native_lstm, client, clean_run, tmp_path,
+                                                  fault):
+    root = _copy_cube(fault_cube, tmp_path / "cube")
+    out = tmp_path / "out"
+    bad_tile, good_tile = TILES[1], TILES[0]
+    config = _config(root, fault_cube.mask_dir, native_lstm, out, tiles=f"{good_tile},{bad_tile}")
+    plan = make_plan(config)
+    assert [t.tile for t in plan.tiles] == [good_tile, bad_tile]
+    boa = Path(discovery.scene_table(str(root), bad_tile)[5].boa)
+    size = boa.stat().st_size
+    if fault == "disappears":
+        boa.unlink()
+    else:
+        _rewrite_scene(boa)
+        assert boa.stat().st_size != size
+    with pytest.raises(RunError) as info:
+        run(config, plan=plan, client=client)
+    msg = str(info.value)
+    assert bad_tile in msg and boa.name in msg, msg
+    assert "1 of 2 tile(s) failed" in msg
+    # the worker's InputDataError reached the driver as such (not as a bare Exception(repr))
+    assert f"{bad_tile}: Exception" not in msg and "InputDataError(" not in msg, msg
+    if fault == "disappears":
+        assert str(boa) in msg and ("no such file" in msg.lower() or "does not exist" in msg.lower()), msg
+    else:
+        assert "changed while it was processed" in msg and "1 scene(s) changed" in msg, msg
+    # the failed tile is not marked done; the other one is finished, with the clean run's values
+    assert _records(out) == {good_tile}
+    assert ledger.read_record(str(out), bad_tile) is None
+    a = zarr.open_group(str(out / "predictions.zarr"), mode="r")
+    b = zarr.open_group(str(clean_run / "predictions.zarr"), mode="r")
+    for var in VARIABLES:  # the good tile is the top left one in both stores
+        np.testing.assert_array_equal(a[var][..., :60, :60], b[var][..., :60, :60], err_msg=var)
+    for var in VARIABLES:
+        with rasterio.open(out / "cog" / good_tile / f"{var}.tif") as x, \
+                rasterio.open(clean_run / "cog" / good_tile / f"{var}.tif") as y:
+            np.testing.assert_array_equal(x.read(), y.read())
+    summary = json.loads((out / "run.json").read_text())
+    assert not summary["complete"] and set(summary["failed"]) == {bad_tile}
+    # the next run plans the failed tile again (and only that one)
+    again = make_plan(config)
+    assert [t.tile for t in again.tiles] == [bad_tile] and set(again.skipped) == {good_tile}
+
+
+def test_worker_errors_keep_their_type_across_the_wire(tmp_path):
+    """A TreesitsError raised from a rasterio error (whose CPLE_* cause cannot be unpickled) survives
+    distributed's serialisation of task errors, with the text of its cause."""
+    from distributed import protocol
+    from distributed.core import error_message
+
+    from treesits_dask.errors import InputDataError
+
+    missing = tmp_path / "gone_BOA.tif"
+    with pytest.raises(InputDataError) as info:
+        cube._open(str(missing))
+    exc = protocol.pickle.loads(error_message(info.value)["exception"].data)
+    assert type(exc) is InputDataError and str(exc) == str(info.value)
+    assert "RasterioIOError" in str(exc.__cause__) and str(missing) in str(exc.__cause__)
+
+
+# ------------------------------------------------------------------------------ 4. incremental update
+def test_update_takes_only_the_changed_tile(fault_cube, native_lstm, client, tmp_path, capsys, monkeypatch):
+    root = _copy_cube(fault_cube, tmp_path / "cube")
+    out = tmp_path / "out"
+    tiles = f"{TILES[0]},{TILES[1]}"
+    config = _config(root, fault_cube.mask_dir, native_lstm, out, tiles=tiles)
+    first = run(config, client=client)
+    assert set(first.tiles) == {TILES[0], TILES[1]}
+    record_bytes = {t: (out / ledger.LEDGER_DIR / f"{t}.json").read_bytes() for t in TILES[:2]}
+    before = zarr.open_group(str(out / "predictions.zarr"), mode="r")["valid_obs"][...]
+
+    # a new, later scene (BOA + QAI) for one tile: a perturbed copy of its newest scene
+    changed = TILES[1]
+    newest = discovery.scene_table(str(root), changed)[-1]
+    new_date = max(fault_cube.dates) + dt.timedelta(days=14)
+    stem = f"{new_date:%Y%m%d}_LEVEL2_SEN2A"
+    with rasterio.open(newest.boa) as src:
+        data, profile = src.read(), src.profile
+    data = np.where(data == -9999, data, data + 25).astype(np.int16)
+    with rasterio.open(root / changed / f"{stem}_BOA.tif", "w", **profile) as dst:
+        dst.write(data)
+    shutil.copyfile(newest.qai, root / changed / f"{stem}_QAI.tif")
+
+    args = ["update", "--cube", str(root), "--tiles", tiles, "--output", str(out), "--model", native_lstm,
+            "--mask-dir", fault_cube.mask_dir, "--window", WINDOW, "--batch-size", "500",
+            "--scheduler-address", client.scheduler.address]
+    capsys.readouterr()
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert f"{TILES[0]}: skip (up to date)" in printed, printed
+    assert f"{changed}: process (1 new scene(s): {stem}_BOA.tif; date window" in printed, printed
+    assert printed.count(": process (") == 1
+    assert "updated 1 tile(s)" in printed, printed
+    assert (out / ledger.LEDGER_DIR / f"{TILES[0]}.json").read_bytes() == record_bytes[TILES[0]]
+    rec = ledger.read_record(str(out), changed)
+    assert rec["stats"]["scenes"] == 13 and rec["stats"]["last_scene"] == str(new_date)
+    after = zarr.open_group(str(out / "predictions.zarr"), mode="r")["valid_obs"][...]
+    np.testing.assert_array_equal(after[:, :60], before[:, :60])  # the skipped tile is untouched
+    assert (after[:, 60:] >= before[:, 60:]).all() and (after[:, 60:] > before[:, 60:]).any()
+
+    # the updated tile equals a fresh run of the new inputs
+    ref = tmp_path / "ref"
+    run(_config(root, fault_cube.mask_dir, native_lstm, ref, tiles=tiles), client=client)
+    _assert_same_outputs(out, ref, tiles=TILES[:2])
+
+    # nothing changed: no pixel read, no cluster started (not even a connection to the scheduler)
+    import distributed
+
+    import treesits_dask.cluster
+
+    def no_cluster(*a, **k):
+        raise AssertionError("update started or connected to a cluster with nothing to do")
+
+    monkeypatch.setattr(treesits_dask.cluster, "connect", no_cluster)
+    monkeypatch.setattr(distributed.LocalCluster, "__init__", no_cluster)
+    monkeypatch.setattr(distributed.Client, "__init__", no_cluster)
+    opens = cube.OPEN_COUNTER.count
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert cube.OPEN_COUNTER.count == opens
+    assert "nothing to do: 2 tile(s) up to date" in printed, printed
+    assert f"{changed}: skip (up to date)" in printed
