@@ -162,12 +162,17 @@ def write_vrt(vrt_url: str, sources: Sequence[str]) -> str:
     if not sources:
         raise OutputError(f"no rasters to mosaic into {vrt_url}")
     vrt_dir = posixpath.dirname(storage.strip_protocol(vrt_url).replace(os.sep, "/"))
-    infos = []
-    for url in sources:
+
+    def header(url: str) -> tuple:
         with rasterio.open(storage.gdal_path(url)) as src:
-            infos.append(
-                (url, src.profile, src.transform, src.crs, src.descriptions, src.block_shapes[0])
-            )
+            return url, src.profile, src.transform, src.crs, src.descriptions, src.block_shapes[0]
+
+    # remote headers with retries: a header read that broke off may look like a valid file
+    # without georeference (see storage.read_retrying)
+    infos = [
+        storage.read_retrying(url, lambda url=url: header(url), what="reading the header")
+        for url in sources
+    ]
     _, first, tr0, crs0, desc0, _ = infos[0]
     for url, prof, tr, crs, _, _ in infos[1:]:
         same = (

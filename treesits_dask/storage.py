@@ -8,22 +8,25 @@ retries with backoff, plus s3fs's own retries of interrupted body reads); listin
 cached, so a scene added or replaced while a driver runs is seen by its next listing; uploads
 above ``2 * UPLOAD_PART_SIZE`` are multipart (:func:`upload`).  GDAL (``/vsis3/``) retries 429/5xx
 answers and resets before an answer by itself; what it does not retry (a connection dropped in the
-middle of a body) the readers retry with :func:`read_retrying`, after :func:`clear_gdal_cache`
-has dropped what GDAL kept of the file.
+middle of a body, which libtiff may even take for a file without georeference, with only a warning)
+the readers retry with :func:`read_retrying`, after :func:`clear_gdal_cache` has dropped what GDAL
+kept of the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
 import os
 import posixpath
 import random
+import re
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Self, TypeVar
 from urllib.parse import urlparse
 
 import fsspec
@@ -31,7 +34,7 @@ import fsspec
 __all__ = [
     "is_remote", "join", "get_fs", "gdal_path", "strip_protocol", "basename", "s3_environment",
     "apply_environment", "S3_ENV_KEYS", "UPLOAD_PART_SIZE", "upload", "clear_gdal_cache",
-    "read_retrying",
+    "read_retrying", "IncompleteReadError",
 ]
 
 log = logging.getLogger(__name__)
@@ -234,25 +237,79 @@ def clear_gdal_cache(url: str | None = None) -> bool:
 _PERMANENT = ("does not exist", "no such file", "nosuchkey", "nosuchbucket", "accessdenied",
               "access denied", "permission denied", "forbidden")
 
+#: GDAL warnings that say a read left something out: when a connection drops in the middle of a
+#: body, libtiff only warns ("TIFFFetchNormalTag:IO error during reading of GeoKeyDirectory; tag
+#: ignored") and the file opens without its georeference (CRS None, identity transform).
+_INCOMPLETE = re.compile(
+    r"\bio error\b|read error|error (?:during|while) reading|failed to read|short read", re.IGNORECASE
+)
+
+
+class IncompleteReadError(OSError):
+    """GDAL finished a remote read, but warned on the way that it could not read parts of the file."""
+
+
+class _IncompleteReads(logging.Handler):
+    """Collects the GDAL warnings of :data:`_INCOMPLETE` that rasterio logs (logger
+    ``rasterio._env``, at WARNING) in the current thread while the context is open."""
+
+    _logger = logging.getLogger("rasterio._env")
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            message = record.getMessage()
+            if _INCOMPLETE.search(message):
+                self.messages.append(message)
+
+    def __enter__(self) -> Self:
+        self._logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._logger.removeHandler(self)
+
 
 def read_retrying(url: str, fn: Callable[[], T], what: str = "read", attempts: int = 4,
                   delay: float = 0.5, permanent: tuple[type[BaseException], ...] = ()) -> T:
     """``fn()`` with retries when ``url`` is remote: GDAL does not retry a connection that drops in
     the middle of a body.  Missing files and permission errors (and ``permanent`` exceptions) are
     raised at once; local files are never retried.  Between attempts GDAL's cache of the file is
-    cleared and the wait doubles (with jitter)."""
+    cleared and the wait doubles (with jitter).
+
+    A remote read during which GDAL warned that it could not read parts of the file (see
+    :data:`_INCOMPLETE`) counts as failed, even when ``fn`` returned (what it returned is closed if
+    it can be) or raised a ``permanent`` exception (a check that failed on incomplete metadata);
+    after the last attempt that raises :class:`IncompleteReadError`.
+    """
+    remote = is_remote(url)
     for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except permanent:
-            raise
-        except Exception as exc:  # noqa: BLE001 - GDAL/rasterio raise many types; filtered below
-            text = str(exc).lower() + " " + str(exc.__cause__ or "").lower()
-            if attempt == attempts or not is_remote(url) or any(p in text for p in _PERMANENT):
-                raise
-            clear_gdal_cache(url)
-            wait = delay * 2 ** (attempt - 1) * (1 + random.random() / 2)
-            log.warning("%s of %s failed (%s); retry %d of %d in %.1f s", what, url, exc, attempt,
-                        attempts - 1, wait)
-            time.sleep(wait)
+        with _IncompleteReads() if remote else contextlib.nullcontext() as incomplete:
+            try:
+                result = fn()
+            except Exception as exc:  # noqa: BLE001 - GDAL/rasterio raise many types; filtered below
+                text = str(exc).lower() + " " + str(exc.__cause__ or "").lower()
+                gave_up = isinstance(exc, permanent) or any(p in text for p in _PERMANENT)
+                if attempt == attempts or not remote or (gave_up and not incomplete.messages):
+                    raise
+                error: BaseException = exc
+            else:
+                if incomplete is None or not incomplete.messages:
+                    return result
+                if hasattr(result, "close"):
+                    result.close()
+                error = IncompleteReadError(
+                    f"{what} of {url} was incomplete: {incomplete.messages[0]}"
+                )
+                if attempt == attempts:
+                    raise error
+        clear_gdal_cache(url)
+        wait = delay * 2 ** (attempt - 1) * (1 + random.random() / 2)
+        log.warning("%s of %s failed (%s); retry %d of %d in %.1f s", what, url, error, attempt,
+                    attempts - 1, wait)
+        time.sleep(wait)
     raise AssertionError("unreachable")

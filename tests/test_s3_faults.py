@@ -1,0 +1,309 @@
+"""A run whose cube, masks, model and output are all on S3 behind a faulty network survives it.
+
+Every request of the run (the driver's and the workers') goes through :class:`FaultProxy` in front
+of the moto server: the endpoint reaches the workers only through the run config
+(``s3_endpoint_url``, applied by the run's worker plugin; the workers were started pointing at a
+dead endpoint).  The proxy answers HTTP 500 and 503, drops connections before an answer or in the
+middle of a body, and answers slowly, on reads (s3fs listings, HEADs and GETs, GDAL ``/vsis3/``
+range reads of scenes and masks, Zarr chunk reads) and on writes (Zarr chunk and metadata PUTs, COG
+and VRT uploads, ledger records, the lease, ``run.json``).  The run must finish with outputs equal,
+byte for byte, to a clean local-disk run: nothing lost, nothing written twice, nothing left over.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+import rasterio
+import xarray as xr
+
+from tests.conftest import environ_restored, new_bucket, upload_tree
+from tests.faultproxy import FAULT_KINDS, FaultProxy
+from treesits_dask import ledger, storage
+from treesits_dask.config import load_config
+from treesits_dask.pipeline import run
+
+pytestmark = [pytest.mark.s3, pytest.mark.slow]
+
+SETTINGS = {"window": "30x60", "batch_size": 500, "dashboard_address": ":0"}
+VARIABLES = ("probability", "class", "valid_obs", "last_obs_valid")
+#: besides the targeted faults below, every EVERY-th request that was not faulted before
+EVERY = 7
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request as the proxy sees it (path-style: ``/bucket/key?query``)."""
+
+    method: str
+    key: str
+    query: str
+    ranged: bool
+    after_ledger: bool  # a ledger record was PUT before (the run is finishing)
+
+    @classmethod
+    def of(cls, method: str, path: str, rng: str, log) -> Request:
+        key, _, query = path.partition("?")
+        return cls(method, key, query, bool(rng), any(m == "PUT" and "/_ledger/" in p for m, p, _ in log))
+
+    def get(self, *suffixes: str, within: str = "") -> bool:
+        return self.method == "GET" and self.key.endswith(suffixes) and within in self.key and not self.query
+
+    def put(self, *suffixes: str, within: str = "") -> bool:
+        return self.method == "PUT" and self.key.endswith(suffixes) and within in self.key
+
+    def data_chunk(self) -> bool:
+        m = re.search(r"/predictions\.zarr/([a-z_]+)/c/", self.key)
+        return bool(m) and m[1] in VARIABLES
+
+
+#: (category, which requests, what its first matching requests get, in this order): a fault kind,
+#: or ``pass`` (let it through unfaulted).  ``drop-before`` / ``drop-mid``: a GET reset before its
+#: answer / after half of its body (a header cut off like that can open as a file without its
+#: georeference).  The driver reads the model before the workers do; the driver opens the first BOA
+#: of each tile, the masks and the COGs (VRT mosaics); only workers read QAI files and Zarr chunks and
+#: write data chunks and COGs.
+RULES = [
+    ("s3fs listing", lambda q: q.method == "GET" and "list-type=" in q.query,
+     ("500", "503", "drop-before", "drop-mid", "slow")),
+    ("s3fs HEAD", lambda q: q.method == "HEAD", ("500", "503", "drop", "slow")),
+    ("GDAL BOA range read", lambda q: q.get("_BOA.tif") and q.ranged,
+     ("drop-mid", "500", "drop-before", "503", "slow", "drop-mid")),
+    ("GDAL QAI range read (workers)", lambda q: q.get("_QAI.tif") and q.ranged,
+     ("500", "503", "drop-before", "drop-mid", "slow")),
+    ("GDAL mask range read", lambda q: q.get(".tif", within="/masks/") and q.ranged, ("drop-mid", "500", "slow")),
+    ("GDAL COG header read (VRT mosaics)", lambda q: q.get(".tif", within="/cog/") and q.ranged,
+     ("drop-mid", "500", "drop-before", "drop-mid")),
+    ("s3fs model read (workers)", lambda q: q.get("", within="/species/"), ("pass", "pass", "drop-mid", "500")),
+    ("Zarr chunk read (workers)", lambda q: q.method == "GET" and q.data_chunk(),
+     ("500", "503", "drop-before", "drop-mid", "slow")),
+    ("Zarr metadata read", lambda q: q.get("zarr.json"), ("drop-mid", "503", "slow")),
+    ("Zarr chunk PUT (workers)", lambda q: q.method == "PUT" and q.data_chunk(), ("500", "503", "drop", "slow")),
+    ("Zarr metadata PUT", lambda q: q.put("zarr.json"), ("500", "drop")),
+    ("COG upload (workers)", lambda q: q.put(".tif", within="/cog/"), ("500", "503", "drop", "slow")),
+    ("VRT upload", lambda q: q.put(".vrt"), ("503", "drop")),
+    ("ledger HEAD", lambda q: q.method == "HEAD" and "/_ledger/" in q.key, ("503",)),
+    ("ledger PUT", lambda q: q.put(".json", within="/_ledger/"), ("drop", "500")),
+    ("lease HEAD", lambda q: q.method == "HEAD" and q.key.endswith(ledger.LEASE_NAME), ("500",)),
+    ("lease PUT", lambda q: q.put(ledger.LEASE_NAME), ("drop",)),
+    ("lease GET", lambda q: q.get(ledger.LEASE_NAME), ("drop-mid",)),
+    # one key (POST /bucket?delete) for all bulk deletes: the store's own stays unfaulted, so that
+    # the lease's (at the end) can be faulted
+    ("bulk delete in the run", lambda q: q.method == "POST" and "delete" in q.query and not q.after_ledger,
+     ("pass",) * 4),
+    ("lease release (bulk delete)", lambda q: q.method == "POST" and "delete" in q.query and q.after_ledger,
+     ("drop",)),
+    ("run.json PUT", lambda q: q.put("run.json"), ("503",)),
+    ("write probe", lambda q: ".treesits-write-probe" in q.key, ("500", "drop")),
+]
+
+
+class ScheduledFaultProxy(FaultProxy):
+    """:class:`FaultProxy` that also faults the first requests of each category of :data:`RULES`
+    (so that every kind of request meets faults whatever the order of a run's requests), and
+    records every request.  A faulted request is never faulted again (its retry goes through)."""
+
+    def __init__(self, upstream: str, rules, **kwargs):
+        super().__init__(upstream, **kwargs)
+        self.todo = {name: [match, list(kinds)] for name, match, kinds in rules}
+        self.injected: dict[str, list[str]] = collections.defaultdict(list)
+        self.log: list[tuple[str, str, str]] = []
+
+    def _next_fault(self, method: str, path: str, rng: str) -> str | None:
+        self._local.drop_style = None
+        key = (method, path, rng)
+        with self._lock:
+            self.log.append(key)
+            if self.every and key not in self._seen:
+                request = Request.of(method, path, rng, self.log)
+                for name, (match, kinds) in self.todo.items():
+                    if kinds and match(request):
+                        kind, _, style = kinds.pop(0).partition("-")
+                        if kind == "pass":
+                            return None
+                        self._seen.add(key)
+                        self.requests += 1
+                        self.by_method[method] += 1
+                        self.counts[kind] += 1
+                        self.faulted.append((kind, method, path))
+                        self.injected[name].append(kind + (f"-{style}" if style else ""))
+                        self._local.drop_style = style or None
+                        return kind
+        return super()._next_fault(method, path, rng)
+
+    def _drop_mid_body(self) -> bool:
+        style = getattr(self._local, "drop_style", None)
+        if style:
+            return style == "mid"
+        return super()._drop_mid_body()
+
+
+def _dead_endpoint() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once closed
+
+
+@pytest.fixture(scope="module")
+def proxy(moto_endpoint):
+    with ScheduledFaultProxy(moto_endpoint, RULES, every=0) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def client(s3_module_env):
+    """Workers inherit the fake credentials, but an endpoint where nothing listens: the run config
+    must bring them the real one (the proxy)."""
+    from distributed import Client, LocalCluster
+
+    with environ_restored():
+        os.environ.update(storage.s3_environment(endpoint_url=_dead_endpoint(), region="RegionOne", environ={}))
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
+    with cluster, Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def inputs(s3_module_env, small_cube, native_lstm):
+    """The small cube, its masks and the model uploaded straight to moto (no faults)."""
+    bucket = new_bucket("cube")
+    cube_url = upload_tree(small_cube.root, f"s3://{bucket}/force/level2")
+    mask_url = upload_tree(small_cube.mask_dir, f"s3://{bucket}/masks")
+    models = new_bucket("models")
+    fs, _ = storage.get_fs(f"s3://{models}")
+    for src in (native_lstm, native_lstm[:-3] + ".json"):
+        fs.put_file(src, f"{models}/species/{Path(src).name}")
+    return {"cube": cube_url, "mask_dir": mask_url, "model": f"s3://{models}/species/{Path(native_lstm).name}"}
+
+
+@pytest.fixture(scope="module")
+def local_run(small_cube, native_lstm, client, tmp_path_factory):
+    out = tmp_path_factory.mktemp("local") / "out"
+    config = load_config(overrides=dict(cube=small_cube.root, mask_dir=small_cube.mask_dir, model=native_lstm,
+                                        output=str(out), **SETTINGS), environ={})
+    with environ_restored():
+        run(config, client=client)
+    return out
+
+
+@pytest.fixture(scope="module")
+def faulty_run(inputs, client, local_run, proxy, moto_endpoint):
+    bucket = new_bucket("out", versioned=True)  # versions show any object written twice
+    output = f"s3://{bucket}/maps/2024"
+    config = load_config(overrides=dict(**inputs, output=output, s3_endpoint_url=proxy.url, **SETTINGS),
+                         environ={})
+    proxy.reset_counts()
+    proxy.every = EVERY
+    t0 = time.perf_counter()
+    try:
+        with environ_restored():  # run() points this process at the proxy; the checks talk to moto
+            result = run(config, client=client)
+    finally:
+        proxy.every = 0
+    return {"config": config, "result": result, "seconds": time.perf_counter() - t0, "bucket": bucket}
+
+
+def _s3_objects(url: str) -> dict[str, bytes]:
+    fs, path = storage.get_fs(url)
+    return {p[len(path) + 1 :]: fs.cat_file(p) for p in fs.find(path)}
+
+
+def _local_objects(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _runs_normalised(keys) -> set[str]:
+    """Keys with the run id of ``_runs/<run id>/`` replaced (the two runs have their own ids)."""
+    return {re.sub(r"^_runs/[^/]+/", "_runs/*/", k) for k in keys}
+
+
+def test_run_survives_faults_with_identical_outputs(faulty_run, local_run, proxy, small_cube, moto_endpoint):
+    result = faulty_run["result"]
+    assert set(result.tiles) == set(small_cube.tiles) and not result.failed
+    # faults of every kind were injected, on every kind of request, and the run went on
+    assert all(proxy.counts[k] > 0 for k in FAULT_KINDS), proxy.counts
+    left = {name: kinds for name, (_, kinds) in proxy.todo.items() if set(kinds) - {"pass"}}
+    assert not left, f"requests that never came through the proxy (or too few of them): {left}"
+    # the workers' requests came through the proxy too (Zarr chunks and COGs are written by workers)
+    assert any(m == "PUT" and "/probability/c/" in p for m, p, _ in proxy.log)
+
+    remote = _s3_objects(faulty_run["config"].output)
+    local = _local_objects(local_run)
+    # the same set of objects as the clean local run, nothing lost and nothing extra ...
+    assert _runs_normalised(remote) == _runs_normalised(local)
+    # ... with the same bytes: Zarr metadata and chunks, COGs, VRT mosaics
+    data = [k for k in local if k.startswith(("predictions.zarr/", "cog/"))]
+    assert len([k for k in data if k.endswith(".tif")]) == 4 * len(small_cube.tiles)
+    differ = [k for k in data if remote[k] != local[k]]
+    assert not differ, differ
+    # exactly one ledger record per tile; every object written once (a retried write did not land
+    # twice), except Zarr metadata, which zarr itself writes more than once; the lease and the write
+    # probe written once and deleted once
+    bucket = faulty_run["bucket"]
+    prefix = storage.strip_protocol(faulty_run["config"].output).split("/", 1)[1]
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="RegionOne")
+    writes, deletes = collections.Counter(), collections.Counter()
+    for page in s3.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=prefix):
+        writes.update(v["Key"][len(prefix) + 1 :] for v in page.get("Versions", []))
+        deletes.update(v["Key"][len(prefix) + 1 :] for v in page.get("DeleteMarkers", []))
+    assert sorted(k for k in writes if k.startswith("_ledger/")) == [f"_ledger/{t}.json" for t in small_cube.tiles]
+    twice = {k: n for k, n in writes.items() if n > 1 and not k.endswith("zarr.json")}
+    assert not twice, twice
+    assert sorted(deletes) == sorted(k for k in writes if k == ledger.LEASE_NAME or ".treesits-write-probe" in k)
+    assert set(deletes.values()) == {1} and ledger.LEASE_NAME in deletes
+    # no half-done multipart upload and no lease left anywhere
+    for b in s3.list_buckets()["Buckets"]:
+        assert not s3.list_multipart_uploads(Bucket=b["Name"]).get("Uploads"), b["Name"]
+    assert ledger.LEASE_NAME not in remote
+
+    # read back through xarray (s3fs) and GDAL (/vsis3/, nothing cached from the run): the same arrays
+    storage.clear_gdal_cache()
+    fs, path = storage.get_fs(storage.join(faulty_run["config"].output, "predictions.zarr"))
+    a = xr.open_zarr(fs.get_mapper(path), mask_and_scale=False)
+    b = xr.open_zarr(str(local_run / "predictions.zarr"), mask_and_scale=False)
+    assert set(a.data_vars) == set(b.data_vars) == set(VARIABLES)
+    for var in VARIABLES:
+        np.testing.assert_array_equal(a[var].values, b[var].values)
+    assert (a["class"].values != 255).sum() > 1000
+    for tile in small_cube.tiles:
+        for var in VARIABLES:
+            remote_cog = storage.gdal_path(storage.join(faulty_run["config"].output, "cog", tile, f"{var}.tif"))
+            with rasterio.open(remote_cog) as r, rasterio.open(local_run / "cog" / tile / f"{var}.tif") as l:
+                np.testing.assert_array_equal(r.read(), l.read())
+                assert r.crs == l.crs and r.transform == l.transform
+    print(f"\nfaulty S3 run: {faulty_run['seconds']:.1f} s, {proxy.requests} requests "
+          f"{dict(proxy.by_method)}, faults {dict(proxy.counts)}")
+
+
+def test_header_cut_off_in_the_middle_is_read_again(inputs, small_cube, moto_endpoint, caplog):
+    """A small GeoTIFF whose one GET breaks off after half of its bytes opens in GDAL without its
+    georeference (libtiff only warns that it could not read the GeoKeys): the read must count as
+    failed and be retried, not end in "the mask's CRS None differs from the tile's"."""
+    from treesits_dask import masks
+    from treesits_dask.cube import TileGrid
+
+    tile = small_cube.tiles[0]
+    with rasterio.open(Path(small_cube.mask_dir) / tile / "mask.tif") as src:  # the tile's grid
+        tr = src.transform
+        grid = TileGrid(tile=tile, crs_wkt=src.crs.to_wkt(), transform=(tr.a, tr.b, tr.c, tr.d, tr.e, tr.f),
+                        width=src.width, height=src.height, block_shape=(src.height, src.width), count=10)
+    url = storage.join(inputs["mask_dir"], tile, "mask.tif")
+    with FaultProxy(moto_endpoint, every=1, kinds=("drop",), drop_style="mid") as proxy, environ_restored():
+        os.environ.update(storage.s3_environment(endpoint_url=proxy.url, region="RegionOne", environ={}))
+        storage.clear_gdal_cache()
+        with caplog.at_level(logging.WARNING, logger="treesits_dask.storage"):
+            source = masks.mask_source(url, grid)
+        storage.clear_gdal_cache()
+    assert source == masks.MaskSource(url, 0, 0)
+    assert proxy.faulted[0] == ("drop", "GET", "/" + storage.gdal_path(url).removeprefix("/vsis3/"))
+    assert "was incomplete" in caplog.text and "GeoKeyDirectory" in caplog.text
