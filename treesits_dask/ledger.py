@@ -207,8 +207,13 @@ class Lease:
                 return json.load(fh)
         except FileNotFoundError:
             return None
-        except (json.JSONDecodeError, OSError):
+        except json.JSONDecodeError:
+            log.warning("the lease %s is not valid JSON; treating the output as not leased", self.url)
             return None
+        except OSError as exc:  # storage errors left after retries: do not guess "not leased"
+            raise OutputError(
+                f"cannot read the lease {self.url}: {exc}; check access to the output and run again"
+            ) from exc
 
     def _write(self) -> None:
         fs, path = storage.get_fs(self.url)
@@ -263,10 +268,14 @@ class Lease:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=5)
-        current = self._read()
-        if current and current.get("owner") == self.owner:
-            fs, path = storage.get_fs(self.url)
-            fs.rm(path)
+        try:
+            current = self._read()
+            if current and current.get("owner") == self.owner:
+                fs, path = storage.get_fs(self.url)
+                fs.rm(path)
+        except (OutputError, OSError) as exc:
+            log.warning("could not release the lease %s (%s); it expires by itself after %d s",
+                        self.url, exc, self.ttl)
 
     def __enter__(self) -> Lease:
         return self.acquire()
