@@ -371,3 +371,30 @@ def test_fit_rejects_bad_labels():
         fit("sits-lstm", series, valid, days, np.full(10, 3), ["a", "b"], max_seconds=1)
     with pytest.raises(ModelError, match="native"):  # a native card names its architecture
         fit("native", series, valid, days, np.zeros(10, int), ["a", "b"], max_seconds=1)
+
+
+def test_only_masked_valid_pixels_reach_the_model_in_full_batches(native_lstm):
+    """In a window, the model sees exactly the pixels inside the mask with a valid observation,
+    in batches of ``batch_size`` except the last one."""
+    from treesits_dask.models import ModelSpec
+    from treesits_dask.predict import get_predictor, predict_block
+
+    rng = np.random.default_rng(5)
+    t, h, w = 12, 40, 50
+    block = rng.integers(0, 3000, size=(t, 10, h, w)).astype(np.int16)
+    gone = rng.random((h, w)) < 0.2  # no valid observation at all
+    block[:, :, gone] = -9999
+    block = np.where(rng.random((t, 1, h, w)) < 0.3, np.int16(-9999), block)  # screened observations
+    mask = rng.random((h, w)) < 0.45
+    days = np.arange(t, dtype=np.int64) * 10 + 19000
+    predictor = get_predictor(ModelSpec(uri=native_lstm, family="native"), "cpu")
+    seen: list[int] = []
+    hook = predictor.module.register_forward_pre_hook(lambda mod, args: seen.append(int(args[0].shape[0])))
+    try:
+        out = predict_block(block, mask, days, predictor, batch_size=64)
+    finally:
+        hook.remove()
+    expected = int((mask & ~gone).sum())
+    assert expected % 64 and sum(seen) == expected
+    assert seen[:-1] == [64] * (len(seen) - 1) and seen[-1] == expected % 64
+    np.testing.assert_array_equal(out["class"] != 255, mask & ~gone)
