@@ -201,7 +201,11 @@ def _windows_with_forest(plan) -> tuple[int, int]:
 
 
 def _masked(args, workdir: Path, models: dict, workers: int, log) -> dict:
-    """Same tile, with and without a forest mask of ``args.masked_forest`` share (in blobs)."""
+    """Same tile, with and without a forest mask of ``args.masked_forest`` share (in blobs).
+
+    Times: both runs with the default (strip-aligned) windows of ``run``.  File opens: a third run
+    with small windows (``args.masked_window``), so that some windows hold no forest at all.
+    """
     from .config import load_config
     from .synthetic import make_cube
 
@@ -209,25 +213,27 @@ def _masked(args, workdir: Path, models: dict, workers: int, log) -> dict:
                      forest_fraction=args.masked_forest, forest_scale=args.forest_scale,
                      mask_dir=str(workdir / "masks-masked"),
                      truth_dir=str(workdir / "truth-masked"), seed=3)
-    out = {"forest_fraction": args.masked_forest, "forest_scale_px": args.forest_scale,
-           "window": args.masked_window}
-    for mode in ("unmasked", "masked"):
+    out = {"forest_fraction": args.masked_forest, "forest_scale_px": args.forest_scale}
+    runs = (("unmasked", None), ("masked", None), ("masked_small_windows", args.masked_window))
+    for mode, window in runs:
         config = load_config(overrides=dict(
             cube=cube.root, tiles="all", output=str(workdir / f"out-masked-{mode}"), workers=workers,
-            threads_per_worker=args.threads_per_worker, dashboard_address=":0", window=args.masked_window,
-            mask_dir=cube.mask_dir if mode == "masked" else None, **models["sits-lstm"]), environ={})
+            threads_per_worker=args.threads_per_worker, dashboard_address=":0", window=window,
+            mask_dir=None if mode == "unmasked" else cube.mask_dir, **models["sits-lstm"]), environ={})
         e2e = _end_to_end(config, workers, args.threads_per_worker)
         plan = e2e["plan"]
         with_forest, total = _windows_with_forest(plan)
         per_window = sum(len(t.scenes) * (1 + bool(config.qai_flags)) for t in plan.tiles) // len(plan.tiles)
-        out[mode] = {"end_to_end_s": round(e2e["seconds"], 2), "pixels_predicted": e2e["pixels"],
-                     "windows": total, "windows_with_forest": with_forest, "file_opens": e2e["file_opens"],
+        out[mode] = {"window": list(plan.window_shape), "end_to_end_s": round(e2e["seconds"], 2),
+                     "pixels_predicted": e2e["pixels"], "windows": total, "windows_with_forest": with_forest,
+                     "file_opens": e2e["file_opens"],
                      "file_opens_if_forest_windows_only": with_forest * per_window,
                      "file_opens_if_all_windows": total * per_window}
-        log(f"[masked] {mode}: {e2e['seconds']:.1f} s, {e2e['file_opens']} file opens")
+        log(f"[masked] {mode} (window {plan.window_shape}): {e2e['seconds']:.1f} s, "
+            f"{e2e['file_opens']} file opens, {with_forest}/{total} windows with forest")
     out["masked_over_unmasked"] = round(out["masked"]["end_to_end_s"] / out["unmasked"]["end_to_end_s"], 3)
-    out["windows_without_forest_opened_files"] = (
-        out["masked"]["file_opens"] - out["masked"]["file_opens_if_forest_windows_only"])
+    small = out["masked_small_windows"]
+    out["windows_without_forest_opened_files"] = small["file_opens"] - small["file_opens_if_forest_windows_only"]
     return out
 
 
@@ -243,7 +249,8 @@ def main(argv=None) -> int:
     p.add_argument("--rss-window", default="250x250", help="fixed window for the memory comparison")
     p.add_argument("--masked-forest", type=float, default=0.25,
                    help="forest share for the masked-vs-unmasked comparison (0 skips it)")
-    p.add_argument("--masked-window", default="100x100", help="window for the masked comparison")
+    p.add_argument("--masked-window", default="100x100",
+                   help="small window for the file-open count of the masked mode (default 100x100)")
     p.add_argument("--forest-scale", type=float, default=250.0,
                    help="width of forest patches (px) in the masked comparison (default 250 = 2.5 km)")
     p.add_argument("--workers", type=int, default=None, help="default: cores / threads")

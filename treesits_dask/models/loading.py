@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 #: Upper bound of attention-score elements per forward chunk (bounds memory of large batches);
 #: CUDA kernels do not materialise the scores, so GPUs take larger chunks.
 _ATTENTION_BUDGET = {"cpu": 64 * 2**20, "cuda": 512 * 2**20}
+#: SBERT on CPU: pixels per forward call, each call trimmed to its longest sequence
+_SBERT_CPU_CHUNK = 256
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -241,17 +243,24 @@ class Predictor:
             series, valid, days, int(seq["seq_len"]), int(seq.get("max_position", 1826))
         )
         # all padding slots of a pixel are identical rows (data 0, day 0) and masked as keys, so
-        # keeping one of them in front gives the same max-pooled result as keeping all of them
-        keep = min(x.shape[1], int(used.max()) + 1)
-        x, doy, mask = x[:, -keep:], doy[:, -keep:], mask[:, -keep:]
+        # keeping one of them in front gives the same max-pooled result as keeping all of them.
+        # The pixels come sorted by observation count (see predict), so each chunk of the batch is
+        # trimmed to its own longest sequence: attention cost grows with the square of the length
         heads = int(self.card.hyperparameters.get("attn_heads", 8))
-        xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.device, non_blocking=True)
-        dt_ = torch.from_numpy(np.ascontiguousarray(doy)).to(self.device, non_blocking=True)
-        mt = torch.from_numpy(np.ascontiguousarray(mask)).to(self.device, non_blocking=True)
-        logits = torch.cat(
-            [self.module(xt[s], dt_[s], mt[s]) for s in self._chunks(len(x), heads * keep * keep)]
-        )
-        logits = logits.float()
+        keep_all = min(x.shape[1], int(used.max()) + 1)
+        chunks = self._chunks(len(x), heads * keep_all * keep_all)
+        if self.device.type == "cpu":  # on CPUs short chunks cost nothing; on GPUs they would
+            n = len(x)
+            chunks = [slice(i, min(c.stop, n, i + _SBERT_CPU_CHUNK))
+                      for c in chunks for i in range(c.start, min(c.stop, n), _SBERT_CPU_CHUNK)]
+        outs = []
+        for sl in chunks:
+            keep = min(x.shape[1], int(used[sl].max()) + 1)
+            xt = torch.from_numpy(np.ascontiguousarray(x[sl, -keep:])).to(self.device, non_blocking=True)
+            dt_ = torch.from_numpy(np.ascontiguousarray(doy[sl, -keep:])).to(self.device, non_blocking=True)
+            mt = torch.from_numpy(np.ascontiguousarray(mask[sl, -keep:])).to(self.device, non_blocking=True)
+            outs.append(self.module(xt, dt_, mt))
+        logits = torch.cat(outs).float()
         probs = torch.sigmoid(logits) if self.card.output_kind == "sigmoid" else logits.softmax(1)
         return probs.cpu().numpy(), used
 
