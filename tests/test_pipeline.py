@@ -109,6 +109,9 @@ def test_run_synthetic(small_cube, native_lstm, tmp_path, client):
     # the model was loaded exactly once in each worker process
     loads = client.run(predict.load_count)
     assert sorted(loads.values()) == [1, 1]
+    # ... and its allocator keeps torch temporaries on the heap (nanny workers start with
+    # MALLOC_TRIM_THRESHOLD_ set, which would mmap every one of them afresh)
+    assert all(client.run(predict.malloc_tuned).values())
 
 
 def test_pipeline_equals_direct_prediction(small_cube, native_lstm, tmp_path, client):
