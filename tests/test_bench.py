@@ -22,6 +22,11 @@ def test_bench_small(tmp_path, capsys):
         assert lstm[key] > 0, key
     assert lstm["pixels_predicted"] == lstm["forward_pixels"] > 0
     assert lstm["efficiency"] == pytest.approx(lstm["end_to_end_s"] / (lstm["decode_s"] + lstm["forward_s"]), rel=0.02)
+    # each time is the fastest of its samples (two by default), every sample reported
+    assert len(lstm["end_to_end_s_runs"]) == len(lstm["decode_s_runs"]) == 2
+    assert lstm["end_to_end_s"] == min(lstm["end_to_end_s_runs"])
+    assert lstm["forward_s"] == min(lstm["forward_s_before_after"])
+    assert lstm["efficiency_worst"] >= lstm["efficiency"]
     rerun = report["rerun"]
     assert rerun["tiles_processed"] == 0 and rerun["tiles_skipped"] == 1 and rerun["geotiff_opens"] == 0
     assert rerun["second_run_s"] < rerun["first_run_s"]
