@@ -398,3 +398,26 @@ def test_only_masked_valid_pixels_reach_the_model_in_full_batches(native_lstm):
     assert expected % 64 and sum(seen) == expected
     assert seen[:-1] == [64] * (len(seen) - 1) and seen[-1] == expected % 64
     np.testing.assert_array_equal(out["class"] != 255, mask & ~gone)
+
+
+@pytest.mark.parametrize("share", [0.1, 0.8])
+def test_sparse_and_dense_masks_give_the_unmasked_outputs_inside(native_lstm, share):
+    """A masked window gives, inside the mask, what the unmasked window gives, and nodata outside."""
+    from treesits_dask.models import ModelSpec
+    from treesits_dask.predict import empty_outputs, get_predictor, predict_block
+
+    rng = np.random.default_rng(11)
+    t, h, w = 9, 30, 40
+    block = rng.integers(0, 3000, size=(t, 10, h, w)).astype(np.int16)
+    block[:, :, rng.random((h, w)) < 0.2] = -9999
+    block = np.where(rng.random((t, 1, h, w)) < 0.3, np.int16(-9999), block)
+    mask = rng.random((h, w)) < share
+    days = np.arange(t, dtype=np.int64) * 10 + 19000
+    predictor = get_predictor(ModelSpec(uri=native_lstm, family="native"), "cpu")
+    whole = predict_block(block, None, days, predictor, batch_size=97)
+    out = predict_block(block, mask, days, predictor, batch_size=97)
+    nodata = empty_outputs(predictor.card.n_classes, (h, w))
+    for var in ("class", "valid_obs", "last_obs_valid"):
+        np.testing.assert_array_equal(out[var], np.where(mask, whole[var], nodata[var]), err_msg=var)
+    np.testing.assert_allclose(out["probability"], np.where(mask, whole["probability"], np.nan), rtol=1e-5)
+    assert (out["class"] != 255).sum() > 0.5 * share * h * w
