@@ -3,7 +3,8 @@
 Prints one JSON document.  All ratios come from one run on one machine:
 
 - ``decode_s``: reading every window of the tile (all scenes) on the cluster, no model;
-- ``forward_s``: the model alone on pre-loaded inputs of the same pixels (all cores);
+- ``forward_s``: the model alone on pre-loaded inputs of the same pixels (all cores, the allocator
+  settings of the inference workers);
 - ``end_to_end_s``: :func:`treesits_dask.pipeline.run` on a started LocalCluster (read, screen,
   predict, Zarr + COG writes);
 - ``efficiency`` = end_to_end / (decode + forward); ``px_per_s`` = predicted pixels / end_to_end;
@@ -128,9 +129,10 @@ def _forward(plan, threads: int) -> tuple[float, int]:
 
     from .cube import NODATA, days_since_epoch, open_cube
     from .masks import open_mask
-    from .predict import get_predictor
+    from .predict import get_predictor, tune_malloc
 
     torch.set_num_threads(threads)
+    tune_malloc()  # the allocator settings of the inference workers: like against like
     predictor = get_predictor(plan.spec, "cpu")
     total_t = 0.0
     n = 0

@@ -210,7 +210,7 @@ class ModelPlugin(WorkerPlugin):
             resources = getattr(getattr(worker, "state", None), "total_resources", None) or {}
             if self.resource not in resources:
                 return  # a reading-only worker: never runs inference, keeps no model
-        if worker is not None:  # a worker process of its own, not a caller's interpreter
+        if worker is not None:  # set up by Dask on a worker (not called by hand)
             tune_malloc()
         get_predictor(self.spec, self.device)
 
