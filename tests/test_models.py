@@ -421,3 +421,37 @@ def test_sparse_and_dense_masks_give_the_unmasked_outputs_inside(native_lstm, sh
         np.testing.assert_array_equal(out[var], np.where(mask, whole[var], nodata[var]), err_msg=var)
     np.testing.assert_allclose(out["probability"], np.where(mask, whole["probability"], np.nan), rtol=1e-5)
     assert (out["class"] != 255).sum() > 0.5 * share * h * w
+
+
+def test_cpu_forward_gives_a_core_back_to_each_read_in_progress(native_lstm):
+    """Worker threads read windows beside the forward: torch uses the worker's threads less one per
+    read in progress (set from the thread that runs the forward, before every batch)."""
+    import functools
+
+    import torch
+
+    from treesits_dask.cube import READS_IN_PROGRESS
+    from treesits_dask.models import ModelSpec
+    from treesits_dask.predict import _threads_beside_reads, get_predictor
+
+    predictor = get_predictor(ModelSpec(uri=native_lstm, family="native"), "cpu")
+    seen: list[int] = []
+    hook = predictor.module.register_forward_pre_hook(lambda mod, args: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    rng = np.random.default_rng(2)
+    series = rng.integers(0, 3000, size=(10, 6, 10)).astype(np.int16)
+    valid = np.ones((10, 6), bool)
+    days = np.arange(6, dtype=np.int64) * 10 + 19000
+    predictor.threads = functools.partial(_threads_beside_reads, 3)
+    try:
+        predictor.predict(series, valid, days, batch_size=4)
+        with READS_IN_PROGRESS:
+            predictor.predict(series, valid, days, batch_size=4)
+            with READS_IN_PROGRESS, READS_IN_PROGRESS, READS_IN_PROGRESS:
+                predictor.predict(series, valid, days, batch_size=4)
+    finally:
+        predictor.threads = None
+        hook.remove()
+        torch.set_num_threads(before)
+    assert seen == [3] * 3 + [2] * 3 + [1] * 3
+    assert READS_IN_PROGRESS.count == 0

@@ -112,6 +112,9 @@ def test_run_synthetic(small_cube, native_lstm, tmp_path, client):
     # ... and its allocator keeps torch temporaries on the heap (nanny workers start with
     # MALLOC_TRIM_THRESHOLD_ set, which would mmap every one of them afresh)
     assert all(client.run(predict.malloc_tuned).values())
+    # ... and its CPU model gives a core back to each window read running beside the forward
+    budgets = client.run(lambda: [p.threads is not None for p in predict._CACHE.values()])
+    assert all(v == [True] for v in budgets.values()), budgets
 
 
 def test_pipeline_equals_direct_prediction(small_cube, native_lstm, tmp_path, client):

@@ -7,6 +7,7 @@ batches, everything else gets the output nodata without touching the model.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from .cube import NODATA
+from .cube import NODATA, READS_IN_PROGRESS
 from .models import ModelSpec
 
 __all__ = [
@@ -34,8 +35,8 @@ log = logging.getLogger(__name__)
 _CACHE: dict[tuple[ModelSpec, str], object] = {}
 _LOCK = threading.Lock()
 _LOADS = 0
-# One forward pass at a time per process: it uses all of the worker's torch threads, while the
-# worker's other threads read the next windows (no oversubscription of the cores).
+# One forward pass at a time per process, while the worker's other threads read the next windows;
+# on CPU the forward uses the worker's threads less one per read in progress (see ModelPlugin).
 _INFERENCE = threading.Lock()
 #: glibc allocator thresholds of inference workers (see :func:`tune_malloc`)
 MMAP_THRESHOLD = 32 << 20
@@ -100,6 +101,11 @@ def tune_malloc() -> bool:
 def malloc_tuned() -> bool:
     """Whether :func:`tune_malloc` took effect in this process (tests ask the workers)."""
     return _MALLOC_TUNED
+
+
+def _threads_beside_reads(total: int) -> int:
+    """Torch threads for the next forward: ``total`` less the window reads running right now."""
+    return max(1, total - READS_IN_PROGRESS.count)
 
 
 def empty_outputs(n_classes: int, shape: tuple[int, int]) -> dict[str, np.ndarray]:
@@ -212,7 +218,10 @@ class ModelPlugin(WorkerPlugin):
                 return  # a reading-only worker: never runs inference, keeps no model
         if worker is not None:  # set up by Dask on a worker (not called by hand)
             tune_malloc()
-        get_predictor(self.spec, self.device)
+        predictor = get_predictor(self.spec, self.device)
+        if predictor.device.type == "cpu":
+            # the worker's threads also read windows: each read in progress gets one core back
+            predictor.threads = functools.partial(_threads_beside_reads, max(1, threads))
 
     def teardown(self, worker=None):
         pass

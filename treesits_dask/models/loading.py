@@ -182,6 +182,9 @@ class Predictor:
         self.module = module
         self.card = card
         self.device = torch.device(device)
+        #: on CPU, a callable giving the torch threads for the next forward call (checked before
+        #: every batch / chunk, from the thread that runs it); None leaves torch as it is
+        self.threads = None
 
     def __repr__(self) -> str:
         return f"Predictor({self.card.family}, {self.card.n_classes} outputs, {self.device})"
@@ -220,6 +223,11 @@ class Predictor:
                 n_used[idx] = used
         return probs, n_used
 
+    def _set_threads(self) -> None:
+        # torch's OpenMP and MKL thread counts are per calling thread: set them right here
+        if self.threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(max(1, int(self.threads())))
+
     def _chunks(self, n: int, per_item: int) -> list[slice]:
         budget = _ATTENTION_BUDGET.get(self.device.type, _ATTENTION_BUDGET["cpu"])
         step = max(1, budget // max(1, per_item))
@@ -231,9 +239,13 @@ class Predictor:
         t = x.shape[1]
         if self.card.family == "sits-transformer":
             heads = int(self.card.hyperparameters.get("nhead", 1))
-            outs = [self.module(xt[s].transpose(0, 1)) for s in self._chunks(len(x), heads * t * t)]
+            outs = []
+            for s in self._chunks(len(x), heads * t * t):
+                self._set_threads()
+                outs.append(self.module(xt[s].transpose(0, 1)))
             out = torch.cat(outs)
         else:
+            self._set_threads()
             out = self.module(xt)
         return out.float().cpu().numpy(), used
 
@@ -259,6 +271,7 @@ class Predictor:
             xt = torch.from_numpy(np.ascontiguousarray(x[sl, -keep:])).to(self.device, non_blocking=True)
             dt_ = torch.from_numpy(np.ascontiguousarray(doy[sl, -keep:])).to(self.device, non_blocking=True)
             mt = torch.from_numpy(np.ascontiguousarray(mask[sl, -keep:])).to(self.device, non_blocking=True)
+            self._set_threads()
             outs.append(self.module(xt, dt_, mt))
         logits = torch.cat(outs).float()
         probs = torch.sigmoid(logits) if self.card.output_kind == "sigmoid" else logits.softmax(1)
