@@ -85,23 +85,17 @@ class _OpenCounter:
 OPEN_COUNTER = _OpenCounter()
 
 
-class _InProgress:
+class _InProgress(_OpenCounter):
     """How many window reads are running in this process right now.  CPU inference gives a core
     back to each of them (see ``Predictor.threads``): a read beside a forward that uses every core
     stalls the forward's OpenMP barriers and made it ~2.4x slower here."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.count = 0
-
     def __enter__(self):
-        with self._lock:
-            self.count += 1
+        self.add(1)
         return self
 
     def __exit__(self, *exc) -> None:
-        with self._lock:
-            self.count -= 1
+        self.add(-1)
 
 
 READS_IN_PROGRESS = _InProgress()
