@@ -423,16 +423,17 @@ def test_sparse_and_dense_masks_give_the_unmasked_outputs_inside(native_lstm, sh
     assert (out["class"] != 255).sum() > 0.5 * share * h * w
 
 
-def test_cpu_forward_gives_a_core_back_to_each_read_in_progress(native_lstm):
-    """Worker threads read windows beside the forward: torch uses the worker's threads less one per
-    read in progress (set from the thread that runs the forward, before every batch)."""
+def test_cpu_forwards_share_the_cores_with_reads_and_each_other(native_lstm):
+    """Worker threads read and predict windows side by side: torch uses the worker's threads less
+    one per read in progress, shared evenly among the forwards in progress (set from the thread
+    that runs the forward, before every batch)."""
     import functools
 
     import torch
 
     from treesits_dask.cube import READS_IN_PROGRESS
     from treesits_dask.models import ModelSpec
-    from treesits_dask.predict import _threads_beside_reads, get_predictor
+    from treesits_dask.predict import FORWARDS_IN_PROGRESS, _threads_for_forward, get_predictor
 
     predictor = get_predictor(ModelSpec(uri=native_lstm, family="native"), "cpu")
     seen: list[int] = []
@@ -442,16 +443,70 @@ def test_cpu_forward_gives_a_core_back_to_each_read_in_progress(native_lstm):
     series = rng.integers(0, 3000, size=(10, 6, 10)).astype(np.int16)
     valid = np.ones((10, 6), bool)
     days = np.arange(6, dtype=np.int64) * 10 + 19000
-    predictor.threads = functools.partial(_threads_beside_reads, 3)
+    predictor.threads = functools.partial(_threads_for_forward, 4)
     try:
-        predictor.predict(series, valid, days, batch_size=4)
-        with READS_IN_PROGRESS:
+        with FORWARDS_IN_PROGRESS:  # this forward alone: every core
             predictor.predict(series, valid, days, batch_size=4)
-            with READS_IN_PROGRESS, READS_IN_PROGRESS, READS_IN_PROGRESS:
+            with READS_IN_PROGRESS:  # one read beside it
                 predictor.predict(series, valid, days, batch_size=4)
+            with FORWARDS_IN_PROGRESS:  # a second forward: half the cores each
+                predictor.predict(series, valid, days, batch_size=4)
+                with READS_IN_PROGRESS:  # ... and a read: (4 - 1) // 2
+                    predictor.predict(series, valid, days, batch_size=4)
+            with READS_IN_PROGRESS, READS_IN_PROGRESS, READS_IN_PROGRESS, READS_IN_PROGRESS:
+                predictor.predict(series, valid, days, batch_size=4)  # never below one
     finally:
         predictor.threads = None
         hook.remove()
         torch.set_num_threads(before)
-    assert seen == [3] * 3 + [2] * 3 + [1] * 3
-    assert READS_IN_PROGRESS.count == 0
+    assert seen == [4] * 3 + [3] * 3 + [2] * 3 + [1] * 3 + [1] * 3
+    assert READS_IN_PROGRESS.count == 0 and FORWARDS_IN_PROGRESS.count == 0
+
+
+@pytest.mark.parametrize("device, most_at_once", [("cpu", 3), ("cuda", 1)])
+def test_windows_run_side_by_side_on_cpu_and_one_at_a_time_on_an_accelerator(device, most_at_once):
+    """predict_block: on CPU every worker thread predicts its own window (the cores are shared
+    out); an accelerator runs one forward at a time (its memory is sized for one)."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from treesits_dask.predict import FORWARDS_IN_PROGRESS, predict_block
+
+    lock = threading.Lock()
+    running = []
+    most = [0]
+    barrier = threading.Barrier(3, timeout=10)
+
+    class Slow:
+        card = SimpleNamespace(n_classes=2)
+
+        def __init__(self):
+            self.device = SimpleNamespace(type=device)
+
+        def predict(self, series, valid, days, batch_size):
+            with lock:
+                running.append(1)
+                most[0] = max(most[0], len(running))
+            time.sleep(0.3)
+            with lock:
+                running.pop()
+            n = len(series)
+            return np.full((n, 2), 0.5, np.float32), valid.sum(axis=1)
+
+    block = np.ones((4, 10, 3, 3), np.int16)
+    days = np.arange(4, dtype=np.int64)
+    outs = []
+
+    def one():
+        barrier.wait()
+        outs.append(predict_block(block, None, days, Slow()))
+
+    threads = [threading.Thread(target=one) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == most_at_once
+    assert len(outs) == 3 and all((o["valid_obs"] == 4).all() for o in outs)
+    assert FORWARDS_IN_PROGRESS.count == 0

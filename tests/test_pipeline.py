@@ -112,8 +112,9 @@ def test_run_synthetic(small_cube, native_lstm, tmp_path, client):
     # ... and its allocator keeps torch temporaries on the heap (nanny workers start with
     # MALLOC_TRIM_THRESHOLD_ set, which would mmap every one of them afresh)
     assert all(client.run(predict.malloc_tuned).values())
-    # ... and its CPU model gives a core back to each window read running beside the forward
-    budgets = client.run(lambda: [p.threads is not None for p in predict._CACHE.values()])
+    # ... and its CPU model shares the worker's cores out among the reads and forwards in progress
+    budgets = client.run(lambda: [getattr(p.threads, "func", None) is predict._threads_for_forward
+                                  for p in predict._CACHE.values()])
     assert all(v == [True] for v in budgets.values()), budgets
 
 

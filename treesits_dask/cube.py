@@ -86,9 +86,9 @@ OPEN_COUNTER = _OpenCounter()
 
 
 class _InProgress(_OpenCounter):
-    """How many window reads are running in this process right now.  CPU inference gives a core
-    back to each of them (see ``Predictor.threads``): a read beside a forward that uses every core
-    stalls the forward's OpenMP barriers and made it ~2.4x slower here."""
+    """How many window reads (or, in ``predict``, CPU forwards) are running in this process right
+    now.  CPU inference gives a core back to each read (see ``Predictor.threads``): a read beside a
+    forward that uses every core stalls the forward's OpenMP barriers and made it ~2.4x slower here."""
 
     def __enter__(self):
         self.add(1)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from .cube import NODATA, READS_IN_PROGRESS
+from .cube import NODATA, READS_IN_PROGRESS, _InProgress
 from .models import ModelSpec
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "ModelPlugin",
     "empty_outputs",
     "tune_malloc",
+    "FORWARDS_IN_PROGRESS",
 ]
 
 log = logging.getLogger(__name__)
@@ -35,13 +36,18 @@ log = logging.getLogger(__name__)
 _CACHE: dict[tuple[ModelSpec, str], object] = {}
 _LOCK = threading.Lock()
 _LOADS = 0
-# One forward pass at a time per process, while the worker's other threads read the next windows;
-# on CPU the forward uses the worker's threads less one per read in progress (see ModelPlugin).
-_INFERENCE = threading.Lock()
+# On an accelerator one forward pass runs at a time per process (its memory is sized for one),
+# while the worker's other threads read the next windows.  On CPU every worker thread runs its own
+# forward and the worker's cores are shared out among them and the reads (see ModelPlugin).
+_ACCELERATOR = threading.Lock()
+#: CPU forwards running in this process right now (see :func:`_threads_for_forward`)
+FORWARDS_IN_PROGRESS = _InProgress()
 #: glibc allocator thresholds of inference workers (see :func:`tune_malloc`)
 MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 256 << 20
 _MALLOC_TUNED = False
+#: the worker threads that CPU forwards share out (set by ModelPlugin; None outside Dask workers)
+_CPU_THREADS: int | None = None
 
 
 def get_predictor(spec: ModelSpec, device: str = "auto"):
@@ -57,11 +63,19 @@ def get_predictor(spec: ModelSpec, device: str = "auto"):
 
                 t0 = time.perf_counter()
                 model = load_model(spec, device=device)
+                _share_cores(model)
                 _CACHE[key] = model
                 _LOADS += 1
                 log.info("loaded %s model %s on %s in %.2fs", spec.family, spec.uri, model.device,
                          time.perf_counter() - t0)
     return model
+
+
+def _share_cores(predictor) -> None:
+    """On CPU in a Dask worker: the predictor shares the worker's cores with the reads and the
+    other forwards in progress (see :func:`_threads_for_forward`)."""
+    if _CPU_THREADS and getattr(getattr(predictor, "device", None), "type", None) == "cpu":
+        predictor.threads = functools.partial(_threads_for_forward, _CPU_THREADS)
 
 
 def load_count() -> int:
@@ -103,9 +117,17 @@ def malloc_tuned() -> bool:
     return _MALLOC_TUNED
 
 
-def _threads_beside_reads(total: int) -> int:
-    """Torch threads for the next forward: ``total`` less the window reads running right now."""
-    return max(1, total - READS_IN_PROGRESS.count)
+def _threads_for_forward(total: int) -> int:
+    """Torch threads for the next batch of a CPU forward: the ``total`` cores of the worker less
+    one per window read running right now, shared evenly among the forwards running right now.
+
+    Two windows predicted side by side with one thread each beat one window at a time with two
+    threads (~1.2x for the LSTM, ~1.35x for SBERT on 2 cores: their ops are too small to split
+    well), and a read beside a forward that uses every core stalls its OpenMP barriers (2.4x
+    slower).  A forward running alone (the last window of a tile) still gets every core.
+    """
+    forwards = max(1, FORWARDS_IN_PROGRESS.count)
+    return max(1, (total - READS_IN_PROGRESS.count) // forwards)
 
 
 def empty_outputs(n_classes: int, shape: tuple[int, int]) -> dict[str, np.ndarray]:
@@ -153,7 +175,8 @@ def predict_block(
         return out
     series = np.ascontiguousarray(block.reshape(t_, block.shape[1], h * w)[:, :, idx].transpose(2, 0, 1))
     valid_sel = np.ascontiguousarray(valid.reshape(t_, h * w)[:, idx].T)
-    with _INFERENCE:
+    device = getattr(getattr(predictor, "device", None), "type", "cpu")
+    with FORWARDS_IN_PROGRESS if device == "cpu" else _ACCELERATOR:
         probs, n_used = predictor.predict(series, valid_sel, np.asarray(days), batch_size=batch_size)
     prob = out["probability"].reshape(n_classes, h * w)
     prob[:, idx] = probs.T
@@ -191,8 +214,9 @@ def unpack_outputs(packed: np.ndarray, variables: Sequence[str] | None = None) -
 
 
 class ModelPlugin(WorkerPlugin):
-    """Dask worker plugin: sets torch threads and the allocator (:func:`tune_malloc`) and loads the
-    model once when a worker starts.
+    """Dask worker plugin: sets the allocator (:func:`tune_malloc`) and how CPU forwards share the
+    worker's cores, and loads the model once when a worker starts (in the background, beside the
+    first window reads).
 
     Registered with ``client.register_plugin``; it also runs on workers that join later.
     """
@@ -207,21 +231,37 @@ class ModelPlugin(WorkerPlugin):
         self.resource = resource  # only workers advertising it run inference (e.g. "GPU")
 
     def setup(self, worker=None):  # noqa: D401 - dask WorkerPlugin hook
-        import torch
-
+        global _CPU_THREADS
         # as many torch threads as the worker has (nanny workers start with OMP_NUM_THREADS=1)
-        threads = self.torch_threads or getattr(getattr(worker, "state", None), "nthreads", None) or 1
-        torch.set_num_threads(max(1, threads))
+        threads = max(1, self.torch_threads or getattr(getattr(worker, "state", None), "nthreads", None) or 1)
         if self.resource and worker is not None:
             resources = getattr(getattr(worker, "state", None), "total_resources", None) or {}
             if self.resource not in resources:
                 return  # a reading-only worker: never runs inference, keeps no model
-        if worker is not None:  # set up by Dask on a worker (not called by hand)
-            tune_malloc()
-        predictor = get_predictor(self.spec, self.device)
-        if predictor.device.type == "cpu":
-            # the worker's threads also read windows: each read in progress gets one core back
-            predictor.threads = functools.partial(_threads_beside_reads, max(1, threads))
+        _CPU_THREADS = threads
+        for predictor in list(_CACHE.values()):  # loaded by an earlier run on this worker
+            _share_cores(predictor)
+        if worker is None:  # called by hand: load right here, errors included
+            self._load(threads)
+            return
+        tune_malloc()
+        # setup runs on the worker's event loop: importing torch and loading the model there would
+        # hold every task back for seconds.  Load beside the first window reads instead; the first
+        # forward waits for it (get_predictor's lock) or, if this load failed, raises the error
+        threading.Thread(target=self._load_ahead, args=(threads,), name="treesits-model-load",
+                         daemon=True).start()
+
+    def _load(self, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        get_predictor(self.spec, self.device)
+
+    def _load_ahead(self, threads: int) -> None:
+        try:
+            self._load(threads)
+        except Exception as exc:  # noqa: BLE001 - the first window loads it again and reports why
+            log.warning("could not load %s ahead of the first window: %s", self.spec.uri, exc)
 
     def teardown(self, worker=None):
         pass
