@@ -463,6 +463,37 @@ def test_cpu_forwards_share_the_cores_with_reads_and_each_other(native_lstm):
     assert READS_IN_PROGRESS.count == 0 and FORWARDS_IN_PROGRESS.count == 0
 
 
+def test_cpu_forward_calls_are_short_and_give_the_whole_batch_result(native_lstm):
+    """On CPU a batch goes through the LSTM in calls of at most 512 pixels (faster: the gate
+    buffers stay in cache), with the outputs of one call on the whole batch."""
+    import torch
+
+    from treesits_dask.models import ModelSpec
+    from treesits_dask.models.loading import _FULL_CPU_CHUNK
+    from treesits_dask.models.preprocess import full_inputs
+    from treesits_dask.predict import get_predictor
+
+    predictor = get_predictor(ModelSpec(uri=native_lstm, family="native"), "cpu")
+    rng = np.random.default_rng(5)
+    n = 2 * _FULL_CPU_CHUNK + 276
+    series = rng.integers(0, 3000, size=(n, 6, 10)).astype(np.int16)
+    valid = rng.random((n, 6)) > 0.3
+    valid[:, 0] = True
+    days = np.arange(6, dtype=np.int64) * 10 + 19000
+    sizes: list[int] = []
+    hook = predictor.module.register_forward_pre_hook(lambda mod, args: sizes.append(len(args[0])))
+    try:
+        probs, used = predictor.predict(series, valid, days, batch_size=4096)
+    finally:
+        hook.remove()
+    assert sizes == [_FULL_CPU_CHUNK, _FULL_CPU_CHUNK, 276]
+    x, n_used = full_inputs(series, valid)
+    with torch.inference_mode():
+        whole = predictor.module(torch.from_numpy(x)).float().numpy()
+    np.testing.assert_allclose(probs, whole, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(used, n_used)
+
+
 @pytest.mark.parametrize("device, most_at_once", [("cpu", 3), ("cuda", 1)])
 def test_windows_run_side_by_side_on_cpu_and_one_at_a_time_on_an_accelerator(device, most_at_once):
     """predict_block: on CPU every worker thread predicts its own window (the cores are shared

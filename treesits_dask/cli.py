@@ -37,7 +37,7 @@ _RUN_FLAGS = [
     ("--batch-size", dict(type=int, help="pixels per model batch (default 2048)")),
     ("--window", dict(help="window size: auto (default), N or ROWSxCOLS pixels; must divide the tile")),
     ("--workers", dict(type=int, help="LocalCluster worker processes (default: cores / threads-per-worker)")),
-    ("--threads-per-worker", dict(type=int, help="threads per worker, also torch threads (default min(cores, 4))")),
+    ("--threads-per-worker", dict(type=int, help="threads per worker; on CPU also the cores its torch forwards share (default min(cores, 4))")),
     ("--memory-limit", dict(help="memory limit per LocalCluster worker (default auto)")),
     ("--scheduler-address", dict(help="use an existing Dask scheduler (tcp://host:8786) instead of a LocalCluster")),
     ("--device", dict(help="torch device: auto (CUDA if available), cpu, cuda, cuda:N")),

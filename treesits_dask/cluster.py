@@ -57,8 +57,9 @@ class EnvPlugin(WorkerPlugin):
 def local_cluster_kwargs(config: RunConfig) -> dict:
     """Arguments of ``distributed.LocalCluster`` for a config (pure; used by ``plan`` too)."""
     cores = os.cpu_count() or 1
-    # default: few processes with several threads each (torch uses as many threads as the worker),
-    # so a window that holds most of the forest still gets all cores of its process
+    # default: few processes with several threads each; the CPU forwards in a process share its
+    # cores out, so a window predicted alone (one that holds most of the forest, the last of a
+    # tile) still gets all cores of its process
     threads = config.threads_per_worker or min(cores, 4)
     workers = config.workers or max(1, cores // threads)
     return {

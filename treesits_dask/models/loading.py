@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 _ATTENTION_BUDGET = {"cpu": 64 * 2**20, "cuda": 512 * 2**20}
 #: SBERT on CPU: pixels per forward call, each call trimmed to its longest sequence
 _SBERT_CPU_CHUNK = 256
+#: LSTM / Transformer on CPU: pixels per forward call.  A 2048-pixel LSTM call spills its 126 MB
+#: gate buffer out of the caches; 512-pixel calls ran ~1.25x faster on one core (Transformer ~1.2x)
+_FULL_CPU_CHUNK = 512
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -228,26 +231,26 @@ class Predictor:
         if self.threads is not None and self.device.type == "cpu":
             torch.set_num_threads(max(1, int(self.threads())))
 
-    def _chunks(self, n: int, per_item: int) -> list[slice]:
+    def _chunks(self, n: int, per_item: int, cpu_chunk: int) -> list[slice]:
+        """Slices of ``n`` pixels per forward call: within the attention budget of the device,
+        and on CPU at most ``cpu_chunk`` pixels (short calls cost nothing there; on GPUs they would)."""
         budget = _ATTENTION_BUDGET.get(self.device.type, _ATTENTION_BUDGET["cpu"])
         step = max(1, budget // max(1, per_item))
-        return [slice(i, i + step) for i in range(0, n, step)]
+        if self.device.type == "cpu":
+            step = min(step, cpu_chunk)
+        return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
     def _full_batch(self, series: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x, used = full_inputs(series, valid)
         xt = torch.from_numpy(x).to(self.device, non_blocking=True)
         t = x.shape[1]
-        if self.card.family == "sits-transformer":
-            heads = int(self.card.hyperparameters.get("nhead", 1))
-            outs = []
-            for s in self._chunks(len(x), heads * t * t):
-                self._set_threads()
-                outs.append(self.module(xt[s].transpose(0, 1)))
-            out = torch.cat(outs)
-        else:
+        transformer = self.card.family == "sits-transformer"
+        per_item = int(self.card.hyperparameters.get("nhead", 1)) * t * t if transformer else 1
+        outs = []
+        for s in self._chunks(len(x), per_item, _FULL_CPU_CHUNK):
             self._set_threads()
-            out = self.module(xt)
-        return out.float().cpu().numpy(), used
+            outs.append(self.module(xt[s].transpose(0, 1) if transformer else xt[s]))
+        return torch.cat(outs).float().cpu().numpy(), used
 
     def _sbert_batch(self, series: np.ndarray, valid: np.ndarray, days: np.ndarray):
         seq = self.card.sequence
@@ -260,13 +263,8 @@ class Predictor:
         # trimmed to its own longest sequence: attention cost grows with the square of the length
         heads = int(self.card.hyperparameters.get("attn_heads", 8))
         keep_all = min(x.shape[1], int(used.max()) + 1)
-        chunks = self._chunks(len(x), heads * keep_all * keep_all)
-        if self.device.type == "cpu":  # on CPUs short chunks cost nothing; on GPUs they would
-            n = len(x)
-            chunks = [slice(i, min(c.stop, n, i + _SBERT_CPU_CHUNK))
-                      for c in chunks for i in range(c.start, min(c.stop, n), _SBERT_CPU_CHUNK)]
         outs = []
-        for sl in chunks:
+        for sl in self._chunks(len(x), heads * keep_all * keep_all, _SBERT_CPU_CHUNK):
             keep = min(x.shape[1], int(used[sl].max()) + 1)
             xt = torch.from_numpy(np.ascontiguousarray(x[sl, -keep:])).to(self.device, non_blocking=True)
             dt_ = torch.from_numpy(np.ascontiguousarray(doy[sl, -keep:])).to(self.device, non_blocking=True)
