@@ -122,7 +122,7 @@ def _threads_for_forward(total: int) -> int:
     one per window read running right now, shared evenly among the forwards running right now.
 
     Two windows predicted side by side with one thread each beat one window at a time with two
-    threads (~1.2x for the LSTM, ~1.35x for SBERT on 2 cores: their ops are too small to split
+    threads (~1.15x for the LSTM, ~1.35x for SBERT on 2 cores: their ops are too small to split
     well), and a read beside a forward that uses every core stalls its OpenMP barriers (2.4x
     slower).  A forward running alone (the last window of a tile) still gets every core.
     """
