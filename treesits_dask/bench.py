@@ -146,8 +146,9 @@ def _decode(plan, client) -> float:
 def _forward_inputs(plan) -> list[tuple]:
     """Per window of the run: the (series, valid, days) that :func:`predict_block` hands to the
     model (the same pixels, the same batches), read once up front."""
-    from .cube import NODATA, days_since_epoch, open_cube, plan_windows
+    from .cube import days_since_epoch, open_cube, plan_windows
     from .masks import open_mask
+    from .predict import select_pixels
 
     inputs = []
     for tile in plan.tiles:
@@ -159,15 +160,9 @@ def _forward_inputs(plan) -> list[tuple]:
         for row in plan_windows(tile.grid, plan.window_shape):
             for w in row:
                 ys, xs = slice(w.row_off, w.row_off + w.height), slice(w.col_off, w.col_off + w.width)
-                b = block[:, :, ys, xs]
-                valid = (b != NODATA).all(axis=1)
-                sel = valid.any(axis=0) if sel_all is None else valid.any(axis=0) & sel_all[ys, xs]
-                idx = np.flatnonzero(sel)
-                if idx.size == 0:
-                    continue
-                t_, b_, h, w_ = b.shape
-                series = np.ascontiguousarray(b.reshape(t_, b_, h * w_)[:, :, idx].transpose(2, 0, 1))
-                inputs.append((series, np.ascontiguousarray(valid.reshape(t_, h * w_)[:, idx].T), days))
+                idx, series, valid = select_pixels(block[:, :, ys, xs], None if sel_all is None else sel_all[ys, xs])
+                if idx.size:
+                    inputs.append((series, valid, days))
         del block
     return inputs
 

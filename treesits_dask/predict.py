@@ -21,6 +21,7 @@ from .models import ModelSpec
 
 __all__ = [
     "predict_block",
+    "select_pixels",
     "pack_outputs",
     "unpack_outputs",
     "get_predictor",
@@ -139,6 +140,20 @@ def empty_outputs(n_classes: int, shape: tuple[int, int]) -> dict[str, np.ndarra
     }
 
 
+def select_pixels(block: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pixels of a ``(T, bands, h, w)`` window that reach the model: inside ``mask`` (if given)
+    with at least one valid observation.  Returns their flat indices, their series ``(N, T, bands)``
+    and validity ``(N, T)``, contiguous."""
+    t_, b_, h, w = block.shape
+    valid = (block != NODATA).all(axis=1)  # (T, h, w)
+    selected = valid.any(axis=0)
+    if mask is not None:
+        selected &= mask.astype(bool)
+    idx = np.flatnonzero(selected)
+    series = np.ascontiguousarray(block.reshape(t_, b_, h * w)[:, :, idx].transpose(2, 0, 1))
+    return idx, series, np.ascontiguousarray(valid.reshape(t_, h * w)[:, idx].T)
+
+
 def predict_block(
     block: np.ndarray,
     mask: np.ndarray | None,
@@ -161,20 +176,14 @@ def predict_block(
     (255 not predicted), ``valid_obs`` (h, w) uint16 (observations used, 0 where not predicted),
     ``last_obs_valid`` (h, w) uint8 (1 newest scene valid, 0 invalid, 255 not predicted).
     """
-    t_, _, h, w = block.shape
+    h, w = block.shape[2:]
     n_classes = predictor.card.n_classes
     out = empty_outputs(n_classes, (h, w))
     if mask is not None and not mask.any():
         return out
-    valid = (block != NODATA).all(axis=1)  # (T, h, w)
-    selected = valid.any(axis=0)
-    if mask is not None:
-        selected &= mask.astype(bool)
-    idx = np.flatnonzero(selected)
+    idx, series, valid_sel = select_pixels(block, mask)
     if idx.size == 0:
         return out
-    series = np.ascontiguousarray(block.reshape(t_, block.shape[1], h * w)[:, :, idx].transpose(2, 0, 1))
-    valid_sel = np.ascontiguousarray(valid.reshape(t_, h * w)[:, idx].T)
     device = getattr(getattr(predictor, "device", None), "type", "cpu")
     with FORWARDS_IN_PROGRESS if device == "cpu" else _ACCELERATOR:
         probs, n_used = predictor.predict(series, valid_sel, np.asarray(days), batch_size=batch_size)
