@@ -97,7 +97,7 @@ def moto_endpoint():
 @pytest.fixture()
 def s3_env(moto_endpoint, monkeypatch):
     """Process environment for the moto endpoint (path-style, plain HTTP, region RegionOne)."""
-    from treesits_dask import storage
+    from treesits_dask.io import storage
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-value")
@@ -129,7 +129,7 @@ def environ_restored():
 def s3_module_env(moto_endpoint):
     """Like ``s3_env`` for a whole module (so that a module's LocalCluster workers inherit the fake
     credentials): moto endpoint, path-style, region RegionOne, distinctive fake credentials."""
-    from treesits_dask import storage
+    from treesits_dask.io import storage
 
     with environ_restored():
         for key in (*storage.S3_ENV_KEYS, "AWS_ENDPOINT_URL_S3"):
@@ -157,7 +157,7 @@ def new_bucket(prefix: str = "treesits", versioned: bool = False) -> str:
 
 def upload_tree(local_dir, url: str) -> str:
     """Copy a local folder to ``url`` (``s3://bucket/prefix``); returns ``url``."""
-    from treesits_dask import storage
+    from treesits_dask.io import storage
 
     fs, path = storage.get_fs(url)
     fs.put(str(local_dir), path, recursive=True)

@@ -9,7 +9,7 @@ import numpy as np
 import rasterio
 from rasterio.transform import from_origin
 
-from treesits_dask.discovery import S2_BANDS
+from treesits_dask.io.discovery import S2_BANDS
 
 ORIGIN = (2456026.363042, 4574919.607965)
 EPSG3035 = rasterio.crs.CRS.from_epsg(3035)
@@ -48,3 +48,11 @@ def write_scene(root: Path, tile: str, date: dt.date, boa: np.ndarray, qai: np.n
         with rasterio.open(folder / f"{stem}_QAI.tif", "w", count=1, **{**prof, "nodata": 1}) as dst:
             dst.write(qai[None])
     return path
+
+
+def lazy_tile(scenes, grid, shape, qai_flags=(), mask=None):
+    """The lazy tile cube of ``scenes`` in windows of ``shape`` (as a run reads it)."""
+    from treesits_dask.io.cube import tile_cube
+    from treesits_dask.io.grid import WindowLayout
+
+    return tile_cube(scenes, grid, WindowLayout.of(grid, tuple(shape)), qai_flags, mask=mask)

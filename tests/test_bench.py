@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from treesits_dask.bench import main
+from treesits_dask.bench.throughput import main
 
 pytestmark = pytest.mark.slow
 

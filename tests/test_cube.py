@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from tests.helpers import write_prj, write_scene
-from treesits_dask import cube, discovery
+from tests.helpers import lazy_tile
+from treesits_dask.io import cube, discovery
+from treesits_dask.io.grid import choose_window_shape
 from treesits_dask.config import DEFAULT_QAI_FLAGS, QAI_FLAGS
 from treesits_dask.errors import ConfigError, InputDataError
 
@@ -73,8 +75,8 @@ def test_window_read_and_screening(hand_tile):
     root, data, qai = hand_tile
     _, scenes, grid = _grid(root)
     assert grid.block_shape == (16, 16) and (grid.height, grid.width) == (30, 40)
-    shape = cube.choose_window_shape(grid, (15, 20), len(scenes))
-    arr = cube.open_cube(scenes, grid, shape, DEFAULT_QAI_FLAGS)
+    shape = choose_window_shape(grid, (15, 20), len(scenes))
+    arr = lazy_tile(scenes, grid, shape, DEFAULT_QAI_FLAGS)
     assert arr.dims == ("time", "band", "y", "x") and arr.dtype == np.int16
     assert arr.data.numblocks == (1, 1, 2, 2)  # one task per window, all scenes in it
     assert str(arr.rio.crs) == "EPSG:3035" and list(arr.band.values)[7] == "NIR"
@@ -86,7 +88,7 @@ def test_window_read_and_screening(hand_tile):
     expected[0, :, 0:5, 0:5] = -9999
     expected[1, :, 10, 10] = -9999
     np.testing.assert_array_equal(got, expected)
-    none = cube.open_cube(scenes, grid, shape, ()).values
+    none = lazy_tile(scenes, grid, shape, ()).values
     np.testing.assert_array_equal(none, data)
 
 
@@ -98,7 +100,7 @@ def test_empty_mask_window_opens_nothing(hand_tile):
     mask = np.zeros((30, 40), bool)
     mask[0, 0] = True  # only the first window has a mask pixel
     dmask = da.from_array(mask, chunks=(15, 20))
-    arr = cube.open_cube(scenes, grid, (15, 20), DEFAULT_QAI_FLAGS, mask=dmask)
+    arr = lazy_tile(scenes, grid, (15, 20), DEFAULT_QAI_FLAGS, mask=dmask)
     before = cube.OPEN_COUNTER.count
     vals = arr.values
     assert cube.OPEN_COUNTER.count - before == 1 * 3 * 2
@@ -109,8 +111,8 @@ def test_window_shape_rules(hand_tile):
     root, *_ = hand_tile
     _, scenes, grid = _grid(root)
     with pytest.raises(ConfigError, match="does not divide tile X0010_Y0010"):
-        cube.choose_window_shape(grid, (16, 16), 3)
-    assert cube.choose_window_shape(grid, None, 3) == (30, 40)
+        choose_window_shape(grid, (16, 16), 3)
+    assert choose_window_shape(grid, None, 3) == (30, 40)
 
 
 def test_missing_qai_is_an_error_unless_disabled(hand_tile):
@@ -118,8 +120,8 @@ def test_missing_qai_is_an_error_unless_disabled(hand_tile):
     (root / "X0010_Y0010" / "20220502_LEVEL2_SEN2A_QAI.tif").unlink()
     _, scenes, grid = _grid(root)
     with pytest.raises(InputDataError, match=r"20220502_LEVEL2_SEN2A_BOA.tif has no QAI.*--qai none"):
-        cube.open_cube(scenes, grid, (30, 40), DEFAULT_QAI_FLAGS).values
-    cube.open_cube(scenes, grid, (30, 40), ()).values
+        lazy_tile(scenes, grid, (30, 40), DEFAULT_QAI_FLAGS).values
+    lazy_tile(scenes, grid, (30, 40), ()).values
 
 
 def test_truncated_file(hand_tile):
@@ -129,7 +131,7 @@ def test_truncated_file(hand_tile):
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(InputDataError, match="20220503_LEVEL2_SEN2A_BOA.tif"):
-        cube.open_cube(scenes, grid, (30, 40), ()).values
+        lazy_tile(scenes, grid, (30, 40), ()).values
 
 
 def test_wrong_band_count_and_grid(hand_tile):
@@ -139,18 +141,18 @@ def test_wrong_band_count_and_grid(hand_tile):
     write_scene(root, "X0010_Y0010", dt.date(2022, 6, 1), data[0, :6])
     _, scenes, grid = _grid(root)
     with pytest.raises(InputDataError, match=r"20220601_LEVEL2_SEN2A_BOA.tif has 6 bands"):
-        cube.open_cube(scenes, grid, (30, 40), ()).values
+        lazy_tile(scenes, grid, (30, 40), ()).values
     write_scene(root, "X0010_Y0010", dt.date(2022, 6, 1), data[0],
                 transform=tile_transform("X0011_Y0010", 40))
     _, scenes, grid = _grid(root)
     with pytest.raises(InputDataError, match=r"20220601_LEVEL2_SEN2A_BOA.tif is on another grid"):
-        cube.open_cube(scenes, grid, (30, 40), ()).values
+        lazy_tile(scenes, grid, (30, 40), ()).values
     import rasterio
 
     write_scene(root, "X0010_Y0010", dt.date(2022, 6, 1), data[0], crs=rasterio.crs.CRS.from_epsg(32632))
     _, scenes, grid = _grid(root)
     with pytest.raises(InputDataError, match=r"20220601_LEVEL2_SEN2A_BOA.tif has CRS"):
-        cube.open_cube(scenes, grid, (30, 40), ()).values
+        lazy_tile(scenes, grid, (30, 40), ()).values
 
 
 def test_first_scene_checked_against_prj(hand_tile):

@@ -2,7 +2,7 @@ import datetime as dt
 
 import pytest
 
-from treesits_dask import discovery as d
+from treesits_dask.io import discovery as d
 from treesits_dask.errors import DiscoveryError
 
 WKT = 'PROJCS["ETRS89 / LAEA Europe",AUTHORITY["EPSG","3035"]]'

@@ -143,7 +143,7 @@ def test_sbert_day_index_beyond_position_table(tmp_path, capsys):
     import torch
 
     from treesits_dask.models.architectures import SBERTClassifier  # noqa: F401
-    from treesits_dask.models.bench import random_sbert_state_dict
+    from treesits_dask.bench.forward import random_sbert_state_dict
 
     root = tmp_path / "cube"
     write_prj(root, 10)

@@ -24,11 +24,14 @@ import pytest
 import rasterio
 import zarr
 
-from treesits_dask import cube, discovery, ledger, predict
+from treesits_dask.io import cube, discovery
+from treesits_dask.pipeline import predict
+from treesits_dask.state import ledger
+from treesits_dask.state.lease import LEASE_NAME
 from treesits_dask.cli import main
 from treesits_dask.config import load_config
-from treesits_dask.pipeline import RunError, _Callbacks, run
-from treesits_dask.plan import make_plan
+from treesits_dask.pipeline.run import RunCallbacks, RunError, run
+from treesits_dask.pipeline.plan import make_plan
 
 pytestmark = pytest.mark.slow
 
@@ -98,7 +101,7 @@ def _records(out: Path) -> set[str]:
 
 
 # ------------------------------------------------------------------------------ 1. worker killed
-class _KillWorker(_Callbacks):
+class _KillWorker(RunCallbacks):
     """Kills (SIGKILL) one worker process of the cluster once ``after`` windows are done."""
 
     def __init__(self, client, after: int):
@@ -194,7 +197,7 @@ def test_driver_killed_and_resumed(fault_cube, native_lstm, client, clean_run, t
 
     done = _records(out)
     assert 1 <= len(done) < len(TILES), f"kill came too late: {sorted(done)} were all done"
-    lease = json.loads((out / ledger.LEASE_NAME).read_text())
+    lease = json.loads((out / LEASE_NAME).read_text())
     assert lease["pid"] == proc.pid  # the dead driver's lease is still there
     assert not (out / "run.json").exists()
     stamps = {t: (out / ledger.LEDGER_DIR / f"{t}.json").stat().st_mtime_ns for t in done}
@@ -211,7 +214,7 @@ def test_driver_killed_and_resumed(fault_cube, native_lstm, client, clean_run, t
     assert set(result.skipped) == done and not result.failed
     assert _records(out) == set(TILES)
     assert {t: (out / ledger.LEDGER_DIR / f"{t}.json").stat().st_mtime_ns for t in done} == stamps
-    assert not (out / ledger.LEASE_NAME).exists()  # released
+    assert not (out / LEASE_NAME).exists()  # released
     _assert_same_outputs(out, clean_run)
     for var in VARIABLES:
         with rasterio.open(out / "cog" / f"{var}.vrt") as x, rasterio.open(clean_run / "cog" / f"{var}.vrt") as y:
@@ -284,8 +287,10 @@ def test_worker_errors_keep_their_type_across_the_wire(tmp_path):
     from treesits_dask.errors import InputDataError
 
     missing = tmp_path / "gone_BOA.tif"
+    scene = discovery.Scene("X0000_Y0000", dt.date(2020, 1, 1), "SEN2A", str(missing))
+    definition = discovery.CubeDefinition("", 0.0, 0.0, 0.0, 0.0, 30000.0, 30000.0)
     with pytest.raises(InputDataError) as info:
-        cube._open(str(missing))
+        cube.tile_grid(definition, scene)  # opens the scene's header
     exc = protocol.pickle.loads(error_message(info.value)["exception"].data)
     assert type(exc) is InputDataError and str(exc) == str(info.value)
     assert "RasterioIOError" in str(exc.__cause__) and str(missing) in str(exc.__cause__)
@@ -339,12 +344,12 @@ def test_update_takes_only_the_changed_tile(fault_cube, native_lstm, client, tmp
     # nothing changed: no pixel read, no cluster started (not even a connection to the scheduler)
     import distributed
 
-    import treesits_dask.cluster
+    import treesits_dask.pipeline.run
 
     def no_cluster(*a, **k):
         raise AssertionError("update started or connected to a cluster with nothing to do")
 
-    monkeypatch.setattr(treesits_dask.cluster, "connect", no_cluster)
+    monkeypatch.setattr(treesits_dask.pipeline.run, "connect", no_cluster)
     monkeypatch.setattr(distributed.LocalCluster, "__init__", no_cluster)
     monkeypatch.setattr(distributed.Client, "__init__", no_cluster)
     opens = cube.OPEN_COUNTER.count

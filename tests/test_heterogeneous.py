@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from treesits_dask import predict
-from treesits_dask.cluster import connect
+from treesits_dask.pipeline import predict
+from treesits_dask.pipeline.cluster import connect
 from treesits_dask.config import load_config
-from treesits_dask.pipeline import run
+from treesits_dask.pipeline.run import run
 
 pytestmark = pytest.mark.slow
 

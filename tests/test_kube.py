@@ -22,8 +22,8 @@ from treesits_dask import kube
 from treesits_dask.config import RunConfig
 from treesits_dask.errors import ConfigError
 from treesits_dask.kube import KubeSettings
-from treesits_dask.kube_settings import parse_quantity
-from treesits_dask.kube_specs import DASK_API
+from treesits_dask.config.kube_resources import parse_quantity
+from treesits_dask.kube.specs import DASK_API
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_DIR = REPO / "cluster"
@@ -237,7 +237,7 @@ def test_every_pod_is_restricted_and_bounded(variant):
 
 def test_no_legacy_dask_commands():
     settings = KubeSettings()
-    text = "".join(kube._dump(objs) for objs in kube.manifests(settings, "cube: /c\n").values())
+    text = "".join(kube.dump(objs) for objs in kube.manifests(settings, "cube: /c\n").values())
     assert not re.search(r"dask-(scheduler|worker)\b", text)
     commands = {tuple(c["args"][:2]) for o in rendered_objects(settings) for c in containers(o)}
     assert commands == {("dask", "scheduler"), ("dask", "worker"), ("python", "-m")}

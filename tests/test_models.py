@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from treesits_dask.discovery import S2_BANDS
+from treesits_dask.io.discovery import S2_BANDS
 from treesits_dask.errors import ModelError
 from treesits_dask.models import (
     FAMILIES,
@@ -333,7 +333,7 @@ def test_effective_window():
 
 @pytest.mark.parametrize("family", ["sits-lstm", "sits-transformer"])
 def test_fit_easy_problem(family, tmp_path):
-    from treesits_dask.models.training import fit
+    from treesits_dask.training.fit import fit
 
     rng = np.random.default_rng(0)
     n, t = 300, 16
@@ -364,7 +364,7 @@ def test_fit_easy_problem(family, tmp_path):
 
 
 def test_fit_rejects_bad_labels():
-    from treesits_dask.models.training import fit
+    from treesits_dask.training.fit import fit
 
     series, valid, days = _random_inputs(10, 4)
     with pytest.raises(ModelError, match="labels"):
@@ -377,7 +377,7 @@ def test_only_masked_valid_pixels_reach_the_model_in_full_batches(native_lstm):
     """In a window, the model sees exactly the pixels inside the mask with a valid observation,
     in batches of ``batch_size`` except the last one."""
     from treesits_dask.models import ModelSpec
-    from treesits_dask.predict import get_predictor, predict_block
+    from treesits_dask.pipeline.predict import get_predictor, predict_block
 
     rng = np.random.default_rng(5)
     t, h, w = 12, 40, 50
@@ -404,7 +404,7 @@ def test_only_masked_valid_pixels_reach_the_model_in_full_batches(native_lstm):
 def test_sparse_and_dense_masks_give_the_unmasked_outputs_inside(native_lstm, share):
     """A masked window gives, inside the mask, what the unmasked window gives, and nodata outside."""
     from treesits_dask.models import ModelSpec
-    from treesits_dask.predict import empty_outputs, get_predictor, predict_block
+    from treesits_dask.pipeline.predict import empty_outputs, get_predictor, predict_block
 
     rng = np.random.default_rng(11)
     t, h, w = 9, 30, 40
@@ -431,9 +431,9 @@ def test_cpu_forwards_share_the_cores_with_reads_and_each_other(native_lstm):
 
     import torch
 
-    from treesits_dask.cube import READS_IN_PROGRESS
+    from treesits_dask.io.cube import READS_IN_PROGRESS
     from treesits_dask.models import ModelSpec
-    from treesits_dask.predict import FORWARDS_IN_PROGRESS, _threads_for_forward, get_predictor
+    from treesits_dask.pipeline.predict import FORWARDS_IN_PROGRESS, threads_for_forward, get_predictor
 
     predictor = get_predictor(ModelSpec(uri=native_lstm, family="native"), "cpu")
     seen: list[int] = []
@@ -443,7 +443,7 @@ def test_cpu_forwards_share_the_cores_with_reads_and_each_other(native_lstm):
     series = rng.integers(0, 3000, size=(10, 6, 10)).astype(np.int16)
     valid = np.ones((10, 6), bool)
     days = np.arange(6, dtype=np.int64) * 10 + 19000
-    predictor.threads = functools.partial(_threads_for_forward, 4)
+    predictor.threads = functools.partial(threads_for_forward, 4)
     try:
         with FORWARDS_IN_PROGRESS:  # this forward alone: every core
             predictor.predict(series, valid, days, batch_size=4)
@@ -471,7 +471,7 @@ def test_cpu_forward_calls_are_short_and_give_the_whole_batch_result(native_lstm
     from treesits_dask.models import ModelSpec
     from treesits_dask.models.loading import _FULL_CPU_CHUNK
     from treesits_dask.models.preprocess import full_inputs
-    from treesits_dask.predict import get_predictor
+    from treesits_dask.pipeline.predict import get_predictor
 
     predictor = get_predictor(ModelSpec(uri=native_lstm, family="native"), "cpu")
     rng = np.random.default_rng(5)
@@ -502,7 +502,7 @@ def test_windows_run_side_by_side_on_cpu_and_one_at_a_time_on_an_accelerator(dev
     import time
     from types import SimpleNamespace
 
-    from treesits_dask.predict import FORWARDS_IN_PROGRESS, predict_block
+    from treesits_dask.pipeline.predict import FORWARDS_IN_PROGRESS, predict_block
 
     lock = threading.Lock()
     running = []

@@ -7,11 +7,12 @@ import pytest
 import rasterio
 import xarray as xr
 
-from treesits_dask import discovery, predict
+from treesits_dask.io import discovery
+from treesits_dask.pipeline import predict
 from treesits_dask.cli import main
 from treesits_dask.config import DEFAULT_QAI_FLAGS, load_config
-from treesits_dask.cube import qai_invalid
-from treesits_dask.pipeline import run
+from treesits_dask.io.cube import qai_invalid
+from treesits_dask.pipeline.run import run
 
 pytestmark = pytest.mark.slow
 
@@ -113,7 +114,7 @@ def test_run_synthetic(small_cube, native_lstm, tmp_path, client):
     # MALLOC_TRIM_THRESHOLD_ set, which would mmap every one of them afresh)
     assert all(client.run(predict.malloc_tuned).values())
     # ... and its CPU model shares the worker's cores out among the reads and forwards in progress
-    budgets = client.run(lambda: [getattr(p.threads, "func", None) is predict._threads_for_forward
+    budgets = client.run(lambda: [getattr(p.threads, "func", None) is predict.threads_for_forward
                                   for p in predict._CACHE.values()])
     assert all(v == [True] for v in budgets.values()), budgets
 
@@ -128,7 +129,7 @@ def test_pipeline_equals_direct_prediction(small_cube, native_lstm, tmp_path, cl
     run(config, client=client)
     scenes = discovery.scene_table(small_cube.root, "X0069_Y0043")
     block = np.array([rasterio.open(s.boa).read() for s in scenes])
-    from treesits_dask.cube import days_since_epoch
+    from treesits_dask.io.cube import days_since_epoch
     from treesits_dask.models import ModelSpec, load_model
 
     predictor = load_model(ModelSpec(native_lstm, "native"), device="cpu")

@@ -4,7 +4,7 @@ import json
 
 import yaml
 
-from treesits_dask import cube
+from treesits_dask.io import cube
 from treesits_dask.cli import main
 
 

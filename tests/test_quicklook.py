@@ -13,10 +13,12 @@ import pytest
 import rasterio
 from rasterio.crs import CRS
 
-from treesits_dask import quicklook as ql
-from treesits_dask import sinks
+from treesits_dask.cli import main
+from treesits_dask.outputs import quicklook as ql
+from treesits_dask.outputs import cog, schema
+from treesits_dask.outputs import store as outputs_store
 from treesits_dask.errors import OutputError
-from treesits_dask.stac import write_stac
+from treesits_dask.outputs.stac import write_stac
 
 pystac = pytest.importorskip("pystac")
 
@@ -29,11 +31,11 @@ GAP = (slice(0, 20), slice(20, 40))  # not predicted in the first tile (one whol
 LON, LAT = (-25.0, -24.0), (59.5, 60.0)
 
 
-ALL = sinks.TileRegion("all", 0, 0, SIZE, 2 * SIZE)
+ALL = schema.TileRegion("all", 0, 0, SIZE, 2 * SIZE)
 
 
-def _grid(multiclass: bool) -> sinks.OutputGrid:
-    return sinks.OutputGrid(
+def _grid(multiclass: bool) -> schema.OutputGrid:
+    return schema.OutputGrid(
         crs_wkt=CRS.from_epsg(3035).to_wkt(),
         transform=(10.0, 0.0, ORIGIN[0] + 69 * 400.0, 0.0, -10.0, ORIGIN[1] - 43 * 400.0),
         width=2 * SIZE, height=SIZE, chunk=(CHUNK, CHUNK),
@@ -45,10 +47,10 @@ def _build(out: Path, multiclass: bool = True, run_json: bool = True) -> Path:
     """Write store + tile COGs + VRT mosaics + run.json like the pipeline does (tiles of 40 px)."""
     grid = _grid(multiclass)
     store = str(out / "predictions.zarr")
-    sinks.create_store(store, grid, attrs={"model_family": "sits-lstm", "model": "lstm.pt"})
+    outputs_store.create_store(store, grid, attrs={"model_family": "sits-lstm", "model": "lstm.pt"})
     rng = np.random.default_rng(7)
     n = len(grid.class_names)
-    regions = [sinks.TileRegion(t, 0, SIZE * k, SIZE, SIZE) for k, t in enumerate(TILES)]
+    regions = [schema.TileRegion(t, 0, SIZE * k, SIZE, SIZE) for k, t in enumerate(TILES)]
     for region in regions:
         for r in range(0, SIZE, CHUNK):
             for c in range(0, SIZE, CHUNK):
@@ -66,9 +68,9 @@ def _build(out: Path, multiclass: bool = True, run_json: bool = True) -> Path:
                 outputs = {k: v for k, v in outputs.items() if k in grid.variables()}
                 rows = slice(region.row_off + r, region.row_off + r + CHUNK)
                 cols = slice(region.col_off + c, region.col_off + c + CHUNK)
-                sinks.write_window(store, rows, cols, outputs)
-        sinks.write_tile_cogs(str(out), store, region, grid)
-    sinks.write_mosaics(str(out), TILES)
+                outputs_store.write_window(store, rows, cols, outputs)
+        cog.write_tile_cogs(str(out), store, region, grid)
+    cog.write_mosaics(str(out), TILES)
     if run_json:
         tiles = {
             t: {"scenes": 10, "first_scene": f"2021-0{k + 3}-01", "last_scene": "2023-08-30",
@@ -193,7 +195,7 @@ def test_quicklook_mosaic_from_zarr_without_cogs(output, tmp_path):
     raster = ql._zarr_raster(store, "class", 30)
     assert raster.data.shape == (1, 14, 27)  # 80 x 40 px read every 3rd pixel
     np.testing.assert_array_equal(
-        raster.data[0], sinks.read_region(str(copy / "predictions.zarr"), ALL, "class")[::3, ::3]
+        raster.data[0], outputs_store.read_region(str(copy / "predictions.zarr"), ALL, "class")[::3, ::3]
     )
     assert raster.nodata == 255 and raster.descriptions == ("class",)
     with pytest.raises(OutputError, match="nothing to draw"):
@@ -202,7 +204,7 @@ def test_quicklook_mosaic_from_zarr_without_cogs(output, tmp_path):
 
 def test_quicklook_cli_main(output, tmp_path, capsys):
     out_dir = tmp_path / "ql"
-    assert ql.main([str(output), "--out-dir", str(out_dir), "--tiles", TILES[1], "--no-mosaic",
+    assert main(["quicklook", str(output), "--out-dir", str(out_dir), "--tiles", TILES[1], "--no-mosaic",
                     "--max-size", "30", "--stac"]) == 0  # fmt: skip
     printed = capsys.readouterr().out.split()
     assert printed[-1] == str(output / "stac" / "catalog.json")
@@ -298,7 +300,7 @@ def test_stac_binary_without_run_json(binary_output, caplog):
 # ------------------------------------------------------------------------------------------- S3
 @pytest.mark.s3
 def test_quicklook_and_stac_on_s3(output, s3_env):
-    from treesits_dask import storage
+    from treesits_dask.io import storage
 
     fs, _ = storage.get_fs("s3://qlbucket")
     fs.mkdir("qlbucket")

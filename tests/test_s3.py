@@ -18,11 +18,14 @@ import rasterio
 import xarray as xr
 
 from tests.conftest import FAKE_SECRET, FAKE_TOKEN, new_bucket, upload_tree
-from treesits_dask import _cog, cube, ledger, storage
+from treesits_dask.io import cube, storage
+from treesits_dask.outputs import cog
+from treesits_dask.state import ledger
+from treesits_dask.state.lease import LEASE_NAME, Lease
 from treesits_dask.config import load_config
 from treesits_dask.errors import OutputError
-from treesits_dask.pipeline import run, tile_graph
-from treesits_dask.plan import make_plan
+from treesits_dask.pipeline.run import run, tile_graph
+from treesits_dask.pipeline.plan import make_plan
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 
@@ -70,7 +73,7 @@ def s3_run(inputs, client, local_run):
 
     class Watch:  # what a second process would see while the run holds the lease
         def start(self, total, link):
-            fs, path = storage.get_fs(storage.join(output, ledger.LEASE_NAME))
+            fs, path = storage.get_fs(storage.join(output, LEASE_NAME))
             leases.append(fs.cat_file(path))
 
         def window_done(self, tile): ...
@@ -127,7 +130,7 @@ def test_s3_run_equals_local_run(s3_run, local_run, small_cube):
     assert summary["complete"] and summary["pixels_predicted"] == s3_run["result"].pixels_predicted
     # the lease object existed while the run was going, and is gone
     assert json.loads(s3_run["leases"][0])["expires"] > time.time() - 600
-    assert ledger.LEASE_NAME not in remote
+    assert LEASE_NAME not in remote
 
 
 def test_no_credentials_in_graph_logs_or_outputs(s3_run, inputs, client, caplog):
@@ -136,8 +139,8 @@ def test_no_credentials_in_graph_logs_or_outputs(s3_run, inputs, client, caplog)
     for key, data in _s3_objects(s3_run["config"].output).items():
         assert not any(s in data for s in secrets), key
     # the task graph of a tile, and the plugins sent to the workers
-    from treesits_dask.cluster import EnvPlugin, worker_environment
-    from treesits_dask.predict import ModelPlugin
+    from treesits_dask.pipeline.cluster import EnvPlugin, worker_environment
+    from treesits_dask.pipeline.predict import ModelPlugin
 
     config = s3_run["config"].model_copy(update={"force": True})
     with caplog.at_level(logging.DEBUG, logger="treesits_dask"):
@@ -159,12 +162,12 @@ def test_no_credentials_in_graph_logs_or_outputs(s3_run, inputs, client, caplog)
 
 def test_second_run_reads_no_pixels_and_starts_no_cluster(s3_run, monkeypatch):
     """Everything is up to date: no cluster, no GDAL open, a small fraction of the first run's time."""
-    import treesits_dask.cluster
+    import treesits_dask.pipeline.run
 
     def no_cluster(config):
         raise AssertionError("a cluster was started for an up-to-date output")
 
-    monkeypatch.setattr(treesits_dask.cluster, "connect", no_cluster)
+    monkeypatch.setattr(treesits_dask.pipeline.run, "connect", no_cluster)
     opens = cube.OPEN_COUNTER.count
     t0 = time.perf_counter()
     again = run(s3_run["config"])
@@ -202,15 +205,15 @@ def test_force_rewrites_identical_objects(s3_run, client):
 
 def test_second_driver_is_refused_and_stale_lease_taken_over(s3_run):
     config = s3_run["config"].model_copy(update={"force": True})
-    with ledger.Lease(config.output, ttl=60) as holder:
+    with Lease(config.output, ttl=60) as holder:
         with pytest.raises(OutputError, match=f"leased by another driver \\({holder.owner}\\)") as info:
             run(config)
         assert "_lease.json" in str(info.value)
-    fs, path = storage.get_fs(storage.join(config.output, ledger.LEASE_NAME))
+    fs, path = storage.get_fs(storage.join(config.output, LEASE_NAME))
     assert not fs.exists(path)  # released
     fs.pipe_file(path, json.dumps({"owner": "other-host:4242:dead", "host": "other-host", "pid": 4242,
                                    "expires": time.time() - 5}).encode())
-    lease = ledger.Lease(config.output, ttl=60).acquire()
+    lease = Lease(config.output, ttl=60).acquire()
     assert json.loads(fs.cat_file(path))["owner"] == lease.owner
     lease.release()
     assert not fs.exists(path)
@@ -222,11 +225,11 @@ def test_large_cogs_are_uploaded_in_parts(s3_module_env, tmp_path):
 
     bucket = new_bucket("cogs")
     rng = np.random.default_rng(0)
-    spec = _cog.CogSpec(width=1800, height=1800, count=1, dtype="float32", crs_wkt=rasterio.crs.CRS.from_epsg(3035).to_wkt(),
+    spec = cog.CogSpec(width=1800, height=1800, count=1, dtype="float32", crs_wkt=rasterio.crs.CRS.from_epsg(3035).to_wkt(),
                         transform=tuple(Affine(10, 0, 4e6, 0, -10, 3e6))[:6], nodata=float("nan"))
     block = rng.random((1, 1800, 1800), dtype=np.float32)
-    big = _cog.write_cog(f"s3://{bucket}/big.tif", spec, [(0, 0, block)], part_size=5 * 2**20)
-    small = _cog.write_cog(f"s3://{bucket}/small.tif", spec, [(0, 0, block)])  # default parts: 32 MiB
+    big = cog.write_cog(f"s3://{bucket}/big.tif", spec, [(0, 0, block)], part_size=5 * 2**20)
+    small = cog.write_cog(f"s3://{bucket}/small.tif", spec, [(0, 0, block)])  # default parts: 32 MiB
     s3 = boto3.client("s3", endpoint_url=s3_module_env["AWS_ENDPOINT_URL"], region_name="RegionOne")
     big_head = s3.head_object(Bucket=bucket, Key="big.tif")
     assert big_head["ContentLength"] >= 10 * 2**20

@@ -28,10 +28,11 @@ import rasterio
 import xarray as xr
 
 from tests.conftest import environ_restored, new_bucket, upload_tree
-from tests.faultproxy import FAULT_KINDS, FaultProxy
-from treesits_dask import ledger, storage
+from treesits_dask.bench.proxy import FAULT_KINDS, FaultProxy
+from treesits_dask.io import storage
+from treesits_dask.state.lease import LEASE_NAME
 from treesits_dask.config import load_config
-from treesits_dask.pipeline import run
+from treesits_dask.pipeline.run import run
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 
@@ -94,9 +95,9 @@ RULES = [
     ("VRT upload", lambda q: q.put(".vrt"), ("503", "drop")),
     ("ledger HEAD", lambda q: q.method == "HEAD" and "/_ledger/" in q.key, ("503",)),
     ("ledger PUT", lambda q: q.put(".json", within="/_ledger/"), ("drop", "500")),
-    ("lease HEAD", lambda q: q.method == "HEAD" and q.key.endswith(ledger.LEASE_NAME), ("500",)),
-    ("lease PUT", lambda q: q.put(ledger.LEASE_NAME), ("drop",)),
-    ("lease GET", lambda q: q.get(ledger.LEASE_NAME), ("drop-mid",)),
+    ("lease HEAD", lambda q: q.method == "HEAD" and q.key.endswith(LEASE_NAME), ("500",)),
+    ("lease PUT", lambda q: q.put(LEASE_NAME), ("drop",)),
+    ("lease GET", lambda q: q.get(LEASE_NAME), ("drop-mid",)),
     # one key (POST /bucket?delete) for all bulk deletes: the store's own stays unfaulted, so that
     # the lease's (at the end) can be faulted
     ("bulk delete in the run", lambda q: q.method == "POST" and "delete" in q.query and not q.after_ledger,
@@ -262,12 +263,12 @@ def test_run_survives_faults_with_identical_outputs(faulty_run, local_run, proxy
     assert sorted(k for k in writes if k.startswith("_ledger/")) == [f"_ledger/{t}.json" for t in small_cube.tiles]
     twice = {k: n for k, n in writes.items() if n > 1 and not k.endswith("zarr.json")}
     assert not twice, twice
-    assert sorted(deletes) == sorted(k for k in writes if k == ledger.LEASE_NAME or ".treesits-write-probe" in k)
-    assert set(deletes.values()) == {1} and ledger.LEASE_NAME in deletes
+    assert sorted(deletes) == sorted(k for k in writes if k == LEASE_NAME or ".treesits-write-probe" in k)
+    assert set(deletes.values()) == {1} and LEASE_NAME in deletes
     # no half-done multipart upload and no lease left anywhere
     for b in s3.list_buckets()["Buckets"]:
         assert not s3.list_multipart_uploads(Bucket=b["Name"]).get("Uploads"), b["Name"]
-    assert ledger.LEASE_NAME not in remote
+    assert LEASE_NAME not in remote
 
     # read back through xarray (s3fs) and GDAL (/vsis3/, nothing cached from the run): the same arrays
     storage.clear_gdal_cache()
@@ -292,8 +293,8 @@ def test_header_cut_off_in_the_middle_is_read_again(inputs, small_cube, moto_end
     """A small GeoTIFF whose one GET breaks off after half of its bytes opens in GDAL without its
     georeference (libtiff only warns that it could not read the GeoKeys): the read must count as
     failed and be retried, not end in "the mask's CRS None differs from the tile's"."""
-    from treesits_dask import masks
-    from treesits_dask.cube import TileGrid
+    from treesits_dask.io import masks
+    from treesits_dask.io.grid import TileGrid
 
     tile = small_cube.tiles[0]
     with rasterio.open(Path(small_cube.mask_dir) / tile / "mask.tif") as src:  # the tile's grid

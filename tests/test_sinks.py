@@ -18,19 +18,21 @@ from affine import Affine
 from rasterio.crs import CRS
 from rio_cogeo.cogeo import cog_validate
 
-from treesits_dask import sinks, storage
+from treesits_dask.io import storage
+from treesits_dask.outputs import cog, schema
+from treesits_dask.outputs import store as outputs_store
 from treesits_dask.errors import OutputError
 
 ORIGIN = (2456026.363042, 4574919.607965)
 CLASSES = ("Spruce", "Beech", "Pine")
 TILES = ("X0069_Y0043", "X0070_Y0043")
-GRID = sinks.OutputGrid(
+GRID = schema.OutputGrid(
     crs_wkt=CRS.from_epsg(3035).to_wkt(),
     transform=(10.0, 0.0, ORIGIN[0] + 69 * 400.0, 0.0, -10.0, ORIGIN[1] - 43 * 400.0),
     width=80, height=40, chunk=(20, 20), class_names=CLASSES, multiclass=True,
 )  # fmt: skip
-REGIONS = [sinks.TileRegion(t, 0, 40 * k, 40, 40) for k, t in enumerate(TILES)]
-ALL = sinks.TileRegion("all", 0, 0, 40, 80)
+REGIONS = [schema.TileRegion(t, 0, 40 * k, 40, 40) for k, t in enumerate(TILES)]
+ALL = schema.TileRegion("all", 0, 0, 40, 80)
 UNWRITTEN = (20, 60)  # upper-left pixel of the one chunk that is never written
 
 
@@ -55,7 +57,7 @@ def _fill(url, grid=GRID, seed=0):
                 continue
             out = _window_outputs(rng, n=len(grid.class_names))
             out = {k: v for k, v in out.items() if k in grid.variables()}
-            sinks.write_window(url, slice(r, r + 20), slice(c, c + 20), out)
+            outputs_store.write_window(url, slice(r, r + 20), slice(c, c + 20), out)
             for k, v in out.items():
                 expected[k][..., r : r + 20, c : c + 20] = v
     return expected
@@ -65,13 +67,13 @@ def _nodata_array(var, grid=GRID):
     shape = (grid.height, grid.width)
     if var == "probability":
         shape = (len(grid.class_names), *shape)
-    return np.full(shape, sinks.NODATA[var], dtype=sinks.DTYPES[var])
+    return np.full(shape, schema.NODATA[var], dtype=schema.DTYPES[var])
 
 
 @pytest.fixture
 def store(tmp_path) -> str:
     url = str(tmp_path / "out" / "predictions.zarr")
-    sinks.create_store(url, GRID, attrs={"model": "lstm.pt"})
+    outputs_store.create_store(url, GRID, attrs={"model": "lstm.pt"})
     return url
 
 
@@ -96,10 +98,10 @@ def test_store_metadata_for_xarray_and_rioxarray(store):
     assert ds.rio.crs.to_epsg() == 3035
     assert ds.rio.transform() == Affine(*GRID.transform)
     assert ds.probability.rio.crs.to_epsg() == 3035
-    assert list(ds[sinks.CLASS_DIM].values) == list(CLASSES)
-    assert ds.probability.dims == (sinks.CLASS_DIM, "y", "x")
+    assert list(ds[schema.CLASS_DIM].values) == list(CLASSES)
+    assert ds.probability.dims == (schema.CLASS_DIM, "y", "x")
     assert ds["class"].dims == ("y", "x") and "class" in ds.data_vars
-    assert set(ds.data_vars) == set(sinks.VARIABLES)
+    assert set(ds.data_vars) == set(schema.VARIABLES)
     assert ds.x.values[0] == GRID.transform[2] + 5 and ds.y.values[0] == GRID.transform[5] - 5
     assert ds.attrs["model"] == "lstm.pt"
     # default decoding: integer layers with nodata become float with NaN; valid_obs stays uint16
@@ -118,8 +120,8 @@ def test_store_metadata_for_xarray_and_rioxarray(store):
 
 
 def test_unwritten_store_reads_nodata(store):
-    for var in sinks.VARIABLES:
-        np.testing.assert_array_equal(sinks.read_region(store, ALL, var), _nodata_array(var))
+    for var in schema.VARIABLES:
+        np.testing.assert_array_equal(outputs_store.read_region(store, ALL, var), _nodata_array(var))
     ds = xr.open_zarr(store, mask_and_scale=False)
     assert (ds["class"].values == 255).all() and (ds.valid_obs.values == 0).all()
     assert np.isnan(xr.open_zarr(store)["class"].values).all()
@@ -127,23 +129,23 @@ def test_unwritten_store_reads_nodata(store):
 
 def test_write_window_reads_back(filled):
     store, expected = filled
-    for var in sinks.VARIABLES:
-        np.testing.assert_array_equal(sinks.read_region(store, ALL, var), expected[var])
+    for var in schema.VARIABLES:
+        np.testing.assert_array_equal(outputs_store.read_region(store, ALL, var), expected[var])
     r, c = UNWRITTEN
-    cls = sinks.read_region(store, ALL, "class")
+    cls = outputs_store.read_region(store, ALL, "class")
     assert (cls[r : r + 20, c : c + 20] == 255).all()
     ds = xr.open_zarr(store, mask_and_scale=False)
     np.testing.assert_array_equal(ds.probability.values, expected["probability"])
     np.testing.assert_array_equal(ds.valid_obs.values, expected["valid_obs"])
     # the edge tile region reads the right part of the store
     np.testing.assert_array_equal(
-        sinks.read_region(store, REGIONS[1], "last_obs_valid"), expected["last_obs_valid"][:, 40:]
+        outputs_store.read_region(store, REGIONS[1], "last_obs_valid"), expected["last_obs_valid"][:, 40:]
     )
 
 
 def test_write_window_is_idempotent_and_thread_safe(tmp_path):
     url = str(tmp_path / "predictions.zarr")
-    sinks.create_store(url, GRID)
+    outputs_store.create_store(url, GRID)
     rng = np.random.default_rng(5)
     jobs = [
         (slice(r, r + 20), slice(c, c + 20), _window_outputs(rng))
@@ -151,55 +153,55 @@ def test_write_window_is_idempotent_and_thread_safe(tmp_path):
         for c in range(0, 80, 20)
     ]
     with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda j: sinks.write_window(url, *j), jobs))
+        list(pool.map(lambda j: outputs_store.write_window(url, *j), jobs))
     before = _tree_digest(Path(url))
     for rows, cols, out in jobs:
-        got = sinks.read_region(url, sinks.TileRegion("w", rows.start, cols.start, 20, 20), "class")
+        got = outputs_store.read_region(url, schema.TileRegion("w", rows.start, cols.start, 20, 20), "class")
         np.testing.assert_array_equal(got, out["class"])
-    sinks.write_window(url, *jobs[3])  # rewriting a window changes no byte
+    outputs_store.write_window(url, *jobs[3])  # rewriting a window changes no byte
     assert _tree_digest(Path(url)) == before
 
 
 def test_write_window_rejects_bad_windows(store, tmp_path):
     out = _window_outputs(np.random.default_rng(1))
     with pytest.raises(OutputError, match="not aligned"):
-        sinks.write_window(store, slice(10, 30), slice(0, 20), out)
+        outputs_store.write_window(store, slice(10, 30), slice(0, 20), out)
     with pytest.raises(OutputError, match="shape"):
-        sinks.write_window(store, slice(0, 20), slice(0, 40), {"valid_obs": out["valid_obs"]})
+        outputs_store.write_window(store, slice(0, 20), slice(0, 40), {"valid_obs": out["valid_obs"]})
     with pytest.raises(OutputError, match="no Zarr store"):
-        sinks.write_window(str(tmp_path / "missing.zarr"), slice(0, 20), slice(0, 20), out)
-    binary = sinks.OutputGrid(
+        outputs_store.write_window(str(tmp_path / "missing.zarr"), slice(0, 20), slice(0, 20), out)
+    binary = schema.OutputGrid(
         **{**GRID.__dict__, "class_names": ("disturbance",), "multiclass": False}
     )
     url = str(tmp_path / "binary.zarr")
-    sinks.create_store(url, binary)
+    outputs_store.create_store(url, binary)
     with pytest.raises(OutputError, match=r"no variable\(s\) \['class'\]"):
-        sinks.write_window(url, slice(0, 20), slice(0, 20), {"class": out["class"]})
+        outputs_store.write_window(url, slice(0, 20), slice(0, 20), {"class": out["class"]})
 
 
 def test_binary_store_has_no_class_variable(tmp_path):
-    grid = sinks.OutputGrid(
+    grid = schema.OutputGrid(
         **{**GRID.__dict__, "class_names": ("disturbance",), "multiclass": False}
     )
     assert grid.variables() == ("probability", "valid_obs", "last_obs_valid")
     url = str(tmp_path / "predictions.zarr")
-    sinks.create_store(url, grid)
+    outputs_store.create_store(url, grid)
     expected = _fill(url, grid)
     ds = xr.open_zarr(url, mask_and_scale=False)
     assert set(ds.data_vars) == {"probability", "valid_obs", "last_obs_valid"}
     assert ds.probability.shape == (1, 40, 80)
     np.testing.assert_array_equal(ds.probability.values, expected["probability"])
-    cogs = sinks.write_tile_cogs(str(tmp_path), url, REGIONS[0], grid)
+    cogs = cog.write_tile_cogs(str(tmp_path), url, REGIONS[0], grid)
     assert set(cogs) == set(grid.variables())
 
 
 def test_create_store_twice_changes_nothing(filled):
     store, expected = filled
     before = _tree_digest(Path(store))
-    sinks.create_store(store, GRID, attrs={"model": "lstm.pt"})
-    sinks.create_store(store, GRID, attrs={"model": "other.pt"})  # attrs differ: warning only
+    outputs_store.create_store(store, GRID, attrs={"model": "lstm.pt"})
+    outputs_store.create_store(store, GRID, attrs={"model": "other.pt"})  # attrs differ: warning only
     assert _tree_digest(Path(store)) == before
-    np.testing.assert_array_equal(sinks.read_region(store, ALL, "class"), expected["class"])
+    np.testing.assert_array_equal(outputs_store.read_region(store, ALL, "class"), expected["class"])
 
 
 @pytest.mark.parametrize(
@@ -213,9 +215,9 @@ def test_create_store_twice_changes_nothing(filled):
     ],
 )
 def test_create_store_incompatible_raises(store, change, what):
-    other = sinks.OutputGrid(**{**GRID.__dict__, **change})
+    other = schema.OutputGrid(**{**GRID.__dict__, **change})
     with pytest.raises(OutputError, match=what) as info:
-        sinks.create_store(store, other)
+        outputs_store.create_store(store, other)
     assert store in str(info.value) and "--output" in str(info.value)
 
 
@@ -224,21 +226,21 @@ def test_create_store_refuses_foreign_folder(tmp_path):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("not a store")
     with pytest.raises(OutputError, match="not a Zarr store"):
-        sinks.create_store(str(foreign), GRID)
+        outputs_store.create_store(str(foreign), GRID)
     zarr.open_group(str(tmp_path / "other.zarr"), mode="w")  # a store without our grid
     with pytest.raises(OutputError, match="did not create"):
-        sinks.create_store(str(tmp_path / "other.zarr"), GRID)
+        outputs_store.create_store(str(tmp_path / "other.zarr"), GRID)
 
 
 def test_grid_rejects_too_many_classes():
     with pytest.raises(OutputError, match="255"):
-        sinks.OutputGrid(**{**GRID.__dict__, "class_names": tuple(map(str, range(256)))})
+        schema.OutputGrid(**{**GRID.__dict__, "class_names": tuple(map(str, range(256)))})
 
 
 # ----------------------------------------------------------------------------------------- COGs
-def _check_cogs(output: Path, store: str, region: sinks.TileRegion) -> None:
+def _check_cogs(output: Path, store: str, region: schema.TileRegion) -> None:
     expect_nodata = {"probability": "nan", "class": 255, "valid_obs": None, "last_obs_valid": 255}
-    for var in sinks.VARIABLES:
+    for var in schema.VARIABLES:
         path = output / "cog" / region.tile / f"{var}.tif"
         ok, errors, _ = cog_validate(str(path), quiet=True)
         assert ok, errors
@@ -248,14 +250,14 @@ def _check_cogs(output: Path, store: str, region: sinks.TileRegion) -> None:
             assert src.transform == Affine(a, 0, c + region.col_off * a, 0, e, f)
             assert src.compression is not None and src.compression.name in ("deflate", "zstd")
             assert src.block_shapes[0] == (16, 16) and src.overviews(1) == [2, 4]
-            assert src.dtypes[0] == sinks.DTYPES[var]
+            assert src.dtypes[0] == schema.DTYPES[var]
             if expect_nodata[var] == "nan":
                 assert np.isnan(src.nodata)
             else:
                 assert src.nodata == expect_nodata[var]
             assert src.descriptions == (CLASSES if var == "probability" else (var,))
             data = src.read()
-        stored = sinks.read_region(store, region, var)
+        stored = outputs_store.read_region(store, region, var)
         np.testing.assert_array_equal(data.reshape(stored.shape), stored)
 
 
@@ -263,8 +265,8 @@ def test_write_tile_cogs_valid_and_equal_to_zarr(filled, tmp_path):
     store, _ = filled
     output = tmp_path / "out"
     for region in REGIONS:
-        urls = sinks.write_tile_cogs(str(output), store, region, GRID, tmp_dir=str(tmp_path))
-        assert urls == {v: str(output / "cog" / region.tile / f"{v}.tif") for v in sinks.VARIABLES}
+        urls = cog.write_tile_cogs(str(output), store, region, GRID, tmp_dir=str(tmp_path))
+        assert urls == {v: str(output / "cog" / region.tile / f"{v}.tif") for v in schema.VARIABLES}
         _check_cogs(output, store, region)
     with rasterio.open(output / "cog" / TILES[1] / "class.tif") as src:
         assert (src.read(1)[20:, 20:] == 255).all()  # the unwritten chunk is nodata in the COG too
@@ -274,17 +276,17 @@ def test_write_tile_cogs_valid_and_equal_to_zarr(filled, tmp_path):
         assert src.tags()["OVERVIEW_RESAMPLING"] == "NEAREST"
     # nothing but the final files: no partial or temporary files left behind
     left = {p.name for p in (output / "cog" / TILES[0]).iterdir()}
-    assert left == {f"{v}.tif" for v in sinks.VARIABLES}
+    assert left == {f"{v}.tif" for v in schema.VARIABLES}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("treesits-")]
 
 
 def test_write_tile_cogs_twice_is_byte_identical(filled, tmp_path):
     store, _ = filled
     output = tmp_path / "out"
-    sinks.write_tile_cogs(str(output), store, REGIONS[0], GRID)
+    cog.write_tile_cogs(str(output), store, REGIONS[0], GRID)
     first = _tree_digest(output / "cog")
     time.sleep(1.1)  # a timestamp in the file would now differ
-    sinks.write_tile_cogs(str(output), store, REGIONS[0], GRID)
+    cog.write_tile_cogs(str(output), store, REGIONS[0], GRID)
     assert _tree_digest(output / "cog") == first
 
 
@@ -292,20 +294,20 @@ def test_vrt_mosaic_reads_back_store_values(filled, tmp_path):
     store, expected = filled
     output = tmp_path / "out"
     for region in REGIONS:
-        sinks.write_tile_cogs(str(output), store, region, GRID)
-    vrts = sinks.write_mosaics(str(output), list(TILES))
-    assert vrts == {v: str(output / "cog" / f"{v}.vrt") for v in sinks.VARIABLES}
+        cog.write_tile_cogs(str(output), store, region, GRID)
+    vrts = cog.write_mosaics(str(output), list(TILES))
+    assert vrts == {v: str(output / "cog" / f"{v}.vrt") for v in schema.VARIABLES}
     text = (output / "cog" / "class.vrt").read_text()
     assert 'relativeToVRT="1"' in text and str(output) not in text
     moved = tmp_path / "moved"  # relative paths: the mosaic still works after moving the folder
     shutil.move(str(output), str(moved))
-    for var in sinks.VARIABLES:
+    for var in schema.VARIABLES:
         with rasterio.open(moved / "cog" / f"{var}.vrt") as src:
             assert (src.width, src.height) == (80, 40) and src.crs.to_epsg() == 3035
             assert src.transform == Affine(*GRID.transform)
             assert src.descriptions == (CLASSES if var == "probability" else (var,))
             assert src.count == (3 if var == "probability" else 1)
-            assert src.dtypes[0] == sinks.DTYPES[var]
+            assert src.dtypes[0] == schema.DTYPES[var]
             if var == "valid_obs":
                 assert src.nodata is None
             elif var == "probability":
@@ -318,17 +320,17 @@ def test_vrt_mosaic_reads_back_store_values(filled, tmp_path):
 
 def test_write_mosaics_without_cogs_raises(tmp_path):
     with pytest.raises(OutputError, match="no tile COGs"):
-        sinks.write_mosaics(str(tmp_path), list(TILES))
+        cog.write_mosaics(str(tmp_path), list(TILES))
 
 
 def test_check_writable(tmp_path):
     out = tmp_path / "new" / "output"
-    sinks.check_writable(str(out))
+    outputs_store.check_writable(str(out))
     assert out.is_dir() and not list(out.iterdir())  # the probe is gone
     afile = tmp_path / "afile"
     afile.write_text("a regular file")
     with pytest.raises(OutputError, match="afile/out") as info:
-        sinks.check_writable(str(afile / "out"))
+        outputs_store.check_writable(str(afile / "out"))
     assert "--output" in str(info.value)
 
 
@@ -343,22 +345,22 @@ def test_s3_round_trip(moto_endpoint, monkeypatch):
     fs, _ = storage.get_fs("s3://outdir")
     fs.mkdir("outdir")
     output = "s3://outdir/run"
-    sinks.check_writable(output)
+    outputs_store.check_writable(output)
     with pytest.raises(OutputError, match="no-such-bucket"):
-        sinks.check_writable("s3://no-such-bucket/run")
+        outputs_store.check_writable("s3://no-such-bucket/run")
     url = storage.join(output, "predictions.zarr")
-    sinks.create_store(url, GRID)
-    sinks.create_store(url, GRID)
+    outputs_store.create_store(url, GRID)
+    outputs_store.create_store(url, GRID)
     expected = _fill(url)
     np.testing.assert_array_equal(
-        sinks.read_region(url, ALL, "probability"), expected["probability"]
+        outputs_store.read_region(url, ALL, "probability"), expected["probability"]
     )
     ds = xr.open_zarr(fs.get_mapper("outdir/run/predictions.zarr"), mask_and_scale=False)
     assert ds.rio.crs.to_epsg() == 3035
     np.testing.assert_array_equal(ds["class"].values, expected["class"])
     for region in REGIONS:
-        sinks.write_tile_cogs(output, url, region, GRID)
-    sinks.write_mosaics(output, list(TILES))
+        cog.write_tile_cogs(output, url, region, GRID)
+    cog.write_mosaics(output, list(TILES))
     with rasterio.open("/vsis3/outdir/run/cog/valid_obs.vrt") as src:
         np.testing.assert_array_equal(src.read(1), expected["valid_obs"])
     assert not [p for p in fs.find("outdir/run/cog") if "partial" in p]

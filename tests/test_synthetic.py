@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import rasterio
 
-from treesits_dask import discovery
+from treesits_dask.io import discovery
 from treesits_dask.errors import ConfigError
 from treesits_dask.synthetic import SPECIES, make_cube, sample_pixels
 
@@ -123,7 +123,7 @@ def test_strip_profile(strips):
 
 
 def test_cog_profile_and_cube_grid(cog):
-    from treesits_dask.cube import tile_grid
+    from treesits_dask.io.cube import tile_grid
 
     d = discovery.read_cube_definition(cog.root)
     scenes = discovery.scene_table(cog.root, cog.tiles[0])

@@ -15,9 +15,9 @@ from rasterio.warp import Resampling, reproject, transform
 from rasterio.windows import Window
 from rio_cogeo.cogeo import cog_validate
 
-from treesits_dask.discovery import read_cube_definition
+from treesits_dask.io.discovery import read_cube_definition
 from treesits_dask.errors import MaskError
-from treesits_dask.worldcover import (
+from treesits_dask.io.worldcover import (
     WORLDCOVER_NAME,
     MaskGrid,
     build_masks,
@@ -370,7 +370,7 @@ def test_build_tile_mask_runs_one_task_per_window_on_a_local_cluster(sao_tome, t
 
 @pytest.mark.s3
 def test_worldcover_on_s3_and_masks_to_s3(s3_env, sao_tome):
-    from treesits_dask import storage
+    from treesits_dask.io import storage
 
     cube, _, local_masks, _ = sao_tome
     fs, _ = storage.get_fs("s3://worldcover")

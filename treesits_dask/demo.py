@@ -1,6 +1,6 @@
 """``python -m treesits_dask demo``: synthetic cube -> small native LSTM -> full pipeline -> accuracy.
 
-Everything runs through the same public code paths a user runs (cube, models, pipeline).
+Everything runs through the public API (:mod:`treesits_dask`), as a user's program would.
 """
 
 from __future__ import annotations
@@ -11,34 +11,22 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["run_demo", "extract_samples"]
+from .outputs.schema import CLASS_NODATA
+
+__all__ = ["run_demo"]
 
 log = logging.getLogger(__name__)
 
 DEMO_TILES = ("X0069_Y0043", "X0070_Y0043")
 
 
-def extract_samples(scenes, grid, rows, cols, qai_flags, window_shape=None):
-    """Time series of pixels (rows, cols) through the same cube code as inference.
-
-    Kept for compatibility: see :func:`treesits_dask.samples.extract_pixels`.
-    """
-    from .samples import extract_pixels
-
-    return extract_pixels(scenes, grid, rows, cols, qai_flags, window_shape)
-
-
 def run_demo(workdir: str | Path = "demo-output", size: int = 300, n_scenes: int = 36,
              train_seconds: float = 60.0, workers: int | None = None, seed: int = 0) -> dict:
     """Build the sample cube, train, run the pipeline and report accuracy (printed and returned)."""
-    from . import discovery
-    from .config import load_config
-    from .cube import tile_grid
-    from .pipeline import run
-    from .points import write_points
-    from .samples import pixel_centres
-    from .synthetic import make_cube, sample_pixels
-    from .train import TrainConfig, train
+    from . import TrainConfig, load_config, make_cube, open_cube, run, train
+    from .progress import ProgressBar
+    from .synthetic import sample_pixels
+    from .training.points import write_points
 
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -47,15 +35,14 @@ def run_demo(workdir: str | Path = "demo-output", size: int = 300, n_scenes: int
           f"{n_scenes} scenes) in {workdir / 'cube'}", flush=True)
     cube = make_cube(workdir / "cube", tiles=DEMO_TILES, size=size, n_scenes=n_scenes,
                      mask_dir=str(workdir / "masks"), truth_dir=str(workdir / "truth"), seed=seed)
-    definition = discovery.read_cube_definition(cube.root)
     train_tile = DEMO_TILES[0]
-    grid = tile_grid(definition, discovery.scene_table(cube.root, train_tile)[0])
     rows, cols, labels = sample_pixels(cube, train_tile, n_per_class=400, seed=seed)
     # reference samples as a user has them: labelled points in a GeoPackage (WGS 84)
     from rasterio.warp import transform
 
-    x, y = pixel_centres(grid, rows, cols)
-    lon, lat = transform(grid.crs_wkt, "EPSG:4326", x.tolist(), y.tolist())
+    tile = open_cube(cube.root, train_tile)  # lazy: only its coordinates are used here
+    x, y = tile.x.values[cols], tile.y.values[rows]  # pixel centres
+    lon, lat = transform(tile.rio.crs, "EPSG:4326", x.tolist(), y.tolist())
     points = workdir / "samples" / "reference_points.gpkg"
     write_points(str(points), lon, lat, [cube.class_names[k] for k in labels], "EPSG:4326",
                  ids=[f"{train_tile}_{r}_{c}" for r, c in zip(rows, cols, strict=True)],
@@ -82,9 +69,7 @@ def run_demo(workdir: str | Path = "demo-output", size: int = 300, n_scenes: int
         model_family="native", mask_dir=cube.mask_dir, workers=workers,
     ))
     print(f"[3/4] running the pipeline on a LocalCluster -> {output}", flush=True)
-    from .cli import _Progress
-
-    progress = _Progress()
+    progress = ProgressBar()
     try:
         result = run(config, callbacks=progress)
     finally:
@@ -98,7 +83,7 @@ def run_demo(workdir: str | Path = "demo-output", size: int = 300, n_scenes: int
         pred = _class_map(output, tile)
         truth = cube.truth(tile)
         forest = cube.forest(tile)
-        ok = forest & (pred != 255)
+        ok = forest & (pred != CLASS_NODATA)
         acc = float((pred[ok] == truth[ok]).mean()) if ok.any() else float("nan")
         correct += int((pred[ok] == truth[ok]).sum())
         total += int(ok.sum())

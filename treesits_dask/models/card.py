@@ -14,8 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from .. import storage
-from ..discovery import S2_BANDS
+from ..io import storage
+from ..io.discovery import S2_BANDS
 from ..errors import ModelError
 
 __all__ = [

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import storage
+from ..io import storage
 from ..errors import ModelError
 from .architectures import build_module
 from .card import ModelCard, ModelSpec, card_path, read_card

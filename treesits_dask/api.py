@@ -1,0 +1,79 @@
+"""The public API: what notebooks and other programs use (``from treesits_dask import ...``).
+
+Each function here is a thin layer over the stage that does the work; the command line
+(:mod:`treesits_dask.cli`) is a thin layer over these functions.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from .config import InputSettings, RunConfig
+from .errors import DiscoveryError
+from .io import discovery, storage
+
+if TYPE_CHECKING:  # pragma: no cover
+    import xarray as xr
+
+    from .pipeline.plan import RunPlan
+
+__all__ = ["open_cube", "open_map", "plan"]
+
+
+def open_cube(
+    cube: str,
+    tile: str,
+    *,
+    sensors: str | Sequence[str] = ("SEN2A", "SEN2B", "SEN2C"),
+    start_date: str | dt.date | None = None,
+    end_date: str | dt.date | None = None,
+    qai: str | Sequence[str] = "default",
+    window: str = "auto",
+) -> xr.DataArray:
+    """One tile of a FORCE Level-2 cube as a lazy ``xarray.DataArray`` (time, band, y, x) int16.
+
+    -9999 where an observation is nodata or screened by QAI (``qai``: ``default`` = FORCE's
+    screening, ``none``, or a list of flags); coordinates ``time``, ``band`` (FORCE band names),
+    ``y``, ``x`` and ``sensor``; CRS and transform through ``.rio``.  One Dask chunk per window of
+    all scenes (``window``: ``auto``, ``N`` or ``ROWSxCOLS``), read exactly as a run reads it.
+    """
+    from .io.cube import tile_cube, tile_grid
+    from .io.grid import WindowLayout, choose_window_shape
+
+    settings = InputSettings(cube=cube, sensors=sensors, start_date=start_date, end_date=end_date,
+                             qai=qai, window=window)
+    definition = discovery.read_cube_definition(cube)
+    scenes = discovery.scene_table(cube, tile, settings.sensors, settings.start_date,
+                                   settings.end_date)
+    if not scenes:
+        raise DiscoveryError(
+            f"tile {tile} of {cube} has no BOA scenes of sensors {','.join(settings.sensors)} "
+            "in the date window; check the tile, sensors, start_date and end_date"
+        )
+    grid = tile_grid(definition, scenes[0])
+    shape = choose_window_shape(grid, settings.window_shape, len(scenes))
+    return tile_cube(scenes, grid, WindowLayout.of(grid, shape), settings.qai_flags)
+
+
+def plan(config: RunConfig) -> RunPlan:
+    """What :func:`~treesits_dask.run` would do with ``config``, decided without a cluster: tiles
+    to process (and why), tiles up to date, scenes, windows, the output grid.
+    ``plan(config).summary()`` is what ``python -m treesits_dask plan`` prints."""
+    from .pipeline.plan import make_plan
+
+    return make_plan(config)
+
+
+def open_map(output: str, mask_and_scale: bool = False) -> xr.Dataset:
+    """The map of an output (``<output>/predictions.zarr``) as a lazy ``xarray.Dataset``:
+    ``probability`` (class_name, y, x), ``class``, ``valid_obs``, ``last_obs_valid``, with the CRS
+    (``.rio``).  ``mask_and_scale=False`` keeps the integer layers as stored (255 = not
+    predicted).  S3 outputs use the endpoint settings of the environment (``AWS_*``)."""
+    from .outputs.store import open_dataset
+    from .state.ledger import STORE_NAME
+
+    if storage.is_remote(output):
+        storage.apply_environment(storage.s3_environment())
+    return open_dataset(storage.join(output, STORE_NAME), mask_and_scale=mask_and_scale)

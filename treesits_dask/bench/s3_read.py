@@ -1,0 +1,616 @@
+"""How should the cube code read scenes from S3: GDAL ``/vsis3/`` or fsspec (s3fs) file objects?
+
+Writes a synthetic FORCE cube (one tile, Sentinel-2 BOA + QAI, the default ``strips`` layout),
+uploads it to a moto S3 server on 127.0.0.1 (a subprocess) and reads every window of the tile, for
+all scenes, with :class:`treesits_dask.io.cube.WindowReader` (the pipeline's reader: one open per
+file and window, QAI screening as configured), once per method:
+
+* ``gdal-vsis3``: the package as it is: ``rasterio.open("/vsis3/bucket/key")`` with
+  ``storage.GDAL_DEFAULTS`` and ``storage.s3_environment(endpoint, region, "path")`` applied;
+* ``fsspec-fileobj``: ``rasterio.open(s3fs_file_object)``, s3fs's default cache (``readahead``,
+  50 MiB blocks).  NB: rasterio 1.4 reads such an object whole into a ``MemoryFile``;
+* ``fsspec-opener``: ``rasterio.open(url, opener=fs)`` (``fs`` from ``storage.get_fs``): GDAL
+  reads byte ranges through s3fs file objects (rasterio's Python VSI plugin), one at a time, with
+  s3fs's default cache (which fetches whole files up to 50 MiB at the first read);
+* ``fsspec-opener-tuned``: the same with ``--tuned-cache`` (default ``readahead`` with 64 KiB
+  blocks: only about the byte ranges a window needs; the best of ``none``, ``bytes``,
+  ``readahead`` and ``blockcache`` with 64-256 KiB blocks in a trial).
+
+The fsspec variants replace ``cube.open_raster`` (the one function that opens a scene), so
+everything else is the same cube code.  Each run is a fresh Python process (no GDAL / s3fs cache
+from an earlier run); methods are interleaved over ``--repeats`` rounds and the median reported.
+Every request goes through :class:`treesits_dask.bench.proxy.FaultProxy` (no faults, TCP_NODELAY), which
+counts requests and body bytes and adds ``--latency`` seconds per request (a WAN round trip) and,
+with ``--bandwidth``, the time the body takes on a link of that many MB/s shared by all
+connections.  The moto server keeps each object's bytes in memory between GETs (moto itself re-reads
+the whole object for every ranged GET, which real S3 does not).  The window arrays of every run are
+compared (SHA-256) with a local-disk read of the same files.
+
+Prints JSON (with a one-paragraph ``conclusion``) on stdout, progress and the conclusion on stderr.
+
+    python -m treesits_dask.bench.s3_read     # 500 px, 20 scenes, 20 ms, unlimited bandwidth
+    python -m treesits_dask.bench.s3_read --size 3000 --scenes 2 --bandwidth 100   # FORCE-sized
+
+It needs the test extra (moto's server): ``pip install 'treesits_dask[test]'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+METHODS = ("gdal-vsis3", "fsspec-fileobj", "fsspec-opener", "fsspec-opener-tuned")
+TILE = "X0069_Y0043"
+REGION = "RegionOne"
+FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret-value"}
+
+
+# --------------------------------------------------------------------------------------- child
+def _cache_options(spec: str) -> dict:
+    """``blockcache:256k`` -> ``{"cache_type": "blockcache", "block_size": 262144}``."""
+    kind, _, size = spec.partition(":")
+    out: dict = {"cache_type": kind}
+    if size:
+        units = {"k": 2**10, "m": 2**20}
+        size = size.lower().rstrip("ib")
+        out["block_size"] = (
+            int(float(size[:-1]) * units[size[-1]]) if size[-1] in units else int(size)
+        )
+    return out
+
+
+def _child(spec: dict) -> dict:
+    """One timed read of every window of the tile, in this (fresh) process."""
+    import numpy as np
+    import rasterio
+
+    from treesits_dask.io import cube, storage
+    from treesits_dask.io.grid import TileGrid, WindowLayout
+
+    storage.apply_environment(dict(storage.GDAL_DEFAULTS))
+    if spec["endpoint"]:
+        storage.apply_environment(
+            storage.s3_environment(spec["endpoint"], REGION, "path", environ={})
+        )
+    method = spec["method"]
+    if method.startswith("fsspec"):
+        fs, _ = storage.get_fs(spec["boa"][0])
+        if method == "fsspec-fileobj":
+
+            def open_raw(url: str):
+                cube.OPEN_COUNTER.add()
+                with fs.open(storage.strip_protocol(url), "rb") as fh:  # default cache
+                    return rasterio.open(fh)  # rasterio 1.4: fh.read() into a MemoryFile
+
+        else:
+            opener = fs  # an fsspec filesystem: rasterio adapts it (_FilesystemContainer)
+            if method == "fsspec-opener-tuned":
+                import fsspec
+
+                cache = _cache_options(spec["tuned_cache"])
+                opener = fsspec.filesystem(
+                    "s3",
+                    **storage.s3_options(),
+                    default_cache_type=cache["cache_type"],
+                    **(
+                        {"default_block_size": cache["block_size"]} if "block_size" in cache else {}
+                    ),
+                )
+
+            def open_raw(url: str):
+                cube.OPEN_COUNTER.add()
+                return rasterio.open(url, opener=opener)
+
+        cube.open_raster = open_raw  # the one function that opens scenes; the rest is unchanged
+
+    g = spec["grid"]
+    grid = TileGrid(
+        tile=g["tile"],
+        crs_wkt=g["crs_wkt"],
+        transform=tuple(g["transform"]),
+        width=g["width"],
+        height=g["height"],
+        block_shape=tuple(g["block_shape"]),
+        count=g["count"],
+    )
+    reader = cube.WindowReader(
+        grid=grid,
+        boa=tuple(spec["boa"]),
+        qai=tuple(spec["qai"]),
+        qai_flags=tuple(spec["qai_flags"]),
+    )
+    windows = [w for _, _, w in WindowLayout.of(grid, tuple(spec["window"]))]
+    # warm-up outside the measurement: imports, GDAL/curl and s3fs/aiobotocore session set-up, on
+    # another object; then wait until the driver has reset the proxy's counters
+    from rasterio.windows import Window as RioWindow
+
+    with cube.open_raster(spec["warmup"]) as src:
+        src.read(1, window=RioWindow(0, 0, 1, 1))
+    cube.OPEN_COUNTER.count = 0
+    print("ready", flush=True)
+    sys.stdin.readline()
+    digest = hashlib.sha256()
+    valid = 0
+    t0 = time.perf_counter()
+    for w in windows:
+        arr = reader.read(w)
+        digest.update(np.ascontiguousarray(arr).tobytes())
+        valid += int(np.count_nonzero(arr[:, 0] != cube.NODATA))
+    seconds = time.perf_counter() - t0
+    return {
+        "seconds": seconds,
+        "sha256": digest.hexdigest(),
+        "windows": len(windows),
+        "valid_observations": valid,
+        "opens": cube.OPEN_COUNTER.count,
+    }
+
+
+# -------------------------------------------------------------------------------------- driver
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+#: moto keeps an object in a (spooled, above 5 MiB on-disk) buffer and reads ALL of it for every
+#: GET, ranged or not: a 100 KiB range of a 130 MiB file costs ~0.1 s, which would penalise the
+#: readers that make many range requests.  Real S3 does not; the launcher keeps each object's bytes.
+_MOTO_LAUNCHER = """
+import sys
+import moto.s3.models as m
+from moto.server import main
+plain = m.FakeKey.value
+
+def _get(self):
+    data = self.__dict__.get("_bench_bytes")
+    if data is None:
+        data = self.__dict__["_bench_bytes"] = plain.fget(self)
+    return data
+
+def _set(self, value):
+    self.__dict__.pop("_bench_bytes", None)
+    plain.fset(self, value)
+
+m.FakeKey.value = property(_get, _set)
+main(["-H", "127.0.0.1", "-p", sys.argv[1]])
+"""
+
+
+def _start_moto() -> tuple[subprocess.Popen, str]:
+    """moto's server as a subprocess (GDAL deadlocks against an in-process server)."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _MOTO_LAUNCHER, str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(400):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, f"http://127.0.0.1:{port}"
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto server exited with code {proc.returncode}")
+        time.sleep(0.05)
+    proc.terminate()
+    raise RuntimeError(f"moto server did not start on port {port}")
+
+
+def _child_env() -> dict:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AWS_", "GDAL_", "CPL_", "TREESITS_"))
+    }
+    env.update(FAKE_CREDENTIALS, AWS_EC2_METADATA_DISABLED="true", PYTHONPATH=str(ROOT))
+    return env
+
+
+def _run_child(spec: dict, before_go=None) -> dict:
+    """Run one measurement in a fresh process; ``before_go()`` runs once it has warmed up."""
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--child"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=_child_env(),
+        )
+        try:
+            proc.stdin.write(json.dumps(spec) + "\n")
+            proc.stdin.flush()
+            ready = proc.stdout.readline().strip()
+            if ready == "ready":
+                if before_go:
+                    before_go()
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+            out = proc.stdout.read()
+            proc.wait(timeout=1800)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if proc.returncode or ready != "ready":
+            err.seek(0)
+            raise RuntimeError(f"{spec['method']} failed:\n{err.read()[-4000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _layout(path: str) -> dict:
+    import rasterio
+
+    with open(path, "rb") as fh:
+        bigtiff = fh.read(4)[2:4] == b"\x2b\x00"
+    with rasterio.open(path) as src:
+        tags = src.tags(ns="IMAGE_STRUCTURE")
+        return {
+            "tiled": src.profile.get("tiled", False),
+            "block_shape": list(src.block_shapes[0]),
+            "compression": src.compression.value if src.compression else None,
+            "predictor": tags.get("PREDICTOR"),
+            "interleave": src.interleaving.value if src.interleaving else None,
+            "bigtiff": bigtiff,
+        }
+
+
+def _link_proxy(base):
+    """``FaultProxy`` whose answers also take ``len(body) / bandwidth`` seconds on ONE link shared
+    by all connections (a WAN link: parallel requests share its bandwidth)."""
+
+    class LinkProxy(base):
+        def __init__(self, upstream, bandwidth: float = 0.0, **kwargs):
+            super().__init__(upstream, **kwargs)
+            self.bandwidth = bandwidth  # bytes per second; 0: unlimited
+            self._link_free = 0.0
+            self._link_lock = threading.Lock()
+
+        def _forward(self, method, path, headers, body):
+            answer = super()._forward(method, path, headers, body)
+            size = len(answer[3])
+            if self.bandwidth and size:
+                with self._link_lock:
+                    now = time.monotonic()
+                    self._link_free = max(now, self._link_free) + size / self.bandwidth
+                    wait = self._link_free - now
+                time.sleep(wait)
+            return answer
+
+    return LinkProxy
+
+
+def _median(values):
+    return statistics.median(values) if values else None
+
+
+def _conclusion(result: dict) -> str:
+    m = result["methods"]
+    gdal = m.get("gdal-vsis3")
+    others = {
+        k: v for k, v in m.items() if k.startswith("fsspec") and v.get("seconds_median") is not None
+    }
+    if not gdal or not others:
+        return "Not enough methods ran to compare."
+    best_name, best = min(others.items(), key=lambda kv: kv[1]["seconds_median"])
+    ratio = best["seconds_median"] / gdal["seconds_median"]
+    same = result["identical_to_local_disk"]
+
+    def fig(name, v):
+        if "requests_median" not in v:
+            return f"{name} {v['seconds_median']:.2f} s"
+        return (
+            f"{name} {v['seconds_median']:.2f} s, {v['requests_median']:.0f} requests, "
+            f"{v['mib_down_median']:.1f} MiB"
+        )
+
+    figures = "; ".join(fig(k, v) for k, v in m.items())
+    if ratio > 1.1:
+        verdict = (
+            f"GDAL /vsis3/ is the faster reader: the best fsspec variant ({best_name}) takes "
+            f"{ratio:.1f}x as long"
+        )
+    elif ratio < 0.9:
+        verdict = f"fsspec ({best_name}) is faster than GDAL /vsis3/ ({1 / ratio:.1f}x)"
+    else:
+        verdict = (
+            f"GDAL /vsis3/ and the best fsspec variant ({best_name}) are within 10% of each other"
+        )
+    more = best.get("mib_down_median", 0) / max(gdal.get("mib_down_median", 0), 1e-9)
+    if ratio < 1.1 and more > 2:
+        verdict += (
+            f", but it downloads {more:.1f}x the bytes (every window re-reads whole files): its "
+            "lead holds only while a file costs less than a few round trips to download and "
+            "shrinks with larger files or a slower link (--size, --bandwidth)"
+        )
+    fewer = [
+        k
+        for k, v in others.items()
+        if v.get("mib_down_median", 1e9) < 2 * gdal.get("mib_down_median", 0)
+    ]
+    if fewer:
+        quickest = min(fewer, key=lambda k: others[k]["seconds_median"])
+        verdict += (
+            f"; of the fsspec variants that read only about the bytes GDAL reads, {quickest} is the "
+            f"quickest at {others[quickest]['seconds_median'] / gdal['seconds_median']:.1f}x "
+            f"GDAL's time, with {others[quickest]['requests_median'] / max(gdal['requests_median'], 1):.1f}x "
+            "its requests"
+        )
+    w = result["setup"]
+    link = f" and a {w['bandwidth_mb_s']:g} MB/s link" if w["bandwidth_mb_s"] else ""
+    if w["latency_s"] < 0:
+        route, link = "straight from moto (no proxy, no request counts)", ""
+    else:
+        route = f"through a proxy adding {w['latency_s'] * 1000:.0f} ms per request"
+    return (
+        f"Reading all {w['windows']} windows ({w['window'][0]}x{w['window'][1]} px) of a "
+        f"{w['size']} px tile x {w['scenes']} scenes (BOA + QAI, {w['layout']['compression']} "
+        f"{'tiles' if w['layout']['tiled'] else 'strips'}, {w['object_mib']:.1f} MiB on S3) {route}"
+        f"{link}, median of {w['repeats']}: "
+        f"{figures}. {verdict}. Arrays are "
+        f"{'identical across methods and equal to local-disk reads' if same else 'NOT identical (see runs)'}."
+    )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Measure GDAL /vsis3/ against fsspec (s3fs) file objects for reading FORCE scenes "
+        "window by window from a local moto S3 server (behind a latency-adding proxy); prints JSON.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--size", type=int, default=500, help="tile size in pixels (size x size)")
+    parser.add_argument("--scenes", type=int, default=20, help="scenes in the tile")
+    parser.add_argument(
+        "--layout",
+        default="strips",
+        choices=("strips", "cog"),
+        help="synthetic GeoTIFF layout: strips (FORCE < 3.8, LZW) or cog (256 px tiles, ZSTD)",
+    )
+    parser.add_argument(
+        "--window",
+        default="auto",
+        help="window ROWSxCOLS, or 'auto' (the pipeline's choose_window_shape)",
+    )
+    parser.add_argument(
+        "--qai",
+        default="default",
+        choices=("default", "none"),
+        help="QAI screening as in the pipeline ('default': the QAI files are read too)",
+    )
+    parser.add_argument(
+        "--latency",
+        type=float,
+        default=0.02,
+        help="seconds the proxy adds to every request (emulated WAN round trip); "
+        "a negative value bypasses the proxy (no request counts)",
+    )
+    parser.add_argument(
+        "--bandwidth",
+        type=float,
+        default=0.0,
+        help="MB/s of the emulated link, shared by all connections (0: unlimited, "
+        "i.e. whatever moto and the proxy manage on this machine)",
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="runs per method (median reported)")
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}"
+    )
+    parser.add_argument(
+        "--tuned-cache",
+        default="readahead:64k",
+        help="s3fs cache of fsspec-opener-tuned: CACHE_TYPE[:BLOCK_SIZE] (e.g. readahead:1m, bytes:512k)",
+    )
+    parser.add_argument(
+        "--workdir",
+        default=None,
+        help="where to write the local cube (default: a temporary folder)",
+    )
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        print(json.dumps(_child(json.loads(sys.stdin.readline()))), flush=True)
+        return 0
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+
+    import fsspec  # noqa: F401
+
+    from treesits_dask.bench.proxy import FaultProxy
+    from treesits_dask.config import DEFAULT_QAI_FLAGS
+    from treesits_dask.io import cube, discovery, storage
+    from treesits_dask.io.grid import choose_window_shape
+    from treesits_dask.synthetic import make_cube
+
+    def say(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="s3-read-bench-", dir=args.workdir) as tmp:
+        t0 = time.perf_counter()
+        made = make_cube(
+            Path(tmp) / "cube",
+            tiles=(TILE,),
+            size=args.size,
+            n_scenes=args.scenes,
+            layout=args.layout,
+            seed=1,
+        )
+        say(f"cube written in {time.perf_counter() - t0:.1f} s")
+        definition = discovery.read_cube_definition(made.root)
+        local_scenes = discovery.scene_table(made.root, TILE)
+        grid = cube.tile_grid(definition, local_scenes[0])
+        window = (
+            choose_window_shape(grid, None, len(local_scenes))
+            if args.window == "auto"
+            else tuple(int(v) for v in args.window.lower().split("x"))
+        )
+        qai_flags = DEFAULT_QAI_FLAGS if args.qai == "default" else ()
+        grid_spec = {
+            "tile": grid.tile,
+            "crs_wkt": grid.crs_wkt,
+            "transform": list(grid.transform),
+            "width": grid.width,
+            "height": grid.height,
+            "block_shape": list(grid.block_shape),
+            "count": grid.count,
+        }
+        base = {
+            "grid": grid_spec,
+            "window": list(window),
+            "qai_flags": list(qai_flags),
+            "tuned_cache": args.tuned_cache,
+        }
+        files = [p for s in local_scenes for p in (s.boa, s.qai) if p]
+        object_bytes = sum(os.path.getsize(p) for p in files)
+        layout = _layout(local_scenes[0].boa)
+
+        moto, endpoint = _start_moto()
+        proxy = None
+        saved_env = dict(os.environ)
+        try:
+            os.environ.update(FAKE_CREDENTIALS)
+            storage.apply_environment(storage.s3_environment(endpoint, REGION, "path", environ={}))
+            import boto3
+
+            bucket = "force-bench"
+            boto3.client("s3", endpoint_url=endpoint, region_name=REGION).create_bucket(
+                Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION}
+            )
+            cube_url = f"s3://{bucket}/level2"
+            fs, path = storage.get_fs(cube_url)
+            t0 = time.perf_counter()
+            fs.put(made.root, path, recursive=True)
+            warmup_local = str(Path(made.truth_dir) / TILE / "species.tif")
+            fs.put_file(warmup_local, f"{bucket}/warmup/species.tif")
+            s3_scenes = discovery.scene_table(cube_url, TILE)
+            say(
+                f"uploaded {len(files)} files ({object_bytes / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s"
+            )
+            assert [s.name for s in s3_scenes] == [s.name for s in local_scenes]
+
+            if args.latency >= 0:
+                proxy = _link_proxy(FaultProxy)(
+                    endpoint, every=0, latency=args.latency, bandwidth=args.bandwidth * 1e6
+                ).start()
+            s3_spec = dict(
+                base,
+                endpoint=proxy.url if proxy else endpoint,
+                warmup=f"s3://{bucket}/warmup/species.tif",
+                boa=[s.boa for s in s3_scenes],
+                qai=[s.qai for s in s3_scenes],
+            )
+            local_spec = dict(
+                base,
+                endpoint=None,
+                method="local",
+                warmup=warmup_local,
+                boa=[s.boa for s in local_scenes],
+                qai=[s.qai for s in local_scenes],
+            )
+
+            runs: dict[str, list[dict]] = {m: [] for m in ["local", *methods]}
+            for rnd in range(args.repeats):
+                for method in ["local", *methods]:
+                    out = _run_child(
+                        local_spec if method == "local" else dict(s3_spec, method=method),
+                        proxy.reset_counts if proxy else None,
+                    )
+                    if proxy and method != "local":
+                        out.update(
+                            requests=proxy.requests,
+                            by_method=dict(proxy.by_method),
+                            bytes_down=proxy.bytes_down,
+                        )
+                    runs[method].append(out)
+                    say(
+                        f"round {rnd + 1} {method:20s} {out['seconds']:7.2f} s "
+                        + (
+                            f"{out.get('requests', 0):6d} requests {out.get('bytes_down', 0) / 2**20:8.1f} MiB"
+                            if method != "local"
+                            else ""
+                        )
+                    )
+        finally:
+            if proxy:
+                proxy.stop()
+            moto.terminate()
+            moto.wait(timeout=10)
+            os.environ.clear()
+            os.environ.update(saved_env)
+
+    reference = runs["local"][0]["sha256"]
+    summary = {}
+    for method, rs in runs.items():
+        summary[method] = {
+            "seconds_median": round(_median([r["seconds"] for r in rs]), 3),
+            "seconds_all": [round(r["seconds"], 3) for r in rs],
+            "identical_to_local": all(r["sha256"] == reference for r in rs),
+        }
+        if method != "local" and proxy:
+            summary[method].update(
+                requests_median=_median([r["requests"] for r in rs]),
+                by_method=rs[-1]["by_method"],
+                mib_down_median=round(_median([r["bytes_down"] for r in rs]) / 2**20, 2),
+                requests_per_file_open=round(
+                    _median([r["requests"] for r in rs]) / rs[-1]["opens"], 2
+                ),
+            )
+    if "fsspec-opener-tuned" in summary:
+        summary["fsspec-opener-tuned"]["cache"] = _cache_options(args.tuned_cache)
+    result = {
+        "setup": {
+            "size": args.size,
+            "scenes": args.scenes,
+            "tile": TILE,
+            "window": list(window),
+            "windows": runs["local"][0]["windows"],
+            "file_opens_per_run": runs["local"][0]["opens"],
+            "qai_flags": list(qai_flags),
+            "latency_s": args.latency,
+            "repeats": args.repeats,
+            "bandwidth_mb_s": args.bandwidth or None,
+            "layout": dict(layout, synthetic_layout=args.layout),
+            "files": len(files),
+            "object_mib": round(object_bytes / 2**20, 2),
+            "valid_observations": runs["local"][0]["valid_observations"],
+            "cpus": os.cpu_count(),
+        },
+        "versions": _versions(),
+        "methods": summary,
+        "identical_to_local_disk": all(v["identical_to_local"] for v in summary.values()),
+    }
+    result["conclusion"] = _conclusion(result)
+    print(json.dumps(result, indent=2))
+    say("\n" + result["conclusion"])
+    return 0 if result["identical_to_local_disk"] else 1
+
+
+def _versions() -> dict:
+    import fsspec
+    import rasterio
+    import s3fs
+
+    return {
+        "rasterio": rasterio.__version__,
+        "gdal": rasterio.__gdal_version__,
+        "s3fs": s3fs.__version__,
+        "fsspec": fsspec.__version__,
+        "python": sys.version.split()[0],
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Pixel grids of tiles and the windows that cut them into Dask tasks.
+
+A :class:`TileGrid` is read once per tile from its first BOA file (see
+:func:`treesits_dask.io.cube.tile_grid`); a :class:`WindowLayout` is the list of windows of one
+tile, computed once when a run is planned and used by the cube, the mask and the output stages
+alike (every window is also one chunk of the output store).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ConfigError
+
+__all__ = ["TileGrid", "Window", "WindowLayout", "choose_window_shape", "divisor_at_most"]
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Pixel grid of one tile, read once from its first BOA file and checked against the .prj."""
+
+    tile: str
+    crs_wkt: str
+    transform: tuple[float, float, float, float, float, float]
+    width: int
+    height: int
+    block_shape: tuple[int, int]
+    count: int
+
+    @property
+    def affine(self):
+        from affine import Affine
+
+        return Affine(*self.transform)
+
+    def x_coords(self) -> np.ndarray:
+        a, _, c = self.transform[:3]
+        return c + a * (np.arange(self.width) + 0.5)
+
+    def y_coords(self) -> np.ndarray:
+        e, f = self.transform[4], self.transform[5]
+        return f + e * (np.arange(self.height) + 0.5)
+
+
+@dataclass(frozen=True)
+class Window:
+    """A rectangle of a tile in pixels."""
+
+    row_off: int
+    col_off: int
+    height: int
+    width: int
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.row_off, self.row_off + self.height)
+
+    @property
+    def cols(self) -> slice:
+        return slice(self.col_off, self.col_off + self.width)
+
+
+@dataclass(frozen=True)
+class WindowLayout:
+    """The windows of one tile: row-major, ``shape`` = (rows, cols) of every full window."""
+
+    shape: tuple[int, int]
+    windows: tuple[tuple[Window, ...], ...]
+
+    @classmethod
+    def of(cls, grid: TileGrid, shape: tuple[int, int]) -> WindowLayout:
+        """Windows of ``shape`` covering ``grid`` (the last row / column may be smaller)."""
+        rows, cols = shape
+        windows = tuple(
+            tuple(
+                Window(r, c, min(rows, grid.height - r), min(cols, grid.width - c))
+                for c in range(0, grid.width, cols)
+            )
+            for r in range(0, grid.height, rows)
+        )
+        return cls(tuple(shape), windows)
+
+    @property
+    def chunks(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Dask chunks along y and x."""
+        return tuple(row[0].height for row in self.windows), tuple(w.width for w in self.windows[0])
+
+    def __len__(self) -> int:
+        return len(self.windows) * len(self.windows[0])
+
+    def __iter__(self) -> Iterator[tuple[int, int, Window]]:
+        """``(i, j, window)`` in row-major order (i, j: the window's block index)."""
+        for i, row in enumerate(self.windows):
+            for j, w in enumerate(row):
+                yield i, j, w
+
+
+def divisor_at_most(n: int, limit: int) -> int:
+    """The largest divisor of ``n`` that is at most ``limit``."""
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def choose_window_shape(
+    grid: TileGrid,
+    requested: tuple[int, int] | None,
+    n_scenes: int,
+    max_bytes: int = 2 * 1024**3,
+    target: int = 256,
+) -> tuple[int, int]:
+    """Window ``(rows, cols)``; both must divide the tile so that windows align with Zarr chunks.
+
+    ``auto``: full-width strips of the file's strip height for striped files (FORCE < 3.8, decoded
+    once per window) when a window of all scenes stays under ``max_bytes``; otherwise the largest
+    divisors of the tile size up to ``target`` pixels.
+    """
+    if requested is not None:
+        rows, cols = requested
+        if grid.height % rows or grid.width % cols:
+            raise ConfigError(
+                f"setting 'window' {rows}x{cols} does not divide tile {grid.tile} "
+                f"({grid.height}x{grid.width} px); windows must tile it exactly so that they align "
+                f"with the Zarr chunks, e.g. {divisor_at_most(grid.height, rows)}x"
+                f"{divisor_at_most(grid.width, cols)}"
+            )
+        return rows, cols
+    bh, bw = grid.block_shape
+    bytes_per_px = n_scenes * grid.count * 2
+    if bw == grid.width and grid.height % bh == 0:
+        # striped file: whole strips, as many as fit target**2 pixels (at least one) and the budget
+        fits = [
+            k * bh
+            for k in range(1, grid.height // bh + 1)
+            if grid.height % (k * bh) == 0
+            and (k == 1 or k * bh * grid.width <= target * target)
+            and k * bh * grid.width * bytes_per_px <= max_bytes
+        ]
+        if fits:
+            return max(fits), grid.width
+    return divisor_at_most(grid.height, target), divisor_at_most(grid.width, target)

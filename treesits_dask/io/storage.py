@@ -1,0 +1,368 @@
+"""One place that turns URLs (``/local/path``, ``file://...``, ``s3://bucket/key``) into filesystems.
+
+Every other module passes URLs around as plain strings and asks this module for a filesystem, a
+GDAL path or a joined URL.  Remote protocols need the ``s3`` extra (``pip install treesits_dask[s3]``).
+
+Object stores: s3fs retries throttling, 5xx answers and dropped connections (botocore "standard"
+retries with backoff, plus s3fs's own retries of interrupted body reads); listings are never
+cached, so a scene added or replaced while a driver runs is seen by its next listing; uploads
+above ``2 * UPLOAD_PART_SIZE`` are multipart (:func:`upload`).  GDAL (``/vsis3/``) retries 429/5xx
+answers and resets before an answer by itself; what it does not retry (a connection dropped in the
+middle of a body, which libtiff may even take for a file without georeference, with only a warning)
+the readers retry with :func:`read_retrying`, after :func:`clear_gdal_cache` has dropped what GDAL
+kept of the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+import posixpath
+import random
+import re
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Self, TypeVar
+from urllib.parse import urlparse
+
+import fsspec
+
+from ..errors import OutputError
+
+__all__ = [
+    "GDAL_DEFAULTS", "S3_ENV_KEYS", "UPLOAD_PART_SIZE", "IncompleteReadError", "apply_environment",
+    "basename", "clear_gdal_cache", "gdal_path", "get_fs", "is_remote", "join", "publish_bytes",
+    "publish_file", "read_retrying", "s3_environment", "s3_options", "strip_protocol", "upload",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Part size of multipart uploads: files of at least twice this size are uploaded in parts
+#: (s3fs uploads smaller files with one PUT).  S3 needs parts of at least 5 MiB.
+UPLOAD_PART_SIZE = 32 * 2**20
+
+#: GDAL settings for reading many GeoTIFFs (no directory listing per open, retries on HTTP
+#: errors); every process of a run gets them as environment variables.
+GDAL_DEFAULTS = {
+    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+    "GDAL_HTTP_MAX_RETRY": "8",
+    "GDAL_HTTP_RETRY_DELAY": "0.5",
+    "GDAL_HTTP_RETRY_CODES": "ALL",
+    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.vrt,.json",
+    "CPL_VSIL_USE_TEMP_FILE_FOR_RANDOM_WRITE": "YES",
+}
+
+#: Non-secret variables that configure S3 access for s3fs/boto3 and GDAL (never credentials).
+S3_ENV_KEYS = (
+    "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_S3_ENDPOINT", "AWS_HTTPS",
+    "AWS_VIRTUAL_HOSTING", "TREESITS_S3_ADDRESSING", "AWS_PROFILE",
+)  # fmt: skip
+
+
+def s3_environment(
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    addressing: str = "auto",
+    environ: dict | None = None,
+) -> dict[str, str]:
+    """Non-secret environment for S3 access, derived once from settings and ``AWS_*`` variables.
+
+    s3fs/boto3 read ``AWS_ENDPOINT_URL``; GDAL ignores it and needs ``AWS_S3_ENDPOINT`` (host:port),
+    ``AWS_HTTPS`` and ``AWS_VIRTUAL_HOSTING``.  ``addressing``: ``path``, ``virtual`` or ``auto``
+    (path-style when a custom endpoint is set, as OpenStack/Ceph object stores need).
+    """
+    env = dict(os.environ if environ is None else environ)
+    out: dict[str, str] = {}
+    endpoint = endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    region = region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if addressing == "auto":
+        addressing = "path" if endpoint else "virtual"
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        out["AWS_ENDPOINT_URL"] = f"{parsed.scheme}://{parsed.netloc}{parsed.path.rstrip('/')}"
+        out["AWS_S3_ENDPOINT"] = parsed.netloc + parsed.path.rstrip("/")
+        out["AWS_HTTPS"] = "YES" if parsed.scheme == "https" else "NO"
+    if region:
+        out["AWS_REGION"] = out["AWS_DEFAULT_REGION"] = region
+    out["AWS_VIRTUAL_HOSTING"] = "FALSE" if addressing == "path" else "TRUE"
+    out["TREESITS_S3_ADDRESSING"] = addressing
+    if env.get("AWS_PROFILE"):
+        out["AWS_PROFILE"] = env["AWS_PROFILE"]
+    return out
+
+
+def apply_environment(env: dict[str, str]) -> None:
+    """Set the given (non-secret) variables in this process; used on the driver and by a worker plugin."""
+    os.environ.update(env)
+
+
+def is_remote(url: str) -> bool:
+    """True for URLs with a non-file protocol (``s3://``...)."""
+    scheme = urlparse(str(url)).scheme
+    return bool(scheme) and scheme not in ("file", "local") and len(scheme) > 1
+
+
+def strip_protocol(url: str) -> str:
+    """``file:///a/b`` -> ``/a/b``; ``s3://b/k`` -> ``b/k``; local paths are made absolute."""
+    url = str(url)
+    if is_remote(url):
+        return url.split("://", 1)[1]
+    if url.startswith("file://"):
+        url = url[len("file://") :]
+    return os.path.abspath(os.path.expanduser(url))
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path parts onto a URL, keeping its protocol."""
+    url = str(url)
+    if is_remote(url):
+        proto, rest = url.split("://", 1)
+        return f"{proto}://" + posixpath.join(rest.rstrip("/"), *parts)
+    return os.path.join(url, *parts)
+
+
+def basename(url: str) -> str:
+    return posixpath.basename(str(url).rstrip("/"))
+
+
+def get_fs(url: str, **storage_options) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return ``(filesystem, path)`` for a URL; the path is what that filesystem expects."""
+    url = str(url)
+    if is_remote(url):
+        proto = url.split("://", 1)[0]
+        if proto in ("s3", "s3a") and not storage_options:
+            storage_options = s3_options()
+        try:
+            fs = fsspec.filesystem(proto, **storage_options)
+        except ImportError as exc:  # pragma: no cover - depends on the installed extras
+            raise ImportError(
+                f"reading {url!r} needs the {proto} filesystem: pip install 'treesits_dask[s3]'"
+            ) from exc
+        return fs, strip_protocol(url)
+    return fsspec.filesystem("file"), strip_protocol(url)
+
+
+def s3_options() -> dict:
+    """s3fs options from the process environment (set by :func:`apply_environment`).
+
+    No credentials: s3fs/botocore find them in the environment, a profile or the pod's role.
+    Listings are not cached (a cached listing would hide scenes added or replaced since).
+    """
+    opts: dict = {
+        "config_kwargs": {"retries": {"max_attempts": 10, "mode": "standard"}},
+        "use_listings_cache": False,
+    }
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    client_kwargs = {}
+    if endpoint:
+        client_kwargs["endpoint_url"] = endpoint
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        client_kwargs["region_name"] = region
+    if client_kwargs:
+        opts["client_kwargs"] = client_kwargs
+    addressing = os.environ.get("TREESITS_S3_ADDRESSING", "auto")
+    if addressing == "auto":
+        addressing = "path" if endpoint else "virtual"
+    opts["config_kwargs"]["s3"] = {"addressing_style": addressing}
+    return opts
+
+
+def gdal_path(url: str) -> str:
+    """The path GDAL/rasterio opens: local files as they are, ``s3://b/k`` as ``/vsis3/b/k``."""
+    url = str(url)
+    if url.startswith("s3://"):
+        return "/vsis3/" + url[len("s3://") :]
+    if is_remote(url):
+        raise ValueError(f"GDAL cannot read {url!r}: only local paths and s3:// URLs are supported")
+    return strip_protocol(url)
+
+
+def upload(local_path: str, url: str, part_size: int | None = None) -> None:
+    """Copy a local file to ``url``; on object stores files of at least ``2 * part_size``
+    (default :data:`UPLOAD_PART_SIZE`) go up as a multipart upload, so an S3 object appears whole
+    or not at all either way."""
+    fs, path = get_fs(url)
+    if str(url).split("://", 1)[0] in ("s3", "s3a"):
+        part = int(part_size or UPLOAD_PART_SIZE)
+        if part < 5 * 2**20:
+            raise ValueError(f"S3 multipart parts must be at least 5 MiB, not {part} bytes")
+        fs.put_file(local_path, path, chunksize=part)
+    else:
+        fs.put_file(local_path, path)
+
+
+def publish_file(local_path: str, url: str, part_size: int | None = None) -> None:
+    """Copy a finished local file to ``url`` so that no partial file ever has the final name.
+
+    Local disks: a copy next to the target, then an atomic rename.  Object stores: one PUT, or a
+    multipart upload for files of at least ``2 * part_size`` (default :data:`UPLOAD_PART_SIZE`);
+    the object appears only when the upload is complete.  :class:`OutputError` if impossible.
+    """
+    fs, path = get_fs(url)
+    try:
+        if is_remote(url):
+            upload(local_path, url, part_size)
+            return
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        partial = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.partial")
+        try:
+            shutil.copyfile(local_path, partial)
+            os.replace(partial, path)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write {url}: {exc}; check that the output location is writable"
+        ) from exc
+
+
+def publish_bytes(data: bytes, url: str, tmp_dir: str | None = None) -> None:
+    """Write ``data`` to ``url`` atomically (see :func:`publish_file`): the one way this package
+    writes a whole file (ledger records, leases, run reports, VRTs)."""
+    with tempfile.TemporaryDirectory(prefix="treesits-out-", dir=tmp_dir) as tmp:
+        local = os.path.join(tmp, "file")
+        with open(local, "wb") as fh:
+            fh.write(data)
+        publish_file(local, url)
+
+
+# ------------------------------------------------------------------------------------ GDAL cache
+_GDAL_LIB: ctypes.CDLL | None | bool = None
+_GDAL_LOCK = threading.Lock()
+
+
+def _gdal_library():
+    """The libgdal that rasterio loaded in this process (``False`` when it cannot be found)."""
+    global _GDAL_LIB
+    with _GDAL_LOCK:
+        if _GDAL_LIB is None:
+            import rasterio  # noqa: F401  (loads libgdal)
+
+            path = None
+            try:
+                with open("/proc/self/maps") as fh:
+                    path = next((line.split()[-1] for line in fh if "libgdal" in line.rsplit("/", 1)[-1]), None)
+            except OSError:  # not Linux
+                path = ctypes.util.find_library("gdal")
+            try:
+                lib = ctypes.CDLL(path) if path else None
+                lib.VSICurlPartialClearCache.argtypes = [ctypes.c_char_p]
+                lib.VSICurlPartialClearCache.restype = None
+                lib.VSICurlClearCache.argtypes = []
+                lib.VSICurlClearCache.restype = None
+                _GDAL_LIB = lib
+            except (OSError, AttributeError):
+                log.debug("libgdal not found in this process; GDAL's /vsis3/ cache cannot be cleared")
+                _GDAL_LIB = False
+        return _GDAL_LIB
+
+
+def clear_gdal_cache(url: str | None = None) -> bool:
+    """Forget what GDAL cached (sizes, headers, blocks) of one remote file, or of all files.
+
+    GDAL keeps the bytes of ``/vsis3/`` files for the life of the process: after a transfer broke
+    off in the middle, or when a file was replaced since it was first read, the cache would serve
+    wrong bytes.  Returns False when libgdal could not be reached (nothing was cleared).
+    """
+    lib = _gdal_library()
+    if not lib:
+        return False
+    if url is None:
+        lib.VSICurlClearCache()
+    else:
+        lib.VSICurlPartialClearCache(gdal_path(url).encode())
+    return True
+
+
+#: Substrings of GDAL errors that no retry can fix (missing object, no permission).
+_PERMANENT = ("does not exist", "no such file", "nosuchkey", "nosuchbucket", "accessdenied",
+              "access denied", "permission denied", "forbidden")
+
+#: GDAL warnings that say a read left something out: when a connection drops in the middle of a
+#: body, libtiff only warns ("TIFFFetchNormalTag:IO error during reading of GeoKeyDirectory; tag
+#: ignored") and the file opens without its georeference (CRS None, identity transform).
+_INCOMPLETE = re.compile(
+    r"\bio error\b|read error|error (?:during|while) reading|failed to read|short read", re.IGNORECASE
+)
+
+
+class IncompleteReadError(OSError):
+    """GDAL finished a remote read, but warned on the way that it could not read parts of the file."""
+
+
+class _IncompleteReads(logging.Handler):
+    """Collects the GDAL warnings of :data:`_INCOMPLETE` that rasterio logs (logger
+    ``rasterio._env``, at WARNING) in the current thread while the context is open."""
+
+    _logger = logging.getLogger("rasterio._env")
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            message = record.getMessage()
+            if _INCOMPLETE.search(message):
+                self.messages.append(message)
+
+    def __enter__(self) -> Self:
+        self._logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._logger.removeHandler(self)
+
+
+def read_retrying(url: str, fn: Callable[[], T], what: str = "read", attempts: int = 4,
+                  delay: float = 0.5, permanent: tuple[type[BaseException], ...] = ()) -> T:
+    """``fn()`` with retries when ``url`` is remote: GDAL does not retry a connection that drops in
+    the middle of a body.  Missing files and permission errors (and ``permanent`` exceptions) are
+    raised at once; local files are never retried.  Between attempts GDAL's cache of the file is
+    cleared and the wait doubles (with jitter).
+
+    A remote read during which GDAL warned that it could not read parts of the file (see
+    :data:`_INCOMPLETE`) counts as failed, even when ``fn`` returned (what it returned is closed if
+    it can be) or raised a ``permanent`` exception (a check that failed on incomplete metadata);
+    after the last attempt that raises :class:`IncompleteReadError`.
+    """
+    remote = is_remote(url)
+    for attempt in range(1, attempts + 1):
+        with _IncompleteReads() if remote else contextlib.nullcontext() as incomplete:
+            try:
+                result = fn()
+            except Exception as exc:  # noqa: BLE001 - GDAL/rasterio raise many types; filtered below
+                text = str(exc).lower() + " " + str(exc.__cause__ or "").lower()
+                gave_up = isinstance(exc, permanent) or any(p in text for p in _PERMANENT)
+                if attempt == attempts or not remote or (gave_up and not incomplete.messages):
+                    raise
+                error: BaseException = exc
+            else:
+                if incomplete is None or not incomplete.messages:
+                    return result
+                if hasattr(result, "close"):
+                    result.close()
+                error = IncompleteReadError(
+                    f"{what} of {url} was incomplete: {incomplete.messages[0]}"
+                )
+                if attempt == attempts:
+                    raise error
+        clear_gdal_cache(url)
+        wait = delay * 2 ** (attempt - 1) * (1 + random.random() / 2)
+        log.warning("%s of %s failed (%s); retry %d of %d in %.1f s", what, url, error, attempt,
+                    attempts - 1, wait)
+        time.sleep(wait)
+    raise AssertionError("unreachable")

@@ -1,0 +1,283 @@
+"""The prediction stage: the kernel (numpy window in, numpy outputs out), its Dask layer, the
+per-process model cache and the worker plugin that loads the model once per worker.
+
+:func:`predict_block` is a pure function of its inputs (a window of all scenes, the mask, the scene
+days and a model); only pixels inside the mask with at least one valid observation are packed into
+batches, everything else gets the output nodata without touching the model.  :func:`predict_layer`
+maps it over the windows of a tile, with the ``GPU`` resource annotation on heterogeneous
+clusters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import threading
+import time
+
+import numpy as np
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from ..io.cube import NODATA, READS_IN_PROGRESS, InProgress
+from ..models import ModelSpec
+from ..outputs.schema import DTYPES, empty_outputs, pack_outputs
+
+__all__ = [
+    "FORWARDS_IN_PROGRESS",
+    "ModelPlugin",
+    "annotate",
+    "get_predictor",
+    "load_count",
+    "malloc_tuned",
+    "predict_block",
+    "predict_layer",
+    "select_pixels",
+    "threads_for_forward",
+    "tune_malloc",
+]
+
+log = logging.getLogger(__name__)
+
+_CACHE: dict[tuple[ModelSpec, str], object] = {}
+_LOCK = threading.Lock()
+_LOADS = 0
+# On an accelerator one forward pass runs at a time per process (its memory is sized for one),
+# while the worker's other threads read the next windows.  On CPU every worker thread runs its own
+# forward and the worker's cores are shared out among them and the reads (see ModelPlugin).
+_ACCELERATOR = threading.Lock()
+#: CPU forwards running in this process right now (see :func:`threads_for_forward`)
+FORWARDS_IN_PROGRESS = InProgress()
+#: glibc allocator thresholds of inference workers (see :func:`tune_malloc`)
+MMAP_THRESHOLD = 32 << 20
+TRIM_THRESHOLD = 256 << 20
+_MALLOC_TUNED = False
+#: the worker threads that CPU forwards share out (set by ModelPlugin; None outside Dask workers)
+_CPU_THREADS: int | None = None
+
+
+def get_predictor(spec: ModelSpec, device: str = "auto"):
+    """The model for ``spec``, loaded once per process and kept on its device."""
+    global _LOADS
+    key = (spec, device)
+    model = _CACHE.get(key)
+    if model is None:
+        with _LOCK:
+            model = _CACHE.get(key)
+            if model is None:
+                from ..models import load_model
+
+                t0 = time.perf_counter()
+                model = load_model(spec, device=device)
+                _share_cores(model)
+                _CACHE[key] = model
+                _LOADS += 1
+                log.info("loaded %s model %s on %s in %.2fs", spec.family, spec.uri, model.device,
+                         time.perf_counter() - t0)
+    return model
+
+
+def _share_cores(predictor) -> None:
+    """On CPU in a Dask worker: the predictor shares the worker's cores with the reads and the
+    other forwards in progress (see :func:`threads_for_forward`)."""
+    if _CPU_THREADS and getattr(getattr(predictor, "device", None), "type", None) == "cpu":
+        predictor.threads = functools.partial(threads_for_forward, _CPU_THREADS)
+
+
+def load_count() -> int:
+    """How many times this process loaded a model (tests check that it is once per worker)."""
+    return _LOADS
+
+
+def tune_malloc() -> bool:
+    """Let glibc keep torch's large temporaries on the heap instead of mmap-ing them afresh.
+
+    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``; setting any malloc threshold
+    switches off glibc's dynamic mmap threshold, so every allocation above 128 KiB (attention
+    matrices, LSTM gates) becomes a new ``mmap`` whose pages fault in on first touch and go back to
+    the OS on free.  On this 2-core machine that made the SBERT forward in a worker ~1.4x slower
+    than the same forward in a plain process.  Raising the mmap threshold to glibc's maximum
+    (32 MiB) and the trim threshold to 256 MiB brings it back.  Returns whether it was applied
+    (glibc on Linux only; elsewhere nothing changes).
+    """
+    global _MALLOC_TUNED
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl etc.
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    ok = bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, TRIM_THRESHOLD))
+    _MALLOC_TUNED = _MALLOC_TUNED or ok
+    return ok
+
+
+def malloc_tuned() -> bool:
+    """Whether :func:`tune_malloc` took effect in this process (tests ask the workers)."""
+    return _MALLOC_TUNED
+
+
+def threads_for_forward(total: int) -> int:
+    """Torch threads for the next batch of a CPU forward: the ``total`` cores of the worker less
+    one per window read running right now, shared evenly among the forwards running right now.
+
+    Two windows predicted side by side with one thread each beat one window at a time with two
+    threads (~1.15x for the LSTM, ~1.35x for SBERT on 2 cores: their ops are too small to split
+    well), and a read beside a forward that uses every core stalls its OpenMP barriers (2.4x
+    slower).  A forward running alone (the last window of a tile) still gets every core.
+    """
+    forwards = max(1, FORWARDS_IN_PROGRESS.count)
+    return max(1, (total - READS_IN_PROGRESS.count) // forwards)
+
+
+def select_pixels(block: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pixels of a ``(T, bands, h, w)`` window that reach the model: inside ``mask`` (if given)
+    with at least one valid observation.  Returns their flat indices, their series ``(N, T, bands)``
+    and validity ``(N, T)``, contiguous."""
+    t_, b_, h, w = block.shape
+    valid = (block != NODATA).all(axis=1)  # (T, h, w)
+    selected = valid.any(axis=0)
+    if mask is not None:
+        selected &= mask.astype(bool)
+    idx = np.flatnonzero(selected)
+    series = np.ascontiguousarray(block.reshape(t_, b_, h * w)[:, :, idx].transpose(2, 0, 1))
+    return idx, series, np.ascontiguousarray(valid.reshape(t_, h * w)[:, idx].T)
+
+
+def predict_block(
+    block: np.ndarray,
+    mask: np.ndarray | None,
+    days: np.ndarray,
+    predictor,
+    batch_size: int = 2048,
+) -> dict[str, np.ndarray]:
+    """Predict one window.
+
+    Parameters
+    ----------
+    block : (T, 10, h, w) int16 BOA of all scenes of the window, -9999 = invalid observation
+        (nodata or QAI-screened), ascending dates.
+    mask : (h, w) bool or None; False pixels are not predicted.
+    days : (T,) int64 days since 1970-01-01 of the scenes.
+    predictor : an object with ``card`` (``n_classes``) and
+        ``predict(series (N, T, 10) int16, valid (N, T) bool, days) -> (probs (N, C), n_used (N,))``.
+
+    Returns the variables of :mod:`treesits_dask.outputs.schema`: ``probability`` (C, h, w),
+    ``class``, ``valid_obs`` (observations used) and ``last_obs_valid`` (1 newest scene valid, 0
+    invalid), each with its nodata where not predicted.
+    """
+    h, w = block.shape[2:]
+    n_classes = predictor.card.n_classes
+    out = empty_outputs(n_classes, (h, w))
+    if mask is not None and not mask.any():
+        return out
+    idx, series, valid_sel = select_pixels(block, mask)
+    if idx.size == 0:
+        return out
+    device = getattr(getattr(predictor, "device", None), "type", "cpu")
+    with FORWARDS_IN_PROGRESS if device == "cpu" else _ACCELERATOR:
+        probs, n_used = predictor.predict(series, valid_sel, np.asarray(days), batch_size=batch_size)
+    prob = out["probability"].reshape(n_classes, h * w)
+    prob[:, idx] = probs.T
+    if n_classes > 1:
+        out["class"].reshape(-1)[idx] = np.argmax(probs, axis=1).astype(DTYPES["class"])
+    most = np.iinfo(DTYPES["valid_obs"]).max
+    out["valid_obs"].reshape(-1)[idx] = np.minimum(n_used, most).astype(DTYPES["valid_obs"])
+    out["last_obs_valid"].reshape(-1)[idx] = valid_sel[:, -1].astype(DTYPES["last_obs_valid"])
+    return out
+
+
+def _predict_packed(block, mask, days, spec, device, batch_size):
+    predictor = get_predictor(spec, device)
+    return pack_outputs(predict_block(block, mask, days, predictor, batch_size=batch_size))
+
+
+def _predict_packed_nomask(block, days, spec, device, batch_size):
+    return _predict_packed(block, None, days, spec, device, batch_size)
+
+
+def annotate(resources: dict | None):
+    """``dask.annotate(resources=...)``, or nothing when ``resources`` is empty."""
+    import dask
+
+    return dask.annotate(resources=resources) if resources else contextlib.nullcontext()
+
+
+def predict_layer(data, mask, days: np.ndarray, spec: ModelSpec, n_classes: int, device: str,
+                  batch_size: int, gpu: bool = False):
+    """Lazy dask array (n_classes + 3, y, x) float32: the packed outputs of every window of a
+    tile (see :func:`~treesits_dask.outputs.schema.pack_outputs`).
+
+    ``data`` is the tile cube (time, band, y, x), ``mask`` a (y, x) bool array chunked like it or
+    None.  With ``gpu`` the tasks carry the Dask resource ``GPU``: only workers that advertise it
+    run inference (the graph must then be computed without optimisation, see ``pipeline.run``).
+    """
+    import dask.array as da
+
+    meta = np.empty((0, 0, 0), np.float32)
+    common = dict(days=days, spec=spec, device=device, batch_size=batch_size, dtype=np.float32,
+                  concatenate=True, meta=meta, new_axes={"k": n_classes + 3})
+    with annotate({"GPU": 1} if gpu else None):
+        if mask is not None:
+            return da.blockwise(_predict_packed, "kyx", data, "tbyx", mask, "yx", **common)
+        return da.blockwise(_predict_packed_nomask, "kyx", data, "tbyx", **common)
+
+
+class ModelPlugin(WorkerPlugin):
+    """Dask worker plugin: sets the allocator (:func:`tune_malloc`) and how CPU forwards share the
+    worker's cores, and loads the model once when a worker starts (in the background, beside the
+    first window reads).
+
+    Registered with ``client.register_plugin``; it also runs on workers that join later.
+    """
+
+    name = "treesits-model"
+
+    def __init__(self, spec: ModelSpec, device: str = "auto", torch_threads: int | None = None,
+                 resource: str | None = None):
+        self.spec = spec
+        self.device = device
+        self.torch_threads = torch_threads
+        self.resource = resource  # only workers advertising it run inference (e.g. "GPU")
+
+    def setup(self, worker=None):  # noqa: D401 - dask WorkerPlugin hook
+        global _CPU_THREADS
+        # as many torch threads as the worker has (nanny workers start with OMP_NUM_THREADS=1)
+        threads = max(1, self.torch_threads or getattr(getattr(worker, "state", None), "nthreads", None) or 1)
+        if self.resource and worker is not None:
+            resources = getattr(getattr(worker, "state", None), "total_resources", None) or {}
+            if self.resource not in resources:
+                return  # a reading-only worker: never runs inference, keeps no model
+        _CPU_THREADS = threads
+        for predictor in list(_CACHE.values()):  # loaded by an earlier run on this worker
+            _share_cores(predictor)
+        if worker is None:  # called by hand: load right here, errors included
+            self._load(threads)
+            return
+        tune_malloc()
+        # setup runs on the worker's event loop: importing torch and loading the model there would
+        # hold every task back for seconds.  Load beside the first window reads instead; the first
+        # forward waits for it (get_predictor's lock) or, if this load failed, raises the error
+        threading.Thread(target=self._load_ahead, args=(threads,), name="treesits-model-load",
+                         daemon=True).start()
+
+    def _load(self, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        get_predictor(self.spec, self.device)
+
+    def _load_ahead(self, threads: int) -> None:
+        try:
+            self._load(threads)
+        except Exception as exc:  # noqa: BLE001 - the first window loads it again and reports why
+            log.warning("could not load %s ahead of the first window: %s", self.spec.uri, exc)
+
+    def teardown(self, worker=None):
+        pass
