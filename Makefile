@@ -1,13 +1,13 @@
 # Two entry points that work on a fresh machine with only Python 3.11:
 #   make demo   -> installs into .venv, builds a sample FORCE cube, trains a small LSTM, runs the pipeline
-#   make test   -> installs into .venv (with test extras), runs the whole test suite
+#   make test   -> installs into .venv (with test extras), checks style (ruff), runs the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv
 PIP     = $(VENV)/bin/python -m pip
 # torch is pinned here (a CPU wheel is on local disk); the package metadata keeps a range.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install install-test demo test bench plan-demo clean
+.PHONY: install install-test demo test lint bench plan-demo clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,11 +28,15 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(VENV)/bin/python -m treesits_dask demo --workdir demo-output
 
-test: install-test
+test: install-test lint
 	$(VENV)/bin/python -m pytest
 
+lint: install-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 bench: install
-	$(VENV)/bin/python benchmarks/throughput.py
+	$(VENV)/bin/python -m treesits_dask bench
 
 clean:
 	rm -rf demo-output .pytest_cache

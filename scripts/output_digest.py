@@ -42,17 +42,46 @@ def prepare(workdir: Path) -> None:
     from treesits_dask.synthetic import SPECIES, make_cube
 
     inputs = workdir / "inputs"
-    make_cube(inputs / "cube", tiles=("X0069_Y0043", "X0070_Y0043"), size=300, n_scenes=36,
-              mask_dir=str(inputs / "masks"), truth_dir=str(inputs / "truth"), seed=0)
-    bands = ["BLUE", "GREEN", "RED", "REDEDGE1", "REDEDGE2", "REDEDGE3", "BROADNIR", "NIR",
-             "SWIR1", "SWIR2"]
+    make_cube(
+        inputs / "cube",
+        tiles=("X0069_Y0043", "X0070_Y0043"),
+        size=300,
+        n_scenes=36,
+        mask_dir=str(inputs / "masks"),
+        truth_dir=str(inputs / "truth"),
+        seed=0,
+    )
+    bands = [
+        "BLUE",
+        "GREEN",
+        "RED",
+        "REDEDGE1",
+        "REDEDGE2",
+        "REDEDGE3",
+        "BROADNIR",
+        "NIR",
+        "SWIR1",
+        "SWIR2",
+    ]
     torch.manual_seed(0)
     hp = {"num_bands": 10, "input_size": 32, "hidden_size": 64, "num_layers": 2, "num_classes": 5}
-    card = ModelCard(family="sits-lstm", hyperparameters=hp, bands=bands, class_names=list(SPECIES),
-                     output_kind="softmax", sequence={"kind": "full"})
+    card = ModelCard(
+        family="sits-lstm",
+        hyperparameters=hp,
+        bands=bands,
+        class_names=list(SPECIES),
+        output_kind="softmax",
+        sequence={"kind": "full"},
+    )
     save_native(LSTMClassifier(**hp).eval(), card, str(inputs / "models" / "lstm.pt"))
-    hp = {"num_bands": 10, "num_classes": 5, "d_model": 32, "nhead": 4, "num_layers": 2,
-          "dim_feedforward": 64}
+    hp = {
+        "num_bands": 10,
+        "num_classes": 5,
+        "d_model": 32,
+        "nhead": 4,
+        "num_layers": 2,
+        "dim_feedforward": 64,
+    }
     card = card.model_copy(update={"family": "sits-transformer", "hyperparameters": hp})
     save_native(TransformerClassifier(**hp).eval(), card, str(inputs / "models" / "transformer.pt"))
     torch.manual_seed(0)
@@ -93,10 +122,29 @@ def run(workdir: Path, name: str) -> None:
         out = workdir / f"{name}-{model}"
         if out.exists():
             raise SystemExit(f"{out} exists; choose another NAME")
-        cmd = [sys.executable, "-m", "treesits_dask", "run", "--cube", str(inputs / "cube"),
-               "--tiles", "all", "--model", str(inputs / "models" / f"{model}.pt"), *flags,
-               "--mask-dir", str(inputs / "masks"), "--output", str(out),
-               "--dashboard-address", ":0", "--workers", "1", "--threads-per-worker", "2"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "treesits_dask",
+            "run",
+            "--cube",
+            str(inputs / "cube"),
+            "--tiles",
+            "all",
+            "--model",
+            str(inputs / "models" / f"{model}.pt"),
+            *flags,
+            "--mask-dir",
+            str(inputs / "masks"),
+            "--output",
+            str(out),
+            "--dashboard-address",
+            ":0",
+            "--workers",
+            "1",
+            "--threads-per-worker",
+            "2",
+        ]
         subprocess.run(cmd, check=True)
         report[model] = digest(out)
     target = workdir / f"{name}.json"

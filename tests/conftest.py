@@ -22,7 +22,9 @@ os.environ.setdefault("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.fail(f"test data folder {SHARED_DATA} is missing (expected ../shared/data beside the repo)")
+        pytest.fail(
+            f"test data folder {SHARED_DATA} is missing (expected ../shared/data beside the repo)"
+        )
     return SHARED_DATA
 
 
@@ -33,8 +35,13 @@ def small_cube(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("cube")
     return make_cube(
-        root / "cube", tiles=("X0069_Y0043", "X0070_Y0043"), size=60, n_scenes=10,
-        mask_dir=str(root / "masks"), truth_dir=str(root / "truth"), seed=3,
+        root / "cube",
+        tiles=("X0069_Y0043", "X0070_Y0043"),
+        size=60,
+        n_scenes=10,
+        mask_dir=str(root / "masks"),
+        truth_dir=str(root / "truth"),
+        seed=3,
     )
 
 
@@ -50,9 +57,22 @@ def native_lstm(tmp_path_factory):
     hp = {"num_bands": 10, "input_size": 16, "hidden_size": 16, "num_layers": 1, "num_classes": 5}
     module = LSTMClassifier(**hp).eval()
     card = ModelCard(
-        family="sits-lstm", hyperparameters=hp,
-        bands=["BLUE", "GREEN", "RED", "REDEDGE1", "REDEDGE2", "REDEDGE3", "BROADNIR", "NIR", "SWIR1", "SWIR2"],
-        class_names=["Spruce", "Beech", "Pine", "Douglas fir", "Oak"], output_kind="softmax",
+        family="sits-lstm",
+        hyperparameters=hp,
+        bands=[
+            "BLUE",
+            "GREEN",
+            "RED",
+            "REDEDGE1",
+            "REDEDGE2",
+            "REDEDGE3",
+            "BROADNIR",
+            "NIR",
+            "SWIR1",
+            "SWIR2",
+        ],
+        class_names=["Spruce", "Beech", "Pine", "Douglas fir", "Oak"],
+        output_kind="softmax",
         sequence={"kind": "full"},
     )
     path = tmp_path_factory.mktemp("model") / "lstm.pt"
@@ -116,7 +136,8 @@ FAKE_TOKEN = "treesits-FAKE-session-token-a1b2c3d4"
 
 @contextlib.contextmanager
 def environ_restored():
-    """Restore ``os.environ`` exactly (``run`` applies GDAL/S3 settings to the driver's environment)."""
+    """Restore ``os.environ`` exactly (``run`` applies GDAL/S3 settings to the driver's
+    environment)."""
     saved = dict(os.environ)
     try:
         yield
@@ -134,8 +155,11 @@ def s3_module_env(moto_endpoint):
     with environ_restored():
         for key in (*storage.S3_ENV_KEYS, "AWS_ENDPOINT_URL_S3"):
             os.environ.pop(key, None)
-        os.environ.update(AWS_ACCESS_KEY_ID=FAKE_KEY_ID, AWS_SECRET_ACCESS_KEY=FAKE_SECRET,
-                          AWS_SESSION_TOKEN=FAKE_TOKEN)
+        os.environ.update(
+            AWS_ACCESS_KEY_ID=FAKE_KEY_ID,
+            AWS_SECRET_ACCESS_KEY=FAKE_SECRET,
+            AWS_SESSION_TOKEN=FAKE_TOKEN,
+        )
         env = storage.s3_environment(endpoint_url=moto_endpoint, region="RegionOne", environ={})
         os.environ.update(env)
         yield env
@@ -148,8 +172,12 @@ def new_bucket(prefix: str = "treesits", versioned: bool = False) -> str:
     import boto3
 
     name = f"{prefix}-{uuid.uuid4().hex[:10]}"
-    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name=os.environ["AWS_REGION"])
-    s3.create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": os.environ["AWS_REGION"]})
+    s3 = boto3.client(
+        "s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name=os.environ["AWS_REGION"]
+    )
+    s3.create_bucket(
+        Bucket=name, CreateBucketConfiguration={"LocationConstraint": os.environ["AWS_REGION"]}
+    )
     if versioned:
         s3.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
     return name

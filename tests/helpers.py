@@ -1,4 +1,5 @@
-"""Small helpers to write hand-made FORCE tiles in tests (independent of the synthetic generator)."""
+"""Small helpers to write hand-made FORCE tiles in tests (independent of the synthetic
+generator)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ EPSG3035 = rasterio.crs.CRS.from_epsg(3035)
 def write_prj(root: Path, tile_px: int, res: float = 10.0) -> None:
     root.mkdir(parents=True, exist_ok=True)
     (root / "datacube-definition.prj").write_text(
-        f"{EPSG3035.to_wkt()}\n-25\n60\n{ORIGIN[0]}\n{ORIGIN[1]}\n{tile_px * res}\n{tile_px * res / 10}\n"
+        f"{EPSG3035.to_wkt()}\n-25\n60\n{ORIGIN[0]}\n{ORIGIN[1]}\n"
+        f"{tile_px * res}\n{tile_px * res / 10}\n"
     )
 
 
@@ -27,15 +29,32 @@ def tile_transform(tile: str, tile_px: int, res: float = 10.0):
     return from_origin(ORIGIN[0] + tx * tile_px * res, ORIGIN[1] - ty * tile_px * res, res, res)
 
 
-def write_scene(root: Path, tile: str, date: dt.date, boa: np.ndarray, qai: np.ndarray | None = None,
-                sensor: str = "SEN2A", blocks: tuple[int, int] | None = None, transform=None, crs=EPSG3035):
+def write_scene(
+    root: Path,
+    tile: str,
+    date: dt.date,
+    boa: np.ndarray,
+    qai: np.ndarray | None = None,
+    sensor: str = "SEN2A",
+    blocks: tuple[int, int] | None = None,
+    transform=None,
+    crs=EPSG3035,
+):
     """Write BOA (10, h, w) int16 (+ QAI (h, w) int16) as FORCE files; returns the BOA path."""
     folder = root / tile
     folder.mkdir(parents=True, exist_ok=True)
     _, h, w = boa.shape
     transform = transform or tile_transform(tile, w)
-    prof = dict(driver="GTiff", dtype="int16", nodata=-9999, width=w, height=h, crs=crs,
-                transform=transform, compress="lzw")
+    prof = dict(
+        driver="GTiff",
+        dtype="int16",
+        nodata=-9999,
+        width=w,
+        height=h,
+        crs=crs,
+        transform=transform,
+        compress="lzw",
+    )
     if blocks:
         prof.update(tiled=True, blockysize=blocks[0], blockxsize=blocks[1])
     stem = f"{date:%Y%m%d}_LEVEL2_{sensor}"
@@ -45,7 +64,9 @@ def write_scene(root: Path, tile: str, date: dt.date, boa: np.ndarray, qai: np.n
         if boa.shape[0] == 10:
             dst.descriptions = S2_BANDS
     if qai is not None:
-        with rasterio.open(folder / f"{stem}_QAI.tif", "w", count=1, **{**prof, "nodata": 1}) as dst:
+        with rasterio.open(
+            folder / f"{stem}_QAI.tif", "w", count=1, **{**prof, "nodata": 1}
+        ) as dst:
             dst.write(qai[None])
     return path
 

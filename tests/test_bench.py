@@ -12,8 +12,25 @@ pytestmark = pytest.mark.slow
 
 def test_bench_small(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = main(["--size", "120", "--scenes", "8", "--families", "sits-lstm", "--masked-forest", "0",
-               "--rss-sizes", "", "--skip-sbert-pxps", "--workdir", str(tmp_path / "w"), "--json", str(out)])
+    rc = main(
+        [
+            "--size",
+            "120",
+            "--scenes",
+            "8",
+            "--families",
+            "sits-lstm",
+            "--masked-forest",
+            "0",
+            "--rss-sizes",
+            "",
+            "--skip-sbert-pxps",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     report = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out) == report
@@ -21,7 +38,9 @@ def test_bench_small(tmp_path, capsys):
     for key in ("decode_s", "forward_s", "end_to_end_s", "px_per_s", "efficiency", "peak_rss_mib"):
         assert lstm[key] > 0, key
     assert lstm["pixels_predicted"] == lstm["forward_pixels"] > 0
-    assert lstm["efficiency"] == pytest.approx(lstm["end_to_end_s"] / (lstm["decode_s"] + lstm["forward_s"]), rel=0.02)
+    assert lstm["efficiency"] == pytest.approx(
+        lstm["end_to_end_s"] / (lstm["decode_s"] + lstm["forward_s"]), rel=0.02
+    )
     # each time is the fastest of its samples (two by default), every sample reported
     assert len(lstm["end_to_end_s_runs"]) == len(lstm["decode_s_runs"]) == 2
     assert lstm["end_to_end_s"] == min(lstm["end_to_end_s_runs"])
@@ -29,5 +48,9 @@ def test_bench_small(tmp_path, capsys):
     assert lstm["forward_s"] == min([*lstm["forward_s_before_after"], lstm["forward_one_stream_s"]])
     assert lstm["efficiency_worst"] >= lstm["efficiency"]
     rerun = report["rerun"]
-    assert rerun["tiles_processed"] == 0 and rerun["tiles_skipped"] == 1 and rerun["geotiff_opens"] == 0
+    assert (
+        rerun["tiles_processed"] == 0
+        and rerun["tiles_skipped"] == 1
+        and rerun["geotiff_opens"] == 0
+    )
     assert rerun["second_run_s"] < rerun["first_run_s"]

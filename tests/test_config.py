@@ -20,7 +20,9 @@ def test_unknown_key_lists_valid(tmp_path):
     y.write_text("cube: /c\noutput: /o\nbatchsize: 1\n")
     with pytest.raises(ConfigError) as e:
         load_config(y, environ={})
-    assert "batchsize" in str(e.value) and "batch_size" in str(e.value) and "mask_dir" in str(e.value)
+    assert (
+        "batchsize" in str(e.value) and "batch_size" in str(e.value) and "mask_dir" in str(e.value)
+    )
 
 
 @pytest.mark.parametrize(
@@ -43,8 +45,9 @@ def test_bad_values(over, match):
 def test_qai_forms():
     assert load_config(overrides=BASE, environ={}).qai_flags == DEFAULT_QAI_FLAGS
     assert load_config(overrides={**BASE, "qai": "none"}, environ={}).qai_flags == ()
-    assert load_config(overrides={**BASE, "qai": "cloud_opaque, ILLUMIN_POOR"}, environ={}).qai_flags == (
-        "CLOUD_OPAQUE", "ILLUMINATION_POOR")
+    assert load_config(
+        overrides={**BASE, "qai": "cloud_opaque, ILLUMIN_POOR"}, environ={}
+    ).qai_flags == ("CLOUD_OPAQUE", "ILLUMINATION_POOR")
 
 
 def test_bad_yaml(tmp_path):

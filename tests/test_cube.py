@@ -3,12 +3,11 @@ import datetime as dt
 import numpy as np
 import pytest
 
-from tests.helpers import write_prj, write_scene
-from tests.helpers import lazy_tile
-from treesits_dask.io import cube, discovery
-from treesits_dask.io.grid import choose_window_shape
+from tests.helpers import lazy_tile, write_prj, write_scene
 from treesits_dask.config import DEFAULT_QAI_FLAGS, QAI_FLAGS
 from treesits_dask.errors import ConfigError, InputDataError
+from treesits_dask.io import cube, discovery
+from treesits_dask.io.grid import choose_window_shape
 
 
 def _reference_invalid(q: int, flags) -> bool:
@@ -18,22 +17,37 @@ def _reference_invalid(q: int, flags) -> bool:
     aerosol = bit(6) | (bit(7) << 1)
     illum = bit(11) | (bit(12) << 1)
     tests = {
-        "NODATA": bit(0) == 1, "CLOUD_BUFFER": cloud == 1, "CLOUD_OPAQUE": cloud == 2,
-        "CLOUD_CIRRUS": cloud == 3, "CLOUD_SHADOW": bit(3) == 1, "SNOW": bit(4) == 1, "WATER": bit(5) == 1,
-        "AEROSOL_INT": aerosol == 1, "AEROSOL_HIGH": aerosol == 2, "AEROSOL_FILL": aerosol == 3,
-        "SUBZERO": bit(8) == 1, "SATURATION": bit(9) == 1, "SUN_LOW": bit(10) == 1,
-        "ILLUMINATION_MEDIUM": illum == 1, "ILLUMINATION_POOR": illum == 2, "ILLUMINATION_SHADOW": illum == 3,
-        "SLOPE": bit(13) == 1, "WVP_FILL": bit(14) == 1,
+        "NODATA": bit(0) == 1,
+        "CLOUD_BUFFER": cloud == 1,
+        "CLOUD_OPAQUE": cloud == 2,
+        "CLOUD_CIRRUS": cloud == 3,
+        "CLOUD_SHADOW": bit(3) == 1,
+        "SNOW": bit(4) == 1,
+        "WATER": bit(5) == 1,
+        "AEROSOL_INT": aerosol == 1,
+        "AEROSOL_HIGH": aerosol == 2,
+        "AEROSOL_FILL": aerosol == 3,
+        "SUBZERO": bit(8) == 1,
+        "SATURATION": bit(9) == 1,
+        "SUN_LOW": bit(10) == 1,
+        "ILLUMINATION_MEDIUM": illum == 1,
+        "ILLUMINATION_POOR": illum == 2,
+        "ILLUMINATION_SHADOW": illum == 3,
+        "SLOPE": bit(13) == 1,
+        "WVP_FILL": bit(14) == 1,
     }
     return any(tests[f] for f in flags)
 
 
 def test_qai_every_flag_against_reference():
     rng = np.random.default_rng(0)
-    # every single bit, every 2-bit field value, and random combinations (as int16, sign bit included)
+    # every single bit, every 2-bit field value, and random combinations
+    # (as int16, sign bit included)
     singles = [1 << b for b in range(16)]
     fields = [v << s for s in (1, 6, 11) for v in (1, 2, 3)]
-    values = np.array(singles + fields + list(rng.integers(0, 2**16, 3000)), dtype=np.uint16).view(np.int16)
+    values = np.array(singles + fields + list(rng.integers(0, 2**16, 3000)), dtype=np.uint16).view(
+        np.int16
+    )
     for flag in QAI_FLAGS:
         got = cube.qai_invalid(values, [flag])
         ref = np.array([_reference_invalid(int(v), [flag]) for v in values.view(np.uint16)])
@@ -44,7 +58,9 @@ def test_qai_every_flag_against_reference():
     np.testing.assert_array_equal(got, ref)
     # FORCE's default: invalid where bit 0, cloud != 0, or bits 3, 4, 8, 9
     u = values.view(np.uint16)
-    force_default = ((u & 1) | ((u >> 1) & 3) | (u >> 3 & 1) | (u >> 4 & 1) | (u >> 8 & 1) | (u >> 9 & 1)) != 0
+    force_default = (
+        (u & 1) | ((u >> 1) & 3) | (u >> 3 & 1) | (u >> 4 & 1) | (u >> 8 & 1) | (u >> 9 & 1)
+    ) != 0
     np.testing.assert_array_equal(got, force_default)
 
 
@@ -119,9 +135,11 @@ def test_missing_qai_is_an_error_unless_disabled(hand_tile):
     root, data, _ = hand_tile
     (root / "X0010_Y0010" / "20220502_LEVEL2_SEN2A_QAI.tif").unlink()
     _, scenes, grid = _grid(root)
-    with pytest.raises(InputDataError, match=r"20220502_LEVEL2_SEN2A_BOA.tif has no QAI.*--qai none"):
-        lazy_tile(scenes, grid, (30, 40), DEFAULT_QAI_FLAGS).values
-    lazy_tile(scenes, grid, (30, 40), ()).values
+    with pytest.raises(
+        InputDataError, match=r"20220502_LEVEL2_SEN2A_BOA.tif has no QAI.*--qai none"
+    ):
+        _ = lazy_tile(scenes, grid, (30, 40), DEFAULT_QAI_FLAGS).values
+    _ = lazy_tile(scenes, grid, (30, 40), ()).values
 
 
 def test_truncated_file(hand_tile):
@@ -131,7 +149,7 @@ def test_truncated_file(hand_tile):
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(InputDataError, match="20220503_LEVEL2_SEN2A_BOA.tif"):
-        lazy_tile(scenes, grid, (30, 40), ()).values
+        _ = lazy_tile(scenes, grid, (30, 40), ()).values
 
 
 def test_wrong_band_count_and_grid(hand_tile):
@@ -141,25 +159,38 @@ def test_wrong_band_count_and_grid(hand_tile):
     write_scene(root, "X0010_Y0010", dt.date(2022, 6, 1), data[0, :6])
     _, scenes, grid = _grid(root)
     with pytest.raises(InputDataError, match=r"20220601_LEVEL2_SEN2A_BOA.tif has 6 bands"):
-        lazy_tile(scenes, grid, (30, 40), ()).values
-    write_scene(root, "X0010_Y0010", dt.date(2022, 6, 1), data[0],
-                transform=tile_transform("X0011_Y0010", 40))
+        _ = lazy_tile(scenes, grid, (30, 40), ()).values
+    write_scene(
+        root,
+        "X0010_Y0010",
+        dt.date(2022, 6, 1),
+        data[0],
+        transform=tile_transform("X0011_Y0010", 40),
+    )
     _, scenes, grid = _grid(root)
     with pytest.raises(InputDataError, match=r"20220601_LEVEL2_SEN2A_BOA.tif is on another grid"):
-        lazy_tile(scenes, grid, (30, 40), ()).values
+        _ = lazy_tile(scenes, grid, (30, 40), ()).values
     import rasterio
 
-    write_scene(root, "X0010_Y0010", dt.date(2022, 6, 1), data[0], crs=rasterio.crs.CRS.from_epsg(32632))
+    write_scene(
+        root, "X0010_Y0010", dt.date(2022, 6, 1), data[0], crs=rasterio.crs.CRS.from_epsg(32632)
+    )
     _, scenes, grid = _grid(root)
     with pytest.raises(InputDataError, match=r"20220601_LEVEL2_SEN2A_BOA.tif has CRS"):
-        lazy_tile(scenes, grid, (30, 40), ()).values
+        _ = lazy_tile(scenes, grid, (30, 40), ()).values
 
 
 def test_first_scene_checked_against_prj(hand_tile):
     from tests.helpers import tile_transform
 
     root, data, _ = hand_tile
-    write_scene(root, "X0010_Y0010", dt.date(2022, 1, 1), data[0], transform=tile_transform("X0012_Y0010", 40))
+    write_scene(
+        root,
+        "X0010_Y0010",
+        dt.date(2022, 1, 1),
+        data[0],
+        transform=tile_transform("X0012_Y0010", 40),
+    )
     definition, scenes, _ = None, None, None
     definition = discovery.read_cube_definition(str(root))
     scenes = discovery.scene_table(str(root), "X0010_Y0010")

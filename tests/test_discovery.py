@@ -2,8 +2,8 @@ import datetime as dt
 
 import pytest
 
-from treesits_dask.io import discovery as d
 from treesits_dask.errors import DiscoveryError
+from treesits_dask.io import discovery as d
 
 WKT = 'PROJCS["ETRS89 / LAEA Europe",AUTHORITY["EPSG","3035"]]'
 
@@ -24,8 +24,13 @@ def test_scene_names(name, expected):
 
 @pytest.mark.parametrize(
     "name",
-    ["20230830_LEVEL2_SEN2C_BOA.tif.aux.xml", "20231340_LEVEL2_SEN2A_BOA.tif", "20230830_LEVEL3_SEN2A_BOA.tif",
-     "20230830_LEVEL2_SEN3A_BOA.tif", "x20230830_LEVEL2_SEN2A_BOA.tif"],
+    [
+        "20230830_LEVEL2_SEN2C_BOA.tif.aux.xml",
+        "20231340_LEVEL2_SEN2A_BOA.tif",
+        "20230830_LEVEL3_SEN2A_BOA.tif",
+        "20230830_LEVEL2_SEN3A_BOA.tif",
+        "x20230830_LEVEL2_SEN2A_BOA.tif",
+    ],
 )
 def test_not_scene_names(name):
     assert d.parse_scene_name(name) is None
@@ -33,20 +38,35 @@ def test_not_scene_names(name):
 
 def test_date_from_basename_only():
     # a date-like folder name must not leak into the parsed date
-    assert d.parse_scene_name("/a/19990101_LEVEL2_SEN2A_BOA.tif/20200202_LEVEL2_SEN2A_BOA.tif")["date"] == dt.date(2020, 2, 2)
+    assert d.parse_scene_name("/a/19990101_LEVEL2_SEN2A_BOA.tif/20200202_LEVEL2_SEN2A_BOA.tif")[
+        "date"
+    ] == dt.date(2020, 2, 2)
 
 
 def test_prj_old_and_new_formats():
-    old = f"{WKT}\n-25.000000\n60.000000\n2456026.363042\n4574919.607965\n30000.000000\n3000.000000\n"
-    new = (f"PROJECTION = {WKT}\nORIGIN_GEO_X = -25\nORIGIN_GEO_Y = 60\nORIGIN_MAP_X = 2456026.363042\n"
-           "ORIGIN_MAP_Y = 4574919.607965\nTILE_SIZE_X = 30000\nTILE_SIZE_Y = 30000\n")
+    old = (
+        f"{WKT}\n-25.000000\n60.000000\n2456026.363042\n4574919.607965\n30000.000000\n3000.000000\n"
+    )
+    new = (
+        f"PROJECTION = {WKT}\nORIGIN_GEO_X = -25\nORIGIN_GEO_Y = 60\n"
+        "ORIGIN_MAP_X = 2456026.363042\n"
+        "ORIGIN_MAP_Y = 4574919.607965\nTILE_SIZE_X = 30000\nTILE_SIZE_Y = 30000\n"
+    )
     a, b = d.parse_cube_definition(old), d.parse_cube_definition(new)
     assert a.block_size == 3000 and b.block_size is None
     for c in (a, b):
         assert c.tile_bounds("X0069_Y0043") == pytest.approx(
-            (2456026.363042 + 69 * 30000, 4574919.607965 - 44 * 30000, 2456026.363042 + 70 * 30000,
-             4574919.607965 - 43 * 30000))
-        assert c.tile_of(2456026.363042 + 69 * 30000 + 1, 4574919.607965 - 43 * 30000 - 1) == "X0069_Y0043"
+            (
+                2456026.363042 + 69 * 30000,
+                4574919.607965 - 44 * 30000,
+                2456026.363042 + 70 * 30000,
+                4574919.607965 - 43 * 30000,
+            )
+        )
+        assert (
+            c.tile_of(2456026.363042 + 69 * 30000 + 1, 4574919.607965 - 43 * 30000 - 1)
+            == "X0069_Y0043"
+        )
 
 
 def test_prj_broken():
@@ -68,7 +88,10 @@ def test_real_cube(shared_data):
     scenes = d.scene_table(root, "X0000_Y0000")
     assert [s.date for s in scenes] == sorted(s.date for s in scenes)
     assert len(scenes) == 5 and all(s.qai is None for s in scenes)
-    assert len(d.scene_table(root, "X0000_Y0000", start=dt.date(2015, 8, 1), end=dt.date(2015, 8, 30))) == 2
+    assert (
+        len(d.scene_table(root, "X0000_Y0000", start=dt.date(2015, 8, 1), end=dt.date(2015, 8, 30)))
+        == 2
+    )
     assert d.scene_table(root, "X0000_Y0000", sensors=("SEN2B",)) == []
 
 

@@ -1,6 +1,6 @@
-"""Faults during a run, with real components (LocalCluster worker processes, a driver subprocess, files
-on disk): a worker killed mid-run, a driver killed mid-run and resumed, scenes that disappear or
-change between planning and reading, and incremental ``update`` runs.
+"""Faults during a run, with real components (LocalCluster worker processes, a driver subprocess,
+files on disk): a worker killed mid-run, a driver killed mid-run and resumed, scenes that disappear
+or change between planning and reading, and incremental ``update`` runs.
 
 Every finished output is compared with a clean run of the same inputs (Zarr arrays of all variables,
 COG pixels).
@@ -24,14 +24,14 @@ import pytest
 import rasterio
 import zarr
 
-from treesits_dask.io import cube, discovery
-from treesits_dask.pipeline import predict
-from treesits_dask.state import ledger
-from treesits_dask.state.lease import LEASE_NAME
 from treesits_dask.cli import main
 from treesits_dask.config import load_config
-from treesits_dask.pipeline.run import RunCallbacks, RunError, run
+from treesits_dask.io import cube, discovery
+from treesits_dask.pipeline import predict
 from treesits_dask.pipeline.plan import make_plan
+from treesits_dask.pipeline.run import RunCallbacks, RunError, run
+from treesits_dask.state import ledger
+from treesits_dask.state.lease import LEASE_NAME
 
 pytestmark = pytest.mark.slow
 
@@ -41,30 +41,51 @@ WINDOW = "20x60"  # 3 windows per 60 x 60 px tile
 REPO = Path(__file__).resolve().parents[1]
 
 
-# ------------------------------------------------------------------------------------------ fixtures
+# ----------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def fault_cube(tmp_path_factory):
     """Four 60 x 60 px tiles (2 x 2), 12 scenes each, with forest masks."""
     from treesits_dask.synthetic import make_cube
 
     root = tmp_path_factory.mktemp("faultcube")
-    return make_cube(root / "cube", tiles=TILES, size=60, n_scenes=12, mask_dir=str(root / "masks"),
-                     truth_dir=str(root / "truth"), seed=5)
+    return make_cube(
+        root / "cube",
+        tiles=TILES,
+        size=60,
+        n_scenes=12,
+        mask_dir=str(root / "masks"),
+        truth_dir=str(root / "truth"),
+        seed=5,
+    )
 
 
 @pytest.fixture(scope="module")
 def client():
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            Client(cluster) as c:
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as c,
+    ):
         yield c
 
 
 def _config(cube_root, mask_dir, model, output, **kw):
-    return load_config(overrides=dict(cube=str(cube_root), mask_dir=str(mask_dir), model=model,
-                                      output=str(output), window=WINDOW, batch_size=500,
-                                      dashboard_address=":0", **kw), environ={})
+    return load_config(
+        overrides=dict(
+            cube=str(cube_root),
+            mask_dir=str(mask_dir),
+            model=model,
+            output=str(output),
+            window=WINDOW,
+            batch_size=500,
+            dashboard_address=":0",
+            **kw,
+        ),
+        environ={},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +98,8 @@ def clean_run(fault_cube, native_lstm, client, tmp_path_factory):
 
 
 def _copy_cube(fault_cube, dest: Path) -> Path:
-    """A private copy of the cube's folder (tests that change scenes must not touch the shared one)."""
+    """A private copy of the cube's folder (tests that change scenes must not touch the shared
+    one)."""
     shutil.copytree(fault_cube.root, dest)
     return dest
 
@@ -90,8 +112,10 @@ def _assert_same_outputs(out: Path, ref: Path, tiles=TILES) -> None:
         np.testing.assert_array_equal(a[var][...], b[var][...], err_msg=f"zarr {var}")
     for tile in tiles:
         for var in VARIABLES:
-            with rasterio.open(out / "cog" / tile / f"{var}.tif") as x, \
-                    rasterio.open(ref / "cog" / tile / f"{var}.tif") as y:
+            with (
+                rasterio.open(out / "cog" / tile / f"{var}.tif") as x,
+                rasterio.open(ref / "cog" / tile / f"{var}.tif") as y,
+            ):
                 np.testing.assert_array_equal(x.read(), y.read(), err_msg=f"cog {tile} {var}")
                 assert x.transform == y.transform and x.crs == y.crs
 
@@ -100,7 +124,7 @@ def _records(out: Path) -> set[str]:
     return {p.stem for p in (out / ledger.LEDGER_DIR).glob("*.json")}
 
 
-# ------------------------------------------------------------------------------ 1. worker killed
+# --------------------------------------------------------------------------------- 1. worker killed
 class _KillWorker(RunCallbacks):
     """Kills (SIGKILL) one worker process of the cluster once ``after`` windows are done."""
 
@@ -121,7 +145,9 @@ def test_worker_killed_mid_run(fault_cube, native_lstm, client, clean_run, tmp_p
     before = client.run(os.getpid)
     assert len(before) == 2
     cb = _KillWorker(client, after=2)
-    result = run(_config(fault_cube.root, fault_cube.mask_dir, native_lstm, out), client=client, callbacks=cb)
+    result = run(
+        _config(fault_cube.root, fault_cube.mask_dir, native_lstm, out), client=client, callbacks=cb
+    )
     assert cb.killed is not None, "the worker was never killed"
     assert set(result.tiles) == set(TILES) and not result.failed
     assert _records(out) == set(TILES)
@@ -136,20 +162,23 @@ def test_worker_killed_mid_run(fault_cube, native_lstm, client, clean_run, tmp_p
     def state(dask_worker):
         return sorted(dask_worker.plugins), predict.load_count()
 
-    # both plugins are set up on the new worker too: ModelPlugin.setup loaded the model there (once),
-    # even if no task of the run reached it (polled: a worker registers before its plugins are set up)
+    # both plugins are set up on the new worker too: ModelPlugin.setup loaded the model there
+    # (once), even if no task of the run reached it (polled: a worker registers before its plugins
+    # are set up)
     deadline = time.monotonic() + 60
     while True:
         states = client.run(state)
-        ok = all({"treesits-model", "treesits-env"} <= set(names) and loads == 1
-                 for names, loads in states.values())
+        ok = all(
+            {"treesits-model", "treesits-env"} <= set(names) and loads == 1
+            for names, loads in states.values()
+        )
         if ok or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert ok, states
 
 
-# ------------------------------------------------------------------------------ 2. driver killed
+# --------------------------------------------------------------------------------- 2. driver killed
 def _descendants(pid: int) -> list:
     import psutil
 
@@ -161,10 +190,34 @@ def _descendants(pid: int) -> list:
 
 def test_driver_killed_and_resumed(fault_cube, native_lstm, client, clean_run, tmp_path, caplog):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "treesits_dask", "run", "--cube", fault_cube.root, "--tiles", "all",
-           "--output", str(out), "--model", native_lstm, "--mask-dir", fault_cube.mask_dir,
-           "--window", WINDOW, "--batch-size", "500", "--tiles-in-flight", "1", "--workers", "1",
-           "--threads-per-worker", "1", "--dashboard-address", ":0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "treesits_dask",
+        "run",
+        "--cube",
+        fault_cube.root,
+        "--tiles",
+        "all",
+        "--output",
+        str(out),
+        "--model",
+        native_lstm,
+        "--mask-dir",
+        fault_cube.mask_dir,
+        "--window",
+        WINDOW,
+        "--batch-size",
+        "500",
+        "--tiles-in-flight",
+        "1",
+        "--workers",
+        "1",
+        "--threads-per-worker",
+        "1",
+        "--dashboard-address",
+        ":0",
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("TREESITS_")}
     log_path = tmp_path / "driver.log"
     with open(log_path, "wb") as log_fh:
@@ -174,8 +227,10 @@ def test_driver_killed_and_resumed(fault_cube, native_lstm, client, clean_run, t
         deadline = time.monotonic() + 120
         while not _records(out):
             if proc.poll() is not None:
-                pytest.fail(f"the driver exited ({proc.returncode}) before a tile was done:\n"
-                            f"{log_path.read_text()[-3000:]}")
+                pytest.fail(
+                    f"the driver exited ({proc.returncode}) before a tile was done:\n"
+                    f"{log_path.read_text()[-3000:]}"
+                )
             if time.monotonic() > deadline:
                 pytest.fail(f"no tile finished within 120 s:\n{log_path.read_text()[-3000:]}")
             children = _descendants(proc.pid) or children
@@ -193,7 +248,9 @@ def test_driver_killed_and_resumed(fault_cube, native_lstm, client, clean_run, t
         _, alive = psutil.wait_procs(children, timeout=30)
         for p in alive:
             p.kill()
-    assert not alive, f"worker processes of the killed driver were still running 30 s later: {alive}"
+    assert not alive, (
+        f"worker processes of the killed driver were still running 30 s later: {alive}"
+    )
 
     done = _records(out)
     assert 1 <= len(done) < len(TILES), f"kill came too late: {sorted(done)} were all done"
@@ -202,7 +259,8 @@ def test_driver_killed_and_resumed(fault_cube, native_lstm, client, clean_run, t
     assert not (out / "run.json").exists()
     stamps = {t: (out / ledger.LEDGER_DIR / f"{t}.json").stat().st_mtime_ns for t in done}
 
-    # a second run takes the lease over at once (not waiting for it to expire) and does the rest only
+    # a second run takes the lease over at once (not waiting for it to expire)
+    # and does the rest only
     config = _config(fault_cube.root, fault_cube.mask_dir, native_lstm, out, tiles_in_flight=1)
     with caplog.at_level(logging.WARNING, logger="treesits_dask"):
         t0 = time.monotonic()
@@ -217,11 +275,14 @@ def test_driver_killed_and_resumed(fault_cube, native_lstm, client, clean_run, t
     assert not (out / LEASE_NAME).exists()  # released
     _assert_same_outputs(out, clean_run)
     for var in VARIABLES:
-        with rasterio.open(out / "cog" / f"{var}.vrt") as x, rasterio.open(clean_run / "cog" / f"{var}.vrt") as y:
+        with (
+            rasterio.open(out / "cog" / f"{var}.vrt") as x,
+            rasterio.open(clean_run / "cog" / f"{var}.vrt") as y,
+        ):
             np.testing.assert_array_equal(x.read(), y.read())
 
 
-# ------------------------------------------------------------- 3. scenes vanish/change after planning
+# ----------------------------------------------------------- 3. scenes vanish/change after planning
 def _rewrite_scene(boa: Path) -> None:
     """Same grid and bands, other pixel values and another file size."""
     with rasterio.open(boa) as src:
@@ -234,8 +295,9 @@ def _rewrite_scene(boa: Path) -> None:
 
 
 @pytest.mark.parametrize("fault", ["disappears", "changes"])
-def test_scene_vanishes_or_changes_after_planning(fault_cube, native_lstm, client, clean_run, tmp_path,
-                                                  fault):
+def test_scene_vanishes_or_changes_after_planning(
+    fault_cube, native_lstm, client, clean_run, tmp_path, fault
+):
     root = _copy_cube(fault_cube, tmp_path / "cube")
     out = tmp_path / "out"
     bad_tile, good_tile = TILES[1], TILES[0]
@@ -257,7 +319,9 @@ def test_scene_vanishes_or_changes_after_planning(fault_cube, native_lstm, clien
     # the worker's InputDataError reached the driver as such (not as a bare Exception(repr))
     assert f"{bad_tile}: Exception" not in msg and "InputDataError(" not in msg, msg
     if fault == "disappears":
-        assert str(boa) in msg and ("no such file" in msg.lower() or "does not exist" in msg.lower()), msg
+        assert str(boa) in msg and (
+            "no such file" in msg.lower() or "does not exist" in msg.lower()
+        ), msg
     else:
         assert "changed while it was processed" in msg and "1 scene(s) changed" in msg, msg
     # the failed tile is not marked done; the other one is finished, with the clean run's values
@@ -268,8 +332,10 @@ def test_scene_vanishes_or_changes_after_planning(fault_cube, native_lstm, clien
     for var in VARIABLES:  # the good tile is the top left one in both stores
         np.testing.assert_array_equal(a[var][..., :60, :60], b[var][..., :60, :60], err_msg=var)
     for var in VARIABLES:
-        with rasterio.open(out / "cog" / good_tile / f"{var}.tif") as x, \
-                rasterio.open(clean_run / "cog" / good_tile / f"{var}.tif") as y:
+        with (
+            rasterio.open(out / "cog" / good_tile / f"{var}.tif") as x,
+            rasterio.open(clean_run / "cog" / good_tile / f"{var}.tif") as y,
+        ):
             np.testing.assert_array_equal(x.read(), y.read())
     summary = json.loads((out / "run.json").read_text())
     assert not summary["complete"] and set(summary["failed"]) == {bad_tile}
@@ -279,8 +345,8 @@ def test_scene_vanishes_or_changes_after_planning(fault_cube, native_lstm, clien
 
 
 def test_worker_errors_keep_their_type_across_the_wire(tmp_path):
-    """A TreesitsError raised from a rasterio error (whose CPLE_* cause cannot be unpickled) survives
-    distributed's serialisation of task errors, with the text of its cause."""
+    """A TreesitsError raised from a rasterio error (whose CPLE_* cause cannot be unpickled)
+    survives distributed's serialisation of task errors, with the text of its cause."""
     from distributed import protocol
     from distributed.core import error_message
 
@@ -296,8 +362,10 @@ def test_worker_errors_keep_their_type_across_the_wire(tmp_path):
     assert "RasterioIOError" in str(exc.__cause__) and str(missing) in str(exc.__cause__)
 
 
-# ------------------------------------------------------------------------------ 4. incremental update
-def test_update_takes_only_the_changed_tile(fault_cube, native_lstm, client, tmp_path, capsys, monkeypatch):
+# ---------------------------------------------------------------------------- 4. incremental update
+def test_update_takes_only_the_changed_tile(
+    fault_cube, native_lstm, client, tmp_path, capsys, monkeypatch
+):
     root = _copy_cube(fault_cube, tmp_path / "cube")
     out = tmp_path / "out"
     tiles = f"{TILES[0]},{TILES[1]}"
@@ -319,9 +387,25 @@ def test_update_takes_only_the_changed_tile(fault_cube, native_lstm, client, tmp
         dst.write(data)
     shutil.copyfile(newest.qai, root / changed / f"{stem}_QAI.tif")
 
-    args = ["update", "--cube", str(root), "--tiles", tiles, "--output", str(out), "--model", native_lstm,
-            "--mask-dir", fault_cube.mask_dir, "--window", WINDOW, "--batch-size", "500",
-            "--scheduler-address", client.scheduler.address]
+    args = [
+        "update",
+        "--cube",
+        str(root),
+        "--tiles",
+        tiles,
+        "--output",
+        str(out),
+        "--model",
+        native_lstm,
+        "--mask-dir",
+        fault_cube.mask_dir,
+        "--window",
+        WINDOW,
+        "--batch-size",
+        "500",
+        "--scheduler-address",
+        client.scheduler.address,
+    ]
     capsys.readouterr()
     assert main(args) == 0
     printed = capsys.readouterr().out

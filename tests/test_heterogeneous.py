@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from treesits_dask.config import load_config
 from treesits_dask.pipeline import predict
 from treesits_dask.pipeline.cluster import connect
-from treesits_dask.config import load_config
 from treesits_dask.pipeline.run import run
 
 pytestmark = pytest.mark.slow
@@ -15,10 +15,20 @@ pytestmark = pytest.mark.slow
 def test_inference_only_on_gpu_workers(small_cube, native_lstm, tmp_path):
     from distributed import get_task_stream
 
-    config = load_config(overrides=dict(
-        cube=small_cube.root, tiles="X0069_Y0043", output=str(tmp_path / "out"), model=native_lstm,
-        workers=2, local_gpu_workers=1, window="20x30", dashboard_address=":0", cog=False,
-    ), environ={})
+    config = load_config(
+        overrides=dict(
+            cube=small_cube.root,
+            tiles="X0069_Y0043",
+            output=str(tmp_path / "out"),
+            model=native_lstm,
+            workers=2,
+            local_gpu_workers=1,
+            window="20x30",
+            dashboard_address=":0",
+            cog=False,
+        ),
+        environ={},
+    )
     assert config.gpu_group and config.read_on_cpu
     with connect(config) as client:
         info = client.scheduler_info()["workers"]
@@ -33,9 +43,13 @@ def test_inference_only_on_gpu_workers(small_cube, native_lstm, tmp_path):
     for rec in ts.data:
         key = rec["key"][0] if isinstance(rec["key"], tuple) else rec["key"]
         by_prefix.setdefault(str(key).split("-")[0], set()).add(rec["worker"])
-    predict_workers = by_prefix.get("predict_packed", set()) | by_prefix.get("predict_packed_nomask", set())
+    predict_workers = by_prefix.get("predict_packed", set()) | by_prefix.get(
+        "predict_packed_nomask", set()
+    )
     assert predict_workers and predict_workers <= gpu, by_prefix
     assert by_prefix["read"] and by_prefix["read"] <= cpu, by_prefix
-    assert {a: n for a, n in loads.items() if n} == {a: 1 for a in gpu}  # only the GPU worker holds a model
+    assert {a: n for a, n in loads.items() if n} == {
+        a: 1 for a in gpu
+    }  # only the GPU worker holds a model
     ds = xr.open_zarr(tmp_path / "out" / "predictions.zarr", mask_and_scale=False)
     assert np.isfinite(ds.probability.values).any()

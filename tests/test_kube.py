@@ -20,9 +20,9 @@ from dask.utils import parse_bytes
 
 from treesits_dask import kube
 from treesits_dask.config import RunConfig
+from treesits_dask.config.kube_resources import parse_quantity
 from treesits_dask.errors import ConfigError
 from treesits_dask.kube import KubeSettings
-from treesits_dask.config.kube_resources import parse_quantity
 from treesits_dask.kube.specs import DASK_API
 
 REPO = Path(__file__).resolve().parents[1]
@@ -264,7 +264,8 @@ def test_no_secret_values_anywhere(monkeypatch, tmp_path):
                 assert refs == {}
             else:
                 assert refs == {k: {"name": "treesits-s3", "key": k}
-                                for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}  # fmt: skip
+                                for k in ("AWS_ACCESS_KEY_ID",
+                                          "AWS_SECRET_ACCESS_KEY")}  # fmt: skip
             values = {e["name"]: e["value"] for e in c["env"] if "value" in e}
             if c["name"] != "scheduler":  # GDAL needs these, derived from AWS_ENDPOINT_URL
                 assert values["AWS_S3_ENDPOINT"] == "s3.example.test:8080"
@@ -454,8 +455,9 @@ def test_render_is_deterministic_and_removes_stale_files(tmp_path):
     run_yaml = "cube: /force/FORCE/C1/L2/ard\noutput: s3://outdir/treesits\n"
     paths = kube.render(KubeSettings(gpu={"enabled": False}), tmp_path / "a", run_yaml)
     names = sorted(p.relative_to(tmp_path / "a").as_posix() for p in paths)
-    assert names == ["dask/daskcluster.yaml", "manifests/00-namespace.yaml", "manifests/10-rbac.yaml",
-                     "manifests/20-configmap.yaml", "manifests/30-cronjob.yaml"]  # fmt: skip
+    assert names == ["dask/daskcluster.yaml", "manifests/00-namespace.yaml",
+                     "manifests/10-rbac.yaml", "manifests/20-configmap.yaml",
+                     "manifests/30-cronjob.yaml"]  # fmt: skip
     assert not (tmp_path / "a/dask/gpu-workergroup.yaml").exists()
     cm = yaml.safe_load((tmp_path / "a/manifests/20-configmap.yaml").read_text())
     assert cm["data"]["run.yaml"] == run_yaml
@@ -522,7 +524,8 @@ def test_settings_are_validated(tmp_path, values, match):
 
 
 def test_yaml_numbers_become_kubernetes_strings():
-    s = KubeSettings(cpu={"cpu_request": 4, "cpu_limit": 4.5, "memory_request": "8Gi", "memory_limit": "8Gi"},
+    s = KubeSettings(cpu={"cpu_request": 4, "cpu_limit": 4.5,
+                          "memory_request": "8Gi", "memory_limit": "8Gi"},
                      gpu={"gpus": 1}, env={"AWS_VIRTUAL_HOSTING": False})  # fmt: skip
     assert (s.cpu.cpu_request, s.cpu.cpu_limit, s.gpu.gpus) == ("4", "4.5", "1")
     assert s.env == {"AWS_VIRTUAL_HOSTING": "FALSE"}

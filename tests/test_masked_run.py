@@ -1,4 +1,5 @@
-"""`run --mask-worldcover` and `mask`: forest masks from the real WorldCover tile, built in the same run."""
+"""`run --mask-worldcover` and `mask`: forest masks from the real WorldCover tile, built in the
+same run."""
 
 import datetime as dt
 
@@ -22,17 +23,41 @@ def sao_tome_cube(tmp_path):
     rng = np.random.default_rng(0)
     transform = rasterio.transform.from_origin(*SAO_TOME_ORIGIN, 10, 10)
     for d in (dt.date(2022, 5, 1), dt.date(2022, 6, 1), dt.date(2022, 7, 1)):
-        write_scene(root, TILE, d, rng.integers(0, 4000, (10, 300, 300)).astype(np.int16),
-                    transform=transform, crs=UTM32N)
+        write_scene(
+            root,
+            TILE,
+            d,
+            rng.integers(0, 4000, (10, 300, 300)).astype(np.int16),
+            transform=transform,
+            crs=UTM32N,
+        )
     return root
 
 
 def test_run_builds_worldcover_masks_on_the_fly(sao_tome_cube, native_lstm, tmp_path, capsys):
     assert REAL.exists()
     out = tmp_path / "out"
-    args = ["run", "--cube", str(sao_tome_cube), "--tiles", TILE, "--model", native_lstm, "--qai", "none",
-            "--mask-worldcover", str(WORLDCOVER_DIR), "--output", str(out), "--window", "100",
-            "--workers", "1", "--dashboard-address", ":0"]
+    args = [
+        "run",
+        "--cube",
+        str(sao_tome_cube),
+        "--tiles",
+        TILE,
+        "--model",
+        native_lstm,
+        "--qai",
+        "none",
+        "--mask-worldcover",
+        str(WORLDCOVER_DIR),
+        "--output",
+        str(out),
+        "--window",
+        "100",
+        "--workers",
+        "1",
+        "--dashboard-address",
+        ":0",
+    ]
     assert main(args) == 0, capsys.readouterr().err
     mask_path = out / "masks" / TILE / "mask.tif"
     with rasterio.open(mask_path) as src:
@@ -43,11 +68,47 @@ def test_run_builds_worldcover_masks_on_the_fly(sao_tome_cube, native_lstm, tmp_
 
     # the `mask` command builds the same mask, and skips it when it exists
     masks = tmp_path / "masks"
-    assert main(["mask", "--worldcover", str(WORLDCOVER_DIR), "--cube", str(sao_tome_cube), "--tiles", TILE,
-                 "--output", str(masks), "--workers", "1", "--dashboard-address", ":0"]) == 0
+    assert (
+        main(
+            [
+                "mask",
+                "--worldcover",
+                str(WORLDCOVER_DIR),
+                "--cube",
+                str(sao_tome_cube),
+                "--tiles",
+                TILE,
+                "--output",
+                str(masks),
+                "--workers",
+                "1",
+                "--dashboard-address",
+                ":0",
+            ]
+        )
+        == 0
+    )
     with rasterio.open(masks / TILE / "mask.tif") as src:
         np.testing.assert_array_equal(src.read(1) == 1, forest)
     mtime = (masks / TILE / "mask.tif").stat().st_mtime_ns
-    assert main(["mask", "--worldcover", str(WORLDCOVER_DIR), "--cube", str(sao_tome_cube), "--tiles", TILE,
-                 "--output", str(masks), "--workers", "1", "--dashboard-address", ":0"]) == 0
+    assert (
+        main(
+            [
+                "mask",
+                "--worldcover",
+                str(WORLDCOVER_DIR),
+                "--cube",
+                str(sao_tome_cube),
+                "--tiles",
+                TILE,
+                "--output",
+                str(masks),
+                "--workers",
+                "1",
+                "--dashboard-address",
+                ":0",
+            ]
+        )
+        == 0
+    )
     assert (masks / TILE / "mask.tif").stat().st_mtime_ns == mtime

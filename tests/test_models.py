@@ -1,4 +1,5 @@
-"""Models: published SITS-NN weights, checkpoint errors, cards, windows, native round trip, training."""
+"""Models: published SITS-NN weights, checkpoint errors, cards, windows, native round trip,
+training."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from treesits_dask.io.discovery import S2_BANDS
 from treesits_dask.errors import ModelError
+from treesits_dask.io.discovery import S2_BANDS
 from treesits_dask.models import (
     FAMILIES,
     ModelCard,
@@ -384,12 +385,16 @@ def test_only_masked_valid_pixels_reach_the_model_in_full_batches(native_lstm):
     block = rng.integers(0, 3000, size=(t, 10, h, w)).astype(np.int16)
     gone = rng.random((h, w)) < 0.2  # no valid observation at all
     block[:, :, gone] = -9999
-    block = np.where(rng.random((t, 1, h, w)) < 0.3, np.int16(-9999), block)  # screened observations
+    block = np.where(
+        rng.random((t, 1, h, w)) < 0.3, np.int16(-9999), block
+    )  # screened observations
     mask = rng.random((h, w)) < 0.45
     days = np.arange(t, dtype=np.int64) * 10 + 19000
     predictor = get_predictor(ModelSpec(uri=native_lstm, family="native"), "cpu")
     seen: list[int] = []
-    hook = predictor.module.register_forward_pre_hook(lambda mod, args: seen.append(int(args[0].shape[0])))
+    hook = predictor.module.register_forward_pre_hook(
+        lambda mod, args: seen.append(int(args[0].shape[0]))
+    )
     try:
         out = predict_block(block, mask, days, predictor, batch_size=64)
     finally:
@@ -402,7 +407,8 @@ def test_only_masked_valid_pixels_reach_the_model_in_full_batches(native_lstm):
 
 @pytest.mark.parametrize("share", [0.1, 0.8])
 def test_sparse_and_dense_masks_give_the_unmasked_outputs_inside(native_lstm, share):
-    """A masked window gives, inside the mask, what the unmasked window gives, and nodata outside."""
+    """A masked window gives, inside the mask, what the unmasked window gives, and nodata
+    outside."""
     from treesits_dask.models import ModelSpec
     from treesits_dask.pipeline.predict import empty_outputs, get_predictor, predict_block
 
@@ -418,8 +424,12 @@ def test_sparse_and_dense_masks_give_the_unmasked_outputs_inside(native_lstm, sh
     out = predict_block(block, mask, days, predictor, batch_size=97)
     nodata = empty_outputs(predictor.card.n_classes, (h, w))
     for var in ("class", "valid_obs", "last_obs_valid"):
-        np.testing.assert_array_equal(out[var], np.where(mask, whole[var], nodata[var]), err_msg=var)
-    np.testing.assert_allclose(out["probability"], np.where(mask, whole["probability"], np.nan), rtol=1e-5)
+        np.testing.assert_array_equal(
+            out[var], np.where(mask, whole[var], nodata[var]), err_msg=var
+        )
+    np.testing.assert_allclose(
+        out["probability"], np.where(mask, whole["probability"], np.nan), rtol=1e-5
+    )
     assert (out["class"] != 255).sum() > 0.5 * share * h * w
 
 
@@ -433,11 +443,17 @@ def test_cpu_forwards_share_the_cores_with_reads_and_each_other(native_lstm):
 
     from treesits_dask.io.cube import READS_IN_PROGRESS
     from treesits_dask.models import ModelSpec
-    from treesits_dask.pipeline.predict import FORWARDS_IN_PROGRESS, threads_for_forward, get_predictor
+    from treesits_dask.pipeline.predict import (
+        FORWARDS_IN_PROGRESS,
+        get_predictor,
+        threads_for_forward,
+    )
 
     predictor = get_predictor(ModelSpec(uri=native_lstm, family="native"), "cpu")
     seen: list[int] = []
-    hook = predictor.module.register_forward_pre_hook(lambda mod, args: seen.append(torch.get_num_threads()))
+    hook = predictor.module.register_forward_pre_hook(
+        lambda mod, args: seen.append(torch.get_num_threads())
+    )
     before = torch.get_num_threads()
     rng = np.random.default_rng(2)
     series = rng.integers(0, 3000, size=(10, 6, 10)).astype(np.int16)

@@ -1,4 +1,5 @@
-"""SITS-BERT: preprocessing and forward pass against straightforward per-pixel references (REFERENCE 3a)."""
+"""SITS-BERT: preprocessing and forward pass against straightforward per-pixel references
+(REFERENCE 3a)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from treesits_dask.io.discovery import S2_BANDS
+from treesits_dask.bench.forward import random_sbert_state_dict, sbert_forward_pxps
 from treesits_dask.errors import ModelError
+from treesits_dask.io.discovery import S2_BANDS
 from treesits_dask.models import ModelCard, ModelSpec, load_model, read_card, save_native
 from treesits_dask.models.architectures import SBERTClassifier, sbert_position_table
-from treesits_dask.bench.forward import random_sbert_state_dict, sbert_forward_pxps
 from treesits_dask.models.card import SBERT_SEQUENCE
 from treesits_dask.models.preprocess import day_of_year, sbert_inputs
 

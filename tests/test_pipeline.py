@@ -1,4 +1,5 @@
-"""End-to-end runs on a real LocalCluster; outputs checked by opening them with xarray / rasterio."""
+"""End-to-end runs on a real LocalCluster; outputs checked by opening them with xarray /
+rasterio."""
 
 import json
 
@@ -7,11 +8,11 @@ import pytest
 import rasterio
 import xarray as xr
 
-from treesits_dask.io import discovery
-from treesits_dask.pipeline import predict
 from treesits_dask.cli import main
 from treesits_dask.config import DEFAULT_QAI_FLAGS, load_config
+from treesits_dask.io import discovery
 from treesits_dask.io.cube import qai_invalid
+from treesits_dask.pipeline import predict
 from treesits_dask.pipeline.run import run
 
 pytestmark = pytest.mark.slow
@@ -21,7 +22,9 @@ pytestmark = pytest.mark.slow
 def client():
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster:
         with Client(cluster) as c:
             yield c
 
@@ -41,10 +44,19 @@ def _raw_valid(cube_root, tile, flags):
 
 def test_run_synthetic(small_cube, native_lstm, tmp_path, client):
     out = tmp_path / "out"
-    config = load_config(overrides=dict(
-        cube=small_cube.root, tiles="all", output=str(out), model=native_lstm, model_family="native",
-        mask_dir=small_cube.mask_dir, window="30x60", batch_size=100,
-    ), environ={})
+    config = load_config(
+        overrides=dict(
+            cube=small_cube.root,
+            tiles="all",
+            output=str(out),
+            model=native_lstm,
+            model_family="native",
+            mask_dir=small_cube.mask_dir,
+            window="30x60",
+            batch_size=100,
+        ),
+        environ={},
+    )
     result = run(config, client=client)
     assert set(result.tiles) == set(small_cube.tiles)
 
@@ -75,7 +87,12 @@ def test_run_synthetic(small_cube, native_lstm, tmp_path, client):
         # COGs hold the same values, and are valid COGs
         from rio_cogeo.cogeo import cog_validate
 
-        for var, arr in (("probability", prob), ("class", cls), ("valid_obs", vobs), ("last_obs_valid", last)):
+        for var, arr in (
+            ("probability", prob),
+            ("class", cls),
+            ("valid_obs", vobs),
+            ("last_obs_valid", last),
+        ):
             path = out / "cog" / tile / f"{var}.tif"
             ok, errors, _ = cog_validate(str(path))
             assert ok, errors
@@ -97,7 +114,9 @@ def test_run_synthetic(small_cube, native_lstm, tmp_path, client):
     predict_stage = next(v for k, v in stages.items() if k.startswith("predict"))
     assert predict_stage["tasks"] == windows and predict_stage["seconds"] > 0
     assert stages["cog"]["tasks"] == 2
-    assert summary["throughput"]["pixels_per_second"] == pytest.approx(predicted_total / summary["seconds"], rel=0.01)
+    assert summary["throughput"]["pixels_per_second"] == pytest.approx(
+        predicted_total / summary["seconds"], rel=0.01
+    )
     report = out / "_runs" / result.report_dir.rsplit("/", 1)[-1]
     assert json.loads((report / "run.json").read_text()) == summary
     html = (report / "dask-report.html").read_text()
@@ -114,18 +133,30 @@ def test_run_synthetic(small_cube, native_lstm, tmp_path, client):
     # MALLOC_TRIM_THRESHOLD_ set, which would mmap every one of them afresh)
     assert all(client.run(predict.malloc_tuned).values())
     # ... and its CPU model shares the worker's cores out among the reads and forwards in progress
-    budgets = client.run(lambda: [getattr(p.threads, "func", None) is predict.threads_for_forward
-                                  for p in predict._CACHE.values()])
+    budgets = client.run(
+        lambda: [
+            getattr(p.threads, "func", None) is predict.threads_for_forward
+            for p in predict._CACHE.values()
+        ]
+    )
     assert all(v == [True] for v in budgets.values()), budgets
 
 
 def test_pipeline_equals_direct_prediction(small_cube, native_lstm, tmp_path, client):
     """The distributed result equals the kernel applied to the whole tile in one piece."""
     out = tmp_path / "out"
-    config = load_config(overrides=dict(
-        cube=small_cube.root, tiles="X0069_Y0043", output=str(out), model=native_lstm,
-        window="20x30", qai="none", cog=False,
-    ), environ={})
+    config = load_config(
+        overrides=dict(
+            cube=small_cube.root,
+            tiles="X0069_Y0043",
+            output=str(out),
+            model=native_lstm,
+            window="20x30",
+            qai="none",
+            cog=False,
+        ),
+        environ={},
+    )
     run(config, client=client)
     scenes = discovery.scene_table(small_cube.root, "X0069_Y0043")
     block = np.array([rasterio.open(s.boa).read() for s in scenes])
@@ -133,7 +164,9 @@ def test_pipeline_equals_direct_prediction(small_cube, native_lstm, tmp_path, cl
     from treesits_dask.models import ModelSpec, load_model
 
     predictor = load_model(ModelSpec(native_lstm, "native"), device="cpu")
-    direct = predict.predict_block(block, None, days_since_epoch([s.date for s in scenes]), predictor)
+    direct = predict.predict_block(
+        block, None, days_since_epoch([s.date for s in scenes]), predictor
+    )
     ds = xr.open_zarr(out / "predictions.zarr", mask_and_scale=False)
     np.testing.assert_allclose(ds.probability.values, direct["probability"], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(ds["class"].values, direct["class"])
@@ -142,27 +175,53 @@ def test_pipeline_equals_direct_prediction(small_cube, native_lstm, tmp_path, cl
 
 @pytest.mark.parametrize("family", ["sits-lstm", "sits-transformer"])
 def test_real_sitsnn_weights_on_real_tile(shared_data, tmp_path, family, capsys):
-    """Published SITS-NN weights run on the real Sentinel-2 tile through `run` (CLI, LocalCluster)."""
+    """Published SITS-NN weights run on the real Sentinel-2 tile through `run` (CLI,
+    LocalCluster)."""
     stem = "lstm_5pure" if family == "sits-lstm" else "transformer_5pure"
     weights = shared_data / "sitsnn-weights" / "04"
     out = tmp_path / "out"
-    rc = main([
-        "run", "--cube", str(shared_data / "real-s2-eolearn"), "--tiles", "X0000_Y0000",
-        "--model", str(weights / f"{stem}.pth"), "--model-family", family,
-        "--model-params", str(weights / f"{stem}_params.json"),
-        "--mask-dir", str(shared_data / "real-s2-eolearn-masks"), "--qai", "none",
-        "--output", str(out), "--workers", "1", "--dashboard-address", ":0",
-    ])
+    rc = main(
+        [
+            "run",
+            "--cube",
+            str(shared_data / "real-s2-eolearn"),
+            "--tiles",
+            "X0000_Y0000",
+            "--model",
+            str(weights / f"{stem}.pth"),
+            "--model-family",
+            family,
+            "--model-params",
+            str(weights / f"{stem}_params.json"),
+            "--mask-dir",
+            str(shared_data / "real-s2-eolearn-masks"),
+            "--qai",
+            "none",
+            "--output",
+            str(out),
+            "--workers",
+            "1",
+            "--dashboard-address",
+            ":0",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     ds = xr.open_zarr(out / "predictions.zarr", mask_and_scale=False)
     with rasterio.open(shared_data / "real-s2-eolearn-masks" / "X0000_Y0000" / "mask.tif") as src:
         forest = src.read(1) > 0
     predicted = ds["class"].values != 255
-    np.testing.assert_array_equal(predicted, forest)  # every forest pixel has valid observations here
+    np.testing.assert_array_equal(
+        predicted, forest
+    )  # every forest pixel has valid observations here
     assert set(np.unique(ds["class"].values[predicted])) <= set(range(5))
     prob = ds.probability.values[:, predicted]
     np.testing.assert_allclose(prob.sum(axis=0), 1, atol=1e-4)
     assert list(ds.probability.coords["class_name"].values) == [
-        "Spruce", "Beech", "Pine", "Douglas fir", "Oak"]
+        "Spruce",
+        "Beech",
+        "Pine",
+        "Douglas fir",
+        "Oak",
+    ]
     # 3 of the 5 scenes are valid at most pixels: two dates are fully clouded
     assert ds.valid_obs.values[predicted].max() == 3

@@ -4,14 +4,29 @@ import json
 
 import yaml
 
-from treesits_dask.io import cube
 from treesits_dask.cli import main
+from treesits_dask.io import cube
 
 
 def test_plan_json(small_cube, native_lstm, tmp_path, capsys):
     before = cube.OPEN_COUNTER.count
-    rc = main(["plan", "--cube", small_cube.root, "--tiles", "all", "--model", native_lstm,
-               "--output", str(tmp_path / "out"), "--mask-dir", small_cube.mask_dir, "--window", "30x60"])
+    rc = main(
+        [
+            "plan",
+            "--cube",
+            small_cube.root,
+            "--tiles",
+            "all",
+            "--model",
+            native_lstm,
+            "--output",
+            str(tmp_path / "out"),
+            "--mask-dir",
+            small_cube.mask_dir,
+            "--window",
+            "30x60",
+        ]
+    )
     assert rc == 0
     plan = json.loads(capsys.readouterr().out)
     assert [t["tile"] for t in plan["tiles"]] == list(small_cube.tiles)
@@ -24,13 +39,25 @@ def test_plan_json(small_cube, native_lstm, tmp_path, capsys):
 
 def test_plan_render_kubernetes(small_cube, native_lstm, tmp_path, capsys):
     run_yaml = tmp_path / "run.yaml"
-    run_yaml.write_text(yaml.safe_dump({
-        "cube": small_cube.root, "tiles": "all", "output": str(tmp_path / "out"), "model": native_lstm,
-        "cluster": "kubernetes",
-        "kubernetes": {"namespace": "forest", "env": {"AWS_ENDPOINT_URL": "https://s3.example.org",
-                                                      "AWS_REGION": "RegionOne"},
-                       "gpu": {"workers": 2}},
-    }))
+    run_yaml.write_text(
+        yaml.safe_dump(
+            {
+                "cube": small_cube.root,
+                "tiles": "all",
+                "output": str(tmp_path / "out"),
+                "model": native_lstm,
+                "cluster": "kubernetes",
+                "kubernetes": {
+                    "namespace": "forest",
+                    "env": {
+                        "AWS_ENDPOINT_URL": "https://s3.example.org",
+                        "AWS_REGION": "RegionOne",
+                    },
+                    "gpu": {"workers": 2},
+                },
+            }
+        )
+    )
     rc = main(["plan", "--config", str(run_yaml), "--render", str(tmp_path / "k8s")])
     out = capsys.readouterr()
     assert rc == 0, out.err
@@ -40,9 +67,20 @@ def test_plan_render_kubernetes(small_cube, native_lstm, tmp_path, capsys):
     for path in sorted((tmp_path / "k8s").rglob("*.yaml")):
         docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
     kinds = {d["kind"] for d in docs}
-    assert {"DaskCluster", "DaskWorkerGroup", "ServiceAccount", "Role", "RoleBinding", "CronJob",
-            "ConfigMap"} <= kinds
-    assert all(d["metadata"].get("namespace", "forest") == "forest" for d in docs if d["kind"] != "Namespace")
+    assert {
+        "DaskCluster",
+        "DaskWorkerGroup",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "CronJob",
+        "ConfigMap",
+    } <= kinds
+    assert all(
+        d["metadata"].get("namespace", "forest") == "forest"
+        for d in docs
+        if d["kind"] != "Namespace"
+    )
     cron = next(d for d in docs if d["kind"] == "CronJob")
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
     assert "update" in json.dumps(cron)

@@ -14,10 +14,10 @@ import rasterio
 from rasterio.crs import CRS
 
 from treesits_dask.cli import main
-from treesits_dask.outputs import quicklook as ql
-from treesits_dask.outputs import cog, schema
-from treesits_dask.outputs import store as outputs_store
 from treesits_dask.errors import OutputError
+from treesits_dask.outputs import cog, schema
+from treesits_dask.outputs import quicklook as ql
+from treesits_dask.outputs import store as outputs_store
 from treesits_dask.outputs.stac import write_stac
 
 pystac = pytest.importorskip("pystac")
@@ -195,7 +195,8 @@ def test_quicklook_mosaic_from_zarr_without_cogs(output, tmp_path):
     raster = ql._zarr_raster(store, "class", 30)
     assert raster.data.shape == (1, 14, 27)  # 80 x 40 px read every 3rd pixel
     np.testing.assert_array_equal(
-        raster.data[0], outputs_store.read_region(str(copy / "predictions.zarr"), ALL, "class")[::3, ::3]
+        raster.data[0],
+        outputs_store.read_region(str(copy / "predictions.zarr"), ALL, "class")[::3, ::3],
     )
     assert raster.nodata == 255 and raster.descriptions == ("class",)
     with pytest.raises(OutputError, match="nothing to draw"):
@@ -204,8 +205,8 @@ def test_quicklook_mosaic_from_zarr_without_cogs(output, tmp_path):
 
 def test_quicklook_cli_main(output, tmp_path, capsys):
     out_dir = tmp_path / "ql"
-    assert main(["quicklook", str(output), "--out-dir", str(out_dir), "--tiles", TILES[1], "--no-mosaic",
-                    "--max-size", "30", "--stac"]) == 0  # fmt: skip
+    assert main(["quicklook", str(output), "--out-dir", str(out_dir), "--tiles", TILES[1],
+                 "--no-mosaic", "--max-size", "30", "--stac"]) == 0  # fmt: skip
     printed = capsys.readouterr().out.split()
     assert printed[-1] == str(output / "stac" / "catalog.json")
     assert sorted(p.name for p in out_dir.iterdir()) == [

@@ -1,6 +1,6 @@
-"""Cube, masks, model and outputs on an S3 endpoint (a moto server on 127.0.0.1, spoken to over HTTP)
-give the same outputs as the local-disk run, leave no credentials anywhere, and upload large COGs
-in parts."""
+"""Cube, masks, model and outputs on an S3 endpoint (a moto server on 127.0.0.1, spoken to over
+HTTP) give the same outputs as the local-disk run, leave no credentials anywhere, and upload large
+COGs in parts."""
 
 from __future__ import annotations
 
@@ -18,14 +18,13 @@ import rasterio
 import xarray as xr
 
 from tests.conftest import FAKE_SECRET, FAKE_TOKEN, new_bucket, upload_tree
-from treesits_dask.io import cube, storage
-from treesits_dask.outputs import cog
-from treesits_dask.state import ledger
-from treesits_dask.state.lease import LEASE_NAME, Lease
 from treesits_dask.config import load_config
 from treesits_dask.errors import OutputError
-from treesits_dask.pipeline.run import run, tile_graph
+from treesits_dask.io import cube, storage
+from treesits_dask.outputs import cog
 from treesits_dask.pipeline.plan import make_plan
+from treesits_dask.pipeline.run import run, tile_graph
+from treesits_dask.state.lease import LEASE_NAME, Lease
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 
@@ -38,7 +37,9 @@ def client(s3_module_env):
     endpoint and addressing reach them through the run's worker plugin."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster:
         with Client(cluster) as c:
             yield c
 
@@ -53,14 +54,26 @@ def inputs(s3_module_env, small_cube, native_lstm):
     fs, _ = storage.get_fs(f"s3://{models}")
     for src in (native_lstm, native_lstm[:-3] + ".json"):
         fs.put_file(src, f"{models}/species/{Path(src).name}")
-    return {"cube": cube_url, "mask_dir": mask_url, "model": f"s3://{models}/species/{Path(native_lstm).name}"}
+    return {
+        "cube": cube_url,
+        "mask_dir": mask_url,
+        "model": f"s3://{models}/species/{Path(native_lstm).name}",
+    }
 
 
 @pytest.fixture(scope="module")
 def local_run(small_cube, native_lstm, client, tmp_path_factory):
     out = tmp_path_factory.mktemp("local") / "out"
-    config = load_config(overrides=dict(cube=small_cube.root, mask_dir=small_cube.mask_dir, model=native_lstm,
-                                        output=str(out), **SETTINGS), environ={})
+    config = load_config(
+        overrides=dict(
+            cube=small_cube.root,
+            mask_dir=small_cube.mask_dir,
+            model=native_lstm,
+            output=str(out),
+            **SETTINGS,
+        ),
+        environ={},
+    )
     run(config, client=client)
     return out
 
@@ -82,7 +95,12 @@ def s3_run(inputs, client, local_run):
 
     t0 = time.perf_counter()
     result = run(config, client=client, callbacks=Watch())
-    return {"config": config, "result": result, "seconds": time.perf_counter() - t0, "leases": leases}
+    return {
+        "config": config,
+        "result": result,
+        "seconds": time.perf_counter() - t0,
+        "leases": leases,
+    }
 
 
 def _s3_objects(url: str) -> dict[str, bytes]:
@@ -91,7 +109,9 @@ def _s3_objects(url: str) -> dict[str, bytes]:
 
 
 def _local_objects(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def _open_zarr(url: str):
@@ -108,22 +128,37 @@ def test_s3_run_equals_local_run(s3_run, local_run, small_cube):
     local = _local_objects(local_run)
     # the same objects, with the same bytes: Zarr metadata and chunks, COGs, VRT mosaics
     same_bytes = [k for k in local if k.startswith(("predictions.zarr/", "cog/"))]
-    assert same_bytes and {k for k in remote if k.startswith(("predictions.zarr/", "cog/"))} == set(same_bytes)
+    assert same_bytes and {k for k in remote if k.startswith(("predictions.zarr/", "cog/"))} == set(
+        same_bytes
+    )
     differ = [k for k in same_bytes if remote[k] != local[k]]
     assert not differ, differ
-    assert sorted(k for k in remote if k.startswith("_ledger/")) == [f"_ledger/{t}.json" for t in small_cube.tiles]
+    assert sorted(k for k in remote if k.startswith("_ledger/")) == [
+        f"_ledger/{t}.json" for t in small_cube.tiles
+    ]
     # and read back through xarray (s3fs) and GDAL (/vsis3/), the same arrays
-    a, b = _open_zarr(storage.join(output, "predictions.zarr")), _open_zarr(str(local_run / "predictions.zarr"))
-    assert set(a.data_vars) == set(b.data_vars) == {"probability", "class", "valid_obs", "last_obs_valid"}
+    a, b = (
+        _open_zarr(storage.join(output, "predictions.zarr")),
+        _open_zarr(str(local_run / "predictions.zarr")),
+    )
+    assert (
+        set(a.data_vars)
+        == set(b.data_vars)
+        == {"probability", "class", "valid_obs", "last_obs_valid"}
+    )
     for var in a.data_vars:
         np.testing.assert_array_equal(a[var].values, b[var].values)
     assert (a["class"].values != 255).sum() > 1000
     for tile in small_cube.tiles:
         for var in ("probability", "class", "valid_obs", "last_obs_valid"):
-            with rasterio.open(storage.gdal_path(storage.join(output, "cog", tile, f"{var}.tif"))) as r, \
-                    rasterio.open(local_run / "cog" / tile / f"{var}.tif") as l:
-                np.testing.assert_array_equal(r.read(), l.read())
-                assert r.crs == l.crs and r.transform == l.transform
+            with (
+                rasterio.open(
+                    storage.gdal_path(storage.join(output, "cog", tile, f"{var}.tif"))
+                ) as r,
+                rasterio.open(local_run / "cog" / tile / f"{var}.tif") as loc,
+            ):
+                np.testing.assert_array_equal(r.read(), loc.read())
+                assert r.crs == loc.crs and r.transform == loc.transform
     with rasterio.open(storage.gdal_path(storage.join(output, "cog", "class.vrt"))) as src:
         np.testing.assert_array_equal(src.read(1), b["class"].values)
     summary = json.loads(remote["run.json"])
@@ -148,20 +183,29 @@ def test_no_credentials_in_graph_logs_or_outputs(s3_run, inputs, client, caplog)
         graph = tile_graph(plan, plan.tiles[0])
     import cloudpickle
 
-    blobs = [cloudpickle.dumps(dict(graph.__dask_graph__())), pickle.dumps(plan.spec),
-             cloudpickle.dumps(EnvPlugin(worker_environment(config))),
-             cloudpickle.dumps(ModelPlugin(plan.spec, "cpu")), json.dumps(plan.summary(), default=str).encode(),
-             repr(config).encode()]
+    blobs = [
+        cloudpickle.dumps(dict(graph.__dask_graph__())),
+        pickle.dumps(plan.spec),
+        cloudpickle.dumps(EnvPlugin(worker_environment(config))),
+        cloudpickle.dumps(ModelPlugin(plan.spec, "cpu")),
+        json.dumps(plan.summary(), default=str).encode(),
+        repr(config).encode(),
+    ]
     assert not any(s in blob for blob in blobs for s in secrets)
     # logs: the driver's and every worker's
-    text = caplog.text + json.dumps(client.get_worker_logs(n=10_000)) + json.dumps(client.get_scheduler_logs(n=10_000))
+    text = (
+        caplog.text
+        + json.dumps(client.get_worker_logs(n=10_000))
+        + json.dumps(client.get_scheduler_logs(n=10_000))
+    )
     assert FAKE_SECRET not in text and FAKE_TOKEN not in text
     with pytest.raises(ValueError, match="refusing"):
         EnvPlugin({"AWS_SECRET_ACCESS_KEY": FAKE_SECRET})
 
 
 def test_second_run_reads_no_pixels_and_starts_no_cluster(s3_run, monkeypatch):
-    """Everything is up to date: no cluster, no GDAL open, a small fraction of the first run's time."""
+    """Everything is up to date: no cluster, no GDAL open, a small fraction of the first run's
+    time."""
     import treesits_dask.pipeline.run
 
     def no_cluster(config):
@@ -194,9 +238,18 @@ def test_force_rewrites_identical_objects(s3_run, client):
     result = run(config.model_copy(update={"force": True}), client=client)
     assert set(result.tiles) == set(s3_run["result"].tiles)
     after = versions()
-    data_vars = ("probability", "class", "valid_obs", "last_obs_valid")  # coordinates are written once
-    written = [k for k in before if k.endswith((".tif", ".vrt"))
-               or (k.startswith("predictions.zarr/") and k.split("/")[1] in data_vars and "/c/" in k)]
+    data_vars = (
+        "probability",
+        "class",
+        "valid_obs",
+        "last_obs_valid",
+    )  # coordinates are written once
+    written = [
+        k
+        for k in before
+        if k.endswith((".tif", ".vrt"))
+        or (k.startswith("predictions.zarr/") and k.split("/")[1] in data_vars and "/c/" in k)
+    ]
     assert len([k for k in written if k.endswith(".tif")]) == 8 and len(written) > 20
     for key in written:
         assert len(after[key]) == len(before[key]) + 1, key  # written again ...
@@ -206,13 +259,24 @@ def test_force_rewrites_identical_objects(s3_run, client):
 def test_second_driver_is_refused_and_stale_lease_taken_over(s3_run):
     config = s3_run["config"].model_copy(update={"force": True})
     with Lease(config.output, ttl=60) as holder:
-        with pytest.raises(OutputError, match=f"leased by another driver \\({holder.owner}\\)") as info:
+        with pytest.raises(
+            OutputError, match=f"leased by another driver \\({holder.owner}\\)"
+        ) as info:
             run(config)
         assert "_lease.json" in str(info.value)
     fs, path = storage.get_fs(storage.join(config.output, LEASE_NAME))
     assert not fs.exists(path)  # released
-    fs.pipe_file(path, json.dumps({"owner": "other-host:4242:dead", "host": "other-host", "pid": 4242,
-                                   "expires": time.time() - 5}).encode())
+    fs.pipe_file(
+        path,
+        json.dumps(
+            {
+                "owner": "other-host:4242:dead",
+                "host": "other-host",
+                "pid": 4242,
+                "expires": time.time() - 5,
+            }
+        ).encode(),
+    )
     lease = Lease(config.output, ttl=60).acquire()
     assert json.loads(fs.cat_file(path))["owner"] == lease.owner
     lease.release()
@@ -220,16 +284,26 @@ def test_second_driver_is_refused_and_stale_lease_taken_over(s3_run):
 
 
 def test_large_cogs_are_uploaded_in_parts(s3_module_env, tmp_path):
-    """COGs of at least twice the part size go up as multipart uploads (S3 ETag ``<md5>-<parts>``)."""
+    """COGs of at least twice the part size go up as multipart uploads (S3 ETag
+    ``<md5>-<parts>``)."""
     from affine import Affine
 
     bucket = new_bucket("cogs")
     rng = np.random.default_rng(0)
-    spec = cog.CogSpec(width=1800, height=1800, count=1, dtype="float32", crs_wkt=rasterio.crs.CRS.from_epsg(3035).to_wkt(),
-                        transform=tuple(Affine(10, 0, 4e6, 0, -10, 3e6))[:6], nodata=float("nan"))
+    spec = cog.CogSpec(
+        width=1800,
+        height=1800,
+        count=1,
+        dtype="float32",
+        crs_wkt=rasterio.crs.CRS.from_epsg(3035).to_wkt(),
+        transform=tuple(Affine(10, 0, 4e6, 0, -10, 3e6))[:6],
+        nodata=float("nan"),
+    )
     block = rng.random((1, 1800, 1800), dtype=np.float32)
     big = cog.write_cog(f"s3://{bucket}/big.tif", spec, [(0, 0, block)], part_size=5 * 2**20)
-    small = cog.write_cog(f"s3://{bucket}/small.tif", spec, [(0, 0, block)])  # default parts: 32 MiB
+    small = cog.write_cog(
+        f"s3://{bucket}/small.tif", spec, [(0, 0, block)]
+    )  # default parts: 32 MiB
     s3 = boto3.client("s3", endpoint_url=s3_module_env["AWS_ENDPOINT_URL"], region_name="RegionOne")
     big_head = s3.head_object(Bucket=bucket, Key="big.tif")
     assert big_head["ContentLength"] >= 10 * 2**20

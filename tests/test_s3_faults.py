@@ -29,10 +29,11 @@ import xarray as xr
 
 from tests.conftest import environ_restored, new_bucket, upload_tree
 from treesits_dask.bench.proxy import FAULT_KINDS, FaultProxy
-from treesits_dask.io import storage
-from treesits_dask.state.lease import LEASE_NAME
 from treesits_dask.config import load_config
+from treesits_dask.io import storage
+from treesits_dask.io.remote import clear_gdal_cache
 from treesits_dask.pipeline.run import run
+from treesits_dask.state.lease import LEASE_NAME
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 
@@ -55,10 +56,17 @@ class Request:
     @classmethod
     def of(cls, method: str, path: str, rng: str, log) -> Request:
         key, _, query = path.partition("?")
-        return cls(method, key, query, bool(rng), any(m == "PUT" and "/_ledger/" in p for m, p, _ in log))
+        return cls(
+            method, key, query, bool(rng), any(m == "PUT" and "/_ledger/" in p for m, p, _ in log)
+        )
 
     def get(self, *suffixes: str, within: str = "") -> bool:
-        return self.method == "GET" and self.key.endswith(suffixes) and within in self.key and not self.query
+        return (
+            self.method == "GET"
+            and self.key.endswith(suffixes)
+            and within in self.key
+            and not self.query
+        )
 
     def put(self, *suffixes: str, within: str = "") -> bool:
         return self.method == "PUT" and self.key.endswith(suffixes) and within in self.key
@@ -71,27 +79,58 @@ class Request:
 #: (category, which requests, what its first matching requests get, in this order): a fault kind,
 #: or ``pass`` (let it through unfaulted).  ``drop-before`` / ``drop-mid``: a GET reset before its
 #: answer / after half of its body (a header cut off like that can open as a file without its
-#: georeference).  The driver reads the model before the workers do; the driver opens the first BOA
-#: of each tile, the masks and the COGs (VRT mosaics); only workers read QAI files and Zarr chunks and
-#: write data chunks and COGs.
+#: georeference).  The driver reads the model before the workers do; the driver opens the first
+#: BOA of each tile, the masks and the COGs (VRT mosaics); only workers read QAI files and Zarr
+#: chunks and write data chunks and COGs.
 RULES = [
-    ("s3fs listing", lambda q: q.method == "GET" and "list-type=" in q.query,
-     ("500", "503", "drop-before", "drop-mid", "slow")),
+    (
+        "s3fs listing",
+        lambda q: q.method == "GET" and "list-type=" in q.query,
+        ("500", "503", "drop-before", "drop-mid", "slow"),
+    ),
     ("s3fs HEAD", lambda q: q.method == "HEAD", ("500", "503", "drop", "slow")),
-    ("GDAL BOA range read", lambda q: q.get("_BOA.tif") and q.ranged,
-     ("drop-mid", "500", "drop-before", "503", "slow", "drop-mid")),
-    ("GDAL QAI range read (workers)", lambda q: q.get("_QAI.tif") and q.ranged,
-     ("500", "503", "drop-before", "drop-mid", "slow")),
-    ("GDAL mask range read", lambda q: q.get(".tif", within="/masks/") and q.ranged, ("drop-mid", "500", "slow")),
-    ("GDAL COG header read (VRT mosaics)", lambda q: q.get(".tif", within="/cog/") and q.ranged,
-     ("drop-mid", "500", "drop-before", "drop-mid")),
-    ("s3fs model read (workers)", lambda q: q.get("", within="/species/"), ("pass", "pass", "drop-mid", "500")),
-    ("Zarr chunk read (workers)", lambda q: q.method == "GET" and q.data_chunk(),
-     ("500", "503", "drop-before", "drop-mid", "slow")),
+    (
+        "GDAL BOA range read",
+        lambda q: q.get("_BOA.tif") and q.ranged,
+        ("drop-mid", "500", "drop-before", "503", "slow", "drop-mid"),
+    ),
+    (
+        "GDAL QAI range read (workers)",
+        lambda q: q.get("_QAI.tif") and q.ranged,
+        ("500", "503", "drop-before", "drop-mid", "slow"),
+    ),
+    (
+        "GDAL mask range read",
+        lambda q: q.get(".tif", within="/masks/") and q.ranged,
+        ("drop-mid", "500", "slow"),
+    ),
+    (
+        "GDAL COG header read (VRT mosaics)",
+        lambda q: q.get(".tif", within="/cog/") and q.ranged,
+        ("drop-mid", "500", "drop-before", "drop-mid"),
+    ),
+    (
+        "s3fs model read (workers)",
+        lambda q: q.get("", within="/species/"),
+        ("pass", "pass", "drop-mid", "500"),
+    ),
+    (
+        "Zarr chunk read (workers)",
+        lambda q: q.method == "GET" and q.data_chunk(),
+        ("500", "503", "drop-before", "drop-mid", "slow"),
+    ),
     ("Zarr metadata read", lambda q: q.get("zarr.json"), ("drop-mid", "503", "slow")),
-    ("Zarr chunk PUT (workers)", lambda q: q.method == "PUT" and q.data_chunk(), ("500", "503", "drop", "slow")),
+    (
+        "Zarr chunk PUT (workers)",
+        lambda q: q.method == "PUT" and q.data_chunk(),
+        ("500", "503", "drop", "slow"),
+    ),
     ("Zarr metadata PUT", lambda q: q.put("zarr.json"), ("500", "drop")),
-    ("COG upload (workers)", lambda q: q.put(".tif", within="/cog/"), ("500", "503", "drop", "slow")),
+    (
+        "COG upload (workers)",
+        lambda q: q.put(".tif", within="/cog/"),
+        ("500", "503", "drop", "slow"),
+    ),
     ("VRT upload", lambda q: q.put(".vrt"), ("503", "drop")),
     ("ledger HEAD", lambda q: q.method == "HEAD" and "/_ledger/" in q.key, ("503",)),
     ("ledger PUT", lambda q: q.put(".json", within="/_ledger/"), ("drop", "500")),
@@ -100,10 +139,16 @@ RULES = [
     ("lease GET", lambda q: q.get(LEASE_NAME), ("drop-mid",)),
     # one key (POST /bucket?delete) for all bulk deletes: the store's own stays unfaulted, so that
     # the lease's (at the end) can be faulted
-    ("bulk delete in the run", lambda q: q.method == "POST" and "delete" in q.query and not q.after_ledger,
-     ("pass",) * 4),
-    ("lease release (bulk delete)", lambda q: q.method == "POST" and "delete" in q.query and q.after_ledger,
-     ("drop",)),
+    (
+        "bulk delete in the run",
+        lambda q: q.method == "POST" and "delete" in q.query and not q.after_ledger,
+        ("pass",) * 4,
+    ),
+    (
+        "lease release (bulk delete)",
+        lambda q: q.method == "POST" and "delete" in q.query and q.after_ledger,
+        ("drop",),
+    ),
     ("run.json PUT", lambda q: q.put("run.json"), ("503",)),
     ("write probe", lambda q: ".treesits-write-probe" in q.key, ("500", "drop")),
 ]
@@ -168,8 +213,12 @@ def client(s3_module_env):
     from distributed import Client, LocalCluster
 
     with environ_restored():
-        os.environ.update(storage.s3_environment(endpoint_url=_dead_endpoint(), region="RegionOne", environ={}))
-        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
+        os.environ.update(
+            storage.s3_environment(endpoint_url=_dead_endpoint(), region="RegionOne", environ={})
+        )
+        cluster = LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        )
     with cluster, Client(cluster) as c:
         yield c
 
@@ -184,14 +233,26 @@ def inputs(s3_module_env, small_cube, native_lstm):
     fs, _ = storage.get_fs(f"s3://{models}")
     for src in (native_lstm, native_lstm[:-3] + ".json"):
         fs.put_file(src, f"{models}/species/{Path(src).name}")
-    return {"cube": cube_url, "mask_dir": mask_url, "model": f"s3://{models}/species/{Path(native_lstm).name}"}
+    return {
+        "cube": cube_url,
+        "mask_dir": mask_url,
+        "model": f"s3://{models}/species/{Path(native_lstm).name}",
+    }
 
 
 @pytest.fixture(scope="module")
 def local_run(small_cube, native_lstm, client, tmp_path_factory):
     out = tmp_path_factory.mktemp("local") / "out"
-    config = load_config(overrides=dict(cube=small_cube.root, mask_dir=small_cube.mask_dir, model=native_lstm,
-                                        output=str(out), **SETTINGS), environ={})
+    config = load_config(
+        overrides=dict(
+            cube=small_cube.root,
+            mask_dir=small_cube.mask_dir,
+            model=native_lstm,
+            output=str(out),
+            **SETTINGS,
+        ),
+        environ={},
+    )
     with environ_restored():
         run(config, client=client)
     return out
@@ -201,8 +262,9 @@ def local_run(small_cube, native_lstm, client, tmp_path_factory):
 def faulty_run(inputs, client, local_run, proxy, moto_endpoint):
     bucket = new_bucket("out", versioned=True)  # versions show any object written twice
     output = f"s3://{bucket}/maps/2024"
-    config = load_config(overrides=dict(**inputs, output=output, s3_endpoint_url=proxy.url, **SETTINGS),
-                         environ={})
+    config = load_config(
+        overrides=dict(**inputs, output=output, s3_endpoint_url=proxy.url, **SETTINGS), environ={}
+    )
     proxy.reset_counts()
     proxy.every = EVERY
     t0 = time.perf_counter()
@@ -211,7 +273,12 @@ def faulty_run(inputs, client, local_run, proxy, moto_endpoint):
             result = run(config, client=client)
     finally:
         proxy.every = 0
-    return {"config": config, "result": result, "seconds": time.perf_counter() - t0, "bucket": bucket}
+    return {
+        "config": config,
+        "result": result,
+        "seconds": time.perf_counter() - t0,
+        "bucket": bucket,
+    }
 
 
 def _s3_objects(url: str) -> dict[str, bytes]:
@@ -220,7 +287,9 @@ def _s3_objects(url: str) -> dict[str, bytes]:
 
 
 def _local_objects(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def _runs_normalised(keys) -> set[str]:
@@ -228,7 +297,9 @@ def _runs_normalised(keys) -> set[str]:
     return {re.sub(r"^_runs/[^/]+/", "_runs/*/", k) for k in keys}
 
 
-def test_run_survives_faults_with_identical_outputs(faulty_run, local_run, proxy, small_cube, moto_endpoint):
+def test_run_survives_faults_with_identical_outputs(
+    faulty_run, local_run, proxy, small_cube, moto_endpoint
+):
     result = faulty_run["result"]
     assert set(result.tiles) == set(small_cube.tiles) and not result.failed
     # faults of every kind were injected, on every kind of request, and the run went on
@@ -236,7 +307,9 @@ def test_run_survives_faults_with_identical_outputs(faulty_run, local_run, proxy
     # (how many requests of a category a run makes depends on GDAL's caches and on timing, so each
     # category must have met faults, not necessarily all that were planned for it)
     planned = {name: [k for k in kinds if k != "pass"] for name, _, kinds in RULES}
-    left = {name: kinds for name, kinds in planned.items() if kinds and not proxy.injected.get(name)}
+    left = {
+        name: kinds for name, kinds in planned.items() if kinds and not proxy.injected.get(name)
+    }
     assert not left, f"requests that never came through the proxy: {left}"
     # the workers' requests came through the proxy too (Zarr chunks and COGs are written by workers)
     assert any(m == "PUT" and "/probability/c/" in p for m, p, _ in proxy.log)
@@ -260,18 +333,23 @@ def test_run_survives_faults_with_identical_outputs(faulty_run, local_run, proxy
     for page in s3.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=prefix):
         writes.update(v["Key"][len(prefix) + 1 :] for v in page.get("Versions", []))
         deletes.update(v["Key"][len(prefix) + 1 :] for v in page.get("DeleteMarkers", []))
-    assert sorted(k for k in writes if k.startswith("_ledger/")) == [f"_ledger/{t}.json" for t in small_cube.tiles]
+    assert sorted(k for k in writes if k.startswith("_ledger/")) == [
+        f"_ledger/{t}.json" for t in small_cube.tiles
+    ]
     twice = {k: n for k, n in writes.items() if n > 1 and not k.endswith("zarr.json")}
     assert not twice, twice
-    assert sorted(deletes) == sorted(k for k in writes if k == LEASE_NAME or ".treesits-write-probe" in k)
+    assert sorted(deletes) == sorted(
+        k for k in writes if k == LEASE_NAME or ".treesits-write-probe" in k
+    )
     assert set(deletes.values()) == {1} and LEASE_NAME in deletes
     # no half-done multipart upload and no lease left anywhere
     for b in s3.list_buckets()["Buckets"]:
         assert not s3.list_multipart_uploads(Bucket=b["Name"]).get("Uploads"), b["Name"]
     assert LEASE_NAME not in remote
 
-    # read back through xarray (s3fs) and GDAL (/vsis3/, nothing cached from the run): the same arrays
-    storage.clear_gdal_cache()
+    # read back through xarray (s3fs) and GDAL (/vsis3/, nothing cached from the run):
+    # the same arrays
+    clear_gdal_cache()
     fs, path = storage.get_fs(storage.join(faulty_run["config"].output, "predictions.zarr"))
     a = xr.open_zarr(fs.get_mapper(path), mask_and_scale=False)
     b = xr.open_zarr(str(local_run / "predictions.zarr"), mask_and_scale=False)
@@ -281,12 +359,19 @@ def test_run_survives_faults_with_identical_outputs(faulty_run, local_run, proxy
     assert (a["class"].values != 255).sum() > 1000
     for tile in small_cube.tiles:
         for var in VARIABLES:
-            remote_cog = storage.gdal_path(storage.join(faulty_run["config"].output, "cog", tile, f"{var}.tif"))
-            with rasterio.open(remote_cog) as r, rasterio.open(local_run / "cog" / tile / f"{var}.tif") as l:
-                np.testing.assert_array_equal(r.read(), l.read())
-                assert r.crs == l.crs and r.transform == l.transform
-    print(f"\nfaulty S3 run: {faulty_run['seconds']:.1f} s, {proxy.requests} requests "
-          f"{dict(proxy.by_method)}, faults {dict(proxy.counts)}")
+            remote_cog = storage.gdal_path(
+                storage.join(faulty_run["config"].output, "cog", tile, f"{var}.tif")
+            )
+            with (
+                rasterio.open(remote_cog) as r,
+                rasterio.open(local_run / "cog" / tile / f"{var}.tif") as loc,
+            ):
+                np.testing.assert_array_equal(r.read(), loc.read())
+                assert r.crs == loc.crs and r.transform == loc.transform
+    print(
+        f"\nfaulty S3 run: {faulty_run['seconds']:.1f} s, {proxy.requests} requests "
+        f"{dict(proxy.by_method)}, faults {dict(proxy.counts)}"
+    )
 
 
 def test_header_cut_off_in_the_middle_is_read_again(inputs, small_cube, moto_endpoint, caplog):
@@ -299,15 +384,27 @@ def test_header_cut_off_in_the_middle_is_read_again(inputs, small_cube, moto_end
     tile = small_cube.tiles[0]
     with rasterio.open(Path(small_cube.mask_dir) / tile / "mask.tif") as src:  # the tile's grid
         tr = src.transform
-        grid = TileGrid(tile=tile, crs_wkt=src.crs.to_wkt(), transform=(tr.a, tr.b, tr.c, tr.d, tr.e, tr.f),
-                        width=src.width, height=src.height, block_shape=(src.height, src.width), count=10)
+        grid = TileGrid(
+            tile=tile,
+            crs_wkt=src.crs.to_wkt(),
+            transform=(tr.a, tr.b, tr.c, tr.d, tr.e, tr.f),
+            width=src.width,
+            height=src.height,
+            block_shape=(src.height, src.width),
+            count=10,
+        )
     url = storage.join(inputs["mask_dir"], tile, "mask.tif")
-    with FaultProxy(moto_endpoint, every=1, kinds=("drop",), drop_style="mid") as proxy, environ_restored():
-        os.environ.update(storage.s3_environment(endpoint_url=proxy.url, region="RegionOne", environ={}))
-        storage.clear_gdal_cache()
+    with (
+        FaultProxy(moto_endpoint, every=1, kinds=("drop",), drop_style="mid") as proxy,
+        environ_restored(),
+    ):
+        os.environ.update(
+            storage.s3_environment(endpoint_url=proxy.url, region="RegionOne", environ={})
+        )
+        clear_gdal_cache()
         with caplog.at_level(logging.WARNING, logger="treesits_dask.storage"):
             source = masks.mask_source(url, grid)
-        storage.clear_gdal_cache()
+        clear_gdal_cache()
     assert source == masks.MaskSource(url, 0, 0)
     assert proxy.faulted[0] == ("drop", "GET", "/" + storage.gdal_path(url).removeprefix("/vsis3/"))
     assert "was incomplete" in caplog.text and "GeoKeyDirectory" in caplog.text

@@ -18,10 +18,10 @@ from affine import Affine
 from rasterio.crs import CRS
 from rio_cogeo.cogeo import cog_validate
 
+from treesits_dask.errors import OutputError
 from treesits_dask.io import storage
 from treesits_dask.outputs import cog, schema
 from treesits_dask.outputs import store as outputs_store
-from treesits_dask.errors import OutputError
 
 ORIGIN = (2456026.363042, 4574919.607965)
 CLASSES = ("Spruce", "Beech", "Pine")
@@ -121,7 +121,9 @@ def test_store_metadata_for_xarray_and_rioxarray(store):
 
 def test_unwritten_store_reads_nodata(store):
     for var in schema.VARIABLES:
-        np.testing.assert_array_equal(outputs_store.read_region(store, ALL, var), _nodata_array(var))
+        np.testing.assert_array_equal(
+            outputs_store.read_region(store, ALL, var), _nodata_array(var)
+        )
     ds = xr.open_zarr(store, mask_and_scale=False)
     assert (ds["class"].values == 255).all() and (ds.valid_obs.values == 0).all()
     assert np.isnan(xr.open_zarr(store)["class"].values).all()
@@ -139,7 +141,8 @@ def test_write_window_reads_back(filled):
     np.testing.assert_array_equal(ds.valid_obs.values, expected["valid_obs"])
     # the edge tile region reads the right part of the store
     np.testing.assert_array_equal(
-        outputs_store.read_region(store, REGIONS[1], "last_obs_valid"), expected["last_obs_valid"][:, 40:]
+        outputs_store.read_region(store, REGIONS[1], "last_obs_valid"),
+        expected["last_obs_valid"][:, 40:],
     )
 
 
@@ -156,7 +159,9 @@ def test_write_window_is_idempotent_and_thread_safe(tmp_path):
         list(pool.map(lambda j: outputs_store.write_window(url, *j), jobs))
     before = _tree_digest(Path(url))
     for rows, cols, out in jobs:
-        got = outputs_store.read_region(url, schema.TileRegion("w", rows.start, cols.start, 20, 20), "class")
+        got = outputs_store.read_region(
+            url, schema.TileRegion("w", rows.start, cols.start, 20, 20), "class"
+        )
         np.testing.assert_array_equal(got, out["class"])
     outputs_store.write_window(url, *jobs[3])  # rewriting a window changes no byte
     assert _tree_digest(Path(url)) == before
@@ -167,7 +172,9 @@ def test_write_window_rejects_bad_windows(store, tmp_path):
     with pytest.raises(OutputError, match="not aligned"):
         outputs_store.write_window(store, slice(10, 30), slice(0, 20), out)
     with pytest.raises(OutputError, match="shape"):
-        outputs_store.write_window(store, slice(0, 20), slice(0, 40), {"valid_obs": out["valid_obs"]})
+        outputs_store.write_window(
+            store, slice(0, 20), slice(0, 40), {"valid_obs": out["valid_obs"]}
+        )
     with pytest.raises(OutputError, match="no Zarr store"):
         outputs_store.write_window(str(tmp_path / "missing.zarr"), slice(0, 20), slice(0, 20), out)
     binary = schema.OutputGrid(
@@ -199,7 +206,9 @@ def test_create_store_twice_changes_nothing(filled):
     store, expected = filled
     before = _tree_digest(Path(store))
     outputs_store.create_store(store, GRID, attrs={"model": "lstm.pt"})
-    outputs_store.create_store(store, GRID, attrs={"model": "other.pt"})  # attrs differ: warning only
+    outputs_store.create_store(
+        store, GRID, attrs={"model": "other.pt"}
+    )  # attrs differ: warning only
     assert _tree_digest(Path(store)) == before
     np.testing.assert_array_equal(outputs_store.read_region(store, ALL, "class"), expected["class"])
 

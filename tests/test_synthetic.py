@@ -1,4 +1,5 @@
-"""The synthetic FORCE cube generator: names, .prj formats, file profiles, QAI, content, determinism."""
+"""The synthetic FORCE cube generator: names, .prj formats, file profiles, QAI, content,
+determinism."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import numpy as np
 import pytest
 import rasterio
 
-from treesits_dask.io import discovery
 from treesits_dask.errors import ConfigError
+from treesits_dask.io import discovery
 from treesits_dask.synthetic import SPECIES, make_cube, sample_pixels
 
 TILES = ("X0069_Y0043", "X0070_Y0044")
@@ -68,7 +69,8 @@ def test_names_dates_and_discovery(strips):
     assert strips.tiles == TILES and strips.class_names == SPECIES
     assert len(strips.dates) == 8 and list(strips.dates) == sorted(set(strips.dates))
     assert all(dt.date(2020, 3, 1) <= d <= dt.date(2023, 8, 30) for d in strips.dates)
-    assert len({(b - a).days for a, b in zip(strips.dates, strips.dates[1:])}) > 1  # irregular
+    gaps = {(b - a).days for a, b in zip(strips.dates, strips.dates[1:], strict=False)}
+    assert len(gaps) > 1  # irregular
     assert discovery.list_tiles(strips.root) == sorted(TILES)
     for tile in TILES:
         files = sorted(p.name for p in (Path(strips.root) / tile).iterdir())
@@ -221,7 +223,8 @@ def test_forest_truth_and_masks(strips, tmp_path):
         mask = _read(Path(strips.mask_dir) / tile / "mask.tif")[0]
         assert mask.dtype == np.uint8
         np.testing.assert_array_equal(mask == 1, forest)
-        # coherent stands, not salt and pepper: most forest neighbours are forest of the same species
+        # coherent stands, not salt and pepper:
+        # most forest neighbours are forest of the same species
         same = (truth[:, 1:] == truth[:, :-1])[forest[:, 1:] & forest[:, :-1]]
         assert (forest[:, 1:] & forest[:, :-1]).sum() > 0.8 * forest[:, 1:].sum()
         assert same.mean() > 0.7  # independent pixels would give about 0.2
@@ -262,9 +265,9 @@ def test_sample_pixels(strips):
     expected = np.minimum(np.bincount(truth[truth != 255], minlength=5), 20)
     np.testing.assert_array_equal(counts, expected)
     np.testing.assert_array_equal(truth[rows, cols], labels)
-    assert len(set(zip(rows.tolist(), cols.tolist()))) == len(rows)  # no duplicates
+    assert len(set(zip(rows.tolist(), cols.tolist(), strict=True))) == len(rows)  # no duplicates
     again = sample_pixels(strips, tile, n_per_class=20, seed=3)
-    assert all(np.array_equal(x, y) for x, y in zip((rows, cols, labels), again))
+    assert all(np.array_equal(x, y) for x, y in zip((rows, cols, labels), again, strict=True))
     everything = sample_pixels(strips, tile, n_per_class=10**6)[2]
     assert everything.size == (truth != 255).sum()
 

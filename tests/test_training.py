@@ -14,20 +14,19 @@ import torch
 import yaml
 from rasterio.warp import transform
 
-from treesits_dask.io import discovery
 from treesits_dask.cli import main
-from treesits_dask.config import DEFAULT_QAI_FLAGS
+from treesits_dask.config import DEFAULT_QAI_FLAGS, SampleSettings, TrainConfig, load_train_config
+from treesits_dask.errors import ConfigError, InputDataError, ModelError
+from treesits_dask.io import discovery
 from treesits_dask.io.cube import OPEN_COUNTER, qai_invalid, tile_grid
 from treesits_dask.io.discovery import S2_BANDS
-from treesits_dask.errors import ConfigError, InputDataError, ModelError
 from treesits_dask.models import ModelSpec, load_model
+from treesits_dask.synthetic import sample_pixels
+from treesits_dask.training.extract import load_samples
+from treesits_dask.training.metrics import classification_metrics
 from treesits_dask.training.points import read_points, write_points
 from treesits_dask.training.sample_csv import read_sample_csvs, write_sample_csvs
-from treesits_dask.config import SampleSettings, TrainConfig, load_train_config
-from treesits_dask.training.extract import load_samples
 from treesits_dask.training.samples import encode_labels, pixel_centres
-from treesits_dask.synthetic import sample_pixels
-from treesits_dask.training.metrics import classification_metrics
 from treesits_dask.training.train import evaluate, train
 
 SITSNN = Path(__file__).resolve().parents[2] / "shared" / "data" / "sitsnn-weights" / "04"

@@ -15,8 +15,8 @@ from rasterio.warp import Resampling, reproject, transform
 from rasterio.windows import Window
 from rio_cogeo.cogeo import cog_validate
 
-from treesits_dask.io.discovery import read_cube_definition
 from treesits_dask.errors import MaskError
+from treesits_dask.io.discovery import read_cube_definition
 from treesits_dask.io.worldcover import (
     WORLDCOVER_NAME,
     MaskGrid,
@@ -388,9 +388,9 @@ def test_worldcover_on_s3_and_masks_to_s3(s3_env, sao_tome):
 
 
 def test_mask_equals_an_exact_gdal_warp_pixel_for_pixel(sao_tome):
-    """GDAL's own warp with nearest resampling and the exact transformer (``gdalwarp -r near -et 0``)
-    of the whole tile gives the same mask, except where a pixel centre falls within 1e-3 source px
-    of a source pixel edge (2 of 90000 pixels here)."""
+    """GDAL's own warp with nearest resampling and the exact transformer
+    (``gdalwarp -r near -et 0``) of the whole tile gives the same mask, except where a pixel centre
+    falls within 1e-3 source px of a source pixel edge (2 of 90000 pixels here)."""
     _, _, masks, grid = sao_tome
     mask, _ = read_mask(masks[TILE])
     warped = np.zeros((grid.height, grid.width), np.uint8)

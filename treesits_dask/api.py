@@ -42,11 +42,13 @@ def open_cube(
     from .io.cube import tile_cube, tile_grid
     from .io.grid import WindowLayout, choose_window_shape
 
-    settings = InputSettings(cube=cube, sensors=sensors, start_date=start_date, end_date=end_date,
-                             qai=qai, window=window)
+    settings = InputSettings(
+        cube=cube, sensors=sensors, start_date=start_date, end_date=end_date, qai=qai, window=window
+    )
     definition = discovery.read_cube_definition(cube)
-    scenes = discovery.scene_table(cube, tile, settings.sensors, settings.start_date,
-                                   settings.end_date)
+    scenes = discovery.scene_table(
+        cube, tile, settings.sensors, settings.start_date, settings.end_date
+    )
     if not scenes:
         raise DiscoveryError(
             f"tile {tile} of {cube} has no BOA scenes of sensors {','.join(settings.sensors)} "

@@ -25,8 +25,10 @@ class TreesitsError(Exception):
     def __reduce__(self):
         # Dask sends a task's exception to the driver pickled with its __cause__/__context__ chain
         # (tblib reads the chain after calling this method).  When a link cannot be unpickled
-        # (rasterio's CPLE_* errors, the causes of every RasterioIOError, cannot), distributed sends a
-        # bare Exception(repr) instead and the driver no longer sees a TreesitsError.  Links that are
+        # (rasterio's CPLE_* errors, the causes of every RasterioIOError, cannot), distributed
+        # sends a
+        # bare Exception(repr) instead and the driver no longer sees a TreesitsError.  Links that
+        # are
         # not known to be portable are replaced by stand-ins with their text and traceback.
         self.__cause__ = _portable(self.__cause__)
         self.__context__ = _portable(self.__context__)
@@ -58,7 +60,8 @@ class OutputError(TreesitsError):
 
 
 def _portable(exc: BaseException | None) -> BaseException | None:
-    """``exc`` if it pickles with its chain (errors of this package, plain builtin exceptions), otherwise
+    """``exc`` if it pickles with its chain (errors of this package, plain builtin exceptions),
+    otherwise
     a ``RuntimeError`` with its type, text and traceback."""
     if exc is None or isinstance(exc, TreesitsError):
         return exc

@@ -1,4 +1,5 @@
-"""Model-only timing with random weights of the published shapes (speed does not depend on values)."""
+"""Model-only timing with random weights of the published shapes (speed does not depend on
+values)."""
 
 from __future__ import annotations
 

@@ -43,12 +43,24 @@ _ERROR_BODY = (
     "<Resource>{resource}</Resource><RequestId>{rid}</RequestId></Error>"
 )
 _ERRORS = {
-    "500": (500, "Internal Server Error", "InternalError",
-            "We encountered an internal error. Please try again."),
+    "500": (
+        500,
+        "Internal Server Error",
+        "InternalError",
+        "We encountered an internal error. Please try again.",
+    ),
     "503": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
 }
 # hop-by-hop headers are not forwarded
-_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
+_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+}
 
 
 class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
@@ -126,8 +138,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _send_error(self, kind: str) -> None:
         status, reason, code, message = _ERRORS[kind]
-        body = _ERROR_BODY.format(code=code, message=message, resource=self.path.split("?")[0],
-                                  rid=uuid.uuid4().hex[:16].upper()).encode()
+        body = _ERROR_BODY.format(
+            code=code,
+            message=message,
+            resource=self.path.split("?")[0],
+            rid=uuid.uuid4().hex[:16].upper(),
+        ).encode()
         self.send_response_only(status, reason)
         self.send_header("Content-Type", "application/xml")
         self.send_header("x-amz-request-id", uuid.uuid4().hex[:16].upper())
@@ -168,8 +184,15 @@ class FaultProxy:
     ``kinds`` at any time (e.g. ``proxy.every = 0`` while a test sets up its buckets).
     """
 
-    def __init__(self, upstream: str, every: int = 0, kinds=FAULT_KINDS, slow_seconds: float = 0.4,
-                 latency: float = 0.0, drop_style: str = "alternate"):
+    def __init__(
+        self,
+        upstream: str,
+        every: int = 0,
+        kinds=FAULT_KINDS,
+        slow_seconds: float = 0.4,
+        latency: float = 0.0,
+        drop_style: str = "alternate",
+    ):
         parsed = urlparse(upstream)
         self.upstream = (parsed.hostname, parsed.port or 80)
         self.every = every
@@ -194,7 +217,9 @@ class FaultProxy:
     def start(self) -> FaultProxy:
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.proxy = self
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True, name="faultproxy")
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, daemon=True, name="faultproxy"
+        )
         self._thread.start()
         return self
 

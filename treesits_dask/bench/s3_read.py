@@ -19,7 +19,8 @@ file and window, QAI screening as configured), once per method:
 The fsspec variants replace ``cube.open_raster`` (the one function that opens a scene), so
 everything else is the same cube code.  Each run is a fresh Python process (no GDAL / s3fs cache
 from an earlier run); methods are interleaved over ``--repeats`` rounds and the median reported.
-Every request goes through :class:`treesits_dask.bench.proxy.FaultProxy` (no faults, TCP_NODELAY), which
+Every request goes through :class:`treesits_dask.bench.proxy.FaultProxy` (no faults, TCP_NODELAY),
+which
 counts requests and body bytes and adds ``--latency`` seconds per request (a WAN round trip) and,
 with ``--bandwidth``, the time the body takes on a link of that many MB/s shared by all
 connections.  The moto server keeps each object's bytes in memory between GETs (moto itself re-reads
@@ -32,6 +33,9 @@ Prints JSON (with a one-paragraph ``conclusion``) on stdout, progress and the co
     python -m treesits_dask.bench.s3_read --size 3000 --scenes 2 --bandwidth 100   # FORCE-sized
 
 It needs the test extra (moto's server): ``pip install 'treesits_dask[test]'``.
+
+This module is longer than the 400-line guideline because it is one benchmark that should be
+read as a whole: the parent (cube, upload, proxy, rounds), the child measurement and the report.
 """
 
 from __future__ import annotations
@@ -212,7 +216,7 @@ def _child_env() -> dict:
         for k, v in os.environ.items()
         if not k.startswith(("AWS_", "GDAL_", "CPL_", "TREESITS_"))
     }
-    env.update(FAKE_CREDENTIALS, AWS_EC2_METADATA_DISABLED="true", PYTHONPATH=str(ROOT))
+    env.update(FAKE_CREDENTIALS, AWS_EC2_METADATA_DISABLED="true")
     return env
 
 
@@ -220,7 +224,7 @@ def _run_child(spec: dict, before_go=None) -> dict:
     """Run one measurement in a fresh process; ``before_go()`` runs once it has warmed up."""
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(
-            [sys.executable, __file__, "--child"],
+            [sys.executable, "-m", "treesits_dask.bench.s3_read", "--child"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=err,
@@ -341,9 +345,11 @@ def _conclusion(result: dict) -> str:
     if fewer:
         quickest = min(fewer, key=lambda k: others[k]["seconds_median"])
         verdict += (
-            f"; of the fsspec variants that read only about the bytes GDAL reads, {quickest} is the "
+            f"; of the fsspec variants that read only about the bytes GDAL reads, {quickest} is "
+            "the "
             f"quickest at {others[quickest]['seconds_median'] / gdal['seconds_median']:.1f}x "
-            f"GDAL's time, with {others[quickest]['requests_median'] / max(gdal['requests_median'], 1):.1f}x "
+            "GDAL's time, with "
+            f"{others[quickest]['requests_median'] / max(gdal['requests_median'], 1):.1f}x "
             "its requests"
         )
     w = result["setup"]
@@ -358,14 +364,19 @@ def _conclusion(result: dict) -> str:
         f"{'tiles' if w['layout']['tiled'] else 'strips'}, {w['object_mib']:.1f} MiB on S3) {route}"
         f"{link}, median of {w['repeats']}: "
         f"{figures}. {verdict}. Arrays are "
-        f"{'identical across methods and equal to local-disk reads' if same else 'NOT identical (see runs)'}."
+        + (
+            "identical across methods and equal to local-disk reads."
+            if same
+            else "NOT identical (see runs)."
+        )
     )
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Measure GDAL /vsis3/ against fsspec (s3fs) file objects for reading FORCE scenes "
-        "window by window from a local moto S3 server (behind a latency-adding proxy); prints JSON.",
+        description="Measure GDAL /vsis3/ against fsspec (s3fs) file objects for reading FORCE "
+        "scenes window by window from a local moto S3 server (behind a latency-adding proxy); "
+        "prints JSON.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--size", type=int, default=500, help="tile size in pixels (size x size)")
@@ -408,7 +419,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--tuned-cache",
         default="readahead:64k",
-        help="s3fs cache of fsspec-opener-tuned: CACHE_TYPE[:BLOCK_SIZE] (e.g. readahead:1m, bytes:512k)",
+        help="s3fs cache of fsspec-opener-tuned: CACHE_TYPE[:BLOCK_SIZE] (e.g. readahead:1m, "
+        "bytes:512k)",
     )
     parser.add_argument(
         "--workdir",
@@ -416,141 +428,159 @@ def main(argv=None) -> int:
         help="where to write the local cube (default: a temporary folder)",
     )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
 
-    if args.child:
-        print(json.dumps(_child(json.loads(sys.stdin.readline()))), flush=True)
-        return 0
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        parser.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
-    import fsspec  # noqa: F401
 
-    from treesits_dask.bench.proxy import FaultProxy
+def _local_cube(args, tmp: str) -> dict:
+    """The synthetic cube on local disk, the reader's settings, and what the files weigh."""
     from treesits_dask.config import DEFAULT_QAI_FLAGS
-    from treesits_dask.io import cube, discovery, storage
+    from treesits_dask.io import cube, discovery
     from treesits_dask.io.grid import choose_window_shape
     from treesits_dask.synthetic import make_cube
 
-    def say(msg):
-        print(msg, file=sys.stderr, flush=True)
-
-    with tempfile.TemporaryDirectory(prefix="s3-read-bench-", dir=args.workdir) as tmp:
-        t0 = time.perf_counter()
-        made = make_cube(
-            Path(tmp) / "cube",
-            tiles=(TILE,),
-            size=args.size,
-            n_scenes=args.scenes,
-            layout=args.layout,
-            seed=1,
-        )
-        say(f"cube written in {time.perf_counter() - t0:.1f} s")
-        definition = discovery.read_cube_definition(made.root)
-        local_scenes = discovery.scene_table(made.root, TILE)
-        grid = cube.tile_grid(definition, local_scenes[0])
-        window = (
-            choose_window_shape(grid, None, len(local_scenes))
-            if args.window == "auto"
-            else tuple(int(v) for v in args.window.lower().split("x"))
-        )
-        qai_flags = DEFAULT_QAI_FLAGS if args.qai == "default" else ()
-        grid_spec = {
-            "tile": grid.tile,
-            "crs_wkt": grid.crs_wkt,
-            "transform": list(grid.transform),
-            "width": grid.width,
-            "height": grid.height,
-            "block_shape": list(grid.block_shape),
-            "count": grid.count,
-        }
-        base = {
+    t0 = time.perf_counter()
+    made = make_cube(
+        Path(tmp) / "cube",
+        tiles=(TILE,),
+        size=args.size,
+        n_scenes=args.scenes,
+        layout=args.layout,
+        seed=1,
+    )
+    _say(f"cube written in {time.perf_counter() - t0:.1f} s")
+    definition = discovery.read_cube_definition(made.root)
+    scenes = discovery.scene_table(made.root, TILE)
+    grid = cube.tile_grid(definition, scenes[0])
+    window = (
+        choose_window_shape(grid, None, len(scenes))
+        if args.window == "auto"
+        else tuple(int(v) for v in args.window.lower().split("x"))
+    )
+    qai_flags = DEFAULT_QAI_FLAGS if args.qai == "default" else ()
+    grid_spec = {
+        "tile": grid.tile,
+        "crs_wkt": grid.crs_wkt,
+        "transform": list(grid.transform),
+        "width": grid.width,
+        "height": grid.height,
+        "block_shape": list(grid.block_shape),
+        "count": grid.count,
+    }
+    files = [p for s in scenes for p in (s.boa, s.qai) if p]
+    return {
+        "made": made,
+        "scenes": scenes,
+        "window": window,
+        "qai_flags": qai_flags,
+        "base": {
             "grid": grid_spec,
             "window": list(window),
             "qai_flags": list(qai_flags),
             "tuned_cache": args.tuned_cache,
-        }
-        files = [p for s in local_scenes for p in (s.boa, s.qai) if p]
-        object_bytes = sum(os.path.getsize(p) for p in files)
-        layout = _layout(local_scenes[0].boa)
+        },
+        "files": files,
+        "object_bytes": sum(os.path.getsize(p) for p in files),
+        "layout": _layout(scenes[0].boa),
+    }
 
-        moto, endpoint = _start_moto()
-        proxy = None
-        saved_env = dict(os.environ)
-        try:
-            os.environ.update(FAKE_CREDENTIALS)
-            storage.apply_environment(storage.s3_environment(endpoint, REGION, "path", environ={}))
-            import boto3
 
-            bucket = "force-bench"
-            boto3.client("s3", endpoint_url=endpoint, region_name=REGION).create_bucket(
-                Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION}
-            )
-            cube_url = f"s3://{bucket}/level2"
-            fs, path = storage.get_fs(cube_url)
-            t0 = time.perf_counter()
-            fs.put(made.root, path, recursive=True)
-            warmup_local = str(Path(made.truth_dir) / TILE / "species.tif")
-            fs.put_file(warmup_local, f"{bucket}/warmup/species.tif")
-            s3_scenes = discovery.scene_table(cube_url, TILE)
-            say(
-                f"uploaded {len(files)} files ({object_bytes / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s"
-            )
-            assert [s.name for s in s3_scenes] == [s.name for s in local_scenes]
+def _upload(local: dict, endpoint: str) -> tuple[str, list]:
+    """Copy the cube (and a warm-up file) to a bucket on ``endpoint``; its S3 scene table."""
+    import boto3
 
-            if args.latency >= 0:
-                proxy = _link_proxy(FaultProxy)(
-                    endpoint, every=0, latency=args.latency, bandwidth=args.bandwidth * 1e6
-                ).start()
-            s3_spec = dict(
-                base,
-                endpoint=proxy.url if proxy else endpoint,
-                warmup=f"s3://{bucket}/warmup/species.tif",
-                boa=[s.boa for s in s3_scenes],
-                qai=[s.qai for s in s3_scenes],
-            )
-            local_spec = dict(
-                base,
-                endpoint=None,
-                method="local",
-                warmup=warmup_local,
-                boa=[s.boa for s in local_scenes],
-                qai=[s.qai for s in local_scenes],
-            )
+    from treesits_dask.io import discovery, storage
 
-            runs: dict[str, list[dict]] = {m: [] for m in ["local", *methods]}
-            for rnd in range(args.repeats):
-                for method in ["local", *methods]:
-                    out = _run_child(
-                        local_spec if method == "local" else dict(s3_spec, method=method),
-                        proxy.reset_counts if proxy else None,
+    bucket = "force-bench"
+    boto3.client("s3", endpoint_url=endpoint, region_name=REGION).create_bucket(
+        Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION}
+    )
+    cube_url = f"s3://{bucket}/level2"
+    fs, path = storage.get_fs(cube_url)
+    t0 = time.perf_counter()
+    fs.put(local["made"].root, path, recursive=True)
+    fs.put_file(_warmup_file(local), f"{bucket}/warmup/species.tif")
+    s3_scenes = discovery.scene_table(cube_url, TILE)
+    _say(
+        f"uploaded {len(local['files'])} files ({local['object_bytes'] / 2**20:.1f} MiB) in "
+        f"{time.perf_counter() - t0:.1f} s"
+    )
+    assert [s.name for s in s3_scenes] == [s.name for s in local["scenes"]]
+    return f"s3://{bucket}/warmup/species.tif", s3_scenes
+
+
+def _warmup_file(local: dict) -> str:
+    return str(Path(local["made"].truth_dir) / TILE / "species.tif")
+
+
+def _measure(args, local: dict, methods: list[str]) -> tuple[dict[str, list[dict]], bool]:
+    """Every method ``--repeats`` times (interleaved), each run in a fresh process, against moto
+    behind the latency proxy; returns the runs per method and whether a proxy counted."""
+    from treesits_dask.bench.proxy import FaultProxy
+    from treesits_dask.io import storage
+
+    moto, endpoint = _start_moto()
+    proxy = None
+    saved_env = dict(os.environ)
+    try:
+        os.environ.update(FAKE_CREDENTIALS)
+        storage.apply_environment(storage.s3_environment(endpoint, REGION, "path", environ={}))
+        warmup, s3_scenes = _upload(local, endpoint)
+        if args.latency >= 0:
+            proxy = _link_proxy(FaultProxy)(
+                endpoint, every=0, latency=args.latency, bandwidth=args.bandwidth * 1e6
+            ).start()
+        s3_spec = dict(
+            local["base"],
+            endpoint=proxy.url if proxy else endpoint,
+            warmup=warmup,
+            boa=[s.boa for s in s3_scenes],
+            qai=[s.qai for s in s3_scenes],
+        )
+        local_spec = dict(
+            local["base"],
+            endpoint=None,
+            method="local",
+            warmup=_warmup_file(local),
+            boa=[s.boa for s in local["scenes"]],
+            qai=[s.qai for s in local["scenes"]],
+        )
+        runs: dict[str, list[dict]] = {m: [] for m in ["local", *methods]}
+        for rnd in range(args.repeats):
+            for method in ["local", *methods]:
+                out = _run_child(
+                    local_spec if method == "local" else dict(s3_spec, method=method),
+                    proxy.reset_counts if proxy else None,
+                )
+                if proxy and method != "local":
+                    out.update(
+                        requests=proxy.requests,
+                        by_method=dict(proxy.by_method),
+                        bytes_down=proxy.bytes_down,
                     )
-                    if proxy and method != "local":
-                        out.update(
-                            requests=proxy.requests,
-                            by_method=dict(proxy.by_method),
-                            bytes_down=proxy.bytes_down,
-                        )
-                    runs[method].append(out)
-                    say(
-                        f"round {rnd + 1} {method:20s} {out['seconds']:7.2f} s "
-                        + (
-                            f"{out.get('requests', 0):6d} requests {out.get('bytes_down', 0) / 2**20:8.1f} MiB"
-                            if method != "local"
-                            else ""
-                        )
-                    )
-        finally:
-            if proxy:
-                proxy.stop()
-            moto.terminate()
-            moto.wait(timeout=10)
-            os.environ.clear()
-            os.environ.update(saved_env)
+                runs[method].append(out)
+                counted = (
+                    f"{out.get('requests', 0):6d} requests "
+                    f"{out.get('bytes_down', 0) / 2**20:8.1f} MiB"
+                )
+                _say(
+                    f"round {rnd + 1} {method:20s} {out['seconds']:7.2f} s "
+                    + (counted if method != "local" else "")
+                )
+    finally:
+        if proxy:
+            proxy.stop()
+        moto.terminate()
+        moto.wait(timeout=10)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return runs, proxy is not None
 
+
+def _summary(args, runs: dict[str, list[dict]], counted: bool) -> dict:
     reference = runs["local"][0]["sha256"]
     summary = {}
     for method, rs in runs.items():
@@ -559,7 +589,7 @@ def main(argv=None) -> int:
             "seconds_all": [round(r["seconds"], 3) for r in rs],
             "identical_to_local": all(r["sha256"] == reference for r in rs),
         }
-        if method != "local" and proxy:
+        if method != "local" and counted:
             summary[method].update(
                 requests_median=_median([r["requests"] for r in rs]),
                 by_method=rs[-1]["by_method"],
@@ -570,22 +600,40 @@ def main(argv=None) -> int:
             )
     if "fsspec-opener-tuned" in summary:
         summary["fsspec-opener-tuned"]["cache"] = _cache_options(args.tuned_cache)
+    return summary
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(_child(json.loads(sys.stdin.readline()))), flush=True)
+        return 0
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+    with tempfile.TemporaryDirectory(prefix="s3-read-bench-", dir=args.workdir) as tmp:
+        local = _local_cube(args, tmp)
+        runs, counted = _measure(args, local, methods)
+    summary = _summary(args, runs, counted)
+    first = runs["local"][0]
     result = {
         "setup": {
             "size": args.size,
             "scenes": args.scenes,
             "tile": TILE,
-            "window": list(window),
-            "windows": runs["local"][0]["windows"],
-            "file_opens_per_run": runs["local"][0]["opens"],
-            "qai_flags": list(qai_flags),
+            "window": list(local["window"]),
+            "windows": first["windows"],
+            "file_opens_per_run": first["opens"],
+            "qai_flags": list(local["qai_flags"]),
             "latency_s": args.latency,
             "repeats": args.repeats,
             "bandwidth_mb_s": args.bandwidth or None,
-            "layout": dict(layout, synthetic_layout=args.layout),
-            "files": len(files),
-            "object_mib": round(object_bytes / 2**20, 2),
-            "valid_observations": runs["local"][0]["valid_observations"],
+            "layout": dict(local["layout"], synthetic_layout=args.layout),
+            "files": len(local["files"]),
+            "object_mib": round(local["object_bytes"] / 2**20, 2),
+            "valid_observations": first["valid_observations"],
             "cpus": os.cpu_count(),
         },
         "versions": _versions(),
@@ -594,7 +642,7 @@ def main(argv=None) -> int:
     }
     result["conclusion"] = _conclusion(result)
     print(json.dumps(result, indent=2))
-    say("\n" + result["conclusion"])
+    _say("\n" + result["conclusion"])
     return 0 if result["identical_to_local_disk"] else 1
 
 

@@ -1,4 +1,5 @@
-"""Command line: ``python -m treesits_dask {run,plan,update,mask,demo,quicklook,bench,train,evaluate}``.
+"""Command line: ``python -m treesits_dask
+{run,plan,update,mask,demo,quicklook,bench,train,evaluate}``.
 
 The only place that configures logging and draws progress bars; each command is a thin layer
 over the public API (:mod:`treesits_dask`).
@@ -36,58 +37,79 @@ def build_parser() -> argparse.ArgumentParser:
         "PyTorch on Dask.",
     )
     parser.add_argument("--version", action="version", version=f"treesits_dask {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more log output (-vv: debug)")  # fmt: skip
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="predict tiles and write Zarr + COG outputs")
     add_run_flags(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("plan", help="dry run: tiles, scenes, windows, memory estimate, cluster "
-                                    "(JSON)")  # fmt: skip
+    p = sub.add_parser(
+        "plan", help="dry run: tiles, scenes, windows, memory estimate, cluster (JSON)"
+    )
     add_run_flags(p)
-    p.add_argument("--render", metavar="DIR",
-                   help="also write every Kubernetes object the run needs (DaskCluster, "
-                        "DaskWorkerGroup, RBAC, CronJob, ConfigMap with --config) to DIR")
+    p.add_argument(
+        "--render",
+        metavar="DIR",
+        help="also write every Kubernetes object the run needs (DaskCluster, "
+        "DaskWorkerGroup, RBAC, CronJob, ConfigMap with --config) to DIR",
+    )
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("update", help="process only tiles with new or changed scenes (or a new "
-                                      "model); prints what it does and why")  # fmt: skip
+    p = sub.add_parser(
+        "update",
+        help="process only tiles with new or changed scenes (or a new "
+        "model); prints what it does and why",
+    )
     add_run_flags(p)
     p.set_defaults(func=cmd_update)
 
-    p = sub.add_parser("mask", help="build <output>/<tile>/mask.tif forest masks from ESA "
-                                    "WorldCover tiles")  # fmt: skip
+    p = sub.add_parser(
+        "mask", help="build <output>/<tile>/mask.tif forest masks from ESA WorldCover tiles"
+    )
     add_mask_arguments(p)
     p.set_defaults(func=cmd_mask)
 
-    p = sub.add_parser("demo", help="build a synthetic FORCE cube, train a small LSTM, run the "
-                                    "pipeline")  # fmt: skip
-    p.add_argument("--workdir", default="demo-output", help="folder for the cube, model and outputs")
+    p = sub.add_parser(
+        "demo", help="build a synthetic FORCE cube, train a small LSTM, run the pipeline"
+    )
+    p.add_argument(
+        "--workdir", default="demo-output", help="folder for the cube, model and outputs"
+    )
     p.add_argument("--size", type=int, default=300, help="tile edge in pixels (default 300)")
     p.add_argument("--scenes", type=int, default=36, help="scenes per tile (default 36)")
-    p.add_argument("--train-seconds", type=float, default=60.0,
-                   help="training time limit (default 60)")  # fmt: skip
+    p.add_argument(
+        "--train-seconds", type=float, default=60.0, help="training time limit (default 60)"
+    )
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("quicklook", help="PNG maps per tile and for the mosaic (+ STAC catalog "
-                                         "with --stac)")  # fmt: skip
+    p = sub.add_parser(
+        "quicklook", help="PNG maps per tile and for the mosaic (+ STAC catalog with --stac)"
+    )
     add_quicklook_arguments(p)
     p.set_defaults(func=cmd_quicklook)
 
     # add_help=False: `bench --help` shows the options of the benchmark itself
-    p = sub.add_parser("bench", add_help=False,
-                       help="throughput / memory benchmark (JSON); see `bench --help`")
+    p = sub.add_parser(
+        "bench", add_help=False, help="throughput / memory benchmark (JSON); see `bench --help`"
+    )
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("train", help="train or fine-tune a model on reference samples (points or "
-                                     "per-sample CSVs); writes a native model + card")
+    p = sub.add_parser(
+        "train",
+        help="train or fine-tune a model on reference samples (points or "
+        "per-sample CSVs); writes a native model + card",
+    )
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("evaluate", help="overall accuracy, per-class precision/recall/F1 and the "
-                                        "confusion matrix of a model on reference samples")
+    p = sub.add_parser(
+        "evaluate",
+        help="overall accuracy, per-class precision/recall/F1 and the "
+        "confusion matrix of a model on reference samples",
+    )
     add_evaluate_arguments(p)
     p.set_defaults(func=cmd_evaluate)
     return parser

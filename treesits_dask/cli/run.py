@@ -12,60 +12,113 @@ __all__ = ["add_run_flags", "cmd_plan", "cmd_run", "cmd_update", "run_overrides"
 # flag -> config key; flags that are not given do not override YAML/env values
 _RUN_FLAGS = [
     ("--cube", dict(help="FORCE Level-2 datacube root (holds datacube-definition.prj)")),
-    ("--tiles", dict(help="comma-separated tile ids (X0069_Y0043,...), a FORCE tile-list file, "
-                          "or 'all'")),
+    (
+        "--tiles",
+        dict(help="comma-separated tile ids (X0069_Y0043,...), a FORCE tile-list file, or 'all'"),
+    ),
     ("--output", dict(help="output directory (predictions.zarr, cog/, run.json)")),
-    ("--model", dict(help="checkpoint: SITS-NN state dict, SBERT checkpoint, or native .pt "
-                          "(card .json beside it)")),
-    ("--model-family", dict(choices=["sbert", "sits-lstm", "sits-transformer", "native"],
-                            help="how to read --model (default native)")),
-    ("--model-params", dict(help="SITS-NN *_params.json with the hyper-parameters (sits-lstm, "
-                                 "sits-transformer)")),
-    ("--start-date", dict(help="first scene date YYYY-MM-DD (sbert: the window is at most 1460 "
-                               "days)")),
+    (
+        "--model",
+        dict(
+            help="checkpoint: SITS-NN state dict, SBERT checkpoint, or native .pt "
+            "(card .json beside it)"
+        ),
+    ),
+    (
+        "--model-family",
+        dict(
+            choices=["sbert", "sits-lstm", "sits-transformer", "native"],
+            help="how to read --model (default native)",
+        ),
+    ),
+    (
+        "--model-params",
+        dict(help="SITS-NN *_params.json with the hyper-parameters (sits-lstm, sits-transformer)"),
+    ),
+    (
+        "--start-date",
+        dict(help="first scene date YYYY-MM-DD (sbert: the window is at most 1460 days)"),
+    ),
     ("--end-date", dict(help="last scene date YYYY-MM-DD (default: the newest scene)")),
     ("--sensors", dict(help="comma-separated FORCE sensors (default SEN2A,SEN2B,SEN2C)")),
     ("--mask-dir", dict(help="folder with <tile>/<mask-name> forest masks (value > 0 = predict)")),
-    ("--mask-name", dict(help="mask file name or glob inside <mask-dir>/<tile>/ (default "
-                              "mask.tif)")),
-    ("--mask-worldcover", dict(help="ESA WorldCover folder or s3:// prefix: build missing masks "
-                                    "on the fly into --mask-dir (default <output>/masks)")),
-    ("--mask-classes", dict(help="WorldCover classes that count as forest (default 10 = tree "
-                                 "cover)")),
+    (
+        "--mask-name",
+        dict(help="mask file name or glob inside <mask-dir>/<tile>/ (default mask.tif)"),
+    ),
+    (
+        "--mask-worldcover",
+        dict(
+            help="ESA WorldCover folder or s3:// prefix: build missing masks "
+            "on the fly into --mask-dir (default <output>/masks)"
+        ),
+    ),
+    (
+        "--mask-classes",
+        dict(help="WorldCover classes that count as forest (default 10 = tree cover)"),
+    ),
     ("--qai", dict(help="QAI screening: default (FORCE's), none, or a comma list of flags")),
     ("--batch-size", dict(type=int, help="pixels per model batch (default 2048)")),
-    ("--window", dict(help="window size: auto (default), N or ROWSxCOLS pixels; must divide the "
-                           "tile")),
-    ("--workers", dict(type=int, help="LocalCluster worker processes (default: cores / "
-                                      "threads-per-worker)")),
-    ("--threads-per-worker", dict(type=int, help="threads per worker; on CPU also the cores its "
-                                                 "torch forwards share (default min(cores, 4))")),
+    (
+        "--window",
+        dict(help="window size: auto (default), N or ROWSxCOLS pixels; must divide the tile"),
+    ),
+    (
+        "--workers",
+        dict(type=int, help="LocalCluster worker processes (default: cores / threads-per-worker)"),
+    ),
+    (
+        "--threads-per-worker",
+        dict(
+            type=int,
+            help="threads per worker; on CPU also the cores its "
+            "torch forwards share (default min(cores, 4))",
+        ),
+    ),
     ("--memory-limit", dict(help="memory limit per LocalCluster worker (default auto)")),
-    ("--scheduler-address", dict(help="use an existing Dask scheduler (tcp://host:8786) instead "
-                                      "of a LocalCluster")),
+    (
+        "--scheduler-address",
+        dict(help="use an existing Dask scheduler (tcp://host:8786) instead of a LocalCluster"),
+    ),
     ("--device", dict(help="torch device: auto (CUDA if available), cpu, cuda, cuda:N")),
     ("--tiles-in-flight", dict(type=int, help="tiles processed at once (default 2)")),
     ("--dashboard-address", dict(help="LocalCluster dashboard address (default :8787)")),
-    ("--cluster", dict(choices=["local", "kubernetes"], help="where to run: local (default) or "
-                                                             "kubernetes")),
-    ("--s3-endpoint-url", dict(help="S3 endpoint (default: $AWS_ENDPOINT_URL), e.g. "
-                                    "https://s3.example.org")),
+    (
+        "--cluster",
+        dict(choices=["local", "kubernetes"], help="where to run: local (default) or kubernetes"),
+    ),
+    (
+        "--s3-endpoint-url",
+        dict(help="S3 endpoint (default: $AWS_ENDPOINT_URL), e.g. https://s3.example.org"),
+    ),
     ("--s3-region", dict(help="S3 region (default: $AWS_REGION), e.g. RegionOne")),
-    ("--s3-addressing", dict(choices=["auto", "path", "virtual"],
-                             help="S3 addressing style (auto: path-style with a custom endpoint)")),
-]  # fmt: skip
+    (
+        "--s3-addressing",
+        dict(
+            choices=["auto", "path", "virtual"],
+            help="S3 addressing style (auto: path-style with a custom endpoint)",
+        ),
+    ),
+]
 
 
 def add_run_flags(p: argparse.ArgumentParser) -> None:
     """The settings of :class:`~treesits_dask.config.RunConfig` as flags (and ``--config``)."""
-    p.add_argument("--config", help="YAML file with the same settings (keys as flags, '_' for "
-                                    "'-'); flags override it")  # fmt: skip
+    p.add_argument(
+        "--config",
+        help="YAML file with the same settings (keys as flags, '_' for '-'); flags override it",
+    )
     for flag, kw in _RUN_FLAGS:
         p.add_argument(flag, **kw)
-    p.add_argument("--no-cog", dest="cog", action="store_false", default=None,
-                   help="write only the Zarr store")  # fmt: skip
-    p.add_argument("--force", action="store_true", default=None,
-                   help="redo tiles whose ledger record says they are up to date")
+    p.add_argument(
+        "--no-cog", dest="cog", action="store_false", default=None, help="write only the Zarr store"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        default=None,
+        help="redo tiles whose ledger record says they are up to date",
+    )
 
 
 def run_overrides(args: argparse.Namespace) -> dict:

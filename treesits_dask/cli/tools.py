@@ -6,21 +6,31 @@ import argparse
 import sys
 
 __all__ = [
-    "add_mask_arguments", "add_quicklook_arguments", "cmd_bench", "cmd_demo", "cmd_mask",
+    "add_mask_arguments",
+    "add_quicklook_arguments",
+    "cmd_bench",
+    "cmd_demo",
+    "cmd_mask",
     "cmd_quicklook",
-]  # fmt: skip
+]
 
 
 def add_mask_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--worldcover", required=True,
-                   help="folder or s3:// prefix with ESA_WorldCover_10m_*_Map.tif")
-    p.add_argument("--cube", required=True,
-                   help="FORCE datacube root (its .prj defines the tile grid)")
-    p.add_argument("--tiles", default="all",
-                   help="tile ids, a FORCE tile-list file, or 'all' (default)")
+    p.add_argument(
+        "--worldcover",
+        required=True,
+        help="folder or s3:// prefix with ESA_WorldCover_10m_*_Map.tif",
+    )
+    p.add_argument(
+        "--cube", required=True, help="FORCE datacube root (its .prj defines the tile grid)"
+    )
+    p.add_argument(
+        "--tiles", default="all", help="tile ids, a FORCE tile-list file, or 'all' (default)"
+    )
     p.add_argument("--output", required=True, help="mask folder (use it as --mask-dir of run)")
-    p.add_argument("--classes", default="10",
-                   help="WorldCover classes that count as forest (default 10)")
+    p.add_argument(
+        "--classes", default="10", help="WorldCover classes that count as forest (default 10)"
+    )
     p.add_argument("--overwrite", action="store_true", help="rebuild masks that exist")
     p.add_argument("--window", type=int, default=1000, help="pixels per task edge (default 1000)")
     p.add_argument("--workers", type=int, default=None)
@@ -32,16 +42,29 @@ def cmd_mask(args: argparse.Namespace) -> int:
     from .. import build_masks, connect
     from ..config import load_config
 
-    config = load_config(overrides={
-        "cube": args.cube, "output": args.output, "tiles": args.tiles, "workers": args.workers,
-        "threads_per_worker": args.threads_per_worker, "dashboard_address": args.dashboard_address,
-    })  # fmt: skip
+    config = load_config(
+        overrides={
+            "cube": args.cube,
+            "output": args.output,
+            "tiles": args.tiles,
+            "workers": args.workers,
+            "threads_per_worker": args.threads_per_worker,
+            "dashboard_address": args.dashboard_address,
+        }
+    )
     classes = [int(c) for c in args.classes.split(",")]
     with connect(config) as client:
         print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
-        built = build_masks(args.worldcover, config.cube, config.tiles, config.output,
-                            classes=classes, overwrite=args.overwrite, client=client,
-                            window=args.window)  # fmt: skip
+        built = build_masks(
+            args.worldcover,
+            config.cube,
+            config.tiles,
+            config.output,
+            classes=classes,
+            overwrite=args.overwrite,
+            client=client,
+            window=args.window,
+        )
     for tile, url in built.items():
         print(f"{tile}: {url}")
     return 0
@@ -77,8 +100,9 @@ def cmd_quicklook(args: argparse.Namespace) -> int:
     from .. import quicklook, write_stac
 
     tiles = [t for t in args.tiles.split(",") if t] if args.tiles else None
-    written = quicklook(args.output, args.out_dir, tiles=tiles, mosaic=not args.no_mosaic,
-                        max_size=args.max_size)  # fmt: skip
+    written = quicklook(
+        args.output, args.out_dir, tiles=tiles, mosaic=not args.no_mosaic, max_size=args.max_size
+    )
     if args.stac:
         written.append(write_stac(args.output, quicklook_dir=args.out_dir))
     for url in written:  # the command's result, for scripts: one written URL per line

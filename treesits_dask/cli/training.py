@@ -9,8 +9,7 @@ __all__ = ["add_evaluate_arguments", "add_train_arguments", "cmd_evaluate", "cmd
 _SAMPLE_FLAGS = [
     ("--samples", {"help": "points (.gpkg, .geojson, .csv) or a folder of per-sample CSVs"}),
     ("--cube", {"help": "FORCE Level-2 datacube root (for points)"}),
-    ("--label-column", {"help": "label column (integer class index or class name; default "
-                                "label)"}),
+    ("--label-column", {"help": "label column (integer class index or class name; default label)"}),
     ("--id-column", {"help": "sample id column (default: id, else the row)"}),
     ("--x-column", {"help": "CSV x column (default x; lon/lat are recognised)"}),
     ("--y-column", {"help": "CSV y column (default y)"}),
@@ -20,7 +19,7 @@ _SAMPLE_FLAGS = [
     ("--sensors", {"help": "comma-separated FORCE sensors (default SEN2A,SEN2B,SEN2C)"}),
     ("--start-date", {"help": "first scene date YYYY-MM-DD"}),
     ("--end-date", {"help": "last scene date YYYY-MM-DD"}),
-]  # fmt: skip
+]
 _TRAIN_FLAGS = [
     ("--output", {"help": "model file to write (<stem>.pt + <stem>.json card)"}),
     ("--family", {"choices": ["sits-lstm", "sits-transformer", "sbert"], "help": "architecture"}),

@@ -16,18 +16,43 @@ __all__ = ["DEFAULT_QAI_FLAGS", "QAI_ALIASES", "QAI_FLAGS", "InputSettings", "pa
 
 #: QAI flag names accepted by ``qai`` (FORCE's names; REFERENCE.md section 1).
 QAI_FLAGS = (
-    "NODATA", "CLOUD_OPAQUE", "CLOUD_BUFFER", "CLOUD_CIRRUS", "CLOUD_SHADOW", "SNOW", "WATER",
-    "AEROSOL_INT", "AEROSOL_HIGH", "AEROSOL_FILL", "SUBZERO", "SATURATION", "SUN_LOW",
-    "ILLUMINATION_MEDIUM", "ILLUMINATION_POOR", "ILLUMINATION_SHADOW", "SLOPE", "WVP_FILL",
-)  # fmt: skip
+    "NODATA",
+    "CLOUD_OPAQUE",
+    "CLOUD_BUFFER",
+    "CLOUD_CIRRUS",
+    "CLOUD_SHADOW",
+    "SNOW",
+    "WATER",
+    "AEROSOL_INT",
+    "AEROSOL_HIGH",
+    "AEROSOL_FILL",
+    "SUBZERO",
+    "SATURATION",
+    "SUN_LOW",
+    "ILLUMINATION_MEDIUM",
+    "ILLUMINATION_POOR",
+    "ILLUMINATION_SHADOW",
+    "SLOPE",
+    "WVP_FILL",
+)
 #: FORCE's default screening.
 DEFAULT_QAI_FLAGS = (
-    "NODATA", "CLOUD_OPAQUE", "CLOUD_BUFFER", "CLOUD_CIRRUS", "CLOUD_SHADOW", "SNOW", "SUBZERO",
+    "NODATA",
+    "CLOUD_OPAQUE",
+    "CLOUD_BUFFER",
+    "CLOUD_CIRRUS",
+    "CLOUD_SHADOW",
+    "SNOW",
+    "SUBZERO",
     "SATURATION",
-)  # fmt: skip
+)
 #: Other names of QAI flags (FORCE parameter files of older versions).
-QAI_ALIASES = {"ILLUMIN_LOW": "ILLUMINATION_MEDIUM", "ILLUMIN_POOR": "ILLUMINATION_POOR",
-               "ILLUMIN_NONE": "ILLUMINATION_SHADOW", "SUN_ZENITH": "SUN_LOW"}  # fmt: skip
+QAI_ALIASES = {
+    "ILLUMIN_LOW": "ILLUMINATION_MEDIUM",
+    "ILLUMIN_POOR": "ILLUMINATION_POOR",
+    "ILLUMIN_NONE": "ILLUMINATION_SHADOW",
+    "SUN_ZENITH": "SUN_LOW",
+}
 
 _WINDOW = re.compile(r"^\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*$")
 _SENSOR = re.compile(r"SEN2[A-D]|LND0[4-9]")

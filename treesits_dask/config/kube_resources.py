@@ -43,16 +43,29 @@ GPU_TAINT = ("node.cloudferro.com/type", "gpu", "NoSchedule")
 
 FORBID = ConfigDict(extra="forbid", frozen=True)
 _SUFFIX = {
-    "": 1, "m": Decimal("0.001"), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
-    "E": 10**18, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-}  # fmt: skip
+    "": 1,
+    "m": Decimal("0.001"),
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "E": 10**18,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
+}
 _QUANTITY = re.compile(r"^(\d+(?:\.\d+)?|\.\d+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _CRON_FIELD = re.compile(r"^[\d*/,\-A-Za-z?]+$")
 
 
 def parse_quantity(value: str, what: str = "quantity") -> Decimal:
-    """A Kubernetes quantity (``"500m"``, ``"6"``, ``"48Gi"``) as a number; ``ValueError`` if invalid."""
+    """A Kubernetes quantity (``"500m"``, ``"6"``, ``"48Gi"``) as a number; ``ValueError`` if
+    invalid."""
     m = _QUANTITY.match(str(value).strip())
     if not m:
         raise ValueError(

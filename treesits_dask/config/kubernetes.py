@@ -127,7 +127,8 @@ class KubeSettings(BaseModel):
                 raise ValueError(f"env: {key!r} is not an environment variable name")
             if _SECRET_NAME.search(key):
                 raise ValueError(
-                    f"env: {key!r} looks like a credential; manifests hold no secrets. Put it in the "
+                    f"env: {key!r} looks like a credential; manifests hold no secrets. Put it in "
+                    "the "
                     "Secret named by s3_secret and list the key in s3_secret_keys"
                 )
         return v
@@ -163,7 +164,8 @@ class KubeSettings(BaseModel):
             raise ValueError("gpu.adaptive is set but gpu.enabled is false")
         if self.gpu.enabled and self.cpu.adaptive is not None and not self.gpu.empty:
             raise ValueError(
-                "cpu.adaptive cannot be combined with GPU workers: the operator's autoscaler scales "
+                "cpu.adaptive cannot be combined with GPU workers: the operator's autoscaler "
+                "scales "
                 "only the default group and its scale-down may retire GPU workers "
                 "(dask/dask-kubernetes#914); give cpu.workers a fixed count"
             )
@@ -199,9 +201,14 @@ class KubeSettings(BaseModel):
 
 
 _NESTED = {
-    "cpu": CpuGroup, "gpu": GpuGroup, "scheduler": PodResources, "driver": PodResources,
-    "cronjob": CronJobSettings, "adaptive": Adaptive, "tolerations": Toleration,
-}  # fmt: skip
+    "cpu": CpuGroup,
+    "gpu": GpuGroup,
+    "scheduler": PodResources,
+    "driver": PodResources,
+    "cronjob": CronJobSettings,
+    "adaptive": Adaptive,
+    "tolerations": Toleration,
+}
 
 
 def valid_keys(loc: Sequence[str | int]) -> list[str]:

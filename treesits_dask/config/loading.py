@@ -71,7 +71,8 @@ def _env_values(model: type[BaseModel], environ: Mapping[str, str]) -> dict[str,
 
 
 def format_errors(exc: ValidationError, model: type[BaseModel], sources: str) -> str:
-    """One line per problem, naming the setting, its source and (for unknown keys) the valid ones."""
+    """One line per problem, naming the setting, its source and (for unknown keys) the valid
+    ones."""
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "config"
@@ -146,6 +147,4 @@ def load_sample_settings(
 ) -> SampleSettings:
     """The sample settings of ``evaluate``: from a YAML file (e.g. the train.yaml; its training
     keys are ignored) and overrides (flags)."""
-    return load_settings(
-        SampleSettings, path, overrides, keys=set(SampleSettings.model_fields)
-    )
+    return load_settings(SampleSettings, path, overrides, keys=set(SampleSettings.model_fields))

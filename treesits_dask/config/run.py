@@ -64,15 +64,26 @@ class RunConfig(InputSettings):
     @classmethod
     def _default_mask_dir(cls, values: Any) -> Any:
         # masks built from WorldCover go to <output>/masks unless a mask_dir is given
-        if isinstance(values, dict) and values.get("mask_worldcover") and not values.get("mask_dir"):
+        if (
+            isinstance(values, dict)
+            and values.get("mask_worldcover")
+            and not values.get("mask_dir")
+        ):
             if values.get("output"):
-                values = {**values, "mask_dir": storage.join(str(values["output"]), "masks"),
-                          "mask_name": "mask.tif"}
+                values = {
+                    **values,
+                    "mask_dir": storage.join(str(values["output"]), "masks"),
+                    "mask_name": "mask.tif",
+                }
         return values
 
     @model_validator(mode="after")
     def _check_model(self) -> RunConfig:
-        if self.model_family in ("sits-lstm", "sits-transformer") and self.model and not self.model_params:
+        if (
+            self.model_family in ("sits-lstm", "sits-transformer")
+            and self.model
+            and not self.model_params
+        ):
             raise ValueError(
                 f"model_family {self.model_family} needs model_params (the SITS-NN *_params.json "
                 "that holds the hyper-parameters); pass --model-params"

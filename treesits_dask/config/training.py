@@ -1,7 +1,8 @@
 """Settings of ``train`` and ``evaluate``: where the reference samples are
 (:class:`SampleSettings`) and how a model is trained from them (:class:`TrainConfig`).  The cube
-settings (sensors, dates, QAI, window) are those of :class:`~treesits_dask.config.inputs.InputSettings`,
-so training reads the cube exactly as a run does."""
+settings (sensors, dates, QAI, window) are those of
+:class:`~treesits_dask.config.inputs.InputSettings`, so training reads the cube exactly as a run
+does."""
 
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ from ..errors import InputDataError
 from . import storage
 from .discovery import S2_BANDS, CubeDefinition, Scene
 from .grid import TileGrid, Window, WindowLayout
+from .remote import read_retrying
 
 __all__ = [
     "NODATA",
@@ -63,7 +64,11 @@ _QAI_FIELDS = {
 
 def qai_invalid(qai: np.ndarray, flags: Sequence[str]) -> np.ndarray:
     """Boolean array: True where any of ``flags`` is set in the FORCE QAI values."""
-    q = np.asarray(qai).view(np.uint16) if np.asarray(qai).dtype == np.int16 else np.asarray(qai, np.uint16)
+    q = (
+        np.asarray(qai).view(np.uint16)
+        if np.asarray(qai).dtype == np.int16
+        else np.asarray(qai, np.uint16)
+    )
     out = np.zeros(q.shape, dtype=bool)
     for flag in flags:
         shift, mask, value = _QAI_FIELDS[flag]
@@ -120,9 +125,10 @@ def _open_error(url: str, exc: BaseException) -> InputDataError:
 
 
 def _open(url: str):
-    """Open a GeoTIFF (remote ones with retries); :class:`InputDataError` naming it if impossible."""
+    """Open a GeoTIFF (remote ones with retries); :class:`InputDataError` naming it if
+    impossible."""
     try:
-        return storage.read_retrying(url, lambda: open_raster(url), what="opening")
+        return read_retrying(url, lambda: open_raster(url), what="opening")
     except Exception as exc:  # rasterio raises RasterioIOError and friends
         raise _open_error(url, exc) from exc
 
@@ -174,7 +180,8 @@ def tile_grid(definition: CubeDefinition, scene: Scene) -> TileGrid:
 
 @dataclass(frozen=True)
 class WindowReader:
-    """Recipe to read one window of all scenes of a tile: pickles as a few strings, opens files in the task."""
+    """Recipe to read one window of all scenes of a tile: pickles as a few strings, opens files in
+    the task."""
 
     grid: TileGrid
     boa: tuple[str, ...]
@@ -190,10 +197,14 @@ class WindowReader:
                 f"like the other scenes of tile {g.tile}; remove or re-create the file"
             )
         if (src.width, src.height) != (g.width, g.height) or not np.allclose(
-            (tr.a, tr.b, tr.c, tr.d, tr.e, tr.f), g.transform, rtol=0, atol=1e-6 * abs(g.transform[0])
+            (tr.a, tr.b, tr.c, tr.d, tr.e, tr.f),
+            g.transform,
+            rtol=0,
+            atol=1e-6 * abs(g.transform[0]),
         ):
             raise InputDataError(
-                f"{url} is on another grid ({src.width}x{src.height} px, transform {tuple(tr)[:6]}) "
+                f"{url} is on another grid ({src.width}x{src.height} px, transform "
+                f"{tuple(tr)[:6]}) "
                 f"than tile {g.tile} ({g.width}x{g.height} px, transform {g.transform}); "
                 "the file does not belong in this tile folder"
             )
@@ -220,20 +231,27 @@ class WindowReader:
 
         rw = RioWindow(window.col_off, window.row_off, window.width, window.height)
         out = np.empty(shape, dtype=np.int16)
-        rows = f"rows {window.row_off}:{window.row_off + window.height}, cols {window.col_off}:{window.col_off + window.width}"
+        rows = (
+            f"rows {window.row_off}:{window.row_off + window.height}, "
+            f"cols {window.col_off}:{window.col_off + window.width}"
+        )
         for t, (boa, qai) in enumerate(zip(self.boa, self.qai, strict=True)):
 
             def read_boa(boa=boa, t=t):
                 try:
                     src = open_raster(boa)
-                except Exception as exc:  # not a GeoTIFF, gone, no access: retried if remote, then named
+                except (
+                    Exception
+                ) as exc:  # not a GeoTIFF, gone, no access: retried if remote, then named
                     raise _OpenFailed(str(exc)) from exc
                 with src:
                     self._check(src, boa)
                     src.read(window=rw, out=out[t])
 
             try:
-                storage.read_retrying(boa, read_boa, what=f"reading window {rows}", permanent=(InputDataError,))
+                read_retrying(
+                    boa, read_boa, what=f"reading window {rows}", permanent=(InputDataError,)
+                )
             except InputDataError:
                 raise
             except Exception as exc:
@@ -246,7 +264,8 @@ class WindowReader:
             if self.qai_flags:
                 if qai is None:
                     raise InputDataError(
-                        f"{boa} has no QAI file ({storage.basename(boa).replace('_BOA', '_QAI')}) but QAI "
+                        f"{boa} has no QAI file ({storage.basename(boa).replace('_BOA', '_QAI')}) "
+                        "but QAI "
                         "screening is on; restore the QAI file or set --qai none"
                     )
 
@@ -255,11 +274,13 @@ class WindowReader:
                         return src.read(1, window=rw)
 
                 try:
-                    q = storage.read_retrying(qai, read_qai, what=f"reading window {rows}")
+                    q = read_retrying(qai, read_qai, what=f"reading window {rows}")
                 except Exception as exc:
                     if _missing(exc):
                         raise _open_error(qai, exc) from exc
-                    raise InputDataError(f"cannot read QAI file {qai}: {exc}; re-create or remove it") from exc
+                    raise InputDataError(
+                        f"cannot read QAI file {qai}: {exc}; re-create or remove it"
+                    ) from exc
                 bad = qai_invalid(q, self.qai_flags)
                 if bad.any():
                     out[t][:, bad] = NODATA

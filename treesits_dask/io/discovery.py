@@ -1,4 +1,5 @@
-"""FORCE Level-2 datacube discovery: ``datacube-definition.prj``, tile ids, tile lists, scene tables.
+"""FORCE Level-2 datacube discovery: ``datacube-definition.prj``, tile ids, tile lists, scene
+tables.
 
 Everything here runs once on the driver and returns small frozen descriptors that are shipped to
 the workers.  FORCE file names are parsed by one regular expression (:data:`FORCE_NAME`).
@@ -45,8 +46,17 @@ TILE_ID = re.compile(r"^X(?P<x>-?\d{4})_Y(?P<y>-?\d{4})$")
 
 #: Sentinel-2 BOA band names in FORCE order.
 S2_BANDS = (
-    "BLUE", "GREEN", "RED", "REDEDGE1", "REDEDGE2", "REDEDGE3", "BROADNIR", "NIR", "SWIR1", "SWIR2",
-)  # fmt: skip
+    "BLUE",
+    "GREEN",
+    "RED",
+    "REDEDGE1",
+    "REDEDGE2",
+    "REDEDGE3",
+    "BROADNIR",
+    "NIR",
+    "SWIR1",
+    "SWIR2",
+)
 LANDSAT_BANDS = ("BLUE", "GREEN", "RED", "NIR", "SWIR1", "SWIR2")
 
 DEFAULT_SENSORS = ("SEN2A", "SEN2B", "SEN2C")
@@ -54,7 +64,8 @@ DEFAULT_SENSORS = ("SEN2A", "SEN2B", "SEN2C")
 
 @dataclass(frozen=True)
 class CubeDefinition:
-    """The contents of ``datacube-definition.prj`` (both the old 7-line and the ``KEY = value`` format)."""
+    """The contents of ``datacube-definition.prj`` (both the old 7-line and the ``KEY = value``
+    format)."""
 
     crs_wkt: str
     origin_lon: float
@@ -143,7 +154,13 @@ def parse_cube_definition(text: str, source: str = "datacube-definition.prj") ->
                 kv[k.strip().upper()] = v.strip()
             missing = [
                 k
-                for k in ("PROJECTION", "ORIGIN_MAP_X", "ORIGIN_MAP_Y", "TILE_SIZE_X", "TILE_SIZE_Y")
+                for k in (
+                    "PROJECTION",
+                    "ORIGIN_MAP_X",
+                    "ORIGIN_MAP_Y",
+                    "TILE_SIZE_X",
+                    "TILE_SIZE_Y",
+                )
                 if k not in kv
             ]
             if missing:
@@ -163,7 +180,8 @@ def parse_cube_definition(text: str, source: str = "datacube-definition.prj") ->
             )
         if len(lines) < 6:
             raise DiscoveryError(
-                f"{source} has {len(lines)} lines; the old format has 7: WKT, origin lon, origin lat, "
+                f"{source} has {len(lines)} lines; the old format has 7: WKT, origin lon, origin "
+                "lat, "
                 "origin x, origin y, tile size, block size"
             )
         return CubeDefinition(
@@ -240,7 +258,9 @@ def select_tiles(root: str, tiles: str | Sequence[str]) -> list[str]:
             if not available:
                 raise DiscoveryError(f"cube {root} has no tile folders (X????_Y????)")
             return available
-        fs, path = storage.get_fs(spec) if not TILE_ID.match(spec.split(",")[0].strip()) else (None, None)
+        fs, path = (
+            storage.get_fs(spec) if not TILE_ID.match(spec.split(",")[0].strip()) else (None, None)
+        )
         if fs is not None and fs.isfile(path):
             wanted = read_tile_list(spec)
         else:
@@ -248,7 +268,9 @@ def select_tiles(root: str, tiles: str | Sequence[str]) -> list[str]:
     else:
         wanted = [str(t).strip() for t in tiles]
     if not wanted:
-        raise DiscoveryError("no tiles selected; pass --tiles X0069_Y0043,... or a tile-list file or 'all'")
+        raise DiscoveryError(
+            "no tiles selected; pass --tiles X0069_Y0043,... or a tile-list file or 'all'"
+        )
     seen: list[str] = []
     for t in wanted:
         parse_tile_id(t)

@@ -1,4 +1,5 @@
-"""Forest masks: user files (``--mask-dir`` + ``--mask-name``), read per window, aligned to the tile grid.
+"""Forest masks: user files (``--mask-dir`` + ``--mask-name``), read per window, aligned to the
+tile grid.
 
 A mask value > 0 means "predict this pixel" (uint8 1/0 or float32 1/0/NaN masks are accepted).
 """
@@ -15,6 +16,7 @@ import numpy as np
 from ..errors import MaskError
 from . import storage
 from .grid import TileGrid, Window, WindowLayout
+from .remote import read_retrying
 
 __all__ = ["MaskSource", "ensure_masks", "find_mask", "mask_source", "missing_masks", "open_mask"]
 
@@ -38,12 +40,16 @@ class MaskSource:
             with rasterio.open(storage.gdal_path(self.url)) as src:
                 return src.read(
                     1,
-                    window=RioWindow(self.col_off + window.col_off, self.row_off + window.row_off,
-                                     window.width, window.height),
+                    window=RioWindow(
+                        self.col_off + window.col_off,
+                        self.row_off + window.row_off,
+                        window.width,
+                        window.height,
+                    ),
                 )
 
         try:
-            data = storage.read_retrying(self.url, read, what="reading mask window")
+            data = read_retrying(self.url, read, what="reading mask window")
         except Exception as exc:
             raise MaskError(f"cannot read mask {self.url}: {exc}; re-create the mask file") from exc
         with np.errstate(invalid="ignore"):
@@ -57,12 +63,15 @@ def find_mask(mask_dir: str, mask_name: str, tile: str) -> str:
         if not fs.isdir(path):
             continue
         names = sorted(
-            storage.basename(p) for p in fs.ls(path, detail=False) if fnmatch.fnmatch(storage.basename(p), mask_name)
+            storage.basename(p)
+            for p in fs.ls(path, detail=False)
+            if fnmatch.fnmatch(storage.basename(p), mask_name)
         )
         names = [n for n in names if fs.isfile(path.rstrip("/") + "/" + n)]
         if len(names) > 1:
             raise MaskError(
-                f"mask name {mask_name!r} matches {len(names)} files in {folder} ({', '.join(names[:4])}); "
+                f"mask name {mask_name!r} matches {len(names)} files in {folder} "
+                f"({', '.join(names[:4])}); "
                 "make --mask-name specific"
             )
         if names:
@@ -83,7 +92,7 @@ def mask_source(url: str, grid: TileGrid) -> MaskSource:
             return src.transform, src.crs, src.width, src.height, src.count
 
     try:
-        tr, crs, width, height, count = storage.read_retrying(url, header, what="opening mask")
+        tr, crs, width, height, count = read_retrying(url, header, what="opening mask")
     except Exception as exc:
         raise MaskError(f"cannot open mask {url} for tile {grid.tile}: {exc}") from exc
     a, _, c, _, e, f = grid.transform

@@ -1,35 +1,26 @@
-"""One place that turns URLs (``/local/path``, ``file://...``, ``s3://bucket/key``) into filesystems.
+"""One place that turns URLs (``/local/path``, ``file://...``, ``s3://bucket/key``) into
+filesystems.
 
 Every other module passes URLs around as plain strings and asks this module for a filesystem, a
-GDAL path or a joined URL.  Remote protocols need the ``s3`` extra (``pip install treesits_dask[s3]``).
+GDAL path or a joined URL.  Remote protocols need the ``s3`` extra
+(``pip install treesits_dask[s3]``).
 
 Object stores: s3fs retries throttling, 5xx answers and dropped connections (botocore "standard"
 retries with backoff, plus s3fs's own retries of interrupted body reads); listings are never
 cached, so a scene added or replaced while a driver runs is seen by its next listing; uploads
 above ``2 * UPLOAD_PART_SIZE`` are multipart (:func:`upload`).  GDAL (``/vsis3/``) retries 429/5xx
-answers and resets before an answer by itself; what it does not retry (a connection dropped in the
-middle of a body, which libtiff may even take for a file without georeference, with only a warning)
-the readers retry with :func:`read_retrying`, after :func:`clear_gdal_cache` has dropped what GDAL
-kept of the file.
+answers and resets before an answer by itself; what it does not retry is
+:mod:`treesits_dask.io.remote`'s business.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
 import posixpath
-import random
-import re
 import shutil
 import tempfile
-import threading
-import time
 import uuid
-from collections.abc import Callable
-from typing import Self, TypeVar
 from urllib.parse import urlparse
 
 import fsspec
@@ -37,14 +28,24 @@ import fsspec
 from ..errors import OutputError
 
 __all__ = [
-    "GDAL_DEFAULTS", "S3_ENV_KEYS", "UPLOAD_PART_SIZE", "IncompleteReadError", "apply_environment",
-    "basename", "clear_gdal_cache", "gdal_path", "get_fs", "is_remote", "join", "publish_bytes",
-    "publish_file", "read_retrying", "s3_environment", "s3_options", "strip_protocol", "upload",
+    "GDAL_DEFAULTS",
+    "S3_ENV_KEYS",
+    "UPLOAD_PART_SIZE",
+    "apply_environment",
+    "basename",
+    "gdal_path",
+    "get_fs",
+    "is_remote",
+    "join",
+    "publish_bytes",
+    "publish_file",
+    "s3_environment",
+    "s3_options",
+    "strip_protocol",
+    "upload",
 ]
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 #: Part size of multipart uploads: files of at least twice this size are uploaded in parts
 #: (s3fs uploads smaller files with one PUT).  S3 needs parts of at least 5 MiB.
@@ -63,9 +64,15 @@ GDAL_DEFAULTS = {
 
 #: Non-secret variables that configure S3 access for s3fs/boto3 and GDAL (never credentials).
 S3_ENV_KEYS = (
-    "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_S3_ENDPOINT", "AWS_HTTPS",
-    "AWS_VIRTUAL_HOSTING", "TREESITS_S3_ADDRESSING", "AWS_PROFILE",
-)  # fmt: skip
+    "AWS_ENDPOINT_URL",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_S3_ENDPOINT",
+    "AWS_HTTPS",
+    "AWS_VIRTUAL_HOSTING",
+    "TREESITS_S3_ADDRESSING",
+    "AWS_PROFILE",
+)
 
 
 def s3_environment(
@@ -101,7 +108,8 @@ def s3_environment(
 
 
 def apply_environment(env: dict[str, str]) -> None:
-    """Set the given (non-secret) variables in this process; used on the driver and by a worker plugin."""
+    """Set the given (non-secret) variables in this process; used on the driver and by a worker
+    plugin."""
     os.environ.update(env)
 
 
@@ -236,133 +244,3 @@ def publish_bytes(data: bytes, url: str, tmp_dir: str | None = None) -> None:
         with open(local, "wb") as fh:
             fh.write(data)
         publish_file(local, url)
-
-
-# ------------------------------------------------------------------------------------ GDAL cache
-_GDAL_LIB: ctypes.CDLL | None | bool = None
-_GDAL_LOCK = threading.Lock()
-
-
-def _gdal_library():
-    """The libgdal that rasterio loaded in this process (``False`` when it cannot be found)."""
-    global _GDAL_LIB
-    with _GDAL_LOCK:
-        if _GDAL_LIB is None:
-            import rasterio  # noqa: F401  (loads libgdal)
-
-            path = None
-            try:
-                with open("/proc/self/maps") as fh:
-                    path = next((line.split()[-1] for line in fh if "libgdal" in line.rsplit("/", 1)[-1]), None)
-            except OSError:  # not Linux
-                path = ctypes.util.find_library("gdal")
-            try:
-                lib = ctypes.CDLL(path) if path else None
-                lib.VSICurlPartialClearCache.argtypes = [ctypes.c_char_p]
-                lib.VSICurlPartialClearCache.restype = None
-                lib.VSICurlClearCache.argtypes = []
-                lib.VSICurlClearCache.restype = None
-                _GDAL_LIB = lib
-            except (OSError, AttributeError):
-                log.debug("libgdal not found in this process; GDAL's /vsis3/ cache cannot be cleared")
-                _GDAL_LIB = False
-        return _GDAL_LIB
-
-
-def clear_gdal_cache(url: str | None = None) -> bool:
-    """Forget what GDAL cached (sizes, headers, blocks) of one remote file, or of all files.
-
-    GDAL keeps the bytes of ``/vsis3/`` files for the life of the process: after a transfer broke
-    off in the middle, or when a file was replaced since it was first read, the cache would serve
-    wrong bytes.  Returns False when libgdal could not be reached (nothing was cleared).
-    """
-    lib = _gdal_library()
-    if not lib:
-        return False
-    if url is None:
-        lib.VSICurlClearCache()
-    else:
-        lib.VSICurlPartialClearCache(gdal_path(url).encode())
-    return True
-
-
-#: Substrings of GDAL errors that no retry can fix (missing object, no permission).
-_PERMANENT = ("does not exist", "no such file", "nosuchkey", "nosuchbucket", "accessdenied",
-              "access denied", "permission denied", "forbidden")
-
-#: GDAL warnings that say a read left something out: when a connection drops in the middle of a
-#: body, libtiff only warns ("TIFFFetchNormalTag:IO error during reading of GeoKeyDirectory; tag
-#: ignored") and the file opens without its georeference (CRS None, identity transform).
-_INCOMPLETE = re.compile(
-    r"\bio error\b|read error|error (?:during|while) reading|failed to read|short read", re.IGNORECASE
-)
-
-
-class IncompleteReadError(OSError):
-    """GDAL finished a remote read, but warned on the way that it could not read parts of the file."""
-
-
-class _IncompleteReads(logging.Handler):
-    """Collects the GDAL warnings of :data:`_INCOMPLETE` that rasterio logs (logger
-    ``rasterio._env``, at WARNING) in the current thread while the context is open."""
-
-    _logger = logging.getLogger("rasterio._env")
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.thread = threading.get_ident()
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.thread == self.thread:
-            message = record.getMessage()
-            if _INCOMPLETE.search(message):
-                self.messages.append(message)
-
-    def __enter__(self) -> Self:
-        self._logger.addHandler(self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._logger.removeHandler(self)
-
-
-def read_retrying(url: str, fn: Callable[[], T], what: str = "read", attempts: int = 4,
-                  delay: float = 0.5, permanent: tuple[type[BaseException], ...] = ()) -> T:
-    """``fn()`` with retries when ``url`` is remote: GDAL does not retry a connection that drops in
-    the middle of a body.  Missing files and permission errors (and ``permanent`` exceptions) are
-    raised at once; local files are never retried.  Between attempts GDAL's cache of the file is
-    cleared and the wait doubles (with jitter).
-
-    A remote read during which GDAL warned that it could not read parts of the file (see
-    :data:`_INCOMPLETE`) counts as failed, even when ``fn`` returned (what it returned is closed if
-    it can be) or raised a ``permanent`` exception (a check that failed on incomplete metadata);
-    after the last attempt that raises :class:`IncompleteReadError`.
-    """
-    remote = is_remote(url)
-    for attempt in range(1, attempts + 1):
-        with _IncompleteReads() if remote else contextlib.nullcontext() as incomplete:
-            try:
-                result = fn()
-            except Exception as exc:  # noqa: BLE001 - GDAL/rasterio raise many types; filtered below
-                text = str(exc).lower() + " " + str(exc.__cause__ or "").lower()
-                gave_up = isinstance(exc, permanent) or any(p in text for p in _PERMANENT)
-                if attempt == attempts or not remote or (gave_up and not incomplete.messages):
-                    raise
-                error: BaseException = exc
-            else:
-                if incomplete is None or not incomplete.messages:
-                    return result
-                if hasattr(result, "close"):
-                    result.close()
-                error = IncompleteReadError(
-                    f"{what} of {url} was incomplete: {incomplete.messages[0]}"
-                )
-                if attempt == attempts:
-                    raise error
-        clear_gdal_cache(url)
-        wait = delay * 2 ** (attempt - 1) * (1 + random.random() / 2)
-        log.warning("%s of %s failed (%s); retry %d of %d in %.1f s", what, url, error, attempt,
-                    attempts - 1, wait)
-        time.sleep(wait)
-    raise AssertionError("unreachable")

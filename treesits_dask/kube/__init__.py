@@ -11,8 +11,6 @@
 ``python -m treesits_dask.kube render DIR [--config run.yaml] [--check]`` renders the manifests.
 """
 
-from .rbac import namespace, rbac
-from .render import check_rendered, dump, load_settings, main, manifests, render
 from ..config.kubernetes import (
     GPU_RESOURCE,
     READ_RESOURCE,
@@ -25,6 +23,8 @@ from ..config.kubernetes import (
     Toleration,
     valid_keys,
 )
+from .rbac import namespace, rbac
+from .render import check_rendered, dump, load_settings, main, manifests, render
 from .specs import DASK_API, cluster_spec, config_map, cronjob, gpu_worker_group_spec
 from .start import ClusterStartError, run_with_deadline, start_cluster
 

@@ -55,8 +55,10 @@ _Dumper.add_representer(str, _str)
 
 def dump(objects: list[dict]) -> str:
     """Objects as one YAML document stream with the generated-file header."""
-    docs = [yaml.dump(o, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
-            for o in objects]  # fmt: skip
+    docs = [
+        yaml.dump(o, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
+        for o in objects
+    ]
     return HEADER + "---\n" + "---\n".join(docs)
 
 
@@ -153,8 +155,11 @@ def _format(exc: ValidationError, where: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m treesits_dask.kube render DIR [--config run.yaml] [--check]``."""
-    parser = argparse.ArgumentParser(prog="python -m treesits_dask.kube", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m treesits_dask.kube",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("render", help="write the Kubernetes manifests under DIR")
     p.add_argument("directory", help="output folder (cluster/ holds the committed defaults)")

@@ -12,8 +12,8 @@ Commands are ``dask scheduler`` / ``dask worker``: distributed >= 2026.6 has no
 
 from __future__ import annotations
 
-from ..io import storage
 from ..config.kubernetes import GpuGroup, KubeSettings, PodResources, WorkerGroup
+from ..io import storage
 
 __all__ = [
     "DASK_API",
@@ -31,10 +31,14 @@ DASK_API = "kubernetes.dask.org/v1"
 #: distributed's default HTTP routes plus the API that the operator uses to retire workers
 #: gracefully and to check idleness (without it scale-down loses data).
 SCHEDULER_ROUTES = (
-    "distributed.http.scheduler.prometheus", "distributed.http.scheduler.info",
-    "distributed.http.scheduler.json", "distributed.http.health", "distributed.http.proxy",
-    "distributed.http.statics", "distributed.http.scheduler.api",
-)  # fmt: skip
+    "distributed.http.scheduler.prometheus",
+    "distributed.http.scheduler.info",
+    "distributed.http.scheduler.json",
+    "distributed.http.health",
+    "distributed.http.proxy",
+    "distributed.http.statics",
+    "distributed.http.scheduler.api",
+)
 _SCRATCH = "/tmp"
 _CONFIG_VOLUME = "run-config"
 
@@ -157,12 +161,18 @@ def worker_pod_spec(settings: KubeSettings, group: WorkerGroup) -> dict:
     is_gpu = isinstance(group, GpuGroup)
     advertised = settings.worker_resources()["gpu" if is_gpu else "cpu"]
     args = [
-        "dask", "worker",
-        "--name", "$(DASK_WORKER_NAME)",
-        "--nthreads", str(group.threads),
-        "--memory-limit", str(group.memory_limit_bytes),
-        "--dashboard", "--dashboard-address", "8788",
-    ]  # fmt: skip
+        "dask",
+        "worker",
+        "--name",
+        "$(DASK_WORKER_NAME)",
+        "--nthreads",
+        str(group.threads),
+        "--memory-limit",
+        str(group.memory_limit_bytes),
+        "--dashboard",
+        "--dashboard-address",
+        "8788",
+    ]
     if advertised:
         args += ["--resources", ",".join(f"{k}={v:g}" for k, v in advertised.items())]
     container = {
@@ -241,7 +251,8 @@ def _scheduler_body(settings: KubeSettings, resources: PodResources) -> dict:
 
 
 def cluster_spec(settings: KubeSettings) -> dict:
-    """The DaskCluster: scheduler + default worker group (the CPU group; GPU for GPU-only clusters)."""
+    """The DaskCluster: scheduler + default worker group (the CPU group; GPU for GPU-only
+    clusters)."""
     group = settings.default_group
     component = "gpu-worker" if settings.gpu_is_default_group else "cpu-worker"
     return {
@@ -257,7 +268,8 @@ def cluster_spec(settings: KubeSettings) -> dict:
 
 
 def gpu_worker_group_spec(settings: KubeSettings) -> dict:
-    """The DaskWorkerGroup ``<name>-gpu`` (what ``add_worker_group("gpu", custom_spec=...)`` creates).
+    """The DaskWorkerGroup ``<name>-gpu`` (what ``add_worker_group("gpu", custom_spec=...)``
+    creates).
 
     Built in full: ``make_worker_spec`` would turn 0 workers into the cluster default and copy
     resources and env from the default group.

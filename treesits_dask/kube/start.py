@@ -8,8 +8,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import ConfigError, TreesitsError
 from ..config.kubernetes import KubeSettings
+from ..errors import ConfigError, TreesitsError
 from .specs import DASK_API, cluster_spec, gpu_worker_group_spec
 
 __all__ = ["ClusterStartError", "run_with_deadline", "start_cluster"]
@@ -96,7 +96,8 @@ def start_cluster(settings: KubeSettings) -> Any:
         _delete_cluster(settings)
         raise ClusterStartError(
             f"{exc}; DaskCluster {settings.name} deleted. See why the scheduler pod did not start: "
-            f"kubectl -n {settings.namespace} describe pod -l dask.org/cluster-name={settings.name} "
+            f"kubectl -n {settings.namespace} describe pod -l "
+            f"dask.org/cluster-name={settings.name} "
             "(Pending: no node has the requested cpu/memory, or the image cannot be pulled); "
             "raise kubernetes.start_timeout for slow image pulls"
         ) from None

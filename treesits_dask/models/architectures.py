@@ -94,7 +94,8 @@ class _SequencePositionalEncoding(nn.Module):
 
 
 class TransformerClassifier(nn.Module):
-    """SITS-NN Transformer: sequence-first input (T, batch, num_bands), output at the last position."""
+    """SITS-NN Transformer: sequence-first input (T, batch, num_bands), output at the last
+    position."""
 
     def __init__(
         self,
@@ -239,5 +240,6 @@ _CLASSES = {
 
 
 def build_module(family: str, hyperparameters: dict) -> nn.Module:
-    """Instantiate the architecture ``family`` with the card's hyper-parameters (keyword arguments)."""
+    """Instantiate the architecture ``family`` with the card's hyper-parameters (keyword
+    arguments)."""
     return _CLASSES[family](**hyperparameters)

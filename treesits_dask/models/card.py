@@ -14,9 +14,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from ..errors import ModelError
 from ..io import storage
 from ..io.discovery import S2_BANDS
-from ..errors import ModelError
 
 __all__ = [
     "ARCHITECTURES",
@@ -34,7 +34,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Values of ``--model-family``: the three published formats and the native ``.pt`` + ``.json`` card.
+#: Values of ``--model-family``: the three published formats and the native ``.pt`` + ``.json``
+#: card.
 FAMILIES = ("sbert", "sits-lstm", "sits-transformer", "native")
 #: Architectures a model card can name.
 ARCHITECTURES = ("sbert", "sits-lstm", "sits-transformer")
@@ -44,9 +45,14 @@ SITSNN_CLASSES = ("Spruce", "Beech", "Pine", "Douglas fir", "Oak")
 SBERT_SEQUENCE = {"kind": "sbert", "seq_len": 256, "window_days": 1460, "max_position": 1826}
 #: Hyper-parameters of the published SBERT model (keyword arguments of ``SBERTClassifier``).
 SBERT_HYPERPARAMETERS = {
-    "num_features": 10, "hidden": 128, "n_layers": 3, "attn_heads": 8, "dropout": 0.3,
-    "num_classes": 1, "max_position": 1826,
-}  # fmt: skip
+    "num_features": 10,
+    "hidden": 128,
+    "n_layers": 3,
+    "attn_heads": 8,
+    "dropout": 0.3,
+    "num_classes": 1,
+    "max_position": 1826,
+}
 
 _PARAM_SECTIONS = {
     "sits-lstm": "lstm hyperparameters",
@@ -56,7 +62,8 @@ _PARAM_SECTIONS = {
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Where a model is and how to read it; small, hashable and picklable (shipped in task graphs)."""
+    """Where a model is and how to read it; small, hashable and picklable (shipped in task
+    graphs)."""
 
     uri: str
     family: str
@@ -65,8 +72,8 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ModelError(
-                f"unknown model family {self.family!r} for {self.uri}; --model-family must be one of "
-                + ", ".join(FAMILIES)
+                f"unknown model family {self.family!r} for {self.uri}; --model-family must be one "
+                "of " + ", ".join(FAMILIES)
             )
         object.__setattr__(self, "uri", str(self.uri))
         if self.params_uri is not None:
@@ -188,7 +195,8 @@ def read_params(spec: ModelSpec) -> dict[str, Any]:
     """Constructor keyword arguments of a SITS-NN model from its ``*_params.json``."""
     if spec.params_uri is None:
         raise ModelError(
-            f"model family {spec.family} needs the SITS-NN *_params.json that belongs to {spec.uri} "
+            f"model family {spec.family} needs the SITS-NN *_params.json that belongs to "
+            f"{spec.uri} "
             "(it holds the hyper-parameters): pass --model-params"
         )
     raw = _read_json(spec.params_uri, "SITS-NN params file")
@@ -208,7 +216,8 @@ def read_params(spec: ModelSpec) -> dict[str, Any]:
             return int(hp[key])
         except (TypeError, ValueError):
             raise ModelError(
-                f"params file {spec.params_uri}: {section}.{key} must be an integer, got {hp[key]!r}"
+                f"params file {spec.params_uri}: {section}.{key} must be an integer, got "
+                f"{hp[key]!r}"
             ) from None
 
     bands = get("number of bands")
@@ -219,15 +228,21 @@ def read_params(spec: ModelSpec) -> dict[str, Any]:
         )
     if spec.family == "sits-lstm":
         return {
-            "num_bands": bands, "input_size": get("embedding size"), "hidden_size": get("hidden size"),
-            "num_layers": get("number of layers"), "num_classes": get("number of classes"),
+            "num_bands": bands,
+            "input_size": get("embedding size"),
+            "hidden_size": get("hidden size"),
+            "num_layers": get("number of layers"),
+            "num_classes": get("number of classes"),
             "bidirectional": bool(hp.get("bidirectional", False)),
-        }  # fmt: skip
+        }
     return {
-        "num_bands": bands, "num_classes": get("number of classes"), "d_model": get("embedding size"),
-        "nhead": get("number of heads"), "num_layers": get("number of layers"),
+        "num_bands": bands,
+        "num_classes": get("number of classes"),
+        "d_model": get("embedding size"),
+        "nhead": get("number of heads"),
+        "num_layers": get("number of layers"),
         "dim_feedforward": get("feedforward dimension"),
-    }  # fmt: skip
+    }
 
 
 def _sbert_card(spec: ModelSpec) -> ModelCard:

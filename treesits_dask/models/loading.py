@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..io import storage
 from ..errors import ModelError
+from ..io import storage
 from .architectures import build_module
 from .card import ModelCard, ModelSpec, card_path, read_card
 from .preprocess import check_inputs, full_inputs, sbert_inputs
@@ -71,7 +71,8 @@ def read_state_dict(uri: str, device: torch.device | str = "cpu") -> dict[str, t
         if isinstance(exc, pickle.UnpicklingError) and "weights only" in text.lower():
             first = text.splitlines()[0]
             raise ModelError(
-                f"refused to load {uri}: it is not a plain state dict; only weights_only checkpoints "
+                f"refused to load {uri}: it is not a plain state dict; only weights_only "
+                "checkpoints "
                 f"are accepted (torch.load(weights_only=True) said: {first[:300]})"
             ) from None
         raise ModelError(
@@ -130,7 +131,8 @@ def _sbert_from_state(card: ModelCard, state: dict[str, torch.Tensor], uri: str)
     if w is None or pe is None or head is None or w.ndim != 2 or pe.ndim != 2 or head.ndim != 2:
         raise ModelError(
             f"model checkpoint {uri} is not an SBERT checkpoint (sbert.embedding.input.weight, "
-            "sbert.embedding.position.pe or classification.linear.weight missing); check --model-family"
+            "sbert.embedding.position.pe or classification.linear.weight missing); check "
+            "--model-family"
         )
     layers = {int(k.split(".")[2]) for k in state if k.startswith("sbert.transformer_blocks.")}
     hp.update(
@@ -150,7 +152,8 @@ def _sbert_from_state(card: ModelCard, state: dict[str, torch.Tensor], uri: str)
         )
     if hp["hidden"] % hp["attn_heads"]:
         raise ModelError(
-            f"model checkpoint {uri}: hidden size {hp['hidden']} is not divisible by {hp['attn_heads']} "
+            f"model checkpoint {uri}: hidden size {hp['hidden']} is not divisible by "
+            f"{hp['attn_heads']} "
             "heads; pass --model-params with the right number of heads"
         )
     seq = dict(card.sequence, max_position=hp["max_position"])
@@ -233,7 +236,8 @@ class Predictor:
 
     def _chunks(self, n: int, per_item: int, cpu_chunk: int) -> list[slice]:
         """Slices of ``n`` pixels per forward call: within the attention budget of the device,
-        and on CPU at most ``cpu_chunk`` pixels (short calls cost nothing there; on GPUs they would)."""
+        and on CPU at most ``cpu_chunk`` pixels (short calls cost nothing there; on GPUs they
+        would)."""
         budget = _ATTENTION_BUDGET.get(self.device.type, _ATTENTION_BUDGET["cpu"])
         step = max(1, budget // max(1, per_item))
         if self.device.type == "cpu":
@@ -266,9 +270,15 @@ class Predictor:
         outs = []
         for sl in self._chunks(len(x), heads * keep_all * keep_all, _SBERT_CPU_CHUNK):
             keep = min(x.shape[1], int(used[sl].max()) + 1)
-            xt = torch.from_numpy(np.ascontiguousarray(x[sl, -keep:])).to(self.device, non_blocking=True)
-            dt_ = torch.from_numpy(np.ascontiguousarray(doy[sl, -keep:])).to(self.device, non_blocking=True)
-            mt = torch.from_numpy(np.ascontiguousarray(mask[sl, -keep:])).to(self.device, non_blocking=True)
+            xt = torch.from_numpy(np.ascontiguousarray(x[sl, -keep:])).to(
+                self.device, non_blocking=True
+            )
+            dt_ = torch.from_numpy(np.ascontiguousarray(doy[sl, -keep:])).to(
+                self.device, non_blocking=True
+            )
+            mt = torch.from_numpy(np.ascontiguousarray(mask[sl, -keep:])).to(
+                self.device, non_blocking=True
+            )
             self._set_threads()
             outs.append(self.module(xt, dt_, mt))
         logits = torch.cat(outs).float()
@@ -289,7 +299,8 @@ def save_native(module: nn.Module, card: ModelCard, path: str) -> tuple[str, str
     state = {k: v.detach().to("cpu").clone() for k, v in module.state_dict().items()}
     if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
         raise ModelError(
-            f"cannot save {pt_uri}: the module's tensors do not match a {card.family} built from the "
+            f"cannot save {pt_uri}: the module's tensors do not match a {card.family} built from "
+            "the "
             f"card's hyper-parameters {card.hyperparameters}"
         )
     fs, pt_path = storage.get_fs(pt_uri)

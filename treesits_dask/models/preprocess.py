@@ -82,7 +82,8 @@ def sbert_inputs(
     if top >= max_position:
         raise ModelError(
             f"SBERT day index {top} is beyond the model's {max_position}-row position table "
-            f"(day-of-year of the first kept observation + days spanned must stay below {max_position}): "
+            "(day-of-year of the first kept observation + days spanned must stay below "
+            f"{max_position}): "
             "the window is too long for this model; shorten it with --start-date/--end-date"
         )
     # z-score per pixel and band over the kept observations (float64 statistics, ddof 0)

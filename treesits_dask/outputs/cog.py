@@ -23,12 +23,18 @@ import numpy as np
 
 from ..errors import OutputError
 from ..io import storage
+from ..io.remote import read_retrying
 from .schema import COG_NODATA, DTYPES, VARIABLES, OutputGrid, TileRegion
 from .store import chunk_blocks, open_store
 
 __all__ = [
-    "CogSpec", "cog_blocksize", "write_cog", "write_mosaics", "write_tile_cogs", "write_vrt",
-]  # fmt: skip
+    "CogSpec",
+    "cog_blocksize",
+    "write_cog",
+    "write_mosaics",
+    "write_tile_cogs",
+    "write_vrt",
+]
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +68,14 @@ def cog_blocksize(height: int, width: int) -> int:
 def _profile(spec: CogSpec, blocksize: int) -> dict:
     predictor = 3 if np.dtype(spec.dtype).kind == "f" else 2
     return {
-        "driver": "GTiff", "interleave": "pixel", "tiled": True, "blockxsize": blocksize,
-        "blockysize": blocksize, "compress": "DEFLATE", "predictor": predictor,
-    }  # fmt: skip
+        "driver": "GTiff",
+        "interleave": "pixel",
+        "tiled": True,
+        "blockxsize": blocksize,
+        "blockysize": blocksize,
+        "compress": "DEFLATE",
+        "predictor": predictor,
+    }
 
 
 def write_cog(
@@ -77,7 +88,8 @@ def write_cog(
     """Write a validated COG to ``url`` from ``(row_off, col_off, array (count, h, w))`` blocks.
 
     Only one block is in memory at a time (plus what GDAL caches).  Raises :class:`OutputError` if
-    the result is not a valid COG or cannot be published.  ``part_size``: see :func:`storage.publish_file`.
+    the result is not a valid COG or cannot be published.  ``part_size``: see
+    :func:`storage.publish_file`.
     """
     import rasterio
     from affine import Affine
@@ -90,11 +102,20 @@ def write_cog(
         src_path = os.path.join(tmp, "src.tif")
         cog_path = os.path.join(tmp, "cog.tif")
         with rasterio.open(
-            src_path, "w", driver="GTiff", width=spec.width, height=spec.height, count=spec.count,
-            dtype=spec.dtype, crs=rasterio.crs.CRS.from_wkt(spec.crs_wkt),
-            transform=Affine(*spec.transform), nodata=spec.nodata, tiled=True,
-            blockxsize=blocksize, blockysize=blocksize,
-        ) as dst:  # fmt: skip
+            src_path,
+            "w",
+            driver="GTiff",
+            width=spec.width,
+            height=spec.height,
+            count=spec.count,
+            dtype=spec.dtype,
+            crs=rasterio.crs.CRS.from_wkt(spec.crs_wkt),
+            transform=Affine(*spec.transform),
+            nodata=spec.nodata,
+            tiled=True,
+            blockxsize=blocksize,
+            blockysize=blocksize,
+        ) as dst:
             for row, col, arr in blocks:
                 arr = np.asarray(arr, dtype=spec.dtype).reshape(spec.count, *np.shape(arr)[-2:])
                 window = rasterio.windows.Window(col, row, arr.shape[2], arr.shape[1])
@@ -103,9 +124,14 @@ def write_cog(
                 for i, name in enumerate(spec.descriptions, start=1):
                     dst.set_band_description(i, name)
         cog_translate(
-            src_path, cog_path, profile, overview_resampling=spec.overview_resampling,
-            in_memory=False, quiet=True, config=config,
-        )  # fmt: skip
+            src_path,
+            cog_path,
+            profile,
+            overview_resampling=spec.overview_resampling,
+            in_memory=False,
+            quiet=True,
+            config=config,
+        )
         ok, errors, _ = cog_validate(cog_path, quiet=True)
         if not ok:
             raise OutputError(
@@ -136,18 +162,22 @@ def write_vrt(vrt_url: str, sources: Sequence[str]) -> str:
             return url, src.profile, src.transform, src.crs, src.descriptions, src.block_shapes[0]
 
     # remote headers with retries: a header read that broke off may look like a valid file
-    # without georeference (see storage.read_retrying)
+    # without georeference (see treesits_dask.io.remote)
     infos = [
-        storage.read_retrying(url, lambda url=url: header(url), what="reading the header")
+        read_retrying(url, lambda url=url: header(url), what="reading the header")
         for url in sources
     ]
     _, first, tr0, crs0, desc0, _ = infos[0]
     for url, prof, tr, crs, _, _ in infos[1:]:
         same = (
-            crs == crs0 and prof["count"] == first["count"] and prof["dtype"] == first["dtype"]
-            and math.isclose(tr.a, tr0.a) and math.isclose(tr.e, tr0.e) and tr.b == tr0.b == 0
+            crs == crs0
+            and prof["count"] == first["count"]
+            and prof["dtype"] == first["dtype"]
+            and math.isclose(tr.a, tr0.a)
+            and math.isclose(tr.e, tr0.e)
+            and tr.b == tr0.b == 0
             and _same_nodata(prof.get("nodata"), first.get("nodata"))
-        )  # fmt: skip
+        )
         if not same:
             raise OutputError(
                 f"{url} does not match {infos[0][0]} (CRS, resolution, bands, dtype or nodata "
@@ -184,10 +214,14 @@ def write_vrt(vrt_url: str, sources: Sequence[str]) -> str:
             ET.SubElement(src, "SourceFilename", relativeToVRT="1").text = rel
             ET.SubElement(src, "SourceBand").text = str(band)
             ET.SubElement(
-                src, "SourceProperties", RasterXSize=str(prof["width"]),
-                RasterYSize=str(prof["height"]), DataType=gdal_type, BlockXSize=str(bx),
+                src,
+                "SourceProperties",
+                RasterXSize=str(prof["width"]),
+                RasterYSize=str(prof["height"]),
+                DataType=gdal_type,
+                BlockXSize=str(bx),
                 BlockYSize=str(by),
-            )  # fmt: skip
+            )
             size = {"xSize": str(prof["width"]), "ySize": str(prof["height"])}
             ET.SubElement(src, "SrcRect", xOff="0", yOff="0", **size)
             ET.SubElement(src, "DstRect", xOff=str(xoff), yOff=str(yoff), **size)
@@ -229,11 +263,16 @@ def write_tile_cogs(
             )
         arr = group[var]
         spec = CogSpec(
-            width=region.width, height=region.height, count=arr.shape[0] if arr.ndim == 3 else 1,
-            dtype=DTYPES[var], crs_wkt=grid.crs_wkt, transform=transform, nodata=COG_NODATA[var],
+            width=region.width,
+            height=region.height,
+            count=arr.shape[0] if arr.ndim == 3 else 1,
+            dtype=DTYPES[var],
+            crs_wkt=grid.crs_wkt,
+            transform=transform,
+            nodata=COG_NODATA[var],
             descriptions=tuple(grid.class_names) if var == "probability" else (var,),
             overview_resampling="average" if var == "probability" else "nearest",
-        )  # fmt: skip
+        )
         url = storage.join(output, "cog", region.tile, f"{var}.tif")
         written[var] = write_cog(url, spec, chunk_blocks(arr, region), tmp_dir=tmp_dir)
     log.info("tile %s: wrote %s COGs to %s", region.tile, list(written), output)

@@ -34,9 +34,16 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
-    "NOT_PREDICTED_COLOR", "Raster", "class_colors", "find_tiles", "plot_class",
-    "plot_probability", "plot_valid_obs", "quicklook", "read_raster",
-]  # fmt: skip
+    "NOT_PREDICTED_COLOR",
+    "Raster",
+    "class_colors",
+    "find_tiles",
+    "plot_class",
+    "plot_probability",
+    "plot_valid_obs",
+    "quicklook",
+    "read_raster",
+]
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +55,25 @@ MOSAIC = "mosaic"
 _DPI = 100
 # tab20 without its greys (grey is "not predicted"): dark shades first, then the light ones
 _PALETTE = (
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22",
-    "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2",
-    "#dbdb8d", "#9edae5",
-)  # fmt: skip
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#bcbd22",
+    "#17becf",
+    "#aec7e8",
+    "#ffbb78",
+    "#98df8a",
+    "#ff9896",
+    "#c5b0d5",
+    "#c49c94",
+    "#f7b6d2",
+    "#dbdb8d",
+    "#9edae5",
+)
 
 
 def class_colors(n: int) -> list[str]:
@@ -103,9 +125,13 @@ def read_raster(url: str, max_size: int = MAX_SIZE) -> Raster:
             data = src.read(out_shape=(src.count, *shape), resampling=Resampling.nearest)
             crs = src.crs.to_string() if src.crs else "unknown CRS"
             return Raster(
-                data=data, descriptions=tuple(src.descriptions), nodata=src.nodata, crs=crs,
-                resolution=abs(src.transform.a), full_shape=(src.height, src.width),
-            )  # fmt: skip
+                data=data,
+                descriptions=tuple(src.descriptions),
+                nodata=src.nodata,
+                crs=crs,
+                resolution=abs(src.transform.a),
+                full_shape=(src.height, src.width),
+            )
     except rasterio.errors.RasterioIOError as exc:
         raise OutputError(f"cannot read {url} for a quicklook: {exc}") from exc
 
@@ -158,8 +184,9 @@ def _figure(raster: Raster, title: str) -> tuple[Figure, Axes]:
     fig.supxlabel(
         f"{raster.crs}, {full_cols} x {full_rows} px of {raster.resolution:g} m, shown at "
         f"{raster.shown_resolution:.4g} m; grey = not predicted",
-        fontsize=7, color="0.3",
-    )  # fmt: skip
+        fontsize=7,
+        color="0.3",
+    )
     return fig, ax
 
 

@@ -42,19 +42,26 @@ VARIABLES = ("probability", "class", "valid_obs", "last_obs_valid")
 #: nodata of ``class`` (and ``last_obs_valid``): class ids start at 0, so 0 cannot be nodata
 CLASS_NODATA = 255
 NODATA = {
-    "probability": float("nan"), "class": CLASS_NODATA, "valid_obs": 0,
+    "probability": float("nan"),
+    "class": CLASS_NODATA,
+    "valid_obs": 0,
     "last_obs_valid": CLASS_NODATA,
-}  # fmt: skip
+}
 DTYPES = {
-    "probability": "float32", "class": "uint8", "valid_obs": "uint16", "last_obs_valid": "uint8",
-}  # fmt: skip
+    "probability": "float32",
+    "class": "uint8",
+    "valid_obs": "uint16",
+    "last_obs_valid": "uint8",
+}
 #: name of the class axis of ``probability`` (and of the coordinate holding the class names)
 CLASS_DIM = "class_name"
 #: nodata written into the COGs (None: the band has no nodata value; 0 is a real count)
 COG_NODATA = {
-    "probability": float("nan"), "class": CLASS_NODATA, "valid_obs": None,
+    "probability": float("nan"),
+    "class": CLASS_NODATA,
+    "valid_obs": None,
     "last_obs_valid": CLASS_NODATA,
-}  # fmt: skip
+}
 DESCRIPTIONS = {
     "probability": "class probability from the model (NaN = not predicted)",
     "class": f"most probable class (index into class_names; {CLASS_NODATA} = not predicted)",
@@ -98,10 +105,14 @@ class OutputGrid:
     @classmethod
     def from_attrs(cls, attrs: dict) -> OutputGrid:
         return cls(
-            crs_wkt=attrs["crs_wkt"], transform=tuple(attrs["transform"]),
-            width=int(attrs["width"]), height=int(attrs["height"]), chunk=tuple(attrs["chunk"]),
-            class_names=tuple(attrs["class_names"]), multiclass=bool(attrs["multiclass"]),
-        )  # fmt: skip
+            crs_wkt=attrs["crs_wkt"],
+            transform=tuple(attrs["transform"]),
+            width=int(attrs["width"]),
+            height=int(attrs["height"]),
+            chunk=tuple(attrs["chunk"]),
+            class_names=tuple(attrs["class_names"]),
+            multiclass=bool(attrs["multiclass"]),
+        )
 
 
 @dataclass(frozen=True)

@@ -189,9 +189,13 @@ def _classification(names: Sequence[str], variable: str) -> list:
 
 
 def _tile_item(
-    output: str, tile: str, times: tuple[dt.datetime, dt.datetime], stats: dict,
-    quicklook_dir: str, extra: dict,
-):  # fmt: skip
+    output: str,
+    tile: str,
+    times: tuple[dt.datetime, dt.datetime],
+    stats: dict,
+    quicklook_dir: str,
+    extra: dict,
+):
     import pystac
     import rasterio
     from pystac.extensions.classification import ClassificationExtension
@@ -210,16 +214,23 @@ def _tile_item(
         if key in stats:
             props[f"treesits_dask:{key}"] = stats[key]
     item = pystac.Item(
-        id=tile, geometry=geometry, bbox=bbox, datetime=None, properties=props,
-        start_datetime=start, end_datetime=end,
-    )  # fmt: skip
+        id=tile,
+        geometry=geometry,
+        bbox=bbox,
+        datetime=None,
+        properties=props,
+        start_datetime=start,
+        end_datetime=end,
+    )
     item.common_metadata.gsd = abs(tr.a)
     epsg = crs.to_epsg()
     ProjectionExtension.ext(item, add_if_missing=True).apply(
         code=f"EPSG:{epsg}" if epsg else None,
         wkt2=None if epsg else crs.to_wkt(version="WKT2_2019"),
-        shape=shape, transform=[tr.a, tr.b, tr.c, tr.d, tr.e, tr.f], bbox=list(bounds),
-    )  # fmt: skip
+        shape=shape,
+        transform=[tr.a, tr.b, tr.c, tr.d, tr.e, tr.f],
+        bbox=list(bounds),
+    )
     for var, (title, description) in _ASSETS.items():
         url = storage.join(folder, f"{var}.tif")
         fs, path = storage.get_fs(url)
@@ -228,9 +239,12 @@ def _tile_item(
         if var == "probability":
             description += f"; bands: {', '.join(names)}"
         asset = pystac.Asset(
-            href=_href(url), media_type=pystac.MediaType.COG, roles=["data"], title=title,
+            href=_href(url),
+            media_type=pystac.MediaType.COG,
+            roles=["data"],
+            title=title,
             description=description,
-        )  # fmt: skip
+        )
         item.add_asset(var, asset)
         with rasterio.open(storage.gdal_path(url)) as src:
             RasterExtension.ext(asset, add_if_missing=True).apply(bands=_raster_bands(src))
@@ -255,9 +269,13 @@ def _add_quicklooks(item, tile: str, quicklook_dir: str) -> None:
             key, roles = "thumbnail", ["thumbnail", "overview"]
         item.add_asset(
             key,
-            pystac.Asset(href=_href(url), media_type=pystac.MediaType.PNG, roles=roles,
-                         title=f"{_ASSETS[var][0]} quicklook"),
-        )  # fmt: skip
+            pystac.Asset(
+                href=_href(url),
+                media_type=pystac.MediaType.PNG,
+                roles=roles,
+                title=f"{_ASSETS[var][0]} quicklook",
+            ),
+        )
 
 
 def _validate(objects: Sequence) -> None:
@@ -332,7 +350,7 @@ def write_stac(
         description=description
         or f"Per-pixel model predictions on {len(tiles)} FORCE tile(s) as COGs: class probability, "
         "class (multi-class models), valid observations and newest-scene validity",
-    )  # fmt: skip
+    )
     items = []
     for tile in tiles:
         stats = (run.get("tiles") or {}).get(tile) or {}

@@ -41,10 +41,16 @@ from .schema import (
 )
 
 __all__ = [
-    "WINDOW_STATS", "check_writable", "chunk_blocks", "create_store", "open_dataset", "open_store",
+    "WINDOW_STATS",
+    "check_writable",
+    "chunk_blocks",
+    "create_store",
+    "open_dataset",
+    "open_store",
     "read_region",
-    "write_layer", "write_window",
-]  # fmt: skip
+    "write_layer",
+    "write_window",
+]
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +121,13 @@ def _template(grid: OutputGrid, attrs: dict):
         data[var] = xr.Variable(dims, arr, attrs=var_attrs)
     ds = xr.Dataset(
         data,
-        coords={"x": ("x", x, {"units": "m"}), "y": ("y", y, {"units": "m"}),
-                CLASS_DIM: (CLASS_DIM, np.array(grid.class_names, dtype=object))},
+        coords={
+            "x": ("x", x, {"units": "m"}),
+            "y": ("y", y, {"units": "m"}),
+            CLASS_DIM: (CLASS_DIM, np.array(grid.class_names, dtype=object)),
+        },
         attrs={**attrs, _GRID_ATTR: grid.to_attrs()},
-    )  # fmt: skip
+    )
     ds = ds.rio.write_crs(grid.crs_wkt).rio.write_transform(Affine(a, b, c, d, e, f))
     for var in grid.variables():
         enc = ds[var].encoding
@@ -210,7 +219,8 @@ def _grid_differences(old: OutputGrid, new: OutputGrid) -> list[str]:
             CRS.from_wkt(new.crs_wkt).to_string(),
         )
         diffs.append(f"CRS ({old_crs} instead of {new_crs})")
-    if not all(math.isclose(p, q, abs_tol=1e-6) for p, q in zip(old.transform, new.transform)):
+    pairs = zip(old.transform, new.transform, strict=True)
+    if not all(math.isclose(p, q, abs_tol=1e-6) for p, q in pairs):
         diffs.append(f"transform ({tuple(old.transform)} instead of {tuple(new.transform)})")
     if (old.width, old.height) != (new.width, new.height):
         diffs.append(f"size ({old.width}x{old.height} px instead of {new.width}x{new.height})")
@@ -292,8 +302,9 @@ def _write_packed(packed, store_url, rows, cols, variables):
     return np.array([[[predicted_pixels(packed)]]], dtype=np.int64)
 
 
-def write_layer(packed, store_url: str, region: TileRegion, layout: WindowLayout,
-                variables: Sequence[str]):
+def write_layer(
+    packed, store_url: str, region: TileRegion, layout: WindowLayout, variables: Sequence[str]
+):
     """Lazy dask array (windows_y, windows_x, len(WINDOW_STATS)) of per-window statistics;
     computing it writes every window of ``packed`` (the packed outputs of the tile's windows,
     see :func:`~treesits_dask.outputs.schema.pack_outputs`) into the tile's region of the store."""
@@ -306,8 +317,14 @@ def write_layer(packed, store_url: str, region: TileRegion, layout: WindowLayout
     for i, j, w in layout:
         rows = slice(region.row_off + w.row_off, region.row_off + w.row_off + w.height)
         cols = slice(region.col_off + w.col_off, region.col_off + w.col_off + w.width)
-        dsk[(name, i, j, 0)] = (_write_packed, (packed.name, 0, i, j), store_url, rows, cols,
-                                tuple(variables))
+        dsk[(name, i, j, 0)] = (
+            _write_packed,
+            (packed.name, 0, i, j),
+            store_url,
+            rows,
+            cols,
+            tuple(variables),
+        )
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=[packed])
     n_i, n_j = len(layout.windows), len(layout.windows[0])
     chunks = ((1,) * n_i, (1,) * n_j, (len(WINDOW_STATS),))

@@ -21,10 +21,14 @@ __all__ = ["EnvPlugin", "connect", "describe", "local_cluster_kwargs", "worker_e
 
 log = logging.getLogger(__name__)
 
+
 def worker_environment(config: RunConfig) -> dict[str, str]:
-    """The non-secret environment every process of a run needs (GDAL defaults + S3 endpoint settings)."""
+    """The non-secret environment every process of a run needs (GDAL defaults + S3 endpoint
+    settings)."""
     env = {k: os.environ.get(k, v) for k, v in storage.GDAL_DEFAULTS.items()}
-    env.update(storage.s3_environment(config.s3_endpoint_url, config.s3_region, config.s3_addressing))
+    env.update(
+        storage.s3_environment(config.s3_endpoint_url, config.s3_region, config.s3_addressing)
+    )
     return env
 
 
@@ -34,7 +38,11 @@ class EnvPlugin(WorkerPlugin):
     name = "treesits-env"
 
     def __init__(self, env: dict[str, str]):
-        forbidden = [k for k in env if "SECRET" in k or "TOKEN" in k or "PASSWORD" in k or k.endswith("_KEY_ID")]
+        forbidden = [
+            k
+            for k in env
+            if "SECRET" in k or "TOKEN" in k or "PASSWORD" in k or k.endswith("_KEY_ID")
+        ]
         if forbidden:
             raise ValueError(f"refusing to ship credentials to workers: {forbidden}")
         self.env = dict(env)
@@ -61,7 +69,8 @@ def local_cluster_kwargs(config: RunConfig) -> dict:
 
 
 def _heterogeneous_local_cluster(config: RunConfig):
-    """A CPU worker group (advertising ``CPU=threads``) and a group advertising ``GPU=1``, on this machine.
+    """A CPU worker group (advertising ``CPU=threads``) and a group advertising ``GPU=1``, on this
+    machine.
 
     The same worker-group semantics as the dask-kubernetes cluster with a GPU worker group.
     """
@@ -70,13 +79,21 @@ def _heterogeneous_local_cluster(config: RunConfig):
     kw = local_cluster_kwargs(config)
     threads = kw["threads_per_worker"]
     workers = {
-        f"cpu-{i}": {"cls": Nanny, "options": {"nthreads": threads, "resources": {"CPU": threads},
-                                               "memory_limit": kw["memory_limit"]}}
+        f"cpu-{i}": {
+            "cls": Nanny,
+            "options": {
+                "nthreads": threads,
+                "resources": {"CPU": threads},
+                "memory_limit": kw["memory_limit"],
+            },
+        }
         for i in range(kw["n_workers"])
     }
     for i in range(config.local_gpu_workers):
-        workers[f"gpu-{i}"] = {"cls": Nanny, "options": {"nthreads": 1, "resources": {"GPU": 1},
-                                                         "memory_limit": kw["memory_limit"]}}
+        workers[f"gpu-{i}"] = {
+            "cls": Nanny,
+            "options": {"nthreads": 1, "resources": {"GPU": 1}, "memory_limit": kw["memory_limit"]},
+        }
     return SpecCluster(
         workers=workers,
         scheduler={"cls": Scheduler, "options": {"dashboard_address": kw["dashboard_address"]}},
@@ -86,19 +103,39 @@ def _heterogeneous_local_cluster(config: RunConfig):
 def describe(config: RunConfig) -> dict:
     """What cluster a config asks for (for ``plan``)."""
     if config.scheduler_address:
-        return {"kind": "existing scheduler", "address": config.scheduler_address, "concurrent_tasks": 1}
+        return {
+            "kind": "existing scheduler",
+            "address": config.scheduler_address,
+            "concurrent_tasks": 1,
+        }
     if config.cluster == "kubernetes":
         k = config.kubernetes
-        return {"kind": "dask-kubernetes", "namespace": k.namespace, "name": k.name, "image": k.image,
-                "worker_resources": k.worker_resources(), "read_on": k.read_on,
-                "concurrent_tasks": max(1, k.cpu.workers * k.cpu.threads + (k.gpu.workers if k.gpu.enabled else 0))}
+        return {
+            "kind": "dask-kubernetes",
+            "namespace": k.namespace,
+            "name": k.name,
+            "image": k.image,
+            "worker_resources": k.worker_resources(),
+            "read_on": k.read_on,
+            "concurrent_tasks": max(
+                1, k.cpu.workers * k.cpu.threads + (k.gpu.workers if k.gpu.enabled else 0)
+            ),
+        }
     kw = local_cluster_kwargs(config)
     if config.local_gpu_workers:
-        return {"kind": "local CPU + GPU worker groups", "cpu_workers": kw["n_workers"],
-                "gpu_workers": config.local_gpu_workers, "threads_per_worker": kw["threads_per_worker"],
-                "concurrent_tasks": kw["n_workers"] * kw["threads_per_worker"] + config.local_gpu_workers}
-    return {"kind": "LocalCluster", **{k: kw[k] for k in ("n_workers", "threads_per_worker", "memory_limit")},
-            "concurrent_tasks": kw["n_workers"] * kw["threads_per_worker"]}
+        return {
+            "kind": "local CPU + GPU worker groups",
+            "cpu_workers": kw["n_workers"],
+            "gpu_workers": config.local_gpu_workers,
+            "threads_per_worker": kw["threads_per_worker"],
+            "concurrent_tasks": kw["n_workers"] * kw["threads_per_worker"]
+            + config.local_gpu_workers,
+        }
+    return {
+        "kind": "LocalCluster",
+        **{k: kw[k] for k in ("n_workers", "threads_per_worker", "memory_limit")},
+        "concurrent_tasks": kw["n_workers"] * kw["threads_per_worker"],
+    }
 
 
 @contextlib.contextmanager
@@ -116,18 +153,30 @@ def connect(config: RunConfig) -> Iterator:
 
         cluster = start_cluster(config.kubernetes)
         client = Client(cluster)
-        log.info("dask-kubernetes cluster %s in namespace %s", config.kubernetes.name, config.kubernetes.namespace)
+        log.info(
+            "dask-kubernetes cluster %s in namespace %s",
+            config.kubernetes.name,
+            config.kubernetes.namespace,
+        )
     elif config.local_gpu_workers:
         cluster = _heterogeneous_local_cluster(config)
         client = Client(cluster)
-        log.info("local cluster: %d CPU worker(s) + %d worker(s) advertising GPU=1; dashboard %s",
-                 local_cluster_kwargs(config)["n_workers"], config.local_gpu_workers, client.dashboard_link)
+        log.info(
+            "local cluster: %d CPU worker(s) + %d worker(s) advertising GPU=1; dashboard %s",
+            local_cluster_kwargs(config)["n_workers"],
+            config.local_gpu_workers,
+            client.dashboard_link,
+        )
     else:
         kwargs = local_cluster_kwargs(config)
         cluster = LocalCluster(**kwargs)
         client = Client(cluster)
-        log.info("LocalCluster with %d worker(s) x %d thread(s); dashboard %s",
-                 kwargs["n_workers"], kwargs["threads_per_worker"], client.dashboard_link)
+        log.info(
+            "LocalCluster with %d worker(s) x %d thread(s); dashboard %s",
+            kwargs["n_workers"],
+            kwargs["threads_per_worker"],
+            client.dashboard_link,
+        )
     try:
         client.register_plugin(EnvPlugin(env))
         yield client

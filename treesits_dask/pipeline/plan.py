@@ -1,7 +1,9 @@
-"""Planning: config -> discovered tiles, scene windows, grids, masks, ledger state and the output grid.
+"""Planning: config -> discovered tiles, scene windows, grids, masks, ledger state and the output
+grid.
 
 Runs on the driver before any cluster starts.  Deciding which tiles need work uses listings and file
-metadata only; the first BOA of a tile is opened (header only) only when the tile is to be processed.
+metadata only; the first BOA of a tile is opened (header only) only when the tile is to be
+processed.
 """
 
 from __future__ import annotations
@@ -88,7 +90,11 @@ class RunPlan:
         return {
             "cube": self.config.cube,
             "output": self.config.output,
-            "model": {"uri": self.spec.uri, "family": self.card.family, "classes": self.card.class_names},
+            "model": {
+                "uri": self.spec.uri,
+                "family": self.card.family,
+                "classes": self.card.class_names,
+            },
             "window_shape": list(self.window_shape),
             "tiles": tiles,
             "skipped": self.skipped,
@@ -119,9 +125,54 @@ def _settings_digest(config: RunConfig) -> str:
 
 def _model_digest(spec: ModelSpec, card: ModelCard) -> str:
     return ledger.config_digest(
-        {"weights": ledger.file_digest(spec.uri), "params": ledger.file_digest(spec.params_uri),
-         "card": card.model_dump(exclude={"metrics"})}
+        {
+            "weights": ledger.file_digest(spec.uri),
+            "params": ledger.file_digest(spec.params_uri),
+            "card": card.model_dump(exclude={"metrics"}),
+        }
     )
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """A tile that needs work, before its grid is read."""
+
+    tile: str
+    scenes: tuple[discovery.Scene, ...]
+    start: dt.date
+    end: dt.date
+    mask_url: str | None
+    fingerprint: dict
+    reasons: tuple[str, ...]
+
+
+def _stage(config: RunConfig, tile: str, card: ModelCard, model_digest: str, cfg_digest: str):
+    """The tile's scenes in its date window, its mask and ledger state: a :class:`_Staged`, or a
+    reason to skip it."""
+    scenes = discovery.scene_table(config.cube, tile, config.sensors)
+    if not scenes:
+        raise DiscoveryError(
+            f"tile {tile} has no BOA scenes of sensors {','.join(config.sensors)} in "
+            f"{storage.join(config.cube, tile)}; check --sensors or remove the tile from --tiles"
+        )
+    try:
+        start, end = effective_window(
+            card, [s.date for s in scenes], config.start_date, config.end_date
+        )
+    except TreesitsError:
+        start, end = config.start_date or scenes[0].date, config.end_date or scenes[-1].date
+    kept = tuple(s for s in scenes if start <= s.date <= end)
+    if not kept:
+        raise DiscoveryError(
+            f"tile {tile} has no scenes between {start} and {end} (its {len(scenes)} scenes span "
+            f"{scenes[0].date} .. {scenes[-1].date}); adjust --start-date / --end-date"
+        )
+    mask_url = masks.find_mask(config.mask_dir, config.mask_name, tile) if config.mask_dir else None
+    fingerprint = ledger.tile_fingerprint(kept, start, end, mask_url)
+    reasons = (["--force"] if config.force else []) + ledger.compare(
+        ledger.read_record(config.output, tile), fingerprint, model_digest, cfg_digest
+    )
+    return _Staged(tile, kept, start, end, mask_url, fingerprint, tuple(reasons))
 
 
 def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
@@ -135,71 +186,75 @@ def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
     tiles = discovery.select_tiles(config.cube, config.tiles)
     spec = ModelSpec(uri=config.model, family=config.model_family, params_uri=config.model_params)
     card = read_card(spec)
-    model_digest = _model_digest(spec, card)
-    cfg_digest = _settings_digest(config)
+    digests = {"model_digest": _model_digest(spec, card), "config_digest": _settings_digest(config)}
+    common = dict(config=config, definition=definition, spec=spec, card=card, **digests)
 
     staged, skipped = [], {}
     for tile in tiles:
-        scenes = discovery.scene_table(config.cube, tile, config.sensors)
-        if not scenes:
-            raise DiscoveryError(
-                f"tile {tile} has no BOA scenes of sensors {','.join(config.sensors)} in "
-                f"{storage.join(config.cube, tile)}; check --sensors or remove the tile from --tiles"
-            )
-        try:
-            start, end = effective_window(card, [s.date for s in scenes], config.start_date, config.end_date)
-        except TreesitsError:
-            start, end = config.start_date or scenes[0].date, config.end_date or scenes[-1].date
-        kept = tuple(s for s in scenes if start <= s.date <= end)
-        if not kept:
-            raise DiscoveryError(
-                f"tile {tile} has no scenes between {start} and {end} (its {len(scenes)} scenes span "
-                f"{scenes[0].date} .. {scenes[-1].date}); adjust --start-date / --end-date"
-            )
-        mask_url = masks.find_mask(config.mask_dir, config.mask_name, tile) if config.mask_dir else None
-        fingerprint = ledger.tile_fingerprint(kept, start, end, mask_url)
-        reasons = (["--force"] if config.force else []) + ledger.compare(
-            ledger.read_record(config.output, tile), fingerprint, model_digest, cfg_digest
-        )
-        if skip_done and not config.force and not reasons:
+        st = _stage(config, tile, card, digests["model_digest"], digests["config_digest"])
+        if skip_done and not config.force and not st.reasons:
             skipped[tile] = "up to date"
-            continue
-        staged.append((tile, kept, start, end, mask_url, fingerprint, tuple(reasons)))
-
+        else:
+            staged.append(st)
     if not staged:
-        return RunPlan(config, definition, spec, card, (0, 0), [], None, skipped, model_digest, cfg_digest)
+        return RunPlan(window_shape=(0, 0), tiles=[], output_grid=None, skipped=skipped, **common)
 
-    grids = {t[0]: tile_grid(definition, t[1][0]) for t in staged}
-    first = grids[staged[0][0]]
-    window_shape = choose_window_shape(first, config.window_shape, max(len(t[1]) for t in staged))
+    grids = {st.tile: tile_grid(definition, st.scenes[0]) for st in staged}
+    first = grids[staged[0].tile]
+    window_shape = choose_window_shape(
+        first, config.window_shape, max(len(st.scenes) for st in staged)
+    )
     for grid in grids.values():
         choose_window_shape(grid, window_shape, 1)  # same divisibility check for every tile
     output_grid, regions = _output_grid(definition, tiles, first, grids, window_shape, card)
-    plans = []
-    for tile, kept, start, end, mask_url, fingerprint, reasons in staged:
-        mask = masks.mask_source(mask_url, grids[tile]) if mask_url else None
-        layout = WindowLayout.of(grids[tile], window_shape)
-        plans.append(TilePlan(tile, kept, grids[tile], start, end, mask, regions[tile], layout,
-                              fingerprint, reasons))
-    return RunPlan(config, definition, spec, card, window_shape, plans, output_grid, skipped, model_digest,
-                   cfg_digest)
+    plans = [
+        TilePlan(
+            tile=st.tile,
+            scenes=st.scenes,
+            grid=grids[st.tile],
+            start=st.start,
+            end=st.end,
+            mask=masks.mask_source(st.mask_url, grids[st.tile]) if st.mask_url else None,
+            region=regions[st.tile],
+            layout=WindowLayout.of(grids[st.tile], window_shape),
+            fingerprint=st.fingerprint,
+            reasons=st.reasons,
+        )
+        for st in staged
+    ]
+    return RunPlan(
+        window_shape=window_shape, tiles=plans, output_grid=output_grid, skipped=skipped, **common
+    )
 
 
-def _output_grid(definition, tiles: list[str], first: TileGrid, grids: dict[str, TileGrid], window_shape,
-                 card: ModelCard) -> tuple[OutputGrid, dict[str, TileRegion]]:
+def _output_grid(
+    definition,
+    tiles: list[str],
+    first: TileGrid,
+    grids: dict[str, TileGrid],
+    window_shape,
+    card: ModelCard,
+) -> tuple[OutputGrid, dict[str, TileRegion]]:
     """The store covers all selected tiles (processed or not), so it is the same on every run."""
     a, e = first.transform[0], first.transform[4]
     for tile, g in grids.items():
-        if (g.width, g.height) != (first.width, first.height) or abs(g.transform[0] - a) > 1e-9 * abs(a):
+        if (g.width, g.height) != (first.width, first.height) or abs(
+            g.transform[0] - a
+        ) > 1e-9 * abs(a):
             raise InputDataError(
-                f"tile {tile} has {g.width}x{g.height} px of {g.transform[0]} m but tile {first.tile} has "
-                f"{first.width}x{first.height} px of {a} m; one run needs tiles of one grid (run the "
+                f"tile {tile} has {g.width}x{g.height} px of {g.transform[0]} m but tile "
+                f"{first.tile} has "
+                f"{first.width}x{first.height} px of {a} m; one run needs tiles of one grid (run "
+                "the "
                 "sensors of another resolution separately)"
             )
-    # pixel offsets of every tile relative to the first processed tile, anchored on its real transform
+    # pixel offsets of every tile relative to the first processed tile, anchored on its real
+    # transform
     fx, fy = definition.tile_origin(first.tile)
-    offsets = {t: (round((x - fx) / a), round((y - fy) / e)) for t, (x, y) in
-               ((t, definition.tile_origin(t)) for t in tiles)}
+    offsets = {
+        t: (round((x - fx) / a), round((y - fy) / e))
+        for t, (x, y) in ((t, definition.tile_origin(t)) for t in tiles)
+    }
     min_col = min(c for c, _ in offsets.values())
     min_row = min(r for _, r in offsets.values())
     left = first.transform[2] + min_col * a

@@ -72,8 +72,13 @@ def get_predictor(spec: ModelSpec, device: str = "auto"):
                 _share_cores(model)
                 _CACHE[key] = model
                 _LOADS += 1
-                log.info("loaded %s model %s on %s in %.2fs", spec.family, spec.uri, model.device,
-                         time.perf_counter() - t0)
+                log.info(
+                    "loaded %s model %s on %s in %.2fs",
+                    spec.family,
+                    spec.uri,
+                    model.device,
+                    time.perf_counter() - t0,
+                )
     return model
 
 
@@ -113,7 +118,9 @@ def tune_malloc() -> bool:
     except (OSError, AttributeError):  # musl etc.
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    ok = bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, TRIM_THRESHOLD))
+    ok = bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(
+        mallopt(m_trim_threshold, TRIM_THRESHOLD)
+    )
     _MALLOC_TUNED = _MALLOC_TUNED or ok
     return ok
 
@@ -136,7 +143,9 @@ def threads_for_forward(total: int) -> int:
     return max(1, (total - READS_IN_PROGRESS.count) // forwards)
 
 
-def select_pixels(block: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def select_pixels(
+    block: np.ndarray, mask: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The pixels of a ``(T, bands, h, w)`` window that reach the model: inside ``mask`` (if given)
     with at least one valid observation.  Returns their flat indices, their series ``(N, T, bands)``
     and validity ``(N, T)``, contiguous."""
@@ -166,7 +175,8 @@ def predict_block(
     mask : (h, w) bool or None; False pixels are not predicted.
     days : (T,) int64 days since 1970-01-01 of the scenes.
     predictor : an object with ``card`` (``n_classes``) and
-        ``predict(series (N, T, 10) int16, valid (N, T) bool, days) -> (probs (N, C), n_used (N,))``.
+        ``predict(series (N, T, 10) int16, valid (N, T) bool, days)`` returning
+        ``(probs (N, C), n_used (N,))``.
 
     Returns the variables of :mod:`treesits_dask.outputs.schema`: ``probability`` (C, h, w),
     ``class``, ``valid_obs`` (observations used) and ``last_obs_valid`` (1 newest scene valid, 0
@@ -182,7 +192,9 @@ def predict_block(
         return out
     device = getattr(getattr(predictor, "device", None), "type", "cpu")
     with FORWARDS_IN_PROGRESS if device == "cpu" else _ACCELERATOR:
-        probs, n_used = predictor.predict(series, valid_sel, np.asarray(days), batch_size=batch_size)
+        probs, n_used = predictor.predict(
+            series, valid_sel, np.asarray(days), batch_size=batch_size
+        )
     prob = out["probability"].reshape(n_classes, h * w)
     prob[:, idx] = probs.T
     if n_classes > 1:
@@ -209,8 +221,16 @@ def annotate(resources: dict | None):
     return dask.annotate(resources=resources) if resources else contextlib.nullcontext()
 
 
-def predict_layer(data, mask, days: np.ndarray, spec: ModelSpec, n_classes: int, device: str,
-                  batch_size: int, gpu: bool = False):
+def predict_layer(
+    data,
+    mask,
+    days: np.ndarray,
+    spec: ModelSpec,
+    n_classes: int,
+    device: str,
+    batch_size: int,
+    gpu: bool = False,
+):
     """Lazy dask array (n_classes + 3, y, x) float32: the packed outputs of every window of a
     tile (see :func:`~treesits_dask.outputs.schema.pack_outputs`).
 
@@ -221,8 +241,16 @@ def predict_layer(data, mask, days: np.ndarray, spec: ModelSpec, n_classes: int,
     import dask.array as da
 
     meta = np.empty((0, 0, 0), np.float32)
-    common = dict(days=days, spec=spec, device=device, batch_size=batch_size, dtype=np.float32,
-                  concatenate=True, meta=meta, new_axes={"k": n_classes + 3})
+    common = dict(
+        days=days,
+        spec=spec,
+        device=device,
+        batch_size=batch_size,
+        dtype=np.float32,
+        concatenate=True,
+        meta=meta,
+        new_axes={"k": n_classes + 3},
+    )
     with annotate({"GPU": 1} if gpu else None):
         if mask is not None:
             return da.blockwise(_predict_packed, "kyx", data, "tbyx", mask, "yx", **common)
@@ -239,8 +267,13 @@ class ModelPlugin(WorkerPlugin):
 
     name = "treesits-model"
 
-    def __init__(self, spec: ModelSpec, device: str = "auto", torch_threads: int | None = None,
-                 resource: str | None = None):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        device: str = "auto",
+        torch_threads: int | None = None,
+        resource: str | None = None,
+    ):
         self.spec = spec
         self.device = device
         self.torch_threads = torch_threads
@@ -249,7 +282,9 @@ class ModelPlugin(WorkerPlugin):
     def setup(self, worker=None):  # noqa: D401 - dask WorkerPlugin hook
         global _CPU_THREADS
         # as many torch threads as the worker has (nanny workers start with OMP_NUM_THREADS=1)
-        threads = max(1, self.torch_threads or getattr(getattr(worker, "state", None), "nthreads", None) or 1)
+        threads = max(
+            1, self.torch_threads or getattr(getattr(worker, "state", None), "nthreads", None) or 1
+        )
         if self.resource and worker is not None:
             resources = getattr(getattr(worker, "state", None), "total_resources", None) or {}
             if self.resource not in resources:
@@ -264,8 +299,9 @@ class ModelPlugin(WorkerPlugin):
         # setup runs on the worker's event loop: importing torch and loading the model there would
         # hold every task back for seconds.  Load beside the first window reads instead; the first
         # forward waits for it (get_predictor's lock) or, if this load failed, raises the error
-        threading.Thread(target=self._load_ahead, args=(threads,), name="treesits-model-load",
-                         daemon=True).start()
+        threading.Thread(
+            target=self._load_ahead, args=(threads,), name="treesits-model-load", daemon=True
+        ).start()
 
     def _load(self, threads: int) -> None:
         import torch

@@ -24,9 +24,13 @@ log = logging.getLogger(__name__)
 
 #: task-name prefixes -> stage of the run report (see :func:`stage_seconds`)
 _STAGES = {
-    "read": "read", "mask": "mask", "predict_packed": "predict",
-    "predict_packed_nomask": "predict", "write": "write", "cog": "cog",
-}  # fmt: skip
+    "read": "read",
+    "mask": "mask",
+    "predict_packed": "predict",
+    "predict_packed_nomask": "predict",
+    "write": "write",
+    "cog": "cog",
+}
 
 
 @dataclass

@@ -22,6 +22,7 @@ from ..errors import InputDataError, TreesitsError
 from ..io import discovery, masks, storage
 from ..io.cube import days_since_epoch, tile_cube
 from ..io.masks import open_mask
+from ..io.remote import clear_gdal_cache
 from ..outputs import cog, store
 from ..state import ledger
 from ..state.lease import Lease
@@ -68,10 +69,19 @@ def tile_graph(plan: RunPlan, tile: TilePlan):
         mask = open_mask(tile.mask, tile.grid, tile.layout) if tile.mask else None
         cube = tile_cube(tile.scenes, tile.grid, tile.layout, cfg.qai_flags, mask=mask)
     days = days_since_epoch([s.date for s in tile.scenes])
-    packed = predict_layer(cube.data, mask, days, plan.spec, plan.card.n_classes, cfg.device,
-                           cfg.batch_size, gpu=cfg.gpu_group)
-    return store.write_layer(packed, plan.store_url, tile.region, tile.layout,
-                             plan.output_grid.variables())
+    packed = predict_layer(
+        cube.data,
+        mask,
+        days,
+        plan.spec,
+        plan.card.n_classes,
+        cfg.device,
+        cfg.batch_size,
+        gpu=cfg.gpu_group,
+    )
+    return store.write_layer(
+        packed, plan.store_url, tile.region, tile.layout, plan.output_grid.variables()
+    )
 
 
 def run(
@@ -92,25 +102,59 @@ def run(
     started = dt.datetime.now(dt.UTC)
     cb = callbacks or RunCallbacks()
     storage.apply_environment(worker_environment(config))
-    if config.mask_worldcover:
-        tiles = discovery.select_tiles(config.cube, config.tiles)
-        if masks.missing_masks(config.mask_dir, config.mask_name, tiles):
-            if client is None:  # masks are built on the cluster of the run
-                with connect(config) as c:
-                    return run(config, client=c, callbacks=callbacks)
-            masks.ensure_masks(config.mask_dir, config.mask_name, tiles, config.mask_worldcover,
-                               config.cube, config.mask_classes, client=client)
-            plan = None  # the new masks are inputs of their tiles: plan again
+    tiles_without_mask = _worldcover_masks_to_build(config)
+    if tiles_without_mask:
+        if client is None:  # masks are built on the cluster of the run
+            with connect(config) as c:
+                return run(config, client=c, callbacks=callbacks)
+        masks.ensure_masks(
+            config.mask_dir,
+            config.mask_name,
+            tiles_without_mask,
+            config.mask_worldcover,
+            config.cube,
+            config.mask_classes,
+            client=client,
+        )
+        plan = None  # the new masks are inputs of their tiles: plan again
     plan = plan or make_plan(config)
     if hasattr(cb, "planned"):  # callbacks that do not subclass RunCallbacks may lack this hook
         cb.planned(plan)
-    result = RunResult(output=config.output, skipped=dict(plan.skipped),
-                       reasons={t.tile: list(t.reasons) for t in plan.tiles})
+    result = RunResult(
+        output=config.output,
+        skipped=dict(plan.skipped),
+        reasons={t.tile: list(t.reasons) for t in plan.tiles},
+    )
     if not plan.tiles:
-        log.info("nothing to do: all %d tile(s) are up to date in %s", len(plan.skipped),
-                 config.output)
-        result.seconds = time.perf_counter() - t0
-        return result
+        log.info(
+            "nothing to do: all %d tile(s) are up to date in %s", len(plan.skipped), config.output
+        )
+    else:
+        _process(plan, client, cb, result, started, t0)
+    result.seconds = time.perf_counter() - t0
+    if result.failed:
+        lines = "; ".join(f"{t}: {e}" for t, e in result.failed.items())
+        raise RunError(
+            f"{len(result.failed)} of {len(plan.tiles)} tile(s) failed ({lines}). The other tiles "
+            "are finished; fix the input and run again (finished tiles are skipped)"
+        )
+    return result
+
+
+def _worldcover_masks_to_build(config: RunConfig) -> list[str]:
+    """The selected tiles without a mask, when masks are built from WorldCover (else none)."""
+    if not config.mask_worldcover:
+        return []
+    tiles = discovery.select_tiles(config.cube, config.tiles)
+    return masks.missing_masks(config.mask_dir, config.mask_name, tiles)
+
+
+def _process(
+    plan: RunPlan, client, cb: RunCallbacks, result: RunResult, started: dt.datetime, t0: float
+) -> None:
+    """Under the output's lease: create the store, process the tiles on the cluster, write the
+    mosaics and the run report."""
+    config = plan.config
     for t in plan.tiles:
         log.info("tile %s: process (%s)", t.tile, "; ".join(t.reasons) or "requested")
     store.check_writable(config.output)
@@ -118,8 +162,11 @@ def run(
         store.create_store(
             plan.store_url,
             plan.output_grid,
-            attrs={"model_family": plan.card.family, "model": storage.basename(plan.spec.uri),
-                   "treesits_dask_version": __version__},
+            attrs={
+                "model_family": plan.card.family,
+                "model": storage.basename(plan.spec.uri),
+                "treesits_dask_version": __version__,
+            },
         )
         run_id = started.strftime("%Y%m%dT%H%M%SZ") + f"-{os.getpid()}"
         result.report_dir = storage.join(config.output, "_runs", run_id)
@@ -129,18 +176,14 @@ def run(
         else:
             _run_reported(plan, client, cb, result)
         if config.cog and result.tiles:
-            with_cogs = [t for t in [*plan.skipped, *(t.tile for t in plan.tiles)]
-                         if t in plan.skipped or t in result.tiles]
+            with_cogs = [
+                t
+                for t in [*plan.skipped, *(t.tile for t in plan.tiles)]
+                if t in plan.skipped or t in result.tiles
+            ]
             cog.write_mosaics(config.output, sorted(with_cogs))
         result.seconds = time.perf_counter() - t0
         write_summary(config.output, result, started)
-    if result.failed:
-        lines = "; ".join(f"{t}: {e}" for t, e in result.failed.items())
-        raise RunError(
-            f"{len(result.failed)} of {len(plan.tiles)} tile(s) failed ({lines}). The other tiles "
-            "are finished; fix the input and run again (finished tiles are skipped)"
-        )
-    return result
 
 
 def update(config: RunConfig, *, client=None, callbacks: RunCallbacks | None = None) -> RunResult:
@@ -162,8 +205,9 @@ class _Scheduler:
     """Submits the tiles of a plan, a bounded number at a time, and follows their futures:
     windows -> COGs (when the last window is written) -> ledger record."""
 
-    def __init__(self, plan: RunPlan, client, cb: RunCallbacks, result: RunResult,
-                 clock: StageClock | None):
+    def __init__(
+        self, plan: RunPlan, client, cb: RunCallbacks, result: RunResult, clock: StageClock | None
+    ):
         from distributed import as_completed
 
         self.plan, self.client, self.cb, self.result, self.clock = plan, client, cb, result, clock
@@ -176,10 +220,16 @@ class _Scheduler:
         gpu = self.plan.config.gpu_group
         stats = tile_graph(self.plan, tile)
         # annotated graphs must not be optimised: fusion drops or merges the resource annotations
-        futures = self.client.compute(list(stats.to_delayed(optimize_graph=not gpu).ravel()),
-                                      optimize_graph=not gpu)
-        self.state[tile.tile] = {"plan": tile, "left": len(futures), "stats": [],
-                                 "t0": time.perf_counter(), "futures": futures}
+        futures = self.client.compute(
+            list(stats.to_delayed(optimize_graph=not gpu).ravel()), optimize_graph=not gpu
+        )
+        self.state[tile.tile] = {
+            "plan": tile,
+            "left": len(futures),
+            "stats": [],
+            "t0": time.perf_counter(),
+            "futures": futures,
+        }
         for f in futures:
             self._follow(f, tile.tile, "window")
 
@@ -216,9 +266,14 @@ class _Scheduler:
             self.finish(tile, {})
             return
         f = self.client.submit(
-            cog.write_tile_cogs, cfg.output, self.plan.store_url, st["plan"].region,
-            self.plan.output_grid, pure=False, key=f"cog-{tile}-{time.time_ns()}",
-        )  # fmt: skip
+            cog.write_tile_cogs,
+            cfg.output,
+            self.plan.store_url,
+            st["plan"].region,
+            self.plan.output_grid,
+            pure=False,
+            key=f"cog-{tile}-{time.time_ns()}",
+        )
         st["futures"].append(f)
         self._follow(f, tile, "cog")
 
@@ -247,23 +302,31 @@ class _Scheduler:
                 self.fill()
 
 
-def _run_tiles(plan: RunPlan, client, cb: RunCallbacks, result: RunResult,
-               clock: StageClock | None = None) -> None:
+def _run_tiles(
+    plan: RunPlan, client, cb: RunCallbacks, result: RunResult, clock: StageClock | None = None
+) -> None:
     cfg = plan.config
     # GDAL/S3 settings on every worker (also of a cluster this run did not start, and ones that join
     # later); credentials stay in each worker's own environment
     client.register_plugin(EnvPlugin(worker_environment(cfg)))
     # workers that outlive a run must not serve scene bytes GDAL cached before files were replaced
-    client.run(storage.clear_gdal_cache)
-    client.register_plugin(ModelPlugin(plan.spec, cfg.device, cfg.threads_per_worker,
-                                       resource="GPU" if cfg.gpu_group else None))
-    cb.start(sum(plan.windows_per_tile(t) for t in plan.tiles), getattr(client, "dashboard_link", None))
+    client.run(clear_gdal_cache)
+    client.register_plugin(
+        ModelPlugin(
+            plan.spec, cfg.device, cfg.threads_per_worker, resource="GPU" if cfg.gpu_group else None
+        )
+    )
+    cb.start(
+        sum(plan.windows_per_tile(t) for t in plan.tiles), getattr(client, "dashboard_link", None)
+    )
     _Scheduler(plan, client, cb, result, clock).loop()
 
 
-def _finish(plan: RunPlan, st: dict, result: RunResult, cb: RunCallbacks, tile: str,
-            cogs: dict) -> None:
-    """Check that the inputs did not change while the tile was read, then write its ledger record."""
+def _finish(
+    plan: RunPlan, st: dict, result: RunResult, cb: RunCallbacks, tile: str, cogs: dict
+) -> None:
+    """Check that the inputs did not change while the tile was read, then write its ledger
+    record."""
     tp: TilePlan = st["plan"]
     cfg = plan.config
     now = discovery.scene_table(cfg.cube, tile, cfg.sensors, tp.start, tp.end)
@@ -275,9 +338,14 @@ def _finish(plan: RunPlan, st: dict, result: RunResult, cb: RunCallbacks, tile: 
             "its outputs are not marked complete: run again to process the new state"
         )
     if fingerprint != tp.fingerprint:
-        log.info("tile %s: %s since it was planned; the next update will take them", tile,
-                 "; ".join(ledger.compare({"fingerprint": tp.fingerprint}, fingerprint)))
-    arr = np.array(st["stats"]).sum(axis=0) if st["stats"] else np.zeros(len(store.WINDOW_STATS), int)
+        log.info(
+            "tile %s: %s since it was planned; the next update will take them",
+            tile,
+            "; ".join(ledger.compare({"fingerprint": tp.fingerprint}, fingerprint)),
+        )
+    arr = (
+        np.array(st["stats"]).sum(axis=0) if st["stats"] else np.zeros(len(store.WINDOW_STATS), int)
+    )
     stats = {
         "scenes": len(tp.scenes),
         "first_scene": str(tp.scenes[0].date),
@@ -286,12 +354,17 @@ def _finish(plan: RunPlan, st: dict, result: RunResult, cb: RunCallbacks, tile: 
         "pixels_predicted": int(arr[0]),
         "seconds": round(time.perf_counter() - st["t0"], 3),
     }
-    record = ledger.tile_record(tile, tp.fingerprint, plan.model_digest, plan.config_digest,
-                                tp.region, cogs, stats)
+    record = ledger.tile_record(
+        tile, tp.fingerprint, plan.model_digest, plan.config_digest, tp.region, cogs, stats
+    )
     ledger.write_record(cfg.output, tile, record)
     result.tiles[tile] = stats
     log.info(
         "tile %s: %d scenes, %d windows, %d pixels predicted, %.1f s",
-        tile, stats["scenes"], stats["windows"], stats["pixels_predicted"], stats["seconds"],
-    )  # fmt: skip
+        tile,
+        stats["scenes"],
+        stats["windows"],
+        stats["pixels_predicted"],
+        stats["seconds"],
+    )
     cb.tile_done(tile, stats)

@@ -45,7 +45,8 @@ def _driver_is_dead(lease: dict) -> bool:
 
 @dataclass
 class Lease:
-    """A lease on an output: one driver at a time; expires ``ttl`` seconds after its last renewal."""
+    """A lease on an output: one driver at a time; expires ``ttl`` seconds after its last
+    renewal."""
 
     output: str
     ttl: float = 900.0
@@ -65,7 +66,9 @@ class Lease:
         except FileNotFoundError:
             return None
         except json.JSONDecodeError:
-            log.warning("the lease %s is not valid JSON; treating the output as not leased", self.url)
+            log.warning(
+                "the lease %s is not valid JSON; treating the output as not leased", self.url
+            )
             return None
         except OSError as exc:  # storage errors left after retries: do not guess "not leased"
             raise OutputError(
@@ -74,9 +77,14 @@ class Lease:
 
     def _write(self) -> None:
         now = time.time()
-        body = {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "renewed": now,
-                "expires": now + self.ttl,
-                "expires_utc": dt.datetime.fromtimestamp(now + self.ttl, dt.UTC).isoformat()}
+        body = {
+            "owner": self.owner,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "renewed": now,
+            "expires": now + self.ttl,
+            "expires_utc": dt.datetime.fromtimestamp(now + self.ttl, dt.UTC).isoformat(),
+        }
         storage.publish_bytes(json.dumps(body).encode(), self.url)
 
     def acquire(self) -> Lease:
@@ -91,17 +99,25 @@ class Lease:
             dead = _driver_is_dead(current)
             if not (expired or dead):
                 raise OutputError(
-                    f"output {self.output} is leased by another driver ({current.get('owner')}) until "
-                    f"{current.get('expires_utc')}; wait for it to finish, or delete {self.url} if that "
+                    f"output {self.output} is leased by another driver ({current.get('owner')}) "
+                    "until "
+                    f"{current.get('expires_utc')}; wait for it to finish, or delete {self.url} if "
+                    "that "
                     "driver is known to be dead (leases of dead drivers expire on their own)"
                 )
-            log.warning("taking over the %s lease of %s on %s",
-                        "expired" if expired else "dead driver's", current.get("owner"), self.output)
+            log.warning(
+                "taking over the %s lease of %s on %s",
+                "expired" if expired else "dead driver's",
+                current.get("owner"),
+                self.output,
+            )
         self._write()
         time.sleep(0.05)
         again = self._read()
         if not again or again.get("owner") != self.owner:
-            raise OutputError(f"another driver took the lease on {self.output} at the same time; run again later")
+            raise OutputError(
+                f"another driver took the lease on {self.output} at the same time; run again later"
+            )
         self._thread = threading.Thread(target=self._renew, daemon=True, name="treesits-lease")
         self._thread.start()
         return self
@@ -111,8 +127,12 @@ class Lease:
             try:
                 current = self._read()
                 if current and current.get("owner") != self.owner:
-                    log.error("the lease on %s was taken over by %s (this driver did not renew it in "
-                              "time); stop this run", self.output, current.get("owner"))
+                    log.error(
+                        "the lease on %s was taken over by %s (this driver did not renew it in "
+                        "time); stop this run",
+                        self.output,
+                        current.get("owner"),
+                    )
                     return
                 self._write()
             except Exception as exc:  # noqa: BLE001 - keep renewing; the run itself reports storage errors
@@ -128,8 +148,12 @@ class Lease:
                 fs, path = storage.get_fs(self.url)
                 fs.rm(path)
         except (OutputError, OSError) as exc:
-            log.warning("could not release the lease %s (%s); it expires by itself after %d s",
-                        self.url, exc, self.ttl)
+            log.warning(
+                "could not release the lease %s (%s); it expires by itself after %d s",
+                self.url,
+                exc,
+                self.ttl,
+            )
 
     def __enter__(self) -> Lease:
         return self.acquire()

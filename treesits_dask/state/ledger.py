@@ -134,14 +134,19 @@ def tile_record(
 def write_record(output: str, tile: str, record: dict) -> str:
     """Write the record last, atomically (:func:`storage.publish_bytes`)."""
     url = record_path(output, tile)
-    body = json.dumps({**record, "treesits_dask_version": __version__}, indent=2,
-                      sort_keys=True, default=str)
+    body = json.dumps(
+        {**record, "treesits_dask_version": __version__}, indent=2, sort_keys=True, default=str
+    )
     storage.publish_bytes(body.encode(), url)
     return url
 
 
-def compare(record: dict | None, fingerprint: dict, model_digest: str | None = None,
-            cfg_digest: str | None = None) -> list[str]:
+def compare(
+    record: dict | None,
+    fingerprint: dict,
+    model_digest: str | None = None,
+    cfg_digest: str | None = None,
+) -> list[str]:
     """Reasons to (re)process a tile; empty when its ledger record matches (digests given as None
     are not compared)."""
     if record is None:
@@ -153,13 +158,17 @@ def compare(record: dict | None, fingerprint: dict, model_digest: str | None = N
     removed = sorted(set(old) - set(new))
     changed = sorted(n for n in set(new) & set(old) if new[n] != old[n])
     if added:
-        reasons.append(f"{len(added)} new scene(s): {', '.join(added[:3])}{' ...' if len(added) > 3 else ''}")
+        reasons.append(
+            f"{len(added)} new scene(s): {', '.join(added[:3])}{' ...' if len(added) > 3 else ''}"
+        )
     if removed:
         reasons.append(f"{len(removed)} scene(s) gone: {', '.join(removed[:3])}")
     if changed:
         reasons.append(f"{len(changed)} scene(s) changed: {', '.join(changed[:3])}")
     if record.get("fingerprint", {}).get("window") != fingerprint["window"]:
-        reasons.append(f"date window {record.get('fingerprint', {}).get('window')} -> {fingerprint['window']}")
+        reasons.append(
+            f"date window {record.get('fingerprint', {}).get('window')} -> {fingerprint['window']}"
+        )
     if record.get("fingerprint", {}).get("mask") != fingerprint["mask"]:
         reasons.append("mask changed")
     if model_digest is not None and record.get("model_digest") != model_digest:
@@ -178,9 +187,14 @@ def changed_inputs(processed: dict, now: dict) -> list[str]:
     changed = sorted(n for n in set(old) & set(new) if old[n] != new[n])
     reasons = []
     if gone:
-        reasons.append(f"{len(gone)} scene(s) gone: {', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''}")
+        reasons.append(
+            f"{len(gone)} scene(s) gone: {', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''}"
+        )
     if changed:
-        reasons.append(f"{len(changed)} scene(s) changed: {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}")
+        reasons.append(
+            f"{len(changed)} scene(s) changed: "
+            f"{', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}"
+        )
     if processed.get("mask") != now.get("mask"):
         reasons.append("mask changed")
     return reasons

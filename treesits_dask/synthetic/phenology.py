@@ -29,30 +29,39 @@ Q_SUBZERO = 1 << 8
 
 # Reflectance x 10000 in FORCE band order (BLUE GREEN RED RE1 RE2 RE3 BNIR NIR SWIR1 SWIR2):
 # dormant (winter) and peak (summer) state per class; row 5 is non-forest (crop / grassland).
-_WINTER = np.array([
-    [150, 300, 200, 500, 1200, 1500, 1600, 1700, 900, 400],       # 0 Spruce
-    [350, 500, 550, 800, 1200, 1400, 1600, 1700, 2000, 1200],     # 1 Beech (leaf-off)
-    [250, 420, 360, 700, 1300, 1600, 1700, 1800, 1450, 780],      # 2 Pine
-    [120, 250, 150, 420, 1100, 1400, 1500, 1600, 750, 300],       # 3 Douglas fir
-    [380, 560, 620, 860, 1250, 1450, 1650, 1750, 2250, 1450],     # 4 Oak (leaf-off)
-    [600, 850, 1000, 1300, 1600, 1800, 2000, 2100, 2800, 2200],   # 5 bare soil / stubble
-], dtype=np.float32)  # fmt: skip
-_SUMMER = np.array([
-    [200, 400, 200, 600, 1600, 2000, 2100, 2250, 1000, 450],
-    [250, 560, 280, 860, 2900, 3800, 4000, 4200, 1700, 700],
-    [280, 480, 350, 750, 1700, 2100, 2200, 2350, 1500, 800],
-    [160, 380, 170, 550, 1950, 2550, 2750, 2900, 850, 330],
-    [270, 520, 330, 850, 2400, 3100, 3300, 3450, 1900, 850],
-    [300, 600, 300, 900, 3200, 4200, 4500, 4600, 2000, 900],
-], dtype=np.float32)  # fmt: skip
+_WINTER = np.array(
+    [
+        [150, 300, 200, 500, 1200, 1500, 1600, 1700, 900, 400],  # 0 Spruce
+        [350, 500, 550, 800, 1200, 1400, 1600, 1700, 2000, 1200],  # 1 Beech (leaf-off)
+        [250, 420, 360, 700, 1300, 1600, 1700, 1800, 1450, 780],  # 2 Pine
+        [120, 250, 150, 420, 1100, 1400, 1500, 1600, 750, 300],  # 3 Douglas fir
+        [380, 560, 620, 860, 1250, 1450, 1650, 1750, 2250, 1450],  # 4 Oak (leaf-off)
+        [600, 850, 1000, 1300, 1600, 1800, 2000, 2100, 2800, 2200],  # 5 bare soil / stubble
+    ],
+    dtype=np.float32,
+)
+_SUMMER = np.array(
+    [
+        [200, 400, 200, 600, 1600, 2000, 2100, 2250, 1000, 450],
+        [250, 560, 280, 860, 2900, 3800, 4000, 4200, 1700, 700],
+        [280, 480, 350, 750, 1700, 2100, 2200, 2350, 1500, 800],
+        [160, 380, 170, 550, 1950, 2550, 2750, 2900, 850, 330],
+        [270, 520, 330, 850, 2400, 3100, 3300, 3450, 1900, 850],
+        [300, 600, 300, 900, 3200, 4200, 4500, 4600, 2000, 900],
+    ],
+    dtype=np.float32,
+)
 # green-up day of year, senescence day of year, green-up and senescence widths (days)
-_TIMING = np.array([
-    [135, 285, 12, 15],
-    [118, 290, 5, 8],
-    [130, 280, 12, 15],
-    [125, 290, 10, 12],
-    [142, 302, 8, 10],
-], dtype=np.float32)  # fmt: skip
+_TIMING = np.array(
+    [
+        [135, 285, 12, 15],
+        [118, 290, 5, 8],
+        [130, 280, 12, 15],
+        [125, 290, 10, 12],
+        [142, 302, 8, 10],
+    ],
+    dtype=np.float32,
+)
 
 _SNOW = np.array([7500, 7400, 7200, 7000, 6800, 6500, 6200, 6000, 600, 400], dtype=np.float32)
 _HAZE = np.array([900, 850, 800, 760, 720, 700, 680, 660, 450, 300], dtype=np.float32)
@@ -110,7 +119,10 @@ def _quantile_mask(field: np.ndarray, fraction: float) -> np.ndarray:
 
 
 def species_map(
-    rng: np.random.Generator, size: int, forest_fraction: float, n_classes: int,
+    rng: np.random.Generator,
+    size: int,
+    forest_fraction: float,
+    n_classes: int,
     forest_scale: float | None = None,
 ) -> np.ndarray:
     """(size, size) uint8 species id in coherent stands, ``NON_FOREST`` (255) elsewhere.
@@ -211,12 +223,17 @@ def weather_for_dates(
         winter = d.month in (12, 1, 2) or (d.month == 3 and d.day <= 15)
         snow = float(rng.uniform(0.2, 0.8)) if winter and rng.random() < 0.35 else 0.0
         edge = float(rng.uniform(0.05, 0.4)) if rng.random() < 0.1 else 0.0
-        out.append(Weather(
-            cover=1.0 if full[i] else float(cover[i]), full=bool(full[i]), snow=snow, edge=edge,
-            aerosol_interpolated=bool(rng.random() < 0.3),
-            atmos=tuple(float(v) for v in rng.normal(0, 1, N_BANDS) * _ATMOS_SD),
-            green_shift=float(year_shift[d.year]),
-        ))  # fmt: skip
+        out.append(
+            Weather(
+                cover=1.0 if full[i] else float(cover[i]),
+                full=bool(full[i]),
+                snow=snow,
+                edge=edge,
+                aerosol_interpolated=bool(rng.random() < 0.3),
+                atmos=tuple(float(v) for v in rng.normal(0, 1, N_BANDS) * _ATMOS_SD),
+                green_shift=float(year_shift[d.year]),
+            )
+        )
     return out
 
 
@@ -226,8 +243,9 @@ def _shift(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
     out = np.zeros_like(mask)
     if abs(dy) >= h or abs(dx) >= w:
         return out
-    out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
-        mask[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]  # fmt: skip
+    out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = mask[
+        max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+    ]
     return out
 
 

@@ -150,7 +150,8 @@ def write_gpkg_points(path: str, x, y, labels, ids, crs_obj, label_column: str) 
         con.execute("PRAGMA user_version = 10400")
         con.execute(
             "CREATE TABLE gpkg_spatial_ref_sys (srs_name TEXT NOT NULL, "
-            "srs_id INTEGER PRIMARY KEY, organization TEXT NOT NULL, organization_coordsys_id INTEGER NOT NULL, "
+            "srs_id INTEGER PRIMARY KEY, organization TEXT NOT NULL, organization_coordsys_id "
+            "INTEGER NOT NULL, "
             "definition TEXT NOT NULL, description TEXT)"
         )
         srs = [

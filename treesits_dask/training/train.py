@@ -167,15 +167,30 @@ def train(
     pool = samples.subset(rest)
     train_idx, val_idx = stratified_split(pool.labels, config.val_fraction, config.seed + 1)
     options = FitOptions(
-        hyperparameters=config.hyperparameters or None, max_seconds=config.max_seconds,
-        seed=config.seed, batch_size=config.batch_size, learning_rate=config.learning_rate,
-        patience=config.patience, max_epochs=config.max_epochs,
-        class_weights=_class_weights(config, names), device=config.device,
-        seq_len=config.seq_len, threads=config.threads,
-    )  # fmt: skip
-    predictor, fit_metrics = fit(config.family, pool.series, pool.valid, pool.days, pool.labels,
-                                 names, options, init=init, callback=callback,
-                                 split=(train_idx, val_idx))
+        hyperparameters=config.hyperparameters or None,
+        max_seconds=config.max_seconds,
+        seed=config.seed,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        patience=config.patience,
+        max_epochs=config.max_epochs,
+        class_weights=_class_weights(config, names),
+        device=config.device,
+        seq_len=config.seq_len,
+        threads=config.threads,
+    )
+    predictor, fit_metrics = fit(
+        config.family,
+        pool.series,
+        pool.valid,
+        pool.days,
+        pool.labels,
+        names,
+        options,
+        init=init,
+        callback=callback,
+        split=(train_idx, val_idx),
+    )
     metrics = dict(fit_metrics)
     metrics["class_names"] = names
     metrics["validation"] = evaluate(predictor, pool.subset(val_idx))
@@ -188,8 +203,11 @@ def train(
     for split in ("validation", "test"):
         if split in metrics:
             write_report(metrics[split], f"{stem(pt)}_{split}")
-    log.info("model written to %s (validation overall accuracy %.4f)", pt,
-             metrics["validation"]["overall_accuracy"])
+    log.info(
+        "model written to %s (validation overall accuracy %.4f)",
+        pt,
+        metrics["validation"]["overall_accuracy"],
+    )
     return predictor, metrics
 
 
@@ -200,11 +218,18 @@ def _training_samples(config: TrainConfig, init: Predictor | None) -> SampleSet:
         try:
             samples = _align_classes(samples, model_classes(init.card))
         except ConfigError:
-            log.info("the samples' classes %s differ from the checkpoint's %s: new last layer",
-                     list(samples.class_names), model_classes(init.card))
+            log.info(
+                "the samples' classes %s differ from the checkpoint's %s: new last layer",
+                list(samples.class_names),
+                model_classes(init.card),
+            )
     counts = np.bincount(samples.labels, minlength=len(samples.class_names))
-    log.info("training a %s on %d samples: %s", config.family, len(samples),
-             ", ".join(f"{n} {c}" for n, c in zip(samples.class_names, counts, strict=True)))
+    log.info(
+        "training a %s on %d samples: %s",
+        config.family,
+        len(samples),
+        ", ".join(f"{n} {c}" for n, c in zip(samples.class_names, counts, strict=True)),
+    )
     return samples
 
 
@@ -230,8 +255,18 @@ def _preprocessing(config: TrainConfig, card: ModelCard, samples: SampleSet) -> 
     }
 
 
-_RECORDED = ("seed", "val_fraction", "test_fraction", "batch_size", "learning_rate", "patience",
-             "max_epochs", "threads", "max_seconds", "class_weights")
+_RECORDED = (
+    "seed",
+    "val_fraction",
+    "test_fraction",
+    "batch_size",
+    "learning_rate",
+    "patience",
+    "max_epochs",
+    "threads",
+    "max_seconds",
+    "class_weights",
+)
 
 
 def _provenance(config: TrainConfig, samples: SampleSet, started: dt.datetime) -> dict:
@@ -240,9 +275,7 @@ def _provenance(config: TrainConfig, samples: SampleSet, started: dt.datetime) -
     return {
         "samples": config.samples,
         "n_samples": len(samples),
-        "class_counts": {
-            n: int(c) for n, c in zip(samples.class_names, counts, strict=True)
-        },
+        "class_counts": {n: int(c) for n, c in zip(samples.class_names, counts, strict=True)},
         "tiles": sorted({t for t in samples.tiles if t}),
         "init_from": config.init_from,
         "init_family": config.resolved_init_family,

@@ -1,0 +1,276 @@
+"""The measurements of the throughput benchmark (:mod:`treesits_dask.bench.throughput`): decode
+only, forward only on pre-loaded windows, end to end with peak RSS, a second run of a finished
+output; models with random weights of the published shapes."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "PeakRSS",
+    "bench_cluster",
+    "bench_models",
+    "decode_seconds",
+    "end_to_end",
+    "fmt_seconds",
+    "forward_inputs",
+    "forward_seconds",
+    "mib",
+    "open_count",
+    "rerun",
+    "reset_vm_hwm",
+    "vm_hwm",
+    "windows_with_forest",
+]
+
+
+def vm_hwm() -> int | None:
+    """This process's peak resident set (``VmHWM`` in /proc/self/status) in bytes; None
+    elsewhere."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_vm_hwm() -> bool:
+    """Reset this process's ``VmHWM`` to its current RSS (Linux: ``5`` into clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakRSS:
+    """Peak RSS of the driver plus the peaks of every worker process of a run, read from the
+    kernel's high-water marks after the run (each worker is new; the driver's mark is reset when
+    the run starts).  The sum of per-process peaks bounds the peak of their sum from above.
+
+    Nothing samples while the run is timed: a psutil sampler every 50 ms made the LSTM end-to-end
+    run 5-10 % slower on 2 cores.
+    """
+
+    def __init__(self, client) -> None:
+        self.client = client
+        self.peak: int | None = None
+
+    def __enter__(self):
+        import psutil
+
+        self.baseline = psutil.Process().memory_info().rss
+        self._reset = reset_vm_hwm()
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is not None:
+            return
+        workers = self.client.run(vm_hwm)
+        driver = vm_hwm() if self._reset else None
+        if driver is not None and all(v is not None for v in workers.values()):
+            self.peak = driver + sum(workers.values())
+
+
+def bench_cluster(workers: int, threads: int):
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(
+        n_workers=workers, threads_per_worker=threads, processes=True, dashboard_address=":0"
+    )
+    return cluster, Client(cluster)
+
+
+def bench_models(workdir: Path, families: list[str]) -> dict[str, dict]:
+    """Random weights of the published shapes (speed does not depend on the values)."""
+    import torch
+
+    from ..models import ModelCard, save_native
+    from .forward import random_sbert_state_dict
+
+    out = {}
+    if "sits-lstm" in families:
+        from ..models.architectures import LSTMClassifier
+
+        hp = {
+            "num_bands": 10,
+            "input_size": 32,
+            "hidden_size": 64,
+            "num_layers": 2,
+            "num_classes": 5,
+        }
+        card = ModelCard(
+            family="sits-lstm",
+            hyperparameters=hp,
+            bands=[
+                "BLUE",
+                "GREEN",
+                "RED",
+                "REDEDGE1",
+                "REDEDGE2",
+                "REDEDGE3",
+                "BROADNIR",
+                "NIR",
+                "SWIR1",
+                "SWIR2",
+            ],
+            class_names=["Spruce", "Beech", "Pine", "Douglas fir", "Oak"],
+            output_kind="softmax",
+            sequence={"kind": "full"},
+        )
+        pt, _ = save_native(LSTMClassifier(**hp).eval(), card, str(workdir / "lstm.pt"))
+        out["sits-lstm"] = {"model": pt, "model_family": "native"}
+    if "sbert" in families:
+        path = workdir / "sbert.tar"
+        torch.save({"model_state_dict": random_sbert_state_dict(), "epoch": 0}, path)
+        out["sbert"] = {"model": str(path), "model_family": "sbert"}
+    return out
+
+
+def mib(x: float | None) -> float | None:
+    """MiB rounded for the report; None (no high-water marks on this system) stays None."""
+    return round(x, 1) if x else None
+
+
+def fmt_seconds(seconds: list[float]) -> str:
+    return " / ".join(f"{x:.1f}" for x in seconds)
+
+
+def decode_seconds(plan, client) -> float:
+    from ..io.cube import tile_cube
+    from ..io.masks import open_mask
+
+    arrays = []
+    for tile in plan.tiles:
+        mask = open_mask(tile.mask, tile.grid, tile.layout) if tile.mask else None
+        cube = tile_cube(tile.scenes, tile.grid, tile.layout, plan.config.qai_flags, mask=mask)
+        arrays.append(
+            cube.data.map_blocks(
+                lambda b: np.array(int(b[:1, :1].sum()), ndmin=4),
+                chunks=(1, 1, 1, 1),
+                dtype=np.int64,
+            )
+        )
+    t0 = time.perf_counter()
+    client.compute([a.sum() for a in arrays], sync=True) if arrays else None
+    return time.perf_counter() - t0
+
+
+def forward_inputs(plan) -> list[tuple]:
+    """Per window of the run: the (series, valid, days) that :func:`predict_block` hands to the
+    model (the same pixels, the same batches), read once up front."""
+    from ..io.cube import days_since_epoch, tile_cube
+    from ..io.masks import open_mask
+    from ..pipeline.predict import select_pixels
+
+    inputs = []
+    for tile in plan.tiles:
+        mask = open_mask(tile.mask, tile.grid, tile.layout) if tile.mask else None
+        cube = tile_cube(tile.scenes, tile.grid, tile.layout, plan.config.qai_flags, mask=mask)
+        block = cube.values  # (T, 10, H, W)
+        sel_all = mask.compute() if mask is not None else None
+        days = days_since_epoch([s.date for s in tile.scenes])
+        for _, _, w in tile.layout:
+            sel = None if sel_all is None else sel_all[w.rows, w.cols]
+            idx, series, valid = select_pixels(block[:, :, w.rows, w.cols], sel)
+            if idx.size:
+                inputs.append((series, valid, days))
+        del block
+    return inputs
+
+
+def forward_seconds(plan, inputs: list[tuple], cores: int, streams: int) -> float:
+    """The model alone on pre-loaded inputs, ``streams`` windows at a time, the cores shared out as
+    inference workers do (:func:`treesits_dask.pipeline.predict.threads_for_forward`), with their
+    allocator settings: like against like."""
+    import functools
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..pipeline.predict import (
+        FORWARDS_IN_PROGRESS,
+        get_predictor,
+        threads_for_forward,
+        tune_malloc,
+    )
+
+    tune_malloc()
+    predictor = get_predictor(plan.spec, "cpu")
+    predictor.threads = functools.partial(threads_for_forward, cores)
+
+    def one(x):
+        with FORWARDS_IN_PROGRESS:
+            predictor.predict(*x, batch_size=plan.config.batch_size)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(streams) as ex:
+        list(ex.map(one, inputs))
+    return time.perf_counter() - t0
+
+
+def open_count() -> int:
+    from ..io.cube import OPEN_COUNTER
+
+    return OPEN_COUNTER.count
+
+
+def end_to_end(config, workers: int, threads: int) -> dict:
+    """``run`` on a fresh cluster (so RSS and file-open counts belong to this run alone)."""
+    from ..pipeline.plan import make_plan
+    from ..pipeline.run import run
+
+    plan = make_plan(config)
+    cluster, client = bench_cluster(workers, threads)
+    try:
+        with PeakRSS(client) as rss:
+            t0 = time.perf_counter()
+            result = run(config, client=client, plan=plan)
+            seconds = time.perf_counter() - t0
+        opens = sum(client.run(open_count).values())
+    finally:
+        client.close()
+        cluster.close()
+    return {
+        "seconds": seconds,
+        "pixels": result.pixels_predicted,
+        "peak_rss_mib": None if rss.peak is None else rss.peak / 2**20,
+        "baseline_rss_mib": rss.baseline / 2**20,
+        "file_opens": opens,
+        "plan": plan,
+    }
+
+
+def rerun(config, first_seconds: float) -> dict:
+    """``run`` again on the finished output: the ledger says every tile is up to date, so no
+    cluster is started and no pixel is read (GeoTIFF opens counted in this process)."""
+    from ..io.cube import OPEN_COUNTER
+    from ..pipeline.run import run
+
+    opens = OPEN_COUNTER.count
+    t0 = time.perf_counter()
+    result = run(config)
+    seconds = time.perf_counter() - t0
+    return {
+        "first_run_s": round(first_seconds, 2),
+        "second_run_s": round(seconds, 3),
+        "second_over_first": round(seconds / first_seconds, 4),
+        "tiles_skipped": len(result.skipped),
+        "tiles_processed": len(result.tiles),
+        "geotiff_opens": OPEN_COUNTER.count - opens,
+    }
+
+
+def windows_with_forest(plan) -> tuple[int, int]:
+    """(windows holding at least one mask pixel, all windows) of the plan, from the mask files."""
+    with_forest = total = 0
+    for tile in plan.tiles:
+        for _, _, w in tile.layout:
+            total += 1
+            with_forest += bool(tile.mask.read(w).any()) if tile.mask else 1
+    return with_forest, total
