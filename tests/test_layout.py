@@ -55,7 +55,7 @@ def _resolve(module: str, is_package: bool, level: int, target: str | None) -> s
 
 
 def _imports(module: str, path: Path):
-    """(imported module, names taken from it, line) of every import of ``module`` into the package."""
+    """(imported module, names taken, line) of every import of ``module`` from the package."""
     tree = ast.parse(path.read_text())
     is_package = path.name == "__init__.py"
     for node in ast.walk(tree):
