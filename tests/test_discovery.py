@@ -117,3 +117,18 @@ def test_missing_root_and_prj(tmp_path):
         d.read_cube_definition(str(tmp_path / "nope"))
     with pytest.raises(DiscoveryError, match="datacube-definition.prj"):
         d.read_cube_definition(str(tmp_path))
+
+
+def test_what_is_not_a_tile_or_a_scene_is_ignored_and_named(tmp_path, caplog):
+    """Real cube roots and tile folders hold more than BOA and QAI files: discovery ignores the
+    rest and says what it ignored."""
+    from treesits_dask.synthetic import make_cube
+
+    cube = make_cube(tmp_path / "cube", tiles=("X0001_Y0001",), size=16, n_scenes=2, seed=1)
+    with caplog.at_level("INFO", logger="treesits_dask.io.discovery"):
+        assert d.list_tiles(cube.root) == ["X0001_Y0001"]
+    assert "ignored 2 entries that are not tile folders (mosaic/, tiles.txt)" in caplog.text
+    with caplog.at_level("DEBUG", logger="treesits_dask.io.discovery"):
+        scenes = d.scene_table(cube.root, "X0001_Y0001")
+    assert [s.sensor for s in scenes] == ["SEN2A", "SEN2B"]
+    assert "1 LND08 scenes (not in sensors)" in caplog.text and "1 CLD files" in caplog.text

@@ -334,13 +334,13 @@ def test_write_mosaics_without_cogs_raises(tmp_path):
 
 def test_check_writable(tmp_path):
     out = tmp_path / "new" / "output"
-    outputs_store.check_writable(str(out))
-    assert out.is_dir() and not list(out.iterdir())  # the probe is gone
+    storage.check_writable(str(out))
+    assert not (tmp_path / "new").exists()  # checked without creating anything
     afile = tmp_path / "afile"
     afile.write_text("a regular file")
     with pytest.raises(OutputError, match="afile/out") as info:
-        outputs_store.check_writable(str(afile / "out"))
-    assert "--output" in str(info.value)
+        storage.check_writable(str(afile / "out"))
+    assert "--output" in str(info.value) and "is a file" in str(info.value)
 
 
 # ------------------------------------------------------------------------------------------- S3
@@ -354,9 +354,10 @@ def test_s3_round_trip(moto_endpoint, monkeypatch):
     fs, _ = storage.get_fs("s3://outdir")
     fs.mkdir("outdir")
     output = "s3://outdir/run"
-    outputs_store.check_writable(output)
+    storage.check_writable(output)
+    assert not fs.ls("outdir")  # the probe is gone
     with pytest.raises(OutputError, match="no-such-bucket"):
-        outputs_store.check_writable("s3://no-such-bucket/run")
+        storage.check_writable("s3://no-such-bucket/run")
     url = storage.join(output, "predictions.zarr")
     outputs_store.create_store(url, GRID)
     outputs_store.create_store(url, GRID)

@@ -4,6 +4,7 @@ determinism."""
 from __future__ import annotations
 
 import datetime as dt
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -71,14 +72,25 @@ def test_names_dates_and_discovery(strips):
     assert all(dt.date(2020, 3, 1) <= d <= dt.date(2023, 8, 30) for d in strips.dates)
     gaps = {(b - a).days for a, b in zip(strips.dates, strips.dates[1:], strict=False)}
     assert len(gaps) > 1  # irregular
+    # what sits next to the tiles of a real cube: a tile list and force-mosaic's VRTs
+    assert (Path(strips.root) / "tiles.txt").read_text().splitlines() == ["2", *TILES]
+    assert list((Path(strips.root) / "mosaic").glob("*_BOA.vrt"))
     assert discovery.list_tiles(strips.root) == sorted(TILES)
     for tile in TILES:
         files = sorted(p.name for p in (Path(strips.root) / tile).iterdir())
-        assert all(discovery.FORCE_NAME.match(f) for f in files), files
-        assert any(f.endswith("_OVV.jpg") for f in files) and any(
-            f.endswith("_CLD.tif") for f in files
-        )
-        scenes = discovery.scene_table(strips.root, tile)
+        assert all(discovery.FORCE_NAME.match(f) for f in files if not f.endswith(".aux.xml"))
+        products = {discovery.parse_scene_name(f)["product"] for f in files if f.endswith(".tif")}
+        assert products == {"BOA", "QAI", "CLD", "HOT", "VZN", "AOD", "WVP", "DST"}
+        assert any(f.endswith("_OVV.jpg") for f in files)
+        assert any(f.endswith("_BOA.tif.aux.xml") for f in files)
+        assert any("_LEVEL2_LND08_BOA.tif" in f for f in files)
+        skipped = Counter()
+        scenes = discovery.scene_table(strips.root, tile, skipped=skipped)
+        assert skipped == {
+            **{f"{p} files": 1 for p in ("AOD", "CLD", "DST", "HOT", "VZN", "WVP", "OVV")},
+            "LND08 scenes (not in sensors)": 1,
+            "not FORCE Level-2 files": 1,
+        }, skipped
         assert [s.date for s in scenes] == list(strips.dates)
         assert [s.sensor for s in scenes] == ["SEN2A", "SEN2B", "SEN2C"] * 2 + ["SEN2A", "SEN2B"]
         assert all(s.boa.endswith("_BOA.tif") and s.qai and Path(s.qai).is_file() for s in scenes)
@@ -198,7 +210,9 @@ def test_deterministic(tmp_path):
     files = sorted(
         p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file()
     )
-    assert len(files) == 1 + 2 * 6 + 2 + 2  # prj, BOA+QAI, distractors, truth + mask
+    # prj, BOA + QAI, what else FORCE writes into a tile folder (OVV, 6 products, .aux.xml, a
+    # Landsat BOA + QAI), truth + mask, and next to the tiles a tile list + a mosaic VRT
+    assert len(files) == 1 + 2 * 6 + 10 + 2 + 2
     for rel in files:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
     assert not np.array_equal(a.truth("X0001_Y0002"), c.truth("X0001_Y0002"))

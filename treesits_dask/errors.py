@@ -14,6 +14,7 @@ __all__ = [
     "MaskError",
     "ModelError",
     "OutputError",
+    "StorageError",
 ]
 
 
@@ -57,6 +58,10 @@ class ModelError(TreesitsError):
 
 class OutputError(TreesitsError):
     """The output location is not writable or holds an incompatible store."""
+
+
+class StorageError(TreesitsError):
+    """A location cannot be accessed: no credentials, access denied, endpoint unreachable."""
 
 
 def _portable(exc: BaseException | None) -> BaseException | None:

@@ -194,7 +194,11 @@ def cmd_update(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    """The dry run (JSON on stdout; exit code 2 when a tile cannot be processed); with
+    ``--render``, first the Kubernetes manifests, which need no storage access: the dry run then
+    follows only where the cube and output can be reached from here."""
     from .. import plan
+    from ..errors import TreesitsError
 
     config = _config(args)
     if args.render:
@@ -205,5 +209,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"wrote {len(files)} Kubernetes manifest file(s) to {args.render}:", file=sys.stderr)
         for f in files:
             print(f"  {f}", file=sys.stderr)
-    print(json.dumps(plan(config).summary(), indent=2, default=str))
+        try:
+            planned = plan(config)
+        except TreesitsError as exc:
+            print(f"no dry run from here (the manifests are complete): {exc}", file=sys.stderr)
+            return 0
+    else:
+        planned = plan(config)
+    print(json.dumps(planned.summary(), indent=2, default=str))
+    if planned.invalid:
+        lines = "; ".join(f"{t}: {e}" for t, e in planned.invalid.items())
+        print(
+            f"error: {len(planned.invalid)} tile(s) cannot be processed: {lines}", file=sys.stderr
+        )
+        return 2
     return 0

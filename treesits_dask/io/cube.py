@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import InputDataError
 from . import storage
+from .crs import same_crs, short_crs
 from .discovery import S2_BANDS, CubeDefinition, Scene
 from .grid import TileGrid, Window, WindowLayout
 from .remote import read_retrying
@@ -28,9 +29,11 @@ __all__ = [
     "Counter",
     "InProgress",
     "WindowReader",
+    "check_header",
     "days_since_epoch",
     "open_raster",
     "qai_invalid",
+    "scene_problems",
     "tile_cube",
     "tile_grid",
 ]
@@ -144,7 +147,6 @@ def _missing(exc: BaseException) -> bool:
 
 def tile_grid(definition: CubeDefinition, scene: Scene) -> TileGrid:
     """The tile's pixel grid from its first BOA; checked against datacube-definition.prj."""
-    from rasterio.crs import CRS
 
     with _open(scene.boa) as src:
         tr = src.transform
@@ -158,10 +160,11 @@ def tile_grid(definition: CubeDefinition, scene: Scene) -> TileGrid:
             count=src.count,
         )
     left, top = definition.tile_origin(scene.tile)
-    if not grid.crs_wkt or CRS.from_wkt(grid.crs_wkt) != CRS.from_wkt(definition.crs_wkt):
+    if not grid.crs_wkt or not same_crs(grid.crs_wkt, definition.crs_wkt):
         raise InputDataError(
-            f"{scene.boa}: CRS does not match datacube-definition.prj of the cube; the tile "
-            f"{scene.tile} does not belong to this cube"
+            f"{scene.boa}: its CRS ({short_crs(grid.crs_wkt or None)}) is not the CRS of "
+            f"datacube-definition.prj ({short_crs(definition.crs_wkt)}); the tile {scene.tile} "
+            "does not belong to this cube"
         )
     res_x, res_y = abs(tr.a), abs(tr.e)
     if abs(tr.c - left) > res_x / 2 or abs(tr.f - top) > res_y / 2:
@@ -178,6 +181,85 @@ def tile_grid(definition: CubeDefinition, scene: Scene) -> TileGrid:
     return grid
 
 
+def check_header(src, url: str, grid: TileGrid, bands: int | None = None) -> None:
+    """:class:`InputDataError` unless the open dataset ``src`` has ``bands`` (default: the grid's
+    band count) int16 bands on ``grid`` (size, transform, CRS by meaning)."""
+    bands = grid.count if bands is None else bands
+    tr = src.transform
+    if src.count != bands or src.dtypes[0] != "int16":
+        raise InputDataError(
+            f"{url} has {src.count} bands of {src.dtypes[0]}; expected {bands} int16 band(s) "
+            f"like the other scenes of tile {grid.tile}; remove or re-create the file"
+        )
+    if (src.width, src.height) != (grid.width, grid.height) or not np.allclose(
+        (tr.a, tr.b, tr.c, tr.d, tr.e, tr.f),
+        grid.transform,
+        rtol=0,
+        atol=1e-6 * abs(grid.transform[0]),
+    ):
+        raise InputDataError(
+            f"{url} is on another grid ({src.width}x{src.height} px, transform "
+            f"{tuple(tr)[:6]}) than tile {grid.tile} ({grid.width}x{grid.height} px, transform "
+            f"{grid.transform}); the file does not belong in this tile folder"
+        )
+    if src.crs is None or src.crs.to_wkt() != grid.crs_wkt:
+        if src.crs is None or not same_crs(grid.crs_wkt, src.crs):
+            raise InputDataError(
+                f"{url} has CRS {short_crs(src.crs)}, not the CRS of tile {grid.tile} "
+                f"({short_crs(grid.crs_wkt)}); the file does not belong in this tile folder"
+            )
+
+
+def _header_problem(url: str, grid: TileGrid, bands: int) -> str | None:
+    """The problem of one scene file's header, or None (opened with retries when remote)."""
+
+    def check() -> None:
+        with open_raster(url) as src:
+            check_header(src, url, grid, bands)
+
+    try:
+        read_retrying(url, check, what="reading the header", permanent=(InputDataError,))
+    except InputDataError as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - not a GeoTIFF, gone, no access
+        return str(_open_error(url, exc))
+    return None
+
+
+def scene_problems(
+    scenes: Sequence[Scene],
+    grid: TileGrid,
+    qai_flags: Sequence[str] = (),
+    known: frozenset[str] = frozenset(),
+    threads: int = 16,
+) -> list[str]:
+    """What is wrong with the scenes of a tile, from their headers only (many read at once): a
+    BOA or QAI file that does not open, has other bands or another grid or CRS than ``grid``, or
+    a missing QAI twin while ``qai_flags`` screen.  Scenes named in ``known`` (checked by an earlier
+    run and unchanged since) are not opened again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    problems = []
+    files: list[tuple[str, int]] = []
+    for scene in scenes:
+        if qai_flags and scene.qai is None:
+            qai_name = storage.basename(scene.boa).replace("_BOA", "_QAI")
+            problems.append(
+                f"{scene.boa} has no QAI file ({qai_name}) but QAI screening is on; restore the "
+                "QAI file or set --qai none"
+            )
+        if scene.name in known:
+            continue
+        files.append((scene.boa, grid.count))
+        if qai_flags and scene.qai is not None:
+            files.append((scene.qai, 1))
+    if files:
+        with ThreadPoolExecutor(max(1, min(threads, len(files)))) as pool:
+            found = pool.map(lambda f: _header_problem(f[0], grid, f[1]), files)
+            problems += [p for p in found if p]
+    return problems
+
+
 @dataclass(frozen=True)
 class WindowReader:
     """Recipe to read one window of all scenes of a tile: pickles as a few strings, opens files in
@@ -189,30 +271,7 @@ class WindowReader:
     qai_flags: tuple[str, ...] = ()
 
     def _check(self, src, url: str) -> None:
-        g = self.grid
-        tr = src.transform
-        if src.count != g.count or src.dtypes[0] != "int16":
-            raise InputDataError(
-                f"{url} has {src.count} bands of {src.dtypes[0]}; expected {g.count} int16 bands "
-                f"like the other scenes of tile {g.tile}; remove or re-create the file"
-            )
-        if (src.width, src.height) != (g.width, g.height) or not np.allclose(
-            (tr.a, tr.b, tr.c, tr.d, tr.e, tr.f),
-            g.transform,
-            rtol=0,
-            atol=1e-6 * abs(g.transform[0]),
-        ):
-            raise InputDataError(
-                f"{url} is on another grid ({src.width}x{src.height} px, transform "
-                f"{tuple(tr)[:6]}) "
-                f"than tile {g.tile} ({g.width}x{g.height} px, transform {g.transform}); "
-                "the file does not belong in this tile folder"
-            )
-        if src.crs is None or src.crs.to_wkt() != g.crs_wkt:
-            from rasterio.crs import CRS
-
-            if src.crs is None or CRS.from_wkt(g.crs_wkt) != src.crs:
-                raise InputDataError(f"{url} has CRS {src.crs}, not the CRS of tile {g.tile}")
+        check_header(src, url, self.grid)
 
     def read(self, window: Window, mask: np.ndarray | None = None) -> np.ndarray:
         """``(T, bands, h, w)`` int16; screened observations set to -9999.
@@ -265,16 +324,20 @@ class WindowReader:
                 if qai is None:
                     raise InputDataError(
                         f"{boa} has no QAI file ({storage.basename(boa).replace('_BOA', '_QAI')}) "
-                        "but QAI "
-                        "screening is on; restore the QAI file or set --qai none"
+                        "but QAI screening is on; restore the QAI file or set --qai none"
                     )
 
                 def read_qai(qai=qai):
                     with open_raster(qai) as src:
+                        check_header(src, qai, self.grid, bands=1)
                         return src.read(1, window=rw)
 
                 try:
-                    q = read_retrying(qai, read_qai, what=f"reading window {rows}")
+                    q = read_retrying(
+                        qai, read_qai, what=f"reading window {rows}", permanent=(InputDataError,)
+                    )
+                except InputDataError:
+                    raise
                 except Exception as exc:
                     if _missing(exc):
                         raise _open_error(qai, exc) from exc

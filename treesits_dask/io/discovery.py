@@ -11,6 +11,7 @@ import datetime as dt
 import logging
 import math
 import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -218,14 +219,23 @@ def read_cube_definition(root: str) -> CubeDefinition:
 
 
 def list_tiles(root: str) -> list[str]:
-    """All tile folders of the cube, sorted."""
+    """All tile folders of the cube, sorted; other entries (tile-list files, ``mosaic/`` VRTs,
+    logs) are ignored and named in the log."""
     fs, path = storage.get_fs(root)
-    names = sorted(
-        storage.basename(p["name"])
-        for p in fs.ls(path, detail=True)
-        if p.get("type") == "directory"
-    )
-    return [n for n in names if TILE_ID.match(n)]
+    entries = fs.ls(path, detail=True)
+    tiles, other = [], []
+    for entry in entries:
+        name = storage.basename(entry["name"])
+        if entry.get("type") == "directory" and TILE_ID.match(name):
+            tiles.append(name)
+        elif name != "datacube-definition.prj":
+            other.append(name + ("/" if entry.get("type") == "directory" else ""))
+    if other:
+        shown = ", ".join(sorted(other)[:8]) + (" ..." if len(other) > 8 else "")
+        log.info(
+            "cube %s: ignored %d entries that are not tile folders (%s)", root, len(other), shown
+        )
+    return sorted(tiles)
 
 
 def read_tile_list(url: str) -> list[str]:
@@ -292,10 +302,13 @@ def scene_table(
     start: dt.date | None = None,
     end: dt.date | None = None,
     with_details: bool = True,
+    skipped: Counter | None = None,
 ) -> list[Scene]:
     """BOA scenes of one tile (ascending date, then sensor), with their QAI twin where present.
 
-    ``start``/``end`` are inclusive.  Only basenames are parsed.
+    ``start``/``end`` are inclusive.  Only basenames are parsed.  Everything else FORCE writes
+    into a tile folder (CLD, HOT, VZN, AOD, WVP, DST, OVV quicklooks, ``.aux.xml``, scenes of
+    other sensors) is ignored; ``skipped`` (a ``Counter``), when given, counts it per kind.
     """
     sensors = tuple(sensors)
     tile_url = storage.join(root, tile)
@@ -305,11 +318,20 @@ def scene_table(
     entries = fs.ls(path, detail=True)
     by_name = {storage.basename(e["name"]): e for e in entries}
     scenes: list[Scene] = []
+    ignored: Counter[str] = Counter()
     for name, entry in sorted(by_name.items()):
         info = parse_scene_name(name)
-        if info is None or info["product"] != "BOA" or info["ext"] != "tif":
+        if info is None:
+            ignored[
+                "not FORCE Level-2 files" if entry.get("type") != "directory" else "folders"
+            ] += 1
+            continue
+        if info["product"] != "BOA" or info["ext"] != "tif":
+            if info["product"] != "QAI":  # QAI files are the BOAs' twins
+                ignored[f"{info['product']} files"] += 1
             continue
         if info["sensor"] not in sensors:
+            ignored[f"{info['sensor']} scenes (not in sensors)"] += 1
             continue
         if start is not None and info["date"] < start:
             continue
@@ -328,6 +350,12 @@ def scene_table(
             )
         )
     scenes.sort(key=lambda s: (s.date, s.sensor))
+    if ignored:
+        log.debug(
+            "tile %s: ignored %s", tile, ", ".join(f"{n} {k}" for k, n in sorted(ignored.items()))
+        )
+        if skipped is not None:
+            skipped.update(ignored)
     return scenes
 
 

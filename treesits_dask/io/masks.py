@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import MaskError
 from . import storage
+from .crs import same_crs, short_crs
 from .grid import TileGrid, Window, WindowLayout
 from .remote import read_retrying
 
@@ -85,7 +86,6 @@ def find_mask(mask_dir: str, mask_name: str, tile: str) -> str:
 def mask_source(url: str, grid: TileGrid) -> MaskSource:
     """Check that the mask file covers the tile on the same grid and return how to read it."""
     import rasterio
-    from rasterio.crs import CRS
 
     def header():
         with rasterio.open(storage.gdal_path(url)) as src:
@@ -99,8 +99,8 @@ def mask_source(url: str, grid: TileGrid) -> MaskSource:
     problem = None
     if count < 1:
         problem = "it has no band"
-    elif crs is None or CRS.from_wkt(grid.crs_wkt) != crs:
-        problem = f"its CRS {crs} differs from the tile's"
+    elif crs is None or not same_crs(grid.crs_wkt, crs):
+        problem = f"its CRS {short_crs(crs)} differs from the tile's ({short_crs(grid.crs_wkt)})"
     elif not (np.isclose(tr.a, a, rtol=1e-6) and np.isclose(tr.e, e, rtol=1e-6)) or tr.b or tr.d:
         problem = f"its pixel size ({tr.a}, {tr.e}) differs from the tile's ({a}, {e})"
     else:

@@ -25,14 +25,17 @@ from urllib.parse import urlparse
 
 import fsspec
 
-from ..errors import OutputError
+from ..errors import OutputError, StorageError
 
 __all__ = [
     "GDAL_DEFAULTS",
     "S3_ENV_KEYS",
     "UPLOAD_PART_SIZE",
+    "access_problem",
     "apply_environment",
     "basename",
+    "check_readable",
+    "check_writable",
     "gdal_path",
     "get_fs",
     "is_remote",
@@ -244,3 +247,106 @@ def publish_bytes(data: bytes, url: str, tmp_dir: str | None = None) -> None:
         with open(local, "wb") as fh:
             fh.write(data)
         publish_file(local, url)
+
+
+# ------------------------------------------------------------------------------- access checks
+#: what to set when an object store refuses a request for lack of credentials
+CREDENTIALS_HINT = (
+    "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment of the "
+    "driver and the workers (on Kubernetes: the Secret named by kubernetes.s3_secret)"
+)
+
+
+def _chain(exc: BaseException | None):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def access_problem(url: str, exc: BaseException, write: bool = False) -> StorageError | None:
+    """A :class:`StorageError` saying what to fix when ``exc`` is a missing-credentials, refused
+    or unreachable-endpoint problem of ``url`` (naming its bucket); None for anything else."""
+    chain = list(_chain(exc))
+    names = {type(e).__name__ for e in chain}
+    text = " ".join(str(e) for e in chain).lower()
+    verb = "write" if write else "read"
+    bucket = strip_protocol(url).split("/", 1)[0] if is_remote(url) else None
+    where = f"bucket {bucket!r}" if bucket else url
+    if (
+        names & {"NoCredentialsError", "PartialCredentialsError"}
+        or "unable to locate credentials" in text
+    ):
+        return StorageError(
+            f"cannot {verb} {url}: no S3 credentials were found; {CREDENTIALS_HINT}"
+        )
+    denied = ("accessdenied", "access denied", "forbidden", "invalidaccesskeyid",
+              "signaturedoesnotmatch")  # fmt: skip
+    if "PermissionError" in names or any(d in text for d in denied):
+        return StorageError(
+            f"cannot {verb} {url}: access denied ({str(chain[0])[:200]}); check that the "
+            f"credentials in the environment (AWS_ACCESS_KEY_ID / AWS_PROFILE) may {verb} {where}"
+        )
+    unreachable = (
+        "could not connect to the endpoint",
+        "connection refused",
+        "name or service not known",
+    )
+    if "EndpointConnectionError" in names or any(u in text for u in unreachable):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") or "the AWS default endpoint"
+        return StorageError(
+            f"cannot {verb} {url}: the S3 endpoint {endpoint} cannot be reached "
+            f"({str(chain[0])[:200]}); check s3_endpoint_url / AWS_ENDPOINT_URL and the network"
+        )
+    return None
+
+
+def check_readable(url: str | None) -> None:
+    """Touch a remote ``url`` once (metadata only), so that missing credentials, refused access or
+    an unreachable endpoint are reported now, with what to set; a missing object is left to the
+    caller (which names it with its own advice).  Local paths are not touched."""
+    if not url or not is_remote(url):
+        return
+    fs, path = get_fs(url)
+    try:
+        fs.info(path)
+    except FileNotFoundError:
+        return
+    except Exception as exc:  # noqa: BLE001 - botocore / aiohttp raise many kinds
+        problem = access_problem(url, exc)
+        if problem is not None:
+            raise problem from None
+        raise
+
+
+def check_writable(output: str) -> None:
+    """Raise :class:`OutputError` (or :class:`StorageError`) if ``output`` cannot be written,
+    without leaving anything behind: local folders are not created (the nearest existing folder
+    must be writable); on object stores a probe object is written and deleted."""
+    if not is_remote(output):
+        path = strip_protocol(output)
+        probe = path
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+            what = "is a file" if not os.path.isdir(probe) else "is not writable"
+            raise OutputError(
+                f"the output location {output} cannot be written ({probe} {what}); choose "
+                "another --output or fix its permissions"
+            )
+        return
+    fs, path = get_fs(output)
+    probe = join(output, f".treesits-write-probe-{uuid.uuid4().hex}")
+    _, probe_path = get_fs(probe)
+    try:
+        fs.pipe_file(probe_path, b"treesits_dask write probe\n")
+        fs.rm_file(probe_path)
+    except Exception as exc:  # any failure means "not writable"; reported with its cause
+        problem = access_problem(output, exc, write=True)
+        if problem is not None:
+            raise problem from None
+        raise OutputError(
+            f"the output location {output} cannot be written ({type(exc).__name__}: {exc}); "
+            "choose another --output or fix its permissions / credentials"
+        ) from exc

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import OutputError
 from ..io import storage
+from ..io.crs import same_crs
 from ..io.remote import read_retrying
 from .schema import COG_NODATA, DTYPES, VARIABLES, OutputGrid, TileRegion
 from .store import chunk_blocks, open_store
@@ -170,7 +171,7 @@ def write_vrt(vrt_url: str, sources: Sequence[str]) -> str:
     _, first, tr0, crs0, desc0, _ = infos[0]
     for url, prof, tr, crs, _, _ in infos[1:]:
         same = (
-            crs == crs0
+            same_crs(crs, crs0)
             and prof["count"] == first["count"]
             and prof["dtype"] == first["dtype"]
             and math.isclose(tr.a, tr0.a)

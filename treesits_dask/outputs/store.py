@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -27,6 +26,7 @@ import numpy as np
 
 from ..errors import OutputError
 from ..io import storage
+from ..io.crs import same_crs, short_crs
 from ..io.grid import WindowLayout
 from .schema import (
     CLASS_DIM,
@@ -42,7 +42,6 @@ from .schema import (
 
 __all__ = [
     "WINDOW_STATS",
-    "check_writable",
     "chunk_blocks",
     "create_store",
     "open_dataset",
@@ -210,15 +209,10 @@ def _existing_grid(url: str) -> tuple[OutputGrid, dict, list[str]] | None:
 
 
 def _grid_differences(old: OutputGrid, new: OutputGrid) -> list[str]:
-    from rasterio.crs import CRS
 
     diffs = []
-    if old.crs_wkt != new.crs_wkt and CRS.from_wkt(old.crs_wkt) != CRS.from_wkt(new.crs_wkt):
-        old_crs, new_crs = (
-            CRS.from_wkt(old.crs_wkt).to_string(),
-            CRS.from_wkt(new.crs_wkt).to_string(),
-        )
-        diffs.append(f"CRS ({old_crs} instead of {new_crs})")
+    if not same_crs(old.crs_wkt, new.crs_wkt):
+        diffs.append(f"CRS ({short_crs(old.crs_wkt)} instead of {short_crs(new.crs_wkt)})")
     pairs = zip(old.transform, new.transform, strict=True)
     if not all(math.isclose(p, q, abs_tol=1e-6) for p, q in pairs):
         diffs.append(f"transform ({tuple(old.transform)} instead of {tuple(new.transform)})")
@@ -329,21 +323,3 @@ def write_layer(
     n_i, n_j = len(layout.windows), len(layout.windows[0])
     chunks = ((1,) * n_i, (1,) * n_j, (len(WINDOW_STATS),))
     return da.Array(graph, name, chunks, dtype=np.int64)
-
-
-def check_writable(output: str) -> None:
-    """Raise :class:`OutputError` if ``output`` cannot be created or written (probe + delete)."""
-    fs, path = storage.get_fs(output)
-    probe = storage.join(output, f".treesits-write-probe-{uuid.uuid4().hex}")
-    try:
-        # object stores have no folders (and s3fs.makedirs would create a missing bucket)
-        if not storage.is_remote(output):
-            fs.makedirs(path, exist_ok=True)
-        _, probe_path = storage.get_fs(probe)
-        fs.pipe_file(probe_path, b"treesits_dask write probe\n")
-        fs.rm_file(probe_path)
-    except Exception as exc:  # any failure means "not writable"; reported with its cause
-        raise OutputError(
-            f"the output location {output} cannot be written ({type(exc).__name__}: {exc}); "
-            "choose another --output or fix its permissions / credentials"
-        ) from exc

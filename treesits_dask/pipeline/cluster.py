@@ -17,7 +17,14 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from ..config import RunConfig
 from ..io import storage
 
-__all__ = ["EnvPlugin", "connect", "describe", "local_cluster_kwargs", "worker_environment"]
+__all__ = [
+    "EnvPlugin",
+    "TaskErrorLog",
+    "connect",
+    "describe",
+    "local_cluster_kwargs",
+    "worker_environment",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +56,43 @@ class EnvPlugin(WorkerPlugin):
 
     def setup(self, worker=None):
         storage.apply_environment(self.env)
+
+
+def _package_errors() -> set[str]:
+    """Names of the exception classes that are input problems (every :class:`TreesitsError`)."""
+    from ..errors import TreesitsError
+
+    names, todo = set(), [TreesitsError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo += cls.__subclasses__()
+    return names
+
+
+class _OneLineInputErrors(logging.Filter):
+    """distributed logs a failed task as "Compute Failed" with the task, the exception and its
+    traceback.  For input problems (a :class:`TreesitsError`, whose message names the file and
+    the fix, and which the driver reports per tile) one line is enough; other errors keep their
+    traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Compute Failed") and len(record.args or ()) == 5:
+            key, _, _, exception_text, _ = record.args
+            if str(exception_text).split("(", 1)[0] in _package_errors():
+                record.msg, record.args = "task %s failed: %s", (key, exception_text)
+        return True
+
+
+class TaskErrorLog(WorkerPlugin):
+    """Workers log a task that failed on an input problem as one line, not as a traceback."""
+
+    name = "treesits-task-errors"
+
+    def setup(self, worker=None):
+        logger = logging.getLogger("distributed.worker")
+        if not any(isinstance(f, _OneLineInputErrors) for f in logger.filters):
+            logger.addFilter(_OneLineInputErrors())
 
 
 def local_cluster_kwargs(config: RunConfig) -> dict:
@@ -179,6 +223,7 @@ def connect(config: RunConfig) -> Iterator:
         )
     try:
         client.register_plugin(EnvPlugin(env))
+        client.register_plugin(TaskErrorLog())
         yield client
     finally:
         client.close()

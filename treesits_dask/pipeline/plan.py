@@ -1,9 +1,12 @@
 """Planning: config -> discovered tiles, scene windows, grids, masks, ledger state and the output
-grid.
+grid, and every check that can be made on the driver (:mod:`treesits_dask.pipeline.checks`).
 
-Runs on the driver before any cluster starts.  Deciding which tiles need work uses listings and file
-metadata only; the first BOA of a tile is opened (header only) only when the tile is to be
-processed.
+Runs on the driver before any output is created and before any cluster starts.  Deciding which
+tiles need work uses listings and file metadata only; the scene headers of a tile are read (many
+at once) only when the tile is to be processed, and only those not already checked by the run
+that finished it.  A tile with a problem of its own (no scenes in the window, a missing QAI file,
+a scene or mask on another grid) is left out with its reason (:attr:`RunPlan.invalid`); the other
+tiles go on.
 """
 
 from __future__ import annotations
@@ -13,17 +16,24 @@ import logging
 from dataclasses import dataclass, field
 
 from ..config import RunConfig
-from ..errors import DiscoveryError, InputDataError, TreesitsError
+from ..errors import DiscoveryError, InputDataError, MaskError, TreesitsError
 from ..io import discovery, masks, storage
-from ..io.cube import tile_grid
+from ..io.cube import scene_problems, tile_grid
 from ..io.grid import TileGrid, WindowLayout, choose_window_shape
 from ..models import ModelCard, ModelSpec, effective_window, read_card
 from ..outputs.schema import OutputGrid, TileRegion
 from ..state import ledger
 
-__all__ = ["RunPlan", "TilePlan", "make_plan"]
+__all__ = ["TILE_ERRORS", "RunPlan", "TilePlan", "make_plan", "tile_problem"]
 
 log = logging.getLogger(__name__)
+
+#: errors that concern one tile only: the tile is left out with its reason, the others go on
+TILE_ERRORS = (DiscoveryError, InputDataError, MaskError)
+#: problems of one tile quoted in its message (the rest are counted)
+_SHOWN_PROBLEMS = 3
+#: tiles whose scene headers are checked at the same time (each with many reads at once)
+_TILES_CHECKED_AT_ONCE = 4
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,8 @@ class RunPlan:
     skipped: dict[str, str] = field(default_factory=dict)
     model_digest: str = ""
     config_digest: str = ""
+    #: tiles that cannot be processed, with the reason (an error naming the file and the fix)
+    invalid: dict[str, TreesitsError] = field(default_factory=dict)
     store_url: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -98,6 +110,7 @@ class RunPlan:
             "window_shape": list(self.window_shape),
             "tiles": tiles,
             "skipped": self.skipped,
+            "invalid": {t: str(e) for t, e in self.invalid.items()},
             "total_windows": sum(self.windows_per_tile(t) for t in self.tiles),
             "memory": {
                 "window_mib": round(max_window / 2**20, 1),
@@ -144,6 +157,8 @@ class _Staged:
     mask_url: str | None
     fingerprint: dict
     reasons: tuple[str, ...]
+    #: scenes unchanged since the ledger record of a finished run (their headers were read then)
+    known: frozenset[str] = frozenset()
 
 
 def _stage(config: RunConfig, tile: str, card: ModelCard, model_digest: str, cfg_digest: str):
@@ -169,19 +184,45 @@ def _stage(config: RunConfig, tile: str, card: ModelCard, model_digest: str, cfg
         )
     mask_url = masks.find_mask(config.mask_dir, config.mask_name, tile) if config.mask_dir else None
     fingerprint = ledger.tile_fingerprint(kept, start, end, mask_url)
+    record = ledger.read_record(config.output, tile)
     reasons = (["--force"] if config.force else []) + ledger.compare(
-        ledger.read_record(config.output, tile), fingerprint, model_digest, cfg_digest
+        record, fingerprint, model_digest, cfg_digest
     )
-    return _Staged(tile, kept, start, end, mask_url, fingerprint, tuple(reasons))
+    return _Staged(
+        tile,
+        kept,
+        start,
+        end,
+        mask_url,
+        fingerprint,
+        tuple(reasons),
+        ledger.unchanged_scenes(record, fingerprint),
+    )
+
+
+def tile_problem(tile: str, problems: list[str]) -> InputDataError:
+    """One error for the problems of one tile: the first few quoted, the rest counted."""
+    shown = "; ".join(problems[:_SHOWN_PROBLEMS])
+    more = len(problems) - _SHOWN_PROBLEMS
+    return InputDataError(
+        f"tile {tile}: {shown}"
+        + (f" (and {more} more problem(s) of the same tile)" if more > 0 else "")
+    )
 
 
 def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
-    """Discover the cube, read the model card, compare with the ledger, check masks and grids.
+    """Discover the cube, read the model card, compare with the ledger, check everything that can
+    be checked on the driver (see the module's docstring).
 
     ``skip_done`` (default: not ``config.force``) leaves out tiles whose ledger record matches.
+    Problems of the whole run (settings, access, checkpoint, output) raise; problems of one tile
+    leave it out (:attr:`RunPlan.invalid`).
     """
+    from .checks import check_locations, check_model, check_output
+
     config.require_model()
     skip_done = (not config.force) if skip_done is None else skip_done
+    check_locations(config)
     definition = discovery.read_cube_definition(config.cube)
     tiles = discovery.select_tiles(config.cube, config.tiles)
     spec = ModelSpec(uri=config.model, family=config.model_family, params_uri=config.model_params)
@@ -189,20 +230,34 @@ def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
     digests = {"model_digest": _model_digest(spec, card), "config_digest": _settings_digest(config)}
     common = dict(config=config, definition=definition, spec=spec, card=card, **digests)
 
-    staged, skipped = [], {}
+    staged, skipped, invalid = [], {}, {}
     for tile in tiles:
-        st = _stage(config, tile, card, digests["model_digest"], digests["config_digest"])
+        try:
+            st = _stage(config, tile, card, digests["model_digest"], digests["config_digest"])
+        except TILE_ERRORS as exc:
+            invalid[tile] = exc
+            continue
         if skip_done and not config.force and not st.reasons:
             skipped[tile] = "up to date"
         else:
             staged.append(st)
-    if not staged:
-        return RunPlan(window_shape=(0, 0), tiles=[], output_grid=None, skipped=skipped, **common)
-
-    grids = {st.tile: tile_grid(definition, st.scenes[0]) for st in staged}
-    first = grids[staged[0].tile]
+    if staged:  # the run's own checks, before any per-tile header is read
+        check_model(spec)
+        check_output(config.output)
+    checked = _checked(config, definition, staged, invalid)
+    if not checked:
+        return RunPlan(
+            window_shape=(0, 0),
+            tiles=[],
+            output_grid=None,
+            skipped=skipped,
+            invalid=invalid,
+            **common,
+        )
+    grids = {st.tile: grid for st, grid, _ in checked}
+    first = checked[0][1]
     window_shape = choose_window_shape(
-        first, config.window_shape, max(len(st.scenes) for st in staged)
+        first, config.window_shape, max(len(st.scenes) for st, _, _ in checked)
     )
     for grid in grids.values():
         choose_window_shape(grid, window_shape, 1)  # same divisibility check for every tile
@@ -211,20 +266,55 @@ def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
         TilePlan(
             tile=st.tile,
             scenes=st.scenes,
-            grid=grids[st.tile],
+            grid=grid,
             start=st.start,
             end=st.end,
-            mask=masks.mask_source(st.mask_url, grids[st.tile]) if st.mask_url else None,
+            mask=mask,
             region=regions[st.tile],
-            layout=WindowLayout.of(grids[st.tile], window_shape),
+            layout=WindowLayout.of(grid, window_shape),
             fingerprint=st.fingerprint,
             reasons=st.reasons,
         )
-        for st in staged
+        for st, grid, mask in checked
     ]
+    for tile, exc in invalid.items():
+        log.error("tile %s cannot be processed: %s", tile, exc)
     return RunPlan(
-        window_shape=window_shape, tiles=plans, output_grid=output_grid, skipped=skipped, **common
+        window_shape=window_shape,
+        tiles=plans,
+        output_grid=output_grid,
+        skipped=skipped,
+        invalid=invalid,
+        **common,
     )
+
+
+def _checked(config: RunConfig, definition, staged: list[_Staged], invalid: dict) -> list[tuple]:
+    """``(staged tile, grid, mask source)`` of the tiles whose scene headers (QAI files
+    included), grid and mask are right; the others go into ``invalid`` with their problems.
+    Tiles are checked a few at a time, each reading many headers at once (remote headers cost a
+    round trip each)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def check(st: _Staged):
+        try:
+            grid = tile_grid(definition, st.scenes[0])
+            problems = scene_problems(st.scenes, grid, config.qai_flags, st.known)
+            if problems:
+                raise tile_problem(st.tile, problems)
+            mask = masks.mask_source(st.mask_url, grid) if st.mask_url else None
+        except TILE_ERRORS as exc:
+            return st, exc
+        return st, (grid, mask)
+
+    checked = []
+    with ThreadPoolExecutor(max(1, min(_TILES_CHECKED_AT_ONCE, len(staged)))) as pool:
+        for st, found in pool.map(check, staged):
+            if isinstance(found, TreesitsError):
+                invalid[st.tile] = found
+            else:
+                checked.append((st, *found))
+    return checked
 
 
 def _output_grid(

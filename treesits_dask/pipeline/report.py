@@ -40,6 +40,8 @@ class RunResult:
     output: str
     tiles: dict[str, dict] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    #: tracebacks of tiles that failed on something other than an input problem (a bug)
+    tracebacks: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     #: why each processed tile was processed (from the ledger comparison)
     reasons: dict[str, list[str]] = field(default_factory=dict)
@@ -77,6 +79,7 @@ def write_summary(output: str, result: RunResult, started: dt.datetime) -> None:
         "tiles": result.tiles,
         "skipped": result.skipped,
         "failed": result.failed,
+        "tracebacks": result.tracebacks,
         "complete": not result.failed,
     }
     text = json.dumps(summary, indent=2, default=str).encode()

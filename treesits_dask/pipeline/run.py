@@ -14,6 +14,7 @@ import datetime as dt
 import logging
 import os
 import time
+import traceback
 
 import numpy as np
 
@@ -27,7 +28,7 @@ from ..outputs import cog, store
 from ..state import ledger
 from ..state.lease import Lease
 from ..version import __version__
-from .cluster import EnvPlugin, connect, worker_environment
+from .cluster import EnvPlugin, TaskErrorLog, connect, worker_environment
 from .plan import RunPlan, TilePlan, make_plan
 from .predict import ModelPlugin, annotate, predict_layer
 from .report import RunResult, StageClock, performance_report, write_summary
@@ -124,8 +125,13 @@ def run(
         output=config.output,
         skipped=dict(plan.skipped),
         reasons={t.tile: list(t.reasons) for t in plan.tiles},
+        failed={t: str(e) for t, e in plan.invalid.items()},
     )
+    for tile, error in result.failed.items():
+        cb.tile_failed(tile, error)
     if not plan.tiles:
+        if plan.invalid:  # nothing was created, no cluster was started
+            raise _nothing_to_process(plan)
         log.info(
             "nothing to do: all %d tile(s) are up to date in %s", len(plan.skipped), config.output
         )
@@ -139,6 +145,18 @@ def run(
             "are finished; fix the input and run again (finished tiles are skipped)"
         )
     return result
+
+
+def _nothing_to_process(plan: RunPlan) -> TreesitsError:
+    """The error of a run none of whose tiles can be processed: the tile's own error, or one
+    that names every tile and its problem."""
+    if len(plan.invalid) == 1:
+        return next(iter(plan.invalid.values()))
+    lines = "; ".join(f"{t}: {e}" for t, e in plan.invalid.items())
+    return InputDataError(
+        f"none of the {len(plan.invalid)} tile(s) to process can be processed: {lines}. Nothing "
+        "was written; fix the inputs and run again"
+    )
 
 
 def _worldcover_masks_to_build(config: RunConfig) -> list[str]:
@@ -157,7 +175,6 @@ def _process(
     config = plan.config
     for t in plan.tiles:
         log.info("tile %s: process (%s)", t.tile, "; ".join(t.reasons) or "requested")
-    store.check_writable(config.output)
     with Lease(config.output, ttl=config.lease_ttl):
         store.create_store(
             plan.store_url,
@@ -242,9 +259,14 @@ class _Scheduler:
         if st is None:
             return
         self.client.cancel(st["futures"])
-        msg = str(exc) if isinstance(exc, TreesitsError) else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, TreesitsError):  # an input problem: its message names file and fix
+            msg = str(exc)
+            log.error("tile %s failed: %s", tile, msg)
+        else:  # a bug or an environment failure: keep the traceback (log and run report)
+            msg = f"{type(exc).__name__}: {exc}"
+            self.result.tracebacks[tile] = "".join(traceback.format_exception(exc))
+            log.error("tile %s failed: %s", tile, msg, exc_info=exc)
         self.result.failed[tile] = msg
-        log.error("tile %s failed: %s", tile, msg)
         self.cb.tile_failed(tile, msg)
 
     def finish(self, tile: str, cogs: dict) -> None:
@@ -309,6 +331,7 @@ def _run_tiles(
     # GDAL/S3 settings on every worker (also of a cluster this run did not start, and ones that join
     # later); credentials stay in each worker's own environment
     client.register_plugin(EnvPlugin(worker_environment(cfg)))
+    client.register_plugin(TaskErrorLog())
     # workers that outlive a run must not serve scene bytes GDAL cached before files were replaced
     client.run(clear_gdal_cache)
     client.register_plugin(

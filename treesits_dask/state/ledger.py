@@ -27,6 +27,7 @@ __all__ = [
     "record_path",
     "tile_fingerprint",
     "tile_record",
+    "unchanged_scenes",
     "write_record",
 ]
 
@@ -176,6 +177,15 @@ def compare(
     if cfg_digest is not None and record.get("config_digest") != cfg_digest:
         reasons.append("settings changed")
     return reasons
+
+
+def unchanged_scenes(record: dict | None, fingerprint: dict) -> frozenset[str]:
+    """Names of the scenes of ``fingerprint`` that a finished tile's ``record`` holds with the same
+    size and modification time (or ETag) and QAI twin: they were read without a problem then."""
+    if record is None:
+        return frozenset()
+    old = {s["name"]: s for s in record.get("fingerprint", {}).get("scenes", [])}
+    return frozenset(s["name"] for s in fingerprint["scenes"] if old.get(s["name"]) == s)
 
 
 def changed_inputs(processed: dict, now: dict) -> list[str]:

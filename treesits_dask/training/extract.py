@@ -22,6 +22,7 @@ import numpy as np
 from ..config import DEFAULT_QAI_FLAGS, SampleSettings
 from ..errors import ConfigError, DiscoveryError, InputDataError
 from ..io import discovery, storage
+from ..io.crs import same_crs
 from ..io.cube import NODATA, days_since_epoch, tile_cube, tile_grid
 from ..io.discovery import S2_BANDS
 from ..io.grid import WindowLayout, choose_window_shape
@@ -120,7 +121,7 @@ def _to_cube_crs(points: ReferencePoints, crs_wkt: str) -> tuple[np.ndarray, np.
     for c in set(points.crs):
         sel = np.flatnonzero(crs == c)
         src = CRS.from_user_input(c)
-        if src != dst:
+        if not same_crs(src, dst):
             tx, ty = transform(src, dst, x[sel].tolist(), y[sel].tolist())
             x[sel], y[sel] = tx, ty
     return x, y

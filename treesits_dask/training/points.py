@@ -26,6 +26,7 @@ import numpy as np
 
 from ..errors import ConfigError, InputDataError
 from ..io import storage
+from ..io.crs import same_crs
 from .gpkg import read_gpkg_points, write_gpkg_points
 
 __all__ = ["ReferencePoints", "read_points", "write_points"]
@@ -190,7 +191,7 @@ def _read_geojson(url, label_column, id_column, crs) -> ReferencePoints:
     features = obj.get("features") if obj.get("type") == "FeatureCollection" else [obj]
     # RFC 7946: WGS 84 longitude/latitude unless a (legacy) crs member says otherwise
     file_crs = _geojson_crs(obj, url) or (crs if crs else "OGC:CRS84")
-    if crs and _geojson_crs(obj, url) and not _same_crs(crs, file_crs):
+    if crs and _geojson_crs(obj, url) and not same_crs(crs, file_crs):
         raise ConfigError(f"{url} declares CRS {file_crs} but the 'crs' setting is {crs}")
     ids, xs, ys, labels = [], [], [], []
     for i, feat in enumerate(features or []):
@@ -230,19 +231,13 @@ def _geojson_point(geom: Any, what: str) -> tuple[float, float]:
     return float(coords[0]), float(coords[1])
 
 
-def _same_crs(a: str, b: str) -> bool:
-    from rasterio.crs import CRS
-
-    return CRS.from_user_input(a) == CRS.from_user_input(b)
-
-
 def _read_gpkg(url, label_column, id_column, crs, layer) -> ReferencePoints:
     if storage.is_remote(url):
         raise ConfigError(f"{url}: GeoPackages must be local files; copy it or use GeoJSON/CSV")
     ids, xs, ys, labels, file_crs = read_gpkg_points(url, label_column, id_column, layer)
     if file_crs is None and not crs:
         raise ConfigError(f"GeoPackage {url} has no CRS; set the 'crs' setting")
-    if file_crs and crs and not _same_crs(file_crs, crs):
+    if file_crs and crs and not same_crs(file_crs, crs):
         raise ConfigError(f"{url} declares CRS {file_crs} but the 'crs' setting is {crs}")
     point_crs = _check_crs(file_crs or crs, url)
     return ReferencePoints(
