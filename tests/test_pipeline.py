@@ -11,7 +11,7 @@ import xarray as xr
 from treesits_dask.cli import main
 from treesits_dask.config import DEFAULT_QAI_FLAGS, load_config
 from treesits_dask.io import discovery
-from treesits_dask.io.cube import qai_invalid
+from treesits_dask.io.qai import qai_invalid
 from treesits_dask.pipeline import predict
 from treesits_dask.pipeline.run import run
 

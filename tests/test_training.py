@@ -18,8 +18,9 @@ from treesits_dask.cli import main
 from treesits_dask.config import DEFAULT_QAI_FLAGS, SampleSettings, TrainConfig, load_train_config
 from treesits_dask.errors import ConfigError, InputDataError, ModelError
 from treesits_dask.io import discovery
-from treesits_dask.io.cube import OPEN_COUNTER, qai_invalid, tile_grid
+from treesits_dask.io.cube import OPEN_COUNTER, tile_grid
 from treesits_dask.io.discovery import S2_BANDS
+from treesits_dask.io.qai import qai_invalid
 from treesits_dask.models import ModelSpec, load_model
 from treesits_dask.synthetic import sample_pixels
 from treesits_dask.training.extract import load_samples

@@ -15,6 +15,7 @@ tiles out with their reason.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 from ..config import RunConfig
@@ -38,9 +39,7 @@ def check_model(spec: ModelSpec) -> ModelCard | None:
     """Load the checkpoint once on the driver's CPU (weights only) and fit it into its family:
     the errors a worker would meet in its first window, met here.  Returns the loaded card, or
     None where torch is not installed (the workers check it then)."""
-    try:
-        import torch  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("torch") is None:
         log.warning("torch is not installed here: %s is checked by the workers only", spec.uri)
         return None
     from ..models import load_model
