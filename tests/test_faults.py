@@ -22,15 +22,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-import zarr
 
 from treesits_dask.cli import main
 from treesits_dask.config import load_config
 from treesits_dask.io import cube, discovery
+from treesits_dask.outputs.repo import MapRepo
+from treesits_dask.outputs.schema import TileRegion
 from treesits_dask.pipeline import predict
 from treesits_dask.pipeline.plan import make_plan
 from treesits_dask.pipeline.run import RunCallbacks, RunError, run
-from treesits_dask.state import ledger
 from treesits_dask.state.lease import LEASE_NAME
 
 pytestmark = pytest.mark.slow
@@ -105,11 +105,15 @@ def _copy_cube(fault_cube, dest: Path) -> Path:
 
 
 def _assert_same_outputs(out: Path, ref: Path, tiles=TILES) -> None:
-    """Zarr arrays of all variables (whole store) and the COG pixels of ``tiles`` are identical."""
-    a = zarr.open_group(str(out / "predictions.zarr"), mode="r")
-    b = zarr.open_group(str(ref / "predictions.zarr"), mode="r")
+    """Map arrays of all variables (the bounding box of the finished tiles, same coordinates) and
+    the COG pixels of ``tiles`` are identical."""
+    a = MapRepo(str(out)).open_dataset()
+    b = MapRepo(str(ref)).open_dataset()
+    assert a.sizes == b.sizes
+    np.testing.assert_array_equal(a.x.values, b.x.values)
+    np.testing.assert_array_equal(a.y.values, b.y.values)
     for var in VARIABLES:
-        np.testing.assert_array_equal(a[var][...], b[var][...], err_msg=f"zarr {var}")
+        np.testing.assert_array_equal(a[var].values, b[var].values, err_msg=f"map {var}")
     for tile in tiles:
         for var in VARIABLES:
             with (
@@ -121,7 +125,14 @@ def _assert_same_outputs(out: Path, ref: Path, tiles=TILES) -> None:
 
 
 def _records(out: Path) -> set[str]:
-    return {p.stem for p in (out / ledger.LEDGER_DIR).glob("*.json")}
+    return set(MapRepo(str(out)).records())
+
+
+def _tile_values(out: Path, tile: str, var: str) -> np.ndarray:
+    repo = MapRepo(str(out))
+    record = repo.records()[tile]["region"]
+    region = TileRegion(tile, record["rows"][0], record["cols"][0], 60, 60)
+    return repo.read_region(region, var)
 
 
 # --------------------------------------------------------------------------------- 1. worker killed
@@ -257,7 +268,7 @@ def test_driver_killed_and_resumed(fault_cube, native_lstm, client, clean_run, t
     lease = json.loads((out / LEASE_NAME).read_text())
     assert lease["pid"] == proc.pid  # the dead driver's lease is still there
     assert not (out / "run.json").exists()
-    stamps = {t: (out / ledger.LEDGER_DIR / f"{t}.json").stat().st_mtime_ns for t in done}
+    records = MapRepo(str(out)).records()
 
     # a second run takes the lease over at once (not waiting for it to expire)
     # and does the rest only
@@ -271,7 +282,8 @@ def test_driver_killed_and_resumed(fault_cube, native_lstm, client, clean_run, t
     assert len(result.tiles) == len(TILES) - len(done)
     assert set(result.skipped) == done and not result.failed
     assert _records(out) == set(TILES)
-    assert {t: (out / ledger.LEDGER_DIR / f"{t}.json").stat().st_mtime_ns for t in done} == stamps
+    now = MapRepo(str(out)).records()
+    assert {t: now[t] for t in done} == {t: records[t] for t in done}  # finished tiles untouched
     assert not (out / LEASE_NAME).exists()  # released
     _assert_same_outputs(out, clean_run)
     for var in VARIABLES:
@@ -326,11 +338,10 @@ def test_scene_vanishes_or_changes_after_planning(
         assert "changed while it was processed" in msg and "1 scene(s) changed" in msg, msg
     # the failed tile is not marked done; the other one is finished, with the clean run's values
     assert _records(out) == {good_tile}
-    assert ledger.read_record(str(out), bad_tile) is None
-    a = zarr.open_group(str(out / "predictions.zarr"), mode="r")
-    b = zarr.open_group(str(clean_run / "predictions.zarr"), mode="r")
-    for var in VARIABLES:  # the good tile is the top left one in both stores
-        np.testing.assert_array_equal(a[var][..., :60, :60], b[var][..., :60, :60], err_msg=var)
+    for var in VARIABLES:
+        np.testing.assert_array_equal(
+            _tile_values(out, good_tile, var), _tile_values(clean_run, good_tile, var), err_msg=var
+        )
     for var in VARIABLES:
         with (
             rasterio.open(out / "cog" / good_tile / f"{var}.tif") as x,
@@ -372,8 +383,8 @@ def test_update_takes_only_the_changed_tile(
     config = _config(root, fault_cube.mask_dir, native_lstm, out, tiles=tiles)
     first = run(config, client=client)
     assert set(first.tiles) == {TILES[0], TILES[1]}
-    record_bytes = {t: (out / ledger.LEDGER_DIR / f"{t}.json").read_bytes() for t in TILES[:2]}
-    before = zarr.open_group(str(out / "predictions.zarr"), mode="r")["valid_obs"][...]
+    records = MapRepo(str(out)).records()
+    before = {t: _tile_values(out, t, "valid_obs") for t in TILES[:2]}
 
     # a new, later scene (BOA + QAI) for one tile: a perturbed copy of its newest scene
     changed = TILES[1]
@@ -413,12 +424,13 @@ def test_update_takes_only_the_changed_tile(
     assert f"{changed}: process (1 new scene(s): {stem}_BOA.tif; date window" in printed, printed
     assert printed.count(": process (") == 1
     assert "updated 1 tile(s)" in printed, printed
-    assert (out / ledger.LEDGER_DIR / f"{TILES[0]}.json").read_bytes() == record_bytes[TILES[0]]
-    rec = ledger.read_record(str(out), changed)
+    now = MapRepo(str(out)).records()
+    assert now[TILES[0]] == records[TILES[0]]
+    rec = now[changed]
     assert rec["stats"]["scenes"] == 13 and rec["stats"]["last_scene"] == str(new_date)
-    after = zarr.open_group(str(out / "predictions.zarr"), mode="r")["valid_obs"][...]
-    np.testing.assert_array_equal(after[:, :60], before[:, :60])  # the skipped tile is untouched
-    assert (after[:, 60:] >= before[:, 60:]).all() and (after[:, 60:] > before[:, 60:]).any()
+    after = {t: _tile_values(out, t, "valid_obs") for t in TILES[:2]}
+    np.testing.assert_array_equal(after[TILES[0]], before[TILES[0]])  # the skipped tile
+    assert (after[changed] >= before[changed]).all() and (after[changed] > before[changed]).any()
 
     # the updated tile equals a fresh run of the new inputs
     ref = tmp_path / "ref"

@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-import xarray as xr
 
+from treesits_dask import open_map
 from treesits_dask.config import load_config
 from treesits_dask.pipeline import predict
 from treesits_dask.pipeline.cluster import connect
@@ -51,5 +51,5 @@ def test_inference_only_on_gpu_workers(small_cube, native_lstm, tmp_path):
     assert {a: n for a, n in loads.items() if n} == {
         a: 1 for a in gpu
     }  # only the GPU worker holds a model
-    ds = xr.open_zarr(tmp_path / "out" / "predictions.zarr", mask_and_scale=False)
+    ds = open_map(str(tmp_path / "out"))
     assert np.isfinite(ds.probability.values).any()

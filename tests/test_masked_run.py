@@ -6,9 +6,9 @@ import datetime as dt
 import numpy as np
 import pytest
 import rasterio
-import xarray as xr
 
 from tests.test_worldcover import REAL, SAO_TOME_ORIGIN, TILE, UTM32N, WORLDCOVER_DIR, write_prj
+from treesits_dask import open_map
 from treesits_dask.cli import main
 
 from .helpers import write_scene
@@ -63,7 +63,7 @@ def test_run_builds_worldcover_masks_on_the_fly(sao_tome_cube, native_lstm, tmp_
     with rasterio.open(mask_path) as src:
         forest = src.read(1) == 1
     assert 0 < forest.mean() < 1  # trees, town and sea
-    ds = xr.open_zarr(out / "predictions.zarr", mask_and_scale=False)
+    ds = open_map(str(out))
     np.testing.assert_array_equal(ds["class"].values != 255, forest)
 
     # the `mask` command builds the same mask, and skips it when it exists

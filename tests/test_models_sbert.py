@@ -140,24 +140,39 @@ def test_preprocessing_matches_per_pixel_reference(seq_len, n_obs):
     assert (x[0] == 0).all() and doy[0, -1] == day_of_year(days[valid[0]])[0]
 
 
-def test_day_index_overflow_raises():
-    """t0 = 366 (31 Dec of a leap year) + 1460 days spanned = 1826: beyond the table."""
+def test_day_index_overflow_drops_the_oldest_observations():
+    """t0 = 366 (31 Dec of a leap year) + 1460 days spanned = 1826: beyond the position table.
+    The oldest kept observations are dropped until the newest fits; the result is the reference's
+    for the observations left (where the reference does not crash)."""
     dates = [dt.date(2020, 12, 31), dt.date(2022, 6, 1), dt.date(2024, 12, 30)]
-    series = np.full((2, 3, 10), 1000, dtype=np.int16)
-    valid = np.ones((2, 3), dtype=bool)
-    with pytest.raises(ModelError, match="1826") as err:
-        sbert_inputs(series, valid, _days(dates), 256)
-    assert "--start-date" in str(err.value) and "--end-date" in str(err.value)
-    # one day less spanned fits (index 1825), and only kept observations count
-    _, doy, _, _ = sbert_inputs(
+    rng = np.random.default_rng(1)
+    series = rng.integers(0, 9000, (3, 3, 10)).astype(np.int16)
+    valid = np.ones((3, 3), dtype=bool)
+    valid[2, 0] = False  # this pixel's first kept observation is 1 June 2022: it fits as it is
+    days = _days(dates)
+    x, doy, mask, used = sbert_inputs(series, valid, days, 256)
+    np.testing.assert_array_equal(used, [2, 2, 2])
+    june = dt.date(2022, 6, 1).timetuple().tm_yday
+    assert (doy[:, -2] == june).all() and doy.max() == june + (dates[2] - dates[1]).days < 1826
+    # equal to the reference given the observations that are left
+    fitted = valid.copy()
+    fitted[:, 0] = False
+    rx, rdoy, rmask, rused = reference_inputs(series, fitted, days, 256)
+    np.testing.assert_array_equal(doy, rdoy)
+    np.testing.assert_array_equal(mask, rmask)
+    np.testing.assert_array_equal(used, rused)
+    np.testing.assert_allclose(x, rx, rtol=1e-5, atol=1e-5)
+    # one day less spanned fits as it is (index 1825): nothing dropped
+    _, doy, _, used = sbert_inputs(
         series,
         valid,
         _days([dt.date(2020, 12, 31), dt.date(2022, 6, 1), dt.date(2024, 12, 29)]),
         256,
     )
-    assert doy.max() == 1825
-    _, doy, _, _ = sbert_inputs(series, valid, _days(dates), 2)
-    assert doy[0, 0] == dt.date(2022, 6, 1).timetuple().tm_yday
+    assert doy.max() == 1825 and used[0] == 3
+    # only kept observations count: the latest 2 of them fit
+    _, doy, _, _ = sbert_inputs(series, valid, days, 2)
+    assert doy[0, 0] == june
 
 
 @pytest.fixture(scope="module")
@@ -249,12 +264,17 @@ def test_sbert_checkpoint_errors(tmp_path):
 
 
 def test_predictor_day_overflow(tmp_path):
+    """The predictor drops the oldest observation as the preprocessing does: the same
+    probability as without it."""
     ckpt = tmp_path / "s.pth"
     torch.save({"model_state_dict": random_sbert_state_dict(hidden=16, n_layers=1)}, ckpt)
     predictor = load_model(ModelSpec(str(ckpt), "sbert"), device="cpu")
     days = _days([dt.date(2020, 12, 31), dt.date(2022, 6, 1), dt.date(2024, 12, 30)])
-    with pytest.raises(ModelError, match="1826"):
-        predictor.predict(np.full((1, 3, 10), 500, np.int16), np.ones((1, 3), bool), days)
+    series = np.random.default_rng(2).integers(0, 8000, (1, 3, 10)).astype(np.int16)
+    full, used = predictor.predict(series, np.ones((1, 3), bool), days)
+    without_first, used_without = predictor.predict(series, np.array([[False, True, True]]), days)
+    assert np.isfinite(full).all() and used[0] == used_without[0] == 2
+    np.testing.assert_array_equal(full, without_first)
 
 
 def test_native_sbert_round_trip(tmp_path):

@@ -79,7 +79,7 @@ def test_quickstart(tmp_path, jupyter_path, monkeypatch):
     d = out / "01_quickstart"
     for png in ("pixel_timeseries.png", "rgb_composite.png", "class_map.png"):
         _png(d / png)
-    assert (d / "output" / "predictions.zarr" / "zarr.json").is_file()
+    assert (d / "output" / "map.icechunk" / "refs" / "branch.main" / "ref.json").is_file()
     summary = json.loads((d / "output" / "run.json").read_text())
     assert summary["complete"] and set(summary["tiles"]) == {"X0069_Y0043", "X0070_Y0043"}
     assert re.search(r'Dask dashboard: <a href="http://127\.0\.0\.1:\d+/status"', text)

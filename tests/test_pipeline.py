@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 import rasterio
-import xarray as xr
 
+from treesits_dask import open_map
 from treesits_dask.cli import main
 from treesits_dask.config import DEFAULT_QAI_FLAGS, load_config
 from treesits_dask.io import discovery
@@ -60,7 +60,7 @@ def test_run_synthetic(small_cube, native_lstm, tmp_path, client):
     result = run(config, client=client)
     assert set(result.tiles) == set(small_cube.tiles)
 
-    ds = xr.open_zarr(out / "predictions.zarr", mask_and_scale=False)
+    ds = open_map(str(out))
     assert ds.rio.crs.to_epsg() == 3035
     assert list(ds.probability.coords["class_name"].values) == list(small_cube.class_names)
     assert ds.probability.dims == ("class_name", "y", "x") and ds.probability.dtype == np.float32
@@ -167,7 +167,7 @@ def test_pipeline_equals_direct_prediction(small_cube, native_lstm, tmp_path, cl
     direct = predict.predict_block(
         block, None, days_since_epoch([s.date for s in scenes]), predictor
     )
-    ds = xr.open_zarr(out / "predictions.zarr", mask_and_scale=False)
+    ds = open_map(str(out))
     np.testing.assert_allclose(ds.probability.values, direct["probability"], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(ds["class"].values, direct["class"])
     np.testing.assert_array_equal(ds.valid_obs.values, direct["valid_obs"])
@@ -206,7 +206,7 @@ def test_real_sitsnn_weights_on_real_tile(shared_data, tmp_path, family, capsys)
         ]
     )
     assert rc == 0, capsys.readouterr().err
-    ds = xr.open_zarr(out / "predictions.zarr", mask_and_scale=False)
+    ds = open_map(str(out))
     with rasterio.open(shared_data / "real-s2-eolearn-masks" / "X0000_Y0000" / "mask.tif") as src:
         forest = src.read(1) > 0
     predicted = ds["class"].values != 255

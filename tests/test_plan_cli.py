@@ -32,7 +32,7 @@ def test_plan_json(small_cube, native_lstm, tmp_path, capsys):
     assert [t["tile"] for t in plan["tiles"]] == list(small_cube.tiles)
     assert all(t["scenes"] == 10 and t["windows"] == 2 for t in plan["tiles"])
     assert plan["memory"]["window_mib"] > 0 and plan["cluster"]["kind"] == "LocalCluster"
-    assert plan["tiles"][0]["why"] == ["no ledger record (never finished)"]
+    assert plan["tiles"][0]["why"] == ["no record (never finished)"]
     # headers only: per tile its first BOA (the grid), then every BOA and QAI (their checks)
     assert cube.OPEN_COUNTER.count - before == 2 * (1 + 2 * 10)
     assert not (tmp_path / "out").exists()  # a dry run writes nothing

@@ -18,6 +18,7 @@ from treesits_dask.errors import OutputError
 from treesits_dask.outputs import cog, schema
 from treesits_dask.outputs import quicklook as ql
 from treesits_dask.outputs import store as outputs_store
+from treesits_dask.outputs.repo import MapRepo
 from treesits_dask.outputs.stac import write_stac
 
 pystac = pytest.importorskip("pystac")
@@ -46,12 +47,13 @@ def _grid(multiclass: bool) -> schema.OutputGrid:
 def _build(out: Path, multiclass: bool = True, run_json: bool = True) -> Path:
     """Write store + tile COGs + VRT mosaics + run.json like the pipeline does (tiles of 40 px)."""
     grid = _grid(multiclass)
-    store = str(out / "predictions.zarr")
-    outputs_store.create_store(store, grid, attrs={"model_family": "sits-lstm", "model": "lstm.pt"})
+    repo = MapRepo(str(out))
+    repo.ensure_layout(grid, {"model_family": "sits-lstm", "model": "lstm.pt"})
     rng = np.random.default_rng(7)
     n = len(grid.class_names)
     regions = [schema.TileRegion(t, 0, SIZE * k, SIZE, SIZE) for k, t in enumerate(TILES)]
     for region in regions:
+        session = repo.repo.writable_session("main")
         for r in range(0, SIZE, CHUNK):
             for c in range(0, SIZE, CHUNK):
                 prob = rng.dirichlet(np.ones(n) * 0.5, size=(CHUNK, CHUNK)).transpose(2, 0, 1)
@@ -68,8 +70,13 @@ def _build(out: Path, multiclass: bool = True, run_json: bool = True) -> Path:
                 outputs = {k: v for k, v in outputs.items() if k in grid.variables()}
                 rows = slice(region.row_off + r, region.row_off + r + CHUNK)
                 cols = slice(region.col_off + c, region.col_off + c + CHUNK)
-                outputs_store.write_window(store, rows, cols, outputs)
-        cog.write_tile_cogs(str(out), store, region, grid)
+                outputs_store.write_window(session.store, rows, cols, outputs)
+        record = {
+            "region": {"rows": [region.row_off, region.row_off + SIZE],
+                       "cols": [region.col_off, region.col_off + SIZE]},
+        }  # fmt: skip
+        MapRepo.commit_tile(session, [], region.tile, record, {})
+        cog.tile_cogs(str(out), repo.zarr_store(), region, grid)
     cog.write_mosaics(str(out), TILES)
     if run_json:
         tiles = {
@@ -186,17 +193,16 @@ def test_quicklook_binary_output(binary_output):
 
 def test_quicklook_mosaic_from_zarr_without_cogs(output, tmp_path):
     copy = tmp_path / "out"
-    shutil.copytree(output / "predictions.zarr", copy / "predictions.zarr")
+    shutil.copytree(output / "map.icechunk", copy / "map.icechunk")
     written = ql.quicklook(str(copy), max_size=30)
     assert sorted(Path(p).name for p in written) == [
         "mosaic_class.png", "mosaic_probability.png", "mosaic_valid_obs.png"
     ]  # fmt: skip
-    store = ql._open_store(str(copy / "predictions.zarr"))
-    raster = ql._zarr_raster(store, "class", 30)
+    raster = ql._zarr_raster(ql._open_map(str(copy)), "class", 30)
     assert raster.data.shape == (1, 14, 27)  # 80 x 40 px read every 3rd pixel
     np.testing.assert_array_equal(
         raster.data[0],
-        outputs_store.read_region(str(copy / "predictions.zarr"), ALL, "class")[::3, ::3],
+        outputs_store.read_region(MapRepo(str(copy)).zarr_store(), ALL, "class")[::3, ::3],
     )
     assert raster.nodata == 255 and raster.descriptions == ("class",)
     with pytest.raises(OutputError, match="nothing to draw"):
@@ -305,7 +311,7 @@ def test_quicklook_and_stac_on_s3(output, s3_env):
 
     fs, _ = storage.get_fs("s3://qlbucket")
     fs.mkdir("qlbucket")
-    for name in ("cog", "predictions.zarr"):
+    for name in ("cog", "map.icechunk"):
         fs.put(str(output / name), f"qlbucket/run/{name}", recursive=True)
     fs.put_file(str(output / "run.json"), "qlbucket/run/run.json")
     assert ql.find_tiles("s3://qlbucket/run") == list(TILES)

@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import pickle
+import re
+import socket
 import time
 from pathlib import Path
 
@@ -15,13 +17,13 @@ import boto3
 import numpy as np
 import pytest
 import rasterio
-import xarray as xr
 
 from tests.conftest import FAKE_SECRET, FAKE_TOKEN, new_bucket, upload_tree
 from treesits_dask.config import load_config
 from treesits_dask.errors import OutputError
 from treesits_dask.io import cube, storage
 from treesits_dask.outputs import cog
+from treesits_dask.outputs.repo import REPO_NAME, MapRepo
 from treesits_dask.pipeline.plan import make_plan
 from treesits_dask.pipeline.run import run, tile_graph
 from treesits_dask.state.lease import LEASE_NAME, Lease
@@ -114,38 +116,30 @@ def _local_objects(root: Path) -> dict[str, bytes]:
     }
 
 
-def _open_zarr(url: str):
-    if storage.is_remote(url):
-        fs, path = storage.get_fs(url)
-        return xr.open_zarr(fs.get_mapper(path), mask_and_scale=False)
-    return xr.open_zarr(url, mask_and_scale=False)
-
-
 def test_s3_run_equals_local_run(s3_run, local_run, small_cube):
     assert set(s3_run["result"].tiles) == set(small_cube.tiles) and not s3_run["result"].failed
     output = s3_run["config"].output
     remote = _s3_objects(output)
     local = _local_objects(local_run)
-    # the same objects, with the same bytes: Zarr metadata and chunks, COGs, VRT mosaics
-    same_bytes = [k for k in local if k.startswith(("predictions.zarr/", "cog/"))]
-    assert same_bytes and {k for k in remote if k.startswith(("predictions.zarr/", "cog/"))} == set(
-        same_bytes
-    )
-    differ = [k for k in same_bytes if remote[k] != local[k]]
+    # the same COGs and VRT mosaics, byte for byte
+    same_bytes = [k for k in local if k.startswith("cog/")]
+    assert same_bytes and {k for k in remote if k.startswith("cog/")} == set(same_bytes)
+    # (a tile's _cog.json names the record and snapshot its COGs show: ids of each run)
+    differ = [k for k in same_bytes if remote[k] != local[k] and not k.endswith("/_cog.json")]
     assert not differ, differ
-    assert sorted(k for k in remote if k.startswith("_ledger/")) == [
-        f"_ledger/{t}.json" for t in small_cube.tiles
-    ]
-    # and read back through xarray (s3fs) and GDAL (/vsis3/), the same arrays
-    a, b = (
-        _open_zarr(storage.join(output, "predictions.zarr")),
-        _open_zarr(str(local_run / "predictions.zarr")),
-    )
+    # the map is an Icechunk repository on S3 (snapshots, manifests, chunks, the branch ref)
+    kinds = {k.split("/")[1] for k in remote if k.startswith(REPO_NAME + "/")}
+    assert {"chunks", "manifests", "snapshots", "refs"} <= kinds, kinds
+    # with one finished record per tile, and the same arrays as the local run
+    s3_map, local_map = MapRepo(output), MapRepo(str(local_run))
+    assert set(s3_map.records()) == set(small_cube.tiles)
+    a, b = s3_map.open_dataset(), local_map.open_dataset()
     assert (
         set(a.data_vars)
         == set(b.data_vars)
         == {"probability", "class", "valid_obs", "last_obs_valid"}
     )
+    assert a.sizes == b.sizes and a.rio.transform() == b.rio.transform()
     for var in a.data_vars:
         np.testing.assert_array_equal(a[var].values, b[var].values)
     assert (a["class"].values != 255).sum() > 1000
@@ -160,7 +154,8 @@ def test_s3_run_equals_local_run(s3_run, local_run, small_cube):
                 np.testing.assert_array_equal(r.read(), loc.read())
                 assert r.crs == loc.crs and r.transform == loc.transform
     with rasterio.open(storage.gdal_path(storage.join(output, "cog", "class.vrt"))) as src:
-        np.testing.assert_array_equal(src.read(1), b["class"].values)
+        np.testing.assert_array_equal(src.read(1), b["class"].values)  # the map's bounding box
+        assert src.transform == b.rio.transform()
     summary = json.loads(remote["run.json"])
     assert summary["complete"] and summary["pixels_predicted"] == s3_run["result"].pixels_predicted
     # the lease object existed while the run was going, and is gone
@@ -170,7 +165,8 @@ def test_s3_run_equals_local_run(s3_run, local_run, small_cube):
 
 def test_no_credentials_in_graph_logs_or_outputs(s3_run, inputs, client, caplog):
     secrets = (FAKE_SECRET.encode(), FAKE_TOKEN.encode())
-    # outputs: every object the run wrote (run.json, ledger records, Zarr attributes, COGs, VRTs)
+    # outputs: every object the run wrote (run.json, the map's
+    # Icechunk objects, COGs, VRTs)
     for key, data in _s3_objects(s3_run["config"].output).items():
         assert not any(s in data for s in secrets), key
     # the task graph of a tile, and the plugins sent to the workers
@@ -180,11 +176,13 @@ def test_no_credentials_in_graph_logs_or_outputs(s3_run, inputs, client, caplog)
     config = s3_run["config"].model_copy(update={"force": True})
     with caplog.at_level(logging.DEBUG, logger="treesits_dask"):
         plan = make_plan(config)
-        graph = tile_graph(plan, plan.tiles[0])
+        _, fork = MapRepo(config.output).tile_session()  # pickled into the write tasks
+        _, graph = tile_graph(plan, plan.tiles[0], fork)
     import cloudpickle
 
     blobs = [
-        cloudpickle.dumps(dict(graph.__dask_graph__())),
+        cloudpickle.dumps(dict(graph)),
+        cloudpickle.dumps(fork),
         pickle.dumps(plan.spec),
         cloudpickle.dumps(EnvPlugin(worker_environment(config))),
         cloudpickle.dumps(ModelPlugin(plan.spec, "cpu")),
@@ -222,7 +220,9 @@ def test_second_run_reads_no_pixels_and_starts_no_cluster(s3_run, monkeypatch):
 
 
 def test_force_rewrites_identical_objects(s3_run, client):
-    """Re-running every tile writes every object again (a second version) with the same bytes."""
+    """Re-running every tile writes every COG again (a second S3 version) with the same bytes,
+    keeps the mosaics (the same tiles), and adds a version of the map whose arrays equal the
+    first version's."""
     config = s3_run["config"]
     bucket, prefix = storage.strip_protocol(config.output).split("/", 1)
     s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="RegionOne")
@@ -234,33 +234,34 @@ def test_force_rewrites_identical_objects(s3_run, client):
                 out.setdefault(v["Key"][len(prefix) + 1 :], []).append(v["ETag"])
         return out
 
+    repo = MapRepo(config.output)
+    first = repo.versions()
     before = versions()
     result = run(config.model_copy(update={"force": True}), client=client)
     assert set(result.tiles) == set(s3_run["result"].tiles)
     after = versions()
-    data_vars = (
-        "probability",
-        "class",
-        "valid_obs",
-        "last_obs_valid",
-    )  # coordinates are written once
-    written = [
-        k
-        for k in before
-        if k.endswith((".tif", ".vrt"))
-        or (k.startswith("predictions.zarr/") and k.split("/")[1] in data_vars and "/c/" in k)
-    ]
-    assert len([k for k in written if k.endswith(".tif")]) == 8 and len(written) > 20
+    written = [k for k in before if k.endswith(".tif")]
+    assert len(written) == 8
     for key in written:
         assert len(after[key]) == len(before[key]) + 1, key  # written again ...
         assert len(set(after[key])) == 1, key  # ... with the same bytes (same ETag)
+    mosaics = [k for k in before if k.endswith(".vrt")]
+    assert len(mosaics) == 4 and all(after[k] == before[k] for k in mosaics)  # same tiles: kept
+    history = repo.versions()
+    assert len(history) == len(first) + 1
+    assert {t["tile"] for t in history[-1]["tiles"]} == set(result.tiles)
+    old, new = repo.open_dataset(first[-1]["version"]), repo.open_dataset()
+    for var in new.data_vars:
+        np.testing.assert_array_equal(old[var].values, new[var].values)
+    assert not repo.changes(first[-1]["version"])["changed"].any()
 
 
 def test_second_driver_is_refused_and_stale_lease_taken_over(s3_run):
     config = s3_run["config"].model_copy(update={"force": True})
-    with Lease(config.output, ttl=60) as holder:
+    with Lease(config.output, ttl=60):
+        host = re.escape(socket.gethostname())
         with pytest.raises(
-            OutputError, match=f"leased by another driver \\({holder.owner}\\)"
+            OutputError, match=f"leased by another driver \\(on {host}, pid {os.getpid()}\\)"
         ) as info:
             run(config)
         assert "_lease.json" in str(info.value)

@@ -5,9 +5,10 @@ of the moto server: the endpoint reaches the workers only through the run config
 (``s3_endpoint_url``, applied by the run's worker plugin; the workers were started pointing at a
 dead endpoint).  The proxy answers HTTP 500 and 503, drops connections before an answer or in the
 middle of a body, and answers slowly, on reads (s3fs listings, HEADs and GETs, GDAL ``/vsis3/``
-range reads of scenes and masks, Zarr chunk reads) and on writes (Zarr chunk and metadata PUTs, COG
-and VRT uploads, ledger records, the lease, ``run.json``).  The run must finish with outputs equal,
-byte for byte, to a clean local-disk run: nothing lost, nothing written twice, nothing left over.
+range reads of scenes and masks, reads of the map's Icechunk objects) and on writes (chunks,
+manifests, snapshots and branch refs of the map, COG and VRT uploads, the lease, ``run.json``).
+The run must finish with the same map and COGs (byte for byte) as a clean local-disk run: nothing
+lost, nothing written twice with other bytes, nothing left over.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import re
 import socket
 import time
 from dataclasses import dataclass
@@ -25,13 +25,13 @@ import boto3
 import numpy as np
 import pytest
 import rasterio
-import xarray as xr
 
 from tests.conftest import environ_restored, new_bucket, upload_tree
 from treesits_dask.bench.proxy import FAULT_KINDS, FaultProxy
 from treesits_dask.config import load_config
 from treesits_dask.io import storage
 from treesits_dask.io.remote import clear_gdal_cache
+from treesits_dask.outputs.repo import REPO_NAME, MapRepo
 from treesits_dask.pipeline.run import run
 from treesits_dask.state.lease import LEASE_NAME
 
@@ -51,14 +51,13 @@ class Request:
     key: str
     query: str
     ranged: bool
-    after_ledger: bool  # a ledger record was PUT before (the run is finishing)
+    finishing: bool  # run.json was PUT before (the run is finishing)
 
     @classmethod
     def of(cls, method: str, path: str, rng: str, log) -> Request:
         key, _, query = path.partition("?")
-        return cls(
-            method, key, query, bool(rng), any(m == "PUT" and "/_ledger/" in p for m, p, _ in log)
-        )
+        finishing = any(m == "PUT" and p.endswith("/run.json") for m, p, _ in log)
+        return cls(method, key, query, bool(rng), finishing)
 
     def get(self, *suffixes: str, within: str = "") -> bool:
         return (
@@ -71,9 +70,10 @@ class Request:
     def put(self, *suffixes: str, within: str = "") -> bool:
         return self.method == "PUT" and self.key.endswith(suffixes) and within in self.key
 
-    def data_chunk(self) -> bool:
-        m = re.search(r"/predictions\.zarr/([a-z_]+)/c/", self.key)
-        return bool(m) and m[1] in VARIABLES
+    def repo(self, *kinds: str) -> bool:
+        """An object of the map's Icechunk repository (``chunks``, ``manifests``, ``snapshots``,
+        ``transactions``, ``refs``)."""
+        return any(f"/{REPO_NAME}/{kind}/" in self.key for kind in kinds)
 
 
 #: (category, which requests, what its first matching requests get, in this order): a fault kind,
@@ -115,25 +115,38 @@ RULES = [
         ("pass", "pass", "drop-mid", "500"),
     ),
     (
-        "Zarr chunk read (workers)",
-        lambda q: q.method == "GET" and q.data_chunk(),
+        "map chunk read (COG tasks)",
+        lambda q: q.method == "GET" and q.repo("chunks"),
         ("500", "503", "drop-before", "drop-mid", "slow"),
     ),
-    ("Zarr metadata read", lambda q: q.get("zarr.json"), ("drop-mid", "503", "slow")),
     (
-        "Zarr chunk PUT (workers)",
-        lambda q: q.method == "PUT" and q.data_chunk(),
+        "map snapshot/manifest read",
+        lambda q: q.method == "GET" and q.repo("snapshots", "manifests"),
+        ("drop-mid", "503", "slow", "500"),
+    ),
+    (
+        "map chunk PUT (workers)",
+        lambda q: q.method == "PUT" and q.repo("chunks"),
         ("500", "503", "drop", "slow"),
     ),
-    ("Zarr metadata PUT", lambda q: q.put("zarr.json"), ("500", "drop")),
+    (
+        "map snapshot/manifest/transaction PUT",
+        lambda q: q.method == "PUT" and q.repo("snapshots", "manifests", "transactions"),
+        ("500", "drop", "503"),
+    ),
     (
         "COG upload (workers)",
         lambda q: q.put(".tif", within="/cog/"),
         ("500", "503", "drop", "slow"),
     ),
     ("VRT upload", lambda q: q.put(".vrt"), ("503", "drop")),
-    ("ledger HEAD", lambda q: q.method == "HEAD" and "/_ledger/" in q.key, ("503",)),
-    ("ledger PUT", lambda q: q.put(".json", within="/_ledger/"), ("drop", "500")),
+    (
+        "map branch ref GET",
+        # (the SDK of Icechunk names the operation in the query: ?x-id=GetObject)
+        lambda q: q.method == "GET" and q.repo("refs") and q.key.endswith("/ref.json"),
+        ("503", "drop-mid"),
+    ),
+    ("map branch ref PUT (commit)", lambda q: q.put("ref.json", within="/refs/branch."), ("503",)),
     ("lease HEAD", lambda q: q.method == "HEAD" and q.key.endswith(LEASE_NAME), ("500",)),
     ("lease PUT", lambda q: q.put(LEASE_NAME), ("drop",)),
     ("lease GET", lambda q: q.get(LEASE_NAME), ("drop-mid",)),
@@ -141,12 +154,12 @@ RULES = [
     # the lease's (at the end) can be faulted
     (
         "bulk delete in the run",
-        lambda q: q.method == "POST" and "delete" in q.query and not q.after_ledger,
+        lambda q: q.method == "POST" and "delete" in q.query and not q.finishing,
         ("pass",) * 4,
     ),
     (
         "lease release (bulk delete)",
-        lambda q: q.method == "POST" and "delete" in q.query and q.after_ledger,
+        lambda q: q.method == "POST" and "delete" in q.query and q.finishing,
         ("drop",),
     ),
     ("run.json PUT", lambda q: q.put("run.json"), ("503",)),
@@ -292,11 +305,6 @@ def _local_objects(root: Path) -> dict[str, bytes]:
     }
 
 
-def _runs_normalised(keys) -> set[str]:
-    """Keys with the run id of ``_runs/<run id>/`` replaced (the two runs have their own ids)."""
-    return {re.sub(r"^_runs/[^/]+/", "_runs/*/", k) for k in keys}
-
-
 def test_run_survives_faults_with_identical_outputs(
     faulty_run, local_run, proxy, small_cube, moto_endpoint
 ):
@@ -311,35 +319,35 @@ def test_run_survives_faults_with_identical_outputs(
         name: kinds for name, kinds in planned.items() if kinds and not proxy.injected.get(name)
     }
     assert not left, f"requests that never came through the proxy: {left}"
-    # the workers' requests came through the proxy too (Zarr chunks and COGs are written by workers)
-    assert any(m == "PUT" and "/probability/c/" in p for m, p, _ in proxy.log)
+    # the workers' requests came through the proxy too (map chunks and COGs are written by workers)
+    assert any(m == "PUT" and f"/{REPO_NAME}/chunks/" in p for m, p, _ in proxy.log)
 
     remote = _s3_objects(faulty_run["config"].output)
     local = _local_objects(local_run)
-    # the same set of objects as the clean local run, nothing lost and nothing extra ...
-    assert _runs_normalised(remote) == _runs_normalised(local)
-    # ... with the same bytes: Zarr metadata and chunks, COGs, VRT mosaics
-    data = [k for k in local if k.startswith(("predictions.zarr/", "cog/"))]
-    assert len([k for k in data if k.endswith(".tif")]) == 4 * len(small_cube.tiles)
-    differ = [k for k in data if remote[k] != local[k]]
+    # the same COGs and VRT mosaics as the clean local run, byte for byte, nothing lost or extra
+    cogs = [k for k in local if k.startswith("cog/")]
+    assert len([k for k in cogs if k.endswith(".tif")]) == 4 * len(small_cube.tiles)
+    assert {k for k in remote if k.startswith("cog/")} == set(cogs)
+    # (a tile's _cog.json names the record and snapshot its COGs show: ids of each run)
+    differ = [k for k in cogs if remote[k] != local[k] and not k.endswith("/_cog.json")]
     assert not differ, differ
-    # exactly one ledger record per tile; every object written once (a retried write did not land
-    # twice), except Zarr metadata, which zarr itself writes more than once; the lease and the write
-    # probe written once and deleted once
+    outside = {k.split("/")[0] for k in remote} - {REPO_NAME, "cog", "_runs", "run.json"}
+    assert not outside, outside
+    # every object written once or, when a retried write landed twice, with the same bytes (map
+    # objects have unique names and are never rewritten; the branch ref is rewritten by each
+    # commit); the lease and the write probe written once and deleted once
     bucket = faulty_run["bucket"]
     prefix = storage.strip_protocol(faulty_run["config"].output).split("/", 1)[1]
     s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="RegionOne")
-    writes, deletes = collections.Counter(), collections.Counter()
+    etags, deletes = collections.defaultdict(set), collections.Counter()
     for page in s3.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=prefix):
-        writes.update(v["Key"][len(prefix) + 1 :] for v in page.get("Versions", []))
+        for v in page.get("Versions", []):
+            etags[v["Key"][len(prefix) + 1 :]].add(v["ETag"])
         deletes.update(v["Key"][len(prefix) + 1 :] for v in page.get("DeleteMarkers", []))
-    assert sorted(k for k in writes if k.startswith("_ledger/")) == [
-        f"_ledger/{t}.json" for t in small_cube.tiles
-    ]
-    twice = {k: n for k, n in writes.items() if n > 1 and not k.endswith("zarr.json")}
-    assert not twice, twice
+    rewritten = {k: len(e) for k, e in etags.items() if len(e) > 1 and not k.endswith("/ref.json")}
+    assert not rewritten, rewritten
     assert sorted(deletes) == sorted(
-        k for k in writes if k == LEASE_NAME or ".treesits-write-probe" in k
+        k for k in etags if k == LEASE_NAME or ".treesits-write-probe" in k
     )
     assert set(deletes.values()) == {1} and LEASE_NAME in deletes
     # no half-done multipart upload and no lease left anywhere
@@ -347,16 +355,18 @@ def test_run_survives_faults_with_identical_outputs(
         assert not s3.list_multipart_uploads(Bucket=b["Name"]).get("Uploads"), b["Name"]
     assert LEASE_NAME not in remote
 
-    # read back through xarray (s3fs) and GDAL (/vsis3/, nothing cached from the run):
-    # the same arrays
-    clear_gdal_cache()
-    fs, path = storage.get_fs(storage.join(faulty_run["config"].output, "predictions.zarr"))
-    a = xr.open_zarr(fs.get_mapper(path), mask_and_scale=False)
-    b = xr.open_zarr(str(local_run / "predictions.zarr"), mask_and_scale=False)
-    assert set(a.data_vars) == set(b.data_vars) == set(VARIABLES)
+    # the map: one commit per tile (a retried commit did not land twice), one version, and the
+    # same arrays as the clean run; COGs read back through GDAL (/vsis3/, nothing cached)
+    repo, ref = MapRepo(faulty_run["config"].output), MapRepo(str(local_run))
+    assert set(repo.records()) == set(small_cube.tiles)
+    (version,) = repo.versions()
+    assert sorted(t["tile"] for t in version["tiles"]) == sorted(small_cube.tiles)
+    a, b = repo.open_dataset(), ref.open_dataset()
+    assert set(a.data_vars) == set(b.data_vars) == set(VARIABLES) and a.sizes == b.sizes
     for var in VARIABLES:
         np.testing.assert_array_equal(a[var].values, b[var].values)
     assert (a["class"].values != 255).sum() > 1000
+    clear_gdal_cache()
     for tile in small_cube.tiles:
         for var in VARIABLES:
             remote_cog = storage.gdal_path(

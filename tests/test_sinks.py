@@ -1,4 +1,5 @@
-"""Zarr store, region writes, per-tile COGs and VRT mosaics on a tiny grid (2 tiles of 40x40 px)."""
+"""The map store (an Icechunk repository), region writes, per-tile COGs and VRT mosaics on a tiny
+grid (2 tiles of 40x40 px)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from treesits_dask.errors import OutputError
 from treesits_dask.io import storage
 from treesits_dask.outputs import cog, schema
 from treesits_dask.outputs import store as outputs_store
+from treesits_dask.outputs.repo import MapRepo
 
 ORIGIN = (2456026.363042, 4574919.607965)
 CLASSES = ("Spruce", "Beech", "Pine")
@@ -47,19 +49,21 @@ def _window_outputs(rng, shape=(20, 20), n=3):
     return {"probability": prob, "class": cls, "valid_obs": vobs, "last_obs_valid": last}
 
 
-def _fill(url, grid=GRID, seed=0):
-    """Write every chunk but UNWRITTEN; returns the expected full-store arrays."""
+def _fill(repo: MapRepo, grid=GRID, seed=0):
+    """Write every chunk but UNWRITTEN in one commit; returns the expected full-store arrays."""
     rng = np.random.default_rng(seed)
     expected = {v: _nodata_array(v, grid) for v in grid.variables()}
+    session = repo.repo.writable_session("main")
     for r in range(0, grid.height, 20):
         for c in range(0, grid.width, 20):
             if (r, c) == UNWRITTEN:
                 continue
             out = _window_outputs(rng, n=len(grid.class_names))
             out = {k: v for k, v in out.items() if k in grid.variables()}
-            outputs_store.write_window(url, slice(r, r + 20), slice(c, c + 20), out)
+            outputs_store.write_window(session.store, slice(r, r + 20), slice(c, c + 20), out)
             for k, v in out.items():
                 expected[k][..., r : r + 20, c : c + 20] = v
+    session.commit("fill")
     return expected
 
 
@@ -70,16 +74,27 @@ def _nodata_array(var, grid=GRID):
     return np.full(shape, schema.NODATA[var], dtype=schema.DTYPES[var])
 
 
-@pytest.fixture
-def store(tmp_path) -> str:
-    url = str(tmp_path / "out" / "predictions.zarr")
-    outputs_store.create_store(url, GRID, attrs={"model": "lstm.pt"})
-    return url
+def _repo(output, grid=GRID, attrs=None) -> MapRepo:
+    repo = MapRepo(str(output))
+    repo.ensure_layout(grid, attrs or {})
+    return repo
 
 
 @pytest.fixture
-def filled(store):
-    return store, _fill(store)
+def repo(tmp_path) -> MapRepo:
+    return _repo(tmp_path / "out", attrs={"model": "lstm.pt"})
+
+
+@pytest.fixture
+def store(repo):
+    """The map's zarr store as committed on main."""
+    return repo.zarr_store()
+
+
+@pytest.fixture
+def filled(repo):
+    expected = _fill(repo)
+    return repo.zarr_store(), expected
 
 
 def _sha(path) -> str:
@@ -94,7 +109,7 @@ def _tree_digest(root: Path) -> dict[str, str]:
 def test_store_metadata_for_xarray_and_rioxarray(store):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no consolidated-metadata (or other) warnings for users
-        ds = xr.open_zarr(store)
+        ds = xr.open_zarr(store, consolidated=False)
     assert ds.rio.crs.to_epsg() == 3035
     assert ds.rio.transform() == Affine(*GRID.transform)
     assert ds.probability.rio.crs.to_epsg() == 3035
@@ -107,7 +122,7 @@ def test_store_metadata_for_xarray_and_rioxarray(store):
     # default decoding: integer layers with nodata become float with NaN; valid_obs stays uint16
     assert ds["class"].dtype == np.float32 and ds["class"].rio.encoded_nodata == 255
     assert ds.valid_obs.dtype == np.uint16
-    raw = xr.open_zarr(store, mask_and_scale=False)
+    raw = xr.open_zarr(store, consolidated=False, mask_and_scale=False)
     assert raw["class"].dtype == np.uint8 and raw["class"].rio.nodata == 255
     assert raw.last_obs_valid.dtype == np.uint8 and raw.last_obs_valid.rio.nodata == 255
     assert raw.valid_obs.dtype == np.uint16 and raw.valid_obs.rio.nodata is None
@@ -124,9 +139,9 @@ def test_unwritten_store_reads_nodata(store):
         np.testing.assert_array_equal(
             outputs_store.read_region(store, ALL, var), _nodata_array(var)
         )
-    ds = xr.open_zarr(store, mask_and_scale=False)
+    ds = xr.open_zarr(store, consolidated=False, mask_and_scale=False)
     assert (ds["class"].values == 255).all() and (ds.valid_obs.values == 0).all()
-    assert np.isnan(xr.open_zarr(store)["class"].values).all()
+    assert np.isnan(xr.open_zarr(store, consolidated=False)["class"].values).all()
 
 
 def test_write_window_reads_back(filled):
@@ -136,7 +151,7 @@ def test_write_window_reads_back(filled):
     r, c = UNWRITTEN
     cls = outputs_store.read_region(store, ALL, "class")
     assert (cls[r : r + 20, c : c + 20] == 255).all()
-    ds = xr.open_zarr(store, mask_and_scale=False)
+    ds = xr.open_zarr(store, consolidated=False, mask_and_scale=False)
     np.testing.assert_array_equal(ds.probability.values, expected["probability"])
     np.testing.assert_array_equal(ds.valid_obs.values, expected["valid_obs"])
     # the edge tile region reads the right part of the store
@@ -147,43 +162,51 @@ def test_write_window_reads_back(filled):
 
 
 def test_write_window_is_idempotent_and_thread_safe(tmp_path):
-    url = str(tmp_path / "predictions.zarr")
-    outputs_store.create_store(url, GRID)
+    repo = _repo(tmp_path / "out")
     rng = np.random.default_rng(5)
     jobs = [
         (slice(r, r + 20), slice(c, c + 20), _window_outputs(rng))
         for r in range(0, 40, 20)
         for c in range(0, 80, 20)
     ]
+    session = repo.repo.writable_session("main")
     with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda j: outputs_store.write_window(url, *j), jobs))
-    before = _tree_digest(Path(url))
+        list(pool.map(lambda j: outputs_store.write_window(session.store, *j), jobs))
+    session.commit("windows")
+    before = {v: outputs_store.read_region(repo.zarr_store(), ALL, v) for v in schema.VARIABLES}
     for rows, cols, out in jobs:
         got = outputs_store.read_region(
-            url, schema.TileRegion("w", rows.start, cols.start, 20, 20), "class"
+            repo.zarr_store(), schema.TileRegion("w", rows.start, cols.start, 20, 20), "class"
         )
         np.testing.assert_array_equal(got, out["class"])
-    outputs_store.write_window(url, *jobs[3])  # rewriting a window changes no byte
-    assert _tree_digest(Path(url)) == before
+    session = repo.repo.writable_session("main")
+    outputs_store.write_window(session.store, *jobs[3])  # rewriting a window changes no value
+    session.commit("again")
+    for var, values in before.items():
+        np.testing.assert_array_equal(
+            outputs_store.read_region(repo.zarr_store(), ALL, var), values
+        )
 
 
-def test_write_window_rejects_bad_windows(store, tmp_path):
+def test_write_window_rejects_bad_windows(repo, tmp_path):
     out = _window_outputs(np.random.default_rng(1))
+    session = repo.repo.writable_session("main")
     with pytest.raises(OutputError, match="not aligned"):
-        outputs_store.write_window(store, slice(10, 30), slice(0, 20), out)
+        outputs_store.write_window(session.store, slice(10, 30), slice(0, 20), out)
     with pytest.raises(OutputError, match="shape"):
         outputs_store.write_window(
-            store, slice(0, 20), slice(0, 40), {"valid_obs": out["valid_obs"]}
+            session.store, slice(0, 20), slice(0, 40), {"valid_obs": out["valid_obs"]}
         )
-    with pytest.raises(OutputError, match="no Zarr store"):
-        outputs_store.write_window(str(tmp_path / "missing.zarr"), slice(0, 20), slice(0, 20), out)
+    with pytest.raises(OutputError, match="no map at"):
+        MapRepo(str(tmp_path / "missing")).open_dataset()
     binary = schema.OutputGrid(
         **{**GRID.__dict__, "class_names": ("disturbance",), "multiclass": False}
     )
-    url = str(tmp_path / "binary.zarr")
-    outputs_store.create_store(url, binary)
+    session = _repo(tmp_path / "binary", binary).repo.writable_session("main")
     with pytest.raises(OutputError, match=r"no variable\(s\) \['class'\]"):
-        outputs_store.write_window(url, slice(0, 20), slice(0, 20), {"class": out["class"]})
+        outputs_store.write_window(
+            session.store, slice(0, 20), slice(0, 20), {"class": out["class"]}
+        )
 
 
 def test_binary_store_has_no_class_variable(tmp_path):
@@ -191,54 +214,63 @@ def test_binary_store_has_no_class_variable(tmp_path):
         **{**GRID.__dict__, "class_names": ("disturbance",), "multiclass": False}
     )
     assert grid.variables() == ("probability", "valid_obs", "last_obs_valid")
-    url = str(tmp_path / "predictions.zarr")
-    outputs_store.create_store(url, grid)
-    expected = _fill(url, grid)
-    ds = xr.open_zarr(url, mask_and_scale=False)
+    repo = _repo(tmp_path / "out", grid)
+    expected = _fill(repo, grid)
+    ds = xr.open_zarr(repo.zarr_store(), consolidated=False, mask_and_scale=False)
     assert set(ds.data_vars) == {"probability", "valid_obs", "last_obs_valid"}
     assert ds.probability.shape == (1, 40, 80)
     np.testing.assert_array_equal(ds.probability.values, expected["probability"])
-    cogs = cog.write_tile_cogs(str(tmp_path), url, REGIONS[0], grid)
+    cogs = cog.tile_cogs(str(tmp_path), repo.zarr_store(), REGIONS[0], grid)
     assert set(cogs) == set(grid.variables())
 
 
-def test_create_store_twice_changes_nothing(filled):
-    store, expected = filled
-    before = _tree_digest(Path(store))
-    outputs_store.create_store(store, GRID, attrs={"model": "lstm.pt"})
-    outputs_store.create_store(
-        store, GRID, attrs={"model": "other.pt"}
-    )  # attrs differ: warning only
-    assert _tree_digest(Path(store)) == before
-    np.testing.assert_array_equal(outputs_store.read_region(store, ALL, "class"), expected["class"])
+def test_create_store_twice_changes_nothing(repo):
+    expected = _fill(repo)
+    history = len(list(repo.repo.ancestry(branch="main")))
+    assert repo.ensure_layout(GRID, {"model": "lstm.pt"}) == GRID
+    assert repo.ensure_layout(GRID, {"model": "other.pt"}) == GRID  # attrs are the first run's
+    assert len(list(repo.repo.ancestry(branch="main"))) == history  # no new commit
+    np.testing.assert_array_equal(
+        outputs_store.read_region(repo.zarr_store(), ALL, "class"), expected["class"]
+    )
+
+
+def test_store_grows_for_tiles_that_appear(repo):
+    """Tiles to the east and south extend the map; nothing written so far moves."""
+    expected = _fill(repo)
+    bigger = schema.OutputGrid(**{**GRID.__dict__, "width": 120, "height": 60})
+    grown = repo.ensure_layout(bigger, {})
+    assert (grown.width, grown.height) == (120, 60) and repo.grid() == bigger
+    ds = xr.open_zarr(repo.zarr_store(), consolidated=False, mask_and_scale=False)
+    assert ds["class"].shape == (60, 120) and ds.x.values[-1] == GRID.transform[2] + 1195
+    np.testing.assert_array_equal(ds["class"].values[:40, :80], expected["class"])
+    assert (ds["class"].values[40:] == 255).all() and (ds["class"].values[:, 80:] == 255).all()
+    assert repo.ensure_layout(GRID, {}) == bigger  # a smaller request keeps the bigger map
 
 
 @pytest.mark.parametrize(
     ("change", "what"),
     [
         ({"chunk": (40, 40)}, "chunk"),
-        ({"width": 120}, "size"),
         ({"class_names": ("Spruce", "Beech", "Oak")}, "class names"),
         ({"crs_wkt": CRS.from_epsg(25832).to_wkt()}, "CRS"),
         ({"transform": (10.0, 0.0, 0.0, 0.0, -10.0, 0.0)}, "transform"),
     ],
 )
-def test_create_store_incompatible_raises(store, change, what):
+def test_create_store_incompatible_raises(repo, change, what):
     other = schema.OutputGrid(**{**GRID.__dict__, **change})
     with pytest.raises(OutputError, match=what) as info:
-        outputs_store.create_store(store, other)
-    assert store in str(info.value) and "--output" in str(info.value)
+        repo.ensure_layout(other, {})
+    assert repo.url in str(info.value) and "--output" in str(info.value)
 
 
 def test_create_store_refuses_foreign_folder(tmp_path):
-    foreign = tmp_path / "predictions.zarr"
-    foreign.mkdir()
+    foreign = tmp_path / "out" / "map.icechunk"
+    foreign.mkdir(parents=True)
     (foreign / "notes.txt").write_text("not a store")
-    with pytest.raises(OutputError, match="not a Zarr store"):
-        outputs_store.create_store(str(foreign), GRID)
-    zarr.open_group(str(tmp_path / "other.zarr"), mode="w")  # a store without our grid
-    with pytest.raises(OutputError, match="did not create"):
-        outputs_store.create_store(str(tmp_path / "other.zarr"), GRID)
+    with pytest.raises(OutputError, match="not a treesits_dask map"):
+        MapRepo(str(tmp_path / "out")).ensure_layout(GRID, {})
+    assert (foreign / "notes.txt").read_text() == "not a store"
 
 
 def test_grid_rejects_too_many_classes():
@@ -274,7 +306,7 @@ def test_write_tile_cogs_valid_and_equal_to_zarr(filled, tmp_path):
     store, _ = filled
     output = tmp_path / "out"
     for region in REGIONS:
-        urls = cog.write_tile_cogs(str(output), store, region, GRID, tmp_dir=str(tmp_path))
+        urls = cog.tile_cogs(str(output), store, region, GRID, tmp_dir=str(tmp_path))
         assert urls == {v: str(output / "cog" / region.tile / f"{v}.tif") for v in schema.VARIABLES}
         _check_cogs(output, store, region)
     with rasterio.open(output / "cog" / TILES[1] / "class.tif") as src:
@@ -292,10 +324,10 @@ def test_write_tile_cogs_valid_and_equal_to_zarr(filled, tmp_path):
 def test_write_tile_cogs_twice_is_byte_identical(filled, tmp_path):
     store, _ = filled
     output = tmp_path / "out"
-    cog.write_tile_cogs(str(output), store, REGIONS[0], GRID)
+    cog.tile_cogs(str(output), store, REGIONS[0], GRID)
     first = _tree_digest(output / "cog")
     time.sleep(1.1)  # a timestamp in the file would now differ
-    cog.write_tile_cogs(str(output), store, REGIONS[0], GRID)
+    cog.tile_cogs(str(output), store, REGIONS[0], GRID)
     assert _tree_digest(output / "cog") == first
 
 
@@ -303,8 +335,9 @@ def test_vrt_mosaic_reads_back_store_values(filled, tmp_path):
     store, expected = filled
     output = tmp_path / "out"
     for region in REGIONS:
-        cog.write_tile_cogs(str(output), store, region, GRID)
+        cog.tile_cogs(str(output), store, region, GRID)
     vrts = cog.write_mosaics(str(output), list(TILES))
+    assert cog.mosaic_tiles(str(output)) == list(TILES)
     assert vrts == {v: str(output / "cog" / f"{v}.vrt") for v in schema.VARIABLES}
     text = (output / "cog" / "class.vrt").read_text()
     assert 'relativeToVRT="1"' in text and str(output) not in text
@@ -358,18 +391,18 @@ def test_s3_round_trip(moto_endpoint, monkeypatch):
     assert not fs.ls("outdir")  # the probe is gone
     with pytest.raises(OutputError, match="no-such-bucket"):
         storage.check_writable("s3://no-such-bucket/run")
-    url = storage.join(output, "predictions.zarr")
-    outputs_store.create_store(url, GRID)
-    outputs_store.create_store(url, GRID)
-    expected = _fill(url)
+    repo = _repo(output)
+    repo.ensure_layout(GRID, {})
+    expected = _fill(repo)
     np.testing.assert_array_equal(
-        outputs_store.read_region(url, ALL, "probability"), expected["probability"]
+        outputs_store.read_region(repo.zarr_store(), ALL, "probability"), expected["probability"]
     )
-    ds = xr.open_zarr(fs.get_mapper("outdir/run/predictions.zarr"), mask_and_scale=False)
+    assert fs.find("outdir/run/map.icechunk")  # the repository lives on S3
+    ds = xr.open_zarr(repo.zarr_store(), consolidated=False, mask_and_scale=False)
     assert ds.rio.crs.to_epsg() == 3035
     np.testing.assert_array_equal(ds["class"].values, expected["class"])
     for region in REGIONS:
-        cog.write_tile_cogs(output, url, region, GRID)
+        cog.tile_cogs(output, repo.zarr_store(), region, GRID)
     cog.write_mosaics(output, list(TILES))
     with rasterio.open("/vsis3/outdir/run/cog/valid_obs.vrt") as src:
         np.testing.assert_array_equal(src.read(1), expected["valid_obs"])

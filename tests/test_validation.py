@@ -13,12 +13,13 @@ import sys
 import numpy as np
 import pytest
 import rasterio
-import xarray as xr
 import yaml
 
 from tests.helpers import tile_transform, write_prj, write_scene
+from treesits_dask import open_map
 from treesits_dask.cli import main
 from treesits_dask.io.crs import same_crs, short_crs
+from treesits_dask.outputs.repo import MapRepo
 from treesits_dask.synthetic import FORCE_LAEA_WKT, make_cube
 
 TILE = "X0010_Y0010"
@@ -59,7 +60,7 @@ def _run_cli(args, capsys):
 
 
 def _arrays(output):
-    ds = xr.open_zarr(output / "predictions.zarr", mask_and_scale=False)
+    ds = open_map(str(output))
     arrays = {f"zarr:{k}": v.values for k, v in ds.data_vars.items()}
     for cog in sorted((output / "cog").glob("*/*.tif")):
         with rasterio.open(cog) as src:
@@ -256,8 +257,7 @@ def test_one_bad_tile_does_not_stop_the_others(cube, capsys, tmp_path, native_ls
     report = json.loads((out / "run.json").read_text())
     assert set(report["tiles"]) == {TILE} and set(report["failed"]) == {"X0011_Y0010"}
     assert not report["complete"]
-    assert (out / "_ledger" / f"{TILE}.json").exists()
-    assert not (out / "_ledger" / "X0011_Y0010.json").exists()
+    assert set(MapRepo(str(out)).records()) == {TILE}  # only the good tile is in the map
 
 
 # ------------------------------------------------------------------------------ S3 credentials
@@ -321,3 +321,15 @@ def test_worker_input_errors_are_one_line(cube, tmp_path, native_lstm):
     assert "Traceback" not in text and "Compute Failed" not in text, text
     assert "20220601_LEVEL2_SEN2A_BOA.tif" in text and "failed: InputDataError(" in text, text
     assert not json.loads((out / "run.json").read_text())["complete"]
+
+
+def test_qai_flag_order_does_not_change_the_settings_digest(cube, tmp_path, native_lstm):
+    from treesits_dask.config import load_config
+    from treesits_dask.pipeline.plan import make_plan
+
+    def digest(qai):
+        overrides = dict(cube=str(cube), model=native_lstm, output=str(tmp_path / "o"), qai=qai)
+        return make_plan(load_config(overrides=overrides, environ={})).config_digest
+
+    assert digest("CLOUD_OPAQUE,CLOUD_SHADOW,SNOW") == digest("SNOW,CLOUD_OPAQUE,CLOUD_SHADOW")
+    assert digest("CLOUD_OPAQUE,CLOUD_SHADOW,SNOW") != digest("CLOUD_OPAQUE,CLOUD_SHADOW")

@@ -14,7 +14,8 @@ The public API (imported on first use, so ``import treesits_dask`` stays light):
 * data: :func:`open_cube` (a tile as a lazy DataArray), :func:`make_cube` (a synthetic cube),
   :func:`build_masks` (forest masks from ESA WorldCover)
 * maps: :func:`plan`, :func:`run`, :func:`update`, :class:`RunResult`, :class:`RunCallbacks`,
-  :func:`connect` (the run's cluster), :func:`open_map`, :func:`quicklook`, :func:`write_stac`,
+  :func:`connect` (the run's cluster), :func:`open_map` (also as it was: ``as_of``),
+  :func:`versions`, :func:`changes`, :func:`quicklook`, :func:`write_stac`,
   :func:`class_colors` / :data:`NOT_PREDICTED_COLOR` (the colours of the quicklooks)
 * models: :func:`load_model`, :func:`train`, :func:`evaluate`, :func:`load_samples`,
   :func:`read_points` / :func:`write_points` (reference points), :func:`confusion_table`,
@@ -37,6 +38,9 @@ _EXPORTS = {
     "SampleSettings": "config",
     "open_cube": "api",
     "open_map": "api",
+    "versions": "api",
+    "changes": "api",
+    "export_map": "api",
     "plan": "api",
     "make_cube": "synthetic",
     "build_masks": "io.worldcover",

@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .pipeline.plan import RunPlan
 
-__all__ = ["open_cube", "open_map", "plan"]
+__all__ = ["changes", "export_map", "open_cube", "open_map", "plan", "versions"]
 
 
 def open_cube(
@@ -68,14 +68,47 @@ def plan(config: RunConfig) -> RunPlan:
     return make_plan(config)
 
 
-def open_map(output: str, mask_and_scale: bool = False) -> xr.Dataset:
-    """The map of an output (``<output>/predictions.zarr``) as a lazy ``xarray.Dataset``:
-    ``probability`` (class_name, y, x), ``class``, ``valid_obs``, ``last_obs_valid``, with the CRS
-    (``.rio``).  ``mask_and_scale=False`` keeps the integer layers as stored (255 = not
-    predicted).  S3 outputs use the endpoint settings of the environment (``AWS_*``)."""
-    from .outputs.store import open_dataset
-    from .state.ledger import STORE_NAME
+def open_map(output: str, as_of=None, mask_and_scale: bool = False) -> xr.Dataset:
+    """The map of an output as a lazy ``xarray.Dataset``: ``probability`` (class_name, y, x),
+    ``class``, ``valid_obs``, ``last_obs_valid``, with the CRS (``.rio``), cropped to its finished
+    tiles.  ``as_of``: a version of the map (:func:`versions`: its number, run id or snapshot, or
+    a datetime: the map as it was then); default the latest.  ``mask_and_scale=False`` keeps
+    the integer layers as stored (255 = not predicted).  S3 outputs use the endpoint settings of
+    the environment (``AWS_*``)."""
+    from .outputs.repo import MapRepo
 
+    _environment(output)
+    return MapRepo(output).open_dataset(as_of, mask_and_scale=mask_and_scale)
+
+
+def versions(output: str) -> list[dict]:
+    """The versions of an output's map, oldest first: one per run that changed it, with its
+    run id, time, snapshot and the tiles it (re)computed and why."""
+    from .outputs.repo import MapRepo
+
+    _environment(output)
+    return MapRepo(output).versions()
+
+
+def changes(output: str, before, after=None) -> xr.Dataset:
+    """The pixels whose class (or, for binary models, disturbance state) differs between two
+    versions of the map (``after`` default: the latest): ``before``, ``after``, ``changed``."""
+    from .outputs.repo import MapRepo
+
+    _environment(output)
+    return MapRepo(output).changes(before, after)
+
+
+def export_map(output: str, dest: str, as_of=None, tiles=None) -> list[str]:
+    """Write the COGs (``<dest>/cog/<tile>/<variable>.tif``) and VRT mosaics of an output's map as
+    of a version (:func:`versions`; default the latest) to ``dest``, for ``tiles`` (default all
+    finished tiles).  Returns the written URLs."""
+    from .outputs.repo import MapRepo
+
+    _environment(output)
+    return MapRepo(output).export_cogs(dest, as_of, tiles)
+
+
+def _environment(output: str) -> None:
     if storage.is_remote(output):
         storage.apply_environment(storage.s3_environment())
-    return open_dataset(storage.join(output, STORE_NAME), mask_and_scale=mask_and_scale)

@@ -64,8 +64,8 @@ def run_demo(
     }
     report.update(_accuracy(cube, output, list(result.tiles)))
     _say(
-        f"outputs: {output / 'predictions.zarr'} and {output / 'cog'} (per-tile COGs, VRT "
-        f"mosaics); total {report['seconds']} s"
+        f"outputs: {output / 'map.icechunk'} (the versioned map) and {output / 'cog'} "
+        f"(per-tile COGs, VRT mosaics); total {report['seconds']} s"
     )
     if result.report_dir:
         _say(

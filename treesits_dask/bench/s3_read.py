@@ -191,7 +191,7 @@ main(["-H", "127.0.0.1", "-p", sys.argv[1]])
 """
 
 
-def _start_moto() -> tuple[subprocess.Popen, str]:
+def start_moto() -> tuple[subprocess.Popen, str]:
     """moto's server as a subprocess (GDAL deadlocks against an in-process server)."""
     port = _free_port()
     proc = subprocess.Popen(
@@ -522,7 +522,7 @@ def _measure(args, local: dict, methods: list[str]) -> tuple[dict[str, list[dict
     from treesits_dask.bench.proxy import FaultProxy
     from treesits_dask.io import storage
 
-    moto, endpoint = _start_moto()
+    moto, endpoint = start_moto()
     proxy = None
     saved_env = dict(os.environ)
     try:

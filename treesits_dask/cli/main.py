@@ -1,5 +1,5 @@
 """Command line: ``python -m treesits_dask
-{run,plan,update,mask,demo,quicklook,bench,train,evaluate}``.
+{run,plan,update,versions,export,changes,mask,demo,quicklook,bench,train,evaluate}``.
 
 The only place that configures logging and draws progress bars; each command is a thin layer
 over the public API (:mod:`treesits_dask`).
@@ -26,6 +26,14 @@ from .tools import (
     cmd_quicklook,
 )
 from .training import add_evaluate_arguments, add_train_arguments, cmd_evaluate, cmd_train
+from .versions import (
+    add_changes_arguments,
+    add_export_arguments,
+    add_versions_arguments,
+    cmd_changes,
+    cmd_export,
+    cmd_versions,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -42,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="predict tiles and write Zarr + COG outputs")
+    p = sub.add_parser(
+        "run", help="predict tiles into the versioned map (Zarr in an Icechunk repository) + COGs"
+    )
     add_run_flags(p)
     p.set_defaults(func=cmd_run)
 
@@ -85,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_demo)
 
+    _add_map_commands(sub)
+
     p = sub.add_parser(
         "quicklook", help="PNG maps per tile and for the mosaic (+ STAC catalog with --stac)"
     )
@@ -113,6 +125,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_arguments(p)
     p.set_defaults(func=cmd_evaluate)
     return parser
+
+
+def _add_map_commands(sub) -> None:
+    """``versions``, ``export``, ``changes``: the history of an output's map."""
+    p = sub.add_parser(
+        "versions", help="list the versions of an output's map (one per run that changed it)"
+    )
+    add_versions_arguments(p)
+    p.set_defaults(func=cmd_versions)
+    p = sub.add_parser(
+        "export", help="write the COGs and mosaics of the map as of a version (--as-of)"
+    )
+    add_export_arguments(p)
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser(
+        "changes",
+        help="pixels whose class (or disturbance state) changed between two versions",
+    )
+    add_changes_arguments(p)
+    p.set_defaults(func=cmd_changes)
 
 
 def _configure_logging(verbose: int) -> None:

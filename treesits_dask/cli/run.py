@@ -16,7 +16,7 @@ _RUN_FLAGS = [
         "--tiles",
         dict(help="comma-separated tile ids (X0069_Y0043,...), a FORCE tile-list file, or 'all'"),
     ),
-    ("--output", dict(help="output directory (predictions.zarr, cog/, run.json)")),
+    ("--output", dict(help="output directory (map.icechunk, cog/, run.json)")),
     (
         "--model",
         dict(
@@ -111,13 +111,17 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     for flag, kw in _RUN_FLAGS:
         p.add_argument(flag, **kw)
     p.add_argument(
-        "--no-cog", dest="cog", action="store_false", default=None, help="write only the Zarr store"
+        "--no-cog",
+        dest="cog",
+        action="store_false",
+        default=None,
+        help="write only the map (the next run with COGs on writes the missing COGs from it)",
     )
     p.add_argument(
         "--force",
         action="store_true",
         default=None,
-        help="redo tiles whose ledger record says they are up to date",
+        help="redo tiles whose record in the map says they are up to date",
     )
 
 
@@ -166,7 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     skipped = f", {len(result.skipped)} up to date (skipped)" if result.skipped else ""
     print(
         f"done: {len(result.tiles)} tile(s){skipped}, {result.pixels_predicted} pixels predicted "
-        f"in {result.seconds:.1f} s; outputs in {config.output} (predictions.zarr, cog/, run.json)"
+        f"in {result.seconds:.1f} s; outputs in {config.output} (map.icechunk, cog/, run.json)"
     )
     if result.report_dir:
         print(f"run report: {result.report_dir} (run.json, dask-report.html)")

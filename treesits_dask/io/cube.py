@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 NODATA = -9999
 
+
 class Counter:
     """A thread-safe count in this process (GDAL dataset opens, reads or forwards in progress)."""
 

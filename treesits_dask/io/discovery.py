@@ -105,6 +105,8 @@ class Scene:
     qai: str | None = None
     size: int | None = field(default=None, compare=False)
     mtime: str | None = field(default=None, compare=False)
+    qai_size: int | None = field(default=None, compare=False)
+    qai_mtime: str | None = field(default=None, compare=False)
 
     @property
     def name(self) -> str:
@@ -338,15 +340,18 @@ def scene_table(
         if end is not None and info["date"] > end:
             continue
         qai_name = name.replace("_BOA.tif", "_QAI.tif")
+        qai_entry = by_name.get(qai_name)
         scenes.append(
             Scene(
                 tile=tile,
                 date=info["date"],
                 sensor=info["sensor"],
                 boa=storage.join(tile_url, name),
-                qai=storage.join(tile_url, qai_name) if qai_name in by_name else None,
+                qai=storage.join(tile_url, qai_name) if qai_entry else None,
                 size=entry.get("size") if with_details else None,
                 mtime=_mtime(entry) if with_details else None,
+                qai_size=qai_entry.get("size") if with_details and qai_entry else None,
+                qai_mtime=_mtime(qai_entry) if with_details and qai_entry else None,
             )
         )
     scenes.sort(key=lambda s: (s.date, s.sensor))

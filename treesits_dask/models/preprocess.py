@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import InputDataError, ModelError
+from ..errors import InputDataError
 
 __all__ = ["check_inputs", "day_of_year", "full_inputs", "sbert_inputs"]
 
@@ -43,6 +43,22 @@ def day_of_year(days: np.ndarray) -> np.ndarray:
     return (d - d.astype("datetime64[Y]").astype("datetime64[D]")).astype(np.int64) + 1
 
 
+def _fit_position_table(kept: np.ndarray, days: np.ndarray, max_position: int):
+    """Drop (in ``kept``, in place) the oldest kept observations of every pixel whose newest one
+    would get a day index beyond the position table; returns the index, day and day-of-year of
+    each pixel's first kept observation."""
+    while True:
+        first = np.argmax(kept, axis=1)  # index of the oldest kept observation
+        last = kept.shape[1] - 1 - np.argmax(kept[:, ::-1], axis=1)  # of the newest
+        first_day = days[first]
+        t0 = day_of_year(first_day)
+        over = kept.any(axis=1) & (days[last] - first_day + t0 >= max_position)
+        if not over.any():
+            return first, first_day, t0
+        rows = np.flatnonzero(over)
+        kept[rows, first[rows]] = False
+
+
 def sbert_inputs(
     series: np.ndarray,
     valid: np.ndarray,
@@ -56,9 +72,13 @@ def sbert_inputs(
     day-of-year of the first kept one, per-pixel/band z-score of reflectance / 10000 (ddof 0,
     epsilon added to the std), right-aligned into ``seq_len`` slots with zero padding in front.
 
+    The day index of the newest kept observation must stay below ``max_position`` (the rows of
+    the position table): where it would not (a 1460-day window whose first kept observation
+    falls late in a leap year reaches 1826), the oldest kept observations are dropped until it
+    does; everywhere else the result is the reference's (which would crash there).
+
     Returns ``x`` (N, seq_len, 10) float32, ``doy`` (N, seq_len) int64, ``mask`` (N, seq_len)
-    bool and ``n_used`` (N,) int64.  Raises :class:`ModelError` where a day index would fall
-    outside the ``max_position``-row position table.
+    bool and ``n_used`` (N,) int64.
     """
     n_pix, _, n_bands = series.shape
     valid = valid.astype(bool, copy=False)
@@ -72,20 +92,11 @@ def sbert_inputs(
     mask = np.zeros((n_pix, seq_len), dtype=bool)
     if not kept.any():
         return x, doy, mask, n_used
-    first = np.argmax(kept, axis=1)  # index of the oldest kept observation
-    first_day = days[first]
-    t0 = day_of_year(first_day)
+    first, first_day, t0 = _fit_position_table(kept, days, max_position)
+    n_used = kept.sum(axis=1, dtype=np.int64)
     pix, obs = np.nonzero(kept)
     slot = seq_len - rank[pix, obs]
     day_index = days[obs] - first_day[pix] + t0[pix]
-    top = int(day_index.max())
-    if top >= max_position:
-        raise ModelError(
-            f"SBERT day index {top} is beyond the model's {max_position}-row position table "
-            "(day-of-year of the first kept observation + days spanned must stay below "
-            f"{max_position}): "
-            "the window is too long for this model; shorten it with --start-date/--end-date"
-        )
     # z-score per pixel and band over the kept observations (float64 statistics, ddof 0)
     weight = kept[:, :, None]
     refl = series.astype(np.float64)

@@ -10,6 +10,7 @@ driver cannot write to ``s3://``, and nothing partial ever carries the final nam
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -26,14 +27,13 @@ from ..io import storage
 from ..io.crs import same_crs
 from ..io.remote import read_retrying
 from .schema import COG_NODATA, DTYPES, VARIABLES, OutputGrid, TileRegion
-from .store import chunk_blocks, open_store
+from .store import chunk_blocks
 
 __all__ = [
     "CogSpec",
     "cog_blocksize",
     "write_cog",
     "write_mosaics",
-    "write_tile_cogs",
     "write_vrt",
 ]
 
@@ -238,29 +238,38 @@ def _same_nodata(a: float | None, b: float | None) -> bool:
 
 
 # ------------------------------------------------------------------------------ tiles, mosaics
-def write_tile_cogs(
+#: file beside a tile's COGs naming the record (of the tile in the map) they were made from
+COG_MANIFEST = "_cog.json"
+#: file beside the mosaics naming the tiles they hold
+MOSAIC_MANIFEST = "_mosaic.json"
+
+
+def tile_cogs(
     output: str,
-    store_url: str,
+    zstore,
     region: TileRegion,
     grid: OutputGrid,
     tmp_dir: str | None = None,
 ) -> dict[str, str]:
-    """Write ``<output>/cog/<tile>/<variable>.tif`` (valid COGs) from the tile's store region.
+    """Write ``<output>/cog/<tile>/<variable>.tif`` (valid COGs) from the tile's region of the map
+    in ``zstore`` (a zarr store).
 
     The region is read chunk by chunk into a local temporary GeoTIFF, turned into a COG (DEFLATE,
     overviews: average for probability, nearest for the integer layers), validated and then
     published atomically.  Values equal the store's; re-running writes byte-identical files.
     Returns ``{variable: url}``.
     """
+    import zarr
+
     a, b, c, d, e, f = grid.transform
     x0, y0 = region.col_off, region.row_off
     transform = (a, b, c + x0 * a + y0 * b, d, e, f + x0 * d + y0 * e)
-    group = open_store(store_url, "r")
+    group = zarr.open_group(zstore, mode="r")
     written = {}
     for var in grid.variables():
         if var not in group.array_keys():
             raise OutputError(
-                f"the store {store_url} has no variable {var!r}; was it created for another model?"
+                f"the map of {output} has no variable {var!r}; was it created for another model?"
             )
         arr = group[var]
         spec = CogSpec(
@@ -280,8 +289,32 @@ def write_tile_cogs(
     return written
 
 
+def cog_manifest(output: str, tile: str) -> dict | None:
+    """The manifest of a tile's COGs (None when they are missing or incomplete)."""
+    return _read_json(storage.join(output, "cog", tile, COG_MANIFEST))
+
+
+def _read_json(url: str) -> dict | None:
+    fs, path = storage.get_fs(url)
+    try:
+        with fs.open(path, "rt") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("%s is unreadable (%s); treated as missing", url, exc)
+        return None
+
+
+def mosaic_tiles(output: str) -> list[str] | None:
+    """The tiles the mosaics hold (None when there are no complete mosaics)."""
+    manifest = _read_json(storage.join(output, "cog", MOSAIC_MANIFEST))
+    return manifest.get("tiles") if manifest else None
+
+
 def write_mosaics(output: str, tiles: Sequence[str]) -> dict[str, str]:
-    """Write ``<output>/cog/<variable>.vrt`` mosaics of the tiles' COGs (paths relative to the VRT).
+    """Write ``<output>/cog/<variable>.vrt`` mosaics of the tiles' COGs (paths relative to the VRT),
+    then the manifest naming the tiles (written last).
 
     Variables without any tile COG are skipped; tiles lacking a variable are left out of that
     mosaic with a warning.  Raises :class:`OutputError` if no tile has any COG.
@@ -301,6 +334,8 @@ def write_mosaics(output: str, tiles: Sequence[str]) -> dict[str, str]:
     if not written:
         raise OutputError(
             f"no tile COGs under {cog_dir} for tiles {list(tiles)}; write them first "
-            "(write_tile_cogs)"
+            "(outputs.repo.write_tile_cogs)"
         )
+    manifest = json.dumps({"tiles": sorted(set(tiles))}, indent=1).encode()
+    storage.publish_bytes(manifest, storage.join(cog_dir, MOSAIC_MANIFEST))
     return written

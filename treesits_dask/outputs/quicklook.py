@@ -136,18 +136,12 @@ def read_raster(url: str, max_size: int = MAX_SIZE) -> Raster:
         raise OutputError(f"cannot read {url} for a quicklook: {exc}") from exc
 
 
-def _open_store(store_url: str):
-    """The Zarr store as an xarray Dataset (raw values, lazily read)."""
-    import rioxarray  # noqa: F401  (registers the .rio accessor)
-    import xarray as xr
+def _open_map(output: str):
+    """The map as an xarray Dataset (raw values, lazily read, cropped to its tiles), or None."""
+    from .repo import MapRepo
 
-    store = storage.strip_protocol(store_url)
-    if storage.is_remote(store_url):
-        import zarr.storage
-
-        fs, path = storage.get_fs(store_url)
-        store = zarr.storage.FsspecStore.from_mapper(fs.get_mapper(path), read_only=True)
-    return xr.open_zarr(store, mask_and_scale=False)
+    repo = MapRepo(output)
+    return repo.open_dataset() if repo.exists() else None
 
 
 def _zarr_raster(ds, variable: str, max_size: int) -> Raster:
@@ -271,9 +265,9 @@ def _class_names(prob: Raster, output: str) -> list[str]:
     """Class names from the probability band descriptions, else the Zarr ``class_name`` coord."""
     if all(prob.descriptions):
         return [str(d) for d in prob.descriptions]
-    store = storage.join(output, "predictions.zarr")
-    if _exists(store):
-        return [str(n) for n in _open_store(store)[CLASS_DIM].values]
+    ds = _open_map(output)
+    if ds is not None:
+        return [str(n) for n in ds[CLASS_DIM].values]
     return [f"class {i}" for i in range(prob.data.shape[0])]
 
 
@@ -316,7 +310,7 @@ def quicklook(
         written += _mosaic(output, out_dir, max_size)
     if not written:
         raise OutputError(
-            f"nothing to draw in {output}: no tile COGs under cog/ and no predictions.zarr"
+            f"nothing to draw in {output}: no tile COGs under cog/ and no map (map.icechunk)"
         )
     log.info("wrote %d quicklook(s) to %s", len(written), out_dir)
     return written
@@ -329,14 +323,11 @@ def _mosaic(output: str, out_dir: str, max_size: int) -> list[str]:
     if _exists(vrts["probability"]):
         layers = {v: read_raster(u, max_size) for v, u in vrts.items() if _exists(u)}
         return _render(layers, MOSAIC, output, out_dir)
-    store = storage.join(output, "predictions.zarr")
-    if not _exists(store):
-        log.warning(
-            "no mosaic quicklook: no cog/probability.vrt and no predictions.zarr in %s", output
-        )
+    ds = _open_map(output)
+    if ds is None:
+        log.warning("no mosaic quicklook: no cog/probability.vrt and no map in %s", output)
         return []
-    log.info("no VRT mosaic in %s; reading the Zarr store (slower than COG overviews)", output)
-    ds = _open_store(store)
+    log.info("no VRT mosaic in %s; reading the map (slower than COG overviews)", output)
     layers = {
         v: _zarr_raster(ds, v, max_size) for v in ("probability", "class", "valid_obs") if v in ds
     }

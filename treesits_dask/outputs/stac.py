@@ -21,8 +21,8 @@ from typing import Any
 
 from ..errors import OutputError
 from ..io import storage
-from ..state import ledger
 from .quicklook import class_colors, find_tiles
+from .repo import MapRepo
 from .schema import CLASS_NODATA
 
 __all__ = ["write_stac"]
@@ -332,14 +332,14 @@ def write_stac(
     quicklook_dir = quicklook_dir or storage.join(output, "quicklook")
     run = _read_json(storage.join(output, "run.json"))
     # run.json covers only the tiles of the latest run (an update may process one tile); every
-    # finished tile's ledger record has its own scene dates
+    # finished tile's record in the map has its own scene dates
+    repo = MapRepo(output)
+    records = repo.records() if repo.exists() else {}
     for tile in tiles:
-        record = ledger.read_record(output, tile)
+        record = records.get(tile)
         if record and isinstance(record.get("stats"), dict):
             run.setdefault("tiles", {})[tile] = record["stats"]
-    store_attrs = _read_json(storage.join(output, "predictions.zarr", "zarr.json")).get(
-        "attributes", {}
-    )
+    store_attrs = repo.attributes() if repo.exists() else {}
     extra = {
         f"treesits_dask:{k}": store_attrs[k] for k in ("model_family", "model") if k in store_attrs
     }

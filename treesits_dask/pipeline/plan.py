@@ -16,11 +16,20 @@ import logging
 from dataclasses import dataclass, field
 
 from ..config import RunConfig
-from ..errors import DiscoveryError, InputDataError, MaskError, TreesitsError
+from ..errors import (
+    ConfigError,
+    DiscoveryError,
+    InputDataError,
+    MaskError,
+    OutputError,
+    TreesitsError,
+)
 from ..io import discovery, masks, storage
 from ..io.cube import scene_problems, tile_grid
 from ..io.grid import TileGrid, WindowLayout, choose_window_shape
 from ..models import ModelCard, ModelSpec, effective_window, read_card
+from ..outputs import cog
+from ..outputs.repo import MapRepo
 from ..outputs.schema import OutputGrid, TileRegion
 from ..state import ledger
 
@@ -64,10 +73,21 @@ class RunPlan:
     config_digest: str = ""
     #: tiles that cannot be processed, with the reason (an error naming the file and the fix)
     invalid: dict[str, TreesitsError] = field(default_factory=dict)
-    store_url: str = field(init=False)
+    #: tiles whose map is up to date but whose COGs are missing or older: rebuilt from the map
+    cogs_missing: dict[str, dict] = field(default_factory=dict)
+    #: tiles with up-to-date COGs (the mosaics hold them)
+    cogs_done: list[str] = field(default_factory=list)
+    repo: MapRepo = field(init=False)
 
     def __post_init__(self) -> None:
-        self.store_url = storage.join(self.config.output, ledger.STORE_NAME)
+        self.repo = MapRepo(self.config.output)
+
+    @property
+    def mosaics_stale(self) -> bool:
+        """Whether the VRT mosaics do not hold exactly the tiles whose COGs are complete."""
+        if not self.config.cog or not self.cogs_done:
+            return False
+        return cog.mosaic_tiles(self.config.output) != sorted(self.cogs_done)
 
     def windows_per_tile(self, tile: TilePlan) -> int:
         return len(tile.layout)
@@ -111,6 +131,7 @@ class RunPlan:
             "tiles": tiles,
             "skipped": self.skipped,
             "invalid": {t: str(e) for t, e in self.invalid.items()},
+            "cogs_missing": sorted(self.cogs_missing),
             "total_windows": sum(self.windows_per_tile(t) for t in self.tiles),
             "memory": {
                 "window_mib": round(max_window / 2**20, 1),
@@ -128,7 +149,7 @@ def _settings_digest(config: RunConfig) -> str:
     return ledger.config_digest(
         {
             "model_family": config.model_family,
-            "qai": list(config.qai_flags),
+            "qai": sorted(set(config.qai_flags)),  # the flags as a set: their order means nothing
             "sensors": sorted(config.sensors),
             "start_date": config.start_date,
             "end_date": config.end_date,
@@ -161,9 +182,15 @@ class _Staged:
     known: frozenset[str] = frozenset()
 
 
-def _stage(config: RunConfig, tile: str, card: ModelCard, model_digest: str, cfg_digest: str):
-    """The tile's scenes in its date window, its mask and ledger state: a :class:`_Staged`, or a
-    reason to skip it."""
+def _stage(
+    config: RunConfig,
+    tile: str,
+    card: ModelCard,
+    model_digest: str,
+    cfg_digest: str,
+    record: dict | None,
+):
+    """The tile's scenes in its date window, its mask and what changed since its ``record``."""
     scenes = discovery.scene_table(config.cube, tile, config.sensors)
     if not scenes:
         raise DiscoveryError(
@@ -183,8 +210,9 @@ def _stage(config: RunConfig, tile: str, card: ModelCard, model_digest: str, cfg
             f"{scenes[0].date} .. {scenes[-1].date}); adjust --start-date / --end-date"
         )
     mask_url = masks.find_mask(config.mask_dir, config.mask_name, tile) if config.mask_dir else None
-    fingerprint = ledger.tile_fingerprint(kept, start, end, mask_url)
-    record = ledger.read_record(config.output, tile)
+    previous_mask = (record or {}).get("fingerprint", {}).get("mask")
+    mask = ledger.mask_fingerprint(mask_url, previous_mask)
+    fingerprint = ledger.tile_fingerprint(kept, start, end, mask)
     reasons = (["--force"] if config.force else []) + ledger.compare(
         record, fingerprint, model_digest, cfg_digest
     )
@@ -223,45 +251,52 @@ def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
     config.require_model()
     skip_done = (not config.force) if skip_done is None else skip_done
     check_locations(config)
+    _refuse_old_store(config.output)
     definition = discovery.read_cube_definition(config.cube)
+    all_tiles = discovery.list_tiles(config.cube)
     tiles = discovery.select_tiles(config.cube, config.tiles)
     spec = ModelSpec(uri=config.model, family=config.model_family, params_uri=config.model_params)
     card = read_card(spec)
     digests = {"model_digest": _model_digest(spec, card), "config_digest": _settings_digest(config)}
-    common = dict(config=config, definition=definition, spec=spec, card=card, **digests)
-
-    staged, skipped, invalid = [], {}, {}
+    repo = MapRepo(config.output)
+    stored = repo.grid()
+    records = repo.records() if stored is not None else {}
+    staged, skipped, invalid, cogs_missing, cogs_done = [], {}, {}, {}, []
     for tile in tiles:
         try:
-            st = _stage(config, tile, card, digests["model_digest"], digests["config_digest"])
+            st = _stage(config, tile, card, *digests.values(), records.get(tile))
         except TILE_ERRORS as exc:
             invalid[tile] = exc
             continue
-        if skip_done and not config.force and not st.reasons:
-            skipped[tile] = "up to date"
-        else:
+        if not (skip_done and not config.force and not st.reasons):
             staged.append(st)
+            continue
+        skipped[tile] = "up to date"
+        if config.cog:
+            manifest = cog.cog_manifest(config.output, tile)
+            if manifest and manifest.get("record_id") == records[tile].get("record_id"):
+                cogs_done.append(tile)
+            else:
+                cogs_missing[tile] = records[tile]
+                skipped[tile] = "up to date; its COGs are rebuilt from the map"
+    if config.cog:  # finished tiles outside the selection stay in the mosaics
+        cogs_done += [t for t in records if t not in tiles and cog.cog_manifest(config.output, t)]
+    common = dict(config=config, definition=definition, spec=spec, card=card, skipped=skipped,
+                  invalid=invalid, cogs_missing=cogs_missing, cogs_done=sorted(cogs_done),
+                  **digests)  # fmt: skip
     if staged:  # the run's own checks, before any per-tile header is read
         check_model(spec)
         check_output(config.output)
     checked = _checked(config, definition, staged, invalid)
     if not checked:
-        return RunPlan(
-            window_shape=(0, 0),
-            tiles=[],
-            output_grid=None,
-            skipped=skipped,
-            invalid=invalid,
-            **common,
-        )
+        return RunPlan(window_shape=stored.chunk if stored else (0, 0), tiles=[],
+                       output_grid=stored, **common)  # fmt: skip
     grids = {st.tile: grid for st, grid, _ in checked}
     first = checked[0][1]
-    window_shape = choose_window_shape(
-        first, config.window_shape, max(len(st.scenes) for st, _, _ in checked)
-    )
+    window_shape = _window_shape(config, stored, first, max(len(st.scenes) for st, _, _ in checked))
     for grid in grids.values():
         choose_window_shape(grid, window_shape, 1)  # same divisibility check for every tile
-    output_grid, regions = _output_grid(definition, tiles, first, grids, window_shape, card)
+    output_grid, regions = _output_grid(definition, all_tiles, first, grids, window_shape, card)
     plans = [
         TilePlan(
             tile=st.tile,
@@ -279,14 +314,33 @@ def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
     ]
     for tile, exc in invalid.items():
         log.error("tile %s cannot be processed: %s", tile, exc)
-    return RunPlan(
-        window_shape=window_shape,
-        tiles=plans,
-        output_grid=output_grid,
-        skipped=skipped,
-        invalid=invalid,
-        **common,
-    )
+    return RunPlan(window_shape=window_shape, tiles=plans, output_grid=output_grid, **common)
+
+
+def _refuse_old_store(output: str) -> None:
+    old = storage.join(output, "predictions.zarr")
+    fs, path = storage.get_fs(old)
+    if fs.exists(path):
+        raise OutputError(
+            f"{output} holds a map written by an older treesits_dask ({old}, plain Zarr); this "
+            "version keeps a versioned map (map.icechunk): write to another --output"
+        )
+
+
+def _window_shape(
+    config: RunConfig, stored: OutputGrid | None, first: TileGrid, n_scenes: int
+) -> tuple[int, int]:
+    """The window (= chunk) shape: the existing map's, whatever the scenes; else chosen."""
+    if stored is None:
+        return choose_window_shape(first, config.window_shape, n_scenes)
+    if config.window_shape is not None and tuple(config.window_shape) != tuple(stored.chunk):
+        rows, cols = stored.chunk
+        raise ConfigError(
+            f"setting 'window' {config.window} differs from the window shape {rows}x{cols} of the "
+            f"map in {config.output}: a map keeps its window (chunk) shape; drop --window or "
+            "write to another --output"
+        )
+    return tuple(stored.chunk)
 
 
 def _checked(config: RunConfig, definition, staged: list[_Staged], invalid: dict) -> list[tuple]:
@@ -325,7 +379,9 @@ def _output_grid(
     window_shape,
     card: ModelCard,
 ) -> tuple[OutputGrid, dict[str, TileRegion]]:
-    """The store covers all selected tiles (processed or not), so it is the same on every run."""
+    """The map's grid: anchored at the upper-left corner of tile ``X0000_Y0000`` and reaching to
+    the last tile of the cube (``tiles``: all its tiles), so every tile has a fixed place, whichever
+    tiles a run selects; regions of the tiles of ``grids``."""
     a, e = first.transform[0], first.transform[4]
     for tile, g in grids.items():
         if (g.width, g.height) != (first.width, first.height) or abs(
@@ -333,27 +389,26 @@ def _output_grid(
         ) > 1e-9 * abs(a):
             raise InputDataError(
                 f"tile {tile} has {g.width}x{g.height} px of {g.transform[0]} m but tile "
-                f"{first.tile} has "
-                f"{first.width}x{first.height} px of {a} m; one run needs tiles of one grid (run "
-                "the "
-                "sensors of another resolution separately)"
+                f"{first.tile} has {first.width}x{first.height} px of {a} m; one map needs tiles "
+                "of one grid (map the sensors of another resolution into another --output)"
             )
-    # pixel offsets of every tile relative to the first processed tile, anchored on its real
-    # transform
-    fx, fy = definition.tile_origin(first.tile)
-    offsets = {
-        t: (round((x - fx) / a), round((y - fy) / e))
-        for t, (x, y) in ((t, definition.tile_origin(t)) for t in tiles)
-    }
-    min_col = min(c for c, _ in offsets.values())
-    min_row = min(r for _, r in offsets.values())
-    left = first.transform[2] + min_col * a
-    top = first.transform[5] + min_row * e
-    regions, width, height = {}, 0, 0
-    for tile, (c, r) in offsets.items():
-        col, row = c - min_col, r - min_row
-        regions[tile] = TileRegion(tile, row, col, first.height, first.width)
-        width, height = max(width, col + first.width), max(height, row + first.height)
+    indices = {t: discovery.parse_tile_id(t) for t in {*tiles, *grids}}
+    negative = sorted(t for t, (x, y) in indices.items() if x < 0 or y < 0)
+    if negative:
+        raise DiscoveryError(
+            f"tiles {negative[:3]} lie west or north of the grid origin in "
+            "datacube-definition.prj; the map is anchored at tile X0000_Y0000"
+        )
+    fx, fy = indices[first.tile]
+    left = first.transform[2] - fx * first.width * a  # the real corner of the first tile, moved
+    top = first.transform[5] - fy * first.height * e
+    width = (max(x for x, _ in indices.values()) + 1) * first.width
+    height = (max(y for _, y in indices.values()) + 1) * first.height
+    regions = {
+        t: TileRegion(t, indices[t][1] * first.height, indices[t][0] * first.width, first.height,
+                      first.width)
+        for t in grids
+    }  # fmt: skip
     grid = OutputGrid(
         crs_wkt=first.crs_wkt,
         transform=(a, 0.0, left, 0.0, e, top),

@@ -50,6 +50,12 @@ class RunResult:
     stages: dict[str, dict] = field(default_factory=dict)
     #: ``<output>/_runs/<run id>/``: this run's ``run.json`` and Dask performance report
     report_dir: str | None = None
+    #: finished tiles whose COGs were rebuilt from the map (no scene read)
+    cogs_rebuilt: list[str] = field(default_factory=list)
+    #: the snapshot of the map tagged as this run's version (None: the run changed nothing)
+    version: str | None = None
+    #: what stopped the run before its end (a signal, an error that is not a tile's), or None
+    interrupted: str | None = None
 
     @property
     def pixels_predicted(self) -> int:
@@ -80,7 +86,10 @@ def write_summary(output: str, result: RunResult, started: dt.datetime) -> None:
         "skipped": result.skipped,
         "failed": result.failed,
         "tracebacks": result.tracebacks,
-        "complete": not result.failed,
+        "cogs_rebuilt": result.cogs_rebuilt,
+        "version": result.version,
+        "interrupted": result.interrupted,
+        "complete": not result.failed and not result.interrupted,
     }
     text = json.dumps(summary, indent=2, default=str).encode()
     targets = [storage.join(output, "run.json")]

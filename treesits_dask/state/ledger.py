@@ -1,9 +1,12 @@
-"""Run state per tile: ``<output>/_ledger/<tile>.json``, written only after all of a tile's outputs.
+"""What a finished tile was computed from: its record, written into the map repository together
+with the tile's data (:meth:`treesits_dask.outputs.repo.MapRepo.commit_tile`).
 
-A ledger record (:func:`tile_record`) holds the tile's input fingerprint (scene names, sizes,
-mtimes/ETags, date window, mask), the model digest, the settings digest, where its outputs are and
-its statistics.  ``run`` skips tiles whose record matches the current inputs (``--force`` redoes
-them); ``update`` explains, per tile, why it will be processed.
+A record (:func:`tile_record`) holds the tile's input fingerprint (:func:`tile_fingerprint`:
+scene names, sizes and modification times or ETags of BOA and QAI files, the date window, the
+mask's content digest), the model digest, the settings digest, where its outputs are and its
+statistics.  ``run`` skips tiles whose record matches the current inputs (``--force`` redoes
+them); ``update`` explains, per tile, why it will be processed (:func:`compare`).  Everything
+here reads listings and file metadata only (and masks whose size or time changed).
 """
 
 from __future__ import annotations
@@ -11,31 +14,25 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import uuid
 from collections.abc import Iterable
 
 from ..io import storage
 from ..version import __version__
 
 __all__ = [
-    "LEDGER_DIR",
-    "STORE_NAME",
     "changed_inputs",
     "compare",
     "config_digest",
     "file_digest",
-    "read_record",
-    "record_path",
+    "mask_fingerprint",
+    "same_mask",
     "tile_fingerprint",
     "tile_record",
     "unchanged_scenes",
-    "write_record",
 ]
 
 log = logging.getLogger(__name__)
-
-LEDGER_DIR = "_ledger"
-#: the Zarr store of an output, relative to it
-STORE_NAME = "predictions.zarr"
 
 
 def _sha256(obj) -> str:
@@ -68,39 +65,32 @@ def _stat(url: str) -> dict:
     return out
 
 
-def tile_fingerprint(scenes: Iterable, start, end, mask_url: str | None) -> dict:
-    """What a tile's outputs depend on, from listings and file metadata only (no pixel reads)."""
+def mask_fingerprint(mask_url: str | None, previous: dict | None = None) -> dict | None:
+    """The mask's name, size, time (or ETag) and content digest; the digest of ``previous`` (the
+    mask entry of the tile's record) is reused when size and time are unchanged."""
+    if not mask_url:
+        return None
+    out = {"name": storage.basename(mask_url), **_stat(mask_url)}
+    same = previous and all(previous.get(k) == v for k, v in out.items()) and previous.get("sha256")
+    out["sha256"] = previous["sha256"] if same else file_digest(mask_url)
+    return out
+
+
+def tile_fingerprint(scenes: Iterable, start, end, mask: dict | None) -> dict:
+    """What a tile's outputs depend on, from listings and file metadata only (no pixel reads):
+    every scene's BOA and QAI name, size and time (or ETag), the date window and the mask
+    (:func:`mask_fingerprint`)."""
     rows = []
     for s in scenes:
         row = {"name": storage.basename(s.boa), "size": s.size, "mtime": s.mtime}
         if s.qai:
-            row["qai"] = storage.basename(s.qai)
+            row.update(qai=storage.basename(s.qai), qai_size=s.qai_size, qai_mtime=s.qai_mtime)
         rows.append(row)
-    return {
-        "scenes": rows,
-        "window": [str(start), str(end)],
-        "mask": {"name": storage.basename(mask_url), **_stat(mask_url)} if mask_url else None,
-    }
+    return {"scenes": rows, "window": [str(start), str(end)], "mask": mask}
 
 
 def config_digest(settings: dict) -> str:
     return _sha256(settings)
-
-
-def record_path(output: str, tile: str) -> str:
-    return storage.join(output, LEDGER_DIR, f"{tile}.json")
-
-
-def read_record(output: str, tile: str) -> dict | None:
-    fs, path = storage.get_fs(record_path(output, tile))
-    try:
-        with fs.open(path, "rt") as fh:
-            return json.load(fh)
-    except FileNotFoundError:
-        return None
-    except (json.JSONDecodeError, OSError) as exc:
-        log.warning("ledger record %s is unreadable (%s); the tile will be redone", path, exc)
-        return None
 
 
 def tile_record(
@@ -109,37 +99,33 @@ def tile_record(
     model_digest: str,
     config_digest: str,
     region,
-    cogs: dict[str, str],
     stats: dict,
+    run_id: str,
 ) -> dict:
-    """The ledger record of a finished tile: what it was computed from, where its outputs are
-    (``region``: the tile's rows and columns in the Zarr store; ``cogs``: variable -> COG URL)
-    and its statistics."""
+    """The record of a finished tile: what it was computed from, where its data is in the map
+    (``region``: its rows and columns), its statistics, the run and a unique ``record_id`` (the
+    tile's COGs name the record they were made from)."""
     return {
         "tile": tile,
+        "record_id": uuid.uuid4().hex,
+        "run": run_id,
         "fingerprint": fingerprint,
         "model_digest": model_digest,
         "config_digest": config_digest,
-        "outputs": {
-            "zarr": {
-                "store": STORE_NAME,
-                "rows": [region.row_off, region.row_off + region.height],
-                "cols": [region.col_off, region.col_off + region.width],
-            },
-            "cog": {k: storage.basename(v) for k, v in cogs.items()},
+        "region": {
+            "rows": [region.row_off, region.row_off + region.height],
+            "cols": [region.col_off, region.col_off + region.width],
         },
         "stats": stats,
+        "treesits_dask_version": __version__,
     }
 
 
-def write_record(output: str, tile: str, record: dict) -> str:
-    """Write the record last, atomically (:func:`storage.publish_bytes`)."""
-    url = record_path(output, tile)
-    body = json.dumps(
-        {**record, "treesits_dask_version": __version__}, indent=2, sort_keys=True, default=str
-    )
-    storage.publish_bytes(body.encode(), url)
-    return url
+def same_mask(a: dict | None, b: dict | None) -> bool:
+    """Whether two mask fingerprints name the same mask content (times may differ)."""
+    if a is None or b is None:
+        return a is b
+    return (a.get("name"), a.get("sha256")) == (b.get("name"), b.get("sha256"))
 
 
 def compare(
@@ -148,10 +134,10 @@ def compare(
     model_digest: str | None = None,
     cfg_digest: str | None = None,
 ) -> list[str]:
-    """Reasons to (re)process a tile; empty when its ledger record matches (digests given as None
-    are not compared)."""
+    """Reasons to (re)process a tile; empty when its record matches (digests given as None are
+    not compared)."""
     if record is None:
-        return ["no ledger record (never finished)"]
+        return ["no record (never finished)"]
     reasons = []
     old = {s["name"]: s for s in record.get("fingerprint", {}).get("scenes", [])}
     new = {s["name"]: s for s in fingerprint["scenes"]}
@@ -170,7 +156,7 @@ def compare(
         reasons.append(
             f"date window {record.get('fingerprint', {}).get('window')} -> {fingerprint['window']}"
         )
-    if record.get("fingerprint", {}).get("mask") != fingerprint["mask"]:
+    if not same_mask(record.get("fingerprint", {}).get("mask"), fingerprint["mask"]):
         reasons.append("mask changed")
     if model_digest is not None and record.get("model_digest") != model_digest:
         reasons.append("new model")
@@ -205,6 +191,6 @@ def changed_inputs(processed: dict, now: dict) -> list[str]:
             f"{len(changed)} scene(s) changed: "
             f"{', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}"
         )
-    if processed.get("mask") != now.get("mask"):
+    if not same_mask(processed.get("mask"), now.get("mask")):
         reasons.append("mask changed")
     return reasons

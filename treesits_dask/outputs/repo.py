@@ -1,0 +1,395 @@
+"""The map of an output as a versioned Zarr store: an Icechunk repository at
+``<output>/map.icechunk`` (local folder or ``s3://`` prefix).
+
+Every tile is one commit on branch ``main``: its windows (written by the workers into forks of the
+tile's session, merged on the driver) and its record (what it was computed from) become visible
+together or not at all, so a tile is never half written, and a run that dies leaves the map as
+it was.  Each run that changed the map is tagged ``run-<run id>``: the versions of the map.
+Commits use Icechunk's conflict detection (conditional writes on object stores); tiles write
+disjoint chunks, so concurrent tile commits of one run rebase onto each other.
+
+Why Icechunk and not plain Zarr plus a ledger: see the README's "Output store" section (measured
+write and commit costs, and what each needs for atomic tiles and versions).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import threading
+from typing import Any
+
+from ..errors import OutputError
+from ..io import storage
+from .cog import COG_MANIFEST, tile_cogs, write_mosaics
+from .schema import OutputGrid, TileRegion
+from .store import create_layout, extend_layout, grid_differences, stored_grid
+
+__all__ = ["BRANCH", "REPO_NAME", "TILES_GROUP", "MapRepo", "repo_storage", "write_tile_cogs"]
+
+log = logging.getLogger(__name__)
+
+REPO_NAME = "map.icechunk"
+BRANCH = "main"
+#: group whose child groups hold one tile record each (attribute ``record``)
+TILES_GROUP = "_tiles"
+_RUN_TAG = "run-"
+_LOGS = threading.Lock()
+_LOGS_SET = False
+
+
+def _quiet_icechunk() -> None:
+    """Icechunk warns on every open that its local-filesystem storage is not safe for concurrent
+    commits: the output's lease (:mod:`treesits_dask.state.lease`) is what keeps drivers apart."""
+    global _LOGS_SET
+    with _LOGS:
+        if not _LOGS_SET:
+            import icechunk
+
+            icechunk.set_logs_filter(os.environ.get("ICECHUNK_LOG", "error"))
+            _LOGS_SET = True
+
+
+def repo_storage(url: str):
+    """Icechunk storage for a local folder or an ``s3://bucket/prefix`` URL; S3 endpoint, region
+    and addressing come from the environment (:func:`treesits_dask.io.storage.s3_environment`),
+    credentials from the environment or profile of each process, never from arguments."""
+    import icechunk
+
+    _quiet_icechunk()
+    if not storage.is_remote(url):
+        return icechunk.local_filesystem_storage(storage.strip_protocol(url))
+    if not url.startswith("s3://"):
+        raise OutputError(f"{url}: the map store can live on a local disk or on S3 (s3://)")
+    bucket, _, prefix = storage.strip_protocol(url).partition("/")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    addressing = os.environ.get("TREESITS_S3_ADDRESSING", "auto")
+    path_style = addressing == "path" or (addressing == "auto" and bool(endpoint))
+    return icechunk.s3_storage(
+        bucket=bucket,
+        prefix=prefix or None,
+        region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
+        endpoint_url=endpoint,
+        allow_http=bool(endpoint and endpoint.startswith("http://")),
+        force_path_style=path_style,
+        from_env=True,
+    )
+
+
+class MapRepo:
+    """The Icechunk repository of one output (opened lazily; nothing is created until
+    :meth:`ensure_layout`)."""
+
+    def __init__(self, output: str):
+        self.output = output
+        self.url = storage.join(output, REPO_NAME)
+        self._repo = None
+
+    # ------------------------------------------------------------------------------ repository
+    def exists(self) -> bool:
+        import icechunk
+
+        if not storage.is_remote(self.url):  # icechunk would create the folder to look into it
+            if not os.path.isdir(storage.strip_protocol(self.url)):
+                return False
+        return icechunk.Repository.exists(repo_storage(self.url))
+
+    def _refuse_foreign_folder(self) -> None:
+        fs, path = storage.get_fs(self.url)
+        if fs.exists(path) and fs.ls(path):
+            raise OutputError(
+                f"{self.url} exists and is not a treesits_dask map (an Icechunk repository); "
+                "delete it or write to another --output"
+            )
+
+    @property
+    def repo(self):
+        if self._repo is None:
+            import icechunk
+
+            if not self.exists():
+                raise OutputError(
+                    f"no map at {self.url}: run the pipeline into {self.output} first"
+                )
+            self._repo = icechunk.Repository.open(repo_storage(self.url))
+        return self._repo
+
+    def _readonly(self, snapshot: str | None = None, as_of: dt.datetime | None = None):
+        if snapshot:
+            return self.repo.readonly_session(snapshot_id=snapshot)
+        if as_of is not None:
+            return self.repo.readonly_session(BRANCH, as_of=as_of)
+        return self.repo.readonly_session(BRANCH)
+
+    def attributes(self) -> dict:
+        """The root attributes of the map on ``main`` (model family, model, version...)."""
+        import zarr
+
+        return dict(zarr.open_group(self._readonly().store, mode="r").attrs)
+
+    def grid(self) -> OutputGrid | None:
+        """The grid of the map on ``main``; None when there is no map yet."""
+        if not self.exists():
+            return None
+        return stored_grid(self._readonly().store)
+
+    def ensure_layout(self, grid: OutputGrid, attrs: dict) -> OutputGrid:
+        """Create the map for ``grid`` (first run), or extend it to cover ``grid`` (tiles that
+        appeared); one commit when anything changed.  Returns the grid now stored."""
+        import icechunk
+        import zarr
+
+        if not self.exists():
+            self._refuse_foreign_folder()
+            self._repo = icechunk.Repository.create(repo_storage(self.url))
+            session = self._repo.writable_session(BRANCH)
+            create_layout(session.store, grid, attrs)
+            zarr.open_group(session.store, mode="r+").require_group(TILES_GROUP)
+            session.commit("create the map", metadata={"kind": "layout"})
+            return grid
+        session = self.repo.writable_session(BRANCH)
+        stored = stored_grid(session.store)
+        if stored is None and len(list(self.repo.ancestry(branch=BRANCH))) == 1:
+            # created by a driver that died before its first commit: still empty
+            create_layout(session.store, grid, attrs)
+            zarr.open_group(session.store, mode="r+").require_group(TILES_GROUP)
+            session.commit("create the map", metadata={"kind": "layout"})
+            return grid
+        if stored is None:
+            raise OutputError(f"{self.url} is an Icechunk repository without a treesits_dask map")
+        diffs = grid_differences(stored, grid)
+        if diffs:
+            raise OutputError(
+                f"the map {self.url} exists with a different {'; '.join(diffs)}. Write to another "
+                "--output, or delete it to start over"
+            )
+        grown = extend_layout(session.store, stored, grid)
+        if grown != stored:
+            session.commit(
+                f"extend the map to {grown.width} x {grown.height} px", metadata={"kind": "layout"}
+            )
+        return grown
+
+    # ------------------------------------------------------------------------------ tiles
+    def records(self, snapshot: str | None = None) -> dict[str, dict]:
+        """The records of the tiles finished on ``main`` (or at ``snapshot``)."""
+        import zarr
+
+        if not self.exists():
+            return {}
+        try:  # a repository created a moment ago has no map group until its first commit
+            root = zarr.open_group(self._readonly(snapshot).store, mode="r")
+        except zarr.errors.GroupNotFoundError:
+            return {}
+        if TILES_GROUP not in root:
+            return {}
+        return {
+            name: json.loads(group.attrs["record"])
+            for name, group in root[TILES_GROUP].groups()
+            if "record" in group.attrs
+        }
+
+    @staticmethod
+    def region(tile: str, record: dict) -> TileRegion:
+        """The region of the map a tile's record covers."""
+        (r0, r1), (c0, c1) = record["region"]["rows"], record["region"]["cols"]
+        return TileRegion(tile, r0, c0, r1 - r0, c1 - c0)
+
+    def export_cogs(self, dest: str, version: Any = None, tiles=None) -> list[str]:
+        """COGs (``<dest>/cog/<tile>/<variable>.tif``) and VRT mosaics of the map as of
+        ``version`` (default the latest), for ``tiles`` (default all its finished tiles): the
+        GeoTIFF face of an older version.  Returns the written URLs."""
+
+        if not self.exists():
+            raise OutputError(f"no map at {self.url}: run the pipeline into {self.output} first")
+        snapshot = self.resolve(version) if version is not None else None
+        zstore = self.zarr_store(snapshot)
+        grid = stored_grid(zstore)
+        records = self.records(snapshot)
+        chosen = sorted(records) if tiles is None else list(tiles)
+        missing = [t for t in chosen if t not in records]
+        if missing or not chosen:
+            raise OutputError(
+                f"the map {self.url} (version {version or 'latest'}) has no finished tile "
+                f"{', '.join(missing) or '(none finished)'}; its tiles: "
+                f"{', '.join(sorted(records)) or 'none'}"
+            )
+        written = []
+        for tile in chosen:
+            written += tile_cogs(dest, zstore, self.region(tile, records[tile]), grid).values()
+        written += write_mosaics(dest, chosen).values()
+        return written
+
+    def tile_session(self):
+        """A writable session for one tile and a fork of it for the window tasks."""
+        session = self.repo.writable_session(BRANCH)
+        return session, session.fork()
+
+    @staticmethod
+    def commit_tile(session, forks, tile: str, record: dict, metadata: dict) -> str:
+        """Merge the window forks, add the tile's record, commit: the tile's data and record
+        become visible together.  Returns the snapshot id."""
+        import icechunk
+        import zarr
+
+        session.merge(*forks)
+        root = zarr.open_group(session.store, mode="r+")
+        group = root.require_group(TILES_GROUP).require_group(tile)
+        group.attrs["record"] = json.dumps(record, sort_keys=True, default=str)
+        return session.commit(
+            f"tile {tile}", metadata={"tile": tile, **metadata},
+            rebase_with=icechunk.BasicConflictSolver(),
+        )  # fmt: skip
+
+    def tag_unversioned(self) -> str | None:
+        """Tag tile commits at the head of ``main`` that no version holds yet (a driver that was
+        killed after committing tiles, before its tag) as the version of the run that made them.
+        Returns the tagged snapshot, or None."""
+        if not self.exists():
+            return None
+        tagged = {self.repo.lookup_tag(t) for t in self.repo.list_tags() if t.startswith(_RUN_TAG)}
+        runs = []
+        for info in self.repo.ancestry(branch=BRANCH):  # newest first
+            if info.id in tagged:
+                break
+            if info.metadata.get("tile") and info.metadata.get("run"):
+                runs.append(info.metadata["run"])
+        if not runs:
+            return None
+        head = self.repo.lookup_branch(BRANCH)
+        self.repo.create_tag(f"{_RUN_TAG}{runs[0]}", head)
+        log.warning(
+            "tagged tiles committed by run %s (which did not finish) as a version of %s",
+            runs[0], self.url,
+        )  # fmt: skip
+        return head
+
+    def tag_run(self, run_id: str) -> str | None:
+        """Tag the head of ``main`` as the version of run ``run_id`` (when the run committed)."""
+        head = self.repo.lookup_branch(BRANCH)
+        tags = self.repo.list_tags()
+        if any(self.repo.lookup_tag(t) == head for t in tags if t.startswith(_RUN_TAG)):
+            return None  # this state of the map is a version already
+        self.repo.create_tag(f"{_RUN_TAG}{run_id}", head)
+        return head
+
+    # ------------------------------------------------------------------------------ reading
+    def zarr_store(self, snapshot: str | None = None, as_of: dt.datetime | None = None):
+        """A read-only zarr store of the map (``main``, a snapshot or the state at ``as_of``)."""
+        return self._readonly(snapshot, as_of).store
+
+    def read_region(self, region: TileRegion, variable: str, snapshot: str | None = None):
+        from .store import read_region
+
+        return read_region(self.zarr_store(snapshot), region, variable)
+
+    def open_dataset(self, version: Any = None, mask_and_scale: bool = False, crop: bool = True):
+        """The map as a lazy ``xarray.Dataset`` with its CRS (``.rio``): of ``main``, or as it was
+        at ``version`` (:meth:`resolve`).  ``crop`` keeps the bounding box of its finished tiles
+        (the store itself reaches from tile X0000_Y0000 to the last tile of the cube)."""
+        import rioxarray  # noqa: F401  (registers the .rio accessor)
+        import xarray as xr
+        from rasterio.windows import Window
+
+        if not self.exists():
+            raise OutputError(f"no map at {self.url}: run the pipeline into {self.output} first")
+        snapshot = self.resolve(version) if version is not None else None
+        ds = xr.open_zarr(
+            self.zarr_store(snapshot), consolidated=False, mask_and_scale=mask_and_scale
+        )
+        regions = [r["region"] for r in self.records(snapshot).values()]
+        if crop and regions:
+            r0, r1 = min(r["rows"][0] for r in regions), max(r["rows"][1] for r in regions)
+            c0, c1 = min(r["cols"][0] for r in regions), max(r["cols"][1] for r in regions)
+            ds = ds.rio.isel_window(Window(c0, r0, c1 - c0, r1 - r0))
+        return ds
+
+    def changes(self, before: Any, after: Any = None):
+        """Where the map changed between two versions (``after`` default: ``main``): a lazy
+        Dataset with the class (multi-class maps) or disturbance state (binary maps: probability
+        >= 0.5) ``before`` and ``after`` (255 = not predicted) and ``changed``, over the bounding
+        box of the tiles finished in either version."""
+        import numpy as np
+        import xarray as xr
+        from rasterio.windows import Window
+
+        from .schema import CLASS_NODATA
+
+        snapshots = [self.resolve(v) if v is not None else None for v in (before, after)]
+        states, regions = [], []
+        for snapshot in snapshots:
+            ds = self.open_dataset(snapshot, crop=False)
+            if "class" in ds:
+                state = ds["class"]
+            else:
+                p = ds["probability"].isel(class_name=0)
+                state = (p >= 0.5).astype(np.uint8).where(p.notnull(), CLASS_NODATA)
+            states.append(state.astype(np.uint8).drop_vars("class_name", errors="ignore"))
+            regions += [r["region"] for r in self.records(snapshot).values()]
+        # the map only grows (east and south of a fixed origin): both on the larger grid
+        x = max((st.x for st in states), key=len)
+        y = max((st.y for st in states), key=len)
+        old, new = (st.reindex(x=x, y=y, fill_value=CLASS_NODATA) for st in states)
+        result = xr.Dataset(
+            {"before": old, "after": new, "changed": old != new},
+            coords={"spatial_ref": states[-1].coords["spatial_ref"]},
+        )
+        if regions:
+            r0, r1 = min(r["rows"][0] for r in regions), max(r["rows"][1] for r in regions)
+            c0, c1 = min(r["cols"][0] for r in regions), max(r["cols"][1] for r in regions)
+            result = result.rio.isel_window(Window(c0, r0, c1 - c0, r1 - r0))
+        return result
+
+    def versions(self) -> list[dict[str, Any]]:
+        """The versions of the map, oldest first: one per run that changed it, with what changed
+        (tiles, their reasons, model and settings digests)."""
+        tags = {self.repo.lookup_tag(t): t for t in self.repo.list_tags() if t.startswith(_RUN_TAG)}
+        history = list(self.repo.ancestry(branch=BRANCH))[::-1]  # oldest first
+        out, tiles = [], []
+        for info in history:
+            if info.metadata.get("tile"):
+                tiles.append(
+                    {
+                        k: info.metadata.get(k)
+                        for k in ("tile", "reasons", "scenes", "model_digest", "config_digest")
+                    }
+                )
+            if info.id in tags:
+                out.append({
+                    "version": len(out) + 1, "run": tags[info.id].removeprefix(_RUN_TAG),
+                    "snapshot": info.id, "written_at": info.written_at.isoformat(),
+                    "tiles": tiles,
+                })  # fmt: skip
+                tiles = []
+        return out
+
+    def resolve(self, version: Any) -> str:
+        """The snapshot of ``version``: a version number (1 = the first run), a run id, a tag, a
+        snapshot id or a datetime (the last version written at or before it)."""
+        versions = self.versions()
+        if isinstance(version, dt.datetime):
+            when = version if version.tzinfo else version.replace(tzinfo=dt.UTC)
+            older = [v for v in versions if dt.datetime.fromisoformat(v["written_at"]) <= when]
+            if not older:
+                raise OutputError(f"the map {self.url} has no version written before {version}")
+            return older[-1]["snapshot"]
+        text = str(version)
+        for v in versions:
+            if text in (str(v["version"]), v["run"], _RUN_TAG + v["run"], v["snapshot"]):
+                return v["snapshot"]
+        known = ", ".join(f"{v['version']} (run {v['run']})" for v in versions) or "none"
+        raise OutputError(f"the map {self.url} has no version {version!r}; its versions: {known}")
+
+
+def write_tile_cogs(
+    output: str, snapshot: str, region: TileRegion, grid: OutputGrid, record_id: str
+) -> dict[str, str]:
+    """The tile's COGs from the map as committed in ``snapshot`` (a task of a run), then the
+    manifest that says which record they show (written last: COGs without it are rebuilt)."""
+    written = tile_cogs(output, MapRepo(output).zarr_store(snapshot), region, grid)
+    manifest = {"record_id": record_id, "snapshot": snapshot, "variables": sorted(written)}
+    url = storage.join(output, "cog", region.tile, COG_MANIFEST)
+    storage.publish_bytes(json.dumps(manifest, indent=1).encode(), url)
+    return written
