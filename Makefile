@@ -6,8 +6,11 @@ VENV   ?= .venv
 PIP     = $(VENV)/bin/python -m pip
 # torch is pinned here (a CPU wheel is on local disk); the package metadata keeps a range.
 TORCH  ?= torch==2.13.0
+# kubernetes-validate 1.28.3 is the last release with the Kubernetes 1.23 and 1.24 schemas: its
+# files go beside the newest release (tests/k8s_schemas.py validates 1.23 to the newest with them)
+K8S_OLD_SCHEMAS ?= kubernetes-validate==1.28.3
 
-.PHONY: install install-test demo test lint bench plan-demo clean
+.PHONY: install install-test demo test lint bench plan-demo clean lock
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +23,8 @@ $(VENV)/.installed: $(VENV)/bin/python pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -q -e '.[test,s3,k8s]'
+	rm -rf $(VENV)/k8s-schemas
+	$(PIP) install -q --no-deps --target $(VENV)/k8s-schemas '$(K8S_OLD_SCHEMAS)'
 	touch $@
 
 install: $(VENV)/.installed

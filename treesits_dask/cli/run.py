@@ -198,10 +198,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     config = _config(args)
     if args.render:
-        from ..kube import render
+        from ..kube import render, with_version
 
         run_yaml = Path(args.config).read_text() if args.config else None
-        files = render(config.kubernetes, args.render, run_yaml)
+        settings = with_version(config.kubernetes, getattr(args, "kube_version", None))
+        files = render(settings, args.render, run_yaml)
         print(f"wrote {len(files)} Kubernetes manifest file(s) to {args.render}:", file=sys.stderr)
         for f in files:
             print(f"  {f}", file=sys.stderr)

@@ -70,7 +70,6 @@ S3_ENV_KEYS = (
     "AWS_S3_ENDPOINT",
     "AWS_HTTPS",
     "AWS_VIRTUAL_HOSTING",
-    "TREESITS_S3_ADDRESSING",
     "AWS_PROFILE",
 )
 
@@ -86,6 +85,10 @@ def s3_environment(
     s3fs/boto3 read ``AWS_ENDPOINT_URL``; GDAL ignores it and needs ``AWS_S3_ENDPOINT`` (host:port),
     ``AWS_HTTPS`` and ``AWS_VIRTUAL_HOSTING``.  ``addressing``: ``path``, ``virtual`` or ``auto``
     (path-style when a custom endpoint is set, as OpenStack/Ceph object stores need).
+
+    The addressing travels as ``AWS_VIRTUAL_HOSTING`` alone (s3fs reads it too, see
+    :func:`s3_options`): no ``TREESITS_*`` variable, which would override the run's settings in
+    every process that loads them (a driver pod).
     """
     env = dict(os.environ if environ is None else environ)
     out: dict[str, str] = {}
@@ -101,7 +104,6 @@ def s3_environment(
     if region:
         out["AWS_REGION"] = out["AWS_DEFAULT_REGION"] = region
     out["AWS_VIRTUAL_HOSTING"] = "FALSE" if addressing == "path" else "TRUE"
-    out["TREESITS_S3_ADDRESSING"] = addressing
     if env.get("AWS_PROFILE"):
         out["AWS_PROFILE"] = env["AWS_PROFILE"]
     return out
@@ -178,8 +180,12 @@ def s3_options() -> dict:
         client_kwargs["region_name"] = region
     if client_kwargs:
         opts["client_kwargs"] = client_kwargs
-    addressing = os.environ.get("TREESITS_S3_ADDRESSING", "auto")
-    if addressing == "auto":
+    hosting = os.environ.get("AWS_VIRTUAL_HOSTING", "").upper()
+    if hosting in ("FALSE", "NO", "OFF", "0"):
+        addressing = "path"
+    elif hosting in ("TRUE", "YES", "ON", "1"):
+        addressing = "virtual"
+    else:  # not derived by s3_environment: the same rule as its "auto"
         addressing = "path" if endpoint else "virtual"
     opts["config_kwargs"]["s3"] = {"addressing_style": addressing}
     return opts

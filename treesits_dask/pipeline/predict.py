@@ -229,14 +229,15 @@ def predict_layer(
     n_classes: int,
     device: str,
     batch_size: int,
-    gpu: bool = False,
+    resources: dict | None = None,
 ):
     """Lazy dask array (n_classes + 3, y, x) float32: the packed outputs of every window of a
     tile (see :func:`~treesits_dask.outputs.schema.pack_outputs`).
 
     ``data`` is the tile cube (time, band, y, x), ``mask`` a (y, x) bool array chunked like it or
-    None.  With ``gpu`` the tasks carry the Dask resource ``GPU``: only workers that advertise it
-    run inference (the graph must then be computed without optimisation, see ``pipeline.run``).
+    None.  With ``resources`` (e.g. ``{"GPU": 1}``) the tasks carry that Dask resource: only
+    workers that advertise it run inference (the graph must then be computed without
+    optimisation, see ``pipeline.run``).
     """
     import dask.array as da
 
@@ -251,7 +252,7 @@ def predict_layer(
         meta=meta,
         new_axes={"k": n_classes + 3},
     )
-    with annotate({"GPU": 1} if gpu else None):
+    with annotate(resources):
         if mask is not None:
             return da.blockwise(_predict_packed, "kyx", data, "tbyx", mask, "yx", **common)
         return da.blockwise(_predict_packed_nomask, "kyx", data, "tbyx", **common)

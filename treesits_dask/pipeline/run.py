@@ -27,7 +27,16 @@ from ..outputs import cog, store
 from ..state import ledger
 from ..state.lease import Lease
 from ..version import __version__
-from .cluster import EnvPlugin, connect, worker_environment
+from .cluster import (
+    EnvPlugin,
+    Routing,
+    connect,
+    declared_routing,
+    needs_for,
+    routing_for,
+    wait_for_workers,
+    worker_environment,
+)
 from .plan import RunPlan, TilePlan, make_plan
 from .predict import ModelPlugin, annotate, predict_layer
 from .report import RunResult, StageClock, performance_report, write_summary
@@ -60,12 +69,16 @@ class RunCallbacks:
         """``tile`` failed; the other tiles go on."""
 
 
-def tile_graph(plan: RunPlan, tile: TilePlan):
+def tile_graph(plan: RunPlan, tile: TilePlan, routing: Routing | None = None):
     """Lazy dask array (windows_y, windows_x, 1) of per-window statistics; computing it reads,
-    predicts and writes every window of the tile into the Zarr store."""
+    predicts and writes every window of the tile into the Zarr store.
+
+    ``routing`` (default: what the settings declare) gives the resource annotations: on
+    heterogeneous clusters reads only where ``CPU`` is advertised, inference only where ``GPU``.
+    """
     cfg = plan.config
-    # heterogeneous clusters: reads on CPU workers, inference only where GPU=1 is advertised
-    with annotate({"CPU": 1} if cfg.read_on_cpu else None):
+    routing = routing or declared_routing(cfg) or Routing()
+    with annotate(routing.read):
         mask = open_mask(tile.mask, tile.grid, tile.layout) if tile.mask else None
         cube = tile_cube(tile.scenes, tile.grid, tile.layout, cfg.qai_flags, mask=mask)
     days = days_since_epoch([s.date for s in tile.scenes])
@@ -77,7 +90,7 @@ def tile_graph(plan: RunPlan, tile: TilePlan):
         plan.card.n_classes,
         cfg.device,
         cfg.batch_size,
-        gpu=cfg.gpu_group,
+        resources=routing.predict,
     )
     return store.write_layer(
         packed, plan.store_url, tile.region, tile.layout, plan.output_grid.variables()
@@ -206,19 +219,26 @@ class _Scheduler:
     windows -> COGs (when the last window is written) -> ledger record."""
 
     def __init__(
-        self, plan: RunPlan, client, cb: RunCallbacks, result: RunResult, clock: StageClock | None
+        self,
+        plan: RunPlan,
+        client,
+        cb: RunCallbacks,
+        result: RunResult,
+        clock: StageClock | None,
+        routing: Routing,
     ):
         from distributed import as_completed
 
         self.plan, self.client, self.cb, self.result, self.clock = plan, client, cb, result, clock
+        self.routing = routing
         self.pending = list(plan.tiles)
         self.state: dict[str, dict] = {}
         self.owner: dict = {}
         self.ac = as_completed()
 
     def submit(self, tile: TilePlan) -> None:
-        gpu = self.plan.config.gpu_group
-        stats = tile_graph(self.plan, tile)
+        gpu = self.routing.gpu
+        stats = tile_graph(self.plan, tile, self.routing)
         # annotated graphs must not be optimised: fusion drops or merges the resource annotations
         futures = self.client.compute(
             list(stats.to_delayed(optimize_graph=not gpu).ravel()), optimize_graph=not gpu
@@ -309,17 +329,21 @@ def _run_tiles(
     # GDAL/S3 settings on every worker (also of a cluster this run did not start, and ones that join
     # later); credentials stay in each worker's own environment
     client.register_plugin(EnvPlugin(worker_environment(cfg)))
+    # the same routing on every kind of cluster (also a standing one behind scheduler_address),
+    # and the groups it needs must have workers before any work waits for them
+    routing = routing_for(cfg, client.scheduler_info(n_workers=-1)["workers"])
+    wait_for_workers(client, needs_for(cfg, routing), cfg.workers_timeout)
+    log.info(
+        "routing: reads %s, inference %s", routing.read or "anywhere", routing.predict or "anywhere"
+    )
     # workers that outlive a run must not serve scene bytes GDAL cached before files were replaced
     client.run(clear_gdal_cache)
-    client.register_plugin(
-        ModelPlugin(
-            plan.spec, cfg.device, cfg.threads_per_worker, resource="GPU" if cfg.gpu_group else None
-        )
-    )
+    resource = next(iter(routing.predict)) if routing.predict else None
+    client.register_plugin(ModelPlugin(plan.spec, cfg.device, cfg.threads_per_worker, resource))
     cb.start(
         sum(plan.windows_per_tile(t) for t in plan.tiles), getattr(client, "dashboard_link", None)
     )
-    _Scheduler(plan, client, cb, result, clock).loop()
+    _Scheduler(plan, client, cb, result, clock, routing).loop()
 
 
 def _finish(

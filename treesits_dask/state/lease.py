@@ -1,7 +1,10 @@
 """A lease on an output (``<output>/_lease.json``): one driver at a time.
 
 The driver renews the lease while it runs; a lease whose driver died expires after its time to
-live, or at once when its driver was a process on this machine that no longer exists.
+live, or at once when its driver was a process on this machine that no longer exists, or an
+earlier pod of the same Kubernetes Job (``TREESITS_DRIVER_JOB``, set by the CronJob's pod
+template): a Job runs one pod at a time, so the pod that retries a failed run takes over at once
+instead of waiting ``lease_ttl``.
 """
 
 from __future__ import annotations
@@ -19,11 +22,14 @@ from dataclasses import dataclass
 from ..errors import OutputError
 from ..io import storage
 
-__all__ = ["LEASE_NAME", "Lease"]
+__all__ = ["JOB_ENV", "LEASE_NAME", "Lease"]
 
 log = logging.getLogger(__name__)
 
 LEASE_NAME = "_lease.json"
+#: The environment variable with the name of the Kubernetes Job that runs this driver (not a
+#: setting: the driver pod gets it from its ``job-name`` label)
+JOB_ENV = "TREESITS_DRIVER_JOB"
 
 
 def _driver_is_dead(lease: dict) -> bool:
@@ -51,9 +57,11 @@ class Lease:
     output: str
     ttl: float = 900.0
     owner: str = ""
+    job: str | None = None
 
     def __post_init__(self) -> None:
         self.owner = self.owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.job = self.job or os.environ.get(JOB_ENV) or None
         self.url = storage.join(self.output, LEASE_NAME)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -81,6 +89,7 @@ class Lease:
             "owner": self.owner,
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "job": self.job,
             "renewed": now,
             "expires": now + self.ttl,
             "expires_utc": dt.datetime.fromtimestamp(now + self.ttl, dt.UTC).isoformat(),
@@ -97,7 +106,9 @@ class Lease:
         if current and current.get("owner") != self.owner:
             expired = current.get("expires", 0) <= time.time()
             dead = _driver_is_dead(current)
-            if not (expired or dead):
+            # the Job's earlier pod: a Job runs one pod at a time (the CronJob forbids overlap)
+            retry = bool(self.job) and current.get("job") == self.job
+            if not (expired or dead or retry):
                 raise OutputError(
                     f"output {self.output} is leased by another driver ({current.get('owner')}) "
                     "until "
@@ -107,7 +118,7 @@ class Lease:
                 )
             log.warning(
                 "taking over the %s lease of %s on %s",
-                "expired" if expired else "dead driver's",
+                "expired" if expired else "dead driver's" if dead else f"Job {self.job}'s earlier",
                 current.get("owner"),
                 self.output,
             )
