@@ -104,8 +104,9 @@ def test_driver_pod_loads_the_same_settings_as_a_laptop(tmp_path, monkeypatch):
         for c in [c for spec in _pod_specs(obj) for c in spec["containers"]]:
             names = {e["name"] for e in c["env"]}
             assert "AWS_VIRTUAL_HOSTING" not in names
+            fields = type(laptop).model_fields
             settings_named = {n for n in names if n.startswith("TREESITS_")
-                              and n[len("TREESITS_"):].lower() in type(laptop).model_fields}  # fmt: skip
+                              and n[len("TREESITS_"):].lower() in fields}  # fmt: skip
             assert settings_named == set()
     # TREESITS_* in kubernetes.env is refused, and so is a second, different endpoint
     with pytest.raises(ConfigError, match="override the run's settings"):
@@ -312,8 +313,8 @@ def test_retry_of_the_same_job_takes_over_the_lease(tmp_path, monkeypatch):
     output = str(tmp_path / "out")
     os.makedirs(output)
     pod = "treesits-update-29390-abcde"
-    dead = {"owner": f"{pod}:1:deadbeef", "host": pod, "pid": 1, "job": "treesits-update-29390", "renewed": time.time(),
-            "expires": time.time() + 900, "expires_utc": "later"}  # fmt: skip
+    dead = {"owner": f"{pod}:1:deadbeef", "host": pod, "pid": 1, "job": "treesits-update-29390",
+            "renewed": time.time(), "expires": time.time() + 900, "expires_utc": "x"}  # fmt: skip
     assert dead["host"] != socket.gethostname()
     storage.publish_bytes(json.dumps(dead).encode(), os.path.join(output, "_lease.json"))
     monkeypatch.setenv(JOB_ENV, "treesits-update-29391")  # another Job: still blocked
