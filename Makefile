@@ -40,6 +40,24 @@ lint: install-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The images' lock files (cluster/Dockerfile): the runtime extras of pyproject.toml plus
+# cluster/image.in, with hashes, for Linux x86_64 and Python 3.11.  The CPU image takes torch's
+# CPU build from the PyTorch index (LOCK_FIND_LINKS: a local folder with that wheel instead).
+LOCK_INDEX       ?= https://pypi.org/simple
+TORCH_CPU_INDEX  ?= https://download.pytorch.org/whl/cpu
+LOCK_FIND_LINKS  ?=
+LOCK_TORCH       ?= 2.13.0
+UV_COMPILE = UV_NO_CONFIG=1 $(VENV)/bin/uv pip compile pyproject.toml cluster/image.in \
+	--extra s3 --extra k8s --generate-hashes --no-header --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --index-url $(LOCK_INDEX)
+
+lock: install-test
+	$(PIP) install -q -e '.[lock]'
+	$(UV_COMPILE) $(if $(LOCK_FIND_LINKS),--find-links $(LOCK_FIND_LINKS),--extra-index-url $(TORCH_CPU_INDEX) --index-strategy unsafe-best-match) \
+		-P 'torch==$(LOCK_TORCH)+cpu' -o cluster/requirements-cpu.lock
+	sed -i '/^--find-links/d;/^--extra-index-url/d' cluster/requirements-cpu.lock
+	$(UV_COMPILE) -P 'torch==$(LOCK_TORCH)' -o cluster/requirements-cuda.lock
+
 bench: install
 	$(VENV)/bin/python -m treesits_dask bench
 

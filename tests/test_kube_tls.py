@@ -65,8 +65,9 @@ def test_client_without_the_cluster_certificate_is_refused():
 
     certs = make_certificates("treesits-abc123", NAMESPACE)
     assert "BEGIN" not in repr(certs)  # keys never end up in logs
+    security = certs.security("cluster")
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tls://",
-                      security=certs.security("cluster"), dashboard_address=":0") as cluster:  # fmt: skip
+                      security=security, dashboard_address=":0") as cluster:  # fmt: skip
         address = cluster.scheduler_address
         assert address.startswith("tls://")
         with Client(address, security=certs.security("client"), timeout=10) as client:
@@ -143,7 +144,8 @@ def test_rendered_pods_run_tls_only_as_non_root(tmp_path):
         cs = kube.cluster_spec(settings, name)
         (sched,) = cs["spec"]["scheduler"]["spec"]["containers"]
         (cpu,) = cs["spec"]["worker"]["spec"]["containers"]
-        (gpu,) = kube.gpu_worker_group_spec(settings, name)["spec"]["worker"]["spec"]["containers"]
+        gpu_group = kube.gpu_worker_group_spec(settings, name)
+        (gpu,) = gpu_group["spec"]["worker"]["spec"]["containers"]
         assert any(v["secret"]["secretName"] == f"{name}-tls"
                    for v in cs["spec"]["scheduler"]["spec"]["volumes"] if "secret" in v)  # fmt: skip
         user = _non_root_user()
