@@ -146,8 +146,10 @@ def test_rendered_pods_run_tls_only_as_non_root(tmp_path):
         (cpu,) = cs["spec"]["worker"]["spec"]["containers"]
         gpu_group = kube.gpu_worker_group_spec(settings, name)
         (gpu,) = gpu_group["spec"]["worker"]["spec"]["containers"]
-        assert any(v["secret"]["secretName"] == f"{name}-tls"
-                   for v in cs["spec"]["scheduler"]["spec"]["volumes"] if "secret" in v)  # fmt: skip
+        volumes = cs["spec"]["scheduler"]["spec"]["volumes"]
+        assert {"secretName": f"{name}-tls", "defaultMode": 0o440} in [
+            v["secret"] for v in volumes if "secret" in v
+        ]
         user = _non_root_user()
         procs = []
 
