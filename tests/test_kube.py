@@ -498,22 +498,25 @@ def test_run_with_deadline():
 
 def test_readme_documents_every_setting():
     readme = (CLUSTER_DIR / "README.md").read_text()
-    models = (KubeSettings, kube.CpuGroup, kube.GpuGroup, kube.CronJobSettings, kube.PodResources)
+    from treesits_dask.config.kubernetes import NetworkPolicySettings
+
+    models = (KubeSettings, kube.CpuGroup, kube.GpuGroup, kube.CronJobSettings, kube.PodResources,
+              NetworkPolicySettings)  # fmt: skip
     missing = [f"{m.__name__}.{name}" for m in models for name in m.model_fields
                if f"`{name}`" not in readme]  # fmt: skip
     assert missing == []
     for needle in ("helm repo add dask https://helm.dask.org", "dask/dask-kubernetes-operator",
                    "--namespace dask-operator", "create secret generic treesits-s3",
-                   "pods/portforward", "node.cloudferro.com/type", "render cluster/"):  # fmt: skip
+                   "pods/portforward", "node.cloudferro.com/type", "render cluster/",
+                   "Kubernetes 1.23 or newer", "PodSecurityPolicy", "auto_scaling_enabled",
+                   "kubectl apply --server-side", "NFS read access", "Scratch space",
+                   "--target cuda", "--require-hashes"):  # fmt: skip
         assert needle in readme
 
 
 def test_dockerfile_and_examples():
-    dockerfile = (CLUSTER_DIR / "Dockerfile").read_text()
-    assert f"ARG APP_UID={KubeSettings().run_as_user}" in dockerfile
-    assert re.search(r"^USER \$\{APP_UID\}:\$\{APP_UID\}$", dockerfile, re.MULTILINE)
-    assert "download.pytorch.org/whl/cu124" in dockerfile and '".[s3,k8s]"' in dockerfile
-    assert 'CMD ["python"]' in dockerfile
+    # the Dockerfile itself: tests/test_image.py
+    assert f"ARG APP_UID={KubeSettings().run_as_user}" in (CLUSTER_DIR / "Dockerfile").read_text()
     volume = list(yaml.safe_load_all((CLUSTER_DIR / "examples/force-ard-volume.yaml").read_text()))
     for obj in volume:
         validate_builtin_all(obj)
