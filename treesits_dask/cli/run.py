@@ -78,9 +78,20 @@ _RUN_FLAGS = [
     ("--memory-limit", dict(help="memory limit per LocalCluster worker (default auto)")),
     (
         "--scheduler-address",
-        dict(help="use an existing Dask scheduler (tcp://host:8786) instead of a LocalCluster"),
+        dict(
+            help="use an existing Dask scheduler (tcp:// or tls://host:8786) instead of starting "
+            "a cluster; it is never shut down, and work keeps its GPU/CPU resource routing"
+        ),
     ),
     ("--device", dict(help="torch device: auto (CUDA if available), cpu, cuda, cuda:N")),
+    (
+        "--workers-timeout",
+        dict(
+            type=float,
+            help="seconds to wait for a worker of each group the run needs (GPU, reading; on "
+            "Kubernetes each worker group) before stopping with what to check (default 1800)",
+        ),
+    ),
     ("--tiles-in-flight", dict(type=int, help="tiles processed at once (default 2)")),
     ("--dashboard-address", dict(help="LocalCluster dashboard address (default :8787)")),
     (
