@@ -1,55 +1,132 @@
-"""CPU + GPU worker groups on one machine: inference runs only where GPU=1 is advertised."""
+"""CPU + GPU worker groups on one machine: inference runs only where GPU=1 is advertised, reads
+only where CPU is, also on a standing cluster behind ``scheduler_address`` and with
+``read_on: gpu``."""
 
 import numpy as np
 import pytest
 
 from treesits_dask import open_map
 from treesits_dask.config import load_config
+from treesits_dask.errors import ClusterError
 from treesits_dask.pipeline import predict
-from treesits_dask.pipeline.cluster import connect
+from treesits_dask.pipeline.cluster import Routing, connect, declared_routing
 from treesits_dask.pipeline.run import run
 
 pytestmark = pytest.mark.slow
 
 
-def test_inference_only_on_gpu_workers(small_cube, native_lstm, tmp_path):
-    from distributed import get_task_stream
-
-    config = load_config(
+def _config(small_cube, native_lstm, tmp_path, **extra):
+    return load_config(
         overrides=dict(
             cube=small_cube.root,
             tiles="X0069_Y0043",
             output=str(tmp_path / "out"),
             model=native_lstm,
-            workers=2,
-            local_gpu_workers=1,
             window="20x30",
             dashboard_address=":0",
             cog=False,
+            **extra,
         ),
         environ={},
     )
-    assert config.gpu_group and config.read_on_cpu
+
+
+def _run_and_trace(config, client):
+    """Run; return (result, {task prefix: workers}, {worker: model loads})."""
+    from distributed import get_task_stream
+
+    with get_task_stream(client) as ts:
+        result = run(config, client=client)
+    loads = client.run(predict.load_count)
+    by_prefix: dict[str, set] = {}
+    for rec in ts.data:
+        key = rec["key"][0] if isinstance(rec["key"], tuple) else rec["key"]
+        by_prefix.setdefault(str(key).split("-")[0], set()).add(rec["worker"])
+    predicted = by_prefix.get("predict_packed", set()) | by_prefix.get(
+        "predict_packed_nomask", set()
+    )
+    return result, by_prefix, predicted, loads
+
+
+def _standing_cluster(groups: dict[str, dict]):
+    """A cluster started by someone else: worker name -> advertised resources."""
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    return SpecCluster(
+        workers={
+            name: {"cls": Nanny, "options": {"nthreads": 2 if res.get("CPU") else 1,
+                                             "resources": res, "memory_limit": "2GiB"}}
+            for name, res in groups.items()
+        },
+        scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}},
+    )  # fmt: skip
+
+
+def test_inference_only_on_gpu_workers(small_cube, native_lstm, tmp_path):
+    config = _config(small_cube, native_lstm, tmp_path, workers=2, local_gpu_workers=1)
+    assert declared_routing(config) == Routing(read={"CPU": 1}, predict={"GPU": 1})
     with connect(config) as client:
         info = client.scheduler_info()["workers"]
         gpu = {a for a, w in info.items() if w["resources"].get("GPU")}
         cpu = {a for a, w in info.items() if w["resources"].get("CPU")}
         assert len(gpu) == 1 and len(cpu) == 2 and not gpu & cpu
-        with get_task_stream(client) as ts:
-            result = run(config, client=client)
-        loads = client.run(predict.load_count)
+        result, by_prefix, predicted, loads = _run_and_trace(config, client)
     assert result.pixels_predicted > 0
-    by_prefix: dict[str, set] = {}
-    for rec in ts.data:
-        key = rec["key"][0] if isinstance(rec["key"], tuple) else rec["key"]
-        by_prefix.setdefault(str(key).split("-")[0], set()).add(rec["worker"])
-    predict_workers = by_prefix.get("predict_packed", set()) | by_prefix.get(
-        "predict_packed_nomask", set()
-    )
-    assert predict_workers and predict_workers <= gpu, by_prefix
+    assert predicted and predicted <= gpu, by_prefix
     assert by_prefix["read"] and by_prefix["read"] <= cpu, by_prefix
-    assert {a: n for a, n in loads.items() if n} == {
-        a: 1 for a in gpu
-    }  # only the GPU worker holds a model
+    # only the GPU worker holds a model
+    assert {a: n for a, n in loads.items() if n} == {a: 1 for a in gpu}
     ds = open_map(str(tmp_path / "out"))
     assert np.isfinite(ds.probability.values).any()
+
+
+def test_standing_cluster_keeps_the_routing(small_cube, native_lstm, tmp_path):
+    """--scheduler-address: the workers' advertised resources route the work as before."""
+    from distributed import Client
+
+    groups = {"cpu-0": {"CPU": 2}, "cpu-1": {"CPU": 2}, "gpu-0": {"GPU": 1}}
+    with _standing_cluster(groups) as standing, Client(standing) as client:
+        config = _config(small_cube, native_lstm, tmp_path,
+                         scheduler_address=standing.scheduler_address)  # fmt: skip
+        assert declared_routing(config) is None  # found among the workers
+        info = client.scheduler_info()["workers"]
+        gpu = {a for a, w in info.items() if w["name"].startswith("gpu")}
+        result, by_prefix, predicted, loads = _run_and_trace(config, client)
+    assert result.pixels_predicted > 0
+    assert predicted and predicted <= gpu, by_prefix
+    assert by_prefix["read"] and not by_prefix["read"] & gpu, by_prefix
+    assert {a for a, n in loads.items() if n} == gpu  # CPU workers load no model
+
+
+def test_read_on_gpu_reads_on_the_gpu_workers(small_cube, native_lstm, tmp_path):
+    """read_on: gpu (as the rendered worker groups advertise it): reads and inference on the GPU
+    group, nothing of them on the CPU group."""
+    from distributed import Client
+
+    from treesits_dask.kube import KubeSettings
+
+    k = KubeSettings(read_on="gpu", cpu={"workers": 1, "threads": 2}, gpu={"threads": 2})
+    resources = k.worker_resources()
+    assert resources == {"cpu": {}, "gpu": {"GPU": 1.0, "CPU": 2.0}}
+    groups = {"cpu-0": resources["cpu"], "gpu-0": resources["gpu"]}
+    with _standing_cluster(groups) as standing, Client(standing) as client:
+        config = _config(small_cube, native_lstm, tmp_path, cluster="kubernetes",
+                         kubernetes=k.model_dump(),
+                         scheduler_address=standing.scheduler_address)  # fmt: skip
+        info = client.scheduler_info()["workers"]
+        gpu = {a for a, w in info.items() if w["name"].startswith("gpu")}
+        result, by_prefix, predicted, _ = _run_and_trace(config, client)
+    assert result.pixels_predicted > 0
+    assert predicted and predicted <= gpu, by_prefix
+    assert by_prefix["read"] and by_prefix["read"] <= gpu, by_prefix
+
+
+def test_missing_gpu_workers_fail_fast(small_cube, native_lstm, tmp_path):
+    from distributed import Client
+
+    with _standing_cluster({"cpu-0": {"CPU": 2}}) as standing, Client(standing) as client:
+        config = _config(small_cube, native_lstm, tmp_path, cluster="kubernetes",
+                         scheduler_address=standing.scheduler_address,
+                         workers_timeout=1)  # fmt: skip
+        with pytest.raises(ClusterError, match="workers advertising GPU"):
+            run(config, client=client)

@@ -8,12 +8,10 @@ import re
 import sys
 import threading
 import time
-from functools import cache
 from pathlib import Path
 
 import dask.config
 import jsonschema
-import kubernetes_validate
 import pytest
 import yaml
 from dask.utils import parse_bytes
@@ -25,9 +23,16 @@ from treesits_dask.errors import ConfigError
 from treesits_dask.kube import KubeSettings
 from treesits_dask.kube.specs import DASK_API
 
+from .k8s_schemas import (
+    pod_specs,
+    supported_versions,
+    validate_builtin,
+    validate_crd,
+    validate_everything,
+)
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_DIR = REPO / "cluster"
-K8S_VERSIONS = ("1.28.0", "1.37.0")  # oldest we claim (CronJob timeZone GA in 1.27) and newest
 FAKE_KEY_ID = "AKIAFAKEKEYID0000042"
 FAKE_SECRET = "fake-secret-Zq9xW2vB7nP4tR8s"
 GPU_ONLY = {
@@ -37,93 +42,17 @@ GPU_ONLY = {
 }
 CPU_ONLY = {"gpu": {"enabled": False}, "cpu": {"adaptive": {"minimum": 1, "maximum": 7}}}
 VARIANTS = {"default": {}, "gpu-only": GPU_ONLY, "cpu-only": CPU_ONLY}
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-# ---- strict CRD validation ------------------------------------------------------------------
-def _strict(node):
-    """Reject what the API server would silently prune: unknown keys of every object schema."""
-    if isinstance(node, list):
-        return [_strict(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    node = {k: _strict(v) for k, v in node.items()}
-    if node.get("x-kubernetes-int-or-string") is True:
-        node.pop("type", None)
-        node["anyOf"] = [{"type": "integer"}, {"type": "string"}]
-    is_object = node.get("type") == "object" or isinstance(node.get("properties"), dict)
-    if (
-        is_object
-        and not node.get("x-kubernetes-preserve-unknown-fields")
-        and "additionalProperties" not in node
-    ):
-        node["additionalProperties"] = False
-    return node
-
-
-@cache
-def crd_validator(kind: str) -> jsonschema.Draft7Validator:
-    import dask_kubernetes
-
-    crds = (
-        Path(dask_kubernetes.__file__).parent
-        / "operator/deployment/helm/dask-kubernetes-operator/crds"
-    )
-    crd = yaml.load((crds / f"{kind.lower()}.yaml").read_text(), Loader=_Loader)
-    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    schema = copy.deepcopy(version["schema"]["openAPIV3Schema"])
-    meta = {
-        "type": "object",
-        "properties": {
-            "name": {"type": "string"},
-            "namespace": {"type": "string"},
-            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-            "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
-        },
-        "required": ["name"],
-    }
-    schema["properties"].update(
-        apiVersion={"const": "kubernetes.dask.org/v1"}, kind={"const": kind}, metadata=meta
-    )
-    schema["required"] = ["apiVersion", "kind", "metadata", "spec"]
-    return jsonschema.Draft7Validator(_strict(schema))
-
-
-def drop_none(obj):
-    if isinstance(obj, dict):
-        return {k: drop_none(v) for k, v in obj.items() if v is not None}
-    if isinstance(obj, list):
-        return [drop_none(v) for v in obj]
-    return obj
-
-
-def validate_crd(obj: dict) -> None:
-    errors = sorted(crd_validator(obj["kind"]).iter_errors(drop_none(obj)), key=str)
-    assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message}" for e in errors[:5])
-
-
-def validate_builtin(obj: dict) -> None:
-    for version in K8S_VERSIONS:
-        kubernetes_validate.validate(obj, version, strict=True)
+def validate_builtin_all(obj: dict) -> None:
+    """Strictly valid for every supported Kubernetes version."""
+    for version in supported_versions():
+        validate_builtin(obj, version)
 
 
 # ---- helpers --------------------------------------------------------------------------------
 def rendered_objects(settings: KubeSettings, run_yaml: str | None = None) -> list[dict]:
     return [o for objs in kube.manifests(settings, run_yaml).values() for o in objs]
-
-
-def pod_specs(obj) -> list[dict]:
-    """Every pod spec (a mapping with ``containers``) anywhere in an object."""
-    found = []
-    if isinstance(obj, dict):
-        if "containers" in obj:
-            found.append(obj)
-        for v in obj.values():
-            found += pod_specs(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            found += pod_specs(v)
-    return found
 
 
 def containers(obj) -> list[dict]:
@@ -178,15 +107,13 @@ def worker_args_resources(container: dict) -> dict[str, float]:
 def test_dask_objects_match_crd_strictly(variant):
     settings = KubeSettings(**VARIANTS[variant])
     objects = [o for o in rendered_objects(settings) if o["apiVersion"] == DASK_API]
-    assert {o["kind"] for o in objects} == (
-        {"DaskCluster", "DaskWorkerGroup"} if variant == "default" else {"DaskCluster"}
-    )
-    for obj in objects:
-        validate_crd(obj)
-        # the same pod specs are also valid for a current Kubernetes (not only the frozen 1.21)
-        for spec in pod_specs(obj):
-            pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": spec}
-            kubernetes_validate.validate(pod, K8S_VERSIONS[-1], strict=True)
+    expected = {"default": {"DaskCluster", "DaskWorkerGroup"},
+                "gpu-only": {"DaskCluster", "DaskAutoscaler"},
+                "cpu-only": {"DaskCluster", "DaskAutoscaler"}}  # fmt: skip
+    assert {o["kind"] for o in objects} == expected[variant]
+    # the same pod specs are also valid Pods of every supported Kubernetes version
+    for version in supported_versions():
+        validate_everything(objects, version)
 
 
 def test_strict_validator_rejects_what_the_api_server_would_drop():
@@ -208,16 +135,21 @@ def test_strict_validator_rejects_what_the_api_server_would_drop():
 
 
 def test_builtin_objects_valid_strict():
-    objects = rendered_objects(KubeSettings(), run_yaml="cube: /force\noutput: s3://outdir/x\n")
-    kinds = [o["kind"] for o in objects if not o["apiVersion"].startswith("kubernetes.dask.org")]
-    assert kinds == ["Namespace", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "CronJob"]
-    for obj in objects:
-        if obj["kind"] in kinds:
-            validate_builtin(obj)
+    for version in supported_versions():
+        settings = KubeSettings(kube_version=version)
+        objects = rendered_objects(settings, run_yaml="cube: /force\noutput: s3://outdir/x\n")
+        kinds = [o["kind"] for o in objects if not o["apiVersion"].startswith(DASK_API)]
+        psp = ["PodSecurityPolicy", "ClusterRole", "RoleBinding"] if version < "1.25" else []
+        assert kinds == ["Namespace", *psp, "ServiceAccount", "Role", "RoleBinding", "ConfigMap",
+                         "CronJob", "NetworkPolicy", "NetworkPolicy", "NetworkPolicy"]  # fmt: skip
+        for obj in objects:
+            if obj["kind"] in kinds:
+                validate_builtin(obj, version)
     broken = kube.cronjob(KubeSettings())
     broken["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["envFrom"] = {"x": 1}
-    with pytest.raises(kubernetes_validate.ValidationError):
-        validate_builtin(broken)
+    for version in ("1.23", "1.37"):
+        with pytest.raises(jsonschema.ValidationError):
+            validate_builtin(broken, version)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -258,7 +190,8 @@ def test_no_secret_values_anywhere(monkeypatch, tmp_path):
     # credentials only as references to the Secret, on workers and the driver (not the scheduler)
     for obj in rendered_objects(settings):
         for c in containers(obj):
-            refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "valueFrom" in e}
+            refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"]
+                    if "secretKeyRef" in e.get("valueFrom", {})}  # fmt: skip
             assert all("value" not in e for e in c["env"] if e["name"].startswith("AWS_SECRET"))
             if c["name"] == "scheduler":
                 assert refs == {}
@@ -286,7 +219,9 @@ def test_role_is_least_privilege():
     grants = {(g, r): set(rule["verbs"]) for rule in role["rules"]
               for g in rule["apiGroups"] for r in rule["resources"]}  # fmt: skip
     flat = yaml.safe_dump(role["rules"])
-    assert "*" not in flat and "secrets" not in flat and "nodes" not in flat
+    assert "*" not in flat and "nodes" not in flat
+    # Secrets: create only (each cluster's TLS Secret); never read, change or delete one
+    assert [r["verbs"] for r in role["rules"] if "secrets" in r["resources"]] == [["create"]]
     assert grants == {
         ("kubernetes.dask.org", "daskclusters"): {
             "get",
@@ -316,6 +251,7 @@ def test_role_is_least_privilege():
         ("", "services"): {"get", "list", "watch"},
         ("", "pods/log"): {"get"},
         ("", "pods/portforward"): {"get", "create"},
+        ("", "secrets"): {"create"},
     }
     binding = objects[2]
     assert binding["roleRef"] == {
@@ -397,10 +333,19 @@ def test_scheduler_and_workers_keep_the_operator_contract():
         return [(p["name"], p.get("containerPort")) for p in spec["containers"][0]["ports"]]
 
     assert ports(ours["spec"]["scheduler"]["spec"]) == ports(theirs["spec"]["scheduler"]["spec"])
-    assert ours["spec"]["scheduler"]["service"] == theirs["spec"]["scheduler"]["service"]
-    assert ports(ours["spec"]["worker"]["spec"]) == ports(theirs["spec"]["worker"]["spec"])
-    assert ours["spec"]["scheduler"]["spec"]["containers"][0]["args"][2:] == \
-        theirs["spec"]["scheduler"]["spec"]["containers"][0]["args"][1:]  # fmt: skip
+    ours_service = {**ours["spec"]["scheduler"]["service"]}
+    assert ours_service["selector"]["dask.org/cluster-name"] == "treesits"
+    assert ours_service == theirs["spec"]["scheduler"]["service"]
+    # the worker's dashboard where the operator expects it, plus fixed worker and nanny ports
+    # (NetworkPolicies name them)
+    assert set(ports(theirs["spec"]["worker"]["spec"])) <= set(
+        ports(ours["spec"]["worker"]["spec"])
+    )
+    assert ours["spec"]["scheduler"]["spec"]["containers"][0]["args"][2:] == [
+        *theirs["spec"]["scheduler"]["spec"]["containers"][0]["args"][1:],
+        "--protocol",
+        "tls",
+    ]
     their_worker = theirs["spec"]["worker"]["spec"]["containers"][0]["args"][1:]
     our_worker = ours["spec"]["worker"]["spec"]["containers"][0]["args"]
     assert our_worker[:2] == ["dask", "worker"] and set(their_worker) <= set(our_worker)
@@ -457,7 +402,7 @@ def test_render_is_deterministic_and_removes_stale_files(tmp_path):
     names = sorted(p.relative_to(tmp_path / "a").as_posix() for p in paths)
     assert names == ["dask/daskcluster.yaml", "manifests/00-namespace.yaml",
                      "manifests/10-rbac.yaml", "manifests/20-configmap.yaml",
-                     "manifests/30-cronjob.yaml"]  # fmt: skip
+                     "manifests/30-cronjob.yaml", "manifests/40-networkpolicy.yaml"]  # fmt: skip
     assert not (tmp_path / "a/dask/gpu-workergroup.yaml").exists()
     cm = yaml.safe_load((tmp_path / "a/manifests/20-configmap.yaml").read_text())
     assert cm["data"]["run.yaml"] == run_yaml
@@ -534,7 +479,7 @@ def test_yaml_numbers_become_kubernetes_strings():
 
 
 def test_start_cluster_names_the_extra_when_dask_kubernetes_is_missing(monkeypatch):
-    monkeypatch.setitem(sys.modules, "dask_kubernetes.operator", None)
+    monkeypatch.setitem(sys.modules, "kr8s", None)
     with pytest.raises(ConfigError, match=r"treesits_dask\[k8s\]"):
         kube.start_cluster(KubeSettings())
 
@@ -553,25 +498,28 @@ def test_run_with_deadline():
 
 def test_readme_documents_every_setting():
     readme = (CLUSTER_DIR / "README.md").read_text()
-    models = (KubeSettings, kube.CpuGroup, kube.GpuGroup, kube.CronJobSettings, kube.PodResources)
+    from treesits_dask.config.kubernetes import NetworkPolicySettings
+
+    models = (KubeSettings, kube.CpuGroup, kube.GpuGroup, kube.CronJobSettings, kube.PodResources,
+              NetworkPolicySettings)  # fmt: skip
     missing = [f"{m.__name__}.{name}" for m in models for name in m.model_fields
                if f"`{name}`" not in readme]  # fmt: skip
     assert missing == []
     for needle in ("helm repo add dask https://helm.dask.org", "dask/dask-kubernetes-operator",
                    "--namespace dask-operator", "create secret generic treesits-s3",
-                   "pods/portforward", "node.cloudferro.com/type", "render cluster/"):  # fmt: skip
+                   "pods/portforward", "node.cloudferro.com/type", "render cluster/",
+                   "Kubernetes 1.23 or newer", "PodSecurityPolicy", "auto_scaling_enabled",
+                   "kubectl apply --server-side", "NFS read access", "Scratch space",
+                   "--target cuda", "--require-hashes"):  # fmt: skip
         assert needle in readme
 
 
 def test_dockerfile_and_examples():
-    dockerfile = (CLUSTER_DIR / "Dockerfile").read_text()
-    assert f"ARG APP_UID={KubeSettings().run_as_user}" in dockerfile
-    assert re.search(r"^USER \$\{APP_UID\}:\$\{APP_UID\}$", dockerfile, re.MULTILINE)
-    assert "download.pytorch.org/whl/cu124" in dockerfile and '".[s3,k8s]"' in dockerfile
-    assert 'CMD ["python"]' in dockerfile
+    # the Dockerfile itself: tests/test_image.py
+    assert f"ARG APP_UID={KubeSettings().run_as_user}" in (CLUSTER_DIR / "Dockerfile").read_text()
     volume = list(yaml.safe_load_all((CLUSTER_DIR / "examples/force-ard-volume.yaml").read_text()))
     for obj in volume:
-        validate_builtin(obj)
+        validate_builtin_all(obj)
     claim = next(o for o in volume if o["kind"] == "PersistentVolumeClaim")
     settings = KubeSettings()
     assert claim["metadata"] == {"name": settings.cube_claim, "namespace": settings.namespace}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "TreesitsError",
+    "ClusterError",
     "ConfigError",
     "DiscoveryError",
     "InputDataError",
@@ -38,6 +39,11 @@ class TreesitsError(Exception):
 
 class ConfigError(TreesitsError, ValueError):
     """A setting is missing, unknown or has an invalid value."""
+
+
+class ClusterError(TreesitsError):
+    """The Dask cluster cannot run the work: it did not start, or a worker group that the work
+    needs (GPU workers, reading workers) has no worker."""
 
 
 class DiscoveryError(TreesitsError):

@@ -64,7 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--render",
         metavar="DIR",
         help="also write every Kubernetes object the run needs (DaskCluster, "
-        "DaskWorkerGroup, RBAC, CronJob, ConfigMap with --config) to DIR",
+        "DaskWorkerGroup, RBAC, CronJob, NetworkPolicies, ConfigMap with --config) to DIR",
+    )
+    p.add_argument(
+        "--kube-version",
+        metavar="1.N",
+        help="with --render: the Kubernetes version to render for (1.23 or newer; default the "
+        "kubernetes.kube_version setting, 1.26); fields it lacks are left out, and before 1.25 "
+        "a PodSecurityPolicy is added",
     )
     p.set_defaults(func=cmd_plan)
 

@@ -78,9 +78,20 @@ _RUN_FLAGS = [
     ("--memory-limit", dict(help="memory limit per LocalCluster worker (default auto)")),
     (
         "--scheduler-address",
-        dict(help="use an existing Dask scheduler (tcp://host:8786) instead of a LocalCluster"),
+        dict(
+            help="use an existing Dask scheduler (tcp:// or tls://host:8786) instead of starting "
+            "a cluster; it is never shut down, and work keeps its GPU/CPU resource routing"
+        ),
     ),
     ("--device", dict(help="torch device: auto (CUDA if available), cpu, cuda, cuda:N")),
+    (
+        "--workers-timeout",
+        dict(
+            type=float,
+            help="seconds to wait for a worker of each group the run needs (GPU, reading; on "
+            "Kubernetes each worker group) before stopping with what to check (default 1800)",
+        ),
+    ),
     ("--tiles-in-flight", dict(type=int, help="tiles processed at once (default 2)")),
     ("--dashboard-address", dict(help="LocalCluster dashboard address (default :8787)")),
     (
@@ -206,10 +217,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     config = _config(args)
     if args.render:
-        from ..kube import render
+        from ..kube import render, with_version
 
         run_yaml = Path(args.config).read_text() if args.config else None
-        files = render(config.kubernetes, args.render, run_yaml)
+        settings = with_version(config.kubernetes, getattr(args, "kube_version", None))
+        files = render(settings, args.render, run_yaml)
         print(f"wrote {len(files)} Kubernetes manifest file(s) to {args.render}:", file=sys.stderr)
         for f in files:
             print(f"  {f}", file=sys.stderr)

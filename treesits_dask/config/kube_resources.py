@@ -3,6 +3,7 @@ groups, tolerations, the CronJob.  Pure data + validation; imports nothing from 
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
@@ -26,11 +27,15 @@ __all__ = [
     "CpuQuantity",
     "CronJobSettings",
     "GpuGroup",
+    "MIN_KUBE_VERSION",
     "MemoryQuantity",
+    "NetworkPolicySettings",
     "PodResources",
     "Toleration",
     "WorkerGroup",
+    "cidr",
     "dns_name",
+    "kube_version",
     "parse_quantity",
 ]
 
@@ -40,6 +45,9 @@ GPU_RESOURCE = "GPU"
 READ_RESOURCE = "CPU"
 #: Taint of the GPU nodes of the EO-Lab / CODE-DE Magnum clusters (key, value, effect).
 GPU_TAINT = ("node.cloudferro.com/type", "gpu", "NoSchedule")
+
+#: The oldest Kubernetes minor version the manifests are rendered and validated for.
+MIN_KUBE_VERSION = (1, 23)
 
 FORBID = ConfigDict(extra="forbid", frozen=True)
 _SUFFIX = {
@@ -233,7 +241,9 @@ class GpuGroup(WorkerGroup):
     """GPU workers (defaults fit one worker per ``vm.a6000.4`` node: 8 vCPU, 57 GB, 1 GPU)."""
 
     enabled: bool = True
-    image: str | None = Field(None, description="defaults to the cluster image")
+    image: str | None = Field(
+        None, description="defaults to the cluster image with '-cuda' appended to its tag"
+    )
     gpus: str = Field("1", description="nvidia.com/gpu per worker, a string as the CRD demands")
     workers: int | None = Field(2, ge=0)
     threads: int = Field(4, ge=1)
@@ -254,6 +264,16 @@ class GpuGroup(WorkerGroup):
         if not isinstance(v, str) or not re.fullmatch(r"[1-9]\d*", v):
             raise ValueError(f"gpus {v!r} must be a whole number >= 1 (GPUs per worker)")
         return v
+
+    @model_validator(mode="after")
+    def _thread_per_gpu(self) -> GpuGroup:
+        # each inference task holds one GPU for its forward (one device per worker thread)
+        if self.threads < int(self.gpus):
+            raise ValueError(
+                f"gpu.threads {self.threads} is less than gpu.gpus {self.gpus}: each GPU is used "
+                "by one worker thread at a time; give the worker at least as many threads as GPUs"
+            )
+        return self
 
 
 class CronJobSettings(BaseModel):
@@ -305,6 +325,57 @@ class CronJobSettings(BaseModel):
                 f"config_path {v!r} must be an absolute file path like /etc/treesits/run.yaml"
             )
         return v
+
+
+def kube_version(v: Any) -> str:
+    """``"1.23"`` / ``"v1.30.2"`` -> ``"1.23"`` / ``"1.30"``; a YAML number (``1.30`` is read as
+    1.3) is refused, as is anything older than :data:`MIN_KUBE_VERSION`."""
+    if isinstance(v, float):
+        raise ValueError(
+            f"kube_version {v!r} was read as a number (YAML turns 1.30 into 1.3); quote it: '1.30'"
+        )
+    m = re.fullmatch(r"v?(\d+)\.(\d+)(?:\.\d+)?", str(v).strip())
+    if not m:
+        raise ValueError(f"kube_version {v!r} is not a Kubernetes version like '1.26'")
+    version = (int(m[1]), int(m[2]))
+    if version < MIN_KUBE_VERSION:
+        raise ValueError(
+            f"kube_version {v!r} is older than the oldest supported Kubernetes "
+            f"{MIN_KUBE_VERSION[0]}.{MIN_KUBE_VERSION[1]}"
+        )
+    return f"{version[0]}.{version[1]}"
+
+
+def cidr(v: str, what: str) -> str:
+    """A CIDR block (``10.0.0.0/8``, ``2001:db8::/32``) in its normal form; ``ValueError`` else."""
+    try:
+        return str(ipaddress.ip_network(str(v), strict=False))
+    except ValueError as exc:
+        raise ValueError(f"{what}: {v!r} is not a CIDR block like 192.168.0.0/16") from exc
+
+
+class NetworkPolicySettings(BaseModel):
+    """Who may reach the scheduler and the workers (NetworkPolicies in ``manifests/``)."""
+
+    model_config = FORBID
+
+    enabled: bool = True
+    operator_namespace: str = Field(
+        "dask-operator", description="namespace of the dask-kubernetes operator"
+    )
+    allowed_cidrs: list[str] = Field(
+        default_factory=list, description="extra sources of scheduler connections (laptops)"
+    )
+
+    @field_validator("operator_namespace")
+    @classmethod
+    def _check_namespace(cls, v: str) -> str:
+        return dns_name(v, "network_policy.operator_namespace")
+
+    @field_validator("allowed_cidrs")
+    @classmethod
+    def _check_cidrs(cls, v: list[str]) -> list[str]:
+        return [cidr(c, "network_policy.allowed_cidrs") for c in v]
 
 
 def dns_name(v: str, what: str, max_len: int = 63) -> str:

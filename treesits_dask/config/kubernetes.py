@@ -26,11 +26,14 @@ from .kube_resources import (
     CronJobSettings,
     GpuGroup,
     MemoryQuantity,
+    NetworkPolicySettings,
     PodResources,
     Toleration,
     WorkerGroup,
     as_str,
+    cidr,
     dns_name,
+    kube_version,
     parse_quantity,
 )
 
@@ -43,6 +46,8 @@ __all__ = [
     "CronJobSettings",
     "GpuGroup",
     "KubeSettings",
+    "NetworkPolicySettings",
+    "OWNED_SUFFIX_LENGTH",
     "PodResources",
     "Toleration",
     "WorkerGroup",
@@ -50,6 +55,8 @@ __all__ = [
     "valid_keys",
 ]
 
+#: A driver's DaskCluster is ``<name>-<suffix>``: this many random characters and a dash.
+OWNED_SUFFIX_LENGTH = 6
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SECRET_NAME = re.compile(
     r"SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL|ACCESS_KEY|PRIVATE", re.IGNORECASE
@@ -61,13 +68,25 @@ class KubeSettings(BaseModel):
 
     model_config = FORBID
 
-    name: str = Field("treesits", description="DaskCluster name; the scheduler is <name>-scheduler")
+    name: str = Field(
+        "treesits",
+        description="prefix of every object; a driver's DaskCluster is <name>-<6 random chars>",
+    )
     namespace: str = "treesits"
+    kube_version: str = Field("1.26", description="Kubernetes minor version rendered for")
     image: str = "ghcr.io/treesits/treesits-dask:0.1.0"
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     image_pull_secret: str | None = Field(None, description="name of a docker-registry Secret")
     scheduler_service_type: Literal["ClusterIP", "LoadBalancer"] = "ClusterIP"
+    load_balancer_source_ranges: list[str] = Field(
+        default_factory=list, description="CIDRs allowed to reach a LoadBalancer scheduler"
+    )
+    tls: bool = Field(True, description="TLS with a per-cluster CA between all Dask processes")
+    network_policy: NetworkPolicySettings = Field(default_factory=NetworkPolicySettings)
     idle_timeout: int = Field(900, ge=0, description="operator deletes an idle cluster after (s)")
+    no_workers_timeout: int = Field(
+        1800, ge=0, description="tasks no worker can run fail after (s); 0: wait forever"
+    )
     resource_timeout: int = Field(
         600, ge=1, description="operator must act / scheduler may crash-loop this long (s)"
     )
@@ -98,8 +117,20 @@ class KubeSettings(BaseModel):
     @field_validator("name")
     @classmethod
     def _check_name(cls, v: str) -> str:
-        # the longest derived name is <name>-scheduler (63 max); workers get <name>-gpu-worker-<10>
-        return dns_name(v, "name", max_len=63 - len("-gpu-worker-0123456789"))
+        # a driver's cluster is <name>-<suffix>; its longest derived name (a label value, 63 max)
+        # is <cluster>-default-worker-<10 hex>, the operator's default worker group
+        suffix = 1 + OWNED_SUFFIX_LENGTH
+        return dns_name(v, "name", max_len=63 - suffix - len("-default-worker-0123456789"))
+
+    @field_validator("kube_version", mode="before")
+    @classmethod
+    def _check_version(cls, v: Any) -> str:
+        return kube_version(v)
+
+    @field_validator("load_balancer_source_ranges")
+    @classmethod
+    def _check_ranges(cls, v: list[str]) -> list[str]:
+        return [cidr(c, "load_balancer_source_ranges") for c in v]
 
     @field_validator("namespace", "service_account")
     @classmethod
@@ -125,6 +156,12 @@ class KubeSettings(BaseModel):
         for key in v:
             if not _ENV_NAME.match(key):
                 raise ValueError(f"env: {key!r} is not an environment variable name")
+            if key.upper().startswith("TREESITS_"):
+                raise ValueError(
+                    f"env: {key!r} would override the run's settings in the driver pod (TREESITS_* "
+                    "variables do), so the driver would run other settings than run.yaml says; "
+                    "put the setting into run.yaml instead"
+                )
             if _SECRET_NAME.search(key):
                 raise ValueError(
                     f"env: {key!r} looks like a credential; manifests hold no secrets. Put it in "
@@ -149,6 +186,32 @@ class KubeSettings(BaseModel):
                 f"cube_mount_path {v!r} must be an absolute path other than /, /tmp, /etc/treesits"
             )
         return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _check_exposure(self) -> KubeSettings:
+        if self.scheduler_service_type == "LoadBalancer" and not (
+            self.tls and self.load_balancer_source_ranges
+        ):
+            raise ValueError(
+                "scheduler_service_type LoadBalancer exposes the scheduler, which runs any code a "
+                "client sends it with the workers' S3 credentials, outside the cluster (often on a "
+                "public floating IP). Use ClusterIP and `kubectl port-forward` "
+                "(cluster/README.md), or keep tls: true and list the client networks in "
+                "load_balancer_source_ranges"
+            )
+        if self.gpu.image is None and "@" in self.image:
+            raise ValueError(
+                f"image {self.image!r} is pinned by digest, so the CUDA image cannot be derived "
+                "from its tag: set gpu.image (the image built with --target cuda)"
+            )
+        if self.cronjob.time_zone not in (None, "Etc/UTC", "UTC") and self.version < (1, 25):
+            raise ValueError(
+                f"cronjob.time_zone {self.cronjob.time_zone!r} needs Kubernetes >= 1.25 "
+                f"(kube_version is {self.kube_version}); there the schedule is read in the "
+                "controller manager's time zone (UTC on Magnum): write it in UTC and set "
+                "time_zone: Etc/UTC"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_groups(self) -> KubeSettings:
@@ -191,6 +254,23 @@ class KubeSettings(BaseModel):
     def default_group(self) -> CpuGroup | GpuGroup:
         return self.gpu if self.gpu_is_default_group else self.cpu
 
+    @property
+    def version(self) -> tuple[int, int]:
+        """``kube_version`` as ``(major, minor)``."""
+        major, minor = self.kube_version.split(".")
+        return int(major), int(minor)
+
+    @property
+    def gpu_image(self) -> str:
+        """The image of the GPU workers: ``gpu.image``, else the CUDA build of ``image``
+        (``repo:tag`` -> ``repo:tag-cuda``, built from the same Dockerfile with ``--target
+        cuda``)."""
+        if self.gpu.image:
+            return self.gpu.image
+        repo, _, last = self.image.rpartition("/")
+        name, sep, tag = last.partition(":")
+        return f"{repo + '/' if repo else ''}{name}:{tag if sep else 'latest'}-cuda"
+
     def worker_resources(self) -> dict[str, dict[str, float]]:
         """Dask resources each group advertises (``{"cpu": {...}, "gpu": {...}}``)."""
         cpu = {READ_RESOURCE: float(self.cpu.threads)} if self.read_on == "cpu" else {}
@@ -201,6 +281,7 @@ class KubeSettings(BaseModel):
 
 
 _NESTED = {
+    "network_policy": NetworkPolicySettings,
     "cpu": CpuGroup,
     "gpu": GpuGroup,
     "scheduler": PodResources,

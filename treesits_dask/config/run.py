@@ -44,6 +44,9 @@ class RunConfig(InputSettings):
     s3_addressing: Literal["auto", "path", "virtual"] = "auto"
     cluster: Literal["local", "kubernetes"] = "local"
     local_gpu_workers: int = Field(0, ge=0)
+    workers_timeout: float = Field(
+        1800.0, gt=0, description="seconds to wait for a worker of each needed group"
+    )
     kubernetes: KubeSettings = Field(default_factory=KubeSettings)
 
     @field_validator("mask_classes", mode="before")
@@ -90,22 +93,28 @@ class RunConfig(InputSettings):
             )
         return self
 
-    # ---- derived values -------------------------------------------------------------------
-    @property
-    def gpu_group(self) -> bool:
-        """Whether inference tasks carry the ``GPU`` resource (a worker group advertises it)."""
-        if self.scheduler_address:
-            return False
-        if self.cluster == "kubernetes":
-            return self.kubernetes.gpu.enabled
-        return self.local_gpu_workers > 0
-
-    @property
-    def read_on_cpu(self) -> bool:
-        """Whether reads carry the ``CPU`` resource (only CPU-group workers advertise it)."""
-        if not self.gpu_group:
-            return False
-        return self.cluster != "kubernetes" or self.kubernetes.read_on == "cpu"
+    @model_validator(mode="after")
+    def _check_kubernetes(self) -> RunConfig:
+        if self.cluster != "kubernetes" or self.scheduler_address:
+            return self
+        k = self.kubernetes
+        if k.idle_timeout == 0:
+            raise ValueError(
+                "kubernetes.idle_timeout 0 would keep the Dask cluster of a killed driver (and its "
+                "GPU nodes) forever; give it seconds (default 900). 0 is for a standing cluster, "
+                "used through scheduler_address"
+            )
+        pod_endpoint = k.env.get("AWS_ENDPOINT_URL_S3") or k.env.get("AWS_ENDPOINT_URL")
+        if pod_endpoint and self.s3_endpoint_url:
+            ours = storage.s3_environment(self.s3_endpoint_url, environ={})["AWS_ENDPOINT_URL"]
+            theirs = storage.s3_environment(pod_endpoint, environ={})["AWS_ENDPOINT_URL"]
+            if ours != theirs:
+                raise ValueError(
+                    f"s3_endpoint_url {self.s3_endpoint_url!r} and kubernetes.env AWS_ENDPOINT_URL "
+                    f"{pod_endpoint!r} differ: the driver would use one object store and the pods "
+                    "another. Give the endpoint once (s3_endpoint_url)"
+                )
+        return self
 
     def require_model(self) -> None:
         if not self.model:

@@ -41,6 +41,7 @@ __all__ = [
     "is_remote",
     "join",
     "publish_bytes",
+    "s3_addressing",
     "publish_file",
     "s3_environment",
     "s3_options",
@@ -73,7 +74,6 @@ S3_ENV_KEYS = (
     "AWS_S3_ENDPOINT",
     "AWS_HTTPS",
     "AWS_VIRTUAL_HOSTING",
-    "TREESITS_S3_ADDRESSING",
     "AWS_PROFILE",
 )
 
@@ -89,6 +89,10 @@ def s3_environment(
     s3fs/boto3 read ``AWS_ENDPOINT_URL``; GDAL ignores it and needs ``AWS_S3_ENDPOINT`` (host:port),
     ``AWS_HTTPS`` and ``AWS_VIRTUAL_HOSTING``.  ``addressing``: ``path``, ``virtual`` or ``auto``
     (path-style when a custom endpoint is set, as OpenStack/Ceph object stores need).
+
+    The addressing travels as ``AWS_VIRTUAL_HOSTING`` alone (s3fs reads it too, see
+    :func:`s3_options`): no ``TREESITS_*`` variable, which would override the run's settings in
+    every process that loads them (a driver pod).
     """
     env = dict(os.environ if environ is None else environ)
     out: dict[str, str] = {}
@@ -104,7 +108,6 @@ def s3_environment(
     if region:
         out["AWS_REGION"] = out["AWS_DEFAULT_REGION"] = region
     out["AWS_VIRTUAL_HOSTING"] = "FALSE" if addressing == "path" else "TRUE"
-    out["TREESITS_S3_ADDRESSING"] = addressing
     if env.get("AWS_PROFILE"):
         out["AWS_PROFILE"] = env["AWS_PROFILE"]
     return out
@@ -162,6 +165,18 @@ def get_fs(url: str, **storage_options) -> tuple[fsspec.AbstractFileSystem, str]
     return fsspec.filesystem("file"), strip_protocol(url)
 
 
+def s3_addressing() -> str:
+    """``path`` or ``virtual``: the S3 addressing of this process, from ``AWS_VIRTUAL_HOSTING``
+    (derived by :func:`s3_environment`), else path-style when a custom endpoint is set."""
+    hosting = os.environ.get("AWS_VIRTUAL_HOSTING", "").upper()
+    if hosting in ("FALSE", "NO", "OFF", "0"):
+        return "path"
+    if hosting in ("TRUE", "YES", "ON", "1"):
+        return "virtual"
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return "path" if endpoint else "virtual"
+
+
 def s3_options() -> dict:
     """s3fs options from the process environment (set by :func:`apply_environment`).
 
@@ -181,10 +196,7 @@ def s3_options() -> dict:
         client_kwargs["region_name"] = region
     if client_kwargs:
         opts["client_kwargs"] = client_kwargs
-    addressing = os.environ.get("TREESITS_S3_ADDRESSING", "auto")
-    if addressing == "auto":
-        addressing = "path" if endpoint else "virtual"
-    opts["config_kwargs"]["s3"] = {"addressing_style": addressing}
+    opts["config_kwargs"]["s3"] = {"addressing_style": s3_addressing()}
     return opts
 
 

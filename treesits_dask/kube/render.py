@@ -6,6 +6,11 @@ Regenerate the committed default manifests with::
 
     python -m treesits_dask.kube render cluster/          # --check: fail on drift
     python -m treesits_dask.kube render out/ --config run.yaml   # + ConfigMap with run.yaml
+    python -m treesits_dask.kube render out/ --kube-version 1.23  # for an older Kubernetes
+
+A standing cluster (``dask/`` applied by hand) with ``tls`` needs its certificates::
+
+    python -m treesits_dask.kube certs client-tls/ | kubectl apply -f -
 """
 
 from __future__ import annotations
@@ -24,10 +29,22 @@ from pydantic import ValidationError
 from ..config.kubernetes import KubeSettings, valid_keys
 from ..config.loading import read_yaml
 from ..errors import ConfigError
-from .rbac import namespace, rbac
-from .specs import cluster_spec, config_map, cronjob, gpu_worker_group_spec
+from .driver import config_map, cronjob
+from .rbac import namespace, network_policies, pod_security_policy, rbac
+from .specs import autoscaler_spec, cluster_spec, gpu_worker_group_spec, labels
+from .tls import make_certificates, tls_secret
 
-__all__ = ["HEADER", "check_rendered", "dump", "load_settings", "main", "manifests", "render"]
+__all__ = [
+    "HEADER",
+    "check_rendered",
+    "dump",
+    "load_settings",
+    "main",
+    "manifests",
+    "render",
+    "with_version",
+    "write_client_certificates",
+]
 
 log = logging.getLogger(__name__)
 
@@ -63,23 +80,60 @@ def dump(objects: list[dict]) -> str:
 
 
 def manifests(settings: KubeSettings, run_config_yaml: str | None = None) -> dict[str, list[dict]]:
-    """Relative file name -> objects, in apply order (``manifests/`` sorts by its number prefix).
+    """Relative file name -> objects, in apply order (``manifests/`` sorts by its number prefix),
+    for Kubernetes ``settings.kube_version``.
 
-    ``manifests/`` is what an operator applies (namespace, RBAC, ConfigMap, CronJob); ``dask/``
-    holds the DaskCluster / DaskWorkerGroup that the driver creates itself (for review, or to
-    apply by hand for a standing cluster).
+    ``manifests/`` is what an operator applies (PodSecurityPolicy before 1.25, namespace, RBAC,
+    ConfigMap, CronJob, NetworkPolicies); ``dask/`` holds a DaskCluster named ``settings.name``
+    with its worker group and autoscaler: what each driver creates under its own name, for
+    review, or to apply by hand as a standing cluster.
     """
-    files: dict[str, list[dict]] = {
-        "manifests/00-namespace.yaml": [namespace(settings)],
-        "manifests/10-rbac.yaml": rbac(settings),
-    }
+    files: dict[str, list[dict]] = {}
+    psp = pod_security_policy(settings)
+    if psp:
+        files["manifests/05-podsecuritypolicy.yaml"] = psp
+    files["manifests/00-namespace.yaml"] = [namespace(settings)]
+    files["manifests/10-rbac.yaml"] = rbac(settings)
     if run_config_yaml is not None:
         files["manifests/20-configmap.yaml"] = [config_map(settings, run_config_yaml)]
     files["manifests/30-cronjob.yaml"] = [cronjob(settings, settings.cronjob.config_map)]
+    policies = network_policies(settings)
+    if policies:
+        files["manifests/40-networkpolicy.yaml"] = policies
     files["dask/daskcluster.yaml"] = [cluster_spec(settings)]
     if settings.extra_gpu_group:
         files["dask/gpu-workergroup.yaml"] = [gpu_worker_group_spec(settings)]
-    return files
+    autoscaler = autoscaler_spec(settings)
+    if autoscaler:
+        files["dask/autoscaler.yaml"] = [autoscaler]
+    return dict(sorted(files.items()))
+
+
+def with_version(settings: KubeSettings, kube_version: str | None) -> KubeSettings:
+    """``settings`` for another Kubernetes version (validated again; None: unchanged)."""
+    if kube_version is None:
+        return settings
+    try:
+        return KubeSettings(**{**settings.model_dump(), "kube_version": kube_version})
+    except ValidationError as exc:
+        raise ConfigError(_format(exc, "--kube-version")) from None
+
+
+def write_client_certificates(settings: KubeSettings, directory: str | Path, days: float) -> str:
+    """Certificates for the standing cluster ``settings.name``: the client's files (``ca.crt``,
+    ``tls.crt``, ``tls.key``, readable only by you) under ``directory``; returns the Secret that
+    the cluster's pods mount, as YAML to pipe into ``kubectl apply -f -``."""
+    certs = make_certificates(settings.name, settings.namespace, days=days)
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    for name, text in (("ca.crt", certs.ca), ("tls.crt", certs.client_cert),
+                       ("tls.key", certs.client_key)):  # fmt: skip
+        path = root / name
+        path.touch(mode=0o600)
+        path.chmod(0o600)
+        path.write_text(text, encoding="utf-8")
+    secret = tls_secret(certs, settings.namespace, labels(settings, "dask-cluster"), None)
+    return yaml.dump(secret, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
 
 
 def render(
@@ -154,7 +208,7 @@ def _format(exc: ValidationError, where: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m treesits_dask.kube render DIR [--config run.yaml] [--check]``."""
+    """``python -m treesits_dask.kube {render,certs} ...``."""
     parser = argparse.ArgumentParser(
         prog="python -m treesits_dask.kube",
         description=__doc__,
@@ -164,11 +218,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("render", help="write the Kubernetes manifests under DIR")
     p.add_argument("directory", help="output folder (cluster/ holds the committed defaults)")
     p.add_argument("--config", help="run YAML: its kubernetes: section, and a ConfigMap with it")
+    p.add_argument(
+        "--kube-version",
+        help="Kubernetes version to render for (default: kube_version, 1.26); fields and objects "
+        "an older version lacks are left out, a PodSecurityPolicy is added before 1.25",
+    )
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if DIR is stale")
+    c = sub.add_parser(
+        "certs",
+        help="TLS certificates for a standing cluster: client files under DIR, the cluster's "
+        "Secret as YAML on stdout (pipe it into kubectl apply -f -)",
+    )
+    c.add_argument("directory", help="folder for ca.crt, tls.crt, tls.key of your client")
+    c.add_argument("--config", help="run YAML: its kubernetes: section (name, namespace)")
+    c.add_argument("--days", type=float, default=90.0, help="validity in days (default 90)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         settings, text = load_settings(args.config)
+        if args.command == "certs":
+            print(write_client_certificates(settings, args.directory, args.days), end="")
+            log.info(
+                "client certificate in %s; connect with DASK_DISTRIBUTED__COMM__TLS__CA_FILE, "
+                "..._CLIENT__CERT and ..._CLIENT__KEY pointing there (cluster/README.md)",
+                args.directory,
+            )
+            return 0
+        settings = with_version(settings, args.kube_version)
     except ConfigError as exc:
         log.error("error: %s", exc)
         return exc.exit_code

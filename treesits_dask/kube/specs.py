@@ -1,9 +1,18 @@
-"""Kubernetes objects as plain dicts (dask-kubernetes style): pure functions, no API calls.
+"""Kubernetes objects of the Dask cluster as plain dicts (dask-kubernetes style): pure
+functions, no API calls (the driver's CronJob is :mod:`treesits_dask.kube.driver`).
 
 Every pod template (scheduler, both worker groups, the CronJob driver) meets the *restricted*
 Pod Security Standard and sets requests and limits on every container.  The Dask pod specs only
 use fields that exist in the Kubernetes 1.21 pod schema frozen into the dask-kubernetes CRDs
 (the API server silently drops unknown fields there).
+
+A driver owns a DaskCluster named ``<name>-<suffix>`` (``cluster_name``); every pod keeps the
+labels ``app.kubernetes.io/name: treesits-dask`` and ``app.kubernetes.io/instance: <name>``, which
+the NetworkPolicies select.  With ``tls`` the scheduler and workers speak TLS only, with the
+certificates of the Secret ``<cluster_name>-tls`` (:mod:`treesits_dask.kube.tls`).
+
+The module is longer than 400 lines because the DaskCluster is one object: its scheduler, worker
+groups and their pods share ports, labels, TLS and environment, and are read together here.
 
 Commands are ``dask scheduler`` / ``dask worker``: distributed >= 2026.6 has no
 ``dask-scheduler`` / ``dask-worker`` executables, which dask-kubernetes 2026.3 still emits
@@ -14,16 +23,20 @@ from __future__ import annotations
 
 from ..config.kubernetes import GpuGroup, KubeSettings, PodResources, WorkerGroup
 from ..io import storage
+from .tls import tls_environment, tls_secret_name, tls_volume
 
 __all__ = [
     "DASK_API",
+    "PORTS",
     "SCHEDULER_ROUTES",
+    "autoscaler_spec",
     "cluster_spec",
-    "config_map",
-    "cronjob",
     "gpu_worker_group_spec",
+    "labels",
     "object_meta",
     "pod_env",
+    "pod_spec",
+    "scheduler_address",
     "worker_pod_spec",
 ]
 
@@ -39,11 +52,19 @@ SCHEDULER_ROUTES = (
     "distributed.http.statics",
     "distributed.http.scheduler.api",
 )
+#: Every port a Dask pod listens on (fixed, so that NetworkPolicies can name them).
+PORTS = {
+    "scheduler": 8786,
+    "scheduler-dashboard": 8787,
+    "worker-dashboard": 8788,
+    "worker": 8789,
+    "nanny": 8790,
+}
 _SCRATCH = "/tmp"
-_CONFIG_VOLUME = "run-config"
 
 
-def _labels(settings: KubeSettings, component: str) -> dict[str, str]:
+def labels(settings: KubeSettings, component: str) -> dict[str, str]:
+    """The labels of every object and pod: app name, instance (``settings.name``), component."""
     return {
         "app.kubernetes.io/name": "treesits-dask",
         "app.kubernetes.io/instance": settings.name,
@@ -55,21 +76,48 @@ def object_meta(settings: KubeSettings, name: str, component: str, **extra_label
     return {
         "name": name,
         "namespace": settings.namespace,
-        "labels": {**_labels(settings, component), **extra_labels},
+        "labels": {**labels(settings, component), **extra_labels},
+    }
+
+
+def scheduler_address(settings: KubeSettings, cluster_name: str) -> str:
+    """The scheduler's address inside the cluster (``tls://`` with TLS)."""
+    proto = "tls" if settings.tls else "tcp"
+    host = f"{cluster_name}-scheduler.{settings.namespace}.svc.cluster.local"
+    return f"{proto}://{host}:{PORTS['scheduler']}"
+
+
+def _process_env() -> dict[str, str]:
+    """What every container needs with a read-only root and an arbitrary uid: writable home,
+    temp and config folders on the scratch volume, and a user name (``getpass.getuser()`` fails
+    for a uid without a passwd entry)."""
+    return {
+        "TMPDIR": _SCRATCH,
+        "HOME": _SCRATCH,
+        "MPLCONFIGDIR": f"{_SCRATCH}/matplotlib",
+        "XDG_CACHE_HOME": f"{_SCRATCH}/.cache",
+        "USER": "treesits",
+        "LOGNAME": "treesits",
     }
 
 
 def pod_env(settings: KubeSettings) -> list[dict]:
-    """Container environment: GDAL defaults, derived S3 settings, ``settings.env``, secret refs.
+    """Environment of the containers that touch data (workers, driver): process folders, GDAL
+    defaults, derived S3 settings, ``settings.env``, secret refs.
 
     S3 settings are derived from ``settings.env`` only (never from this process's environment),
-    so rendering is deterministic; explicit entries in ``settings.env`` win.  Credentials appear
-    only as ``secretKeyRef`` references to ``settings.s3_secret``.
+    so rendering is deterministic; explicit entries in ``settings.env`` win.  Addressing
+    (``AWS_VIRTUAL_HOSTING``) is set only when ``settings.env`` names the endpoint: otherwise the
+    driver's settings decide it and its worker plugin sets it on every worker.  No ``TREESITS_*``
+    variable: those would override run.yaml in the driver.  Credentials appear only as
+    ``secretKeyRef`` references to ``settings.s3_secret``.
     """
-    values: dict[str, str] = dict(storage.GDAL_DEFAULTS)
-    values.update(storage.s3_environment(environ=dict(settings.env)))
+    values: dict[str, str] = {**_process_env(), **storage.GDAL_DEFAULTS}
+    s3 = storage.s3_environment(environ=dict(settings.env))
+    if "AWS_ENDPOINT_URL" not in s3:
+        s3.pop("AWS_VIRTUAL_HOSTING")
+    values.update(s3)
     values.update(settings.env)
-    values["TMPDIR"] = _SCRATCH
     env = [{"name": k, "value": v} for k, v in sorted(values.items())]
     if settings.s3_secret:
         env += [
@@ -102,7 +150,7 @@ def _pod_security(settings: KubeSettings) -> dict:
     }
 
 
-def _pod_spec(
+def pod_spec(
     settings: KubeSettings,
     container: dict,
     *,
@@ -115,7 +163,8 @@ def _pod_spec(
     restart_policy: str | None = None,
     grace_seconds: int | None = None,
 ) -> dict:
-    """A hardened pod spec around one container: /tmp scratch, optional read-only cube volume."""
+    """A hardened pod spec (restricted Pod Security Standard) around one container: non-root,
+    no privileges, read-only root, /tmp scratch, an optional read-only cube volume."""
     all_volumes = [{"name": "scratch", "emptyDir": {"sizeLimit": settings.scratch_size}}, *volumes]
     all_mounts = [{"name": "scratch", "mountPath": _SCRATCH}, *mounts]
     if cube and settings.cube_claim:
@@ -156,8 +205,21 @@ def _pod_spec(
     return spec
 
 
-def worker_pod_spec(settings: KubeSettings, group: WorkerGroup) -> dict:
-    """Pod spec of one worker group: ``dask worker`` with threads, memory limit and resources."""
+def _tls_parts(settings: KubeSettings, cluster_name: str) -> tuple[list[dict], tuple, tuple]:
+    """(env, volumes, mounts) of a Dask pod: TLS only, with the cluster's certificates."""
+    if not settings.tls:
+        return [], (), ()
+    volume, mount = tls_volume(tls_secret_name(cluster_name))
+    env = [{"name": k, "value": v} for k, v in tls_environment(mount["mountPath"]).items()]
+    return env, (volume,), (mount,)
+
+
+def worker_pod_spec(
+    settings: KubeSettings, group: WorkerGroup, cluster_name: str | None = None
+) -> dict:
+    """Pod spec of one worker group: ``dask worker`` with threads, memory limit, fixed ports and
+    the resources its group advertises (``dask worker --resources``)."""
+    cluster_name = cluster_name or settings.name
     is_gpu = isinstance(group, GpuGroup)
     advertised = settings.worker_resources()["gpu" if is_gpu else "cpu"]
     args = [
@@ -171,53 +233,91 @@ def worker_pod_spec(settings: KubeSettings, group: WorkerGroup) -> dict:
         str(group.memory_limit_bytes),
         "--dashboard",
         "--dashboard-address",
-        "8788",
+        str(PORTS["worker-dashboard"]),
+        "--worker-port",
+        str(PORTS["worker"]),
+        "--nanny-port",
+        str(PORTS["nanny"]),
     ]
+    if settings.tls:
+        args += ["--protocol", "tls"]
     if advertised:
         args += ["--resources", ",".join(f"{k}={v:g}" for k, v in advertised.items())]
+    tls_env, volumes, mounts = _tls_parts(settings, cluster_name)
+    # set here, so the operator does not add its tcp:// address (it keeps a DASK_SCHEDULER_ADDRESS
+    # that the pod spec already has)
+    address = {"name": "DASK_SCHEDULER_ADDRESS", "value": scheduler_address(settings, cluster_name)}
     container = {
         "name": "worker",
         "args": args,
-        "env": pod_env(settings),
+        "env": [address, *tls_env, *pod_env(settings)],
         "resources": group.to_k8s({"nvidia.com/gpu": group.gpus} if is_gpu else None),
-        "ports": [{"name": "http-dashboard", "containerPort": 8788, "protocol": "TCP"}],
+        "ports": [
+            {
+                "name": "http-dashboard",
+                "containerPort": PORTS["worker-dashboard"],
+                "protocol": "TCP",
+            },
+            {"name": "tcp-worker", "containerPort": PORTS["worker"], "protocol": "TCP"},
+            {"name": "tcp-nanny", "containerPort": PORTS["nanny"], "protocol": "TCP"},
+        ],
     }
-    if is_gpu and group.image:
-        container["image"] = group.image
-    return _pod_spec(
+    if is_gpu:
+        container["image"] = settings.gpu_image
+    return pod_spec(
         settings,
         container,
         cube=True,
+        volumes=volumes,
+        mounts=mounts,
         node_selector=group.node_selector,
         tolerations=[t.to_k8s() for t in group.tolerations],
     )
 
 
-def _worker_group_body(settings: KubeSettings, group: WorkerGroup, component: str) -> dict:
+def _worker_group_body(
+    settings: KubeSettings, group: WorkerGroup, component: str, cluster_name: str
+) -> dict:
     """The ``worker`` block of a DaskCluster / DaskWorkerGroup (replicas set explicitly)."""
     return {
         "replicas": group.initial_workers,
-        "metadata": {"labels": _labels(settings, component)},
-        "spec": worker_pod_spec(settings, group),
+        "metadata": {"labels": labels(settings, component)},
+        "spec": worker_pod_spec(settings, group, cluster_name),
     }
 
 
-def _scheduler_body(settings: KubeSettings, resources: PodResources) -> dict:
+def _scheduler_body(settings: KubeSettings, resources: PodResources, cluster_name: str) -> dict:
+    timeout = settings.no_workers_timeout
+    tls_env, volumes, mounts = _tls_parts(settings, cluster_name)
     env = [
         {
             "name": "DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES",
             "value": repr(list(SCHEDULER_ROUTES)),
         },
-        {"name": "TMPDIR", "value": _SCRATCH},
+        # tasks that no worker can run (GPU workers that never come) fail instead of holding the
+        # cluster until the Job's deadline; the idle cluster is then deleted by the operator
+        {
+            "name": "DASK_DISTRIBUTED__SCHEDULER__NO_WORKERS_TIMEOUT",
+            "value": f"{timeout}s" if timeout else "null",
+        },
+        *tls_env,
+        *[{"name": k, "value": v} for k, v in sorted(_process_env().items())],
     ]
+    args = ["dask", "scheduler", "--host", "0.0.0.0"]
+    if settings.tls:
+        args += ["--protocol", "tls"]
     container = {
         "name": "scheduler",
-        "args": ["dask", "scheduler", "--host", "0.0.0.0"],
+        "args": args,
         "env": env,
         "resources": resources.to_k8s(),
         "ports": [
-            {"name": "tcp-comm", "containerPort": 8786, "protocol": "TCP"},
-            {"name": "http-dashboard", "containerPort": 8787, "protocol": "TCP"},
+            {"name": "tcp-comm", "containerPort": PORTS["scheduler"], "protocol": "TCP"},
+            {
+                "name": "http-dashboard",
+                "containerPort": PORTS["scheduler-dashboard"],
+                "protocol": "TCP",
+            },
         ],
         "readinessProbe": {
             "httpGet": {"port": "http-dashboard", "path": "/health"},
@@ -231,125 +331,90 @@ def _scheduler_body(settings: KubeSettings, resources: PodResources) -> dict:
             "periodSeconds": 20,
         },
     }
+    service: dict = {
+        "type": settings.scheduler_service_type,
+        "selector": {"dask.org/cluster-name": cluster_name, "dask.org/component": "scheduler"},
+        "ports": [
+            {
+                "name": "tcp-comm",
+                "protocol": "TCP",
+                "port": PORTS["scheduler"],
+                "targetPort": "tcp-comm",
+            },
+            {
+                "name": "http-dashboard",
+                "protocol": "TCP",
+                "port": PORTS["scheduler-dashboard"],
+                "targetPort": "http-dashboard",
+            },
+        ],
+    }
+    if settings.scheduler_service_type == "LoadBalancer":
+        service["loadBalancerSourceRanges"] = list(settings.load_balancer_source_ranges)
     return {
-        "metadata": {"labels": _labels(settings, "scheduler")},
-        "spec": _pod_spec(settings, container, cube=False),
-        "service": {
-            "type": settings.scheduler_service_type,
-            "selector": {"dask.org/cluster-name": settings.name, "dask.org/component": "scheduler"},
-            "ports": [
-                {"name": "tcp-comm", "protocol": "TCP", "port": 8786, "targetPort": "tcp-comm"},
-                {
-                    "name": "http-dashboard",
-                    "protocol": "TCP",
-                    "port": 8787,
-                    "targetPort": "http-dashboard",
-                },
-            ],
-        },
+        "metadata": {"labels": labels(settings, "scheduler")},
+        "spec": pod_spec(settings, container, cube=False, volumes=volumes, mounts=mounts),
+        "service": service,
     }
 
 
-def cluster_spec(settings: KubeSettings) -> dict:
-    """The DaskCluster: scheduler + default worker group (the CPU group; GPU for GPU-only
-    clusters)."""
+def cluster_spec(settings: KubeSettings, cluster_name: str | None = None) -> dict:
+    """The DaskCluster ``cluster_name`` (default ``settings.name``, a standing cluster):
+    scheduler + default worker group (the CPU group; GPU for GPU-only clusters)."""
+    cluster_name = cluster_name or settings.name
     group = settings.default_group
     component = "gpu-worker" if settings.gpu_is_default_group else "cpu-worker"
     return {
         "apiVersion": DASK_API,
         "kind": "DaskCluster",
-        "metadata": object_meta(settings, settings.name, "dask-cluster"),
+        "metadata": object_meta(settings, cluster_name, "dask-cluster"),
         "spec": {
             "idleTimeout": settings.idle_timeout,
-            "worker": _worker_group_body(settings, group, component),
-            "scheduler": _scheduler_body(settings, settings.scheduler),
+            "worker": _worker_group_body(settings, group, component, cluster_name),
+            "scheduler": _scheduler_body(settings, settings.scheduler, cluster_name),
         },
     }
 
 
-def gpu_worker_group_spec(settings: KubeSettings) -> dict:
-    """The DaskWorkerGroup ``<name>-gpu`` (what ``add_worker_group("gpu", custom_spec=...)``
-    creates).
+def gpu_worker_group_spec(settings: KubeSettings, cluster_name: str | None = None) -> dict:
+    """The DaskWorkerGroup ``<cluster>-gpu`` next to the default (CPU) group.
 
     Built in full: ``make_worker_spec`` would turn 0 workers into the cluster default and copy
     resources and env from the default group.
     """
+    cluster_name = cluster_name or settings.name
     return {
         "apiVersion": DASK_API,
         "kind": "DaskWorkerGroup",
         "metadata": object_meta(
             settings,
-            f"{settings.name}-gpu",
+            f"{cluster_name}-gpu",
             "gpu-worker",
-            **{"dask.org/cluster-name": settings.name},
+            **{"dask.org/cluster-name": cluster_name},
         ),
         "spec": {
-            "cluster": settings.name,
-            "worker": _worker_group_body(settings, settings.gpu, "gpu-worker"),
+            "cluster": cluster_name,
+            "worker": _worker_group_body(settings, settings.gpu, "gpu-worker", cluster_name),
         },
     }
 
 
-def cronjob(settings: KubeSettings, config_map_name: str | None = None) -> dict:
-    """The scheduled driver: ``python -m treesits_dask update --config <run.yaml>`` every run."""
-    cj = settings.cronjob
-    config_map_name = config_map_name or cj.config_map
-    config_dir, config_file = cj.config_path.rsplit("/", 1)
-    container = {
-        "name": "driver",
-        "args": ["python", "-m", "treesits_dask", "update", "--config", cj.config_path],
-        "env": pod_env(settings),
-        "resources": settings.driver.to_k8s(),
-    }
-    pod = _pod_spec(
-        settings,
-        container,
-        cube=True,
-        volumes=(
-            {
-                "name": _CONFIG_VOLUME,
-                "configMap": {
-                    "name": config_map_name,
-                    "items": [{"key": "run.yaml", "path": config_file}],
-                },
-            },
+def autoscaler_spec(settings: KubeSettings, cluster_name: str | None = None) -> dict | None:
+    """The DaskAutoscaler of the default group when it is adaptive (else None): what
+    ``KubeCluster.adapt`` creates."""
+    adaptive = settings.default_group.adaptive
+    if adaptive is None:
+        return None
+    cluster_name = cluster_name or settings.name
+    return {
+        "apiVersion": DASK_API,
+        "kind": "DaskAutoscaler",
+        "metadata": object_meta(
+            settings, cluster_name, "autoscaler", **{"dask.org/cluster-name": cluster_name}
         ),
-        mounts=({"name": _CONFIG_VOLUME, "mountPath": config_dir, "readOnly": True},),
-        service_account=True,
-        restart_policy="Never",
-        grace_seconds=120,  # time to delete the DaskCluster on SIGTERM (activeDeadlineSeconds)
-    )
-    job_spec: dict = {
-        "backoffLimit": cj.backoff_limit,
-        "activeDeadlineSeconds": cj.active_deadline_seconds,
-    }
-    if cj.ttl_seconds_after_finished is not None:
-        job_spec["ttlSecondsAfterFinished"] = cj.ttl_seconds_after_finished
-    job_spec["template"] = {"metadata": {"labels": _labels(settings, "driver")}, "spec": pod}
-    spec: dict = {"schedule": cj.schedule}
-    if cj.time_zone:
-        spec["timeZone"] = cj.time_zone
-    spec |= {
-        "concurrencyPolicy": "Forbid",
-        "startingDeadlineSeconds": cj.starting_deadline_seconds,
-        "successfulJobsHistoryLimit": cj.successful_jobs_history_limit,
-        "failedJobsHistoryLimit": cj.failed_jobs_history_limit,
-        "suspend": cj.suspend,
-        "jobTemplate": {"metadata": {"labels": _labels(settings, "driver")}, "spec": job_spec},
-    }
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "CronJob",
-        "metadata": object_meta(settings, f"{settings.name}-update", "driver"),
-        "spec": spec,
-    }
-
-
-def config_map(settings: KubeSettings, run_config_yaml: str, name: str | None = None) -> dict:
-    """The ConfigMap holding the driver's ``run.yaml``."""
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": object_meta(settings, name or settings.cronjob.config_map, "driver"),
-        "data": {"run.yaml": run_config_yaml},
+        "spec": {
+            "cluster": cluster_name,
+            "minimum": adaptive.minimum,
+            "maximum": adaptive.maximum,
+        },
     }

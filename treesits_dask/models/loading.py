@@ -18,7 +18,14 @@ from .architectures import build_module
 from .card import ModelCard, ModelSpec, card_path, read_card
 from .preprocess import check_inputs, full_inputs, sbert_inputs
 
-__all__ = ["Predictor", "load_model", "read_state_dict", "resolve_device", "save_native"]
+__all__ = [
+    "Predictor",
+    "load_model",
+    "read_state_dict",
+    "resolve_device",
+    "save_native",
+    "visible_devices",
+]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +54,15 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             f"device {device!r} requested but CUDA is not available here; use auto or cpu"
         )
     return dev
+
+
+def visible_devices(device: str = "auto") -> list[str]:
+    """The devices one process spreads its forwards over: every CUDA device it sees for
+    ``"auto"`` / ``"cuda"`` (a worker with ``gpus: 2`` runs one forward on each at a time), else
+    the one device named (``"cuda:1"``, ``"cpu"``)."""
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        return [f"cuda:{i}" for i in range(max(1, torch.cuda.device_count()))]
+    return [str(resolve_device(device))]
 
 
 def read_state_dict(uri: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

@@ -65,15 +65,13 @@ def repo_storage(url: str):
         raise OutputError(f"{url}: the map store can live on a local disk or on S3 (s3://)")
     bucket, _, prefix = storage.strip_protocol(url).partition("/")
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    addressing = os.environ.get("TREESITS_S3_ADDRESSING", "auto")
-    path_style = addressing == "path" or (addressing == "auto" and bool(endpoint))
     return icechunk.s3_storage(
         bucket=bucket,
         prefix=prefix or None,
         region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
         endpoint_url=endpoint,
         allow_http=bool(endpoint and endpoint.startswith("http://")),
-        force_path_style=path_style,
+        force_path_style=storage.s3_addressing() == "path",
         from_env=True,
     )
 

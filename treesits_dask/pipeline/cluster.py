@@ -3,6 +3,11 @@
 GDAL and S3 settings that workers need are process environment variables (``rasterio.Env`` is
 thread-local and would not reach worker threads).  Only non-secret variables are sent to workers
 (by :class:`EnvPlugin`); credentials come from each worker's own environment / pod.
+
+Resource routing (:class:`Routing`) is the same for every kind of cluster: inference tasks need
+the Dask resource ``GPU`` and reads ``CPU`` when a GPU group exists (declared by the settings, or
+for a standing cluster behind ``scheduler_address`` found among its workers), and
+:func:`wait_for_workers` checks, with a deadline, that workers advertising them have joined.
 """
 
 from __future__ import annotations
@@ -10,19 +15,29 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from ..config import RunConfig
+from ..config.kubernetes import GPU_RESOURCE, READ_RESOURCE
+from ..errors import ClusterError
 from ..io import storage
+from ..kube.start import WorkerNeed, worker_needs
 
 __all__ = [
     "EnvPlugin",
+    "Routing",
     "TaskErrorLog",
     "connect",
+    "declared_routing",
     "describe",
     "local_cluster_kwargs",
+    "needs_for",
+    "routing_for",
+    "wait_for_workers",
     "worker_environment",
 ]
 
@@ -144,6 +159,105 @@ def _heterogeneous_local_cluster(config: RunConfig):
     )
 
 
+@dataclass(frozen=True)
+class Routing:
+    """Dask resource annotations of reading and of inference tasks (None: unannotated)."""
+
+    read: dict[str, float] | None = None
+    predict: dict[str, float] | None = None
+
+    @property
+    def gpu(self) -> bool:
+        """True when inference runs only on workers that advertise ``GPU``."""
+        return self.predict is not None
+
+
+_GPU_ROUTING = Routing(read={READ_RESOURCE: 1}, predict={GPU_RESOURCE: 1})
+
+
+def declared_routing(config: RunConfig) -> Routing | None:
+    """The routing the settings declare; None for a plain standing cluster (ask its workers).
+
+    With a GPU group reads carry ``CPU`` in both ``read_on`` modes: the group named by
+    ``read_on`` is the one that advertises it, so reads never land on the other group.
+    """
+    if config.cluster == "kubernetes":
+        return _GPU_ROUTING if config.kubernetes.gpu.enabled else Routing()
+    if config.scheduler_address:
+        return None
+    return _GPU_ROUTING if config.local_gpu_workers else Routing()
+
+
+def routing_for(config: RunConfig, workers: dict[str, dict]) -> Routing:
+    """The routing of a run: the declared one, or for a standing cluster the resources its
+    workers (``scheduler_info()["workers"]``) advertise."""
+    declared = declared_routing(config)
+    if declared is not None:
+        return declared
+    advertised = {r for w in workers.values() for r, n in (w.get("resources") or {}).items() if n}
+    if GPU_RESOURCE not in advertised:
+        return Routing()
+    if READ_RESOURCE not in advertised:
+        log.warning(
+            "workers advertise %s but none %s: reads are not routed and may run on GPU workers",
+            GPU_RESOURCE,
+            READ_RESOURCE,
+        )
+    read = {READ_RESOURCE: 1} if READ_RESOURCE in advertised else None
+    return Routing(read=read, predict={GPU_RESOURCE: 1})
+
+
+def needs_for(config: RunConfig, routing: Routing) -> list[WorkerNeed]:
+    """Worker groups that must have a worker before the run submits work."""
+    if config.cluster == "kubernetes" and not config.scheduler_address:
+        return worker_needs(config.kubernetes)
+    where = f"the scheduler {config.scheduler_address}" if config.scheduler_address else "here"
+    needs = []
+    if routing.predict:
+        needs.append(
+            WorkerNeed(
+                group=f"workers advertising {GPU_RESOURCE} (inference)",
+                hint=f"start the GPU workers of {where} with `dask worker --resources "
+                f"{GPU_RESOURCE}=1` (cluster/README.md, Standing cluster)",
+                resource=GPU_RESOURCE,
+            )
+        )
+    if routing.read:
+        needs.append(
+            WorkerNeed(
+                group=f"workers advertising {READ_RESOURCE} (reading)",
+                hint=f"start the reading workers of {where} with `dask worker --resources "
+                f"{READ_RESOURCE}=<threads>`",
+                resource=READ_RESOURCE,
+            )
+        )
+    return needs
+
+
+def wait_for_workers(
+    client, needs: list[WorkerNeed], timeout: float, poll: float = 1.0
+) -> dict[str, dict]:
+    """Wait until every group of ``needs`` has a worker; return the workers.
+
+    :class:`~treesits_dask.errors.ClusterError` after ``timeout`` seconds names the groups that
+    are missing and what to check, instead of letting their tasks wait forever.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        missing = [n for n in needs if not n.met_by(workers)]
+        if not missing:
+            return workers
+        if time.monotonic() >= deadline:
+            lines = "; ".join(f"{n.group} has no worker after {timeout:g} s ({n.hint})"
+                              for n in missing)  # fmt: skip
+            raise ClusterError(
+                f"{lines}. The run stops here instead of waiting for them (workers_timeout)"
+            )
+        log.info("waiting for %s", ", ".join(n.group for n in missing))
+        time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
+
+
 def describe(config: RunConfig) -> dict:
     """What cluster a config asks for (for ``plan``)."""
     if config.scheduler_address:
@@ -154,15 +268,22 @@ def describe(config: RunConfig) -> dict:
         }
     if config.cluster == "kubernetes":
         k = config.kubernetes
+
+        def most(group) -> int:  # adaptive groups: their maximum
+            return group.adaptive.maximum if group.adaptive else int(group.workers or 0)
+
         return {
             "kind": "dask-kubernetes",
             "namespace": k.namespace,
-            "name": k.name,
+            "name": f"{k.name}-<suffix> (one per driver)",
             "image": k.image,
+            "gpu_image": k.gpu_image if k.gpu.enabled else None,
             "worker_resources": k.worker_resources(),
             "read_on": k.read_on,
+            "tls": k.tls,
+            "kube_version": k.kube_version,
             "concurrent_tasks": max(
-                1, k.cpu.workers * k.cpu.threads + (k.gpu.workers if k.gpu.enabled else 0)
+                1, most(k.cpu) * k.cpu.threads + (most(k.gpu) if k.gpu.enabled else 0)
             ),
         }
     kw = local_cluster_kwargs(config)
@@ -184,11 +305,16 @@ def describe(config: RunConfig) -> dict:
 
 @contextlib.contextmanager
 def connect(config: RunConfig) -> Iterator:
-    """Yield a ``distributed.Client`` for the configured cluster; the cluster is closed on exit."""
+    """Yield a ``distributed.Client`` for the configured cluster.
+
+    A cluster started here (LocalCluster, local worker groups, a driver's own DaskCluster) is
+    closed on exit; a standing cluster behind ``scheduler_address`` is only disconnected from.
+    """
     from distributed import Client, LocalCluster
 
     env = worker_environment(config)
     storage.apply_environment(env)  # the driver, and LocalCluster workers (they inherit it)
+    cluster = None
     if config.scheduler_address:
         client = Client(config.scheduler_address)
         log.info("connected to scheduler %s", config.scheduler_address)
@@ -196,11 +322,16 @@ def connect(config: RunConfig) -> Iterator:
         from ..kube import start_cluster
 
         cluster = start_cluster(config.kubernetes)
-        client = Client(cluster)
+        try:
+            client = Client(cluster.scheduler_address, security=cluster.security)
+        except BaseException:
+            cluster.close()
+            raise
         log.info(
-            "dask-kubernetes cluster %s in namespace %s",
-            config.kubernetes.name,
-            config.kubernetes.namespace,
+            "Dask cluster %s in namespace %s; dashboard %s",
+            cluster.name,
+            cluster.namespace,
+            cluster.dashboard_link,
         )
     elif config.local_gpu_workers:
         cluster = _heterogeneous_local_cluster(config)
@@ -227,5 +358,5 @@ def connect(config: RunConfig) -> Iterator:
         yield client
     finally:
         client.close()
-        if not config.scheduler_address:
+        if cluster is not None:
             cluster.close()

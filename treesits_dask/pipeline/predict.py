@@ -25,8 +25,10 @@ from ..outputs.schema import DTYPES, empty_outputs, pack_outputs
 
 __all__ = [
     "FORWARDS_IN_PROGRESS",
+    "DevicePool",
     "ModelPlugin",
     "annotate",
+    "device_pool",
     "get_predictor",
     "load_count",
     "malloc_tuned",
@@ -42,10 +44,12 @@ log = logging.getLogger(__name__)
 _CACHE: dict[tuple[ModelSpec, str], object] = {}
 _LOCK = threading.Lock()
 _LOADS = 0
-# On an accelerator one forward pass runs at a time per process (its memory is sized for one),
-# while the worker's other threads read the next windows.  On CPU every worker thread runs its own
-# forward and the worker's cores are shared out among them and the reads (see ModelPlugin).
-_ACCELERATOR = threading.Lock()
+# On an accelerator one forward pass runs at a time per device (its memory is sized for one),
+# while the worker's other threads read the next windows; a worker with several GPUs runs one
+# forward on each (DevicePool).  On CPU every worker thread runs its own forward and the worker's
+# cores are shared out among them and the reads (see ModelPlugin).
+_DEVICE_LOCKS: dict[str, threading.Lock] = {}
+_POOLS: dict[str, DevicePool | None] = {}
 #: CPU forwards running in this process right now (see :func:`threads_for_forward`)
 FORWARDS_IN_PROGRESS = InProgress()
 #: glibc allocator thresholds of inference workers (see :func:`tune_malloc`)
@@ -54,6 +58,53 @@ TRIM_THRESHOLD = 256 << 20
 _MALLOC_TUNED = False
 #: the worker threads that CPU forwards share out (set by ModelPlugin; None outside Dask workers)
 _CPU_THREADS: int | None = None
+
+
+class DevicePool:
+    """The accelerators of one worker process: each forward takes a free one and gives it back,
+    so concurrent inference tasks (one per advertised ``GPU``) run on different devices, and a
+    device never runs two forwards at once."""
+
+    def __init__(self, devices: list[str]):
+        if not devices:
+            raise ValueError("a device pool needs at least one device")
+        self.devices = list(devices)
+        self._free = list(devices)
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def take(self):
+        """``with pool.take() as device:`` a device no other forward of this process uses."""
+        with self._cond:
+            while not self._free:
+                self._cond.wait()
+            device = self._free.pop(0)
+        try:
+            yield device
+        finally:
+            with self._cond:
+                self._free.append(device)
+                self._cond.notify()
+
+
+def device_pool(device: str) -> DevicePool | None:
+    """The process's pool of accelerators for the ``device`` setting (None on CPU)."""
+    if device not in _POOLS:
+        with _LOCK:
+            if device not in _POOLS:
+                from ..models.loading import visible_devices
+
+                devices = visible_devices(device)
+                _POOLS[device] = None if devices == ["cpu"] else DevicePool(devices)
+    return _POOLS[device]
+
+
+def _device_lock(device: str) -> threading.Lock:
+    lock = _DEVICE_LOCKS.get(device)
+    if lock is None:
+        with _LOCK:
+            lock = _DEVICE_LOCKS.setdefault(device, threading.Lock())
+    return lock
 
 
 def get_predictor(spec: ModelSpec, device: str = "auto"):
@@ -190,8 +241,9 @@ def predict_block(
     idx, series, valid_sel = select_pixels(block, mask)
     if idx.size == 0:
         return out
-    device = getattr(getattr(predictor, "device", None), "type", "cpu")
-    with FORWARDS_IN_PROGRESS if device == "cpu" else _ACCELERATOR:
+    device = getattr(predictor, "device", None)
+    on_cpu = getattr(device, "type", "cpu") == "cpu"
+    with FORWARDS_IN_PROGRESS if on_cpu else _device_lock(str(device)):
         probs, n_used = predictor.predict(
             series, valid_sel, np.asarray(days), batch_size=batch_size
         )
@@ -206,8 +258,13 @@ def predict_block(
 
 
 def _predict_packed(block, mask, days, spec, device, batch_size):
-    predictor = get_predictor(spec, device)
-    return pack_outputs(predict_block(block, mask, days, predictor, batch_size=batch_size))
+    pool = device_pool(device)
+    if pool is None:
+        predictor = get_predictor(spec, device)
+        return pack_outputs(predict_block(block, mask, days, predictor, batch_size=batch_size))
+    with pool.take() as one:  # one device per concurrent inference task (worker thread)
+        predictor = get_predictor(spec, one)
+        return pack_outputs(predict_block(block, mask, days, predictor, batch_size=batch_size))
 
 
 def _predict_packed_nomask(block, days, spec, device, batch_size):
@@ -229,14 +286,15 @@ def predict_layer(
     n_classes: int,
     device: str,
     batch_size: int,
-    gpu: bool = False,
+    resources: dict | None = None,
 ):
     """Lazy dask array (n_classes + 3, y, x) float32: the packed outputs of every window of a
     tile (see :func:`~treesits_dask.outputs.schema.pack_outputs`).
 
     ``data`` is the tile cube (time, band, y, x), ``mask`` a (y, x) bool array chunked like it or
-    None.  With ``gpu`` the tasks carry the Dask resource ``GPU``: only workers that advertise it
-    run inference (the graph must then be computed without optimisation, see ``pipeline.run``).
+    None.  With ``resources`` (e.g. ``{"GPU": 1}``) the tasks carry that Dask resource: only
+    workers that advertise it run inference (the graph must then be computed without
+    optimisation, see ``pipeline.run``).
     """
     import dask.array as da
 
@@ -251,7 +309,7 @@ def predict_layer(
         meta=meta,
         new_axes={"k": n_classes + 3},
     )
-    with annotate({"GPU": 1} if gpu else None):
+    with annotate(resources):
         if mask is not None:
             return da.blockwise(_predict_packed, "kyx", data, "tbyx", mask, "yx", **common)
         return da.blockwise(_predict_packed_nomask, "kyx", data, "tbyx", **common)
@@ -307,7 +365,9 @@ class ModelPlugin(WorkerPlugin):
         import torch
 
         torch.set_num_threads(threads)
-        get_predictor(self.spec, self.device)
+        pool = device_pool(self.device)
+        for device in pool.devices if pool is not None else [self.device]:
+            get_predictor(self.spec, device)
 
     def _load_ahead(self, threads: int) -> None:
         try:

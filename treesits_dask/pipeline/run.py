@@ -34,7 +34,17 @@ from ..outputs.schema import OutputGrid
 from ..state import ledger
 from ..state.lease import Lease
 from ..version import __version__
-from .cluster import EnvPlugin, TaskErrorLog, connect, worker_environment
+from .cluster import (
+    EnvPlugin,
+    Routing,
+    TaskErrorLog,
+    connect,
+    declared_routing,
+    needs_for,
+    routing_for,
+    wait_for_workers,
+    worker_environment,
+)
 from .plan import RunPlan, TilePlan, make_plan
 from .predict import ModelPlugin, annotate, predict_layer
 from .report import RunResult, StageClock, performance_report, write_summary
@@ -67,13 +77,17 @@ class RunCallbacks:
         """``tile`` failed; the other tiles go on."""
 
 
-def tile_graph(plan: RunPlan, tile: TilePlan, session):
+def tile_graph(plan: RunPlan, tile: TilePlan, session, routing: Routing | None = None):
     """The tasks of one tile: read, predict and write every window into ``session`` (a fork of
     the tile's session of the map).  Returns the keys of the write tasks (each results in the
-    fork with the window's changes and the window's statistics) and the graph."""
+    fork with the window's changes and the window's statistics) and the graph.
+
+    ``routing`` (default: what the settings declare) gives the resource annotations: on
+    heterogeneous clusters reads only where ``CPU`` is advertised, inference only where ``GPU``.
+    """
     cfg = plan.config
-    # heterogeneous clusters: reads on CPU workers, inference only where GPU=1 is advertised
-    with annotate({"CPU": 1} if cfg.read_on_cpu else None):
+    routing = routing or declared_routing(cfg) or Routing()
+    with annotate(routing.read):
         mask = open_mask(tile.mask, tile.grid, tile.layout) if tile.mask else None
         cube = tile_cube(tile.scenes, tile.grid, tile.layout, cfg.qai_flags, mask=mask)
     days = days_since_epoch([s.date for s in tile.scenes])
@@ -85,7 +99,7 @@ def tile_graph(plan: RunPlan, tile: TilePlan, session):
         plan.card.n_classes,
         cfg.device,
         cfg.batch_size,
-        gpu=cfg.gpu_group,
+        resources=routing.predict,
     )
     return store.write_layer(
         packed, session, tile.region, tile.layout, plan.output_grid.variables()
@@ -283,10 +297,12 @@ class _Scheduler:
     """Submits the tiles of a plan, a bounded number at a time, and follows their futures:
     windows -> commit (driver) -> COGs; COG-only tiles go straight to their COGs."""
 
-    def __init__(self, job: _Job, client, cb: RunCallbacks, result: RunResult, clock):
+    def __init__(
+        self, job: _Job, client, cb: RunCallbacks, result: RunResult, clock, routing: Routing
+    ):
         from distributed import as_completed
 
-        self.job, self.plan = job, job.plan
+        self.job, self.plan, self.routing = job, job.plan, routing
         self.client, self.cb, self.result, self.clock = client, cb, result, clock
         self.pending = list(self.plan.tiles)
         self.state: dict[str, dict] = {}
@@ -297,9 +313,9 @@ class _Scheduler:
         from dask.delayed import Delayed
 
         self.job.lease.check()  # a driver that lost its lease submits nothing more
-        gpu = self.plan.config.gpu_group
+        gpu = self.routing.gpu
         session, fork = self.plan.repo.tile_session()
-        keys, graph = tile_graph(self.plan, tile, fork)
+        keys, graph = tile_graph(self.plan, tile, fork, self.routing)
         # annotated graphs must not be optimised: fusion drops or merges the resource annotations
         delayed = [Delayed(k, graph, layer=k[0]) for k in keys]
         futures = self.client.compute(delayed, optimize_graph=not gpu)
@@ -417,20 +433,21 @@ def _run_tiles(job: _Job, client, cb: RunCallbacks, result: RunResult, clock=Non
     # later); credentials stay in each worker's own environment
     client.register_plugin(EnvPlugin(worker_environment(cfg)))
     client.register_plugin(TaskErrorLog())
+    # the same routing on every kind of cluster (also a standing one behind scheduler_address),
+    # and the groups it needs must have workers before any work waits for them
+    routing = routing_for(cfg, client.scheduler_info(n_workers=-1)["workers"])
+    wait_for_workers(client, needs_for(cfg, routing), cfg.workers_timeout)
+    log.info(
+        "routing: reads %s, inference %s", routing.read or "anywhere", routing.predict or "anywhere"
+    )
     # workers that outlive a run must not serve scene bytes GDAL cached before files were replaced
     client.run(clear_gdal_cache)
-    client.register_plugin(
-        ModelPlugin(
-            plan.spec,
-            cfg.device,
-            cfg.threads_per_worker,
-            resource="GPU" if cfg.gpu_group else None,
-        )
-    )
+    resource = next(iter(routing.predict)) if routing.predict else None
+    client.register_plugin(ModelPlugin(plan.spec, cfg.device, cfg.threads_per_worker, resource))
     cb.start(
         sum(plan.windows_per_tile(t) for t in plan.tiles), getattr(client, "dashboard_link", None)
     )
-    _Scheduler(job, client, cb, result, clock).loop()
+    _Scheduler(job, client, cb, result, clock, routing).loop()
 
 
 def _checked_record(job: _Job, st: dict) -> dict:

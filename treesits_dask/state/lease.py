@@ -10,7 +10,10 @@ raises from then on, so it submits no more tiles and commits nothing.
 A lease is stale when it expired, or when its driver is a process known to be gone: same host,
 same boot, same PID namespace, and no process with that PID and start time.  Containers that
 share a host name, a PID or a boot are told apart by the namespace and the start time.  An
-unreadable lease is not taken for free: it is held until it is deleted.
+unreadable lease is not taken for free: it is held until it is deleted.  A driver pod of a
+Kubernetes Job (``TREESITS_DRIVER_JOB``, set from the pod's ``job-name`` label) takes over the
+lease of an earlier pod of the same Job at once: a Job runs one pod at a time, so the pod that
+retries a failed run does not wait ``ttl`` for its predecessor's lease to expire.
 
 Object stores must support conditional writes (AWS S3, MinIO, moto >= 5.2; Ceph RGW from Reef,
 check your cloud's version).  Where they do not, exclusion falls back to the renewal check and
@@ -35,12 +38,15 @@ from dataclasses import dataclass, field
 from ..errors import OutputError
 from ..io import storage
 
-__all__ = ["LEASE_NAME", "Lease", "LeaseLostError"]
+__all__ = ["JOB_ENV", "LEASE_NAME", "Lease", "LeaseLostError"]
 
 log = logging.getLogger(__name__)
 
 LEASE_NAME = "_lease.json"
 _LOCK_NAME = ".lease.lock"
+#: The environment variable with the name of the Kubernetes Job that runs this driver (not a
+#: setting: the driver pod gets it from its ``job-name`` label)
+JOB_ENV = "TREESITS_DRIVER_JOB"
 
 
 class LeaseLostError(OutputError):
@@ -90,12 +96,14 @@ class Lease:
     output: str
     ttl: float = 900.0
     owner: str = ""
+    job: str | None = None
     _etag: str | None = field(default=None, init=False, repr=False)
     _expires: float = field(default=0.0, init=False, repr=False)
     _lost: str | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.owner = self.owner or uuid.uuid4().hex
+        self.job = self.job or os.environ.get(JOB_ENV) or None
         self.url = storage.join(self.output, LEASE_NAME)
         self.remote = storage.is_remote(self.url)
         self._stop = threading.Event()
@@ -105,7 +113,8 @@ class Lease:
     def _body(self) -> bytes:
         now = time.time()
         body = {
-            "owner": self.owner, **_process_identity(), "renewed": now, "expires": now + self.ttl,
+            "owner": self.owner, **_process_identity(), "job": self.job, "renewed": now,
+            "expires": now + self.ttl,
             "expires_utc": dt.datetime.fromtimestamp(now + self.ttl, dt.UTC).isoformat(),
         }  # fmt: skip
         return json.dumps(body).encode()
@@ -114,10 +123,12 @@ class Lease:
         """The current lease and its version (ETag; locally a content digest), or (None, None)."""
         fs, path = storage.get_fs(self.url)
         try:
-            if self.remote:
-                info = fs.info(path)
-                data = fs.cat_file(path)
-                etag = str(info.get("ETag", "")).strip('"') or None
+            if self.remote:  # the ETag before and after the GET must agree (each body differs)
+                for _ in range(5):
+                    etag = str(fs.info(path, refresh=True).get("ETag", "")).strip('"') or None
+                    data = fs.cat_file(path)
+                    if etag == str(fs.info(path, refresh=True).get("ETag", "")).strip('"'):
+                        break
             else:
                 with open(path, "rb") as fh:
                     data = fh.read()
@@ -183,7 +194,9 @@ class Lease:
             if current is not None and current.get("owner") != self.owner:
                 expired = current.get("expires", 0) <= time.time()
                 dead = _driver_is_dead(current)
-                if not (expired or dead):
+                # the same Job's earlier pod: a Job runs one pod at a time
+                retry = bool(self.job) and current.get("job") == self.job
+                if not (expired or dead or retry):
                     raise OutputError(
                         f"output {self.output} is leased by another driver (on "
                         f"{current.get('host')}, pid {current.get('pid')}) until "
@@ -193,7 +206,7 @@ class Lease:
                     )
                 log.warning(
                     "taking over the %s lease of %s on %s",
-                    "expired" if expired else "dead driver's",
+                    "expired" if expired else "dead driver's" if dead else f"Job {self.job}'s",
                     current.get("host"),
                     self.output,
                 )
