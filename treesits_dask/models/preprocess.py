@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import InputDataError, ModelError
 
-__all__ = ["check_inputs", "day_of_year", "full_inputs", "sbert_inputs"]
+__all__ = ["check_inputs", "day_index_error", "day_of_year", "full_inputs", "sbert_inputs"]
 
 _EPOCH = np.datetime64("1970-01-01", "D")
 
@@ -41,6 +41,16 @@ def day_of_year(days: np.ndarray) -> np.ndarray:
     """Day of year (1..366) of days since 1970-01-01."""
     d = _EPOCH + np.asarray(days, dtype="timedelta64[D]")
     return (d - d.astype("datetime64[Y]").astype("datetime64[D]")).astype(np.int64) + 1
+
+
+def day_index_error(top: int, max_position: int) -> ModelError:
+    """The error of an SBERT day index ``top`` outside the ``max_position``-row position table."""
+    return ModelError(
+        f"SBERT day index {top} is beyond the model's {max_position}-row position table "
+        "(day-of-year of the first kept observation + days spanned must stay below "
+        f"{max_position}): "
+        "the window is too long for this model; shorten it with --start-date/--end-date"
+    )
 
 
 def sbert_inputs(
@@ -80,12 +90,7 @@ def sbert_inputs(
     day_index = days[obs] - first_day[pix] + t0[pix]
     top = int(day_index.max())
     if top >= max_position:
-        raise ModelError(
-            f"SBERT day index {top} is beyond the model's {max_position}-row position table "
-            "(day-of-year of the first kept observation + days spanned must stay below "
-            f"{max_position}): "
-            "the window is too long for this model; shorten it with --start-date/--end-date"
-        )
+        raise day_index_error(top, max_position)
     # z-score per pixel and band over the kept observations (float64 statistics, ddof 0)
     weight = kept[:, :, None]
     refl = series.astype(np.float64)
