@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Literal
 
@@ -34,6 +35,16 @@ class RunConfig(InputSettings):
     memory_limit: str = "auto"
     scheduler_address: str | None = None
     device: str = "auto"
+    precision: Literal["fp32", "tf32", "bf16"] = Field(
+        "fp32", description="numeric precision of the forward pass (fp32: the parity mode)"
+    )
+    torch_compile: bool = Field(False, description="run the model through torch.compile")
+    gpu_batch_max: int = Field(
+        65536, gt=0, description="on a GPU: the most pixels per batch (chosen from free memory)"
+    )
+    gpu_windows_in_flight: int = Field(
+        2, ge=1, description="windows a GPU worker holds at once (host work beside the device)"
+    )
     tiles_in_flight: int = Field(2, gt=0)
     cog: bool = True
     dashboard_address: str = ":8787"
@@ -99,6 +110,27 @@ class RunConfig(InputSettings):
         if self.cluster == "kubernetes":
             return self.kubernetes.gpu.enabled
         return self.local_gpu_workers > 0
+
+    @property
+    def gpu_task_share(self) -> float:
+        """The ``GPU`` resource one inference task takes: ``1 / gpu_windows_in_flight``, so that a
+        worker advertising ``GPU=1`` holds that many windows at once (rounded down where float
+        rounding would leave less than a share for the last one: a worker subtracts each running
+        task's share from what it advertises)."""
+        k = self.gpu_windows_in_flight
+        share = 1.0 / k
+
+        def fits(q: float) -> bool:
+            left = 1.0
+            for _ in range(k):
+                if left < q:
+                    return False
+                left -= q
+            return True
+
+        while not fits(share):
+            share = math.nextafter(share, 0.0)
+        return share
 
     @property
     def read_on_cpu(self) -> bool:

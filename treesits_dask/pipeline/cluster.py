@@ -90,9 +90,14 @@ def _heterogeneous_local_cluster(config: RunConfig):
         for i in range(kw["n_workers"])
     }
     for i in range(config.local_gpu_workers):
+        # one thread per window in flight (each inference task takes 1 / windows of GPU=1)
         workers[f"gpu-{i}"] = {
             "cls": Nanny,
-            "options": {"nthreads": 1, "resources": {"GPU": 1}, "memory_limit": kw["memory_limit"]},
+            "options": {
+                "nthreads": config.gpu_windows_in_flight,
+                "resources": {"GPU": 1},
+                "memory_limit": kw["memory_limit"],
+            },
         }
     return SpecCluster(
         workers=workers,
@@ -117,8 +122,15 @@ def describe(config: RunConfig) -> dict:
             "image": k.image,
             "worker_resources": k.worker_resources(),
             "read_on": k.read_on,
+            "gpu_windows_in_flight": config.gpu_windows_in_flight,
             "concurrent_tasks": max(
-                1, k.cpu.workers * k.cpu.threads + (k.gpu.workers if k.gpu.enabled else 0)
+                1,
+                k.cpu.workers * k.cpu.threads
+                + (
+                    (k.gpu.workers or 0) * min(k.gpu.threads, config.gpu_windows_in_flight)
+                    if k.gpu.enabled
+                    else 0
+                ),
             ),
         }
     kw = local_cluster_kwargs(config)
@@ -128,8 +140,9 @@ def describe(config: RunConfig) -> dict:
             "cpu_workers": kw["n_workers"],
             "gpu_workers": config.local_gpu_workers,
             "threads_per_worker": kw["threads_per_worker"],
+            "gpu_windows_in_flight": config.gpu_windows_in_flight,
             "concurrent_tasks": kw["n_workers"] * kw["threads_per_worker"]
-            + config.local_gpu_workers,
+            + config.local_gpu_workers * config.gpu_windows_in_flight,
         }
     return {
         "kind": "LocalCluster",

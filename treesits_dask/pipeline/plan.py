@@ -111,16 +111,21 @@ class RunPlan:
 
 
 def _settings_digest(config: RunConfig) -> str:
-    """The settings that change output values (not chunking, batching or the cluster)."""
-    return ledger.config_digest(
-        {
-            "model_family": config.model_family,
-            "qai": list(config.qai_flags),
-            "sensors": sorted(config.sensors),
-            "start_date": config.start_date,
-            "end_date": config.end_date,
-        }
-    )
+    """The settings that change output values (not chunking, batching or the cluster).
+
+    ``precision`` enters only when it is not ``fp32``, so that the digests of records written
+    before the setting existed (all fp32) still match.
+    """
+    settings = {
+        "model_family": config.model_family,
+        "qai": list(config.qai_flags),
+        "sensors": sorted(config.sensors),
+        "start_date": config.start_date,
+        "end_date": config.end_date,
+    }
+    if config.precision != "fp32":
+        settings["precision"] = config.precision
+    return ledger.config_digest(settings)
 
 
 def _model_digest(spec: ModelSpec, card: ModelCard) -> str:

@@ -15,6 +15,7 @@ import functools
 import logging
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -25,9 +26,11 @@ from ..outputs.schema import DTYPES, empty_outputs, pack_outputs
 
 __all__ = [
     "FORWARDS_IN_PROGRESS",
+    "Inference",
     "ModelPlugin",
     "annotate",
     "get_predictor",
+    "inference_stats",
     "load_count",
     "malloc_tuned",
     "predict_block",
@@ -39,11 +42,30 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_CACHE: dict[tuple[ModelSpec, str], object] = {}
+
+@dataclass(frozen=True)
+class Inference:
+    """How workers run the model, beside its device: ``precision`` (``fp32``, ``tf32``,
+    ``bf16``), ``compile`` (``torch.compile``) and ``max_batch`` (the most pixels per batch on an
+    accelerator, where the batch is chosen from the free device memory).  Small and hashable:
+    shipped in task graphs and part of the model cache key."""
+
+    precision: str = "fp32"
+    compile: bool = False
+    max_batch: int = 65536
+
+    @classmethod
+    def of(cls, config) -> Inference:
+        """The inference settings of a :class:`~treesits_dask.config.RunConfig`."""
+        return cls(config.precision, config.torch_compile, config.gpu_batch_max)
+
+
+_CACHE: dict[tuple[ModelSpec, str, Inference], object] = {}
 _LOCK = threading.Lock()
 _LOADS = 0
-# On an accelerator one forward pass runs at a time per process (its memory is sized for one),
-# while the worker's other threads read the next windows.  On CPU every worker thread runs its own
+# On an accelerator one window goes through the model at a time per process (its batches are sized
+# from the free device memory), while the worker's other windows in flight (``GPU`` shares, see
+# predict_layer) select their pixels beside it.  On CPU every worker thread runs its own
 # forward and the worker's cores are shared out among them and the reads (see ModelPlugin).
 _ACCELERATOR = threading.Lock()
 #: CPU forwards running in this process right now (see :func:`threads_for_forward`)
@@ -56,10 +78,11 @@ _MALLOC_TUNED = False
 _CPU_THREADS: int | None = None
 
 
-def get_predictor(spec: ModelSpec, device: str = "auto"):
+def get_predictor(spec: ModelSpec, device: str = "auto", inference: Inference | None = None):
     """The model for ``spec``, loaded once per process and kept on its device."""
     global _LOADS
-    key = (spec, device)
+    inference = inference or Inference()
+    key = (spec, device, inference)
     model = _CACHE.get(key)
     if model is None:
         with _LOCK:
@@ -68,18 +91,50 @@ def get_predictor(spec: ModelSpec, device: str = "auto"):
                 from ..models import load_model
 
                 t0 = time.perf_counter()
-                model = load_model(spec, device=device)
+                model = load_model(
+                    spec,
+                    device=device,
+                    precision=inference.precision,
+                    compile=inference.compile,
+                    max_batch=inference.max_batch,
+                )
                 _share_cores(model)
                 _CACHE[key] = model
                 _LOADS += 1
                 log.info(
-                    "loaded %s model %s on %s in %.2fs",
+                    "loaded %s model %s on %s (%s) in %.2fs",
                     spec.family,
                     spec.uri,
                     model.device,
+                    inference.precision,
                     time.perf_counter() - t0,
                 )
     return model
+
+
+def inference_stats() -> list[dict]:
+    """What the models of this process did: device, precision, feed, the batch chosen for the
+    last window, the batch limit an out-of-memory error set, and the peak device memory (CUDA).
+    Collected from every worker into the run report."""
+    out = []
+    for (spec, _device, inference), model in list(_CACHE.items()):
+        dev = getattr(model, "device", None)
+        entry = {
+            "model": spec.uri,
+            "device": str(dev),
+            "precision": inference.precision,
+            "compile": inference.compile,
+            "feed": getattr(model, "feed", None),
+            "last_batch": getattr(model, "last_batch", None),
+            "batch_limit_after_oom": getattr(model, "batch_limit", None),
+            "peak_device_memory_mib": None,
+        }
+        if getattr(dev, "type", None) == "cuda":
+            import torch
+
+            entry["peak_device_memory_mib"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+        out.append(entry)
+    return out
 
 
 def _share_cores(predictor) -> None:
@@ -205,13 +260,13 @@ def predict_block(
     return out
 
 
-def _predict_packed(block, mask, days, spec, device, batch_size):
-    predictor = get_predictor(spec, device)
+def _predict_packed(block, mask, days, spec, device, batch_size, inference=None):
+    predictor = get_predictor(spec, device, inference)
     return pack_outputs(predict_block(block, mask, days, predictor, batch_size=batch_size))
 
 
-def _predict_packed_nomask(block, days, spec, device, batch_size):
-    return _predict_packed(block, None, days, spec, device, batch_size)
+def _predict_packed_nomask(block, days, spec, device, batch_size, inference=None):
+    return _predict_packed(block, None, days, spec, device, batch_size, inference)
 
 
 def annotate(resources: dict | None):
@@ -229,14 +284,17 @@ def predict_layer(
     n_classes: int,
     device: str,
     batch_size: int,
-    gpu: bool = False,
+    gpu: bool | float = False,
+    inference: Inference | None = None,
 ):
     """Lazy dask array (n_classes + 3, y, x) float32: the packed outputs of every window of a
     tile (see :func:`~treesits_dask.outputs.schema.pack_outputs`).
 
     ``data`` is the tile cube (time, band, y, x), ``mask`` a (y, x) bool array chunked like it or
-    None.  With ``gpu`` the tasks carry the Dask resource ``GPU``: only workers that advertise it
-    run inference (the graph must then be computed without optimisation, see ``pipeline.run``).
+    None.  With ``gpu`` the tasks carry the Dask resource ``GPU`` (``True``: 1; a number: that
+    share of a GPU, so that a worker advertising ``GPU=1`` holds several windows at once): only
+    workers that advertise it run inference (the graph must then be computed without
+    optimisation, see ``pipeline.run``).
     """
     import dask.array as da
 
@@ -246,12 +304,14 @@ def predict_layer(
         spec=spec,
         device=device,
         batch_size=batch_size,
+        inference=inference or Inference(),
         dtype=np.float32,
         concatenate=True,
         meta=meta,
         new_axes={"k": n_classes + 3},
     )
-    with annotate({"GPU": 1} if gpu else None):
+    share = (1 if gpu is True else float(gpu)) if gpu else 0
+    with annotate({"GPU": share} if share else None):
         if mask is not None:
             return da.blockwise(_predict_packed, "kyx", data, "tbyx", mask, "yx", **common)
         return da.blockwise(_predict_packed_nomask, "kyx", data, "tbyx", **common)
@@ -273,11 +333,13 @@ class ModelPlugin(WorkerPlugin):
         device: str = "auto",
         torch_threads: int | None = None,
         resource: str | None = None,
+        inference: Inference | None = None,
     ):
         self.spec = spec
         self.device = device
         self.torch_threads = torch_threads
         self.resource = resource  # only workers advertising it run inference (e.g. "GPU")
+        self.inference = inference or Inference()
 
     def setup(self, worker=None):  # noqa: D401 - dask WorkerPlugin hook
         global _CPU_THREADS
@@ -307,7 +369,7 @@ class ModelPlugin(WorkerPlugin):
         import torch
 
         torch.set_num_threads(threads)
-        get_predictor(self.spec, self.device)
+        get_predictor(self.spec, self.device, self.inference)
 
     def _load_ahead(self, threads: int) -> None:
         try:

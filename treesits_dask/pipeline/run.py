@@ -29,8 +29,15 @@ from ..state.lease import Lease
 from ..version import __version__
 from .cluster import EnvPlugin, connect, worker_environment
 from .plan import RunPlan, TilePlan, make_plan
-from .predict import ModelPlugin, annotate, predict_layer
-from .report import RunResult, StageClock, performance_report, write_summary
+from .predict import Inference, ModelPlugin, annotate, inference_stats, predict_layer
+from .report import (
+    RunResult,
+    StageClock,
+    collect_inference,
+    performance_report,
+    run_settings,
+    write_summary,
+)
 
 __all__ = ["RunCallbacks", "RunError", "RunResult", "run", "tile_graph", "update"]
 
@@ -77,7 +84,8 @@ def tile_graph(plan: RunPlan, tile: TilePlan):
         plan.card.n_classes,
         cfg.device,
         cfg.batch_size,
-        gpu=cfg.gpu_group,
+        gpu=cfg.gpu_task_share if cfg.gpu_group else False,
+        inference=Inference.of(cfg),
     )
     return store.write_layer(
         packed, plan.store_url, tile.region, tile.layout, plan.output_grid.variables()
@@ -124,6 +132,7 @@ def run(
         output=config.output,
         skipped=dict(plan.skipped),
         reasons={t.tile: list(t.reasons) for t in plan.tiles},
+        settings=run_settings(config),
     )
     if not plan.tiles:
         log.info(
@@ -313,13 +322,18 @@ def _run_tiles(
     client.run(clear_gdal_cache)
     client.register_plugin(
         ModelPlugin(
-            plan.spec, cfg.device, cfg.threads_per_worker, resource="GPU" if cfg.gpu_group else None
+            plan.spec,
+            cfg.device,
+            cfg.threads_per_worker,
+            resource="GPU" if cfg.gpu_group else None,
+            inference=Inference.of(cfg),
         )
     )
     cb.start(
         sum(plan.windows_per_tile(t) for t in plan.tiles), getattr(client, "dashboard_link", None)
     )
     _Scheduler(plan, client, cb, result, clock).loop()
+    result.inference = collect_inference(client, inference_stats)
 
 
 def _finish(
