@@ -7,7 +7,7 @@ PIP     = $(VENV)/bin/python -m pip
 # torch is pinned here (a CPU wheel is on local disk); the package metadata keeps a range.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install install-test demo test lint bench plan-demo clean
+.PHONY: install install-test demo test lint bench gpu-check plan-demo clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ lint: install-test
 
 bench: install
 	$(VENV)/bin/python -m treesits_dask bench
+
+# the device check (issue 15): on a GPU machine with a CUDA build of torch (PYTHON=...)
+gpu-check:
+	benchmarks/gpu_check.sh --json gpu_check.json
 
 clean:
 	rm -rf demo-output .pytest_cache
