@@ -280,3 +280,48 @@ def test_tf32_switches_are_set_for_cuda_forwards_and_restored():
     assert not any(v in on for v in inside_fp32)
     with precision_scope(torch.device("cpu"), "tf32"):
         assert tf32_flags() == before
+
+
+# --- settings: accepted, validated, and the share of a GPU each inference task takes ------------
+
+
+def test_precision_and_gpu_settings_are_validated():
+    from treesits_dask.config import load_config
+    from treesits_dask.errors import ConfigError
+
+    base = {"cube": "/c", "output": "/o"}
+    config = load_config(overrides={**base}, environ={"TREESITS_PRECISION": "tf32"})
+    assert config.precision == "tf32" and config.torch_compile is False
+    assert config.gpu_batch_max == 65536 and config.gpu_windows_in_flight == 2
+    with pytest.raises(ConfigError, match="precision"):
+        load_config(overrides={**base, "precision": "fp16"}, environ={})
+    with pytest.raises(ConfigError, match="gpu_windows_in_flight"):
+        load_config(overrides={**base, "gpu_windows_in_flight": 0}, environ={})
+    # k windows of a worker advertising GPU=1 fit, as the worker counts them (subtracting)
+    for k in (1, 2, 3, 7, 10, 11, 13):
+        share = load_config(overrides={**base, "gpu_windows_in_flight": k}, environ={})
+        share = share.gpu_task_share
+        left, running = 1.0, 0
+        while left >= share:
+            left -= share
+            running += 1
+        assert running == k
+
+
+def test_inference_tasks_carry_their_share_of_a_gpu():
+    """(That the inference settings reach the workers is shown by
+    test_pipeline.test_precision_is_recorded_in_run_report_and_settings_digest.)"""
+    import dask.array as da
+
+    from treesits_dask.pipeline.predict import Inference, predict_layer
+
+    data = da.zeros((4, 10, 20, 20), dtype=np.int16, chunks=(4, 10, 10, 20))
+    spec = ModelSpec("model.pt", "native")
+    inference = Inference("bf16", False, 1024)
+    arr = predict_layer(data, None, np.arange(4), spec, 5, "cuda", 64, 0.5, inference)
+    layer = arr.__dask_graph__().layers[arr.name]
+    assert layer.annotations == {"resources": {"GPU": 0.5}}
+    whole = predict_layer(data, None, np.arange(4), spec, 5, "cuda", 64, True)
+    assert whole.__dask_graph__().layers[whole.name].annotations == {"resources": {"GPU": 1}}
+    cpu = predict_layer(data, None, np.arange(4), spec, 5, "cpu", 64)
+    assert not cpu.__dask_graph__().layers[cpu.name].annotations

@@ -35,6 +35,8 @@ def test_inference_only_on_gpu_workers(small_cube, native_lstm, tmp_path):
         gpu = {a for a, w in info.items() if w["resources"].get("GPU")}
         cpu = {a for a, w in info.items() if w["resources"].get("CPU")}
         assert len(gpu) == 1 and len(cpu) == 2 and not gpu & cpu
+        # one thread per window in flight: the GPU worker holds two windows at once
+        assert [info[a]["nthreads"] for a in gpu] == [config.gpu_windows_in_flight] == [2]
         with get_task_stream(client) as ts:
             result = run(config, client=client)
         loads = client.run(predict.load_count)
