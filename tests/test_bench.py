@@ -85,6 +85,7 @@ def test_gpu_check_on_cpu_reports_every_key_of_the_schema(tmp_path, capsys):
             "60",
             "--e2e-family",
             "sits-lstm",
+            "--skip-compile",
             "--cpu-workers",
             "1",
             "--threads-per-worker",
@@ -109,6 +110,7 @@ def test_gpu_check_on_cpu_reports_every_key_of_the_schema(tmp_path, capsys):
         # the device preparation on CPU gives the CPU path's probabilities exactly
         assert par["fp32_vs_cpu"]["max_abs"] == 0.0, family
         assert par["bf16_vs_fp32"]["max_abs"] > 0 and par["tf32_vs_fp32"] is None
+    assert report["torch_compile"] is None  # skipped here (compiling takes half a minute)
     e2e = report["end_to_end"]
     assert e2e["pixels_predicted"] > 0 and e2e["inference_only_on_gpu_workers"] is True
     assert e2e["gpu_busy"]["fraction"] is None and e2e["peak_device_memory_mib"] is None

@@ -15,6 +15,7 @@ import torch
 
 __all__ = [
     "BusySampler",
+    "compile_gain",
     "end_to_end_gpu",
     "forward_pxps",
     "four_year_window",
@@ -109,6 +110,27 @@ def forward_pxps(predictor, inputs: tuple, seconds: float, batch_size: int) -> d
         "calls": calls,
         "seconds": round(elapsed, 3),
         "peak_device_memory_mib": peak_mib(predictor.device),
+    }
+
+
+def compile_gain(spec, device: torch.device, inputs: tuple, seconds: float) -> dict:
+    """Pixels per second with and without ``torch.compile`` (fp32), the first compiled call
+    (compilation included) and the largest probability difference it makes."""
+    from ..models import load_model
+
+    series, valid, days = inputs
+    eager = load_model(spec, str(device))
+    compiled = load_model(spec, str(device), compile=True)
+    t0 = time.perf_counter()
+    p_compiled, _ = compiled.predict(series, valid, days, batch_size=2048)
+    first = time.perf_counter() - t0
+    p_eager, _ = eager.predict(series, valid, days, batch_size=2048)
+    return {
+        "family": spec.family,
+        "eager_px_per_s": forward_pxps(eager, inputs, seconds, 2048)["px_per_s"],
+        "compiled_px_per_s": forward_pxps(compiled, inputs, seconds, 2048)["px_per_s"],
+        "first_call_s": round(first, 1),
+        "max_abs_diff": float(np.abs(p_compiled - p_eager).max()),
     }
 
 

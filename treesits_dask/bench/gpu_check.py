@@ -10,6 +10,7 @@ the default sizes:
   batch the predictor chose;
 - ``parity``: probability differences, fp32 on the device against the CPU path, tf32 and bf16
   against fp32, on realistic synthetic series;
+- ``torch_compile``: SBERT at length 256 (fp32) with and without ``torch.compile``;
 - ``end_to_end``: ``run`` on a generated tile (default 1000 x 1000 px, 64 scenes, 30 % forest)
   on a local cluster of CPU reading workers and one worker advertising ``GPU=1``, with the GPU
   busy fraction (NVML) and the peak device memory;
@@ -33,6 +34,7 @@ import torch
 
 from ..version import __version__
 from .device_measure import (
+    compile_gain,
     end_to_end_gpu,
     forward_pxps,
     four_year_window,
@@ -40,95 +42,13 @@ from .device_measure import (
     parity_inputs,
     random_series,
 )
+from .gpu_schema import FORWARDS, PRECISIONS, SCHEMA, schema_problems
 
 __all__ = ["SCHEMA", "main", "schema_problems"]
 
-_FORWARD_ENTRY = [
-    "px_per_s",
-    "pixels",
-    "steps",
-    "batch",
-    "feed",
-    "calls",
-    "seconds",
-    "peak_device_memory_mib",
-]
-_DIFF = ["max_abs", "mean_abs", "class_agreement"]
-_PARITY = {"pixels": None, "steps": None, "fp32_vs_cpu": _DIFF, "tf32_vs_fp32": _DIFF}
-_PARITY["bf16_vs_fp32"] = _DIFF
-_PRECISIONS = ("fp32", "tf32", "bf16")
-_FORWARDS = ("sits-lstm", "sits-transformer", "sbert_len256", "sbert_4y_window")
-#: the keys of the report (nested; a list: the keys of a dict that may also be null)
-SCHEMA = {
-    "check": None,
-    "version": None,
-    "machine": [
-        "device",
-        "name",
-        "cuda",
-        "torch",
-        "cuda_runtime",
-        "device_memory_gib",
-        "cpu_cores",
-        "reduced_sizes",
-    ],
-    "forward": {f: {p: _FORWARD_ENTRY for p in _PRECISIONS} for f in _FORWARDS},
-    "sbert_4y_window_lengths": ["source", "scenes", "mean", "p10", "p50", "p90", "share_at_256"],
-    "parity": {f: _PARITY for f in ("sits-lstm", "sits-transformer", "sbert")},
-    "end_to_end": {
-        "family": None,
-        "precision": None,
-        "tile_px": None,
-        "scenes": None,
-        "forest_fraction": None,
-        "cpu_workers": None,
-        "threads_per_cpu_worker": None,
-        "gpu_workers": None,
-        "gpu_windows_in_flight": None,
-        "seconds": None,
-        "pixels_predicted": None,
-        "px_per_s": None,
-        "inference_only_on_gpu_workers": None,
-        "gpu_busy": ["fraction", "samples", "source"],
-        "peak_device_memory_mib": None,
-        "batch": None,
-        "stages": None,
-    },
-    "peak_device_memory_mib": None,
-    "errors": None,
-    "goals": [
-        "sbert_fp32_len256_ge_100k_px_s",
-        "sbert_tf32_len256_ge_100k_px_s",
-        "end_to_end_gpu_busy_ge_80_percent",
-        "fp32_parity_le_1e-5",
-    ],
-    "seconds": None,
-}
 #: the defaults: the sizes of the issue, for one GPU and 16 cores
 FULL_SIZES = {"size": 1000, "scenes": 64, "forward_pixels": 65536}
 _WEIGHTS = Path(__file__).resolve().parents[3] / "shared" / "data" / "sitsnn-weights" / "04"
-
-
-def schema_problems(report, schema=SCHEMA, where: str = "report") -> list[str]:
-    """Where ``report`` departs from ``schema`` (:data:`SCHEMA` notation: None any value, a list
-    the keys of a dict or null, a dict the keys of a dict, recursively); empty when it fits."""
-    if schema is None:
-        return []
-    if isinstance(schema, list):
-        if report is None:
-            return []
-        if not isinstance(report, dict) or list(report) != schema:
-            got = list(report) if isinstance(report, dict) else type(report).__name__
-            return [f"{where}: keys {got}, expected {schema}"]
-        return []
-    if not isinstance(report, dict) or list(report) != list(schema):
-        got = list(report) if isinstance(report, dict) else type(report).__name__
-        return [f"{where}: keys {got}, expected {list(schema)}"]
-    return [
-        problem
-        for key, sub in schema.items()
-        for problem in schema_problems(report[key], sub, f"{where}.{key}")
-    ]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -140,8 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scenes", type=int, default=FULL_SIZES["scenes"], help="end-to-end scenes")
     p.add_argument("--forest", type=float, default=0.3, help="end-to-end forest share")
     p.add_argument("--e2e-family", default="sbert", choices=["sbert", "sits-lstm"])
-    p.add_argument("--e2e-precision", default="fp32", choices=list(_PRECISIONS))
+    p.add_argument("--e2e-precision", default="fp32", choices=list(PRECISIONS))
     p.add_argument("--skip-e2e", action="store_true", help="no end-to-end run (keys stay, null)")
+    p.add_argument(
+        "--skip-compile", action="store_true", help="no torch.compile measurement (null)"
+    )
     p.add_argument("--cpu-workers", type=int, default=None, help="default: (cores - 2) / threads")
     p.add_argument("--threads-per-worker", type=int, default=None, help="default min(cores, 4)")
     p.add_argument("--forward-pixels", type=int, default=FULL_SIZES["forward_pixels"])
@@ -209,10 +132,10 @@ def _forward(args, device: torch.device, specs: dict, errors: list) -> tuple[dic
         "sbert_4y_window": window,
     }
     out: dict = {}
-    for name in _FORWARDS:
+    for name in FORWARDS:
         spec = specs["sbert" if name.startswith("sbert") else name]
         out[name] = {}
-        for precision in _PRECISIONS:
+        for precision in PRECISIONS:
             if precision == "tf32" and device.type != "cuda":
                 out[name][precision] = None  # TF32 is a tensor-core format: fp32 on CPU
                 continue
@@ -316,7 +239,7 @@ def _parity(device: torch.device, specs: dict, inputs: tuple, errors: list) -> d
     out = {}
     for family, spec in specs.items():
         try:
-            out[family] = parity(spec, device, list(_PRECISIONS), inputs)
+            out[family] = parity(spec, device, list(PRECISIONS), inputs)
         except Exception as exc:  # noqa: BLE001 - one failed figure must not lose the others
             errors.append(f"parity {family}: {type(exc).__name__}: {exc}")
             out[family] = None
@@ -358,6 +281,16 @@ def main(argv=None) -> int:
     report["forward"], report["sbert_4y_window_lengths"] = _forward(args, device, specs, errors)
     inputs = parity_inputs(workdir, 100, args.scenes, args.parity_pixels)
     report["parity"] = _parity(device, specs, inputs, errors)
+    report["torch_compile"] = None
+    if not args.skip_compile:  # SBERT at length 256, fp32: where a GPU spends its time
+        n = min(args.forward_pixels, 4096)
+        try:
+            report["torch_compile"] = compile_gain(
+                specs["sbert"], device, random_series(n, 300, 1.0, seed=3), args.forward_seconds
+            )
+            _log(f"[torch.compile] {json.dumps(report['torch_compile'])}")
+        except Exception as exc:  # noqa: BLE001 - e.g. no compiler for inductor on this machine
+            errors.append(f"torch_compile: {type(exc).__name__}: {exc}")
     e2e = None
     if not args.skip_e2e:
         try:
