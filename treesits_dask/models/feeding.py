@@ -68,8 +68,10 @@ class _Window:
             np.copyto(s_buf, self.series[lo:hi])
             np.copyto(v_buf, self.valid[lo:hi])
         else:
-            np.take(self.series, idx, axis=0, out=s_buf)
-            np.take(self.valid, idx, axis=0, out=v_buf)
+            # mode="clip": straight into the staging buffer (the default mode gathers into a
+            # temporary first); the indices are in range anyway
+            np.take(self.series, idx, axis=0, out=s_buf, mode="clip")
+            np.take(self.valid, idx, axis=0, out=v_buf, mode="clip")
         s_host, v_host = p.staging.tensors(slot, n, steps, bands)
         if self.cuda:
             compute = torch.cuda.current_stream(self.dev)
