@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 # files go beside the newest release (tests/k8s_schemas.py validates 1.23 to the newest with them)
 K8S_OLD_SCHEMAS ?= kubernetes-validate==1.28.3
 
-.PHONY: install install-test demo test lint bench plan-demo clean lock
+.PHONY: install install-test demo test lint bench gpu-check plan-demo clean lock
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,10 @@ lock: install-test
 
 bench: install
 	$(VENV)/bin/python -m treesits_dask bench
+
+# the device check (issue 15): on a GPU machine with a CUDA build of torch (PYTHON=...)
+gpu-check:
+	benchmarks/gpu_check.sh --json gpu_check.json
 
 clean:
 	rm -rf demo-output .pytest_cache

@@ -54,3 +54,66 @@ def test_bench_small(tmp_path, capsys):
         and rerun["geotiff_opens"] == 0
     )
     assert rerun["second_run_s"] < rerun["first_run_s"]
+
+
+def test_gpu_check_on_cpu_reports_every_key_of_the_schema(tmp_path, capsys):
+    """The device check runs on CPU at a tiny size and writes the keys a GPU run writes (null
+    where a figure needs a GPU); the committed CPU report has the same schema."""
+    from pathlib import Path
+
+    from treesits_dask.bench.gpu_check import SCHEMA, schema_problems
+    from treesits_dask.cli import main as cli_main
+
+    out = tmp_path / "gpu.json"
+    rc = cli_main(
+        [
+            "bench",
+            "--gpu",
+            "--device",
+            "cpu",
+            "--size",
+            "40",
+            "--scenes",
+            "6",
+            "--forward-pixels",
+            "24",
+            "--forward-seconds",
+            "0",
+            "--parity-pixels",
+            "48",
+            "--window-scenes",
+            "60",
+            "--e2e-family",
+            "sits-lstm",
+            "--skip-compile",
+            "--cpu-workers",
+            "1",
+            "--threads-per-worker",
+            "1",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--json",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == report
+    assert schema_problems(report) == [] and report["errors"] == []
+    assert report["machine"]["cuda"] is False and report["machine"]["reduced_sizes"] is True
+    for family in ("sits-lstm", "sits-transformer", "sbert_len256", "sbert_4y_window"):
+        entry = report["forward"][family]
+        assert entry["fp32"]["px_per_s"] > 0 and entry["bf16"]["px_per_s"] > 0
+        assert entry["tf32"] is None  # a tensor-core format: no figure on CPU
+    assert report["forward"]["sbert_len256"]["fp32"]["steps"] == 300
+    for family, par in report["parity"].items():
+        # the device preparation on CPU gives the CPU path's probabilities exactly
+        assert par["fp32_vs_cpu"]["max_abs"] == 0.0, family
+        assert par["bf16_vs_fp32"]["max_abs"] > 0 and par["tf32_vs_fp32"] is None
+    assert report["torch_compile"] is None  # skipped here (compiling takes half a minute)
+    e2e = report["end_to_end"]
+    assert e2e["pixels_predicted"] > 0 and e2e["inference_only_on_gpu_workers"] is True
+    assert e2e["gpu_busy"]["fraction"] is None and e2e["peak_device_memory_mib"] is None
+    assert set(report["goals"]) == set(SCHEMA["goals"]) and not any(report["goals"].values())
+    committed = Path(__file__).resolve().parents[1] / "docs" / "gpu_check_cpu.json"
+    assert schema_problems(json.loads(committed.read_text())) == []

@@ -64,12 +64,14 @@ def _standing_cluster(groups: dict[str, dict]):
 
 def test_inference_only_on_gpu_workers(small_cube, native_lstm, tmp_path):
     config = _config(small_cube, native_lstm, tmp_path, workers=2, local_gpu_workers=1)
-    assert declared_routing(config) == Routing(read={"CPU": 1}, predict={"GPU": 1})
+    assert declared_routing(config) == Routing(read={"CPU": 1}, predict={"GPU": 0.5})
     with connect(config) as client:
         info = client.scheduler_info()["workers"]
         gpu = {a for a, w in info.items() if w["resources"].get("GPU")}
         cpu = {a for a, w in info.items() if w["resources"].get("CPU")}
         assert len(gpu) == 1 and len(cpu) == 2 and not gpu & cpu
+        # one thread per window in flight: the GPU worker holds two windows at once
+        assert [info[a]["nthreads"] for a in gpu] == [config.gpu_windows_in_flight] == [2]
         result, by_prefix, predicted, loads = _run_and_trace(config, client)
     assert result.pixels_predicted > 0
     assert predicted and predicted <= gpu, by_prefix

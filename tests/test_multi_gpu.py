@@ -15,7 +15,7 @@ import torch
 
 from treesits_dask.kube import KubeSettings
 from treesits_dask.models.loading import visible_devices
-from treesits_dask.pipeline import predict
+from treesits_dask.pipeline import devices, predict
 
 
 def test_every_visible_gpu_is_used(monkeypatch):
@@ -60,8 +60,8 @@ def test_concurrent_inference_tasks_take_different_devices(monkeypatch):
     log: list = []
     lock = threading.Lock()
     predictors = {d: _FakePredictor(d, log, lock) for d in ("fake:0", "fake:1")}
-    monkeypatch.setitem(predict._POOLS, "fakegpu", predict.DevicePool(["fake:0", "fake:1"]))
-    monkeypatch.setattr(predict, "get_predictor", lambda spec, device: predictors[device])
+    monkeypatch.setitem(devices._POOLS, "fakegpu", devices.DevicePool(["fake:0", "fake:1"]))
+    monkeypatch.setattr(predict, "get_predictor", lambda spec, device, inf=None: predictors[device])
     block = np.full((4, 10, 3, 3), 500, np.int16)
     days = np.arange(4, dtype=np.int64) * 10
 

@@ -12,6 +12,7 @@ from treesits_dask.cli import main
 from treesits_dask.config import DEFAULT_QAI_FLAGS, load_config
 from treesits_dask.io import discovery
 from treesits_dask.io.qai import qai_invalid
+from treesits_dask.outputs.repo import MapRepo
 from treesits_dask.pipeline import predict
 from treesits_dask.pipeline.run import run
 
@@ -119,6 +120,13 @@ def test_run_synthetic(small_cube, native_lstm, tmp_path, client):
     )
     report = out / "_runs" / result.report_dir.rsplit("/", 1)[-1]
     assert json.loads((report / "run.json").read_text()) == summary
+    # how the model ran: the settings, and per worker the device path it took
+    assert summary["settings"]["precision"] == "fp32" and summary["settings"]["device"] == "auto"
+    assert len(summary["inference"]) == 2
+    for stats in summary["inference"].values():
+        assert [(s["device"], s["precision"], s["feed"]) for s in stats] == [
+            ("cpu", "fp32", "host")
+        ]
     html = (report / "dask-report.html").read_text()
     assert summary["performance_report"].endswith("dask-report.html") and len(html) > 10_000
     assert "Dask Performance Report" in html and "Task Stream" in html
@@ -225,3 +233,48 @@ def test_real_sitsnn_weights_on_real_tile(shared_data, tmp_path, family, capsys)
     ]
     # 3 of the 5 scenes are valid at most pixels: two dates are fully clouded
     assert ds.valid_obs.values[predicted].max() == 3
+
+
+def test_precision_is_recorded_in_run_report_and_settings_digest(
+    small_cube, native_lstm, tmp_path, client
+):
+    """``precision`` reaches the workers, the run report and the ledger's settings digest (a
+    change of precision redoes a tile); fp32 keeps the digest of records written before the
+    setting existed."""
+    from treesits_dask.pipeline.plan import make_plan
+    from treesits_dask.state import ledger
+
+    out = tmp_path / "out"
+    common = dict(
+        cube=small_cube.root,
+        tiles="X0069_Y0043",
+        output=str(out),
+        model=native_lstm,
+        window="30x60",
+        cog=False,
+    )
+    config = load_config(overrides={**common, "precision": "bf16"}, environ={})
+    run(config, client=client)
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["settings"]["precision"] == "bf16"
+    precisions = {s["precision"] for v in summary["inference"].values() for s in v}
+    assert "bf16" in precisions
+    record = MapRepo(str(out)).records()["X0069_Y0043"]
+    assert record["config_digest"] == make_plan(config).config_digest
+    # the same settings are up to date; another precision redoes the tile
+    assert make_plan(config).skipped == {"X0069_Y0043": "up to date"}
+    fp32 = load_config(overrides={**common, "precision": "fp32"}, environ={})
+    plan = make_plan(fp32)
+    assert [t.reasons for t in plan.tiles] == [("settings changed",)]
+    legacy = ledger.config_digest(
+        {
+            "model_family": "native",
+            "qai": sorted(set(fp32.qai_flags)),
+            "sensors": sorted(fp32.sensors),
+            "start_date": None,
+            "end_date": None,
+        }
+    )
+    assert plan.config_digest == legacy != record["config_digest"]
+    tf32 = load_config(overrides={**common, "precision": "tf32"}, environ={})
+    assert len({make_plan(c).config_digest for c in (config, fp32, tf32)}) == 3

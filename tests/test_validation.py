@@ -263,8 +263,12 @@ def test_one_bad_tile_does_not_stop_the_others(cube, capsys, tmp_path, native_ls
 # ------------------------------------------------------------------------------ S3 credentials
 @pytest.fixture()
 def no_credentials(moto_endpoint, monkeypatch, tmp_path):
-    """The moto endpoint, but no credentials anywhere (environment, files, instance metadata)."""
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+    """The moto endpoint, but no credentials anywhere (environment, files, instance metadata),
+    and no S3 settings left in the environment by earlier tests (e.g. the addressing)."""
+    from treesits_dask.io import storage
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                *storage.S3_ENV_KEYS, "AWS_ENDPOINT_URL_S3"):  # fmt: skip
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))

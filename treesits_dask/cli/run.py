@@ -92,6 +92,30 @@ _RUN_FLAGS = [
             "Kubernetes each worker group) before stopping with what to check (default 1800)",
         ),
     ),
+    (
+        "--precision",
+        dict(
+            choices=["fp32", "tf32", "bf16"],
+            help="forward precision: fp32 (default, the parity mode), tf32 (CUDA tensor cores; "
+            "fp32 on CPU), bf16 (autocast)",
+        ),
+    ),
+    (
+        "--gpu-batch-max",
+        dict(
+            type=int,
+            help="on a GPU: the most pixels per batch; the batch is the largest that fits the "
+            "free device memory, up to this (default 65536)",
+        ),
+    ),
+    (
+        "--gpu-windows-in-flight",
+        dict(
+            type=int,
+            help="windows a GPU worker holds at once, so that the device never waits for one "
+            "window's host work (default 2)",
+        ),
+    ),
     ("--tiles-in-flight", dict(type=int, help="tiles processed at once (default 2)")),
     ("--dashboard-address", dict(help="LocalCluster dashboard address (default :8787)")),
     (
@@ -134,6 +158,12 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="redo tiles whose record in the map says they are up to date",
     )
+    p.add_argument(
+        "--torch-compile",
+        action="store_true",
+        default=None,
+        help="run the model through torch.compile (see the README for when it helps)",
+    )
 
 
 def run_overrides(args: argparse.Namespace) -> dict:
@@ -144,7 +174,7 @@ def run_overrides(args: argparse.Namespace) -> dict:
         value = getattr(args, key)
         if value is not None:
             out[key] = value
-    for key in ("cog", "force"):
+    for key in ("cog", "force", "torch_compile"):
         if getattr(args, key, None) is not None:
             out[key] = getattr(args, key)
     return out

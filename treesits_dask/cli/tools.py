@@ -111,6 +111,10 @@ def cmd_quicklook(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if "--gpu" in args.bench_args:  # the device check (issue 15): its own flags
+        from ..bench.gpu_check import main as gpu_main
+
+        return gpu_main([a for a in args.bench_args if a != "--gpu"])
     from ..bench.throughput import main as bench_main
 
     return bench_main(args.bench_args)

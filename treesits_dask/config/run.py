@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Literal
 
@@ -34,6 +35,16 @@ class RunConfig(InputSettings):
     memory_limit: str = "auto"
     scheduler_address: str | None = None
     device: str = "auto"
+    precision: Literal["fp32", "tf32", "bf16"] = Field(
+        "fp32", description="numeric precision of the forward pass (fp32: the parity mode)"
+    )
+    torch_compile: bool = Field(False, description="run the model through torch.compile")
+    gpu_batch_max: int = Field(
+        65536, gt=0, description="on a GPU: the most pixels per batch (chosen from free memory)"
+    )
+    gpu_windows_in_flight: int = Field(
+        2, ge=1, description="windows a GPU worker holds at once (host work beside the device)"
+    )
     tiles_in_flight: int = Field(2, gt=0)
     cog: bool = True
     dashboard_address: str = ":8787"
@@ -104,6 +115,14 @@ class RunConfig(InputSettings):
                 "GPU nodes) forever; give it seconds (default 900). 0 is for a standing cluster, "
                 "used through scheduler_address"
             )
+        windows = int(k.gpu.gpus) * self.gpu_windows_in_flight
+        if k.gpu.enabled and k.gpu.threads < windows:
+            raise ValueError(
+                f"kubernetes.gpu.threads {k.gpu.threads} is less than gpu.gpus x "
+                f"gpu_windows_in_flight ({windows}): a GPU worker runs one window per thread, so "
+                f"it could not hold {self.gpu_windows_in_flight} windows per GPU; give gpu.threads "
+                f"at least {windows} or lower gpu_windows_in_flight"
+            )
         pod_endpoint = k.env.get("AWS_ENDPOINT_URL_S3") or k.env.get("AWS_ENDPOINT_URL")
         if pod_endpoint and self.s3_endpoint_url:
             ours = storage.s3_environment(self.s3_endpoint_url, environ={})["AWS_ENDPOINT_URL"]
@@ -115,6 +134,28 @@ class RunConfig(InputSettings):
                     "another. Give the endpoint once (s3_endpoint_url)"
                 )
         return self
+
+    # ---- derived values -------------------------------------------------------------------
+    @property
+    def gpu_task_share(self) -> float:
+        """The ``GPU`` resource one inference task takes: ``1 / gpu_windows_in_flight``, so that a
+        worker advertising ``GPU=1`` holds that many windows at once (rounded down where float
+        rounding would leave less than a share for the last one: a worker subtracts each running
+        task's share from what it advertises)."""
+        k = self.gpu_windows_in_flight
+        share = 1.0 / k
+
+        def fits(q: float) -> bool:
+            left = 1.0
+            for _ in range(k):
+                if left < q:
+                    return False
+                left -= q
+            return True
+
+        while not fits(share):
+            share = math.nextafter(share, 0.0)
+        return share
 
     def require_model(self) -> None:
         if not self.model:

@@ -320,7 +320,10 @@ def check_readable(url: str | None) -> None:
     caller (which names it with its own advice).  Local paths are not touched."""
     if not url or not is_remote(url):
         return
-    fs, path = get_fs(url)
+    fresh = {}
+    if url.split("://", 1)[0] in ("s3", "s3a"):  # the credentials of now, not of a cached client
+        fresh = {**s3_options(), "skip_instance_cache": True}
+    fs, path = get_fs(url, **fresh)
     try:
         fs.info(path)
     except FileNotFoundError:

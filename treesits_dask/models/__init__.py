@@ -27,11 +27,19 @@ __all__ = [
 ]
 
 
-def load_model(spec: ModelSpec, device: str = "auto") -> Predictor:
-    """Load ``spec`` (weights only) onto ``device`` (``auto``: CUDA if available, else CPU)."""
+def load_model(
+    spec: ModelSpec,
+    device: str = "auto",
+    precision: str = "fp32",
+    compile: bool = False,
+    max_batch: int = 65536,
+) -> Predictor:
+    """Load ``spec`` (weights only) onto ``device`` (``auto``: CUDA if available, else CPU), to
+    run at ``precision`` (``fp32``, ``tf32``, ``bf16``), through ``torch.compile`` with
+    ``compile``; ``max_batch``: the most pixels per batch on an accelerator."""
     from .loading import load_model as _load
 
-    return _load(spec, device)
+    return _load(spec, device, precision=precision, compile=compile, max_batch=max_batch)
 
 
 def save_native(module: Any, card: ModelCard, path: str) -> tuple[str, str]:

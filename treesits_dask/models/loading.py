@@ -1,12 +1,11 @@
-"""Checkpoint loading (weights only), the batched :class:`Predictor` and native save."""
+"""Model loading (checkpoints via :mod:`.checkpoint`), the batched :class:`Predictor` and native
+save."""
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
-import pickle
-import warnings
-from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -14,11 +13,15 @@ from torch import nn
 
 from ..errors import ModelError
 from ..io import storage
+from .accelerator import PRECISIONS, Staging, free_memory, precision_scope
 from .architectures import build_module
 from .card import ModelCard, ModelSpec, card_path, read_card
+from .checkpoint import fit_state_dict, read_state_dict, sbert_card_from_state
+from .feeding import feed_window
 from .preprocess import check_inputs, full_inputs, sbert_inputs
 
 __all__ = [
+    "DEFAULT_MAX_BATCH",
     "Predictor",
     "load_model",
     "read_state_dict",
@@ -37,6 +40,9 @@ _SBERT_CPU_CHUNK = 256
 #: LSTM / Transformer on CPU: pixels per forward call.  A 2048-pixel LSTM call spills its 126 MB
 #: gate buffer out of the caches; 512-pixel calls ran ~1.25x faster on one core (Transformer ~1.2x)
 _FULL_CPU_CHUNK = 512
+#: the most pixels per batch on the device path (setting ``gpu_batch_max``); the batch is the
+#: largest that fits the free device memory, up to this
+DEFAULT_MAX_BATCH = 65536
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -58,131 +64,30 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def visible_devices(device: str = "auto") -> list[str]:
     """The devices one process spreads its forwards over: every CUDA device it sees for
-    ``"auto"`` / ``"cuda"`` (a worker with ``gpus: 2`` runs one forward on each at a time), else
-    the one device named (``"cuda:1"``, ``"cpu"``)."""
+    ``"auto"`` / ``"cuda"`` (a worker with ``gpus: 2`` spreads its windows over them), else the
+    one device named (``"cuda:1"``, ``"cpu"``)."""
     if device in ("auto", "cuda") and torch.cuda.is_available():
         return [f"cuda:{i}" for i in range(max(1, torch.cuda.device_count()))]
     return [str(resolve_device(device))]
 
 
-def read_state_dict(uri: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Load a checkpoint with ``weights_only=True`` and return its (prefix-stripped) state dict.
-
-    Accepts a plain state dict or a dict holding ``model_state_dict`` (SBERT training format).
-    """
-    fs, path = storage.get_fs(uri)
-    try:
-        with fs.open(path, "rb") as fh:
-            data = fh.read()
-    except FileNotFoundError:
-        raise ModelError(f"model checkpoint {uri} does not exist; check --model") from None
-    except OSError as exc:
-        raise ModelError(f"model checkpoint {uri} cannot be read: {exc}") from exc
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            obj = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch.load raises many types for corrupt files
-        text = str(exc).strip()
-        if isinstance(exc, pickle.UnpicklingError) and "weights only" in text.lower():
-            first = text.splitlines()[0]
-            raise ModelError(
-                f"refused to load {uri}: it is not a plain state dict; only weights_only "
-                "checkpoints "
-                f"are accepted (torch.load(weights_only=True) said: {first[:300]})"
-            ) from None
-        raise ModelError(
-            f"model checkpoint {uri} is unreadable ({type(exc).__name__}: {text[:300]}); "
-            "it must be a file written by torch.save"
-        ) from None
-    if isinstance(obj, Mapping) and "model_state_dict" in obj:
-        obj = obj["model_state_dict"]
-    if not isinstance(obj, Mapping) or not obj:
-        raise ModelError(
-            f"model checkpoint {uri} holds a {type(obj).__name__}, not a state dict (a mapping of "
-            "parameter names to tensors, or a dict with 'model_state_dict')"
-        )
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ModelError(
-            f"model checkpoint {uri}: entries {bad[:5]} are not tensors; expected a state dict"
-        )
-    if all(str(k).startswith("module.") for k in obj):
-        obj = {str(k)[len("module.") :]: v for k, v in obj.items()}
-    return dict(obj)
-
-
-def _fit_state_dict(module: nn.Module, state: dict[str, torch.Tensor], uri: str, what: str) -> None:
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} (model {tuple(expected[k].shape)})"
-        for k in expected
-        if k in state and state[k].shape != expected[k].shape
-    ]
-    problems = []
-    for label, items in (
-        ("missing keys", missing),
-        ("unexpected keys", unexpected),
-        ("shape mismatch", shapes),
-    ):
-        if items:
-            more = f" and {len(items) - 4} more" if len(items) > 4 else ""
-            problems.append(f"{label}: {', '.join(items[:4])}{more}")
-    if problems:
-        raise ModelError(
-            f"model checkpoint {uri} does not fit {what}: {'; '.join(problems)}. "
-            "Check --model-family and --model-params (they must belong to this checkpoint)"
-        )
-    module.load_state_dict(state, strict=True)
-
-
-def _sbert_from_state(card: ModelCard, state: dict[str, torch.Tensor], uri: str) -> ModelCard:
-    """Published SBERT: hidden size, layers, features, outputs and table size from tensor shapes."""
-    hp = dict(card.hyperparameters)
-    w = state.get("sbert.embedding.input.weight")
-    pe = state.get("sbert.embedding.position.pe")
-    head = state.get("classification.linear.weight")
-    if w is None or pe is None or head is None or w.ndim != 2 or pe.ndim != 2 or head.ndim != 2:
-        raise ModelError(
-            f"model checkpoint {uri} is not an SBERT checkpoint (sbert.embedding.input.weight, "
-            "sbert.embedding.position.pe or classification.linear.weight missing); check "
-            "--model-family"
-        )
-    layers = {int(k.split(".")[2]) for k in state if k.startswith("sbert.transformer_blocks.")}
-    hp.update(
-        num_features=int(w.shape[1]),
-        hidden=int(head.shape[1]),
-        n_layers=len(layers),
-        num_classes=int(head.shape[0]),
-        max_position=int(pe.shape[0]),
-    )
-    if hp["num_features"] != 10:
-        raise ModelError(
-            f"model checkpoint {uri} reads {hp['num_features']} bands; Sentinel-2 BOA has 10"
-        )
-    if hp["num_classes"] != 1:
-        raise ModelError(
-            f"model checkpoint {uri} has {hp['num_classes']} outputs; SBERT here is binary (1)"
-        )
-    if hp["hidden"] % hp["attn_heads"]:
-        raise ModelError(
-            f"model checkpoint {uri}: hidden size {hp['hidden']} is not divisible by "
-            f"{hp['attn_heads']} "
-            "heads; pass --model-params with the right number of heads"
-        )
-    seq = dict(card.sequence, max_position=hp["max_position"])
-    return card.model_copy(update={"hyperparameters": hp, "sequence": seq})
-
-
-def load_model(spec: ModelSpec, device: str = "auto") -> Predictor:
-    """Load ``spec`` onto ``device`` (``auto``: CUDA if available, else CPU) in eval mode."""
+def load_model(
+    spec: ModelSpec,
+    device: str = "auto",
+    precision: str = "fp32",
+    compile: bool = False,
+    max_batch: int = DEFAULT_MAX_BATCH,
+) -> Predictor:
+    """Load ``spec`` onto ``device`` (``auto``: CUDA if available, else CPU) in eval mode, to run
+    at ``precision`` (``fp32``, ``tf32``, ``bf16``), through ``torch.compile`` with ``compile``;
+    ``max_batch``: the most pixels per batch on an accelerator."""
+    if precision not in PRECISIONS:
+        raise ModelError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     dev = resolve_device(device)
     card = read_card(spec)
     state = read_state_dict(spec.uri, dev)
     if card.family == "sbert" and spec.family == "sbert":
-        card = _sbert_from_state(card, state, spec.uri)
+        card = sbert_card_from_state(card, state, spec.uri)
     what = f"family {card.family} with hyper-parameters {card.hyperparameters}"
     if spec.params_uri:
         what += f" from {spec.params_uri}"
@@ -192,24 +97,67 @@ def load_model(spec: ModelSpec, device: str = "auto") -> Predictor:
         module = build_module(card.family, card.hyperparameters)
     except (TypeError, ValueError) as exc:
         raise ModelError(f"cannot build {what} for {spec.uri}: {exc}") from exc
-    _fit_state_dict(module, state, spec.uri, what)
+    fit_state_dict(module, state, spec.uri, what)
     module.to(dev).eval()
-    return Predictor(module, card, dev)
+    predictor = Predictor(module, card, dev, precision=precision, max_batch=max_batch)
+    return predictor.compile() if compile else predictor
 
 
 class Predictor:
-    """A loaded model in eval mode on its device, with the input preparation of its family."""
+    """A loaded model in eval mode on its device, with the input preparation of its family.
 
-    def __init__(self, module: nn.Module, card: ModelCard, device: torch.device | str = "cpu"):
+    Two ways through the model, with the same results: ``feed="host"`` (the default on CPU)
+    prepares the inputs in numpy (:mod:`.preprocess`) and calls the model; ``feed="device"``
+    (the default on accelerators) ships the raw series to the device and prepares them there
+    (:mod:`.feeding`: pinned staging buffers, copies on a side stream, batches sized from the free
+    device memory, out-of-memory back-off).  ``precision`` is one of
+    :data:`~.accelerator.PRECISIONS`.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        card: ModelCard,
+        device: torch.device | str = "cpu",
+        precision: str = "fp32",
+        feed: str | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ):
+        if precision not in PRECISIONS:
+            raise ModelError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
         self.module = module
         self.card = card
         self.device = torch.device(device)
+        self.precision = precision
+        self.feed = feed or ("host" if self.device.type == "cpu" else "device")
+        if self.feed not in ("host", "device"):
+            raise ModelError(f"feed {self.feed!r}: use host or device")
+        #: the most pixels per batch on the device path (the batch is chosen from free memory)
+        self.max_batch = max(1, int(max_batch))
+        #: set when an out-of-memory error halved the batch; later batches stay at most this
+        self.batch_limit: int | None = None
+        #: the batch the device path chose for the last window
+        self.last_batch: int | None = None
+        #: bytes a batch may use on the device (None: no figure, CPU); tests replace it
+        self.free_memory = functools.partial(free_memory, self.device)
+        self.staging = Staging(self.device)
+        #: the callable that runs the model (the module, or its ``torch.compile`` version)
+        self.call = module
         #: on CPU, a callable giving the torch threads for the next forward call (checked before
         #: every batch / chunk, from the thread that runs it); None leaves torch as it is
         self.threads = None
 
     def __repr__(self) -> str:
-        return f"Predictor({self.card.family}, {self.card.n_classes} outputs, {self.device})"
+        return (
+            f"Predictor({self.card.family}, {self.card.n_classes} outputs, {self.device}, "
+            f"{self.precision})"
+        )
+
+    def compile(self) -> Predictor:
+        """Run the model through ``torch.compile`` (dynamic shapes: batch and sequence lengths
+        vary); the first calls of each new shape compile."""
+        self.call = torch.compile(self.module, dynamic=True)
+        return self
 
     def predict(
         self, series: np.ndarray, valid: np.ndarray, days: np.ndarray, batch_size: int = 2048
@@ -218,11 +166,16 @@ class Predictor:
 
         ``series`` int16 (N, T, 10) raw BOA in ascending date order, ``valid`` bool (N, T),
         ``days`` int64 (T,) days since 1970-01-01.  Every pixel has at least one valid observation.
+        ``batch_size``: pixels per batch on the host path (and on the device path where the
+        device reports no free memory).
         """
         series = np.asarray(series)
         valid = np.asarray(valid, dtype=bool)
         days = np.asarray(days, dtype=np.int64)
         check_inputs(series, valid, days)
+        if self.feed == "device":
+            with torch.inference_mode():
+                return feed_window(self, series, valid, days, max(1, int(batch_size)))
         n = series.shape[0]
         probs = np.empty((n, self.card.n_classes), dtype=np.float32)
         n_used = np.zeros(n, dtype=np.int64)
@@ -254,51 +207,99 @@ class Predictor:
         """Slices of ``n`` pixels per forward call: within the attention budget of the device,
         and on CPU at most ``cpu_chunk`` pixels (short calls cost nothing there; on GPUs they
         would)."""
+        step = self._call_step(per_item, cpu_chunk)
+        return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+    def _call_step(self, per_item: int, cpu_chunk: int) -> int:
         budget = _ATTENTION_BUDGET.get(self.device.type, _ATTENTION_BUDGET["cpu"])
         step = max(1, budget // max(1, per_item))
         if self.device.type == "cpu":
             step = min(step, cpu_chunk)
-        return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+        return step
+
+    def _per_item(self, steps: int) -> int:
+        """Attention-score elements per pixel of a forward call over ``steps`` positions."""
+        hp = self.card.hyperparameters
+        if self.card.family == "sits-transformer":
+            return int(hp.get("nhead", 1)) * steps * steps
+        if self.card.sequence["kind"] == "sbert":
+            return int(hp.get("attn_heads", 8)) * steps * steps
+        return 1
+
+    def call_pixels(self, steps: int) -> int:
+        """The most pixels that go through the model in one call at ``steps`` positions."""
+        cpu_chunk = _SBERT_CPU_CHUNK if self.card.sequence["kind"] == "sbert" else _FULL_CPU_CHUNK
+        return self._call_step(self._per_item(steps), cpu_chunk)
+
+    def batch_cap(self) -> int:
+        """The most pixels per batch on the device path: ``max_batch``, or less after an
+        out-of-memory error."""
+        return min(self.max_batch, self.batch_limit or self.max_batch)
+
+    def halve_batch(self, batch: int, exc: BaseException) -> None:
+        """An out-of-memory error: this and later batches take at most ``batch`` pixels."""
+        self.batch_limit = batch
+        log.warning(
+            "%s on %s ran out of memory (%s); going on with batches of %d pixels",
+            self.card.family,
+            self.device,
+            str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
+            batch,
+        )
+
+    def forward_full(self, xt: torch.Tensor) -> torch.Tensor:
+        """Probabilities (N, C) float32, on the device, of SITS-NN inputs ``xt`` (N, T, 10) float32
+        on the device, in calls within the attention budget (on CPU of at most 512 pixels)."""
+        transformer = self.card.family == "sits-transformer"
+        outs = []
+        with precision_scope(self.device, self.precision):
+            for s in self._chunks(len(xt), self._per_item(xt.shape[1]), _FULL_CPU_CHUNK):
+                self._set_threads()
+                outs.append(self.call(xt[s].transpose(0, 1) if transformer else xt[s]))
+        return torch.cat(outs).float()
+
+    def forward_sbert(
+        self, x: torch.Tensor, doy: torch.Tensor, mask: torch.Tensor, used: np.ndarray
+    ) -> torch.Tensor:
+        """Probabilities (N, C) float32, on the device, of right-aligned SBERT inputs (N, S, ...)
+        (on the device or on the host: each call's part is copied to the device) whose pixels
+        hold ``used`` (N,) observations, sorted by it.
+
+        All padding slots of a pixel are identical rows (data 0, day 0) and masked as keys, so
+        keeping one of them in front gives the same max-pooled result as keeping all of them.  The
+        pixels come sorted by observation count, so each call is trimmed to its own longest
+        sequence: attention cost grows with the square of the length.
+        """
+        size = x.shape[1]
+        keep_all = min(size, int(used.max()) + 1)
+        outs = []
+        with precision_scope(self.device, self.precision):
+            for sl in self._chunks(len(x), self._per_item(keep_all), _SBERT_CPU_CHUNK):
+                keep = min(size, int(used[sl].max()) + 1)
+                args = [
+                    t[sl, -keep:].contiguous().to(self.device, non_blocking=True)
+                    for t in (x, doy, mask)
+                ]
+                self._set_threads()
+                outs.append(self.call(*args))
+        logits = torch.cat(outs).float()
+        if self.card.output_kind == "sigmoid":
+            return torch.sigmoid(logits)
+        return logits.softmax(1)
 
     def _full_batch(self, series: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x, used = full_inputs(series, valid)
         xt = torch.from_numpy(x).to(self.device, non_blocking=True)
-        t = x.shape[1]
-        transformer = self.card.family == "sits-transformer"
-        per_item = int(self.card.hyperparameters.get("nhead", 1)) * t * t if transformer else 1
-        outs = []
-        for s in self._chunks(len(x), per_item, _FULL_CPU_CHUNK):
-            self._set_threads()
-            outs.append(self.module(xt[s].transpose(0, 1) if transformer else xt[s]))
-        return torch.cat(outs).float().cpu().numpy(), used
+        return self.forward_full(xt).cpu().numpy(), used
 
     def _sbert_batch(self, series: np.ndarray, valid: np.ndarray, days: np.ndarray):
         seq = self.card.sequence
         x, doy, mask, used = sbert_inputs(
             series, valid, days, int(seq["seq_len"]), int(seq.get("max_position", 1826))
         )
-        # all padding slots of a pixel are identical rows (data 0, day 0) and masked as keys, so
-        # keeping one of them in front gives the same max-pooled result as keeping all of them.
-        # The pixels come sorted by observation count (see predict), so each chunk of the batch is
-        # trimmed to its own longest sequence: attention cost grows with the square of the length
-        heads = int(self.card.hyperparameters.get("attn_heads", 8))
-        keep_all = min(x.shape[1], int(used.max()) + 1)
-        outs = []
-        for sl in self._chunks(len(x), heads * keep_all * keep_all, _SBERT_CPU_CHUNK):
-            keep = min(x.shape[1], int(used[sl].max()) + 1)
-            xt = torch.from_numpy(np.ascontiguousarray(x[sl, -keep:])).to(
-                self.device, non_blocking=True
-            )
-            dt_ = torch.from_numpy(np.ascontiguousarray(doy[sl, -keep:])).to(
-                self.device, non_blocking=True
-            )
-            mt = torch.from_numpy(np.ascontiguousarray(mask[sl, -keep:])).to(
-                self.device, non_blocking=True
-            )
-            self._set_threads()
-            outs.append(self.module(xt, dt_, mt))
-        logits = torch.cat(outs).float()
-        probs = torch.sigmoid(logits) if self.card.output_kind == "sigmoid" else logits.softmax(1)
+        probs = self.forward_sbert(
+            torch.from_numpy(x), torch.from_numpy(doy), torch.from_numpy(mask), used
+        )
         return probs.cpu().numpy(), used
 
 

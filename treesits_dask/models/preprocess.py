@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import InputDataError
+from ..errors import InputDataError, ModelError
 
-__all__ = ["check_inputs", "day_of_year", "full_inputs", "sbert_inputs"]
+__all__ = ["check_inputs", "day_index_error", "day_of_year", "full_inputs", "sbert_inputs"]
 
 _EPOCH = np.datetime64("1970-01-01", "D")
 
@@ -57,6 +57,16 @@ def _fit_position_table(kept: np.ndarray, days: np.ndarray, max_position: int):
             return first, first_day, t0
         rows = np.flatnonzero(over)
         kept[rows, first[rows]] = False
+
+
+def day_index_error(top: int, max_position: int) -> ModelError:
+    """The error of an SBERT day index ``top`` outside the ``max_position``-row position table."""
+    return ModelError(
+        f"SBERT day index {top} is beyond the model's {max_position}-row position table "
+        "(day-of-year of the first kept observation + days spanned must stay below "
+        f"{max_position}): "
+        "the window is too long for this model; shorten it with --start-date/--end-date"
+    )
 
 
 def sbert_inputs(

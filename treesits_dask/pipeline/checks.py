@@ -6,11 +6,11 @@ can be known from settings, listings, file headers and the checkpoint itself.
 * :func:`check_model`: the checkpoint loads with ``weights_only=True`` into its family with its
   hyper-parameters (a crafted pickle or a checkpoint of another family is refused here, not in
   the first window on a worker);
-* :func:`check_output`: the output can be written, without creating anything.
-
-Per-tile problems (missing QAI files, scene headers on another grid, masks on another grid, no
-scenes in the window) are collected by :mod:`treesits_dask.pipeline.plan`, which leaves those
-tiles out with their reason.
+* :func:`check_output`: the output can be written, without creating anything;
+  :func:`check_not_old_store`: it does not hold a map of the earlier plain-Zarr design;
+* :func:`check_tiles`: the scene headers (QAI files included), grid and mask of each tile to
+  process, many at once; a tile with problems (:func:`tile_problem`) is left out with its reason
+  by :mod:`treesits_dask.pipeline.plan`, the others go on.
 """
 
 from __future__ import annotations
@@ -19,12 +19,29 @@ import importlib.util
 import logging
 
 from ..config import RunConfig
-from ..io import storage
+from ..errors import DiscoveryError, InputDataError, MaskError, OutputError, TreesitsError
+from ..io import masks, storage
+from ..io.cube import scene_problems, tile_grid
 from ..models import ModelCard, ModelSpec
 
-__all__ = ["check_locations", "check_model", "check_output"]
+__all__ = [
+    "TILE_ERRORS",
+    "check_locations",
+    "check_model",
+    "check_not_old_store",
+    "check_output",
+    "check_tiles",
+    "tile_problem",
+]
 
 log = logging.getLogger(__name__)
+
+#: the errors that fail one tile (the others go on)
+TILE_ERRORS = (DiscoveryError, InputDataError, MaskError)
+#: problems of one tile quoted in its error (the rest are counted)
+_SHOWN_PROBLEMS = 3
+#: tiles whose headers are checked at once (each reads many headers at once)
+_TILES_CHECKED_AT_ONCE = 4
 
 
 def check_locations(config: RunConfig) -> None:
@@ -50,3 +67,52 @@ def check_model(spec: ModelSpec) -> ModelCard | None:
 def check_output(output: str) -> None:
     """The output can be written (:func:`storage.check_writable`; nothing is left behind)."""
     storage.check_writable(output)
+
+
+def check_not_old_store(output: str) -> None:
+    """Refuse an output that holds a map of the plain-Zarr design (``predictions.zarr``)."""
+    old = storage.join(output, "predictions.zarr")
+    fs, path = storage.get_fs(old)
+    if fs.exists(path):
+        raise OutputError(
+            f"{output} holds a map written by an older treesits_dask ({old}, plain Zarr); this "
+            "version keeps a versioned map (map.icechunk): write to another --output"
+        )
+
+
+def tile_problem(tile: str, problems: list[str]) -> InputDataError:
+    """One error for the problems of one tile: the first few quoted, the rest counted."""
+    shown = "; ".join(problems[:_SHOWN_PROBLEMS])
+    more = len(problems) - _SHOWN_PROBLEMS
+    return InputDataError(
+        f"tile {tile}: {shown}"
+        + (f" (and {more} more problem(s) of the same tile)" if more > 0 else "")
+    )
+
+
+def check_tiles(config: RunConfig, definition, staged: list, invalid: dict) -> list[tuple]:
+    """``(staged tile, grid, mask source)`` of the tiles whose scene headers (QAI files
+    included), grid and mask are right; the others go into ``invalid`` with their problems.
+    Tiles are checked a few at a time, each reading many headers at once (remote headers cost a
+    round trip each)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def check(st):
+        try:
+            grid = tile_grid(definition, st.scenes[0])
+            problems = scene_problems(st.scenes, grid, config.qai_flags, st.known)
+            if problems:
+                raise tile_problem(st.tile, problems)
+            mask = masks.mask_source(st.mask_url, grid) if st.mask_url else None
+        except TILE_ERRORS as exc:
+            return st, exc
+        return st, (grid, mask)
+
+    checked = []
+    with ThreadPoolExecutor(max(1, min(_TILES_CHECKED_AT_ONCE, len(staged)))) as pool:
+        for st, found in pool.map(check, staged):
+            if isinstance(found, TreesitsError):
+                invalid[st.tile] = found
+            else:
+                checked.append((st, *found))
+    return checked

@@ -149,9 +149,14 @@ def _heterogeneous_local_cluster(config: RunConfig):
         for i in range(kw["n_workers"])
     }
     for i in range(config.local_gpu_workers):
+        # one thread per window in flight (each inference task takes 1 / windows of GPU=1)
         workers[f"gpu-{i}"] = {
             "cls": Nanny,
-            "options": {"nthreads": 1, "resources": {"GPU": 1}, "memory_limit": kw["memory_limit"]},
+            "options": {
+                "nthreads": config.gpu_windows_in_flight,
+                "resources": {"GPU": 1},
+                "memory_limit": kw["memory_limit"],
+            },
         }
     return SpecCluster(
         workers=workers,
@@ -172,7 +177,13 @@ class Routing:
         return self.predict is not None
 
 
-_GPU_ROUTING = Routing(read={READ_RESOURCE: 1}, predict={GPU_RESOURCE: 1})
+def _gpu_routing(config: RunConfig, route_reads: bool = True) -> Routing:
+    """Reads on ``CPU`` workers, inference on ``GPU`` ones: each inference task takes its share
+    of a GPU (``gpu_windows_in_flight`` windows per GPU at once)."""
+    return Routing(
+        read={READ_RESOURCE: 1} if route_reads else None,
+        predict={GPU_RESOURCE: config.gpu_task_share},
+    )
 
 
 def declared_routing(config: RunConfig) -> Routing | None:
@@ -182,10 +193,10 @@ def declared_routing(config: RunConfig) -> Routing | None:
     ``read_on`` is the one that advertises it, so reads never land on the other group.
     """
     if config.cluster == "kubernetes":
-        return _GPU_ROUTING if config.kubernetes.gpu.enabled else Routing()
+        return _gpu_routing(config) if config.kubernetes.gpu.enabled else Routing()
     if config.scheduler_address:
         return None
-    return _GPU_ROUTING if config.local_gpu_workers else Routing()
+    return _gpu_routing(config) if config.local_gpu_workers else Routing()
 
 
 def routing_for(config: RunConfig, workers: dict[str, dict]) -> Routing:
@@ -203,8 +214,7 @@ def routing_for(config: RunConfig, workers: dict[str, dict]) -> Routing:
             GPU_RESOURCE,
             READ_RESOURCE,
         )
-    read = {READ_RESOURCE: 1} if READ_RESOURCE in advertised else None
-    return Routing(read=read, predict={GPU_RESOURCE: 1})
+    return _gpu_routing(config, route_reads=READ_RESOURCE in advertised)
 
 
 def needs_for(config: RunConfig, routing: Routing) -> list[WorkerNeed]:
@@ -282,8 +292,15 @@ def describe(config: RunConfig) -> dict:
             "read_on": k.read_on,
             "tls": k.tls,
             "kube_version": k.kube_version,
+            "gpu_windows_in_flight": config.gpu_windows_in_flight,
             "concurrent_tasks": max(
-                1, most(k.cpu) * k.cpu.threads + (most(k.gpu) if k.gpu.enabled else 0)
+                1,
+                most(k.cpu) * k.cpu.threads
+                + (
+                    most(k.gpu) * min(k.gpu.threads, int(k.gpu.gpus) * config.gpu_windows_in_flight)
+                    if k.gpu.enabled
+                    else 0
+                ),
             ),
         }
     kw = local_cluster_kwargs(config)
@@ -293,8 +310,9 @@ def describe(config: RunConfig) -> dict:
             "cpu_workers": kw["n_workers"],
             "gpu_workers": config.local_gpu_workers,
             "threads_per_worker": kw["threads_per_worker"],
+            "gpu_windows_in_flight": config.gpu_windows_in_flight,
             "concurrent_tasks": kw["n_workers"] * kw["threads_per_worker"]
-            + config.local_gpu_workers,
+            + config.local_gpu_workers * config.gpu_windows_in_flight,
         }
     return {
         "kind": "LocalCluster",

@@ -20,29 +20,24 @@ from ..errors import (
     ConfigError,
     DiscoveryError,
     InputDataError,
-    MaskError,
-    OutputError,
     TreesitsError,
 )
 from ..io import discovery, masks, storage
-from ..io.cube import scene_problems, tile_grid
 from ..io.grid import TileGrid, WindowLayout, choose_window_shape
 from ..models import ModelCard, ModelSpec, effective_window, read_card
 from ..outputs import cog
 from ..outputs.repo import MapRepo
 from ..outputs.schema import OutputGrid, TileRegion
 from ..state import ledger
+from .checks import TILE_ERRORS, check_tiles, tile_problem
 
 __all__ = ["TILE_ERRORS", "RunPlan", "TilePlan", "make_plan", "tile_problem"]
 
 log = logging.getLogger(__name__)
 
 #: errors that concern one tile only: the tile is left out with its reason, the others go on
-TILE_ERRORS = (DiscoveryError, InputDataError, MaskError)
 #: problems of one tile quoted in its message (the rest are counted)
-_SHOWN_PROBLEMS = 3
 #: tiles whose scene headers are checked at the same time (each with many reads at once)
-_TILES_CHECKED_AT_ONCE = 4
 
 
 @dataclass(frozen=True)
@@ -145,16 +140,21 @@ class RunPlan:
 
 
 def _settings_digest(config: RunConfig) -> str:
-    """The settings that change output values (not chunking, batching or the cluster)."""
-    return ledger.config_digest(
-        {
-            "model_family": config.model_family,
-            "qai": sorted(set(config.qai_flags)),  # the flags as a set: their order means nothing
-            "sensors": sorted(config.sensors),
-            "start_date": config.start_date,
-            "end_date": config.end_date,
-        }
-    )
+    """The settings that change output values (not chunking, batching or the cluster).
+
+    ``precision`` enters only when it is not ``fp32`` (the digest of the fp32 default stays as
+    it was before the setting existed).
+    """
+    settings = {
+        "model_family": config.model_family,
+        "qai": sorted(set(config.qai_flags)),  # the flags as a set: their order means nothing
+        "sensors": sorted(config.sensors),
+        "start_date": config.start_date,
+        "end_date": config.end_date,
+    }
+    if config.precision != "fp32":
+        settings["precision"] = config.precision
+    return ledger.config_digest(settings)
 
 
 def _model_digest(spec: ModelSpec, card: ModelCard) -> str:
@@ -228,16 +228,6 @@ def _stage(
     )
 
 
-def tile_problem(tile: str, problems: list[str]) -> InputDataError:
-    """One error for the problems of one tile: the first few quoted, the rest counted."""
-    shown = "; ".join(problems[:_SHOWN_PROBLEMS])
-    more = len(problems) - _SHOWN_PROBLEMS
-    return InputDataError(
-        f"tile {tile}: {shown}"
-        + (f" (and {more} more problem(s) of the same tile)" if more > 0 else "")
-    )
-
-
 def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
     """Discover the cube, read the model card, compare with the ledger, check everything that can
     be checked on the driver (see the module's docstring).
@@ -246,12 +236,12 @@ def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
     Problems of the whole run (settings, access, checkpoint, output) raise; problems of one tile
     leave it out (:attr:`RunPlan.invalid`).
     """
-    from .checks import check_locations, check_model, check_output
+    from .checks import check_locations, check_model, check_not_old_store, check_output
 
     config.require_model()
     skip_done = (not config.force) if skip_done is None else skip_done
     check_locations(config)
-    _refuse_old_store(config.output)
+    check_not_old_store(config.output)
     definition = discovery.read_cube_definition(config.cube)
     all_tiles = discovery.list_tiles(config.cube)
     tiles = discovery.select_tiles(config.cube, config.tiles)
@@ -287,7 +277,7 @@ def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
     if staged:  # the run's own checks, before any per-tile header is read
         check_model(spec)
         check_output(config.output)
-    checked = _checked(config, definition, staged, invalid)
+    checked = check_tiles(config, definition, staged, invalid)
     if not checked:
         return RunPlan(window_shape=stored.chunk if stored else (0, 0), tiles=[],
                        output_grid=stored, **common)  # fmt: skip
@@ -317,16 +307,6 @@ def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
     return RunPlan(window_shape=window_shape, tiles=plans, output_grid=output_grid, **common)
 
 
-def _refuse_old_store(output: str) -> None:
-    old = storage.join(output, "predictions.zarr")
-    fs, path = storage.get_fs(old)
-    if fs.exists(path):
-        raise OutputError(
-            f"{output} holds a map written by an older treesits_dask ({old}, plain Zarr); this "
-            "version keeps a versioned map (map.icechunk): write to another --output"
-        )
-
-
 def _window_shape(
     config: RunConfig, stored: OutputGrid | None, first: TileGrid, n_scenes: int
 ) -> tuple[int, int]:
@@ -341,34 +321,6 @@ def _window_shape(
             "write to another --output"
         )
     return tuple(stored.chunk)
-
-
-def _checked(config: RunConfig, definition, staged: list[_Staged], invalid: dict) -> list[tuple]:
-    """``(staged tile, grid, mask source)`` of the tiles whose scene headers (QAI files
-    included), grid and mask are right; the others go into ``invalid`` with their problems.
-    Tiles are checked a few at a time, each reading many headers at once (remote headers cost a
-    round trip each)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def check(st: _Staged):
-        try:
-            grid = tile_grid(definition, st.scenes[0])
-            problems = scene_problems(st.scenes, grid, config.qai_flags, st.known)
-            if problems:
-                raise tile_problem(st.tile, problems)
-            mask = masks.mask_source(st.mask_url, grid) if st.mask_url else None
-        except TILE_ERRORS as exc:
-            return st, exc
-        return st, (grid, mask)
-
-    checked = []
-    with ThreadPoolExecutor(max(1, min(_TILES_CHECKED_AT_ONCE, len(staged)))) as pool:
-        for st, found in pool.map(check, staged):
-            if isinstance(found, TreesitsError):
-                invalid[st.tile] = found
-            else:
-                checked.append((st, *found))
-    return checked
 
 
 def _output_grid(

@@ -15,6 +15,7 @@ import functools
 import logging
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -22,14 +23,15 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from ..io.cube import NODATA, READS_IN_PROGRESS, InProgress
 from ..models import ModelSpec
 from ..outputs.schema import DTYPES, empty_outputs, pack_outputs
+from .devices import device_lock, device_pool
 
 __all__ = [
     "FORWARDS_IN_PROGRESS",
-    "DevicePool",
+    "Inference",
     "ModelPlugin",
     "annotate",
-    "device_pool",
     "get_predictor",
+    "inference_stats",
     "load_count",
     "malloc_tuned",
     "predict_block",
@@ -41,15 +43,30 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_CACHE: dict[tuple[ModelSpec, str], object] = {}
+
+@dataclass(frozen=True)
+class Inference:
+    """How workers run the model, beside its device: ``precision`` (``fp32``, ``tf32``,
+    ``bf16``), ``compile`` (``torch.compile``) and ``max_batch`` (the most pixels per batch on an
+    accelerator, where the batch is chosen from the free device memory).  Small and hashable:
+    shipped in task graphs and part of the model cache key."""
+
+    precision: str = "fp32"
+    compile: bool = False
+    max_batch: int = 65536
+
+    @classmethod
+    def of(cls, config) -> Inference:
+        """The inference settings of a :class:`~treesits_dask.config.RunConfig`."""
+        return cls(config.precision, config.torch_compile, config.gpu_batch_max)
+
+
+_CACHE: dict[tuple[ModelSpec, str, Inference], object] = {}
 _LOCK = threading.Lock()
 _LOADS = 0
-# On an accelerator one forward pass runs at a time per device (its memory is sized for one),
-# while the worker's other threads read the next windows; a worker with several GPUs runs one
-# forward on each (DevicePool).  On CPU every worker thread runs its own forward and the worker's
-# cores are shared out among them and the reads (see ModelPlugin).
-_DEVICE_LOCKS: dict[str, threading.Lock] = {}
-_POOLS: dict[str, DevicePool | None] = {}
+# On an accelerator one forward runs at a time per device, the other windows in flight select
+# their pixels beside it (pipeline.devices).  On CPU every worker thread runs its own forward and
+# the worker's cores are shared out among them and the reads (see ModelPlugin).
 #: CPU forwards running in this process right now (see :func:`threads_for_forward`)
 FORWARDS_IN_PROGRESS = InProgress()
 #: glibc allocator thresholds of inference workers (see :func:`tune_malloc`)
@@ -60,57 +77,11 @@ _MALLOC_TUNED = False
 _CPU_THREADS: int | None = None
 
 
-class DevicePool:
-    """The accelerators of one worker process: each forward takes a free one and gives it back,
-    so concurrent inference tasks (one per advertised ``GPU``) run on different devices, and a
-    device never runs two forwards at once."""
-
-    def __init__(self, devices: list[str]):
-        if not devices:
-            raise ValueError("a device pool needs at least one device")
-        self.devices = list(devices)
-        self._free = list(devices)
-        self._cond = threading.Condition()
-
-    @contextlib.contextmanager
-    def take(self):
-        """``with pool.take() as device:`` a device no other forward of this process uses."""
-        with self._cond:
-            while not self._free:
-                self._cond.wait()
-            device = self._free.pop(0)
-        try:
-            yield device
-        finally:
-            with self._cond:
-                self._free.append(device)
-                self._cond.notify()
-
-
-def device_pool(device: str) -> DevicePool | None:
-    """The process's pool of accelerators for the ``device`` setting (None on CPU)."""
-    if device not in _POOLS:
-        with _LOCK:
-            if device not in _POOLS:
-                from ..models.loading import visible_devices
-
-                devices = visible_devices(device)
-                _POOLS[device] = None if devices == ["cpu"] else DevicePool(devices)
-    return _POOLS[device]
-
-
-def _device_lock(device: str) -> threading.Lock:
-    lock = _DEVICE_LOCKS.get(device)
-    if lock is None:
-        with _LOCK:
-            lock = _DEVICE_LOCKS.setdefault(device, threading.Lock())
-    return lock
-
-
-def get_predictor(spec: ModelSpec, device: str = "auto"):
+def get_predictor(spec: ModelSpec, device: str = "auto", inference: Inference | None = None):
     """The model for ``spec``, loaded once per process and kept on its device."""
     global _LOADS
-    key = (spec, device)
+    inference = inference or Inference()
+    key = (spec, device, inference)
     model = _CACHE.get(key)
     if model is None:
         with _LOCK:
@@ -119,18 +90,50 @@ def get_predictor(spec: ModelSpec, device: str = "auto"):
                 from ..models import load_model
 
                 t0 = time.perf_counter()
-                model = load_model(spec, device=device)
+                model = load_model(
+                    spec,
+                    device=device,
+                    precision=inference.precision,
+                    compile=inference.compile,
+                    max_batch=inference.max_batch,
+                )
                 _share_cores(model)
                 _CACHE[key] = model
                 _LOADS += 1
                 log.info(
-                    "loaded %s model %s on %s in %.2fs",
+                    "loaded %s model %s on %s (%s) in %.2fs",
                     spec.family,
                     spec.uri,
                     model.device,
+                    inference.precision,
                     time.perf_counter() - t0,
                 )
     return model
+
+
+def inference_stats() -> list[dict]:
+    """What the models of this process did: device, precision, feed, the batch chosen for the
+    last window, the batch limit an out-of-memory error set, and the peak device memory (CUDA).
+    Collected from every worker into the run report."""
+    out = []
+    for (spec, _device, inference), model in list(_CACHE.items()):
+        dev = getattr(model, "device", None)
+        entry = {
+            "model": spec.uri,
+            "device": str(dev),
+            "precision": inference.precision,
+            "compile": inference.compile,
+            "feed": getattr(model, "feed", None),
+            "last_batch": getattr(model, "last_batch", None),
+            "batch_limit_after_oom": getattr(model, "batch_limit", None),
+            "peak_device_memory_mib": None,
+        }
+        if getattr(dev, "type", None) == "cuda":
+            import torch
+
+            entry["peak_device_memory_mib"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+        out.append(entry)
+    return out
 
 
 def _share_cores(predictor) -> None:
@@ -243,7 +246,7 @@ def predict_block(
         return out
     device = getattr(predictor, "device", None)
     on_cpu = getattr(device, "type", "cpu") == "cpu"
-    with FORWARDS_IN_PROGRESS if on_cpu else _device_lock(str(device)):
+    with FORWARDS_IN_PROGRESS if on_cpu else device_lock(str(device)):
         probs, n_used = predictor.predict(
             series, valid_sel, np.asarray(days), batch_size=batch_size
         )
@@ -257,18 +260,18 @@ def predict_block(
     return out
 
 
-def _predict_packed(block, mask, days, spec, device, batch_size):
+def _predict_packed(block, mask, days, spec, device, batch_size, inference=None):
     pool = device_pool(device)
     if pool is None:
-        predictor = get_predictor(spec, device)
+        predictor = get_predictor(spec, device, inference)
         return pack_outputs(predict_block(block, mask, days, predictor, batch_size=batch_size))
-    with pool.take() as one:  # one device per concurrent inference task (worker thread)
-        predictor = get_predictor(spec, one)
+    with pool.take() as one:  # the least busy device of this worker
+        predictor = get_predictor(spec, one, inference)
         return pack_outputs(predict_block(block, mask, days, predictor, batch_size=batch_size))
 
 
-def _predict_packed_nomask(block, days, spec, device, batch_size):
-    return _predict_packed(block, None, days, spec, device, batch_size)
+def _predict_packed_nomask(block, days, spec, device, batch_size, inference=None):
+    return _predict_packed(block, None, days, spec, device, batch_size, inference)
 
 
 def annotate(resources: dict | None):
@@ -287,12 +290,14 @@ def predict_layer(
     device: str,
     batch_size: int,
     resources: dict | None = None,
+    inference: Inference | None = None,
 ):
     """Lazy dask array (n_classes + 3, y, x) float32: the packed outputs of every window of a
     tile (see :func:`~treesits_dask.outputs.schema.pack_outputs`).
 
     ``data`` is the tile cube (time, band, y, x), ``mask`` a (y, x) bool array chunked like it or
-    None.  With ``resources`` (e.g. ``{"GPU": 1}``) the tasks carry that Dask resource: only
+    None.  With ``resources`` (e.g. ``{"GPU": 0.5}``: half a GPU, so that a worker advertising
+    ``GPU=1`` holds two windows at once) the tasks carry that Dask resource: only
     workers that advertise it run inference (the graph must then be computed without
     optimisation, see ``pipeline.run``).
     """
@@ -304,6 +309,7 @@ def predict_layer(
         spec=spec,
         device=device,
         batch_size=batch_size,
+        inference=inference or Inference(),
         dtype=np.float32,
         concatenate=True,
         meta=meta,
@@ -331,11 +337,13 @@ class ModelPlugin(WorkerPlugin):
         device: str = "auto",
         torch_threads: int | None = None,
         resource: str | None = None,
+        inference: Inference | None = None,
     ):
         self.spec = spec
         self.device = device
         self.torch_threads = torch_threads
         self.resource = resource  # only workers advertising it run inference (e.g. "GPU")
+        self.inference = inference or Inference()
 
     def setup(self, worker=None):  # noqa: D401 - dask WorkerPlugin hook
         global _CPU_THREADS
@@ -367,7 +375,7 @@ class ModelPlugin(WorkerPlugin):
         torch.set_num_threads(threads)
         pool = device_pool(self.device)
         for device in pool.devices if pool is not None else [self.device]:
-            get_predictor(self.spec, device)
+            get_predictor(self.spec, device, self.inference)
 
     def _load_ahead(self, threads: int) -> None:
         try:

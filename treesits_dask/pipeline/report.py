@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 from ..io import storage
 from ..version import __version__
 
-__all__ = ["RunResult", "StageClock", "performance_report", "stage_seconds", "write_summary"]
+__all__ = [
+    "RunResult",
+    "StageClock",
+    "collect_inference",
+    "performance_report",
+    "run_settings",
+    "stage_seconds",
+    "write_summary",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +64,39 @@ class RunResult:
     version: str | None = None
     #: what stopped the run before its end (a signal, an error that is not a tile's), or None
     interrupted: str | None = None
+    #: how the model ran (device, precision, torch.compile, GPU batch settings; see run_settings)
+    settings: dict = field(default_factory=dict)
+    #: per worker that holds a model: device, precision, the batch it chose, OOM back-off, peak
+    #: device memory (see :func:`collect_inference`)
+    inference: dict[str, list] = field(default_factory=dict)
 
     @property
     def pixels_predicted(self) -> int:
         return sum(t["pixels_predicted"] for t in self.tiles.values())
+
+
+def run_settings(config) -> dict:
+    """The settings of how the model runs, for the run report (``settings`` in run.json)."""
+    return {
+        "model_family": config.model_family,
+        "device": config.device,
+        "precision": config.precision,
+        "torch_compile": config.torch_compile,
+        "batch_size": config.batch_size,
+        "gpu_batch_max": config.gpu_batch_max,
+        "gpu_windows_in_flight": config.gpu_windows_in_flight,
+    }
+
+
+def collect_inference(client, stats) -> dict[str, list]:
+    """``stats()`` (:func:`treesits_dask.pipeline.predict.inference_stats`) of every worker that
+    holds a model; empty (with a warning) when the workers cannot be asked."""
+    try:
+        per_worker = client.run(stats)
+    except Exception as exc:  # noqa: BLE001 - the report never fails a run
+        log.warning("no inference statistics in run.json: %s", exc)
+        return {}
+    return {w: v for w, v in per_worker.items() if v}
 
 
 def write_summary(output: str, result: RunResult, started: dt.datetime) -> None:
@@ -79,6 +116,8 @@ def write_summary(output: str, result: RunResult, started: dt.datetime) -> None:
         },
         # task compute seconds per stage, summed over all worker threads (not wall-clock time)
         "stages": result.stages,
+        "settings": result.settings,
+        "inference": result.inference,
         "performance_report": (
             storage.join(result.report_dir, "dask-report.html") if result.report_dir else None
         ),

@@ -1,15 +1,16 @@
-"""``run(config)``: the wiring of one run, and its scheduling.
+"""``run(config)``: the wiring of one run, from its plan to its report.
 
 Each stage owns its Dask layer: :func:`~treesits_dask.io.cube.tile_cube` reads,
 :func:`~treesits_dask.pipeline.predict.predict_layer` predicts,
 :func:`~treesits_dask.outputs.store.write_layer` writes, and :func:`tile_graph` only chains them.
 
-The scheduling here keeps a bounded number of tiles in flight.  The windows of a tile are written
-into forks of one session of the map repository (:mod:`treesits_dask.outputs.repo`); when its
-last window is written, the driver checks that the tile's inputs did not change, merges the forks
-and commits the tile's data and record together (a tile is complete in the map or absent), then
-writes its COGs from that commit.  At the end: the mosaics, a version tag for the run, and
-``run.json``, which is written whatever happens (also on SIGTERM).
+The scheduling (:mod:`treesits_dask.pipeline.schedule`) keeps a bounded number of tiles in
+flight.  The windows of a tile are written into forks of one session of the map repository
+(:mod:`treesits_dask.outputs.repo`); when its last window is written, the driver checks that the
+tile's inputs did not change, merges the forks and commits the tile's data and record together (a
+tile is complete in the map or absent), then writes its COGs from that commit.  Here: the lease,
+the map's layout, at the end the mosaics and a version tag for the run, and ``run.json``, which is
+written whatever happens (also on SIGTERM).
 """
 
 from __future__ import annotations
@@ -18,36 +19,27 @@ import datetime as dt
 import logging
 import os
 import time
-import traceback
-
-import numpy as np
 
 from ..config import RunConfig
 from ..errors import InputDataError, TreesitsError
 from ..io import discovery, masks, storage
-from ..io.cube import days_since_epoch, tile_cube
-from ..io.masks import open_mask
-from ..io.remote import clear_gdal_cache
-from ..outputs import cog, store
+from ..outputs import cog
 from ..outputs.repo import MapRepo, write_tile_cogs
-from ..outputs.schema import OutputGrid
-from ..state import ledger
 from ..state.lease import Lease
 from ..version import __version__
 from .cluster import (
-    EnvPlugin,
-    Routing,
-    TaskErrorLog,
     connect,
-    declared_routing,
-    needs_for,
-    routing_for,
-    wait_for_workers,
     worker_environment,
 )
-from .plan import RunPlan, TilePlan, make_plan
-from .predict import ModelPlugin, annotate, predict_layer
-from .report import RunResult, StageClock, performance_report, write_summary
+from .plan import RunPlan, make_plan
+from .report import (
+    RunResult,
+    StageClock,
+    performance_report,
+    run_settings,
+    write_summary,
+)
+from .schedule import Job, RunCallbacks, run_tiles, tile_graph
 
 __all__ = ["RunCallbacks", "RunError", "RunResult", "run", "tile_graph", "update"]
 
@@ -56,54 +48,6 @@ log = logging.getLogger(__name__)
 
 class RunError(TreesitsError):
     """One or more tiles failed; the others finished."""
-
-
-class RunCallbacks:
-    """Progress hooks of :func:`run`; the CLI and notebooks pass their own (tqdm etc.)."""
-
-    def planned(self, plan: RunPlan) -> None:
-        """The run is planned: which tiles are processed (and why) and which are skipped."""
-
-    def start(self, total_windows: int, dashboard_link: str | None) -> None:
-        """Windows are about to be submitted to the cluster."""
-
-    def window_done(self, tile: str) -> None:
-        """One window of ``tile`` was predicted and written."""
-
-    def tile_done(self, tile: str, stats: dict) -> None:
-        """All outputs of ``tile`` are written and it is committed to the map."""
-
-    def tile_failed(self, tile: str, error: str) -> None:
-        """``tile`` failed; the other tiles go on."""
-
-
-def tile_graph(plan: RunPlan, tile: TilePlan, session, routing: Routing | None = None):
-    """The tasks of one tile: read, predict and write every window into ``session`` (a fork of
-    the tile's session of the map).  Returns the keys of the write tasks (each results in the
-    fork with the window's changes and the window's statistics) and the graph.
-
-    ``routing`` (default: what the settings declare) gives the resource annotations: on
-    heterogeneous clusters reads only where ``CPU`` is advertised, inference only where ``GPU``.
-    """
-    cfg = plan.config
-    routing = routing or declared_routing(cfg) or Routing()
-    with annotate(routing.read):
-        mask = open_mask(tile.mask, tile.grid, tile.layout) if tile.mask else None
-        cube = tile_cube(tile.scenes, tile.grid, tile.layout, cfg.qai_flags, mask=mask)
-    days = days_since_epoch([s.date for s in tile.scenes])
-    packed = predict_layer(
-        cube.data,
-        mask,
-        days,
-        plan.spec,
-        plan.card.n_classes,
-        cfg.device,
-        cfg.batch_size,
-        resources=routing.predict,
-    )
-    return store.write_layer(
-        packed, session, tile.region, tile.layout, plan.output_grid.variables()
-    )
 
 
 def run(
@@ -148,6 +92,7 @@ def run(
         skipped=dict(plan.skipped),
         reasons={t.tile: list(t.reasons) for t in plan.tiles},
         failed={t: str(e) for t, e in plan.invalid.items()},
+        settings=run_settings(config),
     )
     for tile, error in result.failed.items():
         cb.tile_failed(tile, error)
@@ -222,7 +167,7 @@ def _process(
                 {"model_family": plan.card.family, "model": storage.basename(plan.spec.uri),
                  "treesits_dask_version": __version__},
             )  # fmt: skip
-            job = _Job(plan, grid, run_id, lease)
+            job = Job(plan, grid, run_id, lease)
             if client is None:
                 with connect(config) as c:
                     _run_reported(job, c, cb, result)
@@ -258,6 +203,14 @@ def _repair(plan: RunPlan, result: RunResult, started: dt.datetime, t0: float) -
             write_summary(config.output, result, started)
 
 
+def _run_reported(job: Job, client, cb: RunCallbacks, result: RunResult) -> None:
+    """:func:`~treesits_dask.pipeline.schedule.run_tiles` inside a Dask performance report,
+    published to ``result.report_dir``."""
+    with performance_report(client, result.report_dir):
+        clock = StageClock(client, result.stages)
+        run_tiles(job, client, cb, result, clock)
+
+
 def _tag_committed(plan: RunPlan, result: RunResult, run_id: str) -> None:
     """An interrupted run's committed tiles are a version too (never fails)."""
     if result.tiles and result.version is None:
@@ -277,211 +230,3 @@ def _finish_run(plan: RunPlan, result: RunResult, run_id: str, lease: Lease) -> 
             cog.write_mosaics(config.output, tiles)
     if result.tiles:
         result.version = plan.repo.tag_run(run_id)
-
-
-def _run_reported(job: _Job, client, cb: RunCallbacks, result: RunResult) -> None:
-    """:func:`_run_tiles` inside a Dask performance report, published to ``result.report_dir``."""
-    with performance_report(client, result.report_dir):
-        clock = StageClock(client, result.stages)
-        _run_tiles(job, client, cb, result, clock)
-
-
-class _Job:
-    """What the tasks of a run share: the plan, the map's grid, the run id and the lease."""
-
-    def __init__(self, plan: RunPlan, grid: OutputGrid, run_id: str, lease: Lease):
-        self.plan, self.grid, self.run_id, self.lease = plan, grid, run_id, lease
-
-
-class _Scheduler:
-    """Submits the tiles of a plan, a bounded number at a time, and follows their futures:
-    windows -> commit (driver) -> COGs; COG-only tiles go straight to their COGs."""
-
-    def __init__(
-        self, job: _Job, client, cb: RunCallbacks, result: RunResult, clock, routing: Routing
-    ):
-        from distributed import as_completed
-
-        self.job, self.plan, self.routing = job, job.plan, routing
-        self.client, self.cb, self.result, self.clock = client, cb, result, clock
-        self.pending = list(self.plan.tiles)
-        self.state: dict[str, dict] = {}
-        self.owner: dict = {}
-        self.ac = as_completed()
-
-    def submit(self, tile: TilePlan) -> None:
-        from dask.delayed import Delayed
-
-        self.job.lease.check()  # a driver that lost its lease submits nothing more
-        gpu = self.routing.gpu
-        session, fork = self.plan.repo.tile_session()
-        keys, graph = tile_graph(self.plan, tile, fork, self.routing)
-        # annotated graphs must not be optimised: fusion drops or merges the resource annotations
-        delayed = [Delayed(k, graph, layer=k[0]) for k in keys]
-        futures = self.client.compute(delayed, optimize_graph=not gpu)
-        self.state[tile.tile] = {
-            "plan": tile, "left": len(futures), "stats": [], "forks": [], "session": session,
-            "t0": time.perf_counter(), "futures": futures,
-        }  # fmt: skip
-        for f in futures:
-            self._follow(f, tile.tile, "window")
-
-    def submit_cogs(self, tile: str, record: dict, snapshot: str) -> None:
-        """COGs of a finished tile from the map at ``snapshot``."""
-        f = self.client.submit(
-            write_tile_cogs, self.plan.config.output, snapshot, MapRepo.region(tile, record),
-            self.job.grid, record["record_id"], pure=False, key=f"cog-{tile}-{time.time_ns()}",
-        )  # fmt: skip
-        self.state.setdefault(tile, {"futures": [], "t0": time.perf_counter()})
-        self.state[tile]["futures"].append(f)
-        self._follow(f, tile, "cog")
-
-    def _follow(self, future, tile: str, kind: str) -> None:
-        self.owner[future.key] = (tile, kind)
-        self.ac.add(future)
-
-    def fail(self, tile: str, exc: BaseException) -> None:
-        st = self.state.pop(tile, None)
-        if st is None:
-            return
-        self.client.cancel(st["futures"])
-        if isinstance(exc, TreesitsError):  # an input problem: its message names file and fix
-            msg = str(exc)
-            log.error("tile %s failed: %s", tile, msg)
-        else:  # a bug or an environment failure: keep the traceback (log and run report)
-            msg = f"{type(exc).__name__}: {exc}"
-            self.result.tracebacks[tile] = "".join(traceback.format_exception(exc))
-            log.error("tile %s failed: %s", tile, msg, exc_info=exc)
-        self.result.failed[tile] = msg
-        self.cb.tile_failed(tile, msg)
-
-    def windows_written(self, tile: str) -> None:
-        """All windows of ``tile`` are in its forks: commit it, then its COGs."""
-        st = self.state[tile]
-        record = _checked_record(self.job, st)
-        self.job.lease.check()  # a driver that lost its lease commits nothing
-        snapshot = self.plan.repo.commit_tile(
-            st["session"], st["forks"], tile, record,
-            {"run": self.job.run_id, "reasons": list(st["plan"].reasons),
-             "scenes": len(st["plan"].scenes), "model_digest": self.plan.model_digest,
-             "config_digest": self.plan.config_digest},
-        )  # fmt: skip
-        st["record"] = record
-        if self.plan.config.cog:
-            self.submit_cogs(tile, record, snapshot)
-        else:
-            self.done(tile)
-
-    def done(self, tile: str) -> None:
-        st = self.state.pop(tile)
-        if "record" in st:  # processed
-            stats = {**st["record"]["stats"], "seconds": round(time.perf_counter() - st["t0"], 3)}
-            self.result.tiles[tile] = stats
-            log.info(
-                "tile %s: %d scenes, %d windows, %d pixels predicted, %.1f s",
-                tile, stats["scenes"], stats["windows"], stats["pixels_predicted"],
-                stats["seconds"],
-            )  # fmt: skip
-            self.cb.tile_done(tile, stats)
-        else:  # COGs rebuilt from the map
-            self.result.cogs_rebuilt.append(tile)
-
-    def on_result(self, tile: str, kind: str, future) -> None:
-        st = self.state[tile]
-        if kind == "window":
-            fork, stats = future.result()
-            st["forks"].append(fork)
-            st["stats"].append(stats)
-            st["left"] -= 1
-            self.cb.window_done(tile)
-            if not st["left"]:
-                self.windows_written(tile)
-        elif kind == "cog":
-            future.result()
-            self.done(tile)
-
-    def fill(self) -> None:
-        while self.pending and len(self.state) < self.plan.config.tiles_in_flight:
-            self.submit(self.pending.pop(0))
-
-    def loop(self) -> None:
-        snapshot = None
-        for tile, record in self.plan.cogs_missing.items():
-            snapshot = snapshot or self.plan.repo.repo.lookup_branch("main")
-            self.submit_cogs(tile, record, snapshot)
-        self.fill()
-        for future in self.ac:
-            tile, kind = self.owner.pop(future.key, (None, None))
-            if tile not in self.state:
-                continue
-            try:
-                if future.status in ("error", "cancelled"):
-                    future.result()  # raises the task's error
-                self.on_result(tile, kind, future)
-            except Exception as exc:  # noqa: BLE001 - reported per tile, other tiles go on
-                self.fail(tile, exc)
-            if tile not in self.state:
-                if self.clock is not None:
-                    self.clock.pull()
-                self.fill()
-
-
-def _run_tiles(job: _Job, client, cb: RunCallbacks, result: RunResult, clock=None) -> None:
-    plan = job.plan
-    cfg = plan.config
-    # GDAL/S3 settings on every worker (also of a cluster this run did not start, and ones that join
-    # later); credentials stay in each worker's own environment
-    client.register_plugin(EnvPlugin(worker_environment(cfg)))
-    client.register_plugin(TaskErrorLog())
-    # the same routing on every kind of cluster (also a standing one behind scheduler_address),
-    # and the groups it needs must have workers before any work waits for them
-    routing = routing_for(cfg, client.scheduler_info(n_workers=-1)["workers"])
-    wait_for_workers(client, needs_for(cfg, routing), cfg.workers_timeout)
-    log.info(
-        "routing: reads %s, inference %s", routing.read or "anywhere", routing.predict or "anywhere"
-    )
-    # workers that outlive a run must not serve scene bytes GDAL cached before files were replaced
-    client.run(clear_gdal_cache)
-    resource = next(iter(routing.predict)) if routing.predict else None
-    client.register_plugin(ModelPlugin(plan.spec, cfg.device, cfg.threads_per_worker, resource))
-    cb.start(
-        sum(plan.windows_per_tile(t) for t in plan.tiles), getattr(client, "dashboard_link", None)
-    )
-    _Scheduler(job, client, cb, result, clock, routing).loop()
-
-
-def _checked_record(job: _Job, st: dict) -> dict:
-    """The record of a tile whose windows are written, after checking that its inputs did not
-    change while it was read (else :class:`InputDataError`: nothing is committed)."""
-    tp: TilePlan = st["plan"]
-    plan = job.plan
-    cfg = plan.config
-    now = discovery.scene_table(cfg.cube, tp.tile, cfg.sensors, tp.start, tp.end)
-    mask = ledger.mask_fingerprint(tp.mask.url if tp.mask else None, tp.fingerprint["mask"])
-    fingerprint = ledger.tile_fingerprint(now, tp.start, tp.end, mask)
-    diff = ledger.changed_inputs(tp.fingerprint, fingerprint)
-    if diff:
-        raise InputDataError(
-            f"the inputs of tile {tp.tile} changed while it was processed ({'; '.join(diff)}); "
-            "nothing of it was committed: run again to process the new state"
-        )
-    if fingerprint != tp.fingerprint:
-        log.info(
-            "tile %s: %s since it was planned; the next update will take them",
-            tp.tile,
-            "; ".join(ledger.compare({"fingerprint": tp.fingerprint}, fingerprint)),
-        )
-    arr = (
-        np.array(st["stats"]).sum(axis=0) if st["stats"] else np.zeros(len(store.WINDOW_STATS), int)
-    )
-    stats = {
-        "scenes": len(tp.scenes),
-        "first_scene": str(tp.scenes[0].date),
-        "last_scene": str(tp.scenes[-1].date),
-        "windows": len(st["stats"]),
-        "pixels_predicted": int(arr[0]),
-    }
-    return ledger.tile_record(
-        tp.tile, tp.fingerprint, plan.model_digest, plan.config_digest, tp.region, stats,
-        job.run_id,
-    )  # fmt: skip

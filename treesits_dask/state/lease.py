@@ -15,8 +15,8 @@ Kubernetes Job (``TREESITS_DRIVER_JOB``, set from the pod's ``job-name`` label) 
 lease of an earlier pod of the same Job at once: a Job runs one pod at a time, so the pod that
 retries a failed run does not wait ``ttl`` for its predecessor's lease to expire.
 
-Object stores must support conditional writes (AWS S3, MinIO, moto >= 5.2; Ceph RGW from Reef,
-check your cloud's version).  Where they do not, exclusion falls back to the renewal check and
+Object stores must support conditional writes (AWS S3, MinIO, moto, Ceph RGW; check yours as
+cluster/README.md says).  Where they do not, exclusion falls back to the renewal check and
 the map repository's own conflict detection (cluster/README.md).
 """
 
