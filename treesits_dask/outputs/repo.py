@@ -10,6 +10,10 @@ disjoint chunks, so concurrent tile commits of one run rebase onto each other.
 
 Why Icechunk and not plain Zarr plus a ledger: see the README's "Output store" section (measured
 write and commit costs, and what each needs for atomic tiles and versions).
+
+The module is longer than 400 lines because ``MapRepo`` is one object read top to bottom: how a
+map is opened, written a tile at a time, tagged, read back at a version and compared between
+versions all rest on the same repository handle and record layout.
 """
 
 from __future__ import annotations
