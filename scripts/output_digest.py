@@ -7,12 +7,13 @@
 ``prepare`` writes the demo cube (2 tiles of 300 x 300 px, 36 scenes, seed 0, forest masks) and
 three models with fixed random weights (native sits-lstm, native sits-transformer, sbert) into
 WORKDIR/inputs.  ``run`` predicts every model through the command line (the interface that stays
-stable across refactors) into WORKDIR/NAME-<model>/ and writes WORKDIR/NAME.json: the sha256 of
-every output file (COGs, VRTs) and of the decoded arrays of the map.  Files that hold timestamps,
-run ids or random object names (run.json, _runs/, _ledger/, the store's own files:
-predictions.zarr/ before the map became an Icechunk repository, map.icechunk/ since) are left
-out: the map is compared by its arrays.  Run ``prepare`` with the old code, ``run`` with the old
-and with the new code, then ``compare``.
+stable across refactors; flags after NAME go to ``run``, e.g. ``--window 100x100``) into
+WORKDIR/NAME-<model>/ and writes WORKDIR/NAME.json: the sha256 of every output file (COGs, VRTs)
+and of the decoded arrays of the map.  Files that hold timestamps, run ids or random object names
+(run.json, _runs/, _ledger/, the COG and mosaic manifests, the store's own files:
+predictions.zarr/ before the map became an Icechunk repository, map.icechunk/ since) are left out:
+the map is compared by its arrays.  Run ``prepare`` with the old code, ``run`` with the old and
+with the new code, then ``compare``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,17 @@ MODELS = {
     "transformer": ["--model-family", "native"],
     "sbert": ["--model-family", "sbert"],
 }
-SKIP = ("run.json", "_runs", "_ledger", "_lease.json", "predictions.zarr", "map.icechunk")
+SKIP = (
+    "run.json",
+    "_runs",
+    "_ledger",
+    "_lease.json",
+    ".lease.lock",
+    "predictions.zarr",
+    "map.icechunk",
+)
+#: manifests naming the run's record id and map snapshot (random per run), wherever they lie
+SKIP_NAMES = ("_cog.json", "_mosaic.json")
 
 
 def prepare(workdir: Path) -> None:
@@ -104,7 +115,7 @@ def digest(output: Path) -> dict:
     files = {}
     for path in sorted(p for p in output.rglob("*") if p.is_file()):
         rel = path.relative_to(output).as_posix()
-        if rel.split("/")[0] in SKIP:
+        if rel.split("/")[0] in SKIP or path.name in SKIP_NAMES:
             continue
         files[rel] = _sha(path.read_bytes())
     arrays = {}
@@ -122,7 +133,7 @@ def digest(output: Path) -> dict:
     return {"files": files, "arrays": arrays}
 
 
-def run(workdir: Path, name: str) -> None:
+def run(workdir: Path, name: str, extra: list[str] | None = None) -> None:
     inputs = workdir / "inputs"
     report = {}
     for model, flags in MODELS.items():
@@ -151,6 +162,7 @@ def run(workdir: Path, name: str) -> None:
             "1",
             "--threads-per-worker",
             "2",
+            *(extra or []),
         ]
         subprocess.run(cmd, check=True)
         report[model] = digest(out)
@@ -167,7 +179,8 @@ def compare(a: Path, b: Path) -> int:
         for kind in ("files", "arrays"):
             x, y = old.get(model, {}).get(kind, {}), new.get(model, {}).get(kind, {})
             for key in sorted(set(x) | set(y)):
-                if key.split("/")[0] in SKIP:  # digests of an older version of this script
+                # digests of an older version of this script
+                if key.split("/")[0] in SKIP or key.rsplit("/", 1)[-1] in SKIP_NAMES:
                     continue
                 if x.get(key) != y.get(key):
                     problems.append(f"{model} {kind} {key}: {x.get(key)} != {y.get(key)}")
@@ -182,8 +195,8 @@ def main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "prepare":
         prepare(Path(argv[1]))
         return 0
-    if len(argv) == 3 and argv[0] == "run":
-        run(Path(argv[1]), argv[2])
+    if len(argv) >= 3 and argv[0] == "run":  # further arguments: flags of `run` (e.g. --window)
+        run(Path(argv[1]), argv[2], argv[3:])
         return 0
     if len(argv) == 3 and argv[0] == "compare":
         return compare(Path(argv[1]), Path(argv[2]))
