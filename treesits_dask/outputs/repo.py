@@ -10,6 +10,9 @@ disjoint chunks, so concurrent tile commits of one run rebase onto each other.
 
 Why Icechunk and not plain Zarr plus a ledger: see the README's "Output store" section (measured
 write and commit costs, and what each needs for atomic tiles and versions).
+
+This module is longer than 400 lines because the repository is one object whose parts (layout,
+tile commits, versions, reading old versions) share the Icechunk session handling.
 """
 
 from __future__ import annotations
@@ -23,11 +26,14 @@ from typing import Any
 
 from ..errors import OutputError
 from ..io import storage
-from .cog import COG_MANIFEST, tile_cogs, write_mosaics
-from .schema import OutputGrid, TileRegion
-from .store import create_layout, extend_layout, grid_differences, stored_grid
+from .cog import COG_MANIFEST, cog_manifest, tile_cogs, write_mosaics
+from .schema import SMOOTHED_VARIABLES, OutputGrid, TileRegion
+from .store import create_layout, data_path, extend_layout, grid_differences, stored_grid
 
-__all__ = ["BRANCH", "REPO_NAME", "TILES_GROUP", "MapRepo", "repo_storage", "write_tile_cogs"]
+__all__ = [
+    "BRANCH", "REPO_NAME", "TILES_GROUP", "MapRepo", "cogs_up_to_date", "repo_storage",
+    "write_tile_cogs",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -164,15 +170,27 @@ class MapRepo:
                 "--output, or delete it to start over"
             )
         grown = extend_layout(session.store, stored, grid)
-        if grown != stored:
+        if session.has_uncommitted_changes:
+            added = [v for v in grown.layers if v not in stored.layers]
             session.commit(
-                f"extend the map to {grown.width} x {grown.height} px", metadata={"kind": "layout"}
+                f"extend the map to {grown.width} x {grown.height} px"
+                + (f" and the layers {', '.join(added)}" if added else ""),
+                metadata={"kind": "layout"},
             )
         return grown
 
     # ------------------------------------------------------------------------------ tiles
     def records(self, snapshot: str | None = None) -> dict[str, dict]:
         """The records of the tiles finished on ``main`` (or at ``snapshot``)."""
+        return {
+            tile: attrs["record"]
+            for tile, attrs in self.tile_attributes(snapshot).items()
+            if "record" in attrs
+        }
+
+    def tile_attributes(self, snapshot: str | None = None) -> dict[str, dict]:
+        """Every tile group's attributes on ``main`` (or at ``snapshot``), JSON-decoded: its
+        ``record`` and what its derived layers were made from (``smoothing``, ``overviews``)."""
         import zarr
 
         if not self.exists():
@@ -184,10 +202,33 @@ class MapRepo:
         if TILES_GROUP not in root:
             return {}
         return {
-            name: json.loads(group.attrs["record"])
+            name: {k: json.loads(v) if isinstance(v, str) else v for k, v in group.attrs.items()}
             for name, group in root[TILES_GROUP].groups()
-            if "record" in group.attrs
         }
+
+    def writable_session(self):
+        """A writable session of ``main`` (for the derived layers: smoothing, overviews)."""
+        return self.repo.writable_session(BRANCH)
+
+    @staticmethod
+    def commit_derived(session, forks, states: dict[str, dict], message: str, metadata: dict):
+        """Merge the forks of derived-layer tasks and commit them with the tiles' new states
+        (``{tile: {attribute: value}}``, e.g. what a tile's smoothed values were made from).
+        Returns the snapshot id."""
+        import icechunk
+        import zarr
+
+        if forks:
+            session.merge(*forks)
+        root = zarr.open_group(session.store, mode="r+")
+        tiles = root.require_group(TILES_GROUP)
+        for tile, attrs in states.items():
+            group = tiles.require_group(tile)
+            for key, value in attrs.items():
+                group.attrs[key] = json.dumps(value, sort_keys=True, default=str)
+        return session.commit(
+            message, metadata=metadata, rebase_with=icechunk.BasicConflictSolver()
+        )
 
     @staticmethod
     def region(tile: str, record: dict) -> TileRegion:
@@ -283,10 +324,15 @@ class MapRepo:
 
         return read_region(self.zarr_store(snapshot), region, variable)
 
-    def open_dataset(self, version: Any = None, mask_and_scale: bool = False, crop: bool = True):
+    def open_dataset(
+        self, version: Any = None, mask_and_scale: bool = False, crop: bool = True, level: int = 0
+    ):
         """The map as a lazy ``xarray.Dataset`` with its CRS (``.rio``): of ``main``, or as it was
         at ``version`` (:meth:`resolve`).  ``crop`` keeps the bounding box of its finished tiles
-        (the store itself reaches from tile X0000_Y0000 to the last tile of the cube)."""
+        (the store itself reaches from tile X0000_Y0000 to the last tile of the cube).
+        ``mask_and_scale=False`` keeps every layer as stored (dates as days since 1970-01-01);
+        ``True`` decodes nodata to NaN and the dates to datetime64 (NaT).  ``level``: an overview
+        level (1 = half the resolution, ...; the crop is scaled)."""
         import rioxarray  # noqa: F401  (registers the .rio accessor)
         import xarray as xr
         from rasterio.windows import Window
@@ -294,13 +340,20 @@ class MapRepo:
         if not self.exists():
             raise OutputError(f"no map at {self.url}: run the pipeline into {self.output} first")
         snapshot = self.resolve(version) if version is not None else None
+        zstore = self.zarr_store(snapshot)
+        group = str(level) if level else data_path(zstore) or None
+        if level and group not in {str(k) for k in range(1, 64)} & set(_groups(zstore)):
+            raise OutputError(f"the map {self.url} has no overview level {level}")
         ds = xr.open_zarr(
-            self.zarr_store(snapshot), consolidated=False, mask_and_scale=mask_and_scale
-        )
+            zstore, group=group, consolidated=False, mask_and_scale=mask_and_scale,
+            decode_times=mask_and_scale,
+        )  # fmt: skip
         regions = [r["region"] for r in self.records(snapshot).values()]
         if crop and regions:
+            f = 2**level
             r0, r1 = min(r["rows"][0] for r in regions), max(r["rows"][1] for r in regions)
             c0, c1 = min(r["cols"][0] for r in regions), max(r["cols"][1] for r in regions)
+            r0, c0, r1, c1 = r0 // f, c0 // f, -(-r1 // f), -(-c1 // f)
             ds = ds.rio.isel_window(Window(c0, r0, c1 - c0, r1 - r0))
         return ds
 
@@ -381,13 +434,65 @@ class MapRepo:
         raise OutputError(f"the map {self.url} has no version {version!r}; its versions: {known}")
 
 
+def _groups(zstore) -> list[str]:
+    import zarr
+
+    return list(zarr.open_group(zstore, mode="r").group_keys())
+
+
 def write_tile_cogs(
-    output: str, snapshot: str, region: TileRegion, grid: OutputGrid, record_id: str
+    output: str,
+    snapshot: str,
+    region: TileRegion,
+    grid: OutputGrid,
+    record_id: str,
+    variables=None,
+    smoothing: dict | None = None,
 ) -> dict[str, str]:
-    """The tile's COGs from the map as committed in ``snapshot`` (a task of a run), then the
-    manifest that says which record they show (written last: COGs without it are rebuilt)."""
-    written = tile_cogs(output, MapRepo(output).zarr_store(snapshot), region, grid)
-    manifest = {"record_id": record_id, "snapshot": snapshot, "variables": sorted(written)}
+    """The tile's COGs (of ``variables``, default all of the grid) from the map as committed in
+    ``snapshot`` (a task of a run), then the manifest that says which record (and, for the
+    smoothed layers, which smoothing state) they show, written last: COGs without it are rebuilt.
+    A manifest of the same record keeps the variables written before."""
+    written = tile_cogs(
+        output, MapRepo(output).zarr_store(snapshot), region, grid, variables=variables
+    )
+    old = cog_manifest(output, region.tile) or {}
+    if variables is None or old.get("record_id") != record_id:
+        old = {}
+    manifest = {
+        "record_id": record_id,
+        "snapshot": snapshot,
+        "variables": sorted({*old.get("variables", []), *written}),
+        "smoothing": old.get("smoothing"),
+    }
+    if set(written) & set(SMOOTHED_VARIABLES):
+        manifest["smoothing"] = _state_digest(smoothing)
     url = storage.join(output, "cog", region.tile, COG_MANIFEST)
     storage.publish_bytes(json.dumps(manifest, indent=1).encode(), url)
     return written
+
+
+def _state_digest(state: dict | None) -> str | None:
+    from ..state.ledger import config_digest
+
+    return config_digest(state) if state else None
+
+
+def cogs_up_to_date(
+    manifest: dict | None, attrs: dict, grid: OutputGrid, smoothing_pending: bool = False
+) -> bool:
+    """Whether a tile's COGs show its record (and its smoothed layers its smoothing state, unless
+    the smoothing stage is about to make them again: ``smoothing_pending``).  ``attrs``: the
+    tile's attributes in the map (:meth:`MapRepo.tile_attributes`)."""
+    if not manifest or manifest.get("record_id") != attrs["record"].get("record_id"):
+        return False
+    have = set(manifest.get("variables") or grid.variables())  # older manifests list them all
+    base = [v for v in grid.variables() if v not in SMOOTHED_VARIABLES]
+    smoothed = [v for v in grid.variables() if v in SMOOTHED_VARIABLES]
+    if not set(base) <= have:
+        return False
+    if not smoothed or smoothing_pending:
+        return True
+    return set(smoothed) <= have and manifest.get("smoothing") == _state_digest(
+        attrs.get("smoothing")
+    )

@@ -7,6 +7,9 @@ at once) only when the tile is to be processed, and only those not already check
 that finished it.  A tile with a problem of its own (no scenes in the window, a missing QAI file,
 a scene or mask on another grid) is left out with its reason (:attr:`RunPlan.invalid`); the other
 tiles go on.
+
+This module is longer than 400 lines because deciding what a run does (tiles, windows, records,
+COGs and derived layers that are out of date) reads the same listings and records once.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ from ..io import discovery, masks, storage
 from ..io.grid import TileGrid, WindowLayout, choose_window_shape
 from ..models import ModelCard, ModelSpec, effective_window, read_card
 from ..outputs import cog
-from ..outputs.repo import MapRepo
+from ..outputs.repo import MapRepo, cogs_up_to_date
 from ..outputs.schema import OutputGrid, TileRegion
+from ..outputs.store import level_paths
 from ..state import ledger
 from .checks import TILE_ERRORS, check_tiles, tile_problem
+from .postprocess import DerivedWork, derived_work, smooth_params
 
 __all__ = ["TILE_ERRORS", "RunPlan", "TilePlan", "make_plan", "tile_problem"]
 
@@ -72,6 +77,8 @@ class RunPlan:
     cogs_missing: dict[str, dict] = field(default_factory=dict)
     #: tiles with up-to-date COGs (the mosaics hold them)
     cogs_done: list[str] = field(default_factory=list)
+    #: derived layers of finished tiles that are out of date (smoothing, overviews)
+    derived: DerivedWork = field(default_factory=DerivedWork)
     repo: MapRepo = field(init=False)
 
     def __post_init__(self) -> None:
@@ -82,7 +89,10 @@ class RunPlan:
         """Whether the VRT mosaics do not hold exactly the tiles whose COGs are complete."""
         if not self.config.cog or not self.cogs_done:
             return False
-        return cog.mosaic_tiles(self.config.output) != sorted(self.cogs_done)
+        grid = self.output_grid
+        return not cog.mosaics_hold(
+            self.config.output, self.cogs_done, grid.variables() if grid else None
+        )
 
     def windows_per_tile(self, tile: TilePlan) -> int:
         return len(tile.layout)
@@ -127,6 +137,10 @@ class RunPlan:
             "skipped": self.skipped,
             "invalid": {t: str(e) for t, e in self.invalid.items()},
             "cogs_missing": sorted(self.cogs_missing),
+            "derived_out_of_date": {
+                "smoothing": sorted(self.derived.smoothing),
+                "overviews": self.derived.overviews,
+            },
             "total_windows": sum(self.windows_per_tile(t) for t in self.tiles),
             "memory": {
                 "window_mib": round(max_window / 2**20, 1),
@@ -142,8 +156,12 @@ class RunPlan:
 def _settings_digest(config: RunConfig) -> str:
     """The settings that change output values (not chunking, batching or the cluster).
 
-    ``precision`` enters only when it is not ``fp32`` (the digest of the fp32 default stays as
-    it was before the setting existed).
+    ``precision`` enters only when it is not ``fp32``.  ``outputs`` names what the prediction
+    kernel computes beyond the four layers of the first maps (``last_valid_date`` and the
+    uncertainty layers), so a tile finished before a layer existed or was chosen is redone;
+    ``alerts`` the alert settings (a change replays the alert history).  Bayesian smoothing is
+    not here: it is redone from the stored probabilities, without reading a scene
+    (:mod:`treesits_dask.pipeline.postprocess`).
     """
     settings = {
         "model_family": config.model_family,
@@ -151,9 +169,12 @@ def _settings_digest(config: RunConfig) -> str:
         "sensors": sorted(config.sensors),
         "start_date": config.start_date,
         "end_date": config.end_date,
+        "outputs": ["last_valid_date", *sorted(config.uncertainty)],
     }
     if config.precision != "fp32":
         settings["precision"] = config.precision
+    if config.alerts is not None:
+        settings["alerts"] = config.alerts.model_dump(mode="json")
     return ledger.config_digest(settings)
 
 
@@ -250,7 +271,17 @@ def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
     digests = {"model_digest": _model_digest(spec, card), "config_digest": _settings_digest(config)}
     repo = MapRepo(config.output)
     stored = repo.grid()
-    records = repo.records() if stored is not None else {}
+    attrs = repo.tile_attributes() if stored is not None else {}
+    records = {t: a["record"] for t, a in attrs.items() if "record" in a}
+    target = (
+        OutputGrid(**{**stored.__dict__, "layers": (*stored.layers, *config.layers)})
+        if stored is not None
+        else None
+    )
+    derived = DerivedWork()
+    if target is not None:
+        levels = len(level_paths(repo.zarr_store()))
+        derived = derived_work(attrs, target, smooth_params(config, target), levels)
     staged, skipped, invalid, cogs_missing, cogs_done = [], {}, {}, {}, []
     for tile in tiles:
         try:
@@ -264,7 +295,7 @@ def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
         skipped[tile] = "up to date"
         if config.cog:
             manifest = cog.cog_manifest(config.output, tile)
-            if manifest and manifest.get("record_id") == records[tile].get("record_id"):
+            if cogs_up_to_date(manifest, attrs[tile], target, tile in derived.smoothing):
                 cogs_done.append(tile)
             else:
                 cogs_missing[tile] = records[tile]
@@ -273,20 +304,22 @@ def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
         cogs_done += [t for t in records if t not in tiles and cog.cog_manifest(config.output, t)]
     common = dict(config=config, definition=definition, spec=spec, card=card, skipped=skipped,
                   invalid=invalid, cogs_missing=cogs_missing, cogs_done=sorted(cogs_done),
-                  **digests)  # fmt: skip
+                  derived=derived, **digests)  # fmt: skip
     if staged:  # the run's own checks, before any per-tile header is read
         check_model(spec)
         check_output(config.output)
     checked = check_tiles(config, definition, staged, invalid)
     if not checked:
         return RunPlan(window_shape=stored.chunk if stored else (0, 0), tiles=[],
-                       output_grid=stored, **common)  # fmt: skip
+                       output_grid=target, **common)  # fmt: skip
     grids = {st.tile: grid for st, grid, _ in checked}
     first = checked[0][1]
     window_shape = _window_shape(config, stored, first, max(len(st.scenes) for st, _, _ in checked))
     for grid in grids.values():
         choose_window_shape(grid, window_shape, 1)  # same divisibility check for every tile
-    output_grid, regions = _output_grid(definition, all_tiles, first, grids, window_shape, card)
+    output_grid, regions = _output_grid(
+        definition, all_tiles, first, grids, window_shape, card, config.layers
+    )
     plans = [
         TilePlan(
             tile=st.tile,
@@ -330,6 +363,7 @@ def _output_grid(
     grids: dict[str, TileGrid],
     window_shape,
     card: ModelCard,
+    layers: tuple[str, ...] = (),
 ) -> tuple[OutputGrid, dict[str, TileRegion]]:
     """The map's grid: anchored at the upper-left corner of tile ``X0000_Y0000`` and reaching to
     the last tile of the cube (``tiles``: all its tiles), so every tile has a fixed place, whichever
@@ -369,5 +403,6 @@ def _output_grid(
         chunk=tuple(window_shape),
         class_names=tuple(card.class_names),
         multiclass=card.multiclass,
+        layers=layers,
     )
     return grid, regions

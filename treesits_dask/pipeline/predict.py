@@ -6,6 +6,9 @@ days and a model); only pixels inside the mask with at least one valid observati
 batches, everything else gets the output nodata without touching the model.  :func:`predict_layer`
 maps it over the windows of a tile, with the ``GPU`` resource annotation on heterogeneous
 clusters.
+
+This module is longer than 400 lines because the kernel, its Dask layer, the model cache and the
+worker plugin share the process-wide model state (one model per worker process).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from ..io.cube import NODATA, READS_IN_PROGRESS, InProgress
 from ..models import ModelSpec
-from ..outputs.schema import DTYPES, empty_outputs, pack_outputs
+from ..outputs.schema import DTYPES, UNCERTAINTY, Packing, empty_outputs
+from ..outputs.uncertainty import uncertainty
 from .devices import device_lock, device_pool
 
 __all__ = [
@@ -32,6 +36,7 @@ __all__ = [
     "annotate",
     "get_predictor",
     "inference_stats",
+    "last_valid_day",
     "load_count",
     "malloc_tuned",
     "predict_block",
@@ -219,6 +224,7 @@ def predict_block(
     days: np.ndarray,
     predictor,
     batch_size: int = 2048,
+    layers: tuple[str, ...] = (),
 ) -> dict[str, np.ndarray]:
     """Predict one window.
 
@@ -232,13 +238,17 @@ def predict_block(
         ``predict(series (N, T, 10) int16, valid (N, T) bool, days)`` returning
         ``(probs (N, C), n_used (N,))``.
 
+    layers : optional kernel layers to compute (:data:`~treesits_dask.outputs.schema.UNCERTAINTY`
+        names, multi-class models).
+
     Returns the variables of :mod:`treesits_dask.outputs.schema`: ``probability`` (C, h, w),
-    ``class``, ``valid_obs`` (observations used) and ``last_obs_valid`` (1 newest scene valid, 0
-    invalid), each with its nodata where not predicted.
+    ``class``, ``valid_obs`` (observations used), ``last_obs_valid`` (1 newest scene valid, 0
+    invalid), ``last_valid_date`` (days since 1970-01-01 of the newest valid observation) and the
+    ``layers``, each with its nodata where not predicted.
     """
     h, w = block.shape[2:]
     n_classes = predictor.card.n_classes
-    out = empty_outputs(n_classes, (h, w))
+    out = empty_outputs(n_classes, (h, w), layers)
     if mask is not None and not mask.any():
         return out
     idx, series, valid_sel = select_pixels(block, mask)
@@ -257,21 +267,36 @@ def predict_block(
     most = np.iinfo(DTYPES["valid_obs"]).max
     out["valid_obs"].reshape(-1)[idx] = np.minimum(n_used, most).astype(DTYPES["valid_obs"])
     out["last_obs_valid"].reshape(-1)[idx] = valid_sel[:, -1].astype(DTYPES["last_obs_valid"])
+    out["last_valid_date"].reshape(-1)[idx] = last_valid_day(valid_sel, days)
+    wanted = [v for v in layers if v in UNCERTAINTY]
+    if wanted:
+        for var, values in uncertainty(probs, wanted).items():
+            out[var].reshape(-1)[idx] = values
     return out
 
 
-def _predict_packed(block, mask, days, spec, device, batch_size, inference=None):
+def last_valid_day(valid: np.ndarray, days: np.ndarray) -> np.ndarray:
+    """Days since 1970-01-01 of each pixel's newest valid observation (``valid`` (N, T), every
+    pixel with at least one), int32.  Both families use it: SBERT keeps the newest valid
+    observations of its window, the SITS-NN models every scene of theirs."""
+    t = valid.shape[1]
+    newest = t - 1 - np.argmax(valid[:, ::-1], axis=1)
+    return np.asarray(days, dtype=np.int64)[newest].astype(DTYPES["last_valid_date"])
+
+
+def _predict_packed(block, mask, days, spec, device, batch_size, inference=None, packing=None):
     pool = device_pool(device)
+    layers = packing.layers
     if pool is None:
         predictor = get_predictor(spec, device, inference)
-        return pack_outputs(predict_block(block, mask, days, predictor, batch_size=batch_size))
+        return packing.pack(predict_block(block, mask, days, predictor, batch_size, layers))
     with pool.take() as one:  # the least busy device of this worker
         predictor = get_predictor(spec, one, inference)
-        return pack_outputs(predict_block(block, mask, days, predictor, batch_size=batch_size))
+        return packing.pack(predict_block(block, mask, days, predictor, batch_size, layers))
 
 
-def _predict_packed_nomask(block, days, spec, device, batch_size, inference=None):
-    return _predict_packed(block, None, days, spec, device, batch_size, inference)
+def _predict_packed_nomask(block, days, spec, device, batch_size, inference=None, packing=None):
+    return _predict_packed(block, None, days, spec, device, batch_size, inference, packing)
 
 
 def annotate(resources: dict | None):
@@ -291,9 +316,11 @@ def predict_layer(
     batch_size: int,
     resources: dict | None = None,
     inference: Inference | None = None,
+    packing: Packing | None = None,
 ):
-    """Lazy dask array (n_classes + 3, y, x) float32: the packed outputs of every window of a
-    tile (see :func:`~treesits_dask.outputs.schema.pack_outputs`).
+    """Lazy dask array (bands, y, x) float32: the packed outputs of every window of a tile, laid
+    out as ``packing`` says (default: the probabilities of ``n_classes`` classes and no optional
+    layers; see :class:`~treesits_dask.outputs.schema.Packing`).
 
     ``data`` is the tile cube (time, band, y, x), ``mask`` a (y, x) bool array chunked like it or
     None.  With ``resources`` (e.g. ``{"GPU": 0.5}``: half a GPU, so that a worker advertising
@@ -303,6 +330,7 @@ def predict_layer(
     """
     import dask.array as da
 
+    packing = packing or Packing(n_classes)
     meta = np.empty((0, 0, 0), np.float32)
     common = dict(
         days=days,
@@ -310,10 +338,11 @@ def predict_layer(
         device=device,
         batch_size=batch_size,
         inference=inference or Inference(),
+        packing=packing,
         dtype=np.float32,
         concatenate=True,
         meta=meta,
-        new_axes={"k": n_classes + 3},
+        new_axes={"k": packing.size},
     )
     with annotate(resources):
         if mask is not None:

@@ -23,7 +23,7 @@ from ..io.masks import open_mask
 from ..io.remote import clear_gdal_cache
 from ..outputs import store
 from ..outputs.repo import MapRepo, write_tile_cogs
-from ..outputs.schema import OutputGrid
+from ..outputs.schema import SMOOTHED_VARIABLES, OutputGrid
 from ..state import ledger
 from ..state.lease import Lease
 from .cluster import (
@@ -37,6 +37,7 @@ from .cluster import (
     worker_environment,
 )
 from .plan import RunPlan, TilePlan
+from .postprocess import update_derived
 from .predict import Inference, ModelPlugin, annotate, inference_stats, predict_layer
 from .report import RunResult, collect_inference
 
@@ -88,10 +89,12 @@ def tile_graph(plan: RunPlan, tile: TilePlan, session, routing: Routing | None =
         cfg.batch_size,
         resources=routing.predict,
         inference=Inference.of(cfg),
+        packing=plan.output_grid.packing,
     )
     return store.write_layer(
-        packed, session, tile.region, tile.layout, plan.output_grid.variables()
-    )
+        packed, session, tile.region, tile.layout, plan.output_grid.variables(),
+        plan.output_grid.packing,
+    )  # fmt: skip
 
 
 class Job:
@@ -134,11 +137,12 @@ class _Scheduler:
         for f in futures:
             self._follow(f, tile.tile, "window")
 
-    def submit_cogs(self, tile: str, record: dict, snapshot: str) -> None:
-        """COGs of a finished tile from the map at ``snapshot``."""
+    def submit_cogs(self, tile: str, record: dict, snapshot: str, variables=None) -> None:
+        """COGs of a finished tile from the map at ``snapshot`` (``variables``: default all)."""
         f = self.client.submit(
             write_tile_cogs, self.plan.config.output, snapshot, MapRepo.region(tile, record),
-            self.job.grid, record["record_id"], pure=False, key=f"cog-{tile}-{time.time_ns()}",
+            self.job.grid, record["record_id"], variables, pure=False,
+            key=f"cog-{tile}-{time.time_ns()}",
         )  # fmt: skip
         self.state.setdefault(tile, {"futures": [], "t0": time.perf_counter()})
         self.state[tile]["futures"].append(f)
@@ -175,8 +179,9 @@ class _Scheduler:
              "config_digest": self.plan.config_digest},
         )  # fmt: skip
         st["record"] = record
-        if self.plan.config.cog:
-            self.submit_cogs(tile, record, snapshot)
+        if self.plan.config.cog:  # the smoothed layers follow their smoothing (postprocess)
+            variables = [v for v in self.job.grid.variables() if v not in SMOOTHED_VARIABLES]
+            self.submit_cogs(tile, record, snapshot, variables)
         else:
             self.done(tile)
 
@@ -261,6 +266,9 @@ def run_tiles(job: Job, client, cb: RunCallbacks, result: RunResult, clock=None)
     )
     _Scheduler(job, client, cb, result, clock, routing).loop()
     result.inference = collect_inference(client, inference_stats)
+    # the layers made from the stored map (smoothing across tiles, overviews), now that the
+    # tiles are committed
+    result.postprocessed = update_derived(plan.repo, cfg, client, job.run_id, job.lease, routing)
 
 
 def _checked_record(job: Job, st: dict) -> dict:
