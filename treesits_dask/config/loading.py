@@ -113,7 +113,8 @@ def load_settings(
     keys: set[str] | None = None,
 ) -> S:
     """``model`` from a YAML file, ``TREESITS_*`` variables of ``environ`` (None: none) and
-    ``overrides`` (flags; None values are left out).  ``keys`` (optional) keeps only those keys of
+    ``overrides`` (flags; None values are left out; a mapping changes only its keys of a nested
+    setting such as ``smoothing``).  ``keys`` (optional) keeps only those keys of
     the YAML file (``evaluate`` reads the sample settings of a train.yaml)."""
     values: dict[str, Any] = {}
     sources = []
@@ -126,7 +127,12 @@ def load_settings(
         if env:
             sources.append("environment")
         values.update(env)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(values.get(key), dict):
+            value = {**values[key], **value}  # flags change single keys of a nested setting
+        values[key] = value
     if overrides:
         sources.append("command line")
     for key in _PATH_KEYS:

@@ -32,7 +32,7 @@ from .store import create_layout, data_path, extend_layout, grid_differences, st
 
 __all__ = [
     "BRANCH", "REPO_NAME", "TILES_GROUP", "MapRepo", "cogs_up_to_date", "repo_storage",
-    "write_tile_cogs",
+    "stale_cogs", "write_tile_cogs",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -484,15 +484,24 @@ def cogs_up_to_date(
     """Whether a tile's COGs show its record (and its smoothed layers its smoothing state, unless
     the smoothing stage is about to make them again: ``smoothing_pending``).  ``attrs``: the
     tile's attributes in the map (:meth:`MapRepo.tile_attributes`)."""
+    stale = stale_cogs(manifest, attrs, grid, smoothing_pending)
+    return stale is not None and not stale
+
+
+def stale_cogs(
+    manifest: dict | None, attrs: dict, grid: OutputGrid, smoothing_pending: bool = False
+) -> list[str] | None:
+    """The variables whose COGs do not show the tile's state: ``None`` for all of them (another
+    record), else the smoothed layers when only they are out of date (or ``[]``)."""
     if not manifest or manifest.get("record_id") != attrs["record"].get("record_id"):
-        return False
+        return None
     have = set(manifest.get("variables") or grid.variables())  # older manifests list them all
     base = [v for v in grid.variables() if v not in SMOOTHED_VARIABLES]
     smoothed = [v for v in grid.variables() if v in SMOOTHED_VARIABLES]
     if not set(base) <= have:
-        return False
+        return None
     if not smoothed or smoothing_pending:
-        return True
-    return set(smoothed) <= have and manifest.get("smoothing") == _state_digest(
-        attrs.get("smoothing")
-    )
+        return []
+    if set(smoothed) <= have and manifest.get("smoothing") == _state_digest(attrs.get("smoothing")):
+        return []
+    return smoothed

@@ -33,6 +33,7 @@ from ..outputs.repo import MapRepo, cogs_up_to_date
 from ..outputs.schema import OutputGrid, TileRegion
 from ..outputs.store import level_paths
 from ..state import ledger
+from .alerting import AlertPlan, alert_key, plan_alerts
 from .checks import TILE_ERRORS, check_tiles, tile_problem
 from .postprocess import DerivedWork, derived_work, smooth_params
 
@@ -57,6 +58,8 @@ class TilePlan:
     layout: WindowLayout
     fingerprint: dict = field(hash=False, compare=False)
     reasons: tuple[str, ...] = ()
+    #: the disturbance alerts of the tile in this run (None: no alerts)
+    alerts: AlertPlan | None = None
 
 
 @dataclass
@@ -99,7 +102,8 @@ class RunPlan:
 
     def window_bytes(self, tile: TilePlan) -> int:
         rows, cols = self.window_shape
-        return len(tile.scenes) * tile.grid.count * rows * cols * 2
+        older = len(tile.alerts.older) if tile.alerts else 0
+        return (len(tile.scenes) + older) * tile.grid.count * rows * cols * 2
 
     def summary(self) -> dict:
         """JSON-able description (what ``plan`` prints)."""
@@ -201,6 +205,8 @@ class _Staged:
     reasons: tuple[str, ...]
     #: scenes unchanged since the ledger record of a finished run (their headers were read then)
     known: frozenset[str] = frozenset()
+    #: every scene of the tile (of the sensors), in and before the window
+    listed: tuple[discovery.Scene, ...] = ()
 
 
 def _stage(
@@ -246,6 +252,7 @@ def _stage(
         fingerprint,
         tuple(reasons),
         ledger.unchanged_scenes(record, fingerprint),
+        tuple(scenes),
     )
 
 
@@ -332,12 +339,21 @@ def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
             layout=WindowLayout.of(grid, window_shape),
             fingerprint=st.fingerprint,
             reasons=st.reasons,
+            alerts=_alerts(config, card, repo, st, records.get(st.tile), digests),
         )
         for st, grid, mask in checked
     ]
     for tile, exc in invalid.items():
         log.error("tile %s cannot be processed: %s", tile, exc)
     return RunPlan(window_shape=window_shape, tiles=plans, output_grid=output_grid, **common)
+
+
+def _alerts(config: RunConfig, card, repo: MapRepo, st: _Staged, record, digests):
+    """The alert plan of a tile to be processed (None without alerts)."""
+    if config.alerts is None:
+        return None
+    key = alert_key(digests["model_digest"], digests["config_digest"], st.fingerprint["mask"])
+    return plan_alerts(repo, config, card, st.tile, st.listed, st.scenes, st.start, key, record)
 
 
 def _window_shape(

@@ -24,7 +24,7 @@ from ..config import RunConfig
 from ..errors import InputDataError, TreesitsError
 from ..io import discovery, masks, storage
 from ..outputs import cog
-from ..outputs.repo import MapRepo, write_tile_cogs
+from ..outputs.repo import MapRepo, stale_cogs, write_tile_cogs
 from ..state.lease import Lease
 from ..version import __version__
 from .cluster import (
@@ -205,9 +205,11 @@ def _repair(plan: RunPlan, client, result: RunResult, started: dt.datetime, t0: 
             attrs = plan.repo.tile_attributes()
             for tile, record in plan.cogs_missing.items():
                 lease.check()
+                # all COGs of the tile, or only the smoothed ones when only they are stale
+                variables = stale_cogs(cog.cog_manifest(config.output, tile), attrs[tile], grid)
                 write_tile_cogs(
                     config.output, snapshot, MapRepo.region(tile, record), grid,
-                    record["record_id"], smoothing=attrs[tile].get("smoothing"),
+                    record["record_id"], variables or None, attrs[tile].get("smoothing"),
                 )  # fmt: skip
                 result.cogs_rebuilt.append(tile)
             _finish_run(plan, result, run_id, lease)

@@ -22,10 +22,12 @@ from ..io.cube import days_since_epoch, tile_cube
 from ..io.masks import open_mask
 from ..io.remote import clear_gdal_cache
 from ..outputs import store
+from ..outputs.alerts import state_layer
 from ..outputs.repo import MapRepo, write_tile_cogs
 from ..outputs.schema import SMOOTHED_VARIABLES, OutputGrid
 from ..state import ledger
 from ..state.lease import Lease
+from .alerting import alert_steps
 from .cluster import (
     EnvPlugin,
     Routing,
@@ -75,10 +77,16 @@ def tile_graph(plan: RunPlan, tile: TilePlan, session, routing: Routing | None =
     """
     cfg = plan.config
     routing = routing or declared_routing(cfg) or Routing()
+    scenes, steps, prev = tile.scenes, None, None
+    if tile.alerts is not None:  # the alert steps may need scenes before the model's window
+        scenes = (*tile.alerts.older, *tile.scenes)
+        steps = alert_steps(tile.alerts, cfg, tile.scenes)
     with annotate(routing.read):
         mask = open_mask(tile.mask, tile.grid, tile.layout) if tile.mask else None
-        cube = tile_cube(tile.scenes, tile.grid, tile.layout, cfg.qai_flags, mask=mask)
-    days = days_since_epoch([s.date for s in tile.scenes])
+        cube = tile_cube(scenes, tile.grid, tile.layout, cfg.qai_flags, mask=mask)
+        if tile.alerts is not None:
+            prev = state_layer(cfg.output, tile.alerts.resume, tile.region, tile.layout)
+    days = days_since_epoch([s.date for s in scenes])
     packed = predict_layer(
         cube.data,
         mask,
@@ -90,6 +98,8 @@ def tile_graph(plan: RunPlan, tile: TilePlan, session, routing: Routing | None =
         resources=routing.predict,
         inference=Inference.of(cfg),
         packing=plan.output_grid.packing,
+        alerts=steps,
+        prev=prev,
     )
     return store.write_layer(
         packed, session, tile.region, tile.layout, plan.output_grid.variables(),
@@ -172,12 +182,12 @@ class _Scheduler:
         st = self.state[tile]
         record = _checked_record(self.job, st)
         self.job.lease.check()  # a driver that lost its lease commits nothing
-        snapshot = self.plan.repo.commit_tile(
-            st["session"], st["forks"], tile, record,
-            {"run": self.job.run_id, "reasons": list(st["plan"].reasons),
-             "scenes": len(st["plan"].scenes), "model_digest": self.plan.model_digest,
-             "config_digest": self.plan.config_digest},
-        )  # fmt: skip
+        metadata = {"run": self.job.run_id, "reasons": list(st["plan"].reasons),
+                    "scenes": len(st["plan"].scenes), "model_digest": self.plan.model_digest,
+                    "config_digest": self.plan.config_digest}  # fmt: skip
+        if st["plan"].alerts is not None:  # what the tile's alert layers are as of
+            record["alerts"] = metadata["alerts"] = st["plan"].alerts.section
+        snapshot = self.plan.repo.commit_tile(st["session"], st["forks"], tile, record, metadata)
         st["record"] = record
         if self.plan.config.cog:  # the smoothed layers follow their smoothing (postprocess)
             variables = [v for v in self.job.grid.variables() if v not in SMOOTHED_VARIABLES]
