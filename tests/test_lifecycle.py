@@ -377,7 +377,7 @@ def test_one_output_for_years(backend, base_cube, models, client, tmp_path, monk
     assert MapRepo(output).records()[B]["stats"]["scenes"] == 13
     with_cog = run(world.config(output, tiles="all"), client=client)
     # B's COGs, and the smoothed COGs of its neighbours whose strips along B were smoothed again
-    assert not with_cog.tiles and sorted(with_cog.cogs_rebuilt) == [A, B, C]
+    assert not with_cog.tiles and sorted(with_cog.cogs_rebuilt) == sorted([A, B, C])
     step(no_cog)  # one version: the run without COGs; the COG rebuild changed no pixel
 
     # 9. a tile appears and a driver is killed after its tile commits, before the mosaics: the
