@@ -31,8 +31,8 @@ from .schema import SMOOTHED_VARIABLES, OutputGrid, TileRegion
 from .store import create_layout, data_path, extend_layout, grid_differences, stored_grid
 
 __all__ = [
-    "BRANCH", "REPO_NAME", "TILES_GROUP", "MapRepo", "cogs_up_to_date", "repo_storage",
-    "stale_cogs", "write_tile_cogs",
+    "BRANCH", "MODELS_GROUP", "REPO_NAME", "TILES_GROUP", "MapRepo", "cogs_up_to_date",
+    "repo_storage", "stale_cogs", "write_tile_cogs",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,8 @@ REPO_NAME = "map.icechunk"
 BRANCH = "main"
 #: group whose child groups hold one tile record each (attribute ``record``)
 TILES_GROUP = "_tiles"
+#: group whose child groups (named by model digest) describe the models of the map
+MODELS_GROUP = "_models"
 _RUN_TAG = "run-"
 _LOGS = threading.Lock()
 _LOGS_SET = False
@@ -139,9 +141,11 @@ class MapRepo:
             return None
         return stored_grid(self._readonly().store)
 
-    def ensure_layout(self, grid: OutputGrid, attrs: dict) -> OutputGrid:
+    def ensure_layout(self, grid: OutputGrid, attrs: dict, model: dict | None = None) -> OutputGrid:
         """Create the map for ``grid`` (first run), or extend it to cover ``grid`` (tiles that
-        appeared); one commit when anything changed.  Returns the grid now stored."""
+        appeared, layers enabled); ``model``: the description of the run's model (kept under
+        ``_models/<digest>`` for the STAC catalog's model items).  One commit when anything
+        changed.  Returns the grid now stored."""
         import icechunk
         import zarr
 
@@ -151,6 +155,7 @@ class MapRepo:
             session = self._repo.writable_session(BRANCH)
             create_layout(session.store, grid, attrs)
             zarr.open_group(session.store, mode="r+").require_group(TILES_GROUP)
+            _keep_model(session.store, model)
             session.commit("create the map", metadata={"kind": "layout"})
             return grid
         session = self.repo.writable_session(BRANCH)
@@ -159,6 +164,7 @@ class MapRepo:
             # created by a driver that died before its first commit: still empty
             create_layout(session.store, grid, attrs)
             zarr.open_group(session.store, mode="r+").require_group(TILES_GROUP)
+            _keep_model(session.store, model)
             session.commit("create the map", metadata={"kind": "layout"})
             return grid
         if stored is None:
@@ -170,6 +176,7 @@ class MapRepo:
                 "--output, or delete it to start over"
             )
         grown = extend_layout(session.store, stored, grid)
+        _keep_model(session.store, model)
         if session.has_uncommitted_changes:
             added = [v for v in grown.layers if v not in stored.layers]
             session.commit(
@@ -178,6 +185,21 @@ class MapRepo:
                 metadata={"kind": "layout"},
             )
         return grown
+
+    def models(self, snapshot: str | None = None) -> dict[str, dict]:
+        """The descriptions of the models that made the map's tiles, by model digest."""
+        import zarr
+
+        if not self.exists():
+            return {}
+        root = zarr.open_group(self._readonly(snapshot).store, mode="r")
+        if MODELS_GROUP not in root:
+            return {}
+        return {
+            name: json.loads(group.attrs["model"])
+            for name, group in root[MODELS_GROUP].groups()
+            if "model" in group.attrs
+        }
 
     # ------------------------------------------------------------------------------ tiles
     def records(self, snapshot: str | None = None) -> dict[str, dict]:
@@ -432,6 +454,18 @@ class MapRepo:
                 return v["snapshot"]
         known = ", ".join(f"{v['version']} (run {v['run']})" for v in versions) or "none"
         raise OutputError(f"the map {self.url} has no version {version!r}; its versions: {known}")
+
+
+def _keep_model(zstore, model: dict | None) -> None:
+    """Store the description of a model under ``_models/<digest>`` (once)."""
+    import zarr
+
+    if not model:
+        return
+    group = zarr.open_group(zstore, mode="r+").require_group(MODELS_GROUP)
+    if model["digest"] not in group:
+        child = group.require_group(model["digest"])
+        child.attrs["model"] = json.dumps(model, sort_keys=True, default=str)
 
 
 def _groups(zstore) -> list[str]:

@@ -97,6 +97,29 @@ class RunPlan:
             self.config.output, self.cogs_done, grid.variables() if grid else None
         )
 
+    def model_description(self) -> dict:
+        """What the map keeps of the run's model for the STAC catalog's model item (the MLM
+        extension): card, weights name, location and sha256, framework version."""
+        from importlib import metadata
+
+        try:
+            framework = metadata.version("torch")
+        except metadata.PackageNotFoundError:
+            framework = None
+        weights = storage.basename(self.spec.uri)
+        return {
+            "digest": self.model_digest,
+            "name": f"{weights.rsplit('.', 1)[0]}-{self.model_digest[:8]}",
+            "family": self.spec.family,
+            "card": self.card.model_dump(mode="json", exclude={"metrics"}),
+            "metrics": self.card.metrics,
+            "weights": weights,
+            "weights_uri": self.spec.uri,
+            "weights_sha256": ledger.file_digest(self.spec.uri),
+            "params_sha256": ledger.file_digest(self.spec.params_uri),
+            "framework_version": framework,
+        }
+
     def windows_per_tile(self, tile: TilePlan) -> int:
         return len(tile.layout)
 

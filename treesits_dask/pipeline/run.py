@@ -167,6 +167,7 @@ def _process(
                 plan.output_grid,
                 {"model_family": plan.card.family, "model": storage.basename(plan.spec.uri),
                  "treesits_dask_version": __version__},
+                plan.model_description(),
             )  # fmt: skip
             job = Job(plan, grid, run_id, lease)
             if client is None:
