@@ -176,3 +176,33 @@ def test_a_run_writes_a_geozarr_map(small_cube, native_lstm, tmp_path):
         np.testing.assert_array_equal(ds["class"].values, full[::f, ::f])
         assert ds.rio.transform().a == 10.0 * f
         assert (ds["class"].values != 255).any()
+
+
+def test_maps_without_levels_are_read_and_extended(tmp_path):
+    """A map written before the overviews (arrays at the root) is still read, written and
+    extended (new layers, more tiles); it gets no levels."""
+    import zarr
+
+    from treesits_dask.outputs import store as outputs_store
+
+    grid = schema.OutputGrid(
+        crs_wkt=CRS.from_epsg(3035).to_wkt(),
+        transform=(10.0, 0.0, 2456026.363042, 0.0, -10.0, 4574919.607965),
+        width=80, height=40, chunk=(20, 20), class_names=("Spruce", "Beech"), multiclass=True,
+    )  # fmt: skip
+    old = schema.OutputGrid(**{**grid.__dict__})
+    zstore = zarr.storage.MemoryStore()
+    legacy = outputs_store._template(old, ("probability", "class", "valid_obs", "last_obs_valid"),
+                                     {outputs_store.GRID_ATTR: old.to_attrs()})  # fmt: skip
+    legacy.to_zarr(zstore, mode="w-", compute=False, consolidated=False)
+    assert outputs_store.data_path(zstore) == "" and outputs_store.level_paths(zstore) == []
+    wider = schema.OutputGrid(**{**grid.__dict__, "width": 120, "layers": ("entropy",)})
+    grown = outputs_store.extend_layout(zstore, old, wider)
+    assert grown.width == 120 and grown.layers == ("entropy",)
+    values = {"class": np.ones((20, 20), np.uint8), "entropy": np.full((20, 20), 0.5, np.float32),
+              "last_valid_date": np.full((20, 20), 19000, np.int32)}  # fmt: skip
+    outputs_store.write_window(zstore, slice(0, 20), slice(100, 120), values)
+    region = schema.TileRegion("t", 0, 100, 20, 20)
+    for var, want in values.items():
+        np.testing.assert_array_equal(outputs_store.read_region(zstore, region, var), want)
+    assert outputs_store.level_paths(zstore) == []  # no overviews for such a map
