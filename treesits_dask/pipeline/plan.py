@@ -37,6 +37,9 @@ from .alerting import AlertPlan, alert_key, plan_alerts
 from .checks import TILE_ERRORS, check_tiles, tile_problem
 from .postprocess import DerivedWork, derived_work, smooth_params
 
+#: tiles whose scenes are listed at once while planning (a listing is a round trip on S3)
+_TILES_LISTED_AT_ONCE = 16
+
 __all__ = ["TILE_ERRORS", "RunPlan", "TilePlan", "make_plan", "tile_problem"]
 
 log = logging.getLogger(__name__)
@@ -279,6 +282,56 @@ def _stage(
     )
 
 
+def _sort_tiles(
+    config: RunConfig,
+    tiles,
+    card,
+    digests: dict,
+    attrs: dict[str, dict],
+    skip_done: bool,
+    target: OutputGrid | None,
+    derived: DerivedWork,
+):
+    """Stage every selected tile (scene listing, fingerprint; many tiles at once: each costs a
+    listing round trip on object stores) and sort them: to process, up to date (with complete
+    COGs or COGs to rebuild from the map), or invalid.  ``attrs``: the tiles' attributes in the
+    map; ``target``: the map's grid with the layers of ``config``; a tile whose smoothing is out
+    of date (``derived``) gets its smoothed COGs from the smoothing stage."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    records = {t: a["record"] for t, a in attrs.items() if "record" in a}
+
+    def stage(tile: str):
+        try:
+            st = _stage(config, tile, card, *digests.values(), records.get(tile))
+        except TILE_ERRORS as exc:
+            return tile, exc, None
+        done = skip_done and not config.force and not st.reasons
+        manifest = cog.cog_manifest(config.output, tile) if done and config.cog else None
+        return tile, st, manifest
+
+    staged, skipped, invalid, cogs_missing, cogs_done = [], {}, {}, {}, []
+    with ThreadPoolExecutor(max(1, min(_TILES_LISTED_AT_ONCE, len(tiles)))) as pool:
+        for tile, st, manifest in pool.map(stage, tiles):
+            if isinstance(st, TreesitsError):
+                invalid[tile] = st
+            elif not (skip_done and not config.force and not st.reasons):
+                staged.append(st)
+            elif not config.cog:
+                skipped[tile] = "up to date"
+            elif cogs_up_to_date(manifest, attrs[tile], target, tile in derived.smoothing):
+                skipped[tile] = "up to date"
+                cogs_done.append(tile)
+            else:
+                skipped[tile] = "up to date; its COGs are rebuilt from the map"
+                cogs_missing[tile] = records[tile]
+        if config.cog:  # finished tiles outside the selection stay in the mosaics
+            others = [t for t in records if t not in set(tiles)]
+            found = pool.map(lambda t: cog.cog_manifest(config.output, t), others)
+            cogs_done += [t for t, m in zip(others, found, strict=True) if m]
+    return staged, skipped, invalid, cogs_missing, cogs_done
+
+
 def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
     """Discover the cube, read the model card, compare with the ledger, check everything that can
     be checked on the driver (see the module's docstring).
@@ -312,26 +365,9 @@ def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
     if target is not None:
         levels = len(level_paths(repo.zarr_store()))
         derived = derived_work(attrs, target, smooth_params(config, target), levels)
-    staged, skipped, invalid, cogs_missing, cogs_done = [], {}, {}, {}, []
-    for tile in tiles:
-        try:
-            st = _stage(config, tile, card, *digests.values(), records.get(tile))
-        except TILE_ERRORS as exc:
-            invalid[tile] = exc
-            continue
-        if not (skip_done and not config.force and not st.reasons):
-            staged.append(st)
-            continue
-        skipped[tile] = "up to date"
-        if config.cog:
-            manifest = cog.cog_manifest(config.output, tile)
-            if cogs_up_to_date(manifest, attrs[tile], target, tile in derived.smoothing):
-                cogs_done.append(tile)
-            else:
-                cogs_missing[tile] = records[tile]
-                skipped[tile] = "up to date; its COGs are rebuilt from the map"
-    if config.cog:  # finished tiles outside the selection stay in the mosaics
-        cogs_done += [t for t in records if t not in tiles and cog.cog_manifest(config.output, t)]
+    staged, skipped, invalid, cogs_missing, cogs_done = _sort_tiles(
+        config, tiles, card, digests, attrs, skip_done, target, derived
+    )
     common = dict(config=config, definition=definition, spec=spec, card=card, skipped=skipped,
                   invalid=invalid, cogs_missing=cogs_missing, cogs_done=sorted(cogs_done),
                   derived=derived, **digests)  # fmt: skip
