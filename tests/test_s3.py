@@ -137,14 +137,14 @@ def test_s3_run_equals_local_run(s3_run, local_run, small_cube):
     assert (
         set(a.data_vars)
         == set(b.data_vars)
-        == {"probability", "class", "valid_obs", "last_obs_valid"}
+        == {"probability", "class", "valid_obs", "last_obs_valid", "last_valid_date"}
     )
     assert a.sizes == b.sizes and a.rio.transform() == b.rio.transform()
     for var in a.data_vars:
         np.testing.assert_array_equal(a[var].values, b[var].values)
     assert (a["class"].values != 255).sum() > 1000
     for tile in small_cube.tiles:
-        for var in ("probability", "class", "valid_obs", "last_obs_valid"):
+        for var in ("probability", "class", "valid_obs", "last_obs_valid", "last_valid_date"):
             with (
                 rasterio.open(
                     storage.gdal_path(storage.join(output, "cog", tile, f"{var}.tif"))
@@ -241,12 +241,12 @@ def test_force_rewrites_identical_objects(s3_run, client):
     assert set(result.tiles) == set(s3_run["result"].tiles)
     after = versions()
     written = [k for k in before if k.endswith(".tif")]
-    assert len(written) == 8
+    assert len(written) == 10  # 2 tiles x 5 variables
     for key in written:
         assert len(after[key]) == len(before[key]) + 1, key  # written again ...
         assert len(set(after[key])) == 1, key  # ... with the same bytes (same ETag)
     mosaics = [k for k in before if k.endswith(".vrt")]
-    assert len(mosaics) == 4 and all(after[k] == before[k] for k in mosaics)  # same tiles: kept
+    assert len(mosaics) == 5 and all(after[k] == before[k] for k in mosaics)  # same tiles: kept
     history = repo.versions()
     assert len(history) == len(first) + 1
     assert {t["tile"] for t in history[-1]["tiles"]} == set(result.tiles)
