@@ -122,6 +122,26 @@ def test_smoothing_equals_sits_on_the_mosaic_tile_by_tile(
     assert seam.max() > 1e-3
 
 
+def test_a_narrow_stand_goes_to_its_neighbour_with_half_the_neighbours():
+    """What the README's smoothing figure shows, on a map a pixel loop can check: a stand three
+    pixels wide in a field of another class, both classified with 99 % confidence.  With
+    ``neigh_fraction: 0.5`` (sits's default) each class's prior is the mean of its highest logits,
+    so the field's class (more than half of every 9 x 9 window) wins the stand's pixels; with all
+    the neighbours (``neigh_fraction: 1``) the stand stays.  Both equal the sits formulas."""
+    probs = np.zeros((2, 15, 15), np.float32)
+    probs[0], probs[1] = 0.01, 0.99
+    probs[0, :, 6:9], probs[1, :, 6:9] = 0.99, 0.01  # the stand: class 0, columns 6-8
+    for neigh_fraction, stand_stays in ((0.5, False), (1.0, True)):
+        params = SmoothParams(9, neigh_fraction, (20.0, 20.0))
+        want_p, want_c = ref.bayes_smooth(probs, 9, neigh_fraction, [20.0, 20.0])
+        got_p, got_c = smooth_region(np.pad(probs, ((0, 0), (4, 4), (4, 4)), mode="symmetric"),
+                                     params)  # fmt: skip
+        np.testing.assert_allclose(got_p, want_p, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(got_c, want_c)
+        assert (got_c[:, 6:9] == 0).all() == stand_stays
+        assert (got_c[:, :4] == 1).all() and (got_c[:, 11:] == 1).all()  # the field stays
+
+
 def test_four_tiles_corners_and_stale_strips():
     """A 2 x 2 block of tiles: the corners take the diagonal neighbour; when one tile changes,
     re-smoothing its own pixels and the strips (and corner) of its neighbours that reach into it
