@@ -284,6 +284,27 @@ def test_second_driver_is_refused_and_stale_lease_taken_over(s3_run):
     assert not fs.exists(path)
 
 
+def test_two_drivers_taking_over_a_dead_lease(s3_run, monkeypatch):
+    """Two drivers that read the same stale lease both try to take it over; S3's conditional
+    write lets one through and refuses the other ("At least one of the pre-conditions you
+    specified did not hold", HTTP 412), which is told that another driver took it at the same
+    time (not that the lease cannot be written)."""
+    output = s3_run["config"].output
+    fs, path = storage.get_fs(storage.join(output, LEASE_NAME))
+    dead = {"owner": "other-host:4242:dead", "host": "other-host", "pid": 4242,
+            "expires": time.time() - 5}  # fmt: skip
+    fs.pipe_file(path, json.dumps(dead).encode())
+    late = Lease(output, ttl=60)
+    stale = late._read()  # what the second driver read before the first one wrote
+    first = Lease(output, ttl=60).acquire()
+    monkeypatch.setattr(late, "_read", lambda: stale)
+    with pytest.raises(OutputError, match="another driver took the lease .* at the same time"):
+        late.acquire()
+    assert json.loads(fs.cat_file(path))["owner"] == first.owner
+    first.release()
+    assert not fs.exists(path)
+
+
 def test_large_cogs_are_uploaded_in_parts(s3_module_env, tmp_path):
     """COGs of at least twice the part size go up as multipart uploads (S3 ETag
     ``<md5>-<parts>``)."""
