@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 #: level chunks per overview task
 _CHUNKS_PER_TASK = 16
+#: attempts after the first of a derived-layer task: a read of the map that broke off (Icechunk
+#: does not retry a manifest whose body was cut off) fails the task, and the task is idempotent
+#: (a fork of the map in, a fork out), so Dask runs it again instead of failing the run
+_RETRIES = 3
 
 
 @dataclass
@@ -103,7 +107,7 @@ def update_derived(
             future = client.submit(
                 smoothing.smooth_tile, session.fork(), region, changed,
                 smoothing.present_neighbours(tile, records), params, grid.chunk[0],
-                key=f"smooth-{tile}-{run_id}", resources=resources, pure=False,
+                key=f"smooth-{tile}-{run_id}", resources=resources, pure=False, retries=_RETRIES,
             )  # fmt: skip
             pending[future] = (tile, session)
         for future in as_completed(list(pending)):
@@ -121,7 +125,7 @@ def update_derived(
                 cogs.append(client.submit(
                     write_tile_cogs, config.output, snapshot, MapRepo.region(tile, records[tile]),
                     grid, records[tile]["record_id"], variables, state,
-                    key=f"cog-smoothed-{tile}-{run_id}", pure=False,
+                    key=f"cog-smoothed-{tile}-{run_id}", pure=False, retries=_RETRIES,
                 ))  # fmt: skip
         done["smoothed"] = sorted(work.smoothing)
         log.info("smoothed %d tile(s) (or their strips): %s", len(work.smoothing),
@@ -138,7 +142,7 @@ def update_derived(
                 client.submit(
                     overviews.downsample_chunk, fork, level, chunks[i : i + _CHUNKS_PER_TASK],
                     variables, key=f"overview-{level}-{i}-{run_id}", resources=resources,
-                    pure=False,
+                    pure=False, retries=_RETRIES,
                 )
                 for i in range(0, len(chunks), _CHUNKS_PER_TASK)
             ]  # fmt: skip

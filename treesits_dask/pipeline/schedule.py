@@ -45,6 +45,11 @@ from .report import RunResult, collect_inference
 
 __all__ = ["Job", "RunCallbacks", "run_tiles", "tile_graph"]
 
+#: attempts after the first of a COG task: it reads the map, and a read that broke off mid-body
+#: (Icechunk does not retry a manifest cut off like that) fails the task; writing a tile's COGs
+#: and then their manifest again is harmless, so Dask runs it again instead of failing the tile
+_COG_RETRIES = 3
+
 log = logging.getLogger(__name__)
 
 
@@ -152,7 +157,7 @@ class _Scheduler:
         f = self.client.submit(
             write_tile_cogs, self.plan.config.output, snapshot, MapRepo.region(tile, record),
             self.job.grid, record["record_id"], variables, pure=False,
-            key=f"cog-{tile}-{time.time_ns()}",
+            key=f"cog-{tile}-{time.time_ns()}", retries=_COG_RETRIES,
         )  # fmt: skip
         self.state.setdefault(tile, {"futures": [], "t0": time.perf_counter()})
         self.state[tile]["futures"].append(f)
