@@ -3,8 +3,9 @@ subset runs, a forced rerun, a tile that appears, a series that grows past the w
 new model, a driver killed mid-tile and inputs reverted, two drivers at the same moment, COGs off
 and on again, a driver killed between its tile commits and the mosaics.
 
-After every step the map (arrays and coordinates) and the COGs and mosaics (pixels) equal those of
-a clean single run of the same inputs into a new output, and no step fails.  At the end, every
+After every step the map (arrays and coordinates, with its uncertainty layer, the Bayesian
+smoothing across tiles and an overview level) and the COGs and mosaics (pixels) equal those of a
+clean single run of the same inputs into a new output, and no step fails.  At the end, every
 version of the map equals the clean run of its inputs, and the change layer between two versions
 is right pixel for pixel.
 
@@ -41,7 +42,12 @@ from treesits_dask.pipeline.run import run
 pytestmark = pytest.mark.slow
 
 A, B, C, D = "X0069_Y0043", "X0070_Y0043", "X0069_Y0044", "X0070_Y0044"
-VARIABLES = ("probability", "class", "valid_obs", "last_obs_valid")
+VARIABLES = (
+    "probability", "class", "valid_obs", "last_obs_valid", "last_valid_date", "entropy",
+    "probability_smoothed", "class_smoothed",
+)  # fmt: skip
+#: the products made from the probabilities, on in every run here (smoothing across tiles)
+PRODUCTS = {"uncertainty": "entropy", "smoothing": {"window_size": 5}}
 REPO = Path(__file__).resolve().parents[1]
 #: the window budget of `window: auto`, lowered so that 4 more scenes pass the threshold at which
 #: a 60 x 60 px striped tile goes from whole-tile windows to 30-row strips
@@ -165,6 +171,7 @@ class World:
             output=output,
             batch_size=500,
             dashboard_address=":0",
+            **PRODUCTS,
             **kw,
         )
 
@@ -175,6 +182,7 @@ class World:
         return [
             "run", "--cube", str(self.root), "--mask-dir", self.mask_dir, "--model", self.model,
             "--output", output, "--batch-size", "500", "--tiles-in-flight", "1",
+            "--uncertainty", "entropy", "--smoothing", "--smooth-window-size", "5",
             "--scheduler-address", client.scheduler.address, *extra,
         ]  # fmt: skip
 
@@ -189,7 +197,9 @@ def _clean(world: World, client, tmp_root: Path) -> Path:
     return _CLEAN[world.label]
 
 
-def _assert_map_equal(a, b, what: str) -> None:
+def _assert_map_equal(a, b, what: str, level1=None) -> None:
+    if level1 is not None:  # the first overview level of both maps
+        _assert_map_equal(*level1, f"{what} (overview level 1)")
     assert a.sizes == b.sizes, (what, dict(a.sizes), dict(b.sizes))
     np.testing.assert_array_equal(a.x.values, b.x.values)
     np.testing.assert_array_equal(a.y.values, b.y.values)
@@ -201,7 +211,8 @@ def _assert_equals_clean(output: str, world: World, client, tmp_root: Path) -> P
     """The output's map, COGs and mosaics equal a clean run of the current inputs."""
     ref = _clean(world, client, tmp_root)
     clear_gdal_cache()  # GDAL keeps what it read of /vsis3/ files: the previous step's mosaics
-    _assert_map_equal(open_map(output), open_map(str(ref)), world.label)
+    level1 = (MapRepo(output).open_dataset(level=1), MapRepo(str(ref)).open_dataset(level=1))
+    _assert_map_equal(open_map(output), open_map(str(ref)), world.label, level1)
     assert set(MapRepo(output).records()) == set(world.tiles)
     for tile in world.tiles:
         for var in VARIABLES:
@@ -343,7 +354,10 @@ def test_one_output_for_years(backend, base_cube, models, client, tmp_path, monk
     results = sorted(_finish(p) for p in procs)
     (rc_ok, out_ok), (rc_refused, out_refused) = results
     assert rc_ok == 0, out_ok
-    assert rc_refused != 0 and "leased by another driver" in out_refused, out_refused
+    # refused: the lease is held, or both found no live lease (none, or the one the driver
+    # killed in step 6 left) and the other driver's conditional write came first
+    refusals = ("leased by another driver", "another driver took the lease")
+    assert rc_refused != 0 and any(r in out_refused for r in refusals), out_refused
     found = step()
     assert [t["tile"] for t in found[-1]["tiles"]] == [C]
 
@@ -354,7 +368,8 @@ def test_one_output_for_years(backend, base_cube, models, client, tmp_path, monk
     assert set(no_cog.tiles) == {B}
     assert MapRepo(output).records()[B]["stats"]["scenes"] == 13
     with_cog = run(world.config(output, tiles="all"), client=client)
-    assert not with_cog.tiles and with_cog.cogs_rebuilt == [B]
+    # B's COGs, and the smoothed COGs of its neighbours whose strips along B were smoothed again
+    assert not with_cog.tiles and sorted(with_cog.cogs_rebuilt) == sorted([A, B, C])
     step(no_cog)  # one version: the run without COGs; the COG rebuild changed no pixel
 
     # 9. a tile appears and a driver is killed after its tile commits, before the mosaics: the

@@ -15,6 +15,7 @@ import torch
 
 from treesits_dask.kube import KubeSettings
 from treesits_dask.models.loading import visible_devices
+from treesits_dask.outputs.schema import Packing
 from treesits_dask.pipeline import devices, predict
 
 
@@ -66,11 +67,12 @@ def test_concurrent_inference_tasks_take_different_devices(monkeypatch):
     days = np.arange(4, dtype=np.int64) * 10
 
     def task(_):
-        return predict._predict_packed(block, None, days, None, "fakegpu", 64)
+        return predict._predict_packed(block, kinds=(), days=days, spec=None, device="fakegpu",
+                                       batch_size=64, packing=Packing(3))  # fmt: skip
 
     with ThreadPoolExecutor(4) as pool:
         outs = list(pool.map(task, range(6)))
-    assert all(o.shape == (3 + 3, 3, 3) for o in outs)
+    assert all(o.shape == (Packing(3).size, 3, 3) for o in outs)
     assert {name for name, *_ in log} == {"fake:0", "fake:1"}
     for device in ("fake:0", "fake:1"):  # a device never runs two forwards at once
         spans = sorted((s, e) for name, s, e, _ in log if name == device)

@@ -137,14 +137,14 @@ def test_s3_run_equals_local_run(s3_run, local_run, small_cube):
     assert (
         set(a.data_vars)
         == set(b.data_vars)
-        == {"probability", "class", "valid_obs", "last_obs_valid"}
+        == {"probability", "class", "valid_obs", "last_obs_valid", "last_valid_date"}
     )
     assert a.sizes == b.sizes and a.rio.transform() == b.rio.transform()
     for var in a.data_vars:
         np.testing.assert_array_equal(a[var].values, b[var].values)
     assert (a["class"].values != 255).sum() > 1000
     for tile in small_cube.tiles:
-        for var in ("probability", "class", "valid_obs", "last_obs_valid"):
+        for var in ("probability", "class", "valid_obs", "last_obs_valid", "last_valid_date"):
             with (
                 rasterio.open(
                     storage.gdal_path(storage.join(output, "cog", tile, f"{var}.tif"))
@@ -241,12 +241,12 @@ def test_force_rewrites_identical_objects(s3_run, client):
     assert set(result.tiles) == set(s3_run["result"].tiles)
     after = versions()
     written = [k for k in before if k.endswith(".tif")]
-    assert len(written) == 8
+    assert len(written) == 10  # 2 tiles x 5 variables
     for key in written:
         assert len(after[key]) == len(before[key]) + 1, key  # written again ...
         assert len(set(after[key])) == 1, key  # ... with the same bytes (same ETag)
     mosaics = [k for k in before if k.endswith(".vrt")]
-    assert len(mosaics) == 4 and all(after[k] == before[k] for k in mosaics)  # same tiles: kept
+    assert len(mosaics) == 5 and all(after[k] == before[k] for k in mosaics)  # same tiles: kept
     history = repo.versions()
     assert len(history) == len(first) + 1
     assert {t["tile"] for t in history[-1]["tiles"]} == set(result.tiles)
@@ -281,6 +281,27 @@ def test_second_driver_is_refused_and_stale_lease_taken_over(s3_run):
     lease = Lease(config.output, ttl=60).acquire()
     assert json.loads(fs.cat_file(path))["owner"] == lease.owner
     lease.release()
+    assert not fs.exists(path)
+
+
+def test_two_drivers_taking_over_a_dead_lease(s3_run, monkeypatch):
+    """Two drivers that read the same stale lease both try to take it over; S3's conditional
+    write lets one through and refuses the other ("At least one of the pre-conditions you
+    specified did not hold", HTTP 412), which is told that another driver took it at the same
+    time (not that the lease cannot be written)."""
+    output = s3_run["config"].output
+    fs, path = storage.get_fs(storage.join(output, LEASE_NAME))
+    dead = {"owner": "other-host:4242:dead", "host": "other-host", "pid": 4242,
+            "expires": time.time() - 5}  # fmt: skip
+    fs.pipe_file(path, json.dumps(dead).encode())
+    late = Lease(output, ttl=60)
+    stale = late._read()  # what the second driver read before the first one wrote
+    first = Lease(output, ttl=60).acquire()
+    monkeypatch.setattr(late, "_read", lambda: stale)
+    with pytest.raises(OutputError, match="another driver took the lease .* at the same time"):
+        late.acquire()
+    assert json.loads(fs.cat_file(path))["owner"] == first.owner
+    first.release()
     assert not fs.exists(path)
 
 

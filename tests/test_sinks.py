@@ -109,7 +109,7 @@ def _tree_digest(root: Path) -> dict[str, str]:
 def test_store_metadata_for_xarray_and_rioxarray(store):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no consolidated-metadata (or other) warnings for users
-        ds = xr.open_zarr(store, consolidated=False)
+        ds = xr.open_zarr(store, group="0", consolidated=False)
     assert ds.rio.crs.to_epsg() == 3035
     assert ds.rio.transform() == Affine(*GRID.transform)
     assert ds.probability.rio.crs.to_epsg() == 3035
@@ -122,13 +122,13 @@ def test_store_metadata_for_xarray_and_rioxarray(store):
     # default decoding: integer layers with nodata become float with NaN; valid_obs stays uint16
     assert ds["class"].dtype == np.float32 and ds["class"].rio.encoded_nodata == 255
     assert ds.valid_obs.dtype == np.uint16
-    raw = xr.open_zarr(store, consolidated=False, mask_and_scale=False)
+    raw = xr.open_zarr(store, group="0", consolidated=False, mask_and_scale=False)
     assert raw["class"].dtype == np.uint8 and raw["class"].rio.nodata == 255
     assert raw.last_obs_valid.dtype == np.uint8 and raw.last_obs_valid.rio.nodata == 255
     assert raw.valid_obs.dtype == np.uint16 and raw.valid_obs.rio.nodata is None
     assert np.isnan(raw.probability.rio.nodata) and raw.probability.dtype == np.float32
     assert list(raw["class"].attrs["class_names"]) == list(CLASSES)
-    group = zarr.open_group(store, mode="r")
+    group = zarr.open_group(store, mode="r")["0"]  # level 0: the map at full resolution
     assert group["probability"].chunks == (3, 20, 20)  # all classes in one chunk
     assert group["class"].chunks == group["valid_obs"].chunks == (20, 20)
     assert group["class"].fill_value == 255  # unwritten chunks are nodata, not class 0 (Spruce)
@@ -139,9 +139,9 @@ def test_unwritten_store_reads_nodata(store):
         np.testing.assert_array_equal(
             outputs_store.read_region(store, ALL, var), _nodata_array(var)
         )
-    ds = xr.open_zarr(store, consolidated=False, mask_and_scale=False)
+    ds = xr.open_zarr(store, group="0", consolidated=False, mask_and_scale=False)
     assert (ds["class"].values == 255).all() and (ds.valid_obs.values == 0).all()
-    assert np.isnan(xr.open_zarr(store, consolidated=False)["class"].values).all()
+    assert np.isnan(xr.open_zarr(store, group="0", consolidated=False)["class"].values).all()
 
 
 def test_write_window_reads_back(filled):
@@ -151,7 +151,7 @@ def test_write_window_reads_back(filled):
     r, c = UNWRITTEN
     cls = outputs_store.read_region(store, ALL, "class")
     assert (cls[r : r + 20, c : c + 20] == 255).all()
-    ds = xr.open_zarr(store, consolidated=False, mask_and_scale=False)
+    ds = xr.open_zarr(store, group="0", consolidated=False, mask_and_scale=False)
     np.testing.assert_array_equal(ds.probability.values, expected["probability"])
     np.testing.assert_array_equal(ds.valid_obs.values, expected["valid_obs"])
     # the edge tile region reads the right part of the store
@@ -213,11 +213,11 @@ def test_binary_store_has_no_class_variable(tmp_path):
     grid = schema.OutputGrid(
         **{**GRID.__dict__, "class_names": ("disturbance",), "multiclass": False}
     )
-    assert grid.variables() == ("probability", "valid_obs", "last_obs_valid")
+    assert grid.variables() == ("probability", "valid_obs", "last_obs_valid", "last_valid_date")
     repo = _repo(tmp_path / "out", grid)
     expected = _fill(repo, grid)
-    ds = xr.open_zarr(repo.zarr_store(), consolidated=False, mask_and_scale=False)
-    assert set(ds.data_vars) == {"probability", "valid_obs", "last_obs_valid"}
+    ds = xr.open_zarr(repo.zarr_store(), group="0", consolidated=False, mask_and_scale=False)
+    assert set(ds.data_vars) == {"probability", "valid_obs", "last_obs_valid", "last_valid_date"}
     assert ds.probability.shape == (1, 40, 80)
     np.testing.assert_array_equal(ds.probability.values, expected["probability"])
     cogs = cog.tile_cogs(str(tmp_path), repo.zarr_store(), REGIONS[0], grid)
@@ -241,7 +241,7 @@ def test_store_grows_for_tiles_that_appear(repo):
     bigger = schema.OutputGrid(**{**GRID.__dict__, "width": 120, "height": 60})
     grown = repo.ensure_layout(bigger, {})
     assert (grown.width, grown.height) == (120, 60) and repo.grid() == bigger
-    ds = xr.open_zarr(repo.zarr_store(), consolidated=False, mask_and_scale=False)
+    ds = xr.open_zarr(repo.zarr_store(), group="0", consolidated=False, mask_and_scale=False)
     assert ds["class"].shape == (60, 120) and ds.x.values[-1] == GRID.transform[2] + 1195
     np.testing.assert_array_equal(ds["class"].values[:40, :80], expected["class"])
     assert (ds["class"].values[40:] == 255).all() and (ds["class"].values[:, 80:] == 255).all()
@@ -280,7 +280,10 @@ def test_grid_rejects_too_many_classes():
 
 # ----------------------------------------------------------------------------------------- COGs
 def _check_cogs(output: Path, store: str, region: schema.TileRegion) -> None:
-    expect_nodata = {"probability": "nan", "class": 255, "valid_obs": None, "last_obs_valid": 255}
+    expect_nodata = {
+        "probability": "nan", "class": 255, "valid_obs": None, "last_obs_valid": 255,
+        "last_valid_date": 0,
+    }  # fmt: skip
     for var in schema.VARIABLES:
         path = output / "cog" / region.tile / f"{var}.tif"
         ok, errors, _ = cog_validate(str(path), quiet=True)
@@ -355,7 +358,7 @@ def test_vrt_mosaic_reads_back_store_values(filled, tmp_path):
             elif var == "probability":
                 assert np.isnan(src.nodata)
             else:
-                assert src.nodata == 255
+                assert src.nodata == schema.NODATA[var]
             data = src.read()
         np.testing.assert_array_equal(data.reshape(expected[var].shape), expected[var])
 
@@ -398,7 +401,7 @@ def test_s3_round_trip(moto_endpoint, monkeypatch):
         outputs_store.read_region(repo.zarr_store(), ALL, "probability"), expected["probability"]
     )
     assert fs.find("outdir/run/map.icechunk")  # the repository lives on S3
-    ds = xr.open_zarr(repo.zarr_store(), consolidated=False, mask_and_scale=False)
+    ds = xr.open_zarr(repo.zarr_store(), group="0", consolidated=False, mask_and_scale=False)
     assert ds.rio.crs.to_epsg() == 3035
     np.testing.assert_array_equal(ds["class"].values, expected["class"])
     for region in REGIONS:
@@ -422,7 +425,7 @@ def test_manifests_are_split_by_tile(tmp_path):
     for split in (True, False):
         out = tmp_path / f"split-{split}"
         repo = MapRepo(str(out))
-        repo.ensure_layout(grid, {}, (tile, tile) if split else None)
+        repo.ensure_layout(grid, {}, tile_px=(tile, tile) if split else None)
         rng = np.random.default_rng(0)
         manifests = out / "map.icechunk" / "manifests"
         sizes = []

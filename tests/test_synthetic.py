@@ -211,8 +211,9 @@ def test_deterministic(tmp_path):
         p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file()
     )
     # prj, BOA + QAI, what else FORCE writes into a tile folder (OVV, 6 products, .aux.xml, a
-    # Landsat BOA + QAI), truth + mask, and next to the tiles a tile list + a mosaic VRT
-    assert len(files) == 1 + 2 * 6 + 10 + 2 + 2
+    # Landsat BOA + QAI), truth (species, disturbance dates) + mask, and next to the tiles a tile
+    # list + a mosaic VRT
+    assert len(files) == 1 + 2 * 6 + 10 + 3 + 2
     for rel in files:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
     assert not np.array_equal(a.truth("X0001_Y0002"), c.truth("X0001_Y0002"))

@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from ..outputs.schema import OutputGrid, TileRegion
-from ..outputs.store import create_layout, write_window
+from ..outputs.store import create_layout, data_path, write_window
 
 __all__ = ["main"]
 
@@ -102,7 +102,8 @@ class _Zarr:
 
         if version is not None:
             return None  # plain Zarr keeps no earlier versions
-        return xr.open_zarr(self.zstore, consolidated=False, mask_and_scale=False)
+        group = data_path(self.zstore) or None
+        return xr.open_zarr(self.zstore, group=group, consolidated=False, mask_and_scale=False)
 
 
 class _Icechunk:
@@ -117,7 +118,7 @@ class _Icechunk:
         self.first = None
 
     def create(self, grid: OutputGrid, tile_px: int) -> None:
-        self.repo.ensure_layout(grid, {}, (tile_px, tile_px))  # manifests split by tile
+        self.repo.ensure_layout(grid, {}, tile_px=(tile_px, tile_px))  # manifests split by tile
 
     def begin(self, tile: str):
         return self.repo.tile_session()
@@ -135,7 +136,9 @@ class _Icechunk:
     def dataset(self, version=None):
         import xarray as xr
 
-        return xr.open_zarr(self.repo.zarr_store(version), consolidated=False, mask_and_scale=False)
+        zstore = self.repo.zarr_store(version)
+        group = data_path(zstore) or None
+        return xr.open_zarr(zstore, group=group, consolidated=False, mask_and_scale=False)
 
 
 def _bench(design, grid: OutputGrid, regions, window: int, proxy) -> dict:

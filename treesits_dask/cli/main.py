@@ -1,5 +1,5 @@
 """Command line: ``python -m treesits_dask
-{run,plan,update,versions,export,changes,mask,demo,quicklook,bench,train,evaluate}``.
+{run,plan,update,versions,export,changes,mask,demo,quicklook,bench,train,evaluate,sample}``.
 
 The only place that configures logging and draws progress bars; each command is a thin layer
 over the public API (:mod:`treesits_dask`).
@@ -25,7 +25,14 @@ from .tools import (
     cmd_mask,
     cmd_quicklook,
 )
-from .training import add_evaluate_arguments, add_train_arguments, cmd_evaluate, cmd_train
+from .training import (
+    add_evaluate_arguments,
+    add_sample_arguments,
+    add_train_arguments,
+    cmd_evaluate,
+    cmd_sample,
+    cmd_train,
+)
 from .versions import (
     add_changes_arguments,
     add_export_arguments,
@@ -131,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_evaluate_arguments(p)
     p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser(
+        "sample",
+        help="a stratified random sample of a map for a field campaign (sizes per class from "
+        "target standard errors)",
+    )
+    add_sample_arguments(p)
+    p.set_defaults(func=cmd_sample)
     return parser
 
 

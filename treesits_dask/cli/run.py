@@ -117,6 +117,10 @@ _RUN_FLAGS = [
         ),
     ),
     ("--tiles-in-flight", dict(type=int, help="tiles processed at once (default 2)")),
+    (
+        "--uncertainty",
+        dict(help="uncertainty layers of multi-class models: comma list of entropy, margin, least"),
+    ),
     ("--dashboard-address", dict(help="LocalCluster dashboard address (default :8787)")),
     (
         "--cluster",
@@ -137,6 +141,24 @@ _RUN_FLAGS = [
 ]
 
 
+#: flags of the nested settings: flag -> (setting, key)
+_NESTED_FLAGS = [
+    ("--smooth-window-size", "smoothing", "window_size",
+     dict(type=int, help="Bayesian smoothing: neighbourhood size, odd, >= 5 (default 9)")),
+    ("--smooth-neigh-fraction", "smoothing", "neigh_fraction",
+     dict(type=float, help="Bayesian smoothing: share of neighbours for the prior (default 0.5)")),
+    ("--smooth-smoothness", "smoothing", "smoothness",
+     dict(help="Bayesian smoothing: prior variance, one value or one per class (default 20)")),
+    ("--alert-start", "alerts", "start",
+     dict(help="disturbance alerts (binary models): first acquisition date that can raise one")),
+    ("--alert-threshold", "alerts", "threshold",
+     dict(type=float, help="disturbance alerts: probability that raises one (default 0.5)")),
+    ("--alert-confirm-after", "alerts", "confirm_after",
+     dict(type=int, help="disturbance alerts: acquisitions at/above the threshold that confirm "
+          "one (default 2)")),
+]  # fmt: skip
+
+
 def add_run_flags(p: argparse.ArgumentParser) -> None:
     """The settings of :class:`~treesits_dask.config.RunConfig` as flags (and ``--config``)."""
     p.add_argument(
@@ -144,6 +166,14 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
         help="YAML file with the same settings (keys as flags, '_' for '-'); flags override it",
     )
     for flag, kw in _RUN_FLAGS:
+        p.add_argument(flag, **kw)
+    p.add_argument(
+        "--smoothing",
+        action="store_true",
+        default=None,
+        help="Bayesian smoothing of the probabilities (sits defaults; --smooth-* change them)",
+    )
+    for flag, _, _, kw in _NESTED_FLAGS:
         p.add_argument(flag, **kw)
     p.add_argument(
         "--no-cog",
@@ -177,6 +207,12 @@ def run_overrides(args: argparse.Namespace) -> dict:
     for key in ("cog", "force", "torch_compile"):
         if getattr(args, key, None) is not None:
             out[key] = getattr(args, key)
+    if getattr(args, "smoothing", None):
+        out["smoothing"] = {}
+    for flag, setting, key, _ in _NESTED_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value is not None:
+            out.setdefault(setting, {})[key] = value
     return out
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_evaluate_arguments", "add_train_arguments", "cmd_evaluate", "cmd_train"]
+__all__ = [
+    "add_evaluate_arguments", "add_sample_arguments", "add_train_arguments", "cmd_evaluate",
+    "cmd_sample", "cmd_train",
+]  # fmt: skip
 
 _SAMPLE_FLAGS = [
     ("--samples", {"help": "points (.gpkg, .geojson, .csv) or a folder of per-sample CSVs"}),
@@ -53,8 +56,23 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``evaluate``."""
     p.add_argument(
-        "--model", required=True, help="model: native .pt (card beside it) or a checkpoint"
+        "--model", help="model: native .pt (card beside it) or a checkpoint (not with --area)"
     )
+    p.add_argument(
+        "--area",
+        action="store_true",
+        help="area estimates of a map (--map) from reference samples of a stratified random "
+        "sample (Olofsson et al. 2014): mapped and adjusted area with 95%% CI, user's and "
+        "producer's accuracies with standard errors",
+    )
+    p.add_argument("--map", help="with --area: the output folder of the map")
+    p.add_argument(
+        "--map-layer",
+        default="class",
+        help="with --area: the map layer whose classes are the strata: class (default), "
+        "class_smoothed, probability / probability_smoothed (binary maps, >= 0.5), alert_state",
+    )
+    p.add_argument("--as-of", help="with --area: a version of the map (default the latest)")
     p.add_argument(
         "--model-family",
         default="native",
@@ -103,6 +121,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``evaluate`` from parsed arguments."""
+    if args.area:
+        return _cmd_area(args)
+    if not args.model:
+        from ..errors import ConfigError
+
+        raise ConfigError("evaluate needs --model (or --area with --map to estimate areas)")
     from .. import evaluate, load_samples
     from ..config import load_sample_settings
     from ..models import ModelSpec
@@ -118,4 +142,64 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.report:
         files = write_report(metrics, args.report)
         print("report: " + ", ".join(files.values()))
+    return 0
+
+
+def _cmd_area(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
+    from ..training.area import area_from_map, write_area_report
+
+    if not args.map or not args.samples:
+        raise ConfigError("evaluate --area needs --map (an output folder) and --samples")
+    estimate = area_from_map(
+        args.map, args.samples, args.map_layer, args.label_column or "label", args.crs, args.as_of
+    )
+    print(estimate.table())
+    if args.report:
+        files = write_area_report(estimate, args.report)
+        print("report: " + ", ".join(files.values()))
+    return 0
+
+
+def add_sample_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``sample``."""
+    p.add_argument("map", help="the output folder of the map")
+    p.add_argument("--output", required=True, help="points to write (.gpkg, .geojson or .csv)")
+    p.add_argument("--map-layer", default="class", help="layer whose classes are the strata")
+    p.add_argument("--per-class", type=int, help="the same number of points in every class")
+    p.add_argument(
+        "--expected-accuracy",
+        help="expected user's accuracy: one value or NAME=VALUE,... (with --target-se)",
+    )
+    p.add_argument(
+        "--target-se", type=float, help="target standard error of each class's user's accuracy"
+    )
+    p.add_argument("--minimum", type=int, default=0, help="at least this many points per class")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--as-of", help="a version of the map (default the latest)")
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    """``sample``: a stratified random sample of a map for a field campaign."""
+    from ..errors import ConfigError
+    from ..training.area import campaign_sample, map_classes, sample_sizes
+
+    if args.per_class is not None:
+        sizes = args.per_class
+    elif args.expected_accuracy and args.target_se:
+        _, names, _ = map_classes(args.map, args.map_layer, args.as_of)
+        if "=" in args.expected_accuracy:
+            expected = {k.strip(): float(v) for k, v in
+                        (kv.split("=", 1) for kv in args.expected_accuracy.split(","))}  # fmt: skip
+        else:
+            expected = dict.fromkeys(names, float(args.expected_accuracy))
+        unknown = sorted(set(expected) - set(names))
+        if unknown:
+            raise ConfigError(f"classes {unknown} are not in the map ({', '.join(names)})")
+        sizes = sample_sizes(expected, args.target_se, args.minimum)
+        print("points per class: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
+    else:
+        raise ConfigError("sample needs --per-class N, or --expected-accuracy and --target-se")
+    url = campaign_sample(args.map, args.output, sizes, args.map_layer, args.seed, args.as_of)
+    print(f"wrote {url} (map class in column map_class; add the reference class as label)")
     return 0

@@ -70,6 +70,16 @@ def _env_values(model: type[BaseModel], environ: Mapping[str, str]) -> dict[str,
     return out
 
 
+def _model_of(annotation) -> type[BaseModel] | None:
+    """The settings model in an annotation such as ``SmoothingSettings | None``."""
+    import typing
+
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
 def format_errors(exc: ValidationError, model: type[BaseModel], sources: str) -> str:
     """One line per problem, naming the setting, its source and (for unknown keys) the valid
     ones."""
@@ -78,8 +88,11 @@ def format_errors(exc: ValidationError, model: type[BaseModel], sources: str) ->
         loc = ".".join(str(p) for p in err["loc"]) or "config"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
+            nested = model.model_fields.get(str(err["loc"][0])) if len(err["loc"]) > 1 else None
             if len(err["loc"]) > 1 and err["loc"][0] == "kubernetes":
                 valid = ", ".join(valid_keys(err["loc"][1:]))
+            elif nested is not None and len(err["loc"]) == 2 and _model_of(nested.annotation):
+                valid = ", ".join(sorted(_model_of(nested.annotation).model_fields))
             else:
                 valid = ", ".join(sorted(model.model_fields))
             lines.append(f"unknown setting {loc!r} (from {sources}); valid settings are: {valid}")
@@ -100,7 +113,8 @@ def load_settings(
     keys: set[str] | None = None,
 ) -> S:
     """``model`` from a YAML file, ``TREESITS_*`` variables of ``environ`` (None: none) and
-    ``overrides`` (flags; None values are left out).  ``keys`` (optional) keeps only those keys of
+    ``overrides`` (flags; None values are left out; a mapping changes only its keys of a nested
+    setting such as ``smoothing``).  ``keys`` (optional) keeps only those keys of
     the YAML file (``evaluate`` reads the sample settings of a train.yaml)."""
     values: dict[str, Any] = {}
     sources = []
@@ -113,7 +127,12 @@ def load_settings(
         if env:
             sources.append("environment")
         values.update(env)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(values.get(key), dict):
+            value = {**values[key], **value}  # flags change single keys of a nested setting
+        values[key] = value
     if overrides:
         sources.append("command line")
     for key in _PATH_KEYS:

@@ -12,6 +12,7 @@ from ..errors import ConfigError
 from ..io import storage
 from .inputs import InputSettings
 from .kubernetes import KubeSettings
+from .postprocess import AlertSettings, SmoothingSettings, UncertaintyLayer
 
 __all__ = ["RunConfig"]
 
@@ -59,6 +60,27 @@ class RunConfig(InputSettings):
         1800.0, gt=0, description="seconds to wait for a worker of each needed group"
     )
     kubernetes: KubeSettings = Field(default_factory=KubeSettings)
+    uncertainty: list[UncertaintyLayer] = Field(
+        default_factory=list, description="uncertainty layers of multi-class models"
+    )
+    smoothing: SmoothingSettings | None = Field(
+        None, description="Bayesian smoothing of the probabilities (off when not given)"
+    )
+    alerts: AlertSettings | None = Field(
+        None, description="disturbance alerts of binary models (off when not given)"
+    )
+
+    @field_validator("uncertainty", mode="before")
+    @classmethod
+    def _split_layers(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [s.strip() for s in v.split(",") if s.strip() and s.strip() != "none"]
+        return v
+
+    @field_validator("uncertainty")
+    @classmethod
+    def _unique_layers(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))
 
     @field_validator("mask_classes", mode="before")
     @classmethod
@@ -156,6 +178,16 @@ class RunConfig(InputSettings):
         while not fits(share):
             share = math.nextafter(share, 0.0)
         return share
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The optional map layers these settings ask for (uncertainty, alerts, smoothing)."""
+        out = list(self.uncertainty)
+        if self.alerts is not None:
+            out += ["alert_first_seen", "alert_confirmations", "alert_state"]
+        if self.smoothing is not None:
+            out += ["probability_smoothed", "class_smoothed"]
+        return tuple(out)
 
     def require_model(self) -> None:
         if not self.model:

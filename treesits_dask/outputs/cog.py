@@ -26,12 +26,13 @@ from ..errors import OutputError
 from ..io import storage
 from ..io.crs import same_crs
 from ..io.remote import read_retrying
-from .schema import COG_NODATA, DTYPES, VARIABLES, OutputGrid, TileRegion
-from .store import chunk_blocks
+from .schema import ALL_VARIABLES, COG_NODATA, DTYPES, OutputGrid, TileRegion
+from .store import RESAMPLING, chunk_blocks, data_group
 
 __all__ = [
     "CogSpec",
     "cog_blocksize",
+    "mosaics_hold",
     "write_cog",
     "write_mosaics",
     "write_vrt",
@@ -39,7 +40,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_GDAL_TYPES = {"uint8": "Byte", "uint16": "UInt16", "int16": "Int16", "float32": "Float32"}
+_GDAL_TYPES = {"uint8": "Byte", "uint16": "UInt16", "int16": "Int16", "int32": "Int32",
+               "float32": "Float32"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -250,23 +252,22 @@ def tile_cogs(
     region: TileRegion,
     grid: OutputGrid,
     tmp_dir: str | None = None,
+    variables=None,
 ) -> dict[str, str]:
     """Write ``<output>/cog/<tile>/<variable>.tif`` (valid COGs) from the tile's region of the map
-    in ``zstore`` (a zarr store).
+    in ``zstore`` (a zarr store), for ``variables`` (default: all of the grid).
 
     The region is read chunk by chunk into a local temporary GeoTIFF, turned into a COG (DEFLATE,
-    overviews: average for probability, nearest for the integer layers), validated and then
-    published atomically.  Values equal the store's; re-running writes byte-identical files.
-    Returns ``{variable: url}``.
+    overviews: average for the probabilities and uncertainty, nearest for the integer layers),
+    validated and then published atomically.  Values equal the store's; re-running writes
+    byte-identical files.  Returns ``{variable: url}``.
     """
-    import zarr
-
     a, b, c, d, e, f = grid.transform
     x0, y0 = region.col_off, region.row_off
     transform = (a, b, c + x0 * a + y0 * b, d, e, f + x0 * d + y0 * e)
-    group = zarr.open_group(zstore, mode="r")
+    group = data_group(zstore)
     written = {}
-    for var in grid.variables():
+    for var in variables if variables is not None else grid.variables():
         if var not in group.array_keys():
             raise OutputError(
                 f"the map of {output} has no variable {var!r}; was it created for another model?"
@@ -280,8 +281,8 @@ def tile_cogs(
             crs_wkt=grid.crs_wkt,
             transform=transform,
             nodata=COG_NODATA[var],
-            descriptions=tuple(grid.class_names) if var == "probability" else (var,),
-            overview_resampling="average" if var == "probability" else "nearest",
+            descriptions=tuple(grid.class_names) if arr.ndim == 3 else (var,),
+            overview_resampling=RESAMPLING[var],
         )
         url = storage.join(output, "cog", region.tile, f"{var}.tif")
         written[var] = write_cog(url, spec, chunk_blocks(arr, region), tmp_dir=tmp_dir)
@@ -312,6 +313,15 @@ def mosaic_tiles(output: str) -> list[str] | None:
     return manifest.get("tiles") if manifest else None
 
 
+def mosaics_hold(output: str, tiles: Sequence[str], variables: Sequence[str] | None) -> bool:
+    """Whether the mosaics hold exactly ``tiles`` and (when given) a mosaic of every one of
+    ``variables``."""
+    manifest = _read_json(storage.join(output, "cog", MOSAIC_MANIFEST))
+    if not manifest or manifest.get("tiles") != sorted(set(tiles)):
+        return False
+    return variables is None or set(variables) <= set(manifest.get("variables") or ())
+
+
 def write_mosaics(output: str, tiles: Sequence[str]) -> dict[str, str]:
     """Write ``<output>/cog/<variable>.vrt`` mosaics of the tiles' COGs (paths relative to the VRT),
     then the manifest naming the tiles (written last).
@@ -322,7 +332,7 @@ def write_mosaics(output: str, tiles: Sequence[str]) -> dict[str, str]:
     cog_dir = storage.join(output, "cog")
     fs, _ = storage.get_fs(cog_dir)
     written = {}
-    for var in VARIABLES:
+    for var in ALL_VARIABLES:
         urls = {t: storage.join(cog_dir, t, f"{var}.tif") for t in sorted(set(tiles))}
         present = [u for u in urls.values() if fs.exists(storage.get_fs(u)[1])]
         if not present:
@@ -336,6 +346,7 @@ def write_mosaics(output: str, tiles: Sequence[str]) -> dict[str, str]:
             f"no tile COGs under {cog_dir} for tiles {list(tiles)}; write them first "
             "(outputs.repo.write_tile_cogs)"
         )
-    manifest = json.dumps({"tiles": sorted(set(tiles))}, indent=1).encode()
+    manifest = json.dumps({"tiles": sorted(set(tiles)), "variables": sorted(written)},
+                          indent=1).encode()  # fmt: skip
     storage.publish_bytes(manifest, storage.join(cog_dir, MOSAIC_MANIFEST))
     return written

@@ -10,6 +10,9 @@ Files (default folder ``<output>/quicklook/``)::
 
     <tile>_class.png  <tile>_probability.png  <tile>_valid_obs.png     (class: multi-class only)
     mosaic_class.png  mosaic_probability.png  mosaic_valid_obs.png
+
+and, where the map has them, ``_entropy``, ``_margin``, ``_least`` (uncertainty, 0 to 1),
+``_class_smoothed``, ``_probability_smoothed`` and ``_alert_state`` (alert states).
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ __all__ = [
     "Raster",
     "class_colors",
     "find_tiles",
+    "plot_alerts",
     "plot_class",
     "plot_probability",
+    "plot_uncertainty",
     "plot_valid_obs",
     "quicklook",
     "read_raster",
@@ -52,6 +57,9 @@ NOT_PREDICTED_COLOR = "#d0d0d0"
 #: long side, in pixels, of the raster read for a quicklook
 MAX_SIZE = 1500
 MOSAIC = "mosaic"
+#: the layers drawn (where the map has them)
+_LAYERS = ("probability", "class", "valid_obs", "class_smoothed", "probability_smoothed",
+           "entropy", "margin", "least", "alert_state")  # fmt: skip
 _DPI = 100
 # tab20 without its greys (grey is "not predicted"): dark shades first, then the light ones
 _PALETTE = (
@@ -152,7 +160,9 @@ def _zarr_raster(ds, variable: str, max_size: int) -> Raster:
     sub = da[..., ::step, ::step]
     data = np.asarray(sub.values).reshape(-1, *sub.shape[-2:])
     names = (
-        tuple(str(n) for n in ds[CLASS_DIM].values) if variable == "probability" else (variable,)
+        tuple(str(n) for n in ds[CLASS_DIM].values)
+        if variable in ("probability", "probability_smoothed")
+        else (variable,)
     )
     crs = ds.rio.crs.to_string() if ds.rio.crs else "unknown CRS"
     nodata = None if variable == "valid_obs" else NODATA[variable]
@@ -210,6 +220,36 @@ def plot_probability(raster: Raster, title: str = "probability") -> Figure:
     values = np.max(np.where(np.isnan(data), -1.0, data), axis=0)
     label = "highest class probability" if data.shape[0] > 1 else f"probability of {title}"
     return _continuous(raster, np.ma.masked_array(values, bad | (values < 0)), title, label, 0, 1)
+
+
+#: colours of the alert states none, candidate, confirmed, retracted
+ALERT_COLORS = ("#e8eedf", "#ff9f1c", "#c1121f", "#4ea8de")
+
+
+def plot_alerts(raster: Raster, title: str = "alert state") -> Figure:
+    """Map of the disturbance-alert states with their legend (grey: not predicted)."""
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.patches import Patch
+
+    from .schema import ALERT_STATES
+
+    values = raster.data[0]
+    bad = raster.nodata_mask() | (values >= len(ALERT_STATES))
+    cmap = ListedColormap(ALERT_COLORS).with_extremes(bad=NOT_PREDICTED_COLOR)
+    norm = BoundaryNorm(np.arange(-0.5, len(ALERT_COLORS) + 0.5), len(ALERT_COLORS))
+    fig, ax = _figure(raster, title)
+    ax.imshow(np.ma.masked_array(values, bad), cmap=cmap, norm=norm, interpolation="nearest")
+    handles = [Patch(facecolor=c, label=k) for c, k in zip(ALERT_COLORS, ALERT_STATES, strict=True)]
+    handles.append(Patch(facecolor=NOT_PREDICTED_COLOR, label="not predicted"))
+    fig.legend(handles=handles, loc="outside right upper", title="alert", frameon=False)
+    return fig
+
+
+def plot_uncertainty(raster: Raster, title: str, label: str) -> Figure:
+    """Map of an uncertainty layer (0 certain .. 1), colour bar."""
+    values = raster.data[0].astype("float32")
+    masked = np.ma.masked_array(values, np.isnan(values))
+    return _continuous(raster, masked, title, label, 0, 1, "magma")
 
 
 def plot_valid_obs(raster: Raster, title: str = "valid observations") -> Figure:
@@ -284,6 +324,17 @@ def _render(layers: dict[str, Raster], name: str, output: str, out_dir: str) -> 
     if "valid_obs" in layers:
         fig = plot_valid_obs(layers["valid_obs"], title=f"{name}: valid observations")
         written.append(_save(fig, storage.join(out_dir, f"{name}_valid_obs.png")))
+    figures = {
+        "class_smoothed": lambda r: plot_class(r, names, title=f"{name}: class (smoothed)"),
+        "probability_smoothed": lambda r: plot_probability(r, title=f"{name}: smoothed"),
+        "entropy": lambda r: plot_uncertainty(r, f"{name}: entropy", "normalised entropy"),
+        "margin": lambda r: plot_uncertainty(r, f"{name}: margin", "1 - (first - second)"),
+        "least": lambda r: plot_uncertainty(r, f"{name}: least confidence", "1 - highest"),
+        "alert_state": lambda r: plot_alerts(r, title=f"{name}: disturbance alerts"),
+    }
+    for var, draw in figures.items():
+        if var in layers:
+            written.append(_save(draw(layers[var]), storage.join(out_dir, f"{name}_{var}.png")))
     return written
 
 
@@ -301,7 +352,7 @@ def quicklook(
     written: list[str] = []
     for tile in names:
         folder = storage.join(output, "cog", tile)
-        urls = {v: storage.join(folder, f"{v}.tif") for v in ("probability", "class", "valid_obs")}
+        urls = {v: storage.join(folder, f"{v}.tif") for v in _LAYERS}
         if not _exists(urls["probability"]):
             raise OutputError(f"tile {tile} has no {urls['probability']}; was it written?")
         layers = {v: read_raster(u, max_size) for v, u in urls.items() if _exists(u)}
@@ -317,9 +368,7 @@ def quicklook(
 
 
 def _mosaic(output: str, out_dir: str, max_size: int) -> list[str]:
-    vrts = {
-        v: storage.join(output, "cog", f"{v}.vrt") for v in ("probability", "class", "valid_obs")
-    }
+    vrts = {v: storage.join(output, "cog", f"{v}.vrt") for v in _LAYERS}
     if _exists(vrts["probability"]):
         layers = {v: read_raster(u, max_size) for v, u in vrts.items() if _exists(u)}
         return _render(layers, MOSAIC, output, out_dir)
@@ -328,7 +377,5 @@ def _mosaic(output: str, out_dir: str, max_size: int) -> list[str]:
         log.warning("no mosaic quicklook: no cog/probability.vrt and no map in %s", output)
         return []
     log.info("no VRT mosaic in %s; reading the map (slower than COG overviews)", output)
-    layers = {
-        v: _zarr_raster(ds, v, max_size) for v in ("probability", "class", "valid_obs") if v in ds
-    }
+    layers = {v: _zarr_raster(ds, v, max_size) for v in _LAYERS if v in ds}
     return _render(layers, MOSAIC, output, out_dir)

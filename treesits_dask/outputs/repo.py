@@ -11,9 +11,10 @@ disjoint chunks, so concurrent tile commits of one run rebase onto each other.
 Why Icechunk and not plain Zarr plus a ledger: see the README's "Output store" section (measured
 write and commit costs, and what each needs for atomic tiles and versions).
 
-The module is longer than 400 lines because ``MapRepo`` is one object read top to bottom: how a
-map is opened, written a tile at a time, tagged, read back at a version and compared between
-versions all rest on the same repository handle and record layout.
+This module is longer than 400 lines because ``MapRepo`` is one object read top to bottom: how a
+map is opened, written a tile at a time, its derived layers committed, tagged, read back at a
+version and compared between versions all rest on the same repository handle, session handling
+and record layout.
 """
 
 from __future__ import annotations
@@ -27,19 +28,14 @@ from typing import Any
 
 from ..errors import OutputError
 from ..io import storage
-from .cog import COG_MANIFEST, tile_cogs, write_mosaics
-from .schema import OutputGrid, TileRegion
-from .store import create_layout, extend_layout, grid_differences, stored_grid
+from .cog import COG_MANIFEST, cog_manifest, tile_cogs, write_mosaics
+from .schema import SMOOTHED_VARIABLES, OutputGrid, TileRegion
+from .store import create_layout, data_path, extend_layout, grid_differences, stored_grid
 
 __all__ = [
-    "BRANCH",
-    "REPO_NAME",
-    "TILES_GROUP",
-    "MapRepo",
-    "repo_config",
-    "repo_storage",
-    "write_tile_cogs",
-]
+    "BRANCH", "MODELS_GROUP", "REPO_NAME", "TILES_GROUP", "MapRepo", "cogs_up_to_date",
+    "repo_config", "repo_storage", "stale_cogs", "write_tile_cogs",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +43,8 @@ REPO_NAME = "map.icechunk"
 BRANCH = "main"
 #: group whose child groups hold one tile record each (attribute ``record``)
 TILES_GROUP = "_tiles"
+#: group whose child groups (named by model digest) describe the models of the map
+MODELS_GROUP = "_models"
 _RUN_TAG = "run-"
 _LOGS = threading.Lock()
 _LOGS_SET = False
@@ -95,8 +93,11 @@ def repo_config(grid: OutputGrid, tile_px: tuple[int, int] | None = None):
     Without splitting every commit rewrites the whole manifest of each array it touches: a tile
     commit into a map of N tiles would write (and read) O(N) chunk references, so the first run
     of a national map would write O(N^2).  Split by tile, a commit writes the shards of its tile
-    only (measured in the README's "Output store" section).  Kept in the repository's
-    ``config.yaml``; later opens use it."""
+    only (measured in the README's "Output store" section).  The condition matches every array
+    with ``y`` and ``x`` dimensions: the map's in group ``0`` and the overviews' in groups ``1``,
+    ``2``, ... (same chunk size), where a shard spans ``2**level`` tiles each way: as many chunk
+    references as a tile's shard at full resolution, and an overview level is one commit per
+    run.  Kept in the repository's ``config.yaml``; later opens use it."""
     import icechunk
 
     config = icechunk.RepositoryConfig.default()
@@ -169,17 +170,24 @@ class MapRepo:
         return stored_grid(self._readonly().store)
 
     def ensure_layout(
-        self, grid: OutputGrid, attrs: dict, tile_px: tuple[int, int] | None = None
+        self,
+        grid: OutputGrid,
+        attrs: dict,
+        model: dict | None = None,
+        tile_px: tuple[int, int] | None = None,
     ) -> OutputGrid:
         """Create the map for ``grid`` (first run; ``tile_px``: the cube's tile size, which
         sets the manifest splitting, see :func:`repo_config`), or extend it to cover ``grid``
-        (tiles that appeared); one commit when anything changed.  Returns the grid now stored."""
+        (tiles that appeared, layers enabled); ``model``: the description of the run's model
+        (kept under ``_models/<digest>`` for the STAC catalog's model items).  One commit when
+        anything changed.  Returns the grid now stored."""
         import icechunk
         import zarr
 
         def create(session) -> OutputGrid:
             create_layout(session.store, grid, attrs)
             zarr.open_group(session.store, mode="r+").require_group(TILES_GROUP)
+            _keep_model(session.store, model)
             session.commit("create the map", metadata={"kind": "layout"})
             return grid
 
@@ -201,15 +209,43 @@ class MapRepo:
                 "--output, or delete it to start over"
             )
         grown = extend_layout(session.store, stored, grid)
-        if grown != stored:
+        _keep_model(session.store, model)
+        if session.has_uncommitted_changes:
+            added = [v for v in grown.layers if v not in stored.layers]
             session.commit(
-                f"extend the map to {grown.width} x {grown.height} px", metadata={"kind": "layout"}
+                f"extend the map to {grown.width} x {grown.height} px"
+                + (f" and the layers {', '.join(added)}" if added else ""),
+                metadata={"kind": "layout"},
             )
         return grown
+
+    def models(self, snapshot: str | None = None) -> dict[str, dict]:
+        """The descriptions of the models that made the map's tiles, by model digest."""
+        import zarr
+
+        if not self.exists():
+            return {}
+        root = zarr.open_group(self._readonly(snapshot).store, mode="r")
+        if MODELS_GROUP not in root:
+            return {}
+        return {
+            name: json.loads(group.attrs["model"])
+            for name, group in root[MODELS_GROUP].groups()
+            if "model" in group.attrs
+        }
 
     # ------------------------------------------------------------------------------ tiles
     def records(self, snapshot: str | None = None) -> dict[str, dict]:
         """The records of the tiles finished on ``main`` (or at ``snapshot``)."""
+        return {
+            tile: attrs["record"]
+            for tile, attrs in self.tile_attributes(snapshot).items()
+            if "record" in attrs
+        }
+
+    def tile_attributes(self, snapshot: str | None = None) -> dict[str, dict]:
+        """Every tile group's attributes on ``main`` (or at ``snapshot``), JSON-decoded: its
+        ``record`` and what its derived layers were made from (``smoothing``, ``overviews``)."""
         import zarr
 
         if not self.exists():
@@ -221,10 +257,33 @@ class MapRepo:
         if TILES_GROUP not in root:
             return {}
         return {
-            name: json.loads(group.attrs["record"])
+            name: {k: json.loads(v) if isinstance(v, str) else v for k, v in group.attrs.items()}
             for name, group in root[TILES_GROUP].groups()
-            if "record" in group.attrs
         }
+
+    def writable_session(self):
+        """A writable session of ``main`` (for the derived layers: smoothing, overviews)."""
+        return self.repo.writable_session(BRANCH)
+
+    @staticmethod
+    def commit_derived(session, forks, states: dict[str, dict], message: str, metadata: dict):
+        """Merge the forks of derived-layer tasks and commit them with the tiles' new states
+        (``{tile: {attribute: value}}``, e.g. what a tile's smoothed values were made from).
+        Returns the snapshot id."""
+        import icechunk
+        import zarr
+
+        if forks:
+            session.merge(*forks)
+        root = zarr.open_group(session.store, mode="r+")
+        tiles = root.require_group(TILES_GROUP)
+        for tile, attrs in states.items():
+            group = tiles.require_group(tile)
+            for key, value in attrs.items():
+                group.attrs[key] = json.dumps(value, sort_keys=True, default=str)
+        return session.commit(
+            message, metadata=metadata, rebase_with=icechunk.BasicConflictSolver()
+        )
 
     @staticmethod
     def region(tile: str, record: dict) -> TileRegion:
@@ -323,10 +382,15 @@ class MapRepo:
 
         return read_region(self.zarr_store(snapshot), region, variable)
 
-    def open_dataset(self, version: Any = None, mask_and_scale: bool = False, crop: bool = True):
+    def open_dataset(
+        self, version: Any = None, mask_and_scale: bool = False, crop: bool = True, level: int = 0
+    ):
         """The map as a lazy ``xarray.Dataset`` with its CRS (``.rio``): of ``main``, or as it was
         at ``version`` (:meth:`resolve`).  ``crop`` keeps the bounding box of its finished tiles
-        (the store itself reaches from tile X0000_Y0000 to the last tile of the cube)."""
+        (the store itself reaches from tile X0000_Y0000 to the last tile of the cube).
+        ``mask_and_scale=False`` keeps every layer as stored (dates as days since 1970-01-01);
+        ``True`` decodes nodata to NaN and the dates to datetime64 (NaT).  ``level``: an overview
+        level (1 = half the resolution, ...; the crop is scaled)."""
         import rioxarray  # noqa: F401  (registers the .rio accessor)
         import xarray as xr
         from rasterio.windows import Window
@@ -334,13 +398,20 @@ class MapRepo:
         if not self.exists():
             raise OutputError(f"no map at {self.url}: run the pipeline into {self.output} first")
         snapshot = self.resolve(version) if version is not None else None
+        zstore = self.zarr_store(snapshot)
+        group = str(level) if level else data_path(zstore) or None
+        if level and group not in {str(k) for k in range(1, 64)} & set(_groups(zstore)):
+            raise OutputError(f"the map {self.url} has no overview level {level}")
         ds = xr.open_zarr(
-            self.zarr_store(snapshot), consolidated=False, mask_and_scale=mask_and_scale
-        )
+            zstore, group=group, consolidated=False, mask_and_scale=mask_and_scale,
+            decode_times=mask_and_scale,
+        )  # fmt: skip
         regions = [r["region"] for r in self.records(snapshot).values()]
         if crop and regions:
+            f = 2**level
             r0, r1 = min(r["rows"][0] for r in regions), max(r["rows"][1] for r in regions)
             c0, c1 = min(r["cols"][0] for r in regions), max(r["cols"][1] for r in regions)
+            r0, c0, r1, c1 = r0 // f, c0 // f, -(-r1 // f), -(-c1 // f)
             ds = ds.rio.isel_window(Window(c0, r0, c1 - c0, r1 - r0))
         return ds
 
@@ -432,13 +503,86 @@ class MapRepo:
         raise OutputError(f"the map {self.url} has no version {version!r}; its versions: {known}")
 
 
+def _keep_model(zstore, model: dict | None) -> None:
+    """Store the description of a model under ``_models/<digest>`` (once)."""
+    import zarr
+
+    if not model:
+        return
+    group = zarr.open_group(zstore, mode="r+").require_group(MODELS_GROUP)
+    if model["digest"] not in group:
+        child = group.require_group(model["digest"])
+        child.attrs["model"] = json.dumps(model, sort_keys=True, default=str)
+
+
+def _groups(zstore) -> list[str]:
+    import zarr
+
+    return list(zarr.open_group(zstore, mode="r").group_keys())
+
+
 def write_tile_cogs(
-    output: str, snapshot: str, region: TileRegion, grid: OutputGrid, record_id: str
+    output: str,
+    snapshot: str,
+    region: TileRegion,
+    grid: OutputGrid,
+    record_id: str,
+    variables=None,
+    smoothing: dict | None = None,
 ) -> dict[str, str]:
-    """The tile's COGs from the map as committed in ``snapshot`` (a task of a run), then the
-    manifest that says which record they show (written last: COGs without it are rebuilt)."""
-    written = tile_cogs(output, MapRepo(output).zarr_store(snapshot), region, grid)
-    manifest = {"record_id": record_id, "snapshot": snapshot, "variables": sorted(written)}
+    """The tile's COGs (of ``variables``, default all of the grid) from the map as committed in
+    ``snapshot`` (a task of a run), then the manifest that says which record (and, for the
+    smoothed layers, which smoothing state) they show, written last: COGs without it are rebuilt.
+    A manifest of the same record keeps the variables written before."""
+    written = tile_cogs(
+        output, MapRepo(output).zarr_store(snapshot), region, grid, variables=variables
+    )
+    old = cog_manifest(output, region.tile) or {}
+    if variables is None or old.get("record_id") != record_id:
+        old = {}
+    manifest = {
+        "record_id": record_id,
+        "snapshot": snapshot,
+        "variables": sorted({*old.get("variables", []), *written}),
+        "smoothing": old.get("smoothing"),
+    }
+    if set(written) & set(SMOOTHED_VARIABLES):
+        manifest["smoothing"] = _state_digest(smoothing)
     url = storage.join(output, "cog", region.tile, COG_MANIFEST)
     storage.publish_bytes(json.dumps(manifest, indent=1).encode(), url)
     return written
+
+
+def _state_digest(state: dict | None) -> str | None:
+    from ..state.ledger import config_digest
+
+    return config_digest(state) if state else None
+
+
+def cogs_up_to_date(
+    manifest: dict | None, attrs: dict, grid: OutputGrid, smoothing_pending: bool = False
+) -> bool:
+    """Whether a tile's COGs show its record (and its smoothed layers its smoothing state, unless
+    the smoothing stage is about to make them again: ``smoothing_pending``).  ``attrs``: the
+    tile's attributes in the map (:meth:`MapRepo.tile_attributes`)."""
+    stale = stale_cogs(manifest, attrs, grid, smoothing_pending)
+    return stale is not None and not stale
+
+
+def stale_cogs(
+    manifest: dict | None, attrs: dict, grid: OutputGrid, smoothing_pending: bool = False
+) -> list[str] | None:
+    """The variables whose COGs do not show the tile's state: ``None`` for all of them (another
+    record), else the smoothed layers when only they are out of date (or ``[]``)."""
+    if not manifest or manifest.get("record_id") != attrs["record"].get("record_id"):
+        return None
+    have = set(manifest.get("variables") or grid.variables())  # older manifests list them all
+    base = [v for v in grid.variables() if v not in SMOOTHED_VARIABLES]
+    smoothed = [v for v in grid.variables() if v in SMOOTHED_VARIABLES]
+    if not set(base) <= have:
+        return None
+    if not smoothed or smoothing_pending:
+        return []
+    if set(smoothed) <= have and manifest.get("smoothing") == _state_digest(attrs.get("smoothing")):
+        return []
+    return smoothed

@@ -1,11 +1,17 @@
-"""A static STAC catalog of a finished output: one Item per tile, its COGs as assets.
+"""A static STAC catalog of a finished output: one Item per tile, its COGs as assets, and one
+Item per model that made the tiles, described with the STAC Machine Learning Model extension
+(MLM: input bands and preprocessing, output classes, framework, weights and their sha256), which
+every tile item links to (``derived_from``, as the MLM specification asks).
 
 ``<output>/stac/catalog.json`` is self-contained (relative links and asset hrefs), so the whole
 output folder can be copied or synced to S3 and still resolves.  Items carry the footprint in
 EPSG:4326, the ``proj`` (grid), ``raster`` (dtype, nodata) and, for the class layers,
-``classification`` extensions, plus the quicklook PNGs when present.  Output is deterministic: no
-wall-clock timestamps; item times come from the scene dates in the tiles' ledger records and
+``classification`` extensions, plus the quicklook PNGs when present.  Output is deterministic:
+no wall-clock timestamps; item times come from the scene dates in the tiles' ledger records and
 ``run.json``.
+
+This module is longer than 400 lines because tile items and model items share the catalog's
+conventions (hrefs, times, validation).
 """
 
 from __future__ import annotations
@@ -19,11 +25,13 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from ..errors import OutputError
 from ..io import storage
 from .quicklook import class_colors, find_tiles
 from .repo import MapRepo
-from .schema import CLASS_NODATA
+from .schema import ALERT_STATES, CLASS_NODATA, DESCRIPTIONS
 
 __all__ = ["write_stac"]
 
@@ -40,8 +48,18 @@ _ASSETS = {
         "Newest scene valid",
         f"1 = newest scene valid, 0 = screened, {CLASS_NODATA} = not predicted",
     ),
+    "last_valid_date": ("Newest valid observation", DESCRIPTIONS["last_valid_date"]),
+    "entropy": ("Entropy", DESCRIPTIONS["entropy"]),
+    "margin": ("Margin", DESCRIPTIONS["margin"]),
+    "least": ("Least confidence", DESCRIPTIONS["least"]),
+    "alert_first_seen": ("Alert first seen", DESCRIPTIONS["alert_first_seen"]),
+    "alert_confirmations": ("Alert confirmations", DESCRIPTIONS["alert_confirmations"]),
+    "alert_state": ("Alert state", DESCRIPTIONS["alert_state"]),
+    "probability_smoothed": ("Smoothed probability", DESCRIPTIONS["probability_smoothed"]),
+    "class_smoothed": ("Smoothed class", DESCRIPTIONS["class_smoothed"]),
 }
-_QUICKLOOKS = ("class", "probability", "valid_obs")
+_QUICKLOOKS = ("class", "probability", "valid_obs", "class_smoothed", "probability_smoothed",
+               "entropy", "margin", "least", "alert_state")  # fmt: skip
 #: item time when neither the arguments nor run.json give one (deterministic, flagged in the log)
 _UNKNOWN_TIME = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
@@ -174,6 +192,8 @@ def _classification(names: Sequence[str], variable: str) -> list:
             Classification.create(value=0, name="screened", description="newest scene screened"),
             Classification.create(value=1, name="valid", description="newest scene valid"),
         ]
+    elif variable == "alert_state":
+        classes = [Classification.create(value=v, name=k) for k, v in ALERT_STATES.items()]
     else:
         classes = [
             Classification.create(
@@ -236,7 +256,7 @@ def _tile_item(
         fs, path = storage.get_fs(url)
         if not fs.exists(path):
             continue
-        if var == "probability":
+        if var in ("probability", "probability_smoothed"):
             description += f"; bands: {', '.join(names)}"
         asset = pystac.Asset(
             href=_href(url),
@@ -248,7 +268,7 @@ def _tile_item(
         item.add_asset(var, asset)
         with rasterio.open(storage.gdal_path(url)) as src:
             RasterExtension.ext(asset, add_if_missing=True).apply(bands=_raster_bands(src))
-        if var in ("class", "last_obs_valid"):
+        if var in ("class", "class_smoothed", "last_obs_valid", "alert_state"):
             ClassificationExtension.ext(asset, add_if_missing=True).apply(
                 classes=_classification(names, var)
             )
@@ -356,12 +376,135 @@ def write_stac(
         stats = (run.get("tiles") or {}).get(tile) or {}
         items.append(_tile_item(output, tile, times[tile], stats, quicklook_dir, extra))
     catalog.add_items(items)
+    models = _link_models(repo, records, items, times) if repo.exists() else []
+    if models:
+        catalog.add_items(models)
     root = _href(storage.join(output, "stac"))
     catalog.normalize_hrefs(root)
     catalog.make_all_asset_hrefs_relative()
     if validate:
-        _validate([catalog, *items])
+        _validate([catalog, *items, *models])
     catalog.save(pystac.CatalogType.SELF_CONTAINED, stac_io=_stac_io())
     url = storage.join(output, "stac", "catalog.json")
     log.info("wrote STAC catalog %s (%d items)", url, len(items))
     return url
+
+
+# ------------------------------------------------------------------------------ models (MLM)
+#: the STAC Machine Learning Model extension
+MLM_SCHEMA = "https://stac-extensions.github.io/mlm/v1.4.0/schema.json"
+_ARCHITECTURES = {"sbert": "SITS-BERT", "sits-lstm": "LSTM", "sits-transformer": "Transformer"}
+_PREPROCESSING = {
+    "sbert": (
+        "treesits_dask.models.preprocess:sbert_inputs",
+        "the latest 256 valid observations of the 1460 days up to the window end (one pixel), "
+        "reflectance / 10000, z-score per pixel and band over them (ddof 0, std + 1e-6), "
+        "right-aligned, positions = day index from the day of year of the first kept observation",
+    ),
+    "full": (
+        "treesits_dask.models.preprocess:full_inputs",
+        "every scene of the window in date order, raw BOA integers (reflectance x 10000) as "
+        "float, invalid observations (nodata or QAI-screened) 0 in all bands",
+    ),
+}
+
+
+def _model_item(info: dict, geometry, bbox, times):
+    """A STAC Item with the MLM extension describing one model of the map (what a run kept in
+    the map: its card, weights name, location and sha256, framework version)."""
+    import pystac
+
+    from ..io.discovery import S2_BANDS
+
+    card = info["card"]
+    seq = card["sequence"]
+    sbert = seq.get("kind") == "sbert"
+    function, description = _PREPROCESSING["sbert" if sbert else "full"]
+    # classification v1.1.0 (what MLM 1.4.0 refers to): value and description required
+    colors = class_colors(len(card["class_names"]))
+    classes = [
+        {"value": i, "name": re.sub(r"[^0-9A-Za-z_-]+", "_", name).strip("_") or f"class_{i}",
+         "description": name, "color_hint": colors[i].lstrip("#").upper()}
+        for i, name in enumerate(card["class_names"])
+    ]  # fmt: skip
+    sigmoid = card["output_kind"] == "sigmoid"
+    props: dict[str, Any] = {
+        "mlm:name": info["name"],
+        "mlm:architecture": _ARCHITECTURES.get(card["family"], card["family"]),
+        "mlm:tasks": ["classification"],
+        "mlm:framework": "PyTorch",
+        "mlm:input": [{
+            "name": "Sentinel-2 Level-2 time series (FORCE BOA)",
+            "bands": list(S2_BANDS),
+            "input": {"shape": [-1, int(seq["seq_len"]) if sbert else -1, len(S2_BANDS)],
+                      "dim_order": ["batch", "time", "bands"], "data_type": "float32"},
+            "description": description,
+            "value_scaling": None,
+            "resize_type": None,
+            "pre_processing_function": {"format": "python", "expression": function},
+        }],
+        "mlm:output": [{
+            "name": "probability",
+            "tasks": ["classification"],
+            "result": {"shape": [-1, len(classes)], "dim_order": ["batch", "class"],
+                       "data_type": "float32"},
+            "description": "probability of the class (sigmoid of one logit)" if sigmoid
+            else "class probabilities (softmax); the map's class is their argmax",
+            "classification:classes": classes,
+        }],
+        "mlm:hyperparameters": card["hyperparameters"],
+        "bands": [{"name": b} for b in S2_BANDS],
+        "treesits_dask:model_digest": info["digest"],
+        "treesits_dask:family": info["family"],
+    }  # fmt: skip
+    if info.get("framework_version"):
+        props["mlm:framework_version"] = info["framework_version"]
+    if info.get("metrics"):
+        props["treesits_dask:validation_metrics"] = info["metrics"]
+    item = pystac.Item(
+        id=f"model-{info['digest'][:12]}", geometry=geometry, bbox=bbox, datetime=None,
+        properties=props, start_datetime=times[0], end_datetime=times[1],
+        stac_extensions=[MLM_SCHEMA],
+    )  # fmt: skip
+    # STAC 1.1 allows item-level bands only beside assets that carry them: the model's input
+    extra = {"mlm:artifact_type": "torch.save", "treesits_dask:sha256": info["weights_sha256"],
+             "bands": [{"name": b} for b in S2_BANDS]}  # fmt: skip
+    item.add_asset("weights", pystac.Asset(
+        href=_href(info["weights_uri"]), media_type="application/octet-stream",
+        roles=["mlm:model", "mlm:weights", "data"], title=f"{info['weights']} (state dict)",
+        description="plain state dict: load with torch.load(weights_only=True)",
+        extra_fields=extra,
+    ))  # fmt: skip
+    return item
+
+
+def _link_models(repo: MapRepo, records: dict, items: list, times: dict) -> list:
+    """A model item (MLM) per model that made the catalog's tiles; each tile item links to its
+    model (``derived_from``, with the model's ``mlm:name``)."""
+    import pystac
+
+    models = repo.models()
+    by_digest: dict[str, list] = {}
+    for item in items:
+        digest = (records.get(item.id) or {}).get("model_digest")
+        if digest in models:
+            by_digest.setdefault(digest, []).append(item)
+    out = []
+    for digest, linked in sorted(by_digest.items()):
+        boxes = np.array([i.bbox for i in linked])
+        bbox = [float(boxes[:, 0].min()), float(boxes[:, 1].min()), float(boxes[:, 2].max()),
+                float(boxes[:, 3].max())]  # fmt: skip
+        ring = [[bbox[0], bbox[1]], [bbox[2], bbox[1]], [bbox[2], bbox[3]], [bbox[0], bbox[3]],
+                [bbox[0], bbox[1]]]  # fmt: skip
+        span = [times[i.id] for i in linked]
+        when = (min(s for s, _ in span), max(e for _, e in span))
+        model = _model_item(models[digest], {"type": "Polygon", "coordinates": [ring]}, bbox,
+                            when)  # fmt: skip
+        for item in linked:
+            item.add_link(pystac.Link(
+                "derived_from", model, media_type=pystac.MediaType.GEOJSON,
+                title=f"model {models[digest]['name']}",
+                extra_fields={"mlm:name": models[digest]["name"]},
+            ))  # fmt: skip
+        out.append(model)
+    return out

@@ -7,6 +7,9 @@ at once) only when the tile is to be processed, and only those not already check
 that finished it.  A tile with a problem of its own (no scenes in the window, a missing QAI file,
 a scene or mask on another grid) is left out with its reason (:attr:`RunPlan.invalid`); the other
 tiles go on.
+
+This module is longer than 400 lines because deciding what a run does (tiles, windows, records,
+COGs and derived layers that are out of date) reads the same listings and records once.
 """
 
 from __future__ import annotations
@@ -26,10 +29,13 @@ from ..io import discovery, masks, storage
 from ..io.grid import TileGrid, WindowLayout, choose_window_shape
 from ..models import ModelCard, ModelSpec, effective_window, read_card
 from ..outputs import cog
-from ..outputs.repo import MapRepo
+from ..outputs.repo import MapRepo, cogs_up_to_date
 from ..outputs.schema import OutputGrid, TileRegion
+from ..outputs.store import level_paths
 from ..state import ledger
+from .alerting import AlertPlan, alert_key, plan_alerts
 from .checks import TILE_ERRORS, check_tiles, tile_problem
+from .postprocess import DerivedWork, derived_work, smooth_params
 
 #: tiles whose scenes are listed at once while planning (a listing is a round trip on S3)
 _TILES_LISTED_AT_ONCE = 16
@@ -55,6 +61,8 @@ class TilePlan:
     layout: WindowLayout
     fingerprint: dict = field(hash=False, compare=False)
     reasons: tuple[str, ...] = ()
+    #: the disturbance alerts of the tile in this run (None: no alerts)
+    alerts: AlertPlan | None = None
 
 
 @dataclass
@@ -75,6 +83,8 @@ class RunPlan:
     cogs_missing: dict[str, dict] = field(default_factory=dict)
     #: tiles with up-to-date COGs (the mosaics hold them)
     cogs_done: list[str] = field(default_factory=list)
+    #: derived layers of finished tiles that are out of date (smoothing, overviews)
+    derived: DerivedWork = field(default_factory=DerivedWork)
     repo: MapRepo = field(init=False)
 
     def __post_init__(self) -> None:
@@ -85,14 +95,41 @@ class RunPlan:
         """Whether the VRT mosaics do not hold exactly the tiles whose COGs are complete."""
         if not self.config.cog or not self.cogs_done:
             return False
-        return cog.mosaic_tiles(self.config.output) != sorted(self.cogs_done)
+        grid = self.output_grid
+        return not cog.mosaics_hold(
+            self.config.output, self.cogs_done, grid.variables() if grid else None
+        )
+
+    def model_description(self) -> dict:
+        """What the map keeps of the run's model for the STAC catalog's model item (the MLM
+        extension): card, weights name, location and sha256, framework version."""
+        from importlib import metadata
+
+        try:
+            framework = metadata.version("torch")
+        except metadata.PackageNotFoundError:
+            framework = None
+        weights = storage.basename(self.spec.uri)
+        return {
+            "digest": self.model_digest,
+            "name": f"{weights.rsplit('.', 1)[0]}-{self.model_digest[:8]}",
+            "family": self.spec.family,
+            "card": self.card.model_dump(mode="json", exclude={"metrics"}),
+            "metrics": self.card.metrics,
+            "weights": weights,
+            "weights_uri": self.spec.uri,
+            "weights_sha256": ledger.file_digest(self.spec.uri),
+            "params_sha256": ledger.file_digest(self.spec.params_uri),
+            "framework_version": framework,
+        }
 
     def windows_per_tile(self, tile: TilePlan) -> int:
         return len(tile.layout)
 
     def window_bytes(self, tile: TilePlan) -> int:
         rows, cols = self.window_shape
-        return len(tile.scenes) * tile.grid.count * rows * cols * 2
+        older = len(tile.alerts.older) if tile.alerts else 0
+        return (len(tile.scenes) + older) * tile.grid.count * rows * cols * 2
 
     def summary(self) -> dict:
         """JSON-able description (what ``plan`` prints)."""
@@ -130,6 +167,10 @@ class RunPlan:
             "skipped": self.skipped,
             "invalid": {t: str(e) for t, e in self.invalid.items()},
             "cogs_missing": sorted(self.cogs_missing),
+            "derived_out_of_date": {
+                "smoothing": sorted(self.derived.smoothing),
+                "overviews": self.derived.overviews,
+            },
             "total_windows": sum(self.windows_per_tile(t) for t in self.tiles),
             "memory": {
                 "window_mib": round(max_window / 2**20, 1),
@@ -145,8 +186,12 @@ class RunPlan:
 def _settings_digest(config: RunConfig) -> str:
     """The settings that change output values (not chunking, batching or the cluster).
 
-    ``precision`` enters only when it is not ``fp32`` (the digest of the fp32 default stays as
-    it was before the setting existed).
+    ``precision`` enters only when it is not ``fp32``.  ``outputs`` names what the prediction
+    kernel computes beyond the four layers of the first maps (``last_valid_date`` and the
+    uncertainty layers), so a tile finished before a layer existed or was chosen is redone;
+    ``alerts`` the alert settings (a change replays the alert history).  Bayesian smoothing is
+    not here: it is redone from the stored probabilities, without reading a scene
+    (:mod:`treesits_dask.pipeline.postprocess`).
     """
     settings = {
         "model_family": config.model_family,
@@ -154,9 +199,12 @@ def _settings_digest(config: RunConfig) -> str:
         "sensors": sorted(config.sensors),
         "start_date": config.start_date,
         "end_date": config.end_date,
+        "outputs": ["last_valid_date", *sorted(config.uncertainty)],
     }
     if config.precision != "fp32":
         settings["precision"] = config.precision
+    if config.alerts is not None:
+        settings["alerts"] = config.alerts.model_dump(mode="json")
     return ledger.config_digest(settings)
 
 
@@ -183,6 +231,8 @@ class _Staged:
     reasons: tuple[str, ...]
     #: scenes unchanged since the ledger record of a finished run (their headers were read then)
     known: frozenset[str] = frozenset()
+    #: every scene of the tile (of the sensors), in and before the window
+    listed: tuple[discovery.Scene, ...] = ()
 
 
 def _stage(
@@ -228,14 +278,28 @@ def _stage(
         fingerprint,
         tuple(reasons),
         ledger.unchanged_scenes(record, fingerprint),
+        tuple(scenes),
     )
 
 
-def _sort_tiles(config: RunConfig, tiles, card, digests: dict, records: dict, skip_done: bool):
+def _sort_tiles(
+    config: RunConfig,
+    tiles,
+    card,
+    digests: dict,
+    attrs: dict[str, dict],
+    skip_done: bool,
+    target: OutputGrid | None,
+    derived: DerivedWork,
+):
     """Stage every selected tile (scene listing, fingerprint; many tiles at once: each costs a
     listing round trip on object stores) and sort them: to process, up to date (with complete
-    COGs or COGs to rebuild from the map), or invalid."""
+    COGs or COGs to rebuild from the map), or invalid.  ``attrs``: the tiles' attributes in the
+    map; ``target``: the map's grid with the layers of ``config``; a tile whose smoothing is out
+    of date (``derived``) gets its smoothed COGs from the smoothing stage."""
     from concurrent.futures import ThreadPoolExecutor
+
+    records = {t: a["record"] for t, a in attrs.items() if "record" in a}
 
     def stage(tile: str):
         try:
@@ -255,7 +319,7 @@ def _sort_tiles(config: RunConfig, tiles, card, digests: dict, records: dict, sk
                 staged.append(st)
             elif not config.cog:
                 skipped[tile] = "up to date"
-            elif manifest and manifest.get("record_id") == records[tile].get("record_id"):
+            elif cogs_up_to_date(manifest, attrs[tile], target, tile in derived.smoothing):
                 skipped[tile] = "up to date"
                 cogs_done.append(tile)
             else:
@@ -290,26 +354,38 @@ def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
     digests = {"model_digest": _model_digest(spec, card), "config_digest": _settings_digest(config)}
     repo = MapRepo(config.output)
     stored = repo.grid()
-    records = repo.records() if stored is not None else {}
+    attrs = repo.tile_attributes() if stored is not None else {}
+    records = {t: a["record"] for t, a in attrs.items() if "record" in a}
+    target = (
+        OutputGrid(**{**stored.__dict__, "layers": (*stored.layers, *config.layers)})
+        if stored is not None
+        else None
+    )
+    derived = DerivedWork()
+    if target is not None:
+        levels = len(level_paths(repo.zarr_store()))
+        derived = derived_work(attrs, target, smooth_params(config, target), levels)
     staged, skipped, invalid, cogs_missing, cogs_done = _sort_tiles(
-        config, tiles, card, digests, records, skip_done
+        config, tiles, card, digests, attrs, skip_done, target, derived
     )
     common = dict(config=config, definition=definition, spec=spec, card=card, skipped=skipped,
                   invalid=invalid, cogs_missing=cogs_missing, cogs_done=sorted(cogs_done),
-                  **digests)  # fmt: skip
+                  derived=derived, **digests)  # fmt: skip
     if staged:  # the run's own checks, before any per-tile header is read
         check_model(spec)
         check_output(config.output)
     checked = check_tiles(config, definition, staged, invalid)
     if not checked:
         return RunPlan(window_shape=stored.chunk if stored else (0, 0), tiles=[],
-                       output_grid=stored, **common)  # fmt: skip
+                       output_grid=target, **common)  # fmt: skip
     grids = {st.tile: grid for st, grid, _ in checked}
     first = checked[0][1]
     window_shape = _window_shape(config, stored, first, max(len(st.scenes) for st, _, _ in checked))
     for grid in grids.values():
         choose_window_shape(grid, window_shape, 1)  # same divisibility check for every tile
-    output_grid, regions = _output_grid(definition, all_tiles, first, grids, window_shape, card)
+    output_grid, regions = _output_grid(
+        definition, all_tiles, first, grids, window_shape, card, config.layers
+    )
     plans = [
         TilePlan(
             tile=st.tile,
@@ -322,12 +398,21 @@ def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
             layout=WindowLayout.of(grid, window_shape),
             fingerprint=st.fingerprint,
             reasons=st.reasons,
+            alerts=_alerts(config, card, repo, st, records.get(st.tile), digests),
         )
         for st, grid, mask in checked
     ]
     for tile, exc in invalid.items():
         log.error("tile %s cannot be processed: %s", tile, exc)
     return RunPlan(window_shape=window_shape, tiles=plans, output_grid=output_grid, **common)
+
+
+def _alerts(config: RunConfig, card, repo: MapRepo, st: _Staged, record, digests):
+    """The alert plan of a tile to be processed (None without alerts)."""
+    if config.alerts is None:
+        return None
+    key = alert_key(digests["model_digest"], digests["config_digest"], st.fingerprint["mask"])
+    return plan_alerts(repo, config, card, st.tile, st.listed, st.scenes, st.start, key, record)
 
 
 def _window_shape(
@@ -353,6 +438,7 @@ def _output_grid(
     grids: dict[str, TileGrid],
     window_shape,
     card: ModelCard,
+    layers: tuple[str, ...] = (),
 ) -> tuple[OutputGrid, dict[str, TileRegion]]:
     """The map's grid: anchored at the upper-left corner of tile ``X0000_Y0000`` and reaching to
     the last tile of the cube (``tiles``: all its tiles), so every tile has a fixed place, whichever
@@ -392,5 +478,6 @@ def _output_grid(
         chunk=tuple(window_shape),
         class_names=tuple(card.class_names),
         multiclass=card.multiclass,
+        layers=layers,
     )
     return grid, regions

@@ -6,6 +6,9 @@ days and a model); only pixels inside the mask with at least one valid observati
 batches, everything else gets the output nodata without touching the model.  :func:`predict_layer`
 maps it over the windows of a tile, with the ``GPU`` resource annotation on heterogeneous
 clusters.
+
+This module is longer than 400 lines because the kernel, its Dask layer, the model cache and the
+worker plugin share the process-wide model state (one model per worker process).
 """
 
 from __future__ import annotations
@@ -22,7 +25,17 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from ..io.cube import NODATA, READS_IN_PROGRESS, InProgress
 from ..models import ModelSpec
-from ..outputs.schema import DTYPES, empty_outputs, pack_outputs
+from ..outputs.alerts import AlertSteps, fresh_state, step
+from ..outputs.schema import (
+    ALERT_STATES,
+    ALERT_VARIABLES,
+    CLASS_NODATA,
+    DTYPES,
+    UNCERTAINTY,
+    Packing,
+    empty_outputs,
+)
+from ..outputs.uncertainty import uncertainty
 from .devices import device_lock, device_pool
 
 __all__ = [
@@ -32,6 +45,7 @@ __all__ = [
     "annotate",
     "get_predictor",
     "inference_stats",
+    "last_valid_day",
     "load_count",
     "malloc_tuned",
     "predict_block",
@@ -219,6 +233,9 @@ def predict_block(
     days: np.ndarray,
     predictor,
     batch_size: int = 2048,
+    layers: tuple[str, ...] = (),
+    alerts: AlertSteps | None = None,
+    prev: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Predict one window.
 
@@ -231,47 +248,116 @@ def predict_block(
     predictor : an object with ``card`` (``n_classes``) and
         ``predict(series (N, T, 10) int16, valid (N, T) bool, days)`` returning
         ``(probs (N, C), n_used (N,))``.
+    layers : optional kernel layers to compute (:data:`~treesits_dask.outputs.schema.UNCERTAINTY`
+        names, multi-class models; the alert layers come with ``alerts``).
+    alerts : the alert steps of the tile (binary models): the map's probability comes from the
+        scenes from ``alerts.model_lo`` on (earlier ones are there for the steps' windows), and
+        each step runs the model on its own window (:mod:`treesits_dask.outputs.alerts`).
+    prev : (3, h, w) the alert layers before these steps (None: no history).
 
     Returns the variables of :mod:`treesits_dask.outputs.schema`: ``probability`` (C, h, w),
-    ``class``, ``valid_obs`` (observations used) and ``last_obs_valid`` (1 newest scene valid, 0
-    invalid), each with its nodata where not predicted.
+    ``class``, ``valid_obs`` (observations used), ``last_obs_valid`` (1 newest scene valid, 0
+    invalid), ``last_valid_date`` (days since 1970-01-01 of the newest valid observation) and the
+    ``layers``, each with its nodata where not predicted.
     """
     h, w = block.shape[2:]
     n_classes = predictor.card.n_classes
-    out = empty_outputs(n_classes, (h, w))
+    out = empty_outputs(n_classes, (h, w), layers)
+    lo = alerts.model_lo if alerts is not None else 0
+    state = None
+    if alerts is not None:
+        state = fresh_state((h, w)) if prev is None else np.array(prev, dtype=np.int64)
+        state = state.reshape(3, h * w)
+        for k, var in enumerate(ALERT_VARIABLES):
+            out[var] = state[k].reshape(h, w).astype(DTYPES[var])
     if mask is not None and not mask.any():
         return out
     idx, series, valid_sel = select_pixels(block, mask)
     if idx.size == 0:
         return out
+    days = np.asarray(days)
     device = getattr(predictor, "device", None)
     on_cpu = getattr(device, "type", "cpu") == "cpu"
-    with FORWARDS_IN_PROGRESS if on_cpu else device_lock(str(device)):
-        probs, n_used = predictor.predict(
-            series, valid_sel, np.asarray(days), batch_size=batch_size
-        )
-    prob = out["probability"].reshape(n_classes, h * w)
-    prob[:, idx] = probs.T
-    if n_classes > 1:
-        out["class"].reshape(-1)[idx] = np.argmax(probs, axis=1).astype(DTYPES["class"])
-    most = np.iinfo(DTYPES["valid_obs"]).max
-    out["valid_obs"].reshape(-1)[idx] = np.minimum(n_used, most).astype(DTYPES["valid_obs"])
-    out["last_obs_valid"].reshape(-1)[idx] = valid_sel[:, -1].astype(DTYPES["last_obs_valid"])
+
+    def forward(px, first: int, last: int):
+        with FORWARDS_IN_PROGRESS if on_cpu else device_lock(str(device)):
+            return predictor.predict(
+                series[px][:, first : last + 1], valid_sel[px][:, first : last + 1],
+                days[first : last + 1], batch_size=batch_size,
+            )  # fmt: skip
+
+    now = valid_sel[:, lo:].any(axis=1)  # a valid observation in the model's window
+    probs_all = np.full((idx.size, n_classes), np.nan, dtype=np.float32)
+    if now.any():
+        probs, n_used = forward(now, lo, block.shape[0] - 1)
+        probs_all[now] = probs
+        sel = idx[now]
+        prob = out["probability"].reshape(n_classes, h * w)
+        prob[:, sel] = probs.T
+        if n_classes > 1:
+            out["class"].reshape(-1)[sel] = np.argmax(probs, axis=1).astype(DTYPES["class"])
+        most = np.iinfo(DTYPES["valid_obs"]).max
+        out["valid_obs"].reshape(-1)[sel] = np.minimum(n_used, most).astype(DTYPES["valid_obs"])
+        out["last_obs_valid"].reshape(-1)[sel] = valid_sel[now, -1].astype(DTYPES["last_obs_valid"])
+        out["last_valid_date"].reshape(-1)[sel] = last_valid_day(valid_sel[now, lo:], days[lo:])
+        wanted = [v for v in layers if v in UNCERTAINTY]
+        if wanted:
+            for var, values in uncertainty(probs, wanted).items():
+                out[var].reshape(-1)[sel] = values
+    if alerts is not None:
+        st = state[:, idx]
+        last = block.shape[0] - 1
+        for t, first in alerts.steps:
+            px = valid_sel[:, t]
+            if not px.any():
+                continue
+            if t == last and first == lo:  # the map's own window: its probabilities
+                q = probs_all[px, 0]
+            else:
+                q = forward(px, first, t)[0][:, 0]
+            sub = st[:, px]
+            step(sub[0], sub[1], sub[2], q >= alerts.threshold, int(days[t]),
+                 alerts.confirm_after)  # fmt: skip
+            st[:, px] = sub
+        st[2][st[2] == CLASS_NODATA] = ALERT_STATES["none"]  # predicted at least once
+        state[:, idx] = st
+        for k, var in enumerate(ALERT_VARIABLES):
+            out[var] = state[k].reshape(h, w).astype(DTYPES[var])
     return out
 
 
-def _predict_packed(block, mask, days, spec, device, batch_size, inference=None):
+def last_valid_day(valid: np.ndarray, days: np.ndarray) -> np.ndarray:
+    """Days since 1970-01-01 of each pixel's newest valid observation (``valid`` (N, T), every
+    pixel with at least one), int32.  Both families use it: SBERT keeps the newest valid
+    observations of its window, the SITS-NN models every scene of theirs."""
+    t = valid.shape[1]
+    newest = t - 1 - np.argmax(valid[:, ::-1], axis=1)
+    return np.asarray(days, dtype=np.int64)[newest].astype(DTYPES["last_valid_date"])
+
+
+def _predict_packed(
+    block, *arrays, kinds=("mask",), days, spec, device, batch_size, inference=None,
+    packing=None, alerts=None,
+):  # fmt: skip
+    """The kernel as a task: ``arrays`` are the window's ``kinds`` (``mask``, ``prev``: the alert
+    layers before this run's steps); returns the packed outputs."""
+    given = dict(zip(kinds, arrays, strict=True))
+    args = dict(layers=packing.layers, alerts=alerts, prev=given.get("prev"))
     pool = device_pool(device)
     if pool is None:
         predictor = get_predictor(spec, device, inference)
-        return pack_outputs(predict_block(block, mask, days, predictor, batch_size=batch_size))
+        return packing.pack(
+            predict_block(block, given.get("mask"), days, predictor, batch_size, **args)
+        )
     with pool.take() as one:  # the least busy device of this worker
         predictor = get_predictor(spec, one, inference)
-        return pack_outputs(predict_block(block, mask, days, predictor, batch_size=batch_size))
+        return packing.pack(
+            predict_block(block, given.get("mask"), days, predictor, batch_size, **args)
+        )
 
 
-def _predict_packed_nomask(block, days, spec, device, batch_size, inference=None):
-    return _predict_packed(block, None, days, spec, device, batch_size, inference)
+def _predict_packed_nomask(block, *arrays, kinds=(), **kwargs):
+    return _predict_packed(block, *arrays, kinds=kinds, **kwargs)
 
 
 def annotate(resources: dict | None):
@@ -291,9 +377,15 @@ def predict_layer(
     batch_size: int,
     resources: dict | None = None,
     inference: Inference | None = None,
+    packing: Packing | None = None,
+    alerts: AlertSteps | None = None,
+    prev=None,
 ):
-    """Lazy dask array (n_classes + 3, y, x) float32: the packed outputs of every window of a
-    tile (see :func:`~treesits_dask.outputs.schema.pack_outputs`).
+    """Lazy dask array (bands, y, x) float32: the packed outputs of every window of a tile, laid
+    out as ``packing`` says (default: the probabilities of ``n_classes`` classes and no optional
+    layers; see :class:`~treesits_dask.outputs.schema.Packing`).  With ``alerts`` the alert steps
+    of the tile run in the kernel, from ``prev`` (a (3, y, x) array of the alert layers before
+    them, chunked like ``data``).
 
     ``data`` is the tile cube (time, band, y, x), ``mask`` a (y, x) bool array chunked like it or
     None.  With ``resources`` (e.g. ``{"GPU": 0.5}``: half a GPU, so that a worker advertising
@@ -303,6 +395,7 @@ def predict_layer(
     """
     import dask.array as da
 
+    packing = packing or Packing(n_classes)
     meta = np.empty((0, 0, 0), np.float32)
     common = dict(
         days=days,
@@ -310,15 +403,21 @@ def predict_layer(
         device=device,
         batch_size=batch_size,
         inference=inference or Inference(),
+        packing=packing,
+        alerts=alerts,
         dtype=np.float32,
         concatenate=True,
         meta=meta,
-        new_axes={"k": n_classes + 3},
+        new_axes={"k": packing.size},
     )
+    inputs, kinds = [data, "tbyx"], []
+    for kind, array, index in (("mask", mask, "yx"), ("prev", prev, "ayx")):
+        if array is not None:
+            inputs += [array, index]
+            kinds.append(kind)
+    func = _predict_packed if mask is not None else _predict_packed_nomask
     with annotate(resources):
-        if mask is not None:
-            return da.blockwise(_predict_packed, "kyx", data, "tbyx", mask, "yx", **common)
-        return da.blockwise(_predict_packed_nomask, "kyx", data, "tbyx", **common)
+        return da.blockwise(func, "kyx", *inputs, kinds=tuple(kinds), **common)
 
 
 class ModelPlugin(WorkerPlugin):

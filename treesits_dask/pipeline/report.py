@@ -38,6 +38,9 @@ _STAGES = {
     "predict_packed_nomask": "predict",
     "write": "write",
     "cog": "cog",
+    "smooth": "smooth",
+    "overview": "overviews",
+    "alertstate": "read",
 }
 
 
@@ -60,6 +63,9 @@ class RunResult:
     report_dir: str | None = None
     #: finished tiles whose COGs were rebuilt from the map (no scene read)
     cogs_rebuilt: list[str] = field(default_factory=list)
+    #: tiles whose derived layers were made again from the stored probabilities: ``smoothed``
+    #: (whole tiles or strips along changed neighbours) and ``overviews`` (their footprints)
+    postprocessed: dict[str, list[str]] = field(default_factory=dict)
     #: the snapshot of the map tagged as this run's version (None: the run changed nothing)
     version: str | None = None
     #: what stopped the run before its end (a signal, an error that is not a tile's), or None
@@ -126,6 +132,7 @@ def write_summary(output: str, result: RunResult, started: dt.datetime) -> None:
         "failed": result.failed,
         "tracebacks": result.tracebacks,
         "cogs_rebuilt": result.cogs_rebuilt,
+        "postprocessed": result.postprocessed,
         "version": result.version,
         "interrupted": result.interrupted,
         "complete": not result.failed and not result.interrupted,

@@ -24,7 +24,7 @@ from ..config import RunConfig
 from ..errors import InputDataError, TreesitsError
 from ..io import discovery, masks, storage
 from ..outputs import cog
-from ..outputs.repo import MapRepo, write_tile_cogs
+from ..outputs.repo import MapRepo, stale_cogs, write_tile_cogs
 from ..state.lease import Lease
 from ..version import __version__
 from .cluster import (
@@ -32,6 +32,7 @@ from .cluster import (
     worker_environment,
 )
 from .plan import RunPlan, make_plan
+from .postprocess import update_derived
 from .report import (
     RunResult,
     StageClock,
@@ -100,8 +101,8 @@ def run(
         _process(plan, client, cb, result, started, t0)
     elif plan.invalid:  # nothing was created, no cluster was started
         raise _nothing_to_process(plan)
-    elif plan.cogs_missing or plan.mosaics_stale:
-        _repair(plan, result, started, t0)
+    elif plan.cogs_missing or plan.mosaics_stale or plan.derived:
+        _repair(plan, client, result, started, t0)
     else:
         log.info(
             "nothing to do: all %d tile(s) are up to date in %s", len(plan.skipped), config.output
@@ -166,7 +167,8 @@ def _process(
                 plan.output_grid,
                 {"model_family": plan.card.family, "model": storage.basename(plan.spec.uri),
                  "treesits_dask_version": __version__},
-                (plan.tiles[0].region.height, plan.tiles[0].region.width),
+                plan.model_description(),
+                tile_px=(plan.tiles[0].region.height, plan.tiles[0].region.width),
             )  # fmt: skip
             job = Job(plan, grid, run_id, lease)
             if client is None:
@@ -184,21 +186,35 @@ def _process(
             write_summary(config.output, result, started)
 
 
-def _repair(plan: RunPlan, result: RunResult, started: dt.datetime, t0: float) -> None:
-    """Rebuild missing COGs of finished tiles from the map, and stale mosaics, on the driver: no
-    scene is read and no cluster is started."""
+def _repair(plan: RunPlan, client, result: RunResult, started: dt.datetime, t0: float) -> None:
+    """Bring finished tiles up to date without reading a scene: their derived layers (smoothing,
+    overviews; on the cluster, started only for them), then missing COGs (from the map, on the
+    driver) and stale mosaics."""
     config = plan.config
+    run_id = _run_id(started)
     with Lease(config.output, ttl=config.lease_ttl) as lease:
         try:
             plan.repo.tag_unversioned()
+            if plan.derived:
+                plan.repo.ensure_layout(plan.output_grid, {})  # layers enabled since
+                if client is None:
+                    with connect(config) as c:
+                        result.postprocessed = update_derived(plan.repo, config, c, run_id, lease)
+                else:
+                    result.postprocessed = update_derived(plan.repo, config, client, run_id, lease)
             snapshot = plan.repo.repo.lookup_branch("main")
             grid = plan.repo.grid()
+            attrs = plan.repo.tile_attributes()
             for tile, record in plan.cogs_missing.items():
                 lease.check()
-                write_tile_cogs(config.output, snapshot, MapRepo.region(tile, record), grid,
-                                    record["record_id"])  # fmt: skip
+                # all COGs of the tile, or only the smoothed ones when only they are stale
+                variables = stale_cogs(cog.cog_manifest(config.output, tile), attrs[tile], grid)
+                write_tile_cogs(
+                    config.output, snapshot, MapRepo.region(tile, record), grid,
+                    record["record_id"], variables or None, attrs[tile].get("smoothing"),
+                )  # fmt: skip
                 result.cogs_rebuilt.append(tile)
-            _finish_run(plan, result, _run_id(started), lease)
+            _finish_run(plan, result, run_id, lease)
         finally:
             result.seconds = time.perf_counter() - t0
             write_summary(config.output, result, started)
@@ -227,7 +243,8 @@ def _finish_run(plan: RunPlan, result: RunResult, run_id: str, lease: Lease) -> 
     lease.check()
     if config.cog:
         tiles = sorted({*plan.cogs_done, *result.cogs_rebuilt, *result.tiles})
-        if tiles and cog.mosaic_tiles(config.output) != tiles:
+        variables = plan.repo.grid().variables()
+        if tiles and not cog.mosaics_hold(config.output, tiles, variables):
             cog.write_mosaics(config.output, tiles)
-    if result.tiles:
+    if result.tiles or result.postprocessed:
         result.version = plan.repo.tag_run(run_id)

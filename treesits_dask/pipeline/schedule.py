@@ -22,10 +22,12 @@ from ..io.cube import days_since_epoch, tile_cube
 from ..io.masks import open_mask
 from ..io.remote import clear_gdal_cache
 from ..outputs import store
+from ..outputs.alerts import state_layer
 from ..outputs.repo import MapRepo, write_tile_cogs
-from ..outputs.schema import OutputGrid
+from ..outputs.schema import SMOOTHED_VARIABLES, OutputGrid
 from ..state import ledger
 from ..state.lease import Lease
+from .alerting import alert_steps
 from .cluster import (
     EnvPlugin,
     Routing,
@@ -37,10 +39,16 @@ from .cluster import (
     worker_environment,
 )
 from .plan import RunPlan, TilePlan
+from .postprocess import update_derived
 from .predict import Inference, ModelPlugin, annotate, inference_stats, predict_layer
 from .report import RunResult, collect_inference
 
 __all__ = ["Job", "RunCallbacks", "run_tiles", "tile_graph"]
+
+#: attempts after the first of a COG task: it reads the map, and a read that broke off mid-body
+#: (Icechunk does not retry a manifest cut off like that) fails the task; writing a tile's COGs
+#: and then their manifest again is harmless, so Dask runs it again instead of failing the tile
+_COG_RETRIES = 3
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +82,16 @@ def tile_graph(plan: RunPlan, tile: TilePlan, session, routing: Routing | None =
     """
     cfg = plan.config
     routing = routing or declared_routing(cfg) or Routing()
+    scenes, steps, prev = tile.scenes, None, None
+    if tile.alerts is not None:  # the alert steps may need scenes before the model's window
+        scenes = (*tile.alerts.older, *tile.scenes)
+        steps = alert_steps(tile.alerts, cfg, tile.scenes)
     with annotate(routing.read):
         mask = open_mask(tile.mask, tile.grid, tile.layout) if tile.mask else None
-        cube = tile_cube(tile.scenes, tile.grid, tile.layout, cfg.qai_flags, mask=mask)
-    days = days_since_epoch([s.date for s in tile.scenes])
+        cube = tile_cube(scenes, tile.grid, tile.layout, cfg.qai_flags, mask=mask)
+        if tile.alerts is not None:
+            prev = state_layer(cfg.output, tile.alerts.resume, tile.region, tile.layout)
+    days = days_since_epoch([s.date for s in scenes])
     packed = predict_layer(
         cube.data,
         mask,
@@ -88,10 +102,14 @@ def tile_graph(plan: RunPlan, tile: TilePlan, session, routing: Routing | None =
         cfg.batch_size,
         resources=routing.predict,
         inference=Inference.of(cfg),
+        packing=plan.output_grid.packing,
+        alerts=steps,
+        prev=prev,
     )
     return store.write_layer(
-        packed, session, tile.region, tile.layout, plan.output_grid.variables()
-    )
+        packed, session, tile.region, tile.layout, plan.output_grid.variables(),
+        plan.output_grid.packing,
+    )  # fmt: skip
 
 
 class Job:
@@ -134,11 +152,12 @@ class _Scheduler:
         for f in futures:
             self._follow(f, tile.tile, "window")
 
-    def submit_cogs(self, tile: str, record: dict, snapshot: str) -> None:
-        """COGs of a finished tile from the map at ``snapshot``."""
+    def submit_cogs(self, tile: str, record: dict, snapshot: str, variables=None) -> None:
+        """COGs of a finished tile from the map at ``snapshot`` (``variables``: default all)."""
         f = self.client.submit(
             write_tile_cogs, self.plan.config.output, snapshot, MapRepo.region(tile, record),
-            self.job.grid, record["record_id"], pure=False, key=f"cog-{tile}-{time.time_ns()}",
+            self.job.grid, record["record_id"], variables, pure=False,
+            key=f"cog-{tile}-{time.time_ns()}", retries=_COG_RETRIES,
         )  # fmt: skip
         self.state.setdefault(tile, {"futures": [], "t0": time.perf_counter()})
         self.state[tile]["futures"].append(f)
@@ -168,15 +187,16 @@ class _Scheduler:
         st = self.state[tile]
         record = _checked_record(self.job, st)
         self.job.lease.check()  # a driver that lost its lease commits nothing
-        snapshot = self.plan.repo.commit_tile(
-            st["session"], st["forks"], tile, record,
-            {"run": self.job.run_id, "reasons": list(st["plan"].reasons),
-             "scenes": len(st["plan"].scenes), "model_digest": self.plan.model_digest,
-             "config_digest": self.plan.config_digest},
-        )  # fmt: skip
+        metadata = {"run": self.job.run_id, "reasons": list(st["plan"].reasons),
+                    "scenes": len(st["plan"].scenes), "model_digest": self.plan.model_digest,
+                    "config_digest": self.plan.config_digest}  # fmt: skip
+        if st["plan"].alerts is not None:  # what the tile's alert layers are as of
+            record["alerts"] = metadata["alerts"] = st["plan"].alerts.section
+        snapshot = self.plan.repo.commit_tile(st["session"], st["forks"], tile, record, metadata)
         st["record"] = record
-        if self.plan.config.cog:
-            self.submit_cogs(tile, record, snapshot)
+        if self.plan.config.cog:  # the smoothed layers follow their smoothing (postprocess)
+            variables = [v for v in self.job.grid.variables() if v not in SMOOTHED_VARIABLES]
+            self.submit_cogs(tile, record, snapshot, variables)
         else:
             self.done(tile)
 
@@ -261,6 +281,9 @@ def run_tiles(job: Job, client, cb: RunCallbacks, result: RunResult, clock=None)
     )
     _Scheduler(job, client, cb, result, clock, routing).loop()
     result.inference = collect_inference(client, inference_stats)
+    # the layers made from the stored map (smoothing across tiles, overviews), now that the
+    # tiles are committed
+    result.postprocessed = update_derived(plan.repo, cfg, client, job.run_id, job.lease, routing)
 
 
 def _checked_record(job: Job, st: dict) -> dict:

@@ -77,6 +77,13 @@ def _start_time(pid: int) -> int | None:
         return None
 
 
+def _precondition_failed(exc: BaseException) -> bool:
+    """Whether an S3 error is a refused conditional write (HTTP 412 ``PreconditionFailed``; s3fs
+    passes on only its message, "At least one of the pre-conditions you specified did not
+    hold")."""
+    return "precondition" in str(exc).lower().replace("-", "")
+
+
 def _driver_is_dead(lease: dict) -> bool:
     """True when the lease's driver ran in this machine's PID namespace and is gone."""
     me = _process_identity()
@@ -181,7 +188,7 @@ class Lease:
             now, etag = self._read()
             if now and now.get("owner") == self.owner:
                 return etag
-            if isinstance(exc, FileExistsError) or "precondition" in str(exc).lower():
+            if isinstance(exc, FileExistsError) or _precondition_failed(exc):
                 return None
             raise OutputError(f"cannot write the lease {self.url}: {exc}") from exc
         return str(answer.get("ETag", "")).strip('"') or None

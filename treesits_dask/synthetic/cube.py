@@ -39,7 +39,7 @@ from .files import (
 )
 
 __all__ = [
-    "FORCE_LAEA_WKT", "ORIGIN", "PRJ_WKTS", "SPECIES", "SyntheticCube", "make_cube",
+    "FORCE_LAEA_WKT", "ORIGIN", "PRJ_WKTS", "SPECIES", "ClearCut", "SyntheticCube", "make_cube",
     "sample_pixels",
 ]  # fmt: skip
 
@@ -53,6 +53,20 @@ _S2_SENSORS = ("SEN2A", "SEN2B", "SEN2C", "SEN2D")
 
 
 @dataclass(frozen=True)
+class ClearCut:
+    """A forest disturbance: the forest pixels of a rectangle of ``tile`` (rows ``row`` ..
+    ``row + height``, columns ``col`` .. ``col + width``) are clear-cut on ``date``: scenes from
+    that date on show bare soil and slash there."""
+
+    tile: str
+    date: dt.date
+    row: int
+    col: int
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
 class SyntheticCube:
     """What :func:`make_cube` wrote, and the known answers."""
 
@@ -62,6 +76,15 @@ class SyntheticCube:
     class_names: tuple[str, ...]
     truth_dir: str
     mask_dir: str
+    clear_cuts: tuple[ClearCut, ...] = ()
+
+    def disturbance(self, tile: str) -> np.ndarray:
+        """(H, W) int32 date of the clear-cut of each pixel of ``tile``, days since 1970-01-01
+        (0 = not disturbed)."""
+        import rasterio
+
+        with rasterio.open(Path(self.truth_dir) / tile / "disturbance.tif") as src:
+            return src.read(1)
 
     def truth(self, tile: str) -> np.ndarray:
         """(H, W) uint8 species id of ``tile``; 255 = non-forest."""
@@ -95,6 +118,7 @@ def make_cube(
     mask_dir: str | None = None,
     truth_dir: str | None = None,
     seed: int = 0,
+    clear_cuts: Sequence[ClearCut] = (),
 ) -> SyntheticCube:
     """Write a synthetic FORCE Level-2 cube under ``root``; returns its description.
 
@@ -111,7 +135,10 @@ def make_cube(
     depends only on ``seed``, the tile id, ``size``, ``forest_fraction`` and ``forest_scale`` (the
     width of forest patches in pixels; default ``size / 5``, at most 60).  Nothing is deleted:
     give an empty ``root`` (a warning names stale scenes).  Memory is about 2 GB for a 3000 px
-    tile; 1000 px x 60 scenes takes about 15 s on 2 cores.
+    tile; 1000 px x 60 scenes takes about 15 s on 2 cores.  ``clear_cuts``
+    (:class:`ClearCut`) disturb forest stands from a date on; the date of each disturbed pixel
+    goes to ``<truth_dir>/<tile>/disturbance.tif`` (days since 1970-01-01, 0 = none; written for
+    every tile).  Without clear-cuts the files are those of earlier versions, byte for byte.
     """
     tiles = tuple(dict.fromkeys(str(t).strip() for t in tiles))
     start_d, end_d = _as_date(start, "start"), _as_date(end, "end")
@@ -147,12 +174,15 @@ def make_cube(
             write_single(
                 truth_p / tile / "species.tif", species, transform, crs, nodata=ph.NON_FOREST
             )
+            cut_day = _clear_cut_days(clear_cuts, tile, sig.forest)
+            write_single(truth_p / tile / "disturbance.tif", cut_day, transform, crs, nodata=0)
             if with_masks:
                 forest = sig.forest.astype(np.uint8)
                 write_single(mask_p / tile / "mask.tif", forest, transform, crs)
             for i, (d, name, w) in enumerate(zip(dates, names, weather, strict=True)):
                 scene_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(*key, i)))
-                boa, qai = ph.render_scene(scene_rng, sig, w, d.timetuple().tm_yday)
+                cut = (cut_day > 0) & (cut_day <= (d - _EPOCH).days) if clear_cuts else None
+                boa, qai = ph.render_scene(scene_rng, sig, w, d.timetuple().tm_yday, cut)
                 while len(pending) >= 3:  # bound memory: at most 3 scenes queued for writing
                     pending.popleft().result()
                 pending.append(
@@ -192,7 +222,26 @@ def make_cube(
         class_names=SPECIES,
         truth_dir=str(truth_p),
         mask_dir=str(mask_p),
+        clear_cuts=tuple(clear_cuts),
     )
+
+
+_EPOCH = dt.date(1970, 1, 1)
+
+
+def _clear_cut_days(cuts: Sequence[ClearCut], tile: str, forest: np.ndarray) -> np.ndarray:
+    """(H, W) int32 days since 1970-01-01 of each forest pixel's clear-cut (0 = none)."""
+    out = np.zeros(forest.shape, dtype=np.int32)
+    for cut in cuts:
+        if cut.tile != tile:
+            continue
+        if min(cut.row, cut.col) < 0 or cut.height < 1 or cut.width < 1:
+            raise ConfigError(f"clear-cut {cut} must be a non-empty rectangle inside the tile")
+        rect = (slice(cut.row, cut.row + cut.height), slice(cut.col, cut.col + cut.width))
+        day = (_as_date(cut.date, "clear-cut date") - _EPOCH).days
+        first = np.where(out[rect] > 0, np.minimum(out[rect], day), day)
+        out[rect] = np.where(forest[rect], first, 0)
+    return out
 
 
 def sample_pixels(

@@ -63,6 +63,10 @@ _TIMING = np.array(
     dtype=np.float32,
 )
 
+#: a fresh clear-cut (bare soil, slash and stumps): brighter than every forest state in the
+#: visible, red-edge 1 and short-wave infrared bands, in every season
+CLEARCUT = np.array([950, 1200, 1600, 1750, 1950, 2050, 2200, 2300, 3400, 2900], dtype=np.float32)
+
 _SNOW = np.array([7500, 7400, 7200, 7000, 6800, 6500, 6200, 6000, 600, 400], dtype=np.float32)
 _HAZE = np.array([900, 850, 800, 760, 720, 700, 680, 660, 450, 300], dtype=np.float32)
 _CIRRUS = np.array([420, 400, 380, 370, 360, 350, 340, 330, 300, 220], dtype=np.float32)
@@ -250,9 +254,14 @@ def _shift(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
 
 
 def render_scene(
-    rng: np.random.Generator, sig: TileSignal, weather: Weather, doy: int
+    rng: np.random.Generator,
+    sig: TileSignal,
+    weather: Weather,
+    doy: int,
+    cut: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One acquisition: BOA (10, H, W) int16 and QAI (H, W) int16."""
+    """One acquisition: BOA (10, H, W) int16 and QAI (H, W) int16; pixels of ``cut`` (H, W)
+    bool were clear-cut before it (bare soil, :data:`CLEARCUT`, no phenology)."""
     h, w = sig.sos.shape
     if weather.full:
         qai = np.full((h, w), Q_NODATA | Q_CLOUD_OPAQUE, dtype=np.uint16)
@@ -260,6 +269,8 @@ def render_scene(
     t = np.float32(doy - weather.green_shift)
     g = 1 / (1 + np.exp((sig.sos - t) / sig.k_up)) - 1 / (1 + np.exp((sig.eos - t) / sig.k_down))
     val = sig.winter + sig.amp * g
+    if cut is not None and cut.any():  # no random draw: other pixels stay byte-identical
+        val[:, cut] = CLEARCUT[:, None]
     val += rng.standard_normal(val.shape, dtype=np.float32) * (25 + 0.03 * val)
     val += np.asarray(weather.atmos, dtype=np.float32)[:, None, None]
     qai = np.zeros((h, w), dtype=np.uint16)

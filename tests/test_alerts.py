@@ -1,0 +1,218 @@
+"""Disturbance alerts over many updates: a synthetic clear-cut on a known date, watched by a
+hand-set SITS-BERT detector (:mod:`treesits_dask.models.detector`, whose probability has a closed
+form).  The alert layers equal an independent pixel-by-pixel computation (the detector's formula
+on each pixel's window as of each valid acquisition, the state machine written out here), flag
+every cut pixel at its first valid acquisition after the cut, confirm it, raise nothing elsewhere,
+and are identical whether the scenes arrive in one update or in many small ones, one of them late.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from treesits_dask import open_map, versions
+from treesits_dask.config import load_config
+from treesits_dask.io import discovery
+from treesits_dask.io.cube import tile_cube, tile_grid
+from treesits_dask.io.grid import WindowLayout
+from treesits_dask.models.detector import detector_probability, save_detector
+from treesits_dask.outputs.repo import MapRepo
+from treesits_dask.pipeline.plan import make_plan
+from treesits_dask.pipeline.run import run
+
+pytestmark = pytest.mark.slow
+
+A, B = "X0069_Y0043", "X0070_Y0043"
+CUT = dt.date(2022, 5, 10)
+START = dt.date(2022, 3, 1)
+LEVEL, GAIN, THRESHOLD, CONFIRM = 14.5, 2.0, 0.5, 3
+EPOCH = dt.date(1970, 1, 1)
+ALERT_LAYERS = ("alert_first_seen", "alert_confirmations", "alert_state")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from treesits_dask.synthetic import ClearCut, make_cube
+
+    root = tmp_path_factory.mktemp("alerts")
+    cube = make_cube(
+        root / "cube", tiles=(A, B), size=30, n_scenes=100, start="2019-01-01",
+        end="2022-07-31", clear_cuts=[ClearCut(A, CUT, 5, 5, 12, 18)], forest_fraction=0.8,
+        seed=4,
+    )  # fmt: skip
+    model = save_detector(str(root / "detector.pt"), level=LEVEL, gain=GAIN)
+    return cube, model, root
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as c,
+    ):
+        yield c
+
+
+def _config(cube_root: str, mask_dir: str, model: str, output: Path):
+    return load_config(
+        overrides=dict(
+            cube=cube_root, mask_dir=mask_dir, model=model, output=str(output),
+            model_family="native", window="15x30", dashboard_address=":0",
+            alerts={"start": str(START), "threshold": THRESHOLD, "confirm_after": CONFIRM},
+        ),
+        environ={},
+    )  # fmt: skip
+
+
+def _deliver(src: Path, dst: Path, scenes) -> None:
+    """Put ``scenes`` (BOA + QAI) of the full cube into the growing cube (hard links: the same
+    files, sizes and times)."""
+    for s in scenes:
+        for path in (s.boa, s.qai):
+            target = dst / s.tile / Path(path).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, target)
+
+
+def _expected(cube, tile: str) -> dict[str, np.ndarray]:
+    """The alert layers of ``tile`` computed pixel by pixel: at each acquisition from START on
+    with a valid observation, the detector's probability on the pixel's valid observations of the
+    1460 days up to it, and the state machine of outputs/alerts.py written out anew."""
+    scenes = discovery.scene_table(cube.root, tile)
+    grid = tile_grid(discovery.read_cube_definition(cube.root), scenes[0])
+    data = tile_cube(scenes, grid, WindowLayout.of(grid, (30, 30)), _flags()).data.compute()
+    valid = (data != -9999).all(axis=1)
+    days = np.array([(s.date - EPOCH).days for s in scenes])
+    forest = cube.forest(tile)
+    out = {
+        "alert_first_seen": np.zeros((30, 30), np.int64),
+        "alert_confirmations": np.zeros((30, 30), np.int64),
+        "alert_state": np.full((30, 30), 255, np.int64),
+    }
+    for i in range(30):
+        for j in range(30):
+            if not forest[i, j] or not valid[:, i, j].any():
+                continue  # outside the mask, or never observed
+            state, first, run_ = "none", 0, 0
+            for t, s in enumerate(scenes):
+                if s.date < START or not valid[t, i, j]:
+                    continue
+                window = valid[: t + 1, i, j] & (days[: t + 1] >= days[t] - 1460)
+                q = detector_probability(data[: t + 1][window][:, :, i, j], LEVEL, GAIN)
+                if q >= THRESHOLD:
+                    run_ += 1
+                    if state in ("none", "retracted"):
+                        state, first = "candidate", days[t]
+                    if state == "candidate" and run_ >= CONFIRM:
+                        state = "confirmed"
+                else:
+                    run_ = 0
+                    if state == "candidate":
+                        state = "retracted"
+            code = {"none": 0, "candidate": 1, "confirmed": 2, "retracted": 3}[state]
+            out["alert_first_seen"][i, j] = first
+            out["alert_confirmations"][i, j] = run_
+            out["alert_state"][i, j] = code
+    return out
+
+
+def _flags():
+    from treesits_dask.config import DEFAULT_QAI_FLAGS
+
+    return DEFAULT_QAI_FLAGS
+
+
+def _truth(cube, tile: str) -> dict[str, np.ndarray]:
+    """What the alerts must say of a clear-cut: first seen at the first valid acquisition on or
+    after the cut, confirmed after three, every later one counted; nothing where nothing
+    happened."""
+    scenes = discovery.scene_table(cube.root, tile)
+    grid = tile_grid(discovery.read_cube_definition(cube.root), scenes[0])
+    data = tile_cube(scenes, grid, WindowLayout.of(grid, (30, 30)), _flags()).data.compute()
+    valid = (data != -9999).all(axis=1)
+    days = np.array([(s.date - EPOCH).days for s in scenes])
+    cut = cube.disturbance(tile)
+    first = np.zeros((30, 30), np.int64)
+    count = np.zeros((30, 30), np.int64)
+    for i, j in zip(*np.nonzero(cut), strict=True):
+        after = np.flatnonzero(valid[:, i, j] & (days >= cut[i, j]))
+        first[i, j] = days[after[0]] if after.size else 0
+        count[i, j] = after.size
+    return {"first": first, "count": count, "cut": cut > 0}
+
+
+def test_alerts_over_many_updates_equal_one_update_and_the_truth(world, client, tmp_path):
+    cube, model, root = world
+    # one big update: every scene at once
+    big = tmp_path / "big"
+    result = run(_config(cube.root, cube.mask_dir, model, big), client=client)
+    assert set(result.tiles) == {A, B} and not result.failed
+    one = open_map(str(big))
+
+    # many small updates: the scenes before START first, then one to three at a time, one of
+    # them late (the first after the cut arrives after two scenes dated later than itself)
+    growing = root / "growing"
+    growing.mkdir(exist_ok=True)
+    shutil.copy(Path(cube.root) / "datacube-definition.prj", growing)
+    small = tmp_path / "small"
+    by_date = sorted({s.date for t in (A, B) for s in discovery.scene_table(cube.root, t)})
+    before = [d for d in by_date if d < START]
+    after = [d for d in by_date if d >= START]
+    k = next(i for i, d in enumerate(after) if d >= CUT)
+    assert 2 <= k <= len(after) - 4
+    late = after[k]
+    batches = [before, after[:2], after[2:k], after[k + 1 : k + 3], [late],
+               *[[d] for d in after[k + 3 :]]]  # fmt: skip
+    batches = [b for b in batches if b]
+    for batch in batches:
+        scenes = [s for t in (A, B) for s in discovery.scene_table(cube.root, t) if s.date in batch]
+        _deliver(Path(cube.root), growing, scenes)
+        config = _config(str(growing), cube.mask_dir, model, small)
+        if batch == [late]:  # goes back to the version before the late scene's date
+            planned = {t.tile: t.alerts for t in make_plan(config).tiles}
+            assert planned[A].resume is not None and planned[A].through < late
+            assert [d for d, _ in planned[A].steps][0] == late
+        step = run(config, client=client)
+        assert not step.failed and step.tiles
+    assert len(versions(str(small))) == len(batches)
+    many = open_map(str(small))
+
+    # identical layers, whatever the updates
+    for var in (*ALERT_LAYERS, "probability", "last_valid_date", "valid_obs"):
+        np.testing.assert_array_equal(one[var].values, many[var].values, err_msg=var)
+
+    for k, tile in enumerate((A, B)):
+        cols = slice(30 * k, 30 * k + 30)
+        got = {v: one[v].values[:, cols].astype(np.int64) for v in ALERT_LAYERS}
+        # the independent computation
+        want = _expected(cube, tile)
+        for var in ALERT_LAYERS:
+            np.testing.assert_array_equal(got[var], want[var], err_msg=f"{tile} {var}")
+        # and what a clear-cut means
+        truth = _truth(cube, tile)
+        cut = truth["cut"]
+        assert cut.any() == (tile == A)
+        np.testing.assert_array_equal(got["alert_first_seen"][cut], truth["first"][cut])
+        np.testing.assert_array_equal(got["alert_confirmations"][cut], truth["count"][cut])
+        np.testing.assert_array_equal(
+            got["alert_state"][cut], np.where(truth["count"][cut] >= CONFIRM, 2, 1)
+        )
+        forest = cube.forest(tile)
+        assert (got["alert_state"][forest & ~cut] == 0).all()  # no alert where nothing happened
+        assert (got["alert_state"][~forest] == 255).all()  # outside the mask
+        assert (got["alert_first_seen"][~cut] == 0).all()
+    assert (one["alert_state"].values == 2).sum() > 100  # the stand is confirmed
+
+    # the late scene made the run that brought it go back to the version before its date
+    records = MapRepo(str(small)).records()
+    assert records[A]["alerts"]["through"] == str(after[-1])
