@@ -7,12 +7,12 @@
 ``prepare`` writes the demo cube (2 tiles of 300 x 300 px, 36 scenes, seed 0, forest masks) and
 three models with fixed random weights (native sits-lstm, native sits-transformer, sbert) into
 WORKDIR/inputs.  ``run`` predicts every model through the command line (the interface that stays
-stable across refactors) into WORKDIR/NAME-<model>/ and writes WORKDIR/NAME.json: the sha256 of
-every output file (COGs, VRTs) and of the decoded arrays of the map.  Files that hold timestamps,
-run ids or random object names (run.json, _runs/, _ledger/, the store's own files:
-predictions.zarr/ before the map became an Icechunk repository, map.icechunk/ since) are left
-out: the map is compared by its arrays.  Run ``prepare`` with the old code, ``run`` with the old
-and with the new code, then ``compare``.
+stable across refactors; flags after NAME go to ``run``, e.g. ``--window 100x100``) into
+WORKDIR/NAME-<model>/ and writes WORKDIR/NAME.json: the sha256 of every output file (COGs, VRTs)
+and of the decoded arrays of the map.  Files that hold timestamps, run ids or random object names
+(run.json, _runs/, _ledger/, the store's own files: predictions.zarr/ before the map became an
+Icechunk repository, map.icechunk/ since) are left out: the map is compared by its arrays.  Run
+``prepare`` with the old code, ``run`` with the old and with the new code, then ``compare``.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def digest(output: Path) -> dict:
     return {"files": files, "arrays": arrays}
 
 
-def run(workdir: Path, name: str) -> None:
+def run(workdir: Path, name: str, extra: list[str] | None = None) -> None:
     inputs = workdir / "inputs"
     report = {}
     for model, flags in MODELS.items():
@@ -151,6 +151,7 @@ def run(workdir: Path, name: str) -> None:
             "1",
             "--threads-per-worker",
             "2",
+            *(extra or []),
         ]
         subprocess.run(cmd, check=True)
         report[model] = digest(out)
@@ -182,8 +183,8 @@ def main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "prepare":
         prepare(Path(argv[1]))
         return 0
-    if len(argv) == 3 and argv[0] == "run":
-        run(Path(argv[1]), argv[2])
+    if len(argv) >= 3 and argv[0] == "run":  # further arguments: flags of `run` (e.g. --window)
+        run(Path(argv[1]), argv[2], argv[3:])
         return 0
     if len(argv) == 3 and argv[0] == "compare":
         return compare(Path(argv[1]), Path(argv[2]))

@@ -117,6 +117,14 @@ _RUN_FLAGS = [
         ),
     ),
     ("--tiles-in-flight", dict(type=int, help="tiles processed at once (default 2)")),
+    (
+        "--read-memory",
+        dict(
+            type=float,
+            help="share of a reading worker's memory limit that its read tasks may fill with "
+            "decoded scenes, shared out among its threads (default 0.25)",
+        ),
+    ),
     ("--dashboard-address", dict(help="LocalCluster dashboard address (default :8787)")),
     (
         "--cluster",

@@ -13,12 +13,15 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from dataclasses import dataclass
 
 import numpy as np
 
+from ..config import RunConfig
 from ..errors import InputDataError, TreesitsError
 from ..io import discovery
-from ..io.cube import days_since_epoch, tile_cube
+from ..io.cube import DEFAULT_READ_BYTES, days_since_epoch, tile_cube
+from ..io.datasets import forget_datasets
 from ..io.masks import open_mask
 from ..io.remote import clear_gdal_cache
 from ..outputs import store
@@ -40,7 +43,7 @@ from .plan import RunPlan, TilePlan
 from .predict import Inference, ModelPlugin, annotate, inference_stats, predict_layer
 from .report import RunResult, collect_inference
 
-__all__ = ["Job", "RunCallbacks", "run_tiles", "tile_graph"]
+__all__ = ["Job", "ReadBudget", "RunCallbacks", "read_budget", "run_tiles", "tile_graph"]
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +67,62 @@ class RunCallbacks:
         """``tile`` failed; the other tiles go on."""
 
 
-def tile_graph(plan: RunPlan, tile: TilePlan, session, routing: Routing | None = None):
+@dataclass(frozen=True)
+class ReadBudget:
+    """What the reading workers of a cluster allow one read task: ``task_bytes`` of decoded scenes
+    (``read_memory`` of the smallest reading worker's memory limit, shared out among its threads),
+    and ``threads``, the reading threads of the whole cluster (a tile is read in at least as many
+    tasks where its windows are put together from pieces anyway)."""
+
+    task_bytes: int
+    threads: int
+    memory_limit: int
+
+
+def read_budget(config: RunConfig, workers: dict[str, dict], routing: Routing) -> ReadBudget:
+    """The :class:`ReadBudget` of the workers (``scheduler_info()["workers"]``) that read under
+    ``routing``.  A worker without a memory limit counts with this machine's memory."""
+    import psutil
+
+    total = psutil.virtual_memory().total
+    reading = [
+        w
+        for w in workers.values()
+        if not routing.read or all(k in (w.get("resources") or {}) for k in routing.read)
+    ] or list(workers.values())
+    if not reading:
+        return ReadBudget(int(total * config.read_memory), 1, total)
+    limits = [(int(w.get("memory_limit") or 0) or total, max(1, int(w.get("nthreads") or 1)))
+              for w in reading]  # fmt: skip
+    task = min(int(limit * config.read_memory) // threads for limit, threads in limits)
+    return ReadBudget(task, sum(t for _, t in limits), min(limit for limit, _ in limits))
+
+
+def tile_graph(
+    plan: RunPlan,
+    tile: TilePlan,
+    session,
+    routing: Routing | None = None,
+    reads: ReadBudget | None = None,
+):
     """The tasks of one tile: read, predict and write every window into ``session`` (a fork of
     the tile's session of the map).  Returns the keys of the write tasks (each results in the
     fork with the window's changes and the window's statistics) and the graph.
 
     ``routing`` (default: what the settings declare) gives the resource annotations: on
     heterogeneous clusters reads only where ``CPU`` is advertised, inference only where ``GPU``.
+    ``reads``: the memory a read task may fill and the reading threads of the cluster (default:
+    :data:`~treesits_dask.io.cube.DEFAULT_READ_BYTES`, one thread).
     """
     cfg = plan.config
     routing = routing or declared_routing(cfg) or Routing()
+    task_bytes, threads = (reads.task_bytes, reads.threads) if reads else (DEFAULT_READ_BYTES, 1)
     with annotate(routing.read):
         mask = open_mask(tile.mask, tile.grid, tile.layout) if tile.mask else None
-        cube = tile_cube(tile.scenes, tile.grid, tile.layout, cfg.qai_flags, mask=mask)
+        cube = tile_cube(
+            tile.scenes, tile.grid, tile.layout, cfg.qai_flags, mask=mask,
+            read_bytes=task_bytes, min_read_tasks=threads,
+        )  # fmt: skip
     days = days_since_epoch([s.date for s in tile.scenes])
     packed = predict_layer(
         cube.data,
@@ -106,11 +152,18 @@ class _Scheduler:
     windows -> commit (driver) -> COGs; COG-only tiles go straight to their COGs."""
 
     def __init__(
-        self, job: Job, client, cb: RunCallbacks, result: RunResult, clock, routing: Routing
+        self,
+        job: Job,
+        client,
+        cb: RunCallbacks,
+        result: RunResult,
+        clock,
+        routing: Routing,
+        reads: ReadBudget | None = None,
     ):
         from distributed import as_completed
 
-        self.job, self.plan, self.routing = job, job.plan, routing
+        self.job, self.plan, self.routing, self.reads = job, job.plan, routing, reads
         self.client, self.cb, self.result, self.clock = client, cb, result, clock
         self.pending = list(self.plan.tiles)
         self.state: dict[str, dict] = {}
@@ -123,7 +176,7 @@ class _Scheduler:
         self.job.lease.check()  # a driver that lost its lease submits nothing more
         gpu = self.routing.gpu
         session, fork = self.plan.repo.tile_session()
-        keys, graph = tile_graph(self.plan, tile, fork, self.routing)
+        keys, graph = tile_graph(self.plan, tile, fork, self.routing, self.reads)
         # annotated graphs must not be optimised: fusion drops or merges the resource annotations
         delayed = [Delayed(k, graph, layer=k[0]) for k in keys]
         futures = self.client.compute(delayed, optimize_graph=not gpu)
@@ -248,8 +301,16 @@ def run_tiles(job: Job, client, cb: RunCallbacks, result: RunResult, clock=None)
     log.info(
         "routing: reads %s, inference %s", routing.read or "anywhere", routing.predict or "anywhere"
     )
+    reads = read_budget(cfg, client.scheduler_info(n_workers=-1)["workers"], routing)
+    log.info(
+        "reads: up to %.0f MiB of decoded scenes per read task, %d reading threads",
+        reads.task_bytes / 2**20,
+        reads.threads,
+    )
     # workers that outlive a run must not serve scene bytes GDAL cached before files were replaced
+    # (nor keep datasets open on them)
     client.run(clear_gdal_cache)
+    client.run(forget_datasets)
     resource = next(iter(routing.predict)) if routing.predict else None
     client.register_plugin(
         ModelPlugin(
@@ -259,7 +320,7 @@ def run_tiles(job: Job, client, cb: RunCallbacks, result: RunResult, clock=None)
     cb.start(
         sum(plan.windows_per_tile(t) for t in plan.tiles), getattr(client, "dashboard_link", None)
     )
-    _Scheduler(job, client, cb, result, clock, routing).loop()
+    _Scheduler(job, client, cb, result, clock, routing, reads).loop()
     result.inference = collect_inference(client, inference_stats)
 
 
