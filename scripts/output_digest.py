@@ -10,9 +10,10 @@ WORKDIR/inputs.  ``run`` predicts every model through the command line (the inte
 stable across refactors; flags after NAME go to ``run``, e.g. ``--window 100x100``) into
 WORKDIR/NAME-<model>/ and writes WORKDIR/NAME.json: the sha256 of every output file (COGs, VRTs)
 and of the decoded arrays of the map.  Files that hold timestamps, run ids or random object names
-(run.json, _runs/, _ledger/, the store's own files: predictions.zarr/ before the map became an
-Icechunk repository, map.icechunk/ since) are left out: the map is compared by its arrays.  Run
-``prepare`` with the old code, ``run`` with the old and with the new code, then ``compare``.
+(run.json, _runs/, _ledger/, the COG and mosaic manifests, the store's own files:
+predictions.zarr/ before the map became an Icechunk repository, map.icechunk/ since) are left out:
+the map is compared by its arrays.  Run ``prepare`` with the old code, ``run`` with the old and
+with the new code, then ``compare``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ MODELS = {
     "sbert": ["--model-family", "sbert"],
 }
 SKIP = ("run.json", "_runs", "_ledger", "_lease.json", "predictions.zarr", "map.icechunk")
+#: manifests naming the run's record id and map snapshot (random per run), wherever they lie
+SKIP_NAMES = ("_cog.json", "_mosaic.json")
 
 
 def prepare(workdir: Path) -> None:
@@ -104,7 +107,7 @@ def digest(output: Path) -> dict:
     files = {}
     for path in sorted(p for p in output.rglob("*") if p.is_file()):
         rel = path.relative_to(output).as_posix()
-        if rel.split("/")[0] in SKIP:
+        if rel.split("/")[0] in SKIP or path.name in SKIP_NAMES:
             continue
         files[rel] = _sha(path.read_bytes())
     arrays = {}
@@ -168,7 +171,8 @@ def compare(a: Path, b: Path) -> int:
         for kind in ("files", "arrays"):
             x, y = old.get(model, {}).get(kind, {}), new.get(model, {}).get(kind, {})
             for key in sorted(set(x) | set(y)):
-                if key.split("/")[0] in SKIP:  # digests of an older version of this script
+                # digests of an older version of this script
+                if key.split("/")[0] in SKIP or key.rsplit("/", 1)[-1] in SKIP_NAMES:
                     continue
                 if x.get(key) != y.get(key):
                     problems.append(f"{model} {kind} {key}: {x.get(key)} != {y.get(key)}")
