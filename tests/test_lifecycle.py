@@ -77,18 +77,7 @@ def _lstm(path: Path, seed: int) -> str:
     card = ModelCard(
         family="sits-lstm",
         hyperparameters=hp,
-        bands=[
-            "BLUE",
-            "GREEN",
-            "RED",
-            "REDEDGE1",
-            "REDEDGE2",
-            "REDEDGE3",
-            "BROADNIR",
-            "NIR",
-            "SWIR1",
-            "SWIR2",
-        ],  # fmt: skip
+        bands=list(discovery.S2_BANDS),
         class_names=["Spruce", "Beech", "Pine", "Oak"],
         output_kind="softmax",
         sequence={"kind": "full"},

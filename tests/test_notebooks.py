@@ -83,6 +83,7 @@ def test_quickstart(tmp_path, jupyter_path, monkeypatch):
     summary = json.loads((d / "output" / "run.json").read_text())
     assert summary["complete"] and set(summary["tiles"]) == {"X0069_Y0043", "X0070_Y0043"}
     assert re.search(r'Dask dashboard: <a href="http://127\.0\.0\.1:\d+/status"', text)
+    assert "version 1: run " in text and "tiles ['X0069_Y0043', 'X0070_Y0043']" in text
     agreement = float(re.search(r"agreement with the known species map: ([0-9.]+)", text)[1])
     assert agreement >= 0.9
 

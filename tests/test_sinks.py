@@ -407,3 +407,38 @@ def test_s3_round_trip(moto_endpoint, monkeypatch):
     with rasterio.open("/vsis3/outdir/run/cog/valid_obs.vrt") as src:
         np.testing.assert_array_equal(src.read(1), expected["valid_obs"])
     assert not [p for p in fs.find("outdir/run/cog") if "partial" in p]
+
+
+def test_manifests_are_split_by_tile(tmp_path):
+    """A tile commit writes manifest shards of its own tile only: the bytes it writes do not
+    grow with the number of tiles already in the map (without splitting, each commit rewrote
+    every chunk reference of the arrays it touched)."""
+    tile, side = 40, 3
+    grid = schema.OutputGrid(
+        crs_wkt=GRID.crs_wkt, transform=GRID.transform, width=side * tile, height=side * tile,
+        chunk=(20, 20), class_names=CLASSES, multiclass=True,
+    )  # fmt: skip
+    written = {}
+    for split in (True, False):
+        out = tmp_path / f"split-{split}"
+        repo = MapRepo(str(out))
+        repo.ensure_layout(grid, {}, (tile, tile) if split else None)
+        rng = np.random.default_rng(0)
+        manifests = out / "map.icechunk" / "manifests"
+        sizes = []
+        for k in range(side * side):
+            r0, c0 = (k // side) * tile, (k % side) * tile
+            session = repo.repo.writable_session("main")
+            for r in range(r0, r0 + tile, 20):
+                for c in range(c0, c0 + tile, 20):
+                    outputs_store.write_window(
+                        session.store, slice(r, r + 20), slice(c, c + 20), _window_outputs(rng)
+                    )
+            before = sum(p.stat().st_size for p in manifests.iterdir())
+            session.commit(f"tile {k}")
+            sizes.append(sum(p.stat().st_size for p in manifests.iterdir()) - before)
+        written[split] = sizes
+    assert written[True][-1] <= 1.2 * written[True][0], written[True]
+    assert written[False][-1] > 5 * written[False][0], written[False]  # what splitting avoids
+    split_config = MapRepo(str(tmp_path / "split-True")).repo.config.manifest.splitting
+    assert split_config is not None

@@ -76,7 +76,7 @@ class _Zarr:
             self.fs.get_mapper(f"{self.path}/map.zarr")
         )
 
-    def create(self, grid: OutputGrid) -> None:
+    def create(self, grid: OutputGrid, tile_px: int) -> None:
         create_layout(self.zstore, grid, {})
 
     def _record(self, tile: str) -> str:
@@ -116,8 +116,8 @@ class _Icechunk:
         self.repo = MapRepo(url)
         self.first = None
 
-    def create(self, grid: OutputGrid) -> None:
-        self.repo.ensure_layout(grid, {})
+    def create(self, grid: OutputGrid, tile_px: int) -> None:
+        self.repo.ensure_layout(grid, {}, (tile_px, tile_px))  # manifests split by tile
 
     def begin(self, tile: str):
         return self.repo.tile_session()
@@ -146,7 +146,7 @@ def _bench(design, grid: OutputGrid, regions, window: int, proxy) -> dict:
         return proxy.requests
 
     t0, n0 = time.perf_counter(), requests()
-    design.create(grid)
+    design.create(grid, regions[0].height)
     counts["create"] = {"seconds": time.perf_counter() - t0, "requests": requests() - n0}
     per_tile = []
     with cf.ThreadPoolExecutor(2) as pool:  # two windows at a time, as two worker threads

@@ -10,6 +10,10 @@ disjoint chunks, so concurrent tile commits of one run rebase onto each other.
 
 Why Icechunk and not plain Zarr plus a ledger: see the README's "Output store" section (measured
 write and commit costs, and what each needs for atomic tiles and versions).
+
+The module is longer than 400 lines because ``MapRepo`` is one object read top to bottom: how a
+map is opened, written a tile at a time, tagged, read back at a version and compared between
+versions all rest on the same repository handle and record layout.
 """
 
 from __future__ import annotations
@@ -27,7 +31,15 @@ from .cog import COG_MANIFEST, tile_cogs, write_mosaics
 from .schema import OutputGrid, TileRegion
 from .store import create_layout, extend_layout, grid_differences, stored_grid
 
-__all__ = ["BRANCH", "REPO_NAME", "TILES_GROUP", "MapRepo", "repo_storage", "write_tile_cogs"]
+__all__ = [
+    "BRANCH",
+    "REPO_NAME",
+    "TILES_GROUP",
+    "MapRepo",
+    "repo_config",
+    "repo_storage",
+    "write_tile_cogs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +86,29 @@ def repo_storage(url: str):
         force_path_style=storage.s3_addressing() == "path",
         from_env=True,
     )
+
+
+def repo_config(grid: OutputGrid, tile_px: tuple[int, int] | None = None):
+    """The repository configuration of a new map: manifests split by tile (``tile_px`` / chunk
+    chunks along ``y`` and ``x``; tiles start at the grid's origin, so the shards are the tiles).
+
+    Without splitting every commit rewrites the whole manifest of each array it touches: a tile
+    commit into a map of N tiles would write (and read) O(N) chunk references, so the first run
+    of a national map would write O(N^2).  Split by tile, a commit writes the shards of its tile
+    only (measured in the README's "Output store" section).  Kept in the repository's
+    ``config.yaml``; later opens use it."""
+    import icechunk
+
+    config = icechunk.RepositoryConfig.default()
+    if tile_px:
+        rows, cols = (max(1, t // c) for t, c in zip(tile_px, grid.chunk, strict=True))
+        dim = icechunk.ManifestSplitDimCondition.DimensionName
+        config.manifest = icechunk.ManifestConfig(
+            splitting=icechunk.ManifestSplittingConfig.from_dict(
+                {icechunk.ManifestSplitCondition.AnyArray(): {dim("y"): rows, dim("x"): cols}}
+            )
+        )
+    return config
 
 
 class MapRepo:
@@ -133,28 +168,30 @@ class MapRepo:
             return None
         return stored_grid(self._readonly().store)
 
-    def ensure_layout(self, grid: OutputGrid, attrs: dict) -> OutputGrid:
-        """Create the map for ``grid`` (first run), or extend it to cover ``grid`` (tiles that
-        appeared); one commit when anything changed.  Returns the grid now stored."""
+    def ensure_layout(
+        self, grid: OutputGrid, attrs: dict, tile_px: tuple[int, int] | None = None
+    ) -> OutputGrid:
+        """Create the map for ``grid`` (first run; ``tile_px``: the cube's tile size, which
+        sets the manifest splitting, see :func:`repo_config`), or extend it to cover ``grid``
+        (tiles that appeared); one commit when anything changed.  Returns the grid now stored."""
         import icechunk
         import zarr
 
-        if not self.exists():
-            self._refuse_foreign_folder()
-            self._repo = icechunk.Repository.create(repo_storage(self.url))
-            session = self._repo.writable_session(BRANCH)
+        def create(session) -> OutputGrid:
             create_layout(session.store, grid, attrs)
             zarr.open_group(session.store, mode="r+").require_group(TILES_GROUP)
             session.commit("create the map", metadata={"kind": "layout"})
             return grid
+
+        if not self.exists():
+            self._refuse_foreign_folder()
+            config = repo_config(grid, tile_px)
+            self._repo = icechunk.Repository.create(repo_storage(self.url), config=config)
+            return create(self._repo.writable_session(BRANCH))
         session = self.repo.writable_session(BRANCH)
         stored = stored_grid(session.store)
         if stored is None and len(list(self.repo.ancestry(branch=BRANCH))) == 1:
-            # created by a driver that died before its first commit: still empty
-            create_layout(session.store, grid, attrs)
-            zarr.open_group(session.store, mode="r+").require_group(TILES_GROUP)
-            session.commit("create the map", metadata={"kind": "layout"})
-            return grid
+            return create(session)  # a driver died before the first commit: still empty
         if stored is None:
             raise OutputError(f"{self.url} is an Icechunk repository without a treesits_dask map")
         diffs = grid_differences(stored, grid)
@@ -241,35 +278,38 @@ class MapRepo:
             rebase_with=icechunk.BasicConflictSolver(),
         )  # fmt: skip
 
+    def _last_tile_run(self) -> str | None:
+        """The run of the newest tile commit on ``main`` (layout commits skipped), or None."""
+        for info in self.repo.ancestry(branch=BRANCH):  # newest first; stops at the first tile
+            if info.metadata.get("tile"):
+                return info.metadata.get("run")
+        return None
+
     def tag_unversioned(self) -> str | None:
         """Tag tile commits at the head of ``main`` that no version holds yet (a driver that was
         killed after committing tiles, before its tag) as the version of the run that made them.
-        Returns the tagged snapshot, or None."""
+        Returns the tagged snapshot, or None.  Reads the head's few newest commits and the tag
+        names, whatever the length of the history: each run's commits carry its run id, and a
+        run's tag is created at its last commit."""
         if not self.exists():
             return None
-        tagged = {self.repo.lookup_tag(t) for t in self.repo.list_tags() if t.startswith(_RUN_TAG)}
-        runs = []
-        for info in self.repo.ancestry(branch=BRANCH):  # newest first
-            if info.id in tagged:
-                break
-            if info.metadata.get("tile") and info.metadata.get("run"):
-                runs.append(info.metadata["run"])
-        if not runs:
+        run = self._last_tile_run()
+        if run is None or f"{_RUN_TAG}{run}" in self.repo.list_tags():
             return None
         head = self.repo.lookup_branch(BRANCH)
-        self.repo.create_tag(f"{_RUN_TAG}{runs[0]}", head)
+        self.repo.create_tag(f"{_RUN_TAG}{run}", head)
         log.warning(
             "tagged tiles committed by run %s (which did not finish) as a version of %s",
-            runs[0], self.url,
+            run, self.url,
         )  # fmt: skip
         return head
 
     def tag_run(self, run_id: str) -> str | None:
-        """Tag the head of ``main`` as the version of run ``run_id`` (when the run committed)."""
+        """Tag the head of ``main`` as the version of run ``run_id`` (when the run committed
+        tiles and is not tagged yet)."""
+        if f"{_RUN_TAG}{run_id}" in self.repo.list_tags():
+            return None
         head = self.repo.lookup_branch(BRANCH)
-        tags = self.repo.list_tags()
-        if any(self.repo.lookup_tag(t) == head for t in tags if t.startswith(_RUN_TAG)):
-            return None  # this state of the map is a version already
         self.repo.create_tag(f"{_RUN_TAG}{run_id}", head)
         return head
 
@@ -341,26 +381,37 @@ class MapRepo:
         return result
 
     def versions(self) -> list[dict[str, Any]]:
-        """The versions of the map, oldest first: one per run that changed it, with what changed
-        (tiles, their reasons, model and settings digests)."""
-        tags = {self.repo.lookup_tag(t): t for t in self.repo.list_tags() if t.startswith(_RUN_TAG)}
-        history = list(self.repo.ancestry(branch=BRANCH))[::-1]  # oldest first
-        out, tiles = [], []
-        for info in history:
-            if info.metadata.get("tile"):
-                tiles.append(
-                    {
-                        k: info.metadata.get(k)
-                        for k in ("tile", "reasons", "scenes", "model_digest", "config_digest")
-                    }
-                )
-            if info.id in tags:
-                out.append({
-                    "version": len(out) + 1, "run": tags[info.id].removeprefix(_RUN_TAG),
-                    "snapshot": info.id, "written_at": info.written_at.isoformat(),
-                    "tiles": tiles,
-                })  # fmt: skip
-                tiles = []
+        """The versions of the map, oldest first: one per run that changed it, with the tiles it
+        changed (their reasons, scene counts, model and settings digests).
+
+        Read from the tagged snapshots only (their tile records, compared with the previous
+        version's), a few at a time: two requests per version, however many tile commits the
+        map's history holds."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        tags = [t for t in self.repo.list_tags() if t.startswith(_RUN_TAG)]
+
+        def read(tag: str):
+            snapshot = self.repo.lookup_tag(tag)
+            written = self.repo.lookup_snapshot(snapshot).written_at
+            return written, tag, snapshot, self.records(snapshot)
+
+        with ThreadPoolExecutor(max(1, min(8, len(tags)))) as pool:
+            found = sorted(pool.map(read, tags))
+        out, before = [], {}
+        for written, tag, snapshot, records in found:
+            tiles = [
+                {"tile": tile, "reasons": rec.get("reasons", []),
+                 "scenes": rec.get("stats", {}).get("scenes"),
+                 "model_digest": rec.get("model_digest"), "config_digest": rec.get("config_digest")}
+                for tile, rec in sorted(records.items())
+                if before.get(tile, {}).get("record_id") != rec.get("record_id")
+            ]  # fmt: skip
+            out.append({
+                "version": len(out) + 1, "run": tag.removeprefix(_RUN_TAG), "snapshot": snapshot,
+                "written_at": written.isoformat(), "tiles": tiles,
+            })  # fmt: skip
+            before = records
         return out
 
     def resolve(self, version: Any) -> str:

@@ -31,6 +31,9 @@ from ..outputs.schema import OutputGrid, TileRegion
 from ..state import ledger
 from .checks import TILE_ERRORS, check_tiles, tile_problem
 
+#: tiles whose scenes are listed at once while planning (a listing is a round trip on S3)
+_TILES_LISTED_AT_ONCE = 16
+
 __all__ = ["TILE_ERRORS", "RunPlan", "TilePlan", "make_plan", "tile_problem"]
 
 log = logging.getLogger(__name__)
@@ -228,6 +231,43 @@ def _stage(
     )
 
 
+def _sort_tiles(config: RunConfig, tiles, card, digests: dict, records: dict, skip_done: bool):
+    """Stage every selected tile (scene listing, fingerprint; many tiles at once: each costs a
+    listing round trip on object stores) and sort them: to process, up to date (with complete
+    COGs or COGs to rebuild from the map), or invalid."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def stage(tile: str):
+        try:
+            st = _stage(config, tile, card, *digests.values(), records.get(tile))
+        except TILE_ERRORS as exc:
+            return tile, exc, None
+        done = skip_done and not config.force and not st.reasons
+        manifest = cog.cog_manifest(config.output, tile) if done and config.cog else None
+        return tile, st, manifest
+
+    staged, skipped, invalid, cogs_missing, cogs_done = [], {}, {}, {}, []
+    with ThreadPoolExecutor(max(1, min(_TILES_LISTED_AT_ONCE, len(tiles)))) as pool:
+        for tile, st, manifest in pool.map(stage, tiles):
+            if isinstance(st, TreesitsError):
+                invalid[tile] = st
+            elif not (skip_done and not config.force and not st.reasons):
+                staged.append(st)
+            elif not config.cog:
+                skipped[tile] = "up to date"
+            elif manifest and manifest.get("record_id") == records[tile].get("record_id"):
+                skipped[tile] = "up to date"
+                cogs_done.append(tile)
+            else:
+                skipped[tile] = "up to date; its COGs are rebuilt from the map"
+                cogs_missing[tile] = records[tile]
+        if config.cog:  # finished tiles outside the selection stay in the mosaics
+            others = [t for t in records if t not in set(tiles)]
+            found = pool.map(lambda t: cog.cog_manifest(config.output, t), others)
+            cogs_done += [t for t, m in zip(others, found, strict=True) if m]
+    return staged, skipped, invalid, cogs_missing, cogs_done
+
+
 def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
     """Discover the cube, read the model card, compare with the ledger, check everything that can
     be checked on the driver (see the module's docstring).
@@ -251,26 +291,9 @@ def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
     repo = MapRepo(config.output)
     stored = repo.grid()
     records = repo.records() if stored is not None else {}
-    staged, skipped, invalid, cogs_missing, cogs_done = [], {}, {}, {}, []
-    for tile in tiles:
-        try:
-            st = _stage(config, tile, card, *digests.values(), records.get(tile))
-        except TILE_ERRORS as exc:
-            invalid[tile] = exc
-            continue
-        if not (skip_done and not config.force and not st.reasons):
-            staged.append(st)
-            continue
-        skipped[tile] = "up to date"
-        if config.cog:
-            manifest = cog.cog_manifest(config.output, tile)
-            if manifest and manifest.get("record_id") == records[tile].get("record_id"):
-                cogs_done.append(tile)
-            else:
-                cogs_missing[tile] = records[tile]
-                skipped[tile] = "up to date; its COGs are rebuilt from the map"
-    if config.cog:  # finished tiles outside the selection stay in the mosaics
-        cogs_done += [t for t in records if t not in tiles and cog.cog_manifest(config.output, t)]
+    staged, skipped, invalid, cogs_missing, cogs_done = _sort_tiles(
+        config, tiles, card, digests, records, skip_done
+    )
     common = dict(config=config, definition=definition, spec=spec, card=card, skipped=skipped,
                   invalid=invalid, cogs_missing=cogs_missing, cogs_done=sorted(cogs_done),
                   **digests)  # fmt: skip

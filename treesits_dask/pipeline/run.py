@@ -166,6 +166,7 @@ def _process(
                 plan.output_grid,
                 {"model_family": plan.card.family, "model": storage.basename(plan.spec.uri),
                  "treesits_dask_version": __version__},
+                (plan.tiles[0].region.height, plan.tiles[0].region.width),
             )  # fmt: skip
             job = Job(plan, grid, run_id, lease)
             if client is None:

@@ -357,5 +357,5 @@ def _checked_record(job: Job, st: dict) -> dict:
     }
     return ledger.tile_record(
         tp.tile, tp.fingerprint, plan.model_digest, plan.config_digest, tp.region, stats,
-        job.run_id,
+        job.run_id, tp.reasons,
     )  # fmt: skip

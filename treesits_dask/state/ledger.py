@@ -101,14 +101,16 @@ def tile_record(
     region,
     stats: dict,
     run_id: str,
+    reasons: list[str] | tuple[str, ...] = (),
 ) -> dict:
     """The record of a finished tile: what it was computed from, where its data is in the map
-    (``region``: its rows and columns), its statistics, the run and a unique ``record_id`` (the
-    tile's COGs name the record they were made from)."""
+    (``region``: its rows and columns), its statistics, the run, why it was processed and a
+    unique ``record_id`` (the tile's COGs name the record they were made from)."""
     return {
         "tile": tile,
         "record_id": uuid.uuid4().hex,
         "run": run_id,
+        "reasons": list(reasons),
         "fingerprint": fingerprint,
         "model_digest": model_digest,
         "config_digest": config_digest,
