@@ -286,3 +286,52 @@ def test_band_reads_equal_whole_file_reads(tmp_path, blocks, shape, read_bytes):
     for _, _, w in layout:
         if not mask[w.rows, w.cols].any():
             assert (got[:, :, w.rows, w.cols] == -9999).all()
+
+
+@pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["strips", "tiles"])
+def test_bands_that_do_not_fit_are_read_window_by_window(tmp_path, blocks, caplog):
+    """The memory guard: where the bands of all scenes do not fit what a reading worker may
+    hold, the tile is read window by window (memory: one window of all scenes), with the same
+    values, decoding blocks once per window that crosses them, and a warning that says so."""
+    from treesits_dask.io.bands import BANDS_HELD, plan_reads
+    from treesits_dask.io.grid import WindowLayout
+
+    root, expected = _striped_tile(tmp_path, blocks=blocks)
+    _, scenes, grid = _grid(root)
+    layout = WindowLayout.of(grid, (10, 10))
+    band = plan_reads(grid, layout, 5, 1 << 30)
+    per_band = max(b.height for b in band.bands) * 50 * grid.count * 2 * 5
+    assert not plan_reads(grid, layout, 5, 1 << 30, held_bytes=BANDS_HELD * per_band).by_window
+    small = plan_reads(grid, layout, 5, 1 << 30, held_bytes=BANDS_HELD * per_band - 1)
+    assert small.by_window and small.bands == ()
+
+    arr = cube.tile_cube(scenes, grid, layout, DEFAULT_QAI_FLAGS, held_bytes=1)
+    assert "reading window by window" in caplog.text and "X0010_Y0010" in caplog.text
+    before = datasets.DECODED.snapshot()[1]
+    with dask.config.set(scheduler="threads", num_workers=3):
+        got = arr.values
+    np.testing.assert_array_equal(got, expected)
+    files = 5 * 11 * 37 * 50 * 2
+    assert datasets.DECODED.snapshot()[1] - before > files  # blocks decoded more than once
+    graph = dict(arr.data.__dask_graph__())
+    assert not any("read-band" in str(k[0]) for k in graph if isinstance(k, tuple))
+
+
+def test_read_budget_of_the_reading_workers(tmp_path):
+    """Read tasks share a reading worker's ``read_memory``; the bands held share 75 % of its
+    limit among the tiles in flight that land on it; GPU-only workers do not count."""
+    from treesits_dask.config import RunConfig
+    from treesits_dask.pipeline.cluster import Routing
+    from treesits_dask.pipeline.schedule import HELD_SHARE, read_budget
+
+    gib = 2**30
+    workers = {
+        "a": {"memory_limit": 48 * gib, "nthreads": 6, "resources": {"CPU": 1}},
+        "b": {"memory_limit": 32 * gib, "nthreads": 4, "resources": {"CPU": 1}},
+        "g": {"memory_limit": 8 * gib, "nthreads": 1, "resources": {"GPU": 1}},
+    }
+    cfg = RunConfig(cube="/x", model="m.pt", output=str(tmp_path / "out"), tiles_in_flight=4)
+    got = read_budget(cfg, workers, Routing(read={"CPU": 1}, predict={"GPU": 1}))
+    assert got.memory_limit == 32 * gib and got.threads == 10
+    assert got.task_bytes == min(int(48 * gib * 0.25) // 6, int(32 * gib * 0.25) // 4)
+    assert got.held_bytes == int(32 * gib * HELD_SHARE) // 2  # 4 tiles over 2 reading workers

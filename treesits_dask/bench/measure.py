@@ -187,6 +187,7 @@ def decode_run(plan, client) -> dict:
         cube = tile_cube(
             tile.scenes, tile.grid, tile.layout, plan.config.qai_flags, mask=mask,
             read_bytes=reads.task_bytes, min_read_tasks=reads.threads,
+            held_bytes=reads.held_bytes,
         )  # fmt: skip
         arrays.append(
             cube.data.map_blocks(
@@ -212,8 +213,12 @@ def decode_run(plan, client) -> dict:
 def _read_tasks(tile, reads) -> int:
     from ..io.bands import plan_reads
 
-    rp = plan_reads(tile.grid, tile.layout, len(tile.scenes), reads.task_bytes, None, reads.threads)
-    return len(tile.layout) if all(rp.direct(b) for b in rp.bands) else rp.tasks
+    rp = plan_reads(
+        tile.grid, tile.layout, len(tile.scenes), reads.task_bytes, None, reads.threads,
+        reads.held_bytes,
+    )  # fmt: skip
+    direct = rp.by_window or all(rp.direct(b) for b in rp.bands)
+    return len(tile.layout) if direct else rp.tasks
 
 
 def decode_seconds(plan, client) -> float:

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import InputDataError
 from . import storage
-from .bands import ReadPlan, plan_reads
+from .bands import BANDS_HELD, ReadPlan, plan_reads
 from .crs import same_crs, short_crs
 from .datasets import OPEN_COUNTER, Counter, check_header, open_error, open_raster
 from .discovery import S2_BANDS, CubeDefinition, Scene
@@ -149,6 +149,7 @@ def tile_cube(
     mask=None,
     read_bytes: int = DEFAULT_READ_BYTES,
     min_read_tasks: int = 1,
+    held_bytes: int | None = None,
 ):
     """Lazy ``xarray.DataArray`` (time, band, y, x) int16 of one tile, one chunk per window.
 
@@ -162,7 +163,9 @@ def tile_cube(
     together from the pieces of the bands it crosses.  Where the windows are whole full-width
     bands (strip windows), one task reads one window of all scenes, as the chunk itself.
     ``min_read_tasks``: at least this many read tasks for the tile (see
-    :func:`~treesits_dask.io.bands.plan_reads`).
+    :func:`~treesits_dask.io.bands.plan_reads`).  ``held_bytes``: the memory a reading worker
+    may fill with bands of all scenes; where they do not fit, the tile is read window by window
+    (every block decoded once per window that crosses it; logged as a warning).
     """
     import dask.array as da
     import rioxarray  # noqa: F401  (registers the .rio accessor)
@@ -178,7 +181,16 @@ def tile_cube(
         versions=tuple((s.size, s.mtime) for s in scenes),
         qai_versions=tuple((s.qai_size, s.qai_mtime) for s in scenes),
     )
-    plan = plan_reads(grid, layout, len(scenes), read_bytes, min_tasks=min_read_tasks)
+    plan = plan_reads(
+        grid, layout, len(scenes), read_bytes, min_tasks=min_read_tasks, held_bytes=held_bytes
+    )
+    if plan.by_window:
+        log.warning(
+            "tile %s: %d bands of all %d scenes do not fit %.1f GiB of a reading worker's memory: "
+            "reading window by window, which decodes file blocks once per window crossing them "
+            "(give the reading workers more memory, or fewer scenes per run, to decode once)",
+            grid.tile, BANDS_HELD, len(scenes), (held_bytes or 0) / 2**30,
+        )  # fmt: skip
     token = tokenize(reader, layout.shape, plan, mask.name if mask is not None else None)
     name = f"read-{grid.tile}-{token}"
     dsk = _read_graph(reader, layout, plan, name, mask.name if mask is not None else None)
@@ -214,6 +226,11 @@ def _read_graph(
     bands, pieces = name.replace("read-", "read-band-", 1), name.replace("read-", "read-piece-", 1)
     n_scenes, count = len(reader.boa), reader.grid.count
     dsk: dict = {}
+    if plan.by_window:
+        for i, j, w in layout:
+            args = (w, (mask, i, j)) if mask else (w,)
+            dsk[(name, 0, 0, i, j)] = (reader.read, *args)
+        return dsk
     for band in plan.bands:
         masks = [(mask, p.i, p.j) for p in band.pieces] if mask else []
         if plan.direct(band):

@@ -43,7 +43,15 @@ from .plan import RunPlan, TilePlan
 from .predict import Inference, ModelPlugin, annotate, inference_stats, predict_layer
 from .report import RunResult, collect_inference
 
-__all__ = ["Job", "ReadBudget", "RunCallbacks", "read_budget", "run_tiles", "tile_graph"]
+__all__ = [
+    "HELD_SHARE",
+    "Job",
+    "ReadBudget",
+    "RunCallbacks",
+    "read_budget",
+    "run_tiles",
+    "tile_graph",
+]
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +80,19 @@ class ReadBudget:
     """What the reading workers of a cluster allow one read task: ``task_bytes`` of decoded scenes
     (``read_memory`` of the smallest reading worker's memory limit, shared out among its threads),
     and ``threads``, the reading threads of the whole cluster (a tile is read in at least as many
-    tasks where its windows are put together from pieces anyway)."""
+    tasks where its windows are put together from pieces anyway).  ``held_bytes``: what a reading
+    worker may fill with the bands of the tiles it reads at once (the memory guard of
+    :func:`~treesits_dask.io.bands.plan_reads`)."""
 
     task_bytes: int
     threads: int
     memory_limit: int
+    held_bytes: int | None = None
+
+
+#: share of a reading worker's memory limit the bands of its tiles may fill (Dask pauses a worker
+#: at 80 %; the rest is the windows, the model and the worker itself)
+HELD_SHARE = 0.75
 
 
 def read_budget(config: RunConfig, workers: dict[str, dict], routing: Routing) -> ReadBudget:
@@ -91,11 +107,15 @@ def read_budget(config: RunConfig, workers: dict[str, dict], routing: Routing) -
         if not routing.read or all(k in (w.get("resources") or {}) for k in routing.read)
     ] or list(workers.values())
     if not reading:
-        return ReadBudget(int(total * config.read_memory), 1, total)
+        return ReadBudget(int(total * config.read_memory), 1, total, int(total * HELD_SHARE))
     limits = [(int(w.get("memory_limit") or 0) or total, max(1, int(w.get("nthreads") or 1)))
               for w in reading]  # fmt: skip
     task = min(int(limit * config.read_memory) // threads for limit, threads in limits)
-    return ReadBudget(task, sum(t for _, t in limits), min(limit for limit, _ in limits))
+    smallest = min(limit for limit, _ in limits)
+    # tiles in flight spread over the reading workers; each holds the bands of its share
+    per_worker = max(1, -(-config.tiles_in_flight // len(reading)))
+    held = int(smallest * HELD_SHARE) // per_worker
+    return ReadBudget(task, sum(t for _, t in limits), smallest, held)
 
 
 def tile_graph(
@@ -117,11 +137,12 @@ def tile_graph(
     cfg = plan.config
     routing = routing or declared_routing(cfg) or Routing()
     task_bytes, threads = (reads.task_bytes, reads.threads) if reads else (DEFAULT_READ_BYTES, 1)
+    held = reads.held_bytes if reads else None
     with annotate(routing.read):
         mask = open_mask(tile.mask, tile.grid, tile.layout) if tile.mask else None
         cube = tile_cube(
             tile.scenes, tile.grid, tile.layout, cfg.qai_flags, mask=mask,
-            read_bytes=task_bytes, min_read_tasks=threads,
+            read_bytes=task_bytes, min_read_tasks=threads, held_bytes=held,
         )  # fmt: skip
     days = days_since_epoch([s.date for s in tile.scenes])
     packed = predict_layer(
