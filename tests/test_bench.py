@@ -117,3 +117,36 @@ def test_gpu_check_on_cpu_reports_every_key_of_the_schema(tmp_path, capsys):
     assert set(report["goals"]) == set(SCHEMA["goals"]) and not any(report["goals"].values())
     committed = Path(__file__).resolve().parents[1] / "docs" / "gpu_check_cpu.json"
     assert schema_problems(json.loads(committed.read_text())) == []
+
+
+def test_bench_real_small(tmp_path, capsys):
+    """``bench --real`` at a tiny size: both layouts, both cases; the decoded bytes are counted
+    and every block is decoded once (amplification 1.0), the 600-scene case reads in batches."""
+    from treesits_dask.bench.real import main as real_main
+
+    out = tmp_path / "real.json"
+    rc = real_main(
+        ["--size", "128", "--scenes", "6", "--regime-size", "128", "--regime-scenes", "40",
+         "--memory-limit", "2GiB", "--regime-memory-limit", "2GiB", "--families", "sits-lstm",
+         "--floor-scenes", "2", "--repeat", "1", "--workdir", str(tmp_path / "w"),
+         "--json", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == report
+    assert set(report["cases"]) == {"real-strips", "real-cog", "600-strips", "600-cog"}
+    for key, case in report["cases"].items():
+        read = case["read"]
+        assert read["decode_amplification"] == 1.0, key
+        assert read["decoded_mib"] == read["uncompressed_mib"], key
+        for fig in ("decode_floor_mb_s_per_core", "decode_floor_parallel_mb_s_per_core",
+                    "read_mb_s_per_core", "read_over_floor", "read_over_parallel_floor",
+                    "worker_peak_rss_mib"):  # fmt: skip
+            assert read[fig] > 0, (key, fig)
+        assert read["peak_rss_within_limit"], key
+        lstm = case["end_to_end"]["sits-lstm"]
+        assert lstm["pixels_predicted"] > 0 and lstm["px_per_s"] > 0, key
+        assert "sbert" not in case["end_to_end"]
+    # the window budget shrinks with the tile's area (the decision of a 3000 px tile)
+    assert report["cases"]["600-strips"]["window_budget_mib"] == round(2048 * (128 / 3000) ** 2, 1)
+    assert not (tmp_path / "w" / "cube-real-strips").exists()  # cubes deleted unless --keep

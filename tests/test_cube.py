@@ -1,12 +1,13 @@
 import datetime as dt
 
+import dask
 import numpy as np
 import pytest
 
 from tests.helpers import lazy_tile, write_prj, write_scene
 from treesits_dask.config import DEFAULT_QAI_FLAGS, QAI_FLAGS
 from treesits_dask.errors import ConfigError, InputDataError
-from treesits_dask.io import cube, discovery
+from treesits_dask.io import cube, datasets, discovery
 from treesits_dask.io.grid import choose_window_shape
 from treesits_dask.io.qai import qai_invalid
 
@@ -82,6 +83,13 @@ def hand_tile(tmp_path):
     return root, data, qai
 
 
+def _screened(data, qai):
+    out = data.copy()
+    out[0, :, 0:5, 0:5] = -9999
+    out[1, :, 10, 10] = -9999
+    return out
+
+
 def _grid(root):
     definition = discovery.read_cube_definition(str(root))
     scenes = discovery.scene_table(str(root), "X0010_Y0010")
@@ -99,8 +107,12 @@ def test_window_read_and_screening(hand_tile):
     assert str(arr.rio.crs) == "EPSG:3035" and list(arr.band.values)[7] == "NIR"
     assert arr.time.dtype.kind == "M"
     before = cube.OPEN_COUNTER.count
-    got = arr.values
-    assert cube.OPEN_COUNTER.count - before == 4 * 3 * 2  # windows x scenes x (BOA + QAI)
+    decoded = datasets.DECODED.snapshot()[1]
+    with dask.config.set(scheduler="synchronous"):  # one thread: its datasets stay open
+        got = arr.values
+    # each BOA and QAI file opened once (not once per window) and each of its blocks decoded once
+    assert cube.OPEN_COUNTER.count - before == 3 * 2
+    assert datasets.DECODED.snapshot()[1] - decoded == 3 * 11 * 30 * 40 * 2
     expected = data.copy()
     expected[0, :, 0:5, 0:5] = -9999
     expected[1, :, 10, 10] = -9999
@@ -112,16 +124,23 @@ def test_window_read_and_screening(hand_tile):
 def test_empty_mask_window_opens_nothing(hand_tile):
     import dask.array as da
 
-    root, data, _ = hand_tile
+    root, data, qai = hand_tile
     _, scenes, grid = _grid(root)
     mask = np.zeros((30, 40), bool)
     mask[0, 0] = True  # only the first window has a mask pixel
     dmask = da.from_array(mask, chunks=(15, 20))
     arr = lazy_tile(scenes, grid, (15, 20), DEFAULT_QAI_FLAGS, mask=dmask)
     before = cube.OPEN_COUNTER.count
-    vals = arr.values
+    decoded = datasets.DECODED.snapshot()[1]
+    with dask.config.set(scheduler="synchronous"):
+        vals = arr.values
     assert cube.OPEN_COUNTER.count - before == 1 * 3 * 2
-    assert (vals[:, :, 15:, :] == -9999).all() and (vals[:, :, :, 20:] == -9999).all()
+    # only the 16 x 16 block holding the mask pixel is decoded; the cube is nodata outside it and
+    # outside the window that has a mask pixel (rows 0:15, cols 0:20)
+    assert datasets.DECODED.snapshot()[1] - decoded == 3 * 11 * 16 * 16 * 2
+    np.testing.assert_array_equal(vals[:, :, :15, :16], _screened(data, qai)[:, :, :15, :16])
+    vals[:, :, :15, :16] = -9999
+    assert (vals == -9999).all()
 
 
 def test_window_shape_rules(hand_tile):
@@ -197,3 +216,122 @@ def test_first_scene_checked_against_prj(hand_tile):
     scenes = discovery.scene_table(str(root), "X0010_Y0010")
     with pytest.raises(InputDataError, match="is not the origin of tile X0010_Y0010"):
         cube.tile_grid(definition, scenes[0])
+
+
+def _striped_tile(tmp_path, rows_per_strip=7, h=37, w=50, n=5, blocks=None):
+    """A tile of ``n`` scenes, striped (``rows_per_strip``) or tiled (``blocks``), with QAI."""
+    import rasterio
+
+    root = tmp_path / "cube"
+    write_prj(root, w)
+    rng = np.random.default_rng(5)
+    data = rng.integers(-100, 5000, (n, 10, h, w)).astype(np.int16)
+    qai = np.where(rng.random((n, h, w)) < 0.2, 2 << 1, 0).astype(np.int16)
+    for t in range(n):
+        path = write_scene(
+            root, "X0010_Y0010", dt.date(2022, 5, 1 + t), data[t], qai[t], blocks=blocks
+        )
+        if blocks is None:  # rewrite striped with the wanted strip height
+            for p, arr in ((path, data[t]), (str(path).replace("_BOA", "_QAI"), qai[t][None])):
+                with rasterio.open(p) as src:
+                    prof = src.profile
+                prof.update(tiled=False, blockysize=rows_per_strip, interleave="band")
+                prof.pop("blockxsize", None)
+                with rasterio.open(p, "w", **prof) as dst:
+                    dst.write(arr)
+    expected = data.copy()
+    for t in range(n):
+        expected[t][:, qai_invalid(qai[t], DEFAULT_QAI_FLAGS)] = -9999
+    return root, expected
+
+
+@pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["strips", "tiles"])
+@pytest.mark.parametrize("shape", [(37, 50), (10, 50), (7, 50), (14, 25), (10, 10), (5, 7)])
+@pytest.mark.parametrize("read_bytes", [1 << 30, 1], ids=["one-batch", "batch-per-scene"])
+def test_band_reads_equal_whole_file_reads(tmp_path, blocks, shape, read_bytes):
+    """Whatever the windows, the file blocks and the scene batches: the cube is what the files
+    hold (screened), each block of each file is decoded once, and with a mask only the blocks
+    holding a mask pixel are decoded, windows without one being nodata."""
+    import dask.array as da
+
+    from treesits_dask.io.bands import block_runs, decoded_bytes
+    from treesits_dask.io.grid import WindowLayout
+
+    root, expected = _striped_tile(tmp_path, blocks=blocks)
+    _, scenes, grid = _grid(root)
+    layout = WindowLayout.of(grid, shape)
+    arr = cube.tile_cube(scenes, grid, layout, DEFAULT_QAI_FLAGS, read_bytes=read_bytes)
+    before = datasets.DECODED.snapshot()[1]
+    with dask.config.set(scheduler="threads", num_workers=3):
+        got = arr.values
+    np.testing.assert_array_equal(got, expected)
+    files = 5 * 11 * 37 * 50 * 2
+    assert datasets.DECODED.snapshot()[1] - before == files  # every block once
+
+    rng = np.random.default_rng(1)
+    mask = np.zeros((37, 50), bool)
+    mask[rng.integers(0, 37, 4), rng.integers(0, 50, 4)] = True
+    dmask = da.from_array(mask, chunks=layout.chunks)
+    arr = cube.tile_cube(scenes, grid, layout, DEFAULT_QAI_FLAGS, mask=dmask, read_bytes=read_bytes)
+    before = datasets.DECODED.snapshot()[1]
+    with dask.config.set(scheduler="threads", num_workers=3):
+        got = arr.values
+    np.testing.assert_array_equal(got[:, :, mask], expected[:, :, mask])
+    rects = block_runs(mask, (0, 37), (0, 50), grid.block_shape)
+    area = sum(
+        decoded_bytes((r0, r1), (c0, c1), grid.block_shape, (37, 50), 1, 1)[1]
+        for r0, r1, c0, c1 in rects
+    )
+    assert datasets.DECODED.snapshot()[1] - before == 5 * 11 * 2 * area
+    for _, _, w in layout:
+        if not mask[w.rows, w.cols].any():
+            assert (got[:, :, w.rows, w.cols] == -9999).all()
+
+
+@pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["strips", "tiles"])
+def test_bands_that_do_not_fit_are_read_window_by_window(tmp_path, blocks, caplog):
+    """The memory guard: where the bands of all scenes do not fit what a reading worker may
+    hold, the tile is read window by window (memory: one window of all scenes), with the same
+    values, decoding blocks once per window that crosses them, and a warning that says so."""
+    from treesits_dask.io.bands import BANDS_HELD, plan_reads
+    from treesits_dask.io.grid import WindowLayout
+
+    root, expected = _striped_tile(tmp_path, blocks=blocks)
+    _, scenes, grid = _grid(root)
+    layout = WindowLayout.of(grid, (10, 10))
+    band = plan_reads(grid, layout, 5, 1 << 30)
+    per_band = max(b.height for b in band.bands) * 50 * grid.count * 2 * 5
+    assert not plan_reads(grid, layout, 5, 1 << 30, held_bytes=BANDS_HELD * per_band).by_window
+    small = plan_reads(grid, layout, 5, 1 << 30, held_bytes=BANDS_HELD * per_band - 1)
+    assert small.by_window and small.bands == ()
+
+    arr = cube.tile_cube(scenes, grid, layout, DEFAULT_QAI_FLAGS, held_bytes=1)
+    assert "reading window by window" in caplog.text and "X0010_Y0010" in caplog.text
+    before = datasets.DECODED.snapshot()[1]
+    with dask.config.set(scheduler="threads", num_workers=3):
+        got = arr.values
+    np.testing.assert_array_equal(got, expected)
+    files = 5 * 11 * 37 * 50 * 2
+    assert datasets.DECODED.snapshot()[1] - before > files  # blocks decoded more than once
+    graph = dict(arr.data.__dask_graph__())
+    assert not any("read-band" in str(k[0]) for k in graph if isinstance(k, tuple))
+
+
+def test_read_budget_of_the_reading_workers(tmp_path):
+    """Read tasks share a reading worker's ``read_memory``; the bands held share 75 % of its
+    limit among the tiles in flight that land on it; GPU-only workers do not count."""
+    from treesits_dask.config import RunConfig
+    from treesits_dask.pipeline.cluster import Routing
+    from treesits_dask.pipeline.reading import HELD_SHARE, read_budget
+
+    gib = 2**30
+    workers = {
+        "a": {"memory_limit": 48 * gib, "nthreads": 6, "resources": {"CPU": 1}},
+        "b": {"memory_limit": 32 * gib, "nthreads": 4, "resources": {"CPU": 1}},
+        "g": {"memory_limit": 8 * gib, "nthreads": 1, "resources": {"GPU": 1}},
+    }
+    cfg = RunConfig(cube="/x", model="m.pt", output=str(tmp_path / "out"), tiles_in_flight=4)
+    got = read_budget(cfg, workers, Routing(read={"CPU": 1}, predict={"GPU": 1}))
+    assert got.memory_limit == 32 * gib and got.threads == 10
+    assert got.task_bytes == min(int(48 * gib * 0.25) // 6, int(32 * gib * 0.25) // 4)
+    assert got.held_bytes == int(32 * gib * HELD_SHARE) // 2  # 4 tiles over 2 reading workers

@@ -219,6 +219,25 @@ def test_deterministic(tmp_path):
     assert not np.array_equal(a.truth("X0001_Y0002"), c.truth("X0001_Y0002"))
 
 
+@pytest.mark.parametrize("layout", ["strips", "cog"])
+def test_parallel_processes_write_the_same_bytes(tmp_path, layout):
+    """Big tiles are written by several processes (each scene from its own generator): the files
+    are those a serial run writes, clear-cuts included."""
+    from treesits_dask.synthetic import ClearCut
+
+    cut = ClearCut("X0001_Y0002", dt.date(2022, 6, 1), 5, 5, 30, 30)
+    kw = {"tiles": ("X0001_Y0002",), "size": 48, "n_scenes": 5, "seed": 9, "layout": layout}
+    kw["clear_cuts"] = (cut,)
+    make_cube(tmp_path / "serial" / "cube", processes=1, **kw)
+    make_cube(tmp_path / "parallel" / "cube", processes=2, **kw)
+    files = sorted(p.relative_to(tmp_path / "serial") for p in (tmp_path / "serial").rglob("*.tif"))
+    assert len(files) == 2 * 5 + 6 + 2 + 3  # scenes, other products, Landsat, truths + mask
+    for rel in files:
+        assert (tmp_path / "serial" / rel).read_bytes() == (
+            tmp_path / "parallel" / rel
+        ).read_bytes(), rel
+
+
 def test_warns_about_stale_scenes(tmp_path, caplog):
     make_cube(tmp_path / "cube", size=32, n_scenes=3, seed=1)
     with caplog.at_level("WARNING", logger="treesits_dask.synthetic"):

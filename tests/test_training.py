@@ -7,6 +7,7 @@ import json
 import struct
 from pathlib import Path
 
+import dask
 import numpy as np
 import pytest
 import rasterio
@@ -19,6 +20,7 @@ from treesits_dask.config import DEFAULT_QAI_FLAGS, SampleSettings, TrainConfig,
 from treesits_dask.errors import ConfigError, InputDataError, ModelError
 from treesits_dask.io import discovery
 from treesits_dask.io.cube import OPEN_COUNTER, tile_grid
+from treesits_dask.io.datasets import DECODED, forget_datasets
 from treesits_dask.io.discovery import S2_BANDS
 from treesits_dask.io.qai import qai_invalid
 from treesits_dask.models import ModelSpec, load_model
@@ -235,10 +237,14 @@ def test_each_window_is_read_once(small_cube, refs):
     )
     settings = SampleSettings(samples=path, cube=small_cube.root, window="20x60")
     n_scenes = len(discovery.scene_table(small_cube.root, tile))
-    before = OPEN_COUNTER.count
-    samples = load_samples(settings)
-    # one header read for the tile grid, then each window: every BOA and QAI file once
-    assert OPEN_COUNTER.count - before == 1 + 2 * n_scenes * 2
+    forget_datasets()
+    before, decoded = OPEN_COUNTER.count, DECODED.snapshot()[1]
+    with dask.config.set(scheduler="synchronous"):  # one reading thread: its files stay open
+        samples = load_samples(settings)
+    # one header read for the tile grid, then every BOA and QAI file once (kept open by the
+    # thread for the next band), and no block decoded twice
+    assert OPEN_COUNTER.count - before == 1 + n_scenes * 2
+    assert DECODED.snapshot()[1] - decoded <= n_scenes * 11 * 60 * 60 * 2
     raw, valid = _raw_series(small_cube.root, tile, ref["rows"][sel], ref["cols"][sel])
     keep = valid.any(axis=1)
     np.testing.assert_array_equal(samples.valid, valid[keep])

@@ -9,13 +9,19 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io.grid import Window
+
 __all__ = [
     "PeakRSS",
     "bench_cluster",
     "bench_models",
+    "cold_reads",
+    "decode_run",
     "decode_seconds",
+    "decoded",
     "end_to_end",
     "fmt_seconds",
+    "forest_block_bytes",
     "forward_inputs",
     "forward_seconds",
     "mib",
@@ -62,6 +68,7 @@ class PeakRSS:
     def __init__(self, client) -> None:
         self.client = client
         self.peak: int | None = None
+        self.workers: dict[str, int | None] = {}
 
     def __enter__(self):
         import psutil
@@ -74,16 +81,21 @@ class PeakRSS:
         if exc[0] is not None:
             return
         workers = self.client.run(vm_hwm)
+        self.workers = dict(workers)
         driver = vm_hwm() if self._reset else None
         if driver is not None and all(v is not None for v in workers.values()):
             self.peak = driver + sum(workers.values())
 
 
-def bench_cluster(workers: int, threads: int):
+def bench_cluster(workers: int, threads: int, memory_limit: str | int = "auto"):
     from distributed import Client, LocalCluster
 
     cluster = LocalCluster(
-        n_workers=workers, threads_per_worker=threads, processes=True, dashboard_address=":0"
+        n_workers=workers,
+        threads_per_worker=threads,
+        processes=True,
+        dashboard_address=":0",
+        memory_limit=memory_limit,
     )
     return cluster, Client(cluster)
 
@@ -143,14 +155,40 @@ def fmt_seconds(seconds: list[float]) -> str:
     return " / ".join(f"{x:.1f}" for x in seconds)
 
 
-def decode_seconds(plan, client) -> float:
+def cold_reads() -> None:
+    """Close the datasets this process keeps open and drop GDAL's caches, so that the next read
+    decodes from the files (as a run's first read of a tile does)."""
+    from ..io.datasets import forget_datasets
+    from ..io.remote import clear_gdal_cache
+
+    forget_datasets()
+    clear_gdal_cache()
+
+
+def decoded() -> tuple[int, int]:
+    """(band-blocks, bytes) the scene reads of this process decoded (see ``io.datasets``)."""
+    from ..io.datasets import DECODED
+
+    return DECODED.snapshot()
+
+
+def decode_run(plan, client) -> dict:
+    """Read every window of the plan's tiles on the cluster (as ``run`` does, no model): seconds
+    and what the workers decoded (the datasets they kept open are closed first)."""
     from ..io.cube import tile_cube
     from ..io.masks import open_mask
+    from ..pipeline.cluster import Routing
+    from ..pipeline.reading import read_budget
 
+    reads = read_budget(plan.config, client.scheduler_info(n_workers=-1)["workers"], Routing())
     arrays = []
     for tile in plan.tiles:
         mask = open_mask(tile.mask, tile.grid, tile.layout) if tile.mask else None
-        cube = tile_cube(tile.scenes, tile.grid, tile.layout, plan.config.qai_flags, mask=mask)
+        cube = tile_cube(
+            tile.scenes, tile.grid, tile.layout, plan.config.qai_flags, mask=mask,
+            read_bytes=reads.task_bytes, min_read_tasks=reads.threads,
+            held_bytes=reads.held_bytes,
+        )  # fmt: skip
         arrays.append(
             cube.data.map_blocks(
                 lambda b: np.array(int(b[:1, :1].sum()), ndmin=4),
@@ -158,9 +196,34 @@ def decode_seconds(plan, client) -> float:
                 dtype=np.int64,
             )
         )
+    client.run(cold_reads)
+    before = client.run(decoded)
     t0 = time.perf_counter()
     client.compute([a.sum() for a in arrays], sync=True) if arrays else None
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    after = client.run(decoded)
+    return {
+        "seconds": seconds,
+        "decoded_bytes": sum(after[w][1] - before.get(w, (0, 0))[1] for w in after),
+        "decoded_blocks": sum(after[w][0] - before.get(w, (0, 0))[0] for w in after),
+        "read_tasks": sum(_read_tasks(tile, reads) for tile in plan.tiles),
+    }
+
+
+def _read_tasks(tile, reads) -> int:
+    from ..io.bands import plan_reads
+
+    rp = plan_reads(
+        tile.grid, tile.layout, len(tile.scenes), reads.task_bytes, None, reads.threads,
+        reads.held_bytes,
+    )  # fmt: skip
+    direct = rp.by_window or all(rp.direct(b) for b in rp.bands)
+    return len(tile.layout) if direct else rp.tasks
+
+
+def decode_seconds(plan, client) -> float:
+    """Seconds of :func:`decode_run`."""
+    return decode_run(plan, client)["seconds"]
 
 
 def forward_inputs(plan) -> list[tuple]:
@@ -220,19 +283,20 @@ def open_count() -> int:
     return OPEN_COUNTER.count
 
 
-def end_to_end(config, workers: int, threads: int) -> dict:
+def end_to_end(config, workers: int, threads: int, memory_limit: str | int = "auto") -> dict:
     """``run`` on a fresh cluster (so RSS and file-open counts belong to this run alone)."""
     from ..pipeline.plan import make_plan
     from ..pipeline.run import run
 
     plan = make_plan(config)
-    cluster, client = bench_cluster(workers, threads)
+    cluster, client = bench_cluster(workers, threads, memory_limit)
     try:
         with PeakRSS(client) as rss:
             t0 = time.perf_counter()
             result = run(config, client=client, plan=plan)
             seconds = time.perf_counter() - t0
         opens = sum(client.run(open_count).values())
+        decoded_bytes = sum(b for _, b in client.run(decoded).values())
     finally:
         client.close()
         cluster.close()
@@ -240,8 +304,10 @@ def end_to_end(config, workers: int, threads: int) -> dict:
         "seconds": seconds,
         "pixels": result.pixels_predicted,
         "peak_rss_mib": None if rss.peak is None else rss.peak / 2**20,
+        "worker_peak_rss_mib": [None if v is None else v / 2**20 for v in rss.workers.values()],
         "baseline_rss_mib": rss.baseline / 2**20,
         "file_opens": opens,
+        "decoded_bytes": decoded_bytes,
         "plan": plan,
     }
 
@@ -274,3 +340,27 @@ def windows_with_forest(plan) -> tuple[int, int]:
             total += 1
             with_forest += bool(tile.mask.read(w).any()) if tile.mask else 1
     return with_forest, total
+
+
+def forest_block_bytes(plan) -> int:
+    """Uncompressed bytes of the file blocks (BOA and QAI of every scene) that hold a pixel of
+    the tiles' masks: what a masked read must decode, and no more."""
+    from ..io.bands import block_runs
+
+    total = 0
+    for tile in plan.tiles:
+        grid = tile.grid
+        need = tile.mask.read(Window(0, 0, grid.height, grid.width))
+        rects = block_runs(need, (0, grid.height), (0, grid.width), grid.block_shape)
+        area = sum(_whole_blocks(r, grid) for r in rects)
+        files = grid.count + (1 if plan.config.qai_flags else 0)
+        total += area * files * 2 * len(tile.scenes)
+    return total
+
+
+def _whole_blocks(rect, grid) -> int:
+    """Pixels of the whole blocks (clipped at the tile's edge) that ``rect`` touches."""
+    from ..io.bands import decoded_bytes
+
+    r0, r1, c0, c1 = rect
+    return decoded_bytes((r0, r1), (c0, c1), grid.block_shape, (grid.height, grid.width), 1, 1)[1]

@@ -6,7 +6,14 @@ all scenes, with :class:`treesits_dask.io.cube.WindowReader` (the pipeline's rea
 file and window, QAI screening as configured), once per method:
 
 * ``gdal-vsis3``: the package as it is: ``rasterio.open("/vsis3/bucket/key")`` with
-  ``storage.GDAL_DEFAULTS`` and ``storage.s3_environment(endpoint, region, "path")`` applied;
+  ``storage.GDAL_DEFAULTS`` and ``storage.s3_environment(endpoint, region, "path")`` applied,
+  the tile read as :func:`~treesits_dask.io.cube.tile_cube` reads it (bands of whole file blocks,
+  each block requested once, datasets kept open);
+* ``gdal-vsis3-windows``: the same GDAL reader, but every window read on its own (all scenes, the
+  blocks of the window only: a strip crossed by several windows is requested by each), datasets
+  kept open;
+* ``gdal-vsis3-windows-reopen``: window by window, every file opened again for every window (how
+  the package read before datasets were kept open and tiles read in bands);
 * ``fsspec-fileobj``: ``rasterio.open(s3fs_file_object)``, s3fs's default cache (``readahead``,
   50 MiB blocks).  NB: rasterio 1.4 reads such an object whole into a ``MemoryFile``;
 * ``fsspec-opener``: ``rasterio.open(url, opener=fs)`` (``fs`` from ``storage.get_fs``): GDAL
@@ -16,16 +23,16 @@ file and window, QAI screening as configured), once per method:
   blocks: only about the byte ranges a window needs; the best of ``none``, ``bytes``,
   ``readahead`` and ``blockcache`` with 64-256 KiB blocks in a trial).
 
-The fsspec variants replace ``cube.open_raster`` (the one function that opens a scene), so
-everything else is the same cube code.  Each run is a fresh Python process (no GDAL / s3fs cache
-from an earlier run); methods are interleaved over ``--repeats`` rounds and the median reported.
-Every request goes through :class:`treesits_dask.bench.proxy.FaultProxy` (no faults, TCP_NODELAY),
-which
-counts requests and body bytes and adds ``--latency`` seconds per request (a WAN round trip) and,
-with ``--bandwidth``, the time the body takes on a link of that many MB/s shared by all
-connections.  The moto server keeps each object's bytes in memory between GETs (moto itself re-reads
-the whole object for every ranged GET, which real S3 does not).  The window arrays of every run are
-compared (SHA-256) with a local-disk read of the same files.
+The fsspec variants (window by window, datasets kept open) replace ``datasets.open_raster`` (the
+one function that opens a scene), so everything else is the same cube code.  Each run is a fresh
+Python process (no GDAL / s3fs cache from an earlier run); methods are interleaved over
+``--repeats`` rounds and the median reported.  Every request goes through
+:class:`treesits_dask.bench.proxy.FaultProxy` (no faults, TCP_NODELAY), which counts requests and
+body bytes and adds ``--latency`` seconds per request (a WAN round trip) and, with
+``--bandwidth``, the time the body takes on a link of that many MB/s shared by all connections.
+The moto server keeps each object's bytes in memory between GETs (moto itself re-reads the whole
+object for every ranged GET, which real S3 does not).  The window arrays of every run are compared
+(SHA-256) with a local-disk read of the same files.
 
 Prints JSON (with a one-paragraph ``conclusion``) on stdout, progress and the conclusion on stderr.
 
@@ -53,7 +60,16 @@ import threading
 import time
 from pathlib import Path
 
-METHODS = ("gdal-vsis3", "fsspec-fileobj", "fsspec-opener", "fsspec-opener-tuned")
+METHODS = (
+    "gdal-vsis3",
+    "gdal-vsis3-windows",
+    "gdal-vsis3-windows-reopen",
+    "fsspec-fileobj",
+    "fsspec-opener",
+    "fsspec-opener-tuned",
+)
+#: methods that read the tile window by window (the others read it as the pipeline does)
+_BY_WINDOW = ("gdal-vsis3-windows", "gdal-vsis3-windows-reopen")
 TILE = "X0069_Y0043"
 REGION = "RegionOne"
 FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret-value"}
@@ -78,7 +94,8 @@ def _child(spec: dict) -> dict:
     import numpy as np
     import rasterio
 
-    from treesits_dask.io import cube, storage
+    from treesits_dask.io import cube, datasets, storage
+    from treesits_dask.io.discovery import Scene
     from treesits_dask.io.grid import TileGrid, WindowLayout
 
     storage.apply_environment(dict(storage.GDAL_DEFAULTS))
@@ -92,7 +109,7 @@ def _child(spec: dict) -> dict:
         if method == "fsspec-fileobj":
 
             def open_raw(url: str):
-                cube.OPEN_COUNTER.add()
+                datasets.OPEN_COUNTER.add()
                 with fs.open(storage.strip_protocol(url), "rb") as fh:  # default cache
                     return rasterio.open(fh)  # rasterio 1.4: fh.read() into a MemoryFile
 
@@ -112,10 +129,10 @@ def _child(spec: dict) -> dict:
                 )
 
             def open_raw(url: str):
-                cube.OPEN_COUNTER.add()
+                datasets.OPEN_COUNTER.add()
                 return rasterio.open(url, opener=opener)
 
-        cube.open_raster = open_raw  # the one function that opens scenes; the rest is unchanged
+        datasets.open_raster = open_raw  # the one function that opens scenes; the rest as is
 
     g = spec["grid"]
     grid = TileGrid(
@@ -133,21 +150,32 @@ def _child(spec: dict) -> dict:
         qai=tuple(spec["qai"]),
         qai_flags=tuple(spec["qai_flags"]),
     )
-    windows = [w for _, _, w in WindowLayout.of(grid, tuple(spec["window"]))]
+    layout = WindowLayout.of(grid, tuple(spec["window"]))
+    windows = [w for _, _, w in layout]
     # warm-up outside the measurement: imports, GDAL/curl and s3fs/aiobotocore session set-up, on
     # another object; then wait until the driver has reset the proxy's counters
     from rasterio.windows import Window as RioWindow
 
-    with cube.open_raster(spec["warmup"]) as src:
+    with datasets.open_raster(spec["warmup"]) as src:
         src.read(1, window=RioWindow(0, 0, 1, 1))
-    cube.OPEN_COUNTER.count = 0
+    datasets.OPEN_COUNTER.count = 0
     print("ready", flush=True)
     sys.stdin.readline()
     digest = hashlib.sha256()
     valid = 0
     t0 = time.perf_counter()
-    for w in windows:
-        arr = reader.read(w)
+    if method.startswith("gdal") and method not in _BY_WINDOW:
+        import dask
+
+        day = __import__("datetime").date(2000, 1, 1)
+        pairs = zip(reader.boa, reader.qai, strict=True)
+        scenes = [Scene(grid.tile, day, "SEN2A", b, q) for b, q in pairs]
+        data = cube.tile_cube(scenes, grid, layout, reader.qai_flags).data
+        blocks = [data.blocks[0, 0, i, j] for i, j, _ in layout]
+        arrays = dask.compute(*blocks, scheduler="synchronous")
+    else:
+        arrays = (_read_window(reader, w, method) for w in windows)
+    for arr in arrays:
         digest.update(np.ascontiguousarray(arr).tobytes())
         valid += int(np.count_nonzero(arr[:, 0] != cube.NODATA))
     seconds = time.perf_counter() - t0
@@ -156,8 +184,17 @@ def _child(spec: dict) -> dict:
         "sha256": digest.hexdigest(),
         "windows": len(windows),
         "valid_observations": valid,
-        "opens": cube.OPEN_COUNTER.count,
+        "opens": datasets.OPEN_COUNTER.count,
     }
+
+
+def _read_window(reader, window, method: str):
+    """One window of all scenes; ``...-reopen``: every file opened again for it."""
+    from treesits_dask.io import datasets
+
+    if method.endswith("-reopen"):
+        datasets.forget_datasets()
+    return reader.read(window)
 
 
 # -------------------------------------------------------------------------------------- driver
@@ -301,11 +338,12 @@ def _median(values):
 def _conclusion(result: dict) -> str:
     m = result["methods"]
     gdal = m.get("gdal-vsis3")
+    bands = _bands_verdict(m)
     others = {
         k: v for k, v in m.items() if k.startswith("fsspec") and v.get("seconds_median") is not None
     }
     if not gdal or not others:
-        return "Not enough methods ran to compare."
+        return bands or "Not enough methods ran to compare."
     best_name, best = min(others.items(), key=lambda kv: kv[1]["seconds_median"])
     ratio = best["seconds_median"] / gdal["seconds_median"]
     same = result["identical_to_local_disk"]
@@ -363,13 +401,31 @@ def _conclusion(result: dict) -> str:
         f"{w['size']} px tile x {w['scenes']} scenes (BOA + QAI, {w['layout']['compression']} "
         f"{'tiles' if w['layout']['tiled'] else 'strips'}, {w['object_mib']:.1f} MiB on S3) {route}"
         f"{link}, median of {w['repeats']}: "
-        f"{figures}. {verdict}. Arrays are "
+        f"{figures}. {verdict}. {bands} Arrays are "
         + (
             "identical across methods and equal to local-disk reads."
             if same
             else "NOT identical (see runs)."
         )
     )
+
+
+def _bands_verdict(m: dict) -> str:
+    """How reading in bands compares with reading window by window (GDAL both)."""
+    gdal = m.get("gdal-vsis3")
+    parts = []
+    for name in _BY_WINDOW:
+        v = m.get(name)
+        if not gdal or not v or "requests_median" not in v or "requests_median" not in gdal:
+            continue
+        time_x = v["seconds_median"] / gdal["seconds_median"]
+        requests_x = v["requests_median"] / max(gdal["requests_median"], 1)
+        bytes_x = v["mib_down_median"] / max(gdal["mib_down_median"], 1e-9)
+        parts.append(
+            f"{name} takes {time_x:.1f}x the time of gdal-vsis3 (bands) with {requests_x:.1f}x "
+            f"its requests and {bytes_x:.1f}x its bytes"
+        )
+    return "; ".join(parts) + ("." if parts else "")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -34,6 +34,7 @@ from .measure import (
     decode_seconds,
     end_to_end,
     fmt_seconds,
+    forest_block_bytes,
     forward_inputs,
     forward_seconds,
     mib,
@@ -44,26 +45,34 @@ from .measure import (
 __all__ = ["main"]
 
 
-def _masked(args, workdir: Path, models: dict, workers: int, log) -> dict:
-    """Same tile, with and without a forest mask of ``args.masked_forest`` share (in blobs).
+def _masked(args, workdir: Path, models: dict, workers: int, log, layout: str = "strips") -> dict:
+    """Same tile (``layout``), with and without a forest mask of ``args.masked_forest`` share (in
+    blobs).
 
-    Times: both runs with the default (strip-aligned) windows of ``run``.  File opens: a third run
-    with small windows (``args.masked_window``), so that some windows hold no forest at all.
+    Times: both runs with the default windows of ``run``.  File opens: a third run with small
+    windows (``args.masked_window``), so that some windows hold no forest at all.  Decoded bytes:
+    what the masked runs decoded against the bytes of the file blocks that hold a forest pixel
+    (1.0: no other block was decoded, and windows or bands without forest opened nothing).
     """
     from ..config import load_config
     from ..synthetic import make_cube
 
     cube = make_cube(
-        workdir / "cube-masked",
+        workdir / f"cube-masked-{layout}",
         size=args.size,
         n_scenes=args.scenes,
+        layout=layout,
         forest_fraction=args.masked_forest,
         forest_scale=args.forest_scale,
-        mask_dir=str(workdir / "masks-masked"),
-        truth_dir=str(workdir / "truth-masked"),
+        mask_dir=str(workdir / f"masks-masked-{layout}"),
+        truth_dir=str(workdir / f"truth-masked-{layout}"),
         seed=3,
     )
-    out = {"forest_fraction": args.masked_forest, "forest_scale_px": args.forest_scale}
+    out = {
+        "layout": layout,
+        "forest_fraction": args.masked_forest,
+        "forest_scale_px": args.forest_scale,
+    }
     modes = {"unmasked": None, "masked": None, "masked_small_windows": args.masked_window}
     # the two timed modes alternate over the repeats (drift hits both alike); small windows run once
     order = [m for _ in range(args.repeat) for m in ("unmasked", "masked")] + [
@@ -75,7 +84,7 @@ def _masked(args, workdir: Path, models: dict, workers: int, log) -> dict:
             overrides=dict(
                 cube=cube.root,
                 tiles="all",
-                output=str(workdir / f"out-masked-{mode}-{i}"),
+                output=str(workdir / f"out-masked-{layout}-{mode}-{i}"),
                 workers=workers,
                 threads_per_worker=args.threads_per_worker,
                 dashboard_address=":0",
@@ -91,15 +100,14 @@ def _masked(args, workdir: Path, models: dict, workers: int, log) -> dict:
         )
         last[mode] = (config, e2e)
         log(
-            f"[masked] {mode} (window {e2e['plan'].window_shape}): {e2e['seconds']:.1f} s, "
-            f"{e2e['file_opens']} file opens"
+            f"[masked {layout}] {mode} (window {e2e['plan'].window_shape}): "
+            f"{e2e['seconds']:.1f} s, {e2e['file_opens']} file opens"
         )
-    for mode, (config, e2e) in last.items():
+    for mode, (_config, e2e) in last.items():
         plan = e2e["plan"]
         with_forest, total = windows_with_forest(plan)
-        per_window = sum(len(t.scenes) * (1 + bool(config.qai_flags)) for t in plan.tiles) // len(
-            plan.tiles
-        )
+        forest_bytes = forest_block_bytes(plan) if mode != "unmasked" else None
+        forest_mib = None if forest_bytes is None else round(forest_bytes / 2**20, 1)
         out[mode].update(
             {
                 "window": list(plan.window_shape),
@@ -108,20 +116,19 @@ def _masked(args, workdir: Path, models: dict, workers: int, log) -> dict:
                 "windows": total,
                 "windows_with_forest": with_forest,
                 "file_opens": e2e["file_opens"],
-                "file_opens_if_forest_windows_only": with_forest * per_window,
-                "file_opens_if_all_windows": total * per_window,
+                "decoded_mib": round(e2e["decoded_bytes"] / 2**20, 1),
+                "forest_block_mib": forest_mib,
+                "decoded_over_forest_blocks": None
+                if not forest_bytes
+                else round(e2e["decoded_bytes"] / forest_bytes, 4),
             }
         )
-        log(f"[masked] {mode}: {with_forest}/{total} windows with forest")
+        log(f"[masked {layout}] {mode}: {with_forest}/{total} windows with forest")
     out["masked_over_unmasked"] = round(
         out["masked"]["end_to_end_s"] / out["unmasked"]["end_to_end_s"], 3
     )
     out["masked_over_unmasked_worst"] = round(  # slowest masked sample over fastest unmasked one
         max(out["masked"]["end_to_end_s_runs"]) / out["unmasked"]["end_to_end_s"], 3
-    )
-    small = out["masked_small_windows"]
-    out["windows_without_forest_opened_files"] = (
-        small["file_opens"] - small["file_opens_if_forest_windows_only"]
     )
     return out
 
@@ -145,6 +152,11 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=0.25,
         help="forest share for the masked-vs-unmasked comparison (0 skips it)",
+    )
+    p.add_argument(
+        "--masked-layouts",
+        default="strips,cog",
+        help="file layouts of the masked comparison (strips: FORCE < 3.8, cog: FORCE >= 3.8)",
     )
     p.add_argument(
         "--masked-window",
@@ -347,7 +359,11 @@ def main(argv=None) -> int:
                 f"{report['rerun']['second_run_s']:.2f} s"
             )
     if args.masked_forest and "sits-lstm" in models:
-        report["masked"] = _masked(args, workdir, models, workers, _log)
+        report["masked"] = {
+            layout: _masked(args, workdir, models, workers, _log, layout)
+            for layout in args.masked_layouts.split(",")
+            if layout
+        }
     if args.rss_sizes and "sits-lstm" in models:
         report["memory"] = _memory(args, workdir, models, workers)
     if "sbert" in families and not args.skip_sbert_pxps:

@@ -121,6 +121,14 @@ _RUN_FLAGS = [
         "--uncertainty",
         dict(help="uncertainty layers of multi-class models: comma list of entropy, margin, least"),
     ),
+    (
+        "--read-memory",
+        dict(
+            type=float,
+            help="share of a reading worker's memory limit that its read tasks may fill with "
+            "decoded scenes, shared out among its threads (default 0.25)",
+        ),
+    ),
     ("--dashboard-address", dict(help="LocalCluster dashboard address (default :8787)")),
     (
         "--cluster",

@@ -115,6 +115,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from ..bench.gpu_check import main as gpu_main
 
         return gpu_main([a for a in args.bench_args if a != "--gpu"])
+    if "--real" in args.bench_args:  # real-size reading (issue 14): its own flags
+        from ..bench.real import main as real_main
+
+        return real_main([a for a in args.bench_args if a != "--real"])
     from ..bench.throughput import main as bench_main
 
     return bench_main(args.bench_args)

@@ -34,6 +34,13 @@ class RunConfig(InputSettings):
     workers: int | None = Field(None, gt=0)
     threads_per_worker: int | None = Field(None, gt=0)
     memory_limit: str = "auto"
+    read_memory: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="share of a reading worker's memory limit that its read tasks may fill with "
+        "decoded scenes (shared out among its threads)",
+    )
     scheduler_address: str | None = None
     device: str = "auto"
     precision: Literal["fp32", "tf32", "bf16"] = Field(

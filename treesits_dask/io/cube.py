@@ -9,21 +9,23 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import threading
+import operator
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import InputDataError
 from . import storage
+from .bands import BANDS_HELD, ReadPlan, plan_reads
 from .crs import same_crs, short_crs
+from .datasets import OPEN_COUNTER, Counter, check_header, open_error, open_raster
 from .discovery import S2_BANDS, CubeDefinition, Scene
-from .grid import TileGrid, Window, WindowLayout
-from .qai import qai_invalid
+from .grid import TileGrid, WindowLayout
+from .reader import NODATA, READS_IN_PROGRESS, InProgress, WindowReader, assemble
 from .remote import read_retrying
 
 __all__ = [
+    "DEFAULT_READ_BYTES",
     "NODATA",
     "OPEN_COUNTER",
     "READS_IN_PROGRESS",
@@ -40,55 +42,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-NODATA = -9999
-
-
-class Counter:
-    """A thread-safe count in this process (GDAL dataset opens, reads or forwards in progress)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.count = 0
-
-    def add(self, n: int = 1) -> None:
-        with self._lock:
-            self.count += n
-
-
-#: GDAL dataset opens of scene files in this process (tests and benchmarks read it)
-OPEN_COUNTER = Counter()
-
-
-class InProgress(Counter):
-    """How many window reads (or, in ``pipeline.predict``, CPU forwards) are running in this process
-    right now; used as a context manager around each one.  CPU inference gives a core back to each
-    read (see ``Predictor.threads``): a read beside a forward that uses every core stalls the
-    forward's OpenMP barriers and made it ~2.4x slower here."""
-
-    def __enter__(self):
-        self.add(1)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.add(-1)
-
-
-READS_IN_PROGRESS = InProgress()
-
-
-def open_raster(url: str):
-    """``rasterio.open`` of a local path or ``s3://`` URL, counted in :data:`OPEN_COUNTER`."""
-    import rasterio
-
-    OPEN_COUNTER.add()
-    return rasterio.open(storage.gdal_path(url))
-
-
-def _open_error(url: str, exc: BaseException) -> InputDataError:
-    return InputDataError(
-        f"cannot open {url}: {exc}. The file is missing, unreadable or not a GeoTIFF; "
-        "restore it or remove it (with its QAI twin) from the tile folder"
-    )
+#: memory one read task may fill with decoded scenes when no worker budget is given
+DEFAULT_READ_BYTES = 1 << 30
 
 
 def _open(url: str):
@@ -97,16 +52,7 @@ def _open(url: str):
     try:
         return read_retrying(url, lambda: open_raster(url), what="opening")
     except Exception as exc:  # rasterio raises RasterioIOError and friends
-        raise _open_error(url, exc) from exc
-
-
-class _OpenFailed(Exception):
-    """A scene could not be opened at all (as opposed to failing in the middle of a read)."""
-
-
-def _missing(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return "does not exist" in text or "no such file" in text
+        raise open_error(url, exc) from exc
 
 
 def tile_grid(definition: CubeDefinition, scene: Scene) -> TileGrid:
@@ -145,35 +91,6 @@ def tile_grid(definition: CubeDefinition, scene: Scene) -> TileGrid:
     return grid
 
 
-def check_header(src, url: str, grid: TileGrid, bands: int | None = None) -> None:
-    """:class:`InputDataError` unless the open dataset ``src`` has ``bands`` (default: the grid's
-    band count) int16 bands on ``grid`` (size, transform, CRS by meaning)."""
-    bands = grid.count if bands is None else bands
-    tr = src.transform
-    if src.count != bands or src.dtypes[0] != "int16":
-        raise InputDataError(
-            f"{url} has {src.count} bands of {src.dtypes[0]}; expected {bands} int16 band(s) "
-            f"like the other scenes of tile {grid.tile}; remove or re-create the file"
-        )
-    if (src.width, src.height) != (grid.width, grid.height) or not np.allclose(
-        (tr.a, tr.b, tr.c, tr.d, tr.e, tr.f),
-        grid.transform,
-        rtol=0,
-        atol=1e-6 * abs(grid.transform[0]),
-    ):
-        raise InputDataError(
-            f"{url} is on another grid ({src.width}x{src.height} px, transform "
-            f"{tuple(tr)[:6]}) than tile {grid.tile} ({grid.width}x{grid.height} px, transform "
-            f"{grid.transform}); the file does not belong in this tile folder"
-        )
-    if src.crs is None or src.crs.to_wkt() != grid.crs_wkt:
-        if src.crs is None or not same_crs(grid.crs_wkt, src.crs):
-            raise InputDataError(
-                f"{url} has CRS {short_crs(src.crs)}, not the CRS of tile {grid.tile} "
-                f"({short_crs(grid.crs_wkt)}); the file does not belong in this tile folder"
-            )
-
-
 def _header_problem(url: str, grid: TileGrid, bands: int) -> str | None:
     """The problem of one scene file's header, or None (opened with retries when remote)."""
 
@@ -186,7 +103,7 @@ def _header_problem(url: str, grid: TileGrid, bands: int) -> str | None:
     except InputDataError as exc:
         return str(exc)
     except Exception as exc:  # noqa: BLE001 - not a GeoTIFF, gone, no access
-        return str(_open_error(url, exc))
+        return str(open_error(url, exc))
     return None
 
 
@@ -224,107 +141,31 @@ def scene_problems(
     return problems
 
 
-@dataclass(frozen=True)
-class WindowReader:
-    """Recipe to read one window of all scenes of a tile: pickles as a few strings, opens files in
-    the task."""
-
-    grid: TileGrid
-    boa: tuple[str, ...]
-    qai: tuple[str | None, ...]
-    qai_flags: tuple[str, ...] = ()
-
-    def _check(self, src, url: str) -> None:
-        check_header(src, url, self.grid)
-
-    def read(self, window: Window, mask: np.ndarray | None = None) -> np.ndarray:
-        """``(T, bands, h, w)`` int16; screened observations set to -9999.
-
-        When ``mask`` is given and has no pixel set, no file is opened and a read-only block of
-        nodata is returned (broadcast, no memory).
-        """
-        shape = (len(self.boa), self.grid.count, window.height, window.width)
-        if mask is not None and not np.any(mask):
-            return np.broadcast_to(np.int16(NODATA), shape)
-        with READS_IN_PROGRESS:
-            return self._read(window, shape)
-
-    def _read(self, window: Window, shape: tuple[int, ...]) -> np.ndarray:
-        from rasterio.windows import Window as RioWindow
-
-        rw = RioWindow(window.col_off, window.row_off, window.width, window.height)
-        out = np.empty(shape, dtype=np.int16)
-        rows = (
-            f"rows {window.row_off}:{window.row_off + window.height}, "
-            f"cols {window.col_off}:{window.col_off + window.width}"
-        )
-        for t, (boa, qai) in enumerate(zip(self.boa, self.qai, strict=True)):
-
-            def read_boa(boa=boa, t=t):
-                try:
-                    src = open_raster(boa)
-                except (
-                    Exception
-                ) as exc:  # not a GeoTIFF, gone, no access: retried if remote, then named
-                    raise _OpenFailed(str(exc)) from exc
-                with src:
-                    self._check(src, boa)
-                    src.read(window=rw, out=out[t])
-
-            try:
-                read_retrying(
-                    boa, read_boa, what=f"reading window {rows}", permanent=(InputDataError,)
-                )
-            except InputDataError:
-                raise
-            except Exception as exc:
-                if _missing(exc) or isinstance(exc, _OpenFailed):
-                    raise _open_error(boa, exc) from exc
-                raise InputDataError(
-                    f"cannot read {boa} (window {rows}): {exc}. The file is "
-                    "truncated or corrupt; re-create it or remove it (with its QAI twin)"
-                ) from exc
-            if self.qai_flags:
-                if qai is None:
-                    raise InputDataError(
-                        f"{boa} has no QAI file ({storage.basename(boa).replace('_BOA', '_QAI')}) "
-                        "but QAI screening is on; restore the QAI file or set --qai none"
-                    )
-
-                def read_qai(qai=qai):
-                    with open_raster(qai) as src:
-                        check_header(src, qai, self.grid, bands=1)
-                        return src.read(1, window=rw)
-
-                try:
-                    q = read_retrying(
-                        qai, read_qai, what=f"reading window {rows}", permanent=(InputDataError,)
-                    )
-                except InputDataError:
-                    raise
-                except Exception as exc:
-                    if _missing(exc):
-                        raise _open_error(qai, exc) from exc
-                    raise InputDataError(
-                        f"cannot read QAI file {qai}: {exc}; re-create or remove it"
-                    ) from exc
-                bad = qai_invalid(q, self.qai_flags)
-                if bad.any():
-                    out[t][:, bad] = NODATA
-        return out
-
-
 def tile_cube(
     scenes: Sequence[Scene],
     grid: TileGrid,
     layout: WindowLayout,
     qai_flags: Sequence[str] = (),
     mask=None,
+    read_bytes: int = DEFAULT_READ_BYTES,
+    min_read_tasks: int = 1,
+    held_bytes: int | None = None,
 ):
     """Lazy ``xarray.DataArray`` (time, band, y, x) int16 of one tile, one chunk per window.
 
     ``mask`` (optional dask array (y, x) bool, chunked like ``layout``) lets a window with no
-    masked-in pixel skip all reads.
+    masked-in pixel skip all reads, and only the file blocks that hold a masked-in pixel are
+    decoded (the cube holds nodata in the others).
+
+    Reading is decoupled from the windows (:mod:`treesits_dask.io.bands`): the tile is read in
+    bands of whole file blocks, each by one task per batch of scenes (``read_bytes``: the memory
+    such a task may fill), so every block of every scene is decoded once; a window is put
+    together from the pieces of the bands it crosses.  Where the windows are whole full-width
+    bands (strip windows), one task reads one window of all scenes, as the chunk itself.
+    ``min_read_tasks``: at least this many read tasks for the tile (see
+    :func:`~treesits_dask.io.bands.plan_reads`).  ``held_bytes``: the memory a reading worker
+    may fill with bands of all scenes; where they do not fit, the tile is read window by window
+    (every block decoded once per window that crosses it; logged as a warning).
     """
     import dask.array as da
     import rioxarray  # noqa: F401  (registers the .rio accessor)
@@ -337,15 +178,22 @@ def tile_cube(
         boa=tuple(s.boa for s in scenes),
         qai=tuple(s.qai for s in scenes),
         qai_flags=tuple(qai_flags),
+        versions=tuple((s.size, s.mtime) for s in scenes),
+        qai_versions=tuple((s.qai_size, s.qai_mtime) for s in scenes),
     )
-    mask_name = mask.name if mask is not None else None
-    name = f"read-{grid.tile}-" + tokenize(reader, layout.shape, mask_name)
-    dsk = {}
-    for i, j, w in layout:
-        if mask is None:
-            dsk[(name, 0, 0, i, j)] = (reader.read, w)
-        else:
-            dsk[(name, 0, 0, i, j)] = (reader.read, w, (mask.name, i, j))
+    plan = plan_reads(
+        grid, layout, len(scenes), read_bytes, min_tasks=min_read_tasks, held_bytes=held_bytes
+    )
+    if plan.by_window:
+        log.warning(
+            "tile %s: %d bands of all %d scenes do not fit %.1f GiB of a reading worker's memory: "
+            "reading window by window, which decodes file blocks once per window crossing them "
+            "(give the reading workers more memory, or fewer scenes per run, to decode once)",
+            grid.tile, BANDS_HELD, len(scenes), (held_bytes or 0) / 2**30,
+        )  # fmt: skip
+    token = tokenize(reader, layout.shape, plan, mask.name if mask is not None else None)
+    name = f"read-{grid.tile}-{token}"
+    dsk = _read_graph(reader, layout, plan, name, mask.name if mask is not None else None)
     chunks = ((len(scenes),), (grid.count,), *layout.chunks)
     deps = [mask] if mask is not None else []
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=deps)
@@ -366,6 +214,47 @@ def tile_cube(
     )
     arr = arr.rio.write_crs(grid.crs_wkt).rio.write_transform(grid.affine)
     return arr
+
+
+def _read_graph(
+    reader: WindowReader, layout: WindowLayout, plan: ReadPlan, name: str, mask: str | None
+) -> dict:
+    """The tasks of :func:`tile_cube`: per band and batch of scenes a read task, per piece of it a
+    task that picks the piece out (so a window pulls only its pieces from other workers), per
+    window a task that puts its pieces together; a band that is one whole window is read by the
+    window's own task."""
+    bands, pieces = name.replace("read-", "read-band-", 1), name.replace("read-", "read-piece-", 1)
+    n_scenes, count = len(reader.boa), reader.grid.count
+    dsk: dict = {}
+    if plan.by_window:
+        for i, j, w in layout:
+            args = (w, (mask, i, j)) if mask else (w,)
+            dsk[(name, 0, 0, i, j)] = (reader.read, *args)
+        return dsk
+    for band in plan.bands:
+        masks = [(mask, p.i, p.j) for p in band.pieces] if mask else []
+        if plan.direct(band):
+            p = band.pieces[0]
+            dsk[(name, 0, 0, p.i, p.j)] = (reader.read_band, band, 0, n_scenes, *masks)
+            continue
+        for s, (start, stop) in enumerate(plan.batches):
+            dsk[(bands, band.index, s)] = (reader.read_band, band, start, stop, *masks)
+            for k in range(len(band.pieces)):
+                dsk[(pieces, band.index, s, k)] = (operator.getitem, (bands, band.index, s), k)
+    for i, j, w in layout:
+        if (name, 0, 0, i, j) in dsk:
+            continue
+        keys, where = [], []
+        for b, k in plan.of_window[(i, j)]:
+            rows = plan.bands[b].pieces[k].window_rows
+            for s, (start, stop) in enumerate(plan.batches):
+                keys.append((pieces, b, s, k))
+                where.append((start, stop, *rows))
+        shape = (n_scenes, count, w.height, w.width)
+        dsk[(name, 0, 0, i, j)] = (
+            assemble, shape, (mask, i, j) if mask else None, tuple(where), keys
+        )  # fmt: skip
+    return dsk
 
 
 def days_since_epoch(dates: Sequence[dt.date]) -> np.ndarray:

@@ -18,7 +18,8 @@ import numpy as np
 
 from ..errors import InputDataError, TreesitsError
 from ..io import discovery
-from ..io.cube import days_since_epoch, tile_cube
+from ..io.cube import DEFAULT_READ_BYTES, days_since_epoch, tile_cube
+from ..io.datasets import forget_datasets
 from ..io.masks import open_mask
 from ..io.remote import clear_gdal_cache
 from ..outputs import store
@@ -41,6 +42,7 @@ from .cluster import (
 from .plan import RunPlan, TilePlan
 from .postprocess import update_derived
 from .predict import Inference, ModelPlugin, annotate, inference_stats, predict_layer
+from .reading import ReadBudget, read_budget
 from .report import RunResult, collect_inference
 
 __all__ = ["Job", "RunCallbacks", "run_tiles", "tile_graph"]
@@ -72,23 +74,36 @@ class RunCallbacks:
         """``tile`` failed; the other tiles go on."""
 
 
-def tile_graph(plan: RunPlan, tile: TilePlan, session, routing: Routing | None = None):
+def tile_graph(
+    plan: RunPlan,
+    tile: TilePlan,
+    session,
+    routing: Routing | None = None,
+    reads: ReadBudget | None = None,
+):
     """The tasks of one tile: read, predict and write every window into ``session`` (a fork of
     the tile's session of the map).  Returns the keys of the write tasks (each results in the
     fork with the window's changes and the window's statistics) and the graph.
 
     ``routing`` (default: what the settings declare) gives the resource annotations: on
     heterogeneous clusters reads only where ``CPU`` is advertised, inference only where ``GPU``.
+    ``reads``: the memory a read task may fill and the reading threads of the cluster (default:
+    :data:`~treesits_dask.io.cube.DEFAULT_READ_BYTES`, one thread).
     """
     cfg = plan.config
     routing = routing or declared_routing(cfg) or Routing()
+    task_bytes, threads = (reads.task_bytes, reads.threads) if reads else (DEFAULT_READ_BYTES, 1)
+    held = reads.held_bytes if reads else None
     scenes, steps, prev = tile.scenes, None, None
     if tile.alerts is not None:  # the alert steps may need scenes before the model's window
         scenes = (*tile.alerts.older, *tile.scenes)
         steps = alert_steps(tile.alerts, cfg, tile.scenes)
     with annotate(routing.read):
         mask = open_mask(tile.mask, tile.grid, tile.layout) if tile.mask else None
-        cube = tile_cube(scenes, tile.grid, tile.layout, cfg.qai_flags, mask=mask)
+        cube = tile_cube(
+            scenes, tile.grid, tile.layout, cfg.qai_flags, mask=mask,
+            read_bytes=task_bytes, min_read_tasks=threads, held_bytes=held,
+        )  # fmt: skip
         if tile.alerts is not None:
             prev = state_layer(cfg.output, tile.alerts.resume, tile.region, tile.layout)
     days = days_since_epoch([s.date for s in scenes])
@@ -124,11 +139,18 @@ class _Scheduler:
     windows -> commit (driver) -> COGs; COG-only tiles go straight to their COGs."""
 
     def __init__(
-        self, job: Job, client, cb: RunCallbacks, result: RunResult, clock, routing: Routing
+        self,
+        job: Job,
+        client,
+        cb: RunCallbacks,
+        result: RunResult,
+        clock,
+        routing: Routing,
+        reads: ReadBudget | None = None,
     ):
         from distributed import as_completed
 
-        self.job, self.plan, self.routing = job, job.plan, routing
+        self.job, self.plan, self.routing, self.reads = job, job.plan, routing, reads
         self.client, self.cb, self.result, self.clock = client, cb, result, clock
         self.pending = list(self.plan.tiles)
         self.state: dict[str, dict] = {}
@@ -141,7 +163,7 @@ class _Scheduler:
         self.job.lease.check()  # a driver that lost its lease submits nothing more
         gpu = self.routing.gpu
         session, fork = self.plan.repo.tile_session()
-        keys, graph = tile_graph(self.plan, tile, fork, self.routing)
+        keys, graph = tile_graph(self.plan, tile, fork, self.routing, self.reads)
         # annotated graphs must not be optimised: fusion drops or merges the resource annotations
         delayed = [Delayed(k, graph, layer=k[0]) for k in keys]
         futures = self.client.compute(delayed, optimize_graph=not gpu)
@@ -268,8 +290,16 @@ def run_tiles(job: Job, client, cb: RunCallbacks, result: RunResult, clock=None)
     log.info(
         "routing: reads %s, inference %s", routing.read or "anywhere", routing.predict or "anywhere"
     )
+    reads = read_budget(cfg, client.scheduler_info(n_workers=-1)["workers"], routing)
+    log.info(
+        "reads: up to %.0f MiB of decoded scenes per read task, %d reading threads",
+        reads.task_bytes / 2**20,
+        reads.threads,
+    )
     # workers that outlive a run must not serve scene bytes GDAL cached before files were replaced
+    # (nor keep datasets open on them)
     client.run(clear_gdal_cache)
+    client.run(forget_datasets)
     resource = next(iter(routing.predict)) if routing.predict else None
     client.register_plugin(
         ModelPlugin(
@@ -279,7 +309,7 @@ def run_tiles(job: Job, client, cb: RunCallbacks, result: RunResult, clock=None)
     cb.start(
         sum(plan.windows_per_tile(t) for t in plan.tiles), getattr(client, "dashboard_link", None)
     )
-    _Scheduler(job, client, cb, result, clock, routing).loop()
+    _Scheduler(job, client, cb, result, clock, routing, reads).loop()
     result.inference = collect_inference(client, inference_stats)
     # the layers made from the stored map (smoothing across tiles, overviews), now that the
     # tiles are committed

@@ -37,6 +37,7 @@ from .files import (
     write_scene,
     write_single,
 )
+from .parallel import auto_processes, write_scenes_parallel
 
 __all__ = [
     "FORCE_LAEA_WKT", "ORIGIN", "PRJ_WKTS", "SPECIES", "ClearCut", "SyntheticCube", "make_cube",
@@ -119,6 +120,7 @@ def make_cube(
     truth_dir: str | None = None,
     seed: int = 0,
     clear_cuts: Sequence[ClearCut] = (),
+    processes: int | None = None,
 ) -> SyntheticCube:
     """Write a synthetic FORCE Level-2 cube under ``root``; returns its description.
 
@@ -134,11 +136,14 @@ def make_cube(
     (default ``<root>/../masks``).  Same arguments, same bytes; the species map of a tile
     depends only on ``seed``, the tile id, ``size``, ``forest_fraction`` and ``forest_scale`` (the
     width of forest patches in pixels; default ``size / 5``, at most 60).  Nothing is deleted:
-    give an empty ``root`` (a warning names stale scenes).  Memory is about 2 GB for a 3000 px
-    tile; 1000 px x 60 scenes takes about 15 s on 2 cores.  ``clear_cuts``
-    (:class:`ClearCut`) disturb forest stands from a date on; the date of each disturbed pixel
-    goes to ``<truth_dir>/<tile>/disturbance.tif`` (days since 1970-01-01, 0 = none; written for
-    every tile).  Without clear-cuts the files are those of earlier versions, byte for byte.
+    give an empty ``root`` (a warning names stale scenes).  ``processes``: scenes rendered and
+    written at once in separate processes (default: one in-process for small cubes, else every
+    core, as many as the free memory holds, about 1.5 GB each at 3000 px); the bytes do not
+    depend on it.  Memory is about 2 GB for a 3000 px tile plus the processes; 1000 px x 60
+    scenes takes about 15 s on 2 cores.  ``clear_cuts`` (:class:`ClearCut`) disturb forest stands
+    from a date on; the date of each disturbed pixel goes to ``<truth_dir>/<tile>/disturbance.tif``
+    (days since 1970-01-01, 0 = none; written for every tile).  Without clear-cuts the files are
+    those of earlier versions, byte for byte.
     """
     tiles = tuple(dict.fromkeys(str(t).strip() for t in tiles))
     start_d, end_d = _as_date(start, "start"), _as_date(end, "end")
@@ -157,6 +162,7 @@ def make_cube(
     dates = _acquisition_dates(rng, start_d, end_d, n_scenes)
     names = [f"{d:%Y%m%d}_LEVEL2_{sensors[i % len(sensors)]}" for i, d in enumerate(dates)]
     weather = ph.weather_for_dates(rng, dates, cloud_fraction)
+    processes = processes or auto_processes(size, n_scenes)
     t_all = time.perf_counter()
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="synthetic-write") as pool:
         pending: deque[Future] = deque()
@@ -179,24 +185,17 @@ def make_cube(
             if with_masks:
                 forest = sig.forest.astype(np.uint8)
                 write_single(mask_p / tile / "mask.tif", forest, transform, crs)
-            for i, (d, name, w) in enumerate(zip(dates, names, weather, strict=True)):
-                scene_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(*key, i)))
-                cut = (cut_day > 0) & (cut_day <= (d - _EPOCH).days) if clear_cuts else None
-                boa, qai = ph.render_scene(scene_rng, sig, w, d.timetuple().tm_yday, cut)
-                while len(pending) >= 3:  # bound memory: at most 3 scenes queued for writing
-                    pending.popleft().result()
-                pending.append(
-                    pool.submit(
-                        write_scene,
-                        folder,
-                        name,
-                        boa,
-                        qai if write_qai else None,
-                        transform,
-                        layout,
-                        crs,
-                    )
-                )
+            cuts = cut_day if clear_cuts else None
+            days = [(d - _EPOCH).days for d in dates]
+            if processes > 1:
+                doys = [d.timetuple().tm_yday for d in dates]
+                write_scenes_parallel(
+                    sig, folder, names, weather, doys, seed, key, write_qai, transform, layout,
+                    crs, processes, cuts, days,
+                )  # fmt: skip
+            else:
+                _write_scenes(pool, pending, sig, folder, names, dates, weather, seed, key,
+                              write_qai, transform, layout, crs, cuts)  # fmt: skip
             write_other_files(folder, names[0], dates[0], transform, crs)
             log.info(
                 "synthetic tile %s: %d scenes of %d x %d px generated in %.1f s",
@@ -242,6 +241,37 @@ def _clear_cut_days(cuts: Sequence[ClearCut], tile: str, forest: np.ndarray) -> 
         first = np.where(out[rect] > 0, np.minimum(out[rect], day), day)
         out[rect] = np.where(forest[rect], first, 0)
     return out
+
+
+def _write_scenes(
+    pool,
+    pending,
+    sig,
+    folder,
+    names,
+    dates,
+    weather,
+    seed,
+    key,
+    write_qai,
+    transform,
+    layout,
+    crs,
+    cut_day=None,
+) -> None:
+    """Render the scenes in this process, written by ``pool`` (at most 3 queued: bounded memory).
+    ``cut_day``: the clear-cut day of each pixel (0 = none), or None."""
+    for i, (d, name, w) in enumerate(zip(dates, names, weather, strict=True)):
+        scene_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(*key, i)))
+        cut = None if cut_day is None else (cut_day > 0) & (cut_day <= (d - _EPOCH).days)
+        boa, qai = ph.render_scene(scene_rng, sig, w, d.timetuple().tm_yday, cut)
+        while len(pending) >= 3:
+            pending.popleft().result()
+        pending.append(
+            pool.submit(
+                write_scene, folder, name, boa, qai if write_qai else None, transform, layout, crs
+            )
+        )  # fmt: skip
 
 
 def sample_pixels(

@@ -268,10 +268,16 @@ def render_scene(
         return np.full((N_BANDS, h, w), NODATA, dtype=np.int16), qai.view(np.int16)
     t = np.float32(doy - weather.green_shift)
     g = 1 / (1 + np.exp((sig.sos - t) / sig.k_up)) - 1 / (1 + np.exp((sig.eos - t) / sig.k_down))
-    val = sig.winter + sig.amp * g
+    val = sig.amp * g
+    val += sig.winter  # (the same float32 sums as winter + amp * g, without a temporary)
     if cut is not None and cut.any():  # no random draw: other pixels stay byte-identical
         val[:, cut] = CLEARCUT[:, None]
-    val += rng.standard_normal(val.shape, dtype=np.float32) * (25 + 0.03 * val)
+    noise = rng.standard_normal(val.shape, dtype=np.float32)
+    spread = val * np.float32(0.03)
+    spread += np.float32(25)
+    noise *= spread
+    val += noise
+    del noise, spread
     val += np.asarray(weather.atmos, dtype=np.float32)[:, None, None]
     qai = np.zeros((h, w), dtype=np.uint16)
     if weather.aerosol_interpolated:
@@ -305,7 +311,10 @@ def render_scene(
         cover = np.where(sig.forest, np.float32(0.4), np.float32(0.85))[snow]
         val[:, snow] = val[:, snow] * (1 - cover) + _SNOW[:, None] * cover
         qai[snow] |= Q_SNOW
-    boa = np.clip(np.rint(val), -1000, 16000).astype(np.int16)
+    np.rint(val, out=val)
+    np.clip(val, -1000, 16000, out=val)
+    boa = val.astype(np.int16)
+    del val
     qai[((boa < 0).any(axis=0)) & ~nodata] |= Q_SUBZERO
     boa[:, nodata] = NODATA
     qai[nodata] |= Q_NODATA

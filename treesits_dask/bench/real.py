@@ -1,0 +1,321 @@
+"""Real-size reading benchmark (``python -m treesits_dask bench --real``).
+
+FORCE tiles are 3000 x 3000 px with 150 (SITS-NN: every scene) to 600 (SBERT's 4 years) scenes.
+For each case and file layout (``strips``: FORCE < 3.8, LZW strips of 300 rows; ``cog``: FORCE
+>= 3.8, ZSTD 256 px blocks) this writes a synthetic tile (in parallel processes) and reports:
+
+- ``decode_floor_mb_s_per_core``: one thread decoding every block of a sample of the same files
+  once (BOA and QAI, whole block rows into a reused buffer): what a core can do at best;
+- ``read``: the pipeline's reads of every window of the tile on a LocalCluster (one worker, the
+  threads ``run`` uses, the given memory limit), no model: seconds, uncompressed MB/s per core and
+  its share of the floor, the bytes the reads decoded (blocks counted as the reads ask GDAL for
+  them) over the uncompressed bytes of the files (the decode amplification), the read tasks, and
+  the peak RSS of the worker against its memory limit and the read budget;
+- ``end_to_end``: ``run`` with ``sits-lstm`` and ``sbert`` (random weights of the published shapes)
+  on a small forest mask (the model would take hours on a whole tile here): seconds, pixels,
+  px/s, what the masked reads decoded, peak RSS per worker.
+
+Cases: ``real`` (``--size``, ``--scenes``; ``window: auto``) and ``600`` (``--regime-size``,
+``--regime-scenes``: the 600-scene regime at reduced size).  At 3000 px ``window: auto`` keeps
+full-width strip windows only while a window of all scenes fits 2 GiB (119 scenes); the ``600``
+case lowers that window budget by the area ratio (2 GiB x (size / 3000)^2), so that it takes the
+same decision a 3000 px tile of that many scenes takes (250 x 250 px windows), and runs with a
+lower memory limit (``--regime-memory-limit``), so that a band of all scenes does not fit one read
+task and is read in batches of scenes.
+
+Floor and reads alternate ``--repeat`` times; the fastest of each is kept (shared machine).
+Cubes are deleted after their case unless ``--keep``.  Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .measure import bench_cluster, bench_models, decode_run, end_to_end, reset_vm_hwm, vm_hwm
+
+__all__ = ["decode_floor", "main", "parallel_floor"]
+
+WINDOW_BUDGET = 2 * 1024**3  # choose_window_shape's default
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def decode_floor(files: list[str], seconds: float = 0.0) -> dict:
+    """One thread decoding every block of ``files`` once, whole block rows at a time into a reused
+    buffer: uncompressed MB/s (the decode speed of one core)."""
+    import rasterio
+    from rasterio.windows import Window
+
+    nbytes, t0 = 0, time.perf_counter()
+    buffers: dict = {}
+    for path in files:
+        with rasterio.open(path) as src:
+            bh = src.block_shapes[0][0]
+            for top in range(0, src.height, bh):
+                h = min(bh, src.height - top)
+                shape = (src.count, h, src.width)
+                out = buffers.get(shape)
+                if out is None:
+                    out = buffers[shape] = np.empty(shape, np.int16)
+                src.read(window=Window(0, top, src.width, h), out=out)
+                nbytes += out.nbytes
+        if seconds and time.perf_counter() - t0 > seconds:
+            break
+    dt = time.perf_counter() - t0
+    return {"mb_s": nbytes / dt / 1e6, "mib": round(nbytes / 2**20, 1), "seconds": round(dt, 2)}
+
+
+def parallel_floor(files: list[str], threads: int) -> dict:
+    """:func:`decode_floor` on ``threads`` threads at once (each its share of ``files``): the
+    decode speed per core when every core decodes, under the same load from other processes as the
+    pipeline's reads (the single-thread floor overstates a core of a shared, busy machine)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    groups = [files[i::threads] for i in range(threads)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        parts = list(pool.map(decode_floor, groups))
+    dt = time.perf_counter() - t0
+    mib = sum(p["mib"] for p in parts)
+    return {"mb_s": mib * 2**20 / dt / 1e6 / threads, "mib": round(mib, 1), "seconds": round(dt, 2)}
+
+
+def _reset_peak() -> bool:
+    return reset_vm_hwm()
+
+
+def _files_bytes(plan) -> tuple[list[str], int]:
+    """The scene files of the plan and their uncompressed bytes (every band of every pixel)."""
+    files, total = [], 0
+    for t in plan.tiles:
+        px = t.grid.width * t.grid.height * 2
+        for s in t.scenes:
+            files.append(s.boa)
+            total += px * t.grid.count
+            if s.qai and plan.config.qai_flags:
+                files.append(s.qai)
+                total += px
+    return files, total
+
+
+def _reads(plan, args, memory_limit: str, cores: int) -> dict:
+    """Floor and pipeline reads, alternating ``args.repeat`` times."""
+    from ..pipeline.cluster import Routing
+    from ..pipeline.reading import read_budget
+
+    files, total = _files_bytes(plan)
+    sample = files[: 2 * args.floor_scenes]
+    floors, pfloors, runs, peaks = [], [], [], []
+    cluster, client = bench_cluster(1, args.threads, memory_limit)
+    try:
+        info = client.scheduler_info(n_workers=-1)["workers"]
+        limit = next(iter(info.values()))["memory_limit"]
+        budget = read_budget(plan.config, info, Routing())
+        for i in range(args.repeat):
+            floors.append(decode_floor(sample))
+            pfloors.append(parallel_floor(sample, cores))
+            _log(
+                f"  floor {floors[-1]['mb_s']:.0f} MB/s one thread, {pfloors[-1]['mb_s']:.0f} "
+                f"MB/s per core on {cores} threads ({floors[-1]['mib']} MiB)"
+            )
+            client.run(_reset_peak)
+            runs.append(decode_run(plan, client))
+            peaks.append(max(v or 0 for v in client.run(vm_hwm).values()))
+            r = runs[-1]
+            _log(
+                f"  read {i + 1}: {r['seconds']:.1f} s, {total / r['seconds'] / 1e6 / cores:.0f} "
+                f"MB/s per core, decoded x{r['decoded_bytes'] / total:.3f}, {r['read_tasks']} "
+                f"read tasks, peak RSS {peaks[-1] / 2**20:.0f} MiB"
+            )
+    finally:
+        client.close()
+        cluster.close()
+    best = min(runs, key=lambda r: r["seconds"])
+    floor = max(f["mb_s"] for f in floors)
+    pfloor = max(f["mb_s"] for f in pfloors)
+    per_core = total / best["seconds"] / 1e6 / cores
+    return {
+        "uncompressed_mib": round(total / 2**20, 1),
+        "files": len(files),
+        "decode_floor_mb_s_per_core": round(floor, 1),
+        "decode_floor_runs": [round(f["mb_s"], 1) for f in floors],
+        "decode_floor_sample_mib": floors[0]["mib"],
+        "read_s": round(best["seconds"], 2),
+        "read_s_runs": [round(r["seconds"], 2) for r in runs],
+        "read_mb_s_per_core": round(per_core, 1),
+        "read_over_floor": round(per_core / floor, 3),
+        "decode_floor_parallel_mb_s_per_core": round(pfloor, 1),
+        "decode_floor_parallel_runs": [round(f["mb_s"], 1) for f in pfloors],
+        "read_over_parallel_floor": round(per_core / pfloor, 3),
+        "decoded_mib": round(best["decoded_bytes"] / 2**20, 1),
+        "decode_amplification": round(best["decoded_bytes"] / total, 4),
+        "read_tasks": best["read_tasks"],
+        "read_task_budget_mib": round(budget.task_bytes / 2**20, 1),
+        "worker_memory_limit_mib": round(limit / 2**20, 1),
+        "worker_peak_rss_mib": round(max(peaks) / 2**20, 1),
+        "peak_rss_within_limit": max(peaks) <= limit,
+    }
+
+
+def _sbert_mask(cube, fraction: float, seed: int = 7) -> str:
+    """A mask of ``fraction`` of the tile: a random subset of the cube's forest pixels."""
+    import rasterio
+
+    out_dir = Path(cube.mask_dir).parent / (Path(cube.mask_dir).name + "-sbert")
+    for tile in cube.tiles:
+        src_path = Path(cube.mask_dir) / tile / "mask.tif"
+        with rasterio.open(src_path) as src:
+            forest = src.read(1) > 0
+            profile = src.profile
+        rng = np.random.default_rng(seed)
+        keep = rng.random(forest.shape) < fraction / max(forest.mean(), 1e-9)
+        (out_dir / tile).mkdir(parents=True, exist_ok=True)
+        with rasterio.open(out_dir / tile / "mask.tif", "w", **profile) as dst:
+            dst.write((forest & keep).astype(np.uint8)[None])
+    return str(out_dir)
+
+
+def _case(args, name: str, size: int, scenes: int, layout: str, memory_limit: str, workdir: Path):
+    from ..config import load_config
+    from ..io.grid import choose_window_shape
+    from ..pipeline.plan import make_plan
+    from ..synthetic import make_cube
+
+    cores = args.threads
+    root = workdir / f"cube-{name}-{layout}"
+    t0 = time.perf_counter()
+    cube = make_cube(
+        root / "cube", size=size, n_scenes=scenes, layout=layout, seed=5,
+        forest_fraction=args.lstm_forest, forest_scale=args.forest_scale,
+        mask_dir=str(root / "masks"), truth_dir=str(root / "truth"),
+    )  # fmt: skip
+    generated = time.perf_counter() - t0
+    on_disk = sum(p.stat().st_size for p in (root / "cube").rglob("*.tif"))
+    _log(f"[{name} {layout}] {size} px x {scenes} scenes written in {generated:.0f} s")
+    models = bench_models(workdir, ["sits-lstm", "sbert"])
+    base = dict(cube=cube.root, tiles="all", workers=1, threads_per_worker=args.threads,
+                dashboard_address=":0", **models["sits-lstm"])  # fmt: skip
+    probe = make_plan(load_config(overrides=dict(base, output=str(root / "probe")), environ={}))
+    budget = int(WINDOW_BUDGET * (size / 3000) ** 2)
+    window = choose_window_shape(probe.tiles[0].grid, None, scenes, max_bytes=budget)
+    base["window"] = f"{window[0]}x{window[1]}"
+    plan = make_plan(load_config(overrides=dict(base, output=str(root / "o")), environ={}))
+    out = {
+        "size": size,
+        "scenes": scenes,
+        "layout": layout,
+        "block_shape": list(plan.tiles[0].grid.block_shape),
+        "window": list(window),
+        "window_budget_mib": round(budget / 2**20, 1),
+        "windows": len(plan.tiles[0].layout),
+        "generated_s": round(generated, 1),
+        "generator_processes": _processes(size, scenes),
+        "on_disk_mib": round(on_disk / 2**20, 1),
+    }
+    out["read"] = _reads(plan, args, memory_limit, cores)
+    out["end_to_end"] = {}
+    for family, forest in (("sits-lstm", args.lstm_forest), ("sbert", args.sbert_forest)):
+        if family not in args.families:
+            continue
+        mask_dir = cube.mask_dir if family == "sits-lstm" else _sbert_mask(cube, forest)
+        cfg = load_config(
+            overrides=dict(base, **models[family], output=str(root / f"out-{family}"),
+                           mask_dir=mask_dir),
+            environ={},
+        )  # fmt: skip
+        e2e = end_to_end(cfg, 1, args.threads, memory_limit)
+        out["end_to_end"][family] = {
+            "forest_fraction": forest,
+            "seconds": round(e2e["seconds"], 2),
+            "pixels_predicted": e2e["pixels"],
+            "px_per_s": round(e2e["pixels"] / e2e["seconds"], 1),
+            "decoded_mib": round(e2e["decoded_bytes"] / 2**20, 1),
+            "worker_peak_rss_mib": [round(v, 1) for v in e2e["worker_peak_rss_mib"] if v],
+        }
+        _log(
+            f"[{name} {layout}] {family}: {e2e['pixels']} px in {e2e['seconds']:.1f} s "
+            f"({e2e['pixels'] / e2e['seconds']:.0f} px/s)"
+        )
+    if not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def _processes(size: int, scenes: int) -> int:
+    from ..synthetic.parallel import auto_processes
+
+    return auto_processes(size, scenes)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="treesits_dask bench --real", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--size", type=int, default=3000, help="tile edge of the real case (3000)")
+    p.add_argument("--scenes", type=int, default=120, help="scenes of the real case (120)")
+    p.add_argument("--memory-limit", default="12GiB", help="worker memory limit, real case")
+    p.add_argument("--regime-size", type=int, default=1000, help="tile edge, 600 case (1000)")
+    p.add_argument("--regime-scenes", type=int, default=600, help="scenes, 600 case (600)")
+    p.add_argument(
+        "--regime-memory-limit", default="4GiB", help="worker memory limit, 600 case (4GiB)"
+    )
+    p.add_argument("--cases", default="real,600", help="which cases (real, 600)")
+    p.add_argument("--layouts", default="strips,cog")
+    p.add_argument("--families", default="sits-lstm,sbert")
+    p.add_argument("--lstm-forest", type=float, default=0.02, help="forest share for sits-lstm")
+    p.add_argument("--sbert-forest", type=float, default=0.002, help="mask share for sbert")
+    p.add_argument("--forest-scale", type=float, default=250.0, help="forest patch width (px)")
+    p.add_argument("--floor-scenes", type=int, default=8, help="scenes of the decode floor sample")
+    p.add_argument("--threads", type=int, default=None, help="default: as `run` (min(cores, 4))")
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--keep", action="store_true", help="keep the cubes")
+    p.add_argument("--json", default=None, help="also write the report to this file")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    cores = os.cpu_count() or 1
+    args.threads = args.threads or min(cores, 4)
+    args.families = [f for f in args.families.split(",") if f]
+    tmp = tempfile.TemporaryDirectory(prefix="treesits-real-") if args.workdir is None else None
+    workdir = Path(args.workdir or tmp.name)
+    workdir.mkdir(parents=True, exist_ok=True)
+    report: dict = {
+        "machine": {"cores": cores, "threads": args.threads, "load_average": os.getloadavg()},
+        "cases": {},
+    }
+    cases = {
+        "real": (args.size, args.scenes, args.memory_limit),
+        "600": (args.regime_size, args.regime_scenes, args.regime_memory_limit),
+    }
+    try:
+        for name in [c for c in args.cases.split(",") if c]:
+            size, scenes, limit = cases[name]
+            for layout in [x for x in args.layouts.split(",") if x]:
+                key = f"{name}-{layout}"
+                report["cases"][key] = _case(args, name, size, scenes, layout, limit, workdir)
+                report["cases"][key]["load_average"] = os.getloadavg()
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    print(json.dumps(report, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""How a tile is read: the READ units (bands of whole file blocks x batches of scenes), decoupled
+from the output windows (the map's chunks), so that every compressed block of every scene is
+decoded once per tile, whatever the window.
+
+A FORCE < 3.8 file is cut in full-width strips (300 rows of a 3000 px tile) and LZW decodes a strip
+only as a whole; a FORCE >= 3.8 COG in 256 x 256 blocks, which 3000 px tiles and their windows
+(divisors of 3000) never align with.  Reading window by window therefore decodes a strip once
+per window that crosses it (12x for 250 x 250 windows on a 3000 px tile) and most COG blocks up to
+four times.  Here a tile is read in :class:`Band`\\ s, runs of whole block rows over the full
+width, each by one task per batch of scenes; the task cuts what it decoded into the pieces of the
+windows that cross the band, and a window is put together from its pieces (see
+:func:`treesits_dask.io.cube.tile_cube`).  Each block belongs to exactly one band, so it is
+decoded once.  The scenes of a band are read in batches sized from a memory budget
+(:func:`plan_reads`), so a task's memory does not grow with the scene count; when a window row is
+a band on its own and one batch holds every scene, the band's task IS the window (no pieces).
+
+:func:`decoded_bytes` counts what a read decodes (whole blocks intersecting it), for the decode
+amplification the benchmark reports.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .grid import TileGrid, WindowLayout
+
+__all__ = [
+    "BAND_ROWS",
+    "BANDS_HELD",
+    "Band",
+    "Piece",
+    "ReadPlan",
+    "block_runs",
+    "decoded_bytes",
+    "plan_reads",
+    "scene_batches",
+]
+
+
+#: bands are at least this many rows high (or a whole window row, if lower), even when the file's
+#: blocks are lower; smaller bands let windows start earlier (their bands are read sooner)
+BAND_ROWS = 128
+
+
+#: bands of all scenes a reading worker holds at once while windows are put together from them
+#: (measured: 9.1 GiB peak RSS for 2.2 GB bands, 3000 px x 120 scenes, 2 threads): the memory
+#: guard of :func:`plan_reads` counts this many
+BANDS_HELD = 4
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The part of window ``(i, j)`` that lies in a band: rows ``band_rows`` of the band (relative
+    to it) are rows ``window_rows`` of the window; columns ``col_off`` .. ``col_off + width`` of the
+    tile."""
+
+    i: int
+    j: int
+    band_rows: tuple[int, int]
+    window_rows: tuple[int, int]
+    col_off: int
+    width: int
+
+
+@dataclass(frozen=True)
+class Band:
+    """Rows ``row_off`` .. ``row_off + height`` of a tile, over its full width: whole block rows of
+    the files, read by one task per batch of scenes.  ``pieces``: the windows that cross it."""
+
+    index: int
+    row_off: int
+    height: int
+    pieces: tuple[Piece, ...]
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """The read units of one tile: its ``bands`` and the scene ``batches`` (index ranges
+    ``[start, stop)``) each band is read in.  ``of_window[(i, j)]``: (band index, piece index) of
+    each piece of window ``(i, j)``, top to bottom."""
+
+    bands: tuple[Band, ...]
+    batches: tuple[tuple[int, int], ...]
+    of_window: dict = None  # type: ignore[assignment]  # filled in __post_init__
+    #: the bands of all scenes do not fit the reading worker's memory: each window is read on its
+    #: own (``bands`` empty), decoding the blocks it crosses once per window (the memory guard)
+    by_window: bool = False
+
+    def __post_init__(self) -> None:
+        found: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for band in self.bands:
+            for k, p in enumerate(band.pieces):
+                found.setdefault((p.i, p.j), []).append((band.index, k))
+        object.__setattr__(self, "of_window", {key: tuple(v) for key, v in found.items()})
+
+    def __hash__(self) -> int:  # of_window follows from the bands
+        return hash((self.bands, self.batches, self.by_window))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ReadPlan) and (self.bands, self.batches, self.by_window) == (
+            other.bands,
+            other.batches,
+            other.by_window,
+        )
+
+    def direct(self, band: Band) -> bool:
+        """Whether ``band`` is exactly one whole window read in one batch: its task's result is
+        the window itself."""
+        if len(self.batches) != 1 or len(band.pieces) != 1:
+            return False
+        p = band.pieces[0]
+        return p.band_rows == (0, band.height) and p.window_rows == (0, band.height)
+
+    @property
+    def tasks(self) -> int:
+        """Read tasks of the tile (bands x batches)."""
+        return len(self.bands) * len(self.batches)
+
+
+def _band_rows(grid: TileGrid, layout: WindowLayout) -> list[tuple[int, int]]:
+    """Row ranges of the bands: each ends at the first block edge that is a window-row edge or
+    lies at least ``min(window height, BAND_ROWS)`` rows below its start: a whole window row where
+    the windows are block-aligned, else one block row (at least :data:`BAND_ROWS` rows, so files
+    of one-row strips do not make one-row bands)."""
+    bh = max(1, grid.block_shape[0])
+    target = max(1, min(layout.shape[0], BAND_ROWS))
+    window_edges = {w.row_off for w in (row[0] for row in layout.windows)} | {grid.height}
+    edges = [*range(bh, grid.height, bh), grid.height]
+    out: list[tuple[int, int]] = []
+    start = 0
+    for edge in edges:
+        if edge in window_edges or edge - start >= target or edge == grid.height:
+            out.append((start, edge))
+            start = edge
+    return out
+
+
+def scene_batches(n_scenes: int, per_scene: int, budget: int, min_batches: int = 1):
+    """``[start, stop)`` index ranges covering ``n_scenes``: as few batches as keep
+    ``per_scene x batch`` bytes within ``budget`` (at least one scene each), at least
+    ``min_batches`` of them, of equal sizes (differing by one at most)."""
+    if n_scenes <= 0:
+        return ((0, 0),)
+    fit = max(1, budget // max(1, per_scene))
+    n = min(n_scenes, max(min_batches, math.ceil(n_scenes / fit)))
+    edges = np.linspace(0, n_scenes, n + 1).round().astype(int)
+    return tuple((int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True))
+
+
+def plan_reads(
+    grid: TileGrid,
+    layout: WindowLayout,
+    n_scenes: int,
+    task_bytes: int,
+    bands: int | None = None,
+    min_tasks: int = 1,
+    held_bytes: int | None = None,
+) -> ReadPlan:
+    """The read plan of a tile whose windows are ``layout``.
+
+    ``task_bytes``: the memory one read task may fill with decoded scenes (the reading worker's
+    budget shared out among its threads); a band is read in as few batches of scenes as fit it.
+    Where every band is a whole window row (full-width windows of whole strips), each band is
+    read in one task of all scenes, whose result is the window.
+    ``bands`` (default: the grid's count) bands per scene are held, plus a QAI row that is screened
+    away at once.  ``min_tasks``: at least this many read tasks per tile (more batches), so that a
+    cluster with many reading threads has work for each (only where windows are put together from
+    pieces anyway).
+    ``held_bytes``: the memory a reading worker may fill with the bands it holds while windows
+    are put together (None: no limit).  Where :data:`BANDS_HELD` bands of all scenes exceed it,
+    the plan reads window by window (``by_window``): memory per task is one window of all scenes,
+    as the prediction holds anyway, at the price of decoding a block once per window crossing it.
+    """
+    count = grid.count if bands is None else bands
+    out = []
+    for index, (r0, r1) in enumerate(_band_rows(grid, layout)):
+        pieces = []
+        for i, row in enumerate(layout.windows):
+            w0 = row[0]
+            lo, hi = max(r0, w0.row_off), min(r1, w0.row_off + w0.height)
+            if lo >= hi:
+                continue
+            for j, w in enumerate(row):
+                pieces.append(
+                    Piece(i, j, (lo - r0, hi - r0), (lo - w.row_off, hi - w.row_off),
+                          w.col_off, w.width)
+                )  # fmt: skip
+        out.append(Band(index, r0, r1 - r0, tuple(pieces)))
+    whole = ReadPlan(tuple(out), ((0, n_scenes),))
+    if all(whole.direct(b) for b in whole.bands):
+        # every band is a whole window row: its task is the window, of all scenes, which the
+        # prediction holds anyway (batches would only add a copy)
+        return whole
+    per_scene = max(b.height for b in out) * grid.width * count * 2
+    if held_bytes is not None and BANDS_HELD * per_scene * n_scenes > held_bytes:
+        return ReadPlan((), ((0, n_scenes),), by_window=True)
+    wanted = math.ceil(min_tasks / len(out))
+    return ReadPlan(tuple(out), scene_batches(n_scenes, per_scene, task_bytes, wanted))
+
+
+def block_runs(
+    need: np.ndarray | None,
+    rows: tuple[int, int],
+    cols: tuple[int, int],
+    block_shape: tuple[int, int],
+) -> list[tuple[int, int, int, int]]:
+    """Rectangles ``(row0, row1, col0, col1)`` (relative to the rectangle ``rows`` x ``cols`` of the
+    file) to read: per block row, the runs of consecutive blocks that hold a pixel of ``need`` (a
+    bool array of the rectangle's shape; None: every pixel), clipped to the rectangle.  Empty when
+    nothing is needed."""
+    bh, bw = max(1, block_shape[0]), max(1, block_shape[1])
+    (r_off, r_end), (c_off, c_end) = rows, cols
+    width = c_end - c_off
+    first = c_off // bw
+    out = []
+    for top in range(r_off - r_off % bh, r_end, bh):
+        r0, r1 = max(top, r_off) - r_off, min(top + bh, r_end) - r_off
+        if need is None:
+            out.append((r0, r1, 0, width))
+            continue
+        wanted = need[r0:r1].any(axis=0)
+        if not wanted.any():
+            continue
+        hit = np.zeros((c_end - 1) // bw - first + 1, bool)
+        hit[(c_off + np.flatnonzero(wanted)) // bw - first] = True
+        for start, stop in _runs(hit):
+            c0 = max((first + start) * bw, c_off) - c_off
+            c1 = min((first + stop) * bw, c_end) - c_off
+            out.append((r0, r1, c0, c1))
+    return out
+
+
+def _runs(flags: np.ndarray) -> Iterator[tuple[int, int]]:
+    """``[start, stop)`` of the runs of True in a 1-d bool array."""
+    d = np.diff(np.concatenate(([0], flags.astype(np.int8), [0])))
+    yield from zip(np.flatnonzero(d == 1).tolist(), np.flatnonzero(d == -1).tolist(), strict=True)
+
+
+def decoded_bytes(
+    rows: tuple[int, int],
+    cols: tuple[int, int],
+    block_shape: tuple[int, int],
+    size: tuple[int, int],
+    bands: int,
+    itemsize: int = 2,
+) -> tuple[int, int]:
+    """(band-blocks, bytes) that decoding the pixels ``rows`` x ``cols`` of ``bands`` bands of a
+    file of ``size`` (height, width) costs: every block it touches is decoded whole (clipped at
+    the file's edge).  Band-blocks count a block once per band (a pixel-interleaved block holds
+    all bands; its bytes are the same)."""
+    (r0, r1), (c0, c1) = rows, cols
+    if r1 <= r0 or c1 <= c0:
+        return 0, 0
+    bh, bw = max(1, block_shape[0]), max(1, block_shape[1])
+    height, width = size
+    br = range(r0 // bh, (r1 - 1) // bh + 1)
+    bc = range(c0 // bw, (c1 - 1) // bw + 1)
+    h = sum(min(bh, height - b * bh) for b in br)
+    w = sum(min(bw, width - b * bw) for b in bc)
+    blocks = len(br) * len(bc)
+    nbytes = h * w * bands * itemsize
+    return blocks * bands, nbytes

@@ -1,0 +1,55 @@
+"""How much a tile's read tasks may hold, from the reading workers of the cluster (see
+:mod:`treesits_dask.io.bands`): the decoded scenes of one read task, and the bands of all scenes
+a reading worker holds while windows are put together from them (the memory guard)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import RunConfig
+from .cluster import Routing
+
+__all__ = ["HELD_SHARE", "ReadBudget", "read_budget"]
+
+
+@dataclass(frozen=True)
+class ReadBudget:
+    """What the reading workers of a cluster allow one read task: ``task_bytes`` of decoded scenes
+    (``read_memory`` of the smallest reading worker's memory limit, shared out among its threads),
+    and ``threads``, the reading threads of the whole cluster (a tile is read in at least as many
+    tasks where its windows are put together from pieces anyway).  ``held_bytes``: what a reading
+    worker may fill with the bands of the tiles it reads at once (the memory guard of
+    :func:`~treesits_dask.io.bands.plan_reads`)."""
+
+    task_bytes: int
+    threads: int
+    memory_limit: int
+    held_bytes: int | None = None
+
+
+#: share of a reading worker's memory limit the bands of its tiles may fill (Dask pauses a worker
+#: at 80 %; the rest is the windows, the model and the worker itself)
+HELD_SHARE = 0.75
+
+
+def read_budget(config: RunConfig, workers: dict[str, dict], routing: Routing) -> ReadBudget:
+    """The :class:`ReadBudget` of the workers (``scheduler_info()["workers"]``) that read under
+    ``routing``.  A worker without a memory limit counts with this machine's memory."""
+    import psutil
+
+    total = psutil.virtual_memory().total
+    reading = [
+        w
+        for w in workers.values()
+        if not routing.read or all(k in (w.get("resources") or {}) for k in routing.read)
+    ] or list(workers.values())
+    if not reading:
+        return ReadBudget(int(total * config.read_memory), 1, total, int(total * HELD_SHARE))
+    limits = [(int(w.get("memory_limit") or 0) or total, max(1, int(w.get("nthreads") or 1)))
+              for w in reading]  # fmt: skip
+    task = min(int(limit * config.read_memory) // threads for limit, threads in limits)
+    smallest = min(limit for limit, _ in limits)
+    # tiles in flight spread over the reading workers; each holds the bands of its share
+    per_worker = max(1, -(-config.tiles_in_flight // len(reading)))
+    held = int(smallest * HELD_SHARE) // per_worker
+    return ReadBudget(task, sum(t for _, t in limits), smallest, held)
