@@ -173,8 +173,10 @@ def run(workdir: Path, name: str, extra: list[str] | None = None) -> None:
 
 
 def compare(a: Path, b: Path) -> int:
+    """Exit 1 when a digest of ``a`` is missing from ``b`` or differs; outputs only ``b`` has
+    (layers added since) are listed apart and do not fail the comparison."""
     old, new = json.loads(a.read_text()), json.loads(b.read_text())
-    problems = []
+    problems, added, compared = [], [], 0
     for model in sorted(set(old) | set(new)):
         for kind in ("files", "arrays"):
             x, y = old.get(model, {}).get(kind, {}), new.get(model, {}).get(kind, {})
@@ -182,12 +184,20 @@ def compare(a: Path, b: Path) -> int:
                 # digests of an older version of this script
                 if key.split("/")[0] in SKIP or key.rsplit("/", 1)[-1] in SKIP_NAMES:
                     continue
+                if key not in x:
+                    added.append(f"{model} {kind} {key}")
+                    continue
+                compared += 1
                 if x.get(key) != y.get(key):
                     problems.append(f"{model} {kind} {key}: {x.get(key)} != {y.get(key)}")
-    total = sum(len(r["files"]) + len(r["arrays"]) for r in old.values())
     for p in problems:
         print(p)
-    print(f"{total - len(problems)} of {total} digests equal")
+    for p in added:
+        print(f"only in {b.name}: {p}")
+    print(
+        f"{compared - len(problems)} of {compared} digests equal"
+        + (f"; {len(added)} outputs only in {b.name}" if added else "")
+    )
     return 1 if problems else 0
 
 
