@@ -322,7 +322,7 @@ def test_read_budget_of_the_reading_workers(tmp_path):
     limit among the tiles in flight that land on it; GPU-only workers do not count."""
     from treesits_dask.config import RunConfig
     from treesits_dask.pipeline.cluster import Routing
-    from treesits_dask.pipeline.reading import HELD_SHARE, read_budget
+    from treesits_dask.pipeline.reading import HELD_SHARE, SPILL_SHARE, read_budget
 
     gib = 2**30
     workers = {
@@ -335,3 +335,85 @@ def test_read_budget_of_the_reading_workers(tmp_path):
     assert got.memory_limit == 32 * gib and got.threads == 10
     assert got.task_bytes == min(int(48 * gib * 0.25) // 6, int(32 * gib * 0.25) // 4)
     assert got.held_bytes == int(32 * gib * HELD_SHARE) // 2  # 4 tiles over 2 reading workers
+    assert got.spill_bytes is None  # no disks given: nothing counted on
+
+    disks = {"a": 500 * gib, "b": 100 * gib, "g": 1 * gib}
+    got = read_budget(cfg, workers, Routing(read={"CPU": 1}, predict={"GPU": 1}), disks)
+    assert got.spill_bytes == int(100 * gib * SPILL_SHARE) // 2  # the GPU worker's disk not
+    kube = cfg.model_copy(update={"cluster": "kubernetes"})
+    got = read_budget(kube, workers, Routing(read={"CPU": 1}, predict={"GPU": 1}), disks)
+    assert got.spill_bytes == int(20 * gib * SPILL_SHARE) // 2  # the pods' scratch volume (20Gi)
+
+
+@pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["strips", "tiles"])
+def test_bands_that_do_not_fit_memory_spill_and_are_decoded_once(tmp_path, blocks, caplog):
+    """Bands of all scenes that exceed the reading worker's memory but fit with its spill disk
+    are still read in bands (every block decoded once), in half-size batches whose pieces own
+    their memory (so Dask frees what it spills); on a LocalCluster whose worker spills nearly
+    everything, the values are those of the files."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    from treesits_dask.bench.measure import decoded, spilled
+    from treesits_dask.io.bands import BANDS_HELD, plan_reads
+    from treesits_dask.io.grid import WindowLayout
+
+    root, expected = _striped_tile(tmp_path, blocks=blocks)
+    _, scenes, grid = _grid(root)
+    layout = WindowLayout.of(grid, (10, 10))
+    held = BANDS_HELD * max(b.height for b in plan_reads(grid, layout, 5, 1 << 30).bands)
+    held *= grid.width * grid.count * 2 * 5
+    per_scene = held // BANDS_HELD // 5
+    spill = plan_reads(grid, layout, 5, 2 * per_scene, held_bytes=held - 1, spill_bytes=held)
+    assert spill.spills and not spill.by_window and spill.bands
+    assert len(spill.batches) == 5  # half of a 2-scene budget: one scene per task
+    assert plan_reads(grid, layout, 5, 1 << 30, held_bytes=held - 1, spill_bytes=0).by_window
+    assert not plan_reads(grid, layout, 5, 1 << 30, held_bytes=held).spills
+
+    caplog.set_level(logging.INFO, logger="treesits_dask.io.cube")
+    arr = cube.tile_cube(
+        scenes, grid, layout, DEFAULT_QAI_FLAGS, read_bytes=2 * per_scene, held_bytes=held - 1,
+        spill_bytes=held,
+    )  # fmt: skip
+    assert "spills what does not fit" in caplog.text and "X0010_Y0010" in caplog.text
+    graph = dict(arr.data.__dask_graph__())
+    band_key = next(k for k in graph if "read-band" in str(k[0]))
+    fn, *args = graph[band_key]
+    pieces = fn(*args)
+    assert all(p.base is None for p in pieces)  # copies: spilling one frees its memory
+    before = datasets.DECODED.snapshot()[1]
+    with dask.config.set({"distributed.worker.memory.target": 1e-6}):
+        cluster = LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0",
+            memory_limit="2GiB", local_directory=str(tmp_path / "scratch"),
+        )  # fmt: skip
+        with cluster, Client(cluster) as client:
+            start = sum(v[1] for v in client.run(decoded).values())
+            got = client.compute(arr.data, sync=True)
+            done = sum(v[1] for v in client.run(decoded).values()) - start
+            assert sum(client.run(spilled).values()) > 0
+    np.testing.assert_array_equal(got, expected)
+    assert datasets.DECODED.snapshot()[1] == before  # all read on the worker
+    assert done == 5 * 11 * 37 * 50 * 2  # every block of every file once (BOA + QAI)
+
+
+def test_kept_datasets_are_bounded_by_memory(tmp_path, monkeypatch):
+    """The datasets a thread keeps open are bounded by the memory they hold (an open GeoTIFF
+    keeps decoded blocks); a file closed for room and opened again is not checked again."""
+    root, _ = _striped_tile(tmp_path, blocks=(16, 16))
+    _, scenes, _grid_ = _grid(root)
+    files = [s.boa for s in scenes]
+    datasets.forget_datasets()
+    with datasets.open_raster(files[0]) as src:
+        each = datasets.held_by(src)
+    assert each > 16 * 16 * 2  # pixel-interleaved: blocks of all bands
+    monkeypatch.setattr(datasets, "_BUDGET", 2 * each)
+    checks: list[str] = []
+    for _ in range(2):
+        for f in files:
+            datasets.dataset(f, None, lambda s, f=f: checks.append(f))
+    assert sorted(checks) == sorted(files)  # each checked once, though reopened
+    held = datasets._OPEN
+    assert len(held.datasets) == 2 and held.bytes == 2 * each
+    datasets.forget_datasets()

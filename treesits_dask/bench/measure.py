@@ -172,22 +172,30 @@ def decoded() -> tuple[int, int]:
     return DECODED.snapshot()
 
 
+def spilled(dask_worker) -> int:
+    """Bytes this worker has spilled to disk so far (Dask's own count)."""
+    data = getattr(dask_worker, "data", None)
+    metrics = getattr(data, "cumulative_metrics", {})
+    return int(metrics.get(("disk-write", "bytes"), 0))
+
+
 def decode_run(plan, client) -> dict:
     """Read every window of the plan's tiles on the cluster (as ``run`` does, no model): seconds
     and what the workers decoded (the datasets they kept open are closed first)."""
     from ..io.cube import tile_cube
     from ..io.masks import open_mask
     from ..pipeline.cluster import Routing
-    from ..pipeline.reading import read_budget
+    from ..pipeline.reading import read_budget, worker_disks
 
-    reads = read_budget(plan.config, client.scheduler_info(n_workers=-1)["workers"], Routing())
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    reads = read_budget(plan.config, info, Routing(), worker_disks(client))
     arrays = []
     for tile in plan.tiles:
         mask = open_mask(tile.mask, tile.grid, tile.layout) if tile.mask else None
         cube = tile_cube(
             tile.scenes, tile.grid, tile.layout, plan.config.qai_flags, mask=mask,
             read_bytes=reads.task_bytes, min_read_tasks=reads.threads,
-            held_bytes=reads.held_bytes,
+            held_bytes=reads.held_bytes, spill_bytes=reads.spill_bytes,
         )  # fmt: skip
         arrays.append(
             cube.data.map_blocks(
@@ -197,17 +205,34 @@ def decode_run(plan, client) -> dict:
             )
         )
     client.run(cold_reads)
-    before = client.run(decoded)
+    before, spilled_before = client.run(decoded), client.run(spilled)
     t0 = time.perf_counter()
     client.compute([a.sum() for a in arrays], sync=True) if arrays else None
     seconds = time.perf_counter() - t0
-    after = client.run(decoded)
+    after, spilled_after = client.run(decoded), client.run(spilled)
     return {
         "seconds": seconds,
         "decoded_bytes": sum(after[w][1] - before.get(w, (0, 0))[1] for w in after),
         "decoded_blocks": sum(after[w][0] - before.get(w, (0, 0))[0] for w in after),
         "read_tasks": sum(_read_tasks(tile, reads) for tile in plan.tiles),
+        "spilled_bytes": sum(spilled_after[w] - spilled_before.get(w, 0) for w in spilled_after),
+        "read_modes": sorted({read_mode(tile, reads) for tile in plan.tiles}),
     }
+
+
+def read_mode(tile, reads) -> str:
+    """How a tile is read under ``reads``: ``windows`` (each window by one task: strip windows
+    of all scenes, or the memory guard's fallback), ``bands`` (bands held in memory) or
+    ``bands+spill`` (held bands spilled to disk)."""
+    from ..io.bands import plan_reads
+
+    rp = plan_reads(
+        tile.grid, tile.layout, len(tile.scenes), reads.task_bytes, None, reads.threads,
+        reads.held_bytes, reads.spill_bytes,
+    )  # fmt: skip
+    if rp.by_window or all(rp.direct(b) for b in rp.bands):
+        return "windows"
+    return "bands+spill" if rp.spills else "bands"
 
 
 def _read_tasks(tile, reads) -> int:
@@ -215,7 +240,7 @@ def _read_tasks(tile, reads) -> int:
 
     rp = plan_reads(
         tile.grid, tile.layout, len(tile.scenes), reads.task_bytes, None, reads.threads,
-        reads.held_bytes,
+        reads.held_bytes, reads.spill_bytes,
     )  # fmt: skip
     direct = rp.by_window or all(rp.direct(b) for b in rp.bands)
     return len(tile.layout) if direct else rp.tasks

@@ -112,7 +112,7 @@ def _files_bytes(plan) -> tuple[list[str], int]:
 def _reads(plan, args, memory_limit: str, cores: int) -> dict:
     """Floor and pipeline reads, alternating ``args.repeat`` times."""
     from ..pipeline.cluster import Routing
-    from ..pipeline.reading import read_budget
+    from ..pipeline.reading import read_budget, worker_disks
 
     files, total = _files_bytes(plan)
     sample = files[: 2 * args.floor_scenes]
@@ -121,7 +121,7 @@ def _reads(plan, args, memory_limit: str, cores: int) -> dict:
     try:
         info = client.scheduler_info(n_workers=-1)["workers"]
         limit = next(iter(info.values()))["memory_limit"]
-        budget = read_budget(plan.config, info, Routing())
+        budget = read_budget(plan.config, info, Routing(), worker_disks(client))
         for i in range(args.repeat):
             floors.append(decode_floor(sample))
             pfloors.append(parallel_floor(sample, cores))
@@ -136,7 +136,8 @@ def _reads(plan, args, memory_limit: str, cores: int) -> dict:
             _log(
                 f"  read {i + 1}: {r['seconds']:.1f} s, {total / r['seconds'] / 1e6 / cores:.0f} "
                 f"MB/s per core, decoded x{r['decoded_bytes'] / total:.3f}, {r['read_tasks']} "
-                f"read tasks, peak RSS {peaks[-1] / 2**20:.0f} MiB"
+                f"read tasks ({'/'.join(r['read_modes'])}), peak RSS {peaks[-1] / 2**20:.0f} MiB, "
+                f"spilled {r['spilled_bytes'] / 2**20:.0f} MiB"
             )
     finally:
         client.close()
@@ -161,6 +162,11 @@ def _reads(plan, args, memory_limit: str, cores: int) -> dict:
         "decoded_mib": round(best["decoded_bytes"] / 2**20, 1),
         "decode_amplification": round(best["decoded_bytes"] / total, 4),
         "read_tasks": best["read_tasks"],
+        "read_modes": best["read_modes"],
+        "spilled_mib": round(best["spilled_bytes"] / 2**20, 1),
+        "spill_budget_mib": None
+        if budget.spill_bytes is None
+        else round(budget.spill_bytes / 2**20),
         "read_task_budget_mib": round(budget.task_bytes / 2**20, 1),
         "worker_memory_limit_mib": round(limit / 2**20, 1),
         "worker_peak_rss_mib": round(max(peaks) / 2**20, 1),

@@ -36,6 +36,7 @@ __all__ = [
     "ReadPlan",
     "block_runs",
     "decoded_bytes",
+    "held_bytes_of",
     "plan_reads",
     "scene_batches",
 ]
@@ -86,9 +87,13 @@ class ReadPlan:
     bands: tuple[Band, ...]
     batches: tuple[tuple[int, int], ...]
     of_window: dict = None  # type: ignore[assignment]  # filled in __post_init__
-    #: the bands of all scenes do not fit the reading worker's memory: each window is read on its
-    #: own (``bands`` empty), decoding the blocks it crosses once per window (the memory guard)
+    #: the bands of all scenes fit neither the reading worker's memory nor its spill disk: each
+    #: window is read on its own (``bands`` empty), decoding the blocks it crosses once per window
     by_window: bool = False
+    #: the bands of all scenes do not fit the reading worker's memory but its disk: the read tasks
+    #: hand out pieces that own their memory, so that Dask spills them to disk exactly (a view
+    #: would keep its whole band in memory)
+    spills: bool = False
 
     def __post_init__(self) -> None:
         found: dict[tuple[int, int], list[tuple[int, int]]] = {}
@@ -98,14 +103,15 @@ class ReadPlan:
         object.__setattr__(self, "of_window", {key: tuple(v) for key, v in found.items()})
 
     def __hash__(self) -> int:  # of_window follows from the bands
-        return hash((self.bands, self.batches, self.by_window))
+        return hash((self.bands, self.batches, self.by_window, self.spills))
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, ReadPlan) and (self.bands, self.batches, self.by_window) == (
-            other.bands,
-            other.batches,
-            other.by_window,
-        )
+        return isinstance(other, ReadPlan) and (
+            self.bands,
+            self.batches,
+            self.by_window,
+            self.spills,
+        ) == (other.bands, other.batches, other.by_window, other.spills)
 
     def direct(self, band: Band) -> bool:
         """Whether ``band`` is exactly one whole window read in one batch: its task's result is
@@ -139,6 +145,12 @@ def _band_rows(grid: TileGrid, layout: WindowLayout) -> list[tuple[int, int]]:
     return out
 
 
+def held_bytes_of(grid: TileGrid, layout: WindowLayout, n_scenes: int) -> int:
+    """What :data:`BANDS_HELD` bands of all ``n_scenes`` scenes of a tile hold (int16)."""
+    rows = max(r1 - r0 for r0, r1 in _band_rows(grid, layout))
+    return BANDS_HELD * rows * grid.width * grid.count * 2 * n_scenes
+
+
 def scene_batches(n_scenes: int, per_scene: int, budget: int, min_batches: int = 1):
     """``[start, stop)`` index ranges covering ``n_scenes``: as few batches as keep
     ``per_scene x batch`` bytes within ``budget`` (at least one scene each), at least
@@ -159,6 +171,7 @@ def plan_reads(
     bands: int | None = None,
     min_tasks: int = 1,
     held_bytes: int | None = None,
+    spill_bytes: int | None = None,
 ) -> ReadPlan:
     """The read plan of a tile whose windows are ``layout``.
 
@@ -171,9 +184,13 @@ def plan_reads(
     cluster with many reading threads has work for each (only where windows are put together from
     pieces anyway).
     ``held_bytes``: the memory a reading worker may fill with the bands it holds while windows
-    are put together (None: no limit).  Where :data:`BANDS_HELD` bands of all scenes exceed it,
-    the plan reads window by window (``by_window``): memory per task is one window of all scenes,
-    as the prediction holds anyway, at the price of decoding a block once per window crossing it.
+    are put together (None: no limit); ``spill_bytes``: the disk it may fill with what Dask spills
+    (None: none).  Where :data:`BANDS_HELD` bands of all scenes exceed ``held_bytes`` but fit with
+    ``spill_bytes``, the plan ``spills``: memory stays within Dask's spill thresholds of the
+    worker's limit, whatever the scene count, and every block is still decoded once.  Where they
+    do not fit even so, the plan reads window by window (``by_window``): memory per task is one
+    window of all scenes, as the prediction holds anyway, at the price of decoding a block once
+    per window crossing it.
     """
     count = grid.count if bands is None else bands
     out = []
@@ -196,10 +213,14 @@ def plan_reads(
         # prediction holds anyway (batches would only add a copy)
         return whole
     per_scene = max(b.height for b in out) * grid.width * count * 2
-    if held_bytes is not None and BANDS_HELD * per_scene * n_scenes > held_bytes:
+    held = BANDS_HELD * per_scene * n_scenes
+    spills = held_bytes is not None and held > held_bytes
+    if spills and (spill_bytes is None or held > held_bytes + spill_bytes):
         return ReadPlan((), ((0, n_scenes),), by_window=True)
     wanted = math.ceil(min_tasks / len(out))
-    return ReadPlan(tuple(out), scene_batches(n_scenes, per_scene, task_bytes, wanted))
+    # a spilling task holds what it decoded and the pieces copied out of it: half the batch
+    budget = task_bytes // 2 if spills else task_bytes
+    return ReadPlan(tuple(out), scene_batches(n_scenes, per_scene, budget, wanted), spills=spills)
 
 
 def block_runs(

@@ -8,6 +8,7 @@ nodata value (-9999) in every band, so downstream code sees a single validity ru
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import operator
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ import numpy as np
 
 from ..errors import InputDataError
 from . import storage
-from .bands import BANDS_HELD, ReadPlan, plan_reads
+from .bands import BANDS_HELD, ReadPlan, held_bytes_of, plan_reads
 from .crs import same_crs, short_crs
 from .datasets import OPEN_COUNTER, Counter, check_header, open_error, open_raster
 from .discovery import S2_BANDS, CubeDefinition, Scene
@@ -150,6 +151,7 @@ def tile_cube(
     read_bytes: int = DEFAULT_READ_BYTES,
     min_read_tasks: int = 1,
     held_bytes: int | None = None,
+    spill_bytes: int | None = None,
 ):
     """Lazy ``xarray.DataArray`` (time, band, y, x) int16 of one tile, one chunk per window.
 
@@ -164,8 +166,10 @@ def tile_cube(
     bands (strip windows), one task reads one window of all scenes, as the chunk itself.
     ``min_read_tasks``: at least this many read tasks for the tile (see
     :func:`~treesits_dask.io.bands.plan_reads`).  ``held_bytes``: the memory a reading worker
-    may fill with bands of all scenes; where they do not fit, the tile is read window by window
-    (every block decoded once per window that crosses it; logged as a warning).
+    may fill with bands of all scenes, ``spill_bytes`` the disk it may fill with what Dask spills
+    of them; where they do not fit memory, Dask spills them (logged); where they do not fit memory
+    and disk, the tile is read window by window (every block decoded once per window that
+    crosses it; logged as a warning).
     """
     import dask.array as da
     import rioxarray  # noqa: F401  (registers the .rio accessor)
@@ -182,14 +186,26 @@ def tile_cube(
         qai_versions=tuple((s.qai_size, s.qai_mtime) for s in scenes),
     )
     plan = plan_reads(
-        grid, layout, len(scenes), read_bytes, min_tasks=min_read_tasks, held_bytes=held_bytes
-    )
+        grid, layout, len(scenes), read_bytes, min_tasks=min_read_tasks, held_bytes=held_bytes,
+        spill_bytes=spill_bytes,
+    )  # fmt: skip
+    held = held_bytes_of(grid, layout, len(scenes)) / 2**30
     if plan.by_window:
         log.warning(
-            "tile %s: %d bands of all %d scenes do not fit %.1f GiB of a reading worker's memory: "
-            "reading window by window, which decodes file blocks once per window crossing them "
-            "(give the reading workers more memory, or fewer scenes per run, to decode once)",
-            grid.tile, BANDS_HELD, len(scenes), (held_bytes or 0) / 2**30,
+            "tile %s: %d bands of all %d scenes (%.1f GiB) fit neither %.1f GiB of a reading "
+            "worker's memory nor %.1f GiB of its spill disk: reading window by window, which "
+            "decodes file blocks once per window crossing them (give the reading workers more "
+            "memory or local disk, or fewer scenes per run, to decode once)",
+            grid.tile, BANDS_HELD, len(scenes), held, (held_bytes or 0) / 2**30,
+            (spill_bytes or 0) / 2**30,
+        )  # fmt: skip
+    elif plan.spills:
+        log.info(
+            "tile %s: %d bands of all %d scenes (%.1f GiB) exceed %.1f GiB of a reading worker's "
+            "memory: Dask spills what does not fit to the worker's disk (up to %.1f GiB); every "
+            "block is still decoded once",
+            grid.tile, BANDS_HELD, len(scenes), held, (held_bytes or 0) / 2**30,
+            (spill_bytes or 0) / 2**30,
         )  # fmt: skip
     token = tokenize(reader, layout.shape, plan, mask.name if mask is not None else None)
     name = f"read-{grid.tile}-{token}"
@@ -225,6 +241,7 @@ def _read_graph(
     window's own task."""
     bands, pieces = name.replace("read-", "read-band-", 1), name.replace("read-", "read-piece-", 1)
     n_scenes, count = len(reader.boa), reader.grid.count
+    read_band = functools.partial(reader.read_band, own=True) if plan.spills else reader.read_band
     dsk: dict = {}
     if plan.by_window:
         for i, j, w in layout:
@@ -238,7 +255,7 @@ def _read_graph(
             dsk[(name, 0, 0, p.i, p.j)] = (reader.read_band, band, 0, n_scenes, *masks)
             continue
         for s, (start, stop) in enumerate(plan.batches):
-            dsk[(bands, band.index, s)] = (reader.read_band, band, start, stop, *masks)
+            dsk[(bands, band.index, s)] = (read_band, band, start, stop, *masks)
             for k in range(len(band.pieces)):
                 dsk[(pieces, band.index, s, k)] = (operator.getitem, (bands, band.index, s), k)
     for i, j, w in layout:

@@ -114,13 +114,16 @@ class WindowReader:
         cols = (window.col_off, window.col_off + window.width)
         return self._read_rect(rows, cols, 0, len(self.boa), mask)
 
-    def read_band(self, band: Band, start: int, stop: int, *masks) -> list | np.ndarray:
+    def read_band(
+        self, band: Band, start: int, stop: int, *masks, own: bool = False
+    ) -> list | np.ndarray:
         """Scenes ``start:stop`` of ``band`` (full width), cut into the pieces of the windows that
         cross it: a list with, per piece of the band, a ``(stop - start, bands, rows, cols)`` view
         (the views partition one array), or None for a window without a mask pixel.  ``masks``:
         the mask of each piece's whole window (none: no mask).  A band that is one whole window
         read in one batch (see :meth:`~treesits_dask.io.bands.ReadPlan.direct`) returns the
-        window itself.  Nothing is opened when no piece has a mask pixel."""
+        window itself.  Nothing is opened when no piece has a mask pixel.  ``own``: the pieces are
+        copies, each owning its memory (for plans that spill: Dask then frees what it spills)."""
         width = self.grid.width
         rows = (band.row_off, band.row_off + band.height)
         need = None
@@ -139,10 +142,11 @@ class WindowReader:
         buf = self._read_rect(rows, (0, width), start, stop, need)
         if whole:
             return buf
+        cut = np.array if own else (lambda a: a)
         return [
             None
             if skip
-            else buf[:, :, p.band_rows[0] : p.band_rows[1], p.col_off : p.col_off + p.width]
+            else cut(buf[:, :, p.band_rows[0] : p.band_rows[1], p.col_off : p.col_off + p.width])
             for p, skip in zip(band.pieces, empty, strict=True)
         ]
 

@@ -62,6 +62,18 @@ def _gdal_library():
         return _GDAL_LIB
 
 
+def limit_gdal_cache(nbytes: int) -> bool:
+    """Set GDAL's block cache of this process to ``nbytes`` (``GDALSetCacheMax64``: also after
+    GDAL read ``GDAL_CACHEMAX``).  False when libgdal could not be reached."""
+    lib = _gdal_library()
+    if not lib:
+        return False
+    lib.GDALSetCacheMax64.argtypes = [ctypes.c_int64]
+    lib.GDALSetCacheMax64.restype = None
+    lib.GDALSetCacheMax64(int(nbytes))
+    return True
+
+
 def clear_gdal_cache(url: str | None = None) -> bool:
     """Forget what GDAL cached (sizes, headers, blocks) of one remote file, or of all files.
 

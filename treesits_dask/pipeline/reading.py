@@ -7,9 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import RunConfig
+from ..config.kube_resources import parse_quantity
 from .cluster import Routing
 
-__all__ = ["HELD_SHARE", "ReadBudget", "read_budget"]
+__all__ = ["HELD_SHARE", "SPILL_SHARE", "ReadBudget", "read_budget", "worker_disks"]
 
 
 @dataclass(frozen=True)
@@ -19,28 +20,52 @@ class ReadBudget:
     and ``threads``, the reading threads of the whole cluster (a tile is read in at least as many
     tasks where its windows are put together from pieces anyway).  ``held_bytes``: what a reading
     worker may fill with the bands of the tiles it reads at once (the memory guard of
-    :func:`~treesits_dask.io.bands.plan_reads`)."""
+    :func:`~treesits_dask.io.bands.plan_reads`), ``spill_bytes`` the local disk it may fill with
+    what Dask spills of them (None: unknown, no spilling counted on)."""
 
     task_bytes: int
     threads: int
     memory_limit: int
     held_bytes: int | None = None
+    spill_bytes: int | None = None
 
 
 #: share of a reading worker's memory limit the bands of its tiles may fill (Dask pauses a worker
 #: at 80 %; the rest is the windows, the model and the worker itself)
 HELD_SHARE = 0.75
 
+#: share of a reading worker's free local disk (on Kubernetes: of its scratch volume) that the
+#: bands it spills may fill (the rest: COG temp files, other tiles, the unexpected)
+SPILL_SHARE = 0.5
 
-def read_budget(config: RunConfig, workers: dict[str, dict], routing: Routing) -> ReadBudget:
+
+def worker_disks(client) -> dict[str, int]:
+    """Free bytes of each worker's local directory (where Dask spills), by worker address."""
+
+    def free(dask_worker) -> int:
+        import shutil
+
+        return shutil.disk_usage(dask_worker.local_directory).free
+
+    return client.run(free)
+
+
+def read_budget(
+    config: RunConfig,
+    workers: dict[str, dict],
+    routing: Routing,
+    disks: dict[str, int] | None = None,
+) -> ReadBudget:
     """The :class:`ReadBudget` of the workers (``scheduler_info()["workers"]``) that read under
-    ``routing``.  A worker without a memory limit counts with this machine's memory."""
+    ``routing``.  A worker without a memory limit counts with this machine's memory.  ``disks``:
+    free local disk by worker address (:func:`worker_disks`; None: no spilling counted on), capped
+    on Kubernetes by the scratch volume of the pods (``kubernetes.scratch_size``)."""
     import psutil
 
     total = psutil.virtual_memory().total
     reading = [
-        w
-        for w in workers.values()
+        w | {"address": a}
+        for a, w in workers.items()
         if not routing.read or all(k in (w.get("resources") or {}) for k in routing.read)
     ] or list(workers.values())
     if not reading:
@@ -52,4 +77,11 @@ def read_budget(config: RunConfig, workers: dict[str, dict], routing: Routing) -
     # tiles in flight spread over the reading workers; each holds the bands of its share
     per_worker = max(1, -(-config.tiles_in_flight // len(reading)))
     held = int(smallest * HELD_SHARE) // per_worker
-    return ReadBudget(task, sum(t for _, t in limits), smallest, held)
+    spill = None
+    if disks is not None:
+        free = [disks.get(w["address"], 0) for w in reading]
+        if config.cluster == "kubernetes":
+            scratch = int(parse_quantity(config.kubernetes.scratch_size, "scratch_size"))
+            free = [min(f, scratch) for f in free]
+        spill = int(min(free) * SPILL_SHARE) // per_worker
+    return ReadBudget(task, sum(t for _, t in limits), smallest, held, spill)

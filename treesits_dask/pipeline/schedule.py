@@ -42,7 +42,7 @@ from .cluster import (
 from .plan import RunPlan, TilePlan
 from .postprocess import update_derived
 from .predict import Inference, ModelPlugin, annotate, inference_stats, predict_layer
-from .reading import ReadBudget, read_budget
+from .reading import ReadBudget, read_budget, worker_disks
 from .report import RunResult, collect_inference
 
 __all__ = ["Job", "RunCallbacks", "run_tiles", "tile_graph"]
@@ -93,7 +93,7 @@ def tile_graph(
     cfg = plan.config
     routing = routing or declared_routing(cfg) or Routing()
     task_bytes, threads = (reads.task_bytes, reads.threads) if reads else (DEFAULT_READ_BYTES, 1)
-    held = reads.held_bytes if reads else None
+    held, spill = (reads.held_bytes, reads.spill_bytes) if reads else (None, None)
     scenes, steps, prev = tile.scenes, None, None
     if tile.alerts is not None:  # the alert steps may need scenes before the model's window
         scenes = (*tile.alerts.older, *tile.scenes)
@@ -102,7 +102,7 @@ def tile_graph(
         mask = open_mask(tile.mask, tile.grid, tile.layout) if tile.mask else None
         cube = tile_cube(
             scenes, tile.grid, tile.layout, cfg.qai_flags, mask=mask,
-            read_bytes=task_bytes, min_read_tasks=threads, held_bytes=held,
+            read_bytes=task_bytes, min_read_tasks=threads, held_bytes=held, spill_bytes=spill,
         )  # fmt: skip
         if tile.alerts is not None:
             prev = state_layer(cfg.output, tile.alerts.resume, tile.region, tile.layout)
@@ -290,7 +290,9 @@ def run_tiles(job: Job, client, cb: RunCallbacks, result: RunResult, clock=None)
     log.info(
         "routing: reads %s, inference %s", routing.read or "anywhere", routing.predict or "anywhere"
     )
-    reads = read_budget(cfg, client.scheduler_info(n_workers=-1)["workers"], routing)
+    reads = read_budget(
+        cfg, client.scheduler_info(n_workers=-1)["workers"], routing, worker_disks(client)
+    )
     log.info(
         "reads: up to %.0f MiB of decoded scenes per read task, %d reading threads",
         reads.task_bytes / 2**20,
