@@ -80,6 +80,29 @@ def native_lstm(tmp_path_factory):
     return pt
 
 
+@contextlib.contextmanager
+def local_client():
+    """A client of a LocalCluster of two single-threaded worker processes (the cluster of the
+    pipeline tests)."""
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as c,
+    ):
+        yield c
+
+
+@pytest.fixture(scope="module")
+def client():
+    """A :func:`local_client` per test module (modules that need the S3 environment in the
+    workers override it)."""
+    with local_client() as c:
+        yield c
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

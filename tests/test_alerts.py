@@ -50,19 +50,6 @@ def world(tmp_path_factory):
     return cube, model, root
 
 
-@pytest.fixture(scope="module")
-def client():
-    from distributed import Client, LocalCluster
-
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-        ) as cluster,
-        Client(cluster) as c,
-    ):
-        yield c
-
-
 def _config(cube_root: str, mask_dir: str, model: str, output: Path):
     return load_config(
         overrides=dict(

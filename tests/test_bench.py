@@ -120,8 +120,9 @@ def test_gpu_check_on_cpu_reports_every_key_of_the_schema(tmp_path, capsys):
 
 
 def test_bench_real_small(tmp_path, capsys):
-    """``bench --real`` at a tiny size: both layouts, both cases; the decoded bytes are counted
-    and every block is decoded once (amplification 1.0), the 600-scene case reads in batches."""
+    """``bench --real`` at a tiny size, both cases on the COG layout (both layouts are read in
+    bands by test_cube's tests; each case here starts two clusters): the decoded bytes are
+    counted and every block is decoded once (amplification 1.0), in bands held in memory."""
     from treesits_dask.bench.real import main as real_main
 
     out = tmp_path / "real.json"
@@ -129,12 +130,12 @@ def test_bench_real_small(tmp_path, capsys):
         ["--size", "128", "--scenes", "6", "--regime-size", "128", "--regime-scenes", "40",
          "--memory-limit", "2GiB", "--regime-memory-limit", "2GiB", "--families", "sits-lstm",
          "--floor-scenes", "2", "--repeat", "1", "--workdir", str(tmp_path / "w"),
-         "--json", str(out)]
+         "--layouts", "cog", "--json", str(out)]
     )  # fmt: skip
     assert rc == 0
     report = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out) == report
-    assert set(report["cases"]) == {"real-strips", "real-cog", "600-strips", "600-cog"}
+    assert set(report["cases"]) == {"real-cog", "600-cog"}
     for key, case in report["cases"].items():
         read = case["read"]
         assert read["decode_amplification"] == 1.0, key
@@ -144,9 +145,10 @@ def test_bench_real_small(tmp_path, capsys):
                     "worker_peak_rss_mib"):  # fmt: skip
             assert read[fig] > 0, (key, fig)
         assert read["peak_rss_within_limit"], key
+        assert read["read_modes"] == ["bands"] and read["spilled_mib"] == 0, key
         lstm = case["end_to_end"]["sits-lstm"]
         assert lstm["pixels_predicted"] > 0 and lstm["px_per_s"] > 0, key
         assert "sbert" not in case["end_to_end"]
     # the window budget shrinks with the tile's area (the decision of a 3000 px tile)
-    assert report["cases"]["600-strips"]["window_budget_mib"] == round(2048 * (128 / 3000) ** 2, 1)
-    assert not (tmp_path / "w" / "cube-real-strips").exists()  # cubes deleted unless --keep
+    assert report["cases"]["600-cog"]["window_budget_mib"] == round(2048 * (128 / 3000) ** 2, 1)
+    assert not (tmp_path / "w" / "cube-real-cog").exists()  # cubes deleted unless --keep

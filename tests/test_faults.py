@@ -59,19 +59,6 @@ def fault_cube(tmp_path_factory):
     )
 
 
-@pytest.fixture(scope="module")
-def client():
-    from distributed import Client, LocalCluster
-
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-        ) as cluster,
-        Client(cluster) as c,
-    ):
-        yield c
-
-
 def _config(cube_root, mask_dir, model, output, **kw):
     return load_config(
         overrides=dict(

@@ -8,6 +8,7 @@ import pytest
 from treesits_dask import open_map
 from treesits_dask.config import load_config
 from treesits_dask.errors import ClusterError
+from treesits_dask.io import storage
 from treesits_dask.pipeline import predict
 from treesits_dask.pipeline.cluster import Routing, connect, declared_routing
 from treesits_dask.pipeline.run import run
@@ -72,6 +73,10 @@ def test_inference_only_on_gpu_workers(small_cube, native_lstm, tmp_path):
         assert len(gpu) == 1 and len(cpu) == 2 and not gpu & cpu
         # one thread per window in flight: the GPU worker holds two windows at once
         assert [info[a]["nthreads"] for a in gpu] == [config.gpu_windows_in_flight] == [2]
+        # the worker processes got the malloc settings that keep GDAL's decode buffers fast
+        wanted = storage.MALLOC_DEFAULTS
+        envs = client.run(lambda: {k: __import__("os").environ.get(k) for k in wanted})
+        assert all(e == wanted for e in envs.values()), envs
         result, by_prefix, predicted, loads = _run_and_trace(config, client)
     assert result.pixels_predicted > 0
     assert predicted and predicted <= gpu, by_prefix

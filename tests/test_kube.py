@@ -20,6 +20,7 @@ from treesits_dask import kube
 from treesits_dask.config import RunConfig
 from treesits_dask.config.kube_resources import parse_quantity
 from treesits_dask.errors import ConfigError
+from treesits_dask.io import storage
 from treesits_dask.kube import KubeSettings
 from treesits_dask.kube.specs import DASK_API
 
@@ -204,6 +205,7 @@ def test_no_secret_values_anywhere(monkeypatch, tmp_path):
                 assert values["AWS_S3_ENDPOINT"] == "s3.example.test:8080"
                 assert values["AWS_HTTPS"] == "NO" and values["AWS_VIRTUAL_HOSTING"] == "FALSE"
                 assert values["AWS_REGION"] == "RegionOne"
+                assert all(values[k] == v for k, v in storage.MALLOC_DEFAULTS.items())
     # a credential in settings is refused, and the error does not echo it
     y = tmp_path / "run.yaml"
     y.write_text(yaml.safe_dump({"kubernetes": {"env": {"AWS_SECRET_ACCESS_KEY": FAKE_SECRET}}}))

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import rasterio
 
-from tests.conftest import new_bucket
+from tests.conftest import local_client, new_bucket
 from treesits_dask import changes, open_map, versions
 from treesits_dask.config import load_config
 from treesits_dask.io import discovery, storage
@@ -110,14 +110,7 @@ def backend(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(backend):
-    from distributed import Client, LocalCluster
-
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-        ) as cluster,
-        Client(cluster) as c,
-    ):
+    with local_client() as c:
         yield c
 
 

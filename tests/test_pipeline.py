@@ -19,17 +19,6 @@ from treesits_dask.pipeline.run import run
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def client():
-    from distributed import Client, LocalCluster
-
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-    ) as cluster:
-        with Client(cluster) as c:
-            yield c
-
-
 def _raw_valid(cube_root, tile, flags):
     """(T, H, W) validity straight from the files: all bands != -9999 and QAI not flagged."""
     out = []

@@ -184,19 +184,6 @@ def test_four_tiles_corners_and_stale_strips():
 
 
 # ------------------------------------------------------------------------- through the pipeline
-@pytest.fixture(scope="module")
-def client():
-    from distributed import Client, LocalCluster
-
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-        ) as cluster,
-        Client(cluster) as c,
-    ):
-        yield c
-
-
 def _lstm_like(native_lstm: str, path, seed: int) -> str:
     import torch
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import rasterio
 
-from tests.conftest import FAKE_SECRET, FAKE_TOKEN, new_bucket, upload_tree
+from tests.conftest import FAKE_SECRET, FAKE_TOKEN, local_client, new_bucket, upload_tree
 from treesits_dask.config import load_config
 from treesits_dask.errors import OutputError
 from treesits_dask.io import cube, storage
@@ -37,13 +37,8 @@ SETTINGS = dict(window="30x60", batch_size=500, dashboard_address=":0")
 def client(s3_module_env):
     """Workers inherit the fake credentials from the environment (as pods get them from a secret);
     endpoint and addressing reach them through the run's worker plugin."""
-    from distributed import Client, LocalCluster
-
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-    ) as cluster:
-        with Client(cluster) as c:
-            yield c
+    with local_client() as c:
+        yield c
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ output; models with random weights of the published shapes."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -88,7 +89,18 @@ class PeakRSS:
 
 
 def bench_cluster(workers: int, threads: int, memory_limit: str | int = "auto"):
+    """A LocalCluster of worker processes with the environment `run` gives its workers (GDAL
+    and malloc defaults)."""
     from distributed import Client, LocalCluster
+
+    from ..io import storage
+
+    storage.apply_environment(
+        {
+            k: os.environ.get(k, v)
+            for k, v in {**storage.GDAL_DEFAULTS, **storage.MALLOC_DEFAULTS}.items()
+        }
+    )
 
     cluster = LocalCluster(
         n_workers=workers,

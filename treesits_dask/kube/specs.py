@@ -112,7 +112,7 @@ def pod_env(settings: KubeSettings) -> list[dict]:
     variable: those would override run.yaml in the driver.  Credentials appear only as
     ``secretKeyRef`` references to ``settings.s3_secret``.
     """
-    values: dict[str, str] = {**_process_env(), **storage.GDAL_DEFAULTS}
+    values: dict[str, str] = {**_process_env(), **storage.GDAL_DEFAULTS, **storage.MALLOC_DEFAULTS}
     s3 = storage.s3_environment(environ=dict(settings.env))
     if "AWS_ENDPOINT_URL" not in s3:
         s3.pop("AWS_VIRTUAL_HOSTING")

@@ -45,9 +45,10 @@ log = logging.getLogger(__name__)
 
 
 def worker_environment(config: RunConfig) -> dict[str, str]:
-    """The non-secret environment every process of a run needs (GDAL defaults + S3 endpoint
-    settings)."""
-    env = {k: os.environ.get(k, v) for k, v in storage.GDAL_DEFAULTS.items()}
+    """The non-secret environment every process of a run needs (GDAL and malloc defaults + S3
+    endpoint settings; what this process's environment sets wins over the defaults)."""
+    defaults = {**storage.GDAL_DEFAULTS, **storage.MALLOC_DEFAULTS}
+    env = {k: os.environ.get(k, v) for k, v in defaults.items()}
     env.update(
         storage.s3_environment(config.s3_endpoint_url, config.s3_region, config.s3_addressing)
     )

@@ -1,6 +1,7 @@
 """How much a tile's read tasks may hold, from the reading workers of the cluster (see
 :mod:`treesits_dask.io.bands`): the decoded scenes of one read task, and the bands of all scenes
-a reading worker holds while windows are put together from them (the memory guard)."""
+a reading worker holds in memory while windows are put together from them, and the local disk
+it may fill with what Dask spills of them (the memory guard)."""
 
 from __future__ import annotations
 
