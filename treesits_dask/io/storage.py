@@ -70,12 +70,14 @@ GDAL_DEFAULTS = {
 #: glibc malloc of the processes that read scenes (set before they start: the nanny of a Dask
 #: worker passes them on).  Dask's own default (``MALLOC_TRIM_THRESHOLD_=65536``) also switches
 #: off glibc's adaptive mmap threshold, so every decode buffer of GDAL (a 256 x 256 block of 10
-#: bands is 1.3 MB) was a fresh mmap with page faults: a 3000 px COG tile read at 134 MB/s per
-#: core on a LocalCluster worker against 211-228 MB/s with these (freed memory above 64 MiB at
-#: the top of a heap is still given back; blocks of 32 MiB and more are mapped on their own)
+#: bands is 1.3 MB, a 3000 px strip of one band 1.8 MB) was a fresh mmap with page faults: a
+#: 3000 px COG tile read at 129-134 MB/s per core on a LocalCluster worker, 206-253 with these
+#: (buffers under 4 MiB come from the heap; freed memory above 16 MiB at the top of a heap is
+#: given back).  Larger thresholds (64 / 32 MiB) were no faster and kept more memory: a 3 GiB
+#: worker reading a 600-scene tile was restarted at 95 %
 MALLOC_DEFAULTS = {
-    "MALLOC_TRIM_THRESHOLD_": str(64 * 2**20),
-    "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+    "MALLOC_TRIM_THRESHOLD_": str(16 * 2**20),
+    "MALLOC_MMAP_THRESHOLD_": str(4 * 2**20),
 }
 
 #: Non-secret variables that configure S3 access for s3fs/boto3 and GDAL (never credentials).
