@@ -226,16 +226,16 @@ def decode_run(plan, client) -> dict:
         "seconds": seconds,
         "decoded_bytes": sum(after[w][1] - before.get(w, (0, 0))[1] for w in after),
         "decoded_blocks": sum(after[w][0] - before.get(w, (0, 0))[0] for w in after),
-        "read_tasks": sum(_read_tasks(tile, reads) for tile in plan.tiles),
+        "read_tasks": sum(read_mode(tile, reads)[1] for tile in plan.tiles),
         "spilled_bytes": sum(spilled_after[w] - spilled_before.get(w, 0) for w in spilled_after),
-        "read_modes": sorted({read_mode(tile, reads) for tile in plan.tiles}),
+        "read_modes": sorted({read_mode(tile, reads)[0] for tile in plan.tiles}),
     }
 
 
-def read_mode(tile, reads) -> str:
-    """How a tile is read under ``reads``: ``windows`` (each window by one task: strip windows
-    of all scenes, or the memory guard's fallback), ``bands`` (bands held in memory) or
-    ``bands+spill`` (held bands spilled to disk)."""
+def read_mode(tile, reads) -> tuple[str, int]:
+    """How a tile is read under ``reads``, and in how many read tasks: ``windows`` (each window
+    by one task: strip windows of all scenes, or the memory guard's fallback), ``bands`` (bands
+    held in memory) or ``bands+spill`` (held bands spilled to disk)."""
     from ..io.bands import plan_reads
 
     rp = plan_reads(
@@ -243,19 +243,8 @@ def read_mode(tile, reads) -> str:
         reads.held_bytes, reads.spill_bytes,
     )  # fmt: skip
     if rp.by_window or all(rp.direct(b) for b in rp.bands):
-        return "windows"
-    return "bands+spill" if rp.spills else "bands"
-
-
-def _read_tasks(tile, reads) -> int:
-    from ..io.bands import plan_reads
-
-    rp = plan_reads(
-        tile.grid, tile.layout, len(tile.scenes), reads.task_bytes, None, reads.threads,
-        reads.held_bytes, reads.spill_bytes,
-    )  # fmt: skip
-    direct = rp.by_window or all(rp.direct(b) for b in rp.bands)
-    return len(tile.layout) if direct else rp.tasks
+        return "windows", len(tile.layout)
+    return ("bands+spill" if rp.spills else "bands"), rp.tasks
 
 
 def decode_seconds(plan, client) -> float:

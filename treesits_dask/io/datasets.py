@@ -8,7 +8,9 @@ out.  Opening (and checking) a file took about 20 % of the time of a window read
 opened every file.  A cached dataset is keyed by its URL and its version (size and mtime or ETag,
 as the scene table saw them), so a replaced file is opened again;
 :func:`forget_datasets` (called with the GDAL cache clearing at the start of a run) closes them
-all.
+all.  An open GeoTIFF keeps decoded blocks, so what a thread keeps is bounded by memory too
+(:func:`memory_budget`, :func:`held_by`), and GDAL's block cache is limited per process
+(:data:`READ_GDAL_CACHE`).
 """
 
 from __future__ import annotations
@@ -279,6 +281,8 @@ def dataset(url: str, version, check: Callable[[object], None]):
         except BaseException:
             src.close()
             raise
+        if len(held.checked) >= 8 * capacity():  # bounded over a run of many tiles
+            held.checked.clear()
         held.checked.add(key)
     nbytes = held_by(src)
     held.datasets[key] = (src, nbytes)
