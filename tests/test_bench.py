@@ -127,7 +127,7 @@ def test_bench_real_small(tmp_path, capsys):
 
     out = tmp_path / "real.json"
     rc = real_main(
-        ["--size", "128", "--scenes", "6", "--regime-size", "128", "--regime-scenes", "40",
+        ["--size", "300", "--scenes", "6", "--regime-size", "300", "--regime-scenes", "40",
          "--memory-limit", "2GiB", "--regime-memory-limit", "2GiB", "--families", "sits-lstm",
          "--floor-scenes", "2", "--repeat", "1", "--workdir", str(tmp_path / "w"),
          "--layouts", "cog", "--json", str(out)]
@@ -145,10 +145,12 @@ def test_bench_real_small(tmp_path, capsys):
                     "worker_peak_rss_mib"):  # fmt: skip
             assert read[fig] > 0, (key, fig)
         assert read["peak_rss_within_limit"], key
-        assert read["read_modes"] == ["bands"] and read["spilled_mib"] == 0, key
+        # 150 px windows of a 300 px tile of 256 px blocks: read in bands, held in memory
+        assert case["windows"] == 4 and read["read_modes"] == ["bands"], key
+        assert read["spilled_mib"] == 0, key
         lstm = case["end_to_end"]["sits-lstm"]
         assert lstm["pixels_predicted"] > 0 and lstm["px_per_s"] > 0, key
         assert "sbert" not in case["end_to_end"]
     # the window budget shrinks with the tile's area (the decision of a 3000 px tile)
-    assert report["cases"]["600-cog"]["window_budget_mib"] == round(2048 * (128 / 3000) ** 2, 1)
+    assert report["cases"]["600-cog"]["window_budget_mib"] == round(2048 * (300 / 3000) ** 2, 1)
     assert not (tmp_path / "w" / "cube-real-cog").exists()  # cubes deleted unless --keep

@@ -95,12 +95,8 @@ def bench_cluster(workers: int, threads: int, memory_limit: str | int = "auto"):
 
     from ..io import storage
 
-    storage.apply_environment(
-        {
-            k: os.environ.get(k, v)
-            for k, v in {**storage.GDAL_DEFAULTS, **storage.MALLOC_DEFAULTS}.items()
-        }
-    )
+    gdal = {k: os.environ.get(k, v) for k, v in storage.GDAL_DEFAULTS.items()}
+    storage.apply_environment({**gdal, **storage.MALLOC_DEFAULTS})
 
     cluster = LocalCluster(
         n_workers=workers,

@@ -45,10 +45,12 @@ log = logging.getLogger(__name__)
 
 
 def worker_environment(config: RunConfig) -> dict[str, str]:
-    """The non-secret environment every process of a run needs (GDAL and malloc defaults + S3
-    endpoint settings; what this process's environment sets wins over the defaults)."""
-    defaults = {**storage.GDAL_DEFAULTS, **storage.MALLOC_DEFAULTS}
-    env = {k: os.environ.get(k, v) for k, v in defaults.items()}
+    """The non-secret environment every process of a run needs: GDAL defaults (what this
+    process's environment sets wins), the malloc settings of :data:`storage.MALLOC_DEFAULTS`
+    (always: every Dask nanny started in this process has put its own ``MALLOC_TRIM_THRESHOLD_``
+    into this process's environment) and the S3 endpoint settings."""
+    env = {k: os.environ.get(k, v) for k, v in storage.GDAL_DEFAULTS.items()}
+    env.update(storage.MALLOC_DEFAULTS)
     env.update(
         storage.s3_environment(config.s3_endpoint_url, config.s3_region, config.s3_addressing)
     )
