@@ -343,6 +343,9 @@ def test_read_budget_of_the_reading_workers(tmp_path):
     kube = cfg.model_copy(update={"cluster": "kubernetes"})
     got = read_budget(kube, workers, Routing(read={"CPU": 1}, predict={"GPU": 1}), disks)
     assert got.spill_bytes == int(20 * gib * SPILL_SHARE) // 2  # the pods' scratch volume (20Gi)
+    # no worker advertises what the routing asks for: all of them count
+    got = read_budget(cfg, workers, Routing(read={"TPU": 1}), disks)
+    assert got.spill_bytes == int(1 * gib * SPILL_SHARE) // 2 and got.threads == 11
 
 
 @pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["strips", "tiles"])

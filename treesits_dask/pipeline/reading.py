@@ -64,11 +64,12 @@ def read_budget(
     import psutil
 
     total = psutil.virtual_memory().total
+    every = [w | {"address": a} for a, w in workers.items()]
     reading = [
-        w | {"address": a}
-        for a, w in workers.items()
+        w
+        for w in every
         if not routing.read or all(k in (w.get("resources") or {}) for k in routing.read)
-    ] or list(workers.values())
+    ] or every
     if not reading:
         return ReadBudget(int(total * config.read_memory), 1, total, int(total * HELD_SHARE))
     limits = [(int(w.get("memory_limit") or 0) or total, max(1, int(w.get("nthreads") or 1)))
