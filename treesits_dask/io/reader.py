@@ -175,32 +175,15 @@ class WindowReader:
         rects = [RioWindow(cols[0] + c0, rows[0] + r0, c1 - c0, r1 - r0) for r0, r1, c0, c1 in runs]
         version = self.versions[t] if self.versions else None
 
-        def read_boa():
-            try:
-                src = dataset(boa, version, lambda s: check_header(s, boa, self.grid))
-            except InputDataError:
-                raise
-            except Exception as exc:  # not a GeoTIFF, gone, no access: retried if remote, named
-                raise _OpenFailed(str(exc)) from exc
-            try:
-                for (r0, r1, c0, c1), rw in zip(runs, rects, strict=True):
-                    src.read(window=rw, out=out[:, r0:r1, c0:c1])
-            except BaseException:
-                drop_dataset(boa, version)
-                raise
-            _count(src, rects)
-
-        try:
-            read_retrying(boa, read_boa, what=f"reading {where}", permanent=(InputDataError,))
-        except InputDataError:
-            raise
-        except Exception as exc:
+        def boa_failed(exc: Exception) -> InputDataError:
             if _missing(exc) or isinstance(exc, _OpenFailed):
-                raise open_error(boa, exc) from exc
-            raise InputDataError(
+                return open_error(boa, exc)
+            return InputDataError(
                 f"cannot read {boa} ({where}): {exc}. The file is truncated or corrupt; "
                 "re-create it or remove it (with its QAI twin)"
-            ) from exc
+            )
+
+        self._read_runs(boa, version, None, out, runs, rects, where, boa_failed)
         if not self.qai_flags:
             return
         if qai is None:
@@ -210,28 +193,45 @@ class WindowReader:
             )
         qai_version = self.qai_versions[t] if self.qai_versions else None
 
-        def read_qai():
-            src = dataset(qai, qai_version, lambda s: check_header(s, qai, self.grid, bands=1))
+        def qai_failed(exc: Exception) -> InputDataError:
+            if _missing(exc):
+                return open_error(qai, exc)
+            return InputDataError(f"cannot read QAI file {qai}: {exc}; re-create or remove it")
+
+        self._read_runs(qai, qai_version, 1, q, runs, rects, where, qai_failed)
+        for r0, r1, c0, c1 in runs:
+            screen(out[:, r0:r1, c0:c1], qai_invalid(q[r0:r1, c0:c1], self.qai_flags))
+
+    def _read_runs(self, url, version, bands, dest, runs, rects, where, failed) -> None:
+        """Read the ``runs`` (at ``rects`` of the file) of ``url`` into ``dest`` (``(bands, h, w)``,
+        or ``(h, w)`` for a one-band file: ``bands=1``) through this thread's kept dataset, checked
+        against the tile's grid (``bands`` None: the grid's count); remote files with retries.
+        An error that is not an :class:`InputDataError` already is raised as ``failed(exc)``."""
+
+        def read():
+            try:
+                src = dataset(url, version, lambda s: check_header(s, url, self.grid, bands))
+            except InputDataError:
+                raise
+            except Exception as exc:  # not a GeoTIFF, gone, no access: retried if remote, named
+                raise _OpenFailed(str(exc)) from exc
             try:
                 for (r0, r1, c0, c1), rw in zip(runs, rects, strict=True):
-                    src.read(1, window=rw, out=q[r0:r1, c0:c1])
+                    if dest.ndim == 3:
+                        src.read(window=rw, out=dest[:, r0:r1, c0:c1])
+                    else:
+                        src.read(1, window=rw, out=dest[r0:r1, c0:c1])
             except BaseException:
-                drop_dataset(qai, qai_version)
+                drop_dataset(url, version)
                 raise
             _count(src, rects)
 
         try:
-            read_retrying(qai, read_qai, what=f"reading {where}", permanent=(InputDataError,))
+            read_retrying(url, read, what=f"reading {where}", permanent=(InputDataError,))
         except InputDataError:
             raise
         except Exception as exc:
-            if _missing(exc):
-                raise open_error(qai, exc) from exc
-            raise InputDataError(
-                f"cannot read QAI file {qai}: {exc}; re-create or remove it"
-            ) from exc
-        for r0, r1, c0, c1 in runs:
-            screen(out[:, r0:r1, c0:c1], qai_invalid(q[r0:r1, c0:c1], self.qai_flags))
+            raise failed(exc) from exc
 
 
 def _count(src, rects: Sequence) -> None:
