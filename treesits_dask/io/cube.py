@@ -189,24 +189,26 @@ def tile_cube(
         grid, layout, len(scenes), read_bytes, min_tasks=min_read_tasks, held_bytes=held_bytes,
         spill_bytes=spill_bytes,
     )  # fmt: skip
-    held = held_bytes_of(grid, layout, len(scenes)) / 2**30
+    # tile, bands held, scenes, GiB they hold, GiB of memory and of spill disk a worker may fill
+    sizes = (
+        grid.tile, BANDS_HELD, len(scenes), held_bytes_of(grid, layout, len(scenes)) / 2**30,
+        (held_bytes or 0) / 2**30, (spill_bytes or 0) / 2**30,
+    )  # fmt: skip
     if plan.by_window:
         log.warning(
             "tile %s: %d bands of all %d scenes (%.1f GiB) fit neither %.1f GiB of a reading "
             "worker's memory nor %.1f GiB of its spill disk: reading window by window, which "
             "decodes file blocks once per window crossing them (give the reading workers more "
             "memory or local disk, or fewer scenes per run, to decode once)",
-            grid.tile, BANDS_HELD, len(scenes), held, (held_bytes or 0) / 2**30,
-            (spill_bytes or 0) / 2**30,
-        )  # fmt: skip
+            *sizes,
+        )
     elif plan.spills:
         log.info(
             "tile %s: %d bands of all %d scenes (%.1f GiB) exceed %.1f GiB of a reading worker's "
             "memory: Dask spills what does not fit to the worker's disk (up to %.1f GiB); every "
             "block is still decoded once",
-            grid.tile, BANDS_HELD, len(scenes), held, (held_bytes or 0) / 2**30,
-            (spill_bytes or 0) / 2**30,
-        )  # fmt: skip
+            *sizes,
+        )
     token = tokenize(reader, layout.shape, plan, mask.name if mask is not None else None)
     name = f"read-{grid.tile}-{token}"
     dsk = _read_graph(reader, layout, plan, name, mask.name if mask is not None else None)
