@@ -4,7 +4,6 @@ output; models with random weights of the published shapes."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -95,8 +94,7 @@ def bench_cluster(workers: int, threads: int, memory_limit: str | int = "auto"):
 
     from ..io import storage
 
-    gdal = {k: os.environ.get(k, v) for k, v in storage.GDAL_DEFAULTS.items()}
-    storage.apply_environment({**gdal, **storage.MALLOC_DEFAULTS})
+    storage.apply_environment(storage.process_defaults())
 
     cluster = LocalCluster(
         n_workers=workers,

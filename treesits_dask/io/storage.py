@@ -41,9 +41,10 @@ __all__ = [
     "get_fs",
     "is_remote",
     "join",
+    "process_defaults",
     "publish_bytes",
-    "s3_addressing",
     "publish_file",
+    "s3_addressing",
     "s3_environment",
     "s3_options",
     "strip_protocol",
@@ -125,6 +126,14 @@ def s3_environment(
     if env.get("AWS_PROFILE"):
         out["AWS_PROFILE"] = env["AWS_PROFILE"]
     return out
+
+
+def process_defaults() -> dict[str, str]:
+    """The environment of every process that reads scenes: :data:`GDAL_DEFAULTS` (what this
+    process's environment sets wins) and :data:`MALLOC_DEFAULTS` (always: every Dask nanny
+    started in this process has put its own ``MALLOC_TRIM_THRESHOLD_`` into its environment)."""
+    env = {k: os.environ.get(k, v) for k, v in GDAL_DEFAULTS.items()}
+    return {**env, **MALLOC_DEFAULTS}
 
 
 def apply_environment(env: dict[str, str]) -> None:

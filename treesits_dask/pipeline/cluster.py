@@ -45,12 +45,9 @@ log = logging.getLogger(__name__)
 
 
 def worker_environment(config: RunConfig) -> dict[str, str]:
-    """The non-secret environment every process of a run needs: GDAL defaults (what this
-    process's environment sets wins), the malloc settings of :data:`storage.MALLOC_DEFAULTS`
-    (always: every Dask nanny started in this process has put its own ``MALLOC_TRIM_THRESHOLD_``
-    into this process's environment) and the S3 endpoint settings."""
-    env = {k: os.environ.get(k, v) for k, v in storage.GDAL_DEFAULTS.items()}
-    env.update(storage.MALLOC_DEFAULTS)
+    """The non-secret environment every process of a run needs: GDAL and malloc defaults
+    (:func:`storage.process_defaults`) and the S3 endpoint settings."""
+    env = storage.process_defaults()
     env.update(
         storage.s3_environment(config.s3_endpoint_url, config.s3_region, config.s3_addressing)
     )
