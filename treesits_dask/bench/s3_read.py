@@ -99,6 +99,7 @@ def _child(spec: dict) -> dict:
     from treesits_dask.io.grid import TileGrid, WindowLayout
 
     storage.apply_environment(dict(storage.GDAL_DEFAULTS))
+    storage.apply_environment(dict(spec.get("gdal_options", {})))
     if spec["endpoint"]:
         storage.apply_environment(
             storage.s3_environment(spec["endpoint"], REGION, "path", environ={})
@@ -483,6 +484,14 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="where to write the local cube (default: a temporary folder)",
     )
+    parser.add_argument(
+        "--gdal-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="GDAL configuration option for the readers (repeatable; the child processes do not "
+        "inherit GDAL_* / CPL_* variables)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -537,6 +546,7 @@ def _local_cube(args, tmp: str) -> dict:
             "window": list(window),
             "qai_flags": list(qai_flags),
             "tuned_cache": args.tuned_cache,
+            "gdal_options": dict(o.split("=", 1) for o in args.gdal_option),
         },
         "files": files,
         "object_bytes": sum(os.path.getsize(p) for p in files),
