@@ -332,3 +332,52 @@ def test_large_cogs_are_uploaded_in_parts(s3_module_env, tmp_path):
         np.testing.assert_array_equal(a.read(1), block[0])
     with pytest.raises(ValueError, match="5 MiB"):
         storage.upload(str(tmp_path), f"s3://{bucket}/x", part_size=2**20)
+
+
+def test_a_block_row_of_a_force_sized_cog_is_one_request(s3_module_env, moto_endpoint, tmp_path):
+    """Reading a tile in bands (whole block rows, full width) from S3: one GET per block row of a
+    3000 px, 10-band COG (a row of its 256 px blocks is over GDAL's default 10 MB of merged ranges)
+    and no more bytes than the file, with the GDAL settings every reading process gets."""
+    from affine import Affine
+
+    from tests.conftest import environ_restored
+    from treesits_dask.bench.proxy import FaultProxy
+    from treesits_dask.io.bands import Band, Piece
+    from treesits_dask.io.grid import TileGrid
+    from treesits_dask.io.reader import WindowReader
+    from treesits_dask.io.remote import clear_gdal_cache
+
+    width, height, rows = 3000, 1280, 256
+    crs = rasterio.crs.CRS.from_epsg(3035)
+    transform = Affine(10, 0, 4_526_026, 0, -10, 3_284_205)
+    data = np.random.default_rng(1).integers(0, 3000, (10, height, width), dtype=np.int16)
+    local = tmp_path / "boa.tif"
+    profile = dict(driver="GTiff", width=width, height=height, count=10, dtype="int16", crs=crs,
+                   transform=transform, tiled=True, blockxsize=256, blockysize=256,
+                   compress="ZSTD", predictor=2, interleave="pixel")  # fmt: skip
+    with rasterio.open(local, "w", **profile) as dst:
+        dst.write(data)
+    url = f"s3://{new_bucket('rows')}/boa.tif"
+    storage.upload(str(local), url)
+    grid = TileGrid(
+        "X0069_Y0043", crs.to_wkt(), tuple(transform)[:6], width, height, (256, 256), 10
+    )
+    reader = WindowReader(grid=grid, boa=(url,), qai=(None,))
+    with FaultProxy(moto_endpoint) as proxy, environ_restored():
+        os.environ.update(storage.process_defaults())
+        os.environ.update(storage.s3_environment(endpoint_url=proxy.url, region="RegionOne",
+                                                 environ={}))  # fmt: skip
+        clear_gdal_cache()
+        got = [
+            reader.read_band(
+                Band(k, k * rows, rows, (Piece(k, 0, (0, rows), (0, rows), 0, width),)), 0, 1
+            )  # fmt: skip
+            for k in range(height // rows)
+        ]
+        clear_gdal_cache()
+    for k, band in enumerate(got):  # a band that is one whole window: the window itself
+        np.testing.assert_array_equal(band[0], data[:, k * rows : (k + 1) * rows])
+    gets = proxy.by_method["GET"]
+    # one GET per block row, and the header (one or two GETs)
+    assert gets <= height // rows + 2, (gets, proxy.by_method)
+    assert proxy.bytes_down <= 1.02 * local.stat().st_size, (proxy.bytes_down, local.stat().st_size)
