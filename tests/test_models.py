@@ -433,6 +433,34 @@ def test_sparse_and_dense_masks_give_the_unmasked_outputs_inside(native_lstm, sh
     assert (out["class"] != 255).sum() > 0.5 * share * h * w
 
 
+def test_a_window_of_many_scenes_holds_its_selected_series_once(native_lstm):
+    """Memory of a forward: the series of a window's selected pixels are gathered once and handed
+    to the model as they are (the map's own window: every selected pixel), not copied again; at
+    600 scenes a 200 x 200 px window is 480 MB per worker thread."""
+    import tracemalloc
+
+    from treesits_dask.models import ModelSpec
+    from treesits_dask.pipeline.predict import get_predictor, predict_block
+
+    rng = np.random.default_rng(3)
+    t, h, w = 300, 40, 40
+    block = rng.integers(0, 3000, size=(t, 10, h, w)).astype(np.int16)
+    block = np.where(rng.random((t, 1, h, w)) < 0.6, np.int16(-9999), block)
+    mask = rng.random((h, w)) < 0.9
+    days = np.arange(t, dtype=np.int64) * 5 + 19000
+    predictor = get_predictor(ModelSpec(uri=native_lstm, family="native"), "cpu")
+    series_bytes = int(mask.sum()) * t * 10 * 2
+    tracemalloc.start()
+    try:
+        out = predict_block(block, mask, days, predictor, batch_size=256)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (out["class"] != 255).sum() == mask.sum()
+    # the gathered series, plus a batch and the outputs; a second copy would be 2x
+    assert peak < 1.5 * series_bytes, (peak, series_bytes)
+
+
 def test_cpu_forwards_share_the_cores_with_reads_and_each_other(native_lstm):
     """Worker threads read and predict windows side by side: torch uses the worker's threads less
     one per read in progress, shared evenly among the forwards in progress (set from the thread

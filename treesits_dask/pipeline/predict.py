@@ -280,9 +280,12 @@ def predict_block(
     on_cpu = getattr(device, "type", "cpu") == "cpu"
 
     def forward(px, first: int, last: int):
+        # every selected pixel (the map's own window, no alert steps): the series as they are,
+        # not a copy of them (a window of 600 scenes is hundreds of MB)
+        rows = slice(None) if px.all() else px
         with FORWARDS_IN_PROGRESS if on_cpu else device_lock(str(device)):
             return predictor.predict(
-                series[px][:, first : last + 1], valid_sel[px][:, first : last + 1],
+                series[rows, first : last + 1], valid_sel[rows, first : last + 1],
                 days[first : last + 1], batch_size=batch_size,
             )  # fmt: skip
 
