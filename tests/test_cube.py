@@ -254,7 +254,7 @@ def test_band_reads_equal_whole_file_reads(tmp_path, blocks, shape, read_bytes):
     holding a mask pixel are decoded, windows without one being nodata."""
     import dask.array as da
 
-    from treesits_dask.io.bands import block_runs, decoded_bytes
+    from treesits_dask.io.bands import block_runs, decoded_bytes, plan_reads
     from treesits_dask.io.grid import WindowLayout
 
     root, expected = _striped_tile(tmp_path, blocks=blocks)
@@ -267,6 +267,12 @@ def test_band_reads_equal_whole_file_reads(tmp_path, blocks, shape, read_bytes):
     np.testing.assert_array_equal(got, expected)
     files = 5 * 11 * 37 * 50 * 2
     assert datasets.DECODED.snapshot()[1] - before == files  # every block once
+    # the windows pick their pieces from one task per band, batch and window row crossing the
+    # band (not one small task per piece: each costs a worker a dispatch)
+    plan = plan_reads(grid, layout, 5, read_bytes)
+    picks = [k for k in arr.data.__dask_graph__() if str(k[0]).startswith("read-row-")]
+    rows = sum(len({p.i for p in b.pieces}) for b in plan.bands if not plan.direct(b))
+    assert len(picks) == rows * len(plan.batches)
 
     rng = np.random.default_rng(1)
     mask = np.zeros((37, 50), bool)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
-import operator
 from collections.abc import Sequence
 
 import numpy as np
@@ -237,11 +236,13 @@ def tile_cube(
 def _read_graph(
     reader: WindowReader, layout: WindowLayout, plan: ReadPlan, name: str, mask: str | None
 ) -> dict:
-    """The tasks of :func:`tile_cube`: per band and batch of scenes a read task, per piece of it a
-    task that picks the piece out (so a window pulls only its pieces from other workers), per
-    window a task that puts its pieces together; a band that is one whole window is read by the
-    window's own task."""
-    bands, pieces = name.replace("read-", "read-band-", 1), name.replace("read-", "read-piece-", 1)
+    """The tasks of :func:`tile_cube`: per band and batch of scenes a read task; per window row
+    that crosses the band a task that picks the pieces of that row's windows out of it (so that a
+    window pulls only its row's share of a band from another worker, and a tile has two of these
+    per band, not one per window: each small task costs the worker a dispatch); per window a task
+    that puts its pieces together.  A band that is one whole window is read by the window's own
+    task."""
+    bands, rows = name.replace("read-", "read-band-", 1), name.replace("read-", "read-row-", 1)
     n_scenes, count = len(reader.boa), reader.grid.count
     read_band = functools.partial(reader.read_band, own=True) if plan.spills else reader.read_band
     dsk: dict = {}
@@ -250,30 +251,49 @@ def _read_graph(
             args = (w, (mask, i, j)) if mask else (w,)
             dsk[(name, 0, 0, i, j)] = (reader.read, *args)
         return dsk
+    # (band, piece) -> (window row, position of the piece in that row's group)
+    grouped: dict[tuple[int, int], tuple[int, int]] = {}
     for band in plan.bands:
         masks = [(mask, p.i, p.j) for p in band.pieces] if mask else []
         if plan.direct(band):
             p = band.pieces[0]
             dsk[(name, 0, 0, p.i, p.j)] = (reader.read_band, band, 0, n_scenes, *masks)
             continue
+        by_row: dict[int, list[int]] = {}
+        for k, p in enumerate(band.pieces):
+            grouped[(band.index, k)] = (p.i, len(by_row.setdefault(p.i, [])))
+            by_row[p.i].append(k)
         for s, (start, stop) in enumerate(plan.batches):
             dsk[(bands, band.index, s)] = (read_band, band, start, stop, *masks)
-            for k in range(len(band.pieces)):
-                dsk[(pieces, band.index, s, k)] = (operator.getitem, (bands, band.index, s), k)
+            for i, ks in by_row.items():
+                dsk[(rows, band.index, s, i)] = (_pick, (bands, band.index, s), tuple(ks))
     for i, j, w in layout:
         if (name, 0, 0, i, j) in dsk:
             continue
-        keys, where = [], []
+        keys, where, picks = [], [], []
         for b, k in plan.of_window[(i, j)]:
-            rows = plan.bands[b].pieces[k].window_rows
+            window_rows = plan.bands[b].pieces[k].window_rows
+            row, at = grouped[(b, k)]
             for s, (start, stop) in enumerate(plan.batches):
-                keys.append((pieces, b, s, k))
-                where.append((start, stop, *rows))
+                keys.append((rows, b, s, row))
+                picks.append(at)
+                where.append((start, stop, *window_rows))
         shape = (n_scenes, count, w.height, w.width)
         dsk[(name, 0, 0, i, j)] = (
-            assemble, shape, (mask, i, j) if mask else None, tuple(where), keys
+            _assemble_picked, shape, (mask, i, j) if mask else None, tuple(where), tuple(picks),
+            keys,
         )  # fmt: skip
     return dsk
+
+
+def _pick(pieces: list, ks: tuple[int, ...]) -> tuple:
+    """The pieces ``ks`` of a band's read (one window row's share of the band)."""
+    return tuple(pieces[k] for k in ks)
+
+
+def _assemble_picked(shape, mask, where, picks, groups) -> np.ndarray:
+    """:func:`~treesits_dask.io.reader.assemble` from the piece ``picks[k]`` of ``groups[k]``."""
+    return assemble(shape, mask, where, [g[k] for g, k in zip(groups, picks, strict=True)])
 
 
 def days_since_epoch(dates: Sequence[dt.date]) -> np.ndarray:
