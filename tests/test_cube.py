@@ -391,6 +391,9 @@ def test_bands_that_do_not_fit_memory_spill_and_are_decoded_once(tmp_path, block
     fn, *args = graph[band_key]
     pieces = fn(*args)
     assert all(p.base is None for p in pieces)  # copies: spilling one frees its memory
+    # each piece is a task of its own whose result is the array: a window unspills its pieces only
+    picks = [k for k in graph if str(k[0]).startswith("read-row-")]
+    assert len(picks) == sum(len(b.pieces) for b in spill.bands) * len(spill.batches)
     before = datasets.DECODED.snapshot()[1]
     with dask.config.set({"distributed.worker.memory.target": 1e-6}):
         cluster = LocalCluster(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
+import operator
 from collections.abc import Sequence
 
 import numpy as np
@@ -239,9 +240,9 @@ def _read_graph(
     """The tasks of :func:`tile_cube`: per band and batch of scenes a read task; per window row
     that crosses the band a task that picks the pieces of that row's windows out of it (so that a
     window pulls only its row's share of a band from another worker, and a tile has two of these
-    per band, not one per window: each small task costs the worker a dispatch); per window a task
-    that puts its pieces together.  A band that is one whole window is read by the window's own
-    task."""
+    per band, not one per window: each small task costs the worker a dispatch; where the plan
+    spills, one per piece); per window a task that puts its pieces together.  A band that is one
+    whole window is read by the window's own task."""
     bands, rows = name.replace("read-", "read-band-", 1), name.replace("read-", "read-row-", 1)
     n_scenes, count = len(reader.boa), reader.grid.count
     read_band = functools.partial(reader.read_band, own=True) if plan.spills else reader.read_band
@@ -251,7 +252,7 @@ def _read_graph(
             args = (w, (mask, i, j)) if mask else (w,)
             dsk[(name, 0, 0, i, j)] = (reader.read, *args)
         return dsk
-    # (band, piece) -> (window row, position of the piece in that row's group)
+    # (band, piece) -> (its group: a window row, or the piece itself; its position in the group)
     grouped: dict[tuple[int, int], tuple[int, int]] = {}
     for band in plan.bands:
         masks = [(mask, p.i, p.j) for p in band.pieces] if mask else []
@@ -259,24 +260,32 @@ def _read_graph(
             p = band.pieces[0]
             dsk[(name, 0, 0, p.i, p.j)] = (reader.read_band, band, 0, n_scenes, *masks)
             continue
-        by_row: dict[int, list[int]] = {}
+        by_group: dict[int, list[int]] = {}
         for k, p in enumerate(band.pieces):
-            grouped[(band.index, k)] = (p.i, len(by_row.setdefault(p.i, [])))
-            by_row[p.i].append(k)
+            # a plan that spills keeps each piece apart, as an array: a window unspills only its
+            # own pieces (a window row's group of them tripled what a window unspilled, and the
+            # worker at 600 scenes and 3 GiB was restarted at 95 %)
+            g = k if plan.spills else p.i
+            grouped[(band.index, k)] = (g, len(by_group.setdefault(g, [])))
+            by_group[g].append(k)
         for s, (start, stop) in enumerate(plan.batches):
             dsk[(bands, band.index, s)] = (read_band, band, start, stop, *masks)
-            for i, ks in by_row.items():
-                dsk[(rows, band.index, s, i)] = (_pick, (bands, band.index, s), tuple(ks))
+            for g, ks in by_group.items():
+                dsk[(rows, band.index, s, g)] = (
+                    (operator.getitem, (bands, band.index, s), g)  # the piece, as it is
+                    if plan.spills
+                    else (_pick, (bands, band.index, s), tuple(ks))
+                )
     for i, j, w in layout:
         if (name, 0, 0, i, j) in dsk:
             continue
         keys, where, picks = [], [], []
         for b, k in plan.of_window[(i, j)]:
             window_rows = plan.bands[b].pieces[k].window_rows
-            row, at = grouped[(b, k)]
+            group, at = grouped[(b, k)]
             for s, (start, stop) in enumerate(plan.batches):
-                keys.append((rows, b, s, row))
-                picks.append(at)
+                keys.append((rows, b, s, group))
+                picks.append(None if plan.spills else at)
                 where.append((start, stop, *window_rows))
         shape = (n_scenes, count, w.height, w.width)
         dsk[(name, 0, 0, i, j)] = (
@@ -292,8 +301,10 @@ def _pick(pieces: list, ks: tuple[int, ...]) -> tuple:
 
 
 def _assemble_picked(shape, mask, where, picks, groups) -> np.ndarray:
-    """:func:`~treesits_dask.io.reader.assemble` from the piece ``picks[k]`` of ``groups[k]``."""
-    return assemble(shape, mask, where, [g[k] for g, k in zip(groups, picks, strict=True)])
+    """:func:`~treesits_dask.io.reader.assemble` from the piece ``picks[k]`` of ``groups[k]``
+    (None: ``groups[k]`` is the piece itself)."""
+    pieces = [g if k is None else g[k] for g, k in zip(groups, picks, strict=True)]
+    return assemble(shape, mask, where, pieces)
 
 
 def days_since_epoch(dates: Sequence[dt.date]) -> np.ndarray:
