@@ -36,7 +36,6 @@ __all__ = [
     "ReadPlan",
     "block_runs",
     "decoded_bytes",
-    "held_bytes_of",
     "plan_reads",
     "scene_batches",
 ]
@@ -94,6 +93,9 @@ class ReadPlan:
     #: hand out pieces that own their memory, so that Dask spills them to disk exactly (a view
     #: would keep its whole band in memory)
     spills: bool = False
+    #: bytes of the :data:`BANDS_HELD` bands of all scenes a reading worker holds (the memory
+    #: guard's figure; 0 where every band is a whole window)
+    held: int = 0
 
     def __post_init__(self) -> None:
         found: dict[tuple[int, int], list[tuple[int, int]]] = {}
@@ -143,12 +145,6 @@ def _band_rows(grid: TileGrid, layout: WindowLayout) -> list[tuple[int, int]]:
             out.append((start, edge))
             start = edge
     return out
-
-
-def held_bytes_of(grid: TileGrid, layout: WindowLayout, n_scenes: int) -> int:
-    """What :data:`BANDS_HELD` bands of all ``n_scenes`` scenes of a tile hold (int16)."""
-    rows = max(r1 - r0 for r0, r1 in _band_rows(grid, layout))
-    return BANDS_HELD * rows * grid.width * grid.count * 2 * n_scenes
 
 
 def scene_batches(n_scenes: int, per_scene: int, budget: int, min_batches: int = 1):
@@ -216,11 +212,12 @@ def plan_reads(
     held = BANDS_HELD * per_scene * n_scenes
     spills = held_bytes is not None and held > held_bytes
     if spills and (spill_bytes is None or held > held_bytes + spill_bytes):
-        return ReadPlan((), ((0, n_scenes),), by_window=True)
+        return ReadPlan((), ((0, n_scenes),), by_window=True, held=held)
     wanted = math.ceil(min_tasks / len(out))
     # a spilling task holds what it decoded and the pieces copied out of it: half the batch
     budget = task_bytes // 2 if spills else task_bytes
-    return ReadPlan(tuple(out), scene_batches(n_scenes, per_scene, budget, wanted), spills=spills)
+    batches = scene_batches(n_scenes, per_scene, budget, wanted)
+    return ReadPlan(tuple(out), batches, spills=spills, held=held)
 
 
 def block_runs(

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import InputDataError
 from . import storage
-from .bands import BANDS_HELD, ReadPlan, held_bytes_of, plan_reads
+from .bands import BANDS_HELD, ReadPlan, plan_reads
 from .crs import same_crs, short_crs
 from .datasets import OPEN_COUNTER, Counter, check_header, open_error, open_raster
 from .discovery import S2_BANDS, CubeDefinition, Scene
@@ -191,7 +191,7 @@ def tile_cube(
     )  # fmt: skip
     # tile, bands held, scenes, GiB they hold, GiB of memory and of spill disk a worker may fill
     sizes = (
-        grid.tile, BANDS_HELD, len(scenes), held_bytes_of(grid, layout, len(scenes)) / 2**30,
+        grid.tile, BANDS_HELD, len(scenes), plan.held / 2**30,
         (held_bytes or 0) / 2**30, (spill_bytes or 0) / 2**30,
     )  # fmt: skip
     if plan.by_window:
