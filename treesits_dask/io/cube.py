@@ -252,8 +252,9 @@ def _read_graph(
             args = (w, (mask, i, j)) if mask else (w,)
             dsk[(name, 0, 0, i, j)] = (reader.read, *args)
         return dsk
-    # (band, piece) -> (its group: a window row, or the piece itself; its position in the group)
-    grouped: dict[tuple[int, int], tuple[int, int]] = {}
+    # (band, piece) -> (its group: a window row, or the piece itself; its position in the group,
+    # None where the group's task result is the piece itself)
+    grouped: dict[tuple[int, int], tuple[int, int | None]] = {}
     for band in plan.bands:
         masks = [(mask, p.i, p.j) for p in band.pieces] if mask else []
         if plan.direct(band):
@@ -266,7 +267,8 @@ def _read_graph(
             # own pieces (a window row's group of them tripled what a window unspilled, and the
             # worker at 600 scenes and 3 GiB was restarted at 95 %)
             g = k if plan.spills else p.i
-            grouped[(band.index, k)] = (g, len(by_group.setdefault(g, [])))
+            at = len(by_group.setdefault(g, []))
+            grouped[(band.index, k)] = (g, None if plan.spills else at)
             by_group[g].append(k)
         for s, (start, stop) in enumerate(plan.batches):
             dsk[(bands, band.index, s)] = (read_band, band, start, stop, *masks)
@@ -285,7 +287,7 @@ def _read_graph(
             group, at = grouped[(b, k)]
             for s, (start, stop) in enumerate(plan.batches):
                 keys.append((rows, b, s, group))
-                picks.append(None if plan.spills else at)
+                picks.append(at)
                 where.append((start, stop, *window_rows))
         shape = (n_scenes, count, w.height, w.width)
         dsk[(name, 0, 0, i, j)] = (
