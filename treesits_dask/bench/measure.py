@@ -218,13 +218,14 @@ def decode_run(plan, client) -> dict:
     client.compute([d for a in arrays for d in a.to_delayed().ravel()], sync=True)
     seconds = time.perf_counter() - t0
     after, spilled_after = client.run(decoded), client.run(spilled)
+    modes = [read_mode(tile, reads) for tile in plan.tiles]
     return {
         "seconds": seconds,
         "decoded_bytes": sum(after[w][1] - before.get(w, (0, 0))[1] for w in after),
         "decoded_blocks": sum(after[w][0] - before.get(w, (0, 0))[0] for w in after),
-        "read_tasks": sum(read_mode(tile, reads)[1] for tile in plan.tiles),
+        "read_tasks": sum(tasks for _, tasks in modes),
         "spilled_bytes": sum(spilled_after[w] - spilled_before.get(w, 0) for w in spilled_after),
-        "read_modes": sorted({read_mode(tile, reads)[0] for tile in plan.tiles}),
+        "read_modes": sorted({mode for mode, _ in modes}),
     }
 
 
