@@ -33,8 +33,12 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(VENV)/bin/python -m treesits_dask demo --workdir demo-output
 
+# the suite runs on TEST_WORKERS pytest-xdist processes, a test module per process at a time (its
+# module-scoped clusters and cubes are made once), the longest modules first (tests/conftest.py)
+TEST_WORKERS ?= 2
+
 test: install-test lint
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: install-test
 	$(VENV)/bin/ruff check .
