@@ -66,6 +66,20 @@ def test_qai_every_flag_against_reference():
     np.testing.assert_array_equal(got, force_default)
 
 
+def test_qai_default_flags_on_every_value_in_any_shape():
+    """The screening of the reads against the bit formula on all 65536 values, as int16 (what
+    GDAL gives) and uint16, in the shape given; a flag that does not exist is an error."""
+    every = np.arange(2**16, dtype=np.uint16)
+    ref = np.array([_reference_invalid(int(v), DEFAULT_QAI_FLAGS) for v in every])
+    for values in (every, every.view(np.int16)):
+        got = qai_invalid(values.reshape(256, 256), DEFAULT_QAI_FLAGS)
+        assert got.shape == (256, 256) and got.dtype == bool
+        np.testing.assert_array_equal(got.ravel(), ref)
+    assert not qai_invalid(np.zeros((2, 3), np.int16), ()).any()
+    with pytest.raises(KeyError):
+        qai_invalid(every, ["CLOUDS"])
+
+
 @pytest.fixture()
 def hand_tile(tmp_path):
     """30x40 px tile, 3 scenes, COG-like 16x16 blocks (which do not divide the tile)."""
