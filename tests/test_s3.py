@@ -346,15 +346,15 @@ def test_a_block_row_of_a_force_sized_cog_is_one_request(s3_module_env, moto_end
     from treesits_dask.io.grid import TileGrid
     from treesits_dask.io.reader import WindowReader
     from treesits_dask.io.remote import clear_gdal_cache
+    from treesits_dask.synthetic.files import scene_profile
 
     width, height, rows = 3000, 1280, 256
     crs = rasterio.crs.CRS.from_epsg(3035)
     transform = Affine(10, 0, 4_526_026, 0, -10, 3_284_205)
     data = np.random.default_rng(1).integers(0, 3000, (10, height, width), dtype=np.int16)
     local = tmp_path / "boa.tif"
-    profile = dict(driver="GTiff", width=width, height=height, count=10, dtype="int16", crs=crs,
-                   transform=transform, tiled=True, blockxsize=256, blockysize=256,
-                   compress="ZSTD", predictor=2, interleave="pixel")  # fmt: skip
+    # the synthetic cube's FORCE >= 3.8 COG profile (256 px ZSTD blocks), 1280 rows high
+    profile = dict(scene_profile("cog", width, 10, transform, -9999, "EPSG:3035"), height=height)
     with rasterio.open(local, "w", **profile) as dst:
         dst.write(data)
     url = f"s3://{new_bucket('rows')}/boa.tif"
