@@ -429,6 +429,14 @@ def _bands_verdict(m: dict) -> str:
     return "; ".join(parts) + ("." if parts else "")
 
 
+def _gdal_option(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` of ``--gdal-option`` as a pair."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. GDAL_NUM_THREADS=2)")
+    return key.strip(), value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Measure GDAL /vsis3/ against fsspec (s3fs) file objects for reading FORCE "
@@ -487,6 +495,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--gdal-option",
         action="append",
+        type=_gdal_option,
         default=[],
         metavar="KEY=VALUE",
         help="GDAL configuration option for the readers (repeatable; the child processes do not "
@@ -546,7 +555,7 @@ def _local_cube(args, tmp: str) -> dict:
             "window": list(window),
             "qai_flags": list(qai_flags),
             "tuned_cache": args.tuned_cache,
-            "gdal_options": dict(o.split("=", 1) for o in args.gdal_option),
+            "gdal_options": dict(args.gdal_option),
         },
         "files": files,
         "object_bytes": sum(os.path.getsize(p) for p in files),
