@@ -154,3 +154,23 @@ def test_bench_real_small(tmp_path, capsys):
     # the window budget shrinks with the tile's area (the decision of a 3000 px tile)
     assert report["cases"]["600-cog"]["window_budget_mib"] == round(2048 * (300 / 3000) ** 2, 1)
     assert not (tmp_path / "w" / "cube-real-cog").exists()  # cubes deleted unless --keep
+
+
+def test_parallel_floor_gives_each_thread_an_even_share_of_the_bytes():
+    """The per-core floor on several threads splits the sample by uncompressed bytes: a BOA (10
+    bands) and QAI (1 band) list split as ``files[i::2]`` gave one thread every BOA, so the other
+    idled after a tenth of the time and the 'per core' floor was about half of a core's speed."""
+    from treesits_dask.bench.real import split_even
+
+    boa, qai = 10 * 3000 * 3000 * 2, 3000 * 3000 * 2
+    files = [(f"{d}_{kind}.tif", n) for d in range(8) for kind, n in (("BOA", boa), ("QAI", qai))]
+    sizes = dict(files)
+    for parts in (2, 3, 4):
+        groups = split_even(files, parts)
+        assert sorted(p for g in groups for p in g) == sorted(sizes)  # each file once
+        load = [sum(sizes[p] for p in g) for g in groups]
+        assert len(groups) == parts
+        assert max(load) - min(load) <= boa, (parts, load)  # within one file of each other
+    two = split_even(files, 2)
+    assert all(sum(p.endswith("_BOA.tif") for p in g) == 4 for g in two)
+    assert split_even(files[:1], 4) == [[files[0][0]]]  # no empty groups

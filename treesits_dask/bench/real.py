@@ -6,6 +6,8 @@ For each case and file layout (``strips``: FORCE < 3.8, LZW strips of 300 rows; 
 
 - ``decode_floor_mb_s_per_core``: one thread decoding every block of a sample of the same files
   once (BOA and QAI, whole block rows into a reused buffer): what a core can do at best;
+  ``decode_floor_parallel_mb_s_per_core``: the same sample on the benchmark's threads at once, split
+  evenly by bytes: what a core decodes while every core decodes;
 - ``read``: the pipeline's reads of every window of the tile on a LocalCluster (one worker, the
   threads ``run`` uses, the given memory limit), no model: seconds, uncompressed MB/s per core and
   its share of the floor, the bytes the reads decoded (blocks counted as the reads ask GDAL for
@@ -42,7 +44,7 @@ import numpy as np
 
 from .measure import bench_cluster, bench_models, decode_run, end_to_end, reset_vm_hwm, vm_hwm
 
-__all__ = ["decode_floor", "main", "parallel_floor"]
+__all__ = ["decode_floor", "main", "parallel_floor", "split_even"]
 
 WINDOW_BUDGET = 2 * 1024**3  # choose_window_shape's default
 
@@ -76,37 +78,55 @@ def decode_floor(files: list[str], seconds: float = 0.0) -> dict:
     return {"mb_s": nbytes / dt / 1e6, "mib": round(nbytes / 2**20, 1), "seconds": round(dt, 2)}
 
 
-def parallel_floor(files: list[str], threads: int) -> dict:
-    """:func:`decode_floor` on ``threads`` threads at once (each its share of ``files``): the
-    decode speed per core when every core decodes, under the same load from other processes as the
-    pipeline's reads (the single-thread floor overstates a core of a shared, busy machine)."""
+def split_even(files: list[tuple[str, int]], parts: int) -> list[list[str]]:
+    """``files`` (path, uncompressed bytes) in ``parts`` groups of about equal bytes (largest file
+    first to the lightest group).  A plain ``files[i::parts]`` of a BOA, QAI, BOA, QAI... list
+    gives one thread every BOA (10 bands) and the other every QAI (1 band): the second is done
+    after a tenth of the time and the first then decodes alone."""
+    groups: list[list[str]] = [[] for _ in range(max(1, parts))]
+    load = [0] * len(groups)
+    for path, nbytes in sorted(files, key=lambda f: -f[1]):
+        k = load.index(min(load))
+        groups[k].append(path)
+        load[k] += nbytes
+    return [g for g in groups if g]
+
+
+def parallel_floor(files: list[tuple[str, int]], threads: int) -> dict:
+    """:func:`decode_floor` on ``threads`` threads at once, the ``files`` (path, uncompressed
+    bytes) split evenly by bytes (:func:`split_even`): the decode speed per core when every core
+    decodes, under the same load from other processes as the pipeline's reads."""
     from concurrent.futures import ThreadPoolExecutor
 
-    groups = [files[i::threads] for i in range(threads)]
+    groups = split_even(files, threads)
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
+    with ThreadPoolExecutor(len(groups)) as pool:
         parts = list(pool.map(decode_floor, groups))
     dt = time.perf_counter() - t0
     mib = sum(p["mib"] for p in parts)
-    return {"mb_s": mib * 2**20 / dt / 1e6 / threads, "mib": round(mib, 1), "seconds": round(dt, 2)}
+    return {
+        "mb_s": mib * 2**20 / dt / 1e6 / len(groups),
+        "mib": round(mib, 1),
+        "seconds": round(dt, 2),
+        "thread_seconds": [p["seconds"] for p in parts],
+    }
 
 
 def _reset_peak() -> bool:
     return reset_vm_hwm()
 
 
-def _files_bytes(plan) -> tuple[list[str], int]:
-    """The scene files of the plan and their uncompressed bytes (every band of every pixel)."""
-    files, total = [], 0
+def _files_bytes(plan, scenes: int | None = None) -> tuple[list[tuple[str, int]], int]:
+    """The scene files of the plan (of its first ``scenes`` scenes per tile; None: all) with their
+    uncompressed bytes (every band of every pixel), and the sum of these."""
+    files = []
     for t in plan.tiles:
         px = t.grid.width * t.grid.height * 2
-        for s in t.scenes:
-            files.append(s.boa)
-            total += px * t.grid.count
+        for s in t.scenes[:scenes]:
+            files.append((s.boa, px * t.grid.count))
             if s.qai and plan.config.qai_flags:
-                files.append(s.qai)
-                total += px
-    return files, total
+                files.append((s.qai, px))
+    return files, sum(n for _, n in files)
 
 
 def _reads(plan, args, memory_limit: str, cores: int) -> dict:
@@ -115,7 +135,7 @@ def _reads(plan, args, memory_limit: str, cores: int) -> dict:
     from ..pipeline.reading import read_budget, worker_disks
 
     files, total = _files_bytes(plan)
-    sample = files[: 2 * args.floor_scenes]
+    sample, _ = _files_bytes(plan, args.floor_scenes)
     floors, pfloors, runs, peaks = [], [], [], []
     cluster, client = bench_cluster(1, args.threads, memory_limit)
     try:
@@ -123,7 +143,7 @@ def _reads(plan, args, memory_limit: str, cores: int) -> dict:
         limit = next(iter(info.values()))["memory_limit"]
         budget = read_budget(plan.config, info, Routing(), worker_disks(client))
         for i in range(args.repeat):
-            floors.append(decode_floor(sample))
+            floors.append(decode_floor([f for f, _ in sample]))
             pfloors.append(parallel_floor(sample, cores))
             _log(
                 f"  floor {floors[-1]['mb_s']:.0f} MB/s one thread, {pfloors[-1]['mb_s']:.0f} "
