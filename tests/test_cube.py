@@ -368,6 +368,49 @@ def test_read_budget_of_the_reading_workers(tmp_path):
     assert got.spill_bytes == int(1 * gib * SPILL_SHARE) // 2 and got.threads == 11
 
 
+def test_windows_of_all_scenes_must_fit_the_inference_workers():
+    """A window holds every scene: where three per thread exceed 60 % of an inference worker's
+    memory limit, the tile is refused with the sizes and the settings that fix it (measured: 600
+    scenes in 200 x 200 px windows restart a 2-thread worker at 3 and 4 GiB, not at 5 GiB)."""
+    from treesits_dask.pipeline.cluster import Routing
+    from treesits_dask.pipeline.reading import window_memory_problem
+
+    gib = 2**30
+
+    def workers(limit, threads, res=None):
+        return {"w": {"memory_limit": limit, "nthreads": threads, "resources": res or {}}}
+
+    msg = window_memory_problem(600, 10, (200, 200), workers(3 * gib, 2), Routing())
+    assert msg is not None
+    for part in ("600 scenes", "200x200", "458 MiB", "3.0 GiB", "2 thread",
+                 "at least 4.5 GiB", "--memory-limit", "kubernetes.cpu.memory_limit",
+                 "at most 1 thread(s)", "--threads-per-worker", "--window"):  # fmt: skip
+        assert part in msg, (part, msg)
+    assert window_memory_problem(600, 10, (200, 200), workers(4 * gib, 2), Routing())
+    assert window_memory_problem(600, 10, (200, 200), workers(5 * gib, 2), Routing()) is None
+    assert window_memory_problem(60, 10, (200, 200), workers(3 * gib, 2), Routing()) is None
+    # not even one thread fits: no advice to use fewer threads
+    one = window_memory_problem(600, 10, (250, 250), workers(1 * gib, 1), Routing())
+    assert one is not None and "at most" not in one and "--memory-limit" in one
+    # the default Kubernetes groups at 600 scenes of a 3000 px tile in 250 x 250 px windows
+    kube = {
+        "cpu": {"memory_limit": 48 * gib, "nthreads": 6, "resources": {"CPU": 6}},
+        "gpu": {"memory_limit": 44 * gib, "nthreads": 2, "resources": {"GPU": 1}},
+    }
+    for routing in (Routing(), Routing(read={"CPU": 1}, predict={"GPU": 0.5})):
+        assert window_memory_problem(600, 10, (250, 250), kube, routing) is None
+    # only the workers that predict count: small GPU workers refuse what big CPU workers hold
+    kube["gpu"]["memory_limit"] = 4 * gib
+    gpu = Routing(read={"CPU": 1}, predict={"GPU": 0.5})
+    assert window_memory_problem(600, 10, (250, 250), kube, gpu) is not None
+    kube["cpu"]["memory_limit"] = 4 * gib
+    assert window_memory_problem(600, 10, (250, 250), kube, gpu) is not None
+    kube["gpu"]["memory_limit"] = 44 * gib  # inference on GPU workers: the small CPU ones read
+    assert window_memory_problem(600, 10, (250, 250), kube, gpu) is None
+    # unrouted inference may land on any worker, the small one too
+    assert window_memory_problem(600, 10, (250, 250), kube, Routing()) is not None
+
+
 @pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["strips", "tiles"])
 def test_bands_that_do_not_fit_memory_spill_and_are_decoded_once(tmp_path, blocks, caplog):
     """Bands of all scenes that exceed the reading worker's memory but fit with its spill disk

@@ -268,3 +268,33 @@ def test_precision_is_recorded_in_run_report_and_settings_digest(
     assert plan.config_digest == legacy != record["config_digest"]
     tf32 = load_config(overrides={**common, "precision": "tf32"}, environ={})
     assert len({make_plan(c).config_digest for c in (config, fp32, tf32)}) == 3
+
+
+def test_a_tile_whose_windows_do_not_fit_the_workers_is_refused_before_reading(
+    small_cube, native_lstm, tmp_path, client, monkeypatch
+):
+    """Where the windows of all scenes do not fit the inference workers' memory (see
+    ``test_cube.py::test_windows_of_all_scenes_must_fit_the_inference_workers``; here the share
+    they may fill is made tiny so that the 60 px test windows overflow it), each tile fails at once
+    with the sizes and the settings to change, nothing is read or recorded, and the run exits
+    with an error instead of restarting workers until Dask gives up."""
+    from treesits_dask.bench.measure import decoded
+    from treesits_dask.pipeline import reading
+    from treesits_dask.pipeline.run import RunError
+
+    monkeypatch.setattr(reading, "WINDOW_SHARE", 1e-6)
+    out = tmp_path / "out"
+    config = load_config(
+        overrides=dict(cube=small_cube.root, tiles="all", output=str(out), model=native_lstm,
+                       model_family="native", mask_dir=small_cube.mask_dir, window="60x60"),
+        environ={},
+    )  # fmt: skip
+    before = sum(b for _, b in client.run(decoded).values())
+    with pytest.raises(RunError) as err:
+        run(config, client=client)
+    assert sum(b for _, b in client.run(decoded).values()) == before  # nothing read
+    text = str(err.value)
+    for tile in small_cube.tiles:
+        assert f"{tile}: a window of all 10 scenes is 60x60 px" in text
+    assert "--memory-limit" in text and "--window" in text
+    assert MapRepo(str(out)).records() == {}

@@ -216,6 +216,7 @@ def _case(args, name: str, size: int, scenes: int, layout: str, memory_limit: st
     from ..config import load_config
     from ..io.grid import choose_window_shape
     from ..pipeline.plan import make_plan
+    from ..pipeline.run import RunError
     from ..synthetic import make_cube
 
     cores = args.threads
@@ -260,7 +261,12 @@ def _case(args, name: str, size: int, scenes: int, layout: str, memory_limit: st
                            mask_dir=mask_dir),
             environ={},
         )  # fmt: skip
-        e2e = end_to_end(cfg, 1, args.threads, memory_limit)
+        try:
+            e2e = end_to_end(cfg, 1, args.threads, memory_limit)
+        except RunError as exc:  # e.g. windows of all scenes that the worker cannot hold
+            out["end_to_end"][family] = {"forest_fraction": forest, "error": str(exc)}
+            _log(f"[{name} {layout}] {family}: not run: {exc}")
+            continue
         out["end_to_end"][family] = {
             "forest_fraction": forest,
             "seconds": round(e2e["seconds"], 2),

@@ -42,7 +42,7 @@ from .cluster import (
 from .plan import RunPlan, TilePlan
 from .postprocess import update_derived
 from .predict import Inference, ModelPlugin, annotate, inference_stats, predict_layer
-from .reading import ReadBudget, read_budget, worker_disks
+from .reading import ReadBudget, read_budget, window_memory_problem, worker_disks
 from .report import RunResult, collect_inference
 
 __all__ = ["Job", "RunCallbacks", "run_tiles", "tile_graph"]
@@ -153,6 +153,17 @@ class _Scheduler:
         self.job, self.plan, self.routing, self.reads = job, job.plan, routing, reads
         self.client, self.cb, self.result, self.clock = client, cb, result, clock
         self.pending = list(self.plan.tiles)
+        if reads is not None:  # the windows of a tile must fit its inference workers' memory
+            workers = client.scheduler_info(n_workers=-1)["workers"]
+            for tile in list(self.pending):
+                problem = window_memory_problem(
+                    len(tile.scenes), tile.grid.count, tile.layout.shape, workers, routing
+                )
+                if problem:
+                    self.pending.remove(tile)
+                    log.error("tile %s not processed: %s", tile.tile, problem)
+                    self.result.failed[tile.tile] = problem
+                    cb.tile_failed(tile.tile, problem)
         self.state: dict[str, dict] = {}
         self.owner: dict = {}
         self.ac = as_completed()
