@@ -382,8 +382,8 @@ def test_windows_of_all_scenes_must_fit_the_inference_workers():
 
     msg = window_memory_problem(600, 10, (200, 200), workers(3 * gib, 2), Routing())
     assert msg is not None
-    for part in ("600 scenes", "200x200", "458 MiB", "3.0 GiB", "2 thread",
-                 "at least 4.5 GiB", "--memory-limit", "kubernetes.cpu.memory_limit",
+    for part in ("600 scenes", "200x200", "457.76 MiB", "3.00 GiB", "2 thread",
+                 "(2.68 GiB)", "at least 4.47 GiB", "--memory-limit", "kubernetes.cpu.memory_limit",
                  "at most 1 thread(s)", "--threads-per-worker", "--window"):  # fmt: skip
         assert part in msg, (part, msg)
     assert window_memory_problem(600, 10, (200, 200), workers(4 * gib, 2), Routing())

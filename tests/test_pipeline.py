@@ -273,20 +273,22 @@ def test_precision_is_recorded_in_run_report_and_settings_digest(
 def test_a_tile_whose_windows_do_not_fit_the_workers_is_refused_before_reading(
     small_cube, native_lstm, tmp_path, client, monkeypatch
 ):
-    """Where the windows of all scenes do not fit the inference workers' memory (see
-    ``test_cube.py::test_windows_of_all_scenes_must_fit_the_inference_workers``; here the share
-    they may fill is made tiny so that the 60 px test windows overflow it), each tile fails at once
-    with the sizes and the settings to change, nothing is read or recorded, and the run exits
-    with an error instead of restarting workers until Dask gives up."""
+    """Where the windows of all scenes do not fit the memory of a standing cluster's inference
+    workers (see ``test_cube.py::test_windows_of_all_scenes_must_fit_the_inference_workers``; here
+    the share they may fill is made tiny so that the 60 px test windows overflow it), each tile
+    fails at once with the sizes and the settings to change, nothing is read or recorded, and the
+    run exits with an error instead of restarting workers until Dask gives up."""
     from treesits_dask.bench.measure import decoded
     from treesits_dask.pipeline import reading
     from treesits_dask.pipeline.run import RunError
 
     monkeypatch.setattr(reading, "WINDOW_SHARE", 1e-6)
     out = tmp_path / "out"
+    # a standing cluster: only its workers know their memory, so the plan cannot check it
     config = load_config(
         overrides=dict(cube=small_cube.root, tiles="all", output=str(out), model=native_lstm,
-                       model_family="native", mask_dir=small_cube.mask_dir, window="60x60"),
+                       model_family="native", mask_dir=small_cube.mask_dir, window="60x60",
+                       scheduler_address=client.scheduler.address),
         environ={},
     )  # fmt: skip
     before = sum(b for _, b in client.run(decoded).values())
@@ -298,3 +300,33 @@ def test_a_tile_whose_windows_do_not_fit_the_workers_is_refused_before_reading(
         assert f"{tile}: a window of all 10 scenes is 60x60 px" in text
     assert "--memory-limit" in text and "--window" in text
     assert MapRepo(str(out)).records() == {}
+
+
+def test_windows_that_do_not_fit_the_local_workers_are_refused_by_the_plan(
+    small_cube, native_lstm, tmp_path
+):
+    """On a cluster the settings start (here a LocalCluster of 2-thread workers with a 4 MiB memory
+    limit, never started), the plan refuses the tiles whose windows of all scenes do not fit: the
+    run fails before any cluster or output exists, naming the sizes and what to change."""
+    from treesits_dask.errors import ConfigError, TreesitsError
+    from treesits_dask.pipeline.plan import make_plan
+
+    out = tmp_path / "out"
+
+    def config(limit):
+        return load_config(
+            overrides=dict(cube=small_cube.root, tiles="all", output=str(out), model=native_lstm,
+                           model_family="native", mask_dir=small_cube.mask_dir, window="60x60",
+                           workers=1, threads_per_worker=2, memory_limit=limit),
+            environ={},
+        )  # fmt: skip
+
+    # 3 windows x 2 threads x 10 scenes x 10 bands x 60 x 60 px x 2 bytes = 4.1 MiB
+    plan = make_plan(config("4MiB"))
+    assert plan.tiles == [] and set(plan.invalid) == set(small_cube.tiles)
+    assert all(isinstance(e, ConfigError) for e in plan.invalid.values())
+    assert "a window of all 10 scenes is 60x60 px x 10 bands" in str(plan.invalid["X0069_Y0043"])
+    with pytest.raises(TreesitsError, match="--memory-limit"):
+        run(config("4MiB"))
+    assert not out.exists()  # no output, and no cluster was started for it
+    assert [t.tile for t in make_plan(config("8MiB")).tiles] == list(small_cube.tiles)

@@ -378,11 +378,14 @@ def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
     if not checked:
         return RunPlan(window_shape=stored.chunk if stored else (0, 0), tiles=[],
                        output_grid=target, **common)  # fmt: skip
-    grids = {st.tile: grid for st, grid, _ in checked}
     first = checked[0][1]
     window_shape = _window_shape(config, stored, first, max(len(st.scenes) for st, _, _ in checked))
-    for grid in grids.values():
+    for _, grid, _ in checked:
         choose_window_shape(grid, window_shape, 1)  # same divisibility check for every tile
+    checked = _windows_fit_workers(config, checked, window_shape, invalid)
+    if not checked:
+        return RunPlan(window_shape=window_shape, tiles=[], output_grid=target, **common)
+    grids = {st.tile: grid for st, grid, _ in checked}
     output_grid, regions = _output_grid(
         definition, all_tiles, first, grids, window_shape, card, config.layers
     )
@@ -413,6 +416,28 @@ def _alerts(config: RunConfig, card, repo: MapRepo, st: _Staged, record, digests
         return None
     key = alert_key(digests["model_digest"], digests["config_digest"], st.fingerprint["mask"])
     return plan_alerts(repo, config, card, st.tile, st.listed, st.scenes, st.start, key, record)
+
+
+def _windows_fit_workers(config: RunConfig, checked: list, window_shape, invalid: dict) -> list:
+    """The ``checked`` tiles whose windows of all scenes fit the inference workers the settings
+    start (:func:`~treesits_dask.pipeline.reading.window_memory_problem`); the others go to
+    ``invalid`` with the sizes and the settings to change.  Nothing is left out for a standing
+    cluster (its workers are checked when the run connects)."""
+    from .cluster import expected_workers, routing_for
+    from .reading import window_memory_problem
+
+    workers = expected_workers(config)
+    if not workers:
+        return checked
+    routing = routing_for(config, workers)
+    kept = []
+    for st, grid, mask in checked:
+        problem = window_memory_problem(len(st.scenes), grid.count, window_shape, workers, routing)
+        if problem:
+            invalid[st.tile] = ConfigError(problem)
+        else:
+            kept.append((st, grid, mask))
+    return kept
 
 
 def _window_shape(

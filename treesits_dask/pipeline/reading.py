@@ -76,6 +76,7 @@ def window_memory_problem(
     worker again and again and the tile fails after minutes with ``KilledWorker`` (see
     :data:`WINDOW_SHARE`); this says so before anything is read, with the settings that fix it."""
     import psutil
+    from dask.utils import format_bytes
 
     nbytes = scenes * bands * window[0] * window[1] * 2
     every = list(workers.values())
@@ -103,16 +104,15 @@ def window_memory_problem(
         if fit
         else ""
     )
-    gib = 2**30
     return (
-        f"a window of all {scenes} scenes is {window[0]}x{window[1]} px x {bands} "
-        f"bands = {nbytes / 2**20:.0f} MiB, and an inference worker with {threads} thread(s) "
-        f"needs room for {WINDOWS_PER_THREAD} per thread ({held / gib:.1f} GiB), more than "
-        f"{WINDOW_SHARE:.0%} of its {limit / gib:.1f} GiB memory limit: Dask would restart it "
-        f"for memory until the tile fails. Give each inference worker at least "
-        f"{need / gib:.1f} GiB (--memory-limit; on Kubernetes kubernetes.cpu.memory_limit or "
-        f"kubernetes.gpu.memory_limit), or {fewer}fewer scenes per run (--start-date / "
-        "--end-date, where the model allows); a new output can take smaller windows (--window)"
+        f"a window of all {scenes} scenes is {window[0]}x{window[1]} px x {bands} bands = "
+        f"{format_bytes(nbytes)}, and an inference worker with {threads} thread(s) needs room for "
+        f"{WINDOWS_PER_THREAD} per thread ({format_bytes(held)}), more than {WINDOW_SHARE:.0%} of "
+        f"its {format_bytes(limit)} memory limit: Dask would restart it for memory until the tile "
+        f"fails. Give each inference worker at least {format_bytes(need)} (--memory-limit; on "
+        f"Kubernetes kubernetes.cpu.memory_limit or kubernetes.gpu.memory_limit), or {fewer}fewer "
+        "scenes per run (--start-date / --end-date, where the model allows); a new output can "
+        "take smaller windows (--window)"
     )
 
 
