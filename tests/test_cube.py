@@ -165,6 +165,33 @@ def test_window_shape_rules(hand_tile):
     assert choose_window_shape(grid, None, 3) == (30, 40)
 
 
+def test_auto_windows_keep_within_the_window_budget():
+    """``window: auto`` keeps a window of all scenes within what the inference workers can hold
+    (``window_bytes``): smaller square windows (divisors of the tile), strips only where they fit,
+    and nothing changes where the budget is large (the Kubernetes defaults at 600 scenes)."""
+    from treesits_dask.io.grid import TileGrid
+
+    def grid(size, block):
+        return TileGrid(tile="X0069_Y0043", crs_wkt="", transform=(10, 0, 0, 0, -10, 0),
+                        width=size, height=size, block_shape=block, count=10)  # fmt: skip
+
+    cog, strips = grid(600, (256, 256)), grid(3000, (300, 3000))
+    per_px = 600 * 10 * 2  # bytes of one pixel of all 600 scenes
+    assert choose_window_shape(cog, None, 600) == (200, 200)
+    small = choose_window_shape(cog, None, 600, window_bytes=322 * 2**20)
+    assert small == (150, 150) and 150 * 150 * per_px <= 322 * 2**20 < 200 * 200 * per_px
+    assert choose_window_shape(cog, None, 600, window_bytes=1) == (1, 1)
+    big = grid(3000, (256, 256))
+    assert choose_window_shape(big, None, 600, window_bytes=int(0.6 * 48 * 2**30 / 18)) == (
+        250,
+        250,
+    )
+    assert choose_window_shape(strips, None, 100) == (300, 3000)  # 1.8 GB of all 100 scenes
+    assert choose_window_shape(strips, None, 100, window_bytes=2 * 10**9) == (300, 3000)
+    assert choose_window_shape(strips, None, 100, window_bytes=10**9) == (250, 250)
+    assert choose_window_shape(strips, (600, 3000), 100, window_bytes=1) == (600, 3000)  # asked
+
+
 def test_missing_qai_is_an_error_unless_disabled(hand_tile):
     root, data, _ = hand_tile
     (root / "X0010_Y0010" / "20220502_LEVEL2_SEN2A_QAI.tif").unlink()

@@ -288,8 +288,8 @@ def test_one_output_for_years(backend, base_cube, models, client, tmp_path, monk
     history: list[tuple[str, Path]] = []  # (version snapshot, clean run of its inputs)
     budget = monkeypatch.setattr  # the lowered window budget (see BUDGET) for every run here
 
-    def auto_window(grid, requested, n_scenes, max_bytes=BUDGET, target=256):
-        return choose_window_shape(grid, requested, n_scenes, max_bytes, target)
+    def auto_window(grid, requested, n_scenes, max_bytes=BUDGET, target=256, **kw):
+        return choose_window_shape(grid, requested, n_scenes, max_bytes, target, **kw)
 
     budget(plan_module, "choose_window_shape", auto_window)
 

@@ -313,10 +313,10 @@ def test_windows_that_do_not_fit_the_local_workers_are_refused_by_the_plan(
 
     out = tmp_path / "out"
 
-    def config(limit):
+    def config(limit, window="60x60"):
         return load_config(
             overrides=dict(cube=small_cube.root, tiles="all", output=str(out), model=native_lstm,
-                           model_family="native", mask_dir=small_cube.mask_dir, window="60x60",
+                           model_family="native", mask_dir=small_cube.mask_dir, window=window,
                            workers=1, threads_per_worker=2, memory_limit=limit),
             environ={},
         )  # fmt: skip
@@ -330,3 +330,8 @@ def test_windows_that_do_not_fit_the_local_workers_are_refused_by_the_plan(
         run(config("4MiB"))
     assert not out.exists()  # no output, and no cluster was started for it
     assert [t.tile for t in make_plan(config("8MiB")).tiles] == list(small_cube.tiles)
+    # a new map with `window: auto` takes windows that fit instead: 30-row strips, not whole tiles
+    assert make_plan(config("1GiB", window="auto")).window_shape == (60, 60)
+    auto = make_plan(config("4MiB", window="auto"))
+    assert auto.window_shape == (30, 60) and not auto.invalid
+    assert [t.tile for t in auto.tiles] == list(small_cube.tiles)

@@ -8,6 +8,7 @@ alike (every window is also one chunk of the output store).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -109,12 +110,15 @@ def choose_window_shape(
     n_scenes: int,
     max_bytes: int = 2 * 1024**3,
     target: int = 256,
+    window_bytes: int | None = None,
 ) -> tuple[int, int]:
     """Window ``(rows, cols)``; both must divide the tile so that windows align with Zarr chunks.
 
     ``auto``: full-width strips of the file's strip height for striped files (FORCE < 3.8, decoded
     once per window) when a window of all scenes stays under ``max_bytes``; otherwise the largest
-    divisors of the tile size up to ``target`` pixels.
+    divisors of the tile size up to ``target`` pixels.  ``window_bytes`` (None: no limit): the
+    most a window of all scenes may hold (from the inference workers' memory): strips and square
+    windows both keep within it, down to one pixel.
     """
     if requested is not None:
         rows, cols = requested
@@ -136,7 +140,10 @@ def choose_window_shape(
             if grid.height % (k * bh) == 0
             and (k == 1 or k * bh * grid.width <= target * target)
             and k * bh * grid.width * bytes_per_px <= max_bytes
+            and (window_bytes is None or k * bh * grid.width * bytes_per_px <= window_bytes)
         ]
         if fits:
             return max(fits), grid.width
+    if window_bytes is not None:
+        target = max(1, min(target, math.isqrt(window_bytes // max(1, bytes_per_px))))
     return divisor_at_most(grid.height, target), divisor_at_most(grid.width, target)

@@ -443,9 +443,19 @@ def _windows_fit_workers(config: RunConfig, checked: list, window_shape, invalid
 def _window_shape(
     config: RunConfig, stored: OutputGrid | None, first: TileGrid, n_scenes: int
 ) -> tuple[int, int]:
-    """The window (= chunk) shape: the existing map's, whatever the scenes; else chosen."""
+    """The window (= chunk) shape: the existing map's, whatever the scenes; else chosen (``auto``:
+    within what the inference workers the settings start can hold, see
+    :func:`~treesits_dask.pipeline.reading.window_budget`)."""
     if stored is None:
-        return choose_window_shape(first, config.window_shape, n_scenes)
+        budget = None
+        if config.window_shape is None:
+            from .cluster import expected_workers, routing_for
+            from .reading import window_budget
+
+            workers = expected_workers(config)
+            if workers:
+                budget = window_budget(workers, routing_for(config, workers))
+        return choose_window_shape(first, config.window_shape, n_scenes, window_bytes=budget)
     if config.window_shape is not None and tuple(config.window_shape) != tuple(stored.chunk):
         rows, cols = stored.chunk
         raise ConfigError(

@@ -18,6 +18,7 @@ __all__ = [
     "WINDOW_SHARE",
     "ReadBudget",
     "read_budget",
+    "window_budget",
     "window_memory_problem",
     "worker_disks",
 ]
@@ -75,24 +76,13 @@ def window_memory_problem(
     windows per thread exceed :data:`WINDOW_SHARE` of a worker's memory limit, Dask restarts the
     worker again and again and the tile fails after minutes with ``KilledWorker`` (see
     :data:`WINDOW_SHARE`); this says so before anything is read, with the settings that fix it."""
-    import psutil
     from dask.utils import format_bytes
 
     nbytes = scenes * bands * window[0] * window[1] * 2
-    every = list(workers.values())
-    inferring = [
-        w
-        for w in every
-        if not routing.predict or all(k in (w.get("resources") or {}) for k in routing.predict)
-    ] or every
-    if not inferring or not nbytes:
+    smallest = _smallest_inference_worker(workers, routing)
+    if smallest is None or not nbytes:
         return None
-    total = psutil.virtual_memory().total
-    limit, threads = min(
-        ((int(w.get("memory_limit") or 0) or total, max(1, int(w.get("nthreads") or 1)))
-         for w in inferring),
-        key=lambda lt: lt[0] / lt[1],
-    )  # fmt: skip
+    limit, threads = smallest
     held = WINDOWS_PER_THREAD * threads * nbytes
     if held <= WINDOW_SHARE * limit:
         return None
@@ -114,6 +104,39 @@ def window_memory_problem(
         "scenes per run (--start-date / --end-date, where the model allows); a new output can "
         "take smaller windows (--window)"
     )
+
+
+def window_budget(workers: dict[str, dict], routing: Routing) -> int | None:
+    """The most a window of all scenes may hold on the inference workers (``workers`` as
+    ``scheduler_info()["workers"]`` describes them, under ``routing``): :data:`WINDOW_SHARE` of
+    the smallest memory limit per thread, over :data:`WINDOWS_PER_THREAD`; None without workers."""
+    smallest = _smallest_inference_worker(workers, routing)
+    if smallest is None:
+        return None
+    limit, threads = smallest
+    return int(WINDOW_SHARE * limit / (WINDOWS_PER_THREAD * threads))
+
+
+def _smallest_inference_worker(workers: dict[str, dict], routing: Routing):
+    """(memory limit, threads) of the worker that may predict (under ``routing``; all where none
+    advertises what it asks for) with the least memory per thread; a worker without a limit counts
+    with this machine's memory.  None without workers."""
+    import psutil
+
+    every = list(workers.values())
+    inferring = [
+        w
+        for w in every
+        if not routing.predict or all(k in (w.get("resources") or {}) for k in routing.predict)
+    ] or every
+    if not inferring:
+        return None
+    total = psutil.virtual_memory().total
+    return min(
+        ((int(w.get("memory_limit") or 0) or total, max(1, int(w.get("nthreads") or 1)))
+         for w in inferring),
+        key=lambda lt: lt[0] / lt[1],
+    )  # fmt: skip
 
 
 def worker_disks(client) -> dict[str, int]:
