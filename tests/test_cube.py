@@ -400,7 +400,7 @@ def test_windows_of_all_scenes_must_fit_the_inference_workers():
     memory limit, the tile is refused with the sizes and the settings that fix it (measured: 600
     scenes in 200 x 200 px windows restart a 2-thread worker at 3 and 4 GiB, not at 5 GiB)."""
     from treesits_dask.pipeline.cluster import Routing
-    from treesits_dask.pipeline.reading import window_memory_problem
+    from treesits_dask.pipeline.memory import window_memory_problem
 
     gib = 2**30
 

@@ -279,10 +279,10 @@ def test_a_tile_whose_windows_do_not_fit_the_workers_is_refused_before_reading(
     fails at once with the sizes and the settings to change, nothing is read or recorded, and the
     run exits with an error instead of restarting workers until Dask gives up."""
     from treesits_dask.bench.measure import decoded
-    from treesits_dask.pipeline import reading
+    from treesits_dask.pipeline import memory
     from treesits_dask.pipeline.run import RunError
 
-    monkeypatch.setattr(reading, "WINDOW_SHARE", 1e-6)
+    monkeypatch.setattr(memory, "WINDOW_SHARE", 1e-6)
     out = tmp_path / "out"
     # a standing cluster: only its workers know their memory, so the plan cannot check it
     config = load_config(

@@ -127,50 +127,6 @@ def local_cluster_kwargs(config: RunConfig) -> dict:
     }
 
 
-def expected_workers(config: RunConfig) -> dict[str, dict] | None:
-    """The workers the settings will start, as ``scheduler_info()["workers"]`` describes them
-    (memory limit, threads, resources), known on the driver before any cluster exists; None for
-    a standing cluster behind ``scheduler_address`` (only its workers know)."""
-    from distributed.worker_memory import parse_memory_limit
-
-    from ..config.kube_resources import parse_quantity
-
-    if config.scheduler_address:
-        return None
-    if config.cluster == "kubernetes":
-        k = config.kubernetes
-        res = k.worker_resources()
-        groups = {"cpu": (k.cpu.memory_limit, k.cpu.threads, res["cpu"])}
-        if k.gpu.enabled:
-            groups["gpu"] = (k.gpu.memory_limit, k.gpu.threads, res["gpu"])
-        return {
-            name: {"memory_limit": int(parse_quantity(mem)), "nthreads": threads,
-                   "resources": resources}
-            for name, (mem, threads, resources) in groups.items()
-        }  # fmt: skip
-    kw = local_cluster_kwargs(config)
-    threads = kw["threads_per_worker"]
-    gpu = bool(config.local_gpu_workers)
-    workers = {
-        f"cpu-{i}": {
-            "memory_limit": parse_memory_limit(kw["memory_limit"], threads, logger=log) or 0,
-            "nthreads": threads,
-            "resources": {READ_RESOURCE: threads} if gpu else {},
-        }
-        for i in range(kw["n_workers"])
-    }
-    for i in range(config.local_gpu_workers):
-        workers[f"gpu-{i}"] = {
-            "memory_limit": parse_memory_limit(
-                kw["memory_limit"], config.gpu_windows_in_flight, logger=log
-            )
-            or 0,
-            "nthreads": config.gpu_windows_in_flight,
-            "resources": {GPU_RESOURCE: 1},
-        }
-    return workers
-
-
 def _heterogeneous_local_cluster(config: RunConfig):
     """A CPU worker group (advertising ``CPU=threads``) and a group advertising ``GPU=1``, on this
     machine.

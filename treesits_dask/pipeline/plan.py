@@ -420,11 +420,11 @@ def _alerts(config: RunConfig, card, repo: MapRepo, st: _Staged, record, digests
 
 def _windows_fit_workers(config: RunConfig, checked: list, window_shape, invalid: dict) -> list:
     """The ``checked`` tiles whose windows of all scenes fit the inference workers the settings
-    start (:func:`~treesits_dask.pipeline.reading.window_memory_problem`); the others go to
+    start (:func:`~treesits_dask.pipeline.memory.window_memory_problem`); the others go to
     ``invalid`` with the sizes and the settings to change.  Nothing is left out for a standing
     cluster (its workers are checked when the run connects)."""
-    from .cluster import expected_workers, routing_for
-    from .reading import window_memory_problem
+    from .cluster import routing_for
+    from .memory import expected_workers, window_memory_problem
 
     workers = expected_workers(config)
     if not workers:
@@ -445,12 +445,12 @@ def _window_shape(
 ) -> tuple[int, int]:
     """The window (= chunk) shape: the existing map's, whatever the scenes; else chosen (``auto``:
     within what the inference workers the settings start can hold, see
-    :func:`~treesits_dask.pipeline.reading.window_budget`)."""
+    :func:`~treesits_dask.pipeline.memory.window_budget`)."""
     if stored is None:
         budget = None
         if config.window_shape is None:
-            from .cluster import expected_workers, routing_for
-            from .reading import window_budget
+            from .cluster import routing_for
+            from .memory import expected_workers, window_budget
 
             workers = expected_workers(config)
             if workers:

@@ -14,12 +14,8 @@ from .cluster import Routing
 __all__ = [
     "HELD_SHARE",
     "SPILL_SHARE",
-    "WINDOWS_PER_THREAD",
-    "WINDOW_SHARE",
     "ReadBudget",
     "read_budget",
-    "window_budget",
-    "window_memory_problem",
     "worker_disks",
 ]
 
@@ -48,95 +44,6 @@ HELD_SHARE = 0.75
 #: share of a reading worker's free local disk (on Kubernetes: of its scratch volume) that the
 #: bands it spills may fill (the rest: COG temp files, other tiles, the unexpected)
 SPILL_SHARE = 0.5
-
-
-#: windows of all scenes an inference thread needs room for: the window it puts together (its
-#: pieces and itself, both in memory), and the one it predicts or that waits for it
-WINDOWS_PER_THREAD = 3
-
-#: share of an inference worker's memory limit those windows may fill (the rest: the bands being
-#: read, the model, the worker itself).  Measured on a LocalCluster worker of 2 threads reading 600
-#: scenes of a 600 px tile in 200 x 200 px windows (458 MiB each): restarted for memory at 3 and
-#: 4 GiB (3 x 2 x 458 MiB > 60 % of it), finished at 5 GiB
-WINDOW_SHARE = 0.6
-
-
-def window_memory_problem(
-    scenes: int,
-    bands: int,
-    window: tuple[int, int],
-    workers: dict[str, dict],
-    routing: Routing,
-) -> str | None:
-    """Why the inference workers (``scheduler_info()["workers"]`` under ``routing``) cannot hold
-    the windows of all ``scenes`` of a tile that their threads work on at once, or None.
-
-    A window holds every scene (the models take whole series), so its memory grows with the scene
-    count while the window (the map's chunk) stays fixed.  Where :data:`WINDOWS_PER_THREAD`
-    windows per thread exceed :data:`WINDOW_SHARE` of a worker's memory limit, Dask restarts the
-    worker again and again and the tile fails after minutes with ``KilledWorker`` (see
-    :data:`WINDOW_SHARE`); this says so before anything is read, with the settings that fix it."""
-    from dask.utils import format_bytes
-
-    nbytes = scenes * bands * window[0] * window[1] * 2
-    smallest = _smallest_inference_worker(workers, routing)
-    if smallest is None or not nbytes:
-        return None
-    limit, threads = smallest
-    held = WINDOWS_PER_THREAD * threads * nbytes
-    if held <= WINDOW_SHARE * limit:
-        return None
-    need = held / WINDOW_SHARE
-    fit = int(WINDOW_SHARE * limit // (WINDOWS_PER_THREAD * nbytes))
-    fewer = (
-        f"at most {fit} thread(s) per worker (--threads-per-worker; kubernetes.cpu.threads, "
-        "gpu_windows_in_flight), or "
-        if fit
-        else ""
-    )
-    return (
-        f"a window of all {scenes} scenes is {window[0]}x{window[1]} px x {bands} bands = "
-        f"{format_bytes(nbytes)}, and an inference worker with {threads} thread(s) needs room for "
-        f"{WINDOWS_PER_THREAD} per thread ({format_bytes(held)}), more than {WINDOW_SHARE:.0%} of "
-        f"its {format_bytes(limit)} memory limit: Dask would restart it for memory until the tile "
-        f"fails. Give each inference worker at least {format_bytes(need)} (--memory-limit; on "
-        f"Kubernetes kubernetes.cpu.memory_limit or kubernetes.gpu.memory_limit), or {fewer}fewer "
-        "scenes per run (--start-date / --end-date, where the model allows); a new output can "
-        "take smaller windows (--window)"
-    )
-
-
-def window_budget(workers: dict[str, dict], routing: Routing) -> int | None:
-    """The most a window of all scenes may hold on the inference workers (``workers`` as
-    ``scheduler_info()["workers"]`` describes them, under ``routing``): :data:`WINDOW_SHARE` of
-    the smallest memory limit per thread, over :data:`WINDOWS_PER_THREAD`; None without workers."""
-    smallest = _smallest_inference_worker(workers, routing)
-    if smallest is None:
-        return None
-    limit, threads = smallest
-    return int(WINDOW_SHARE * limit / (WINDOWS_PER_THREAD * threads))
-
-
-def _smallest_inference_worker(workers: dict[str, dict], routing: Routing):
-    """(memory limit, threads) of the worker that may predict (under ``routing``; all where none
-    advertises what it asks for) with the least memory per thread; a worker without a limit counts
-    with this machine's memory.  None without workers."""
-    import psutil
-
-    every = list(workers.values())
-    inferring = [
-        w
-        for w in every
-        if not routing.predict or all(k in (w.get("resources") or {}) for k in routing.predict)
-    ] or every
-    if not inferring:
-        return None
-    total = psutil.virtual_memory().total
-    return min(
-        ((int(w.get("memory_limit") or 0) or total, max(1, int(w.get("nthreads") or 1)))
-         for w in inferring),
-        key=lambda lt: lt[0] / lt[1],
-    )  # fmt: skip
 
 
 def worker_disks(client) -> dict[str, int]:

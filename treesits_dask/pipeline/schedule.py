@@ -39,10 +39,11 @@ from .cluster import (
     wait_for_workers,
     worker_environment,
 )
+from .memory import window_memory_problem
 from .plan import RunPlan, TilePlan
 from .postprocess import update_derived
 from .predict import Inference, ModelPlugin, annotate, inference_stats, predict_layer
-from .reading import ReadBudget, read_budget, window_memory_problem, worker_disks
+from .reading import ReadBudget, read_budget, worker_disks
 from .report import RunResult, collect_inference
 
 __all__ = ["Job", "RunCallbacks", "run_tiles", "tile_graph"]

@@ -1,0 +1,158 @@
+"""What the workers of a run can hold of the windows of all scenes: a window holds every scene
+(the models take whole series) and is the map's chunk, fixed when the map is made, so its memory
+grows with the scene count.  ``window: auto`` keeps a new map's windows within the
+:func:`window_budget` of the inference workers the settings start (:func:`expected_workers`), and a
+tile whose windows exceed what its inference workers can hold is refused before anything is read
+(:func:`window_memory_problem`: by the plan where the settings say which workers, by the
+scheduler loop on a standing cluster) instead of restarting workers until Dask gives up."""
+
+from __future__ import annotations
+
+import logging
+
+from ..config import RunConfig
+from ..config.kubernetes import GPU_RESOURCE, READ_RESOURCE
+from .cluster import Routing, local_cluster_kwargs
+
+__all__ = [
+    "WINDOWS_PER_THREAD",
+    "WINDOW_SHARE",
+    "expected_workers",
+    "window_budget",
+    "window_memory_problem",
+]
+
+log = logging.getLogger(__name__)
+
+
+#: windows of all scenes an inference thread needs room for: the window it puts together (its
+#: pieces and itself, both in memory), and the one it predicts or that waits for it
+WINDOWS_PER_THREAD = 3
+
+#: share of an inference worker's memory limit those windows may fill (the rest: the bands being
+#: read, the model, the worker itself).  Measured on a LocalCluster worker of 2 threads reading 600
+#: scenes of a 600 px tile in 200 x 200 px windows (458 MiB each): restarted for memory at 3 and
+#: 4 GiB (3 x 2 x 458 MiB > 60 % of it), finished at 5 GiB
+WINDOW_SHARE = 0.6
+
+
+def window_memory_problem(
+    scenes: int,
+    bands: int,
+    window: tuple[int, int],
+    workers: dict[str, dict],
+    routing: Routing,
+) -> str | None:
+    """Why the inference workers (``scheduler_info()["workers"]`` under ``routing``) cannot hold
+    the windows of all ``scenes`` of a tile that their threads work on at once, or None.
+
+    A window holds every scene (the models take whole series), so its memory grows with the scene
+    count while the window (the map's chunk) stays fixed.  Where :data:`WINDOWS_PER_THREAD`
+    windows per thread exceed :data:`WINDOW_SHARE` of a worker's memory limit, Dask restarts the
+    worker again and again and the tile fails after minutes with ``KilledWorker`` (see
+    :data:`WINDOW_SHARE`); this says so before anything is read, with the settings that fix it."""
+    from dask.utils import format_bytes
+
+    nbytes = scenes * bands * window[0] * window[1] * 2
+    smallest = _smallest_inference_worker(workers, routing)
+    if smallest is None or not nbytes:
+        return None
+    limit, threads = smallest
+    held = WINDOWS_PER_THREAD * threads * nbytes
+    if held <= WINDOW_SHARE * limit:
+        return None
+    need = held / WINDOW_SHARE
+    fit = int(WINDOW_SHARE * limit // (WINDOWS_PER_THREAD * nbytes))
+    fewer = (
+        f"at most {fit} thread(s) per worker (--threads-per-worker; kubernetes.cpu.threads, "
+        "gpu_windows_in_flight), or "
+        if fit
+        else ""
+    )
+    return (
+        f"a window of all {scenes} scenes is {window[0]}x{window[1]} px x {bands} bands = "
+        f"{format_bytes(nbytes)}, and an inference worker with {threads} thread(s) needs room for "
+        f"{WINDOWS_PER_THREAD} per thread ({format_bytes(held)}), more than {WINDOW_SHARE:.0%} of "
+        f"its {format_bytes(limit)} memory limit: Dask would restart it for memory until the tile "
+        f"fails. Give each inference worker at least {format_bytes(need)} (--memory-limit; on "
+        f"Kubernetes kubernetes.cpu.memory_limit or kubernetes.gpu.memory_limit), or {fewer}fewer "
+        "scenes per run (--start-date / --end-date, where the model allows); a new output can "
+        "take smaller windows (--window)"
+    )
+
+
+def window_budget(workers: dict[str, dict], routing: Routing) -> int | None:
+    """The most a window of all scenes may hold on the inference workers (``workers`` as
+    ``scheduler_info()["workers"]`` describes them, under ``routing``): :data:`WINDOW_SHARE` of
+    the smallest memory limit per thread, over :data:`WINDOWS_PER_THREAD`; None without workers."""
+    smallest = _smallest_inference_worker(workers, routing)
+    if smallest is None:
+        return None
+    limit, threads = smallest
+    return int(WINDOW_SHARE * limit / (WINDOWS_PER_THREAD * threads))
+
+
+def _smallest_inference_worker(workers: dict[str, dict], routing: Routing):
+    """(memory limit, threads) of the worker that may predict (under ``routing``; all where none
+    advertises what it asks for) with the least memory per thread; a worker without a limit counts
+    with this machine's memory.  None without workers."""
+    import psutil
+
+    every = list(workers.values())
+    inferring = [
+        w
+        for w in every
+        if not routing.predict or all(k in (w.get("resources") or {}) for k in routing.predict)
+    ] or every
+    if not inferring:
+        return None
+    total = psutil.virtual_memory().total
+    return min(
+        ((int(w.get("memory_limit") or 0) or total, max(1, int(w.get("nthreads") or 1)))
+         for w in inferring),
+        key=lambda lt: lt[0] / lt[1],
+    )  # fmt: skip
+
+
+def expected_workers(config: RunConfig) -> dict[str, dict] | None:
+    """The workers the settings will start, as ``scheduler_info()["workers"]`` describes them
+    (memory limit, threads, resources), known on the driver before any cluster exists; None for
+    a standing cluster behind ``scheduler_address`` (only its workers know)."""
+    from distributed.worker_memory import parse_memory_limit
+
+    from ..config.kube_resources import parse_quantity
+
+    if config.scheduler_address:
+        return None
+    if config.cluster == "kubernetes":
+        k = config.kubernetes
+        res = k.worker_resources()
+        groups = {"cpu": (k.cpu.memory_limit, k.cpu.threads, res["cpu"])}
+        if k.gpu.enabled:
+            groups["gpu"] = (k.gpu.memory_limit, k.gpu.threads, res["gpu"])
+        return {
+            name: {"memory_limit": int(parse_quantity(mem)), "nthreads": threads,
+                   "resources": resources}
+            for name, (mem, threads, resources) in groups.items()
+        }  # fmt: skip
+    kw = local_cluster_kwargs(config)
+    threads = kw["threads_per_worker"]
+    gpu = bool(config.local_gpu_workers)
+    workers = {
+        f"cpu-{i}": {
+            "memory_limit": parse_memory_limit(kw["memory_limit"], threads, logger=log) or 0,
+            "nthreads": threads,
+            "resources": {READ_RESOURCE: threads} if gpu else {},
+        }
+        for i in range(kw["n_workers"])
+    }
+    for i in range(config.local_gpu_workers):
+        workers[f"gpu-{i}"] = {
+            "memory_limit": parse_memory_limit(
+                kw["memory_limit"], config.gpu_windows_in_flight, logger=log
+            )
+            or 0,
+            "nthreads": config.gpu_windows_in_flight,
+            "resources": {GPU_RESOURCE: 1},
+        }
+    return workers
