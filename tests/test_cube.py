@@ -165,11 +165,15 @@ def test_window_shape_rules(hand_tile):
     assert choose_window_shape(grid, None, 3) == (30, 40)
 
 
-def test_auto_windows_keep_within_the_window_budget():
+def test_auto_windows_keep_within_the_window_budget(tmp_path):
     """``window: auto`` keeps a window of all scenes within what the inference workers can hold
-    (``window_bytes``): smaller square windows (divisors of the tile), strips only where they fit,
-    and nothing changes where the budget is large (the Kubernetes defaults at 600 scenes)."""
+    (``window_bytes``, from :func:`~treesits_dask.pipeline.memory.window_budget`): smaller square
+    windows (divisors of the tile), strips only where they fit, and nothing changes where the
+    budget is large (the Kubernetes defaults at 600 scenes)."""
+    from treesits_dask.config import RunConfig
     from treesits_dask.io.grid import TileGrid
+    from treesits_dask.pipeline.cluster import Routing, routing_for
+    from treesits_dask.pipeline.memory import expected_workers, window_budget
 
     def grid(size, block):
         return TileGrid(tile="X0069_Y0043", crs_wkt="", transform=(10, 0, 0, 0, -10, 0),
@@ -181,11 +185,18 @@ def test_auto_windows_keep_within_the_window_budget():
     small = choose_window_shape(cog, None, 600, window_bytes=322 * 2**20)
     assert small == (150, 150) and 150 * 150 * per_px <= 322 * 2**20 < 200 * 200 * per_px
     assert choose_window_shape(cog, None, 600, window_bytes=1) == (1, 1)
-    big = grid(3000, (256, 256))
-    assert choose_window_shape(big, None, 600, window_bytes=int(0.6 * 48 * 2**30 / 18)) == (
-        250,
-        250,
-    )
+    # 2-thread 3 GiB workers: the 100 px windows that ran without a restart there
+    three = {"w": {"memory_limit": 3 * 2**30, "nthreads": 2, "resources": {}}}
+    assert choose_window_shape(cog, None, 600, window_bytes=window_budget(three, Routing())) == (
+        100, 100,
+    )  # fmt: skip
+    # the Kubernetes defaults: 250 px windows of a 3000 px tile at 600 scenes, as without a budget
+    kube = RunConfig(cube="/x", model="m.pt", output=str(tmp_path / "o"), cluster="kubernetes")
+    workers = expected_workers(kube)
+    budget = window_budget(workers, routing_for(kube, workers))
+    assert choose_window_shape(grid(3000, (256, 256)), None, 600, window_bytes=budget) == (
+        250, 250,
+    )  # fmt: skip
     assert choose_window_shape(strips, None, 100) == (300, 3000)  # 1.8 GB of all 100 scenes
     assert choose_window_shape(strips, None, 100, window_bytes=2 * 10**9) == (300, 3000)
     assert choose_window_shape(strips, None, 100, window_bytes=10**9) == (250, 250)

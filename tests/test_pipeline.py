@@ -330,8 +330,13 @@ def test_windows_that_do_not_fit_the_local_workers_are_refused_by_the_plan(
         run(config("4MiB"))
     assert not out.exists()  # no output, and no cluster was started for it
     assert [t.tile for t in make_plan(config("8MiB")).tiles] == list(small_cube.tiles)
-    # a new map with `window: auto` takes windows that fit instead: 30-row strips, not whole tiles
+    # a new map with `window: auto` takes windows that fit instead (with room for the series to
+    # grow): strips of fewer rows, not whole tiles
+    from treesits_dask.pipeline.memory import AUTO_WINDOW_SHARE, WINDOWS_PER_THREAD
+
     assert make_plan(config("1GiB", window="auto")).window_shape == (60, 60)
     auto = make_plan(config("4MiB", window="auto"))
-    assert auto.window_shape == (30, 60) and not auto.invalid
+    rows, cols = auto.window_shape
+    assert cols == 60 and rows < 60 and 60 % rows == 0 and not auto.invalid
+    assert WINDOWS_PER_THREAD * 2 * rows * cols * 10 * 10 * 2 <= AUTO_WINDOW_SHARE * 4 * 2**20
     assert [t.tile for t in auto.tiles] == list(small_cube.tiles)

@@ -15,6 +15,7 @@ from ..config.kubernetes import GPU_RESOURCE, READ_RESOURCE
 from .cluster import Routing, local_cluster_kwargs
 
 __all__ = [
+    "AUTO_WINDOW_SHARE",
     "WINDOWS_PER_THREAD",
     "WINDOW_SHARE",
     "expected_workers",
@@ -32,8 +33,14 @@ WINDOWS_PER_THREAD = 3
 #: share of an inference worker's memory limit those windows may fill (the rest: the bands being
 #: read, the model, the worker itself).  Measured on a LocalCluster worker of 2 threads reading 600
 #: scenes of a 600 px tile in 200 x 200 px windows (458 MiB each): restarted for memory at 3 and
-#: 4 GiB (3 x 2 x 458 MiB > 60 % of it), finished at 5 GiB
+#: 4 GiB (3 x 2 x 458 MiB > 60 % of it), finished at 5 GiB (sits-lstm, 2 % forest)
 WINDOW_SHARE = 0.6
+
+#: the share ``window: auto`` leaves those windows when it makes a map: half of what is refused,
+#: because the window stays the map's for years while its series grows (measured as above, 2
+#: threads, 3 GiB: 100 x 100 px windows ran without a restart, 150 x 150 px ones were restarted
+#: twice, 200 x 200 px ones four times until the tile failed)
+AUTO_WINDOW_SHARE = 0.3
 
 
 def window_memory_problem(
@@ -81,15 +88,17 @@ def window_memory_problem(
     )
 
 
-def window_budget(workers: dict[str, dict], routing: Routing) -> int | None:
+def window_budget(
+    workers: dict[str, dict], routing: Routing, share: float = AUTO_WINDOW_SHARE
+) -> int | None:
     """The most a window of all scenes may hold on the inference workers (``workers`` as
-    ``scheduler_info()["workers"]`` describes them, under ``routing``): :data:`WINDOW_SHARE` of
-    the smallest memory limit per thread, over :data:`WINDOWS_PER_THREAD`; None without workers."""
+    ``scheduler_info()["workers"]`` describes them, under ``routing``): ``share`` of the smallest
+    memory limit per thread, over :data:`WINDOWS_PER_THREAD`; None without workers."""
     smallest = _smallest_inference_worker(workers, routing)
     if smallest is None:
         return None
     limit, threads = smallest
-    return int(WINDOW_SHARE * limit / (WINDOWS_PER_THREAD * threads))
+    return int(share * limit / (WINDOWS_PER_THREAD * threads))
 
 
 def _smallest_inference_worker(workers: dict[str, dict], routing: Routing):
