@@ -135,6 +135,25 @@ class Job:
         self.plan, self.grid, self.run_id, self.lease = plan, grid, run_id, lease
 
 
+def _windows_fit(plan: RunPlan, client, routing: Routing, cb, result: RunResult) -> list[TilePlan]:
+    """The tiles of ``plan`` whose windows of all scenes fit the memory of the cluster's inference
+    workers; the others fail at once, before anything is read, with the sizes and the settings to
+    change (the plan checks this already where the settings say which workers; a standing
+    cluster's workers are known only here)."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    kept = []
+    for tile in plan.tiles:
+        shape = tile.layout.shape
+        problem = window_memory_problem(len(tile.scenes), tile.grid.count, shape, workers, routing)
+        if problem is None:
+            kept.append(tile)
+            continue
+        log.error("tile %s not processed: %s", tile.tile, problem)
+        result.failed[tile.tile] = problem
+        cb.tile_failed(tile.tile, problem)
+    return kept
+
+
 class _Scheduler:
     """Submits the tiles of a plan, a bounded number at a time, and follows their futures:
     windows -> commit (driver) -> COGs; COG-only tiles go straight to their COGs."""
@@ -153,18 +172,7 @@ class _Scheduler:
 
         self.job, self.plan, self.routing, self.reads = job, job.plan, routing, reads
         self.client, self.cb, self.result, self.clock = client, cb, result, clock
-        self.pending = list(self.plan.tiles)
-        if reads is not None:  # the windows of a tile must fit its inference workers' memory
-            workers = client.scheduler_info(n_workers=-1)["workers"]
-            for tile in list(self.pending):
-                problem = window_memory_problem(
-                    len(tile.scenes), tile.grid.count, tile.layout.shape, workers, routing
-                )
-                if problem:
-                    self.pending.remove(tile)
-                    log.error("tile %s not processed: %s", tile.tile, problem)
-                    self.result.failed[tile.tile] = problem
-                    cb.tile_failed(tile.tile, problem)
+        self.pending = _windows_fit(self.plan, client, routing, cb, result)
         self.state: dict[str, dict] = {}
         self.owner: dict = {}
         self.ac = as_completed()
