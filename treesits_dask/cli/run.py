@@ -61,7 +61,10 @@ _RUN_FLAGS = [
     ("--batch-size", dict(type=int, help="pixels per model batch (default 2048)")),
     (
         "--window",
-        dict(help="window size: auto (default), N or ROWSxCOLS pixels; must divide the tile"),
+        dict(
+            help="window size: auto (default; within what the inference workers can hold of "
+            "all scenes), N or ROWSxCOLS pixels; must divide the tile; a map keeps its window"
+        ),
     ),
     (
         "--workers",
