@@ -66,13 +66,25 @@ def test_qai_every_flag_against_reference():
     np.testing.assert_array_equal(got, force_default)
 
 
-def test_qai_default_flags_on_every_value_in_any_shape():
+@pytest.mark.parametrize(
+    "flags",
+    [
+        DEFAULT_QAI_FLAGS,
+        ("CLOUD_OPAQUE",),  # one state of a two-bit field
+        ("CLOUD_BUFFER", "CLOUD_CIRRUS", "WATER"),
+        ("AEROSOL_INT", "AEROSOL_HIGH", "AEROSOL_FILL", "ILLUMINATION_SHADOW", "SLOPE"),
+        tuple(QAI_FLAGS),
+    ],
+    ids=["default", "opaque", "buffer-cirrus-water", "aerosol-shadow-slope", "all"],
+)
+def test_qai_flags_on_every_value_in_any_shape(flags):
     """The screening of the reads against the bit formula on all 65536 values, as int16 (what
-    GDAL gives) and uint16, in the shape given; a flag that does not exist is an error."""
+    GDAL gives) and uint16, in the shape given, for whole fields (one AND) and single states of a
+    field alike; a flag that does not exist is an error."""
     every = np.arange(2**16, dtype=np.uint16)
-    ref = np.array([_reference_invalid(int(v), DEFAULT_QAI_FLAGS) for v in every])
+    ref = np.array([_reference_invalid(int(v), flags) for v in every])
     for values in (every, every.view(np.int16)):
-        got = qai_invalid(values.reshape(256, 256), DEFAULT_QAI_FLAGS)
+        got = qai_invalid(values.reshape(256, 256), flags)
         assert got.shape == (256, 256) and got.dtype == bool
         np.testing.assert_array_equal(got.ravel(), ref)
     assert not qai_invalid(np.zeros((2, 3), np.int16), ()).any()

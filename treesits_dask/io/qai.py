@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -38,8 +39,31 @@ def qai_invalid(qai: np.ndarray, flags: Sequence[str]) -> np.ndarray:
         if np.asarray(qai).dtype == np.int16
         else np.asarray(qai, np.uint16)
     )
-    out = np.zeros(q.shape, dtype=bool)
-    for flag in flags:
-        shift, mask, value = _QAI_FIELDS[flag]
+    any_bits, exact = _compiled(tuple(flags))
+    if any_bits:
+        out = np.bitwise_and(q, np.uint16(any_bits)).astype(bool)
+    else:
+        out = np.zeros(q.shape, dtype=bool)
+    for shift, mask, value in exact:
         out |= ((q >> shift) & mask) == value
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(flags: tuple[str, ...]) -> tuple[int, tuple[tuple[int, int, int], ...]]:
+    """``flags`` as (the bits of whole fields, any of which screens; the (shift, mask, value) of
+    the others).  A field all of whose non-zero values are flagged (a one-bit flag; the three
+    cloud states; the three aerosol or illumination states) screens where any of its bits is set:
+    the default flags become one AND over the QAI instead of three passes per flag (the
+    screening ran at about 1.3 ms per 256 x 3000 px band of QAI, 7 % of a COG read)."""
+    fields: dict[tuple[int, int], set[int]] = {}
+    for flag in flags:
+        shift, mask, value = _QAI_FIELDS[flag]
+        fields.setdefault((shift, mask), set()).add(value)
+    any_bits, exact = 0, []
+    for (shift, mask), values in fields.items():
+        if values == set(range(1, mask + 1)):
+            any_bits |= mask << shift
+        else:
+            exact += [(shift, mask, v) for v in sorted(values)]
+    return any_bits, tuple(exact)
