@@ -23,7 +23,9 @@ full-width strip windows only while a window of all scenes fits 2 GiB (119 scene
 case lowers that window budget by the area ratio (2 GiB x (size / 3000)^2), so that it takes the
 same decision a 3000 px tile of that many scenes takes (250 x 250 px windows), and runs with a
 lower memory limit (``--regime-memory-limit``), so that a band of all scenes does not fit one read
-task and is read in batches of scenes.
+task and is read in batches of scenes.  Both cases also keep a window of all scenes within what the
+worker can hold, as ``run`` does with the same settings (``pipeline.memory.window_budget``: 100 x
+100 px at 600 scenes on a 3 GiB, 2-thread worker).
 
 Floor and reads alternate ``--repeat`` times; the fastest of each is kept (shared machine).
 Cubes are deleted after their case unless ``--keep``.  Prints JSON.
@@ -215,6 +217,8 @@ def _sbert_mask(cube, fraction: float, seed: int = 7) -> str:
 def _case(args, name: str, size: int, scenes: int, layout: str, memory_limit: str, workdir: Path):
     from ..config import load_config
     from ..io.grid import choose_window_shape
+    from ..pipeline.cluster import routing_for
+    from ..pipeline.memory import expected_workers, window_budget
     from ..pipeline.plan import make_plan
     from ..pipeline.run import RunError
     from ..synthetic import make_cube
@@ -232,10 +236,16 @@ def _case(args, name: str, size: int, scenes: int, layout: str, memory_limit: st
     _log(f"[{name} {layout}] {size} px x {scenes} scenes written in {generated:.0f} s")
     models = bench_models(workdir, ["sits-lstm", "sbert"])
     base = dict(cube=cube.root, tiles="all", workers=1, threads_per_worker=args.threads,
-                dashboard_address=":0", **models["sits-lstm"])  # fmt: skip
+                memory_limit=memory_limit, dashboard_address=":0",
+                **models["sits-lstm"])  # fmt: skip
     probe = make_plan(load_config(overrides=dict(base, output=str(root / "probe")), environ={}))
     budget = int(WINDOW_BUDGET * (size / 3000) ** 2)
-    window = choose_window_shape(probe.tiles[0].grid, None, scenes, max_bytes=budget)
+    # as `run` chooses with these settings: within what the worker can hold of all scenes
+    workers = expected_workers(probe.config)
+    window_bytes = window_budget(workers, routing_for(probe.config, workers))
+    window = choose_window_shape(
+        probe.tiles[0].grid, None, scenes, max_bytes=budget, window_bytes=window_bytes
+    )
     base["window"] = f"{window[0]}x{window[1]}"
     plan = make_plan(load_config(overrides=dict(base, output=str(root / "o")), environ={}))
     out = {
@@ -245,6 +255,10 @@ def _case(args, name: str, size: int, scenes: int, layout: str, memory_limit: st
         "block_shape": list(plan.tiles[0].grid.block_shape),
         "window": list(window),
         "window_budget_mib": round(budget / 2**20, 1),
+        "window_bytes_budget_mib": round(window_bytes / 2**20, 1),
+        "window_mib": round(
+            scenes * plan.tiles[0].grid.count * window[0] * window[1] * 2 / 2**20, 1
+        ),
         "windows": len(plan.tiles[0].layout),
         "generated_s": round(generated, 1),
         "generator_processes": _processes(size, scenes),
