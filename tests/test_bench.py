@@ -144,6 +144,11 @@ def test_bench_real_small(tmp_path, capsys):
                     "read_mb_s_per_core", "read_over_floor", "read_over_parallel_floor",
                     "worker_peak_rss_mib"):  # fmt: skip
             assert read[fig] > 0, (key, fig)
+        assert len(read["read_over_parallel_floor_paired"]) == len(read["read_s_runs"]) == 1
+        assert all(v > 0 for v in read["read_over_floor_paired"]), key
+        assert read["decode_floor_sample_mib"] == read["uncompressed_mib"], (
+            key
+        )  # all 6 or 40 scenes
         assert read["peak_rss_within_limit"], key
         # 150 px windows of a 300 px tile of 256 px blocks: read in bands, held in memory
         assert case["windows"] == 4 and read["read_modes"] == ["bands"], key

@@ -5,9 +5,11 @@ For each case and file layout (``strips``: FORCE < 3.8, LZW strips of 300 rows; 
 >= 3.8, ZSTD 256 px blocks) this writes a synthetic tile (in parallel processes) and reports:
 
 - ``decode_floor_mb_s_per_core``: one thread decoding every block of a sample of the same files
-  once (BOA and QAI, whole block rows into a reused buffer): what a core can do at best;
+  once (BOA and QAI, whole block rows into a reused buffer; ``--floor-scenes`` scenes, more where
+  they hold less than ``--floor-mib``): what a core can do at best;
   ``decode_floor_parallel_mb_s_per_core``: the same sample on the benchmark's threads at once, split
-  evenly by bytes: what a core decodes while every core decodes;
+  evenly by bytes: what a core decodes while every core decodes; ``*_paired``: each read against
+  the floors measured just before it;
 - ``read``: the pipeline's reads of every window of the tile on a LocalCluster (one worker, the
   threads ``run`` uses, the given memory limit), no model: seconds, uncompressed MB/s per core and
   its share of the floor, the bytes the reads decoded (blocks counted as the reads ask GDAL for
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -137,7 +140,11 @@ def _reads(plan, args, memory_limit: str, cores: int) -> dict:
     from ..pipeline.reading import read_budget, worker_disks
 
     files, total = _files_bytes(plan)
-    sample, _ = _files_bytes(plan, args.floor_scenes)
+    # at least --floor-scenes scenes and --floor-mib of uncompressed bytes: a small tile's sample of
+    # 8 scenes (60 MiB at 600 px) took a fraction of a second on two threads
+    per_scene = total / max(1, max(len(t.scenes) for t in plan.tiles))
+    n = max(args.floor_scenes, math.ceil(args.floor_mib * 2**20 / max(1.0, per_scene)))
+    sample, _ = _files_bytes(plan, n)
     floors, pfloors, runs, peaks = [], [], [], []
     cluster, client = bench_cluster(1, args.threads, memory_limit)
     try:
@@ -168,6 +175,8 @@ def _reads(plan, args, memory_limit: str, cores: int) -> dict:
     floor = max(f["mb_s"] for f in floors)
     pfloor = max(f["mb_s"] for f in pfloors)
     per_core = total / best["seconds"] / 1e6 / cores
+    # each read against the floors measured just before it (a shared machine's speed drifts)
+    rounds = [total / r["seconds"] / 1e6 / cores for r in runs]
     return {
         "uncompressed_mib": round(total / 2**20, 1),
         "files": len(files),
@@ -181,6 +190,12 @@ def _reads(plan, args, memory_limit: str, cores: int) -> dict:
         "decode_floor_parallel_mb_s_per_core": round(pfloor, 1),
         "decode_floor_parallel_runs": [round(f["mb_s"], 1) for f in pfloors],
         "read_over_parallel_floor": round(per_core / pfloor, 3),
+        "read_over_floor_paired": [
+            round(v / f["mb_s"], 3) for v, f in zip(rounds, floors, strict=True)
+        ],
+        "read_over_parallel_floor_paired": [
+            round(v / f["mb_s"], 3) for v, f in zip(rounds, pfloors, strict=True)
+        ],
         "decoded_mib": round(best["decoded_bytes"] / 2**20, 1),
         "decode_amplification": round(best["decoded_bytes"] / total, 4),
         "read_tasks": best["read_tasks"],
@@ -323,6 +338,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sbert-forest", type=float, default=0.002, help="mask share for sbert")
     p.add_argument("--forest-scale", type=float, default=250.0, help="forest patch width (px)")
     p.add_argument("--floor-scenes", type=int, default=8, help="scenes of the decode floor sample")
+    p.add_argument(
+        "--floor-mib", type=float, default=1536.0,
+        help="the floor sample holds at least this many MiB uncompressed (more scenes if needed)",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="default: as `run` (min(cores, 4))")
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--workdir", default=None)
