@@ -13,6 +13,7 @@ import logging
 from ..config import RunConfig
 from ..config.kubernetes import GPU_RESOURCE, READ_RESOURCE
 from .cluster import Routing, local_cluster_kwargs
+from .reading import memory_and_threads, routed_workers
 
 __all__ = [
     "AUTO_WINDOW_SHARE",
@@ -102,25 +103,16 @@ def window_budget(
 
 
 def _smallest_inference_worker(workers: dict[str, dict], routing: Routing):
-    """(memory limit, threads) of the worker that may predict (under ``routing``; all where none
-    advertises what it asks for) with the least memory per thread; a worker without a limit counts
-    with this machine's memory.  None without workers."""
+    """(memory limit, threads) of the worker that may predict under ``routing`` with the least
+    memory per thread (a worker without a limit counts with this machine's memory); None without
+    workers."""
     import psutil
 
-    every = list(workers.values())
-    inferring = [
-        w
-        for w in every
-        if not routing.predict or all(k in (w.get("resources") or {}) for k in routing.predict)
-    ] or every
+    inferring = routed_workers(list(workers.values()), routing.predict)
     if not inferring:
         return None
     total = psutil.virtual_memory().total
-    return min(
-        ((int(w.get("memory_limit") or 0) or total, max(1, int(w.get("nthreads") or 1)))
-         for w in inferring),
-        key=lambda lt: lt[0] / lt[1],
-    )  # fmt: skip
+    return min((memory_and_threads(w, total) for w in inferring), key=lambda lt: lt[0] / lt[1])
 
 
 def expected_workers(config: RunConfig) -> dict[str, dict] | None:

@@ -15,7 +15,9 @@ __all__ = [
     "HELD_SHARE",
     "SPILL_SHARE",
     "ReadBudget",
+    "memory_and_threads",
     "read_budget",
+    "routed_workers",
     "worker_disks",
 ]
 
@@ -57,6 +59,21 @@ def worker_disks(client) -> dict[str, int]:
     return client.run(free)
 
 
+def routed_workers(workers: list[dict], resources: dict | None) -> list[dict]:
+    """The ``workers`` (as ``scheduler_info()["workers"]`` describes them) that advertise every
+    resource of ``resources`` (None: any worker); all of them where none does."""
+    return [
+        w
+        for w in workers
+        if not resources or all(k in (w.get("resources") or {}) for k in resources)
+    ] or workers
+
+
+def memory_and_threads(worker: dict, total: int) -> tuple[int, int]:
+    """(memory limit, threads) of a worker; one without a limit counts with ``total``."""
+    return int(worker.get("memory_limit") or 0) or total, max(1, int(worker.get("nthreads") or 1))
+
+
 def read_budget(
     config: RunConfig,
     workers: dict[str, dict],
@@ -70,16 +87,10 @@ def read_budget(
     import psutil
 
     total = psutil.virtual_memory().total
-    every = [w | {"address": a} for a, w in workers.items()]
-    reading = [
-        w
-        for w in every
-        if not routing.read or all(k in (w.get("resources") or {}) for k in routing.read)
-    ] or every
+    reading = routed_workers([w | {"address": a} for a, w in workers.items()], routing.read)
     if not reading:
         return ReadBudget(int(total * config.read_memory), 1, total, int(total * HELD_SHARE))
-    limits = [(int(w.get("memory_limit") or 0) or total, max(1, int(w.get("nthreads") or 1)))
-              for w in reading]  # fmt: skip
+    limits = [memory_and_threads(w, total) for w in reading]
     task = min(int(limit * config.read_memory) // threads for limit, threads in limits)
     smallest = min(limit for limit, _ in limits)
     # tiles in flight spread over the reading workers; each holds the bands of its share
