@@ -379,10 +379,12 @@ def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
         return RunPlan(window_shape=stored.chunk if stored else (0, 0), tiles=[],
                        output_grid=target, **common)  # fmt: skip
     first = checked[0][1]
-    window_shape = _window_shape(config, stored, first, max(len(st.scenes) for st, _, _ in checked))
+    expected = _expected_workers(config)  # (workers, routing) the settings start, or None
+    n_scenes = max(len(st.scenes) for st, _, _ in checked)
+    window_shape = _window_shape(config, stored, first, n_scenes, expected)
     for _, grid, _ in checked:
         choose_window_shape(grid, window_shape, 1)  # same divisibility check for every tile
-    checked = _windows_fit_workers(config, checked, window_shape, invalid)
+    checked = _windows_fit_workers(checked, window_shape, invalid, expected)
     if not checked:
         return RunPlan(window_shape=window_shape, tiles=[], output_grid=target, **common)
     grids = {st.tile: grid for st, grid, _ in checked}
@@ -418,18 +420,27 @@ def _alerts(config: RunConfig, card, repo: MapRepo, st: _Staged, record, digests
     return plan_alerts(repo, config, card, st.tile, st.listed, st.scenes, st.start, key, record)
 
 
-def _windows_fit_workers(config: RunConfig, checked: list, window_shape, invalid: dict) -> list:
-    """The ``checked`` tiles whose windows of all scenes fit the inference workers the settings
-    start (:func:`~treesits_dask.pipeline.memory.window_memory_problem`); the others go to
-    ``invalid`` with the sizes and the settings to change.  Nothing is left out for a standing
-    cluster (its workers are checked when the run connects)."""
+def _expected_workers(config: RunConfig):
+    """(the workers the settings start, their routing), or None for a standing cluster (see
+    :func:`~treesits_dask.pipeline.memory.expected_workers`)."""
     from .cluster import routing_for
-    from .memory import expected_workers, window_memory_problem
+    from .memory import expected_workers
 
     workers = expected_workers(config)
-    if not workers:
+    return (workers, routing_for(config, workers)) if workers else None
+
+
+def _windows_fit_workers(checked: list, window_shape, invalid: dict, expected) -> list:
+    """The ``checked`` tiles whose windows of all scenes fit the inference workers the settings
+    start (``expected``: :func:`_expected_workers`; see
+    :func:`~treesits_dask.pipeline.memory.window_memory_problem`); the others go to ``invalid``
+    with the sizes and the settings to change.  Nothing is left out for a standing cluster (its
+    workers are checked when the run connects)."""
+    from .memory import window_memory_problem
+
+    if expected is None:
         return checked
-    routing = routing_for(config, workers)
+    workers, routing = expected
     kept = []
     for st, grid, mask in checked:
         problem = window_memory_problem(len(st.scenes), grid.count, window_shape, workers, routing)
@@ -441,20 +452,17 @@ def _windows_fit_workers(config: RunConfig, checked: list, window_shape, invalid
 
 
 def _window_shape(
-    config: RunConfig, stored: OutputGrid | None, first: TileGrid, n_scenes: int
+    config: RunConfig, stored: OutputGrid | None, first: TileGrid, n_scenes: int, expected=None
 ) -> tuple[int, int]:
     """The window (= chunk) shape: the existing map's, whatever the scenes; else chosen (``auto``:
-    within what the inference workers the settings start can hold, see
-    :func:`~treesits_dask.pipeline.memory.window_budget`)."""
+    within what the inference workers the settings start, ``expected`` (see
+    :func:`_expected_workers`), can hold: :func:`~treesits_dask.pipeline.memory.window_budget`)."""
     if stored is None:
-        budget = None
-        if config.window_shape is None:
-            from .cluster import routing_for
-            from .memory import expected_workers, window_budget
+        from .memory import window_budget
 
-            workers = expected_workers(config)
-            if workers:
-                budget = window_budget(workers, routing_for(config, workers))
+        budget = None
+        if config.window_shape is None and expected is not None:
+            budget = window_budget(*expected)
         return choose_window_shape(first, config.window_shape, n_scenes, window_bytes=budget)
     if config.window_shape is not None and tuple(config.window_shape) != tuple(stored.chunk):
         rows, cols = stored.chunk
