@@ -19,6 +19,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import dask
+from dask.utils import parse_timedelta
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from ..config import RunConfig
@@ -321,6 +323,10 @@ def describe(config: RunConfig) -> dict:
     }
 
 
+#: seconds a cluster started here waits for a lost worker to come back (see :func:`connect`)
+LOST_WORKER_TIMEOUT_S = 600
+
+
 @contextlib.contextmanager
 def connect(config: RunConfig) -> Iterator:
     """Yield a ``distributed.Client`` for the configured cluster.
@@ -328,10 +334,29 @@ def connect(config: RunConfig) -> Iterator:
     A cluster started here (LocalCluster, local worker groups, a driver's own DaskCluster) is
     closed on exit; a standing cluster behind ``scheduler_address`` is only disconnected from.
     """
-    from distributed import Client, LocalCluster
-
     env = worker_environment(config)
     storage.apply_environment(env)  # the driver, and LocalCluster workers (they inherit it)
+    # a LocalCluster closes a lost worker's nanny for good if the worker it restarts has not
+    # registered within this timeout (distributed's 15 s is less than a restart can take on a
+    # loaded machine: spawning, importing torch, the plugins); the run then went on a worker short
+    lost = "distributed.deploy.lost-worker-timeout"
+    patient = max(parse_timedelta(dask.config.get(lost, "15s")) or 0, LOST_WORKER_TIMEOUT_S)
+    with dask.config.set({lost: f"{patient}s"}):
+        client, cluster = _start(config)
+        try:
+            client.register_plugin(EnvPlugin(env))
+            client.register_plugin(TaskErrorLog())
+            yield client
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+
+
+def _start(config: RunConfig):
+    """(client, cluster started here or None) for the configured kind of cluster."""
+    from distributed import Client, LocalCluster
+
     cluster = None
     if config.scheduler_address:
         client = Client(config.scheduler_address)
@@ -370,11 +395,4 @@ def connect(config: RunConfig) -> Iterator:
             kwargs["threads_per_worker"],
             client.dashboard_link,
         )
-    try:
-        client.register_plugin(EnvPlugin(env))
-        client.register_plugin(TaskErrorLog())
-        yield client
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+    return client, cluster
