@@ -23,12 +23,14 @@ import numpy as np
 import pytest
 import rasterio
 
+from tests.conftest import local_client
 from treesits_dask.cli import main
 from treesits_dask.config import load_config
 from treesits_dask.io import cube, discovery
 from treesits_dask.outputs.repo import MapRepo
 from treesits_dask.outputs.schema import TileRegion
 from treesits_dask.pipeline import predict
+from treesits_dask.pipeline.cluster import LOST_WORKER_TIMEOUT_S
 from treesits_dask.pipeline.plan import make_plan
 from treesits_dask.pipeline.run import RunCallbacks, RunError, run
 from treesits_dask.state.lease import LEASE_NAME
@@ -138,7 +140,22 @@ class _KillWorker(RunCallbacks):
             os.kill(pids[addr], signal.SIGKILL)
 
 
-def test_worker_killed_mid_run(fault_cube, native_lstm, client, clean_run, tmp_path):
+@pytest.fixture
+def own_client():
+    """A LocalCluster of its own for the test that kills a worker, so that the module's cluster,
+    which the later tests share, does not depend on how that restart went. (A CI run hung in this
+    test, and the next test on the same cluster hung too.) Its lost-worker timeout is the one
+    ``connect`` gives the clusters it starts (see the test below)."""
+    import dask
+
+    timeout = f"{LOST_WORKER_TIMEOUT_S}s"
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": timeout}), local_client() as c:
+        yield c
+
+
+@pytest.mark.timeout(300)
+def test_worker_killed_mid_run(fault_cube, native_lstm, own_client, clean_run, tmp_path):
+    client = own_client
     out = tmp_path / "out"
     before = client.run(os.getpid)
     assert len(before) == 2
@@ -152,7 +169,7 @@ def test_worker_killed_mid_run(fault_cube, native_lstm, client, clean_run, tmp_p
     _assert_same_outputs(out, clean_run)
 
     # the nanny restarted the worker: a new process, with both plugins applied and the model loaded
-    client.wait_for_workers(2, timeout=60)
+    client.wait_for_workers(2, timeout=180)
     after = client.run(os.getpid)
     assert cb.killed[1] not in after.values()
     assert len(set(after.values()) - set(before.values())) == 1
@@ -174,6 +191,44 @@ def test_worker_killed_mid_run(fault_cube, native_lstm, client, clean_run, tmp_p
             break
         time.sleep(0.2)
     assert ok, states
+
+
+def test_a_worker_whose_restart_is_slow_comes_back(fault_cube, native_lstm, tmp_path):
+    """The run's own LocalCluster (``connect``) keeps a killed worker's nanny while the worker
+    restarts slowly: held back 20 s here (a worker preload), more than distributed's 15 s
+    ``lost-worker-timeout``, after which LocalCluster used to close the nanny for good."""
+    import dask
+
+    from treesits_dask.pipeline.cluster import connect
+
+    assert LOST_WORKER_TIMEOUT_S > 20
+    flag = tmp_path / "slow"
+    preload = tmp_path / "slow_restart.py"
+    preload.write_text(
+        "import os, time\n"
+        "def dask_setup(worker):\n"
+        f"    if os.path.exists({str(flag)!r}):\n"
+        "        time.sleep(20)\n"
+    )
+    config = _config(
+        fault_cube.root, fault_cube.mask_dir, native_lstm, tmp_path / "out",
+        workers=2, threads_per_worker=1,
+    )  # fmt: skip
+    with dask.config.set({"distributed.worker.preload": [str(preload)]}), connect(config) as client:
+        before = client.run(os.getpid)
+        assert len(before) == 2
+        flag.touch()
+        victim = max(before)
+        os.kill(before[victim], signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while len(client.scheduler_info()["workers"]) != 1 and time.monotonic() < deadline:
+            time.sleep(0.1)  # the scheduler has seen the death
+        client.wait_for_workers(2, timeout=120)
+        after = client.run(os.getpid)
+        assert len(after) == 2 and before[victim] not in after.values()
+        # still two workers once LocalCluster's timer for the lost worker would have fired
+        time.sleep(2)
+        assert len(client.run(os.getpid)) == 2
 
 
 # --------------------------------------------------------------------------------- 2. driver killed
