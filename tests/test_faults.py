@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 import rasterio
 
-from tests.conftest import local_client
 from treesits_dask.cli import main
 from treesits_dask.config import load_config
 from treesits_dask.io import cube, discovery
@@ -141,15 +140,18 @@ class _KillWorker(RunCallbacks):
 
 
 @pytest.fixture
-def own_client():
-    """A LocalCluster of its own for the test that kills a worker, so that the module's cluster,
-    which the later tests share, does not depend on how that restart went. (A CI run hung in this
-    test, and the next test on the same cluster hung too.) Its lost-worker timeout is the one
-    ``connect`` gives the clusters it starts (see the test below)."""
-    import dask
+def own_client(fault_cube, native_lstm, tmp_path):
+    """A cluster of its own for the test that kills a worker, so that the module's cluster, which
+    the later tests share, does not depend on how that restart went. (A CI run hung in this test,
+    and the next test on the same cluster hung too.) It is the LocalCluster ``run`` starts
+    (``connect``), with the shape of the module's: two single-threaded worker processes."""
+    from treesits_dask.pipeline.cluster import connect
 
-    timeout = f"{LOST_WORKER_TIMEOUT_S}s"
-    with dask.config.set({"distributed.deploy.lost-worker-timeout": timeout}), local_client() as c:
+    config = _config(
+        fault_cube.root, fault_cube.mask_dir, native_lstm, tmp_path / "unused",
+        workers=2, threads_per_worker=1,
+    )  # fmt: skip
+    with connect(config) as c:
         yield c
 
 
@@ -226,7 +228,8 @@ def test_a_worker_whose_restart_is_slow_comes_back(fault_cube, native_lstm, tmp_
         client.wait_for_workers(2, timeout=120)
         after = client.run(os.getpid)
         assert len(after) == 2 and before[victim] not in after.values()
-        # still two workers once LocalCluster's timer for the lost worker would have fired
+        # still two workers a moment later: with the 15 s default, LocalCluster's timer for the
+        # lost worker had fired before the restart registered, and closed its nanny just after
         time.sleep(2)
         assert len(client.run(os.getpid)) == 2
 
