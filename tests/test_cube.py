@@ -358,6 +358,28 @@ def test_band_reads_equal_whole_file_reads(tmp_path, blocks, shape, read_bytes):
             assert (got[:, :, w.rows, w.cols] == -9999).all()
 
 
+def test_band_reads_through_recycled_buffers_equal_the_files(tmp_path, monkeypatch):
+    """The cube read with every band, window and piece in recycled buffers (threshold lowered to
+    the test's sizes), twice on three threads: the second read reuses the first's memory and both
+    are what the files hold."""
+    from treesits_dask.io import buffers
+    from treesits_dask.io.buffers import Recycler
+    from treesits_dask.io.grid import WindowLayout
+
+    monkeypatch.setattr(buffers, "MIN_BYTES", 1)
+    pool = Recycler(idle_bytes=1 << 30, idle_seconds=60)
+    monkeypatch.setattr("treesits_dask.io.reader.RECYCLER", pool)
+    root, expected = _striped_tile(tmp_path, blocks=(16, 16))
+    _, scenes, grid = _grid(root)
+    for shape in ((14, 25), (10, 10)):
+        arr = cube.tile_cube(scenes, grid, WindowLayout.of(grid, shape), DEFAULT_QAI_FLAGS,
+                             read_bytes=1)  # fmt: skip
+        for _ in range(2):
+            with dask.config.set(scheduler="threads", num_workers=3):
+                np.testing.assert_array_equal(arr.values, expected)
+    assert pool.reused_bytes > 0
+
+
 @pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["strips", "tiles"])
 def test_bands_that_do_not_fit_are_read_window_by_window(tmp_path, blocks, caplog):
     """The memory guard: where the bands of all scenes do not fit what a reading worker may

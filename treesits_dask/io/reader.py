@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import InputDataError
 from . import storage
 from .bands import Band, block_runs, decoded_bytes
+from .buffers import RECYCLER
 from .datasets import DECODED, Counter, check_header, dataset, drop_dataset, open_error
 from .grid import TileGrid, Window
 from .qai import qai_invalid
@@ -78,7 +79,7 @@ def assemble(
     nodata (no memory)."""
     if mask is not None and not np.any(mask):
         return np.broadcast_to(np.int16(NODATA), shape)
-    out = np.empty(shape, np.int16)
+    out = RECYCLER.empty(shape, np.int16)
     for (s0, s1, r0, r1), piece in zip(where, pieces, strict=True):
         if piece is None:
             out[s0:s1, :, r0:r1] = NODATA
@@ -142,7 +143,7 @@ class WindowReader:
         buf = self._read_rect(rows, (0, width), start, stop, need)
         if whole:
             return buf
-        cut = np.array if own else (lambda a: a)
+        cut = RECYCLER.copy if own else (lambda a: a)
         return [
             None
             if skip
@@ -158,7 +159,7 @@ class WindowReader:
         h, w = rows[1] - rows[0], cols[1] - cols[0]
         shape = (stop - start, self.grid.count, h, w)
         whole = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in runs) == h * w
-        out = np.empty(shape, np.int16) if whole else np.full(shape, NODATA, np.int16)
+        out = RECYCLER.empty(shape, np.int16) if whole else RECYCLER.full(shape, NODATA, np.int16)
         if not runs:
             return out
         q = np.empty((h, w), np.int16) if self.qai_flags else None  # one QAI buffer for all

@@ -1,0 +1,220 @@
+"""Large arrays that the reads hand out, reused across the tasks of a process instead of freed.
+
+Every read task fills memory that it gets from the system: the band of decoded scenes it returns
+(123 MB for 8 scenes of a 256-row band of a 3000 px, 10-band tile) and each window put together
+from such bands.  Above glibc's mmap threshold (:data:`~treesits_dask.io.storage.MALLOC_DEFAULTS`)
+each such array is a fresh mapping, paid for in page faults when it is first written.  Measured
+on this development machine (a VM, 2 cores): GDAL decoding the 8 scenes of a 3000 px ZSTD COG
+band by band into fresh arrays took 1.0-2.9 s of system time for 1.44 GB, as long as the decoding
+itself (1.3-1.9 s of user time), and 0.06-0.10 s into one reused buffer (as the decode floor of
+the benchmark does).
+
+:class:`Recycler` keeps the arrays it handed out and gives one out again once nothing refers to it
+any more.  The arrays it returns are views of an owner array that it holds; numpy views (pieces of a
+band, the bands of a batch), memoryviews and the frames of a pickled array keep their owner alive,
+so the owner's reference count tells whether any task result, piece or message still uses it.
+
+Idle owners are memory that Dask counts as unmanaged, so they are bounded: one is freed after
+:data:`IDLE_SECONDS` idle, and at once (the longest idle first) where the idle owners exceed
+:data:`IDLE_SHARE` of the process's memory limit (a Dask worker's, else the machine's memory: the
+share the read tasks may fill anyway, ``read_memory``) or where the memory in use would then pass
+Dask's ``distributed.worker.memory.target`` share of the limit (where Dask starts to spill).  A
+daemon thread does this while any owner is held.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import time
+
+import numpy as np
+
+__all__ = ["IDLE_SECONDS", "IDLE_SHARE", "MIN_BYTES", "RECYCLER", "Recycler"]
+
+#: smaller arrays come from malloc's heap (below ``MALLOC_MMAP_THRESHOLD_``), which reuses freed
+#: memory already
+MIN_BYTES = 4 * 2**20
+
+#: an idle owner is freed after this many seconds (a worker reading tile after tile keeps the
+#: memory of its reads instead of faulting it in again for each tile)
+IDLE_SECONDS = 30.0
+
+#: the idle owners a process keeps, at most, as a share of its memory limit (``read_memory``'s
+#: default: what the read tasks of a worker may fill)
+IDLE_SHARE = 0.25
+
+#: an owner serves requests of at least ``1 / FIT`` of its size (bands of a tile differ only at
+#: its edge, scene batches by one scene)
+FIT = 1.25
+
+
+class _Slot:
+    __slots__ = ("raw", "idle_since")
+
+    def __init__(self, raw: np.ndarray) -> None:
+        self.raw = raw
+        self.idle_since: float | None = None
+
+
+def _idle(slot: _Slot) -> bool:
+    """Nothing but the slot refers to its owner (the slot's reference and the argument's)."""
+    return sys.getrefcount(slot.raw) <= 2
+
+
+def _target_share() -> float:
+    """Dask's ``distributed.worker.memory.target`` (0.6 where it is off or not a share)."""
+    import dask
+
+    value = dask.config.get("distributed.worker.memory.target", 0.6)
+    return float(value) if isinstance(value, int | float) and 0 < value <= 1 else 0.6
+
+
+def _memory_limit() -> int:
+    """The Dask worker's memory limit, else the machine's memory."""
+    try:
+        from distributed import get_worker
+
+        limit = get_worker().memory_manager.memory_limit
+        if limit:
+            return int(limit)
+    except (ImportError, ValueError, AttributeError):
+        pass
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+class Recycler:
+    """Hands out arrays of at least :data:`MIN_BYTES` as views of owners it reuses (see the
+    module).  ``idle_bytes``: the most idle owners kept (None: :data:`IDLE_SHARE` of the memory
+    limit), less where the memory in use nears Dask's target; ``idle_seconds``: how long one is
+    kept.  ``fresh_bytes`` / ``reused_bytes``: what it
+    handed out in new and in reused memory."""
+
+    def __init__(self, idle_bytes: int | None = None, idle_seconds: float = IDLE_SECONDS) -> None:
+        self._lock = threading.Lock()
+        self._slots: list[_Slot] = []
+        self._idle_bytes = idle_bytes
+        self._memory: int | None = None  # the memory limit, found on first use
+        self.idle_seconds = idle_seconds
+        self.fresh_bytes = 0
+        self.reused_bytes = 0
+        self._janitor: threading.Thread | None = None
+
+    # ------------------------------------------------------------------------------ public
+    def empty(self, shape: tuple[int, ...], dtype=np.int16) -> np.ndarray:
+        """An uninitialised C-contiguous array (a reused one where an idle owner fits)."""
+        dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes < MIN_BYTES:
+            return np.empty(shape, dtype)
+        with self._lock:
+            now = time.monotonic()
+            fits = [s for s in self._mark(now) if nbytes <= s.raw.size <= nbytes * FIT]
+            if fits:
+                slot = min(fits, key=lambda s: s.raw.size)
+                slot.idle_since = None
+                self.reused_bytes += nbytes
+            else:
+                slot = _Slot(np.empty(nbytes, np.uint8))
+                self._slots.append(slot)
+                self.fresh_bytes += nbytes
+            raw = slot.raw
+            self._sweep(now)  # the other idle owners, now that one is taken
+            self._watch()
+        return raw[:nbytes].view(dtype).reshape(shape)
+
+    def full(self, shape: tuple[int, ...], value, dtype=np.int16) -> np.ndarray:
+        out = self.empty(shape, dtype)
+        out.fill(value)
+        return out
+
+    def copy(self, a: np.ndarray) -> np.ndarray:
+        """A C-contiguous copy of ``a`` (owning no view of ``a``)."""
+        out = self.empty(a.shape, a.dtype)
+        np.copyto(out, a)
+        return out
+
+    def trim(self) -> None:
+        """Free the owners idle for :attr:`idle_seconds` and those beyond the idle limit."""
+        with self._lock:
+            self._sweep(time.monotonic())
+
+    def held(self) -> tuple[int, int]:
+        """(bytes of all owners held, bytes of the idle ones)."""
+        with self._lock:
+            self._sweep(time.monotonic())
+            return (
+                sum(s.raw.size for s in self._slots),
+                sum(s.raw.size for s in self._slots if s.idle_since is not None),
+            )
+
+    def clear(self) -> None:
+        """Forget every owner (those in use stay alive with their views) and the counts."""
+        with self._lock:
+            self._slots.clear()
+            self.fresh_bytes = self.reused_bytes = 0
+
+    # ------------------------------------------------------------------------------ internals
+    def _room(self, idle: int) -> int:
+        """The idle bytes that may be kept: at most ``idle_bytes`` (default :data:`IDLE_SHARE` of
+        the memory limit), and only while the memory in use (the process's RSS less ``idle``)
+        stays below Dask's target share of the limit."""
+        import psutil
+
+        if self._memory is None:
+            self._memory = _memory_limit()
+        cap = self._idle_bytes if self._idle_bytes is not None else self._memory * IDLE_SHARE
+        used = psutil.Process().memory_info().rss - idle
+        return int(max(0, min(cap, self._memory * _target_share() - used)))
+
+    def _mark(self, now: float) -> list[_Slot]:
+        """The idle owners, marked with when they were first found idle.  Under the lock."""
+        idle = []
+        for s in self._slots:
+            if _idle(s):
+                if s.idle_since is None:
+                    s.idle_since = now
+                idle.append(s)
+            else:
+                s.idle_since = None
+        return idle
+
+    def _sweep(self, now: float) -> None:
+        """Free the owners idle for too long and those beyond the room for idle ones (the
+        longest idle first).  Under the lock."""
+        idle = self._mark(now)
+        if not idle:
+            return
+        idle.sort(key=lambda s: s.idle_since)
+        kept = sum(s.raw.size for s in idle)
+        budget, drop = self._room(kept), set()
+        for s in idle:
+            if now - s.idle_since >= self.idle_seconds or kept > budget:
+                drop.add(id(s))
+                kept -= s.raw.size
+        if drop:
+            self._slots = [s for s in self._slots if id(s) not in drop]
+
+    def _watch(self) -> None:
+        """Start the daemon thread that trims while owners are held.  Under the lock."""
+        if self._janitor is None and self._slots:
+            self._janitor = threading.Thread(
+                target=self._janitor_loop, name="treesits-buffers", daemon=True
+            )
+            self._janitor.start()
+
+    def _janitor_loop(self) -> None:
+        while True:
+            time.sleep(max(0.05, self.idle_seconds / 2))
+            with self._lock:
+                self._sweep(time.monotonic())
+                if not self._slots:
+                    self._janitor = None
+                    return
+
+
+#: the reads' recycler of this process (bands, windows, the pieces of a plan that spills)
+RECYCLER = Recycler()
