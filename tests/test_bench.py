@@ -153,6 +153,8 @@ def test_bench_real_small(tmp_path, capsys):
         # 150 px windows of a 300 px tile of 256 px blocks: read in bands, held in memory
         assert case["windows"] == 4 and read["read_modes"] == ["bands"], key
         assert read["spilled_mib"] == 0, key
+        # the bands (9 and 61 MB) come from the worker's recycled buffers (io.buffers)
+        assert read["fresh_buffer_mib_runs"][0] + read["reused_buffer_mib_runs"][0] > 0, key
         lstm = case["end_to_end"]["sits-lstm"]
         assert lstm["pixels_predicted"] > 0 and lstm["px_per_s"] > 0, key
         assert "sbert" not in case["end_to_end"]

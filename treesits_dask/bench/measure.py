@@ -178,6 +178,14 @@ def decoded() -> tuple[int, int]:
     return DECODED.snapshot()
 
 
+def recycled() -> tuple[int, int]:
+    """(fresh, reused) bytes the read buffers of this process were handed out in (see
+    ``io.buffers``)."""
+    from ..io.buffers import RECYCLER
+
+    return RECYCLER.fresh_bytes, RECYCLER.reused_bytes
+
+
 def spilled(dask_worker) -> int:
     """Bytes this worker has spilled to disk so far (Dask's own count)."""
     data = getattr(dask_worker, "data", None)
@@ -212,12 +220,14 @@ def decode_run(plan, client) -> dict:
         )
     client.run(cold_reads)
     before, spilled_before = client.run(decoded), client.run(spilled)
+    buffers_before = client.run(recycled)
     t0 = time.perf_counter()
     # one task per window that takes a pixel of it, gathered as they are: a reduction tree
     # would add a small task per window that the pipeline does not run
     client.compute([d for a in arrays for d in a.to_delayed().ravel()], sync=True)
     seconds = time.perf_counter() - t0
     after, spilled_after = client.run(decoded), client.run(spilled)
+    buffers_after = client.run(recycled)
     modes = [read_mode(tile, reads) for tile in plan.tiles]
     return {
         "seconds": seconds,
@@ -225,6 +235,13 @@ def decode_run(plan, client) -> dict:
         "decoded_blocks": sum(after[w][0] - before.get(w, (0, 0))[0] for w in after),
         "read_tasks": sum(tasks for _, tasks in modes),
         "spilled_bytes": sum(spilled_after[w] - spilled_before.get(w, 0) for w in spilled_after),
+        # read buffers in new memory (page faults) and in memory recycled from earlier reads
+        **{
+            f"{kind}_buffer_bytes": sum(
+                buffers_after[w][k] - buffers_before.get(w, (0, 0))[k] for w in buffers_after
+            )
+            for k, kind in enumerate(("fresh", "reused"))
+        },
         "read_modes": sorted({mode for mode, _ in modes}),
     }
 

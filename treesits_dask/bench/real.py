@@ -13,8 +13,10 @@ For each case and file layout (``strips``: FORCE < 3.8, LZW strips of 300 rows; 
 - ``read``: the pipeline's reads of every window of the tile on a LocalCluster (one worker, the
   threads ``run`` uses, the given memory limit), no model: seconds, uncompressed MB/s per core and
   its share of the floor, the bytes the reads decoded (blocks counted as the reads ask GDAL for
-  them) over the uncompressed bytes of the files (the decode amplification), the read tasks, and
-  the peak RSS of the worker against its memory limit and the read budget;
+  them) over the uncompressed bytes of the files (the decode amplification), the read tasks, the
+  read buffers handed out in new memory and in memory recycled from earlier reads
+  (``io.buffers``: a worker's first read faults its buffers in), and the peak RSS of the worker
+  against its memory limit and the read budget;
 - ``end_to_end``: ``run`` with ``sits-lstm`` and ``sbert`` (random weights of the published shapes)
   on a small forest mask (the model would take hours on a whole tile here): seconds, pixels,
   px/s, what the masked reads decoded, peak RSS per worker.
@@ -166,7 +168,9 @@ def _reads(plan, args, memory_limit: str, cores: int) -> dict:
                 f"  read {i + 1}: {r['seconds']:.1f} s, {total / r['seconds'] / 1e6 / cores:.0f} "
                 f"MB/s per core, decoded x{r['decoded_bytes'] / total:.3f}, {r['read_tasks']} "
                 f"read tasks ({'/'.join(r['read_modes'])}), peak RSS {peaks[-1] / 2**20:.0f} MiB, "
-                f"spilled {r['spilled_bytes'] / 2**20:.0f} MiB"
+                f"spilled {r['spilled_bytes'] / 2**20:.0f} MiB, buffers "
+                f"{r['fresh_buffer_bytes'] / 2**20:.0f} MiB new / "
+                f"{r['reused_buffer_bytes'] / 2**20:.0f} MiB recycled"
             )
     finally:
         client.close()
@@ -190,6 +194,8 @@ def _reads(plan, args, memory_limit: str, cores: int) -> dict:
         "decode_floor_parallel_mb_s_per_core": round(pfloor, 1),
         "decode_floor_parallel_runs": [round(f["mb_s"], 1) for f in pfloors],
         "read_over_parallel_floor": round(per_core / pfloor, 3),
+        "fresh_buffer_mib_runs": [round(r["fresh_buffer_bytes"] / 2**20, 1) for r in runs],
+        "reused_buffer_mib_runs": [round(r["reused_buffer_bytes"] / 2**20, 1) for r in runs],
         "read_over_floor_paired": [
             round(v / f["mb_s"], 3) for v, f in zip(rounds, floors, strict=True)
         ],
