@@ -139,8 +139,21 @@ def test_run_synthetic(small_cube, native_lstm, tmp_path, client):
     assert all(v == [True] for v in budgets.values()), budgets
 
 
-def test_pipeline_equals_direct_prediction(small_cube, native_lstm, tmp_path, client):
-    """The distributed result equals the kernel applied to the whole tile in one piece."""
+def _recycle_from(client, nbytes: int) -> None:
+    """Every worker recycles read buffers of at least ``nbytes`` (``io.buffers.MIN_BYTES``)."""
+    client.run(
+        lambda: setattr(__import__("treesits_dask.io.buffers").io.buffers, "MIN_BYTES", nbytes)
+    )
+
+
+@pytest.mark.parametrize("recycled", [False, True], ids=["plain", "recycled-buffers"])
+def test_pipeline_equals_direct_prediction(small_cube, native_lstm, tmp_path, client, recycled):
+    """The distributed result equals the kernel applied to the whole tile in one piece; also with
+    every band and window of the run in recycled buffers (``io.buffers``; the test's arrays are
+    below the size it recycles from, so the threshold is lowered on the workers)."""
+    from treesits_dask.bench.measure import recycled as buffers_used
+    from treesits_dask.io import buffers
+
     out = tmp_path / "out"
     config = load_config(
         overrides=dict(
@@ -154,7 +167,15 @@ def test_pipeline_equals_direct_prediction(small_cube, native_lstm, tmp_path, cl
         ),
         environ={},
     )
-    run(config, client=client)
+    before = sum(r for _, r in client.run(buffers_used).values())
+    if recycled:
+        _recycle_from(client, 1)
+    try:
+        run(config, client=client)
+    finally:
+        _recycle_from(client, buffers.MIN_BYTES)
+    reused = sum(r for _, r in client.run(buffers_used).values()) - before
+    assert (reused > 0) == recycled
     scenes = discovery.scene_table(small_cube.root, "X0069_Y0043")
     block = np.array([rasterio.open(s.boa).read() for s in scenes])
     from treesits_dask.io.cube import days_since_epoch

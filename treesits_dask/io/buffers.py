@@ -97,7 +97,7 @@ class Recycler:
         self._lock = threading.Lock()
         self._slots: list[_Slot] = []
         self._idle_bytes = idle_bytes
-        self._memory: int | None = None  # the memory limit, found on first use
+        self._memory: int | None = None  # the memory limit, found by the first empty()
         self.idle_seconds = idle_seconds
         self.fresh_bytes = 0
         self.reused_bytes = 0
@@ -110,6 +110,8 @@ class Recycler:
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes < MIN_BYTES:
             return np.empty(shape, dtype)
+        if self._memory is None:  # here, in a task (the janitor thread knows no Dask worker)
+            self._memory = _memory_limit()
         with self._lock:
             now = time.monotonic()
             fits = [s for s in self._mark(now) if nbytes <= s.raw.size <= nbytes * FIT]
@@ -150,12 +152,6 @@ class Recycler:
                 sum(s.raw.size for s in self._slots),
                 sum(s.raw.size for s in self._slots if s.idle_since is not None),
             )
-
-    def clear(self) -> None:
-        """Forget every owner (those in use stay alive with their views) and the counts."""
-        with self._lock:
-            self._slots.clear()
-            self.fresh_bytes = self.reused_bytes = 0
 
     # ------------------------------------------------------------------------------ internals
     def _room(self, idle: int) -> int:
