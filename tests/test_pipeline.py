@@ -150,31 +150,27 @@ def _recycle_from(client, nbytes: int) -> None:
 def test_pipeline_equals_direct_prediction(small_cube, native_lstm, tmp_path, client, recycled):
     """The distributed result equals the kernel applied to the whole tile in one piece; also with
     every band and window of the run in recycled buffers (``io.buffers``; the test's arrays are
-    below the size it recycles from, so the threshold is lowered on the workers)."""
-    from treesits_dask.bench.measure import recycled as buffers_used
+    below the size it recycles from, so the threshold is lowered on the workers), in a second run
+    that gets its buffers from the first."""
     from treesits_dask.io import buffers
 
-    out = tmp_path / "out"
-    config = load_config(
-        overrides=dict(
-            cube=small_cube.root,
-            tiles="X0069_Y0043",
-            output=str(out),
-            model=native_lstm,
-            window="20x30",
-            qai="none",
-            cog=False,
-        ),
-        environ={},
-    )
-    before = sum(r for _, r in client.run(buffers_used).values())
+    def config(out):
+        return load_config(
+            overrides=dict(cube=small_cube.root, tiles="X0069_Y0043", output=str(out),
+                           model=native_lstm, window="20x30", qai="none", cog=False),
+            environ={},
+        )  # fmt: skip
+
+    outs = [tmp_path / "out", tmp_path / "again"][: 1 + recycled]
+    before = sum(r for _, r in client.run(buffers.handed_out).values())
     if recycled:
         _recycle_from(client, 1)
     try:
-        run(config, client=client)
+        for out in outs:
+            run(config(out), client=client)
     finally:
         _recycle_from(client, buffers.MIN_BYTES)
-    reused = sum(r for _, r in client.run(buffers_used).values()) - before
+    reused = sum(r for _, r in client.run(buffers.handed_out).values()) - before
     assert (reused > 0) == recycled
     scenes = discovery.scene_table(small_cube.root, "X0069_Y0043")
     block = np.array([rasterio.open(s.boa).read() for s in scenes])
@@ -185,10 +181,13 @@ def test_pipeline_equals_direct_prediction(small_cube, native_lstm, tmp_path, cl
     direct = predict.predict_block(
         block, None, days_since_epoch([s.date for s in scenes]), predictor
     )
-    ds = open_map(str(out))
-    np.testing.assert_allclose(ds.probability.values, direct["probability"], rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(ds["class"].values, direct["class"])
-    np.testing.assert_array_equal(ds.valid_obs.values, direct["valid_obs"])
+    for out in outs:
+        ds = open_map(str(out))
+        np.testing.assert_allclose(
+            ds.probability.values, direct["probability"], rtol=1e-5, atol=1e-6
+        )
+        np.testing.assert_array_equal(ds["class"].values, direct["class"])
+        np.testing.assert_array_equal(ds.valid_obs.values, direct["valid_obs"])
 
 
 @pytest.mark.parametrize("family", ["sits-lstm", "sits-transformer"])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io.buffers import handed_out
 from ..io.grid import Window
 
 __all__ = [
@@ -178,14 +179,6 @@ def decoded() -> tuple[int, int]:
     return DECODED.snapshot()
 
 
-def recycled() -> tuple[int, int]:
-    """(fresh, reused) bytes the read buffers of this process were handed out in (see
-    ``io.buffers``)."""
-    from ..io.buffers import RECYCLER
-
-    return RECYCLER.fresh_bytes, RECYCLER.reused_bytes
-
-
 def spilled(dask_worker) -> int:
     """Bytes this worker has spilled to disk so far (Dask's own count)."""
     data = getattr(dask_worker, "data", None)
@@ -220,14 +213,14 @@ def decode_run(plan, client) -> dict:
         )
     client.run(cold_reads)
     before, spilled_before = client.run(decoded), client.run(spilled)
-    buffers_before = client.run(recycled)
+    buffers_before = client.run(handed_out)
     t0 = time.perf_counter()
     # one task per window that takes a pixel of it, gathered as they are: a reduction tree
     # would add a small task per window that the pipeline does not run
     client.compute([d for a in arrays for d in a.to_delayed().ravel()], sync=True)
     seconds = time.perf_counter() - t0
     after, spilled_after = client.run(decoded), client.run(spilled)
-    buffers_after = client.run(recycled)
+    buffers_after = client.run(handed_out)
     modes = [read_mode(tile, reads) for tile in plan.tiles]
     return {
         "seconds": seconds,

@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-__all__ = ["IDLE_SECONDS", "IDLE_SHARE", "MIN_BYTES", "RECYCLER", "Recycler"]
+__all__ = ["IDLE_SECONDS", "IDLE_SHARE", "MIN_BYTES", "RECYCLER", "Recycler", "handed_out"]
 
 #: smaller arrays come from malloc's heap (below ``MALLOC_MMAP_THRESHOLD_``), which reuses freed
 #: memory already
@@ -214,3 +214,8 @@ class Recycler:
 
 #: the reads' recycler of this process (bands, windows, the pieces of a plan that spills)
 RECYCLER = Recycler()
+
+
+def handed_out() -> tuple[int, int]:
+    """(new, recycled) bytes this process's reads got their buffers in so far (:data:`RECYCLER`)."""
+    return RECYCLER.fresh_bytes, RECYCLER.reused_bytes
