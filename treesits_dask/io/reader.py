@@ -7,7 +7,9 @@ whole file blocks for a batch of scenes and cuts it into the pieces of the windo
 (see :mod:`treesits_dask.io.bands`); ``read`` reads one window of all scenes.  With a mask, only
 the file blocks that hold a masked-in pixel are decoded (elsewhere the result holds nodata), and a
 read that needs no block opens no file.  Screened observations are set to the BOA nodata value
-(-9999) in every band, so downstream code sees a single validity rule.
+(-9999) in every band, so downstream code sees a single validity rule.  Bands, windows and the
+pieces of a plan that spills are arrays of :data:`~treesits_dask.io.buffers.RECYCLER`, reused
+once nothing refers to them.
 """
 
 from __future__ import annotations
