@@ -8,6 +8,7 @@ import numpy as np
 from treesits_dask.io.buffers import MIN_BYTES, Recycler
 
 SHAPE = (4, 10, 256, 300)  # 6 MB: above MIN_BYTES
+NBYTES = int(np.prod(SHAPE)) * 2
 
 
 def test_a_buffer_is_reused_only_when_no_view_of_it_is_left():
@@ -79,13 +80,9 @@ def test_no_idle_owner_is_kept_where_memory_in_use_passes_dasks_target():
     pool = Recycler(idle_bytes=1 << 30, idle_seconds=60)
     a = pool.empty(SHAPE)
     del a
-    assert pool.held()[1] == a_bytes()  # this process is far below 60 % of the machine
+    assert pool.held()[1] == NBYTES  # this process is far below 60 % of the machine
     with dask.config.set({"distributed.worker.memory.target": 1e-6}):
         b = pool.empty(SHAPE)  # reused (it is taken, not kept idle)
         assert pool.reused_bytes == b.nbytes
         del b
         assert pool.held() == (0, 0)  # freed at once, not kept
-
-
-def a_bytes() -> int:
-    return int(np.prod(SHAPE)) * 2

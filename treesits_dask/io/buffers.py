@@ -90,8 +90,7 @@ class Recycler:
     """Hands out arrays of at least :data:`MIN_BYTES` as views of owners it reuses (see the
     module).  ``idle_bytes``: the most idle owners kept (None: :data:`IDLE_SHARE` of the memory
     limit), less where the memory in use nears Dask's target; ``idle_seconds``: how long one is
-    kept.  ``fresh_bytes`` / ``reused_bytes``: what it
-    handed out in new and in reused memory."""
+    kept.  ``fresh_bytes`` / ``reused_bytes``: what it handed out in new and in reused memory."""
 
     def __init__(self, idle_bytes: int | None = None, idle_seconds: float = IDLE_SECONDS) -> None:
         self._lock = threading.Lock()
@@ -110,11 +109,11 @@ class Recycler:
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes < MIN_BYTES:
             return np.empty(shape, dtype)
-        if self._memory is None:  # here, in a task (the janitor thread knows no Dask worker)
-            self._memory = _memory_limit()
+        self._limit()  # found here, in a task (the janitor thread knows no Dask worker)
         with self._lock:
             now = time.monotonic()
-            fits = [s for s in self._mark(now) if nbytes <= s.raw.size <= nbytes * FIT]
+            idle = self._mark(now)
+            fits = [s for s in idle if nbytes <= s.raw.size <= nbytes * FIT]
             if fits:
                 slot = min(fits, key=lambda s: s.raw.size)
                 slot.idle_since = None
@@ -124,7 +123,7 @@ class Recycler:
                 self._slots.append(slot)
                 self.fresh_bytes += nbytes
             raw = slot.raw
-            self._sweep(now)  # the other idle owners, now that one is taken
+            self._sweep(now, [s for s in idle if s is not slot])  # the others, one being taken
             self._watch()
         return raw[:nbytes].view(dtype).reshape(shape)
 
@@ -139,11 +138,6 @@ class Recycler:
         np.copyto(out, a)
         return out
 
-    def trim(self) -> None:
-        """Free the owners idle for :attr:`idle_seconds` and those beyond the idle limit."""
-        with self._lock:
-            self._sweep(time.monotonic())
-
     def held(self) -> tuple[int, int]:
         """(bytes of all owners held, bytes of the idle ones)."""
         with self._lock:
@@ -154,17 +148,22 @@ class Recycler:
             )
 
     # ------------------------------------------------------------------------------ internals
+    def _limit(self) -> int:
+        """The memory limit (:func:`_memory_limit`), found once."""
+        if self._memory is None:
+            self._memory = _memory_limit()
+        return self._memory
+
     def _room(self, idle: int) -> int:
         """The idle bytes that may be kept: at most ``idle_bytes`` (default :data:`IDLE_SHARE` of
         the memory limit), and only while the memory in use (the process's RSS less ``idle``)
         stays below Dask's target share of the limit."""
         import psutil
 
-        if self._memory is None:
-            self._memory = _memory_limit()
-        cap = self._idle_bytes if self._idle_bytes is not None else self._memory * IDLE_SHARE
+        limit = self._limit()
+        cap = self._idle_bytes if self._idle_bytes is not None else limit * IDLE_SHARE
         used = psutil.Process().memory_info().rss - idle
-        return int(max(0, min(cap, self._memory * _target_share() - used)))
+        return int(max(0, min(cap, limit * _target_share() - used)))
 
     def _mark(self, now: float) -> list[_Slot]:
         """The idle owners, marked with when they were first found idle.  Under the lock."""
@@ -178,10 +177,10 @@ class Recycler:
                 s.idle_since = None
         return idle
 
-    def _sweep(self, now: float) -> None:
+    def _sweep(self, now: float, idle: list[_Slot] | None = None) -> None:
         """Free the owners idle for too long and those beyond the room for idle ones (the
-        longest idle first).  Under the lock."""
-        idle = self._mark(now)
+        longest idle first): of ``idle`` (None: those :meth:`_mark` finds).  Under the lock."""
+        idle = self._mark(now) if idle is None else idle
         if not idle:
             return
         idle.sort(key=lambda s: s.idle_since)
