@@ -122,7 +122,8 @@ def test_gpu_check_on_cpu_reports_every_key_of_the_schema(tmp_path, capsys):
 def test_bench_real_small(tmp_path, capsys):
     """``bench --real`` at a tiny size, both cases on the COG layout (both layouts are read in
     bands by test_cube's tests; each case here starts two clusters): the decoded bytes are
-    counted and every block is decoded once (amplification 1.0), in bands held in memory."""
+    counted and every block is decoded once (amplification 1.0 with the blocks that QAI screens
+    whole, which are not decoded), in bands held in memory."""
     from treesits_dask.bench.real import main as real_main
 
     out = tmp_path / "real.json"
@@ -138,8 +139,9 @@ def test_bench_real_small(tmp_path, capsys):
     assert set(report["cases"]) == {"real-cog", "600-cog"}
     for key, case in report["cases"].items():
         read = case["read"]
-        assert read["decode_amplification"] == 1.0, key
-        assert read["decoded_mib"] == read["uncompressed_mib"], key
+        # every block decoded once, but for the BOA blocks that QAI screens whole (not decoded)
+        assert read["decode_amplification"] + read["screened_share"] == pytest.approx(1, abs=2e-4)
+        assert read["screened_share"] > 0, key  # the synthetic weather has all-cloud scenes
         for fig in ("decode_floor_mb_s_per_core", "decode_floor_parallel_mb_s_per_core",
                     "read_mb_s_per_core", "read_over_floor", "read_over_parallel_floor",
                     "worker_peak_rss_mib"):  # fmt: skip

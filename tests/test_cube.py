@@ -282,8 +282,10 @@ def test_first_scene_checked_against_prj(hand_tile):
         cube.tile_grid(definition, scenes[0])
 
 
-def _striped_tile(tmp_path, rows_per_strip=7, h=37, w=50, n=5, blocks=None):
-    """A tile of ``n`` scenes, striped (``rows_per_strip``) or tiled (``blocks``), with QAI."""
+def _striped_tile(tmp_path, rows_per_strip=7, h=37, w=50, n=5, blocks=None, clouds=False):
+    """A tile of ``n`` scenes, striped (``rows_per_strip``) or tiled (``blocks``), with QAI.
+    ``clouds``: scene 1 is all cloud, scene 2 cloud in its first 7 rows, scene 3 beyond the
+    swath (nodata) in rows 0:16, cols 0:32 (the rest screened at random, as in every scene)."""
     import rasterio
 
     root = tmp_path / "cube"
@@ -291,6 +293,10 @@ def _striped_tile(tmp_path, rows_per_strip=7, h=37, w=50, n=5, blocks=None):
     rng = np.random.default_rng(5)
     data = rng.integers(-100, 5000, (n, 10, h, w)).astype(np.int16)
     qai = np.where(rng.random((n, h, w)) < 0.2, 2 << 1, 0).astype(np.int16)
+    if clouds:
+        qai[1] = 2 << 1
+        qai[2, :7] = 2 << 1
+        qai[3, :16, :32] |= 1
     for t in range(n):
         path = write_scene(
             root, "X0010_Y0010", dt.date(2022, 5, 1 + t), data[t], qai[t], blocks=blocks
@@ -356,6 +362,42 @@ def test_band_reads_equal_whole_file_reads(tmp_path, blocks, shape, read_bytes):
     for _, _, w in layout:
         if not mask[w.rows, w.cols].any():
             assert (got[:, :, w.rows, w.cols] == -9999).all()
+
+
+@pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["strips", "tiles"])
+@pytest.mark.parametrize("shape", [(37, 50), (10, 50), (14, 25), (5, 7)])
+def test_blocks_that_qai_screens_whole_are_not_decoded(tmp_path, blocks, shape):
+    """A BOA block whose every pixel QAI screens (a cloudy scene, a cloudy strip, beyond the
+    swath) is not decoded: the cube is still what the files hold (screened), every other block is
+    decoded once, the blocks left out are counted, and a scene that is all cloud opens only its
+    QAI file."""
+    from treesits_dask.io.grid import WindowLayout
+
+    root, expected = _striped_tile(tmp_path, blocks=blocks, clouds=True)
+    _, scenes, grid = _grid(root)
+    bh, bw = grid.block_shape
+    skipped = 0  # BOA bytes of the blocks that QAI screens whole, from the files themselves
+    for t in range(5):
+        screened = expected[t, 0] == -9999
+        for r in range(0, 37, bh):
+            for c in range(0, 50, bw):
+                if screened[r : r + bh, c : c + bw].all():
+                    skipped += screened[r : r + bh, c : c + bw].size * 10 * 2
+    # scene 1, and scene 2's first strip or the two blocks of scene 3 beyond the swath
+    assert skipped == 37 * 50 * 10 * 2 + (7 * 50 if blocks is None else 16 * 32) * 10 * 2
+    arr = cube.tile_cube(scenes, grid, WindowLayout.of(grid, shape), DEFAULT_QAI_FLAGS)
+    opens, decoded = cube.OPEN_COUNTER.count, datasets.DECODED.snapshot()[1]
+    screened_before = datasets.SCREENED.snapshot()[1]
+    with dask.config.set(scheduler="synchronous"):  # one thread: each file opened once
+        got = arr.values
+    np.testing.assert_array_equal(got, expected)
+    files = 5 * 11 * 37 * 50 * 2
+    assert datasets.DECODED.snapshot()[1] - decoded == files - skipped
+    assert datasets.SCREENED.snapshot()[1] - screened_before == skipped
+    assert cube.OPEN_COUNTER.count - opens == 5 + 4  # every QAI, the BOA of 4 scenes
+    # without screening every block is decoded, and the cloudy scene is its own values
+    plain = cube.tile_cube(scenes, grid, WindowLayout.of(grid, shape), ()).values
+    assert (plain[1] != -9999).any()
 
 
 def test_band_reads_through_recycled_buffers_equal_the_files(tmp_path, monkeypatch):

@@ -172,11 +172,11 @@ def cold_reads() -> None:
     clear_gdal_cache()
 
 
-def decoded() -> tuple[int, int]:
-    """(band-blocks, bytes) the scene reads of this process decoded (see ``io.datasets``)."""
-    from ..io.datasets import DECODED
+def decoded() -> tuple[int, int, int]:
+    """(band-blocks, bytes) this process's reads decoded; BOA bytes left out as all screened."""
+    from ..io.datasets import DECODED, SCREENED
 
-    return DECODED.snapshot()
+    return (*DECODED.snapshot(), SCREENED.snapshot()[1])
 
 
 def spilled(dask_worker) -> int:
@@ -222,19 +222,20 @@ def decode_run(plan, client) -> dict:
     after, spilled_after = client.run(decoded), client.run(spilled)
     buffers_after = client.run(handed_out)
     modes = [read_mode(tile, reads) for tile in plan.tiles]
+    gained, buffers = (
+        [int(v) for v in sum(np.subtract(new[w], old.get(w, 0)) for w in new)]
+        for new, old in ((after, before), (buffers_after, buffers_before))
+    )
     return {
         "seconds": seconds,
-        "decoded_bytes": sum(after[w][1] - before.get(w, (0, 0))[1] for w in after),
-        "decoded_blocks": sum(after[w][0] - before.get(w, (0, 0))[0] for w in after),
+        "decoded_blocks": gained[0],
+        "decoded_bytes": gained[1],
+        "screened_bytes": gained[2],
         "read_tasks": sum(tasks for _, tasks in modes),
         "spilled_bytes": sum(spilled_after[w] - spilled_before.get(w, 0) for w in spilled_after),
         # read buffers in new memory (page faults) and in memory recycled from earlier reads
-        **{
-            f"{kind}_buffer_bytes": sum(
-                buffers_after[w][k] - buffers_before.get(w, (0, 0))[k] for w in buffers_after
-            )
-            for k, kind in enumerate(("fresh", "reused"))
-        },
+        "fresh_buffer_bytes": buffers[0],
+        "reused_buffer_bytes": buffers[1],
         "read_modes": sorted({mode for mode, _ in modes}),
     }
 
@@ -329,7 +330,7 @@ def end_to_end(config, workers: int, threads: int, memory_limit: str | int = "au
             result = run(config, client=client, plan=plan)
             seconds = time.perf_counter() - t0
         opens = sum(client.run(open_count).values())
-        decoded_bytes = sum(b for _, b in client.run(decoded).values())
+        decoded_bytes = sum(v[1] for v in client.run(decoded).values())
     finally:
         client.close()
         cluster.close()

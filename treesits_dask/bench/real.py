@@ -13,7 +13,8 @@ For each case and file layout (``strips``: FORCE < 3.8, LZW strips of 300 rows; 
 - ``read``: the pipeline's reads of every window of the tile on a LocalCluster (one worker, the
   threads ``run`` uses, the given memory limit), no model: seconds, uncompressed MB/s per core and
   its share of the floor, the bytes the reads decoded (blocks counted as the reads ask GDAL for
-  them) over the uncompressed bytes of the files (the decode amplification), the read tasks, the
+  them) over the uncompressed bytes of the files (the decode amplification; below 1 by the BOA
+  blocks that QAI screens whole, which are not decoded: ``screened_share``), the read tasks, the
   read buffers handed out in new memory and in memory recycled from earlier reads
   (``io.buffers``: a worker's first read faults its buffers in), and the peak RSS of the worker
   against its memory limit and the read budget;
@@ -166,7 +167,8 @@ def _reads(plan, args, memory_limit: str, cores: int) -> dict:
             r = runs[-1]
             _log(
                 f"  read {i + 1}: {r['seconds']:.1f} s, {total / r['seconds'] / 1e6 / cores:.0f} "
-                f"MB/s per core, decoded x{r['decoded_bytes'] / total:.3f}, {r['read_tasks']} "
+                f"MB/s per core, decoded x{r['decoded_bytes'] / total:.3f} (screened whole, not "
+                f"decoded x{r['screened_bytes'] / total:.3f}), {r['read_tasks']} "
                 f"read tasks ({'/'.join(r['read_modes'])}), peak RSS {peaks[-1] / 2**20:.0f} MiB, "
                 f"spilled {r['spilled_bytes'] / 2**20:.0f} MiB, buffers "
                 f"{r['fresh_buffer_bytes'] / 2**20:.0f} MiB new / "
@@ -204,6 +206,7 @@ def _reads(plan, args, memory_limit: str, cores: int) -> dict:
         ],
         "decoded_mib": round(best["decoded_bytes"] / 2**20, 1),
         "decode_amplification": round(best["decoded_bytes"] / total, 4),
+        "screened_share": round(best["screened_bytes"] / total, 4),
         "read_tasks": best["read_tasks"],
         "read_modes": best["read_modes"],
         "spilled_mib": round(best["spilled_bytes"] / 2**20, 1),

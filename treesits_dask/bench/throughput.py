@@ -52,7 +52,8 @@ def _masked(args, workdir: Path, models: dict, workers: int, log, layout: str = 
     Times: both runs with the default windows of ``run``.  File opens: a third run with small
     windows (``args.masked_window``), so that some windows hold no forest at all.  Decoded bytes:
     what the masked runs decoded against the bytes of the file blocks that hold a forest pixel
-    (1.0: no other block was decoded, and windows or bands without forest opened nothing).
+    (at most 1.0: no other block was decoded, and windows or bands without forest opened nothing;
+    below 1.0 by the forest blocks whose BOA QAI screens whole, which are not decoded).
     """
     from ..config import load_config
     from ..synthetic import make_cube

@@ -31,6 +31,7 @@ from .remote import limit_gdal_cache
 __all__ = [
     "DECODED",
     "OPEN_COUNTER",
+    "SCREENED",
     "Counter",
     "DecodeCounter",
     "capacity",
@@ -86,6 +87,9 @@ class DecodeCounter:
 OPEN_COUNTER = Counter()
 #: blocks decoded by scene reads in this process (the benchmark's decode amplification)
 DECODED = DecodeCounter()
+#: BOA blocks the scene reads of this process did not decode because QAI screens every pixel of
+#: them (clouds, swath edges): decoded + screened is what the reads covered
+SCREENED = DecodeCounter()
 
 
 def open_raster(url: str):

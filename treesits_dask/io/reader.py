@@ -7,7 +7,9 @@ whole file blocks for a batch of scenes and cuts it into the pieces of the windo
 (see :mod:`treesits_dask.io.bands`); ``read`` reads one window of all scenes.  With a mask, only
 the file blocks that hold a masked-in pixel are decoded (elsewhere the result holds nodata), and a
 read that needs no block opens no file.  Screened observations are set to the BOA nodata value
-(-9999) in every band, so downstream code sees a single validity rule.  Bands, windows and the
+(-9999) in every band, so downstream code sees a single validity rule; the QAI is read first, and
+a BOA block whose every pixel it screens (all cloud, beyond the swath) is not decoded at all
+(counted in :data:`~treesits_dask.io.datasets.SCREENED`).  Bands, windows and the
 pieces of a plan that spills are arrays of :data:`~treesits_dask.io.buffers.RECYCLER`, reused
 once nothing refers to them.
 """
@@ -23,7 +25,15 @@ from ..errors import InputDataError
 from . import storage
 from .bands import Band, block_runs, decoded_bytes
 from .buffers import RECYCLER
-from .datasets import DECODED, Counter, check_header, dataset, drop_dataset, open_error
+from .datasets import (
+    DECODED,
+    SCREENED,
+    Counter,
+    check_header,
+    dataset,
+    drop_dataset,
+    open_error,
+)
 from .grid import TileGrid, Window
 from .qai import qai_invalid
 from .remote import read_retrying
@@ -171,11 +181,11 @@ class WindowReader:
         return out
 
     def _read_scene(self, t: int, rows, cols, runs, out: np.ndarray, q) -> None:
-        from rasterio.windows import Window as RioWindow
-
+        """Scene ``t`` of the rectangle into ``out``: with QAI screening, the QAI runs first, and
+        only the BOA blocks that hold an observation it does not screen (a block that is all
+        cloud or beyond the swath is nodata without being decoded)."""
         boa, qai = self.boa[t], self.qai[t]
         where = f"rows {rows[0]}:{rows[1]}, cols {cols[0]}:{cols[1]}"
-        rects = [RioWindow(cols[0] + c0, rows[0] + r0, c1 - c0, r1 - r0) for r0, r1, c0, c1 in runs]
         version = self.versions[t] if self.versions else None
 
         def boa_failed(exc: Exception) -> InputDataError:
@@ -186,8 +196,8 @@ class WindowReader:
                 "re-create it or remove it (with its QAI twin)"
             )
 
-        self._read_runs(boa, version, None, out, runs, rects, where, boa_failed)
         if not self.qai_flags:
+            self._read_runs(boa, version, None, out, runs, rows, cols, where, boa_failed)
             return
         if qai is None:
             raise InputDataError(
@@ -201,15 +211,52 @@ class WindowReader:
                 return open_error(qai, exc)
             return InputDataError(f"cannot read QAI file {qai}: {exc}; re-create or remove it")
 
-        self._read_runs(qai, qai_version, 1, q, runs, rects, where, qai_failed)
-        for r0, r1, c0, c1 in runs:
-            screen(out[:, r0:r1, c0:c1], qai_invalid(q[r0:r1, c0:c1], self.qai_flags))
+        self._read_runs(qai, qai_version, 1, q, runs, rows, cols, where, qai_failed)
+        bad = [qai_invalid(q[r0:r1, c0:c1], self.qai_flags) for r0, r1, c0, c1 in runs]
+        clear = self._clear_runs(rows, cols, runs, bad)
+        if clear:
+            self._read_runs(boa, version, None, out, clear, rows, cols, where, boa_failed)
+        for (r0, r1, c0, c1), b in zip(runs, bad, strict=True):
+            screen(out[:, r0:r1, c0:c1], b)  # undecoded blocks: all screened, so nodata
 
-    def _read_runs(self, url, version, bands, dest, runs, rects, where, failed) -> None:
-        """Read the ``runs`` (at ``rects`` of the file) of ``url`` into ``dest`` (``(bands, h, w)``,
-        or ``(h, w)`` for a one-band file: ``bands=1``) through this thread's kept dataset, checked
-        against the tile's grid (``bands`` None: the grid's count); remote files with retries.
-        An error that is not an :class:`InputDataError` already is raised as ``failed(exc)``."""
+    def _clear_runs(self, rows, cols, runs, bad) -> list:
+        """The part of ``runs`` (with the QAI screening ``bad`` of each) in whole file blocks
+        that hold an unscreened pixel; what is left out is counted in :data:`SCREENED`."""
+        if not any(b.all(axis=0).any() for b in bad):  # no column of a run all screened
+            return runs
+        h, w = rows[1] - rows[0], cols[1] - cols[0]
+        valid = np.zeros((h, w), bool)
+        for (r0, r1, c0, c1), b in zip(runs, bad, strict=True):
+            np.logical_not(b, out=valid[r0:r1, c0:c1])
+        clear = block_runs(valid, rows, cols, self.grid.block_shape)
+        if clear != runs:
+            (blocks, nbytes), (kept_blocks, kept_bytes) = (
+                self._cost(rows, cols, runs),
+                self._cost(rows, cols, clear),
+            )
+            SCREENED.add(blocks - kept_blocks, nbytes - kept_bytes)
+        return clear
+
+    def _cost(self, rows, cols, runs) -> tuple[int, int]:
+        """(band-blocks, bytes) that decoding ``runs`` of the rectangle ``rows`` x ``cols`` of a
+        BOA file costs (see :func:`~treesits_dask.io.bands.decoded_bytes`)."""
+        grid = self.grid
+        costs = [
+            decoded_bytes((rows[0] + r0, rows[0] + r1), (cols[0] + c0, cols[0] + c1),
+                          grid.block_shape, (grid.height, grid.width), grid.count)
+            for r0, r1, c0, c1 in runs
+        ]  # fmt: skip
+        return sum(c[0] for c in costs), sum(c[1] for c in costs)
+
+    def _read_runs(self, url, version, bands, dest, runs, rows, cols, where, failed) -> None:
+        """Read the ``runs`` (relative to the rectangle ``rows`` x ``cols`` of the file) of ``url``
+        into ``dest`` (``(bands, h, w)``, or ``(h, w)`` for a one-band file: ``bands=1``) through
+        this thread's kept dataset, checked against the tile's grid (``bands`` None: the grid's
+        count); remote files with retries.  An error that is not an :class:`InputDataError`
+        already is raised as ``failed(exc)``."""
+        from rasterio.windows import Window as RioWindow
+
+        rects = [RioWindow(cols[0] + c0, rows[0] + r0, c1 - c0, r1 - r0) for r0, r1, c0, c1 in runs]
 
         def read():
             try:
