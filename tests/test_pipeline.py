@@ -311,10 +311,10 @@ def test_a_tile_whose_windows_do_not_fit_the_workers_is_refused_before_reading(
                        scheduler_address=client.scheduler.address),
         environ={},
     )  # fmt: skip
-    before = sum(b for _, b in client.run(decoded).values())
+    before = sum(v[1] for v in client.run(decoded).values())
     with pytest.raises(RunError) as err:
         run(config, client=client)
-    assert sum(b for _, b in client.run(decoded).values()) == before  # nothing read
+    assert sum(v[1] for v in client.run(decoded).values()) == before  # nothing read
     text = str(err.value)
     for tile in small_cube.tiles:
         assert f"{tile}: a window of all 10 scenes is 60x60 px" in text
