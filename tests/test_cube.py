@@ -371,6 +371,9 @@ def test_blocks_that_qai_screens_whole_are_not_decoded(tmp_path, blocks, shape):
     swath) is not decoded: the cube is still what the files hold (screened), every other block is
     decoded once, the blocks left out are counted, and a scene that is all cloud opens only its
     QAI file."""
+    import dask.array as da
+
+    from treesits_dask.io.bands import block_runs, decoded_bytes
     from treesits_dask.io.grid import WindowLayout
 
     root, expected = _striped_tile(tmp_path, blocks=blocks, clouds=True)
@@ -398,6 +401,24 @@ def test_blocks_that_qai_screens_whole_are_not_decoded(tmp_path, blocks, shape):
     # without screening every block is decoded, and the cloudy scene is its own values
     plain = cube.tile_cube(scenes, grid, WindowLayout.of(grid, shape), ()).values
     assert (plain[1] != -9999).any()
+
+    # with a mask too: the blocks holding a mask pixel are decoded or left out as screened
+    mask = np.zeros((37, 50), bool)
+    mask[[0, 3, 20, 36], [0, 40, 10, 49]] = True
+    layout = WindowLayout.of(grid, shape)
+    dmask = da.from_array(mask, chunks=layout.chunks)
+    arr = cube.tile_cube(scenes, grid, layout, DEFAULT_QAI_FLAGS, mask=dmask)
+    decoded, screened_before = datasets.DECODED.snapshot()[1], datasets.SCREENED.snapshot()[1]
+    with dask.config.set(scheduler="threads", num_workers=3):
+        got = arr.values
+    np.testing.assert_array_equal(got[:, :, mask], expected[:, :, mask])
+    area = sum(
+        decoded_bytes((r0, r1), (c0, c1), grid.block_shape, (37, 50), 1, 1)[1]
+        for r0, r1, c0, c1 in block_runs(mask, (0, 37), (0, 50), grid.block_shape)
+    )
+    left_out = datasets.SCREENED.snapshot()[1] - screened_before
+    assert left_out >= 10 * 2 * area  # scene 1's at least
+    assert datasets.DECODED.snapshot()[1] - decoded + left_out == 5 * 11 * 2 * area
 
 
 def test_band_reads_through_recycled_buffers_equal_the_files(tmp_path, monkeypatch):
