@@ -16,7 +16,6 @@ once nothing refers to them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -230,23 +229,14 @@ class WindowReader:
             np.logical_not(b, out=valid[r0:r1, c0:c1])
         clear = block_runs(valid, rows, cols, self.grid.block_shape)
         if clear != runs:
+            grid = self.grid
+            file = (grid.block_shape, (grid.height, grid.width), grid.count)
             (blocks, nbytes), (kept_blocks, kept_bytes) = (
-                self._cost(rows, cols, runs),
-                self._cost(rows, cols, clear),
+                _cost(rows, cols, runs, *file),
+                _cost(rows, cols, clear, *file),
             )
             SCREENED.add(blocks - kept_blocks, nbytes - kept_bytes)
         return clear
-
-    def _cost(self, rows, cols, runs) -> tuple[int, int]:
-        """(band-blocks, bytes) that decoding ``runs`` of the rectangle ``rows`` x ``cols`` of a
-        BOA file costs (see :func:`~treesits_dask.io.bands.decoded_bytes`)."""
-        grid = self.grid
-        costs = [
-            decoded_bytes((rows[0] + r0, rows[0] + r1), (cols[0] + c0, cols[0] + c1),
-                          grid.block_shape, (grid.height, grid.width), grid.count)
-            for r0, r1, c0, c1 in runs
-        ]  # fmt: skip
-        return sum(c[0] for c in costs), sum(c[1] for c in costs)
 
     def _read_runs(self, url, version, bands, dest, runs, rows, cols, where, failed) -> None:
         """Read the ``runs`` (relative to the rectangle ``rows`` x ``cols`` of the file) of ``url``
@@ -274,7 +264,8 @@ class WindowReader:
             except BaseException:
                 drop_dataset(url, version)
                 raise
-            _count(src, rects)
+            block, size = tuple(src.block_shapes[0]), (src.height, src.width)
+            DECODED.add(*_cost(rows, cols, runs, block, size, src.count))
 
         try:
             read_retrying(url, read, what=f"reading {where}", permanent=(InputDataError,))
@@ -284,14 +275,14 @@ class WindowReader:
             raise failed(exc) from exc
 
 
-def _count(src, rects: Sequence) -> None:
-    """Count the blocks the reads of ``rects`` decode in ``src`` (see :data:`DECODED`)."""
-    block = tuple(src.block_shapes[0])
-    size = (src.height, src.width)
-    for rw in rects:
-        r0, c0 = int(rw.row_off), int(rw.col_off)
-        DECODED.add(
-            *decoded_bytes(
-                (r0, r0 + int(rw.height)), (c0, c0 + int(rw.width)), block, size, src.count
-            )
+def _cost(rows, cols, runs, block, size, bands) -> tuple[int, int]:
+    """(band-blocks, bytes) that reading ``runs`` (relative to the rectangle ``rows`` x ``cols``)
+    of a file of ``size`` in ``block``\\ s of ``bands`` bands decodes (see :data:`DECODED`,
+    :func:`~treesits_dask.io.bands.decoded_bytes`)."""
+    costs = [
+        decoded_bytes(
+            (rows[0] + r0, rows[0] + r1), (cols[0] + c0, cols[0] + c1), block, size, bands
         )
+        for r0, r1, c0, c1 in runs
+    ]
+    return sum(c[0] for c in costs), sum(c[1] for c in costs)
