@@ -317,11 +317,16 @@ def _striped_tile(tmp_path, rows_per_strip=7, h=37, w=50, n=5, blocks=None, clou
 
 @pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["strips", "tiles"])
 @pytest.mark.parametrize("shape", [(37, 50), (10, 50), (7, 50), (14, 25), (10, 10), (5, 7)])
-@pytest.mark.parametrize("read_bytes", [1 << 30, 1], ids=["one-batch", "batch-per-scene"])
-def test_band_reads_equal_whole_file_reads(tmp_path, blocks, shape, read_bytes):
-    """Whatever the windows, the file blocks and the scene batches: the cube is what the files
-    hold (screened), each block of each file is decoded once, and with a mask only the blocks
-    holding a mask pixel are decoded, windows without one being nodata."""
+@pytest.mark.parametrize(
+    "read_bytes, spill",
+    [(1 << 30, None), (1, None), (1 << 30, 1 << 40)],
+    ids=["one-batch", "batch-per-scene", "spills"],
+)
+def test_band_reads_equal_whole_file_reads(tmp_path, blocks, shape, read_bytes, spill):
+    """Whatever the windows, the file blocks and the scene batches, held in memory or spilling
+    (pieces copied out of the band): the cube is what the files hold (screened), each block of
+    each file is decoded once, and with a mask only the blocks holding a mask pixel are decoded,
+    the others and the windows without a mask pixel being nodata."""
     import dask.array as da
 
     from treesits_dask.io.bands import block_runs, decoded_bytes, plan_reads
@@ -330,7 +335,8 @@ def test_band_reads_equal_whole_file_reads(tmp_path, blocks, shape, read_bytes):
     root, expected = _striped_tile(tmp_path, blocks=blocks)
     _, scenes, grid = _grid(root)
     layout = WindowLayout.of(grid, shape)
-    arr = cube.tile_cube(scenes, grid, layout, DEFAULT_QAI_FLAGS, read_bytes=read_bytes)
+    memory = dict(read_bytes=read_bytes, held_bytes=1 if spill else None, spill_bytes=spill)
+    arr = cube.tile_cube(scenes, grid, layout, DEFAULT_QAI_FLAGS, **memory)
     before = datasets.DECODED.snapshot()[1]
     with dask.config.set(scheduler="threads", num_workers=3):
         got = arr.values
@@ -339,16 +345,21 @@ def test_band_reads_equal_whole_file_reads(tmp_path, blocks, shape, read_bytes):
     assert datasets.DECODED.snapshot()[1] - before == files  # every block once
     # the windows pick their pieces from one task per band, batch and window row crossing the
     # band (not one small task per piece: each costs a worker a dispatch)
-    plan = plan_reads(grid, layout, 5, read_bytes)
+    plan = plan_reads(
+        grid, layout, 5, read_bytes, held_bytes=memory["held_bytes"], spill_bytes=spill
+    )
     picks = [k for k in arr.data.__dask_graph__() if str(k[0]).startswith("read-row-")]
     rows = sum(len({p.i for p in b.pieces}) for b in plan.bands if not plan.direct(b))
+    if plan.spills:  # a task per piece
+        rows = sum(len(b.pieces) for b in plan.bands)
     assert len(picks) == rows * len(plan.batches)
+    assert plan.spills == bool(spill) or all(plan.direct(b) for b in plan.bands)
 
     rng = np.random.default_rng(1)
     mask = np.zeros((37, 50), bool)
     mask[rng.integers(0, 37, 4), rng.integers(0, 50, 4)] = True
     dmask = da.from_array(mask, chunks=layout.chunks)
-    arr = cube.tile_cube(scenes, grid, layout, DEFAULT_QAI_FLAGS, mask=dmask, read_bytes=read_bytes)
+    arr = cube.tile_cube(scenes, grid, layout, DEFAULT_QAI_FLAGS, mask=dmask, **memory)
     before = datasets.DECODED.snapshot()[1]
     with dask.config.set(scheduler="threads", num_workers=3):
         got = arr.values
@@ -362,15 +373,25 @@ def test_band_reads_equal_whole_file_reads(tmp_path, blocks, shape, read_bytes):
     for _, _, w in layout:
         if not mask[w.rows, w.cols].any():
             assert (got[:, :, w.rows, w.cols] == -9999).all()
+    # in the windows with a mask pixel, the blocks holding one are the files' values; all else
+    # is nodata
+    decoded = np.zeros((37, 50), bool)
+    for r0, r1, c0, c1 in rects:
+        decoded[r0:r1, c0:c1] = True
+    for _, _, w in layout:
+        decoded[w.rows, w.cols] &= mask[w.rows, w.cols].any()
+    np.testing.assert_array_equal(got[:, :, decoded], expected[:, :, decoded])
+    assert (got[:, :, ~decoded] == -9999).all()
 
 
 @pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["strips", "tiles"])
 @pytest.mark.parametrize("shape", [(37, 50), (10, 50), (14, 25), (5, 7)])
-def test_blocks_that_qai_screens_whole_are_not_decoded(tmp_path, blocks, shape):
+@pytest.mark.parametrize("spill", [None, 1 << 40], ids=["held", "spills"])
+def test_blocks_that_qai_screens_whole_are_not_decoded(tmp_path, blocks, shape, spill):
     """A BOA block whose every pixel QAI screens (a cloudy scene, a cloudy strip, beyond the
     swath) is not decoded: the cube is still what the files hold (screened), every other block is
     decoded once, the blocks left out are counted, and a scene that is all cloud opens only its
-    QAI file."""
+    QAI file; bands held in memory or spilling (pieces copied out of the band) alike."""
     import dask.array as da
 
     from treesits_dask.io.bands import block_runs, decoded_bytes
@@ -388,7 +409,8 @@ def test_blocks_that_qai_screens_whole_are_not_decoded(tmp_path, blocks, shape):
                     skipped += screened[r : r + bh, c : c + bw].size * 10 * 2
     # scene 1, and scene 2's first strip or the two blocks of scene 3 beyond the swath
     assert skipped == 37 * 50 * 10 * 2 + (7 * 50 if blocks is None else 16 * 32) * 10 * 2
-    arr = cube.tile_cube(scenes, grid, WindowLayout.of(grid, shape), DEFAULT_QAI_FLAGS)
+    memory = dict(held_bytes=1 if spill else None, spill_bytes=spill)
+    arr = cube.tile_cube(scenes, grid, WindowLayout.of(grid, shape), DEFAULT_QAI_FLAGS, **memory)
     opens, decoded = cube.OPEN_COUNTER.count, datasets.DECODED.snapshot()[1]
     screened_before = datasets.SCREENED.snapshot()[1]
     with dask.config.set(scheduler="synchronous"):  # one thread: each file opened once
@@ -407,7 +429,7 @@ def test_blocks_that_qai_screens_whole_are_not_decoded(tmp_path, blocks, shape):
     mask[[0, 3, 20, 36], [0, 40, 10, 49]] = True
     layout = WindowLayout.of(grid, shape)
     dmask = da.from_array(mask, chunks=layout.chunks)
-    arr = cube.tile_cube(scenes, grid, layout, DEFAULT_QAI_FLAGS, mask=dmask)
+    arr = cube.tile_cube(scenes, grid, layout, DEFAULT_QAI_FLAGS, mask=dmask, **memory)
     decoded, screened_before = datasets.DECODED.snapshot()[1], datasets.SCREENED.snapshot()[1]
     with dask.config.set(scheduler="threads", num_workers=3):
         got = arr.values
@@ -550,8 +572,8 @@ def test_windows_of_all_scenes_must_fit_the_inference_workers():
 def test_bands_that_do_not_fit_memory_spill_and_are_decoded_once(tmp_path, blocks, caplog):
     """Bands of all scenes that exceed the reading worker's memory but fit with its spill disk
     are still read in bands (every block decoded once), in half-size batches whose pieces own
-    their memory (so Dask frees what it spills); on a LocalCluster whose worker spills nearly
-    everything, the values are those of the files."""
+    their memory (so Dask frees what it spills) and equal the views of a band held in memory; on
+    a LocalCluster whose worker spills nearly everything, the values are those of the files."""
     import logging
 
     from distributed import Client, LocalCluster
@@ -583,6 +605,11 @@ def test_bands_that_do_not_fit_memory_spill_and_are_decoded_once(tmp_path, block
     fn, *args = graph[band_key]
     pieces = fn(*args)
     assert all(p.base is None for p in pieces)  # copies: spilling one frees its memory
+    reader, band, start, stop = fn.func.__self__, *args
+    views = reader.read_band(band, start, stop)  # the band read whole, cut into views
+    assert all(v.base is not None for v in views) and len(views) == len(pieces)
+    for p, v in zip(pieces, views, strict=True):
+        np.testing.assert_array_equal(p, v)
     # each piece is a task of its own whose result is the array: a window unspills its pieces only
     picks = [k for k in graph if str(k[0]).startswith("read-row-")]
     assert len(picks) == sum(len(b.pieces) for b in spill.bands) * len(spill.batches)
