@@ -316,7 +316,9 @@ def _striped_tile(tmp_path, rows_per_strip=7, h=37, w=50, n=5, blocks=None, clou
 
 
 @pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["strips", "tiles"])
-@pytest.mark.parametrize("shape", [(37, 50), (10, 50), (7, 50), (14, 25), (10, 10), (5, 7)])
+@pytest.mark.parametrize(
+    "shape", [(37, 50), (10, 50), (7, 50), (14, 25), (10, 10), (5, 7), (16, 16), (16, 32)]
+)
 @pytest.mark.parametrize(
     "read_bytes, spill",
     [(1 << 30, None), (1, None), (1 << 30, 1 << 40)],
@@ -324,9 +326,10 @@ def _striped_tile(tmp_path, rows_per_strip=7, h=37, w=50, n=5, blocks=None, clou
 )
 def test_band_reads_equal_whole_file_reads(tmp_path, blocks, shape, read_bytes, spill):
     """Whatever the windows, the file blocks and the scene batches, held in memory or spilling
-    (pieces copied out of the band): the cube is what the files hold (screened), each block of
-    each file is decoded once, and with a mask only the blocks holding a mask pixel are decoded,
-    the others and the windows without a mask pixel being nodata."""
+    (pieces copied out of the band), or windows of whole blocks read by their own tasks: the cube
+    is what the files hold (screened), each block of each file is decoded once, and with a mask
+    only the blocks holding a mask pixel are decoded, the others and the windows without a mask
+    pixel being nodata."""
     import dask.array as da
 
     from treesits_dask.io.bands import block_runs, decoded_bytes, plan_reads
@@ -353,7 +356,13 @@ def test_band_reads_equal_whole_file_reads(tmp_path, blocks, shape, read_bytes, 
     if plan.spills:  # a task per piece
         rows = sum(len(b.pieces) for b in plan.bands)
     assert len(picks) == rows * len(plan.batches)
+    aligned = blocks is not None and shape in ((16, 16), (16, 32))
+    assert plan.aligned == aligned and (plan.bands == ()) == aligned
     assert plan.spills == bool(spill) or all(plan.direct(b) for b in plan.bands)
+    if aligned:  # a task per window row, or per window where one window fills a task
+        per_row = 1 if read_bytes > 1 else len(layout.windows[0])
+        assert len(plan.groups) == len(layout.windows) * per_row
+        assert sorted(ij for g in plan.groups for ij in g) == [(i, j) for i, j, _ in layout]
 
     rng = np.random.default_rng(1)
     mask = np.zeros((37, 50), bool)
@@ -385,7 +394,7 @@ def test_band_reads_equal_whole_file_reads(tmp_path, blocks, shape, read_bytes, 
 
 
 @pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["strips", "tiles"])
-@pytest.mark.parametrize("shape", [(37, 50), (10, 50), (14, 25), (5, 7)])
+@pytest.mark.parametrize("shape", [(37, 50), (10, 50), (14, 25), (5, 7), (16, 16)])
 @pytest.mark.parametrize("spill", [None, 1 << 40], ids=["held", "spills"])
 def test_blocks_that_qai_screens_whole_are_not_decoded(tmp_path, blocks, shape, spill):
     """A BOA block whose every pixel QAI screens (a cloudy scene, a cloudy strip, beyond the
@@ -627,6 +636,31 @@ def test_bands_that_do_not_fit_memory_spill_and_are_decoded_once(tmp_path, block
     np.testing.assert_array_equal(got, expected)
     assert datasets.DECODED.snapshot()[1] == before  # all read on the worker
     assert done == 5 * 11 * 37 * 50 * 2  # every block of every file once (BOA + QAI)
+
+
+def test_reads_visit_the_scenes_in_turns_so_that_kept_files_are_not_all_opened_again(
+    tmp_path, monkeypatch
+):
+    """A thread that keeps fewer files open than a tile has (6 of 10 here) reads the scenes
+    forwards and backwards in turn: its second read of the tile opens only the files the first
+    did not leave open, not every file again."""
+    from treesits_dask.io.grid import Window
+    from treesits_dask.io.reader import WindowReader
+
+    root, expected = _striped_tile(tmp_path, blocks=(16, 16))
+    _, scenes, grid = _grid(root)
+    reader = WindowReader(grid, tuple(s.boa for s in scenes), tuple(s.qai for s in scenes),
+                          tuple(DEFAULT_QAI_FLAGS))  # fmt: skip
+    datasets.forget_datasets()
+    monkeypatch.setattr(datasets, "_CAPACITY", 6)
+    opens = []
+    for window in (Window(0, 0, 16, 16), Window(16, 16, 16, 16)):
+        before = cube.OPEN_COUNTER.count
+        got = reader.read(window)
+        opens.append(cube.OPEN_COUNTER.count - before)
+        np.testing.assert_array_equal(got, expected[:, :, window.rows, window.cols])
+    assert opens == [10, 4]
+    datasets.forget_datasets()
 
 
 def test_kept_datasets_are_bounded_by_memory(tmp_path, monkeypatch):

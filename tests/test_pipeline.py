@@ -368,3 +368,53 @@ def test_windows_that_do_not_fit_the_local_workers_are_refused_by_the_plan(
     assert cols == 60 and rows < 60 and 60 % rows == 0 and not auto.invalid
     assert WINDOWS_PER_THREAD * 2 * rows * cols * 10 * 10 * 2 <= AUTO_WINDOW_SHARE * 4 * 2**20
     assert [t.tile for t in auto.tiles] == list(small_cube.tiles)
+
+
+def test_cog_windows_that_cut_blocks_are_read_and_predicted_in_whole_blocks(
+    native_lstm, tmp_path, client
+):
+    """A COG tile of 256 px blocks in 250 px windows (the map's chunks): the plan reads and
+    predicts it in chunks of whole blocks (each decoded once, by one task), and the outputs,
+    rechunked to the windows, equal the kernel applied to the whole tile in one piece (forest
+    mask included)."""
+    from treesits_dask.io.bands import plan_reads
+    from treesits_dask.io.cube import days_since_epoch
+    from treesits_dask.models import ModelSpec, load_model
+    from treesits_dask.pipeline.plan import make_plan
+    from treesits_dask.synthetic import make_cube
+
+    cube = make_cube(tmp_path / "cube", size=500, n_scenes=5, layout="cog", seed=4,
+                     mask_dir=str(tmp_path / "masks"))  # fmt: skip
+    tile = cube.tiles[0]
+    out = tmp_path / "out"
+    config = load_config(
+        overrides=dict(cube=cube.root, tiles="all", output=str(out), model=native_lstm,
+                       window="250x250", qai="none", mask_dir=cube.mask_dir, cog=False),
+        environ={},
+    )  # fmt: skip
+    plan = make_plan(config)
+    (t,) = plan.tiles
+    assert t.layout.shape == (250, 250) and t.reading.shape == (256, 256)
+    assert t.reading.chunks == ((256, 244), (256, 244))
+    assert plan.summary()["tiles"][0]["read_chunk"] == [256, 256]
+    run(config, client=client)
+
+    scenes = discovery.scene_table(cube.root, tile)
+    block = np.array([rasterio.open(s.boa).read() for s in scenes])
+    with rasterio.open(tmp_path / "masks" / tile / "mask.tif") as src:
+        forest = src.read(1) > 0
+    assert 0 < forest.mean() < 1
+    predictor = load_model(ModelSpec(native_lstm, "native"), device="cpu")
+    direct = predict.predict_block(
+        block, forest, days_since_epoch([s.date for s in scenes]), predictor
+    )
+    ds = open_map(str(out))
+    assert ds.sizes["x"] == ds.sizes["y"] == 500
+    np.testing.assert_allclose(ds.probability.values, direct["probability"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(ds["class"].values, direct["class"])
+    np.testing.assert_array_equal(ds.valid_obs.values, direct["valid_obs"])
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["tiles"][tile]["windows"] == 4
+    # each chunk of whole blocks read once, by tasks that read a window row of them each
+    reads = plan_reads(t.grid, t.reading, len(t.scenes), 1 << 30, min_tasks=2)
+    assert reads.aligned and reads.groups == (((0, 0), (0, 1)), ((1, 0), (1, 1)))

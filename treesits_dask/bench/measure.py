@@ -198,9 +198,9 @@ def decode_run(plan, client) -> dict:
     reads = read_budget(plan.config, info, Routing(), worker_disks(client))
     arrays = []
     for tile in plan.tiles:
-        mask = open_mask(tile.mask, tile.grid, tile.layout) if tile.mask else None
+        mask = open_mask(tile.mask, tile.grid, tile.reading) if tile.mask else None
         cube = tile_cube(
-            tile.scenes, tile.grid, tile.layout, plan.config.qai_flags, mask=mask,
+            tile.scenes, tile.grid, tile.reading, plan.config.qai_flags, mask=mask,
             read_bytes=reads.task_bytes, min_read_tasks=reads.threads,
             held_bytes=reads.held_bytes, spill_bytes=reads.spill_bytes,
         )  # fmt: skip
@@ -241,17 +241,17 @@ def decode_run(plan, client) -> dict:
 
 
 def read_mode(tile, reads) -> tuple[str, int]:
-    """How a tile is read under ``reads``, and in how many read tasks: ``windows`` (each window
-    by one task: strip windows of all scenes, or the memory guard's fallback), ``bands`` (bands
-    held in memory) or ``bands+spill`` (held bands spilled to disk)."""
+    """How a tile is read under ``reads``, and in how many read tasks: ``blocks`` (chunks of whole
+    COG blocks, :func:`~treesits_dask.io.grid.read_shape`), ``windows`` (strip windows of all
+    scenes, or the memory guard's fallback), ``bands`` or ``bands+spill``."""
     from ..io.bands import plan_reads
 
     rp = plan_reads(
-        tile.grid, tile.layout, len(tile.scenes), reads.task_bytes, None, reads.threads,
+        tile.grid, tile.reading, len(tile.scenes), reads.task_bytes, None, reads.threads,
         reads.held_bytes, reads.spill_bytes,
     )  # fmt: skip
     if rp.by_window or all(rp.direct(b) for b in rp.bands):
-        return "windows", len(tile.layout)
+        return ("blocks", len(rp.groups)) if rp.aligned else ("windows", len(tile.reading))
     return ("bands+spill" if rp.spills else "bands"), rp.tasks
 
 
@@ -269,12 +269,12 @@ def forward_inputs(plan) -> list[tuple]:
 
     inputs = []
     for tile in plan.tiles:
-        mask = open_mask(tile.mask, tile.grid, tile.layout) if tile.mask else None
-        cube = tile_cube(tile.scenes, tile.grid, tile.layout, plan.config.qai_flags, mask=mask)
+        mask = open_mask(tile.mask, tile.grid, tile.reading) if tile.mask else None
+        cube = tile_cube(tile.scenes, tile.grid, tile.reading, plan.config.qai_flags, mask=mask)
         block = cube.values  # (T, 10, H, W)
         sel_all = mask.compute() if mask is not None else None
         days = days_since_epoch([s.date for s in tile.scenes])
-        for _, _, w in tile.layout:
+        for _, _, w in tile.reading:
             sel = None if sel_all is None else sel_all[w.rows, w.cols]
             idx, series, valid = select_pixels(block[:, :, w.rows, w.cols], sel)
             if idx.size:

@@ -38,6 +38,7 @@ __all__ = [
     "decoded_bytes",
     "plan_reads",
     "scene_batches",
+    "window_groups",
 ]
 
 
@@ -86,8 +87,9 @@ class ReadPlan:
     bands: tuple[Band, ...]
     batches: tuple[tuple[int, int], ...]
     of_window: dict = None  # type: ignore[assignment]  # filled in __post_init__
-    #: the bands of all scenes fit neither the reading worker's memory nor its spill disk: each
-    #: window is read on its own (``bands`` empty), decoding the blocks it crosses once per window
+    #: each window is read on its own (``bands`` empty): where the bands of all scenes fit neither
+    #: the reading worker's memory nor its spill disk, decoding the blocks it crosses once per
+    #: window; where the windows are ``aligned``, decoding each block once
     by_window: bool = False
     #: the bands of all scenes do not fit the reading worker's memory but its disk: the read tasks
     #: hand out pieces that own their memory, so that Dask spills them to disk exactly (a view
@@ -96,6 +98,12 @@ class ReadPlan:
     #: bytes of the :data:`BANDS_HELD` bands of all scenes a reading worker holds (the memory
     #: guard's figure; 0 where every band is a whole window)
     held: int = 0
+    #: every window starts on a block edge, so each block lies in one window: each window reads
+    #: its own blocks into itself (``by_window``), nothing is put together or held; ``groups``
+    #: are the windows ``(i, j)`` each read task reads (consecutive windows of a window row, as
+    #: many as the task's memory allows), scene by scene, so that a task opens each file once
+    aligned: bool = False
+    groups: tuple[tuple[tuple[int, int], ...], ...] = ()
 
     def __post_init__(self) -> None:
         found: dict[tuple[int, int], list[tuple[int, int]]] = {}
@@ -105,7 +113,7 @@ class ReadPlan:
         object.__setattr__(self, "of_window", {key: tuple(v) for key, v in found.items()})
 
     def __hash__(self) -> int:  # of_window follows from the bands
-        return hash((self.bands, self.batches, self.by_window, self.spills))
+        return hash((self.bands, self.batches, self.by_window, self.spills, self.groups))
 
     def __eq__(self, other) -> bool:
         return isinstance(other, ReadPlan) and (
@@ -113,7 +121,8 @@ class ReadPlan:
             self.batches,
             self.by_window,
             self.spills,
-        ) == (other.bands, other.batches, other.by_window, other.spills)
+            self.groups,
+        ) == (other.bands, other.batches, other.by_window, other.spills, other.groups)
 
     def direct(self, band: Band) -> bool:
         """Whether ``band`` is exactly one whole window read in one batch: its task's result is
@@ -174,7 +183,9 @@ def plan_reads(
     ``task_bytes``: the memory one read task may fill with decoded scenes (the reading worker's
     budget shared out among its threads); a band is read in as few batches of scenes as fit it.
     Where every band is a whole window row (full-width windows of whole strips), each band is
-    read in one task of all scenes, whose result is the window.
+    read in one task of all scenes, whose result is the window; where every window starts on a
+    block edge (whole COG blocks, see :func:`~treesits_dask.io.grid.read_shape`), each window is
+    read by its own task (``aligned``), which decodes each block once too.
     ``bands`` (default: the grid's count) bands per scene are held, plus a QAI row that is screened
     away at once.  ``min_tasks``: at least this many read tasks per tile (more batches), so that a
     cluster with many reading threads has work for each (only where windows are put together from
@@ -208,6 +219,11 @@ def plan_reads(
         # every band is a whole window row: its task is the window, of all scenes, which the
         # prediction holds anyway (batches would only add a copy)
         return whole
+    if layout.block_aligned(grid.block_shape):
+        # each block lies in one window (COG windows of whole blocks, see grid.read_shape): the
+        # window's own read decodes it once, into the window, whatever the scene count
+        groups = window_groups(layout, n_scenes * count * 2, task_bytes, min_tasks)
+        return ReadPlan((), ((0, n_scenes),), by_window=True, aligned=True, groups=groups)
     per_scene = max(b.height for b in out) * grid.width * count * 2
     held = BANDS_HELD * per_scene * n_scenes
     spills = held_bytes is not None and held > held_bytes
@@ -218,6 +234,25 @@ def plan_reads(
     budget = task_bytes // 2 if spills else task_bytes
     batches = scene_batches(n_scenes, per_scene, budget, wanted)
     return ReadPlan(tuple(out), batches, spills=spills, held=held)
+
+
+def window_groups(
+    layout: WindowLayout, per_pixel: int, task_bytes: int, min_tasks: int = 1
+) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """The windows ``(i, j)`` of ``layout`` read by each task of an aligned plan: runs of
+    consecutive windows of a window row, of about equal length, as long as their scenes
+    (``per_pixel`` bytes per pixel) fit ``task_bytes`` together (at least one window each), and
+    at least ``min_tasks`` runs where the tile has as many windows."""
+    rows, cols = len(layout.windows), len(layout.windows[0])
+    biggest = layout.windows[0][0]
+    fit = max(1, task_bytes // max(1, per_pixel * biggest.height * biggest.width))
+    per_row = min(cols, max(math.ceil(cols / fit), math.ceil(min_tasks / rows)))
+    edges = np.linspace(0, cols, per_row + 1).round().astype(int)
+    return tuple(
+        tuple((i, j) for j in range(int(a), int(b)))
+        for i in range(rows)
+        for a, b in zip(edges[:-1], edges[1:], strict=True)
+    )
 
 
 def block_runs(

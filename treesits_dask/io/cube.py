@@ -194,7 +194,7 @@ def tile_cube(
         grid.tile, BANDS_HELD, len(scenes), plan.held / 2**30,
         (held_bytes or 0) / 2**30, (spill_bytes or 0) / 2**30,
     )  # fmt: skip
-    if plan.by_window:
+    if plan.by_window and not plan.aligned:
         log.warning(
             "tile %s: %d bands of all %d scenes (%.1f GiB) fit neither %.1f GiB of a reading "
             "worker's memory nor %.1f GiB of its spill disk: reading window by window, which "
@@ -247,6 +247,19 @@ def _read_graph(
     n_scenes, count = len(reader.boa), reader.grid.count
     read_band = functools.partial(reader.read_band, own=True) if plan.spills else reader.read_band
     dsk: dict = {}
+    if plan.by_window and plan.groups:  # aligned windows, several per read task
+        group = name.replace("read-", "read-group-", 1)
+        for g, ij in enumerate(plan.groups):
+            if len(ij) == 1:
+                (i, j), w = ij[0], layout.windows[ij[0][0]][ij[0][1]]
+                dsk[(name, 0, 0, i, j)] = (reader.read, w, *([(mask, i, j)] if mask else []))
+                continue
+            windows = tuple(layout.windows[i][j] for i, j in ij)
+            masks = [(mask, i, j) for i, j in ij] if mask else []
+            dsk[(group, g)] = (reader.read_windows, windows, *masks)
+            for k, (i, j) in enumerate(ij):
+                dsk[(name, 0, 0, i, j)] = (operator.getitem, (group, g), k)
+        return dsk
     if plan.by_window:
         for i, j, w in layout:
             args = (w, (mask, i, j)) if mask else (w,)

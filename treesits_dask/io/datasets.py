@@ -170,8 +170,10 @@ def capacity() -> int:
 
 #: share of the Dask worker's memory limit (else of this machine's memory) that the datasets kept
 #: open by all its threads may hold.  An open GeoTIFF that has been read keeps decoded blocks:
-#: measured 2.9 MB per 3000 px FORCE strip file (band-interleaved 300-row strips), 4.4 MB per
-#: 3000 px COG (pixel-interleaved 256 x 256 blocks of 10 bands): 1200 files of a 600-scene tile
+#: measured 2.9 MB per 3000 px FORCE strip file (band-interleaved 300-row strips), 3.4 MB per
+#: 3000 px COG (pixel-interleaved 256 x 256 blocks of 10 bands) and 0.39 MB per its QAI, beside
+#: GDAL's block cache (bounded on its own, :data:`READ_GDAL_CACHE`; 120 COGs read with a 16 MiB
+#: cache grew the process by 403 MB, with 256 MiB by 655 MB): 1200 files of a 600-scene tile
 #: kept by each of a worker's threads were gigabytes that Dask could neither see nor spill (a
 #: 3 GiB worker was killed), 16 threads would hold 56 GB
 KEPT_SHARE = 0.08
@@ -201,12 +203,15 @@ def memory_budget() -> int:
 
 def held_by(src) -> int:
     """What an open dataset that has been read holds, estimated from the measurements of
-    :data:`KEPT_SHARE`: 3.5 decoded blocks of all bands where they are pixel-interleaved, else 2
-    blocks of one band, plus its directory."""
+    :data:`KEPT_SHARE`: 2.5 decoded blocks of all bands where they are pixel-interleaved (3.3 MB
+    of a 3000 px COG, measured 3.36), else 2 blocks of one band (0.39 MB of its QAI, measured
+    0.39), plus its directory.  (This was 3.5 blocks, from a measurement that counted GDAL's
+    block cache too: the kept COGs of a 120-scene tile then seemed not to fit a reading thread
+    of a 12 GiB, 2-thread worker, and every task that visited them opened them all again.)"""
     bh, bw = src.block_shapes[0]
     block = bh * bw * np.dtype(src.dtypes[0]).itemsize
     pixel = src.count > 1 and src.interleaving is not None and src.interleaving.name == "pixel"
-    return int(3.5 * block * src.count if pixel else 2 * block) + 64 * 2**10
+    return int(2.5 * block * src.count if pixel else 2 * block) + 128 * 2**10
 
 
 def _reading_threads() -> int:

@@ -16,7 +16,15 @@ import numpy as np
 
 from ..errors import ConfigError
 
-__all__ = ["TileGrid", "Window", "WindowLayout", "choose_window_shape", "divisor_at_most"]
+__all__ = [
+    "READ_AREA_SLACK",
+    "TileGrid",
+    "Window",
+    "WindowLayout",
+    "choose_window_shape",
+    "divisor_at_most",
+    "read_shape",
+]
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,12 @@ class WindowLayout:
         )
         return cls(tuple(shape), windows)
 
+    def block_aligned(self, block_shape: tuple[int, int]) -> bool:
+        """Whether every window starts on a block edge of files in ``block_shape`` blocks (so
+        that each block lies in exactly one window)."""
+        bh, bw = max(1, block_shape[0]), max(1, block_shape[1])
+        return all(w.row_off % bh == 0 and w.col_off % bw == 0 for _, _, w in self)
+
     @property
     def chunks(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Dask chunks along y and x."""
@@ -147,3 +161,42 @@ def choose_window_shape(
     if window_bytes is not None:
         target = max(1, min(target, math.isqrt(window_bytes // max(1, bytes_per_px))))
     return divisor_at_most(grid.height, target), divisor_at_most(grid.width, target)
+
+
+#: how much larger (in pixels) than a window the chunk a tile is read in may be (see
+#: :func:`read_shape`): 256 x 256 px blocks for 250 x 250 px windows are 4.9 % larger
+READ_AREA_SLACK = 1.1
+
+
+def read_shape(grid: TileGrid, window: tuple[int, int]) -> tuple[int, int]:
+    """The chunk ``(rows, cols)`` the cube of a tile is read and predicted in, for windows (the
+    map's chunks) of ``window``: the window itself where windows start on block edges of the
+    files (whole strips, or COG windows that are multiples of the blocks); for tiled files (COG)
+    whose blocks the windows cut (256 px blocks, windows that divide a 3000 px tile), the whole
+    blocks nearest the window in size, as long as they hold at most :data:`READ_AREA_SLACK` times
+    its pixels.  Each block then lies in one chunk and is decoded once by the chunk's own read,
+    into the chunk, with nothing put together and no band of all scenes held; the predicted
+    outputs (a few layers instead of every scene) are rechunked to the windows for writing.
+    Striped files (a strip is as wide as the tile) keep the window: a chunk narrower than the
+    tile would decode each strip once per chunk, so their windows are read in bands
+    (:mod:`treesits_dask.io.bands`), as are windows smaller than a block."""
+    bh, bw = max(1, grid.block_shape[0]), max(1, grid.block_shape[1])
+    rows, cols = window
+    if WindowLayout.of(grid, window).block_aligned((bh, bw)) or bw >= grid.width:
+        return window
+
+    def nearest(n: int, block: int, edge: int) -> list[int]:
+        if n >= edge:
+            return [edge]
+        k = n // block
+        return sorted({min(m * block, edge) for m in (k, k + 1) if m >= 1})
+
+    fits = [
+        (r, c)
+        for r in nearest(rows, bh, grid.height)
+        for c in nearest(cols, bw, grid.width)
+        if r * c <= READ_AREA_SLACK * rows * cols
+    ]
+    if not fits:
+        return window
+    return min(fits, key=lambda rc: (abs(rc[0] * rc[1] - rows * cols), abs(rc[0] - rc[1])))

@@ -16,6 +16,7 @@ once nothing refers to them.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +38,15 @@ from .grid import TileGrid, Window
 from .qai import qai_invalid
 from .remote import read_retrying
 
-__all__ = ["NODATA", "READS_IN_PROGRESS", "InProgress", "WindowReader", "assemble", "screen"]
+__all__ = [
+    "NODATA",
+    "READS_IN_PROGRESS",
+    "InProgress",
+    "WindowReader",
+    "assemble",
+    "scene_order",
+    "screen",
+]
 
 NODATA = -9999
 
@@ -57,6 +66,24 @@ class InProgress(Counter):
 
 
 READS_IN_PROGRESS = InProgress()
+
+
+class _Direction(threading.local):
+    forward = False
+
+
+_DIRECTION = _Direction()
+
+
+def scene_order(start: int, stop: int) -> range:
+    """The scenes ``start:stop`` in the order this thread reads them: forwards and backwards in
+    turn.  A thread keeps fewer datasets open than a tile of many scenes has files (least recently
+    used out); read in the same order every time, each read would open every file again, in turns
+    the files the last read visited last are still open (the files of a tile less those kept are
+    opened again, not all of them)."""
+    d = _DIRECTION
+    d.forward = not d.forward
+    return range(start, stop) if d.forward else range(stop - 1, start - 1, -1)
 
 
 class _OpenFailed(Exception):
@@ -162,20 +189,59 @@ class WindowReader:
             for p, skip in zip(band.pieces, empty, strict=True)
         ]
 
+    def read_windows(self, windows: tuple[Window, ...], *masks) -> tuple[np.ndarray, ...]:
+        """Several windows of all scenes (``masks``: the mask of each, or none), each into an
+        array of its own, as :meth:`read` reads them one by one; here scene by scene, each
+        scene's files visited once for all the windows (one open at most per file and task,
+        where a task per window opens every file of the tile once per window whenever a worker
+        thread cannot keep them all open)."""
+        outs, jobs = [], []
+        for k, w in enumerate(windows):
+            rows = (w.row_off, w.row_off + w.height)
+            cols = (w.col_off, w.col_off + w.width)
+            mask = masks[k] if masks else None
+            if mask is not None and not np.any(mask):
+                shape = (len(self.boa), self.grid.count, w.height, w.width)
+                outs.append(np.broadcast_to(np.int16(NODATA), shape))
+                continue
+            runs, out = self._rect_out(rows, cols, 0, len(self.boa), mask)
+            outs.append(out)
+            if runs:
+                jobs.append((rows, cols, runs, out))
+        if jobs:
+            qai: dict = {}  # one QAI buffer per window shape
+            with READS_IN_PROGRESS:
+                for t in scene_order(0, len(self.boa)):
+                    for rows, cols, runs, out in jobs:
+                        shape = (rows[1] - rows[0], cols[1] - cols[0])
+                        q = qai.get(shape)
+                        if q is None and self.qai_flags:
+                            q = qai[shape] = np.empty(shape, np.int16)
+                        self._read_scene(t, rows, cols, runs, out[t], q)
+        return tuple(outs)
+
     # ------------------------------------------------------------------------------ internals
-    def _read_rect(self, rows, cols, start, stop, need) -> np.ndarray:
-        """Scenes ``start:stop`` of the rectangle ``rows`` x ``cols``, decoding only the blocks
-        that hold a ``need`` pixel (None: all); nodata where nothing was decoded."""
+    def _rect_out(self, rows, cols, start, stop, need) -> tuple[list, np.ndarray]:
+        """The block runs to read of the rectangle ``rows`` x ``cols`` (those that hold a
+        ``need`` pixel; None: all) and the array of scenes ``start:stop`` to read them into
+        (nodata where nothing is decoded)."""
         runs = block_runs(need, rows, cols, self.grid.block_shape)
         h, w = rows[1] - rows[0], cols[1] - cols[0]
         shape = (stop - start, self.grid.count, h, w)
         whole = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in runs) == h * w
         out = RECYCLER.empty(shape, np.int16) if whole else RECYCLER.full(shape, NODATA, np.int16)
+        return runs, out
+
+    def _read_rect(self, rows, cols, start, stop, need) -> np.ndarray:
+        """Scenes ``start:stop`` of the rectangle ``rows`` x ``cols``, decoding only the blocks
+        that hold a ``need`` pixel (None: all); nodata where nothing was decoded."""
+        runs, out = self._rect_out(rows, cols, start, stop, need)
         if not runs:
             return out
+        h, w = rows[1] - rows[0], cols[1] - cols[0]
         q = np.empty((h, w), np.int16) if self.qai_flags else None  # one QAI buffer for all
         with READS_IN_PROGRESS:
-            for t in range(start, stop):
+            for t in scene_order(start, stop):
                 self._read_scene(t, rows, cols, runs, out[t - start], q)
         return out
 

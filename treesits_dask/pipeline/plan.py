@@ -26,7 +26,7 @@ from ..errors import (
     TreesitsError,
 )
 from ..io import discovery, masks, storage
-from ..io.grid import TileGrid, WindowLayout, choose_window_shape
+from ..io.grid import TileGrid, WindowLayout, choose_window_shape, read_shape
 from ..models import ModelCard, ModelSpec, effective_window, read_card
 from ..outputs import cog
 from ..outputs.repo import MapRepo, cogs_up_to_date
@@ -63,6 +63,15 @@ class TilePlan:
     reasons: tuple[str, ...] = ()
     #: the disturbance alerts of the tile in this run (None: no alerts)
     alerts: AlertPlan | None = None
+    #: the chunks the tile is read and predicted in where they differ from its windows (whole
+    #: COG blocks, see :func:`~treesits_dask.io.grid.read_shape`); None: the windows
+    read_layout: WindowLayout | None = None
+
+    @property
+    def reading(self) -> WindowLayout:
+        """The chunks the tile's cube is read and predicted in (its outputs are written in
+        ``layout``'s windows)."""
+        return self.read_layout or self.layout
 
 
 @dataclass
@@ -127,7 +136,9 @@ class RunPlan:
         return len(tile.layout)
 
     def window_bytes(self, tile: TilePlan) -> int:
-        rows, cols = self.window_shape
+        """A chunk of all scenes as the tile is read and predicted (its window, or the whole
+        blocks nearest it: :func:`~treesits_dask.io.grid.read_shape`)."""
+        rows, cols = tile.reading.shape
         older = len(tile.alerts.older) if tile.alerts else 0
         return (len(tile.scenes) + older) * tile.grid.count * rows * cols * 2
 
@@ -145,6 +156,7 @@ class RunPlan:
                 "window_end": str(t.end),
                 "size_px": [t.grid.height, t.grid.width],
                 "windows": self.windows_per_tile(t),
+                "read_chunk": list(t.reading.shape),
                 "mask": t.mask.url if t.mask else None,
                 "window_mib": round(self.window_bytes(t) / 2**20, 1),
                 "why": list(t.reasons),
@@ -401,6 +413,7 @@ def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
             mask=mask,
             region=regions[st.tile],
             layout=WindowLayout.of(grid, window_shape),
+            read_layout=_read_layout(grid, window_shape),
             fingerprint=st.fingerprint,
             reasons=st.reasons,
             alerts=_alerts(config, card, repo, st, records.get(st.tile), digests),
@@ -418,6 +431,12 @@ def _alerts(config: RunConfig, card, repo: MapRepo, st: _Staged, record, digests
         return None
     key = alert_key(digests["model_digest"], digests["config_digest"], st.fingerprint["mask"])
     return plan_alerts(repo, config, card, st.tile, st.listed, st.scenes, st.start, key, record)
+
+
+def _read_layout(grid: TileGrid, window_shape: tuple[int, int]) -> WindowLayout | None:
+    """The chunks a tile is read in where they differ from its windows (else None)."""
+    shape = read_shape(grid, window_shape)
+    return None if shape == tuple(window_shape) else WindowLayout.of(grid, shape)
 
 
 def _expected_workers(config: RunConfig):
@@ -443,7 +462,8 @@ def _windows_fit_workers(checked: list, window_shape, invalid: dict, expected) -
     workers, routing = expected
     kept = []
     for st, grid, mask in checked:
-        problem = window_memory_problem(len(st.scenes), grid.count, window_shape, workers, routing)
+        shape = read_shape(grid, window_shape)  # a chunk of all scenes, as it is predicted
+        problem = window_memory_problem(len(st.scenes), grid.count, shape, workers, routing)
         if problem:
             invalid[st.tile] = ConfigError(problem)
         else:

@@ -99,14 +99,16 @@ def tile_graph(
     if tile.alerts is not None:  # the alert steps may need scenes before the model's window
         scenes = (*tile.alerts.older, *tile.scenes)
         steps = alert_steps(tile.alerts, cfg, tile.scenes)
+    reading = tile.reading  # the chunks read and predicted: the windows, or whole COG blocks
     with annotate(routing.read):
-        mask = open_mask(tile.mask, tile.grid, tile.layout) if tile.mask else None
+        mask = open_mask(tile.mask, tile.grid, reading) if tile.mask else None
         cube = tile_cube(
-            scenes, tile.grid, tile.layout, cfg.qai_flags, mask=mask,
+            scenes, tile.grid, reading, cfg.qai_flags, mask=mask,
             read_bytes=task_bytes, min_read_tasks=threads, held_bytes=held, spill_bytes=spill,
         )  # fmt: skip
         if tile.alerts is not None:
             prev = state_layer(cfg.output, tile.alerts.resume, tile.region, tile.layout)
+            prev = prev.rechunk(((3,), *reading.chunks))
     days = days_since_epoch([s.date for s in scenes])
     packed = predict_layer(
         cube.data,
@@ -122,6 +124,8 @@ def tile_graph(
         alerts=steps,
         prev=prev,
     )
+    if reading is not tile.layout:  # the outputs (a few layers) to the map's windows
+        packed = packed.rechunk(((packed.shape[0],), *tile.layout.chunks))
     return store.write_layer(
         packed, session, tile.region, tile.layout, plan.output_grid.variables(),
         plan.output_grid.packing,
@@ -143,7 +147,7 @@ def _windows_fit(plan: RunPlan, client, routing: Routing, cb, result: RunResult)
     workers = client.scheduler_info(n_workers=-1)["workers"]
     kept = []
     for tile in plan.tiles:
-        shape = tile.layout.shape
+        shape = tile.reading.shape  # a chunk of all scenes, as it is predicted
         problem = window_memory_problem(len(tile.scenes), tile.grid.count, shape, workers, routing)
         if problem is None:
             kept.append(tile)
