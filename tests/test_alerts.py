@@ -203,3 +203,50 @@ def test_alerts_over_many_updates_equal_one_update_and_the_truth(world, client, 
     # the late scene made the run that brought it go back to the version before its date
     records = MapRepo(str(small)).records()
     assert records[A]["alerts"]["through"] == str(after[-1])
+
+
+def _as_cogs(src: Path, dst: Path, block: int) -> None:
+    """``src`` cube with every BOA and QAI rewritten as a COG of ``block`` px blocks."""
+    import rasterio
+
+    shutil.copy(src / "datacube-definition.prj", dst / "datacube-definition.prj")
+    for path in sorted(src.glob("X*/*_[BQ][OA][AI].tif")):
+        with rasterio.open(path) as f:
+            data, profile = f.read(), f.profile
+        (dst / path.parent.name).mkdir(exist_ok=True)
+        profile.update(driver="COG", blocksize=block, compress="zstd", overviews="NONE")
+        for key in ("tiled", "blockxsize", "blockysize", "interleave"):
+            profile.pop(key, None)
+        with rasterio.open(dst / path.parent.name / path.name, "w", **profile) as out:
+            out.write(data)
+
+
+def test_alerts_of_cogs_read_in_chunks_of_whole_blocks_equal_the_truth(world, client, tmp_path):
+    """The same scenes as COGs of 16 px blocks, which the 15 x 30 px windows cut: each tile is
+    read and predicted in chunks of whole blocks (16 x 30 px), the alert layers a run goes on from
+    are rechunked to them and its outputs back to the windows; over two updates (the scenes before
+    START, then the rest) the layers equal the pixel-by-pixel computation."""
+    from types import SimpleNamespace
+
+    cube, model, _ = world
+    cogs, growing, out = tmp_path / "cogs", tmp_path / "growing", tmp_path / "out"
+    cogs.mkdir()
+    growing.mkdir()
+    _as_cogs(Path(cube.root), cogs, 16)
+    shutil.copy(cogs / "datacube-definition.prj", growing)
+    tables = {t: discovery.scene_table(str(cogs), t) for t in (A, B)}
+    for early in (True, False):
+        _deliver(cogs, growing, [s for t in (A, B) for s in tables[t] if (s.date < START) == early])
+        config = _config(str(growing), cube.mask_dir, model, out)
+        tiles = make_plan(config).tiles
+        assert [(t.layout.shape, t.reading.shape) for t in tiles] == [((15, 30), (16, 30))] * 2
+        assert [t.alerts.resume is not None for t in tiles] == [not early] * 2
+        result = run(config, client=client)
+        assert set(result.tiles) == {A, B} and not result.failed
+    got = open_map(str(out))
+    for k, tile in enumerate((A, B)):
+        want = _expected(SimpleNamespace(root=str(cogs), forest=cube.forest), tile)
+        for var in ALERT_LAYERS:
+            layer = got[var].values[:, 30 * k : 30 * k + 30].astype(np.int64)
+            np.testing.assert_array_equal(layer, want[var], err_msg=f"{tile} {var}")
+    assert (got["alert_state"].values[:, :30] == 2).any()  # the clear-cut is confirmed

@@ -14,6 +14,12 @@ decoded once.  The scenes of a band are read in batches sized from a memory budg
 (:func:`plan_reads`), so a task's memory does not grow with the scene count; when a window row is
 a band on its own and one batch holds every scene, the band's task IS the window (no pieces).
 
+Where every window starts on a block edge, each block lies in one window and the window's own
+read decodes it once, into the window: nothing is held or put together.  The pipeline chunks COG
+tiles so (:func:`~treesits_dask.io.grid.read_shape`: whole blocks near the window's size, the
+outputs rechunked to the windows); their read tasks each read a run of a window row's windows
+(:func:`window_groups`), scene by scene, so that a task opens each file once.
+
 :func:`decoded_bytes` counts what a read decodes (whole blocks intersecting it), for the decode
 amplification the benchmark reports.
 """

@@ -163,7 +163,10 @@ def tile_cube(
     bands of whole file blocks, each by one task per batch of scenes (``read_bytes``: the memory
     such a task may fill), so every block of every scene is decoded once; a window is put
     together from the pieces of the bands it crosses.  Where the windows are whole full-width
-    bands (strip windows), one task reads one window of all scenes, as the chunk itself.
+    bands (strip windows), one task reads one window of all scenes, as the chunk itself; where
+    every window starts on a block edge (``layout`` of whole COG blocks, see
+    :func:`~treesits_dask.io.grid.read_shape`), each window's own read decodes its blocks, several
+    windows of a window row per task (as many as ``read_bytes`` holds).
     ``min_read_tasks``: at least this many read tasks for the tile (see
     :func:`~treesits_dask.io.bands.plan_reads`).  ``held_bytes``: the memory a reading worker
     may fill with bands of all scenes, ``spill_bytes`` the disk it may fill with what Dask spills
