@@ -77,10 +77,10 @@ _DIRECTION = _Direction()
 
 def scene_order(start: int, stop: int) -> range:
     """The scenes ``start:stop`` in the order this thread reads them: forwards and backwards in
-    turn.  A thread keeps fewer datasets open than a tile of many scenes has files (least recently
-    used out); read in the same order every time, each read would open every file again, in turns
-    the files the last read visited last are still open (the files of a tile less those kept are
-    opened again, not all of them)."""
+    turn.  A thread may keep fewer datasets open than a tile of many scenes has files (least
+    recently used out): read in the same order every time, each read would open every file again;
+    read in turns, the files the last read visited last are still open and only the others are
+    opened again."""
     d = _DIRECTION
     d.forward = not d.forward
     return range(start, stop) if d.forward else range(stop - 1, start - 1, -1)
