@@ -105,10 +105,11 @@ class ReadPlan:
     #: guard's figure; 0 where every band is a whole window)
     held: int = 0
     #: every window starts on a block edge, so each block lies in one window: each window reads
-    #: its own blocks into itself (``by_window``), nothing is put together or held; ``groups``
-    #: are the windows ``(i, j)`` each read task reads (consecutive windows of a window row, as
-    #: many as the task's memory allows), scene by scene, so that a task opens each file once
+    #: its own blocks into itself (``by_window``), nothing is put together or held
     aligned: bool = False
+    #: where ``by_window``: the windows ``(i, j)`` each read task reads, scene by scene, so that
+    #: a task opens each file once (aligned: consecutive windows of a window row, as many as the
+    #: task's memory allows; else one window per task)
     groups: tuple[tuple[tuple[int, int], ...], ...] = ()
 
     def __post_init__(self) -> None:
@@ -234,7 +235,8 @@ def plan_reads(
     held = BANDS_HELD * per_scene * n_scenes
     spills = held_bytes is not None and held > held_bytes
     if spills and (spill_bytes is None or held > held_bytes + spill_bytes):
-        return ReadPlan((), ((0, n_scenes),), by_window=True, held=held)
+        alone = tuple(((i, j),) for i, j, _ in layout)  # each window by its own task
+        return ReadPlan((), ((0, n_scenes),), by_window=True, held=held, groups=alone)
     wanted = math.ceil(min_tasks / len(out))
     # a spilling task holds what it decoded and the pieces copied out of it: half the batch
     budget = task_bytes // 2 if spills else task_bytes

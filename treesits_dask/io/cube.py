@@ -250,23 +250,17 @@ def _read_graph(
     n_scenes, count = len(reader.boa), reader.grid.count
     read_band = functools.partial(reader.read_band, own=True) if plan.spills else reader.read_band
     dsk: dict = {}
-    if plan.by_window and plan.groups:  # aligned windows, several per read task
+    if plan.by_window:  # windows read on their own, several per task where they are aligned
         group = name.replace("read-", "read-group-", 1)
         for g, ij in enumerate(plan.groups):
-            if len(ij) == 1:
-                (i, j), w = ij[0], layout.windows[ij[0][0]][ij[0][1]]
-                dsk[(name, 0, 0, i, j)] = (reader.read, w, *([(mask, i, j)] if mask else []))
-                continue
             windows = tuple(layout.windows[i][j] for i, j in ij)
             masks = [(mask, i, j) for i, j in ij] if mask else []
+            if len(ij) == 1:  # the task's result is the window itself
+                dsk[(name, 0, 0, *ij[0])] = (reader.read, *windows, *masks)
+                continue
             dsk[(group, g)] = (reader.read_windows, windows, *masks)
             for k, (i, j) in enumerate(ij):
                 dsk[(name, 0, 0, i, j)] = (operator.getitem, (group, g), k)
-        return dsk
-    if plan.by_window:
-        for i, j, w in layout:
-            args = (w, (mask, i, j)) if mask else (w,)
-            dsk[(name, 0, 0, i, j)] = (reader.read, *args)
         return dsk
     # (band, piece) -> (its group: a window row, or the piece itself; its position in the group,
     # None where the group's task result is the piece itself)

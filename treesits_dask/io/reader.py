@@ -146,12 +146,7 @@ class WindowReader:
         nodata is returned (broadcast, no memory); else only the file blocks that hold a mask
         pixel are decoded.
         """
-        shape = (len(self.boa), self.grid.count, window.height, window.width)
-        if mask is not None and not np.any(mask):
-            return np.broadcast_to(np.int16(NODATA), shape)
-        rows = (window.row_off, window.row_off + window.height)
-        cols = (window.col_off, window.col_off + window.width)
-        return self._read_rect(rows, cols, 0, len(self.boa), mask)
+        return self.read_windows((window,), *([] if mask is None else [mask]))[0]
 
     def read_band(
         self, band: Band, start: int, stop: int, *masks, own: bool = False
@@ -191,10 +186,10 @@ class WindowReader:
 
     def read_windows(self, windows: tuple[Window, ...], *masks) -> tuple[np.ndarray, ...]:
         """Several windows of all scenes (``masks``: the mask of each, or none), each into an
-        array of its own, as :meth:`read` reads them one by one; here scene by scene, each
-        scene's files visited once for all the windows (one open at most per file and task,
-        where a task per window opens every file of the tile once per window whenever a worker
-        thread cannot keep them all open)."""
+        array of its own as :meth:`read` makes it, read scene by scene: each scene's files are
+        visited once for all the windows (one open at most per file and task, where a task per
+        window opens every file of the tile once per window whenever a worker thread cannot keep
+        them all open)."""
         outs, jobs = [], []
         for k, w in enumerate(windows):
             rows = (w.row_off, w.row_off + w.height)
