@@ -169,6 +169,49 @@ def test_empty_mask_window_opens_nothing(hand_tile):
     assert (vals == -9999).all()
 
 
+def test_windows_side_by_side_are_read_together_as_views(hand_tile):
+    """Windows side by side in a row are read by one read per file and scene (each block decoded
+    once) and handed out as views of it, equal to reading each on its own; a window without a
+    mask pixel in between splits the row (it is nodata, read by no one), and the model's pixel
+    selection takes the same series out of a view as out of a contiguous copy."""
+    from treesits_dask.io.grid import Window
+    from treesits_dask.pipeline.predict import select_pixels
+
+    root, data, qai = hand_tile
+    _, scenes, grid = _grid(root)
+    reader = cube.WindowReader(
+        grid=grid,
+        boa=tuple(s.boa for s in scenes),
+        qai=tuple(s.qai for s in scenes),
+        qai_flags=tuple(DEFAULT_QAI_FLAGS),
+    )
+    expected = _screened(data, qai)
+    row = (Window(0, 0, 16, 16), Window(0, 16, 16, 16), Window(0, 32, 16, 8))
+    decoded = datasets.DECODED.snapshot()[1]
+    outs = reader.read_windows(row)
+    assert datasets.DECODED.snapshot()[1] - decoded == 3 * 11 * 16 * 40 * 2  # each block once
+    for w, out in zip(row, outs, strict=True):
+        np.testing.assert_array_equal(out, expected[:, :, w.rows, w.cols])
+        np.testing.assert_array_equal(out, reader.read(w))
+    assert np.may_share_memory(outs[0], outs[2]) and not outs[1].flags.c_contiguous
+
+    mask = np.zeros((30, 40), bool)
+    mask[[0, 3, 9], [2, 5, 36]] = True  # the first and the last window; none in the middle one
+    masks = [mask[w.rows, w.cols] for w in row]
+    outs = reader.read_windows(row, *masks)
+    assert not outs[1].flags.writeable and (outs[1] == -9999).all()
+    assert not np.may_share_memory(outs[0], outs[2])
+    for w, out in (row[0], outs[0]), (row[2], outs[2]):
+        np.testing.assert_array_equal(out, expected[:, :, w.rows, w.cols])
+
+    outs = reader.read_windows(row)
+    full = np.ascontiguousarray(outs[1])
+    picked = select_pixels(outs[1], masks[0] | True)
+    for got, want in zip(picked, select_pixels(full, masks[0] | True), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert len(picked[0]) == 16 * 16 and picked[1].flags.c_contiguous
+
+
 def test_window_shape_rules(hand_tile):
     root, *_ = hand_tile
     _, scenes, grid = _grid(root)

@@ -185,26 +185,33 @@ class WindowReader:
         ]
 
     def read_windows(self, windows: tuple[Window, ...], *masks) -> tuple[np.ndarray, ...]:
-        """Several windows of all scenes (``masks``: the mask of each, or none), each into an
-        array of its own as :meth:`read` makes it, read scene by scene: each scene's files are
-        visited once for all the windows (one open at most per file and task, where a task per
-        window opens every file of the tile once per window whenever a worker thread cannot keep
-        them all open)."""
-        outs, jobs = [], []
-        for k, w in enumerate(windows):
-            rows = (w.row_off, w.row_off + w.height)
-            cols = (w.col_off, w.col_off + w.width)
-            mask = masks[k] if masks else None
-            if mask is not None and not np.any(mask):
-                shape = (len(self.boa), self.grid.count, w.height, w.width)
-                outs.append(np.broadcast_to(np.int16(NODATA), shape))
-                continue
-            runs, out = self._rect_out(rows, cols, 0, len(self.boa), mask)
-            outs.append(out)
+        """Several windows of all scenes (``masks``: the mask of each, or none), each as
+        :meth:`read` makes it, read scene by scene: each scene's files are visited once for all
+        the windows (one open at most per file and task, where a task per window opens every file
+        of the tile once per window whenever a worker thread cannot keep them all open).  Windows
+        side by side in a row (with a mask pixel each) are read together, one GDAL call per file,
+        scene and block row, and returned as views of that read's array (not contiguous where
+        there are several): a call per window and file made the read's CPU time 1.4x the decode's
+        at 3000 px (Python and GDAL per call)."""
+        outs: list = [None] * len(windows)
+        jobs = []
+        for run in _side_by_side(windows, masks):
+            first, last = windows[run[0]], windows[run[-1]]
+            rows = (first.row_off, first.row_off + first.height)
+            cols = (first.col_off, last.col_off + last.width)
+            need = np.concatenate([masks[k] for k in run], axis=1) if masks else None
+            runs, out = self._rect_out(rows, cols, 0, len(self.boa), need)
+            for k in run:
+                c0 = windows[k].col_off - cols[0]
+                outs[k] = out if len(run) == 1 else out[..., c0 : c0 + windows[k].width]
             if runs:
                 jobs.append((rows, cols, runs, out))
+        for k, w in enumerate(windows):
+            if outs[k] is None:  # no mask pixel
+                shape = (len(self.boa), self.grid.count, w.height, w.width)
+                outs[k] = np.broadcast_to(np.int16(NODATA), shape)
         if jobs:
-            qai: dict = {}  # one QAI buffer per window shape
+            qai: dict = {}  # one QAI buffer per rectangle shape
             with READS_IN_PROGRESS:
                 for t in scene_order(0, len(self.boa)):
                     for rows, cols, runs, out in jobs:
@@ -334,6 +341,22 @@ class WindowReader:
             raise
         except Exception as exc:
             raise failed(exc) from exc
+
+
+def _side_by_side(windows: tuple[Window, ...], masks: tuple) -> list[list[int]]:
+    """The indices of ``windows`` in runs of windows side by side in one row (same rows, each
+    starting where the last ends), leaving out those whose mask (if ``masks``) has no pixel."""
+    out: list[list[int]] = []
+    for k, w in enumerate(windows):
+        if masks and not np.any(masks[k]):
+            continue
+        if out:
+            p = windows[out[-1][-1]]
+            if (p.row_off, p.height, p.col_off + p.width) == (w.row_off, w.height, w.col_off):
+                out[-1].append(k)
+                continue
+        out.append([k])
+    return out
 
 
 def _cost(rows, cols, runs, block, size, bands) -> tuple[int, int]:

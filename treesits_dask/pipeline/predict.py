@@ -223,7 +223,11 @@ def select_pixels(
     if mask is not None:
         selected &= mask.astype(bool)
     idx = np.flatnonzero(selected)
-    series = np.ascontiguousarray(block.reshape(t_, b_, h * w)[:, :, idx].transpose(2, 0, 1))
+    if block.flags.c_contiguous:
+        picked = block.reshape(t_, b_, h * w)[:, :, idx]
+    else:  # a view of a read of several windows side by side: reshape would copy it whole
+        picked = block[:, :, idx // w, idx % w]
+    series = np.ascontiguousarray(picked.transpose(2, 0, 1))
     return idx, series, np.ascontiguousarray(valid.reshape(t_, h * w)[:, idx].T)
 
 
