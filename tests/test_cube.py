@@ -92,6 +92,32 @@ def test_qai_flags_on_every_value_in_any_shape(flags):
         qai_invalid(every, ["CLOUDS"])
 
 
+@pytest.mark.parametrize("pattern", ["none", "all", "rows", "patch", "scattered", "corners"])
+def test_screen_sets_nodata_exactly_where_screened(pattern):
+    """Screening (on a view, as the reads do) sets every band to nodata where QAI screens and
+    leaves every other value as it was, for clear, cloudy, banded, patchy and scattered QAI."""
+    from treesits_dask.io.reader import screen
+
+    rng = np.random.default_rng(3)
+    bad = np.zeros((40, 50), bool)
+    if pattern == "all":
+        bad[:] = True
+    elif pattern == "rows":
+        bad[7:12] = True
+    elif pattern == "patch":
+        bad[5:20, 10:30] = True
+    elif pattern == "scattered":
+        bad = rng.random((40, 50)) < 0.1
+    elif pattern == "corners":
+        bad[0, 0] = bad[-1, -1] = True
+    data = rng.integers(-20000, 20000, (4, 40, 60)).astype(np.int16)
+    got = data.copy()
+    screen(got[:, :, 5:55], bad)
+    want = data.copy()
+    want[:, bad.nonzero()[0], bad.nonzero()[1] + 5] = -9999
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.fixture()
 def hand_tile(tmp_path):
     """30x40 px tile, 3 scenes, COG-like 16x16 blocks (which do not divide the tile)."""

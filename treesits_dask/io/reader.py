@@ -98,9 +98,17 @@ def _missing(exc: BaseException) -> bool:
 def screen(block: np.ndarray, bad: np.ndarray) -> None:
     """Set ``block`` (bands, h, w; a view is fine) to nodata in every band where ``bad`` (h, w).
 
-    Two bitwise passes over the block: ~4x faster than ``block[:, bad] = NODATA`` (boolean
-    indexing gathers every band), which cost as much as decoding a ZSTD COG block here."""
-    if not bad.any():
+    Only the rows from the first to the last that ``bad`` touches are visited (clouds come in
+    patches: a block row of a 3000 px tile screened in a patch took 0.6 ms, not 4.7), rows all
+    ``bad`` are filled.  Else two bitwise passes over the block: ~4x faster than
+    ``block[:, bad] = NODATA`` (boolean indexing gathers every band), which cost as much as
+    decoding a ZSTD COG block here."""
+    rows = np.flatnonzero(bad.any(axis=1))
+    if not rows.size:
+        return
+    block, bad = block[:, rows[0] : rows[-1] + 1], bad[rows[0] : rows[-1] + 1]
+    if bad.all():
+        block[...] = NODATA
         return
     keep = (~bad).view(np.uint8).astype(np.int16)
     np.negative(keep, out=keep)  # all bits set where kept, 0 where screened
