@@ -198,9 +198,9 @@ class WindowReader:
         the windows (one open at most per file and task, where a task per window opens every file
         of the tile once per window whenever a worker thread cannot keep them all open).  Windows
         side by side in a row (with a mask pixel each) are read together, one GDAL call per file,
-        scene and block row, and returned as views of that read's array (not contiguous where
-        there are several): a call per window and file made the read's CPU time 1.4x the decode's
-        at 3000 px (Python and GDAL per call)."""
+        scene and run of blocks to decode, and returned as views of that read's array (not
+        contiguous where there are several; it is freed when the last of them is): a call per
+        window and file made the read's CPU time 1.4x the decode's at 3000 px."""
         outs: list = [None] * len(windows)
         jobs = []
         for run in _side_by_side(windows, masks):
