@@ -218,16 +218,7 @@ class WindowReader:
             if outs[k] is None:  # no mask pixel
                 shape = (len(self.boa), self.grid.count, w.height, w.width)
                 outs[k] = np.broadcast_to(np.int16(NODATA), shape)
-        if jobs:
-            qai: dict = {}  # one QAI buffer per rectangle shape
-            with READS_IN_PROGRESS:
-                for t in scene_order(0, len(self.boa)):
-                    for rows, cols, runs, out in jobs:
-                        shape = (rows[1] - rows[0], cols[1] - cols[0])
-                        q = qai.get(shape)
-                        if q is None and self.qai_flags:
-                            q = qai[shape] = np.empty(shape, np.int16)
-                        self._read_scene(t, rows, cols, runs, out[t], q)
+        self._read_scenes(jobs, 0, len(self.boa))
         return tuple(outs)
 
     # ------------------------------------------------------------------------------ internals
@@ -246,14 +237,25 @@ class WindowReader:
         """Scenes ``start:stop`` of the rectangle ``rows`` x ``cols``, decoding only the blocks
         that hold a ``need`` pixel (None: all); nodata where nothing was decoded."""
         runs, out = self._rect_out(rows, cols, start, stop, need)
-        if not runs:
-            return out
-        h, w = rows[1] - rows[0], cols[1] - cols[0]
-        q = np.empty((h, w), np.int16) if self.qai_flags else None  # one QAI buffer for all
+        if runs:
+            self._read_scenes([(rows, cols, runs, out)], start, stop)
+        return out
+
+    def _read_scenes(self, jobs: list, start: int, stop: int) -> None:
+        """Scenes ``start:stop`` of each job ``(rows, cols, runs, out)`` (see :meth:`_rect_out`)
+        into its ``out``, scene by scene: each scene's files are visited once for all the jobs.
+        One QAI buffer per rectangle shape."""
+        if not jobs:
+            return
+        qai: dict = {}
         with READS_IN_PROGRESS:
             for t in scene_order(start, stop):
-                self._read_scene(t, rows, cols, runs, out[t - start], q)
-        return out
+                for rows, cols, runs, out in jobs:
+                    shape = (rows[1] - rows[0], cols[1] - cols[0])
+                    q = qai.get(shape)
+                    if q is None and self.qai_flags:
+                        q = qai[shape] = np.empty(shape, np.int16)
+                    self._read_scene(t, rows, cols, runs, out[t - start], q)
 
     def _read_scene(self, t: int, rows, cols, runs, out: np.ndarray, q) -> None:
         """Scene ``t`` of the rectangle into ``out``: with QAI screening, the QAI runs first, and
