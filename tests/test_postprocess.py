@@ -261,3 +261,63 @@ def test_uncertainty_smoothing_and_overviews_in_the_map(small_cube, native_lstm,
     # nothing changed: nothing to do
     assert not run(load_config(overrides={**common, "model": other, "tiles": b}, environ={}),
                    client=client).postprocessed  # fmt: skip
+
+
+def test_every_overview_level_is_the_level_before_decimated(small_cube, native_lstm, tmp_path,
+                                                             client):  # fmt: skip
+    """With 10 x 10 px chunks, level 1 of the two tiles takes more than one task and is committed
+    alone; the coarser levels are made in one task, each from the level before it as that task
+    wrote it, and committed together.  Every level is the one before in 2 x 2 blocks (the mean of
+    the valid probabilities, the upper-left class), down to the coarsest."""
+    import warnings
+
+    from treesits_dask.config import load_config
+    from treesits_dask.outputs.repo import MapRepo
+    from treesits_dask.outputs.store import level_paths
+    from treesits_dask.pipeline.run import run
+
+    out = tmp_path / "out"
+    overrides = dict(cube=small_cube.root, mask_dir=small_cube.mask_dir, output=str(out),
+                     model=native_lstm, window="10x10", cog=False,
+                     dashboard_address=":0")  # fmt: skip
+    result = run(load_config(overrides=overrides, environ={}), client=client)
+    assert len(result.tiles) == 2
+    repo = MapRepo(str(out))
+    levels = len(level_paths(repo.zarr_store()))
+    assert levels >= 4
+    messages = [info.message for info in repo.repo.ancestry(branch="main")]
+    assert "overviews level 1" in messages and f"overviews level 2-{levels - 1}" in messages
+    assert not [m for m in messages if m.startswith("overviews level") and m not in
+                ("overviews level 1", f"overviews level 2-{levels - 1}")]  # fmt: skip
+    # the tiles' footprint at each level (only those chunks are read: the store spans the cube)
+    regions = [MapRepo.region(t, r) for t, r in repo.records().items()]
+    r0, c0 = min(g.row_off for g in regions), min(g.col_off for g in regions)
+    r1 = max(g.row_off + g.height for g in regions)
+    c1 = max(g.col_off + g.width for g in regions)
+    opened = {k: repo.open_dataset(level=k, crop=False) for k in range(levels)}
+
+    def read(k, rows, cols, var, fill):  # level k over rows x cols, ``fill`` beyond the grid
+        da = opened[k][var]
+        h, w = da.shape[-2:]
+        out = np.full((*da.shape[:-2], rows.stop - rows.start, cols.stop - cols.start), fill)
+        part = da.isel(
+            y=slice(rows.start, min(rows.stop, h)), x=slice(cols.start, min(cols.stop, w))
+        )
+        out[..., : part.shape[-2], : part.shape[-1]] = part.values
+        return out
+
+    for k in range(1, levels):
+        f = 2**k
+        rows, cols = slice(r0 // f, -(-r1 // f)), slice(c0 // f, -(-c1 // f))
+        before = (slice(2 * rows.start, 2 * rows.stop), slice(2 * cols.start, 2 * cols.stop))
+        c = read(k - 1, *before, "class", 255)
+        np.testing.assert_array_equal(read(k, rows, cols, "class", 255), c[::2, ::2],
+                                      err_msg=f"level {k}")  # fmt: skip
+        p = read(k - 1, *before, "probability", np.nan)
+        blocks = p.reshape(p.shape[0], p.shape[1] // 2, 2, p.shape[2] // 2, 2)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN blocks: NaN
+            mean = np.nanmean(blocks, axis=(2, 4))
+        got = read(k, rows, cols, "probability", np.nan)
+        np.testing.assert_allclose(got, mean, rtol=1e-6, err_msg=f"level {k}")
+        assert np.isfinite(got).any(), k  # the tiles reach every level

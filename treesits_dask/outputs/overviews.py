@@ -71,6 +71,16 @@ def stale_chunks(
     ]
 
 
+def downsample_levels(session, levels: list[tuple[int, list[tuple[slice, slice]]]], variables):
+    """A task: :func:`downsample_chunk` for each ``(level, chunks)`` in turn, finest first, in
+    one ``session``: each level reads the one before it from the session's own writes.  For the
+    coarse levels of a map, whose stale chunks are few: one task and one commit for all of them
+    instead of one per level.  Returns the session."""
+    for level, chunks in levels:
+        downsample_chunk(session, level, chunks, variables)
+    return session
+
+
 def downsample_chunk(session, level: int, chunks: list[tuple[slice, slice]], variables):
     """A task: the ``chunks`` of level ``level`` from level ``level - 1``, for ``variables``,
     in ``session`` (a fork of a writable session of the map).  Returns the session."""

@@ -7,7 +7,8 @@ What is out of date is decided from the map alone: each tile's group holds what 
 values and its overview footprint were made from (records of itself and its neighbours, the
 smoothing parameters), so a run that was killed, a subset rerun, a tile that appears or new
 smoothing parameters all leave work that the next run finds and does, without reading a scene.
-Each tile's smoothing is one commit (with its new state); each overview level is one commit.
+Each tile's smoothing is one commit (with its new state); each overview level is one commit, but
+the coarse levels whose stale chunks fit one task, which are made in one task and one commit.
 """
 
 from __future__ import annotations
@@ -79,6 +80,22 @@ def derived_work(
     return work
 
 
+def _overview_steps(regions, grid: OutputGrid, levels: int) -> list[list[tuple[int, list]]]:
+    """The overview levels of a run in commits: ``[[(level, stale chunks)], ...]``, one level per
+    commit while its stale chunks take more than one task, then all the coarser levels together
+    (a level has at most as many stale chunks as the one before it)."""
+    steps: list[list[tuple[int, list]]] = []
+    for level in range(1, levels):
+        g = geozarr.level_grid(grid, level)
+        chunks = overviews.stale_chunks(regions, level, grid.chunk, (g.height, g.width))
+        small = len(chunks) <= _CHUNKS_PER_TASK
+        if small and steps and len(steps[-1][-1][1]) <= _CHUNKS_PER_TASK:
+            steps[-1].append((level, chunks))
+        else:
+            steps.append([(level, chunks)])
+    return steps
+
+
 def update_derived(
     repo: MapRepo, config: RunConfig, client, run_id: str, lease, routing=None
 ) -> dict[str, list[str]]:
@@ -133,19 +150,26 @@ def update_derived(
     if work.overviews:
         regions = [MapRepo.region(t, records[t]) for t in work.overviews]
         variables = grid.variables()
-        for level in range(1, levels):
-            g = geozarr.level_grid(grid, level)
-            chunks = overviews.stale_chunks(regions, level, grid.chunk, (g.height, g.width))
+        for group in _overview_steps(regions, grid, levels):
+            level = group[-1][0]
             session = repo.writable_session()
             fork = session.fork()
-            futures = [
-                client.submit(
-                    overviews.downsample_chunk, fork, level, chunks[i : i + _CHUNKS_PER_TASK],
-                    variables, key=f"overview-{level}-{i}-{run_id}", resources=resources,
+            if len(group) > 1:  # the coarse levels, a few chunks each: one task, one commit
+                futures = [client.submit(
+                    overviews.downsample_levels, fork, group, variables,
+                    key=f"overview-{group[0][0]}-to-{level}-{run_id}", resources=resources,
                     pure=False, retries=_RETRIES,
-                )
-                for i in range(0, len(chunks), _CHUNKS_PER_TASK)
-            ]  # fmt: skip
+                )]  # fmt: skip
+            else:
+                chunks = group[0][1]
+                futures = [
+                    client.submit(
+                        overviews.downsample_chunk, fork, level, chunks[i : i + _CHUNKS_PER_TASK],
+                        variables, key=f"overview-{level}-{i}-{run_id}", resources=resources,
+                        pure=False, retries=_RETRIES,
+                    )
+                    for i in range(0, len(chunks), _CHUNKS_PER_TASK)
+                ]  # fmt: skip
             forks = client.gather(futures)
             states = {}
             if level == levels - 1:
@@ -155,7 +179,8 @@ def update_derived(
                     for t in work.overviews
                 }  # fmt: skip
             lease.check()
-            repo.commit_derived(session, forks, states, f"overviews level {level}",
+            name = f"{group[0][0]}" if len(group) == 1 else f"{group[0][0]}-{level}"
+            repo.commit_derived(session, forks, states, f"overviews level {name}",
                                 {"overviews": level, "run": run_id})  # fmt: skip
         done["overviews"] = list(work.overviews)
         log.info("overviews of %d tile(s) made again (%d levels)", len(work.overviews), levels - 1)
