@@ -445,3 +445,51 @@ def test_manifests_are_split_by_tile(tmp_path):
     assert written[False][-1] > 5 * written[False][0], written[False]  # what splitting avoids
     split_config = MapRepo(str(tmp_path / "split-True")).repo.config.manifest.splitting
     assert split_config is not None
+
+
+def test_manifest_shards_hold_several_tiles_on_a_grid_of_many(tmp_path, monkeypatch):
+    """Icechunk 1.x compares every shard of an array with every other each time a window's fork
+    is merged, so a grid of many tiles gets shards of k x k whole tiles, at most MAX_SHARDS per
+    array, the fewest tiles that do it; a grid of few tiles keeps one shard per tile.  Two tiles
+    of one shard committed by two sessions from the same snapshot (tiles in flight together)
+    both end up in the map."""
+    import math
+
+    from treesits_dask.outputs.repo import MAX_SHARDS, shard_chunks
+
+    assert shard_chunks(GRID, (40, 40)) == (2, 2)  # 1 x 2 tiles: a shard per tile
+    national = schema.OutputGrid(
+        crs_wkt=GRID.crs_wkt, transform=GRID.transform, width=70000, height=44000,
+        chunk=(250, 250), class_names=CLASSES, multiclass=True,
+    )  # fmt: skip
+
+    def shards(rows, cols):
+        return math.ceil(176 / rows) * math.ceil(280 / cols)
+
+    rows, cols = shard_chunks(national, (1000, 1000))  # 70 x 44 tiles of 1000 px
+    assert rows == cols and rows % 4 == 0  # whole tiles of 4 x 4 chunks
+    assert shards(rows, cols) <= MAX_SHARDS < shards(rows - 4, cols - 4)
+    assert shard_chunks(national, (3000, 3000)) == (12, 12)  # 24 x 15 tiles: a shard per tile
+
+    # a grid of 6 x 6 tiles of 20 px (one chunk each) in shards of 2 x 2 tiles
+    grid = schema.OutputGrid(
+        crs_wkt=GRID.crs_wkt, transform=GRID.transform, width=120, height=120, chunk=(20, 20),
+        class_names=CLASSES, multiclass=True,
+    )  # fmt: skip
+    repo = MapRepo(str(tmp_path / "out"))
+    monkeypatch.setattr("treesits_dask.outputs.repo.MAX_SHARDS", 9)
+    repo.ensure_layout(grid, {}, tile_px=(20, 20))
+    sizes = repo.repo.config.manifest.splitting.split_sizes[0][1]
+    assert [size for _, size in sizes] == [2, 2]
+    rng = np.random.default_rng(1)
+    windows = {(0, 0): _window_outputs(rng), (0, 20): _window_outputs(rng)}  # one shard
+    sessions = [repo.repo.writable_session("main") for _ in windows]
+    for session, ((r, c), values) in zip(sessions, windows.items(), strict=True):
+        fork = session.fork()
+        outputs_store.write_window(fork.store, slice(r, r + 20), slice(c, c + 20), values)
+        session.merge(fork)
+    for k, session in enumerate(sessions):
+        MapRepo.commit_tile(session, [], f"T{k}", {"tile": k}, {})
+    stored = outputs_store.data_group(repo.zarr_store())
+    for (r, c), values in windows.items():
+        np.testing.assert_array_equal(stored["class"][r : r + 20, c : c + 20], values["class"])

@@ -6,11 +6,11 @@ Each stage owns its Dask layer: :func:`~treesits_dask.io.cube.tile_cube` reads,
 
 The scheduling (:mod:`treesits_dask.pipeline.schedule`) keeps a bounded number of tiles in
 flight.  The windows of a tile are written into forks of one session of the map repository
-(:mod:`treesits_dask.outputs.repo`); when its last window is written, the driver checks that the
-tile's inputs did not change, merges the forks and commits the tile's data and record together (a
-tile is complete in the map or absent), then writes its COGs from that commit.  Here: the lease,
-the map's layout, at the end the mosaics and a version tag for the run, and ``run.json``, which is
-written whatever happens (also on SIGTERM).
+(:mod:`treesits_dask.outputs.repo`), merged into it as they come back; when its last window is
+written, the driver checks that the tile's inputs did not change and commits the tile's data and
+record together (a tile is complete in the map or absent), then writes its COGs from that commit.
+Here: the lease, the map's layout, at the end the mosaics and a version tag for the run, and
+``run.json``, which is written whatever happens (also on SIGTERM).
 """
 
 from __future__ import annotations
