@@ -20,7 +20,10 @@ import numpy as np
 from .schema import DTYPES, NODATA, TileRegion
 from .store import RESAMPLING
 
-__all__ = ["STATE_ATTR", "downsample", "downsample_chunk", "overview_state", "stale_chunks"]
+__all__ = [
+    "STATE_ATTR", "downsample", "downsample_chunk", "downsample_levels", "overview_state",
+    "stale_chunks",
+]  # fmt: skip
 
 #: attribute of a tile's group naming what its footprint in the overviews was made from
 STATE_ATTR = "overviews"
