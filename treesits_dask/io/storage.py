@@ -82,13 +82,9 @@ GDAL_DEFAULTS = {
 #: 3000 px COG tile read at 129-134 MB/s per core on a LocalCluster worker, 206-253 with these
 #: (buffers under 4 MiB come from the heap; freed memory above 16 MiB at the top of a heap is
 #: given back).  Larger thresholds (64 / 32 MiB) were no faster and kept more memory: a 3 GiB
-#: worker reading a 600-scene tile was restarted at 95 %.  One arena for all threads: Dask runs
-#: tasks in worker threads, and glibc gives each its own arena, whose heaps are mmaps of at most
-#: 64 MiB, created and unmapped as a forward's tens of MB of temporaries come and go, so every
-#: window's memory was faulted in (and zeroed) afresh: the same sits-lstm window took 3.9 s in a
-#: thread against 2.7 s in the main thread (1.1 s of it in the kernel); with one arena 3.1 s.  A
-#: 1000 px / 60-scene strips tile end to end: 103 -> 84 s, worker kernel time 43 -> 7 s; its
-#: reads alone took the same time
+#: worker reading a 600-scene tile was restarted at 95 %.  One arena: a worker thread's own arena
+#: maps and unmaps heaps (64 MiB at most) as a forward's temporaries come and go, so each window
+#: faulted its memory in afresh (README, "One malloc arena": 1000 px strips tile 103 -> 84 s)
 MALLOC_DEFAULTS = {
     "MALLOC_TRIM_THRESHOLD_": str(16 * 2**20),
     "MALLOC_MMAP_THRESHOLD_": str(4 * 2**20),
