@@ -7,8 +7,9 @@ What is out of date is decided from the map alone: each tile's group holds what 
 values and its overview footprint were made from (records of itself and its neighbours, the
 smoothing parameters), so a run that was killed, a subset rerun, a tile that appears or new
 smoothing parameters all leave work that the next run finds and does, without reading a scene.
-Each tile's smoothing is one commit (with its new state); each overview level is one commit, but
-the coarse levels whose stale chunks fit one task, which are made in one task and one commit.
+Each tile's smoothing is one commit (with its new state); each overview level is one commit,
+except the coarse levels whose stale chunks fit one task: those are made in one task and one
+commit.
 """
 
 from __future__ import annotations
