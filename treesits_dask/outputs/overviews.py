@@ -76,9 +76,10 @@ def stale_chunks(
 
 def downsample_levels(session, levels: list[tuple[int, list[tuple[slice, slice]]]], variables):
     """A task: :func:`downsample_chunk` for each ``(level, chunks)`` in turn, finest first, in
-    one ``session``: each level reads the one before it from the session's own writes.  For the
-    coarse levels of a map, whose stale chunks are few: one task and one commit for all of them
-    instead of one per level.  Returns the session."""
+    one ``session``: each level reads the one before it from the session's own writes.  A task
+    of the overviews: some chunks of one level, or the coarse levels of a map together, whose
+    stale chunks are few (one task and one commit instead of one per level).  Returns the
+    session."""
     for level, chunks in levels:
         downsample_chunk(session, level, chunks, variables)
     return session

@@ -156,21 +156,26 @@ def update_derived(
             session = repo.writable_session()
             fork = session.fork()
             if len(group) > 1:  # the coarse levels, a few chunks each: one task, one commit
-                futures = [client.submit(
-                    overviews.downsample_levels, fork, group, variables,
-                    key=f"overview-{group[0][0]}-to-{level}-{run_id}", resources=resources,
-                    pure=False, retries=_RETRIES,
-                )]  # fmt: skip
-            else:
+                tasks = {f"overview-{group[0][0]}-to-{level}": group}
+            else:  # one level, _CHUNKS_PER_TASK chunks per task
                 chunks = group[0][1]
-                futures = [
-                    client.submit(
-                        overviews.downsample_chunk, fork, level, chunks[i : i + _CHUNKS_PER_TASK],
-                        variables, key=f"overview-{level}-{i}-{run_id}", resources=resources,
-                        pure=False, retries=_RETRIES,
-                    )
+                tasks = {
+                    f"overview-{level}-{i}": [(level, chunks[i : i + _CHUNKS_PER_TASK])]
                     for i in range(0, len(chunks), _CHUNKS_PER_TASK)
-                ]  # fmt: skip
+                }
+            futures = [
+                client.submit(
+                    overviews.downsample_levels,
+                    fork,
+                    steps,
+                    variables,
+                    key=f"{name}-{run_id}",
+                    resources=resources,
+                    pure=False,
+                    retries=_RETRIES,
+                )
+                for name, steps in tasks.items()
+            ]
             forks = client.gather(futures)
             states = {}
             if level == levels - 1:
