@@ -211,24 +211,70 @@ def threads_for_forward(total: int) -> int:
     return max(1, (total - READS_IN_PROGRESS.count) // forwards)
 
 
+def _pixel_axis(block: np.ndarray) -> tuple[np.ndarray, int]:
+    """``block`` (T, bands, h, w) as a ``(T, bands, L)`` array whose pixel ``(y, x)`` is at
+    ``y * row + x``, and ``row``, never a copy of a window of windows read side by side: a
+    contiguous window is reshaped, a view of a wider read (rows ``row`` pixels apart) is seen
+    through its rows, the gaps between them included."""
+    t_, b_, h, w = block.shape
+    if block.flags.c_contiguous:
+        return block.reshape(t_, b_, h * w), w
+    st, sb, sy, sx = block.strides
+    item = block.itemsize
+    if h and w and sx == item and sy % item == 0 and sy >= w * item and min(st, sb) > 0:
+        row = sy // item
+        span = (h - 1) * row + w
+        view = np.lib.stride_tricks.as_strided(
+            block, shape=(t_, b_, span), strides=(st, sb, item), writeable=False
+        )
+        return view, row
+    return np.ascontiguousarray(block).reshape(t_, b_, h * w), w
+
+
 def select_pixels(
     block: np.ndarray, mask: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The pixels of a ``(T, bands, h, w)`` window that reach the model: inside ``mask`` (if given)
     with at least one valid observation.  Returns their flat indices, their series ``(N, T, bands)``
-    and validity ``(N, T)``, contiguous."""
+    and validity ``(N, T)``, contiguous.
+
+    Without a mask validity is found band by band (temporaries of ``(T, h, w)``, not of the whole
+    window: a window of 600 scenes is hundreds of MB); with one the mask's pixels are gathered
+    first and validity is found from their series, so nothing of the window's size is made.
+    """
     t_, b_, h, w = block.shape
-    valid = (block != NODATA).all(axis=1)  # (T, h, w)
-    selected = valid.any(axis=0)
-    if mask is not None:
-        selected &= mask.astype(bool)
-    idx = np.flatnonzero(selected)
-    if block.flags.c_contiguous:
-        picked = block.reshape(t_, b_, h * w)[:, :, idx]
-    else:  # a view of a read of several windows side by side: reshape would copy it whole
-        picked = block[:, :, idx // w, idx % w]
-    series = np.ascontiguousarray(picked.transpose(2, 0, 1))
-    return idx, series, np.ascontiguousarray(valid.reshape(t_, h * w)[:, idx].T)
+    flat, row = _pixel_axis(block)
+    if mask is None:
+        valid = block[:, 0] != NODATA  # (T, h, w)
+        other = np.empty_like(valid)
+        for b in range(1, b_):
+            valid &= np.not_equal(block[:, b], NODATA, out=other)
+        del other
+        valid = valid.reshape(t_, h * w)
+        idx = np.flatnonzero(valid.any(axis=0))
+        valid = np.ascontiguousarray(valid[:, idx].T)  # before the series: one validity at a time
+        return idx, _gather(flat, idx, w, row), valid
+    idx = np.flatnonzero(mask)
+    series = _gather(flat, idx, w, row)
+    valid = np.empty(series.shape[:2], dtype=bool)
+    step = max(1, _VALID_BYTES // (t_ * b_))  # pixels at a time: a bounded temporary
+    for lo in range(0, len(idx), step):
+        np.all(series[lo : lo + step] != NODATA, axis=2, out=valid[lo : lo + step])
+    keep = valid.any(axis=1)
+    if not keep.all():  # pixels of the mask without a valid observation
+        idx, series, valid = idx[keep], series[keep], valid[keep]
+    return idx, series, valid
+
+
+#: bytes of the temporary that finds the validity of a mask's pixels from their series
+_VALID_BYTES = 2**20
+
+
+def _gather(flat: np.ndarray, idx: np.ndarray, w: int, row: int) -> np.ndarray:
+    """The series ``(N, T, bands)`` of the pixels ``idx`` of a window seen by :func:`_pixel_axis`,
+    contiguous (numpy lays a gather along the last axis out pixel-major: the transpose is free)."""
+    at = idx if row == w else idx // w * row + idx % w
+    return np.ascontiguousarray(flat[:, :, at].transpose(2, 0, 1))
 
 
 def predict_block(
