@@ -732,6 +732,34 @@ def test_reads_visit_the_scenes_in_turns_so_that_kept_files_are_not_all_opened_a
     datasets.forget_datasets()
 
 
+def test_gdal_block_cache_of_a_reading_process_follows_its_memory_limit(tmp_path, monkeypatch):
+    """GDAL's block cache of a process that reads scenes is a share of its worker's memory limit,
+    between 64 and 256 MiB: the blocks of the files a thread keeps open stay in it, memory Dask
+    can neither see nor spill (a 3 GiB worker spilled its bands to disk for it); a reading worker
+    sets it at its first open."""
+    from distributed import Client, LocalCluster
+
+    from treesits_dask.io.remote import gdal_cache_max
+
+    for limit, want in ((1 * 2**30, 64 * 2**20), (3 * 2**30, int(3 * 2**30 * 0.04)),
+                        (12 * 2**30, 256 * 2**20)):  # fmt: skip
+        monkeypatch.setattr(datasets, "_memory_limit", lambda limit=limit: limit)
+        assert datasets.read_cache_bytes() == want
+    monkeypatch.undo()
+
+    root, _ = _striped_tile(tmp_path, blocks=(16, 16))
+    _, scenes, _grid_ = _grid(root)
+
+    def open_one():
+        datasets.dataset(scenes[0].boa, None, lambda src: None)
+        return gdal_cache_max()
+
+    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                           dashboard_address=":0", memory_limit="3GiB")  # fmt: skip
+    with cluster, Client(cluster) as client:
+        assert client.submit(open_one, pure=False).result() == int(3 * 2**30 * 0.04)  # a task
+
+
 def test_kept_datasets_are_bounded_by_memory(tmp_path, monkeypatch):
     """The datasets a thread keeps open are bounded by the memory they hold (an open GeoTIFF
     keeps decoded blocks); a file closed for room and opened again is not checked again."""

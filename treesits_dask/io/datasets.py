@@ -43,6 +43,7 @@ __all__ = [
     "memory_budget",
     "open_error",
     "open_raster",
+    "read_cache_bytes",
 ]
 
 
@@ -186,19 +187,23 @@ def memory_budget() -> int:
     reading threads)."""
     global _BUDGET
     if _BUDGET is None:
-        limit = 0
-        try:
-            from distributed import get_worker
-
-            limit = int(get_worker().memory_manager.memory_limit or 0)
-        except (ImportError, ValueError, AttributeError):
-            pass
-        if not limit:
-            import psutil
-
-            limit = psutil.virtual_memory().total
-        _BUDGET = int(limit * KEPT_SHARE) // _reading_threads()
+        _BUDGET = int(_memory_limit() * KEPT_SHARE) // _reading_threads()
     return _BUDGET
+
+
+def _memory_limit() -> int:
+    """The Dask worker's memory limit (else this machine's memory)."""
+    try:
+        from distributed import get_worker
+
+        limit = int(get_worker().memory_manager.memory_limit or 0)
+    except (ImportError, ValueError, AttributeError):
+        limit = 0
+    if not limit:
+        import psutil
+
+        limit = psutil.virtual_memory().total
+    return limit
 
 
 def held_by(src) -> int:
@@ -245,25 +250,36 @@ def _close_all(held: _Open) -> None:
     held.checked.clear()
 
 
-#: GDAL's block cache in a process that reads scenes, unless ``GDAL_CACHEMAX`` says otherwise.
-#: A read decodes each block once into its own buffer, so the cache only has to hold the blocks
-#: of one read call (a 3000 px strip of 10 bands: 18 MB); GDAL's default (5 % of the machine's
-#: memory, 1.2 GB here, far more on a big node) was unmanaged memory of every worker that Dask
-#: could neither see nor spill
+#: GDAL's block cache in a process that reads scenes, unless ``GDAL_CACHEMAX`` says otherwise:
+#: at most this, and at most :data:`READ_CACHE_SHARE` of the worker's memory limit (never under
+#: :data:`MIN_READ_GDAL_CACHE`).  A read decodes each block once into its own buffer, so the cache
+#: only has to hold the blocks of the read calls in flight (a 3000 px strip of 10 bands: 18 MB);
+#: GDAL's default (5 % of the machine's memory, 1.2 GB here, far more on a big node) was unmanaged
+#: memory of every worker that Dask could neither see nor spill, and the blocks of the files a
+#: thread keeps open stay in it (README, "The same reads again")
 READ_GDAL_CACHE = 256 * 2**20
+READ_CACHE_SHARE = 0.04
+MIN_READ_GDAL_CACHE = 64 * 2**20
+
+
+def read_cache_bytes() -> int:
+    """GDAL's block cache for this process's reads (see :data:`READ_GDAL_CACHE`)."""
+    share = int(_memory_limit() * READ_CACHE_SHARE)
+    return max(MIN_READ_GDAL_CACHE, min(READ_GDAL_CACHE, share))
+
 
 _CACHE_LIMITED = threading.Lock()
 _cache_limited = False
 
 
 def _limit_gdal_cache() -> None:
-    """Once per process: GDAL's block cache to :data:`READ_GDAL_CACHE` (unless set by the
+    """Once per process: GDAL's block cache to :func:`read_cache_bytes` (unless set by the
     ``GDAL_CACHEMAX`` environment variable)."""
     global _cache_limited
     with _CACHE_LIMITED:
         if not _cache_limited:
             if "GDAL_CACHEMAX" not in os.environ:
-                limit_gdal_cache(READ_GDAL_CACHE)
+                limit_gdal_cache(read_cache_bytes())
             _cache_limited = True
 
 

@@ -19,7 +19,13 @@ from typing import Self, TypeVar
 
 from .storage import gdal_path, is_remote
 
-__all__ = ["IncompleteReadError", "clear_gdal_cache", "read_retrying"]
+__all__ = [
+    "IncompleteReadError",
+    "clear_gdal_cache",
+    "gdal_cache_max",
+    "limit_gdal_cache",
+    "read_retrying",
+]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +78,17 @@ def limit_gdal_cache(nbytes: int) -> bool:
     lib.GDALSetCacheMax64.restype = None
     lib.GDALSetCacheMax64(int(nbytes))
     return True
+
+
+def gdal_cache_max() -> int | None:
+    """GDAL's block cache limit of this process in bytes (``GDALGetCacheMax64``); None when
+    libgdal could not be reached."""
+    lib = _gdal_library()
+    if not lib:
+        return None
+    lib.GDALGetCacheMax64.argtypes = []
+    lib.GDALGetCacheMax64.restype = ctypes.c_int64
+    return int(lib.GDALGetCacheMax64())
 
 
 def clear_gdal_cache(url: str | None = None) -> bool:
