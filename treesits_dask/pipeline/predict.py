@@ -257,7 +257,7 @@ def select_pixels(
     idx = np.flatnonzero(mask)
     series = _gather(flat, idx, w, row)
     valid = np.empty(series.shape[:2], dtype=bool)
-    step = max(1, _VALID_BYTES // (t_ * b_))  # pixels at a time: a bounded temporary
+    step = max(1, _VALID_BYTES // max(1, t_ * b_))  # pixels at a time: a bounded temporary
     for lo in range(0, len(idx), step):
         np.all(series[lo : lo + step] != NODATA, axis=2, out=valid[lo : lo + step])
     keep = valid.any(axis=1)
