@@ -743,7 +743,7 @@ def test_gdal_block_cache_of_a_reading_process_follows_its_memory_limit(tmp_path
 
     for limit, want in ((1 * 2**30, 64 * 2**20), (3 * 2**30, int(3 * 2**30 * 0.04)),
                         (12 * 2**30, 256 * 2**20)):  # fmt: skip
-        monkeypatch.setattr(datasets, "_memory_limit", lambda limit=limit: limit)
+        monkeypatch.setattr(datasets, "worker_memory_limit", lambda limit=limit: limit)
         assert datasets.read_cache_bytes() == want
     monkeypatch.undo()
 

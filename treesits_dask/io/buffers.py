@@ -31,7 +31,15 @@ import time
 
 import numpy as np
 
-__all__ = ["IDLE_SECONDS", "IDLE_SHARE", "MIN_BYTES", "RECYCLER", "Recycler", "handed_out"]
+__all__ = [
+    "IDLE_SECONDS",
+    "IDLE_SHARE",
+    "MIN_BYTES",
+    "RECYCLER",
+    "Recycler",
+    "handed_out",
+    "worker_memory_limit",
+]
 
 #: smaller arrays come from malloc's heap (below ``MALLOC_MMAP_THRESHOLD_``), which reuses freed
 #: memory already
@@ -71,8 +79,9 @@ def _target_share() -> float:
     return float(value) if isinstance(value, int | float) and 0 < value <= 1 else 0.6
 
 
-def _memory_limit() -> int:
-    """The Dask worker's memory limit, else the machine's memory."""
+def worker_memory_limit() -> int:
+    """The Dask worker's memory limit, else the machine's memory (call it from a task: in
+    ``client.run`` ``get_worker`` finds no worker)."""
     try:
         from distributed import get_worker
 
@@ -149,9 +158,9 @@ class Recycler:
 
     # ------------------------------------------------------------------------------ internals
     def _limit(self) -> int:
-        """The memory limit (:func:`_memory_limit`), found once."""
+        """The memory limit (:func:`worker_memory_limit`), found once."""
         if self._memory is None:
-            self._memory = _memory_limit()
+            self._memory = worker_memory_limit()
         return self._memory
 
     def _room(self, idle: int) -> int:

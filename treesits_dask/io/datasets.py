@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import InputDataError
 from . import storage
+from .buffers import worker_memory_limit
 from .crs import same_crs, short_crs
 from .grid import TileGrid
 from .remote import limit_gdal_cache
@@ -187,23 +188,8 @@ def memory_budget() -> int:
     reading threads)."""
     global _BUDGET
     if _BUDGET is None:
-        _BUDGET = int(_memory_limit() * KEPT_SHARE) // _reading_threads()
+        _BUDGET = int(worker_memory_limit() * KEPT_SHARE) // _reading_threads()
     return _BUDGET
-
-
-def _memory_limit() -> int:
-    """The Dask worker's memory limit (else this machine's memory)."""
-    try:
-        from distributed import get_worker
-
-        limit = int(get_worker().memory_manager.memory_limit or 0)
-    except (ImportError, ValueError, AttributeError):
-        limit = 0
-    if not limit:
-        import psutil
-
-        limit = psutil.virtual_memory().total
-    return limit
 
 
 def held_by(src) -> int:
@@ -264,7 +250,7 @@ MIN_READ_GDAL_CACHE = 64 * 2**20
 
 def read_cache_bytes() -> int:
     """GDAL's block cache for this process's reads (see :data:`READ_GDAL_CACHE`)."""
-    share = int(_memory_limit() * READ_CACHE_SHARE)
+    share = int(worker_memory_limit() * READ_CACHE_SHARE)
     return max(MIN_READ_GDAL_CACHE, min(READ_GDAL_CACHE, share))
 
 
