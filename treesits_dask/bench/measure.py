@@ -90,10 +90,11 @@ class PeakRSS:
 
 def bench_cluster(workers: int, threads: int, memory_limit: str | int = "auto"):
     """A LocalCluster of worker processes with the environment `run` gives its workers (GDAL
-    and malloc defaults)."""
+    and malloc defaults) and their preload (torch imported as they start)."""
     from distributed import Client, LocalCluster
 
     from ..io import storage
+    from ..pipeline import warmup
 
     storage.apply_environment(storage.process_defaults())
 
@@ -103,6 +104,7 @@ def bench_cluster(workers: int, threads: int, memory_limit: str | int = "auto"):
         processes=True,
         dashboard_address=":0",
         memory_limit=memory_limit,
+        **warmup.worker_kwargs(),
     )
     return cluster, Client(cluster)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from ..config.kubernetes import GpuGroup, KubeSettings, PodResources, WorkerGroup
 from ..io import storage
+from ..pipeline.warmup import PRELOAD as WARMUP_PRELOAD
 from .tls import tls_environment, tls_secret_name, tls_volume
 
 __all__ = [
@@ -243,6 +244,8 @@ def worker_pod_spec(
         args += ["--protocol", "tls"]
     if advertised:
         args += ["--resources", ",".join(f"{k}={v:g}" for k, v in advertised.items())]
+    if is_gpu or not settings.gpu.enabled:  # the group that runs inference: torch as it starts
+        args += ["--preload", WARMUP_PRELOAD]
     tls_env, volumes, mounts = _tls_parts(settings, cluster_name)
     # set here, so the operator does not add its tcp:// address (it keeps a DASK_SCHEDULER_ADDRESS
     # that the pod spec already has)

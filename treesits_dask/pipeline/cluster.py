@@ -28,6 +28,7 @@ from ..config.kubernetes import GPU_RESOURCE, READ_RESOURCE
 from ..errors import ClusterError
 from ..io import storage
 from ..kube.start import WorkerNeed, worker_needs
+from . import warmup
 
 __all__ = [
     "EnvPlugin",
@@ -158,6 +159,7 @@ def _heterogeneous_local_cluster(config: RunConfig):
                 "nthreads": config.gpu_windows_in_flight,
                 "resources": {"GPU": 1},
                 "memory_limit": kw["memory_limit"],
+                **warmup.worker_kwargs(),  # inference runs here only
             },
         }
     return SpecCluster(
@@ -387,7 +389,7 @@ def _start(config: RunConfig):
         )
     else:
         kwargs = local_cluster_kwargs(config)
-        cluster = LocalCluster(**kwargs)
+        cluster = LocalCluster(**kwargs, **warmup.worker_kwargs())
         client = Client(cluster)
         log.info(
             "LocalCluster with %d worker(s) x %d thread(s); dashboard %s",
