@@ -28,7 +28,7 @@ from treesits_dask.config import load_config
 from treesits_dask.io import cube, discovery
 from treesits_dask.outputs.repo import MapRepo
 from treesits_dask.outputs.schema import TileRegion
-from treesits_dask.pipeline import predict
+from treesits_dask.pipeline import predict, warmup
 from treesits_dask.pipeline.cluster import LOST_WORKER_TIMEOUT_S
 from treesits_dask.pipeline.plan import make_plan
 from treesits_dask.pipeline.run import RunCallbacks, RunError, run
@@ -219,6 +219,9 @@ def test_a_worker_whose_restart_is_slow_comes_back(fault_cube, native_lstm, tmp_
     with dask.config.set({"distributed.worker.preload": [str(preload)]}), connect(config) as client:
         before = client.run(os.getpid)
         assert len(before) == 2
+        # the configured preload stays beside the workers' own (torch imported as they start)
+        names = client.run(lambda dask_worker: [p.name for p in dask_worker.preloads])
+        assert all(n == [str(preload), warmup.PRELOAD] for n in names.values()), names
         flag.touch()
         victim = max(before)
         os.kill(before[victim], signal.SIGKILL)

@@ -9,7 +9,7 @@ from treesits_dask import open_map
 from treesits_dask.config import load_config
 from treesits_dask.errors import ClusterError
 from treesits_dask.io import storage
-from treesits_dask.pipeline import predict
+from treesits_dask.pipeline import predict, warmup
 from treesits_dask.pipeline.cluster import Routing, connect, declared_routing
 from treesits_dask.pipeline.run import run
 
@@ -77,6 +77,10 @@ def test_inference_only_on_gpu_workers(small_cube, native_lstm, tmp_path):
         wanted = storage.MALLOC_DEFAULTS
         envs = client.run(lambda: {k: __import__("os").environ.get(k) for k in wanted})
         assert all(e == wanted for e in envs.values()), envs
+        # the GPU worker imports torch as it starts (its preload); the reading workers do not
+        assert client.run(warmup.imported, 120, workers=list(gpu)) == dict.fromkeys(gpu, True)
+        torch_in = client.run(lambda: "torch" in __import__("sys").modules)
+        assert torch_in == {a: a in gpu for a in info}, torch_in
         result, by_prefix, predicted, loads = _run_and_trace(config, client)
     assert result.pixels_predicted > 0
     assert predicted and predicted <= gpu, by_prefix

@@ -4,6 +4,7 @@ Kubernetes API schemas), restricted Pod Security, least-privilege RBAC, no secre
 from __future__ import annotations
 
 import copy
+import importlib.util
 import re
 import sys
 import threading
@@ -289,6 +290,14 @@ def test_gpu_worker_group():
         assert isinstance(c["resources"][part]["nvidia.com/gpu"], str)
     assert c["args"][c["args"].index("--resources") + 1] == "GPU=1"
     assert worker_args_resources(c) == {"GPU": 1.0}
+    # the group that runs inference imports torch as its workers start; the reading group not,
+    # unless it is the only group (then it runs inference)
+    assert c["args"][c["args"].index("--preload") + 1] == "treesits_dask.pipeline.warmup"
+    assert importlib.util.find_spec("treesits_dask.pipeline.warmup") is not None
+    (cpu,) = pod_specs(kube.cluster_spec(settings))[0]["containers"]
+    assert cpu["name"] == "worker" and "--preload" not in cpu["args"]
+    (alone,) = pod_specs(kube.cluster_spec(KubeSettings(**CPU_ONLY)))[0]["containers"]
+    assert alone["args"][alone["args"].index("--preload") + 1] == "treesits_dask.pipeline.warmup"
     # resources and env are the GPU group's own, not copied from the default (CPU) group
     assert c["resources"]["limits"]["memory"] == settings.gpu.memory_limit
     assert "tolerations" not in pod_specs(kube.cluster_spec(settings))[0]
