@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from ..config.kubernetes import GpuGroup, KubeSettings, PodResources, WorkerGroup
 from ..io import storage
-from ..pipeline.warmup import PRELOAD as WARMUP_PRELOAD
 from .tls import tls_environment, tls_secret_name, tls_volume
 
 __all__ = [
@@ -54,6 +53,10 @@ SCHEDULER_ROUTES = (
     "distributed.http.scheduler.api",
 )
 #: Every port a Dask pod listens on (fixed, so that NetworkPolicies can name them).
+#: the Dask preload of the workers that run inference (:mod:`treesits_dask.pipeline.warmup`,
+#: named here: ``kube`` sits below ``pipeline`` and does not import it)
+WARMUP_PRELOAD = "treesits_dask.pipeline.warmup"
+
 PORTS = {
     "scheduler": 8786,
     "scheduler-dashboard": 8787,
