@@ -97,15 +97,9 @@ def bench_cluster(workers: int, threads: int, memory_limit: str | int = "auto"):
     from ..pipeline import warmup
 
     storage.apply_environment(storage.process_defaults())
-
-    cluster = LocalCluster(
-        n_workers=workers,
-        threads_per_worker=threads,
-        processes=True,
-        dashboard_address=":0",
-        memory_limit=memory_limit,
-        **warmup.worker_kwargs(),
-    )
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
+                           dashboard_address=":0", memory_limit=memory_limit,
+                           **warmup.worker_kwargs())  # fmt: skip
     return cluster, Client(cluster)
 
 
