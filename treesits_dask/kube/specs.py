@@ -52,11 +52,10 @@ SCHEDULER_ROUTES = (
     "distributed.http.statics",
     "distributed.http.scheduler.api",
 )
-#: Every port a Dask pod listens on (fixed, so that NetworkPolicies can name them).
 #: the Dask preload of the workers that run inference (:mod:`treesits_dask.pipeline.warmup`,
 #: named here: ``kube`` sits below ``pipeline`` and does not import it)
 WARMUP_PRELOAD = "treesits_dask.pipeline.warmup"
-
+#: Every port a Dask pod listens on (fixed, so that NetworkPolicies can name them).
 PORTS = {
     "scheduler": 8786,
     "scheduler-dashboard": 8787,

@@ -1,5 +1,5 @@
-"""Dask worker preload of the workers that run inference: torch and the model families are
-imported in the background as the worker starts (``dask worker --preload
+"""Dask worker preload of the workers that run inference: torch, the model families and the
+prediction kernel are imported in the background as the worker starts (``dask worker --preload
 treesits_dask.pipeline.warmup``; the clusters that ``run`` and ``bench`` start pass it to those
 workers, and so do the Kubernetes worker groups that run inference).
 
@@ -35,7 +35,8 @@ def _import() -> None:
     try:
         import torch  # noqa: F401
 
-        from .. import models  # noqa: F401  (the families and their torch modules)
+        from ..models import loading  # noqa: F401  (the families and their torch modules)
+        from . import predict  # noqa: F401  (the kernel and the reads it imports: rasterio)
     except Exception as exc:  # noqa: BLE001 - the model plugin imports again and reports why
         log.warning("could not import torch ahead of the first window: %s", exc)
     finally:
