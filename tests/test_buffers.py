@@ -86,3 +86,19 @@ def test_no_idle_owner_is_kept_where_memory_in_use_passes_dasks_target():
         assert pool.reused_bytes == b.nbytes
         del b
         assert pool.held() == (0, 0)  # freed at once, not kept
+
+
+def test_parts_side_by_side_in_one_owner_of_the_room_asked():
+    pool = Recycler(idle_bytes=1 << 30, idle_seconds=60)
+    a, b = pool.empty_parts([SHAPE, (2, 10, 256, 100)], room=2 * int(np.prod(SHAPE)))
+    assert a.shape == SHAPE and b.shape == (2, 10, 256, 100)
+    assert a.flags.c_contiguous and b.flags.c_contiguous and not np.may_share_memory(a, b)
+    a[:], b[:] = 1, 2
+    assert (a == 1).all() and (b == 2).all()
+    assert pool.fresh_bytes == 2 * NBYTES  # the room, not the parts
+    del a
+    (c,) = pool.empty_parts([SHAPE], room=2 * int(np.prod(SHAPE)))
+    assert pool.reused_bytes == 0  # b still holds the owner
+    del b, c
+    (d,) = pool.empty_parts([(1, 10, 256, 300)], room=2 * int(np.prod(SHAPE)))
+    assert pool.reused_bytes == 2 * NBYTES and pool.held()[0] == 4 * NBYTES

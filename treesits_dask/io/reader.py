@@ -202,13 +202,25 @@ class WindowReader:
         contiguous where there are several; it is freed when the last of them is): a call per
         window and file made the read's CPU time 1.4x the decode's at 3000 px."""
         outs: list = [None] * len(windows)
-        jobs = []
+        n, count = len(self.boa), self.grid.count
+        rects = []
         for run in _side_by_side(windows, masks):
             first, last = windows[run[0]], windows[run[-1]]
             rows = (first.row_off, first.row_off + first.height)
             cols = (first.col_off, last.col_off + last.width)
             need = np.concatenate([masks[k] for k in run], axis=1) if masks else None
-            runs, out = self._rect_out(rows, cols, 0, len(self.boa), need)
+            runs = block_runs(need, rows, cols, self.grid.block_shape)
+            rects.append((run, rows, cols, runs))
+        # one owner of the room of all the windows, masked-in or not (see Recycler.empty_parts)
+        room = sum(n * count * w.height * w.width for w in windows)
+        shapes = [(n, count, r[1] - r[0], c[1] - c[0]) for _, r, c, _ in rects]
+        jobs = []
+        for (run, rows, cols, runs), out in zip(
+            rects, RECYCLER.empty_parts(shapes, np.int16, room), strict=True
+        ):
+            h, w = rows[1] - rows[0], cols[1] - cols[0]
+            if sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in runs) < h * w:
+                out.fill(NODATA)  # blocks without a mask pixel are not decoded
             for k in run:
                 c0 = windows[k].col_off - cols[0]
                 outs[k] = out if len(run) == 1 else out[..., c0 : c0 + windows[k].width]
