@@ -56,6 +56,28 @@ def test_bench_small(tmp_path, capsys):
     assert rerun["second_run_s"] < rerun["first_run_s"]
 
 
+def test_bench_masked_comparison_with_the_cube_paged_in(tmp_path, capsys):
+    """The masked comparison at a tiny size, the cube's files read before each timed run: the
+    masked run predicts fewer pixels and decodes no block without a forest pixel."""
+    from treesits_dask.bench.pagecache import page_in
+
+    out = tmp_path / "bench.json"
+    rc = main(
+        ["--size", "120", "--scenes", "6", "--families", "", "--masked-layouts", "cog",
+         "--masked-window", "40x40", "--forest-scale", "30", "--rss-sizes", "", "--repeat", "1",
+         "--page-in", "--workdir", str(tmp_path / "w"), "--json", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    masked = json.loads(out.read_text())["masked"]["cog"]
+    assert masked["page_in"] is True
+    assert "GiB of the cube read" in capsys.readouterr().err
+    assert 0 < masked["masked"]["pixels_predicted"] < masked["unmasked"]["pixels_predicted"]
+    assert 0 < masked["masked"]["decoded_over_forest_blocks"] <= 1.0
+    assert masked["masked_over_unmasked"] > 0
+    cube = tmp_path / "w" / "cube-masked-cog"
+    assert page_in(cube) == sum(p.stat().st_size for p in cube.rglob("*") if p.is_file()) > 0
+
+
 def test_gpu_check_on_cpu_reports_every_key_of_the_schema(tmp_path, capsys):
     """The device check runs on CPU at a tiny size and writes the keys a GPU run writes (null
     where a figure needs a GPU); the committed CPU report has the same schema."""
