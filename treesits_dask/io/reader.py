@@ -199,8 +199,10 @@ class WindowReader:
         of the tile once per window whenever a worker thread cannot keep them all open).  Windows
         side by side in a row (with a mask pixel each) are read together, one GDAL call per file,
         scene and run of blocks to decode, and returned as views of that read's array (not
-        contiguous where there are several; it is freed when the last of them is): a call per
-        window and file made the read's CPU time 1.4x the decode's at 3000 px."""
+        contiguous where there are several): a call per window and file made the read's CPU time
+        1.4x the decode's at 3000 px.  The arrays of all the runs lie in one buffer of the room of
+        all ``windows`` (see :meth:`~treesits_dask.io.buffers.Recycler.empty_parts`), given out
+        again once the last of them is freed; none where no window has a mask pixel."""
         outs: list = [None] * len(windows)
         n, count = len(self.boa), self.grid.count
         rects = []
@@ -214,10 +216,9 @@ class WindowReader:
         # one owner of the room of all the windows, masked-in or not (see Recycler.empty_parts)
         room = sum(n * count * w.height * w.width for w in windows)
         shapes = [(n, count, r[1] - r[0], c[1] - c[0]) for _, r, c, _ in rects]
+        parts = RECYCLER.empty_parts(shapes, np.int16, room) if rects else []
         jobs = []
-        for (run, rows, cols, runs), out in zip(
-            rects, RECYCLER.empty_parts(shapes, np.int16, room), strict=True
-        ):
+        for (run, rows, cols, runs), out in zip(rects, parts, strict=True):
             h, w = rows[1] - rows[0], cols[1] - cols[0]
             if sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in runs) < h * w:
                 out.fill(NODATA)  # blocks without a mask pixel are not decoded
