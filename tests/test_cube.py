@@ -272,7 +272,7 @@ def test_masked_reads_of_a_row_reuse_one_buffer_whatever_their_forest(hand_tile,
         assert pool.reused_bytes == k * room
         del outs, out
     none = [np.zeros((16, w.width), bool) for w in row]
-    outs = reader.read_windows(row, *none)  # no mask pixel: no buffer, no file
+    outs = reader.read_windows(row, *none)  # no mask pixel: no buffer
     assert all((o == -9999).all() and not o.flags.writeable for o in outs)
     assert (pool.fresh_bytes, pool.reused_bytes) == (room, (len(picks) - 1) * room)
 
