@@ -148,6 +148,16 @@ def _grid(root):
     return definition, scenes, cube.tile_grid(definition, scenes[0])
 
 
+def _reader(grid, scenes):
+    """The reader of the tile's windows, screening with the default QAI flags."""
+    return cube.WindowReader(
+        grid=grid,
+        boa=tuple(s.boa for s in scenes),
+        qai=tuple(s.qai for s in scenes),
+        qai_flags=tuple(DEFAULT_QAI_FLAGS),
+    )
+
+
 def test_window_read_and_screening(hand_tile):
     root, data, qai = hand_tile
     _, scenes, grid = _grid(root)
@@ -205,12 +215,7 @@ def test_windows_side_by_side_are_read_together_as_views(hand_tile):
 
     root, data, qai = hand_tile
     _, scenes, grid = _grid(root)
-    reader = cube.WindowReader(
-        grid=grid,
-        boa=tuple(s.boa for s in scenes),
-        qai=tuple(s.qai for s in scenes),
-        qai_flags=tuple(DEFAULT_QAI_FLAGS),
-    )
+    reader = _reader(grid, scenes)
     expected = _screened(data, qai)
     row = (Window(0, 0, 16, 16), Window(0, 16, 16, 16), Window(0, 32, 16, 8))
     decoded = datasets.DECODED.snapshot()[1]
@@ -252,12 +257,7 @@ def test_masked_reads_of_a_row_reuse_one_buffer_whatever_their_forest(hand_tile,
     monkeypatch.setattr("treesits_dask.io.reader.RECYCLER", pool)
     root, data, qai = hand_tile
     _, scenes, grid = _grid(root)
-    reader = cube.WindowReader(
-        grid=grid,
-        boa=tuple(s.boa for s in scenes),
-        qai=tuple(s.qai for s in scenes),
-        qai_flags=tuple(DEFAULT_QAI_FLAGS),
-    )
+    reader = _reader(grid, scenes)
     expected = _screened(data, qai)
     row = (Window(0, 0, 16, 16), Window(0, 16, 16, 16), Window(0, 32, 16, 8))
     room = 3 * 10 * 16 * 40 * 2

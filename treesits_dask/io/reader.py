@@ -215,13 +215,11 @@ class WindowReader:
             rects.append((run, rows, cols, runs))
         # one owner of the room of all the windows, masked-in or not (see Recycler.empty_parts)
         room = sum(n * count * w.height * w.width for w in windows)
-        shapes = [(n, count, r[1] - r[0], c[1] - c[0]) for _, r, c, _ in rects]
+        shapes = [(n, count, *_extent(r, c)) for _, r, c, _ in rects]
         parts = RECYCLER.empty_parts(shapes, np.int16, room) if rects else []
         jobs = []
         for (run, rows, cols, runs), out in zip(rects, parts, strict=True):
-            h, w = rows[1] - rows[0], cols[1] - cols[0]
-            if sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in runs) < h * w:
-                out.fill(NODATA)  # blocks without a mask pixel are not decoded
+            _nodata_outside(out, runs)
             for k in run:
                 c0 = windows[k].col_off - cols[0]
                 outs[k] = out if len(run) == 1 else out[..., c0 : c0 + windows[k].width]
@@ -235,29 +233,20 @@ class WindowReader:
         return tuple(outs)
 
     # ------------------------------------------------------------------------------ internals
-    def _rect_out(self, rows, cols, start, stop, need) -> tuple[list, np.ndarray]:
-        """The block runs to read of the rectangle ``rows`` x ``cols`` (those that hold a
-        ``need`` pixel; None: all) and the array of scenes ``start:stop`` to read them into
-        (nodata where nothing is decoded)."""
-        runs = block_runs(need, rows, cols, self.grid.block_shape)
-        h, w = rows[1] - rows[0], cols[1] - cols[0]
-        shape = (stop - start, self.grid.count, h, w)
-        whole = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in runs) == h * w
-        out = RECYCLER.empty(shape, np.int16) if whole else RECYCLER.full(shape, NODATA, np.int16)
-        return runs, out
-
     def _read_rect(self, rows, cols, start, stop, need) -> np.ndarray:
         """Scenes ``start:stop`` of the rectangle ``rows`` x ``cols``, decoding only the blocks
         that hold a ``need`` pixel (None: all); nodata where nothing was decoded."""
-        runs, out = self._rect_out(rows, cols, start, stop, need)
+        runs = block_runs(need, rows, cols, self.grid.block_shape)
+        out = RECYCLER.empty((stop - start, self.grid.count, *_extent(rows, cols)), np.int16)
+        _nodata_outside(out, runs)
         if runs:
             self._read_scenes([(rows, cols, runs, out)], start, stop)
         return out
 
     def _read_scenes(self, jobs: list, start: int, stop: int) -> None:
-        """Scenes ``start:stop`` of each job ``(rows, cols, runs, out)`` (see :meth:`_rect_out`)
-        into its ``out``, scene by scene: each scene's files are visited once for all the jobs.
-        One QAI buffer per rectangle shape."""
+        """Scenes ``start:stop`` of each job ``(rows, cols, runs, out)`` (``out`` as
+        :meth:`_read_rect` makes it) into its ``out``, scene by scene: each scene's files are
+        visited once for all the jobs.  One QAI buffer per rectangle shape."""
         if not jobs:
             return
         qai: dict = {}
@@ -364,6 +353,19 @@ class WindowReader:
             raise
         except Exception as exc:
             raise failed(exc) from exc
+
+
+def _extent(rows, cols) -> tuple[int, int]:
+    """(height, width) of the rectangle ``rows`` x ``cols``."""
+    return rows[1] - rows[0], cols[1] - cols[0]
+
+
+def _nodata_outside(out: np.ndarray, runs: list) -> None:
+    """Nodata in all of ``out`` (scenes, bands, rows, cols) unless the block ``runs`` to decode
+    into it cover it whole: blocks without a mask pixel are not decoded."""
+    h, w = out.shape[-2:]
+    if sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in runs) < h * w:
+        out.fill(NODATA)
 
 
 def _side_by_side(windows: tuple[Window, ...], masks: tuple) -> list[list[int]]:
