@@ -153,12 +153,15 @@ def test_bench_real_small(tmp_path, capsys):
         ["--size", "300", "--scenes", "6", "--regime-size", "300", "--regime-scenes", "40",
          "--memory-limit", "2GiB", "--regime-memory-limit", "2GiB", "--families", "sits-lstm",
          "--floor-scenes", "2", "--repeat", "1", "--workdir", str(tmp_path / "w"),
-         "--layouts", "cog", "--json", str(out)]
+         "--layouts", "cog", "--page-in", "--json", str(out)]
     )  # fmt: skip
     assert rc == 0
-    report = json.loads(out.read_text())
-    assert json.loads(capsys.readouterr().out) == report
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert json.loads(out.read_text()) == report
     assert set(report["cases"]) == {"real-cog", "600-cog"}
+    # --page-in: each case's cube read into the page cache before its timed read
+    assert captured.err.count("GiB of the cube read") == 2
     for key, case in report["cases"].items():
         read = case["read"]
         # every block decoded once, but for the BOA blocks that QAI screens whole (not decoded)
@@ -174,6 +177,7 @@ def test_bench_real_small(tmp_path, capsys):
             key
         )  # all 6 or 40 scenes
         assert read["peak_rss_within_limit"], key
+        assert read["page_in"] is True, key
         # 150 px windows of a 300 px tile of 256 px blocks: read in bands, held in memory
         assert case["windows"] == 4 and read["read_modes"] == ["bands"], key
         assert read["spilled_mib"] == 0, key

@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from .measure import bench_cluster, bench_models, decode_run, end_to_end, reset_vm_hwm, vm_hwm
+from .pagecache import page_in
 
 __all__ = ["decode_floor", "main", "parallel_floor", "split_even"]
 
@@ -123,10 +124,6 @@ def parallel_floor(files: list[tuple[str, int]], threads: int) -> dict:
     }
 
 
-def _reset_peak() -> bool:
-    return reset_vm_hwm()
-
-
 def _files_bytes(plan, scenes: int | None = None) -> tuple[list[tuple[str, int]], int]:
     """The scene files of the plan (of its first ``scenes`` scenes per tile; None: all) with their
     uncompressed bytes (every band of every pixel), and the sum of these."""
@@ -140,8 +137,9 @@ def _files_bytes(plan, scenes: int | None = None) -> tuple[list[tuple[str, int]]
     return files, sum(n for _, n in files)
 
 
-def _reads(plan, args, memory_limit: str, cores: int) -> dict:
-    """Floor and pipeline reads, alternating ``args.repeat`` times."""
+def _reads(plan, args, memory_limit: str, cores: int, cube_root: str) -> dict:
+    """Floor and pipeline reads, alternating ``args.repeat`` times (with ``args.page_in``, the
+    cube's files read into the page cache before each read, as the floor's sample is)."""
     from ..io.remote import limit_gdal_cache
     from ..pipeline.cluster import Routing
     from ..pipeline.reading import read_budget, worker_disks
@@ -166,7 +164,9 @@ def _reads(plan, args, memory_limit: str, cores: int) -> dict:
                 f"  floor {floors[-1]['mb_s']:.0f} MB/s one thread, {pfloors[-1]['mb_s']:.0f} "
                 f"MB/s per core on {cores} threads ({floors[-1]['mib']} MiB)"
             )
-            client.run(_reset_peak)
+            if args.page_in:
+                _log(f"  {page_in(cube_root) / 2**30:.2f} GiB of the cube read")
+            client.run(reset_vm_hwm)
             runs.append(decode_run(plan, client))
             peaks.append(max(v or 0 for v in client.run(vm_hwm).values()))
             r = runs[-1]
@@ -194,6 +194,7 @@ def _reads(plan, args, memory_limit: str, cores: int) -> dict:
         "decode_floor_mb_s_per_core": round(floor, 1),
         "decode_floor_runs": [round(f["mb_s"], 1) for f in floors],
         "decode_floor_sample_mib": floors[0]["mib"],
+        "page_in": args.page_in,
         "read_s": round(best["seconds"], 2),
         "read_s_runs": [round(r["seconds"], 2) for r in runs],
         "read_mb_s_per_core": round(per_core, 1),
@@ -251,6 +252,7 @@ def _case(args, name: str, size: int, scenes: int, layout: str, memory_limit: st
     from ..pipeline.plan import make_plan
     from ..pipeline.run import RunError
     from ..synthetic import make_cube
+    from ..synthetic.parallel import auto_processes
 
     cores = args.threads
     root = workdir / f"cube-{name}-{layout}"
@@ -290,10 +292,10 @@ def _case(args, name: str, size: int, scenes: int, layout: str, memory_limit: st
         ),
         "windows": len(plan.tiles[0].layout),
         "generated_s": round(generated, 1),
-        "generator_processes": _processes(size, scenes),
+        "generator_processes": auto_processes(size, scenes),
         "on_disk_mib": round(on_disk / 2**20, 1),
     }
-    out["read"] = _reads(plan, args, memory_limit, cores)
+    out["read"] = _reads(plan, args, memory_limit, cores, cube.root)
     out["end_to_end"] = {}
     for family, forest in (("sits-lstm", args.lstm_forest), ("sbert", args.sbert_forest)):
         if family not in args.families:
@@ -327,12 +329,6 @@ def _case(args, name: str, size: int, scenes: int, layout: str, memory_limit: st
     return out
 
 
-def _processes(size: int, scenes: int) -> int:
-    from ..synthetic.parallel import auto_processes
-
-    return auto_processes(size, scenes)
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="treesits_dask bench --real", description=__doc__.split("\n\n")[0]
@@ -358,6 +354,10 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="default: as `run` (min(cores, 4))")
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument(
+        "--page-in", action="store_true",
+        help="read the cube's files into the page cache before each timed read (as the floor's)",
+    )  # fmt: skip
     p.add_argument("--workdir", default=None)
     p.add_argument("--keep", action="store_true", help="keep the cubes")
     p.add_argument("--json", default=None, help="also write the report to this file")
