@@ -32,8 +32,9 @@ task and is read in batches of scenes.  Both cases also keep a window of all sce
 worker can hold, as ``run`` does with the same settings (``pipeline.memory.window_budget``: 100 x
 100 px at 600 scenes on a 3 GiB, 2-thread worker).
 
-Floor and reads alternate ``--repeat`` times; the fastest of each is kept (shared machine).
-Cubes are deleted after their case unless ``--keep``.  Prints JSON.
+Floor and reads alternate ``--repeat`` times; the fastest of each is kept (shared machine);
+``--page-in`` reads the cube's files into the page cache before each read.  Cubes are deleted
+after their case unless ``--keep``.  Prints JSON.
 """
 
 from __future__ import annotations
@@ -138,8 +139,7 @@ def _files_bytes(plan, scenes: int | None = None) -> tuple[list[tuple[str, int]]
 
 
 def _reads(plan, args, memory_limit: str, cores: int, cube_root: str) -> dict:
-    """Floor and pipeline reads, alternating ``args.repeat`` times (with ``args.page_in``, the
-    cube's files read into the page cache before each read, as the floor's sample is)."""
+    """Floor and pipeline reads, alternating ``args.repeat`` times, ``args.page_in`` first."""
     from ..io.remote import limit_gdal_cache
     from ..pipeline.cluster import Routing
     from ..pipeline.reading import read_budget, worker_disks
