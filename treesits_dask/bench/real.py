@@ -139,7 +139,7 @@ def _files_bytes(plan, scenes: int | None = None) -> tuple[list[tuple[str, int]]
 
 
 def _reads(plan, args, memory_limit: str, cores: int, cube_root: str) -> dict:
-    """Floor and pipeline reads, alternating ``args.repeat`` times, ``args.page_in`` first."""
+    """Floor and pipeline reads, alternating ``args.repeat`` times (module docstring: --page-in)."""
     from ..io.remote import limit_gdal_cache
     from ..pipeline.cluster import Routing
     from ..pipeline.reading import read_budget, worker_disks
