@@ -260,7 +260,7 @@ def test_masked_reads_of_a_row_reuse_one_buffer_whatever_their_forest(hand_tile,
     reader = _reader(grid, scenes)
     expected = _screened(data, qai)
     row = (Window(0, 0, 16, 16), Window(0, 16, 16, 16), Window(0, 32, 16, 8))
-    room = 3 * 10 * 16 * 40 * 2
+    room = 3 * 10 * 16 * 48 * 2  # the window at the tile's edge counted with its block whole
     picks = [(0, 1, 2), (0, 2), (1,), (2,), (0, 1, 2)]  # runs of 1, 2 and 3 windows
     for k, pick in enumerate(picks):
         masks = [np.full((16, w.width), j in pick) for j, w in enumerate(row)]
@@ -275,6 +275,37 @@ def test_masked_reads_of_a_row_reuse_one_buffer_whatever_their_forest(hand_tile,
     outs = reader.read_windows(row, *none)  # no mask pixel: no buffer
     assert all((o == -9999).all() and not o.flags.writeable for o in outs)
     assert (pool.fresh_bytes, pool.reused_bytes) == (room, (len(picks) - 1) * room)
+
+
+def test_reads_at_the_tile_edge_take_the_buffers_of_full_rows(hand_tile, monkeypatch):
+    """Windows of whole blocks that end at the tile's edge (the last 14 of 30 rows, the last 8 of
+    40 columns, in 16 px blocks) ask for the room of whole blocks, so a read of the edge row and
+    one of a full row are given the same buffer (at 3000 px the 184-row edge row of a COG faulted
+    its memory in afresh in every tile); the values are the files'."""
+    from treesits_dask.io import buffers
+    from treesits_dask.io.buffers import Recycler
+    from treesits_dask.io.grid import Window
+
+    monkeypatch.setattr(buffers, "MIN_BYTES", 1)
+    pool = Recycler(idle_bytes=1 << 30, idle_seconds=60)
+    monkeypatch.setattr("treesits_dask.io.reader.RECYCLER", pool)
+    root, data, qai = hand_tile
+    _, scenes, grid = _grid(root)
+    reader = _reader(grid, scenes)
+    expected = _screened(data, qai)
+    rows = [
+        tuple(Window(r, c, h, w) for c, w in ((0, 16), (16, 16), (32, 8)))
+        for r, h in ((16, 14), (0, 16), (16, 14))  # edge row, full row, edge row
+    ]
+    room = 3 * 10 * 16 * 48 * 2
+    for k, row in enumerate(rows):
+        outs = reader.read_windows(row)
+        for w, out in zip(row, outs, strict=True):
+            np.testing.assert_array_equal(out, expected[:, :, w.rows, w.cols])
+        # the first read's buffer, in new memory; the others reuse it
+        assert (pool.fresh_bytes, pool.reused_bytes) == (room, k * room)
+        assert pool.held() == (room, 0)
+        del outs, out
 
 
 def test_window_shape_rules(hand_tile):

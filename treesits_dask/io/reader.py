@@ -11,7 +11,8 @@ read that needs no block opens no file.  Screened observations are set to the BO
 a BOA block whose every pixel it screens (all cloud, beyond the swath) is not decoded at all
 (counted in :data:`~treesits_dask.io.datasets.SCREENED`).  Bands, windows and the
 pieces of a plan that spills are arrays of :data:`~treesits_dask.io.buffers.RECYCLER`, reused
-once nothing refers to them.
+once nothing refers to them.  The module is longer than 400 lines: every read plan (window, band,
+chunks side by side) shares its screening, error reporting and buffers.
 """
 
 from __future__ import annotations
@@ -213,8 +214,9 @@ class WindowReader:
             need = np.concatenate([masks[k] for k in run], axis=1) if masks else None
             runs = block_runs(need, rows, cols, self.grid.block_shape)
             rects.append((run, rows, cols, runs))
-        # one owner of the room of all the windows, masked-in or not (see Recycler.empty_parts)
-        room = sum(n * count * w.height * w.width for w in windows)
+        # one owner of the room of all the windows, masked-in or not (see Recycler.empty_parts),
+        # windows of whole blocks at the tile's edge counted with their last blocks whole
+        room = sum(n * count * h * w for h, w in map(self._whole_blocks, windows))
         shapes = [(n, count, *_extent(r, c)) for _, r, c, _ in rects]
         parts = RECYCLER.empty_parts(shapes, np.int16, room) if rects else []
         jobs = []
@@ -233,6 +235,18 @@ class WindowReader:
         return tuple(outs)
 
     # ------------------------------------------------------------------------------ internals
+    def _whole_blocks(self, w: Window) -> tuple[int, int]:
+        """(height, width) of ``w``, counted up to whole blocks where it starts on a block edge and
+        ends at the tile's edge: an edge row's read (184 of 256 rows of a 3000 px COG) then takes
+        a full row's buffer, and the other way round (it faulted 1.2 GiB in afresh per tile)."""
+        (bh, bw), g = self.grid.block_shape, self.grid
+        h, wd = w.height, w.width
+        if bh > 0 and w.row_off % bh == 0 and w.row_off + h == g.height:
+            h += -h % bh
+        if bw > 0 and w.col_off % bw == 0 and w.col_off + wd == g.width:
+            wd += -wd % bw
+        return h, wd
+
     def _read_rect(self, rows, cols, start, stop, need) -> np.ndarray:
         """Scenes ``start:stop`` of the rectangle ``rows`` x ``cols``, decoding only the blocks
         that hold a ``need`` pixel (None: all); nodata where nothing was decoded."""
