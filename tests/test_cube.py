@@ -243,22 +243,29 @@ def test_windows_side_by_side_are_read_together_as_views(hand_tile):
     assert len(picked[0]) == 16 * 16 and picked[1].flags.c_contiguous
 
 
-def test_masked_reads_of_a_row_reuse_one_buffer_whatever_their_forest(hand_tile, monkeypatch):
-    """Each read of a row of windows takes one buffer of the room of the whole row, masked-in or
-    not, so that the next read reuses it whichever of its windows hold a mask pixel (at 3000 px
-    the runs of masked-in windows differ from row to row, and a buffer of another size was not
-    reused: most masked reads faulted their memory in afresh)."""
+@pytest.fixture
+def recycled_reads(hand_tile, monkeypatch):
+    """(recycler, reader, screened values) of the hand tile: the reader's buffers come from a
+    recycler of its own that serves arrays of any size, so a test can count them."""
     from treesits_dask.io import buffers
     from treesits_dask.io.buffers import Recycler
-    from treesits_dask.io.grid import Window
 
     monkeypatch.setattr(buffers, "MIN_BYTES", 1)
     pool = Recycler(idle_bytes=1 << 30, idle_seconds=60)
     monkeypatch.setattr("treesits_dask.io.reader.RECYCLER", pool)
     root, data, qai = hand_tile
     _, scenes, grid = _grid(root)
-    reader = _reader(grid, scenes)
-    expected = _screened(data, qai)
+    return pool, _reader(grid, scenes), _screened(data, qai)
+
+
+def test_masked_reads_of_a_row_reuse_one_buffer_whatever_their_forest(recycled_reads):
+    """Each read of a row of windows takes one buffer of the room of the whole row, masked-in or
+    not, so that the next read reuses it whichever of its windows hold a mask pixel (at 3000 px
+    the runs of masked-in windows differ from row to row, and a buffer of another size was not
+    reused: most masked reads faulted their memory in afresh)."""
+    from treesits_dask.io.grid import Window
+
+    pool, reader, expected = recycled_reads
     row = (Window(0, 0, 16, 16), Window(0, 16, 16, 16), Window(0, 32, 16, 8))
     room = 3 * 10 * 16 * 48 * 2  # the window at the tile's edge counted with its block whole
     picks = [(0, 1, 2), (0, 2), (1,), (2,), (0, 1, 2)]  # runs of 1, 2 and 3 windows
@@ -277,22 +284,14 @@ def test_masked_reads_of_a_row_reuse_one_buffer_whatever_their_forest(hand_tile,
     assert (pool.fresh_bytes, pool.reused_bytes) == (room, (len(picks) - 1) * room)
 
 
-def test_reads_at_the_tile_edge_take_the_buffers_of_full_rows(hand_tile, monkeypatch):
+def test_reads_at_the_tile_edge_take_the_buffers_of_full_rows(recycled_reads):
     """Windows of whole blocks that end at the tile's edge (the last 14 of 30 rows, the last 8 of
     40 columns, in 16 px blocks) ask for the room of whole blocks, so a read of the edge row and
     one of a full row are given the same buffer (at 3000 px the 184-row edge row of a COG faulted
     its memory in afresh in every tile); the values are the files'."""
-    from treesits_dask.io import buffers
-    from treesits_dask.io.buffers import Recycler
     from treesits_dask.io.grid import Window
 
-    monkeypatch.setattr(buffers, "MIN_BYTES", 1)
-    pool = Recycler(idle_bytes=1 << 30, idle_seconds=60)
-    monkeypatch.setattr("treesits_dask.io.reader.RECYCLER", pool)
-    root, data, qai = hand_tile
-    _, scenes, grid = _grid(root)
-    reader = _reader(grid, scenes)
-    expected = _screened(data, qai)
+    pool, reader, expected = recycled_reads
     rows = [
         tuple(Window(r, c, h, w) for c, w in ((0, 16), (16, 16), (32, 8)))
         for r, h in ((16, 14), (0, 16), (16, 14))  # edge row, full row, edge row
