@@ -353,6 +353,30 @@ def test_auto_windows_keep_within_the_window_budget(tmp_path):
     assert choose_window_shape(strips, (600, 3000), 100, window_bytes=1) == (600, 3000)  # asked
 
 
+def test_striped_tiles_are_read_in_chunks_of_whole_strips_near_the_window():
+    """Windows that cut the strips of FORCE < 3.8 files are read in chunks of the window's width
+    and whole strips high, the multiple of the strip height nearest the window's height within
+    STRIP_AREA_SLACK; windows of whole strips, and those no multiple is near, stay as they are."""
+    from treesits_dask.io.grid import STRIP_AREA_SLACK, TileGrid, read_shape
+
+    def grid(size, block):
+        return TileGrid(tile="X0069_Y0043", crs_wkt="", transform=(10, 0, 0, 0, -10, 0),
+                        width=size, height=size, block_shape=block, count=10)  # fmt: skip
+
+    strips = grid(3000, (300, 3000))
+    assert read_shape(strips, (250, 250)) == (300, 250)  # 1.2x the window's pixels
+    assert read_shape(strips, (300, 3000)) == (300, 3000)  # whole strips already
+    assert read_shape(strips, (600, 250)) == (600, 250)
+    assert read_shape(strips, (100, 100)) == (100, 100)  # 300 rows would be 3x
+    assert read_shape(strips, (3000, 250)) == (3000, 250)
+    assert read_shape(grid(1000, (100, 1000)), (250, 250)) == (200, 250)  # the lower of a tie
+    assert read_shape(grid(600, (60, 600)), (100, 300)) == (120, 300)
+    assert read_shape(grid(600, (60, 600)), (200, 200)) == (180, 200)  # the edge chunk 60 rows
+    assert read_shape(grid(600, (60, 600)), (40, 300)) == (40, 300)  # 60 rows would be 1.5x
+    assert 300 / 250 <= STRIP_AREA_SLACK < 60 / 40
+    assert read_shape(grid(3000, (256, 256)), (250, 250)) == (256, 256)  # COG: whole blocks
+
+
 def test_missing_qai_is_an_error_unless_disabled(hand_tile):
     root, data, _ = hand_tile
     (root / "X0010_Y0010" / "20220502_LEVEL2_SEN2A_QAI.tif").unlink()

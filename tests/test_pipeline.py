@@ -368,35 +368,50 @@ def test_windows_that_do_not_fit_the_local_workers_are_refused_by_the_plan(
     assert cols == 60 and rows < 60 and 60 % rows == 0 and not auto.invalid
     assert WINDOWS_PER_THREAD * 2 * rows * cols * 10 * 10 * 2 <= AUTO_WINDOW_SHARE * 4 * 2**20
     assert [t.tile for t in auto.tiles] == list(small_cube.tiles)
+    # windows that cut the 6-row strips are read in chunks of whole strips where those fit the
+    # workers (6 x 30 px for 5 x 30 px windows), else in the windows themselves: 3 x 2 threads x
+    # 10 scenes x 10 bands x 5 (6) x 30 px x 2 bytes = 180 (216) kB, against 60 % of 330 kB
+    n = len(small_cube.tiles)
+    roomy, tight = make_plan(config("1GiB", "5x30")), make_plan(config("330kB", "5x30"))
+    assert [t.reading.shape for t in roomy.tiles] == [(6, 30)] * n
+    assert [t.reading.shape for t in tight.tiles] == [(5, 30)] * n and not tight.invalid
+    assert [t.layout.shape for t in roomy.tiles + tight.tiles] == [(5, 30)] * 2 * n
 
 
-def test_cog_windows_that_cut_blocks_are_read_and_predicted_in_whole_blocks(
-    native_lstm, tmp_path, client
+@pytest.mark.parametrize(
+    "layout,size,window,chunk,chunks,windows",
+    [
+        ("cog", 500, "250x250", (256, 256), ((256, 244), (256, 244)), 4),
+        ("strips", 600, "100x300", (120, 300), ((120,) * 5, (300, 300)), 12),
+    ],
+)
+def test_windows_that_cut_blocks_are_read_and_predicted_in_whole_blocks(
+    native_lstm, tmp_path, client, layout, size, window, chunk, chunks, windows
 ):
-    """A COG tile of 256 px blocks in 250 px windows (the map's chunks): the plan reads and
-    predicts it in chunks of whole blocks (each decoded once, by one task), and the outputs,
-    rechunked to the windows, equal the kernel applied to the whole tile in one piece (forest
-    mask included)."""
+    """A COG tile of 256 px blocks in 250 px windows (the map's chunks), a striped tile of 60-row
+    strips in 100-row windows: the plan reads and predicts each in chunks of whole blocks (COG:
+    each decoded once, by one task; strips: each band of strips is one row of chunks, so its
+    pieces are whole chunks), and the outputs, rechunked to the windows, equal the kernel applied
+    to the whole tile in one piece (forest mask included)."""
     from treesits_dask.io.bands import plan_reads
     from treesits_dask.io.cube import days_since_epoch
     from treesits_dask.models import ModelSpec, load_model
     from treesits_dask.pipeline.plan import make_plan
     from treesits_dask.synthetic import make_cube
 
-    cube = make_cube(tmp_path / "cube", size=500, n_scenes=5, layout="cog", seed=4,
+    cube = make_cube(tmp_path / "cube", size=size, n_scenes=5, layout=layout, seed=4,
                      mask_dir=str(tmp_path / "masks"))  # fmt: skip
     tile = cube.tiles[0]
     out = tmp_path / "out"
     config = load_config(
         overrides=dict(cube=cube.root, tiles="all", output=str(out), model=native_lstm,
-                       window="250x250", qai="none", mask_dir=cube.mask_dir, cog=False),
+                       window=window, qai="none", mask_dir=cube.mask_dir, cog=False),
         environ={},
     )  # fmt: skip
     plan = make_plan(config)
     (t,) = plan.tiles
-    assert t.layout.shape == (250, 250) and t.reading.shape == (256, 256)
-    assert t.reading.chunks == ((256, 244), (256, 244))
-    assert plan.summary()["tiles"][0]["read_chunk"] == [256, 256]
+    assert t.reading.shape == chunk and t.reading.chunks == chunks
+    assert plan.summary()["tiles"][0]["read_chunk"] == list(chunk)
     run(config, client=client)
 
     scenes = discovery.scene_table(cube.root, tile)
@@ -409,12 +424,21 @@ def test_cog_windows_that_cut_blocks_are_read_and_predicted_in_whole_blocks(
         block, forest, days_since_epoch([s.date for s in scenes]), predictor
     )
     ds = open_map(str(out))
-    assert ds.sizes["x"] == ds.sizes["y"] == 500
+    assert ds.sizes["x"] == ds.sizes["y"] == size
+    assert ds.probability.encoding["chunks"][-2:] == tuple(map(int, window.split("x")))
     np.testing.assert_allclose(ds.probability.values, direct["probability"], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(ds["class"].values, direct["class"])
     np.testing.assert_array_equal(ds.valid_obs.values, direct["valid_obs"])
     summary = json.loads((out / "run.json").read_text())
-    assert summary["tiles"][tile]["windows"] == 4
-    # each chunk of whole blocks read once, by tasks that read a window row of them each
+    assert summary["tiles"][tile]["windows"] == windows
     reads = plan_reads(t.grid, t.reading, len(t.scenes), 1 << 30, min_tasks=2)
-    assert reads.aligned and reads.groups == (((0, 0), (0, 1)), ((1, 0), (1, 1)))
+    if layout == "cog":  # each chunk of whole blocks read once, by tasks of a window row each
+        assert reads.aligned and reads.groups == (((0, 0), (0, 1)), ((1, 0), (1, 1)))
+    else:  # a band per row of chunks, whose pieces are the chunks whole
+        assert [(b.row_off, b.height) for b in reads.bands] == [
+            (r, 120) for r in range(0, 600, 120)
+        ]
+        for b in reads.bands:
+            assert {(p.i, p.band_rows, p.window_rows) for p in b.pieces} == {
+                (b.index, (0, 120), (0, 120))
+            }

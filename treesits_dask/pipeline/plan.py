@@ -399,7 +399,7 @@ def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
     checked = _windows_fit_workers(checked, window_shape, invalid, expected)
     if not checked:
         return RunPlan(window_shape=window_shape, tiles=[], output_grid=target, **common)
-    grids = {st.tile: grid for st, grid, _ in checked}
+    grids = {st.tile: grid for st, grid, _, _ in checked}
     output_grid, regions = _output_grid(
         definition, all_tiles, first, grids, window_shape, card, config.layers
     )
@@ -413,12 +413,12 @@ def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
             mask=mask,
             region=regions[st.tile],
             layout=WindowLayout.of(grid, window_shape),
-            read_layout=_read_layout(grid, window_shape),
+            read_layout=_read_layout(grid, window_shape, shape),
             fingerprint=st.fingerprint,
             reasons=st.reasons,
             alerts=_alerts(config, card, repo, st, records.get(st.tile), digests),
         )
-        for st, grid, mask in checked
+        for st, grid, mask, shape in checked
     ]
     for tile, exc in invalid.items():
         log.error("tile %s cannot be processed: %s", tile, exc)
@@ -433,10 +433,9 @@ def _alerts(config: RunConfig, card, repo: MapRepo, st: _Staged, record, digests
     return plan_alerts(repo, config, card, st.tile, st.listed, st.scenes, st.start, key, record)
 
 
-def _read_layout(grid: TileGrid, window_shape: tuple[int, int]) -> WindowLayout | None:
+def _read_layout(grid: TileGrid, window_shape, shape) -> WindowLayout | None:
     """The chunks a tile is read in where they differ from its windows (else None)."""
-    shape = read_shape(grid, window_shape)
-    return None if shape == tuple(window_shape) else WindowLayout.of(grid, shape)
+    return None if tuple(shape) == tuple(window_shape) else WindowLayout.of(grid, shape)
 
 
 def _expected_workers(config: RunConfig):
@@ -450,24 +449,30 @@ def _expected_workers(config: RunConfig):
 
 
 def _windows_fit_workers(checked: list, window_shape, invalid: dict, expected) -> list:
-    """The ``checked`` tiles whose windows of all scenes fit the inference workers the settings
+    """The ``checked`` tiles whose chunks of all scenes fit the inference workers the settings
     start (``expected``: :func:`_expected_workers`; see
-    :func:`~treesits_dask.pipeline.memory.window_memory_problem`); the others go to ``invalid``
-    with the sizes and the settings to change.  Nothing is left out for a standing cluster (its
-    workers are checked when the run connects)."""
+    :func:`~treesits_dask.pipeline.memory.window_memory_problem`), each with the chunk shape it is
+    read and predicted in: :func:`~treesits_dask.io.grid.read_shape`, else the window where only
+    the window fits.  The others go to ``invalid`` with the sizes and the settings to change.
+    Nothing is left out for a standing cluster (its workers are checked when the run connects)."""
     from .memory import window_memory_problem
 
-    if expected is None:
-        return checked
-    workers, routing = expected
     kept = []
     for st, grid, mask in checked:
         shape = read_shape(grid, window_shape)  # a chunk of all scenes, as it is predicted
-        problem = window_memory_problem(len(st.scenes), grid.count, shape, workers, routing)
+        if expected is None:
+            kept.append((st, grid, mask, shape))
+            continue
+        workers, routing = expected
+        n = len(st.scenes)
+        problem = window_memory_problem(n, grid.count, shape, workers, routing)
+        if problem and shape != tuple(window_shape):
+            shape = tuple(window_shape)  # read in the windows themselves
+            problem = window_memory_problem(n, grid.count, shape, workers, routing)
         if problem:
             invalid[st.tile] = ConfigError(problem)
         else:
-            kept.append((st, grid, mask))
+            kept.append((st, grid, mask, shape))
     return kept
 
 
