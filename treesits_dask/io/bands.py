@@ -13,6 +13,9 @@ windows that cross the band, and a window is put together from its pieces (see
 decoded once.  The scenes of a band are read in batches sized from a memory budget
 (:func:`plan_reads`), so a task's memory does not grow with the scene count; when a window row is
 a band on its own and one batch holds every scene, the band's task IS the window (no pieces).
+A striped tile whose windows cut its strips is chunked whole strips high
+(:func:`~treesits_dask.io.grid.read_shape`), so that each band is one row of chunks and its pieces
+are whole chunks, all of one size (their buffers are recycled for each other).
 
 Where every window starts on a block edge, each block lies in one window and the window's own
 read decodes it once, into the window: nothing is held or put together.  The pipeline chunks COG

@@ -64,7 +64,8 @@ class TilePlan:
     #: the disturbance alerts of the tile in this run (None: no alerts)
     alerts: AlertPlan | None = None
     #: the chunks the tile is read and predicted in where they differ from its windows (whole
-    #: COG blocks, see :func:`~treesits_dask.io.grid.read_shape`); None: the windows
+    #: COG blocks, or whole strips high, see :func:`~treesits_dask.io.grid.read_shape`); None:
+    #: the windows
     read_layout: WindowLayout | None = None
 
     @property
@@ -137,7 +138,7 @@ class RunPlan:
 
     def window_bytes(self, tile: TilePlan) -> int:
         """A chunk of all scenes as the tile is read and predicted (its window, or the whole
-        blocks nearest it: :func:`~treesits_dask.io.grid.read_shape`)."""
+        blocks or strips nearest it: :func:`~treesits_dask.io.grid.read_shape`)."""
         rows, cols = tile.reading.shape
         older = len(tile.alerts.older) if tile.alerts else 0
         return (len(tile.scenes) + older) * tile.grid.count * rows * cols * 2
