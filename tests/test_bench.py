@@ -176,8 +176,9 @@ def test_bench_real_small(tmp_path, capsys):
         assert read["decode_floor_sample_mib"] == read["uncompressed_mib"], (
             key
         )  # all 6 or 40 scenes
-        assert read["peak_rss_within_limit"], key
+        assert read["peak_rss_within_limit"] and read["worker_restarts_runs"] == [0], key
         assert read["page_in"] is True, key
+        assert case["read_chunk"] == case["window"] == [150, 150], key
         # 150 px windows of a 300 px tile of 256 px blocks: read in bands, held in memory
         assert case["windows"] == 4 and read["read_modes"] == ["bands"], key
         assert read["spilled_mib"] == 0, key
@@ -189,6 +190,18 @@ def test_bench_real_small(tmp_path, capsys):
     # the window budget shrinks with the tile's area (the decision of a 3000 px tile)
     assert report["cases"]["600-cog"]["window_budget_mib"] == round(2048 * (300 / 3000) ** 2, 1)
     assert not (tmp_path / "w" / "cube-real-cog").exists()  # cubes deleted unless --keep
+
+
+def test_a_worker_restarted_during_a_read_is_counted(client):
+    """A worker that its nanny restarts (for memory) is another process afterwards: the read's
+    counts and peak RSS then miss the lost process, so ``bench --real`` reports the restarts and
+    no peak RSS within the limit."""
+    from treesits_dask.bench.measure import worker_pids, worker_restarts
+
+    before = worker_pids(client)
+    assert before and worker_restarts(before, worker_pids(client)) == 0
+    client.restart()
+    assert worker_restarts(before, worker_pids(client)) == len(before)
 
 
 def test_parallel_floor_gives_each_thread_an_even_share_of_the_bytes():

@@ -1,6 +1,10 @@
 """The measurements of the throughput benchmark (:mod:`treesits_dask.bench.throughput`): decode
 only, forward only on pre-loaded windows, end to end with peak RSS, a second run of a finished
-output; models with random weights of the published shapes."""
+output; models with random weights of the published shapes.
+
+The module is longer than 400 lines: the benchmarks (``bench`` and ``bench --real``) take every
+measurement of a run from here, so that their figures (decoded bytes, buffers, restarts, peak
+RSS) are counted alike."""
 
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ __all__ = [
     "reset_vm_hwm",
     "vm_hwm",
     "windows_with_forest",
+    "worker_pids",
+    "worker_restarts",
 ]
 
 
@@ -182,9 +188,25 @@ def spilled(dask_worker) -> int:
     return int(metrics.get(("disk-write", "bytes"), 0))
 
 
+def worker_pids(client) -> dict[str, int]:
+    """The process id of each worker, by address."""
+    import os
+
+    return client.run(os.getpid)
+
+
+def worker_restarts(before: dict[str, int], after: dict[str, int]) -> int:
+    """How many of the workers ``before`` (:func:`worker_pids`) are not the same process
+    ``after``: restarted by their nanny (for memory) or lost.  A read during which a worker
+    restarted lost what that worker had counted and recomputed its tasks, and its peak RSS is the
+    new process's."""
+    return sum(1 for w, pid in before.items() if after.get(w) != pid)
+
+
 def decode_run(plan, client) -> dict:
-    """Read every window of the plan's tiles on the cluster (as ``run`` does, no model): seconds
-    and what the workers decoded (the datasets they kept open are closed first)."""
+    """Read every window of the plan's tiles on the cluster (as ``run`` does, no model): seconds,
+    what the workers decoded (the datasets they kept open are closed first) and how many of them
+    restarted meanwhile (:func:`worker_restarts`)."""
     from ..io.cube import tile_cube
     from ..io.masks import open_mask
     from ..pipeline.cluster import Routing
@@ -208,6 +230,7 @@ def decode_run(plan, client) -> dict:
             )
         )
     client.run(cold_reads)
+    pids = worker_pids(client)
     before, spilled_before = client.run(decoded), client.run(spilled)
     buffers_before = client.run(handed_out)
     t0 = time.perf_counter()
@@ -233,6 +256,7 @@ def decode_run(plan, client) -> dict:
         "fresh_buffer_bytes": buffers[0],
         "reused_buffer_bytes": buffers[1],
         "read_modes": sorted({mode for mode, _ in modes}),
+        "worker_restarts": worker_restarts(pids, worker_pids(client)),
     }
 
 
