@@ -322,6 +322,38 @@ def test_a_tile_whose_windows_do_not_fit_the_workers_is_refused_before_reading(
     assert MapRepo(str(out)).records() == {}
 
 
+def test_a_standing_cluster_that_holds_the_windows_but_not_the_chunks_reads_the_windows(
+    small_cube, native_lstm, tmp_path, client, monkeypatch, caplog
+):
+    """On a standing cluster (its workers' memory known only when the run connects), a striped
+    tile whose chunks of whole strips (6 x 30 px for 5 x 30 px windows of 6-row strips) do not fit
+    the inference workers but whose windows do is read in its windows, as the plan does where it
+    knows the workers, instead of failing: 3 x 10 scenes x 10 bands x 5 (6) x 30 px x 2 bytes =
+    90 (108) kB per 1-thread worker, against a share of its memory limit of 99 kB."""
+    import logging
+
+    from treesits_dask.pipeline import memory
+    from treesits_dask.pipeline.plan import make_plan
+
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    assert {w["nthreads"] for w in workers} == {1}
+    monkeypatch.setattr(memory, "WINDOW_SHARE", 99_000 / min(w["memory_limit"] for w in workers))
+    out = tmp_path / "out"
+    config = load_config(
+        overrides=dict(cube=small_cube.root, tiles="all", output=str(out), model=native_lstm,
+                       model_family="native", mask_dir=small_cube.mask_dir, window="5x30",
+                       scheduler_address=client.scheduler.address),
+        environ={},
+    )  # fmt: skip
+    assert {t.reading.shape for t in make_plan(config).tiles} == {(6, 30)}
+    with caplog.at_level(logging.INFO, logger="treesits_dask.pipeline.schedule"):
+        run(config, client=client)
+    for tile in small_cube.tiles:
+        assert f"tile {tile}: chunks of 6x30 px of all scenes do not fit" in caplog.text
+    assert set(MapRepo(str(out)).records()) == set(small_cube.tiles)
+    assert open_map(str(out)).probability.notnull().any()
+
+
 def test_windows_that_do_not_fit_the_local_workers_are_refused_by_the_plan(
     small_cube, native_lstm, tmp_path, monkeypatch
 ):

@@ -144,12 +144,25 @@ def _windows_fit(plan: RunPlan, client, routing: Routing, cb, result: RunResult)
     """The tiles of ``plan`` whose windows of all scenes fit the memory of the cluster's inference
     workers; the others fail at once, before anything is read, with the sizes and the settings to
     change (the plan checks this already where the settings say which workers; a standing
-    cluster's workers are known only here)."""
+    cluster's workers are known only here).  A tile whose read chunks (whole blocks or strips, a
+    little larger than its windows) do not fit but whose windows do is read in its windows, as
+    the plan decides where it knows the workers."""
+    import dataclasses
+
     workers = client.scheduler_info(n_workers=-1)["workers"]
     kept = []
     for tile in plan.tiles:
         shape = tile.reading.shape  # a chunk of all scenes, as it is predicted
-        problem = window_memory_problem(len(tile.scenes), tile.grid.count, shape, workers, routing)
+        n, count = len(tile.scenes), tile.grid.count
+        problem = window_memory_problem(n, count, shape, workers, routing)
+        if problem and tile.read_layout is not None:
+            if window_memory_problem(n, count, tile.layout.shape, workers, routing) is None:
+                log.info(
+                    "tile %s: chunks of %dx%d px of all scenes do not fit the inference workers, "
+                    "its %dx%d px windows do: read in its windows",
+                    tile.tile, *shape, *tile.layout.shape,
+                )  # fmt: skip
+                tile, problem = dataclasses.replace(tile, read_layout=None), None
         if problem is None:
             kept.append(tile)
             continue
