@@ -20,6 +20,7 @@ __all__ = [
     "WINDOWS_PER_THREAD",
     "WINDOW_SHARE",
     "expected_workers",
+    "fitting_chunk",
     "window_budget",
     "window_memory_problem",
 ]
@@ -87,6 +88,26 @@ def window_memory_problem(
         "scenes per run (--start-date / --end-date, where the model allows); a new output can "
         "take smaller windows (--window)"
     )
+
+
+def fitting_chunk(
+    scenes: int,
+    bands: int,
+    chunk: tuple[int, int],
+    window: tuple[int, int],
+    workers: dict[str, dict],
+    routing: Routing,
+) -> tuple[tuple[int, int], str | None]:
+    """The shape a tile is read and predicted in on these inference workers, and why it does not
+    fit (None where it does): its read ``chunk`` (whole blocks or strips,
+    :func:`~treesits_dask.io.grid.read_shape`) where that fits, else its ``window``, which is a
+    little smaller and read in bands as well (:func:`window_memory_problem` of the window where
+    neither fits: the window is the setting to change)."""
+    chunk, window = tuple(chunk), tuple(window)
+    problem = window_memory_problem(scenes, bands, chunk, workers, routing)
+    if problem and chunk != window:
+        return window, window_memory_problem(scenes, bands, window, workers, routing)
+    return chunk, problem
 
 
 def window_budget(

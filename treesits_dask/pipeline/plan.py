@@ -456,7 +456,7 @@ def _windows_fit_workers(checked: list, window_shape, invalid: dict, expected) -
     read and predicted in: :func:`~treesits_dask.io.grid.read_shape`, else the window where only
     the window fits.  The others go to ``invalid`` with the sizes and the settings to change.
     Nothing is left out for a standing cluster (its workers are checked when the run connects)."""
-    from .memory import window_memory_problem
+    from .memory import fitting_chunk
 
     kept = []
     for st, grid, mask in checked:
@@ -464,12 +464,7 @@ def _windows_fit_workers(checked: list, window_shape, invalid: dict, expected) -
         if expected is None:
             kept.append((st, grid, mask, shape))
             continue
-        workers, routing = expected
-        n = len(st.scenes)
-        problem = window_memory_problem(n, grid.count, shape, workers, routing)
-        if problem and shape != tuple(window_shape):
-            shape = tuple(window_shape)  # read in the windows themselves
-            problem = window_memory_problem(n, grid.count, shape, workers, routing)
+        shape, problem = fitting_chunk(len(st.scenes), grid.count, shape, window_shape, *expected)
         if problem:
             invalid[st.tile] = ConfigError(problem)
         else:

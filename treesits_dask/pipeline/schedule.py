@@ -40,7 +40,7 @@ from .cluster import (
     wait_for_workers,
     worker_environment,
 )
-from .memory import window_memory_problem
+from .memory import fitting_chunk
 from .plan import RunPlan, TilePlan
 from .postprocess import update_derived
 from .predict import Inference, ModelPlugin, annotate, inference_stats, predict_layer
@@ -152,17 +152,17 @@ def _windows_fit(plan: RunPlan, client, routing: Routing, cb, result: RunResult)
     workers = client.scheduler_info(n_workers=-1)["workers"]
     kept = []
     for tile in plan.tiles:
-        shape = tile.reading.shape  # a chunk of all scenes, as it is predicted
-        n, count = len(tile.scenes), tile.grid.count
-        problem = window_memory_problem(n, count, shape, workers, routing)
-        if problem and tile.read_layout is not None:
-            if window_memory_problem(n, count, tile.layout.shape, workers, routing) is None:
-                log.info(
-                    "tile %s: chunks of %dx%d px of all scenes do not fit the inference workers, "
-                    "its %dx%d px windows do: read in its windows",
-                    tile.tile, *shape, *tile.layout.shape,
-                )  # fmt: skip
-                tile, problem = dataclasses.replace(tile, read_layout=None), None
+        chunk = tile.reading.shape  # a chunk of all scenes, as it is predicted
+        shape, problem = fitting_chunk(
+            len(tile.scenes), tile.grid.count, chunk, tile.layout.shape, workers, routing
+        )
+        if problem is None and shape != chunk:
+            log.info(
+                "tile %s: chunks of %dx%d px of all scenes do not fit the inference workers, "
+                "its %dx%d px windows do: read in its windows",
+                tile.tile, *chunk, *shape,
+            )  # fmt: skip
+            tile = dataclasses.replace(tile, read_layout=None)
         if problem is None:
             kept.append(tile)
             continue
