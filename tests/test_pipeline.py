@@ -290,6 +290,16 @@ def test_precision_is_recorded_in_run_report_and_settings_digest(
     assert len({make_plan(c).config_digest for c in (config, fp32, tf32)}) == 3
 
 
+def _standing_config(cube, model, out, client, window):
+    """A run of ``cube`` on the standing cluster of ``client`` in ``window`` windows."""
+    return load_config(
+        overrides=dict(cube=cube.root, tiles="all", output=str(out), model=model,
+                       model_family="native", mask_dir=cube.mask_dir, window=window,
+                       scheduler_address=client.scheduler.address),
+        environ={},
+    )  # fmt: skip
+
+
 def test_a_tile_whose_windows_do_not_fit_the_workers_is_refused_before_reading(
     small_cube, native_lstm, tmp_path, client, monkeypatch
 ):
@@ -305,12 +315,7 @@ def test_a_tile_whose_windows_do_not_fit_the_workers_is_refused_before_reading(
     monkeypatch.setattr(memory, "WINDOW_SHARE", 1e-6)
     out = tmp_path / "out"
     # a standing cluster: only its workers know their memory, so the plan cannot check it
-    config = load_config(
-        overrides=dict(cube=small_cube.root, tiles="all", output=str(out), model=native_lstm,
-                       model_family="native", mask_dir=small_cube.mask_dir, window="60x60",
-                       scheduler_address=client.scheduler.address),
-        environ={},
-    )  # fmt: skip
+    config = _standing_config(small_cube, native_lstm, out, client, "60x60")
     before = sum(v[1] for v in client.run(decoded).values())
     with pytest.raises(RunError) as err:
         run(config, client=client)
@@ -339,12 +344,7 @@ def test_a_standing_cluster_that_holds_the_windows_but_not_the_chunks_reads_the_
     assert {w["nthreads"] for w in workers} == {1}
     monkeypatch.setattr(memory, "WINDOW_SHARE", 99_000 / min(w["memory_limit"] for w in workers))
     out = tmp_path / "out"
-    config = load_config(
-        overrides=dict(cube=small_cube.root, tiles="all", output=str(out), model=native_lstm,
-                       model_family="native", mask_dir=small_cube.mask_dir, window="5x30",
-                       scheduler_address=client.scheduler.address),
-        environ={},
-    )  # fmt: skip
+    config = _standing_config(small_cube, native_lstm, out, client, "5x30")
     assert {t.reading.shape for t in make_plan(config).tiles} == {(6, 30)}
     with caplog.at_level(logging.INFO, logger="treesits_dask.pipeline.schedule"):
         run(config, client=client)
