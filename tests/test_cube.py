@@ -488,7 +488,7 @@ def _striped_tile(tmp_path, rows_per_strip=7, h=37, w=50, n=5, blocks=None, clou
 )
 def test_band_reads_equal_whole_file_reads(tmp_path, blocks, shape, read_bytes, spill):
     """Whatever the windows, the file blocks and the scene batches, held in memory or spilling
-    (pieces copied out of the band), or windows of whole blocks read by their own tasks: the cube
+    (pieces filled scene by scene), or windows of whole blocks read by their own tasks: the cube
     is what the files hold (screened), each block of each file is decoded once, and with a mask
     only the blocks holding a mask pixel are decoded, the others and the windows without a mask
     pixel being nodata."""
@@ -562,7 +562,7 @@ def test_blocks_that_qai_screens_whole_are_not_decoded(tmp_path, blocks, shape, 
     """A BOA block whose every pixel QAI screens (a cloudy scene, a cloudy strip, beyond the
     swath) is not decoded: the cube is still what the files hold (screened), every other block is
     decoded once, the blocks left out are counted, and a scene that is all cloud opens only its
-    QAI file; bands held in memory or spilling (pieces copied out of the band) alike."""
+    QAI file; bands held in memory or spilling (pieces filled scene by scene) alike."""
     import dask.array as da
 
     from treesits_dask.io.bands import block_runs, decoded_bytes
@@ -740,17 +740,21 @@ def test_windows_of_all_scenes_must_fit_the_inference_workers():
 
 
 @pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["strips", "tiles"])
-def test_bands_that_do_not_fit_memory_spill_and_are_decoded_once(tmp_path, blocks, caplog):
+def test_bands_that_do_not_fit_memory_spill_and_are_decoded_once(
+    tmp_path, blocks, caplog, monkeypatch
+):
     """Bands of all scenes that exceed the reading worker's memory but fit with its spill disk
     are still read in bands (every block decoded once), in half-size batches whose pieces own
-    their memory (so Dask frees what it spills) and equal the views of a band held in memory; on
-    a LocalCluster whose worker spills nearly everything, the values are those of the files."""
+    their memory (so Dask frees what it spills), of strips decoded into scene by scene (no buffer
+    of the whole batch's band), and equal the views of a band held in memory; on a LocalCluster
+    whose worker spills nearly everything, the values are those of the files."""
     import logging
 
     from distributed import Client, LocalCluster
 
     from treesits_dask.bench.measure import decoded, spilled
     from treesits_dask.io.bands import BANDS_HELD, plan_reads
+    from treesits_dask.io.buffers import RECYCLER
     from treesits_dask.io.grid import WindowLayout
 
     root, expected = _striped_tile(tmp_path, blocks=blocks)
@@ -774,9 +778,17 @@ def test_bands_that_do_not_fit_memory_spill_and_are_decoded_once(tmp_path, block
     graph = dict(arr.data.__dask_graph__())
     band_key = next(k for k in graph if "read-band" in str(k[0]))
     fn, *args = graph[band_key]
+    asked, empty = [], RECYCLER.empty
+    monkeypatch.setattr(
+        RECYCLER, "empty", lambda shape, *a: asked.append(shape) or empty(shape, *a)
+    )
     pieces = fn(*args)
-    assert all(p.base is None for p in pieces)  # copies: spilling one frees its memory
+    monkeypatch.undo()
+    assert all(p.base is None for p in pieces)  # their own memory: spilling one frees it
+    # strips: the pieces only, no band of the batch; tiles: the band read whole, then the copies
     reader, band, start, stop = fn.func.__self__, *args
+    whole = [] if blocks is None else [(stop - start, grid.count, band.height, grid.width)]
+    assert sorted(asked) == sorted([p.shape for p in pieces] + whole)
     views = reader.read_band(band, start, stop)  # the band read whole, cut into views
     assert all(v.base is not None for v in views) and len(views) == len(pieces)
     for p, v in zip(pieces, views, strict=True):

@@ -102,7 +102,7 @@ class ReadPlan:
     by_window: bool = False
     #: the bands of all scenes do not fit the reading worker's memory but its disk: the read tasks
     #: hand out pieces that own their memory, so that Dask spills them to disk exactly (a view
-    #: would keep its whole band in memory)
+    #: would keep its whole band in memory); strips are decoded into them scene by scene
     spills: bool = False
     #: bytes of the :data:`BANDS_HELD` bands of all scenes a reading worker holds (the memory
     #: guard's figure; 0 where every band is a whole window)
@@ -241,7 +241,9 @@ def plan_reads(
         alone = tuple(((i, j),) for i, j, _ in layout)  # each window by its own task
         return ReadPlan((), ((0, n_scenes),), by_window=True, held=held, groups=alone)
     wanted = math.ceil(min_tasks / len(out))
-    # a spilling task holds what it decoded and the pieces copied out of it: half the batch
+    # half the batch where the plan spills: a task of tiled files holds the band it decoded and the
+    # pieces copied out of it; one of strips decodes into its pieces scene by scene, and the whole
+    # batch measured no faster there, with 0-0.6 GiB more peak RSS (3000 px x 120 scenes)
     budget = task_bytes // 2 if spills else task_bytes
     batches = scene_batches(n_scenes, per_scene, budget, wanted)
     return ReadPlan(tuple(out), batches, spills=spills, held=held)
