@@ -260,7 +260,7 @@ class WindowReader:
         was new memory on some reads; one scene's band (18 MB) is still in the CPU's cache when it
         is copied.  Measured 5 % faster (README, "Strips decoded into their pieces").  Not for
         tiled files: read so, the COG's bands of 256 px blocks in the 600-scene regime (100 px
-        windows, a 3 GiB worker) spilled 5.0-12.9 GB per read against 1.8-3.2 and read slower
+        windows, a 3 GiB worker) spilled 4.8-12.6 GiB per read against 1.8-3.2 and read slower
         (not understood)."""
         rows, cols = (band.row_off, band.row_off + band.height), (0, self.grid.width)
         n, count = stop - start, self.grid.count
