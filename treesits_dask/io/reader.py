@@ -274,7 +274,7 @@ class WindowReader:
                 if piece is not None:
                     piece.fill(NODATA)
             return pieces
-        scene = np.empty((1, count, *_extent(rows, cols)), np.int16)
+        scene = np.empty((count, *_extent(rows, cols)), np.int16)
         _nodata_outside(scene, runs)
         q = np.empty(_extent(rows, cols), np.int16) if self.qai_flags else None
         cuts = [
@@ -284,9 +284,9 @@ class WindowReader:
         ]
         with READS_IN_PROGRESS:
             for t in scene_order(start, stop):
-                self._read_scene(t, rows, cols, runs, scene[0], q)
+                self._read_scene(t, rows, cols, runs, scene, q)
                 for piece, r, c in cuts:
-                    piece[t - start] = scene[0, :, r, c]
+                    piece[t - start] = scene[:, r, c]
         return pieces
 
     def _read_rect(self, rows, cols, start, stop, need) -> np.ndarray:
