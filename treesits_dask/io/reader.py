@@ -274,7 +274,7 @@ class WindowReader:
                 if piece is not None:
                     piece.fill(NODATA)
             return pieces
-        scene = np.empty((count, *_extent(rows, cols)), np.int16)
+        scene = RECYCLER.empty((count, *_extent(rows, cols)), np.int16)
         _nodata_outside(scene, runs)
         q = np.empty(_extent(rows, cols), np.int16) if self.qai_flags else None
         cuts = [
