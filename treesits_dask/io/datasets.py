@@ -172,7 +172,8 @@ def capacity() -> int:
 
 #: share of the Dask worker's memory limit (else of this machine's memory) that the datasets kept
 #: open by all its threads may hold.  An open GeoTIFF that has been read keeps decoded blocks:
-#: measured 2.9 MB per 3000 px FORCE strip file (band-interleaved 300-row strips), 3.4 MB per
+#: measured 2.9 MB per 3000 px FORCE strip file (band-interleaved 300-row strips; with its QAI
+#: 1.9 MB per scene when read as the reads do, see :func:`held_by`), 3.4 MB per
 #: 3000 px COG (pixel-interleaved 256 x 256 blocks of 10 bands) and 0.39 MB per its QAI, beside
 #: GDAL's block cache (bounded on its own, :data:`READ_GDAL_CACHE`; 120 COGs read with a 16 MiB
 #: cache grew the process by 403 MB, with 256 MiB by 655 MB): 1200 files of a 600-scene tile
@@ -203,13 +204,15 @@ def held_by(src, size: int | None = None) -> int:
     A file of one band per block in full-width strips (FORCE < 3.8 BOA and QAI) holds what its
     largest compressed strip needs in libtiff's read buffer and a part that grows with the width:
     with its ``size`` in bytes known, 1.5 of its mean compressed block plus a fifth of a decoded
-    block plus 256 KiB.  Measured, files read whole, GDAL cache 16 MiB, against this estimate:
-    3000 px strips of 300 rows BOA 2065 KiB (estimate 2543), QAI 514 KiB (629); 600 px strips
-    of 60 rows BOA 282 KiB (347), QAI 262 KiB (272).  Without ``size``: 2 decoded
-    blocks of one band (3.6 MiB for a 3000 px strip, which kept only a third of a 120-scene
-    tile's files open on a 12 GiB worker of 2 threads: every read task opened most of its files
-    again, 1600-1760 opens per read against 466).  Tiled files of one band per block: 2 decoded
-    blocks (0.39 MB of a 3000 px COG's QAI, measured 0.39)."""
+    block plus 256 KiB.  Measured (the BOA and QAI of n scenes opened in turn and read whole, GDAL
+    cache 16 MiB: the process's growth per scene) against this estimate and 2 decoded strips:
+    3000 px in strips of 300 rows 1918 KiB over 110 scenes (3180; 7287), 1000 px of 100 rows 643
+    KiB over 45 (799; 1037), 600 px of 60 rows 449 and 346 KiB over 100 and 300 (619; 537).
+    Without ``size``: 2 decoded blocks of one band (3.6 MiB for a 3000 px strip), as before,
+    which kept only about a third of a 120-scene 3000 px tile's files open on a 12 GiB worker of 2
+    threads: its read tasks opened most of their files again, 1600-2035 opens per read against
+    466 now (each thread opens each of the 240 files once).  Tiled files of one band per block:
+    2 decoded blocks (0.39 MB of a 3000 px COG's QAI, measured 0.39)."""
     bh, bw = src.block_shapes[0]
     block = bh * bw * np.dtype(src.dtypes[0]).itemsize
     pixel = src.count > 1 and src.interleaving is not None and src.interleaving.name == "pixel"
