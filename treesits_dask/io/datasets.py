@@ -173,7 +173,7 @@ def capacity() -> int:
 #: share of the Dask worker's memory limit (else of this machine's memory) that the datasets kept
 #: open by all its threads may hold.  An open GeoTIFF that has been read keeps decoded blocks:
 #: measured 2.9 MB per 3000 px FORCE strip file (band-interleaved 300-row strips; with its QAI
-#: 1.9 MB per scene when read as the reads do, see :func:`held_by`), 3.4 MB per
+#: 1.9 MiB per scene when read as the reads do, see :func:`held_by`), 3.4 MB per
 #: 3000 px COG (pixel-interleaved 256 x 256 blocks of 10 bands) and 0.39 MB per its QAI, beside
 #: GDAL's block cache (bounded on its own, :data:`READ_GDAL_CACHE`; 120 COGs read with a 16 MiB
 #: cache grew the process by 403 MB, with 256 MiB by 655 MB): 1200 files of a 600-scene tile
@@ -211,7 +211,7 @@ def held_by(src, size: int | None = None) -> int:
     Without ``size``: 2 decoded blocks of one band (3.6 MiB for a 3000 px strip), as before,
     which kept only about a third of a 120-scene 3000 px tile's files open on a 12 GiB worker of 2
     threads: its read tasks opened most of their files again, 1600-2035 opens per read against
-    466 now (each thread opens each of the 240 files once).  Tiled files of one band per block:
+    466 now (each file about once per thread).  Tiled files of one band per block:
     2 decoded blocks (0.39 MB of a 3000 px COG's QAI, measured 0.39)."""
     bh, bw = src.block_shapes[0]
     block = bh * bw * np.dtype(src.dtypes[0]).itemsize
