@@ -292,7 +292,9 @@ def dataset(url: str, version, check: Callable[[object], None]):
     """The open dataset of ``url`` (at ``version``) for this thread: opened (counted in
     :data:`OPEN_COUNTER`) and ``check``\\ ed once, then kept; do not close it.  Raises what
     opening or ``check`` raises (the file is then not kept).  The first call of a process limits
-    GDAL's block cache (:data:`READ_GDAL_CACHE`)."""
+    GDAL's block cache (:data:`READ_GDAL_CACHE`).  ``version``: as the reader's (size, mtime or
+    ETag); where its first item is an int, it is the file's size, which :func:`held_by` counts
+    a striped file by."""
     if not _cache_limited:
         _limit_gdal_cache()
     held = _OPEN
@@ -314,7 +316,6 @@ def dataset(url: str, version, check: Callable[[object], None]):
         if len(held.checked) >= 8 * capacity():  # bounded over a run of many tiles
             held.checked.clear()
         held.checked.add(key)
-    # a version (size, mtime or ETag) gives the file's size: what it holds follows its compression
     size = version[0] if isinstance(version, tuple) and version else None
     nbytes = held_by(src, size if isinstance(size, int) else None)
     held.datasets[key] = (src, nbytes)
