@@ -5,7 +5,7 @@ import time
 
 import numpy as np
 
-from treesits_dask.io.buffers import MIN_BYTES, Recycler
+from treesits_dask.io.buffers import IDLE_SECONDS, LOCAL_IDLE_SECONDS, MIN_BYTES, Recycler
 
 SHAPE = (4, 10, 256, 300)  # 6 MB: above MIN_BYTES
 NBYTES = int(np.prod(SHAPE)) * 2
@@ -102,3 +102,37 @@ def test_parts_side_by_side_in_one_owner_of_the_room_asked():
     del b, c
     (d,) = pool.empty_parts([(1, 10, 256, 300)], room=2 * int(np.prod(SHAPE)))
     assert pool.reused_bytes == 2 * NBYTES and pool.held()[0] == 4 * NBYTES
+
+
+def test_outside_a_dask_worker_idle_buffers_are_freed_once_the_reads_are_over():
+    """A driver or a notebook (no Dask worker): reads that follow each other reuse their buffers,
+    but nothing is held a few seconds after the last (bench's driver held 1.2 GB of windows for
+    minutes, through the end-to-end run it measured)."""
+    pool = Recycler(idle_bytes=1 << 30)  # the default idle time
+    a = pool.empty(SHAPE)
+    del a
+    b = pool.empty(SHAPE)
+    assert pool.reused_bytes == b.nbytes
+    del b
+    assert pool.held() == (NBYTES, NBYTES)
+    assert pool.idle_seconds == LOCAL_IDLE_SECONDS
+    deadline = time.monotonic() + LOCAL_IDLE_SECONDS + 15
+    while pool.held()[1] and time.monotonic() < deadline:  # the janitor thread frees it
+        time.sleep(0.1)
+    assert pool.held() == (0, 0)
+
+
+def test_a_dask_worker_keeps_idle_buffers_for_its_next_reads():
+    from distributed import Client, LocalCluster
+
+    def idle_after(seconds: float) -> tuple:
+        pool = Recycler(idle_bytes=1 << 30)
+        pool.empty(SHAPE)  # dropped at once: idle
+        time.sleep(seconds)
+        return pool.held()[1], pool.idle_seconds
+
+    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                           dashboard_address=":0")  # fmt: skip
+    with cluster, Client(cluster) as client:
+        kept, idle = client.submit(idle_after, LOCAL_IDLE_SECONDS + 3, pure=False).result()
+    assert idle == IDLE_SECONDS and kept == NBYTES

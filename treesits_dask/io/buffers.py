@@ -15,7 +15,9 @@ band, the bands of a batch), memoryviews and the frames of a pickled array keep 
 so the owner's reference count tells whether any task result, piece or message still uses it.
 
 Idle owners are memory that Dask counts as unmanaged, so they are bounded: one is freed after
-:data:`IDLE_SECONDS` idle, and at once (the longest idle first) where the idle owners exceed
+:data:`IDLE_SECONDS` idle in a Dask worker (:data:`LOCAL_IDLE_SECONDS` in any other process: a
+driver or a notebook that reads with Dask's threads keeps no read buffers once its compute is
+over), and at once (the longest idle first) where the idle owners exceed
 :data:`IDLE_SHARE` of the process's memory limit (a Dask worker's, else the machine's memory: the
 share the read tasks may fill anyway, ``read_memory``) or where the memory in use would then pass
 Dask's ``distributed.worker.memory.target`` share of the limit (where Dask starts to spill).  A
@@ -34,6 +36,7 @@ import numpy as np
 __all__ = [
     "IDLE_SECONDS",
     "IDLE_SHARE",
+    "LOCAL_IDLE_SECONDS",
     "MIN_BYTES",
     "RECYCLER",
     "SWEEP_SECONDS",
@@ -53,6 +56,14 @@ MIN_BYTES = 4 * 2**20
 #: of 12 window-row reads faulted 879 MiB in afresh (2.3-2.9 s of system time each against 0.2 s
 #: in recycled memory)
 IDLE_SECONDS = 300.0
+
+#: the same outside a Dask worker: tasks that follow each other in one compute (the threaded
+#: scheduler of a notebook, ``bench``'s driver) still reuse each other's buffers, but nothing is
+#: held once it is over.  With :data:`IDLE_SECONDS` there, ``bench``'s driver kept the 1.2 GB of
+#: windows it had read for the forward-only figure through the end-to-end run that followed
+#: (5.0 GiB peak RSS, driver + worker, at 1000 px x 60 scenes, against 3.2 GiB before the
+#: recycler); a notebook's kernel would hold its reads' memory for five minutes unseen
+LOCAL_IDLE_SECONDS = 2.0
 
 #: how often, at most, the janitor thread frees idle owners beyond the room for them (memory in
 #: use near Dask's target) or past their idle time
@@ -88,17 +99,23 @@ def _target_share() -> float:
     return float(value) if isinstance(value, int | float) and 0 < value <= 1 else 0.6
 
 
-def worker_memory_limit() -> int:
-    """The Dask worker's memory limit, else the machine's memory (call it from a task: in
-    ``client.run`` ``get_worker`` finds no worker)."""
+def _dask_worker_limit() -> int | None:
+    """The memory limit of the Dask worker running this task (0: none set), None outside a
+    worker (in ``client.run`` too: ``get_worker`` finds none there)."""
     try:
         from distributed import get_worker
 
-        limit = get_worker().memory_manager.memory_limit
-        if limit:
-            return int(limit)
+        return int(get_worker().memory_manager.memory_limit or 0)
     except (ImportError, ValueError, AttributeError):
-        pass
+        return None
+
+
+def worker_memory_limit() -> int:
+    """The Dask worker's memory limit, else the machine's memory (call it from a task: in
+    ``client.run`` ``get_worker`` finds no worker)."""
+    limit = _dask_worker_limit()
+    if limit:
+        return limit
     import psutil
 
     return int(psutil.virtual_memory().total)
@@ -108,9 +125,11 @@ class Recycler:
     """Hands out arrays of at least :data:`MIN_BYTES` as views of owners it reuses (see the
     module).  ``idle_bytes``: the most idle owners kept (None: :data:`IDLE_SHARE` of the memory
     limit), less where the memory in use nears Dask's target; ``idle_seconds``: how long one is
-    kept.  ``fresh_bytes`` / ``reused_bytes``: what it handed out in new and in reused memory."""
+    kept (None: :data:`IDLE_SECONDS` in a Dask worker, else :data:`LOCAL_IDLE_SECONDS`, found by
+    the first :meth:`empty`).  ``fresh_bytes`` / ``reused_bytes``: what it handed out in new and
+    in reused memory."""
 
-    def __init__(self, idle_bytes: int | None = None, idle_seconds: float = IDLE_SECONDS) -> None:
+    def __init__(self, idle_bytes: int | None = None, idle_seconds: float | None = None) -> None:
         self._lock = threading.Lock()
         self._slots: list[_Slot] = []
         self._idle_bytes = idle_bytes
@@ -183,8 +202,12 @@ class Recycler:
 
     # ------------------------------------------------------------------------------ internals
     def _limit(self) -> int:
-        """The memory limit (:func:`worker_memory_limit`), found once."""
+        """The memory limit (:func:`worker_memory_limit`), found once, with the idle time where
+        none was given (before any owner is kept: the janitor reads it)."""
         if self._memory is None:
+            in_worker = _dask_worker_limit() is not None
+            if self.idle_seconds is None:
+                self.idle_seconds = IDLE_SECONDS if in_worker else LOCAL_IDLE_SECONDS
             self._memory = worker_memory_limit()
         return self._memory
 
