@@ -61,8 +61,8 @@ IDLE_SECONDS = 300.0
 #: scheduler of a notebook, ``bench``'s driver) still reuse each other's buffers, but nothing is
 #: held once it is over.  With :data:`IDLE_SECONDS` there, ``bench``'s driver kept the 1.2 GB of
 #: windows it had read for the forward-only figure through the end-to-end run that followed
-#: (5.0 GiB peak RSS, driver + worker, at 1000 px x 60 scenes, against 3.2 GiB before the
-#: recycler); a notebook's kernel would hold its reads' memory for five minutes unseen
+#: (peak RSS, driver + worker, at 1000 px x 60 scenes: 4.9 GiB, 3.8 GiB with this); a notebook's
+#: kernel would hold its reads' memory for five minutes unseen
 LOCAL_IDLE_SECONDS = 2.0
 
 #: how often, at most, the janitor thread frees idle owners beyond the room for them (memory in
