@@ -122,17 +122,12 @@ def test_outside_a_dask_worker_idle_buffers_are_freed_once_the_reads_are_over():
     assert pool.held() == (0, 0)
 
 
-def test_a_dask_worker_keeps_idle_buffers_for_its_next_reads():
-    from distributed import Client, LocalCluster
-
+def test_a_dask_worker_keeps_idle_buffers_for_its_next_reads(client):
     def idle_after(seconds: float) -> tuple:
         pool = Recycler(idle_bytes=1 << 30)
         pool.empty(SHAPE)  # dropped at once: idle
         time.sleep(seconds)
         return pool.held()[1], pool.idle_seconds
 
-    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
-                           dashboard_address=":0")  # fmt: skip
-    with cluster, Client(cluster) as client:
-        kept, idle = client.submit(idle_after, LOCAL_IDLE_SECONDS + 3, pure=False).result()
+    kept, idle = client.submit(idle_after, LOCAL_IDLE_SECONDS + 3, pure=False).result()
     assert idle == IDLE_SECONDS and kept == NBYTES
