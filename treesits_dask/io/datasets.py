@@ -316,8 +316,8 @@ def dataset(url: str, version, check: Callable[[object], None]):
         if len(held.checked) >= 8 * capacity():  # bounded over a run of many tiles
             held.checked.clear()
         held.checked.add(key)
-    size = version[0] if isinstance(version, tuple) and version else None
-    nbytes = held_by(src, size if isinstance(size, int) else None)
+    sized = isinstance(version, tuple) and version and isinstance(version[0], int)
+    nbytes = held_by(src, version[0] if sized else None)
     held.datasets[key] = (src, nbytes)
     held.bytes += nbytes
     budget = memory_budget()
