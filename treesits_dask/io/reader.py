@@ -9,21 +9,25 @@ the file blocks that hold a masked-in pixel are decoded (elsewhere the result ho
 read that needs no block opens no file.  Screened observations are set to the BOA nodata value
 (-9999) in every band, so downstream code sees a single validity rule; the QAI is read first, and
 a BOA block whose every pixel it screens (all cloud, beyond the swath) is not decoded at all
-(counted in :data:`~treesits_dask.io.datasets.SCREENED`).  Bands, windows and the
-pieces of a plan that spills are arrays of :data:`~treesits_dask.io.buffers.RECYCLER`, reused
-once nothing refers to them.  The module is longer than 400 lines: every read plan (window, band,
-chunks side by side) shares its screening, error reporting and buffers.
+(counted in :data:`~treesits_dask.io.datasets.SCREENED`).  Each scene's QAI is read one scene
+ahead, so that while a scene decodes, the kernel reads a later scene's QAI and the next scene's
+unscreened BOA blocks of a local file from disk (:mod:`~treesits_dask.io.prefetch`).  Bands,
+windows and the pieces of a plan that spills are arrays of
+:data:`~treesits_dask.io.buffers.RECYCLER`, reused once nothing refers to them.  The module is
+longer than 400 lines: every read plan (window, band, chunks side by side) shares its screening,
+prefetching, error reporting and buffers.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import InputDataError
-from . import storage
+from . import prefetch, storage
 from .bands import Band, block_runs, decoded_bytes
 from .buffers import RECYCLER
 from .datasets import (
@@ -282,9 +286,10 @@ class WindowReader:
             for p, piece in zip(band.pieces, pieces, strict=True)
             if piece is not None
         ]
+        rect = [(rows, cols, runs)]
         with READS_IN_PROGRESS:
-            for t in scene_order(start, stop):
-                self._read_scene(t, rows, cols, runs, scene, q)
+            for t, (screening,) in self._scenes(scene_order(start, stop), rect, lambda r: q):
+                self._read_scene(t, rows, cols, runs, scene, screening)
                 for piece, r, c in cuts:
                     piece[t - start] = scene[:, r, c]
         return pieces
@@ -306,20 +311,110 @@ class WindowReader:
         if not jobs:
             return
         qai: dict = {}
-        with READS_IN_PROGRESS:
-            for t in scene_order(start, stop):
-                for rows, cols, runs, out in jobs:
-                    shape = (rows[1] - rows[0], cols[1] - cols[0])
-                    q = qai.get(shape)
-                    if q is None and self.qai_flags:
-                        q = qai[shape] = np.empty(shape, np.int16)
-                    self._read_scene(t, rows, cols, runs, out[t - start], q)
 
-    def _read_scene(self, t: int, rows, cols, runs, out: np.ndarray, q) -> None:
-        """Scene ``t`` of the rectangle into ``out``: with QAI screening, the QAI runs first, and
-        only the BOA blocks that hold an observation it does not screen (a block that is all
-        cloud or beyond the swath is nodata without being decoded)."""
+        def qai_buffer(rect) -> np.ndarray:
+            shape = _extent(*rect[:2])
+            if shape not in qai:
+                qai[shape] = np.empty(shape, np.int16)
+            return qai[shape]
+
+        rects = [(rows, cols, runs) for rows, cols, runs, _ in jobs]
+        with READS_IN_PROGRESS:
+            for t, screenings in self._scenes(scene_order(start, stop), rects, qai_buffer):
+                for (rows, cols, runs, out), screening in zip(jobs, screenings, strict=True):
+                    self._read_scene(t, rows, cols, runs, out[t - start], screening)
+
+    def _scenes(self, order, rects: list, qai_buffer) -> Iterator[tuple[int, list]]:
+        """The scenes ``t`` of ``order``, each with its QAI screening of each rectangle of
+        ``rects`` ``(rows, cols, runs)`` (:meth:`_screening`, into ``qai_buffer(rect)``; None
+        without QAI flags), worked out one scene ahead: while scene ``t`` is read, the kernel
+        reads in the background the QAI of the scene after the next and the BOA blocks of the
+        next scene that its QAI leaves unscreened (:mod:`~treesits_dask.io.prefetch`), so that
+        what is asked for is what is decoded."""
+
+        def screenings(t: int) -> list:
+            if not self.qai_flags:
+                return [None] * len(rects)
+            return [self._screening(t, *rect, qai_buffer(rect)) for rect in rects]
+
+        def boa_runs(found: list) -> list:
+            return [
+                (rows, cols, runs if f is None else f[1])
+                for (rows, cols, runs), f in zip(rects, found, strict=True)
+            ]
+
+        ahead = prefetch.PREFETCH
+        n = len(order)
+        if ahead and self.qai_flags:
+            for t in order[:2]:
+                self._prefetch(t, rects, qai=True)
+        now = screenings(order[0]) if n else []
+        if ahead and n:
+            self._prefetch(order[0], boa_runs(now), qai=False)
+        for k, t in enumerate(order):
+            after = None
+            if k + 1 < n:
+                if ahead and self.qai_flags and k + 2 < n:
+                    self._prefetch(order[k + 2], rects, qai=True)
+                after = screenings(order[k + 1])
+                if ahead:
+                    self._prefetch(order[k + 1], boa_runs(after), qai=False)
+            yield t, now
+            now = after
+
+    def _prefetch(self, t: int, rects: list, qai: bool) -> None:
+        """Ask the kernel for the bytes of the blocks of ``rects`` ``(rows, cols, runs)`` in the
+        QAI (``qai``) or BOA file of scene ``t`` (:mod:`~treesits_dask.io.prefetch`).  Best
+        effort: a file that cannot be opened is left to its read, which reports it."""
+        if qai:
+            url, bands = self.qai[t], 1
+            version = self.qai_versions[t] if self.qai_versions else None
+        else:
+            url, bands = self.boa[t], None
+            version = self.versions[t] if self.versions else None
+        rects = [rect for rect in rects if rect[2]]
+        if url is None or not rects or storage.is_remote(url):
+            return
+        try:
+            src = dataset(url, version, self._check(url, bands))
+            prefetch.will_need(
+                url, [r for rect in rects for r in prefetch.block_ranges(src, *rect)]
+            )
+        except Exception:  # noqa: BLE001 - the read itself reports what is wrong
+            return
+
+    def _check(self, url: str, bands: int | None):
+        """The header check of a dataset of ``url`` with ``bands`` bands (None: the grid's)."""
+        return lambda s: check_header(s, url, self.grid, bands)
+
+    def _screening(self, t: int, rows, cols, runs, q: np.ndarray) -> tuple[list, list]:
+        """The QAI of scene ``t`` in the ``runs`` of the rectangle (read into ``q``): what it
+        screens in each run, and the runs of whole file blocks that hold an observation it does
+        not screen (the BOA blocks to decode: one all cloud or beyond the swath is nodata without
+        being decoded)."""
         boa, qai = self.boa[t], self.qai[t]
+        if qai is None:
+            raise InputDataError(
+                f"{boa} has no QAI file ({storage.basename(boa).replace('_BOA', '_QAI')}) "
+                "but QAI screening is on; restore the QAI file or set --qai none"
+            )
+        version = self.qai_versions[t] if self.qai_versions else None
+        where = f"rows {rows[0]}:{rows[1]}, cols {cols[0]}:{cols[1]}"
+
+        def qai_failed(exc: Exception) -> InputDataError:
+            if _missing(exc):
+                return open_error(qai, exc)
+            return InputDataError(f"cannot read QAI file {qai}: {exc}; re-create or remove it")
+
+        self._read_runs(qai, version, 1, q, runs, rows, cols, where, qai_failed)
+        bad = [qai_invalid(q[r0:r1, c0:c1], self.qai_flags) for r0, r1, c0, c1 in runs]
+        return bad, self._clear_runs(rows, cols, runs, bad)
+
+    def _read_scene(self, t: int, rows, cols, runs, out: np.ndarray, screening) -> None:
+        """Scene ``t`` of the rectangle into ``out``: without QAI screening (``screening`` None)
+        every block of the ``runs``; else, with the scene's :meth:`_screening`, only the BOA blocks
+        that hold an observation the QAI does not screen, screened."""
+        boa = self.boa[t]
         where = f"rows {rows[0]}:{rows[1]}, cols {cols[0]}:{cols[1]}"
         version = self.versions[t] if self.versions else None
 
@@ -331,24 +426,10 @@ class WindowReader:
                 "re-create it or remove it (with its QAI twin)"
             )
 
-        if not self.qai_flags:
+        if screening is None:
             self._read_runs(boa, version, None, out, runs, rows, cols, where, boa_failed)
             return
-        if qai is None:
-            raise InputDataError(
-                f"{boa} has no QAI file ({storage.basename(boa).replace('_BOA', '_QAI')}) "
-                "but QAI screening is on; restore the QAI file or set --qai none"
-            )
-        qai_version = self.qai_versions[t] if self.qai_versions else None
-
-        def qai_failed(exc: Exception) -> InputDataError:
-            if _missing(exc):
-                return open_error(qai, exc)
-            return InputDataError(f"cannot read QAI file {qai}: {exc}; re-create or remove it")
-
-        self._read_runs(qai, qai_version, 1, q, runs, rows, cols, where, qai_failed)
-        bad = [qai_invalid(q[r0:r1, c0:c1], self.qai_flags) for r0, r1, c0, c1 in runs]
-        clear = self._clear_runs(rows, cols, runs, bad)
+        bad, clear = screening
         if clear:
             self._read_runs(boa, version, None, out, clear, rows, cols, where, boa_failed)
         for (r0, r1, c0, c1), b in zip(runs, bad, strict=True):
@@ -386,7 +467,7 @@ class WindowReader:
 
         def read():
             try:
-                src = dataset(url, version, lambda s: check_header(s, url, self.grid, bands))
+                src = dataset(url, version, self._check(url, bands))
             except InputDataError:
                 raise
             except Exception as exc:  # not a GeoTIFF, gone, no access: retried if remote, named
