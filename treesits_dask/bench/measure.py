@@ -31,6 +31,7 @@ __all__ = [
     "forward_seconds",
     "mib",
     "open_count",
+    "prefetched",
     "rerun",
     "reset_vm_hwm",
     "vm_hwm",
@@ -181,6 +182,13 @@ def decoded() -> tuple[int, int, int]:
     return (*DECODED.snapshot(), SCREENED.snapshot()[1])
 
 
+def prefetched() -> int:
+    """Compressed bytes this process's reads asked the kernel to read ahead (io.prefetch)."""
+    from ..io.prefetch import PREFETCHED
+
+    return PREFETCHED.count
+
+
 def spilled(dask_worker) -> int:
     """Bytes this worker has spilled to disk so far (Dask's own count)."""
     data = getattr(dask_worker, "data", None)
@@ -232,14 +240,14 @@ def decode_run(plan, client) -> dict:
     client.run(cold_reads)
     pids = worker_pids(client)
     before, spilled_before = client.run(decoded), client.run(spilled)
-    buffers_before = client.run(handed_out)
+    buffers_before, asked_before = client.run(handed_out), client.run(prefetched)
     t0 = time.perf_counter()
     # one task per window that takes a pixel of it, gathered as they are: a reduction tree
     # would add a small task per window that the pipeline does not run
     client.compute([d for a in arrays for d in a.to_delayed().ravel()], sync=True)
     seconds = time.perf_counter() - t0
     after, spilled_after = client.run(decoded), client.run(spilled)
-    buffers_after = client.run(handed_out)
+    buffers_after, asked_after = client.run(handed_out), client.run(prefetched)
     modes = [read_mode(tile, reads) for tile in plan.tiles]
     gained, buffers = (
         [int(v) for v in sum(np.subtract(new[w], old.get(w, 0)) for w in new)]
@@ -255,6 +263,8 @@ def decode_run(plan, client) -> dict:
         # read buffers in new memory (page faults) and in memory recycled from earlier reads
         "fresh_buffer_bytes": buffers[0],
         "reused_buffer_bytes": buffers[1],
+        # compressed bytes the reads asked the kernel to read from disk ahead (io.prefetch)
+        "prefetched_bytes": sum(asked_after[w] - asked_before.get(w, 0) for w in asked_after),
         "read_modes": sorted({mode for mode, _ in modes}),
         "worker_restarts": worker_restarts(pids, worker_pids(client)),
     }

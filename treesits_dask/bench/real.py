@@ -34,7 +34,9 @@ worker can hold, as ``run`` does with the same settings (``pipeline.memory.windo
 100 px at 600 scenes on a 3 GiB, 2-thread worker).
 
 Floor and reads alternate ``--repeat`` times; the fastest of each is kept (shared machine);
-``--page-in`` reads the cube's files into the page cache before each read.  Cubes are deleted
+``--page-in`` reads the cube's files into the page cache before each read, ``--cold`` drops them
+from it (the reads then come from disk, with the next scenes' bytes asked for ahead,
+:mod:`treesits_dask.io.prefetch`).  Cubes are deleted
 after their case unless ``--keep``.  Prints JSON.
 
 The module is longer than 400 lines: the floors, the reads and the report of each case are one
@@ -56,7 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from .measure import bench_cluster, bench_models, decode_run, end_to_end, reset_vm_hwm, vm_hwm
-from .pagecache import page_in
+from .pagecache import page_in, page_out
 
 __all__ = ["decode_floor", "main", "parallel_floor", "split_even"]
 
@@ -170,6 +172,8 @@ def _reads(plan, args, memory_limit: str, cores: int, cube_root: str) -> dict:
             )
             if args.page_in:
                 _log(f"  {page_in(cube_root) / 2**30:.2f} GiB of the cube read")
+            elif args.cold:
+                _log(f"  {page_out(cube_root) / 2**30:.2f} GiB of the cube out of the page cache")
             client.run(reset_vm_hwm)
             runs.append(decode_run(plan, client))
             peaks.append(max(v or 0 for v in client.run(vm_hwm).values()))
@@ -182,6 +186,7 @@ def _reads(plan, args, memory_limit: str, cores: int, cube_root: str) -> dict:
                 f"spilled {r['spilled_bytes'] / 2**20:.0f} MiB, buffers "
                 f"{r['fresh_buffer_bytes'] / 2**20:.0f} MiB new / "
                 f"{r['reused_buffer_bytes'] / 2**20:.0f} MiB recycled, "
+                f"{r['prefetched_bytes'] / 2**20:.0f} MiB read ahead, "
                 f"{r['worker_restarts']} worker restart(s)"
             )
     finally:
@@ -200,6 +205,9 @@ def _reads(plan, args, memory_limit: str, cores: int, cube_root: str) -> dict:
         "decode_floor_runs": [round(f["mb_s"], 1) for f in floors],
         "decode_floor_sample_mib": floors[0]["mib"],
         "page_in": args.page_in,
+        "cold": args.cold,
+        # compressed bytes the reads asked the kernel to read ahead (io.prefetch)
+        "prefetched_mib_runs": [round(r["prefetched_bytes"] / 2**20, 1) for r in runs],
         "read_s": round(best["seconds"], 2),
         "read_s_runs": [round(r["seconds"], 2) for r in runs],
         "read_mb_s_per_core": round(per_core, 1),
@@ -366,6 +374,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--page-in", action="store_true",
         help="read the cube's files into the page cache before each timed read (as the floor's)",
+    )  # fmt: skip
+    p.add_argument(
+        "--cold", action="store_true",
+        help="drop the cube's files from the page cache before each timed read (as a national "
+        "cube is read: from disk)",
     )  # fmt: skip
     p.add_argument("--workdir", default=None)
     p.add_argument("--keep", action="store_true", help="keep the cubes")
