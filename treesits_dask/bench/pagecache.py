@@ -16,10 +16,12 @@ from pathlib import Path
 __all__ = ["page_in", "page_out"]
 
 
-def page_in(root: str | Path, chunk: int = 16 * 2**20) -> int:
-    """Read every file under ``root`` once, into the page cache; returns the bytes read."""
+def page_in(root: str | Path | list, chunk: int = 16 * 2**20) -> int:
+    """Read every file under ``root`` (or every file of a list) once, into the page cache; returns
+    the bytes read."""
     total, buf = 0, bytearray(chunk)
-    for path in sorted(Path(root).rglob("*")):
+    paths = map(Path, root) if isinstance(root, list | tuple) else sorted(Path(root).rglob("*"))
+    for path in paths:
         if path.is_file():
             with open(path, "rb", buffering=0) as f:
                 while n := f.readinto(buf):

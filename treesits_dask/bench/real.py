@@ -5,8 +5,9 @@ For each case and file layout (``strips``: FORCE < 3.8, LZW strips of 300 rows; 
 >= 3.8, ZSTD 256 px blocks) this writes a synthetic tile (in parallel processes) and reports:
 
 - ``decode_floor_mb_s_per_core``: one thread decoding every block of a sample of the same files
-  once (BOA and QAI, whole block rows into a reused buffer, :data:`FLOOR_GDAL_CACHE`;
-  ``--floor-scenes`` scenes, more where they hold less than ``--floor-mib``): a core at best;
+  once (BOA and QAI, whole block rows into a reused buffer, :data:`FLOOR_GDAL_CACHE`, the files
+  read into the page cache just before: decoding alone; ``--floor-scenes`` scenes, more where
+  they hold less than ``--floor-mib``): a core at best;
   ``decode_floor_parallel_mb_s_per_core``: the same sample on the benchmark's threads at once, split
   evenly by bytes: what a core decodes while every core decodes; ``*_paired``: each read against
   the floors measured just before it;
@@ -164,6 +165,9 @@ def _reads(plan, args, memory_limit: str, cores: int, cube_root: str) -> dict:
         limit = next(iter(info.values()))["memory_limit"]
         budget = read_budget(plan.config, info, Routing(), worker_disks(client))
         for i in range(args.repeat):
+            # the sample read into the page cache first: the floor is the decode's alone (this
+            # machine evicts files not read for a minute, and --cold drops them)
+            page_in([f for f, _ in sample])
             floors.append(decode_floor([f for f, _ in sample]))
             pfloors.append(parallel_floor(sample, cores))
             _log(
