@@ -117,13 +117,16 @@ def test_will_need_has_the_kernel_read_the_ranges_from_disk(tmp_path):
     assert prefetch.will_need("s3://bucket/f.tif", ranges) == 0  # GDAL fetches remote bytes
 
 
+@pytest.mark.parametrize("ahead", [1, 3])
 @pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["strips", "tiles"])
 def test_reads_ask_for_what_they_decode_once_and_return_the_same_as_without(
-    tmp_path, monkeypatch, blocks
+    tmp_path, monkeypatch, blocks, ahead
 ):
     """A read asks the kernel, once per file, for the QAI blocks of every scene and for the BOA
-    blocks its QAI leaves unscreened (not those of the scene all cloud), and returns what a read
-    without prefetching returns; switched off, it asks for nothing."""
+    blocks its QAI leaves unscreened (not those of the scene all cloud), however many scenes
+    ahead, and returns what a read without prefetching returns; switched off, it asks for
+    nothing."""
+    monkeypatch.setattr(prefetch, "SCENES_AHEAD", ahead)
     root, expected = _striped_tile(tmp_path, blocks=blocks, clouds=True)
     _, scenes, grid = _grid(root)
     reader = WindowReader(grid, tuple(s.boa for s in scenes), tuple(s.qai for s in scenes),

@@ -23,11 +23,15 @@ import os
 from . import storage
 from .datasets import Counter
 
-__all__ = ["PREFETCH", "PREFETCHED", "block_ranges", "will_need"]
+__all__ = ["PREFETCH", "PREFETCHED", "SCENES_AHEAD", "block_ranges", "will_need"]
 
 #: prefetch the next scene's bytes in the reads of this process (benchmarks switch it off to
 #: compare)
 PREFETCH = True
+
+#: how many scenes ahead of the one it decodes a read has screened (their QAI decoded) and asked
+#: the kernel for their unscreened BOA blocks
+SCENES_AHEAD = 1
 
 #: bytes the reads of this process asked the kernel to read ahead
 PREFETCHED = Counter()

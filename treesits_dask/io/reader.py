@@ -327,10 +327,11 @@ class WindowReader:
     def _scenes(self, order, rects: list, qai_buffer) -> Iterator[tuple[int, list]]:
         """The scenes ``t`` of ``order``, each with its QAI screening of each rectangle of
         ``rects`` ``(rows, cols, runs)`` (:meth:`_screening`, into ``qai_buffer(rect)``; None
-        without QAI flags), worked out one scene ahead: while scene ``t`` is read, the kernel
-        reads in the background the QAI of the scene after the next and the BOA blocks of the
-        next scene that its QAI leaves unscreened (:mod:`~treesits_dask.io.prefetch`), so that
-        what is asked for is what is decoded."""
+        without QAI flags), worked out :data:`~treesits_dask.io.prefetch.SCENES_AHEAD` scenes
+        ahead where reading ahead (:mod:`~treesits_dask.io.prefetch`): while scene ``t`` is read,
+        the kernel reads in the background the QAI of the scenes to be screened next and the BOA
+        blocks of the scenes screened already that their QAI leaves unscreened, so that what is
+        asked for is what is decoded.  Without reading ahead, one scene at a time."""
 
         def screenings(t: int) -> list:
             if not self.qai_flags:
@@ -343,24 +344,21 @@ class WindowReader:
                 for (rows, cols, runs), f in zip(rects, found, strict=True)
             ]
 
-        ahead = prefetch.PREFETCH
-        n = len(order)
-        if ahead and self.qai_flags:
-            for t in order[:2]:
-                self._prefetch(t, rects, qai=True)
-        now = screenings(order[0]) if n else []
-        if ahead and n:
-            self._prefetch(order[0], boa_runs(now), qai=False)
+        on = prefetch.PREFETCH
+        ahead = max(1, prefetch.SCENES_AHEAD) if on else 0
+        n, qai = len(order), on and bool(self.qai_flags)
+        found: dict[int, list] = {}
+        for j in range(min(n, ahead + 1) if qai else 0):
+            self._prefetch(order[j], rects, qai=True)
         for k, t in enumerate(order):
-            after = None
-            if k + 1 < n:
-                if ahead and self.qai_flags and k + 2 < n:
-                    self._prefetch(order[k + 2], rects, qai=True)
-                after = screenings(order[k + 1])
-                if ahead:
-                    self._prefetch(order[k + 1], boa_runs(after), qai=False)
-            yield t, now
-            now = after
+            for j in range(k, min(n, k + ahead + 1)):
+                if j not in found:
+                    if qai and j + 1 < n and j + 1 > ahead:
+                        self._prefetch(order[j + 1], rects, qai=True)
+                    found[j] = screenings(order[j])
+                    if on:
+                        self._prefetch(order[j], boa_runs(found[j]), qai=False)
+            yield t, found.pop(k)
 
     def _prefetch(self, t: int, rects: list, qai: bool) -> None:
         """Ask the kernel for the bytes of the blocks of ``rects`` ``(rows, cols, runs)`` in the
