@@ -104,8 +104,8 @@ def test_will_need_has_the_kernel_read_the_ranges_from_disk(tmp_path):
         (other,) = prefetch.block_ranges(src, (500, 550), (0, 2000), [(0, 50, 0, 2000)])[2:]
     assert len(ranges) == 3  # strip 0 of each band, 200 kB each: far apart
     _evict(path)
-    if _resident(path, *ranges[0]):
-        pytest.fail(f"{tmp_path}: POSIX_FADV_DONTNEED left the file in the page cache")
+    if _resident(path, *ranges[0]):  # a file system in memory (tmpfs) has nothing to read ahead
+        pytest.skip(f"{tmp_path}: POSIX_FADV_DONTNEED left the file in the page cache")
     before = prefetch.PREFETCHED.count
     assert prefetch.will_need(str(path), ranges) == sum(n for _, n in ranges)
     assert prefetch.PREFETCHED.count - before == sum(n for _, n in ranges)
