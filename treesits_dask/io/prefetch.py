@@ -1,13 +1,14 @@
-"""Asking the kernel for the compressed bytes of the next scene while this one decodes.
+"""Asking the kernel for the compressed bytes of the next scenes while this one decodes.
 
 A tile of a national cube is read once per run and is not in the page cache: each compressed
 strip or block GDAL asks for is a synchronous read, during which the reading thread's core
-decodes nothing.  On this project's 2-core machine a 3000 px x 120-scene strips tile read cold
-took 1.3-1.4x the time of the same read from the page cache (16.9 GB from disk), although the disk
-reads about 1 GB/s: every strip waited for its own read.  The reader therefore tells the kernel,
-before it decodes a scene, which byte ranges of the next scene's files it will read
-(``posix_fadvise(POSIX_FADV_WILLNEED)``, which starts reading them in the background), so that
-the disk works while the cores decode.
+decodes nothing.  The reader therefore tells the kernel, before it decodes a scene, which byte
+ranges of the next scenes' files it will read (``posix_fadvise(POSIX_FADV_WILLNEED)``, which
+starts reading them in the background), so that the disk works while the cores decode.  On this
+project's 2-core VM a 3000 px x 120-scene strips tile read from disk in 72.1-72.9 s without and
+66.0-71.8 s with it (57-60 s from the page cache): most of what a read from disk costs there is
+the kernel's own CPU (about 1.7 s per GB), which reading ahead does not save; what it saves grows
+with the storage's latency.
 
 Only local files (a remote file's bytes are fetched by GDAL's own HTTP reads); the ranges are the
 file's own blocks (the ``BLOCK_OFFSET`` / ``BLOCK_SIZE`` GDAL reports for a GeoTIFF), those
@@ -25,7 +26,7 @@ from .datasets import Counter
 
 __all__ = ["PREFETCH", "PREFETCHED", "SCENES_AHEAD", "block_ranges", "will_need"]
 
-#: prefetch the next scene's bytes in the reads of this process (benchmarks switch it off to
+#: ask for the next scenes' bytes in the reads of this process (benchmarks switch it off to
 #: compare)
 PREFETCH = True
 
