@@ -364,12 +364,8 @@ class WindowReader:
         """Ask the kernel for the bytes of the blocks of ``rects`` ``(rows, cols, runs)`` in the
         QAI (``qai``) or BOA file of scene ``t`` (:mod:`~treesits_dask.io.prefetch`).  Best
         effort: a file that cannot be opened is left to its read, which reports it."""
-        if qai:
-            url, bands = self.qai[t], 1
-            version = self.qai_versions[t] if self.qai_versions else None
-        else:
-            url, bands = self.boa[t], None
-            version = self.versions[t] if self.versions else None
+        url, version = self._file(t, qai)
+        bands = 1 if qai else None
         rects = [rect for rect in rects if rect[2]]
         if url is None or not rects or storage.is_remote(url):
             return
@@ -381,6 +377,13 @@ class WindowReader:
         except Exception:  # noqa: BLE001 - the read itself reports what is wrong
             return
 
+    def _file(self, t: int, qai: bool) -> tuple:
+        """The QAI (``qai``; None where the scene has none) or BOA file of scene ``t``, and its
+        version (None where the reader has none)."""
+        if qai:
+            return self.qai[t], self.qai_versions[t] if self.qai_versions else None
+        return self.boa[t], self.versions[t] if self.versions else None
+
     def _check(self, url: str, bands: int | None):
         """The header check of a dataset of ``url`` with ``bands`` bands (None: the grid's)."""
         return lambda s: check_header(s, url, self.grid, bands)
@@ -390,13 +393,12 @@ class WindowReader:
         screens in each run, and the runs of whole file blocks that hold an observation it does
         not screen (the BOA blocks to decode: one all cloud or beyond the swath is nodata without
         being decoded)."""
-        boa, qai = self.boa[t], self.qai[t]
+        boa, (qai, version) = self.boa[t], self._file(t, qai=True)
         if qai is None:
             raise InputDataError(
                 f"{boa} has no QAI file ({storage.basename(boa).replace('_BOA', '_QAI')}) "
                 "but QAI screening is on; restore the QAI file or set --qai none"
             )
-        version = self.qai_versions[t] if self.qai_versions else None
         where = f"rows {rows[0]}:{rows[1]}, cols {cols[0]}:{cols[1]}"
 
         def qai_failed(exc: Exception) -> InputDataError:
@@ -412,9 +414,8 @@ class WindowReader:
         """Scene ``t`` of the rectangle into ``out``: without QAI screening (``screening`` None)
         every block of the ``runs``; else, with the scene's :meth:`_screening`, only the BOA blocks
         that hold an observation the QAI does not screen, screened."""
-        boa = self.boa[t]
+        boa, version = self._file(t, qai=False)
         where = f"rows {rows[0]}:{rows[1]}, cols {cols[0]}:{cols[1]}"
-        version = self.versions[t] if self.versions else None
 
         def boa_failed(exc: Exception) -> InputDataError:
             if _missing(exc) or isinstance(exc, _OpenFailed):
