@@ -205,10 +205,10 @@ class Recycler:
         """The memory limit (:func:`worker_memory_limit`), found once, with the idle time where
         none was given (before any owner is kept: the janitor reads it)."""
         if self._memory is None:
-            in_worker = _dask_worker_limit() is not None
+            limit = _dask_worker_limit()
             if self.idle_seconds is None:
-                self.idle_seconds = IDLE_SECONDS if in_worker else LOCAL_IDLE_SECONDS
-            self._memory = worker_memory_limit()
+                self.idle_seconds = IDLE_SECONDS if limit is not None else LOCAL_IDLE_SECONDS
+            self._memory = limit or worker_memory_limit()
         return self._memory
 
     def _room(self, idle: int) -> int:
