@@ -917,3 +917,41 @@ def test_kept_striped_files_count_what_their_compressed_strips_hold(tmp_path):
         datasets.forget_datasets()
     assert held["flat"] < before < held["noise"]
     assert before == 2 * 300 * 3000 * 2 + 128 * 2**10
+
+
+def test_read_tasks_fill_the_reading_threads_turns(tmp_path):
+    """A tile's bands are read in more batches of scenes than its memory needs where their tasks
+    would leave reading threads idle in the last turn: 10 bands of 3000 px x 120 scenes in 2
+    batches are 20 tasks, of which a 6-thread worker runs 2 alone in its fourth turn; 3 batches fill
+    5 turns.  The values and the blocks decoded once are unchanged."""
+    from treesits_dask.io.bands import FULL_TURNS, balanced_batches, plan_reads, turn_share
+    from treesits_dask.io.grid import WindowLayout
+
+    assert turn_share(20, 6) == pytest.approx(20 / 24) and turn_share(30, 6) == 1.0
+    assert balanced_batches(10, 2, 120, 6) == 3  # the Kubernetes read worker's 6 threads
+    assert balanced_batches(10, 2, 120, 2) == 2  # this machine's 2: already full turns
+    assert balanced_batches(10, 2, 120, 4) == 2
+    assert balanced_batches(10, 2, 120, 16) == 3  # 30 / 32
+    assert balanced_batches(10, 2, 120, 12) == 6  # 60 / 60 (20, 30, 40, 50: 5/6 of the turns)
+    assert balanced_batches(10, 2, 2, 6) == 2  # never more batches than scenes
+    for bands in range(1, 13):
+        for threads in range(1, 25):
+            for fewest in range(1, 6):
+                b = balanced_batches(bands, fewest, 40, threads)
+                assert fewest <= b <= 4 * fewest
+                share = turn_share(bands * b, threads)
+                best = max(turn_share(bands * c, threads) for c in range(fewest, 4 * fewest + 1))
+                assert share >= FULL_TURNS or share == best
+
+    root, expected = _striped_tile(tmp_path)
+    _, scenes, grid = _grid(root)
+    layout = WindowLayout.of(grid, (10, 10))
+    plan = plan_reads(grid, layout, 5, 1 << 30, min_tasks=4)
+    assert len(plan.bands) == 3 and len(plan.batches) == 4  # 12 tasks: 3 full turns of 4 threads
+    assert len(plan_reads(grid, layout, 5, 1 << 30, min_tasks=2).batches) == 2  # 6 tasks
+    arr = cube.tile_cube(scenes, grid, layout, DEFAULT_QAI_FLAGS, min_read_tasks=4)
+    before = datasets.DECODED.snapshot()[1]
+    with dask.config.set(scheduler="threads", num_workers=4):
+        got = arr.values
+    np.testing.assert_array_equal(got, expected)
+    assert datasets.DECODED.snapshot()[1] - before == 5 * 11 * 37 * 50 * 2  # every block once
