@@ -1,0 +1,131 @@
+"""Read tasks per tile: one worker reads a striped tile in bands of scene batches, alternating
+plans in one process (the machine's speed drifts between processes), with the cube in the page
+cache before each read.
+
+    python benchmarks/read_tasks.py --size 3000 --scenes 120 --threads 6 --memory-limit 48GiB \\
+        --min-tasks 0,30,60 --rounds 2 --json tasks.json
+    python benchmarks/read_tasks.py --size 1000 --scenes 60 --window 250 --threads 2 \\
+        --memory-limit 12GiB --full-turns 0,0.9 --rounds 4
+
+``--min-tasks``: the plan's least read tasks per tile (0: what the pipeline plans);
+``--full-turns``: ``io.bands.FULL_TURNS`` instead (0: no batches added for the threads' turns).
+Prints one JSON line per read (seconds, read tasks, MB/s per core against the one-thread floor
+and the per-core floor on the worker's threads, measured once before the reads; see
+``bench --real``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", type=int, default=3000)
+    p.add_argument("--scenes", type=int, default=120)
+    p.add_argument("--window", type=int, default=250, help="square windows of this edge")
+    p.add_argument("--threads", type=int, default=6)
+    p.add_argument("--memory-limit", default="48GiB")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--min-tasks", default="0", help="comma-separated: plans to alternate")
+    p.add_argument("--full-turns", default=None, help="comma-separated FULL_TURNS to alternate")
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    import treesits_dask.io.bands as bands
+    import treesits_dask.io.cube as cube
+    from treesits_dask.bench.measure import bench_cluster, bench_models, decode_run
+    from treesits_dask.bench.pagecache import page_in
+    from treesits_dask.bench.real import decode_floor, parallel_floor
+    from treesits_dask.config import load_config
+    from treesits_dask.pipeline.plan import make_plan
+    from treesits_dask.synthetic import make_cube
+
+    tmp = tempfile.TemporaryDirectory(prefix="read-tasks-") if args.workdir is None else None
+    wd = Path(args.workdir or tmp.name)
+    t0 = time.perf_counter()
+    made = make_cube(wd / "cube", size=args.size, n_scenes=args.scenes, layout="strips", seed=5)
+    _log(f"{args.size} px x {args.scenes} scenes written in {time.perf_counter() - t0:.0f} s")
+    cfg = load_config(
+        overrides=dict(cube=made.root, tiles="all", workers=1, threads_per_worker=args.threads,
+                       memory_limit=args.memory_limit, dashboard_address=":0",
+                       window=f"{args.window}x{args.window}", output=str(wd / "out"),
+                       **bench_models(wd, ["sits-lstm"])["sits-lstm"]),
+        environ={},
+    )  # fmt: skip
+    plan = make_plan(cfg)
+    tile = plan.tiles[0]
+    files = [(s.boa, 0) for s in tile.scenes] + [(s.qai, 0) for s in tile.scenes]
+    sizes = {f: Path(f).stat().st_size for f, _ in files}
+    total = args.scenes * args.size**2 * 11 * 2  # int16 BOA (10 bands) and QAI, uncompressed
+    per_scene = total / args.scenes
+    n = max(8, math.ceil(1536 * 2**20 / per_scene))
+    sample = [(s.boa, args.size**2 * 20) for s in tile.scenes[:n]]
+    sample += [(s.qai, args.size**2 * 2) for s in tile.scenes[:n]]
+    forced = {"min": 0, "tasks": None}
+    original = bands.plan_reads
+
+    def plan_reads(*a, **k):
+        if forced["min"]:
+            k["min_tasks"] = forced["min"]
+        got = original(*a, **k)
+        forced["tasks"] = got.tasks
+        return got
+
+    cube.plan_reads = plan_reads
+    modes = (
+        [("full_turns", float(v)) for v in args.full_turns.split(",")]
+        if args.full_turns
+        else [("min_tasks", int(v)) for v in args.min_tasks.split(",")]
+    )
+    report = {"size": args.size, "scenes": args.scenes, "window": args.window,
+              "threads": args.threads, "memory_limit": args.memory_limit,
+              "compressed_mib": round(sum(sizes.values()) / 2**20), "reads": []}  # fmt: skip
+    cluster, client = bench_cluster(1, args.threads, args.memory_limit)
+    try:
+        page_in([f for f, _ in sample])
+        one = decode_floor([f for f, _ in sample])["mb_s"]
+        per_core = parallel_floor(sample, args.threads)["mb_s"]
+        report["floor_mb_s"] = {"one_thread": one, f"per_core_on_{args.threads}": per_core}
+        _log(f"floor {one:.0f} MB/s one thread, {per_core:.0f} per core on {args.threads}")
+        for r in range(args.rounds):
+            for key, value in modes:
+                if key == "full_turns":
+                    bands.FULL_TURNS = value
+                else:
+                    forced["min"] = value
+                page_in(str(wd / "cube"))
+                run = decode_run(plan, client)
+                mbs = total / run["seconds"] / 1e6 / args.threads
+                row = {"round": r, key: value, "seconds": round(run["seconds"], 2),
+                       "read_tasks": forced["tasks"], "mb_s_per_core": round(mbs, 1),
+                       "over_one_thread_floor": round(mbs / one, 3),
+                       "over_per_core_floor": round(mbs / per_core, 3),
+                       "decoded_x": round(run["decoded_bytes"] / total, 3),
+                       "read_modes": run["read_modes"],
+                       "spilled_mib": round(run["spilled_bytes"] / 2**20)}  # fmt: skip
+                report["reads"].append(row)
+                print(json.dumps(row), flush=True)
+                if args.json:
+                    Path(args.json).write_text(json.dumps(report, indent=1))
+    finally:
+        client.close()
+        cluster.close()
+        if tmp is not None:
+            tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
