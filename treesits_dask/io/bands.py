@@ -168,10 +168,11 @@ def _band_rows(grid: TileGrid, layout: WindowLayout) -> list[tuple[int, int]]:
     return out
 
 
-#: the read tasks of a tile's bands should keep at least this share of its reading threads busy
-#: in their last turn (equal tasks taken in turns): 20 tasks on 6 threads keep 2 of 6 busy in the
-#: fourth turn (20 / 24 = 0.83 of the thread time); 30 read the 3000 px x 120-scene strips tile in
-#: 28.9-30.2 s against 31.2-32.0 s on a 16-core machine (6 threads, as the Kubernetes read workers)
+#: the read tasks of a tile's bands should fill at least this share of the reading threads' turns
+#: (equal tasks taken in turns): 20 tasks on 6 threads take 4 turns and keep 2 of 6 threads busy in
+#: the fourth, 20 of 24 thread-turns (0.83); 30 fill 5 turns, and read the 3000 px x 120-scene
+#: strips tile in 28.9-30.2 s against 31.2-32.0 s on a 16-core machine (6 threads, as the
+#: Kubernetes read workers)
 FULL_TURNS = 0.9
 
 
