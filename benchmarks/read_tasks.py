@@ -10,15 +10,14 @@ cache before each read.
 ``--min-tasks``: the plan's least read tasks per tile (0: what the pipeline plans);
 ``--full-turns``: ``io.bands.FULL_TURNS`` instead (0: no batches added for the threads' turns).
 Prints one JSON line per read (seconds, read tasks, MB/s per core against the one-thread floor
-and the per-core floor on the worker's threads, measured once before the reads; see
-``bench --real``).
+and the per-core floor on the worker's threads, measured once before the reads as ``bench --real``
+measures them: ``bench.real.floors``, GDAL's block cache at 16 MiB).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -47,7 +46,7 @@ def main(argv=None) -> int:
     import treesits_dask.io.cube as cube
     from treesits_dask.bench.measure import bench_cluster, bench_models, decode_run
     from treesits_dask.bench.pagecache import page_in
-    from treesits_dask.bench.real import decode_floor, parallel_floor
+    from treesits_dask.bench.real import files_bytes, floor_sample, floors
     from treesits_dask.config import load_config
     from treesits_dask.pipeline.plan import make_plan
     from treesits_dask.synthetic import make_cube
@@ -65,14 +64,8 @@ def main(argv=None) -> int:
         environ={},
     )  # fmt: skip
     plan = make_plan(cfg)
-    tile = plan.tiles[0]
-    files = [(s.boa, 0) for s in tile.scenes] + [(s.qai, 0) for s in tile.scenes]
-    sizes = {f: Path(f).stat().st_size for f, _ in files}
-    total = args.scenes * args.size**2 * 11 * 2  # int16 BOA (10 bands) and QAI, uncompressed
-    per_scene = total / args.scenes
-    n = max(8, math.ceil(1536 * 2**20 / per_scene))
-    sample = [(s.boa, args.size**2 * 20) for s in tile.scenes[:n]]
-    sample += [(s.qai, args.size**2 * 2) for s in tile.scenes[:n]]
+    files, total = files_bytes(plan)  # uncompressed bytes
+    sample = floor_sample(plan)  # as bench --real's floors
     forced = {"min": 0, "tasks": None}
     original = bands.plan_reads
 
@@ -91,12 +84,11 @@ def main(argv=None) -> int:
     )
     report = {"size": args.size, "scenes": args.scenes, "window": args.window,
               "threads": args.threads, "memory_limit": args.memory_limit,
-              "compressed_mib": round(sum(sizes.values()) / 2**20), "reads": []}  # fmt: skip
+              "compressed_mib": round(sum(Path(f).stat().st_size for f, _ in files) / 2**20),
+              "reads": []}  # fmt: skip
     cluster, client = bench_cluster(1, args.threads, args.memory_limit)
     try:
-        page_in([f for f, _ in sample])
-        one = decode_floor([f for f, _ in sample])["mb_s"]
-        per_core = parallel_floor(sample, args.threads)["mb_s"]
+        one, per_core = (f["mb_s"] for f in floors(sample, args.threads))
         report["floor_mb_s"] = {"one_thread": one, f"per_core_on_{args.threads}": per_core}
         _log(f"floor {one:.0f} MB/s one thread, {per_core:.0f} per core on {args.threads}")
         for r in range(args.rounds):

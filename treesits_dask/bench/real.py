@@ -132,7 +132,7 @@ def parallel_floor(files: list[tuple[str, int]], threads: int) -> dict:
     }
 
 
-def _files_bytes(plan, scenes: int | None = None) -> tuple[list[tuple[str, int]], int]:
+def files_bytes(plan, scenes: int | None = None) -> tuple[list[tuple[str, int]], int]:
     """The scene files of the plan (of its first ``scenes`` scenes per tile; None: all) with their
     uncompressed bytes (every band of every pixel), and the sum of these."""
     files = []
@@ -145,34 +145,48 @@ def _files_bytes(plan, scenes: int | None = None) -> tuple[list[tuple[str, int]]
     return files, sum(n for _, n in files)
 
 
+def floor_sample(plan, scenes: int = 8, mib: float = 1536.0) -> list[tuple[str, int]]:
+    """The files (path, uncompressed bytes) the floors decode: the first ``scenes`` scenes, more
+    where they hold less than ``mib`` MiB uncompressed (a small tile's sample of 8 scenes, 60 MiB
+    at 600 px, took a fraction of a second on two threads)."""
+    _, total = files_bytes(plan)
+    per_scene = total / max(1, max(len(t.scenes) for t in plan.tiles))
+    n = max(scenes, math.ceil(mib * 2**20 / max(1.0, per_scene)))
+    return files_bytes(plan, n)[0]
+
+
+def floors(sample: list[tuple[str, int]], threads: int) -> tuple[dict, dict]:
+    """:func:`decode_floor` and :func:`parallel_floor` on ``threads`` threads of ``sample``, read
+    into the page cache just before (the decode alone: this machine evicts files not read for a
+    minute, and --cold drops them), with this process's GDAL block cache at
+    :data:`FLOOR_GDAL_CACHE`."""
+    from ..io.remote import limit_gdal_cache
+
+    limit_gdal_cache(FLOOR_GDAL_CACHE)
+    page_in([f for f, _ in sample])
+    return decode_floor([f for f, _ in sample]), parallel_floor(sample, threads)
+
+
 def _reads(plan, args, memory_limit: str, cores: int, cube_root: str) -> dict:
     """Floor and pipeline reads, alternating ``args.repeat`` times (module docstring: --page-in)."""
-    from ..io.remote import limit_gdal_cache
     from ..pipeline.cluster import Routing
     from ..pipeline.reading import read_budget, worker_disks
 
-    limit_gdal_cache(FLOOR_GDAL_CACHE)
-    files, total = _files_bytes(plan)
-    # at least --floor-scenes scenes and --floor-mib of uncompressed bytes: a small tile's sample of
-    # 8 scenes (60 MiB at 600 px) took a fraction of a second on two threads
-    per_scene = total / max(1, max(len(t.scenes) for t in plan.tiles))
-    n = max(args.floor_scenes, math.ceil(args.floor_mib * 2**20 / max(1.0, per_scene)))
-    sample, _ = _files_bytes(plan, n)
-    floors, pfloors, runs, peaks = [], [], [], []
+    files, total = files_bytes(plan)
+    sample = floor_sample(plan, args.floor_scenes, args.floor_mib)
+    ones, pfloors, runs, peaks = [], [], [], []
     cluster, client = bench_cluster(1, args.threads, memory_limit)
     try:
         info = client.scheduler_info(n_workers=-1)["workers"]
         limit = next(iter(info.values()))["memory_limit"]
         budget = read_budget(plan.config, info, Routing(), worker_disks(client))
         for i in range(args.repeat):
-            # the sample read into the page cache first: the floor is the decode's alone (this
-            # machine evicts files not read for a minute, and --cold drops them)
-            page_in([f for f, _ in sample])
-            floors.append(decode_floor([f for f, _ in sample]))
-            pfloors.append(parallel_floor(sample, cores))
+            one, per_core = floors(sample, cores)
+            ones.append(one)
+            pfloors.append(per_core)
             _log(
-                f"  floor {floors[-1]['mb_s']:.0f} MB/s one thread, {pfloors[-1]['mb_s']:.0f} "
-                f"MB/s per core on {cores} threads ({floors[-1]['mib']} MiB)"
+                f"  floor {ones[-1]['mb_s']:.0f} MB/s one thread, {pfloors[-1]['mb_s']:.0f} "
+                f"MB/s per core on {cores} threads ({ones[-1]['mib']} MiB)"
             )
             if args.page_in:
                 _log(f"  {page_in(cube_root) / 2**30:.2f} GiB of the cube read")
@@ -197,7 +211,7 @@ def _reads(plan, args, memory_limit: str, cores: int, cube_root: str) -> dict:
         client.close()
         cluster.close()
     best = min(runs, key=lambda r: r["seconds"])
-    floor = max(f["mb_s"] for f in floors)
+    floor = max(f["mb_s"] for f in ones)
     pfloor = max(f["mb_s"] for f in pfloors)
     per_core = total / best["seconds"] / 1e6 / cores
     # each read against the floors measured just before it (a shared machine's speed drifts)
@@ -206,8 +220,8 @@ def _reads(plan, args, memory_limit: str, cores: int, cube_root: str) -> dict:
         "uncompressed_mib": round(total / 2**20, 1),
         "files": len(files),
         "decode_floor_mb_s_per_core": round(floor, 1),
-        "decode_floor_runs": [round(f["mb_s"], 1) for f in floors],
-        "decode_floor_sample_mib": floors[0]["mib"],
+        "decode_floor_runs": [round(f["mb_s"], 1) for f in ones],
+        "decode_floor_sample_mib": ones[0]["mib"],
         "page_in": args.page_in,
         "cold": args.cold,
         # compressed bytes the reads asked the kernel to read ahead (io.prefetch)
@@ -222,7 +236,7 @@ def _reads(plan, args, memory_limit: str, cores: int, cube_root: str) -> dict:
         "fresh_buffer_mib_runs": [round(r["fresh_buffer_bytes"] / 2**20, 1) for r in runs],
         "reused_buffer_mib_runs": [round(r["reused_buffer_bytes"] / 2**20, 1) for r in runs],
         "read_over_floor_paired": [
-            round(v / f["mb_s"], 3) for v, f in zip(rounds, floors, strict=True)
+            round(v / f["mb_s"], 3) for v, f in zip(rounds, ones, strict=True)
         ],
         "read_over_parallel_floor_paired": [
             round(v / f["mb_s"], 3) for v, f in zip(rounds, pfloors, strict=True)
