@@ -890,6 +890,70 @@ def test_kept_datasets_are_bounded_by_memory(tmp_path, monkeypatch):
     datasets.forget_datasets()
 
 
+def test_reopened_files_skip_their_georeferencing_and_read_the_same(tmp_path):
+    """A file whose header a thread of the process has checked is not checked again by any
+    thread, and is opened again without its georeferencing (GDAL's CRS from the GeoTIFF keys was
+    about 1 ms of an open's 1.4), which reads the same values, without a warning in the logs."""
+    import subprocess
+    import sys
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import rasterio
+    from rasterio.windows import Window as RioWindow
+
+    root, _ = _striped_tile(tmp_path, blocks=(16, 16))
+    _, scenes, _grid_ = _grid(root)
+    files = [s.boa for s in scenes]
+    datasets.forget_datasets()
+    checks: list[str] = []
+    lock = threading.Lock()
+
+    def check(f):
+        def record(src):
+            assert src.crs is not None  # a check sees the georeferencing
+            with lock:
+                checks.append(f)
+
+        return record
+
+    def visit() -> list:
+        found = []
+        for f in files:
+            src = datasets.dataset(f, None, check(f))
+            found.append((src.crs, src.read(window=RioWindow(3, 5, 20, 17))))
+        return found
+
+    first = visit()  # opened and checked here: georeferenced
+    with ThreadPoolExecutor(2) as pool:  # other threads: their own datasets, opened again
+        others = [f.result() for f in [pool.submit(visit) for _ in range(2)]]
+    for f in files:  # closed here (as for room): opened again here
+        datasets.drop_dataset(f, None)
+    others.append(visit())
+    assert sorted(checks) == sorted(files)  # one check per file and process
+    assert all(crs is not None for crs, _ in first)
+    for found in others:
+        assert all(crs is None for crs, _ in found)  # no georeferencing read
+        for (_, a), (_, b) in zip(first, found, strict=True):
+            np.testing.assert_array_equal(a, b)
+    with rasterio.open(files[0]) as src:
+        np.testing.assert_array_equal(src.read(window=RioWindow(3, 5, 20, 17)), first[0][1])
+    datasets.forget_datasets()  # a new generation checks every file again
+    visit()
+    assert len(checks) == 2 * len(files)
+    datasets.forget_datasets()
+    # rasterio warns of every file opened so (pytest shows every warning: a process of its own)
+    code = (
+        "from treesits_dask.io import datasets; import sys; "
+        "print(datasets.open_raster(sys.argv[1], georeferenced=False).crs)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "default", "-c", code, files[0]],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert done.stdout.strip() == "None" and "NotGeoreferenced" not in done.stderr, done.stderr
+
+
 def test_kept_striped_files_count_what_their_compressed_strips_hold(tmp_path):
     """A file in full-width strips of one band each is counted by its compressed size (its
     version's first item): at 3000 px, a well-compressed one less than two decoded strips (what
