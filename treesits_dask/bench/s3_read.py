@@ -109,10 +109,11 @@ def _child(spec: dict) -> dict:
         fs, _ = storage.get_fs(spec["boa"][0])
         if method == "fsspec-fileobj":
 
-            def open_raw(url: str):
+            def open_raw(url: str, georeferenced: bool = True):
                 datasets.OPEN_COUNTER.add()
+                options = {} if georeferenced else datasets.REOPEN_OPTIONS
                 with fs.open(storage.strip_protocol(url), "rb") as fh:  # default cache
-                    return rasterio.open(fh)  # rasterio 1.4: fh.read() into a MemoryFile
+                    return rasterio.open(fh, **options)  # rasterio 1.4: into a MemoryFile
 
         else:
             opener = fs  # an fsspec filesystem: rasterio adapts it (_FilesystemContainer)
@@ -129,11 +130,13 @@ def _child(spec: dict) -> dict:
                     ),
                 )
 
-            def open_raw(url: str):
+            def open_raw(url: str, georeferenced: bool = True):
                 datasets.OPEN_COUNTER.add()
-                return rasterio.open(url, opener=opener)
+                options = {} if georeferenced else datasets.REOPEN_OPTIONS
+                return rasterio.open(url, opener=opener, **options)
 
-        datasets.open_raster = open_raw  # the one function that opens scenes; the rest as is
+        # the one function that opens scenes (as datasets.open_raster); the rest as is
+        datasets.open_raster = open_raw
 
     g = spec["grid"]
     grid = TileGrid(
