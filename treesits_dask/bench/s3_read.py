@@ -111,7 +111,7 @@ def _child(spec: dict) -> dict:
 
             def open_raw(url: str, georeferenced: bool = True):
                 datasets.OPEN_COUNTER.add()
-                options = {} if georeferenced else datasets.REOPEN_OPTIONS
+                options = datasets.open_options(georeferenced)
                 with fs.open(storage.strip_protocol(url), "rb") as fh:  # default cache
                     return rasterio.open(fh, **options)  # rasterio 1.4: into a MemoryFile
 
@@ -132,8 +132,7 @@ def _child(spec: dict) -> dict:
 
             def open_raw(url: str, georeferenced: bool = True):
                 datasets.OPEN_COUNTER.add()
-                options = {} if georeferenced else datasets.REOPEN_OPTIONS
-                return rasterio.open(url, opener=opener, **options)
+                return rasterio.open(url, opener=opener, **datasets.open_options(georeferenced))
 
         # the one function that opens scenes (as datasets.open_raster); the rest as is
         datasets.open_raster = open_raw

@@ -45,6 +45,7 @@ __all__ = [
     "held_by",
     "memory_budget",
     "open_error",
+    "open_options",
     "open_raster",
     "read_cache_bytes",
 ]
@@ -112,13 +113,19 @@ warnings.filterwarnings(
 )
 
 
+def open_options(georeferenced: bool = True) -> dict:
+    """GDAL open options of a scene file: none, or :data:`REOPEN_OPTIONS` without
+    ``georeferenced`` (no CRS, an identity transform)."""
+    return {} if georeferenced else REOPEN_OPTIONS
+
+
 def open_raster(url: str, georeferenced: bool = True):
-    """``rasterio.open`` of a local path or ``s3://`` URL, counted in :data:`OPEN_COUNTER`;
-    without ``georeferenced``, with :data:`REOPEN_OPTIONS` (no CRS, an identity transform)."""
+    """``rasterio.open`` of a local path or ``s3://`` URL, counted in :data:`OPEN_COUNTER`, with
+    :func:`open_options`."""
     import rasterio
 
     OPEN_COUNTER.add()
-    return rasterio.open(storage.gdal_path(url), **({} if georeferenced else REOPEN_OPTIONS))
+    return rasterio.open(storage.gdal_path(url), **open_options(georeferenced))
 
 
 def open_error(url: str, exc: BaseException) -> InputDataError:
