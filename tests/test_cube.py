@@ -860,8 +860,8 @@ def test_gdal_block_cache_of_a_reading_process_follows_its_memory_limit(tmp_path
     _, scenes, _grid_ = _grid(root)
 
     def open_one():
-        datasets.dataset(scenes[0].boa, None, lambda src: None)
-        return gdal_cache_max()
+        with datasets.dataset(scenes[0].boa, None, lambda src: None):
+            return gdal_cache_max()
 
     cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
                            dashboard_address=":0", memory_limit="3GiB")  # fmt: skip
@@ -870,7 +870,7 @@ def test_gdal_block_cache_of_a_reading_process_follows_its_memory_limit(tmp_path
 
 
 def test_kept_datasets_are_bounded_by_memory(tmp_path, monkeypatch):
-    """The datasets a thread keeps open are bounded by the memory they hold (an open GeoTIFF
+    """The datasets a process keeps open are bounded by the memory they hold (an open GeoTIFF
     keeps decoded blocks); a file closed for room and opened again is not checked again."""
     root, _ = _striped_tile(tmp_path, blocks=(16, 16))
     _, scenes, _grid_ = _grid(root)
@@ -881,18 +881,90 @@ def test_kept_datasets_are_bounded_by_memory(tmp_path, monkeypatch):
     assert each > 16 * 16 * 2  # pixel-interleaved: blocks of all bands
     monkeypatch.setattr(datasets, "_BUDGET", 2 * each)
     checks: list[str] = []
+    opens = cube.OPEN_COUNTER.count
     for _ in range(2):
         for f in files:
-            datasets.dataset(f, None, lambda s, f=f: checks.append(f))
+            with datasets.dataset(f, None, lambda s, f=f: checks.append(f)):
+                pass
     assert sorted(checks) == sorted(files)  # each checked once, though reopened
-    held = datasets._OPEN
-    assert len(held.datasets) == 2 and held.bytes == 2 * each
+    assert cube.OPEN_COUNTER.count - opens == 2 * len(files)  # 2 kept: each read opened again
+    assert datasets.kept_datasets() == (2, 2 * each)
     datasets.forget_datasets()
 
 
-def test_reopened_files_skip_their_georeferencing_and_read_the_same(tmp_path):
+def test_the_threads_of_a_process_share_its_kept_datasets(tmp_path):
+    """The threads of a worker share the datasets it keeps: a file is opened once for all of
+    them (each dataset lent to one thread at a time), so a tile whose files fit the process's
+    budget is opened once per read, not once per thread; a dataset whose read raised is closed,
+    not kept; a new generation (a new run) closes what is kept and lent, and checks every file
+    again."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import rasterio
+    from rasterio.windows import Window as RioWindow
+
+    root, _ = _striped_tile(tmp_path, blocks=(16, 16))
+    _, scenes, _grid_ = _grid(root)
+    files = [s.boa for s in scenes]
+    datasets.forget_datasets()
+    checks: list[str] = []
+    lock = threading.Lock()
+
+    def check(f):
+        def record(src):
+            with lock:
+                checks.append(f)
+
+        return record
+
+    def visit(k: int) -> list:
+        order = files if k % 2 else files[::-1]
+        out = {}
+        for f in order:
+            with datasets.dataset(f, None, check(f)) as src:
+                out[f] = src.read(window=RioWindow(3, 5, 20, 17))
+        return [out[f] for f in files]
+
+    opens = cube.OPEN_COUNTER.count
+    for k in range(3):  # three threads, one after the other: one open of each file for all
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(visit, k).result()
+    assert cube.OPEN_COUNTER.count - opens == len(files)
+    # at once: two threads that want a file at the same moment each get a dataset of it, and
+    # one of them is closed when given back, so the pool keeps one of each file
+    with ThreadPoolExecutor(3) as pool:
+        found = list(pool.map(visit, range(12)))
+    assert sorted(checks) == sorted(files)  # each file checked once in the process
+    assert datasets.kept_datasets()[0] == len(files)
+    for t, f in enumerate(files):
+        with rasterio.open(f) as src:
+            want = src.read(window=RioWindow(3, 5, 20, 17))
+        for got in found:
+            np.testing.assert_array_equal(got[t], want)
+
+    opens = cube.OPEN_COUNTER.count
+    visit(1)
+    assert cube.OPEN_COUNTER.count == opens  # every file kept, lent again
+
+    with pytest.raises(ValueError), datasets.dataset(files[0], None, check(files[0])):
+        raise ValueError("a read that fails")
+    assert datasets.kept_datasets()[0] == len(files) - 1  # closed, not kept
+
+    lent = datasets.dataset(files[1], None, check(files[1]))
+    datasets.forget_datasets()  # a new run, while a dataset is lent
+    with lent as src:
+        src.read(window=RioWindow(0, 0, 4, 4))
+    assert datasets.kept_datasets() == (0, 0)  # idle ones closed, the lent one at its return
+    visit(1)
+    assert sorted(checks) == sorted(2 * files)  # the new generation checked every file again
+    datasets.forget_datasets()
+
+
+def test_reopened_files_skip_their_georeferencing_and_read_the_same(tmp_path, monkeypatch):
     """A file whose header a thread of the process has checked is not checked again by any
-    thread, and is opened again without its georeferencing (GDAL's CRS from the GeoTIFF keys was
+    thread, and is opened again (closed for room, or by two threads at once) without its
+    georeferencing (GDAL's CRS from the GeoTIFF keys was
     about 1 ms of an open's 1.4), which reads the same values, without a warning in the logs."""
     import subprocess
     import sys
@@ -920,16 +992,17 @@ def test_reopened_files_skip_their_georeferencing_and_read_the_same(tmp_path):
     def visit() -> list:
         found = []
         for f in files:
-            src = datasets.dataset(f, None, check(f))
-            found.append((src.crs, src.read(window=RioWindow(3, 5, 20, 17))))
+            with datasets.dataset(f, None, check(f)) as src:
+                found.append((src.crs, src.read(window=RioWindow(3, 5, 20, 17))))
         return found
 
     first = visit()  # opened and checked here: georeferenced
-    with ThreadPoolExecutor(2) as pool:  # other threads: their own datasets, opened again
+    monkeypatch.setattr(datasets, "_BUDGET", 1)  # every dataset closed for room as given back
+    with datasets.dataset(files[0], None, check(files[0])):  # and those kept now, at its return
+        pass
+    with ThreadPoolExecutor(2) as pool:  # other threads: opened again
         others = [f.result() for f in [pool.submit(visit) for _ in range(2)]]
-    for f in files:  # closed here (as for room): opened again here
-        datasets.drop_dataset(f, None)
-    others.append(visit())
+    others.append(visit())  # and here
     assert sorted(checks) == sorted(files)  # one check per file and process
     assert all(crs is not None for crs, _ in first)
     for found in others:
@@ -976,8 +1049,8 @@ def test_kept_striped_files_count_what_their_compressed_strips_hold(tmp_path):
             before = datasets.held_by(src)  # no size known: two decoded strips
             assert held[name] >= 1.5 * size / 4  # its mean compressed strip, 1.5 times
         datasets.forget_datasets()
-        datasets.dataset(str(path), (size, 0.0), lambda s: None)
-        assert datasets._OPEN.bytes == held[name]
+        with datasets.dataset(str(path), (size, 0.0), lambda s: None):
+            assert datasets.kept_datasets() == (1, held[name])
         datasets.forget_datasets()
     assert held["flat"] < before < held["noise"]
     assert before == 2 * 300 * 3000 * 2 + 128 * 2**10

@@ -1,16 +1,22 @@
-"""Opening scene files: counted opens, header checks, and datasets kept open per thread.
+"""Opening scene files: counted opens, header checks, and datasets kept open per process.
 
-A task that reads a band of a tile opens every scene of its batch; the next task on the same worker
-thread mostly reads the same scenes (another band, or the next tile's windows after a restart of
-the run), so :func:`dataset` keeps the datasets it opened, checked, per thread (rasterio datasets
-must not be shared between threads), up to :func:`capacity` of them, least recently used first
-out.  Opening (and checking) a file took about 20 % of the time of a window read when every window
-opened every file.  A cached dataset is keyed by its URL and its version (size and mtime or ETag,
-as the scene table saw them), so a replaced file is opened again;
-:func:`forget_datasets` (called with the GDAL cache clearing at the start of a run) closes them
-all.  An open GeoTIFF keeps decoded blocks, so what a thread keeps is bounded by memory too
-(:func:`memory_budget`, :func:`held_by`), and GDAL's block cache is limited per process
-(:data:`READ_GDAL_CACHE`).
+A task that reads a band of a tile opens every scene of its batch; the next tasks of the same
+worker mostly read the same scenes (another band, or the next tile's windows after a restart of
+the run), so :func:`dataset` lends the datasets it opened, checked, from a pool of the process:
+each to one thread at a time (rasterio datasets must not be used by two threads at once), given
+back after the read and kept, least recently used first out, up to :func:`capacity` of them.
+Opening (and checking) a file took about 20 % of the time of a window read when every window
+opened every file.  A kept dataset is keyed by its URL and its version (size and mtime or ETag,
+as the scene table saw them), so a replaced file is opened again; :func:`forget_datasets`
+(called with the GDAL cache clearing at the start of a run) closes them all.  An open GeoTIFF
+keeps decoded blocks, so what the pool keeps is bounded by memory too (:func:`memory_budget`,
+:func:`held_by`), and GDAL's block cache is limited per process (:data:`READ_GDAL_CACHE`).  The
+pool was per thread before: every thread of a worker kept its own dataset of the same files
+within its share of the memory, so a 600-scene tile's 1200 files, which fit a 3 GiB worker's
+budget once, fit no thread's share and were opened 4-5 times per read.
+
+This module is longer than 400 lines: what a worker keeps open (the pool, the header check once
+per process, what a kept file holds, GDAL's block cache) is one policy, measured as one.
 """
 
 from __future__ import annotations
@@ -39,10 +45,11 @@ __all__ = [
     "DecodeCounter",
     "capacity",
     "check_header",
+    "Lent",
     "dataset",
-    "drop_dataset",
     "forget_datasets",
     "held_by",
+    "kept_datasets",
     "memory_budget",
     "open_error",
     "open_options",
@@ -165,18 +172,17 @@ def check_header(src, url: str, grid: TileGrid, bands: int | None = None) -> Non
             )
 
 
-# ------------------------------------------------------------------- datasets kept open per thread
-_GENERATION = Counter()  # bumped by forget_datasets: every thread drops what it holds
+# ---------------------------------------------------------------- datasets kept open per process
+_GENERATION = Counter()  # bumped by forget_datasets: the pool closes what it keeps
 _CAPACITY: int | None = None
 
 
 def capacity() -> int:
-    """Datasets a thread keeps open: the process's open-file limit (raised to its hard limit, at
-    most 65536, on first use) shared out among the threads that read (those of the Dask worker
-    this runs in, else the cores), halved for everything else a process opens, between 16 and
-    4096.  A tile of 600 scenes has 1200 BOA + QAI files, and its read tasks visit them in turn:
-    a cache smaller than that (least recently used first out) would open every file again in
-    every task (measured: a 600-scene tile read at a fifth of the decode speed with 625).  The
+    """Datasets this process keeps open: half its open-file limit (raised to its hard limit, at
+    most 65536, on first use; half for everything else a process opens), between 16 and 16384.
+    A tile of 600 scenes has 1200 BOA + QAI files, and its read tasks visit them in turn: a pool
+    smaller than that (least recently used first out) would open every file again in every task
+    (measured: a 600-scene tile read at a fifth of the decode speed with 625 per thread).  The
     memory the kept datasets hold bounds them too (:func:`memory_budget`)."""
     global _CAPACITY
     if _CAPACITY is None:
@@ -192,30 +198,32 @@ def capacity() -> int:
             limit = 65536 if soft == resource.RLIM_INFINITY else soft
         except (ImportError, ValueError, OSError):  # not POSIX, or not allowed
             pass
-        _CAPACITY = max(16, min(4096, limit // (2 * _reading_threads())))
+        _CAPACITY = max(16, min(16384, limit // 2))
     return _CAPACITY
 
 
 #: share of the Dask worker's memory limit (else of this machine's memory) that the datasets kept
-#: open by all its threads may hold.  An open GeoTIFF that has been read keeps decoded blocks:
+#: open by a process may hold.  An open GeoTIFF that has been read keeps decoded blocks:
 #: measured 2.9 MB per 3000 px FORCE strip file (band-interleaved 300-row strips; with its QAI
 #: 1.9 MiB per scene when read as the reads do, see :func:`held_by`), 3.4 MB per
 #: 3000 px COG (pixel-interleaved 256 x 256 blocks of 10 bands) and 0.39 MB per its QAI, beside
 #: GDAL's block cache (bounded on its own, :data:`READ_GDAL_CACHE`; 120 COGs read with a 16 MiB
 #: cache grew the process by 403 MB, with 256 MiB by 655 MB): 1200 files of a 600-scene tile
 #: kept by each of a worker's threads were gigabytes that Dask could neither see nor spill (a
-#: 3 GiB worker was killed), 16 threads would hold 56 GB
-KEPT_SHARE = 0.08
+#: 3 GiB worker was killed), 16 threads would hold 56 GB.  8 % per process, shared out among its
+#: threads, while each thread kept its own; 12 % since its threads share one pool: a 600 px,
+#: 600-scene tile's 1200 striped files (619 KiB per scene counted, 346-449 measured) fit a 3 GiB
+#: worker's pool once, and a read opens each once (1164 opens against 4600-5600)
+KEPT_SHARE = 0.12
 
 _BUDGET: int | None = None
 
 
 def memory_budget() -> int:
-    """Bytes the datasets a thread keeps open may hold (:data:`KEPT_SHARE`, shared out among the
-    reading threads)."""
+    """Bytes the datasets this process keeps open may hold (:data:`KEPT_SHARE`)."""
     global _BUDGET
     if _BUDGET is None:
-        _BUDGET = int(worker_memory_limit() * KEPT_SHARE) // _reading_threads()
+        _BUDGET = int(worker_memory_limit() * KEPT_SHARE)
     return _BUDGET
 
 
@@ -250,26 +258,78 @@ def held_by(src, size: int | None = None) -> int:
     return int(1.5 * size / blocks + 0.2 * block) + 256 * 2**10
 
 
-def _reading_threads() -> int:
-    """Threads of the Dask worker this process runs (else the cores)."""
-    import os
+class _Pool:
+    """The datasets this process keeps open: counted (open ones, lent or idle, and the memory
+    they hold), the idle ones by key, least recently used first."""
 
-    try:
-        from distributed import get_worker
-
-        return max(1, int(get_worker().state.nthreads))
-    except (ImportError, ValueError, AttributeError):
-        return max(1, os.cpu_count() or 1)
-
-
-class _Open(threading.local):
     def __init__(self) -> None:
-        self.datasets: OrderedDict = OrderedDict()  # key -> (dataset, bytes it holds)
+        self.lock = threading.Lock()
+        self.idle: OrderedDict = OrderedDict()  # key -> (dataset, bytes it holds)
+        self.open = 0
         self.bytes = 0
         self.generation = 0
 
+    def take(self, key):
+        """The idle dataset of ``key`` (lent: no longer idle), or None; every idle one of an
+        earlier generation is closed first."""
+        with self.lock:
+            stale = self._new_generation()
+            kept = self.idle.pop(key, None)
+        _close(stale)
+        return kept
 
-_OPEN = _Open()
+    def add(self, nbytes: int) -> None:
+        """Count a dataset opened to be lent."""
+        with self.lock:
+            self.open += 1
+            self.bytes += nbytes
+
+    def give_back(self, key, src, nbytes: int, generation: int) -> None:
+        """Keep the lent dataset ``src`` of ``key`` idle (closed where it is of an earlier
+        generation or an idle one of ``key`` is kept already), then close idle ones, least
+        recently used first, while the open ones are more than :func:`capacity` or hold more
+        than :func:`memory_budget`."""
+        closing = []
+        with self.lock:
+            closing += self._new_generation()
+            if generation != self.generation or key in self.idle:
+                closing.append(self._forget(src, nbytes))
+            else:
+                self.idle[key] = (src, nbytes)
+            budget, most = memory_budget(), capacity()
+            while self.idle and (self.open > most or self.bytes > budget):
+                _, (old, n) = self.idle.popitem(last=False)
+                closing.append(self._forget(old, n))
+        _close(closing)
+
+    def discard(self, src, nbytes: int) -> None:
+        """Close a lent dataset (after a failed read: the next one opens the file afresh)."""
+        with self.lock:
+            self._forget(src, nbytes)
+        src.close()
+
+    def _forget(self, src, nbytes: int):
+        self.open -= 1
+        self.bytes -= nbytes
+        return src
+
+    def _new_generation(self) -> list:
+        """Under the lock: where :func:`forget_datasets` was called since, every idle dataset
+        (to close outside the lock)."""
+        if self.generation == _GENERATION.count:
+            return []
+        self.generation = _GENERATION.count
+        stale = [self._forget(src, n) for src, n in self.idle.values()]
+        self.idle.clear()
+        return stale
+
+
+def _close(datasets: list) -> None:
+    for src in datasets:
+        src.close()
+
+
+_POOL = _Pool()
 
 
 class _Checked:
@@ -298,20 +358,13 @@ class _Checked:
 _CHECKED = _Checked()
 
 
-def _close_all(held: _Open) -> None:
-    while held.datasets:
-        _, (src, _nbytes) = held.datasets.popitem(last=False)
-        src.close()
-    held.bytes = 0
-
-
 #: GDAL's block cache in a process that reads scenes, unless ``GDAL_CACHEMAX`` says otherwise:
 #: at most this, and at most :data:`READ_CACHE_SHARE` of the worker's memory limit (never under
 #: :data:`MIN_READ_GDAL_CACHE`).  A read decodes each block once into its own buffer, so the cache
 #: only has to hold the blocks of the read calls in flight (a 3000 px strip of 10 bands: 18 MB);
 #: GDAL's default (5 % of the machine's memory, 1.2 GB here, far more on a big node) was unmanaged
 #: memory of every worker that Dask could neither see nor spill, and the blocks of the files a
-#: thread keeps open stay in it (README, "The same reads again")
+#: thread keeps open stay in it (docs/performance.md, "The same reads again")
 READ_GDAL_CACHE = 256 * 2**20
 READ_CACHE_SHARE = 0.04
 MIN_READ_GDAL_CACHE = 64 * 2**20
@@ -338,26 +391,43 @@ def _limit_gdal_cache() -> None:
             _cache_limited = True
 
 
-def dataset(url: str, version, check: Callable[[object], None]):
-    """The open dataset of ``url`` (at ``version``) for this thread: opened (counted in
-    :data:`OPEN_COUNTER`) and ``check``\\ ed once per process (by whichever thread opens it
-    first; any other open, in this thread after the file was closed for room or in another, leaves
-    out the georeferencing: :data:`REOPEN_OPTIONS`), then kept; do not close it.  Raises what
-    opening or ``check`` raises (the file is then not kept).  The first call of a process limits
-    GDAL's block cache (:data:`READ_GDAL_CACHE`).  ``version``: as the reader's (size, mtime or
-    ETag); where its first item is an int, it is the file's size, which :func:`held_by` counts
-    a striped file by."""
+class Lent:
+    """A dataset lent by the process's pool (:func:`dataset`): ``with`` it, the read uses ``src``
+    and gives it back at the end, or closes it where the read raised (the next read opens the
+    file afresh).  Use it in one thread; do not close it."""
+
+    __slots__ = ("generation", "key", "nbytes", "src")
+
+    def __init__(self, key, src, nbytes: int, generation: int) -> None:
+        self.key, self.src, self.nbytes, self.generation = key, src, nbytes, generation
+
+    def __enter__(self):
+        return self.src
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if kind is None:
+            _POOL.give_back(self.key, self.src, self.nbytes, self.generation)
+        else:
+            _POOL.discard(self.src, self.nbytes)
+
+
+def dataset(url: str, version, check: Callable[[object], None]) -> Lent:
+    r"""The open dataset of ``url`` (at ``version``), lent to this thread until the end of the
+    ``with`` block of the returned :class:`Lent`: an idle one of the process's pool, else opened
+    (counted in :data:`OPEN_COUNTER`) and ``check``\ ed once per process (by whichever thread
+    opens it first; any other open, of a file closed for room or opened by two threads at once,
+    leaves out the georeferencing: :data:`REOPEN_OPTIONS`).  Raises what opening or ``check``
+    raises (the file is then not kept).  The first call of a process limits GDAL's block cache
+    (:data:`READ_GDAL_CACHE`).  ``version``: as the reader's (size, mtime or ETag); where its
+    first item is an int, it is the file's size, which :func:`held_by` counts a striped file
+    by."""
     if not _cache_limited:
         _limit_gdal_cache()
-    held = _OPEN
-    if held.generation != _GENERATION.count:
-        _close_all(held)
-        held.generation = _GENERATION.count
     key = (url, version)
-    kept = held.datasets.get(key)
+    generation = _GENERATION.count
+    kept = _POOL.take(key)
     if kept is not None:
-        held.datasets.move_to_end(key)
-        return kept[0]
+        return Lent(key, *kept, generation=_POOL.generation)
     checked = key in _CHECKED  # a file closed for room and opened again is not checked again
     src = open_raster(url, georeferenced=not checked)
     if not checked:
@@ -369,26 +439,17 @@ def dataset(url: str, version, check: Callable[[object], None]):
         _CHECKED.add(key)
     sized = isinstance(version, tuple) and version and isinstance(version[0], int)
     nbytes = held_by(src, version[0] if sized else None)
-    held.datasets[key] = (src, nbytes)
-    held.bytes += nbytes
-    budget = memory_budget()
-    while len(held.datasets) > 1 and (len(held.datasets) > capacity() or held.bytes > budget):
-        _, (old, n) = held.datasets.popitem(last=False)
-        held.bytes -= n
-        old.close()
-    return src
+    _POOL.add(nbytes)
+    return Lent(key, src, nbytes, generation)
 
 
-def drop_dataset(url: str, version) -> None:
-    """Close this thread's dataset of ``url`` (after a failed read: the next one opens it
-    afresh)."""
-    kept = _OPEN.datasets.pop((url, version), None)
-    if kept is not None:
-        _OPEN.bytes -= kept[1]
-        kept[0].close()
+def kept_datasets() -> tuple[int, int]:
+    """(datasets, bytes they hold) open in this process's pool, lent or idle."""
+    with _POOL.lock:
+        return _POOL.open, _POOL.bytes
 
 
 def forget_datasets() -> None:
-    """Every thread of this process closes the datasets it keeps before its next read (files may
-    have been replaced since they were opened)."""
+    """The process's pool closes the datasets it keeps before the next read lends one, and those
+    lent now as they are given back (files may have been replaced since they were opened)."""
     _GENERATION.add()

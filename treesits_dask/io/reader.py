@@ -2,7 +2,7 @@
 :func:`treesits_dask.io.cube.tile_cube`.
 
 :class:`WindowReader` pickles as a few strings and opens files in the task (through the datasets
-each worker thread keeps open, :mod:`treesits_dask.io.datasets`).  ``read_band`` decodes a band of
+its worker keeps open, :mod:`treesits_dask.io.datasets`).  ``read_band`` decodes a band of
 whole file blocks for a batch of scenes and cuts it into the pieces of the windows that cross it
 (see :mod:`treesits_dask.io.bands`); ``read`` reads one window of all scenes.  With a mask, only
 the file blocks that hold a masked-in pixel are decoded (elsewhere the result holds nodata), and a
@@ -36,7 +36,6 @@ from .datasets import (
     Counter,
     check_header,
     dataset,
-    drop_dataset,
     open_error,
 )
 from .grid import TileGrid, Window
@@ -262,10 +261,10 @@ class WindowReader:
         batch's band into its pieces read the band back from memory (2.8 GB/s here, 7 of the 120
         thread-seconds of a 3000 px x 120-scene strips read) and the band's own buffer (686 MiB)
         was new memory on some reads; one scene's band (18 MB) is still in the CPU's cache when it
-        is copied.  Measured 5 % faster (README, "Strips decoded into their pieces").  Not for
-        tiled files: read so, the COG's bands of 256 px blocks in the 600-scene regime (100 px
-        windows, a 3 GiB worker) spilled 4.8-12.6 GiB per read against 1.8-3.2 and read slower
-        (not understood)."""
+        is copied.  Measured 5 % faster (docs/performance.md, "Strips decoded into their
+        pieces").  Not for tiled files: read so, the COG's bands of 256 px blocks in the
+        600-scene regime (100 px windows, a 3 GiB worker) spilled 4.8-12.6 GiB per read against
+        1.8-3.2 and read slower (not understood)."""
         rows, cols = (band.row_off, band.row_off + band.height), (0, self.grid.width)
         n, count = stop - start, self.grid.count
         pieces = [
@@ -370,10 +369,9 @@ class WindowReader:
         if url is None or not rects or storage.is_remote(url):
             return
         try:
-            src = dataset(url, version, self._check(url, bands))
-            prefetch.will_need(
-                url, [r for rect in rects for r in prefetch.block_ranges(src, *rect)]
-            )
+            with dataset(url, version, self._check(url, bands)) as src:
+                ranges = [r for rect in rects for r in prefetch.block_ranges(src, *rect)]
+            prefetch.will_need(url, ranges)
         except Exception:  # noqa: BLE001 - the read itself reports what is wrong
             return
 
@@ -466,21 +464,18 @@ class WindowReader:
 
         def read():
             try:
-                src = dataset(url, version, self._check(url, bands))
+                lent = dataset(url, version, self._check(url, bands))
             except InputDataError:
                 raise
             except Exception as exc:  # not a GeoTIFF, gone, no access: retried if remote, named
                 raise _OpenFailed(str(exc)) from exc
-            try:
+            with lent as src:  # closed, not kept, where a read raises
                 for (r0, r1, c0, c1), rw in zip(runs, rects, strict=True):
                     if dest.ndim == 3:
                         src.read(window=rw, out=dest[:, r0:r1, c0:c1])
                     else:
                         src.read(1, window=rw, out=dest[r0:r1, c0:c1])
-            except BaseException:
-                drop_dataset(url, version)
-                raise
-            block, size = tuple(src.block_shapes[0]), (src.height, src.width)
+                block, size = tuple(src.block_shapes[0]), (src.height, src.width)
             DECODED.add(*_cost(rows, cols, runs, block, size, src.count))
 
         try:

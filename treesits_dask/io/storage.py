@@ -84,7 +84,7 @@ GDAL_DEFAULTS = {
 #: given back).  Larger thresholds (64 / 32 MiB) were no faster and kept more memory: a 3 GiB
 #: worker reading a 600-scene tile was restarted at 95 %.  One arena: a worker thread's own arena
 #: maps and unmaps heaps (64 MiB at most) as a forward's temporaries come and go, so each window
-#: faulted its memory in afresh (README, "One malloc arena": 1000 px strips tile 103 -> 84 s)
+#: faulted its memory in afresh (docs/performance.md, "One malloc arena": 103 -> 84 s)
 MALLOC_DEFAULTS = {
     "MALLOC_TRIM_THRESHOLD_": str(16 * 2**20),
     "MALLOC_MMAP_THRESHOLD_": str(4 * 2**20),
