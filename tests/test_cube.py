@@ -931,12 +931,15 @@ def test_the_threads_of_a_process_share_its_kept_datasets(tmp_path):
         with ThreadPoolExecutor(1) as pool:
             pool.submit(visit, k).result()
     assert cube.OPEN_COUNTER.count - opens == len(files)
-    # at once: two threads that want a file at the same moment each get a dataset of it, and
-    # one of them is closed when given back, so the pool keeps one of each file
+    # at once: threads that want a file at the same moment each get a dataset of it, and the
+    # pool keeps them all (they would want it at once again): at most two more of each file
+    opens = cube.OPEN_COUNTER.count
     with ThreadPoolExecutor(3) as pool:
         found = list(pool.map(visit, range(12)))
+    assert cube.OPEN_COUNTER.count - opens <= 2 * len(files)
     assert sorted(checks) == sorted(files)  # each file checked once in the process
-    assert datasets.kept_datasets()[0] == len(files)
+    kept = datasets.kept_datasets()[0]
+    assert len(files) <= kept <= 3 * len(files)
     for t, f in enumerate(files):
         with rasterio.open(f) as src:
             want = src.read(window=RioWindow(3, 5, 20, 17))
@@ -949,7 +952,7 @@ def test_the_threads_of_a_process_share_its_kept_datasets(tmp_path):
 
     with pytest.raises(ValueError), datasets.dataset(files[0], None, check(files[0])):
         raise ValueError("a read that fails")
-    assert datasets.kept_datasets()[0] == len(files) - 1  # closed, not kept
+    assert datasets.kept_datasets()[0] == kept - 1  # closed, not kept
 
     lent = datasets.dataset(files[1], None, check(files[1]))
     datasets.forget_datasets()  # a new run, while a dataset is lent

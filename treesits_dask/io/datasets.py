@@ -260,23 +260,27 @@ def held_by(src, size: int | None = None) -> int:
 
 class _Pool:
     """The datasets this process keeps open: counted (open ones, lent or idle, and the memory
-    they hold), the idle ones by key, least recently used first."""
+    they hold), the idle ones by key (more than one where threads read a file at once), least
+    recently used first."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.idle: OrderedDict = OrderedDict()  # key -> (dataset, bytes it holds)
+        self.idle: OrderedDict = OrderedDict()  # key -> [(dataset, bytes it holds), ...]
         self.open = 0
         self.bytes = 0
         self.generation = 0
 
     def take(self, key):
-        """The idle dataset of ``key`` (lent: no longer idle), or None; every idle one of an
+        """An idle dataset of ``key`` (lent: no longer idle), or None; every idle one of an
         earlier generation is closed first."""
         with self.lock:
             stale = self._new_generation()
-            kept = self.idle.pop(key, None)
+            kept = self.idle.get(key)
+            found = kept.pop() if kept else None
+            if kept is not None and not kept:
+                del self.idle[key]
         _close(stale)
-        return kept
+        return found
 
     def add(self, nbytes: int) -> None:
         """Count a dataset opened to be lent."""
@@ -286,20 +290,24 @@ class _Pool:
 
     def give_back(self, key, src, nbytes: int, generation: int) -> None:
         """Keep the lent dataset ``src`` of ``key`` idle (closed where it is of an earlier
-        generation or an idle one of ``key`` is kept already), then close idle ones, least
-        recently used first, while the open ones are more than :func:`capacity` or hold more
-        than :func:`memory_budget`."""
+        generation), then close idle ones, least recently used first, while the open ones are
+        more than :func:`capacity` or hold more than :func:`memory_budget`.  Where two threads
+        read a file at once, both its datasets are kept: they would read it at once again (two
+        threads reading the bands of the same scenes)."""
         closing = []
         with self.lock:
             closing += self._new_generation()
-            if generation != self.generation or key in self.idle:
+            if generation != self.generation:
                 closing.append(self._forget(src, nbytes))
             else:
-                self.idle[key] = (src, nbytes)
+                self.idle.setdefault(key, []).append((src, nbytes))
+                self.idle.move_to_end(key)
             budget, most = memory_budget(), capacity()
             while self.idle and (self.open > most or self.bytes > budget):
-                _, (old, n) = self.idle.popitem(last=False)
-                closing.append(self._forget(old, n))
+                oldest, kept = next(iter(self.idle.items()))
+                closing.append(self._forget(*kept.pop(0)))
+                if not kept:
+                    del self.idle[oldest]
         _close(closing)
 
     def discard(self, src, nbytes: int) -> None:
@@ -319,7 +327,7 @@ class _Pool:
         if self.generation == _GENERATION.count:
             return []
         self.generation = _GENERATION.count
-        stale = [self._forget(src, n) for src, n in self.idle.values()]
+        stale = [self._forget(src, n) for kept in self.idle.values() for src, n in kept]
         self.idle.clear()
         return stale
 
@@ -415,7 +423,7 @@ def dataset(url: str, version, check: Callable[[object], None]) -> Lent:
     r"""The open dataset of ``url`` (at ``version``), lent to this thread until the end of the
     ``with`` block of the returned :class:`Lent`: an idle one of the process's pool, else opened
     (counted in :data:`OPEN_COUNTER`) and ``check``\ ed once per process (by whichever thread
-    opens it first; any other open, of a file closed for room or opened by two threads at once,
+    opens it first; any other open, of a file closed for room or read by two threads at once,
     leaves out the georeferencing: :data:`REOPEN_OPTIONS`).  Raises what opening or ``check``
     raises (the file is then not kept).  The first call of a process limits GDAL's block cache
     (:data:`READ_GDAL_CACHE`).  ``version``: as the reader's (size, mtime or ETag); where its
