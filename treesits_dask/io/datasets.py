@@ -340,6 +340,11 @@ def _close(datasets: list) -> None:
 _POOL = _Pool()
 
 
+#: files whose header check a process remembers (all forgotten when there are more): 55 tiles of
+#: 600 scenes
+CHECKED_MOST = 65536
+
+
 class _Checked:
     """The files whose header a thread of this process checked in this generation (not checked
     again, by any thread: each thread keeps its own datasets, and opens the others' files too)."""
@@ -358,7 +363,7 @@ class _Checked:
 
     def add(self, key) -> None:
         with self.lock:
-            if len(self.keys) >= 16 * capacity():  # bounded over a run of many tiles
+            if len(self.keys) >= CHECKED_MOST:  # bounded over a run of many tiles
                 self.keys.clear()
             self.keys.add(key)
 
