@@ -892,31 +892,42 @@ def test_kept_datasets_are_bounded_by_memory(tmp_path, monkeypatch):
     datasets.forget_datasets()
 
 
-def test_the_threads_of_a_process_share_its_kept_datasets(tmp_path):
-    """The threads of a worker share the datasets it keeps: a file is opened once for all of
-    them (each dataset lent to one thread at a time), so a tile whose files fit the process's
-    budget is opened once per read, not once per thread; a dataset whose read raised is closed,
-    not kept; a new generation (a new run) closes what is kept and lent, and checks every file
-    again."""
+def _checked_files(tmp_path, crs_seen: bool = False):
+    """The BOA files of a striped tile, after :func:`datasets.forget_datasets`, with the header
+    checks that reads of them record (``check(f)``; ``crs_seen``: each asserts the dataset it
+    checks has a CRS) and the list they record into."""
     import threading
-    from concurrent.futures import ThreadPoolExecutor
-
-    import rasterio
-    from rasterio.windows import Window as RioWindow
 
     root, _ = _striped_tile(tmp_path, blocks=(16, 16))
     _, scenes, _grid_ = _grid(root)
-    files = [s.boa for s in scenes]
     datasets.forget_datasets()
     checks: list[str] = []
     lock = threading.Lock()
 
     def check(f):
         def record(src):
+            if crs_seen:
+                assert src.crs is not None  # a check sees the georeferencing
             with lock:
                 checks.append(f)
 
         return record
+
+    return [s.boa for s in scenes], checks, check
+
+
+def test_the_threads_of_a_process_share_its_kept_datasets(tmp_path):
+    """The threads of a worker share the datasets it keeps: a file is opened once for all of
+    them (each dataset lent to one thread at a time), so a tile whose files fit the process's
+    budget is opened once per read, not once per thread; a dataset whose read raised is closed,
+    not kept; a new generation (a new run) closes what is kept and lent, and checks every file
+    again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import rasterio
+    from rasterio.windows import Window as RioWindow
+
+    files, checks, check = _checked_files(tmp_path)
 
     def visit(k: int) -> list:
         order = files if k % 2 else files[::-1]
@@ -971,26 +982,12 @@ def test_reopened_files_skip_their_georeferencing_and_read_the_same(tmp_path, mo
     about 1 ms of an open's 1.4), which reads the same values, without a warning in the logs."""
     import subprocess
     import sys
-    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     import rasterio
     from rasterio.windows import Window as RioWindow
 
-    root, _ = _striped_tile(tmp_path, blocks=(16, 16))
-    _, scenes, _grid_ = _grid(root)
-    files = [s.boa for s in scenes]
-    datasets.forget_datasets()
-    checks: list[str] = []
-    lock = threading.Lock()
-
-    def check(f):
-        def record(src):
-            assert src.crs is not None  # a check sees the georeferencing
-            with lock:
-                checks.append(f)
-
-        return record
+    files, checks, check = _checked_files(tmp_path, crs_seen=True)
 
     def visit() -> list:
         found = []

@@ -437,10 +437,10 @@ def dataset(url: str, version, check: Callable[[object], None]) -> Lent:
     if not _cache_limited:
         _limit_gdal_cache()
     key = (url, version)
-    generation = _GENERATION.count
+    generation = _GENERATION.count  # a forget_datasets from here on: closed when given back
     kept = _POOL.take(key)
     if kept is not None:
-        return Lent(key, *kept, generation=_POOL.generation)
+        return Lent(key, *kept, generation)
     checked = key in _CHECKED  # a file closed for room and opened again is not checked again
     src = open_raster(url, georeferenced=not checked)
     if not checked:
