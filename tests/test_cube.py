@@ -1,4 +1,5 @@
 import datetime as dt
+import time
 
 import dask
 import numpy as np
@@ -739,22 +740,10 @@ def test_windows_of_all_scenes_must_fit_the_inference_workers():
     assert window_memory_problem(600, 10, (250, 250), kube, Routing()) is not None
 
 
-@pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["strips", "tiles"])
-def test_bands_that_do_not_fit_memory_spill_and_are_decoded_once(
-    tmp_path, blocks, caplog, monkeypatch
-):
-    """Bands of all scenes that exceed the reading worker's memory but fit with its spill disk
-    are still read in bands (every block decoded once), in half-size batches whose pieces own
-    their memory (so Dask frees what it spills), of strips decoded into scene by scene (no buffer
-    of the whole batch's band), and equal the views of a band held in memory; on a LocalCluster
-    whose worker spills nearly everything, the values are those of the files."""
-    import logging
-
-    from distributed import Client, LocalCluster
-
-    from treesits_dask.bench.measure import decoded, spilled
+def _spilling_plan(tmp_path, blocks):
+    """A striped or tiled (``blocks``) tile of 5 scenes in 10 x 10 windows, and the read budget
+    (held, task) under which its bands of all scenes do not fit memory but fit the spill disk."""
     from treesits_dask.io.bands import BANDS_HELD, plan_reads
-    from treesits_dask.io.buffers import RECYCLER
     from treesits_dask.io.grid import WindowLayout
 
     root, expected = _striped_tile(tmp_path, blocks=blocks)
@@ -763,6 +752,36 @@ def test_bands_that_do_not_fit_memory_spill_and_are_decoded_once(
     held = BANDS_HELD * max(b.height for b in plan_reads(grid, layout, 5, 1 << 30).bands)
     held *= grid.width * grid.count * 2 * 5
     per_scene = held // BANDS_HELD // 5
+    return expected, scenes, grid, layout, held, per_scene
+
+
+def _band_task(arr):
+    """The first read-band task of a cube's graph: (function, args)."""
+    graph = dict(arr.data.__dask_graph__())
+    band_key = next(k for k in graph if "read-band" in str(k[0]))
+    fn, *args = graph[band_key]
+    return fn, args
+
+
+@pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["strips", "tiles"])
+def test_bands_that_do_not_fit_memory_are_decoded_once_into_pieces_of_their_own(
+    tmp_path, blocks, caplog, monkeypatch
+):
+    """Bands of all scenes that exceed the reading worker's memory but fit with its spill disk
+    are still read in bands (every block decoded once), in half-size batches whose pieces own
+    their memory (where the worker has room for them; decoded into them scene by scene, no buffer
+    of the whole batch's band), and equal the views of a band held in memory; on a
+    LocalCluster whose worker has no room for them (every piece goes to local disk, see the next
+    test), the values are those of the files, nothing is left on disk and Dask spills nothing."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    from treesits_dask.bench.measure import decoded, pieces_written, spilled
+    from treesits_dask.io.bands import plan_reads
+    from treesits_dask.io.buffers import RECYCLER
+
+    expected, scenes, grid, layout, held, per_scene = _spilling_plan(tmp_path, blocks)
     spill = plan_reads(grid, layout, 5, 2 * per_scene, held_bytes=held - 1, spill_bytes=held)
     assert spill.spills and not spill.by_window and spill.bands
     assert len(spill.batches) == 5  # half of a 2-scene budget: one scene per task
@@ -774,44 +793,153 @@ def test_bands_that_do_not_fit_memory_spill_and_are_decoded_once(
         scenes, grid, layout, DEFAULT_QAI_FLAGS, read_bytes=2 * per_scene, held_bytes=held - 1,
         spill_bytes=held,
     )  # fmt: skip
-    assert "spills what does not fit" in caplog.text and "X0010_Y0010" in caplog.text
-    graph = dict(arr.data.__dask_graph__())
-    band_key = next(k for k in graph if "read-band" in str(k[0]))
-    fn, *args = graph[band_key]
+    assert "to the worker's local disk" in caplog.text and "X0010_Y0010" in caplog.text
+    fn, args = _band_task(arr)
     asked, empty = [], RECYCLER.empty
     monkeypatch.setattr(
         RECYCLER, "empty", lambda shape, *a: asked.append(shape) or empty(shape, *a)
     )
-    pieces = fn(*args)
+    pieces = fn(*args)  # outside a Dask worker: in memory
     monkeypatch.undo()
-    assert all(p.base is None for p in pieces)  # their own memory: spilling one frees it
-    # strips: the pieces and a buffer of one scene, no band of the batch; tiles: the band read
-    # whole, then the copies
+    assert all(isinstance(p, np.ndarray) and p.base is None for p in pieces)
+    # the pieces and a buffer of one scene, no band of the batch
     reader, band, start, stop = fn.func.__self__, *args
     one = (grid.count, band.height, grid.width)
-    whole = [one] if blocks is None else [(stop - start, *one)]
-    assert sorted(asked) == sorted([p.shape for p in pieces] + whole)
+    assert sorted(asked) == sorted([p.shape for p in pieces] + [one])
     views = reader.read_band(band, start, stop)  # the band read whole, cut into views
     assert all(v.base is not None for v in views) and len(views) == len(pieces)
     for p, v in zip(pieces, views, strict=True):
         np.testing.assert_array_equal(p, v)
-    # each piece is a task of its own whose result is the array: a window unspills its pieces only
+    # each piece is a task of its own whose result is the piece: a window gets only its own
+    graph = dict(arr.data.__dask_graph__())
     picks = [k for k in graph if str(k[0]).startswith("read-row-")]
     assert len(picks) == sum(len(b.pieces) for b in spill.bands) * len(spill.batches)
+
+    def no_room() -> None:
+        from treesits_dask.io import pieces
+
+        pieces.IN_MEMORY_SHARE = 0.0
+
+    def left(dask_worker) -> list:
+        import os
+
+        from treesits_dask.io.pieces import piece_directory
+
+        return os.listdir(piece_directory())
+
     before = datasets.DECODED.snapshot()[1]
-    with dask.config.set({"distributed.worker.memory.target": 1e-6}):
-        cluster = LocalCluster(
-            n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0",
-            memory_limit="2GiB", local_directory=str(tmp_path / "scratch"),
-        )  # fmt: skip
-        with cluster, Client(cluster) as client:
-            start = sum(v[1] for v in client.run(decoded).values())
-            got = client.compute(arr.data, sync=True)
-            done = sum(v[1] for v in client.run(decoded).values()) - start
-            assert sum(client.run(spilled).values()) > 0
+    cluster = LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0",
+        memory_limit="2GiB", local_directory=str(tmp_path / "scratch"),
+    )  # fmt: skip
+    with cluster, Client(cluster) as client:
+        client.run(no_room)
+        start = sum(v[1] for v in client.run(decoded).values())
+        got = client.compute(arr.data, sync=True)
+        done = sum(v[1] for v in client.run(decoded).values()) - start
+        assert sum(client.run(pieces_written).values()) == 5 * 10 * 37 * 50 * 2  # every BOA px
+        assert sum(client.run(spilled).values()) == 0
+        deadline = time.monotonic() + 10
+        while any(client.run(left).values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(client.run(left).values())  # released pieces are removed
+        assert (tmp_path / "scratch").is_dir()
     np.testing.assert_array_equal(got, expected)
     assert datasets.DECODED.snapshot()[1] == before  # all read on the worker
     assert done == 5 * 11 * 37 * 50 * 2  # every block of every file once (BOA + QAI)
+
+
+@pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["strips", "tiles"])
+def test_pieces_go_to_local_disk_where_the_worker_has_no_room(tmp_path, blocks, monkeypatch):
+    """Where the worker's memory has no room for a batch, a band's read writes each piece to a
+    file of its own on local disk (scene by scene from a buffer of one scene: no memory of the
+    batch) and hands out :class:`DiskPiece`\\ s that Dask counts as a few bytes; they read back
+    (straight into a window, or through a buffer) to the values of the band read in memory, go to
+    another process as those arrays, and their files are removed once released.  A read that
+    fails leaves no file behind; a full disk is a :class:`ClusterError` that names the directory
+    and says what to do."""
+    import errno
+    import os
+    import pickle
+
+    from dask.sizeof import sizeof
+
+    from treesits_dask.errors import ClusterError
+    from treesits_dask.io import pieces as disk
+    from treesits_dask.io import reader as reader_module
+    from treesits_dask.io.buffers import RECYCLER
+    from treesits_dask.io.reader import assemble
+
+    monkeypatch.setattr(disk.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(disk, "_DIR", {})
+    expected, scenes, grid, layout, held, per_scene = _spilling_plan(tmp_path, blocks)
+    arr = cube.tile_cube(
+        scenes, grid, layout, DEFAULT_QAI_FLAGS, read_bytes=4 * per_scene, held_bytes=held - 1,
+        spill_bytes=held,
+    )  # fmt: skip
+    fn, args = _band_task(arr)
+    reader, band, start, stop = fn.func.__self__, *args
+    assert stop - start > 1
+    monkeypatch.setattr(reader_module, "in_memory", lambda nbytes: False)
+    asked, empty = [], RECYCLER.empty
+    monkeypatch.setattr(
+        RECYCLER, "empty", lambda shape, *a: asked.append(shape) or empty(shape, *a)
+    )
+    written = disk.WRITTEN.count
+    got = fn(*args)
+    assert asked == [(grid.count, band.height, grid.width)]  # one scene's band, nothing more
+    monkeypatch.setattr(RECYCLER, "empty", empty)
+    views = reader.read_band(band, start, stop)
+    assert all(isinstance(p, disk.DiskPiece) for p in got) and len(got) == len(views)
+    assert disk.WRITTEN.count - written == sum(v.nbytes for v in views)
+    directory = disk.piece_directory()
+    assert directory.startswith(str(tmp_path / "tmp"))
+    assert sorted(os.listdir(directory)) == sorted(os.path.basename(p.path) for p in got)
+    for p, v in zip(got, views, strict=True):
+        assert sizeof(p) < 1000 < v.nbytes
+        np.testing.assert_array_equal(p.load(), v)
+        np.testing.assert_array_equal(pickle.loads(pickle.dumps(p)), v)  # to another process
+    # a window put together from pieces on disk, in memory or sent as arrays: the same window
+    piece, view = got[0], views[0]
+    n, h = view.shape[0], view.shape[2]
+    shape = (n, grid.count, h + 3, view.shape[3])
+    where = ((0, n, 0, h), (0, n, h, h + 3))
+    rest = np.full((n, grid.count, 3, view.shape[3]), 7, np.int16)
+    for first in (piece, view, pickle.loads(pickle.dumps(piece))):
+        window = assemble(shape, None, where, [first, rest])  # first rows: through a buffer
+        np.testing.assert_array_equal(window[:, :, :h], view)
+        assert (window[:, :, h:] == 7).all()
+    whole = assemble(view.shape, None, ((0, n, 0, h),), [piece])  # straight into the window
+    np.testing.assert_array_equal(whole, view)
+    del got, piece, first, p
+    deadline = time.monotonic() + 10
+    while os.listdir(directory) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert os.listdir(directory) == []  # released: removed
+
+    # a read that fails half way removes what it wrote
+    calls, read_scene = [], reader_module.WindowReader._read_scene
+
+    def fail_second(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise InputDataError("broken scene")
+        return read_scene(self, *a, **k)
+
+    monkeypatch.setattr(reader_module.WindowReader, "_read_scene", fail_second)
+    with pytest.raises(InputDataError, match="broken scene"):
+        fn(*args)
+    assert os.listdir(directory) == []
+    monkeypatch.setattr(reader_module.WindowReader, "_read_scene", read_scene)
+
+    def full(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(disk.os, "pwrite", full)
+    with pytest.raises(ClusterError, match="no room left in .*treesits-pieces.*scratch_size"):
+        fn(*args)
+    assert os.listdir(directory) == []
 
 
 def test_reads_visit_the_scenes_in_turns_so_that_kept_files_are_not_all_opened_again(

@@ -196,6 +196,13 @@ def spilled(dask_worker) -> int:
     return int(metrics.get(("disk-write", "bytes"), 0))
 
 
+def pieces_written() -> int:
+    """Bytes of window pieces this process's reads wrote to local disk (io.pieces)."""
+    from ..io.pieces import WRITTEN
+
+    return WRITTEN.count
+
+
 def worker_pids(client) -> dict[str, int]:
     """The process id of each worker, by address."""
     import os
@@ -240,6 +247,7 @@ def decode_run(plan, client) -> dict:
     client.run(cold_reads)
     pids = worker_pids(client)
     before, spilled_before = client.run(decoded), client.run(spilled)
+    written_before = client.run(pieces_written)
     buffers_before, asked_before = client.run(handed_out), client.run(prefetched)
     t0 = time.perf_counter()
     # one task per window that takes a pixel of it, gathered as they are: a reduction tree
@@ -247,6 +255,7 @@ def decode_run(plan, client) -> dict:
     client.compute([d for a in arrays for d in a.to_delayed().ravel()], sync=True)
     seconds = time.perf_counter() - t0
     after, spilled_after = client.run(decoded), client.run(spilled)
+    written_after = client.run(pieces_written)
     buffers_after, asked_after = client.run(handed_out), client.run(prefetched)
     modes = [read_mode(tile, reads) for tile in plan.tiles]
     gained, buffers = (
@@ -260,6 +269,8 @@ def decode_run(plan, client) -> dict:
         "screened_bytes": gained[2],
         "read_tasks": sum(tasks for _, tasks in modes),
         "spilled_bytes": sum(spilled_after[w] - spilled_before.get(w, 0) for w in spilled_after),
+        # pieces the read tasks wrote to local disk (io.pieces) where memory was short
+        "written_bytes": sum(written_after[w] - written_before.get(w, 0) for w in written_after),
         # read buffers in new memory (page faults) and in memory recycled from earlier reads
         "fresh_buffer_bytes": buffers[0],
         "reused_buffer_bytes": buffers[1],

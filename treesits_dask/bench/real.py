@@ -201,7 +201,8 @@ def _reads(plan, args, memory_limit: str, cores: int, cube_root: str) -> dict:
                 f"MB/s per core, decoded x{r['decoded_bytes'] / total:.3f} (screened whole, not "
                 f"decoded x{r['screened_bytes'] / total:.3f}), {r['read_tasks']} "
                 f"read tasks ({'/'.join(r['read_modes'])}), peak RSS {peaks[-1] / 2**20:.0f} MiB, "
-                f"spilled {r['spilled_bytes'] / 2**20:.0f} MiB, buffers "
+                f"spilled {r['spilled_bytes'] / 2**20:.0f} MiB, pieces written to disk "
+                f"{r['written_bytes'] / 2**20:.0f} MiB, buffers "
                 f"{r['fresh_buffer_bytes'] / 2**20:.0f} MiB new / "
                 f"{r['reused_buffer_bytes'] / 2**20:.0f} MiB recycled, "
                 f"{r['prefetched_bytes'] / 2**20:.0f} MiB read ahead, "
@@ -247,6 +248,8 @@ def _reads(plan, args, memory_limit: str, cores: int, cube_root: str) -> dict:
         "read_tasks": best["read_tasks"],
         "read_modes": best["read_modes"],
         "spilled_mib": round(best["spilled_bytes"] / 2**20, 1),
+        # pieces the read tasks wrote to the worker's local disk themselves (io.pieces)
+        "pieces_written_mib": round(best["written_bytes"] / 2**20, 1),
         "spill_budget_mib": None
         if budget.spill_bytes is None
         else round(budget.spill_bytes / 2**20),

@@ -103,8 +103,9 @@ class ReadPlan:
     #: window; where the windows are ``aligned``, decoding each block once
     by_window: bool = False
     #: the bands of all scenes do not fit the reading worker's memory but its disk: the read tasks
-    #: hand out pieces that own their memory, so that Dask spills them to disk exactly (a view
-    #: would keep its whole band in memory); strips are decoded into them scene by scene
+    #: hand out pieces that own their memory (a view would keep its whole band in memory), or,
+    #: where the worker has no room for them, their own file on its local disk
+    #: (:mod:`~treesits_dask.io.pieces`)
     spills: bool = False
     #: bytes of the :data:`BANDS_HELD` bands of all scenes a reading worker holds (the memory
     #: guard's figure; 0 where every band is a whole window)
@@ -236,13 +237,14 @@ def plan_reads(
     cluster with many reading threads has work for each (only where windows are put together from
     pieces anyway).
     ``held_bytes``: the memory a reading worker may fill with the bands it holds while windows
-    are put together (None: no limit); ``spill_bytes``: the disk it may fill with what Dask spills
-    (None: none).  Where :data:`BANDS_HELD` bands of all scenes exceed ``held_bytes`` but fit with
-    ``spill_bytes``, the plan ``spills``: memory stays within Dask's spill thresholds of the
-    worker's limit, whatever the scene count, and every block is still decoded once.  Where they
-    do not fit even so, the plan reads window by window (``by_window``): memory per task is one
-    window of all scenes, as the prediction holds anyway, at the price of decoding a block once
-    per window crossing it.
+    are put together (None: no limit); ``spill_bytes``: the local disk it may fill with pieces
+    that do not fit memory (None: none).  Where :data:`BANDS_HELD` bands of all scenes exceed
+    ``held_bytes`` but fit with ``spill_bytes``, the plan ``spills``: the read tasks write what
+    the worker's memory has no room for to its local disk (:mod:`~treesits_dask.io.pieces`), so
+    memory stays within the worker's limit whatever the scene count, and every block is still
+    decoded once.  Where they do not fit even so, the plan reads window by window
+    (``by_window``): memory per task is one window of all scenes, as the prediction holds anyway,
+    at the price of decoding a block once per window crossing it.
     """
     count = grid.count if bands is None else bands
     out = []
@@ -276,9 +278,9 @@ def plan_reads(
         alone = tuple(((i, j),) for i, j, _ in layout)  # each window by its own task
         return ReadPlan((), ((0, n_scenes),), by_window=True, held=held, groups=alone)
     wanted = math.ceil(min_tasks / len(out))
-    # half the batch where the plan spills: a task of tiled files holds the band it decoded and the
-    # pieces copied out of it; one of strips decodes into its pieces scene by scene, and the whole
-    # batch measured no faster there, with 0-0.6 GiB more peak RSS (3000 px x 120 scenes)
+    # half the batch where the plan spills: a task decodes into its pieces scene by scene, and
+    # the whole batch measured no faster (strips, 3000 px x 120 scenes), with 0-0.6 GiB more peak
+    # RSS
     budget = task_bytes // 2 if spills else task_bytes
     batches = scene_batches(n_scenes, per_scene, budget, wanted, len(out), min_tasks)
     return ReadPlan(tuple(out), batches, spills=spills, held=held)

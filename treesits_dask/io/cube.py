@@ -169,8 +169,9 @@ def tile_cube(
     windows of a window row per task (as many as ``read_bytes`` holds).
     ``min_read_tasks``: at least this many read tasks for the tile (see
     :func:`~treesits_dask.io.bands.plan_reads`).  ``held_bytes``: the memory a reading worker
-    may fill with bands of all scenes, ``spill_bytes`` the disk it may fill with what Dask spills
-    of them; where they do not fit memory, Dask spills them (logged); where they do not fit memory
+    may fill with bands of all scenes, ``spill_bytes`` the local disk it may fill with them; where
+    they do not fit memory, the read tasks write their pieces to the worker's local disk as it
+    runs short of memory (logged, :mod:`treesits_dask.io.pieces`); where they do not fit memory
     and disk, the tile is read window by window (every block decoded once per window that
     crosses it; logged as a warning).
     """
@@ -208,8 +209,8 @@ def tile_cube(
     elif plan.spills:
         log.info(
             "tile %s: %d bands of all %d scenes (%.1f GiB) exceed %.1f GiB of a reading worker's "
-            "memory: Dask spills what does not fit to the worker's disk (up to %.1f GiB); every "
-            "block is still decoded once",
+            "memory: the read tasks write the pieces of the windows to the worker's local disk "
+            "(up to %.1f GiB may be used); every block is still decoded once",
             *sizes,
         )
     token = tokenize(reader, layout.shape, plan, mask.name if mask is not None else None)

@@ -13,9 +13,10 @@ a BOA block whose every pixel it screens (all cloud, beyond the swath) is not de
 ahead, so that while a scene decodes, the kernel reads a later scene's QAI and the next scene's
 unscreened BOA blocks of a local file from disk (:mod:`~treesits_dask.io.prefetch`).  Bands,
 windows and the pieces of a plan that spills are arrays of
-:data:`~treesits_dask.io.buffers.RECYCLER`, reused once nothing refers to them.  The module is
-longer than 400 lines: every read plan (window, band, chunks side by side) shares its screening,
-prefetching, error reporting and buffers.
+:data:`~treesits_dask.io.buffers.RECYCLER`, reused once nothing refers to them (the pieces go to
+local disk instead where the worker's memory has no room, :mod:`~treesits_dask.io.pieces`).
+The module is longer than 400 lines: every read plan (window, band, chunks side by side) shares
+its screening, prefetching, error reporting and buffers.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from .datasets import (
     open_error,
 )
 from .grid import TileGrid, Window
+from .pieces import DiskPiece, PieceWriter, in_memory
 from .qai import qai_invalid
 from .remote import read_retrying
 
@@ -125,7 +127,8 @@ def assemble(
 ) -> np.ndarray:
     """A window ``(T, bands, h, w)`` from its pieces: ``pieces[k]`` (a ``(batch, bands, rows, w)``
     array, or None where nothing was read) holds scenes ``where[k][0]:where[k][1]`` and window
-    rows ``where[k][2]:where[k][3]``.  A window without a mask pixel is a read-only broadcast of
+    rows ``where[k][2]:where[k][3]`` (a :class:`~treesits_dask.io.pieces.DiskPiece` is read from
+    its file).  A window without a mask pixel is a read-only broadcast of
     nodata (no memory)."""
     if mask is not None and not np.any(mask):
         return np.broadcast_to(np.int16(NODATA), shape)
@@ -133,6 +136,8 @@ def assemble(
     for (s0, s1, r0, r1), piece in zip(where, pieces, strict=True):
         if piece is None:
             out[s0:s1, :, r0:r1] = NODATA
+        elif isinstance(piece, DiskPiece):
+            piece.read_into(out[s0:s1, :, r0:r1])
         else:
             out[s0:s1, :, r0:r1] = piece
     return out
@@ -168,10 +173,12 @@ class WindowReader:
         (the views partition one array), or None for a window without a mask pixel.  ``masks``:
         the mask of each piece's whole window (none: no mask).  A band that is one whole window
         read in one batch (see :meth:`~treesits_dask.io.bands.ReadPlan.direct`) returns the
-        window itself.  Nothing is opened when no piece has a mask pixel.  ``own``: the pieces
-        each own their memory (for plans that spill: Dask then frees what it spills): of a file in
-        full-width strips filled scene by scene (:meth:`_read_into_pieces`), else copies of the
-        pieces of the band read whole."""
+        window itself.  Nothing is opened when no piece has a mask pixel.  ``own`` (for plans
+        that spill): each scene's band is decoded into a buffer of one scene and cut from there
+        into pieces that own their memory (:meth:`_read_into_pieces`), or, where the Dask worker's
+        memory has no room for the batch (:func:`~treesits_dask.io.pieces.in_memory`), into a
+        file of its own on the worker's local disk, handed out as a
+        :class:`~treesits_dask.io.pieces.DiskPiece` (:meth:`_read_to_disk`)."""
         width = self.grid.width
         rows = (band.row_off, band.row_off + band.height)
         need = None
@@ -187,16 +194,18 @@ class WindowReader:
         if all(empty):
             shape = (stop - start, self.grid.count, band.height, width)
             return np.broadcast_to(np.int16(NODATA), shape) if whole else [None] * len(empty)
-        if own and not whole and self.grid.block_shape[1] >= width:  # full-width strips
+        if own and not whole:
+            batch = (stop - start) * self.grid.count * band.height * width * 2
+            if not in_memory(batch):
+                return self._read_to_disk(band, start, stop, need, empty)
             return self._read_into_pieces(band, start, stop, need, empty)
         buf = self._read_rect(rows, (0, width), start, stop, need)
         if whole:
             return buf
-        cut = RECYCLER.copy if own else (lambda a: a)
         return [
             None
             if skip
-            else cut(buf[:, :, p.band_rows[0] : p.band_rows[1], p.col_off : p.col_off + p.width])
+            else buf[:, :, p.band_rows[0] : p.band_rows[1], p.col_off : p.col_off + p.width]
             for p, skip in zip(band.pieces, empty, strict=True)
         ]
 
@@ -254,17 +263,57 @@ class WindowReader:
             wd += -wd % bw
         return h, wd
 
+    def _read_to_disk(self, band: Band, start: int, stop: int, need, empty: list) -> list:
+        """:meth:`read_band` with ``own``, on disk: each scene's band is decoded into one buffer
+        of a single scene (a few MB, still in the CPU's cache when it is cut), reused for every
+        scene of the task, and each piece's share of it is written to the piece's file at the
+        scene's place (:class:`~treesits_dask.io.pieces.PieceWriter`; None where ``empty``).  A
+        task holds one scene, not its batch, in memory.  A read that fails removes what it
+        wrote."""
+        rows, cols = (band.row_off, band.row_off + band.height), (0, self.grid.width)
+        n, count = stop - start, self.grid.count
+        writers: list[PieceWriter | None] = []
+        try:
+            for p, skip in zip(band.pieces, empty, strict=True):
+                shape = (n, count, p.band_rows[1] - p.band_rows[0], p.width)
+                writers.append(None if skip else PieceWriter(shape))
+            scene = RECYCLER.empty((count, *_extent(rows, cols)), np.int16)
+            runs = block_runs(need, rows, cols, self.grid.block_shape)
+            _nodata_outside(scene, runs)
+            cuts = [
+                (w, slice(*p.band_rows), slice(p.col_off, p.col_off + p.width))
+                for p, w in zip(band.pieces, writers, strict=True)
+                if w is not None
+            ]
+            if not runs:  # no block to decode in this band: nodata pieces
+                for t in range(n):
+                    for w, r, c in cuts:
+                        w.put(t, scene[:, r, c])
+                return [None if w is None else w.close() for w in writers]
+            q = np.empty(_extent(rows, cols), np.int16) if self.qai_flags else None
+            rect = [(rows, cols, runs)]
+            with READS_IN_PROGRESS:
+                for t, (screening,) in self._scenes(scene_order(start, stop), rect, lambda r: q):
+                    self._read_scene(t, rows, cols, runs, scene, screening)
+                    for w, r, c in cuts:
+                        w.put(t - start, scene[:, r, c])
+            return [None if w is None else w.close() for w in writers]
+        except BaseException:
+            for w in writers:
+                if w is not None:
+                    w.abort()
+            raise
+
     def _read_into_pieces(self, band: Band, start: int, stop: int, need, empty: list) -> list:
-        """:meth:`read_band` with ``own``, for files in full-width strips: each scene's band is
-        decoded into one buffer of a single scene, reused for every scene of the task, and copied
-        from there into the pieces (each owning its memory; None where ``empty``).  Copying a
-        batch's band into its pieces read the band back from memory (2.8 GB/s here, 7 of the 120
-        thread-seconds of a 3000 px x 120-scene strips read) and the band's own buffer (686 MiB)
-        was new memory on some reads; one scene's band (18 MB) is still in the CPU's cache when it
-        is copied.  Measured 5 % faster (docs/performance.md, "Strips decoded into their
-        pieces").  Not for tiled files: read so, the COG's bands of 256 px blocks in the
-        600-scene regime (100 px windows, a 3 GiB worker) spilled 4.8-12.6 GiB per read against
-        1.8-3.2 and read slower (not understood)."""
+        """:meth:`read_band` with ``own``, in memory: each scene's band is decoded into one
+        buffer of a single scene, reused for every scene of the task, and copied from there into
+        the pieces (each owning its memory; None where ``empty``).  Copying a batch's band into
+        its pieces read the band back from memory (2.8 GB/s here, 7 of the 120 thread-seconds of
+        a 3000 px x 120-scene strips read) and the band's own buffer (686 MiB) was new memory on
+        some reads; one scene's band (18 MB) is still in the CPU's cache when it is copied.
+        Measured 5 % faster on strips (docs/performance.md, "Strips decoded into their pieces");
+        as fast on the COG of the 600-scene regime once Dask no longer spilled its pieces
+        (:mod:`~treesits_dask.io.pieces`), with half the memory per task."""
         rows, cols = (band.row_off, band.row_off + band.height), (0, self.grid.width)
         n, count = stop - start, self.grid.count
         pieces = [
