@@ -209,8 +209,9 @@ def tile_cube(
     elif plan.spills:
         log.info(
             "tile %s: %d bands of all %d scenes (%.1f GiB) exceed %.1f GiB of a reading worker's "
-            "memory: the read tasks write the pieces of the windows to the worker's local disk "
-            "(up to %.1f GiB may be used); every block is still decoded once",
+            "memory: the read tasks keep the pieces of the windows in memory while the worker has "
+            "room for them and write the rest to the worker's local disk (up to %.1f GiB may be "
+            "used); every block is still decoded once",
             *sizes,
         )
     token = tokenize(reader, layout.shape, plan, mask.name if mask is not None else None)
