@@ -131,10 +131,6 @@ def _remove_later(path: str) -> None:
     _GONE.put(path)
 
 
-def _as_array(a: np.ndarray) -> np.ndarray:
-    return a
-
-
 class DiskPiece:
     """A ``shape`` int16 array in the file ``path`` (C order), removed with the last reference."""
 
@@ -175,7 +171,7 @@ class DiskPiece:
     def __reduce__(self):
         # to another process (a worker that puts the window together, the client) as its array:
         # the file is local to this worker
-        return _as_array, (self.load(),)
+        return np.asarray, (self.load(),)
 
     def __repr__(self) -> str:
         return f"DiskPiece({self.path!r}, {self.shape})"
@@ -224,8 +220,9 @@ class PieceWriter:
         if missing:
             _remove(self.path)
             raise RuntimeError(f"{self.path}: {missing} scenes of the piece were not written")
-        WRITTEN.add(int(np.prod(self.shape)) * 2)
-        return DiskPiece(self.path, self.shape)
+        piece = DiskPiece(self.path, self.shape)
+        WRITTEN.add(piece.nbytes)
+        return piece
 
     def abort(self) -> None:
         """Close and remove the file (a failed read)."""

@@ -175,10 +175,10 @@ class WindowReader:
         read in one batch (see :meth:`~treesits_dask.io.bands.ReadPlan.direct`) returns the
         window itself.  Nothing is opened when no piece has a mask pixel.  ``own`` (for plans
         that spill): each scene's band is decoded into a buffer of one scene and cut from there
-        into pieces that own their memory (:meth:`_read_into_pieces`), or, where the Dask worker's
-        memory has no room for the batch (:func:`~treesits_dask.io.pieces.in_memory`), into a
-        file of its own on the worker's local disk, handed out as a
-        :class:`~treesits_dask.io.pieces.DiskPiece` (:meth:`_read_to_disk`)."""
+        into pieces that own their memory, or, where the Dask worker's memory has no room for the
+        batch (:func:`~treesits_dask.io.pieces.in_memory`), into a file of its own on the
+        worker's local disk, handed out as a :class:`~treesits_dask.io.pieces.DiskPiece`
+        (:meth:`_read_into_pieces`)."""
         width = self.grid.width
         rows = (band.row_off, band.row_off + band.height)
         need = None
@@ -196,9 +196,8 @@ class WindowReader:
             return np.broadcast_to(np.int16(NODATA), shape) if whole else [None] * len(empty)
         if own and not whole:
             batch = (stop - start) * self.grid.count * band.height * width * 2
-            if not in_memory(batch):
-                return self._read_to_disk(band, start, stop, need, empty)
-            return self._read_into_pieces(band, start, stop, need, empty)
+            on_disk = not in_memory(batch)
+            return self._read_into_pieces(band, start, stop, need, empty, on_disk)
         buf = self._read_rect(rows, (0, width), start, stop, need)
         if whole:
             return buf
@@ -263,84 +262,57 @@ class WindowReader:
             wd += -wd % bw
         return h, wd
 
-    def _read_to_disk(self, band: Band, start: int, stop: int, need, empty: list) -> list:
-        """:meth:`read_band` with ``own``, on disk: each scene's band is decoded into one buffer
-        of a single scene (a few MB, still in the CPU's cache when it is cut), reused for every
-        scene of the task, and each piece's share of it is written to the piece's file at the
-        scene's place (:class:`~treesits_dask.io.pieces.PieceWriter`; None where ``empty``).  A
-        task holds one scene, not its batch, in memory.  A read that fails removes what it
-        wrote."""
+    def _read_into_pieces(
+        self, band: Band, start: int, stop: int, need, empty: list, on_disk: bool
+    ) -> list:
+        """:meth:`read_band` with ``own``: each scene's band is decoded into one buffer of a
+        single scene, reused for every scene of the task, and each piece's share of it is put at
+        the scene's place in the piece (None where ``empty``): an array that owns its memory, or,
+        ``on_disk``, a file of its own (:class:`~treesits_dask.io.pieces.PieceWriter`; the task
+        then holds one scene, not its batch, in memory; a read that fails removes what it
+        wrote).  Copying a batch's band into its pieces read the band back from memory (2.8 GB/s
+        here, 7 of the 120 thread-seconds of a 3000 px x 120-scene strips read) and the band's
+        own buffer (686 MiB) was new memory on some reads; one scene's band (18 MB) is still in
+        the CPU's cache when it is copied.  Measured 5 % faster on strips (docs/performance.md,
+        "Strips decoded into their pieces"); as fast on the COG of the 600-scene regime once Dask
+        no longer spilled its pieces (:mod:`~treesits_dask.io.pieces`), with half the memory per
+        task."""
         rows, cols = (band.row_off, band.row_off + band.height), (0, self.grid.width)
         n, count = stop - start, self.grid.count
-        writers: list[PieceWriter | None] = []
+        sink = PieceWriter if on_disk else _PieceArray
+        pieces: list = []
         try:
             for p, skip in zip(band.pieces, empty, strict=True):
-                shape = (n, count, p.band_rows[1] - p.band_rows[0], p.width)
-                writers.append(None if skip else PieceWriter(shape))
+                pieces.append(
+                    None if skip else sink((n, count, *_extent(p.band_rows, (0, p.width))))
+                )
             scene = RECYCLER.empty((count, *_extent(rows, cols)), np.int16)
             runs = block_runs(need, rows, cols, self.grid.block_shape)
             _nodata_outside(scene, runs)
             cuts = [
-                (w, slice(*p.band_rows), slice(p.col_off, p.col_off + p.width))
-                for p, w in zip(band.pieces, writers, strict=True)
-                if w is not None
+                (piece, slice(*p.band_rows), slice(p.col_off, p.col_off + p.width))
+                for p, piece in zip(band.pieces, pieces, strict=True)
+                if piece is not None
             ]
-            if not runs:  # no block to decode in this band: nodata pieces
+            if runs:
+                q = np.empty(_extent(rows, cols), np.int16) if self.qai_flags else None
+                rect = [(rows, cols, runs)]
+                with READS_IN_PROGRESS:
+                    scenes = self._scenes(scene_order(start, stop), rect, lambda r: q)
+                    for t, (screening,) in scenes:
+                        self._read_scene(t, rows, cols, runs, scene, screening)
+                        for piece, r, c in cuts:
+                            piece.put(t - start, scene[:, r, c])
+            else:  # no block of this band to decode: nodata pieces
                 for t in range(n):
-                    for w, r, c in cuts:
-                        w.put(t, scene[:, r, c])
-                return [None if w is None else w.close() for w in writers]
-            q = np.empty(_extent(rows, cols), np.int16) if self.qai_flags else None
-            rect = [(rows, cols, runs)]
-            with READS_IN_PROGRESS:
-                for t, (screening,) in self._scenes(scene_order(start, stop), rect, lambda r: q):
-                    self._read_scene(t, rows, cols, runs, scene, screening)
-                    for w, r, c in cuts:
-                        w.put(t - start, scene[:, r, c])
-            return [None if w is None else w.close() for w in writers]
+                    for piece, r, c in cuts:
+                        piece.put(t, scene[:, r, c])
+            return [None if piece is None else piece.close() for piece in pieces]
         except BaseException:
-            for w in writers:
-                if w is not None:
-                    w.abort()
-            raise
-
-    def _read_into_pieces(self, band: Band, start: int, stop: int, need, empty: list) -> list:
-        """:meth:`read_band` with ``own``, in memory: each scene's band is decoded into one
-        buffer of a single scene, reused for every scene of the task, and copied from there into
-        the pieces (each owning its memory; None where ``empty``).  Copying a batch's band into
-        its pieces read the band back from memory (2.8 GB/s here, 7 of the 120 thread-seconds of
-        a 3000 px x 120-scene strips read) and the band's own buffer (686 MiB) was new memory on
-        some reads; one scene's band (18 MB) is still in the CPU's cache when it is copied.
-        Measured 5 % faster on strips (docs/performance.md, "Strips decoded into their pieces");
-        as fast on the COG of the 600-scene regime once Dask no longer spilled its pieces
-        (:mod:`~treesits_dask.io.pieces`), with half the memory per task."""
-        rows, cols = (band.row_off, band.row_off + band.height), (0, self.grid.width)
-        n, count = stop - start, self.grid.count
-        pieces = [
-            None if skip else RECYCLER.empty((n, count, p.band_rows[1] - p.band_rows[0], p.width))
-            for p, skip in zip(band.pieces, empty, strict=True)
-        ]
-        runs = block_runs(need, rows, cols, self.grid.block_shape)
-        if not runs:
             for piece in pieces:
                 if piece is not None:
-                    piece.fill(NODATA)
-            return pieces
-        scene = RECYCLER.empty((count, *_extent(rows, cols)), np.int16)
-        _nodata_outside(scene, runs)
-        q = np.empty(_extent(rows, cols), np.int16) if self.qai_flags else None
-        cuts = [
-            (piece, slice(*p.band_rows), slice(p.col_off, p.col_off + p.width))
-            for p, piece in zip(band.pieces, pieces, strict=True)
-            if piece is not None
-        ]
-        rect = [(rows, cols, runs)]
-        with READS_IN_PROGRESS:
-            for t, (screening,) in self._scenes(scene_order(start, stop), rect, lambda r: q):
-                self._read_scene(t, rows, cols, runs, scene, screening)
-                for piece, r, c in cuts:
-                    piece[t - start] = scene[:, r, c]
-        return pieces
+                    piece.abort()
+            raise
 
     def _read_rect(self, rows, cols, start, stop, need) -> np.ndarray:
         """Scenes ``start:stop`` of the rectangle ``rows`` x ``cols``, decoding only the blocks
@@ -533,6 +505,25 @@ class WindowReader:
             raise
         except Exception as exc:
             raise failed(exc) from exc
+
+
+class _PieceArray:
+    """A piece in memory, filled scene by scene: :class:`~treesits_dask.io.pieces.PieceWriter`'s
+    counterpart for :meth:`WindowReader._read_into_pieces`."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.array = RECYCLER.empty(shape, np.int16)
+
+    def put(self, t: int, scene: np.ndarray) -> None:
+        self.array[t] = scene
+
+    def close(self) -> np.ndarray:
+        return self.array
+
+    def abort(self) -> None:
+        """Nothing to undo: the array goes back to the recycler once dropped."""
 
 
 def _extent(rows, cols) -> tuple[int, int]:
