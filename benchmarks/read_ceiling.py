@@ -1,0 +1,207 @@
+"""Where a tile read's time goes: the pipeline's read through Dask against the same read tasks run
+by a plain thread pool inside the same worker process, alternating in one process, each read
+against the decode floors measured just before it, the cube in the page cache.
+
+    python benchmarks/read_ceiling.py --size 600 --scenes 600 --layout cog --window 100 \\
+        --threads 2 --memory-limit 3GiB --rounds 2 --json ceiling.json
+    python benchmarks/read_ceiling.py --cube /data/cube --window 100 --memory-limit 3GiB
+
+Variants (``--variants``):
+
+- ``dask``: every window read as ``run`` reads it (``bench.measure.decode_run``: read tasks,
+  pieces, windows put together, one worker of ``--threads`` threads);
+- ``pool-1``: the read tasks of the same plan (per band and batch of scenes, or per group of
+  windows) one after the other in one thread of that worker's process, as a single Dask task: the
+  same process, memory limit, pool of kept files and GDAL cache, but no scheduling, no windows put
+  together, and each task's pieces kept in memory and dropped as soon as it is done;
+- ``pool-N``: the same on ``--threads`` threads;
+- ``pool-N-disk``: the same with every piece written to the worker's local disk, as the read
+  tasks of a plan that spills do where the worker has no room (plans in bands only).
+
+``pool-1`` against the one-thread floor is the read code's own overhead (opens, QAI, screening,
+the pieces' copy); ``pool-N`` against ``pool-1`` what running its threads side by side costs
+(against the per-core floor on N threads: what the bare decoding loses so); ``dask`` against
+``pool-N`` (or ``pool-N-disk``) what Dask and putting the windows together add.  Prints one JSON
+line per read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _opens() -> int:
+    from treesits_dask.io.datasets import OPEN_COUNTER
+
+    return OPEN_COUNTER.count
+
+
+def pool_read(tile, reads, qai_flags: tuple, threads: int, disk: bool) -> dict:
+    """Run in a Dask worker (as a task): the read tasks of ``tile``'s plan under ``reads`` on
+    ``threads`` threads of a thread pool, their pieces dropped once read; ``disk``: every piece
+    written to local disk.  Seconds, opens, decoded bytes and bytes written."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import treesits_dask.io.reader as reader_module
+    from treesits_dask.bench.measure import cold_reads
+    from treesits_dask.io import datasets, pieces
+    from treesits_dask.io.bands import plan_reads
+
+    reader = reader_module.WindowReader(
+        grid=tile.grid,
+        boa=tuple(s.boa for s in tile.scenes),
+        qai=tuple(s.qai for s in tile.scenes),
+        qai_flags=qai_flags,
+        versions=tuple((s.size, s.mtime) for s in tile.scenes),
+        qai_versions=tuple((s.qai_size, s.qai_mtime) for s in tile.scenes),
+    )
+    plan = plan_reads(
+        tile.grid, tile.reading, len(tile.scenes), reads.task_bytes, None, reads.threads,
+        reads.held_bytes, reads.spill_bytes,
+    )  # fmt: skip
+    if plan.by_window:
+        layout = tile.reading
+        jobs = [
+            functools.partial(reader.read_windows, tuple(layout.windows[i][j] for i, j in ij))
+            for ij in plan.groups
+        ]
+    else:
+        read_band = functools.partial(reader.read_band, own=plan.spills or disk)
+        jobs = [
+            functools.partial(read_band, band, start, stop)
+            for band in plan.bands
+            for start, stop in plan.batches
+        ]
+    cold_reads()
+    opens, (_, decoded), written = (
+        datasets.OPEN_COUNTER.count,
+        datasets.DECODED.snapshot(),
+        pieces.WRITTEN.count,
+    )
+    in_memory = reader_module.in_memory
+    if disk:
+        reader_module.in_memory = lambda nbytes: False
+    try:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            for _ in pool.map(lambda job: job() and None, jobs):
+                pass
+        seconds = time.perf_counter() - t0
+    finally:
+        reader_module.in_memory = in_memory
+    return {
+        "seconds": seconds,
+        "read_tasks": len(jobs),
+        "opens": datasets.OPEN_COUNTER.count - opens,
+        "decoded_bytes": datasets.DECODED.snapshot()[1] - decoded,
+        "written_bytes": pieces.WRITTEN.count - written,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cube", default=None, help="an existing FORCE cube (else one is written)")
+    p.add_argument("--size", type=int, default=600)
+    p.add_argument("--scenes", type=int, default=600)
+    p.add_argument("--layout", default="cog", choices=["cog", "strips"])
+    p.add_argument("--window", type=int, default=100, help="square windows of this edge")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--memory-limit", default="3GiB")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--variants", default="dask,pool-1,pool-N,pool-N-disk")
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    from treesits_dask.bench.measure import bench_cluster, bench_models, decode_run
+    from treesits_dask.bench.pagecache import page_in
+    from treesits_dask.bench.real import files_bytes, floor_sample, floors
+    from treesits_dask.config import load_config
+    from treesits_dask.pipeline.cluster import Routing
+    from treesits_dask.pipeline.plan import make_plan
+    from treesits_dask.pipeline.reading import read_budget, worker_disks
+    from treesits_dask.synthetic import make_cube
+
+    tmp = tempfile.TemporaryDirectory(prefix="read-ceiling-") if args.workdir is None else None
+    wd = Path(args.workdir or tmp.name)
+    if args.cube:
+        root = args.cube
+    else:
+        t0 = time.perf_counter()
+        root = make_cube(
+            wd / "cube", size=args.size, n_scenes=args.scenes, layout=args.layout, seed=5
+        ).root
+        _log(f"{args.size} px x {args.scenes} scenes written in {time.perf_counter() - t0:.0f} s")
+    cfg = load_config(
+        overrides=dict(cube=str(root), tiles="all", workers=1, threads_per_worker=args.threads,
+                       memory_limit=args.memory_limit, dashboard_address=":0",
+                       window=f"{args.window}x{args.window}", output=str(wd / "out"),
+                       **bench_models(wd, ["sits-lstm"])["sits-lstm"]),
+        environ={},
+    )  # fmt: skip
+    plan = make_plan(cfg)
+    _, total = files_bytes(plan)  # uncompressed bytes
+    sample = floor_sample(plan)  # as bench --real's floors
+    variants = [v for v in args.variants.split(",") if v]
+    report: dict = {"cube": str(root), "window": args.window, "threads": args.threads,
+                    "memory_limit": args.memory_limit, "uncompressed_mib": round(total / 2**20),
+                    "reads": []}  # fmt: skip
+    cluster, client = bench_cluster(1, args.threads, args.memory_limit)
+    try:
+        info = client.scheduler_info(n_workers=-1)["workers"]
+        reads = read_budget(plan.config, info, Routing(), worker_disks(client))
+        for r in range(args.rounds):
+            for variant in variants:
+                one, per_core = (f["mb_s"] for f in floors(sample, args.threads))
+                page_in(str(root))
+                if variant == "dask":
+                    before = sum(client.run(_opens).values())
+                    run = decode_run(plan, client)
+                    run["opens"] = sum(client.run(_opens).values()) - before
+                    threads = args.threads
+                else:
+                    threads = 1 if variant == "pool-1" else args.threads
+                    run = {"seconds": 0.0, "read_tasks": 0, "opens": 0, "decoded_bytes": 0,
+                           "written_bytes": 0}  # fmt: skip
+                    for tile in plan.tiles:
+                        got = client.submit(
+                            pool_read, tile, reads, tuple(plan.config.qai_flags), threads,
+                            variant.endswith("-disk"), pure=False,
+                        ).result()  # fmt: skip
+                        run = {k: run[k] + got[k] for k in run}
+                mbs = total / run["seconds"] / 1e6 / threads
+                row = {"round": r, "variant": variant, "seconds": round(run["seconds"], 2),
+                       "threads": threads, "read_tasks": run["read_tasks"],
+                       "mb_s_per_core": round(mbs, 1),
+                       "floor_mb_s": {"one_thread": round(one, 1),
+                                      f"per_core_on_{args.threads}": round(per_core, 1)},
+                       "over_one_thread_floor": round(mbs / one, 3),
+                       "over_per_core_floor": round(mbs / per_core, 3),
+                       "opens": run["opens"],
+                       "decoded_x": round(run["decoded_bytes"] / total, 3),
+                       "written_mib": round(run.get("written_bytes", 0) / 2**20),
+                       "spilled_mib": round(run.get("spilled_bytes", 0) / 2**20)}  # fmt: skip
+                report["reads"].append(row)
+                print(json.dumps(row), flush=True)
+                if args.json:
+                    Path(args.json).write_text(json.dumps(report, indent=1))
+    finally:
+        client.close()
+        cluster.close()
+        if tmp is not None:
+            tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
