@@ -1,6 +1,6 @@
 """Where a tile read's time goes: the pipeline's read through Dask against the same read tasks run
-by a plain thread pool inside the same worker process, alternating in one process, each read
-against the decode floors measured just before it, the cube in the page cache.
+by a plain thread pool inside a Dask worker of the same shape, alternating in one process, each
+read against the decode floors measured just before it, the cube in the page cache.
 
     python benchmarks/read_ceiling.py --size 600 --scenes 600 --layout cog --window 100 \\
         --threads 2 --memory-limit 3GiB --rounds 2 --json ceiling.json
@@ -11,9 +11,11 @@ Variants (``--variants``):
 - ``dask``: every window read as ``run`` reads it (``bench.measure.decode_run``: read tasks,
   pieces, windows put together, one worker of ``--threads`` threads);
 - ``pool-1``: the read tasks of the same plan (per band and batch of scenes, or per group of
-  windows) one after the other in one thread of that worker's process, as a single Dask task: the
-  same process, memory limit, pool of kept files and GDAL cache, but no scheduling, no windows put
-  together, and each task's pieces kept in memory and dropped as soon as it is done;
+  windows) one after the other in one thread of a worker process of the same shape (a second
+  LocalCluster, so that the pool's buffers and kept files do not change what the pipeline's worker
+  recycles), as a single Dask task: a worker's memory limit, pool of kept files and GDAL cache, but
+  no scheduling, no windows put together, and each task's pieces kept in memory and dropped as
+  soon as it is done;
 - ``pool-N``: the same on ``--threads`` threads;
 - ``pool-N-disk``: the same with every piece written to the worker's local disk, as the read
   tasks of a plan that spills do where the worker has no room (plans in bands only).
@@ -28,6 +30,7 @@ line per read.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import functools
 import json
 import sys
@@ -93,8 +96,12 @@ def pool_read(tile, reads, qai_flags: tuple, threads: int, disk: bool) -> dict:
         reader_module.in_memory = lambda nbytes: False
     try:
         t0 = time.perf_counter()
+        # each job in a copy of the task's context, so that the worker is found from the pool's
+        # threads too (``get_worker``: the memory limit that the pool of kept files, GDAL's cache
+        # and the read buffers are sized by, as in the pipeline's read tasks)
+        context = contextvars.copy_context()
         with ThreadPoolExecutor(threads) as pool:
-            for _ in pool.map(lambda job: job() and None, jobs):
+            for _ in pool.map(lambda job: context.copy().run(job) and None, jobs):
                 pass
         seconds = time.perf_counter() - t0
     finally:
@@ -157,6 +164,13 @@ def main(argv=None) -> int:
                     "memory_limit": args.memory_limit, "uncompressed_mib": round(total / 2**20),
                     "reads": []}  # fmt: skip
     cluster, client = bench_cluster(1, args.threads, args.memory_limit)
+    # the pool's reads run in a worker of their own: run in the pipeline's worker, they changed
+    # what its next reads found to recycle (9-16 GB of new memory per read of the 3000 px strips
+    # after them, against 0.4-0.7 GB between the pipeline's own reads) and slowed those by 15-20 %
+    pools = [v for v in variants if v != "dask"]
+    pool_cluster, pool_client = (
+        bench_cluster(1, args.threads, args.memory_limit) if pools else (None, None)
+    )
     try:
         info = client.scheduler_info(n_workers=-1)["workers"]
         reads = read_budget(plan.config, info, Routing(), worker_disks(client))
@@ -174,7 +188,7 @@ def main(argv=None) -> int:
                     run = {"seconds": 0.0, "read_tasks": 0, "opens": 0, "decoded_bytes": 0,
                            "written_bytes": 0}  # fmt: skip
                     for tile in plan.tiles:
-                        got = client.submit(
+                        got = pool_client.submit(
                             pool_read, tile, reads, tuple(plan.config.qai_flags), threads,
                             variant.endswith("-disk"), pure=False,
                         ).result()  # fmt: skip
@@ -196,8 +210,9 @@ def main(argv=None) -> int:
                 if args.json:
                     Path(args.json).write_text(json.dumps(report, indent=1))
     finally:
-        client.close()
-        cluster.close()
+        for c in (pool_client, pool_cluster, client, cluster):
+            if c is not None:
+                c.close()
         if tmp is not None:
             tmp.cleanup()
     return 0
