@@ -56,22 +56,11 @@ def pool_read(tile, reads, qai_flags: tuple, threads: int, disk: bool) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     import treesits_dask.io.reader as reader_module
-    from treesits_dask.bench.measure import cold_reads
+    from treesits_dask.bench.measure import cold_reads, tile_read_plan
     from treesits_dask.io import datasets, pieces
-    from treesits_dask.io.bands import plan_reads
 
-    reader = reader_module.WindowReader(
-        grid=tile.grid,
-        boa=tuple(s.boa for s in tile.scenes),
-        qai=tuple(s.qai for s in tile.scenes),
-        qai_flags=qai_flags,
-        versions=tuple((s.size, s.mtime) for s in tile.scenes),
-        qai_versions=tuple((s.qai_size, s.qai_mtime) for s in tile.scenes),
-    )
-    plan = plan_reads(
-        tile.grid, tile.reading, len(tile.scenes), reads.task_bytes, None, reads.threads,
-        reads.held_bytes, reads.spill_bytes,
-    )  # fmt: skip
+    reader = reader_module.WindowReader.of_scenes(tile.grid, tile.scenes, qai_flags)
+    plan = tile_read_plan(tile, reads)
     if plan.by_window:
         layout = tile.reading
         jobs = [
@@ -130,10 +119,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
-    from treesits_dask.bench.measure import bench_cluster, bench_models, decode_run
+    from treesits_dask.bench.measure import bench_cluster, bench_config, decode_run
     from treesits_dask.bench.pagecache import page_in
     from treesits_dask.bench.real import files_bytes, floor_sample, floors
-    from treesits_dask.config import load_config
     from treesits_dask.pipeline.cluster import Routing
     from treesits_dask.pipeline.plan import make_plan
     from treesits_dask.pipeline.reading import read_budget, worker_disks
@@ -149,14 +137,7 @@ def main(argv=None) -> int:
             wd / "cube", size=args.size, n_scenes=args.scenes, layout=args.layout, seed=5
         ).root
         _log(f"{args.size} px x {args.scenes} scenes written in {time.perf_counter() - t0:.0f} s")
-    cfg = load_config(
-        overrides=dict(cube=str(root), tiles="all", workers=1, threads_per_worker=args.threads,
-                       memory_limit=args.memory_limit, dashboard_address=":0",
-                       window=f"{args.window}x{args.window}", output=str(wd / "out"),
-                       **bench_models(wd, ["sits-lstm"])["sits-lstm"]),
-        environ={},
-    )  # fmt: skip
-    plan = make_plan(cfg)
+    plan = make_plan(bench_config(root, wd, args.threads, args.memory_limit, args.window))
     _, total = files_bytes(plan)  # uncompressed bytes
     sample = floor_sample(plan)  # as bench --real's floors
     variants = [v for v in args.variants.split(",") if v]

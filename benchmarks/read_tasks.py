@@ -44,10 +44,9 @@ def main(argv=None) -> int:
 
     import treesits_dask.io.bands as bands
     import treesits_dask.io.cube as cube
-    from treesits_dask.bench.measure import bench_cluster, bench_models, decode_run
+    from treesits_dask.bench.measure import bench_cluster, bench_config, decode_run
     from treesits_dask.bench.pagecache import page_in
     from treesits_dask.bench.real import files_bytes, floor_sample, floors
-    from treesits_dask.config import load_config
     from treesits_dask.pipeline.plan import make_plan
     from treesits_dask.synthetic import make_cube
 
@@ -56,14 +55,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     made = make_cube(wd / "cube", size=args.size, n_scenes=args.scenes, layout="strips", seed=5)
     _log(f"{args.size} px x {args.scenes} scenes written in {time.perf_counter() - t0:.0f} s")
-    cfg = load_config(
-        overrides=dict(cube=made.root, tiles="all", workers=1, threads_per_worker=args.threads,
-                       memory_limit=args.memory_limit, dashboard_address=":0",
-                       window=f"{args.window}x{args.window}", output=str(wd / "out"),
-                       **bench_models(wd, ["sits-lstm"])["sits-lstm"]),
-        environ={},
-    )  # fmt: skip
-    plan = make_plan(cfg)
+    plan = make_plan(bench_config(made.root, wd, args.threads, args.memory_limit, args.window))
     files, total = files_bytes(plan)  # uncompressed bytes
     sample = floor_sample(plan)  # as bench --real's floors
     forced = {"min": 0, "tasks": None}

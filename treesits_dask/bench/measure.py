@@ -19,6 +19,7 @@ from ..io.grid import Window
 __all__ = [
     "PeakRSS",
     "bench_cluster",
+    "bench_config",
     "bench_models",
     "cold_reads",
     "decode_run",
@@ -34,6 +35,7 @@ __all__ = [
     "prefetched",
     "rerun",
     "reset_vm_hwm",
+    "tile_read_plan",
     "vm_hwm",
     "windows_with_forest",
     "worker_pids",
@@ -108,6 +110,21 @@ def bench_cluster(workers: int, threads: int, memory_limit: str | int = "auto"):
                            dashboard_address=":0", memory_limit=memory_limit,
                            **warmup.worker_kwargs())  # fmt: skip
     return cluster, Client(cluster)
+
+
+def bench_config(cube, workdir: Path, threads: int, memory_limit: str, window: int):
+    """The configuration of a read benchmark on ``cube``: every tile, one worker of ``threads``
+    threads and ``memory_limit``, square windows of ``window`` px, output under ``workdir`` and
+    ``sits-lstm`` with random weights (the reads do not run it)."""
+    from ..config import load_config
+
+    return load_config(
+        overrides=dict(cube=str(cube), tiles="all", workers=1, threads_per_worker=threads,
+                       memory_limit=memory_limit, dashboard_address=":0",
+                       window=f"{window}x{window}", output=str(workdir / "out"),
+                       **bench_models(workdir, ["sits-lstm"])["sits-lstm"]),
+        environ={},
+    )  # fmt: skip
 
 
 def bench_models(workdir: Path, families: list[str]) -> dict[str, dict]:
@@ -281,16 +298,22 @@ def decode_run(plan, client) -> dict:
     }
 
 
+def tile_read_plan(tile, reads):
+    """The :class:`~treesits_dask.io.bands.ReadPlan` of a planned ``tile`` under the read budget
+    ``reads`` (:func:`~treesits_dask.pipeline.reading.read_budget`), as ``run`` plans it."""
+    from ..io.bands import plan_reads
+
+    return plan_reads(
+        tile.grid, tile.reading, len(tile.scenes), reads.task_bytes, None, reads.threads,
+        reads.held_bytes, reads.spill_bytes,
+    )  # fmt: skip
+
+
 def read_mode(tile, reads) -> tuple[str, int]:
     """How a tile is read under ``reads``, and in how many read tasks: ``blocks`` (chunks of whole
     COG blocks, :func:`~treesits_dask.io.grid.read_shape`), ``windows`` (strip windows of all
     scenes, or the memory guard's fallback), ``bands`` or ``bands+spill``."""
-    from ..io.bands import plan_reads
-
-    rp = plan_reads(
-        tile.grid, tile.reading, len(tile.scenes), reads.task_bytes, None, reads.threads,
-        reads.held_bytes, reads.spill_bytes,
-    )  # fmt: skip
+    rp = tile_read_plan(tile, reads)
     if rp.by_window or all(rp.direct(b) for b in rp.bands):
         return ("blocks", len(rp.groups)) if rp.aligned else ("windows", len(tile.reading))
     return ("bands+spill" if rp.spills else "bands"), rp.tasks

@@ -181,14 +181,7 @@ def tile_cube(
     from dask.base import tokenize
     from dask.highlevelgraph import HighLevelGraph
 
-    reader = WindowReader(
-        grid=grid,
-        boa=tuple(s.boa for s in scenes),
-        qai=tuple(s.qai for s in scenes),
-        qai_flags=tuple(qai_flags),
-        versions=tuple((s.size, s.mtime) for s in scenes),
-        qai_versions=tuple((s.qai_size, s.qai_mtime) for s in scenes),
-    )
+    reader = WindowReader.of_scenes(grid, scenes, qai_flags)
     plan = plan_reads(
         grid, layout, len(scenes), read_bytes, min_tasks=min_read_tasks, held_bytes=held_bytes,
         spill_bytes=spill_bytes,

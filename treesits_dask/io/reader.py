@@ -156,6 +156,19 @@ class WindowReader:
     versions: tuple = ()
     qai_versions: tuple = ()
 
+    @classmethod
+    def of_scenes(cls, grid: TileGrid, scenes, qai_flags=()) -> WindowReader:
+        """The reader of a tile's ``scenes`` (:class:`~treesits_dask.io.discovery.Scene`: BOA and
+        QAI paths, their sizes and mtimes as versions)."""
+        return cls(
+            grid=grid,
+            boa=tuple(s.boa for s in scenes),
+            qai=tuple(s.qai for s in scenes),
+            qai_flags=tuple(qai_flags),
+            versions=tuple((s.size, s.mtime) for s in scenes),
+            qai_versions=tuple((s.qai_size, s.qai_mtime) for s in scenes),
+        )
+
     def read(self, window: Window, mask: np.ndarray | None = None) -> np.ndarray:
         """``(T, bands, h, w)`` int16 of one window of all scenes; screened observations -9999.
 
