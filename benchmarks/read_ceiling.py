@@ -59,7 +59,9 @@ def pool_read(tile, reads, qai_flags: tuple, threads: int, disk: bool) -> dict:
     from treesits_dask.bench.measure import cold_reads, tile_read_plan
     from treesits_dask.io import datasets, pieces
 
-    reader = reader_module.WindowReader.of_scenes(tile.grid, tile.scenes, qai_flags)
+    reader = reader_module.WindowReader.of_scenes(
+        tile.grid, tile.scenes, qai_flags, checked=tile.scenes
+    )
     plan = tile_read_plan(tile, reads)
     if plan.by_window:
         layout = tile.reading

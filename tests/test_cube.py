@@ -988,7 +988,7 @@ def test_gdal_block_cache_of_a_reading_process_follows_its_memory_limit(tmp_path
     _, scenes, _grid_ = _grid(root)
 
     def open_one():
-        with datasets.dataset(scenes[0].boa, None, lambda src: None):
+        with datasets.dataset(scenes[0].boa, None, lambda src, georeferenced=True: None):
             return gdal_cache_max()
 
     cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
@@ -1012,7 +1012,7 @@ def test_kept_datasets_are_bounded_by_memory(tmp_path, monkeypatch):
     opens = cube.OPEN_COUNTER.count
     for _ in range(2):
         for f in files:
-            with datasets.dataset(f, None, lambda s, f=f: checks.append(f)):
+            with datasets.dataset(f, None, lambda s, georeferenced=True, f=f: checks.append(f)):
                 pass
     assert sorted(checks) == sorted(files)  # each checked once, though reopened
     assert cube.OPEN_COUNTER.count - opens == 2 * len(files)  # 2 kept: each read opened again
@@ -1033,7 +1033,7 @@ def _checked_files(tmp_path, crs_seen: bool = False):
     lock = threading.Lock()
 
     def check(f):
-        def record(src):
+        def record(src, georeferenced=True):
             if crs_seen:
                 assert src.crs is not None  # a check sees the georeferencing
             with lock:
@@ -1155,6 +1155,61 @@ def test_reopened_files_skip_their_georeferencing_and_read_the_same(tmp_path, mo
     assert done.stdout.strip() == "None" and "NotGeoreferenced" not in done.stderr, done.stderr
 
 
+def test_files_the_driver_checked_skip_their_georeferencing_until_they_change(
+    tmp_path, monkeypatch
+):
+    """A reader told that the run's driver checked its scenes' headers (``checked``) opens a local
+    file still at the version the scene table lists without its georeferencing, and checks only
+    its bands and size; a file changed since (another mtime) is opened and checked in full, so a
+    file replaced by one of another grid is still named.  The values are the same either way."""
+    import os
+
+    import rasterio
+
+    from treesits_dask.io.grid import Window
+
+    root, _ = _striped_tile(tmp_path, blocks=(16, 16))
+    _, scenes, grid = _grid(root)
+    opened: list[tuple[str, bool]] = []
+    real_open = datasets.open_raster
+
+    def open_raster(url, georeferenced=True):
+        opened.append((url, georeferenced))
+        return real_open(url, georeferenced)
+
+    monkeypatch.setattr(datasets, "open_raster", open_raster)
+    window = Window(0, 0, 37, 50)
+    datasets.forget_datasets()
+    want = cube.WindowReader.of_scenes(grid, scenes, DEFAULT_QAI_FLAGS).read(window)
+    assert opened and all(georef for _, georef in opened)  # not told: every file in full
+    assert all(datasets.unchanged(s.boa, (s.size, s.mtime)) for s in scenes)
+    checked = cube.WindowReader.of_scenes(grid, scenes, DEFAULT_QAI_FLAGS, checked=scenes[1:])
+    assert checked.verified == (False, *[True] * (len(scenes) - 1))
+    for _ in range(2):  # the first read of a new run, and again, its datasets kept
+        opened.clear()
+        datasets.forget_datasets()
+        np.testing.assert_array_equal(checked.read(window), want)
+        assert {u for u, georef in opened if georef} == {scenes[0].boa, scenes[0].qai}
+
+    # scene 2 replaced (a new mtime) by a file of another grid: opened in full, and named
+    boa = scenes[2].boa
+    with rasterio.open(boa) as src:
+        profile, data = src.profile, src.read()
+    profile["transform"] = profile["transform"] @ rasterio.Affine.translation(16, 0)
+    os.unlink(boa)
+    with rasterio.open(boa, "w", **profile) as dst:
+        dst.write(data)
+    stat = os.stat(boa)
+    os.utime(boa, (stat.st_atime, stat.st_mtime + 10))
+    assert not datasets.unchanged(boa, (scenes[2].size, scenes[2].mtime))
+    datasets.forget_datasets()
+    with pytest.raises(InputDataError, match=f"{boa} is on another grid"):
+        checked.read(window)
+    datasets.forget_datasets()
+    assert not datasets.unchanged("s3://bucket/a.tif", (1, "x"))  # remote: a request, not asked
+    assert not datasets.unchanged(boa, None)
+
+
 def test_kept_striped_files_count_what_their_compressed_strips_hold(tmp_path):
     """A file in full-width strips of one band each is counted by its compressed size (its
     version's first item): at 3000 px, a well-compressed one less than two decoded strips (what
@@ -1177,7 +1232,7 @@ def test_kept_striped_files_count_what_their_compressed_strips_hold(tmp_path):
             before = datasets.held_by(src)  # no size known: two decoded strips
             assert held[name] >= 1.5 * size / 4  # its mean compressed strip, 1.5 times
         datasets.forget_datasets()
-        with datasets.dataset(str(path), (size, 0.0), lambda s: None):
+        with datasets.dataset(str(path), (size, 0.0), lambda s, georeferenced=True: None):
             assert datasets.kept_datasets() == (1, held[name])
         datasets.forget_datasets()
     assert held["flat"] < before < held["noise"]

@@ -252,7 +252,7 @@ def decode_run(plan, client) -> dict:
         cube = tile_cube(
             tile.scenes, tile.grid, tile.reading, plan.config.qai_flags, mask=mask,
             read_bytes=reads.task_bytes, min_read_tasks=reads.threads,
-            held_bytes=reads.held_bytes, spill_bytes=reads.spill_bytes,
+            held_bytes=reads.held_bytes, spill_bytes=reads.spill_bytes, checked=tile.scenes,
         )  # fmt: skip
         arrays.append(
             cube.data.map_blocks(

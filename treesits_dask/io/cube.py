@@ -152,6 +152,7 @@ def tile_cube(
     min_read_tasks: int = 1,
     held_bytes: int | None = None,
     spill_bytes: int | None = None,
+    checked: Sequence[Scene] = (),
 ):
     """Lazy ``xarray.DataArray`` (time, band, y, x) int16 of one tile, one chunk per window.
 
@@ -173,7 +174,9 @@ def tile_cube(
     they do not fit memory, the read tasks write their pieces to the worker's local disk as it
     runs short of memory (logged, :mod:`treesits_dask.io.pieces`); where they do not fit memory
     and disk, the tile is read window by window (every block decoded once per window that
-    crosses it; logged as a warning).
+    crosses it; logged as a warning).  ``checked``: the scenes whose file headers the run's driver
+    checked (:func:`scene_problems`): the workers check again only those of their files found
+    changed since (see :class:`~treesits_dask.io.reader.WindowReader`).
     """
     import dask.array as da
     import rioxarray  # noqa: F401  (registers the .rio accessor)
@@ -181,7 +184,7 @@ def tile_cube(
     from dask.base import tokenize
     from dask.highlevelgraph import HighLevelGraph
 
-    reader = WindowReader.of_scenes(grid, scenes, qai_flags)
+    reader = WindowReader.of_scenes(grid, scenes, qai_flags, checked)
     plan = plan_reads(
         grid, layout, len(scenes), read_bytes, min_tasks=min_read_tasks, held_bytes=held_bytes,
         spill_bytes=spill_bytes,

@@ -55,6 +55,7 @@ __all__ = [
     "open_options",
     "open_raster",
     "read_cache_bytes",
+    "unchanged",
 ]
 
 
@@ -143,9 +144,12 @@ def open_error(url: str, exc: BaseException) -> InputDataError:
     )
 
 
-def check_header(src, url: str, grid: TileGrid, bands: int | None = None) -> None:
+def check_header(
+    src, url: str, grid: TileGrid, bands: int | None = None, georeferenced: bool = True
+) -> None:
     """:class:`InputDataError` unless the open dataset ``src`` has ``bands`` (default: the grid's
-    band count) int16 bands on ``grid`` (size, transform, CRS by meaning)."""
+    band count) int16 bands on ``grid`` (size, transform, CRS by meaning; without
+    ``georeferenced``, for a file opened without its georeferencing, only the size)."""
     bands = grid.count if bands is None else bands
     tr = src.transform
     if src.count != bands or src.dtypes[0] != "int16":
@@ -153,17 +157,23 @@ def check_header(src, url: str, grid: TileGrid, bands: int | None = None) -> Non
             f"{url} has {src.count} bands of {src.dtypes[0]}; expected {bands} int16 band(s) "
             f"like the other scenes of tile {grid.tile}; remove or re-create the file"
         )
-    if (src.width, src.height) != (grid.width, grid.height) or not np.allclose(
-        (tr.a, tr.b, tr.c, tr.d, tr.e, tr.f),
-        grid.transform,
-        rtol=0,
-        atol=1e-6 * abs(grid.transform[0]),
+    if (
+        (src.width, src.height) != (grid.width, grid.height)
+        or georeferenced
+        and not np.allclose(
+            (tr.a, tr.b, tr.c, tr.d, tr.e, tr.f),
+            grid.transform,
+            rtol=0,
+            atol=1e-6 * abs(grid.transform[0]),
+        )
     ):
         raise InputDataError(
             f"{url} is on another grid ({src.width}x{src.height} px, transform "
             f"{tuple(tr)[:6]}) than tile {grid.tile} ({grid.width}x{grid.height} px, transform "
             f"{grid.transform}); the file does not belong in this tile folder"
         )
+    if not georeferenced:
+        return
     if src.crs is None or src.crs.to_wkt() != grid.crs_wkt:
         if src.crs is None or not same_crs(grid.crs_wkt, src.crs):
             raise InputDataError(
@@ -424,16 +434,21 @@ class Lent:
             _POOL.discard(self.src, self.nbytes)
 
 
-def dataset(url: str, version, check: Callable[[object], None]) -> Lent:
+def dataset(url: str, version, check: Callable[..., None], verified: bool = False) -> Lent:
     r"""The open dataset of ``url`` (at ``version``), lent to this thread until the end of the
     ``with`` block of the returned :class:`Lent`: an idle one of the process's pool, else opened
     (counted in :data:`OPEN_COUNTER`) and ``check``\ ed once per process (by whichever thread
     opens it first; any other open, of a file closed for room or read by two threads at once,
-    leaves out the georeferencing: :data:`REOPEN_OPTIONS`).  Raises what opening or ``check``
-    raises (the file is then not kept).  The first call of a process limits GDAL's block cache
-    (:data:`READ_GDAL_CACHE`).  ``version``: as the reader's (size, mtime or ETag); where its
-    first item is an int, it is the file's size, which :func:`held_by` counts a striped file
-    by."""
+    leaves out the georeferencing: :data:`REOPEN_OPTIONS`).  ``check(src, georeferenced=...)``
+    checks the header of ``src``; ``verified``: the run's driver checked the header of this file
+    at ``version`` already (:func:`~treesits_dask.pipeline.checks.check_tiles`), so where the
+    local file is still at that version (:func:`unchanged`), its first open leaves out the
+    georeferencing too and ``check`` gets ``georeferenced=False`` (bands and size only; building
+    the CRS from the file's GeoTIFF keys was about two thirds of a first open, see
+    :data:`REOPEN_OPTIONS`).  Raises what opening or ``check`` raises (the file is then not kept).
+    The first call of a process limits GDAL's block cache (:data:`READ_GDAL_CACHE`).
+    ``version``: as the reader's (size, mtime or ETag); where its first item is an int, it is the
+    file's size, which :func:`held_by` counts a striped file by."""
     if not _cache_limited:
         _limit_gdal_cache()
     key = (url, version)
@@ -442,10 +457,11 @@ def dataset(url: str, version, check: Callable[[object], None]) -> Lent:
     if kept is not None:
         return Lent(key, *kept, generation)
     checked = key in _CHECKED  # a file closed for room and opened again is not checked again
-    src = open_raster(url, georeferenced=not checked)
+    georeferenced = not checked and not (verified and unchanged(url, version))
+    src = open_raster(url, georeferenced=georeferenced)
     if not checked:
         try:
-            check(src)
+            check(src, georeferenced=georeferenced)
         except BaseException:
             src.close()
             raise
@@ -454,6 +470,19 @@ def dataset(url: str, version, check: Callable[[object], None]) -> Lent:
     nbytes = held_by(src, version[0] if sized else None)
     _POOL.add(nbytes)
     return Lent(key, src, nbytes, generation)
+
+
+def unchanged(url: str, version) -> bool:
+    """Whether the local file ``url`` is at ``version`` (its size and mtime as discovery lists
+    them, :class:`~treesits_dask.io.discovery.Scene`) now; False for a remote file (it would cost
+    a request) or a version of another form."""
+    if not isinstance(version, tuple) or len(version) != 2 or storage.is_remote(url):
+        return False
+    try:
+        st = os.stat(storage.strip_protocol(url))
+    except OSError:
+        return False
+    return (st.st_size, str(st.st_mtime)) == version
 
 
 def kept_datasets() -> tuple[int, int]:

@@ -35,6 +35,7 @@ from .datasets import (
     DECODED,
     SCREENED,
     Counter,
+    Lent,
     check_header,
     dataset,
     open_error,
@@ -147,7 +148,10 @@ def assemble(
 class WindowReader:
     """Recipe to read rectangles of the scenes of a tile: pickles as a few strings, opens files in
     the task.  ``versions`` / ``qai_versions`` (e.g. size and mtime of each file) key the datasets
-    kept open, so a replaced file is opened again."""
+    kept open, so a replaced file is opened again.  ``verified`` (per scene, or empty: none):
+    the run's driver checked the headers of the scene's files at their versions, so a worker
+    checks again only a file found at another version (see
+    :func:`~treesits_dask.io.datasets.dataset`)."""
 
     grid: TileGrid
     boa: tuple[str, ...]
@@ -155,11 +159,14 @@ class WindowReader:
     qai_flags: tuple[str, ...] = ()
     versions: tuple = ()
     qai_versions: tuple = ()
+    verified: tuple[bool, ...] = ()
 
     @classmethod
-    def of_scenes(cls, grid: TileGrid, scenes, qai_flags=()) -> WindowReader:
+    def of_scenes(cls, grid: TileGrid, scenes, qai_flags=(), checked=()) -> WindowReader:
         """The reader of a tile's ``scenes`` (:class:`~treesits_dask.io.discovery.Scene`: BOA and
-        QAI paths, their sizes and mtimes as versions)."""
+        QAI paths, their sizes and mtimes as versions); ``checked``: those of them whose headers
+        the run's driver checked (``verified``)."""
+        names = {s.name for s in checked}
         return cls(
             grid=grid,
             boa=tuple(s.boa for s in scenes),
@@ -167,6 +174,7 @@ class WindowReader:
             qai_flags=tuple(qai_flags),
             versions=tuple((s.size, s.mtime) for s in scenes),
             qai_versions=tuple((s.qai_size, s.qai_mtime) for s in scenes),
+            verified=tuple(s.name in names for s in scenes) if names else (),
         )
 
     def read(self, window: Window, mask: np.ndarray | None = None) -> np.ndarray:
@@ -397,13 +405,12 @@ class WindowReader:
         """Ask the kernel for the bytes of the blocks of ``rects`` ``(rows, cols, runs)`` in the
         QAI (``qai``) or BOA file of scene ``t`` (:mod:`~treesits_dask.io.prefetch`).  Best
         effort: a file that cannot be opened is left to its read, which reports it."""
-        url, version = self._file(t, qai)
-        bands = 1 if qai else None
+        url = self._file(t, qai)[0]
         rects = [rect for rect in rects if rect[2]]
         if url is None or not rects or storage.is_remote(url):
             return
         try:
-            with dataset(url, version, self._check(url, bands)) as src:
+            with self._lend(t, qai) as src:
                 ranges = [r for rect in rects for r in prefetch.block_ranges(src, *rect)]
             prefetch.will_need(url, ranges)
         except Exception:  # noqa: BLE001 - the read itself reports what is wrong
@@ -416,16 +423,23 @@ class WindowReader:
             return self.qai[t], self.qai_versions[t] if self.qai_versions else None
         return self.boa[t], self.versions[t] if self.versions else None
 
-    def _check(self, url: str, bands: int | None):
-        """The header check of a dataset of ``url`` with ``bands`` bands (None: the grid's)."""
-        return lambda s: check_header(s, url, self.grid, bands)
+    def _lend(self, t: int, qai: bool) -> Lent:
+        """The dataset of scene ``t``'s QAI (``qai``) or BOA file, lent by the process's pool
+        (:func:`~treesits_dask.io.datasets.dataset`) and checked against the tile's grid."""
+        url, version = self._file(t, qai)
+        bands = 1 if qai else None
+
+        def check(src, georeferenced: bool = True) -> None:
+            check_header(src, url, self.grid, bands, georeferenced)
+
+        return dataset(url, version, check, bool(self.verified) and self.verified[t])
 
     def _screening(self, t: int, rows, cols, runs, q: np.ndarray) -> tuple[list, list]:
         """The QAI of scene ``t`` in the ``runs`` of the rectangle (read into ``q``): what it
         screens in each run, and the runs of whole file blocks that hold an observation it does
         not screen (the BOA blocks to decode: one all cloud or beyond the swath is nodata without
         being decoded)."""
-        boa, (qai, version) = self.boa[t], self._file(t, qai=True)
+        boa, qai = self.boa[t], self.qai[t]
         if qai is None:
             raise InputDataError(
                 f"{boa} has no QAI file ({storage.basename(boa).replace('_BOA', '_QAI')}) "
@@ -438,7 +452,7 @@ class WindowReader:
                 return open_error(qai, exc)
             return InputDataError(f"cannot read QAI file {qai}: {exc}; re-create or remove it")
 
-        self._read_runs(qai, version, 1, q, runs, rows, cols, where, qai_failed)
+        self._read_runs(t, True, q, runs, rows, cols, where, qai_failed)
         bad = [qai_invalid(q[r0:r1, c0:c1], self.qai_flags) for r0, r1, c0, c1 in runs]
         return bad, self._clear_runs(rows, cols, runs, bad)
 
@@ -446,7 +460,7 @@ class WindowReader:
         """Scene ``t`` of the rectangle into ``out``: without QAI screening (``screening`` None)
         every block of the ``runs``; else, with the scene's :meth:`_screening`, only the BOA blocks
         that hold an observation the QAI does not screen, screened."""
-        boa, version = self._file(t, qai=False)
+        boa = self.boa[t]
         where = f"rows {rows[0]}:{rows[1]}, cols {cols[0]}:{cols[1]}"
 
         def boa_failed(exc: Exception) -> InputDataError:
@@ -458,11 +472,11 @@ class WindowReader:
             )
 
         if screening is None:
-            self._read_runs(boa, version, None, out, runs, rows, cols, where, boa_failed)
+            self._read_runs(t, False, out, runs, rows, cols, where, boa_failed)
             return
         bad, clear = screening
         if clear:
-            self._read_runs(boa, version, None, out, clear, rows, cols, where, boa_failed)
+            self._read_runs(t, False, out, clear, rows, cols, where, boa_failed)
         for (r0, r1, c0, c1), b in zip(runs, bad, strict=True):
             screen(out[:, r0:r1, c0:c1], b)  # undecoded blocks: all screened, so nodata
 
@@ -486,19 +500,19 @@ class WindowReader:
             SCREENED.add(blocks - kept_blocks, nbytes - kept_bytes)
         return clear
 
-    def _read_runs(self, url, version, bands, dest, runs, rows, cols, where, failed) -> None:
-        """Read the ``runs`` (relative to the rectangle ``rows`` x ``cols`` of the file) of ``url``
-        into ``dest`` (``(bands, h, w)``, or ``(h, w)`` for a one-band file: ``bands=1``) through
-        this thread's kept dataset, checked against the tile's grid (``bands`` None: the grid's
-        count); remote files with retries.  An error that is not an :class:`InputDataError`
-        already is raised as ``failed(exc)``."""
+    def _read_runs(self, t, qai, dest, runs, rows, cols, where, failed) -> None:
+        """Read the ``runs`` (relative to the rectangle ``rows`` x ``cols`` of the file) of scene
+        ``t``'s QAI (``qai``) or BOA file into ``dest`` (``(bands, h, w)``, or ``(h, w)`` for the
+        QAI) through a kept dataset (:meth:`_lend`); remote files with retries.  An error that is
+        not an :class:`InputDataError` already is raised as ``failed(exc)``."""
         from rasterio.windows import Window as RioWindow
 
+        url = self._file(t, qai)[0]
         rects = [RioWindow(cols[0] + c0, rows[0] + r0, c1 - c0, r1 - r0) for r0, r1, c0, c1 in runs]
 
         def read():
             try:
-                lent = dataset(url, version, self._check(url, bands))
+                lent = self._lend(t, qai)
             except InputDataError:
                 raise
             except Exception as exc:  # not a GeoTIFF, gone, no access: retried if remote, named

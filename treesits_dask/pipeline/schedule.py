@@ -106,6 +106,7 @@ def tile_graph(
         cube = tile_cube(
             scenes, tile.grid, reading, cfg.qai_flags, mask=mask,
             read_bytes=task_bytes, min_read_tasks=threads, held_bytes=held, spill_bytes=spill,
+            checked=tile.scenes,  # the plan's checks read their headers (not the alerts' older)
         )  # fmt: skip
         if tile.alerts is not None:
             prev = state_layer(cfg.output, tile.alerts.resume, tile.region, tile.layout)
