@@ -869,6 +869,7 @@ def test_pieces_go_to_local_disk_where_the_worker_has_no_room(tmp_path, blocks, 
     from treesits_dask.io import reader as reader_module
     from treesits_dask.io.buffers import RECYCLER
     from treesits_dask.io.reader import assemble
+    from treesits_dask.pipeline.plugins import PieceFiles
 
     monkeypatch.setattr(disk.tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
@@ -912,11 +913,13 @@ def test_pieces_go_to_local_disk_where_the_worker_has_no_room(tmp_path, blocks, 
         assert (window[:, :, h:] == 7).all()
     whole = assemble(view.shape, None, ((0, n, 0, h),), [piece])  # straight into the window
     np.testing.assert_array_equal(whole, view)
-    del got, piece, first, p
-    deadline = time.monotonic() + 10
-    while os.listdir(directory) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert os.listdir(directory) == []  # released: removed
+    remove = disk._remove
+    monkeypatch.setattr(disk, "_remove", lambda path: time.sleep(0.05) or remove(path))
+    del got, piece, first, p  # released: removed in the background, 50 ms a file here
+    assert os.listdir(directory)
+    PieceFiles().teardown()  # a closing worker waits until they are gone
+    assert os.listdir(directory) == []
+    monkeypatch.setattr(disk, "_remove", remove)
 
     # a read that fails half way removes what it wrote
     calls, read_scene = [], reader_module.WindowReader._read_scene

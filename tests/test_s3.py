@@ -165,7 +165,8 @@ def test_no_credentials_in_graph_logs_or_outputs(s3_run, inputs, client, caplog)
     for key, data in _s3_objects(s3_run["config"].output).items():
         assert not any(s in data for s in secrets), key
     # the task graph of a tile, and the plugins sent to the workers
-    from treesits_dask.pipeline.cluster import EnvPlugin, worker_environment
+    from treesits_dask.pipeline.cluster import worker_environment
+    from treesits_dask.pipeline.plugins import EnvPlugin
     from treesits_dask.pipeline.predict import ModelPlugin
 
     config = s3_run["config"].model_copy(update={"force": True})

@@ -104,12 +104,15 @@ def bench_cluster(workers: int, threads: int, memory_limit: str | int = "auto"):
 
     from ..io import storage
     from ..pipeline import warmup
+    from ..pipeline.plugins import PieceFiles
 
     storage.apply_environment(storage.process_defaults())
     cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
                            dashboard_address=":0", memory_limit=memory_limit,
                            **warmup.worker_kwargs())  # fmt: skip
-    return cluster, Client(cluster)
+    client = Client(cluster)
+    client.register_plugin(PieceFiles())  # as run's workers: piece files removed before closing
+    return cluster, client
 
 
 def bench_config(cube, workdir: Path, threads: int, memory_limit: str, window: int):

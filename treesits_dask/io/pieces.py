@@ -45,6 +45,7 @@ __all__ = [
     "PieceWriter",
     "in_memory",
     "piece_directory",
+    "wait_removed",
 ]
 
 #: bytes of pieces written to local disk by this process (the benchmark reports them)
@@ -114,11 +115,17 @@ def _remove(path: str) -> None:
 
 _GONE: queue.SimpleQueue = queue.SimpleQueue()
 _REMOVER: list[threading.Thread] = []
+_PENDING = threading.Condition()
+_pending = [0]  # files handed to the remover and not removed yet
 
 
 def _remover() -> None:
     while True:
         _remove(_GONE.get())
+        with _PENDING:
+            _pending[0] -= 1
+            if not _pending[0]:
+                _PENDING.notify_all()
 
 
 def _remove_later(path: str) -> None:
@@ -128,7 +135,18 @@ def _remove_later(path: str) -> None:
         if not _REMOVER or not _REMOVER[0].is_alive():
             _REMOVER[:] = [threading.Thread(target=_remover, name="piece-remover", daemon=True)]
             _REMOVER[0].start()
+    with _PENDING:
+        _pending[0] += 1
     _GONE.put(path)
+
+
+def wait_removed(timeout: float) -> bool:
+    """Wait (at most ``timeout`` seconds) until the files of the pieces released so far are
+    removed; whether they are.  A closing worker calls it (``pipeline.cluster.PieceFiles``)
+    before Dask removes its local directory: removing the same files at once, Dask logged an
+    error per file ("Failed to remove ...") at the end of a run that had written pieces."""
+    with _PENDING:
+        return _PENDING.wait_for(lambda: not _pending[0], timeout)
 
 
 class DiskPiece:

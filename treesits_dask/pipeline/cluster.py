@@ -2,7 +2,8 @@
 
 GDAL and S3 settings that workers need are process environment variables (``rasterio.Env`` is
 thread-local and would not reach worker threads).  Only non-secret variables are sent to workers
-(by :class:`EnvPlugin`); credentials come from each worker's own environment / pod.
+(by :class:`~treesits_dask.pipeline.plugins.EnvPlugin`); credentials come from each worker's own
+environment / pod.
 
 Resource routing (:class:`Routing`) is the same for every kind of cluster: inference tasks need
 the Dask resource ``GPU`` and reads ``CPU`` when a GPU group exists (declared by the settings, or
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 
 import dask
 from dask.utils import parse_timedelta
-from distributed.diagnostics.plugin import WorkerPlugin
 
 from ..config import RunConfig
 from ..config.kubernetes import GPU_RESOURCE, READ_RESOURCE
@@ -29,11 +29,10 @@ from ..errors import ClusterError
 from ..io import storage
 from ..kube.start import WorkerNeed, worker_needs
 from . import warmup
+from .plugins import worker_plugins
 
 __all__ = [
-    "EnvPlugin",
     "Routing",
-    "TaskErrorLog",
     "connect",
     "declared_routing",
     "describe",
@@ -55,62 +54,6 @@ def worker_environment(config: RunConfig) -> dict[str, str]:
         storage.s3_environment(config.s3_endpoint_url, config.s3_region, config.s3_addressing)
     )
     return env
-
-
-class EnvPlugin(WorkerPlugin):
-    """Sets non-secret environment variables on every worker, also ones that join later."""
-
-    name = "treesits-env"
-
-    def __init__(self, env: dict[str, str]):
-        forbidden = [
-            k
-            for k in env
-            if "SECRET" in k or "TOKEN" in k or "PASSWORD" in k or k.endswith("_KEY_ID")
-        ]
-        if forbidden:
-            raise ValueError(f"refusing to ship credentials to workers: {forbidden}")
-        self.env = dict(env)
-
-    def setup(self, worker=None):
-        storage.apply_environment(self.env)
-
-
-def _package_errors() -> set[str]:
-    """Names of the exception classes that are input problems (every :class:`TreesitsError`)."""
-    from ..errors import TreesitsError
-
-    names, todo = set(), [TreesitsError]
-    while todo:
-        cls = todo.pop()
-        names.add(cls.__name__)
-        todo += cls.__subclasses__()
-    return names
-
-
-class _OneLineInputErrors(logging.Filter):
-    """distributed logs a failed task as "Compute Failed" with the task, the exception and its
-    traceback.  For input problems (a :class:`TreesitsError`, whose message names the file and
-    the fix, and which the driver reports per tile) one line is enough; other errors keep their
-    traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if str(record.msg).startswith("Compute Failed") and len(record.args or ()) == 5:
-            key, _, _, exception_text, _ = record.args
-            if str(exception_text).split("(", 1)[0] in _package_errors():
-                record.msg, record.args = "task %s failed: %s", (key, exception_text)
-        return True
-
-
-class TaskErrorLog(WorkerPlugin):
-    """Workers log a task that failed on an input problem as one line, not as a traceback."""
-
-    name = "treesits-task-errors"
-
-    def setup(self, worker=None):
-        logger = logging.getLogger("distributed.worker")
-        if not any(isinstance(f, _OneLineInputErrors) for f in logger.filters):
-            logger.addFilter(_OneLineInputErrors())
 
 
 def local_cluster_kwargs(config: RunConfig) -> dict:
@@ -346,8 +289,8 @@ def connect(config: RunConfig) -> Iterator:
     with dask.config.set({lost: f"{patient}s"}):
         client, cluster = _start(config)
         try:
-            client.register_plugin(EnvPlugin(env))
-            client.register_plugin(TaskErrorLog())
+            for plugin in worker_plugins(env):
+                client.register_plugin(plugin)
             yield client
         finally:
             client.close()

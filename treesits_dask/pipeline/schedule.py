@@ -31,9 +31,7 @@ from ..state import ledger
 from ..state.lease import Lease
 from .alerting import alert_steps
 from .cluster import (
-    EnvPlugin,
     Routing,
-    TaskErrorLog,
     declared_routing,
     needs_for,
     routing_for,
@@ -42,6 +40,7 @@ from .cluster import (
 )
 from .memory import fitting_chunk
 from .plan import RunPlan, TilePlan
+from .plugins import worker_plugins
 from .postprocess import update_derived
 from .predict import Inference, ModelPlugin, annotate, inference_stats, predict_layer
 from .reading import ReadBudget, read_budget, worker_disks
@@ -325,8 +324,8 @@ def run_tiles(job: Job, client, cb: RunCallbacks, result: RunResult, clock=None)
     cfg = plan.config
     # GDAL/S3 settings on every worker (also of a cluster this run did not start, and ones that join
     # later); credentials stay in each worker's own environment
-    client.register_plugin(EnvPlugin(worker_environment(cfg)))
-    client.register_plugin(TaskErrorLog())
+    for plugin in worker_plugins(worker_environment(cfg)):
+        client.register_plugin(plugin)
     # the same routing on every kind of cluster (also a standing one behind scheduler_address),
     # and the groups it needs must have workers before any work waits for them
     routing = routing_for(cfg, client.scheduler_info(n_workers=-1)["workers"])
