@@ -142,7 +142,7 @@ def _remove_later(path: str) -> None:
 
 def wait_removed(timeout: float) -> bool:
     """Wait (at most ``timeout`` seconds) until the files of the pieces released so far are
-    removed; whether they are.  A closing worker calls it (``pipeline.cluster.PieceFiles``)
+    removed; whether they are.  A closing worker calls it (``pipeline.plugins.PieceFiles``)
     before Dask removes its local directory: removing the same files at once, Dask logged an
     error per file ("Failed to remove ...") at the end of a run that had written pieces."""
     with _PENDING:
