@@ -23,8 +23,11 @@ Variants (``--variants``):
 ``pool-1`` against the one-thread floor is the read code's own overhead (opens, QAI, screening,
 the pieces' copy); ``pool-N`` against ``pool-1`` what running its threads side by side costs
 (against the per-core floor on N threads: what the bare decoding loses so); ``dask`` against
-``pool-N`` (or ``pool-N-disk``) what Dask and putting the windows together add.  Prints one JSON
-line per read.
+``pool-N`` (or ``pool-N-disk``) what Dask and putting the windows together add.  Each read also
+reports ``task_s``: the thread-seconds its read tasks took (from Dask's task stream for ``dask``:
+the tasks of a band and batch of scenes or of a group of windows, not a window read by its own
+task; timed around each job for a pool), so that the read tasks themselves can be told apart from
+what runs between and after them.  Prints one JSON line per read.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+#: keys of the pipeline's read tasks (``io.cube``: per band and batch of scenes, or per group of
+#: windows where windows are read on their own) in Dask's task stream
+READ_TASKS = ("('read-band-", "('read-group-")
 
 
 def _log(msg: str) -> None:
@@ -52,7 +59,8 @@ def _opens() -> int:
 def pool_read(tile, reads, qai_flags: tuple, threads: int, disk: bool) -> dict:
     """Run in a Dask worker (as a task): the read tasks of ``tile``'s plan under ``reads`` on
     ``threads`` threads of a thread pool, their pieces dropped once read; ``disk``: every piece
-    written to local disk.  Seconds, opens, decoded bytes and bytes written."""
+    written to local disk.  Seconds, the read tasks' thread-seconds, opens, decoded bytes and
+    bytes written."""
     from concurrent.futures import ThreadPoolExecutor
 
     import treesits_dask.io.reader as reader_module
@@ -76,6 +84,13 @@ def pool_read(tile, reads, qai_flags: tuple, threads: int, disk: bool) -> dict:
             for band in plan.bands
             for start, stop in plan.batches
         ]
+    durations: list[float] = []
+
+    def timed(job) -> None:
+        start = time.perf_counter()
+        job()
+        durations.append(time.perf_counter() - start)
+
     cold_reads()
     opens, (_, decoded), written = (
         datasets.OPEN_COUNTER.count,
@@ -92,13 +107,14 @@ def pool_read(tile, reads, qai_flags: tuple, threads: int, disk: bool) -> dict:
         # and the read buffers are sized by, as in the pipeline's read tasks)
         context = contextvars.copy_context()
         with ThreadPoolExecutor(threads) as pool:
-            for _ in pool.map(lambda job: context.copy().run(job) and None, jobs):
+            for _ in pool.map(lambda job: context.copy().run(timed, job), jobs):
                 pass
         seconds = time.perf_counter() - t0
     finally:
         reader_module.in_memory = in_memory
     return {
         "seconds": seconds,
+        "task_s": sum(durations),
         "read_tasks": len(jobs),
         "opens": datasets.OPEN_COUNTER.count - opens,
         "decoded_bytes": datasets.DECODED.snapshot()[1] - decoded,
@@ -120,6 +136,8 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+
+    from distributed import get_task_stream
 
     from treesits_dask.bench.measure import bench_cluster, bench_config, decode_run
     from treesits_dask.bench.pagecache import page_in
@@ -163,13 +181,21 @@ def main(argv=None) -> int:
                 page_in(str(root))
                 if variant == "dask":
                     before = sum(client.run(_opens).values())
-                    run = decode_run(plan, client)
+                    with get_task_stream(client) as stream:
+                        run = decode_run(plan, client)
                     run["opens"] = sum(client.run(_opens).values()) - before
+                    run["task_s"] = sum(
+                        s["stop"] - s["start"]
+                        for t in stream.data
+                        if str(t["key"]).startswith(READ_TASKS)
+                        for s in t["startstops"]
+                        if s["action"] == "compute"
+                    )
                     threads = args.threads
                 else:
                     threads = 1 if variant == "pool-1" else args.threads
-                    run = {"seconds": 0.0, "read_tasks": 0, "opens": 0, "decoded_bytes": 0,
-                           "written_bytes": 0}  # fmt: skip
+                    run = {"seconds": 0.0, "task_s": 0.0, "read_tasks": 0, "opens": 0,
+                           "decoded_bytes": 0, "written_bytes": 0}  # fmt: skip
                     for tile in plan.tiles:
                         got = pool_client.submit(
                             pool_read, tile, reads, tuple(plan.config.qai_flags), threads,
@@ -178,6 +204,7 @@ def main(argv=None) -> int:
                         run = {k: run[k] + got[k] for k in run}
                 mbs = total / run["seconds"] / 1e6 / threads
                 row = {"round": r, "variant": variant, "seconds": round(run["seconds"], 2),
+                       "task_s": round(run["task_s"], 2),
                        "threads": threads, "read_tasks": run["read_tasks"],
                        "mb_s_per_core": round(mbs, 1),
                        "floor_mb_s": {"one_thread": round(one, 1),
