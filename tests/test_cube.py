@@ -1188,7 +1188,7 @@ def test_files_the_driver_checked_skip_their_georeferencing_until_they_change(
     assert all(datasets.unchanged(s.boa, (s.size, s.mtime)) for s in scenes)
     checked = cube.WindowReader.of_scenes(grid, scenes, DEFAULT_QAI_FLAGS, checked=scenes[1:])
     assert checked.verified == (False, *[True] * (len(scenes) - 1))
-    for _ in range(2):  # the first read of a new run, and again, its datasets kept
+    for _ in range(2):  # two runs (each a new generation of kept datasets), the same each time
         opened.clear()
         datasets.forget_datasets()
         np.testing.assert_array_equal(checked.read(window), want)
