@@ -697,6 +697,28 @@ def test_read_budget_of_the_reading_workers(tmp_path):
     assert got.spill_bytes == int(1 * gib * SPILL_SHARE) // 2 and got.threads == 11
 
 
+def test_a_spilling_tile_goes_to_the_reading_worker_with_the_fewest_tiles():
+    """A tile whose read plan spills is given the reading worker that reads the fewest tiles in
+    flight (the first by address among equals); with one reading worker, none (nothing to
+    choose); GPU-only workers are not given one."""
+    from treesits_dask.pipeline.cluster import Routing
+    from treesits_dask.pipeline.reading import spill_worker
+
+    workers = {
+        "tcp://b": {"nthreads": 2, "resources": {"CPU": 2}},
+        "tcp://a": {"nthreads": 2, "resources": {"CPU": 2}},
+        "tcp://g": {"nthreads": 1, "resources": {"GPU": 1}},
+    }
+    routing = Routing(read={"CPU": 1}, predict={"GPU": 1})
+    assert spill_worker(workers, routing) == "tcp://a"
+    assert spill_worker(workers, routing, ["tcp://a", None]) == "tcp://b"
+    assert spill_worker(workers, routing, ["tcp://a", "tcp://b", "tcp://b"]) == "tcp://a"
+    assert spill_worker(workers, routing, ["tcp://g", "tcp://a"]) == "tcp://b"
+    assert spill_worker({"tcp://a": workers["tcp://a"]}, routing) is None
+    assert spill_worker(workers, Routing()) == "tcp://a"  # unrouted: every worker reads
+    assert spill_worker(workers, Routing(), ["tcp://a", "tcp://b"]) == "tcp://g"
+
+
 def test_windows_of_all_scenes_must_fit_the_inference_workers():
     """A window holds every scene: where three per thread exceed 60 % of an inference worker's
     memory limit, the tile is refused with the sizes and the settings that fix it (measured: 600

@@ -19,14 +19,16 @@ pytestmark = pytest.mark.slow
 def _config(small_cube, native_lstm, tmp_path, **extra):
     return load_config(
         overrides=dict(
-            cube=small_cube.root,
-            tiles="X0069_Y0043",
-            output=str(tmp_path / "out"),
-            model=native_lstm,
-            window="20x30",
-            dashboard_address=":0",
-            cog=False,
-            **extra,
+            **{
+                "cube": small_cube.root,
+                "tiles": "X0069_Y0043",
+                "output": str(tmp_path / "out"),
+                "model": native_lstm,
+                "window": "20x30",
+                "dashboard_address": ":0",
+                "cog": False,
+                **extra,
+            }
         ),
         environ={},
     )
@@ -107,6 +109,43 @@ def test_standing_cluster_keeps_the_routing(small_cube, native_lstm, tmp_path):
     assert predicted and predicted <= gpu, by_prefix
     assert by_prefix["read"] and not by_prefix["read"] & gpu, by_prefix
     assert {a for a, n in loads.items() if n} == gpu  # CPU workers load no model
+
+
+def test_a_tile_whose_read_spills_is_read_on_one_worker(
+    small_cube, native_lstm, tmp_path, monkeypatch
+):
+    """Where a tile's bands of all scenes do not fit a reading worker (the plan spills pieces to
+    its local disk, which Dask counts as a few bytes), the tile is read and its windows put
+    together on one reading worker, the tiles in flight on different ones: no window fetches
+    another worker's pieces.  Inference still goes to the GPU worker."""
+    from distributed import Client
+
+    from treesits_dask.pipeline import reading
+
+    monkeypatch.setattr(reading, "HELD_SHARE", 1e-9)  # the driver's budget: every plan spills
+    groups = {"cpu-0": {"CPU": 2}, "cpu-1": {"CPU": 2}, "gpu-0": {"GPU": 1}}
+    with _standing_cluster(groups) as standing, Client(standing) as client:
+        config = _config(small_cube, native_lstm, tmp_path, tiles="all",
+                         scheduler_address=standing.scheduler_address)  # fmt: skip
+        info = client.scheduler_info()["workers"]
+        gpu = {a for a, w in info.items() if w["name"].startswith("gpu")}
+        from distributed import get_task_stream
+
+        with get_task_stream(client) as ts:
+            result = run(config, client=client)
+    assert not result.failed and sorted(result.tiles) == ["X0069_Y0043", "X0070_Y0043"]
+    readers: dict[str, set] = {}
+    bands = 0
+    for rec in ts.data:
+        key = str(rec["key"][0] if isinstance(rec["key"], tuple) else rec["key"])
+        if key.startswith("read-"):
+            bands += key.startswith("read-band-")
+            readers.setdefault(key.split("-")[-2], set()).add(rec["worker"])
+    assert bands, "the plans were not read in bands"
+    assert sorted(readers) == ["X0069_Y0043", "X0070_Y0043"], readers
+    (one,), (other,) = readers.values()  # each tile on one worker ...
+    assert one != other and not {one, other} & gpu  # ... its own, a reading one
+    assert result.pixels_predicted > 0
 
 
 def test_read_on_gpu_reads_on_the_gpu_workers(small_cube, native_lstm, tmp_path):

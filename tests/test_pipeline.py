@@ -346,7 +346,7 @@ def test_a_standing_cluster_that_holds_the_windows_but_not_the_chunks_reads_the_
     out = tmp_path / "out"
     config = _standing_config(small_cube, native_lstm, out, client, "5x30")
     assert {t.reading.shape for t in make_plan(config).tiles} == {(6, 30)}
-    with caplog.at_level(logging.INFO, logger="treesits_dask.pipeline.schedule"):
+    with caplog.at_level(logging.INFO, logger="treesits_dask.pipeline.memory"):
         run(config, client=client)
     for tile in small_cube.tiles:
         assert f"tile {tile}: chunks of 6x30 px of all scenes do not fit" in caplog.text

@@ -238,32 +238,34 @@ def worker_restarts(before: dict[str, int], after: dict[str, int]) -> int:
     return sum(1 for w, pid in before.items() if after.get(w) != pid)
 
 
-def decode_run(plan, client) -> dict:
+def decode_run(plan, client, pin: bool = True) -> dict:
     """Read every window of the plan's tiles on the cluster (as ``run`` does, no model): seconds,
     what the workers decoded (the datasets they kept open are closed first) and how many of them
-    restarted meanwhile (:func:`worker_restarts`)."""
+    restarted meanwhile (:func:`worker_restarts`).  A tile whose plan spills is read on one
+    worker, as ``run`` reads it (:func:`~treesits_dask.pipeline.reading.spill_worker`, the tiles
+    spread over the reading workers); ``pin=False``: on any worker, as before (to compare)."""
     from ..io.cube import tile_cube
     from ..io.masks import open_mask
     from ..pipeline.cluster import Routing
-    from ..pipeline.reading import read_budget, worker_disks
+    from ..pipeline.reading import pinned_worker, read_budget, spill_worker, worker_disks
 
     info = client.scheduler_info(n_workers=-1)["workers"]
     reads = read_budget(plan.config, info, Routing(), worker_disks(client))
-    arrays = []
+    delayed, busy = [], []
     for tile in plan.tiles:
         mask = open_mask(tile.mask, tile.grid, tile.reading) if tile.mask else None
         cube = tile_cube(
             tile.scenes, tile.grid, tile.reading, plan.config.qai_flags, mask=mask,
             read_bytes=reads.task_bytes, min_read_tasks=reads.threads,
             held_bytes=reads.held_bytes, spill_bytes=reads.spill_bytes, checked=tile.scenes,
+            worker=spill_worker(info, Routing(), busy) if pin else None,
         )  # fmt: skip
-        arrays.append(
-            cube.data.map_blocks(
-                lambda b: np.array(int(b[:1, :1].sum()), ndmin=4),
-                chunks=(1, 1, 1, 1),
-                dtype=np.int64,
-            )
+        busy.append(pinned_worker(cube.data.__dask_graph__()))
+        picked = cube.data.map_blocks(
+            lambda b: np.array(int(b[:1, :1].sum()), ndmin=4), chunks=(1, 1, 1, 1), dtype=np.int64
         )
+        # a pinned read's graph is not optimised (fusion drops the annotation), as in ``run``
+        delayed += list(picked.to_delayed(optimize_graph=busy[-1] is None).ravel())
     client.run(cold_reads)
     pids = worker_pids(client)
     before, spilled_before = client.run(decoded), client.run(spilled)
@@ -272,7 +274,7 @@ def decode_run(plan, client) -> dict:
     t0 = time.perf_counter()
     # one task per window that takes a pixel of it, gathered as they are: a reduction tree
     # would add a small task per window that the pipeline does not run
-    client.compute([d for a in arrays for d in a.to_delayed().ravel()], sync=True)
+    client.compute(delayed, sync=True, optimize_graph=not any(busy))
     seconds = time.perf_counter() - t0
     after, spilled_after = client.run(decoded), client.run(spilled)
     written_after = client.run(pieces_written)

@@ -12,6 +12,7 @@ import functools
 import logging
 import operator
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import numpy as np
 
@@ -153,6 +154,7 @@ def tile_cube(
     held_bytes: int | None = None,
     spill_bytes: int | None = None,
     checked: Sequence[Scene] = (),
+    worker: str | None = None,
 ):
     """Lazy ``xarray.DataArray`` (time, band, y, x) int16 of one tile, one chunk per window.
 
@@ -176,8 +178,15 @@ def tile_cube(
     and disk, the tile is read window by window (every block decoded once per window that
     crosses it; logged as a warning).  ``checked``: the scenes whose file headers the run's driver
     checked (:func:`scene_problems`): the workers check again only those of their files found
-    changed since (see :class:`~treesits_dask.io.reader.WindowReader`).
+    changed since (see :class:`~treesits_dask.io.reader.WindowReader`).  ``worker``: where the
+    plan spills, the address of the reading worker that reads the tile and puts its windows
+    together (a loose restriction: elsewhere only if it leaves the cluster; None: any worker).
+    Spilled pieces are files on that worker's disk which Dask counts as a few bytes (so that they
+    do not count as memory); a window put together on another worker fetches them as arrays, as
+    many in one message as fit 50 MB of "a few bytes" each: gigabytes at once
+    (:func:`~treesits_dask.pipeline.reading.spill_worker`).
     """
+    import dask
     import dask.array as da
     import rioxarray  # noqa: F401  (registers the .rio accessor)
     import xarray as xr
@@ -215,7 +224,9 @@ def tile_cube(
     dsk = _read_graph(reader, layout, plan, name, mask.name if mask is not None else None)
     chunks = ((len(scenes),), (grid.count,), *layout.chunks)
     deps = [mask] if mask is not None else []
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=deps)
+    pin = plan.spills and worker is not None
+    with dask.annotate(workers=[worker], allow_other_workers=True) if pin else nullcontext():
+        graph = HighLevelGraph.from_collections(name, dsk, dependencies=deps)
     data = da.Array(graph, name, chunks, dtype=np.int16)
     times = np.array([np.datetime64(s.date, "ns") for s in scenes], dtype="datetime64[ns]")
     arr = xr.DataArray(

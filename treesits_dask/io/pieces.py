@@ -14,9 +14,13 @@ where the piece is a whole run of its scenes.  A piece's file is removed when Da
 (the key is released), and with the worker's local directory when it stops.
 
 A :class:`DiskPiece` sent to another worker (or to the client) pickles as the array it holds, so
-the pieces of a window read by several workers still come together.  So does one that Dask
-spills, which it does only where other data fills the worker's memory (a piece weighs nothing):
-it is then written again, as an array, to Dask's spill directory.
+the pieces of a window read by several workers still come together.  A run does not let that
+happen where it can help it: Dask, which counts a piece as a few bytes, fetches as many of them
+in one message as fit its 50 MB message limit, gigabytes of arrays at once, so a tile whose plan
+spills is read and put together on one reading worker
+(:func:`~treesits_dask.pipeline.reading.spill_worker`; elsewhere only if that worker leaves).
+A piece that Dask spills, which it does only where other data fills the worker's memory (a
+piece weighs nothing), is written again, as an array, to Dask's spill directory.
 """
 
 from __future__ import annotations

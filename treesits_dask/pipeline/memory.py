@@ -21,6 +21,7 @@ __all__ = [
     "WINDOW_SHARE",
     "expected_workers",
     "fitting_chunk",
+    "tiles_that_fit",
     "window_budget",
     "window_memory_problem",
 ]
@@ -178,3 +179,36 @@ def expected_workers(config: RunConfig) -> dict[str, dict] | None:
             "resources": {GPU_RESOURCE: 1},
         }
     return workers
+
+
+def tiles_that_fit(plan, client, routing: Routing, cb, result) -> list:
+    """The tiles of ``plan`` (a :class:`~treesits_dask.pipeline.plan.RunPlan`) whose windows of
+    all scenes fit the memory of the cluster's inference workers; the others fail at once, before
+    anything is read, with the sizes and the settings to change, told to ``cb`` and recorded in
+    ``result`` (the plan checks this already where the settings say which workers; a standing
+    cluster's workers are known only here).  A tile whose read chunks (whole blocks or strips, a
+    little larger than its windows) do not fit but whose windows do is read in its windows, as
+    the plan decides where it knows the workers."""
+    import dataclasses
+
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    kept = []
+    for tile in plan.tiles:
+        chunk = tile.reading.shape  # a chunk of all scenes, as it is predicted
+        shape, problem = fitting_chunk(
+            len(tile.scenes), tile.grid.count, chunk, tile.layout.shape, workers, routing
+        )
+        if problem is None and shape != chunk:
+            log.info(
+                "tile %s: chunks of %dx%d px of all scenes do not fit the inference workers, "
+                "its %dx%d px windows do: read in its windows",
+                tile.tile, *chunk, *shape,
+            )  # fmt: skip
+            tile = dataclasses.replace(tile, read_layout=None)
+        if problem is None:
+            kept.append(tile)
+            continue
+        log.error("tile %s not processed: %s", tile.tile, problem)
+        result.failed[tile.tile] = problem
+        cb.tile_failed(tile.tile, problem)
+    return kept

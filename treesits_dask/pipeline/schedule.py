@@ -38,12 +38,12 @@ from .cluster import (
     wait_for_workers,
     worker_environment,
 )
-from .memory import fitting_chunk
+from .memory import tiles_that_fit
 from .plan import RunPlan, TilePlan
 from .plugins import worker_plugins
 from .postprocess import update_derived
 from .predict import Inference, ModelPlugin, annotate, inference_stats, predict_layer
-from .reading import ReadBudget, read_budget, worker_disks
+from .reading import ReadBudget, pinned_worker, read_budget, spill_worker, worker_disks
 from .report import RunResult, collect_inference
 
 __all__ = ["Job", "RunCallbacks", "run_tiles", "tile_graph"]
@@ -81,6 +81,7 @@ def tile_graph(
     session,
     routing: Routing | None = None,
     reads: ReadBudget | None = None,
+    worker: str | None = None,
 ):
     """The tasks of one tile: read, predict and write every window into ``session`` (a fork of
     the tile's session of the map).  Returns the keys of the write tasks (each results in the
@@ -89,7 +90,9 @@ def tile_graph(
     ``routing`` (default: what the settings declare) gives the resource annotations: on
     heterogeneous clusters reads only where ``CPU`` is advertised, inference only where ``GPU``.
     ``reads``: the memory a read task may fill and the reading threads of the cluster (default:
-    :data:`~treesits_dask.io.cube.DEFAULT_READ_BYTES`, one thread).
+    :data:`~treesits_dask.io.cube.DEFAULT_READ_BYTES`, one thread).  ``worker``: the reading
+    worker that reads the tile and puts its windows together where its read plan spills
+    (:func:`~treesits_dask.pipeline.reading.spill_worker`; None: any).
     """
     cfg = plan.config
     routing = routing or declared_routing(cfg) or Routing()
@@ -106,6 +109,7 @@ def tile_graph(
             scenes, tile.grid, reading, cfg.qai_flags, mask=mask,
             read_bytes=task_bytes, min_read_tasks=threads, held_bytes=held, spill_bytes=spill,
             checked=tile.scenes,  # the plan's checks read their headers (not the alerts' older)
+            worker=worker,
         )  # fmt: skip
         if tile.alerts is not None:
             prev = state_layer(cfg.output, tile.alerts.resume, tile.region, tile.layout)
@@ -140,38 +144,6 @@ class Job:
         self.plan, self.grid, self.run_id, self.lease = plan, grid, run_id, lease
 
 
-def _windows_fit(plan: RunPlan, client, routing: Routing, cb, result: RunResult) -> list[TilePlan]:
-    """The tiles of ``plan`` whose windows of all scenes fit the memory of the cluster's inference
-    workers; the others fail at once, before anything is read, with the sizes and the settings to
-    change (the plan checks this already where the settings say which workers; a standing
-    cluster's workers are known only here).  A tile whose read chunks (whole blocks or strips, a
-    little larger than its windows) do not fit but whose windows do is read in its windows, as
-    the plan decides where it knows the workers."""
-    import dataclasses
-
-    workers = client.scheduler_info(n_workers=-1)["workers"]
-    kept = []
-    for tile in plan.tiles:
-        chunk = tile.reading.shape  # a chunk of all scenes, as it is predicted
-        shape, problem = fitting_chunk(
-            len(tile.scenes), tile.grid.count, chunk, tile.layout.shape, workers, routing
-        )
-        if problem is None and shape != chunk:
-            log.info(
-                "tile %s: chunks of %dx%d px of all scenes do not fit the inference workers, "
-                "its %dx%d px windows do: read in its windows",
-                tile.tile, *chunk, *shape,
-            )  # fmt: skip
-            tile = dataclasses.replace(tile, read_layout=None)
-        if problem is None:
-            kept.append(tile)
-            continue
-        log.error("tile %s not processed: %s", tile.tile, problem)
-        result.failed[tile.tile] = problem
-        cb.tile_failed(tile.tile, problem)
-    return kept
-
-
 class _Scheduler:
     """Submits the tiles of a plan, a bounded number at a time, and follows their futures:
     windows -> commit (driver) -> COGs; COG-only tiles go straight to their COGs."""
@@ -190,7 +162,7 @@ class _Scheduler:
 
         self.job, self.plan, self.routing, self.reads = job, job.plan, routing, reads
         self.client, self.cb, self.result, self.clock = client, cb, result, clock
-        self.pending = _windows_fit(self.plan, client, routing, cb, result)
+        self.pending = tiles_that_fit(self.plan, client, routing, cb, result)
         self.state: dict[str, dict] = {}
         self.owner: dict = {}
         self.ac = as_completed()
@@ -199,15 +171,18 @@ class _Scheduler:
         from dask.delayed import Delayed
 
         self.job.lease.check()  # a driver that lost its lease submits nothing more
-        gpu = self.routing.gpu
         session, fork = self.plan.repo.tile_session()
-        keys, graph = tile_graph(self.plan, tile, fork, self.routing, self.reads)
-        # annotated graphs must not be optimised: fusion drops or merges the resource annotations
+        workers = self.client.scheduler_info(n_workers=-1)["workers"]
+        worker = spill_worker(workers, self.routing, [s.get("worker") for s in self.state.values()])
+        keys, graph = tile_graph(self.plan, tile, fork, self.routing, self.reads, worker)
+        if worker := pinned_worker(graph):  # None where the tile's plan does not spill
+            log.info("tile %s spills its bands: read on worker %s alone", tile.tile, worker)
+        # annotated graphs must not be optimised: fusion drops or merges the annotations
         delayed = [Delayed(k, graph, layer=k[0]) for k in keys]
-        futures = self.client.compute(delayed, optimize_graph=not gpu)
+        futures = self.client.compute(delayed, optimize_graph=not (self.routing.gpu or worker))
         self.state[tile.tile] = {
             "plan": tile, "left": len(futures), "stats": [], "session": session,
-            "t0": time.perf_counter(), "futures": futures,
+            "t0": time.perf_counter(), "futures": futures, "worker": worker,
         }  # fmt: skip
         for f in futures:
             self._follow(f, tile.tile, "window")

@@ -1,0 +1,106 @@
+"""Tiles whose read plan spills, on a cluster of several reading workers: each tile read and its
+windows put together on one worker (``run``'s way, ``pipeline.reading.spill_worker``) against
+the same reads left to Dask's placement (the code before), alternating in one process, each read
+against the decode floors measured just before it, the cube in the page cache.
+
+    python benchmarks/spill_workers.py --tiles 2 --size 600 --scenes 600 --window 100 \\
+        --workers 2 --threads 1 --memory-limit 1536MiB --rounds 2 --json spill.json
+    python benchmarks/spill_workers.py --cube /data/cube --workers 2 --memory-limit 3GiB
+
+A spilling plan writes the pieces of its bands to the local disk of the worker that reads them
+and hands Dask a name it counts as a few bytes (``io.pieces``).  A window put together on another
+worker fetches those pieces as arrays, as many in one message as Dask's 50 MB message limit
+allows of pieces it thinks are a few bytes each.  Prints one JSON line per read: seconds, what
+Dask spilled, what the read tasks wrote to local disk, worker restarts, MB/s per core against the
+one-thread floor and the per-core floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cube", default=None, help="an existing FORCE cube (else one is written)")
+    p.add_argument("--tiles", type=int, default=2, help="tiles of the cube written")
+    p.add_argument("--size", type=int, default=600)
+    p.add_argument("--scenes", type=int, default=600)
+    p.add_argument("--layout", default="cog", choices=["cog", "strips"])
+    p.add_argument("--window", type=int, default=100, help="square windows of this edge")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="threads per worker")
+    p.add_argument("--memory-limit", default="1536MiB", help="per worker")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    from treesits_dask.bench.measure import bench_cluster, bench_config, decode_run
+    from treesits_dask.bench.pagecache import page_in
+    from treesits_dask.bench.real import files_bytes, floor_sample, floors
+    from treesits_dask.pipeline.plan import make_plan
+    from treesits_dask.synthetic import make_cube
+
+    tmp = tempfile.TemporaryDirectory(prefix="spill-workers-") if args.workdir is None else None
+    wd = Path(args.workdir or tmp.name)
+    if args.cube:
+        root = args.cube
+    else:
+        t0 = time.perf_counter()
+        tiles = tuple(f"X{69 + k:04d}_Y0043" for k in range(args.tiles))
+        root = make_cube(
+            wd / "cube", tiles=tiles, size=args.size, n_scenes=args.scenes, layout=args.layout,
+            seed=5,
+        ).root  # fmt: skip
+        _log(f"{args.tiles} tiles of {args.size} px x {args.scenes} scenes written in "
+             f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
+    config = bench_config(root, wd, args.threads, args.memory_limit, args.window)
+    plan = make_plan(config.model_copy(update={"workers": args.workers}))
+    _, total = files_bytes(plan)
+    sample = floor_sample(plan)
+    cores = args.workers * args.threads
+    report: dict = {"cube": str(root), "tiles": len(plan.tiles), "window": args.window,
+                    "workers": args.workers, "threads": args.threads,
+                    "memory_limit": args.memory_limit, "uncompressed_mib": round(total / 2**20),
+                    "reads": []}  # fmt: skip
+    cluster, client = bench_cluster(args.workers, args.threads, args.memory_limit)
+    try:
+        for r in range(args.rounds):
+            for pin in (True, False) if r % 2 == 0 else (False, True):
+                one, per_core = (f["mb_s"] for f in floors(sample, cores))
+                page_in(str(root))
+                run = decode_run(plan, client, pin=pin)
+                mbs = total / run["seconds"] / 1e6 / cores
+                row = {"round": r, "tile_on_one_worker": pin, "seconds": round(run["seconds"], 2),
+                       "read_modes": run["read_modes"],
+                       "spilled_mib": round(run["spilled_bytes"] / 2**20),
+                       "written_mib": round(run["written_bytes"] / 2**20),
+                       "worker_restarts": run["worker_restarts"],
+                       "decoded_x": round(run["decoded_bytes"] / total, 3),
+                       "mb_s_per_core": round(mbs, 1),
+                       "over_one_thread_floor": round(mbs / one, 3),
+                       "over_per_core_floor": round(mbs / per_core, 3)}  # fmt: skip
+                report["reads"].append(row)
+                print(json.dumps(row), flush=True)
+                if args.json:
+                    Path(args.json).write_text(json.dumps(report, indent=1))
+    finally:
+        client.close()
+        cluster.close()
+        if tmp is not None:
+            tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
