@@ -871,6 +871,29 @@ def test_bands_that_do_not_fit_memory_are_decoded_once_into_pieces_of_their_own(
     assert done == 5 * 11 * 37 * 50 * 2  # every block of every file once (BOA + QAI)
 
 
+def test_a_spilling_read_is_pinned_to_its_worker_and_picks_its_pieces_first(tmp_path):
+    """A plan that spills is read on the worker it is given (a loose restriction), and the tasks
+    that pick each piece out of a batch's list come first (Dask priority 1 against 0), so that
+    Dask never holds, spills and reads back a batch's whole list for one piece; a plan that does
+    not spill is not annotated, whatever the worker."""
+    expected, scenes, grid, layout, held, per_scene = _spilling_plan(tmp_path, None)
+    arr = cube.tile_cube(
+        scenes, grid, layout, DEFAULT_QAI_FLAGS, read_bytes=2 * per_scene, held_bytes=held - 1,
+        spill_bytes=held, worker="tcp://10.0.0.7:4000",
+    )  # fmt: skip
+    layer = arr.data.__dask_graph__().layers[arr.data.name]
+    ann = layer.annotations
+    assert ann["workers"] == ["tcp://10.0.0.7:4000"] and ann["allow_other_workers"] is True
+    first = {str(k[0]).split("-")[1] for k in layer if ann["priority"](k) == 1}
+    later = {str(k[0]).split("-")[1] for k in layer if ann["priority"](k) == 0}
+    assert first == {"row"} and "band" in later and "row" not in later
+    held_in_memory = cube.tile_cube(
+        scenes, grid, layout, DEFAULT_QAI_FLAGS, read_bytes=2 * per_scene, held_bytes=held,
+        worker="tcp://10.0.0.7:4000",
+    )  # fmt: skip
+    assert not held_in_memory.data.__dask_graph__().layers[held_in_memory.data.name].annotations
+
+
 @pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["strips", "tiles"])
 def test_pieces_go_to_local_disk_where_the_worker_has_no_room(tmp_path, blocks, monkeypatch):
     """Where the worker's memory has no room for a batch, a band's read writes each piece to a
