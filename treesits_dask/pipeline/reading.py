@@ -85,10 +85,11 @@ def spill_worker(
     A spilling plan writes the pieces of its bands to the local disk of the worker that reads
     them.  Left to Dask, the windows were put together anywhere, and each fetched the pieces
     that other workers had written, as arrays: two workers of 1 thread and 1.5 GiB reading two
-    600 px x 600-scene COG tiles spilled 11-26 GB, were restarted twice and took 94-181 s;
-    with each tile on one worker 26-29 s, nothing spilled, no restart
-    (:func:`~treesits_dask.pipeline.reading.read_budget` already counts a worker's bands as those
-    of its share of the tiles in flight)."""
+    600 px x 600-scene COG tiles took 66-181 s, Dask spilled 11-26 GB and restarted workers; with
+    each tile on one worker 38.9 s, 2.9 GiB spilled, no restart (at 3 GiB: 23.0-24.7 s, nothing
+    spilled, against 29.6-32.7 s, 2.2-2.8 GiB; ``benchmarks/spill_workers.py``).
+    :func:`read_budget` already counts a worker's bands as those of its share of the tiles in
+    flight."""
     routed = routed_workers([w | {"address": a} for a, w in workers.items()], routing.read)
     reading = sorted(w["address"] for w in routed)
     if len(reading) < 2:
