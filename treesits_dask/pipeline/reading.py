@@ -85,7 +85,7 @@ def spill_worker(
     A spilling plan writes the pieces of its bands to the local disk of the worker that reads
     them.  Left to Dask, the windows were put together anywhere, and each fetched the pieces
     that other workers had written, as arrays: two workers of 1 thread and 1.5 GiB reading two
-    600 px x 600-scene COG tiles took 66-181 s, Dask spilled 11-26 GB and restarted workers; with
+    600 px x 600-scene COG tiles took 66-181 s, Dask spilled 10-26 GiB and restarted workers; with
     each tile on one worker 38.9 s, 2.9 GiB spilled, no restart (at 3 GiB: 23.0-24.7 s, nothing
     spilled, against 29.6-32.7 s, 2.2-2.8 GiB; ``benchmarks/spill_workers.py``).
     :func:`read_budget` already counts a worker's bands as those of its share of the tiles in
