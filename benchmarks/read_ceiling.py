@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextvars
 import functools
-import json
 import sys
 import tempfile
 import time
@@ -44,10 +43,6 @@ from pathlib import Path
 #: keys of the pipeline's read tasks (``io.cube``: per band and batch of scenes, or per group of
 #: windows where windows are read on their own) in Dask's task stream
 READ_TASKS = ("('read-band-", "('read-group-")
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _opens() -> int:
@@ -139,24 +134,22 @@ def main(argv=None) -> int:
 
     from distributed import get_task_stream
 
-    from treesits_dask.bench.measure import bench_cluster, bench_config, decode_run
+    from treesits_dask.bench.measure import (
+        bench_cluster,
+        bench_config,
+        benchmark_cube,
+        decode_run,
+        emit_row,
+    )
     from treesits_dask.bench.pagecache import page_in
     from treesits_dask.bench.real import files_bytes, floor_sample, floors
     from treesits_dask.pipeline.cluster import Routing
     from treesits_dask.pipeline.plan import make_plan
     from treesits_dask.pipeline.reading import read_budget, worker_disks
-    from treesits_dask.synthetic import make_cube
 
     tmp = tempfile.TemporaryDirectory(prefix="read-ceiling-") if args.workdir is None else None
     wd = Path(args.workdir or tmp.name)
-    if args.cube:
-        root = args.cube
-    else:
-        t0 = time.perf_counter()
-        root = make_cube(
-            wd / "cube", size=args.size, n_scenes=args.scenes, layout=args.layout, seed=5
-        ).root
-        _log(f"{args.size} px x {args.scenes} scenes written in {time.perf_counter() - t0:.0f} s")
+    root = benchmark_cube(args.cube, wd, args.size, args.scenes, args.layout)
     plan = make_plan(bench_config(root, wd, args.threads, args.memory_limit, args.window))
     _, total = files_bytes(plan)  # uncompressed bytes
     sample = floor_sample(plan)  # as bench --real's floors
@@ -215,10 +208,7 @@ def main(argv=None) -> int:
                        "decoded_x": round(run["decoded_bytes"] / total, 3),
                        "written_mib": round(run.get("written_bytes", 0) / 2**20),
                        "spilled_mib": round(run.get("spilled_bytes", 0) / 2**20)}  # fmt: skip
-                report["reads"].append(row)
-                print(json.dumps(row), flush=True)
-                if args.json:
-                    Path(args.json).write_text(json.dumps(report, indent=1))
+                emit_row(report, row, args.json)
     finally:
         for c in (pool_client, pool_cluster, client, cluster):
             if c is not None:

@@ -17,10 +17,8 @@ measures them: ``bench.real.floors``, GDAL's block cache at 16 MiB).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 
@@ -44,18 +42,21 @@ def main(argv=None) -> int:
 
     import treesits_dask.io.bands as bands
     import treesits_dask.io.cube as cube
-    from treesits_dask.bench.measure import bench_cluster, bench_config, decode_run
+    from treesits_dask.bench.measure import (
+        bench_cluster,
+        bench_config,
+        benchmark_cube,
+        decode_run,
+        emit_row,
+    )
     from treesits_dask.bench.pagecache import page_in
     from treesits_dask.bench.real import files_bytes, floor_sample, floors
     from treesits_dask.pipeline.plan import make_plan
-    from treesits_dask.synthetic import make_cube
 
     tmp = tempfile.TemporaryDirectory(prefix="read-tasks-") if args.workdir is None else None
     wd = Path(args.workdir or tmp.name)
-    t0 = time.perf_counter()
-    made = make_cube(wd / "cube", size=args.size, n_scenes=args.scenes, layout="strips", seed=5)
-    _log(f"{args.size} px x {args.scenes} scenes written in {time.perf_counter() - t0:.0f} s")
-    plan = make_plan(bench_config(made.root, wd, args.threads, args.memory_limit, args.window))
+    root = benchmark_cube(None, wd, args.size, args.scenes, "strips")
+    plan = make_plan(bench_config(root, wd, args.threads, args.memory_limit, args.window))
     files, total = files_bytes(plan)  # uncompressed bytes
     sample = floor_sample(plan)  # as bench --real's floors
     forced = {"min": 0, "tasks": None}
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
                     bands.FULL_TURNS = value
                 else:
                     forced["min"] = value
-                page_in(str(wd / "cube"))
+                page_in(root)
                 run = decode_run(plan, client)
                 mbs = total / run["seconds"] / 1e6 / args.threads
                 row = {"round": r, key: value, "seconds": round(run["seconds"], 2),
@@ -99,10 +100,7 @@ def main(argv=None) -> int:
                        "decoded_x": round(run["decoded_bytes"] / total, 3),
                        "read_modes": run["read_modes"],
                        "spilled_mib": round(run["spilled_bytes"] / 2**20)}  # fmt: skip
-                report["reads"].append(row)
-                print(json.dumps(row), flush=True)
-                if args.json:
-                    Path(args.json).write_text(json.dumps(report, indent=1))
+                emit_row(report, row, args.json)
     finally:
         client.close()
         cluster.close()

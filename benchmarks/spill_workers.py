@@ -18,15 +18,9 @@ one-thread floor and the per-core floor.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> int:
@@ -45,25 +39,20 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
-    from treesits_dask.bench.measure import bench_cluster, bench_config, decode_run
+    from treesits_dask.bench.measure import (
+        bench_cluster,
+        bench_config,
+        benchmark_cube,
+        decode_run,
+        emit_row,
+    )
     from treesits_dask.bench.pagecache import page_in
     from treesits_dask.bench.real import files_bytes, floor_sample, floors
     from treesits_dask.pipeline.plan import make_plan
-    from treesits_dask.synthetic import make_cube
 
     tmp = tempfile.TemporaryDirectory(prefix="spill-workers-") if args.workdir is None else None
     wd = Path(args.workdir or tmp.name)
-    if args.cube:
-        root = args.cube
-    else:
-        t0 = time.perf_counter()
-        tiles = tuple(f"X{69 + k:04d}_Y0043" for k in range(args.tiles))
-        root = make_cube(
-            wd / "cube", tiles=tiles, size=args.size, n_scenes=args.scenes, layout=args.layout,
-            seed=5,
-        ).root  # fmt: skip
-        _log(f"{args.tiles} tiles of {args.size} px x {args.scenes} scenes written in "
-             f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
+    root = benchmark_cube(args.cube, wd, args.size, args.scenes, args.layout, args.tiles)
     config = bench_config(root, wd, args.threads, args.memory_limit, args.window)
     plan = make_plan(config.model_copy(update={"workers": args.workers}))
     _, total = files_bytes(plan)
@@ -90,10 +79,7 @@ def main(argv=None) -> int:
                        "mb_s_per_core": round(mbs, 1),
                        "over_one_thread_floor": round(mbs / one, 3),
                        "over_per_core_floor": round(mbs / per_core, 3)}  # fmt: skip
-                report["reads"].append(row)
-                print(json.dumps(row), flush=True)
-                if args.json:
-                    Path(args.json).write_text(json.dumps(report, indent=1))
+                emit_row(report, row, args.json)
     finally:
         client.close()
         cluster.close()

@@ -21,10 +21,12 @@ __all__ = [
     "bench_cluster",
     "bench_config",
     "bench_models",
+    "benchmark_cube",
     "cold_reads",
     "decode_run",
     "decode_seconds",
     "decoded",
+    "emit_row",
     "end_to_end",
     "fmt_seconds",
     "forest_block_bytes",
@@ -128,6 +130,39 @@ def bench_config(cube, workdir: Path, threads: int, memory_limit: str, window: i
                        **bench_models(workdir, ["sits-lstm"])["sits-lstm"]),
         environ={},
     )  # fmt: skip
+
+
+def benchmark_cube(
+    cube: str | None, workdir: Path, size: int, scenes: int, layout: str, tiles: int = 1
+) -> str:
+    """The root of a benchmark script's cube: ``cube`` where given, else a synthetic one written
+    under ``workdir`` (``tiles`` tiles of ``size`` px x ``scenes`` scenes in ``layout``, seed 5),
+    its writing time told on stderr."""
+    import sys
+
+    from ..synthetic import make_cube
+
+    if cube:
+        return cube
+    t0 = time.perf_counter()
+    names = tuple(f"X{69 + k:04d}_Y0043" for k in range(tiles))
+    root = make_cube(
+        workdir / "cube", tiles=names, size=size, n_scenes=scenes, layout=layout, seed=5
+    ).root
+    print(f"{tiles} tile(s) of {size} px x {scenes} scenes written in "
+          f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
+    return str(root)
+
+
+def emit_row(report: dict, row: dict, json_path: str | None) -> None:
+    """One read of a benchmark script: added to ``report["reads"]``, printed as a JSON line, and
+    the report so far written to ``json_path`` (where given)."""
+    import json
+
+    report["reads"].append(row)
+    print(json.dumps(row), flush=True)
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=1))
 
 
 def bench_models(workdir: Path, families: list[str]) -> dict[str, dict]:
