@@ -111,15 +111,20 @@ def test_standing_cluster_keeps_the_routing(small_cube, native_lstm, tmp_path):
     assert {a for a, n in loads.items() if n} == gpu  # CPU workers load no model
 
 
+@pytest.mark.parametrize("tiles_in_flight", [2, 1])
 def test_a_tile_whose_read_spills_is_read_on_one_worker(
-    small_cube, native_lstm, tmp_path, monkeypatch
+    small_cube, native_lstm, tmp_path, monkeypatch, caplog, tiles_in_flight
 ):
     """Where a tile's bands of all scenes do not fit a reading worker (the plan spills pieces to
     its local disk, which Dask counts as a few bytes), the tile is read and its windows put
     together on one reading worker, the tiles in flight on different ones: no window fetches
     another worker's pieces.  Inference still goes to the GPU worker.  (The restriction is loose,
     so that a tile whose worker is lost is read elsewhere; Dask's work stealing may then also give
-    an idle worker a queued read of another's tile, which is off here to make the test exact.)"""
+    an idle worker a queued read of another's tile, which is off here to make the test exact.)
+    With one tile in flight, the second spilling tile still starts at once, on the idle reading
+    worker (before, it waited for the first and was read on the same worker)."""
+    import logging
+
     import dask
     from distributed import Client
 
@@ -133,12 +138,16 @@ def test_a_tile_whose_read_spills_is_read_on_one_worker(
         Client(standing) as client,
     ):
         config = _config(small_cube, native_lstm, tmp_path, tiles="all",
-                         scheduler_address=standing.scheduler_address)  # fmt: skip
+                         scheduler_address=standing.scheduler_address,
+                         tiles_in_flight=tiles_in_flight)  # fmt: skip
         info = client.scheduler_info()["workers"]
         gpu = {a for a, w in info.items() if w["name"].startswith("gpu")}
         from distributed import get_task_stream
 
-        with get_task_stream(client) as ts:
+        with (
+            get_task_stream(client) as ts,
+            caplog.at_level(logging.INFO, logger="treesits_dask.pipeline.schedule"),
+        ):
             result = run(config, client=client)
     assert not result.failed and sorted(result.tiles) == ["X0069_Y0043", "X0070_Y0043"]
     readers: dict[str, set] = {}
@@ -153,6 +162,32 @@ def test_a_tile_whose_read_spills_is_read_on_one_worker(
     (one,), (other,) = readers.values()  # each tile on one worker ...
     assert one != other and not {one, other} & gpu  # ... its own, a reading one
     assert result.pixels_predicted > 0
+    events = [r.getMessage() for r in caplog.records]
+    started = [i for i, m in enumerate(events) if "spills its bands: read on worker" in m]
+    finished = [i for i, m in enumerate(events) if "pixels predicted" in m]
+    assert len(started) == 2 and len(finished) == 2, events
+    assert max(started) < min(finished), events  # both tiles in flight at once
+    beyond = [m for m in events if "beyond tiles_in_flight" in m]
+    assert len(beyond) == (1 if tiles_in_flight == 1 else 0), events
+
+
+@pytest.mark.parametrize("held", [1, 2**40], ids=["spills", "held-in-memory"])
+def test_the_scheduler_knows_before_building_a_tile_whether_it_spills(
+    small_cube, native_lstm, tmp_path, held
+):
+    """``tile_spills`` (what the scheduler asks before starting a tile beyond ``tiles_in_flight``)
+    says what the tile's graph does: read on one worker where it spills, anywhere where not."""
+    from treesits_dask.pipeline.plan import make_plan
+    from treesits_dask.pipeline.reading import ReadBudget, pinned_worker, tile_spills
+    from treesits_dask.pipeline.schedule import tile_graph
+
+    plan = make_plan(_config(small_cube, native_lstm, tmp_path))
+    reads = ReadBudget(2**20, 2, 2**30, held_bytes=held, spill_bytes=2**40)
+    # the graph is only built (the fork it writes into is a placeholder), not computed
+    _, graph = tile_graph(plan, plan.tiles[0], None, Routing(), reads, "tcp://10.0.0.7:4000")
+    assert tile_spills(plan.tiles[0], reads) is (held == 1)
+    assert (pinned_worker(graph) is not None) is (held == 1)
+    assert not tile_spills(plan.tiles[0], None)
 
 
 def test_read_on_gpu_reads_on_the_gpu_workers(small_cube, native_lstm, tmp_path):

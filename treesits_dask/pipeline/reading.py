@@ -22,6 +22,7 @@ __all__ = [
     "read_budget",
     "routed_workers",
     "spill_worker",
+    "tile_spills",
     "worker_disks",
 ]
 
@@ -96,6 +97,21 @@ def spill_worker(
         return None
     load = Counter(w for w in busy if w in reading)
     return min(reading, key=lambda a: (load[a], a))
+
+
+def tile_spills(tile, reads: ReadBudget | None) -> bool:
+    """Whether the read plan of ``tile`` (a :class:`~treesits_dask.pipeline.plan.TilePlan`) spills
+    under ``reads`` (as :func:`~treesits_dask.io.cube.tile_cube` plans it for the tile's graph):
+    such a tile is read on one reading worker (:func:`spill_worker`)."""
+    from ..io.bands import plan_reads
+
+    if reads is None:  # no budget: nothing is held, nothing spills
+        return False
+    scenes = len(tile.scenes) + (len(tile.alerts.older) if tile.alerts is not None else 0)
+    return plan_reads(
+        tile.grid, tile.reading, scenes, reads.task_bytes, min_tasks=reads.threads,
+        held_bytes=reads.held_bytes, spill_bytes=reads.spill_bytes,
+    ).spills  # fmt: skip
 
 
 def pinned_worker(graph) -> str | None:

@@ -43,7 +43,14 @@ from .plan import RunPlan, TilePlan
 from .plugins import worker_plugins
 from .postprocess import update_derived
 from .predict import Inference, ModelPlugin, annotate, inference_stats, predict_layer
-from .reading import ReadBudget, pinned_worker, read_budget, spill_worker, worker_disks
+from .reading import (
+    ReadBudget,
+    pinned_worker,
+    read_budget,
+    spill_worker,
+    tile_spills,
+    worker_disks,
+)
 from .report import RunResult, collect_inference
 
 __all__ = ["Job", "RunCallbacks", "run_tiles", "tile_graph"]
@@ -269,8 +276,27 @@ class _Scheduler:
             self.done(tile)
 
     def fill(self) -> None:
-        while self.pending and len(self.state) < self.plan.config.tiles_in_flight:
-            self.submit(self.pending.pop(0))
+        while self.pending:
+            if len(self.state) < self.plan.config.tiles_in_flight:
+                self.submit(self.pending.pop(0))
+            elif self._idle_reader(self.pending[0]):
+                log.info("tile %s spills its bands and a reading worker reads no tile: started "
+                         "beyond tiles_in_flight", self.pending[0].tile)  # fmt: skip
+                self.submit(self.pending.pop(0))
+            else:
+                break
+
+    def _idle_reader(self, tile: TilePlan) -> bool:
+        """Whether ``tile``'s read plan spills and a reading worker reads none of the tiles in
+        flight.  A spilling tile is read on one reading worker (:func:`spill_worker`), and that
+        worker's budget is one tile's while the tiles in flight are no more than the reading
+        workers (:func:`read_budget`), so beyond ``tiles_in_flight`` such tiles go on starting, one
+        on each idle reading worker; otherwise all but ``tiles_in_flight`` of them stood idle."""
+        if not tile_spills(tile, self.reads):
+            return False
+        busy = [s.get("worker") for s in self.state.values()]
+        idle = spill_worker(self.client.scheduler_info(n_workers=-1)["workers"], self.routing, busy)
+        return idle is not None and idle not in busy
 
     def loop(self) -> None:
         snapshot = None
