@@ -119,13 +119,12 @@ def test_a_tile_whose_read_spills_is_read_on_one_worker(
     its local disk, which Dask counts as a few bytes), the tile is read and its windows put
     together on one reading worker, the tiles in flight on different ones: no window fetches
     another worker's pieces.  Inference still goes to the GPU worker.  (The restriction is loose,
-    so that a tile whose worker is lost is read elsewhere; Dask's work stealing may then also give
-    an idle worker a queued read of another's tile, which is off here to make the test exact.)
+    so that a tile whose worker is lost is read elsewhere; Dask's work stealing, which would give
+    an idle worker queued reads of another's tile, leaves them alone: ``PinnedReads``.)
     With one tile in flight, the second spilling tile still starts at once, on the idle reading
     worker (before, it waited for the first and was read on the same worker)."""
     import logging
 
-    import dask
     from distributed import Client
 
     from treesits_dask.pipeline import reading
@@ -133,7 +132,6 @@ def test_a_tile_whose_read_spills_is_read_on_one_worker(
     monkeypatch.setattr(reading, "HELD_SHARE", 1e-9)  # the driver's budget: every plan spills
     groups = {"cpu-0": {"CPU": 2}, "cpu-1": {"CPU": 2}, "gpu-0": {"GPU": 1}}
     with (
-        dask.config.set({"distributed.scheduler.work-stealing": False}),
         _standing_cluster(groups) as standing,
         Client(standing) as client,
     ):
@@ -169,6 +167,42 @@ def test_a_tile_whose_read_spills_is_read_on_one_worker(
     assert max(started) < min(finished), events  # both tiles in flight at once
     beyond = [m for m in events if "beyond tiles_in_flight" in m]
     assert len(beyond) == (1 if tiles_in_flight == 1 else 0), events
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["kept", "dask-alone"])
+def test_work_stealing_leaves_pinned_reads_on_their_worker(kept):
+    """The reads of a spilling tile are pinned to one worker by a loose restriction (elsewhere
+    only if it leaves); Dask's work stealing treats such tasks as unrestricted and gives them to an
+    idle worker (the control, without the plugin), which then fetches the pieces on the other
+    worker's disk.  With :class:`PinnedReads` on the scheduler none of them moves."""
+    import time
+
+    from distributed import Client, LocalCluster, get_task_stream, wait
+
+    from treesits_dask.pipeline.plugins import register_pinned_reads
+
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        if kept:
+            assert register_pinned_reads(client)
+        pinned, idle = sorted(client.scheduler_info()["workers"])
+        with get_task_stream(client) as ts:
+            futures = [
+                client.submit(time.sleep, 0.1, key=f"read-band-X0069_Y0043-{i}", pure=False,
+                              workers=[pinned], allow_other_workers=True)
+                for i in range(30)
+            ]  # fmt: skip
+            wait(futures)
+    where = [rec["worker"] for rec in ts.data if str(rec["key"]).startswith("read-")]
+    assert len(where) == 30
+    if kept:
+        assert set(where) == {pinned}
+    else:
+        assert idle in where  # Dask alone moved some of them
 
 
 @pytest.mark.parametrize("held", [1, 2**40], ids=["spills", "held-in-memory"])

@@ -106,7 +106,7 @@ def bench_cluster(workers: int, threads: int, memory_limit: str | int = "auto"):
 
     from ..io import storage
     from ..pipeline import warmup
-    from ..pipeline.plugins import PieceFiles
+    from ..pipeline.plugins import PieceFiles, register_pinned_reads
 
     storage.apply_environment(storage.process_defaults())
     cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
@@ -114,6 +114,7 @@ def bench_cluster(workers: int, threads: int, memory_limit: str | int = "auto"):
                            **warmup.worker_kwargs())  # fmt: skip
     client = Client(cluster)
     client.register_plugin(PieceFiles())  # as run's workers: piece files removed before closing
+    register_pinned_reads(client)  # as run: work stealing leaves pinned reads where they are
     return cluster, client
 
 

@@ -1,17 +1,27 @@
 """The plugins every worker of a run gets (:func:`worker_plugins`): the run's non-secret
 environment (:class:`EnvPlugin`), one-line logs of tasks that failed on an input problem
 (:class:`TaskErrorLog`), and the files of read pieces removed before the worker closes
-(:class:`PieceFiles`)."""
+(:class:`PieceFiles`); and the scheduler's (:class:`PinnedReads`): Dask's work stealing leaves
+the reads pinned to a worker where they are."""
 
 from __future__ import annotations
 
 import logging
 
-from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 
 from ..io import storage
 
-__all__ = ["EnvPlugin", "PieceFiles", "TaskErrorLog", "worker_plugins"]
+__all__ = [
+    "EnvPlugin",
+    "PieceFiles",
+    "PinnedReads",
+    "TaskErrorLog",
+    "register_pinned_reads",
+    "worker_plugins",
+]
+
+log = logging.getLogger(__name__)
 
 
 class EnvPlugin(WorkerPlugin):
@@ -84,8 +94,57 @@ class PieceFiles(WorkerPlugin):
         wait_removed(self.timeout)
 
 
+class PinnedReads(SchedulerPlugin):
+    """Dask's work stealing does not move the tasks of a read pinned to its worker (a tile whose
+    read plan spills: :func:`~treesits_dask.pipeline.reading.spill_worker`).
+
+    Their restriction is loose, so that the tile is read elsewhere if its worker leaves, and Dask
+    steals tasks with loose restrictions as if they had none: an idle reading worker took queued
+    reads and window tasks of another worker's tile, whose pieces on that worker's disk (which
+    Dask counts as a few bytes) then came over gigabytes at a time.  Two workers of 1 thread and
+    3 GiB, one of two 600 px x 600-scene COG tiles in flight: 102-265 s for both (one tile up to
+    169 s), and with this plugin 51-59 s, 20-30 s a tile (``benchmarks/idle_readers.py``).  Each
+    such task is taken out of the stealing extension's lists as it is assigned (after the
+    extension put it there); its restriction stays loose."""
+
+    name = "treesits-pinned-reads"
+
+    def __init__(self):
+        self.scheduler = None
+
+    async def start(self, scheduler) -> None:
+        self.scheduler = scheduler
+
+    def transition(self, key, start, finish, *args, **kwargs) -> None:
+        if finish != "processing" or self.scheduler is None:
+            return
+        stealing = self.scheduler.extensions.get("stealing")
+        ts = self.scheduler.tasks.get(key)
+        if stealing is None or ts is None or not (ts.loose_restrictions and ts.worker_restrictions):
+            return
+        if str(key[0] if isinstance(key, tuple) else key).startswith("read-"):
+            stealing.remove_key_from_stealable(ts)
+            # nor put back when the first task of its kind finishes (its duration then known)
+            stealing.unknown_durations.get(ts.prefix.name, set()).discard(ts)
+
+
 def worker_plugins(env: dict[str, str]) -> list[WorkerPlugin]:
     """The plugins every worker of a run gets: its environment (:class:`EnvPlugin`), one-line
     input errors (:class:`TaskErrorLog`), piece files removed before it closes
     (:class:`PieceFiles`)."""
     return [EnvPlugin(env), TaskErrorLog(), PieceFiles()]
+
+
+def register_pinned_reads(client) -> bool:
+    """Registers :class:`PinnedReads` on the scheduler of ``client``; False (with a warning) where
+    that scheduler cannot load it (a standing scheduler without this package installed)."""
+    try:
+        client.register_plugin(PinnedReads())
+    except Exception as exc:  # noqa: BLE001 - the run goes on, with Dask's work stealing as is
+        log.warning(
+            "the scheduler cannot load treesits_dask (%s: %s): Dask's work stealing may move the "
+            "reads of a tile whose bands spill away from the worker that holds its pieces (install "
+            "treesits_dask where the scheduler runs)", type(exc).__name__, exc,
+        )  # fmt: skip
+        return False
+    return True

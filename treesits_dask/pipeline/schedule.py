@@ -40,7 +40,7 @@ from .cluster import (
 )
 from .memory import tiles_that_fit
 from .plan import RunPlan, TilePlan
-from .plugins import worker_plugins
+from .plugins import register_pinned_reads, worker_plugins
 from .postprocess import update_derived
 from .predict import Inference, ModelPlugin, annotate, inference_stats, predict_layer
 from .reading import (
@@ -327,6 +327,7 @@ def run_tiles(job: Job, client, cb: RunCallbacks, result: RunResult, clock=None)
     # later); credentials stay in each worker's own environment
     for plugin in worker_plugins(worker_environment(cfg)):
         client.register_plugin(plugin)
+    register_pinned_reads(client)  # work stealing leaves a spilling tile's reads on their worker
     # the same routing on every kind of cluster (also a standing one behind scheduler_address),
     # and the groups it needs must have workers before any work waits for them
     routing = routing_for(cfg, client.scheduler_info(n_workers=-1)["workers"])
