@@ -119,7 +119,14 @@ _RUN_FLAGS = [
             "window's host work (default 2)",
         ),
     ),
-    ("--tiles-in-flight", dict(type=int, help="tiles processed at once (default 2)")),
+    (
+        "--tiles-in-flight",
+        dict(
+            type=int,
+            help="tiles processed at once (default 2); a tile whose read spills to disk also "
+            "starts beyond it on a reading worker that reads no tile",
+        ),
+    ),
     (
         "--uncertainty",
         dict(help="uncertainty layers of multi-class models: comma list of entropy, margin, least"),
