@@ -700,9 +700,9 @@ def test_read_budget_of_the_reading_workers(tmp_path):
 def test_a_spilling_tile_goes_to_the_reading_worker_with_the_fewest_tiles():
     """A tile whose read plan spills is given the reading worker that reads the fewest tiles in
     flight (the first by address among equals); with one reading worker, none (nothing to
-    choose); GPU-only workers are not given one."""
+    choose); GPU-only workers are not given one.  ``idle_reader``: whether one reads none."""
     from treesits_dask.pipeline.cluster import Routing
-    from treesits_dask.pipeline.reading import spill_worker
+    from treesits_dask.pipeline.reading import idle_reader, spill_worker
 
     workers = {
         "tcp://b": {"nthreads": 2, "resources": {"CPU": 2}},
@@ -717,6 +717,12 @@ def test_a_spilling_tile_goes_to_the_reading_worker_with_the_fewest_tiles():
     assert spill_worker({"tcp://a": workers["tcp://a"]}, routing) is None
     assert spill_worker(workers, Routing()) == "tcp://a"  # unrouted: every worker reads
     assert spill_worker(workers, Routing(), ["tcp://a", "tcp://b"]) == "tcp://g"
+    # beyond tiles_in_flight, a spilling tile starts while a reading worker reads none, and not
+    # while a tile's worker has left (its read went on elsewhere, where is not known)
+    assert idle_reader(workers, routing, ["tcp://a", None])
+    assert not idle_reader(workers, routing, ["tcp://a", "tcp://b"])
+    assert not idle_reader(workers, routing, ["tcp://a", "tcp://gone"])
+    assert not idle_reader({"tcp://a": workers["tcp://a"]}, routing, [])  # one reader: no pin
 
 
 def test_windows_of_all_scenes_must_fit_the_inference_workers():

@@ -205,6 +205,49 @@ def test_work_stealing_leaves_pinned_reads_on_their_worker(kept):
         assert idle in where  # Dask alone moved some of them
 
 
+@pytest.mark.parametrize("kept", [True, False], ids=["kept-together", "dask-alone"])
+def test_the_read_of_a_lost_worker_goes_on_together_on_one_other(kept):
+    """Where the worker a read is pinned to leaves the cluster, its tasks (the loose restriction)
+    all go to one other worker, the one Dask gives the first of them, so that the windows do not
+    fetch pieces from every worker; left to Dask (the control) they spread over the others."""
+    import time
+    from collections import Counter
+
+    from distributed import Client, LocalCluster, get_task_stream, wait
+
+    from treesits_dask.pipeline.plugins import register_pinned_reads
+
+    async def lose(dask_scheduler, address):
+        await dask_scheduler.remove_worker(address=address, stimulus_id="test-lost", close=True)
+
+    with (
+        LocalCluster(
+            n_workers=3, threads_per_worker=1, processes=False, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        if kept:
+            assert register_pinned_reads(client)
+        lost, *others = sorted(client.scheduler_info()["workers"])
+        futures = [
+            client.submit(time.sleep, 0.1, key=f"read-band-X0069_Y0043-{i}", pure=False,
+                          workers=[lost], allow_other_workers=True)
+            for i in range(30)
+        ]  # fmt: skip
+        deadline = time.monotonic() + 30
+        while sum(f.done() for f in futures) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with get_task_stream(client) as ts:
+            client.run_on_scheduler(lose, address=lost)
+            wait(futures)
+    where = Counter(rec["worker"] for rec in ts.data if str(rec["key"]).startswith("read-"))
+    assert where and lost not in where, where
+    if kept:
+        assert len(where) == 1, where  # the rest of the read on one other worker
+    else:
+        assert set(where) == set(others), where  # Dask alone spread it
+
+
 @pytest.mark.parametrize("held", [1, 2**40], ids=["spills", "held-in-memory"])
 def test_the_scheduler_knows_before_building_a_tile_whether_it_spills(
     small_cube, native_lstm, tmp_path, held

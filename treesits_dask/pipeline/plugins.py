@@ -2,7 +2,8 @@
 environment (:class:`EnvPlugin`), one-line logs of tasks that failed on an input problem
 (:class:`TaskErrorLog`), and the files of read pieces removed before the worker closes
 (:class:`PieceFiles`); and the scheduler's (:class:`PinnedReads`): Dask's work stealing leaves
-the reads pinned to a worker where they are."""
+the reads pinned to a worker where they are, and the read of a worker that left goes on on one
+other."""
 
 from __future__ import annotations
 
@@ -105,7 +106,8 @@ class PinnedReads(SchedulerPlugin):
     3 GiB, one of two 600 px x 600-scene COG tiles in flight: 102-265 s for both (one tile up to
     169 s), and with this plugin 51-59 s, 20-30 s a tile (``benchmarks/idle_readers.py``).  Each
     such task is taken out of the stealing extension's lists as it is assigned (after the
-    extension put it there); its restriction stays loose."""
+    extension put it there); its restriction stays loose, and where its worker leaves the cluster
+    the tile's read goes on on one other worker (:meth:`_move_tile`)."""
 
     name = "treesits-pinned-reads"
 
@@ -118,14 +120,59 @@ class PinnedReads(SchedulerPlugin):
     def transition(self, key, start, finish, *args, **kwargs) -> None:
         if finish != "processing" or self.scheduler is None:
             return
-        stealing = self.scheduler.extensions.get("stealing")
         ts = self.scheduler.tasks.get(key)
-        if stealing is None or ts is None or not (ts.loose_restrictions and ts.worker_restrictions):
+        if ts is None or not _pinned_read(ts):
             return
-        if str(key[0] if isinstance(key, tuple) else key).startswith("read-"):
+        if not any(w in self.scheduler.workers for w in ts.worker_restrictions):
+            self._move_tile(ts)
+        stealing = self.scheduler.extensions.get("stealing")
+        if stealing is not None:
             stealing.remove_key_from_stealable(ts)
             # nor put back when the first task of its kind finishes (its duration then known)
             stealing.unknown_durations.get(ts.prefix.name, set()).discard(ts)
+
+    def _move_tile(self, ts) -> None:
+        """The worker that a tile's read was pinned to left the cluster, and Dask has just given
+        one of its tasks (``ts``) to another worker: the tile's other tasks go there too.  Else
+        Dask spread them over the workers, and the windows fetched their pieces from each: with
+        one of three workers of 1.5 GiB killed 10 s into the read of two 600-scene COG tiles, the
+        read took 39-151 s, Dask spilled 8-24 GiB, other workers were restarted, and one read
+        failed (KilledWorker); with the move 35-43 s, 4-8 GiB, no other restart
+        (``benchmarks/lost_worker.py``)."""
+        gone, home = set(ts.worker_restrictions), ts.processing_on
+        if not _fits(home, ts):  # Dask's fallback for a lost worker ignores the resources too
+            fitting = [ws for ws in self.scheduler.running if _fits(ws, ts)]
+            home = min(fitting, key=lambda ws: (len(ws.processing), ws.address), default=home)
+        home, tile = home.address, _tile(ts.key)
+        for other in self.scheduler.tasks.values():
+            if (
+                other.worker_restrictions == gone
+                and _pinned_read(other)
+                and _tile(other.key) == tile
+            ):
+                other.worker_restrictions = {home}
+        log.info("tile %s: its reading worker %s left, its read goes on on %s", tile, gone, home)
+
+
+def _name(key) -> str:
+    return str(key[0] if isinstance(key, tuple) else key)
+
+
+def _tile(key) -> str:
+    """The tile of a read task's key (``read-...-<tile>-<token>``)."""
+    return _name(key).split("-")[-2]
+
+
+def _fits(ws, ts) -> bool:
+    """Whether worker ``ws`` has the resources that task ``ts`` asks for."""
+    return all(ws.resources.get(r, 0) >= q for r, q in (ts.resource_restrictions or {}).items())
+
+
+def _pinned_read(ts) -> bool:
+    """Whether a task is one of a read pinned to a worker (a loose restriction)."""
+    return bool(ts.loose_restrictions and ts.worker_restrictions) and _name(ts.key).startswith(
+        "read-"
+    )
 
 
 def worker_plugins(env: dict[str, str]) -> list[WorkerPlugin]:

@@ -17,6 +17,7 @@ __all__ = [
     "HELD_SHARE",
     "SPILL_SHARE",
     "ReadBudget",
+    "idle_reader",
     "memory_and_threads",
     "pinned_worker",
     "read_budget",
@@ -97,6 +98,17 @@ def spill_worker(
         return None
     load = Counter(w for w in busy if w in reading)
     return min(reading, key=lambda a: (load[a], a))
+
+
+def idle_reader(workers: dict[str, dict], routing: Routing, busy: list[str | None]) -> bool:
+    """Whether a reading worker (of ``workers``, ``scheduler_info()["workers"]``) reads none of the
+    tiles in flight (``busy``: the workers their reads were pinned to, None where not pinned).
+    False where one of those workers left the cluster: its tile's read went on on another worker
+    (:class:`~treesits_dask.pipeline.plugins.PinnedReads`), which one is not known here."""
+    if any(w is not None and w not in workers for w in busy):
+        return False
+    idle = spill_worker(workers, routing, busy)
+    return idle is not None and idle not in busy
 
 
 def tile_spills(tile, reads: ReadBudget | None) -> bool:

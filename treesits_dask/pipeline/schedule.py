@@ -45,6 +45,7 @@ from .postprocess import update_derived
 from .predict import Inference, ModelPlugin, annotate, inference_stats, predict_layer
 from .reading import (
     ReadBudget,
+    idle_reader,
     pinned_worker,
     read_budget,
     spill_worker,
@@ -295,8 +296,7 @@ class _Scheduler:
         if not tile_spills(tile, self.reads):
             return False
         busy = [s.get("worker") for s in self.state.values()]
-        idle = spill_worker(self.client.scheduler_info(n_workers=-1)["workers"], self.routing, busy)
-        return idle is not None and idle not in busy
+        return idle_reader(self.client.scheduler_info(n_workers=-1)["workers"], self.routing, busy)
 
     def loop(self) -> None:
         snapshot = None
