@@ -1,0 +1,101 @@
+"""A reading worker lost in the middle of a spilling read: the rest of its tile's read on the one
+worker Dask gives its first task (``pipeline.plugins.PinnedReads._move_tile``, the code now)
+against the tile's tasks spread by Dask's fallback for a loose restriction (the code before),
+alternating, each read on a fresh cluster of its own, the cube in the page cache.
+
+    python benchmarks/lost_worker.py --cube /data/cube --workers 3 --memory-limit 1536MiB \\
+        --kill-after 10 --rounds 2 --json lost.json
+
+Every tile of the cube is read as ``run`` reads it (``bench.measure.decode_run``: each spilling
+tile on one reading worker); ``--kill-after`` seconds into the read, the worker that reads the
+first tile is killed (SIGKILL; its nanny starts a new one, as Kubernetes restarts a pod).  Prints
+one JSON line per read: seconds, what Dask spilled, worker restarts (the kill included), or the
+error that failed the read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cube", default=None, help="an existing FORCE cube (else one is written)")
+    p.add_argument("--tiles", type=int, default=2, help="tiles of the cube written")
+    p.add_argument("--size", type=int, default=600)
+    p.add_argument("--scenes", type=int, default=600)
+    p.add_argument("--layout", default="cog", choices=["cog", "strips"])
+    p.add_argument("--window", type=int, default=100, help="square windows of this edge")
+    p.add_argument("--workers", type=int, default=3)
+    p.add_argument("--memory-limit", default="1536MiB", help="per worker (1 thread each)")
+    p.add_argument("--kill-after", type=float, default=10.0, help="seconds into the read")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    from treesits_dask.bench.measure import bench_config, benchmark_cube, emit_row
+    from treesits_dask.bench.pagecache import page_in
+    from treesits_dask.pipeline.plan import make_plan
+    from treesits_dask.pipeline.plugins import PinnedReads
+
+    tmp = tempfile.TemporaryDirectory(prefix="lost-worker-") if args.workdir is None else None
+    wd = Path(args.workdir or tmp.name)
+    root = benchmark_cube(args.cube, wd, args.size, args.scenes, args.layout, args.tiles)
+    config = bench_config(root, wd, 1, args.memory_limit, args.window)
+    plan = make_plan(config.model_copy(update={"workers": args.workers}))
+    report: dict = {"cube": str(root), "tiles": len(plan.tiles), "window": args.window,
+                    "workers": args.workers, "memory_limit": args.memory_limit,
+                    "kill_after": args.kill_after, "reads": []}  # fmt: skip
+    move_tile = PinnedReads._move_tile
+    try:
+        for r in range(args.rounds):
+            for moved in (True, False) if r % 2 == 0 else (False, True):
+                # the scheduler runs in this process: the code before, without the move
+                PinnedReads._move_tile = move_tile if moved else lambda self, ts: None
+                page_in(str(root))
+                row = {"round": r, "read_moved_together": moved, **_read(args, plan)}
+                emit_row(report, row, args.json)
+    finally:
+        PinnedReads._move_tile = move_tile
+        if tmp is not None:
+            tmp.cleanup()
+    return 0
+
+
+def _read(args, plan) -> dict:
+    """One read of every tile on a fresh cluster, the first tile's worker killed on the way."""
+    from treesits_dask.bench.measure import bench_cluster, decode_run
+
+    cluster, client = bench_cluster(args.workers, 1, args.memory_limit)
+    try:
+        client.wait_for_workers(args.workers)
+        first = sorted(client.scheduler_info()["workers"])[0]  # spill_worker's first choice
+        pid = client.run(os.getpid, workers=[first])[first]
+        killer = threading.Timer(args.kill_after, os.kill, (pid, signal.SIGKILL))
+        killer.start()
+        t0 = time.perf_counter()
+        try:
+            run = decode_run(plan, client, pin=True)
+        except Exception as exc:  # noqa: BLE001 - a failed read is a result here
+            return {"seconds": round(time.perf_counter() - t0, 2),
+                    "failed": f"{type(exc).__name__}: {str(exc)[:200]}"}  # fmt: skip
+        finally:
+            killer.cancel()
+        return {"seconds": round(run["seconds"], 2),
+                "spilled_mib": round(run["spilled_bytes"] / 2**20),
+                "worker_restarts": run["worker_restarts"]}  # fmt: skip
+    finally:
+        client.close()
+        cluster.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
