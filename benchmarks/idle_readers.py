@@ -1,5 +1,5 @@
 """Tiles whose read plan spills, run end to end (``run`` on a standing LocalCluster) with fewer
-tiles in flight than reading workers, three ways alternating in one process, the cube in the page
+tiles in flight than reading workers, four ways alternating in one process, the cube in the page
 cache: ``now``, the scheduler starting such tiles beyond ``tiles_in_flight``, one on each reading
 worker that reads no tile, and Dask's work stealing leaving their reads where they are pinned
 (``pipeline.plugins.PinnedReads``); ``stealing``, the same without that plugin; ``cap``, the
@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,32 +45,21 @@ def write_masks(plan, mask_dir: Path, window: int) -> None:
 
 
 def main(argv=None) -> int:
+    from treesits_dask.bench.measure import cube_arguments
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cube", default=None, help="an existing FORCE cube (else one is written)")
-    p.add_argument("--tiles", type=int, default=2, help="tiles of the cube written")
-    p.add_argument("--size", type=int, default=600)
-    p.add_argument("--scenes", type=int, default=600)
-    p.add_argument("--layout", default="cog", choices=["cog", "strips"])
-    p.add_argument("--window", type=int, default=100, help="square windows of this edge")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1, help="threads per worker")
-    p.add_argument("--memory-limit", default="3GiB", help="per worker")
+    cube_arguments(p, workers=2, memory_limit="3GiB")
     p.add_argument("--tiles-in-flight", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--workdir", default=None)
-    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
-    from treesits_dask.bench.measure import bench_cluster, bench_config, benchmark_cube, emit_row
+    from treesits_dask.bench.measure import bench_cluster, bench_config, cube_workdir, emit_row
     from treesits_dask.bench.pagecache import page_in
     from treesits_dask.pipeline import schedule
     from treesits_dask.pipeline.plan import make_plan
     from treesits_dask.pipeline.plugins import PinnedReads
     from treesits_dask.pipeline.run import run
 
-    tmp = tempfile.TemporaryDirectory(prefix="idle-readers-") if args.workdir is None else None
-    wd = Path(args.workdir or tmp.name)
-    root = benchmark_cube(args.cube, wd, args.size, args.scenes, args.layout, args.tiles)
+    tmp, wd, root = cube_workdir(args, "idle-readers-")
     base = bench_config(root, wd, args.threads, args.memory_limit, args.window)
     base = base.model_copy(update={"workers": args.workers, "cog": False,
                                    "tiles_in_flight": args.tiles_in_flight})  # fmt: skip

@@ -19,36 +19,24 @@ import argparse
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 
 def main(argv=None) -> int:
+    from treesits_dask.bench.measure import cube_arguments
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cube", default=None, help="an existing FORCE cube (else one is written)")
-    p.add_argument("--tiles", type=int, default=2, help="tiles of the cube written")
-    p.add_argument("--size", type=int, default=600)
-    p.add_argument("--scenes", type=int, default=600)
-    p.add_argument("--layout", default="cog", choices=["cog", "strips"])
-    p.add_argument("--window", type=int, default=100, help="square windows of this edge")
-    p.add_argument("--workers", type=int, default=3)
-    p.add_argument("--memory-limit", default="1536MiB", help="per worker (1 thread each)")
+    cube_arguments(p, workers=3, memory_limit="1536MiB", threads=False)
     p.add_argument("--kill-after", type=float, default=10.0, help="seconds into the read")
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--workdir", default=None)
-    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
-    from treesits_dask.bench.measure import bench_config, benchmark_cube, emit_row
+    from treesits_dask.bench.measure import bench_config, cube_workdir, emit_row
     from treesits_dask.bench.pagecache import page_in
     from treesits_dask.pipeline.plan import make_plan
     from treesits_dask.pipeline.plugins import PinnedReads
 
-    tmp = tempfile.TemporaryDirectory(prefix="lost-worker-") if args.workdir is None else None
-    wd = Path(args.workdir or tmp.name)
-    root = benchmark_cube(args.cube, wd, args.size, args.scenes, args.layout, args.tiles)
+    tmp, wd, root = cube_workdir(args, "lost-worker-")
     config = bench_config(root, wd, 1, args.memory_limit, args.window)
     plan = make_plan(config.model_copy(update={"workers": args.workers}))
     report: dict = {"cube": str(root), "tiles": len(plan.tiles), "window": args.window,

@@ -19,30 +19,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-from pathlib import Path
 
 
 def main(argv=None) -> int:
+    from treesits_dask.bench.measure import cube_arguments
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cube", default=None, help="an existing FORCE cube (else one is written)")
-    p.add_argument("--tiles", type=int, default=2, help="tiles of the cube written")
-    p.add_argument("--size", type=int, default=600)
-    p.add_argument("--scenes", type=int, default=600)
-    p.add_argument("--layout", default="cog", choices=["cog", "strips"])
-    p.add_argument("--window", type=int, default=100, help="square windows of this edge")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1, help="threads per worker")
-    p.add_argument("--memory-limit", default="1536MiB", help="per worker")
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--workdir", default=None)
-    p.add_argument("--json", default=None)
+    cube_arguments(p, workers=2, memory_limit="1536MiB")
     args = p.parse_args(argv)
 
     from treesits_dask.bench.measure import (
         bench_cluster,
         bench_config,
-        benchmark_cube,
+        cube_workdir,
         decode_run,
         emit_row,
     )
@@ -50,9 +39,7 @@ def main(argv=None) -> int:
     from treesits_dask.bench.real import files_bytes, floor_sample, floors
     from treesits_dask.pipeline.plan import make_plan
 
-    tmp = tempfile.TemporaryDirectory(prefix="spill-workers-") if args.workdir is None else None
-    wd = Path(args.workdir or tmp.name)
-    root = benchmark_cube(args.cube, wd, args.size, args.scenes, args.layout, args.tiles)
+    tmp, wd, root = cube_workdir(args, "spill-workers-")
     config = bench_config(root, wd, args.threads, args.memory_limit, args.window)
     plan = make_plan(config.model_copy(update={"workers": args.workers}))
     _, total = files_bytes(plan)

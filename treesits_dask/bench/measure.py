@@ -22,6 +22,8 @@ __all__ = [
     "bench_config",
     "bench_models",
     "benchmark_cube",
+    "cube_arguments",
+    "cube_workdir",
     "cold_reads",
     "decode_run",
     "decode_seconds",
@@ -153,6 +155,39 @@ def benchmark_cube(
     print(f"{tiles} tile(s) of {size} px x {scenes} scenes written in "
           f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
     return str(root)
+
+
+def cube_arguments(p, workers: int, memory_limit: str, threads: bool = True) -> None:
+    """The arguments that the benchmark scripts on a cube of several 600-scene tiles (given or
+    written) share, added to the ``argparse`` parser ``p``: ``--cube``, ``--tiles``, ``--size``,
+    ``--scenes``, ``--layout``, ``--window``, ``--workers`` (default ``workers``), ``--threads``
+    (where ``threads``; else each worker has one), ``--memory-limit`` (default ``memory_limit``),
+    ``--rounds``, ``--workdir``, ``--json``."""
+    p.add_argument("--cube", default=None, help="an existing FORCE cube (else one is written)")
+    p.add_argument("--tiles", type=int, default=2, help="tiles of the cube written")
+    p.add_argument("--size", type=int, default=600)
+    p.add_argument("--scenes", type=int, default=600)
+    p.add_argument("--layout", default="cog", choices=["cog", "strips"])
+    p.add_argument("--window", type=int, default=100, help="square windows of this edge")
+    p.add_argument("--workers", type=int, default=workers)
+    if threads:
+        p.add_argument("--threads", type=int, default=1, help="threads per worker")
+    p.add_argument("--memory-limit", default=memory_limit,
+                   help="per worker" if threads else "per worker (1 thread each)")  # fmt: skip
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--json", default=None)
+
+
+def cube_workdir(args, prefix: str):
+    """``(tmp, workdir, cube root)`` of a script that took :func:`cube_arguments`: ``--workdir``,
+    else a temporary directory (``tmp``, to clean up; None otherwise), and the given cube or one
+    written there (:func:`benchmark_cube`)."""
+    import tempfile
+
+    tmp = tempfile.TemporaryDirectory(prefix=prefix) if args.workdir is None else None
+    wd = Path(args.workdir or tmp.name)
+    return tmp, wd, benchmark_cube(args.cube, wd, args.size, args.scenes, args.layout, args.tiles)
 
 
 def emit_row(report: dict, row: dict, json_path: str | None) -> None:
