@@ -37,6 +37,7 @@ __all__ = [
     "check_header",
     "days_since_epoch",
     "open_raster",
+    "read_tile",
     "scene_problems",
     "tile_cube",
     "tile_grid",
@@ -316,6 +317,15 @@ def _read_graph(
             keys,
         )  # fmt: skip
     return dsk
+
+
+def read_tile(key) -> str | None:
+    """The tile of a task of :func:`tile_cube`'s read (Dask key ``read-<tile>-<token>``, or with
+    ``read-band-``, ``read-row-``, ``read-group-`` for its bands, picks and groups, as
+    :func:`_read_graph` names them, each maybe in a tuple with the chunk's index); None for the
+    key of any other task."""
+    name = str(key[0] if isinstance(key, tuple) else key)
+    return name.split("-")[-2] if name.startswith("read-") else None
 
 
 def _picks_first(key) -> int:

@@ -139,28 +139,18 @@ class PinnedReads(SchedulerPlugin):
         read took 39-151 s, Dask spilled 8-24 GiB, other workers were restarted, and one read
         failed (KilledWorker); with the move 35-43 s, 4-8 GiB, no other restart
         (``benchmarks/lost_worker.py``)."""
+        from ..io.cube import read_tile
+
         gone, home = set(ts.worker_restrictions), ts.processing_on
         if not _fits(home, ts):  # Dask's fallback for a lost worker ignores the resources too
             fitting = [ws for ws in self.scheduler.running if _fits(ws, ts)]
             home = min(fitting, key=lambda ws: (len(ws.processing), ws.address), default=home)
-        home, tile = home.address, _tile(ts.key)
-        for other in self.scheduler.tasks.values():
-            if (
-                other.worker_restrictions == gone
-                and _pinned_read(other)
-                and _tile(other.key) == tile
-            ):
-                other.worker_restrictions = {home}
+        home, tile = home.address, read_tile(ts.key)
+        for other in self.scheduler.tasks.values():  # the tile's other reads pinned with it
+            if other.worker_restrictions == gone and other.loose_restrictions:
+                if read_tile(other.key) == tile:
+                    other.worker_restrictions = {home}
         log.info("tile %s: its reading worker %s left, its read goes on on %s", tile, gone, home)
-
-
-def _name(key) -> str:
-    return str(key[0] if isinstance(key, tuple) else key)
-
-
-def _tile(key) -> str:
-    """The tile of a read task's key (``read-...-<tile>-<token>``)."""
-    return _name(key).split("-")[-2]
 
 
 def _fits(ws, ts) -> bool:
@@ -170,9 +160,11 @@ def _fits(ws, ts) -> bool:
 
 def _pinned_read(ts) -> bool:
     """Whether a task is one of a read pinned to a worker (a loose restriction)."""
-    return bool(ts.loose_restrictions and ts.worker_restrictions) and _name(ts.key).startswith(
-        "read-"
-    )
+    if not (ts.loose_restrictions and ts.worker_restrictions):
+        return False
+    from ..io.cube import read_tile  # imported by the scheduler only where a task is pinned
+
+    return read_tile(ts.key) is not None
 
 
 def worker_plugins(env: dict[str, str]) -> list[WorkerPlugin]:
