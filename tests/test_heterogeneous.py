@@ -2,6 +2,8 @@
 only where CPU is, also on a standing cluster behind ``scheduler_address`` and with
 ``read_on: gpu``."""
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -169,35 +171,52 @@ def test_a_tile_whose_read_spills_is_read_on_one_worker(
     assert len(beyond) == (1 if tiles_in_flight == 1 else 0), events
 
 
+@contextlib.contextmanager
+def _pinned_reads(workers: int, kept: bool):
+    """An in-process cluster of ``workers`` workers of one thread (with ``PinnedReads`` on its
+    scheduler where ``kept``) and 30 read tasks of 0.1 s pinned loosely to the first worker by
+    address, as a spilling tile's reads are: yields the client, the workers' addresses (sorted)
+    and the futures."""
+    import time
+
+    from distributed import Client, LocalCluster
+
+    from treesits_dask.pipeline.plugins import register_pinned_reads
+
+    with (
+        LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=False, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        if kept:
+            assert register_pinned_reads(client)
+        addresses = sorted(client.scheduler_info()["workers"])
+        futures = [
+            client.submit(time.sleep, 0.1, key=f"read-band-X0069_Y0043-{i}", pure=False,
+                          workers=addresses[:1], allow_other_workers=True)
+            for i in range(30)
+        ]  # fmt: skip
+        yield client, addresses, futures
+
+
+def _read_workers(ts) -> list[str]:
+    """The workers that ran the read tasks of a task stream, one entry per task."""
+    return [rec["worker"] for rec in ts.data if str(rec["key"]).startswith("read-")]
+
+
 @pytest.mark.parametrize("kept", [True, False], ids=["kept", "dask-alone"])
 def test_work_stealing_leaves_pinned_reads_on_their_worker(kept):
     """The reads of a spilling tile are pinned to one worker by a loose restriction (elsewhere
     only if it leaves); Dask's work stealing treats such tasks as unrestricted and gives them to an
     idle worker (the control, without the plugin), which then fetches the pieces on the other
     worker's disk.  With :class:`PinnedReads` on the scheduler none of them moves."""
-    import time
+    from distributed import get_task_stream, wait
 
-    from distributed import Client, LocalCluster, get_task_stream, wait
-
-    from treesits_dask.pipeline.plugins import register_pinned_reads
-
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0"
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        if kept:
-            assert register_pinned_reads(client)
-        pinned, idle = sorted(client.scheduler_info()["workers"])
+    with _pinned_reads(2, kept) as (client, (pinned, idle), futures):
         with get_task_stream(client) as ts:
-            futures = [
-                client.submit(time.sleep, 0.1, key=f"read-band-X0069_Y0043-{i}", pure=False,
-                              workers=[pinned], allow_other_workers=True)
-                for i in range(30)
-            ]  # fmt: skip
             wait(futures)
-    where = [rec["worker"] for rec in ts.data if str(rec["key"]).startswith("read-")]
+    where = _read_workers(ts)
     assert len(where) == 30
     if kept:
         assert set(where) == {pinned}
@@ -213,34 +232,19 @@ def test_the_read_of_a_lost_worker_goes_on_together_on_one_other(kept):
     import time
     from collections import Counter
 
-    from distributed import Client, LocalCluster, get_task_stream, wait
-
-    from treesits_dask.pipeline.plugins import register_pinned_reads
+    from distributed import get_task_stream, wait
 
     async def lose(dask_scheduler, address):
         await dask_scheduler.remove_worker(address=address, stimulus_id="test-lost", close=True)
 
-    with (
-        LocalCluster(
-            n_workers=3, threads_per_worker=1, processes=False, dashboard_address=":0"
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        if kept:
-            assert register_pinned_reads(client)
-        lost, *others = sorted(client.scheduler_info()["workers"])
-        futures = [
-            client.submit(time.sleep, 0.1, key=f"read-band-X0069_Y0043-{i}", pure=False,
-                          workers=[lost], allow_other_workers=True)
-            for i in range(30)
-        ]  # fmt: skip
+    with _pinned_reads(3, kept) as (client, (lost, *others), futures):
         deadline = time.monotonic() + 30
         while sum(f.done() for f in futures) < 3 and time.monotonic() < deadline:
             time.sleep(0.02)
         with get_task_stream(client) as ts:
             client.run_on_scheduler(lose, address=lost)
             wait(futures)
-    where = Counter(rec["worker"] for rec in ts.data if str(rec["key"]).startswith("read-"))
+    where = Counter(_read_workers(ts))
     assert where and lost not in where, where
     if kept:
         assert len(where) == 1, where  # the rest of the read on one other worker
