@@ -1,7 +1,8 @@
-"""A reading worker lost in the middle of a spilling read: the rest of its tile's read on the one
-worker Dask gives its first task (``pipeline.plugins.PinnedReads._move_tile``, the code now)
-against the tile's tasks spread by Dask's fallback for a loose restriction (the code before),
-alternating, each read on a fresh cluster of its own, the cube in the page cache.
+"""A reading worker lost in the middle of a spilling read: the rest of its tile's read pinned to
+one other worker (``pipeline.plugins.PinnedReads``, the code now) against the tile's tasks left
+to Dask (the plugin's hooks switched off: a loose restriction, which Dask's fallback for a lost
+worker spreads over the workers, and work stealing as Dask does it), alternating, each read on a
+fresh cluster of its own, the cube in the page cache.
 
     python benchmarks/lost_worker.py --cube /data/cube --workers 3 --memory-limit 1536MiB \\
         --kill-after 10 --rounds 2 --json lost.json
@@ -21,6 +22,13 @@ import signal
 import sys
 import threading
 import time
+
+#: the hooks of ``PinnedReads`` that the variant without it switches off
+_HOOKS = ("transition", "remove_worker", "add_worker")
+
+
+def _nothing(self, *args, **kwargs) -> None:
+    """A hook of ``PinnedReads`` switched off."""
 
 
 def main(argv=None) -> int:
@@ -42,17 +50,19 @@ def main(argv=None) -> int:
     report: dict = {"cube": str(root), "tiles": len(plan.tiles), "window": args.window,
                     "workers": args.workers, "memory_limit": args.memory_limit,
                     "kill_after": args.kill_after, "reads": []}  # fmt: skip
-    move_tile = PinnedReads._move_tile
+    hooks = {name: getattr(PinnedReads, name) for name in _HOOKS}
     try:
         for r in range(args.rounds):
             for moved in (True, False) if r % 2 == 0 else (False, True):
-                # the scheduler runs in this process: the code before, without the move
-                PinnedReads._move_tile = move_tile if moved else lambda self, ts: None
+                # the scheduler runs in this process: Dask alone, the plugin's hooks doing nothing
+                for name, hook in hooks.items():
+                    setattr(PinnedReads, name, hook if moved else _nothing)
                 page_in(str(root))
                 row = {"round": r, "read_moved_together": moved, **_read(args, plan)}
                 emit_row(report, row, args.json)
     finally:
-        PinnedReads._move_tile = move_tile
+        for name, hook in hooks.items():
+            setattr(PinnedReads, name, hook)
         if tmp is not None:
             tmp.cleanup()
     return 0

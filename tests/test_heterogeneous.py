@@ -120,9 +120,10 @@ def test_a_tile_whose_read_spills_is_read_on_one_worker(
     """Where a tile's bands of all scenes do not fit a reading worker (the plan spills pieces to
     its local disk, which Dask counts as a few bytes), the tile is read and its windows put
     together on one reading worker, the tiles in flight on different ones: no window fetches
-    another worker's pieces.  Inference still goes to the GPU worker.  (The restriction is loose,
-    so that a tile whose worker is lost is read elsewhere; Dask's work stealing, which would give
-    an idle worker queued reads of another's tile, leaves them alone: ``PinnedReads``.)
+    another worker's pieces.  Inference still goes to the GPU worker.  (The graph's restriction is
+    loose, so that without ``PinnedReads`` a tile whose worker is lost is read elsewhere; the
+    plugin makes it strict, so that Dask's work stealing, which would give an idle worker queued
+    reads of another's tile, leaves them alone.)
     With one tile in flight, the second spilling tile still starts at once, on the idle reading
     worker (before, it waited for the first and was read on the same worker)."""
     import logging
@@ -172,11 +173,12 @@ def test_a_tile_whose_read_spills_is_read_on_one_worker(
 
 
 @contextlib.contextmanager
-def _pinned_reads(workers: int, kept: bool):
+def _pinned_reads(workers: int, kept: bool, paused: bool = False, gone: bool = False):
     """An in-process cluster of ``workers`` workers of one thread (with ``PinnedReads`` on its
     scheduler where ``kept``) and 30 read tasks of 0.1 s pinned loosely to the first worker by
-    address, as a spilling tile's reads are: yields the client, the workers' addresses (sorted)
-    and the futures."""
+    address, as a spilling tile's reads are (``paused``: that worker paused first, as Dask pauses
+    one at 80 % of its memory; ``gone``: pinned to a worker that is not in the cluster): yields
+    the client, the workers' addresses (sorted) and the futures."""
     import time
 
     from distributed import Client, LocalCluster
@@ -184,20 +186,48 @@ def _pinned_reads(workers: int, kept: bool):
     from treesits_dask.pipeline.plugins import register_pinned_reads
 
     with (
+        # a paused worker's memory monitor would resume it at once: no memory limit, no monitor
         LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=False, dashboard_address=":0"
-        ) as cluster,
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=False,
+            dashboard_address=":0",
+            **({"memory_limit": 0} if paused else {}),
+        ) as cluster,  # fmt: skip
         Client(cluster) as client,
     ):
         if kept:
             assert register_pinned_reads(client)
         addresses = sorted(client.scheduler_info()["workers"])
+        if paused:
+            _set_status(client, addresses[0], "paused")
+        pinned = ["tcp://192.0.2.1:1"] if gone else addresses[:1]
         futures = [
             client.submit(time.sleep, 0.1, key=f"read-band-X0069_Y0043-{i}", pure=False,
-                          workers=addresses[:1], allow_other_workers=True)
+                          workers=pinned, allow_other_workers=True)
             for i in range(30)
         ]  # fmt: skip
         yield client, addresses, futures
+
+
+def _set_status(client, address: str, status: str) -> None:
+    """Pause (``"paused"``) or resume (``"running"``) a worker as its memory monitor does, and
+    wait until the scheduler knows."""
+    import time
+
+    from distributed.core import Status
+
+    def flip(dask_worker, status):
+        dask_worker.status = Status[status]
+
+    def seen(dask_scheduler, address):
+        return dask_scheduler.workers[address].status.name
+
+    client.run(flip, status=status, workers=[address])
+    deadline = time.monotonic() + 10
+    while client.run_on_scheduler(seen, address=address) != status:
+        assert time.monotonic() < deadline, f"the scheduler does not see {address} {status}"
+        time.sleep(0.02)
 
 
 def _read_workers(ts) -> list[str]:
@@ -226,9 +256,9 @@ def test_work_stealing_leaves_pinned_reads_on_their_worker(kept):
 
 @pytest.mark.parametrize("kept", [True, False], ids=["kept-together", "dask-alone"])
 def test_the_read_of_a_lost_worker_goes_on_together_on_one_other(kept):
-    """Where the worker a read is pinned to leaves the cluster, its tasks (the loose restriction)
-    all go to one other worker, the one Dask gives the first of them, so that the windows do not
-    fetch pieces from every worker; left to Dask (the control) they spread over the others."""
+    """Where the worker a read is pinned to leaves the cluster, its tasks all go to one other
+    worker (:meth:`PinnedReads._rehome`), so that the windows do not fetch pieces from every
+    worker; left to Dask (the control, a loose restriction) they spread over the others."""
     import time
     from collections import Counter
 
@@ -250,6 +280,96 @@ def test_the_read_of_a_lost_worker_goes_on_together_on_one_other(kept):
         assert len(where) == 1, where  # the rest of the read on one other worker
     else:
         assert set(where) == set(others), where  # Dask alone spread it
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["kept", "dask-alone"])
+def test_a_paused_worker_keeps_the_read_pinned_to_it(kept):
+    """Dask pauses a worker at 80 % of its memory, which a reading worker of a spilling tile may
+    reach; Dask then gives the tasks pinned to it (a loose restriction) to any running worker
+    (the control), which fetches the tile's pieces from the paused one.  With
+    :class:`PinnedReads` they wait for it, and run there once it resumes."""
+    import time
+
+    from distributed import get_task_stream, wait
+
+    with _pinned_reads(2, kept, paused=True) as (client, (pinned, other), futures):
+        with get_task_stream(client) as ts:
+            time.sleep(1.0)
+            done_while_paused = sum(f.done() for f in futures)
+            _set_status(client, pinned, "running")
+            wait(futures, timeout=60)
+    where = _read_workers(ts)
+    assert len(where) == 30
+    if kept:
+        assert done_while_paused == 0 and set(where) == {pinned}, where
+    else:
+        assert done_while_paused and other in where  # Dask alone ran them elsewhere
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["kept-together", "dask-alone"])
+def test_a_read_pinned_to_a_worker_gone_before_it_came_runs_on_one_other(kept):
+    """A tile pinned to a worker that left between the driver's choice and the graph's arrival
+    is read on one other worker with :class:`PinnedReads`; Dask alone spreads it."""
+    from distributed import get_task_stream, wait
+
+    with _pinned_reads(2, kept, gone=True) as (client, addresses, futures):
+        with get_task_stream(client) as ts:
+            wait(futures, timeout=60)
+    where = set(_read_workers(ts))
+    assert where <= set(addresses)
+    assert len(where) == (1 if kept else 2), where
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["kept", "dask-alone"])
+def test_the_read_of_a_lost_only_worker_goes_on_on_its_successor(kept):
+    """A read pinned to a worker that left, where the cluster has no other running worker at
+    that moment (its only reading worker killed and started again by its nanny under a new
+    address; on Kubernetes, every reading pod lost at once), goes on on the worker that joins.
+    Dask alone (the control, a loose restriction) leaves it waiting, for ever or until the
+    scheduler's no-workers timeout fails it (30 min on Kubernetes): with no running worker it
+    has nowhere to fall back to, and a worker that joins later takes only the waiting tasks its
+    restrictions allow.  :class:`PinnedReads` pins the tile to the new worker."""
+    import os
+    import signal
+    import time
+
+    from distributed import Client, LocalCluster, get_task_stream, wait
+
+    from treesits_dask.pipeline.plugins import register_pinned_reads
+
+    def waiting(dask_scheduler):
+        return sum(ts.state == "no-worker" for ts in dask_scheduler.tasks.values())
+
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        if kept:
+            assert register_pinned_reads(client)
+        (first,) = client.scheduler_info()["workers"]
+        futures = [
+            client.submit(time.sleep, 0.1, key=f"read-band-X0069_Y0043-{i}", pure=False,
+                          workers=[first], allow_other_workers=True)
+            for i in range(20)
+        ]  # fmt: skip
+        deadline = time.monotonic() + 30
+        while sum(f.done() for f in futures) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        (pid,) = client.run(os.getpid).values()
+        with get_task_stream(client) as ts:
+            os.kill(pid, signal.SIGKILL)  # its nanny starts a new worker process
+            if kept:
+                wait(futures, timeout=90)
+            else:
+                time.sleep(8)  # the new worker is up within 2-3 s
+                stuck = client.run_on_scheduler(waiting)
+                client.cancel(futures)
+        (second,) = client.scheduler_info()["workers"]
+    assert second != first
+    if kept:
+        assert set(_read_workers(ts)) == {second}, _read_workers(ts)
+    else:
+        assert stuck and not set(_read_workers(ts)), stuck  # Dask alone: waiting for ever
 
 
 @pytest.mark.parametrize("held", [1, 2**40], ids=["spills", "held-in-memory"])

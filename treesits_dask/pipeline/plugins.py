@@ -1,9 +1,9 @@
 """The plugins every worker of a run gets (:func:`worker_plugins`): the run's non-secret
 environment (:class:`EnvPlugin`), one-line logs of tasks that failed on an input problem
 (:class:`TaskErrorLog`), and the files of read pieces removed before the worker closes
-(:class:`PieceFiles`); and the scheduler's (:class:`PinnedReads`): Dask's work stealing leaves
-the reads pinned to a worker where they are, and the read of a worker that left goes on on one
-other."""
+(:class:`PieceFiles`); and the scheduler's (:class:`PinnedReads`): the reads pinned to a worker
+stay there, paused or not, out of reach of Dask's work stealing, and the read of a worker that
+left goes on on one other."""
 
 from __future__ import annotations
 
@@ -96,18 +96,35 @@ class PieceFiles(WorkerPlugin):
 
 
 class PinnedReads(SchedulerPlugin):
-    """Dask's work stealing does not move the tasks of a read pinned to its worker (a tile whose
-    read plan spills: :func:`~treesits_dask.pipeline.reading.spill_worker`).
+    """The reads pinned to a worker (a tile whose read plan spills:
+    :func:`~treesits_dask.pipeline.reading.spill_worker`) stay on it while it is in the cluster,
+    paused or not, and go on together on one other worker where it leaves.
 
-    Their restriction is loose, so that the tile is read elsewhere if its worker leaves, and Dask
-    steals tasks with loose restrictions as if they had none: an idle reading worker took queued
-    reads and window tasks of another worker's tile, whose pieces on that worker's disk (which
-    Dask counts as a few bytes) then came over gigabytes at a time.  Two workers of 1 thread and
-    3 GiB, one of two 600 px x 600-scene COG tiles in flight: 102-265 s for both (one tile up to
-    169 s), and with this plugin 51-59 s, 20-30 s a tile (``benchmarks/idle_readers.py``).  Each
-    such task is taken out of the stealing extension's lists as it is assigned (after the
-    extension put it there); its restriction stays loose, and where its worker leaves the cluster
-    the tile's read goes on on one other worker (:meth:`_move_tile`)."""
+    The graph pins them with a loose restriction, so that without this plugin (a standing
+    scheduler that cannot load the package) a tile whose worker is lost is still read elsewhere.
+    Dask bends a loose restriction in two more cases, and each sent gigabytes of pieces between
+    workers (a window task fetches every piece of its window from the worker that holds them,
+    which Dask counts as a few bytes each):
+
+    - work stealing treats such a task as unrestricted: an idle reading worker took queued reads
+      and window tasks of another worker's tile (two workers of 1 thread and 3 GiB, one of two
+      600 px x 600-scene COG tiles in flight: 102-265 s for both, 51-59 s with the reads kept;
+      ``benchmarks/idle_readers.py``);
+    - while the pinned worker is paused (Dask pauses a worker at 80 % of its memory, which a
+      reading worker of a spilling tile may reach), every task of its tile that becomes ready
+      goes to a running worker.
+
+    So the plugin makes each pinned read task's restriction strict as it enters the scheduler's
+    ``waiting`` state (before Dask picks its worker): it waits for a paused worker, and stealing
+    does not move it.  Where the worker leaves (:meth:`remove_worker`), the tile's tasks are
+    pinned to one other worker (:meth:`_rehome`); where none is left, to the next that joins
+    (:meth:`add_worker`).  Left to Dask's fallback for a lost worker, they spread over the
+    workers: with one of three workers of 1.5 GiB killed 10 s into the read of two 600-scene COG
+    tiles, the read took 39-151 s, Dask spilled 8-55 GiB, other workers were restarted, and two
+    reads failed (KilledWorker); on one worker 33-43 s, 1-8 GiB, no other restart
+    (``benchmarks/lost_worker.py``).  Where no worker was left at that moment, Dask's fallback
+    found none, and a worker that joined later took none of the tasks pinned to the lost one:
+    the read waited for ever."""
 
     name = "treesits-pinned-reads"
 
@@ -118,39 +135,69 @@ class PinnedReads(SchedulerPlugin):
         self.scheduler = scheduler
 
     def transition(self, key, start, finish, *args, **kwargs) -> None:
-        if finish != "processing" or self.scheduler is None:
+        if start != "released" or finish != "waiting" or self.scheduler is None:
             return
         ts = self.scheduler.tasks.get(key)
-        if ts is None or not _pinned_read(ts):
+        if ts is None or not ts.loose_restrictions or not _pinned_read(ts):
             return
-        if not any(w in self.scheduler.workers for w in ts.worker_restrictions):
-            self._move_tile(ts)
-        stealing = self.scheduler.extensions.get("stealing")
-        if stealing is not None:
-            stealing.remove_key_from_stealable(ts)
-            # nor put back when the first task of its kind finishes (its duration then known)
-            stealing.unknown_durations.get(ts.prefix.name, set()).discard(ts)
+        ts.loose_restrictions = False
+        workers = self.scheduler.workers
+        if workers and not any(w in workers for w in ts.worker_restrictions):
+            # pinned to a worker that left before the graph came: the whole tile moves at once
+            self._rehome(None)
 
-    def _move_tile(self, ts) -> None:
-        """The worker that a tile's read was pinned to left the cluster, and Dask has just given
-        one of its tasks (``ts``) to another worker: the tile's other tasks go there too.  Else
-        Dask spread them over the workers, and the windows fetched their pieces from each: with
-        one of three workers of 1.5 GiB killed 10 s into the read of two 600-scene COG tiles, the
-        read took 39-151 s, Dask spilled 8-24 GiB, other workers were restarted, and one read
-        failed (KilledWorker); with the move 35-43 s, 4-8 GiB, no other restart
-        (``benchmarks/lost_worker.py``)."""
-        from ..io.cube import read_tile
+    def remove_worker(self, scheduler, worker: str, **kwargs) -> None:
+        self._rehome(kwargs.get("stimulus_id") or f"pinned-reads-lost-{worker}")
 
-        gone, home = set(ts.worker_restrictions), ts.processing_on
-        if not _fits(home, ts):  # Dask's fallback for a lost worker ignores the resources too
-            fitting = [ws for ws in self.scheduler.running if _fits(ws, ts)]
-            home = min(fitting, key=lambda ws: (len(ws.processing), ws.address), default=home)
-        home, tile = home.address, read_tile(ts.key)
-        for other in self.scheduler.tasks.values():  # the tile's other reads pinned with it
-            if other.worker_restrictions == gone and other.loose_restrictions:
-                if read_tile(other.key) == tile:
-                    other.worker_restrictions = {home}
-        log.info("tile %s: its reading worker %s left, its read goes on on %s", tile, gone, home)
+    def add_worker(self, scheduler, worker: str) -> None:
+        self._rehome(f"pinned-reads-joined-{worker}")
+
+    def _rehome(self, stimulus_id: str | None) -> None:
+        """Pin each tile whose pinned reads name no worker of the cluster (it left) to one other
+        worker that has the resources they ask for: where the tile's other tasks went on already,
+        that one; else a running one before a paused one, then the one pinned the fewest tiles,
+        the least busy, the first by address; none where the cluster has none (:meth:`add_worker`
+        tries again).  Where ``stimulus_id`` is given, the tasks waiting for a worker
+        (``no-worker``) are then sent to it."""
+        if self.scheduler is None:
+            return
+        sched = self.scheduler
+        lost: dict[str, list] = {}
+        pinned: dict[str, set] = {}  # worker -> tiles pinned to it
+        homes: dict[str, set] = {}  # tile -> workers of the cluster it is pinned to
+        for ts in list(sched.tasks.values()):
+            if not ts.worker_restrictions or (tile := _pinned_tile(ts)) is None:
+                continue
+            present = [w for w in ts.worker_restrictions if w in sched.workers]
+            for w in present:
+                pinned.setdefault(w, set()).add(tile)
+                homes.setdefault(tile, set()).add(w)
+            if not present:
+                lost.setdefault(tile, []).append(ts)
+
+        def rank(ws) -> tuple:  # a running worker first, then the fewest tiles, the least busy
+            return ws not in sched.running, len(pinned.get(ws.address, ())), len(ws.processing)
+
+        ready: list = []
+        for tile, tasks in lost.items():
+            # where some of the tile's tasks went on elsewhere already (they came later), there
+            fitting = [sched.workers[w] for w in sorted(homes.get(tile, ()))]
+            fitting = fitting or list(sched.workers.values())
+            fitting = [ws for ws in fitting if all(_fits(ws, ts) for ts in tasks)]
+            if not fitting:
+                continue
+            home = min(fitting, key=lambda ws: (*rank(ws), ws.address)).address
+            gone = sorted({w for ts in tasks for w in ts.worker_restrictions})
+            for ts in tasks:
+                ts.worker_restrictions = {home}
+                if ts.state == "no-worker":
+                    ready.append(ts)
+            pinned.setdefault(home, set()).add(tile)
+            log.info("tile %s: its reading worker %s left, its read goes on on %s",
+                     tile, ", ".join(gone), home)  # fmt: skip
+        if ready and stimulus_id is not None:
+            ready.sort(key=lambda ts: ts.priority, reverse=True)  # processed last in, first out
+            sched.transitions({ts.key: "processing" for ts in ready}, stimulus_id)
 
 
 def _fits(ws, ts) -> bool:
@@ -158,13 +205,16 @@ def _fits(ws, ts) -> bool:
     return all(ws.resources.get(r, 0) >= q for r, q in (ts.resource_restrictions or {}).items())
 
 
-def _pinned_read(ts) -> bool:
-    """Whether a task is one of a read pinned to a worker (a loose restriction)."""
-    if not (ts.loose_restrictions and ts.worker_restrictions):
-        return False
+def _pinned_tile(ts) -> str | None:
+    """The tile of a read task (None for any other task)."""
     from ..io.cube import read_tile  # imported by the scheduler only where a task is pinned
 
-    return read_tile(ts.key) is not None
+    return read_tile(ts.key)
+
+
+def _pinned_read(ts) -> bool:
+    """Whether a task is one of a read pinned to a worker."""
+    return bool(ts.worker_restrictions) and _pinned_tile(ts) is not None
 
 
 def worker_plugins(env: dict[str, str]) -> list[WorkerPlugin]:
