@@ -364,12 +364,14 @@ def test_the_read_of_a_lost_only_worker_goes_on_on_its_successor(kept):
                 time.sleep(8)  # the new worker is up within 2-3 s
                 stuck = client.run_on_scheduler(waiting)
                 client.cancel(futures)
+        client.wait_for_workers(1, timeout=60)
         (second,) = client.scheduler_info()["workers"]
     assert second != first
+    where = set(_read_workers(ts)) - {first}  # a task may have finished as it was killed
     if kept:
-        assert set(_read_workers(ts)) == {second}, _read_workers(ts)
+        assert where == {second}, where
     else:
-        assert stuck and not set(_read_workers(ts)), stuck  # Dask alone: waiting for ever
+        assert stuck and not where, (stuck, where)  # Dask alone: waiting for ever
 
 
 @pytest.mark.parametrize("held", [1, 2**40], ids=["spills", "held-in-memory"])
