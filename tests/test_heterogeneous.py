@@ -306,6 +306,21 @@ def test_a_paused_worker_keeps_the_read_pinned_to_it(kept):
         assert done_while_paused and other in where  # Dask alone ran them elsewhere
 
 
+def test_a_worker_paused_for_long_lets_the_read_pinned_to_it_go_on_elsewhere(monkeypatch):
+    """A worker whose memory Dask cannot free stays paused; the reads pinned to it (strictly, by
+    :class:`PinnedReads`) would wait for it for ever.  After ``PAUSED_GRACE`` seconds they go on
+    on another worker."""
+    from distributed import get_task_stream, wait
+
+    from treesits_dask.pipeline import plugins
+
+    monkeypatch.setattr(plugins, "PAUSED_GRACE", 1.0)  # the scheduler runs in this process
+    with _pinned_reads(2, True, paused=True) as (client, (pinned, other), futures):
+        with get_task_stream(client) as ts:
+            wait(futures, timeout=60)  # never resumed
+    assert set(_read_workers(ts)) == {other}
+
+
 @pytest.mark.parametrize("kept", [True, False], ids=["kept-together", "dask-alone"])
 def test_a_read_pinned_to_a_worker_gone_before_it_came_runs_on_one_other(kept):
     """A tile pinned to a worker that left between the driver's choice and the graph's arrival

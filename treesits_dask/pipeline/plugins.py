@@ -8,6 +8,7 @@ left goes on on one other."""
 from __future__ import annotations
 
 import logging
+import time
 
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 
@@ -95,6 +96,13 @@ class PieceFiles(WorkerPlugin):
         wait_removed(self.timeout)
 
 
+#: seconds a worker may stay paused while reads are pinned to it before they go on on another
+#: worker: a worker whose memory Dask cannot free (not its data) stays paused, and its tiles would
+#: wait for it for ever; checked every :data:`PAUSED_CHECK` seconds
+PAUSED_GRACE = 120.0
+PAUSED_CHECK = 1.0
+
+
 class PinnedReads(SchedulerPlugin):
     """The reads pinned to a worker (a tile whose read plan spills:
     :func:`~treesits_dask.pipeline.reading.spill_worker`) stay on it while it is in the cluster,
@@ -118,21 +126,40 @@ class PinnedReads(SchedulerPlugin):
     ``waiting`` state (before Dask picks its worker): it waits for a paused worker, and stealing
     does not move it.  Where the worker leaves (:meth:`remove_worker`), the tile's tasks are
     pinned to one other worker (:meth:`_rehome`); where none is left, to the next that joins
-    (:meth:`add_worker`).  Left to Dask's fallback for a lost worker, they spread over the
-    workers: with one of three workers of 1.5 GiB killed 10 s into the read of two 600-scene COG
-    tiles, the read took 39-151 s, Dask spilled 8-55 GiB, other workers were restarted, and two
-    reads failed (KilledWorker); on one worker 33-43 s, 1-8 GiB, no other restart
-    (``benchmarks/lost_worker.py``).  Where no worker was left at that moment, Dask's fallback
-    found none, and a worker that joined later took none of the tasks pinned to the lost one:
-    the read waited for ever."""
+    (:meth:`add_worker`); where it stays paused longer than :data:`PAUSED_GRACE`, to one other
+    as well (:meth:`_check_paused`; the pieces it holds are then fetched from it).  Left to
+    Dask's fallback for a lost worker, they spread over the workers: with one of three workers
+    of 1.5 GiB killed 10 s into the read of two 600-scene COG tiles, the read took 39-151 s,
+    Dask spilled 8-55 GiB, other workers were restarted, and two reads failed (KilledWorker); on
+    one worker 33-43 s, 1-8 GiB, no other restart (``benchmarks/lost_worker.py``).  Where no
+    worker was left at that moment, Dask's fallback found none, and a worker that joined later
+    took none of the tasks pinned to the lost one: the read waited for ever."""
 
     name = "treesits-pinned-reads"
 
     def __init__(self):
         self.scheduler = None
+        self.paused_since: dict[str, float] = {}
 
     async def start(self, scheduler) -> None:
+        from tornado.ioloop import PeriodicCallback
+
         self.scheduler = scheduler
+        check = PeriodicCallback(self._check_paused, PAUSED_CHECK * 1000)
+        scheduler.periodic_callbacks[self.name] = check  # stopped with the scheduler
+        check.start()
+
+    def _check_paused(self) -> None:
+        """The tiles pinned to a worker paused for :data:`PAUSED_GRACE` seconds or more go on on
+        another (:meth:`_rehome`)."""
+        if self.scheduler is None:
+            return
+        now = time.monotonic()
+        paused = [a for a, ws in self.scheduler.workers.items() if ws.status.name == "paused"]
+        self.paused_since = {a: self.paused_since.get(a, now) for a in paused}
+        stuck = {a for a, since in self.paused_since.items() if now - since >= PAUSED_GRACE}
+        if stuck:
+            self._rehome(f"pinned-reads-paused-{now}", away=stuck)
 
     def transition(self, key, start, finish, *args, **kwargs) -> None:
         if start != "released" or finish != "waiting" or self.scheduler is None:
@@ -152,23 +179,25 @@ class PinnedReads(SchedulerPlugin):
     def add_worker(self, scheduler, worker: str) -> None:
         self._rehome(f"pinned-reads-joined-{worker}")
 
-    def _rehome(self, stimulus_id: str | None) -> None:
-        """Pin each tile whose pinned reads name no worker of the cluster (it left) to one other
-        worker that has the resources they ask for: where the tile's other tasks went on already,
-        that one; else a running one before a paused one, then the one pinned the fewest tiles,
-        the least busy, the first by address; none where the cluster has none (:meth:`add_worker`
-        tries again).  Where ``stimulus_id`` is given, the tasks waiting for a worker
-        (``no-worker``) are then sent to it."""
+    def _rehome(self, stimulus_id: str | None, away: set[str] = frozenset()) -> None:
+        """Pin each tile whose pinned reads name no worker of the cluster (it left) or only the
+        workers ``away`` (paused too long) to one other worker that has the resources they ask
+        for: where the tile's other tasks went on already, that one; else a running one before a
+        paused one, then the one pinned the fewest tiles, the least busy, the first by address;
+        none where the cluster has none (:meth:`add_worker` tries again).  Where
+        ``stimulus_id`` is given, the tasks waiting for a worker (``no-worker``) are then sent to
+        it."""
         if self.scheduler is None:
             return
         sched = self.scheduler
+        workers = {a: ws for a, ws in sched.workers.items() if a not in away}
         lost: dict[str, list] = {}
         pinned: dict[str, set] = {}  # worker -> tiles pinned to it
         homes: dict[str, set] = {}  # tile -> workers of the cluster it is pinned to
         for ts in list(sched.tasks.values()):
             if not ts.worker_restrictions or (tile := _pinned_tile(ts)) is None:
                 continue
-            present = [w for w in ts.worker_restrictions if w in sched.workers]
+            present = [w for w in ts.worker_restrictions if w in workers]
             for w in present:
                 pinned.setdefault(w, set()).add(tile)
                 homes.setdefault(tile, set()).add(w)
@@ -181,8 +210,8 @@ class PinnedReads(SchedulerPlugin):
         ready: list = []
         for tile, tasks in lost.items():
             # where some of the tile's tasks went on elsewhere already (they came later), there
-            fitting = [sched.workers[w] for w in sorted(homes.get(tile, ()))]
-            fitting = fitting or list(sched.workers.values())
+            fitting = [workers[w] for w in sorted(homes.get(tile, ()))]
+            fitting = fitting or list(workers.values())
             fitting = [ws for ws in fitting if all(_fits(ws, ts) for ts in tasks)]
             if not fitting:
                 continue
@@ -193,8 +222,9 @@ class PinnedReads(SchedulerPlugin):
                 if ts.state == "no-worker":
                     ready.append(ts)
             pinned.setdefault(home, set()).add(tile)
-            log.info("tile %s: its reading worker %s left, its read goes on on %s",
-                     tile, ", ".join(gone), home)  # fmt: skip
+            why = f"has been paused for {PAUSED_GRACE:.0f} s" if away else "left"
+            log.warning("tile %s: its reading worker %s %s, its read goes on on %s",
+                        tile, ", ".join(gone), why, home)  # fmt: skip
         if ready and stimulus_id is not None:
             ready.sort(key=lambda ts: ts.priority, reverse=True)  # processed last in, first out
             sched.transitions({ts.key: "processing" for ts in ready}, stimulus_id)
