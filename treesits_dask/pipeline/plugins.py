@@ -222,7 +222,7 @@ class PinnedReads(SchedulerPlugin):
                 if ts.state == "no-worker":
                     ready.append(ts)
             pinned.setdefault(home, set()).add(tile)
-            why = f"has been paused for {PAUSED_GRACE:.0f} s" if away else "left"
+            why = f"has been paused for {PAUSED_GRACE:.0f} s" if away & set(gone) else "left"
             log.warning("tile %s: its reading worker %s %s, its read goes on on %s",
                         tile, ", ".join(gone), why, home)  # fmt: skip
         if ready and stimulus_id is not None:
