@@ -181,7 +181,9 @@ def tile_cube(
     checked (:func:`scene_problems`): the workers check again only those of their files found
     changed since (see :class:`~treesits_dask.io.reader.WindowReader`).  ``worker``: where the
     plan spills, the address of the reading worker that reads the tile and puts its windows
-    together (a loose restriction: elsewhere only if it leaves the cluster; None: any worker).
+    together (a loose restriction, which the scheduler's
+    :class:`~treesits_dask.pipeline.plugins.PinnedReads` makes strict and moves where that worker
+    leaves or stays paused; without it, Dask's fallback; None: any worker).
     Spilled pieces are files on that worker's disk which Dask counts as a few bytes (so that they
     do not count as memory); a window put together on another worker fetches them as arrays, as
     many in one message as fit 50 MB of "a few bytes" each: gigabytes at once
