@@ -150,15 +150,16 @@ class PinnedReads(SchedulerPlugin):
         check.start()
 
     def _check_paused(self) -> None:
-        """The tiles pinned to a worker paused for :data:`PAUSED_GRACE` seconds or more go on on
-        another (:meth:`_rehome`)."""
+        """The tiles pinned to a worker paused for :data:`PAUSED_GRACE` seconds or more, with
+        tasks waiting for it, go on on another (:meth:`_rehome`; its scan of every task only
+        while such tasks wait, not every second of a long pause)."""
         if self.scheduler is None:
             return
         now = time.monotonic()
         paused = [a for a, ws in self.scheduler.workers.items() if ws.status.name == "paused"]
         self.paused_since = {a: self.paused_since.get(a, now) for a in paused}
         stuck = {a for a, since in self.paused_since.items() if now - since >= PAUSED_GRACE}
-        if stuck:
+        if stuck and any(ts.worker_restrictions & stuck for ts in self.scheduler.unrunnable):
             self._rehome(f"pinned-reads-paused-{now}", away=stuck)
 
     def transition(self, key, start, finish, *args, **kwargs) -> None:
