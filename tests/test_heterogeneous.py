@@ -173,12 +173,15 @@ def test_a_tile_whose_read_spills_is_read_on_one_worker(
 
 
 @contextlib.contextmanager
-def _pinned_reads(workers: int, kept: bool, paused: bool = False, gone: bool = False):
-    """An in-process cluster of ``workers`` workers of one thread (with ``PinnedReads`` on its
-    scheduler where ``kept``) and 30 read tasks of 0.1 s pinned loosely to the first worker by
-    address, as a spilling tile's reads are (``paused``: that worker paused first, as Dask pauses
-    one at 80 % of its memory; ``gone``: pinned to a worker that is not in the cluster): yields
-    the client, the workers' addresses (sorted) and the futures."""
+def _pinned_reads(
+    workers: int, kept: bool, paused: bool = False, gone: bool = False, processes: bool = False
+):  # fmt: skip
+    """An in-process cluster of ``workers`` workers of one thread (``processes``: worker processes
+    with their nannies) (with ``PinnedReads`` on its scheduler where ``kept``) and 30 read tasks
+    of 0.1 s pinned loosely to the first worker by address, as a spilling tile's reads are
+    (``paused``: that worker paused first, as Dask pauses one at 80 % of its memory; ``gone``:
+    pinned to a worker that is not in the cluster): yields the client, the workers' addresses
+    (sorted) and the futures."""
     import time
 
     from distributed import Client, LocalCluster
@@ -190,10 +193,10 @@ def _pinned_reads(workers: int, kept: bool, paused: bool = False, gone: bool = F
         LocalCluster(
             n_workers=workers,
             threads_per_worker=1,
-            processes=False,
+            processes=processes,
             dashboard_address=":0",
             **({"memory_limit": 0} if paused else {}),
-        ) as cluster,  # fmt: skip
+        ) as cluster,
         Client(cluster) as client,
     ):
         if kept:
@@ -208,6 +211,15 @@ def _pinned_reads(workers: int, kept: bool, paused: bool = False, gone: bool = F
             for i in range(30)
         ]  # fmt: skip
         yield client, addresses, futures
+
+
+def _wait_done(futures, n: int) -> None:
+    """Wait (30 s at most) until ``n`` of the ``futures`` are done."""
+    import time
+
+    deadline = time.monotonic() + 30
+    while sum(f.done() for f in futures) < n and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def _set_status(client, address: str, status: str) -> None:
@@ -259,7 +271,6 @@ def test_the_read_of_a_lost_worker_goes_on_together_on_one_other(kept):
     """Where the worker a read is pinned to leaves the cluster, its tasks all go to one other
     worker (:meth:`PinnedReads._rehome`), so that the windows do not fetch pieces from every
     worker; left to Dask (the control, a loose restriction) they spread over the others."""
-    import time
     from collections import Counter
 
     from distributed import get_task_stream, wait
@@ -268,9 +279,7 @@ def test_the_read_of_a_lost_worker_goes_on_together_on_one_other(kept):
         await dask_scheduler.remove_worker(address=address, stimulus_id="test-lost", close=True)
 
     with _pinned_reads(3, kept) as (client, (lost, *others), futures):
-        deadline = time.monotonic() + 30
-        while sum(f.done() for f in futures) < 3 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        _wait_done(futures, 3)
         with get_task_stream(client) as ts:
             client.run_on_scheduler(lose, address=lost)
             wait(futures)
@@ -348,28 +357,13 @@ def test_the_read_of_a_lost_only_worker_goes_on_on_its_successor(kept):
     import signal
     import time
 
-    from distributed import Client, LocalCluster, get_task_stream, wait
-
-    from treesits_dask.pipeline.plugins import register_pinned_reads
+    from distributed import get_task_stream, wait
 
     def waiting(dask_scheduler):
         return sum(ts.state == "no-worker" for ts in dask_scheduler.tasks.values())
 
-    with (
-        LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0") as cluster,
-        Client(cluster) as client,
-    ):
-        if kept:
-            assert register_pinned_reads(client)
-        (first,) = client.scheduler_info()["workers"]
-        futures = [
-            client.submit(time.sleep, 0.1, key=f"read-band-X0069_Y0043-{i}", pure=False,
-                          workers=[first], allow_other_workers=True)
-            for i in range(20)
-        ]  # fmt: skip
-        deadline = time.monotonic() + 30
-        while sum(f.done() for f in futures) < 3 and time.monotonic() < deadline:
-            time.sleep(0.02)
+    with _pinned_reads(1, kept, processes=True) as (client, (first,), futures):
+        _wait_done(futures, 3)
         (pid,) = client.run(os.getpid).values()
         with get_task_stream(client) as ts:
             os.kill(pid, signal.SIGKILL)  # its nanny starts a new worker process
