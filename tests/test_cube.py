@@ -378,6 +378,44 @@ def test_striped_tiles_are_read_in_chunks_of_whole_strips_near_the_window():
     assert read_shape(grid(3000, (256, 256)), (250, 250)) == (256, 256)  # COG: whole blocks
 
 
+def test_windows_smaller_than_cog_blocks_may_be_read_in_chunks_of_whole_blocks():
+    """Where COG windows are smaller than the blocks (100 or 200 px windows of 256 px blocks, as
+    ``window: auto`` makes them for hundreds of scenes on a worker of a few GiB per thread), the
+    chunk of whole blocks that holds a window is offered, and the plan takes it where three per
+    thread fit 45 % of the inference workers' memory, else the window (read in bands): 600 scenes
+    of 256 x 256 px are 750 MiB, 4.4 GiB for 2 threads, within 45 % of 12 GiB, not of 8 GiB."""
+    from treesits_dask.io.grid import TileGrid, WindowLayout, block_chunk, read_shape
+    from treesits_dask.pipeline.cluster import Routing
+    from treesits_dask.pipeline.memory import BLOCK_CHUNK_SHARE, fitting_chunk
+
+    def grid(size, block):
+        return TileGrid(tile="X0069_Y0043", crs_wkt="", transform=(10, 0, 0, 0, -10, 0),
+                        width=size, height=size, block_shape=block, count=10)  # fmt: skip
+
+    cog = grid(3000, (256, 256))
+    assert block_chunk(cog, (200, 200)) == (256, 256)
+    assert block_chunk(cog, (100, 100)) == (256, 256)
+    assert block_chunk(cog, (100, 600)) == (256, 768)
+    assert read_shape(cog, (200, 600)) == (256, 512) and block_chunk(cog, (200, 600)) is None
+    assert block_chunk(grid(600, (256, 256)), (100, 100)) == (256, 256)
+    assert WindowLayout.of(grid(600, (256, 256)), (256, 256)).chunks == ((256, 256, 88),) * 2
+    # a chunk of whole blocks near the window already, or windows of whole blocks: nothing more
+    assert read_shape(cog, (250, 250)) == (256, 256) and block_chunk(cog, (250, 250)) is None
+    assert block_chunk(cog, (512, 512)) is None
+    assert block_chunk(grid(3000, (300, 3000)), (100, 100)) is None  # strips: bands of strips
+
+    def workers(gib):
+        return {"w": {"memory_limit": gib * 2**30, "nthreads": 2, "resources": {}}}
+
+    window, chunk = (200, 200), block_chunk(cog, (200, 200))
+    assert fitting_chunk(600, 10, window, window, workers(12), Routing(), chunk) == (chunk, None)
+    # the window fits 8 GiB (3 x 2 x 458 MiB within 60 %), the chunk not within 45 %
+    assert fitting_chunk(600, 10, window, window, workers(8), Routing(), chunk) == (window, None)
+    assert 6 * 600 * 10 * 256**2 * 2 > BLOCK_CHUNK_SHARE * 8 * 2**30
+    shape, problem = fitting_chunk(600, 10, window, window, workers(3), Routing(), chunk)
+    assert shape == window and "--memory-limit" in problem  # neither fits: the window's problem
+
+
 def test_missing_qai_is_an_error_unless_disabled(hand_tile):
     root, data, _ = hand_tile
     (root / "X0010_Y0010" / "20220502_LEVEL2_SEN2A_QAI.tif").unlink()

@@ -414,14 +414,17 @@ def test_windows_that_do_not_fit_the_local_workers_are_refused_by_the_plan(
     "layout,size,window,chunk,chunks,windows",
     [
         ("cog", 500, "250x250", (256, 256), ((256, 244), (256, 244)), 4),
+        # windows smaller than the blocks: chunks of whole blocks where they fit the workers
+        ("cog", 500, "100x100", (256, 256), ((256, 244), (256, 244)), 25),
         ("strips", 600, "100x300", (120, 300), ((120,) * 5, (300, 300)), 12),
     ],
 )
 def test_windows_that_cut_blocks_are_read_and_predicted_in_whole_blocks(
     native_lstm, tmp_path, client, layout, size, window, chunk, chunks, windows
 ):
-    """A COG tile of 256 px blocks in 250 px windows (the map's chunks), a striped tile of 60-row
-    strips in 100-row windows: the plan reads and predicts each in chunks of whole blocks (COG:
+    """A COG tile of 256 px blocks in 250 px windows (the map's chunks) or in 100 px windows (which
+    the chunks of whole blocks hold), a striped tile of 60-row strips in 100-row windows: the plan
+    reads and predicts each in chunks of whole blocks (COG:
     each decoded once, by one task; strips: each band of strips is one row of chunks, so its
     pieces are whole chunks), and the outputs, rechunked to the windows, equal the kernel applied
     to the whole tile in one piece (forest mask included)."""

@@ -22,6 +22,7 @@ __all__ = [
     "TileGrid",
     "Window",
     "WindowLayout",
+    "block_chunk",
     "choose_window_shape",
     "divisor_at_most",
     "read_shape",
@@ -217,3 +218,25 @@ def read_shape(grid: TileGrid, window: tuple[int, int]) -> tuple[int, int]:
     if not fits:
         return window
     return min(fits, key=lambda rc: (abs(rc[0] * rc[1] - rows * cols), abs(rc[0] - rc[1])))
+
+
+def block_chunk(grid: TileGrid, window: tuple[int, int]) -> tuple[int, int] | None:
+    """For tiled files (COG) whose blocks are larger than the windows, so that
+    :func:`read_shape` finds no chunk of whole blocks near a window's size (100 or 200 px windows
+    of 256 px blocks, as ``window: auto`` makes them for hundreds of scenes on a worker of a few
+    GiB per thread): the smallest chunk of whole blocks that holds a window, which is larger
+    than the window by more than :data:`READ_AREA_SLACK`; None for any other window.
+
+    Read in such chunks each block lies in one chunk and is decoded once, into it, as in the
+    chunks of :func:`read_shape`, instead of in bands of all scenes that are cut into the
+    windows' pieces and, where they do not fit the reading worker's memory, go through its local
+    disk.  Whether the inference workers can hold chunks that large is the plan's to check
+    (:func:`~treesits_dask.pipeline.memory.fitting_chunk`)."""
+    bh, bw = max(1, grid.block_shape[0]), max(1, grid.block_shape[1])
+    rows, cols = window
+    if bw >= grid.width or read_shape(grid, window) != tuple(window):
+        return None  # striped, or a chunk of whole blocks near the window already
+    if WindowLayout.of(grid, window).block_aligned((bh, bw)):
+        return None
+    chunk = (min(-(-rows // bh) * bh, grid.height), min(-(-cols // bw) * bw, grid.width))
+    return None if chunk == tuple(window) else chunk

@@ -17,6 +17,7 @@ from .reading import memory_and_threads, routed_workers
 
 __all__ = [
     "AUTO_WINDOW_SHARE",
+    "BLOCK_CHUNK_SHARE",
     "WINDOWS_PER_THREAD",
     "WINDOW_SHARE",
     "expected_workers",
@@ -39,6 +40,13 @@ WINDOWS_PER_THREAD = 3
 #: 4 GiB (3 x 2 x 458 MiB > 60 % of it), finished at 5 GiB (sits-lstm, 2 % forest)
 WINDOW_SHARE = 0.6
 
+#: the share of an inference worker's memory limit that chunks of whole blocks much larger than
+#: the window (:func:`~treesits_dask.io.grid.block_chunk`: 256 x 256 px blocks for 200 x 200 px
+#: windows, 1.64 times the pixels) may fill, :data:`WINDOWS_PER_THREAD` per thread: well within
+#: what is refused, since windows of 0.55 of it ran without a restart (see :data:`WINDOW_SHARE`).
+#: They are not the map's chunks, so each run decides again
+BLOCK_CHUNK_SHARE = 0.45
+
 #: the share ``window: auto`` leaves those windows when it makes a map: half of what is refused,
 #: because the window stays the map's for years while its series grows (measured as above, 2
 #: threads, 3 GiB: 100 x 100 px windows ran without a restart, 150 x 150 px ones were restarted
@@ -52,6 +60,7 @@ def window_memory_problem(
     window: tuple[int, int],
     workers: dict[str, dict],
     routing: Routing,
+    share: float | None = None,
 ) -> str | None:
     """Why the inference workers (``scheduler_info()["workers"]`` under ``routing``) cannot hold
     the windows of all ``scenes`` of a tile that their threads work on at once, or None.
@@ -60,7 +69,9 @@ def window_memory_problem(
     count while the window (the map's chunk) stays fixed.  Where :data:`WINDOWS_PER_THREAD`
     windows per thread exceed :data:`WINDOW_SHARE` of a worker's memory limit, Dask restarts the
     worker again and again and the tile fails after minutes with ``KilledWorker`` (see
-    :data:`WINDOW_SHARE`); this says so before anything is read, with the settings that fix it."""
+    :data:`WINDOW_SHARE`); this says so before anything is read, with the settings that fix it.
+    ``share``: the share to check against instead (None: :data:`WINDOW_SHARE`; chunks larger
+    than the window take :data:`BLOCK_CHUNK_SHARE`)."""
     from dask.utils import format_bytes
 
     nbytes = scenes * bands * window[0] * window[1] * 2
@@ -68,11 +79,12 @@ def window_memory_problem(
     if smallest is None or not nbytes:
         return None
     limit, threads = smallest
+    share = WINDOW_SHARE if share is None else share
     held = WINDOWS_PER_THREAD * threads * nbytes
-    if held <= WINDOW_SHARE * limit:
+    if held <= share * limit:
         return None
-    need = held / WINDOW_SHARE
-    fit = int(WINDOW_SHARE * limit // (WINDOWS_PER_THREAD * nbytes))
+    need = held / share
+    fit = int(share * limit // (WINDOWS_PER_THREAD * nbytes))
     fewer = (
         f"at most {fit} thread(s) per worker (--threads-per-worker; kubernetes.cpu.threads, "
         "gpu_windows_in_flight), or "
@@ -82,7 +94,7 @@ def window_memory_problem(
     return (
         f"a window of all {scenes} scenes is {window[0]}x{window[1]} px x {bands} bands = "
         f"{format_bytes(nbytes)}, and an inference worker with {threads} thread(s) needs room for "
-        f"{WINDOWS_PER_THREAD} per thread ({format_bytes(held)}), more than {WINDOW_SHARE:.0%} of "
+        f"{WINDOWS_PER_THREAD} per thread ({format_bytes(held)}), more than {share:.0%} of "
         f"its {format_bytes(limit)} memory limit: Dask would restart it for memory until the tile "
         f"fails. Give each inference worker at least {format_bytes(need)} (--memory-limit; on "
         f"Kubernetes kubernetes.cpu.memory_limit or kubernetes.gpu.memory_limit), or {fewer}fewer "
@@ -98,13 +110,20 @@ def fitting_chunk(
     window: tuple[int, int],
     workers: dict[str, dict],
     routing: Routing,
+    larger: tuple[int, int] | None = None,
 ) -> tuple[tuple[int, int], str | None]:
     """The shape a tile is read and predicted in on these inference workers, and why it does not
-    fit (None where it does): its read ``chunk`` (whole blocks or strips,
-    :func:`~treesits_dask.io.grid.read_shape`) where that fits, else its ``window``, which is a
-    little smaller and read in bands as well (:func:`window_memory_problem` of the window where
-    neither fits: the window is the setting to change)."""
+    fit (None where it does): ``larger`` (chunks of whole blocks that hold a window,
+    :func:`~treesits_dask.io.grid.block_chunk`) where given and within
+    :data:`BLOCK_CHUNK_SHARE` of the workers' memory; else its read ``chunk`` (whole blocks or
+    strips, :func:`~treesits_dask.io.grid.read_shape`) where that fits, else its ``window``, which
+    is a little smaller and read in bands as well (:func:`window_memory_problem` of the window
+    where neither fits: the window is the setting to change)."""
     chunk, window = tuple(chunk), tuple(window)
+    if larger is not None and tuple(larger) != chunk:
+        share = BLOCK_CHUNK_SHARE
+        if window_memory_problem(scenes, bands, larger, workers, routing, share) is None:
+            return tuple(larger), None
     problem = window_memory_problem(scenes, bands, chunk, workers, routing)
     if problem and chunk != window:
         return window, window_memory_problem(scenes, bands, window, workers, routing)
@@ -191,20 +210,27 @@ def tiles_that_fit(plan, client, routing: Routing, cb, result) -> list:
     the plan decides where it knows the workers."""
     import dataclasses
 
+    from ..io.grid import WindowLayout, block_chunk, read_shape
+
     workers = client.scheduler_info(n_workers=-1)["workers"]
     kept = []
     for tile in plan.tiles:
-        chunk = tile.reading.shape  # a chunk of all scenes, as it is predicted
+        chunk, window = tile.reading.shape, tile.layout.shape  # chunks of all scenes, predicted
+        # chunks of whole blocks larger than the window, which the plan chose for the workers it
+        # expected, are checked as it checked them, with the chunks near the window after them
+        larger = chunk if chunk == block_chunk(tile.grid, window) else None
         shape, problem = fitting_chunk(
-            len(tile.scenes), tile.grid.count, chunk, tile.layout.shape, workers, routing
-        )
+            len(tile.scenes), tile.grid.count, read_shape(tile.grid, window) if larger else chunk,
+            window, workers, routing, larger,
+        )  # fmt: skip
         if problem is None and shape != chunk:
             log.info(
                 "tile %s: chunks of %dx%d px of all scenes do not fit the inference workers, "
-                "its %dx%d px windows do: read in its windows",
+                "chunks of %dx%d px do: read in those",
                 tile.tile, *chunk, *shape,
             )  # fmt: skip
-            tile = dataclasses.replace(tile, read_layout=None)
+            read_layout = None if shape == window else WindowLayout.of(tile.grid, shape)
+            tile = dataclasses.replace(tile, read_layout=read_layout)
         if problem is None:
             kept.append(tile)
             continue

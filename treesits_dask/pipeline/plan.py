@@ -26,7 +26,7 @@ from ..errors import (
     TreesitsError,
 )
 from ..io import discovery, masks, storage
-from ..io.grid import TileGrid, WindowLayout, choose_window_shape, read_shape
+from ..io.grid import TileGrid, WindowLayout, block_chunk, choose_window_shape, read_shape
 from ..models import ModelCard, ModelSpec, effective_window, read_card
 from ..outputs import cog
 from ..outputs.repo import MapRepo, cogs_up_to_date
@@ -453,8 +453,10 @@ def _windows_fit_workers(checked: list, window_shape, invalid: dict, expected) -
     """The ``checked`` tiles whose chunks of all scenes fit the inference workers the settings
     start (``expected``: :func:`_expected_workers`; see
     :func:`~treesits_dask.pipeline.memory.window_memory_problem`), each with the chunk shape it is
-    read and predicted in: :func:`~treesits_dask.io.grid.read_shape`, else the window where only
-    the window fits.  The others go to ``invalid`` with the sizes and the settings to change.
+    read and predicted in: chunks of whole blocks that hold a window where windows are smaller
+    than the blocks and those chunks fit well (:func:`~treesits_dask.io.grid.block_chunk`), else
+    :func:`~treesits_dask.io.grid.read_shape`, else the window where only the window fits.  The
+    others go to ``invalid`` with the sizes and the settings to change.
     Nothing is left out for a standing cluster (its workers are checked when the run connects)."""
     from .memory import fitting_chunk
 
@@ -464,7 +466,10 @@ def _windows_fit_workers(checked: list, window_shape, invalid: dict, expected) -
         if expected is None:
             kept.append((st, grid, mask, shape))
             continue
-        shape, problem = fitting_chunk(len(st.scenes), grid.count, shape, window_shape, *expected)
+        larger = block_chunk(grid, window_shape)  # whole blocks, where windows cut them
+        shape, problem = fitting_chunk(
+            len(st.scenes), grid.count, shape, window_shape, *expected, larger=larger
+        )
         if problem:
             invalid[st.tile] = ConfigError(problem)
         else:

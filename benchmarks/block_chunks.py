@@ -1,0 +1,113 @@
+"""COG windows smaller than the file blocks, read two ways alternating in one process (one worker,
+the cube in the page cache, each read against the one-thread decode floor measured just before
+it): ``blocks``, as the plan now reads them where the inference workers hold them, in chunks of
+whole blocks that hold a window (``io.grid.block_chunk``: 256 x 256 px for 200 x 200 px windows);
+``bands``, as before, in bands of whole block rows cut into the windows' pieces (which go
+through the worker's local disk where its memory has no room for them).
+
+    python benchmarks/block_chunks.py --size 1000 --scenes 600 --window 200 \\
+        --memory-limit 12GiB --rounds 4 --json block_chunks.json
+    python benchmarks/block_chunks.py --cube /data/cube --window 200 --memory-limit 12GiB
+
+Prints one JSON line per read: seconds, read / one-thread floor, decoded / uncompressed bytes,
+read tasks and mode, the worker's CPU time, the pieces written to local disk, what Dask spilled
+and the worker's peak RSS during the read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+
+def _cpu() -> tuple[float, float]:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime, r.ru_stime
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cube", default=None, help="an existing FORCE COG cube (else one is written)")
+    p.add_argument("--size", type=int, default=1000)
+    p.add_argument("--scenes", type=int, default=600)
+    p.add_argument("--window", type=int, default=200, help="square windows of this edge")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--memory-limit", default="12GiB")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    from treesits_dask.bench.measure import (
+        bench_cluster,
+        bench_config,
+        benchmark_cube,
+        decode_run,
+        reset_vm_hwm,
+        vm_hwm,
+    )
+    from treesits_dask.bench.pagecache import page_in
+    from treesits_dask.bench.real import files_bytes, floor_sample, floors
+    from treesits_dask.pipeline import plan as plan_module
+    from treesits_dask.pipeline.plan import make_plan
+
+    tmp = tempfile.TemporaryDirectory(prefix="block-chunks-") if args.workdir is None else None
+    wd = Path(args.workdir or tmp.name)
+    root = benchmark_cube(args.cube, wd, args.size, args.scenes, "cog")
+    config = bench_config(root, wd, args.threads, args.memory_limit, args.window)
+    plans = {"blocks": make_plan(config)}
+    chosen = plan_module.block_chunk
+    plan_module.block_chunk = lambda grid, window: None  # the plan before: bands
+    try:
+        plans["bands"] = make_plan(config)
+    finally:
+        plan_module.block_chunk = chosen
+    _, total = files_bytes(plans["blocks"])
+    sample = floor_sample(plans["blocks"])
+    report: dict = {"cube": str(root), "window": args.window, "threads": args.threads,
+                    "memory_limit": args.memory_limit, "uncompressed_mib": round(total / 2**20),
+                    "chunks": {k: list(v.tiles[0].reading.shape) for k, v in plans.items()},
+                    "reads": []}  # fmt: skip
+    print(json.dumps({k: v for k, v in report.items() if k != "reads"}), flush=True)
+    cluster, client = bench_cluster(1, args.threads, args.memory_limit)
+    try:
+        for r in range(args.rounds):
+            order = list(plans) if r % 2 == 0 else list(plans)[::-1]
+            for variant in order:
+                one = floors(sample, args.threads)[0]["mb_s"]
+                page_in(str(root))
+                (before,) = client.run(_cpu).values()
+                client.run(reset_vm_hwm)
+                run = decode_run(plans[variant], client)
+                (after,) = client.run(_cpu).values()
+                peak = max(client.run(vm_hwm).values())
+                mbs = total / run["seconds"] / 1e6 / args.threads
+                row = {"round": r, "variant": variant, "seconds": round(run["seconds"], 2),
+                       "floor_mb_s": round(one), "read_over_floor": round(mbs / one, 3),
+                       "decoded_over_uncompressed": round(run["decoded_bytes"] / total, 3),
+                       "read_tasks": run["read_tasks"], "read_modes": run["read_modes"],
+                       "user_s": round(after[0] - before[0], 1),
+                       "system_s": round(after[1] - before[1], 1),
+                       "written_gb": round(run["written_bytes"] / 1e9, 2),
+                       "spilled_gb": round(run["spilled_bytes"] / 1e9, 2),
+                       "peak_rss_gib": round(peak / 2**30, 2) if peak else None,
+                       "worker_restarts": run["worker_restarts"]}  # fmt: skip
+                report["reads"].append(row)
+                print(json.dumps(row), flush=True)
+    finally:
+        client.close()
+        cluster.close()
+        if tmp is not None:
+            tmp.cleanup()
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
