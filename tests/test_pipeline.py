@@ -410,6 +410,53 @@ def test_windows_that_do_not_fit_the_local_workers_are_refused_by_the_plan(
     assert [t.layout.shape for t in roomy.tiles + tight.tiles] == [(5, 30)] * 2 * n
 
 
+def test_chunks_of_whole_blocks_fall_back_to_the_windows_on_workers_that_cannot_hold_them(
+    native_lstm, tmp_path, client, monkeypatch, caplog
+):
+    """The plan reads a COG tile whose 100 px windows cut its 256 px blocks in chunks of whole
+    blocks where the workers the settings start hold them; run on workers that do not (here the
+    share those chunks may fill made tiny when the run checks its cluster), the tile is read in
+    its windows (in bands) instead, says so, and maps the same values."""
+    import logging
+
+    from treesits_dask.pipeline import memory, schedule
+    from treesits_dask.pipeline.plan import make_plan
+    from treesits_dask.synthetic import make_cube
+
+    cube = make_cube(tmp_path / "cube", size=500, n_scenes=5, layout="cog", seed=4,
+                     mask_dir=str(tmp_path / "masks"))  # fmt: skip
+
+    def config(out):
+        return load_config(
+            overrides=dict(cube=cube.root, tiles="all", output=str(out), model=native_lstm,
+                           window="100x100", mask_dir=cube.mask_dir, cog=False),
+            environ={},
+        )  # fmt: skip
+
+    (t,) = make_plan(config(tmp_path / "a")).tiles
+    assert t.layout.shape == (100, 100) and t.reading.shape == (256, 256)
+    run(config(tmp_path / "a"), client=client)
+    checked = schedule.tiles_that_fit
+
+    def smaller_workers(*args, **kwargs):
+        with monkeypatch.context() as m:
+            m.setattr(memory, "BLOCK_CHUNK_SHARE", 1e-9)
+            return checked(*args, **kwargs)
+
+    monkeypatch.setattr(schedule, "tiles_that_fit", smaller_workers)
+    with caplog.at_level(logging.INFO, logger="treesits_dask.pipeline.memory"):
+        run(config(tmp_path / "b"), client=client)
+    assert (
+        f"tile {t.tile}: chunks of 256x256 px of all scenes do not fit the inference workers, "
+        "chunks of 100x100 px do: read in those" in caplog.text
+    )
+    a, b = open_map(str(tmp_path / "a")), open_map(str(tmp_path / "b"))
+    assert a.probability.notnull().any()
+    np.testing.assert_array_equal(a.probability.values, b.probability.values)
+    np.testing.assert_array_equal(a["class"].values, b["class"].values)
+    np.testing.assert_array_equal(a.valid_obs.values, b.valid_obs.values)
+
+
 @pytest.mark.parametrize(
     "layout,size,window,chunk,chunks,windows",
     [
