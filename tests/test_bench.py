@@ -150,7 +150,7 @@ def test_bench_real_small(tmp_path, capsys):
     """``bench --real`` at a tiny size, both cases on the COG layout (both layouts are read in
     bands by test_cube's tests; each case here starts two clusters): the decoded bytes are
     counted and every block is decoded once (amplification 1.0 with the blocks that QAI screens
-    whole, which are not decoded), in bands held in memory."""
+    whole, which are not decoded), in chunks of whole blocks."""
     from treesits_dask.bench.real import main as real_main
 
     out = tmp_path / "real.json"
@@ -186,11 +186,12 @@ def test_bench_real_small(tmp_path, capsys):
         assert read["page_in"] is False and read["cold"] is True, key
         # the reads asked the kernel for the compressed blocks they decode (io.prefetch)
         assert 0 < read["prefetched_mib_runs"][0] < read["uncompressed_mib"], key
-        assert case["read_chunk"] == case["window"] == [150, 150], key
-        # 150 px windows of a 300 px tile of 256 px blocks: read in bands, held in memory
-        assert case["windows"] == 4 and read["read_modes"] == ["bands"], key
-        assert read["spilled_mib"] == 0, key
-        # the bands (9 and 61 MB) come from the worker's recycled buffers (io.buffers)
+        # 150 px windows of a 300 px tile of 256 px blocks: read in chunks of whole blocks that
+        # hold a window (256 and 44 px), which the worker holds (io.grid.block_chunk)
+        assert case["window"] == [150, 150] and case["read_chunk"] == [256, 256], key
+        assert case["windows"] == 4 and read["read_modes"] == ["blocks"], key
+        assert read["spilled_mib"] == 0 and read["pieces_written_mib"] == 0, key
+        # the chunks come from the worker's recycled buffers (io.buffers)
         assert read["fresh_buffer_mib_runs"][0] + read["reused_buffer_mib_runs"][0] > 0, key
         lstm = case["end_to_end"]["sits-lstm"]
         assert lstm["pixels_predicted"] > 0 and lstm["px_per_s"] > 0, key

@@ -678,8 +678,9 @@ def test_band_reads_through_recycled_buffers_equal_the_files(tmp_path, monkeypat
 @pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["strips", "tiles"])
 def test_bands_that_do_not_fit_are_read_window_by_window(tmp_path, blocks, caplog):
     """The memory guard: where the bands of all scenes do not fit what a reading worker may
-    hold, the tile is read window by window (memory: one window of all scenes), with the same
-    values, decoding blocks once per window that crosses them, and a warning that says so."""
+    hold, the tile is read window by window, the windows side by side of a window row in one task
+    as far as the read budget allows (memory: the read budget), with the same values, decoding
+    blocks once per run of windows that crosses them, and a warning that says so."""
     from treesits_dask.io.bands import BANDS_HELD, plan_reads
     from treesits_dask.io.grid import WindowLayout
 
@@ -692,16 +693,29 @@ def test_bands_that_do_not_fit_are_read_window_by_window(tmp_path, blocks, caplo
     small = plan_reads(grid, layout, 5, 1 << 30, held_bytes=BANDS_HELD * per_band - 1)
     assert small.by_window and small.bands == ()
 
-    arr = cube.tile_cube(scenes, grid, layout, DEFAULT_QAI_FLAGS, held_bytes=1)
-    assert "reading window by window" in caplog.text and "X0010_Y0010" in caplog.text
-    before = datasets.DECODED.snapshot()[1]
-    with dask.config.set(scheduler="threads", num_workers=3):
-        got = arr.values
-    np.testing.assert_array_equal(got, expected)
+    # the windows of a window row side by side in one task (1 GiB of read budget holds the row):
+    # a block is decoded once per window row that crosses it, not once per window
+    assert small.groups == tuple(tuple((i, j) for j in range(5)) for i in range(4))
+    decoded = {}
+    for name, read_bytes in (("runs", 1 << 30), ("alone", 1)):
+        arr = cube.tile_cube(
+            scenes, grid, layout, DEFAULT_QAI_FLAGS, held_bytes=1, read_bytes=read_bytes
+        )
+        assert "reading window by window" in caplog.text and "X0010_Y0010" in caplog.text
+        before = datasets.DECODED.snapshot()[1]
+        with dask.config.set(scheduler="threads", num_workers=3):
+            got = arr.values
+        np.testing.assert_array_equal(got, expected)
+        decoded[name] = datasets.DECODED.snapshot()[1] - before
+        graph = dict(arr.data.__dask_graph__())
+        assert not any("read-band" in str(k[0]) for k in graph if isinstance(k, tuple))
+        groups = {k[1] for k in graph if isinstance(k, tuple) and "read-group" in str(k[0])}
+        assert len(groups) == (4 if name == "runs" else 0)
+    assert "4 runs of up to 5 windows" in caplog.text and "20 runs of up to 1" in caplog.text
     files = 5 * 11 * 37 * 50 * 2
-    assert datasets.DECODED.snapshot()[1] - before > files  # blocks decoded more than once
-    graph = dict(arr.data.__dask_graph__())
-    assert not any("read-band" in str(k[0]) for k in graph if isinstance(k, tuple))
+    assert decoded["runs"] > files  # blocks still decoded more than once (once per window row)
+    # strips as wide as the tile: 5 windows a row decoded each strip 5 times, one run once
+    assert decoded["runs"] < decoded["alone"] / (4 if blocks is None else 1.5)
 
 
 def test_read_budget_of_the_reading_workers(tmp_path):

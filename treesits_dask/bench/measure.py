@@ -391,7 +391,9 @@ def read_mode(tile, reads) -> tuple[str, int]:
     scenes, or the memory guard's fallback), ``bands`` or ``bands+spill``."""
     rp = tile_read_plan(tile, reads)
     if rp.by_window or all(rp.direct(b) for b in rp.bands):
-        return ("blocks", len(rp.groups)) if rp.aligned else ("windows", len(tile.reading))
+        if rp.by_window:  # runs of windows side by side, each by one task
+            return ("blocks" if rp.aligned else "windows"), len(rp.groups)
+        return "windows", len(tile.reading)  # strip windows, each band a window
     return ("bands+spill" if rp.spills else "bands"), rp.tasks
 
 

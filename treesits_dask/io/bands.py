@@ -114,8 +114,8 @@ class ReadPlan:
     #: its own blocks into itself (``by_window``), nothing is put together or held
     aligned: bool = False
     #: where ``by_window``: the windows ``(i, j)`` each read task reads, scene by scene, so that
-    #: a task opens each file once (aligned: consecutive windows of a window row, as many as the
-    #: task's memory allows; else one window per task)
+    #: a task opens each file once and decodes each block once for all of them: consecutive
+    #: windows of a window row, as many as the task's memory allows
     groups: tuple[tuple[tuple[int, int], ...], ...] = ()
 
     def __post_init__(self) -> None:
@@ -243,8 +243,9 @@ def plan_reads(
     the worker's memory has no room for to its local disk (:mod:`~treesits_dask.io.pieces`), so
     memory stays within the worker's limit whatever the scene count, and every block is still
     decoded once.  Where they do not fit even so, the plan reads window by window
-    (``by_window``): memory per task is one window of all scenes, as the prediction holds anyway,
-    at the price of decoding a block once per window crossing it.
+    (``by_window``), a run of a window row's windows side by side per task, as many as fit
+    ``task_bytes`` (at least one): memory per task is the read budget, at the price of decoding a
+    block once per run crossing it.
     """
     count = grid.count if bands is None else bands
     out = []
@@ -275,8 +276,12 @@ def plan_reads(
     held = BANDS_HELD * per_scene * n_scenes
     spills = held_bytes is not None and held > held_bytes
     if spills and (spill_bytes is None or held > held_bytes + spill_bytes):
-        alone = tuple(((i, j),) for i, j, _ in layout)  # each window by its own task
-        return ReadPlan((), ((0, n_scenes),), by_window=True, held=held, groups=alone)
+        # windows read on their own, a run of a window row's windows side by side per task as
+        # the read budget allows: a block is decoded once per run that crosses it, not once per
+        # window (a 300-row strip of a 3000 px tile: 15 times per 200 px window row, not 3 times
+        # per row of 3 runs of 5)
+        groups = window_groups(layout, n_scenes * count * 2, task_bytes, min_tasks)
+        return ReadPlan((), ((0, n_scenes),), by_window=True, held=held, groups=groups)
     wanted = math.ceil(min_tasks / len(out))
     # half the batch where the plan spills: a task decodes into its pieces scene by scene, and
     # the whole batch measured no faster (strips, 3000 px x 120 scenes), with 0-0.6 GiB more peak

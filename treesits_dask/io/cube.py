@@ -176,8 +176,9 @@ def tile_cube(
     may fill with bands of all scenes, ``spill_bytes`` the local disk it may fill with them; where
     they do not fit memory, the read tasks write their pieces to the worker's local disk as it
     runs short of memory (logged, :mod:`treesits_dask.io.pieces`); where they do not fit memory
-    and disk, the tile is read window by window (every block decoded once per window that
-    crosses it; logged as a warning).  ``checked``: the scenes whose file headers the run's driver
+    and disk, the tile is read window by window, in runs of a window row's windows side by side
+    within ``read_bytes`` (every block decoded once per run that crosses it; logged as a
+    warning).  ``checked``: the scenes whose file headers the run's driver
     checked (:func:`scene_problems`): the workers check again only those of their files found
     changed since (see :class:`~treesits_dask.io.reader.WindowReader`).  ``worker``: where the
     plan spills, the address of the reading worker that reads the tile and puts its windows
@@ -210,10 +211,11 @@ def tile_cube(
         log.warning(
             "tile %s: %d bands of all %d scenes (%.1f GiB) fit neither %.1f GiB of a reading "
             "worker's memory nor %.1f GiB of its spill disk: reading window by window, which "
-            "decodes file blocks once per window crossing them (give the reading workers more "
-            "memory or local disk, or fewer scenes per run, to decode once)",
-            *sizes,
-        )
+            "decodes file blocks once per run of windows side by side crossing them (%d runs of up "
+            "to %d windows; give the reading workers more memory or local disk, or fewer scenes "
+            "per run, to decode once)",
+            *sizes, len(plan.groups), max(map(len, plan.groups)),
+        )  # fmt: skip
     elif plan.spills:
         log.info(
             "tile %s: %d bands of all %d scenes (%.1f GiB) exceed %.1f GiB of a reading worker's "
