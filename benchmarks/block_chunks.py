@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
-from pathlib import Path
 
 
 def _cpu() -> tuple[float, float]:
@@ -31,23 +29,21 @@ def _cpu() -> tuple[float, float]:
 
 
 def main(argv=None) -> int:
+    from treesits_dask.bench.measure import cube_arguments
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cube", default=None, help="an existing FORCE COG cube (else one is written)")
-    p.add_argument("--size", type=int, default=1000)
-    p.add_argument("--scenes", type=int, default=600)
-    p.add_argument("--window", type=int, default=200, help="square windows of this edge")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--memory-limit", default="12GiB")
-    p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--workdir", default=None)
-    p.add_argument("--json", default=None)
+    cube_arguments(p, workers=1, memory_limit="12GiB")
+    p.set_defaults(tiles=1, size=1000, window=200, threads=2, rounds=4)
     args = p.parse_args(argv)
+    if args.layout != "cog":
+        p.error("--layout: only COG windows cut blocks into chunks of their own (strips: one plan)")
 
     from treesits_dask.bench.measure import (
         bench_cluster,
         bench_config,
-        benchmark_cube,
+        cube_workdir,
         decode_run,
+        emit_row,
         reset_vm_hwm,
         vm_hwm,
     )
@@ -56,9 +52,7 @@ def main(argv=None) -> int:
     from treesits_dask.pipeline import plan as plan_module
     from treesits_dask.pipeline.plan import make_plan
 
-    tmp = tempfile.TemporaryDirectory(prefix="block-chunks-") if args.workdir is None else None
-    wd = Path(args.workdir or tmp.name)
-    root = benchmark_cube(args.cube, wd, args.size, args.scenes, "cog")
+    tmp, wd, root = cube_workdir(args, "block-chunks-")
     config = bench_config(root, wd, args.threads, args.memory_limit, args.window)
     plans = {"blocks": make_plan(config)}
     chosen = plan_module.block_chunk
@@ -74,7 +68,7 @@ def main(argv=None) -> int:
                     "chunks": {k: list(v.tiles[0].reading.shape) for k, v in plans.items()},
                     "reads": []}  # fmt: skip
     print(json.dumps({k: v for k, v in report.items() if k != "reads"}), flush=True)
-    cluster, client = bench_cluster(1, args.threads, args.memory_limit)
+    cluster, client = bench_cluster(args.workers, args.threads, args.memory_limit)
     try:
         for r in range(args.rounds):
             order = list(plans) if r % 2 == 0 else list(plans)[::-1]
@@ -97,15 +91,12 @@ def main(argv=None) -> int:
                        "spilled_gb": round(run["spilled_bytes"] / 1e9, 2),
                        "peak_rss_gib": round(peak / 2**30, 2) if peak else None,
                        "worker_restarts": run["worker_restarts"]}  # fmt: skip
-                report["reads"].append(row)
-                print(json.dumps(row), flush=True)
+                emit_row(report, row, args.json)
     finally:
         client.close()
         cluster.close()
         if tmp is not None:
             tmp.cleanup()
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 
