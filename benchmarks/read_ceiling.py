@@ -59,8 +59,9 @@ def pool_read(tile, reads, qai_flags: tuple, threads: int, disk: bool) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     import treesits_dask.io.reader as reader_module
-    from treesits_dask.bench.measure import cold_reads, tile_read_plan
+    from treesits_dask.bench.measure import cold_reads
     from treesits_dask.io import datasets, pieces
+    from treesits_dask.pipeline.reading import tile_read_plan
 
     reader = reader_module.WindowReader.of_scenes(
         tile.grid, tile.scenes, qai_flags, checked=tile.scenes

@@ -690,8 +690,9 @@ def test_bands_that_do_not_fit_are_read_window_by_window(tmp_path, blocks, caplo
     band = plan_reads(grid, layout, 5, 1 << 30)
     per_band = max(b.height for b in band.bands) * 50 * grid.count * 2 * 5
     assert not plan_reads(grid, layout, 5, 1 << 30, held_bytes=BANDS_HELD * per_band).by_window
-    small = plan_reads(grid, layout, 5, 1 << 30, held_bytes=BANDS_HELD * per_band - 1)
-    assert small.by_window and small.bands == ()
+    # (a section of the tile's width holds no less than one window column: none fits here)
+    small = plan_reads(grid, layout, 5, 1 << 30, held_bytes=BANDS_HELD * per_band // 5 - 1)
+    assert small.by_window and small.bands == () and small.sections == 1
 
     # the windows of a window row side by side in one task (1 GiB of read budget holds the row):
     # a block is decoded once per window row that crosses it, not once per window
@@ -716,6 +717,145 @@ def test_bands_that_do_not_fit_are_read_window_by_window(tmp_path, blocks, caplo
     assert decoded["runs"] > files  # blocks still decoded more than once (once per window row)
     # strips as wide as the tile: 5 windows a row decoded each strip 5 times, one run once
     assert decoded["runs"] < decoded["alone"] / (4 if blocks is None else 1.5)
+
+
+def _bands_held_in_dask_order(data) -> int:
+    """The most bands whose pieces (or batch reads) are held at once where the read ``data`` (a
+    dask array of a tile cube) and a task per window after it run one task at a time, each the
+    first of the tasks ready to run in the order Dask gives them: by the read's priority
+    annotation (where it has one), then by ``dask.order``."""
+    import heapq
+
+    from dask.core import get_dependencies
+    from dask.order import order
+
+    after = data.map_blocks(lambda b: b[:1, :1, :1, :1].astype(np.int64), chunks=(1, 1, 1, 1),
+                            dtype=np.int64)  # fmt: skip
+    dsk = dict(after.__dask_graph__())
+    dependents: dict = {}
+    for key in dsk:
+        for dep in get_dependencies(dsk, key):
+            dependents.setdefault(dep, set()).add(key)
+    ordered = order(dsk)
+    read = data.__dask_graph__().layers[data.name]
+    priority = (read.annotations or {}).get("priority")
+
+    def first(key) -> tuple:
+        user = priority(key) if priority is not None and key in read else 0
+        return -user, getattr(ordered[key], "priority", ordered[key])
+
+    waiting = {key: len(get_dependencies(dsk, key)) for key in dsk}
+    ready = [(first(key), n, key) for n, key in enumerate(dsk) if not waiting[key]]
+    heapq.heapify(ready)
+    done, held, most = set(), set(), 0
+    while ready:  # one thread: the first ready task by priority, then by Dask's order
+        *_, key = heapq.heappop(ready)
+        done.add(key)
+        for later in dependents.get(key, ()):
+            waiting[later] -= 1
+            if not waiting[later]:
+                heapq.heappush(ready, (first(later), len(done) + len(dsk), later))
+        if isinstance(key, tuple) and str(key[0]).startswith(("read-band-", "read-row-")):
+            held.add(key)
+        held = {k for k in held if not dependents.get(k, set()) <= done}
+        most = max(most, len({k[1] for k in held}))
+    return most
+
+
+@pytest.mark.parametrize("spills", [False, True], ids=["in-memory", "spills"])
+@pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["strips", "tiles"])
+def test_bands_that_fit_only_in_sections_are_read_section_by_section(
+    tmp_path, blocks, spills, caplog, monkeypatch
+):
+    """Where the bands of the full width fit neither the reading worker's memory nor its spill
+    disk, but those of a section of whole window columns do, the tile is read in the fewest such
+    sections, each in bands of its own width (Dask's order holds a band at a time), with the
+    values of the files: a full-width strip is decoded once per section (twice here, against
+    once per window where a read task holds one window), a block once per section that crosses
+    it, as the plan counts (``planned_decode``), and a warning says so.  Its pieces own their
+    memory, as a spilling plan's; they go to local disk where the worker has no room for them
+    only where the plan counts on its disk."""
+    from treesits_dask.io.bands import BANDS_HELD, plan_reads, planned_decode
+
+    expected, scenes, grid, layout, held, per_scene = _spilling_plan(tmp_path, blocks)
+    # 5 window columns of 10 px: sections of 2 and 3 columns (20 and 30 px), the wider one holds
+    # 30/50 of the full width's bands
+    memory, disk = (held * 3 // 5 - 1, 2) if spills else (held - 1, 0)
+    # a read task holds one scene's full-width band: runs of one window each
+    plan = plan_reads(grid, layout, 5, per_scene, held_bytes=memory, spill_bytes=disk)
+    assert plan.sections == 2 and not plan.by_window and plan.spills == spills
+    assert plan.held == held * 3 // 5
+    assert {b.cols for b in plan.bands} == {(0, 20), (20, 50)}
+    assert [plan.section_of(b.index) for b in plan.bands] == sorted(
+        plan.section_of(b.index) for b in plan.bands
+    )
+    # every window's pieces lie in one section, and every window has them
+    assert set(plan.of_window) == {(i, j) for i, j, _ in layout}
+    for b in plan.bands:
+        assert all(b.cols[0] <= p.col_off < b.cols[1] for p in b.pieces)
+    runs = plan_reads(grid, layout, 5, per_scene, held_bytes=1, spill_bytes=0)
+    assert runs.by_window and runs.sections == 1 and max(map(len, runs.groups)) == 1
+    assert planned_decode(grid, layout, plan, 5) < planned_decode(grid, layout, runs, 5)
+
+    arr = cube.tile_cube(scenes, grid, layout, DEFAULT_QAI_FLAGS, read_bytes=per_scene,
+                         held_bytes=memory, spill_bytes=disk)  # fmt: skip
+    assert "in 2 sections of whole window columns" in caplog.text
+    assert "X0010_Y0010" in caplog.text
+    # the read, a task per window after it (as a prediction), one thread: what the guard counts
+    # (bands of a section's width), one section at a time (its priorities)
+    assert _bands_held_in_dask_order(arr.data) <= BANDS_HELD
+    layer = arr.data.__dask_graph__().layers[arr.data.name]
+    reads = sorted(k for k in layer if str(k[0]).startswith("read-band-"))
+    priority = layer.annotations["priority"]
+    assert [priority(k) for k in reads] == [-2 * plan.section_of(k[1]) for k in reads]
+    from treesits_dask.io import pieces as piece_files
+    from treesits_dask.io import reader as reader_module
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(piece_files.tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setattr(piece_files, "_DIR", {})
+    monkeypatch.setattr(reader_module, "in_memory", lambda nbytes: False)  # no room
+    fn, args = _band_task(arr)
+    got = fn(*args)
+    assert all(isinstance(p, piece_files.DiskPiece if spills else np.ndarray) for p in got)
+    del got
+    monkeypatch.undo()
+    before = datasets.DECODED.snapshot()[1] + datasets.SCREENED.snapshot()[1]
+    with dask.config.set(scheduler="threads", num_workers=3):
+        got = arr.values
+    np.testing.assert_array_equal(got, expected)
+    done = datasets.DECODED.snapshot()[1] + datasets.SCREENED.snapshot()[1] - before
+    assert done == planned_decode(grid, layout, plan, 5, grid.count + 1)  # BOA and QAI
+    files = 5 * 11 * 37 * 50 * 2
+    # strips: each decoded twice (once per section); 16 px blocks: the block column 16-32,
+    # which both sections cross, twice (66 of 50 columns)
+    assert done == (2 * files if blocks is None else files * 66 // 50)
+
+    # with a mask: the mask's pixels are the files' values, a window without one is nodata, and
+    # each section decodes the blocks that hold a mask pixel within its columns
+    import dask.array as da
+
+    from treesits_dask.io.bands import block_runs, decoded_bytes
+
+    mask = np.zeros((37, 50), bool)
+    mask[[3, 20, 30, 33], [5, 18, 41, 22]] = True
+    arr = cube.tile_cube(scenes, grid, layout, DEFAULT_QAI_FLAGS, read_bytes=per_scene,
+                         held_bytes=memory, spill_bytes=disk,
+                         mask=da.from_array(mask, chunks=layout.chunks))  # fmt: skip
+    before = datasets.DECODED.snapshot()[1] + datasets.SCREENED.snapshot()[1]
+    with dask.config.set(scheduler="threads", num_workers=3):
+        got = arr.values
+    done = datasets.DECODED.snapshot()[1] + datasets.SCREENED.snapshot()[1] - before
+    np.testing.assert_array_equal(got[:, :, mask], expected[:, :, mask])
+    for _, _, w in layout:
+        if not mask[w.rows, w.cols].any():
+            assert (got[:, :, w.rows, w.cols] == -9999).all()
+    area = sum(
+        decoded_bytes((r0, r1), (c0 + a, c1 + a), grid.block_shape, (37, 50), 1, 1)[1]
+        for a, b in ((0, 20), (20, 50))
+        for r0, r1, c0, c1 in block_runs(mask[:, a:b], (0, 37), (a, b), grid.block_shape)
+    )
+    assert done == 5 * 11 * 2 * area
 
 
 def test_read_budget_of_the_reading_workers(tmp_path):
@@ -865,7 +1005,7 @@ def test_bands_that_do_not_fit_memory_are_decoded_once_into_pieces_of_their_own(
     spill = plan_reads(grid, layout, 5, 2 * per_scene, held_bytes=held - 1, spill_bytes=held)
     assert spill.spills and not spill.by_window and spill.bands
     assert len(spill.batches) == 5  # half of a 2-scene budget: one scene per task
-    assert plan_reads(grid, layout, 5, 1 << 30, held_bytes=held - 1, spill_bytes=0).by_window
+    assert plan_reads(grid, layout, 5, 1 << 30, held_bytes=1, spill_bytes=0).by_window
     assert not plan_reads(grid, layout, 5, 1 << 30, held_bytes=held).spills
 
     caplog.set_level(logging.INFO, logger="treesits_dask.io.cube")

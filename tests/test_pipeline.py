@@ -457,6 +457,54 @@ def test_chunks_of_whole_blocks_fall_back_to_the_windows_on_workers_that_cannot_
     np.testing.assert_array_equal(a.valid_obs.values, b.valid_obs.values)
 
 
+def test_a_tile_whose_bands_fit_only_in_sections_maps_the_same_values(
+    native_lstm, tmp_path, client, monkeypatch, caplog
+):
+    """A striped tile whose bands of all scenes over its full width fit neither the reading
+    workers' memory nor their disk (the budget the run finds on its cluster cut to 60 % of what
+    they hold, no disk), but those of half its width do, is read in 2 sections of window
+    columns, says so, and maps the same values as a run that reads it in full-width bands."""
+    import dataclasses
+    import logging
+
+    from treesits_dask.io.bands import plan_reads
+    from treesits_dask.pipeline import schedule
+    from treesits_dask.pipeline.plan import make_plan
+    from treesits_dask.synthetic import make_cube
+
+    cube = make_cube(tmp_path / "cube", size=600, n_scenes=5, layout="strips", seed=4,
+                     mask_dir=str(tmp_path / "masks"))  # fmt: skip
+
+    def config(out):
+        return load_config(
+            overrides=dict(cube=cube.root, tiles="all", output=str(out), model=native_lstm,
+                           window="100x100", mask_dir=cube.mask_dir, cog=False),
+            environ={},
+        )  # fmt: skip
+
+    (t,) = make_plan(config(tmp_path / "a")).tiles
+    run(config(tmp_path / "a"), client=client)
+    held = plan_reads(t.grid, t.reading, len(t.scenes), 1 << 40).held
+    per_window = t.reading.shape[0] * t.reading.shape[1] * t.grid.count * 2 * len(t.scenes)
+    budget = schedule.read_budget
+
+    def small(*args, **kwargs):  # one window per read task, 60 % of the bands, no disk
+        got = budget(*args, **kwargs)
+        return dataclasses.replace(got, task_bytes=per_window, held_bytes=held * 3 // 5,
+                                   spill_bytes=0)  # fmt: skip
+
+    monkeypatch.setattr(schedule, "read_budget", small)
+    with caplog.at_level(logging.WARNING, logger="treesits_dask.io.cube"):
+        run(config(tmp_path / "b"), client=client)
+    assert f"tile {t.tile}: the bands of all 5 scenes over its full width" in caplog.text
+    assert "in 2 sections of whole window columns" in caplog.text
+    a, b = open_map(str(tmp_path / "a")), open_map(str(tmp_path / "b"))
+    assert a.probability.notnull().any()
+    np.testing.assert_array_equal(a.probability.values, b.probability.values)
+    np.testing.assert_array_equal(a["class"].values, b["class"].values)
+    np.testing.assert_array_equal(a.valid_obs.values, b.valid_obs.values)
+
+
 @pytest.mark.parametrize(
     "layout,size,window,chunk,chunks,windows",
     [

@@ -39,7 +39,6 @@ __all__ = [
     "prefetched",
     "rerun",
     "reset_vm_hwm",
-    "tile_read_plan",
     "vm_hwm",
     "windows_with_forest",
     "worker_pids",
@@ -318,11 +317,17 @@ def decode_run(plan, client, pin: bool = True) -> dict:
     from ..io.cube import tile_cube
     from ..io.masks import open_mask
     from ..pipeline.cluster import Routing
-    from ..pipeline.reading import pinned_worker, read_budget, spill_worker, worker_disks
+    from ..pipeline.reading import (
+        pinned_worker,
+        read_budget,
+        spill_worker,
+        tile_in_sections,
+        worker_disks,
+    )
 
     info = client.scheduler_info(n_workers=-1)["workers"]
     reads = read_budget(plan.config, info, Routing(), worker_disks(client))
-    delayed, busy = [], []
+    delayed, busy, ordered = [], [], False
     for tile in plan.tiles:
         mask = open_mask(tile.mask, tile.grid, tile.reading) if tile.mask else None
         cube = tile_cube(
@@ -335,8 +340,11 @@ def decode_run(plan, client, pin: bool = True) -> dict:
         picked = cube.data.map_blocks(
             lambda b: np.array(int(b[:1, :1].sum()), ndmin=4), chunks=(1, 1, 1, 1), dtype=np.int64
         )
-        # a pinned read's graph is not optimised (fusion drops the annotation), as in ``run``
-        delayed += list(picked.to_delayed(optimize_graph=busy[-1] is None).ravel())
+        # a pinned read's graph is not optimised (fusion drops the annotation), nor one read in
+        # sections (their order is its priorities), as in ``run``
+        keep = busy[-1] is not None or tile_in_sections(tile, reads)
+        ordered = ordered or keep
+        delayed += list(picked.to_delayed(optimize_graph=not keep).ravel())
     client.run(cold_reads)
     pids = worker_pids(client)
     before, spilled_before = client.run(decoded), client.run(spilled)
@@ -345,7 +353,7 @@ def decode_run(plan, client, pin: bool = True) -> dict:
     t0 = time.perf_counter()
     # one task per window that takes a pixel of it, gathered as they are: a reduction tree
     # would add a small task per window that the pipeline does not run
-    client.compute(delayed, sync=True, optimize_graph=not any(busy))
+    client.compute(delayed, sync=True, optimize_graph=not ordered)
     seconds = time.perf_counter() - t0
     after, spilled_after = client.run(decoded), client.run(spilled)
     written_after = client.run(pieces_written)
@@ -374,27 +382,20 @@ def decode_run(plan, client, pin: bool = True) -> dict:
     }
 
 
-def tile_read_plan(tile, reads):
-    """The :class:`~treesits_dask.io.bands.ReadPlan` of a planned ``tile`` under the read budget
-    ``reads`` (:func:`~treesits_dask.pipeline.reading.read_budget`), as ``run`` plans it."""
-    from ..io.bands import plan_reads
-
-    return plan_reads(
-        tile.grid, tile.reading, len(tile.scenes), reads.task_bytes, None, reads.threads,
-        reads.held_bytes, reads.spill_bytes,
-    )  # fmt: skip
-
-
 def read_mode(tile, reads) -> tuple[str, int]:
     """How a tile is read under ``reads``, and in how many read tasks: ``blocks`` (chunks of whole
     COG blocks, :func:`~treesits_dask.io.grid.read_shape`), ``windows`` (strip windows of all
-    scenes, or the memory guard's fallback), ``bands`` or ``bands+spill``."""
+    scenes, or the memory guard's fallback), ``bands`` or ``bands+spill``, with ``+sections``
+    where the guard's fallback reads the tile in sections of window columns."""
+    from ..pipeline.reading import tile_read_plan
+
     rp = tile_read_plan(tile, reads)
     if rp.by_window or all(rp.direct(b) for b in rp.bands):
         if rp.by_window:  # runs of windows side by side, each by one task
             return ("blocks" if rp.aligned else "windows"), len(rp.groups)
         return "windows", len(tile.reading)  # strip windows, each band a window
-    return ("bands+spill" if rp.spills else "bands"), rp.tasks
+    mode = ("bands+spill" if rp.spills else "bands") + ("+sections" if rp.sections > 1 else "")
+    return mode, rp.tasks
 
 
 def decode_seconds(plan, client) -> float:

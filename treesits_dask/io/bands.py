@@ -17,6 +17,10 @@ A striped tile whose windows cut its strips is chunked whole strips high
 (:func:`~treesits_dask.io.grid.read_shape`), so that each band is one row of chunks and its pieces
 are whole chunks, all of one size (their buffers are recycled for each other).
 
+Where the bands of all scenes fit neither a reading worker's memory nor its spill disk, the tile
+is read window by window, or in sections of whole window columns side by side whose bands do fit
+(:func:`plan_reads`), whichever decodes less.
+
 Where every window starts on a block edge, each block lies in one window and the window's own
 read decodes it once, into the window: nothing is held or put together.  The pipeline chunks COG
 tiles so (:func:`~treesits_dask.io.grid.read_shape`: whole blocks near the window's size, the
@@ -25,6 +29,9 @@ outputs rechunked to the windows); their read tasks each read a run of a window 
 
 :func:`decoded_bytes` counts what a read decodes (whole blocks intersecting it), for the decode
 amplification the benchmark reports.
+
+This module is longer than 400 lines: a tile's read plan (bands, scene batches, sections, runs of
+windows) and the counts it is chosen by are one decision, measured as one.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ __all__ = [
     "block_runs",
     "decoded_bytes",
     "plan_reads",
+    "planned_decode",
     "scene_batches",
     "turn_share",
     "window_groups",
@@ -80,13 +88,20 @@ class Piece:
 
 @dataclass(frozen=True)
 class Band:
-    """Rows ``row_off`` .. ``row_off + height`` of a tile, over its full width: whole block rows of
-    the files, read by one task per batch of scenes.  ``pieces``: the windows that cross it."""
+    """Rows ``row_off`` .. ``row_off + height`` of a tile, over its full width (``cols`` None) or
+    over the columns ``cols`` ``[start, stop)`` of a section of the tile (see :func:`plan_reads`):
+    whole block rows of the files, read by one task per batch of scenes.  ``pieces``: the windows
+    that cross it."""
 
     index: int
     row_off: int
     height: int
     pieces: tuple[Piece, ...]
+    cols: tuple[int, int] | None = None
+
+    def columns(self, width: int) -> tuple[int, int]:
+        """``[start, stop)`` of the band's columns in a tile ``width`` px wide."""
+        return self.cols if self.cols is not None else (0, width)
 
 
 @dataclass(frozen=True)
@@ -108,7 +123,8 @@ class ReadPlan:
     #: (:mod:`~treesits_dask.io.pieces`)
     spills: bool = False
     #: bytes of the :data:`BANDS_HELD` bands of all scenes a reading worker holds (the memory
-    #: guard's figure; 0 where every band is a whole window)
+    #: guard's figure; of a section's width where ``sections``; 0 where every band is a whole
+    #: window)
     held: int = 0
     #: every window starts on a block edge, so each block lies in one window: each window reads
     #: its own blocks into itself (``by_window``), nothing is put together or held
@@ -117,6 +133,11 @@ class ReadPlan:
     #: a task opens each file once and decodes each block once for all of them: consecutive
     #: windows of a window row, as many as the task's memory allows
     groups: tuple[tuple[tuple[int, int], ...], ...] = ()
+    #: the tile is read in this many sections of whole window columns side by side, each in
+    #: bands of its own width (numbered after the previous section's): where the bands
+    #: of the full width fit neither the reading worker's memory nor its spill disk, a section's
+    #: do (a full-width strip is decoded once per section)
+    sections: int = 1
 
     def __post_init__(self) -> None:
         found: dict[tuple[int, int], list[tuple[int, int]]] = {}
@@ -126,16 +147,13 @@ class ReadPlan:
         object.__setattr__(self, "of_window", {key: tuple(v) for key, v in found.items()})
 
     def __hash__(self) -> int:  # of_window follows from the bands
-        return hash((self.bands, self.batches, self.by_window, self.spills, self.groups))
+        return hash(self._identity())
+
+    def _identity(self) -> tuple:
+        return (self.bands, self.batches, self.by_window, self.spills, self.groups, self.sections)
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, ReadPlan) and (
-            self.bands,
-            self.batches,
-            self.by_window,
-            self.spills,
-            self.groups,
-        ) == (other.bands, other.batches, other.by_window, other.spills, other.groups)
+        return isinstance(other, ReadPlan) and self._identity() == other._identity()
 
     def direct(self, band: Band) -> bool:
         """Whether ``band`` is exactly one whole window read in one batch: its task's result is
@@ -149,6 +167,10 @@ class ReadPlan:
     def tasks(self) -> int:
         """Read tasks of the tile (bands x batches)."""
         return len(self.bands) * len(self.batches)
+
+    def section_of(self, band_index: int) -> int:
+        """The section (0 .. ``sections`` - 1) whose columns band ``band_index`` covers."""
+        return band_index * self.sections // max(1, len(self.bands))
 
 
 def _band_rows(grid: TileGrid, layout: WindowLayout) -> list[tuple[int, int]]:
@@ -245,23 +267,15 @@ def plan_reads(
     decoded once.  Where they do not fit even so, the plan reads window by window
     (``by_window``), a run of a window row's windows side by side per task, as many as fit
     ``task_bytes`` (at least one): memory per task is the read budget, at the price of decoding a
-    block once per run crossing it.
+    block once per run crossing it; or, where that decodes less (:func:`planned_decode`), in
+    ``sections``: the fewest sections of whole window columns side by side whose bands of all
+    scenes fit memory and disk together, each read in bands of its own width, section after
+    section, which decodes a block once per section that crosses it (a full-width strip once per
+    section: 3 times the tile where a 3000 px strips tile of 600 scenes on a 12 GiB worker with
+    two tiles in flight read window by window decoded 10 times).
     """
     count = grid.count if bands is None else bands
-    out = []
-    for index, (r0, r1) in enumerate(_band_rows(grid, layout)):
-        pieces = []
-        for i, row in enumerate(layout.windows):
-            w0 = row[0]
-            lo, hi = max(r0, w0.row_off), min(r1, w0.row_off + w0.height)
-            if lo >= hi:
-                continue
-            for j, w in enumerate(row):
-                pieces.append(
-                    Piece(i, j, (lo - r0, hi - r0), (lo - w.row_off, hi - w.row_off),
-                          w.col_off, w.width)
-                )  # fmt: skip
-        out.append(Band(index, r0, r1 - r0, tuple(pieces)))
+    out = _bands(grid, layout)
     whole = ReadPlan(tuple(out), ((0, n_scenes),))
     if all(whole.direct(b) for b in whole.bands):
         # every band is a whole window row: its task is the window, of all scenes, which the
@@ -272,23 +286,125 @@ def plan_reads(
         # window's own read decodes it once, into the window, whatever the scene count
         groups = window_groups(layout, n_scenes * count * 2, task_bytes, min_tasks)
         return ReadPlan((), ((0, n_scenes),), by_window=True, aligned=True, groups=groups)
-    per_scene = max(b.height for b in out) * grid.width * count * 2
-    held = BANDS_HELD * per_scene * n_scenes
+    highest = max(b.height for b in out)
+    held = _held(highest, grid.width, count, n_scenes)
     spills = held_bytes is not None and held > held_bytes
     if spills and (spill_bytes is None or held > held_bytes + spill_bytes):
         # windows read on their own, a run of a window row's windows side by side per task as
         # the read budget allows: a block is decoded once per run that crosses it, not once per
         # window (a 300-row strip of a 3000 px tile: 15 times per 200 px window row, not 3 times
-        # per row of 3 runs of 5)
+        # per row of 3 runs of 5); or the tile in sections of window columns side by side whose
+        # bands fit, where those decode less (a strip once per section)
         groups = window_groups(layout, n_scenes * count * 2, task_bytes, min_tasks)
-        return ReadPlan((), ((0, n_scenes),), by_window=True, held=held, groups=groups)
-    wanted = math.ceil(min_tasks / len(out))
+        runs = ReadPlan((), ((0, n_scenes),), by_window=True, held=held, groups=groups)
+        fits = held_bytes + (spill_bytes or 0)
+        sectioned = _sectioned(grid, layout, n_scenes, count, task_bytes, min_tasks, held_bytes,
+                               fits)  # fmt: skip
+        if sectioned is not None and planned_decode(
+            grid, layout, sectioned, n_scenes, count
+        ) < planned_decode(grid, layout, runs, n_scenes, count):
+            return sectioned
+        return runs
+    per_scene = highest * grid.width * count * 2
+    batches = _batches(len(out), per_scene, n_scenes, task_bytes, min_tasks, spills)
+    return ReadPlan(tuple(out), batches, spills=spills, held=held)
+
+
+def _bands(
+    grid: TileGrid, layout: WindowLayout, cols: tuple[int, int] | None = None, first: int = 0
+) -> list[Band]:
+    """The bands of a tile's full width (``cols`` None) or of the section ``cols`` (whole window
+    columns), numbered from ``first``, each with the pieces of the windows that cross it."""
+    c0, c1 = cols if cols is not None else (0, grid.width)
+    out = []
+    for index, (r0, r1) in enumerate(_band_rows(grid, layout)):
+        pieces = []
+        for i, row in enumerate(layout.windows):
+            w0 = row[0]
+            lo, hi = max(r0, w0.row_off), min(r1, w0.row_off + w0.height)
+            if lo >= hi:
+                continue
+            for j, w in enumerate(row):
+                if c0 <= w.col_off < c1:
+                    pieces.append(
+                        Piece(i, j, (lo - r0, hi - r0), (lo - w.row_off, hi - w.row_off),
+                              w.col_off, w.width)
+                    )  # fmt: skip
+        out.append(Band(first + index, r0, r1 - r0, tuple(pieces), cols))
+    return out
+
+
+def _held(height: int, width: int, count: int, n_scenes: int) -> int:
+    """What the memory guard counts a reading worker to hold of bands at most ``height`` rows
+    high and ``width`` px wide: :data:`BANDS_HELD` of them, of all scenes."""
+    return BANDS_HELD * height * width * count * 2 * n_scenes
+
+
+def _batches(n_bands, per_scene, n_scenes, task_bytes, min_tasks, spills):
+    """The scene batches of a plan of ``n_bands`` bands (see :func:`scene_batches`)."""
+    wanted = math.ceil(min_tasks / n_bands)
     # half the batch where the plan spills: a task decodes into its pieces scene by scene, and
     # the whole batch measured no faster (strips, 3000 px x 120 scenes), with 0-0.6 GiB more peak
     # RSS
     budget = task_bytes // 2 if spills else task_bytes
-    batches = scene_batches(n_scenes, per_scene, budget, wanted, len(out), min_tasks)
-    return ReadPlan(tuple(out), batches, spills=spills, held=held)
+    return scene_batches(n_scenes, per_scene, budget, wanted, n_bands, min_tasks)
+
+
+def _sectioned(
+    grid: TileGrid,
+    layout: WindowLayout,
+    n_scenes: int,
+    count: int,
+    task_bytes: int,
+    min_tasks: int,
+    held_bytes: int,
+    fits: int,
+) -> ReadPlan | None:
+    """The tile read in the fewest sections of whole window columns side by side (2 or more, of
+    about equal width) whose bands of all scenes fit ``fits`` bytes of memory and spill disk
+    together (spilling beyond ``held_bytes``); None where not even one window column's do.  The
+    guard counts :data:`BANDS_HELD` bands of a section's width: the read goes through the tile
+    section by section (:func:`~treesits_dask.io.cube.tile_cube` gives each section's tasks a
+    lower priority than the previous section's)."""
+    columns = layout.windows[0]
+    highest = max(r1 - r0 for r0, r1 in _band_rows(grid, layout))
+    for k in range(2, len(columns) + 1):
+        edges = np.linspace(0, len(columns), k + 1).round().astype(int)
+        spans = [
+            (columns[a].col_off, columns[b - 1].col_off + columns[b - 1].width)
+            for a, b in zip(edges[:-1], edges[1:], strict=True)
+        ]
+        widest = max(c1 - c0 for c0, c1 in spans)
+        held = _held(highest, widest, count, n_scenes)
+        if held > fits:
+            continue
+        out: list[Band] = []
+        for span in spans:
+            out += _bands(grid, layout, span, len(out))
+        spills = held > held_bytes
+        per_scene = highest * widest * count * 2
+        batches = _batches(len(out), per_scene, n_scenes, task_bytes, min_tasks, spills)
+        return ReadPlan(tuple(out), batches, spills=spills, held=held, sections=k)
+    return None
+
+
+def planned_decode(
+    grid: TileGrid, layout: WindowLayout, plan: ReadPlan, n_scenes: int, count: int | None = None
+) -> int:
+    """Bytes the reads of ``plan`` decode for ``n_scenes`` scenes of ``count`` bands (default:
+    the grid's) where every window has a mask pixel (see :func:`decoded_bytes`): what
+    :func:`plan_reads` compares its fallbacks by (QAI, and the blocks QAI screens whole, left
+    out)."""
+    count = grid.count if count is None else count
+    size = (grid.height, grid.width)
+    rects = [((b.row_off, b.row_off + b.height), b.columns(grid.width)) for b in plan.bands]
+    for group in plan.groups:
+        first, last = (layout.windows[i][j] for i, j in (group[0], group[-1]))
+        rects.append(
+            ((first.row_off, first.row_off + first.height),
+             (first.col_off, last.col_off + last.width))
+        )  # fmt: skip
+    return n_scenes * sum(decoded_bytes(r, c, grid.block_shape, size, count)[1] for r, c in rects)
 
 
 def window_groups(

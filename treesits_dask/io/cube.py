@@ -1,8 +1,12 @@
-"""Scene table -> lazy ``xarray.DataArray`` (time, band, y, x) int16, one dask task per window.
+"""Scene table -> lazy ``xarray.DataArray`` (time, band, y, x) int16, one chunk per window.
 
-A task reads ONE spatial window of ALL scenes of a tile (graph size grows with tiles x windows, not
-with scenes).  QAI screening happens in the same task: screened observations are set to the BOA
-nodata value (-9999) in every band, so downstream code sees a single validity rule.
+A chunk holds ONE spatial window of ALL scenes of a tile (graph size grows with tiles x windows,
+not with scenes), read as the tile's read plan says (:mod:`treesits_dask.io.bands`).  QAI
+screening happens in the read tasks: screened observations are set to the BOA nodata value
+(-9999) in every band, so downstream code sees a single validity rule.
+
+This module is longer than 400 lines: a tile's grid and header checks, its lazy cube and the
+read graph with its Dask priorities are what a run asks of a tile's files, kept together.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy as np
 
 from ..errors import InputDataError
 from . import storage
-from .bands import BANDS_HELD, ReadPlan, plan_reads
+from .bands import BANDS_HELD, ReadPlan, plan_reads, planned_decode
 from .crs import same_crs, short_crs
 from .datasets import OPEN_COUNTER, Counter, check_header, open_error, open_raster
 from .discovery import S2_BANDS, CubeDefinition, Scene
@@ -207,7 +211,19 @@ def tile_cube(
         grid.tile, BANDS_HELD, len(scenes), plan.held / 2**30,
         (held_bytes or 0) / 2**30, (spill_bytes or 0) / 2**30,
     )  # fmt: skip
-    if plan.by_window and not plan.aligned:
+    if plan.sections > 1:
+        tile_bytes = len(scenes) * grid.height * grid.width * grid.count * 2
+        log.warning(
+            "tile %s: the bands of all %d scenes over its full width fit neither %.1f GiB of a "
+            "reading worker's memory nor %.1f GiB of its spill disk: reading it in %d sections "
+            "of whole window columns side by side, each in bands of its own width (%d of them "
+            "%.1f GiB), which decodes a file block once per section that crosses it (%.2f times "
+            "the tile by the plan's count; give the reading workers more memory or local disk, "
+            "or fewer scenes per run, to decode once)",
+            grid.tile, len(scenes), *sizes[4:], plan.sections, BANDS_HELD, plan.held / 2**30,
+            planned_decode(grid, layout, plan, len(scenes)) / tile_bytes,
+        )  # fmt: skip
+    elif plan.by_window and not plan.aligned:
         log.warning(
             "tile %s: %d bands of all %d scenes (%.1f GiB) fit neither %.1f GiB of a reading "
             "worker's memory nor %.1f GiB of its spill disk: reading window by window, which "
@@ -229,7 +245,14 @@ def tile_cube(
     dsk = _read_graph(reader, layout, plan, name, mask.name if mask is not None else None)
     chunks = ((len(scenes),), (grid.count,), *layout.chunks)
     deps = [mask] if mask is not None else []
-    annotations: dict = {"priority": _picks_first} if plan.spills else {}
+    annotations: dict = {}
+    if plan.sections > 1:
+        priority = functools.partial(
+            _by_section, plan.sections, len(plan.bands), _column_sections(plan, layout)
+        )
+        annotations = {"priority": priority}
+    elif plan.spills:
+        annotations = {"priority": _picks_first}
     if plan.spills and worker is not None:
         annotations |= {"workers": [worker], "allow_other_workers": True}
     with dask.annotate(**annotations) if annotations else nullcontext():
@@ -261,10 +284,19 @@ def _read_graph(
     window pulls only its row's share of a band from another worker, and a tile has two of these
     per band, not one per window: each small task costs the worker a dispatch; where the plan
     spills, one per piece); per window a task that puts its pieces together.  A band that is one
-    whole window is read by the window's own task."""
+    whole window is read by the window's own task.
+
+    A plan read in sections (``plan.sections``) is cut as a spilling plan is: pieces that own
+    their memory (on local disk only where it spills), each a task of its own (Dask's order then
+    holds a few bands at once, where a window row's picks had it read every band of a tile whose
+    windows cross its bands before putting a window together; :func:`tile_cube` orders the
+    sections by priority)."""
     bands, rows = name.replace("read-", "read-band-", 1), name.replace("read-", "read-row-", 1)
     n_scenes, count = len(reader.boa), reader.grid.count
-    read_band = functools.partial(reader.read_band, own=True) if plan.spills else reader.read_band
+    own = plan.spills or plan.sections > 1
+    read_band = reader.read_band
+    if own:  # pieces to local disk only where the plan counts on it
+        read_band = functools.partial(reader.read_band, own=True, disk=plan.spills)
     dsk: dict = {}
     if plan.by_window:  # windows read on their own, several per task where they are aligned
         group = name.replace("read-", "read-group-", 1)
@@ -292,16 +324,16 @@ def _read_graph(
             # a plan that spills keeps each piece apart, as an array: a window unspills only its
             # own pieces (a window row's group of them tripled what a window unspilled, and the
             # worker at 600 scenes and 3 GiB was restarted at 95 %)
-            g = k if plan.spills else p.i
+            g = k if own else p.i
             at = len(by_group.setdefault(g, []))
-            grouped[(band.index, k)] = (g, None if plan.spills else at)
+            grouped[(band.index, k)] = (g, None if own else at)
             by_group[g].append(k)
         for s, (start, stop) in enumerate(plan.batches):
             dsk[(bands, band.index, s)] = (read_band, band, start, stop, *masks)
             for g, ks in by_group.items():
                 dsk[(rows, band.index, s, g)] = (
                     (operator.getitem, (bands, band.index, s), g)  # the piece, as it is
-                    if plan.spills
+                    if own
                     else (_pick, (bands, band.index, s), tuple(ks))
                 )
     for i, j, w in layout:
@@ -340,6 +372,30 @@ def _picks_first(key) -> int:
     reading a 600-scene tile spilled 15-70 GiB so in 3 of 11 first reads).  Dask keeps it where
     the graph is computed without optimisation (a pinned tile, GPU routing; fusion drops it)."""
     return 1 if str(key[0]).startswith("read-row-") else 0
+
+
+def _column_sections(plan: ReadPlan, layout: WindowLayout) -> tuple[int, ...]:
+    """The section of each window column of a plan read in sections."""
+    found = [0] * len(layout.windows[0])
+    for band in plan.bands:
+        for p in band.pieces:
+            found[p.j] = plan.section_of(band.index)
+    return tuple(found)
+
+
+def _by_section(sections: int, n_bands: int, column_sections: tuple[int, ...], key) -> int:
+    """Dask priority of a task of a plan read in ``sections`` (``ReadPlan.sections``, of
+    ``n_bands`` bands numbered section by section): each section's tasks (its bands' reads and
+    picks, and its windows: of the window columns ``column_sections`` gives the section of) after
+    the previous section's, so that a reading worker holds one section's bands at a time, not
+    the whole width's (Dask's own order went from one section to the other and held 5 of a small
+    tile's 6 bands); picks first within a section (see :func:`_picks_first`)."""
+    name = str(key[0])
+    if name.startswith(("read-band-", "read-row-")):  # (..., band index, batch[, piece])
+        section = key[1] * sections // n_bands
+    else:  # a window (name, 0, 0, i, j)
+        section = column_sections[key[-1]]
+    return _picks_first(key) - 2 * section
 
 
 def _pick(pieces: list, ks: tuple[int, ...]) -> tuple:

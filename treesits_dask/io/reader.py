@@ -187,10 +187,11 @@ class WindowReader:
         return self.read_windows((window,), *([] if mask is None else [mask]))[0]
 
     def read_band(
-        self, band: Band, start: int, stop: int, *masks, own: bool = False
+        self, band: Band, start: int, stop: int, *masks, own: bool = False, disk: bool = True
     ) -> list | np.ndarray:
-        """Scenes ``start:stop`` of ``band`` (full width), cut into the pieces of the windows that
-        cross it: a list with, per piece of the band, a ``(stop - start, bands, rows, cols)`` view
+        """Scenes ``start:stop`` of ``band`` (its columns: the full width, or its section's), cut
+        into the pieces of the windows that cross it: a list with, per piece of the band, a
+        ``(stop - start, bands, rows, cols)`` view
         (the views partition one array), or None for a window without a mask pixel.  ``masks``:
         the mask of each piece's whole window (none: no mask).  A band that is one whole window
         read in one batch (see :meth:`~treesits_dask.io.bands.ReadPlan.direct`) returns the
@@ -199,15 +200,17 @@ class WindowReader:
         into pieces that own their memory, or, where the Dask worker's memory has no room for the
         batch (:func:`~treesits_dask.io.pieces.in_memory`), into a file of its own on the
         worker's local disk, handed out as a :class:`~treesits_dask.io.pieces.DiskPiece`
-        (:meth:`_read_into_pieces`)."""
-        width = self.grid.width
+        (:meth:`_read_into_pieces`); never to disk without ``disk`` (a plan that counts on none).
+        """
+        cols = band.columns(self.grid.width)
+        width = cols[1] - cols[0]
         rows = (band.row_off, band.row_off + band.height)
         need = None
         if masks:
             need = np.zeros((band.height, width), bool)
             for p, m in zip(band.pieces, masks, strict=True):
                 (b0, b1), (w0, w1) = p.band_rows, p.window_rows
-                need[b0:b1, p.col_off : p.col_off + p.width] = m[w0:w1]
+                need[b0:b1, p.col_off - cols[0] : p.col_off - cols[0] + p.width] = m[w0:w1]
         empty = [not np.any(m) for m in masks] if masks else [False] * len(band.pieces)
         p = band.pieces[0]
         whole = len(band.pieces) == 1 and (start, stop) == (0, len(self.boa))
@@ -217,15 +220,15 @@ class WindowReader:
             return np.broadcast_to(np.int16(NODATA), shape) if whole else [None] * len(empty)
         if own and not whole:
             batch = (stop - start) * self.grid.count * band.height * width * 2
-            on_disk = not in_memory(batch)
+            on_disk = disk and not in_memory(batch)
             return self._read_into_pieces(band, start, stop, need, empty, on_disk)
-        buf = self._read_rect(rows, (0, width), start, stop, need)
+        buf = self._read_rect(rows, cols, start, stop, need)
         if whole:
             return buf
         return [
             None
             if skip
-            else buf[:, :, p.band_rows[0] : p.band_rows[1], p.col_off : p.col_off + p.width]
+            else buf[:, :, slice(*p.band_rows), p.col_off - cols[0] : p.col_off - cols[0] + p.width]
             for p, skip in zip(band.pieces, empty, strict=True)
         ]
 
@@ -298,7 +301,7 @@ class WindowReader:
         "Strips decoded into their pieces"); as fast on the COG of the 600-scene regime once Dask
         no longer spilled its pieces (:mod:`~treesits_dask.io.pieces`), with half the memory per
         task."""
-        rows, cols = (band.row_off, band.row_off + band.height), (0, self.grid.width)
+        rows, cols = (band.row_off, band.row_off + band.height), band.columns(self.grid.width)
         n, count = stop - start, self.grid.count
         sink = PieceWriter if on_disk else _PieceArray
         pieces: list = []
@@ -311,7 +314,11 @@ class WindowReader:
             runs = block_runs(need, rows, cols, self.grid.block_shape)
             _nodata_outside(scene, runs)
             cuts = [
-                (piece, slice(*p.band_rows), slice(p.col_off, p.col_off + p.width))
+                (
+                    piece,
+                    slice(*p.band_rows),
+                    slice(p.col_off - cols[0], p.col_off - cols[0] + p.width),
+                )
                 for p, piece in zip(band.pieces, pieces, strict=True)
                 if piece is not None
             ]

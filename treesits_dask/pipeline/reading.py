@@ -23,6 +23,8 @@ __all__ = [
     "read_budget",
     "routed_workers",
     "spill_worker",
+    "tile_in_sections",
+    "tile_read_plan",
     "tile_spills",
     "worker_disks",
 ]
@@ -111,19 +113,35 @@ def idle_reader(workers: dict[str, dict], routing: Routing, busy: list[str | Non
     return idle is not None and idle not in busy
 
 
-def tile_spills(tile, reads: ReadBudget | None) -> bool:
-    """Whether the read plan of ``tile`` (a :class:`~treesits_dask.pipeline.plan.TilePlan`) spills
-    under ``reads`` (as :func:`~treesits_dask.io.cube.tile_cube` plans it for the tile's graph):
-    such a tile is read on one reading worker (:func:`spill_worker`)."""
+def tile_read_plan(tile, reads: ReadBudget | None):
+    """The :class:`~treesits_dask.io.bands.ReadPlan` of ``tile`` (a
+    :class:`~treesits_dask.pipeline.plan.TilePlan`, alert runs with their older scenes) under
+    ``reads``, as :func:`~treesits_dask.io.cube.tile_cube` plans it for the tile's graph; None
+    without a budget (nothing is held, nothing spills)."""
     from ..io.bands import plan_reads
 
-    if reads is None:  # no budget: nothing is held, nothing spills
-        return False
+    if reads is None:
+        return None
     scenes = len(tile.scenes) + (len(tile.alerts.older) if tile.alerts is not None else 0)
     return plan_reads(
         tile.grid, tile.reading, scenes, reads.task_bytes, min_tasks=reads.threads,
         held_bytes=reads.held_bytes, spill_bytes=reads.spill_bytes,
-    ).spills  # fmt: skip
+    )  # fmt: skip
+
+
+def tile_spills(tile, reads: ReadBudget | None) -> bool:
+    """Whether the read plan of ``tile`` (a :class:`~treesits_dask.pipeline.plan.TilePlan`) spills
+    under ``reads`` (:func:`tile_read_plan`): such a tile is read on one reading worker
+    (:func:`spill_worker`)."""
+    plan = tile_read_plan(tile, reads)
+    return plan is not None and plan.spills
+
+
+def tile_in_sections(tile, reads: ReadBudget | None) -> bool:
+    """Whether ``tile`` is read in sections of window columns (:func:`tile_read_plan`), whose
+    order its graph's priorities give: a graph that must not be optimised (fusion drops them)."""
+    plan = tile_read_plan(tile, reads)
+    return plan is not None and plan.sections > 1
 
 
 def pinned_worker(graph) -> str | None:

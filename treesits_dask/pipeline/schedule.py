@@ -7,6 +7,9 @@ commit.
 :func:`tile_graph` chains the stages' Dask layers: :func:`~treesits_dask.io.cube.tile_cube` reads,
 :func:`~treesits_dask.pipeline.predict.predict_layer` predicts,
 :func:`~treesits_dask.outputs.store.write_layer` writes.
+
+This module is longer than 400 lines: submitting a tile's graph and following its windows to the
+commit and the COGs are one loop over the same state.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from .reading import (
     pinned_worker,
     read_budget,
     spill_worker,
+    tile_in_sections,
     tile_spills,
     worker_disks,
 )
@@ -185,9 +189,11 @@ class _Scheduler:
         keys, graph = tile_graph(self.plan, tile, fork, self.routing, self.reads, worker)
         if worker := pinned_worker(graph):  # None where the tile's plan does not spill
             log.info("tile %s spills its bands: read on worker %s alone", tile.tile, worker)
-        # annotated graphs must not be optimised: fusion drops or merges the annotations
+        # annotated graphs must not be optimised: fusion drops or merges the annotations (the
+        # resources, a pinned worker, the order of a tile's sections)
+        annotated = self.routing.gpu or worker or tile_in_sections(tile, self.reads)
         delayed = [Delayed(k, graph, layer=k[0]) for k in keys]
-        futures = self.client.compute(delayed, optimize_graph=not (self.routing.gpu or worker))
+        futures = self.client.compute(delayed, optimize_graph=not annotated)
         self.state[tile.tile] = {
             "plan": tile, "left": len(futures), "stats": [], "session": session,
             "t0": time.perf_counter(), "futures": futures, "worker": worker,

@@ -1,0 +1,185 @@
+"""The memory guard's fallbacks for a tile whose bands of all scenes fit neither the reading
+worker's memory nor its spill disk, read two ways alternating in one process (one worker, the
+cube in the page cache, each read against the one-thread decode floor measured just before it):
+``sections``, as the plan now reads them where a section's bands fit, the tile in sections of
+whole window columns side by side, each in bands of its own width (a full-width strip decoded
+once per section); ``runs``, as before, window by window, a run of a window row's windows side by
+side per read task (a strip decoded once per run).
+
+    python benchmarks/sections.py --size 1000 --scenes 600 --layout strips --window 100 \\
+        --memory-limit 3GiB --spill-gib 0 --rounds 2 --json sections.json
+    python benchmarks/sections.py --cube /data/cube --layout strips --window 100
+
+``--spill-gib``: the local disk the plan may count on for spilled pieces, per tile (0: none,
+as where the worker's disk is full or small; the default), so that the full-width bands fit
+neither.  ``--tiles-in-flight``: the run's setting (1: a tile's bands get 75 % of the worker's
+memory).  ``--variants``: the plans read (default both).  Prints one JSON line per read:
+seconds, read / one-thread floor, decoded / uncompressed bytes (counted) and as the plan counts
+them, read tasks and mode, the worker's CPU time, the pieces written to local disk, what Dask
+spilled, the most piece files on disk and data in Dask's memory at once (sampled every 50 ms)
+and the worker's peak RSS during the read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+
+def _cpu() -> tuple[float, float]:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime, r.ru_stime
+
+
+def _start_sampling(dask_worker) -> None:
+    """Sample, every 50 ms until :func:`_stop_sampling`, the bytes of the piece files on the
+    worker's local disk and of the data Dask holds in its memory."""
+    import os
+    import threading
+    import time
+
+    state = {"disk": 0, "memory": 0, "both": 0, "run": True}
+    directory = os.path.join(dask_worker.local_directory, f"treesits-pieces-{os.getpid()}")
+
+    def files() -> int:
+        try:
+            return sum(e.stat().st_size for e in os.scandir(directory))
+        except FileNotFoundError:  # not made yet, or a file removed while listed
+            return 0
+
+    def loop() -> None:
+        while state["run"]:
+            fast = getattr(dask_worker.data, "fast", None)  # a plain dict: no spilling
+            disk, memory = files(), fast.total_weight if fast is not None else 0
+            state["disk"], state["memory"] = max(state["disk"], disk), max(state["memory"], memory)
+            state["both"] = max(state["both"], disk + memory)
+            time.sleep(0.05)
+
+    dask_worker._sections_sampling = state
+    threading.Thread(target=loop, daemon=True, name="sections-sampling").start()
+
+
+def _stop_sampling(dask_worker) -> dict:
+    import time
+
+    state = dask_worker._sections_sampling
+    state["run"] = False
+    time.sleep(0.1)
+    return {k: v for k, v in state.items() if k != "run"}
+
+
+def main(argv=None) -> int:
+    from treesits_dask.bench.measure import cube_arguments
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    cube_arguments(p, workers=1, memory_limit="3GiB")
+    p.add_argument("--spill-gib", type=float, default=0.0,
+                   help="local disk a tile's spilled pieces may fill (GiB)")  # fmt: skip
+    p.add_argument("--tiles-in-flight", type=int, default=1)
+    p.add_argument("--variants", default="sections,runs",
+                   help="the plans read, comma-separated (sections, runs)")  # fmt: skip
+    p.set_defaults(tiles=1, size=1000, window=100, threads=2, rounds=2, layout="strips")
+    args = p.parse_args(argv)
+
+    from treesits_dask.bench.measure import (
+        bench_cluster,
+        bench_config,
+        cube_workdir,
+        decode_run,
+        emit_row,
+        reset_vm_hwm,
+        vm_hwm,
+    )
+    from treesits_dask.bench.pagecache import page_in
+    from treesits_dask.bench.real import files_bytes, floor_sample, floors
+    from treesits_dask.io import bands
+    from treesits_dask.io.bands import planned_decode
+    from treesits_dask.pipeline import reading
+    from treesits_dask.pipeline.plan import make_plan
+    from treesits_dask.pipeline.reading import tile_read_plan
+
+    tmp, wd, root = cube_workdir(args, "sections-")
+    config = bench_config(root, wd, args.threads, args.memory_limit, args.window)
+    plan = make_plan(config.model_copy(update={"tiles_in_flight": args.tiles_in_flight}))
+    budget = reading.read_budget
+
+    def read_budget(*a, **k):  # the spill disk the plan counts on, whatever the worker's disk
+        return dataclasses.replace(budget(*a, **k), spill_bytes=int(args.spill_gib * 2**30))
+
+    reading.read_budget = read_budget
+    sectioned = bands._sectioned
+    variants = {"sections": sectioned, "runs": lambda *a, **k: None}
+    variants = {v: variants[v] for v in args.variants.split(",")}
+    _, total = files_bytes(plan)
+    sample = floor_sample(plan)
+    report: dict = {"cube": str(root), "window": args.window, "threads": args.threads,
+                    "memory_limit": args.memory_limit, "spill_gib": args.spill_gib,
+                    "tiles_in_flight": args.tiles_in_flight,
+                    "uncompressed_mib": round(total / 2**20),
+                    "chunk": list(plan.tiles[0].reading.shape), "reads": []}  # fmt: skip
+    print(json.dumps({k: v for k, v in report.items() if k != "reads"}), flush=True)
+    cluster, client = bench_cluster(args.workers, args.threads, args.memory_limit)
+    try:
+        from treesits_dask.pipeline.cluster import Routing
+
+        info = client.scheduler_info(n_workers=-1)["workers"]
+        reads = read_budget(plan.config, info, Routing(), reading.worker_disks(client))
+        for r in range(args.rounds):
+            order = list(variants) if r % 2 == 0 else list(variants)[::-1]
+            for variant in order:
+                bands._sectioned = variants[variant]
+                try:
+                    planned = sum(
+                        planned_decode(t.grid, t.reading, tile_read_plan(t, reads), len(t.scenes))
+                        for t in plan.tiles
+                    )
+                    one = floors(sample, args.threads)[0]["mb_s"]
+                    page_in(str(root))
+                    (before,) = client.run(_cpu).values()
+                    client.run(reset_vm_hwm)
+                    client.run(_start_sampling)
+                    run = decode_run(plan, client)
+                    (sampled,) = client.run(_stop_sampling).values()
+                finally:
+                    bands._sectioned = sectioned
+                (after,) = client.run(_cpu).values()
+                peak = max(client.run(vm_hwm).values())
+                mbs = total / run["seconds"] / 1e6 / args.threads
+                row = {"round": r, "variant": variant, "seconds": round(run["seconds"], 2),
+                       "floor_mb_s": round(one), "read_over_floor": round(mbs / one, 3),
+                       "decoded_over_uncompressed": round(run["decoded_bytes"] / total, 3),
+                       "planned_over_tile": round(planned / plan_bytes(plan), 3),
+                       "read_tasks": run["read_tasks"], "read_modes": run["read_modes"],
+                       "user_s": round(after[0] - before[0], 1),
+                       "system_s": round(after[1] - before[1], 1),
+                       "written_gb": round(run["written_bytes"] / 1e9, 2),
+                       "spilled_gb": round(run["spilled_bytes"] / 1e9, 2),
+                       # at once, sampled every 50 ms: piece files on disk, Dask's data in
+                       # memory, both together
+                       "peak_piece_files_gib": round(sampled["disk"] / 2**30, 2),
+                       "peak_managed_gib": round(sampled["memory"] / 2**30, 2),
+                       "peak_held_gib": round(sampled["both"] / 2**30, 2),
+                       "peak_rss_gib": round(peak / 2**30, 2) if peak else None,
+                       "worker_restarts": run["worker_restarts"]}  # fmt: skip
+                emit_row(report, row, args.json)
+    finally:
+        reading.read_budget = budget
+        client.close()
+        cluster.close()
+        if tmp is not None:
+            tmp.cleanup()
+    return 0
+
+
+def plan_bytes(plan) -> int:
+    """Uncompressed bytes of the BOA of every scene of every tile of ``plan`` (what
+    :func:`~treesits_dask.io.bands.planned_decode` counts against)."""
+    return sum(len(t.scenes) * t.grid.height * t.grid.width * t.grid.count * 2 for t in plan.tiles)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
