@@ -191,12 +191,12 @@ class WindowReader:
     ) -> list | np.ndarray:
         """Scenes ``start:stop`` of ``band`` (its columns: the full width, or its section's), cut
         into the pieces of the windows that cross it: a list with, per piece of the band, a
-        ``(stop - start, bands, rows, cols)`` view
-        (the views partition one array), or None for a window without a mask pixel.  ``masks``:
-        the mask of each piece's whole window (none: no mask).  A band that is one whole window
-        read in one batch (see :meth:`~treesits_dask.io.bands.ReadPlan.direct`) returns the
-        window itself.  Nothing is opened when no piece has a mask pixel.  ``own`` (for plans
-        that spill): each scene's band is decoded into a buffer of one scene and cut from there
+        ``(stop - start, bands, rows, cols)`` view (the views partition one array), or None for a
+        window without a mask pixel.  ``masks``: the mask of each piece's whole window (none: no
+        mask).  A band that is one whole window read in one batch (see
+        :meth:`~treesits_dask.io.bands.ReadPlan.direct`) returns the window itself.  Nothing is
+        opened when no piece has a mask pixel.  ``own`` (for plans that spill or are read in
+        sections): each scene's band is decoded into a buffer of one scene and cut from there
         into pieces that own their memory, or, where the Dask worker's memory has no room for the
         batch (:func:`~treesits_dask.io.pieces.in_memory`), into a file of its own on the
         worker's local disk, handed out as a :class:`~treesits_dask.io.pieces.DiskPiece`
