@@ -180,9 +180,11 @@ def tile_cube(
     may fill with bands of all scenes, ``spill_bytes`` the local disk it may fill with them; where
     they do not fit memory, the read tasks write their pieces to the worker's local disk as it
     runs short of memory (logged, :mod:`treesits_dask.io.pieces`); where they do not fit memory
-    and disk, the tile is read window by window, in runs of a window row's windows side by side
-    within ``read_bytes`` (every block decoded once per run that crosses it; logged as a
-    warning).  ``checked``: the scenes whose file headers the run's driver
+    and disk, the tile is read in sections of window columns side by side whose bands fit, one
+    section after the other (every block decoded once per section that crosses it), or window by
+    window, in runs of a window row's windows side by side within ``read_bytes`` (every block
+    decoded once per run that crosses it), whichever decodes less (logged as a warning).
+    ``checked``: the scenes whose file headers the run's driver
     checked (:func:`scene_problems`): the workers check again only those of their files found
     changed since (see :class:`~treesits_dask.io.reader.WindowReader`).  ``worker``: where the
     plan spills, the address of the reading worker that reads the tile and puts its windows
