@@ -21,13 +21,6 @@ import json
 import sys
 
 
-def _cpu() -> tuple[float, float]:
-    import resource
-
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime, r.ru_stime
-
-
 def main(argv=None) -> int:
     from treesits_dask.bench.measure import cube_arguments
 
@@ -42,13 +35,10 @@ def main(argv=None) -> int:
         bench_cluster,
         bench_config,
         cube_workdir,
-        decode_run,
         emit_row,
-        reset_vm_hwm,
-        vm_hwm,
+        measured_read,
     )
-    from treesits_dask.bench.pagecache import page_in
-    from treesits_dask.bench.real import files_bytes, floor_sample, floors
+    from treesits_dask.bench.real import files_bytes, floor_sample
     from treesits_dask.pipeline import plan as plan_module
     from treesits_dask.pipeline.plan import make_plan
 
@@ -73,24 +63,8 @@ def main(argv=None) -> int:
         for r in range(args.rounds):
             order = list(plans) if r % 2 == 0 else list(plans)[::-1]
             for variant in order:
-                one = floors(sample, args.threads)[0]["mb_s"]
-                page_in(str(root))
-                (before,) = client.run(_cpu).values()
-                client.run(reset_vm_hwm)
-                run = decode_run(plans[variant], client)
-                (after,) = client.run(_cpu).values()
-                peak = max(client.run(vm_hwm).values())
-                mbs = total / run["seconds"] / 1e6 / args.threads
-                row = {"round": r, "variant": variant, "seconds": round(run["seconds"], 2),
-                       "floor_mb_s": round(one), "read_over_floor": round(mbs / one, 3),
-                       "decoded_over_uncompressed": round(run["decoded_bytes"] / total, 3),
-                       "read_tasks": run["read_tasks"], "read_modes": run["read_modes"],
-                       "user_s": round(after[0] - before[0], 1),
-                       "system_s": round(after[1] - before[1], 1),
-                       "written_gb": round(run["written_bytes"] / 1e9, 2),
-                       "spilled_gb": round(run["spilled_bytes"] / 1e9, 2),
-                       "peak_rss_gib": round(peak / 2**30, 2) if peak else None,
-                       "worker_restarts": run["worker_restarts"]}  # fmt: skip
+                read = measured_read(plans[variant], client, root, sample, total, args.threads)
+                row = {"round": r, "variant": variant, **read}
                 emit_row(report, row, args.json)
     finally:
         client.close()

@@ -28,13 +28,6 @@ import json
 import sys
 
 
-def _cpu() -> tuple[float, float]:
-    import resource
-
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime, r.ru_stime
-
-
 def _start_sampling(dask_worker) -> None:
     """Sample, every 50 ms until :func:`_stop_sampling`, the bytes of the piece files on the
     worker's local disk and of the data Dask holds in its memory."""
@@ -89,13 +82,10 @@ def main(argv=None) -> int:
         bench_cluster,
         bench_config,
         cube_workdir,
-        decode_run,
         emit_row,
-        reset_vm_hwm,
-        vm_hwm,
+        measured_read,
     )
-    from treesits_dask.bench.pagecache import page_in
-    from treesits_dask.bench.real import files_bytes, floor_sample, floors
+    from treesits_dask.bench.real import files_bytes, floor_sample
     from treesits_dask.io import bands
     from treesits_dask.io.bands import planned_decode
     from treesits_dask.pipeline import reading
@@ -137,34 +127,18 @@ def main(argv=None) -> int:
                         planned_decode(t.grid, t.reading, tile_read_plan(t, reads), len(t.scenes))
                         for t in plan.tiles
                     )
-                    one = floors(sample, args.threads)[0]["mb_s"]
-                    page_in(str(root))
-                    (before,) = client.run(_cpu).values()
-                    client.run(reset_vm_hwm)
                     client.run(_start_sampling)
-                    run = decode_run(plan, client)
+                    read = measured_read(plan, client, root, sample, total, args.threads)
                     (sampled,) = client.run(_stop_sampling).values()
                 finally:
                     bands._sectioned = sectioned
-                (after,) = client.run(_cpu).values()
-                peak = max(client.run(vm_hwm).values())
-                mbs = total / run["seconds"] / 1e6 / args.threads
-                row = {"round": r, "variant": variant, "seconds": round(run["seconds"], 2),
-                       "floor_mb_s": round(one), "read_over_floor": round(mbs / one, 3),
-                       "decoded_over_uncompressed": round(run["decoded_bytes"] / total, 3),
+                row = {"round": r, "variant": variant, **read,
                        "planned_over_tile": round(planned / plan_bytes(plan), 3),
-                       "read_tasks": run["read_tasks"], "read_modes": run["read_modes"],
-                       "user_s": round(after[0] - before[0], 1),
-                       "system_s": round(after[1] - before[1], 1),
-                       "written_gb": round(run["written_bytes"] / 1e9, 2),
-                       "spilled_gb": round(run["spilled_bytes"] / 1e9, 2),
                        # at once, sampled every 50 ms: piece files on disk, Dask's data in
                        # memory, both together
                        "peak_piece_files_gib": round(sampled["disk"] / 2**30, 2),
                        "peak_managed_gib": round(sampled["memory"] / 2**30, 2),
-                       "peak_held_gib": round(sampled["both"] / 2**30, 2),
-                       "peak_rss_gib": round(peak / 2**30, 2) if peak else None,
-                       "worker_restarts": run["worker_restarts"]}  # fmt: skip
+                       "peak_held_gib": round(sampled["both"] / 2**30, 2)}  # fmt: skip
                 emit_row(report, row, args.json)
     finally:
         reading.read_budget = budget

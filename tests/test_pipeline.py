@@ -410,6 +410,26 @@ def test_windows_that_do_not_fit_the_local_workers_are_refused_by_the_plan(
     assert [t.layout.shape for t in roomy.tiles + tight.tiles] == [(5, 30)] * 2 * n
 
 
+def _window_config(cube, model, out):
+    """A run over every tile of the synthetic ``cube`` (with its forest masks) in 100 px windows
+    into ``out``, no COGs."""
+    return load_config(
+        overrides=dict(cube=cube.root, tiles="all", output=str(out), model=model,
+                       window="100x100", mask_dir=cube.mask_dir, cog=False),
+        environ={},
+    )  # fmt: skip
+
+
+def _assert_same_maps(a, b) -> None:
+    """The maps under ``a`` and ``b`` hold some probability and the same probability, class and
+    valid observations."""
+    a, b = open_map(str(a)), open_map(str(b))
+    assert a.probability.notnull().any()
+    np.testing.assert_array_equal(a.probability.values, b.probability.values)
+    np.testing.assert_array_equal(a["class"].values, b["class"].values)
+    np.testing.assert_array_equal(a.valid_obs.values, b.valid_obs.values)
+
+
 def test_chunks_of_whole_blocks_fall_back_to_the_windows_on_workers_that_cannot_hold_them(
     native_lstm, tmp_path, client, monkeypatch, caplog
 ):
@@ -427,11 +447,7 @@ def test_chunks_of_whole_blocks_fall_back_to_the_windows_on_workers_that_cannot_
                      mask_dir=str(tmp_path / "masks"))  # fmt: skip
 
     def config(out):
-        return load_config(
-            overrides=dict(cube=cube.root, tiles="all", output=str(out), model=native_lstm,
-                           window="100x100", mask_dir=cube.mask_dir, cog=False),
-            environ={},
-        )  # fmt: skip
+        return _window_config(cube, native_lstm, out)
 
     (t,) = make_plan(config(tmp_path / "a")).tiles
     assert t.layout.shape == (100, 100) and t.reading.shape == (256, 256)
@@ -450,11 +466,7 @@ def test_chunks_of_whole_blocks_fall_back_to_the_windows_on_workers_that_cannot_
         f"tile {t.tile}: chunks of 256x256 px of all scenes do not fit the inference workers, "
         "chunks of 100x100 px do: read in those" in caplog.text
     )
-    a, b = open_map(str(tmp_path / "a")), open_map(str(tmp_path / "b"))
-    assert a.probability.notnull().any()
-    np.testing.assert_array_equal(a.probability.values, b.probability.values)
-    np.testing.assert_array_equal(a["class"].values, b["class"].values)
-    np.testing.assert_array_equal(a.valid_obs.values, b.valid_obs.values)
+    _assert_same_maps(tmp_path / "a", tmp_path / "b")
 
 
 def test_a_tile_whose_bands_fit_only_in_sections_maps_the_same_values(
@@ -476,11 +488,7 @@ def test_a_tile_whose_bands_fit_only_in_sections_maps_the_same_values(
                      mask_dir=str(tmp_path / "masks"))  # fmt: skip
 
     def config(out):
-        return load_config(
-            overrides=dict(cube=cube.root, tiles="all", output=str(out), model=native_lstm,
-                           window="100x100", mask_dir=cube.mask_dir, cog=False),
-            environ={},
-        )  # fmt: skip
+        return _window_config(cube, native_lstm, out)
 
     (t,) = make_plan(config(tmp_path / "a")).tiles
     run(config(tmp_path / "a"), client=client)
@@ -498,11 +506,7 @@ def test_a_tile_whose_bands_fit_only_in_sections_maps_the_same_values(
         run(config(tmp_path / "b"), client=client)
     assert f"tile {t.tile}: the bands of all 5 scenes over its full width" in caplog.text
     assert "in 2 sections of whole window columns" in caplog.text
-    a, b = open_map(str(tmp_path / "a")), open_map(str(tmp_path / "b"))
-    assert a.probability.notnull().any()
-    np.testing.assert_array_equal(a.probability.values, b.probability.values)
-    np.testing.assert_array_equal(a["class"].values, b["class"].values)
-    np.testing.assert_array_equal(a.valid_obs.values, b.valid_obs.values)
+    _assert_same_maps(tmp_path / "a", tmp_path / "b")
 
 
 @pytest.mark.parametrize(
