@@ -36,9 +36,8 @@ def main(argv=None) -> int:
         bench_config,
         cube_workdir,
         emit_row,
-        measured_read,
     )
-    from treesits_dask.bench.real import files_bytes, floor_sample
+    from treesits_dask.bench.real import files_bytes, floor_sample, measured_read
     from treesits_dask.pipeline import plan as plan_module
     from treesits_dask.pipeline.plan import make_plan
 

@@ -83,9 +83,8 @@ def main(argv=None) -> int:
         bench_config,
         cube_workdir,
         emit_row,
-        measured_read,
     )
-    from treesits_dask.bench.real import files_bytes, floor_sample
+    from treesits_dask.bench.real import files_bytes, floor_sample, measured_read
     from treesits_dask.io import bands
     from treesits_dask.io.bands import planned_decode
     from treesits_dask.pipeline import reading

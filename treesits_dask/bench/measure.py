@@ -23,7 +23,6 @@ __all__ = [
     "bench_models",
     "benchmark_cube",
     "cube_arguments",
-    "cpu_times",
     "cube_workdir",
     "cold_reads",
     "decode_run",
@@ -35,7 +34,6 @@ __all__ = [
     "forest_block_bytes",
     "forward_inputs",
     "forward_seconds",
-    "measured_read",
     "mib",
     "open_count",
     "prefetched",
@@ -403,43 +401,6 @@ def read_mode(tile, reads) -> tuple[str, int]:
 def decode_seconds(plan, client) -> float:
     """Seconds of :func:`decode_run`."""
     return decode_run(plan, client)["seconds"]
-
-
-def cpu_times() -> tuple[float, float]:
-    """(user, system) CPU seconds of this process so far (run on a worker by ``client.run``)."""
-    import resource
-
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime, r.ru_stime
-
-
-def measured_read(plan, client, root, sample, total: int, threads: int) -> dict:
-    """One read of the benchmark scripts that alternate plans on one worker: the one-thread decode
-    floor of ``sample`` (:func:`~treesits_dask.bench.real.floor_sample`) measured just before, the
-    cube under ``root`` paged in, :func:`decode_run` of ``plan``; the row's common figures
-    (seconds, read / floor for ``total`` uncompressed bytes on ``threads`` threads, decoded /
-    uncompressed, read tasks and modes, the worker's CPU time, pieces written, what Dask spilled,
-    the worker's peak RSS, restarts)."""
-    from .pagecache import page_in
-    from .real import floors
-
-    one = floors(sample, threads)[0]["mb_s"]
-    page_in(str(root))
-    (before,) = client.run(cpu_times).values()
-    client.run(reset_vm_hwm)
-    run = decode_run(plan, client)
-    (after,) = client.run(cpu_times).values()
-    peak = max(client.run(vm_hwm).values())
-    mbs = total / run["seconds"] / 1e6 / threads
-    return {"seconds": round(run["seconds"], 2), "floor_mb_s": round(one),
-            "read_over_floor": round(mbs / one, 3),
-            "decoded_over_uncompressed": round(run["decoded_bytes"] / total, 3),
-            "read_tasks": run["read_tasks"], "read_modes": run["read_modes"],
-            "user_s": round(after[0] - before[0], 1), "system_s": round(after[1] - before[1], 1),
-            "written_gb": round(run["written_bytes"] / 1e9, 2),
-            "spilled_gb": round(run["spilled_bytes"] / 1e9, 2),
-            "peak_rss_gib": round(peak / 2**30, 2) if peak else None,
-            "worker_restarts": run["worker_restarts"]}  # fmt: skip
 
 
 def forward_inputs(plan) -> list[tuple]:

@@ -61,7 +61,7 @@ import numpy as np
 from .measure import bench_cluster, bench_models, decode_run, end_to_end, reset_vm_hwm, vm_hwm
 from .pagecache import page_in, page_out
 
-__all__ = ["decode_floor", "main", "parallel_floor", "split_even"]
+__all__ = ["cpu_times", "decode_floor", "main", "measured_read", "parallel_floor", "split_even"]
 
 WINDOW_BUDGET = 2 * 1024**3  # choose_window_shape's default
 #: GDAL's block cache of the floors' process: at GDAL's default (5 % of memory) closing each file
@@ -165,6 +165,40 @@ def floors(sample: list[tuple[str, int]], threads: int) -> tuple[dict, dict]:
     limit_gdal_cache(FLOOR_GDAL_CACHE)
     page_in([f for f, _ in sample])
     return decode_floor([f for f, _ in sample]), parallel_floor(sample, threads)
+
+
+def cpu_times() -> tuple[float, float]:
+    """(user, system) CPU seconds of this process so far (run on a worker by ``client.run``)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime, r.ru_stime
+
+
+def measured_read(plan, client, root, sample, total: int, threads: int) -> dict:
+    """One read of the benchmark scripts that alternate plans on one worker: the one-thread decode
+    floor of ``sample`` (:func:`floor_sample`) measured just before, the cube under ``root`` paged
+    in, :func:`~treesits_dask.bench.measure.decode_run` of ``plan``; the row's common figures
+    (seconds, read / floor for ``total`` uncompressed bytes on ``threads`` threads, decoded /
+    uncompressed, read tasks and modes, the worker's CPU time, pieces written, what Dask spilled,
+    the worker's peak RSS, restarts)."""
+    one = floors(sample, threads)[0]["mb_s"]
+    page_in(str(root))
+    (before,) = client.run(cpu_times).values()
+    client.run(reset_vm_hwm)
+    run = decode_run(plan, client)
+    (after,) = client.run(cpu_times).values()
+    peak = max(client.run(vm_hwm).values())
+    mbs = total / run["seconds"] / 1e6 / threads
+    return {"seconds": round(run["seconds"], 2), "floor_mb_s": round(one),
+            "read_over_floor": round(mbs / one, 3),
+            "decoded_over_uncompressed": round(run["decoded_bytes"] / total, 3),
+            "read_tasks": run["read_tasks"], "read_modes": run["read_modes"],
+            "user_s": round(after[0] - before[0], 1), "system_s": round(after[1] - before[1], 1),
+            "written_gb": round(run["written_bytes"] / 1e9, 2),
+            "spilled_gb": round(run["spilled_bytes"] / 1e9, 2),
+            "peak_rss_gib": round(peak / 2**30, 2) if peak else None,
+            "worker_restarts": run["worker_restarts"]}  # fmt: skip
 
 
 def _reads(plan, args, memory_limit: str, cores: int, cube_root: str) -> dict:
