@@ -858,10 +858,39 @@ def test_bands_that_fit_only_in_sections_are_read_section_by_section(
     assert done == 5 * 11 * 2 * area
 
 
+@pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["strips", "tiles"])
+def test_bands_beyond_what_a_worker_holds_whole_are_read_as_a_plan_that_spills(tmp_path, blocks):
+    """Bands of all scenes that fit the memory the held bands may fill (``held_bytes``) but not
+    the share a worker holds whole in memory (``in_memory_bytes``: Dask spills views of them,
+    which frees nothing) are read as a plan that spills, where the spill disk is known: pieces
+    that own their memory, the values of the files, every block decoded once; within that
+    share, or without a known disk, they are held whole as before."""
+    from treesits_dask.io.bands import plan_reads
+
+    expected, scenes, grid, layout, held, per_scene = _spilling_plan(tmp_path, blocks)
+    budget = dict(held_bytes=held, spill_bytes=1 << 40)
+    assert not plan_reads(grid, layout, 5, per_scene, **budget).spills
+    assert not plan_reads(grid, layout, 5, per_scene, **budget, in_memory_bytes=held).spills
+    plan = plan_reads(grid, layout, 5, per_scene, **budget, in_memory_bytes=held - 1)
+    assert plan.spills and plan.bands and not plan.by_window and plan.sections == 1
+    no_disk = dict(held_bytes=held, spill_bytes=None, in_memory_bytes=held - 1)
+    assert not plan_reads(grid, layout, 5, per_scene, **no_disk).spills
+    arr = cube.tile_cube(scenes, grid, layout, DEFAULT_QAI_FLAGS, read_bytes=per_scene,
+                         in_memory_bytes=held - 1, **budget)  # fmt: skip
+    fn, args = _band_task(arr)
+    assert all(isinstance(p, np.ndarray) and p.base is None for p in fn(*args) if p is not None)
+    before = datasets.DECODED.snapshot()[1]
+    with dask.config.set(scheduler="threads", num_workers=3):
+        np.testing.assert_array_equal(arr.values, expected)
+    assert datasets.DECODED.snapshot()[1] - before == 5 * 11 * 37 * 50 * 2  # every block once
+
+
 def test_read_budget_of_the_reading_workers(tmp_path):
     """Read tasks share a reading worker's ``read_memory``; the bands held share 75 % of its
-    limit among the tiles in flight that land on it; GPU-only workers do not count."""
+    limit among the tiles in flight that land on it, those held whole in memory half of it;
+    GPU-only workers do not count."""
     from treesits_dask.config import RunConfig
+    from treesits_dask.io.pieces import IN_MEMORY_SHARE
     from treesits_dask.pipeline.cluster import Routing
     from treesits_dask.pipeline.reading import HELD_SHARE, SPILL_SHARE, read_budget
 
@@ -876,6 +905,7 @@ def test_read_budget_of_the_reading_workers(tmp_path):
     assert got.memory_limit == 32 * gib and got.threads == 10
     assert got.task_bytes == min(int(48 * gib * 0.25) // 6, int(32 * gib * 0.25) // 4)
     assert got.held_bytes == int(32 * gib * HELD_SHARE) // 2  # 4 tiles over 2 reading workers
+    assert got.in_memory_bytes == int(32 * gib * IN_MEMORY_SHARE) // 2 < got.held_bytes
     assert got.spill_bytes is None  # no disks given: nothing counted on
 
     disks = {"a": 500 * gib, "b": 100 * gib, "g": 1 * gib}

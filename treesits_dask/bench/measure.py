@@ -333,7 +333,8 @@ def decode_run(plan, client, pin: bool = True) -> dict:
         cube = tile_cube(
             tile.scenes, tile.grid, tile.reading, plan.config.qai_flags, mask=mask,
             read_bytes=reads.task_bytes, min_read_tasks=reads.threads,
-            held_bytes=reads.held_bytes, spill_bytes=reads.spill_bytes, checked=tile.scenes,
+            held_bytes=reads.held_bytes, spill_bytes=reads.spill_bytes,
+            in_memory_bytes=reads.in_memory_bytes, checked=tile.scenes,
             worker=spill_worker(info, Routing(), busy) if pin else None,
         )  # fmt: skip
         busy.append(pinned_worker(cube.data.__dask_graph__()))

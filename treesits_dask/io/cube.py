@@ -158,6 +158,7 @@ def tile_cube(
     min_read_tasks: int = 1,
     held_bytes: int | None = None,
     spill_bytes: int | None = None,
+    in_memory_bytes: int | None = None,
     checked: Sequence[Scene] = (),
     worker: str | None = None,
 ):
@@ -184,6 +185,9 @@ def tile_cube(
     section after the other (every block decoded once per section that crosses it), or window by
     window, in runs of a window row's windows side by side within ``read_bytes`` (every block
     decoded once per run that crosses it), whichever decodes less (logged as a warning).
+    ``in_memory_bytes``: the memory a reading worker may fill with bands held whole in memory
+    (None: ``held_bytes``); bands that fit ``held_bytes`` but not this are read as a plan that
+    spills, where ``spill_bytes`` is known.
     ``checked``: the scenes whose file headers the run's driver
     checked (:func:`scene_problems`): the workers check again only those of their files found
     changed since (see :class:`~treesits_dask.io.reader.WindowReader`).  ``worker``: where the
@@ -206,7 +210,7 @@ def tile_cube(
     reader = WindowReader.of_scenes(grid, scenes, qai_flags, checked)
     plan = plan_reads(
         grid, layout, len(scenes), read_bytes, min_tasks=min_read_tasks, held_bytes=held_bytes,
-        spill_bytes=spill_bytes,
+        spill_bytes=spill_bytes, in_memory_bytes=in_memory_bytes,
     )  # fmt: skip
     # tile, bands held, scenes, GiB they hold, GiB of memory and of spill disk a worker may fill
     sizes = (

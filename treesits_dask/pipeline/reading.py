@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from ..config import RunConfig
 from ..config.kube_resources import parse_quantity
+from ..io.pieces import IN_MEMORY_SHARE
 from .cluster import Routing
 
 __all__ = [
@@ -38,13 +39,18 @@ class ReadBudget:
     tasks where its windows are put together from pieces anyway).  ``held_bytes``: what a reading
     worker may fill with the bands of the tiles it reads at once (the memory guard of
     :func:`~treesits_dask.io.bands.plan_reads`), ``spill_bytes`` the local disk it may fill with
-    what Dask spills of them (None: unknown, no spilling counted on)."""
+    what Dask spills of them (None: unknown, no spilling counted on).  ``in_memory_bytes``: what
+    it may fill with bands held whole in memory (None: ``held_bytes``), half its limit
+    (:data:`~treesits_dask.io.pieces.IN_MEMORY_SHARE`, shared as ``held_bytes``): beyond it, a plan
+    whose bands fit ``held_bytes`` spills where the disk is known (see
+    :func:`~treesits_dask.io.bands.plan_reads`)."""
 
     task_bytes: int
     threads: int
     memory_limit: int
     held_bytes: int | None = None
     spill_bytes: int | None = None
+    in_memory_bytes: int | None = None
 
 
 #: share of a reading worker's memory limit the bands of its tiles may fill (Dask pauses a worker
@@ -126,6 +132,7 @@ def tile_read_plan(tile, reads: ReadBudget | None):
     return plan_reads(
         tile.grid, tile.reading, scenes, reads.task_bytes, min_tasks=reads.threads,
         held_bytes=reads.held_bytes, spill_bytes=reads.spill_bytes,
+        in_memory_bytes=reads.in_memory_bytes,
     )  # fmt: skip
 
 
@@ -181,6 +188,7 @@ def read_budget(
     # tiles in flight spread over the reading workers; each holds the bands of its share
     per_worker = max(1, -(-config.tiles_in_flight // len(reading)))
     held = int(smallest * HELD_SHARE) // per_worker
+    in_memory = int(smallest * IN_MEMORY_SHARE) // per_worker
     spill = None
     if disks is not None:
         free = [disks.get(w["address"], 0) for w in reading]
@@ -188,4 +196,4 @@ def read_budget(
             scratch = int(parse_quantity(config.kubernetes.scratch_size, "scratch_size"))
             free = [min(f, scratch) for f in free]
         spill = int(min(free) * SPILL_SHARE) // per_worker
-    return ReadBudget(task, sum(t for _, t in limits), smallest, held, spill)
+    return ReadBudget(task, sum(t for _, t in limits), smallest, held, spill, in_memory)

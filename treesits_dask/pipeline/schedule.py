@@ -109,7 +109,9 @@ def tile_graph(
     cfg = plan.config
     routing = routing or declared_routing(cfg) or Routing()
     task_bytes, threads = (reads.task_bytes, reads.threads) if reads else (DEFAULT_READ_BYTES, 1)
-    held, spill = (reads.held_bytes, reads.spill_bytes) if reads else (None, None)
+    held, spill, in_memory = (
+        (reads.held_bytes, reads.spill_bytes, reads.in_memory_bytes) if reads else (None,) * 3
+    )
     scenes, steps, prev = tile.scenes, None, None
     if tile.alerts is not None:  # the alert steps may need scenes before the model's window
         scenes = (*tile.alerts.older, *tile.scenes)
@@ -120,6 +122,7 @@ def tile_graph(
         cube = tile_cube(
             scenes, tile.grid, reading, cfg.qai_flags, mask=mask,
             read_bytes=task_bytes, min_read_tasks=threads, held_bytes=held, spill_bytes=spill,
+            in_memory_bytes=in_memory,
             checked=tile.scenes,  # the plan's checks read their headers (not the alerts' older)
             worker=worker,
         )  # fmt: skip
