@@ -1,23 +1,31 @@
-"""The memory guard's fallbacks for a tile whose bands of all scenes fit neither the reading
-worker's memory nor its spill disk, read two ways alternating in one process (one worker, the
-cube in the page cache, each read against the one-thread decode floor measured just before it):
+"""The memory guard's read plans, read two ways alternating in one process (one worker, the cube in
+the page cache, each read against the one-thread decode floor measured just before it).
+
+For a tile whose bands of all scenes fit neither the reading worker's memory nor its spill disk:
 ``sections``, as the plan now reads them where a section's bands fit, the tile in sections of
 whole window columns side by side, each in bands of its own width (a full-width strip decoded
 once per section); ``runs``, as before, window by window, a run of a window row's windows side by
 side per read task (a strip decoded once per run).
 
+For a tile whose bands fit the memory held bands may fill (75 % of the worker's) but not half of
+it: ``whole-50``, as it is now read, as a plan that spills (pieces of their own, kept in memory
+while the worker has room); ``whole-75``, as before, its bands held whole in memory up to 75 %
+(``pipeline.reading.IN_MEMORY_SHARE`` set to ``HELD_SHARE``).
+
     python benchmarks/sections.py --size 1000 --scenes 600 --layout strips --window 100 \\
         --memory-limit 3GiB --spill-gib 0 --rounds 2 --json sections.json
     python benchmarks/sections.py --cube /data/cube --layout strips --window 100
+    python benchmarks/sections.py --cube /data/cube-3000-120 --layout strips --window 200 \\
+        --memory-limit 12GiB --spill-gib 100 --variants whole-50,whole-75
 
 ``--spill-gib``: the local disk the plan may count on for spilled pieces, per tile (0: none,
 as where the worker's disk is full or small; the default), so that the full-width bands fit
 neither.  ``--tiles-in-flight``: the run's setting (1: a tile's bands get 75 % of the worker's
-memory).  ``--variants``: the plans read (default both).  Prints one JSON line per read:
-seconds, read / one-thread floor, decoded / uncompressed bytes (counted) and as the plan counts
-them, read tasks and mode, the worker's CPU time, the pieces written to local disk, what Dask
-spilled, the most piece files on disk and data in Dask's memory at once (sampled every 50 ms)
-and the worker's peak RSS during the read.
+memory, half of it held whole).  ``--variants``: the plans read (default ``sections,runs``).
+Prints one JSON line per read: seconds, read / one-thread floor, decoded / uncompressed bytes
+(counted) and as the plan counts them, read tasks and mode, the worker's CPU time, the pieces
+written to local disk, what Dask spilled, the most piece files on disk and data in Dask's memory
+at once (sampled every 50 ms) and the worker's peak RSS during the read.
 """
 
 from __future__ import annotations
@@ -74,7 +82,8 @@ def main(argv=None) -> int:
                    help="local disk a tile's spilled pieces may fill (GiB)")  # fmt: skip
     p.add_argument("--tiles-in-flight", type=int, default=1)
     p.add_argument("--variants", default="sections,runs",
-                   help="the plans read, comma-separated (sections, runs)")  # fmt: skip
+                   help="the plans read, comma-separated (sections, runs, whole-50, "
+                        "whole-75)")  # fmt: skip
     p.set_defaults(tiles=1, size=1000, window=100, threads=2, rounds=2, layout="strips")
     args = p.parse_args(argv)
 
@@ -100,8 +109,14 @@ def main(argv=None) -> int:
         return dataclasses.replace(budget(*a, **k), spill_bytes=int(args.spill_gib * 2**30))
 
     reading.read_budget = read_budget
-    sectioned = bands._sectioned
-    variants = {"sections": sectioned, "runs": lambda *a, **k: None}
+    # each variant: (what it patches, the attribute, the value it reads with)
+    sectioned, whole = bands._sectioned, reading.IN_MEMORY_SHARE
+    variants = {
+        "sections": (bands, "_sectioned", sectioned),
+        "runs": (bands, "_sectioned", lambda *a, **k: None),
+        "whole-50": (reading, "IN_MEMORY_SHARE", whole),
+        "whole-75": (reading, "IN_MEMORY_SHARE", reading.HELD_SHARE),
+    }
     variants = {v: variants[v] for v in args.variants.split(",")}
     _, total = files_bytes(plan)
     sample = floor_sample(plan)
@@ -116,12 +131,14 @@ def main(argv=None) -> int:
         from treesits_dask.pipeline.cluster import Routing
 
         info = client.scheduler_info(n_workers=-1)["workers"]
-        reads = read_budget(plan.config, info, Routing(), reading.worker_disks(client))
+        disks = reading.worker_disks(client)
         for r in range(args.rounds):
             order = list(variants) if r % 2 == 0 else list(variants)[::-1]
             for variant in order:
-                bands._sectioned = variants[variant]
+                target, attribute, value = variants[variant]
+                setattr(target, attribute, value)
                 try:
+                    reads = read_budget(plan.config, info, Routing(), disks)
                     planned = sum(
                         planned_decode(t.grid, t.reading, tile_read_plan(t, reads), len(t.scenes))
                         for t in plan.tiles
@@ -130,7 +147,7 @@ def main(argv=None) -> int:
                     read = measured_read(plan, client, root, sample, total, args.threads)
                     (sampled,) = client.run(_stop_sampling).values()
                 finally:
-                    bands._sectioned = sectioned
+                    bands._sectioned, reading.IN_MEMORY_SHARE = sectioned, whole
                 row = {"round": r, "variant": variant, **read,
                        "planned_over_tile": round(planned / plan_bytes(plan), 3),
                        # at once, sampled every 50 ms: piece files on disk, Dask's data in
