@@ -383,22 +383,29 @@ def test_the_read_of_a_lost_only_worker_goes_on_on_its_successor(kept):
         assert stuck and not where, (stuck, where)  # Dask alone: waiting for ever
 
 
-@pytest.mark.parametrize("held", [1, 2**40], ids=["spills", "held-in-memory"])
+@pytest.mark.parametrize(
+    "held, whole",
+    [(1, None), (2**40, None), (2**40, 1)],
+    ids=["spills", "held-in-memory", "beyond-what-is-held-whole"],
+)
 def test_the_scheduler_knows_before_building_a_tile_whether_it_spills(
-    small_cube, native_lstm, tmp_path, held
+    small_cube, native_lstm, tmp_path, held, whole
 ):
     """``tile_spills`` (what the scheduler asks before starting a tile beyond ``tiles_in_flight``)
-    says what the tile's graph does: read on one worker where it spills, anywhere where not."""
+    says what the tile's graph does: read on one worker where it spills (also where its bands fit
+    the held memory but not what a worker holds whole, ``in_memory_bytes``), anywhere where
+    not."""
     from treesits_dask.pipeline.plan import make_plan
     from treesits_dask.pipeline.reading import ReadBudget, pinned_worker, tile_spills
     from treesits_dask.pipeline.schedule import tile_graph
 
     plan = make_plan(_config(small_cube, native_lstm, tmp_path))
-    reads = ReadBudget(2**20, 2, 2**30, held_bytes=held, spill_bytes=2**40)
+    reads = ReadBudget(2**20, 2, 2**30, held_bytes=held, spill_bytes=2**40, in_memory_bytes=whole)
     # the graph is only built (the fork it writes into is a placeholder), not computed
     _, graph = tile_graph(plan, plan.tiles[0], None, Routing(), reads, "tcp://10.0.0.7:4000")
-    assert tile_spills(plan.tiles[0], reads) is (held == 1)
-    assert (pinned_worker(graph) is not None) is (held == 1)
+    spills = held == 1 or whole == 1
+    assert tile_spills(plan.tiles[0], reads) is spills
+    assert (pinned_worker(graph) is not None) is spills
     assert not tile_spills(plan.tiles[0], None)
 
 
