@@ -7,10 +7,10 @@ whole window columns side by side, each in bands of its own width (a full-width 
 once per section); ``runs``, as before, window by window, a run of a window row's windows side by
 side per read task (a strip decoded once per run).
 
-For a tile whose bands fit the memory held bands may fill (75 % of the worker's) but not half of
-it: ``whole-50``, as it is now read, as a plan that spills (pieces of their own, kept in memory
-while the worker has room); ``whole-75``, as before, its bands held whole in memory up to 75 %
-(``pipeline.reading.IN_MEMORY_SHARE`` set to ``HELD_SHARE``).
+For a tile whose windows cross its bands, which fit the memory held bands may fill (75 % of the
+worker's) but not half of it: ``whole-50``, as it is now read, as a plan that spills (pieces of
+their own, kept in memory while the worker has room); ``whole-75``, as before, its bands held
+whole in memory up to 75 % (``pipeline.reading.IN_MEMORY_SHARE`` set to ``HELD_SHARE``).
 
     python benchmarks/sections.py --size 1000 --scenes 600 --layout strips --window 100 \\
         --memory-limit 3GiB --spill-gib 0 --rounds 2 --json sections.json
@@ -21,11 +21,12 @@ while the worker has room); ``whole-75``, as before, its bands held whole in mem
 ``--spill-gib``: the local disk the plan may count on for spilled pieces, per tile (0: none,
 as where the worker's disk is full or small; the default), so that the full-width bands fit
 neither.  ``--tiles-in-flight``: the run's setting (1: a tile's bands get 75 % of the worker's
-memory, half of it held whole).  ``--variants``: the plans read (default ``sections,runs``).
-Prints one JSON line per read: seconds, read / one-thread floor, decoded / uncompressed bytes
-(counted) and as the plan counts them, read tasks and mode, the worker's CPU time, the pieces
-written to local disk, what Dask spilled, the most piece files on disk and data in Dask's memory
-at once (sampled every 50 ms) and the worker's peak RSS during the read.
+memory, half of it held whole where windows cross them).  ``--variants``: the plans read
+(default ``sections,runs``).  Prints one JSON line per read: seconds, read / one-thread floor,
+decoded / uncompressed bytes (counted) and as the plan counts them, read tasks and mode, the
+worker's CPU time, the pieces written to local disk, what Dask spilled, the most piece files on
+disk and data in Dask's memory at once (sampled every 50 ms) and the worker's peak RSS during
+the read.
 """
 
 from __future__ import annotations

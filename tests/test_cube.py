@@ -860,12 +860,14 @@ def test_bands_that_fit_only_in_sections_are_read_section_by_section(
 
 @pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["strips", "tiles"])
 def test_bands_beyond_what_a_worker_holds_whole_are_read_as_a_plan_that_spills(tmp_path, blocks):
-    """Bands of all scenes that fit the memory the held bands may fill (``held_bytes``) but not
-    the share a worker holds whole in memory (``in_memory_bytes``: Dask spills views of them,
-    which frees nothing) are read as a plan that spills, where the spill disk is known: pieces
-    that own their memory, the values of the files, every block decoded once; within that
-    share, or without a known disk, they are held whole as before."""
+    """Bands of all scenes that windows cross, which fit the memory the held bands may fill
+    (``held_bytes``) but not the share a worker holds whole in memory (``in_memory_bytes``:
+    Dask spills views of them, which frees nothing), are read as a plan that spills, where the
+    spill disk is known: pieces that own their memory, the values of the files, every block
+    decoded once; within that share, without a known disk, or where each band is a row of whole
+    windows, they are held whole as before."""
     from treesits_dask.io.bands import plan_reads
+    from treesits_dask.io.grid import WindowLayout
 
     expected, scenes, grid, layout, held, per_scene = _spilling_plan(tmp_path, blocks)
     budget = dict(held_bytes=held, spill_bytes=1 << 40)
@@ -875,6 +877,11 @@ def test_bands_beyond_what_a_worker_holds_whole_are_read_as_a_plan_that_spills(t
     assert plan.spills and plan.bands and not plan.by_window and plan.sections == 1
     no_disk = dict(held_bytes=held, spill_bytes=None, in_memory_bytes=held - 1)
     assert not plan_reads(grid, layout, 5, per_scene, **no_disk).spills
+    # bands that are each a row of whole windows (7-row strips in 14-row windows, 16 px blocks in
+    # 16-row windows): held whole all the same
+    rows = WindowLayout.of(grid, (14 if blocks is None else 16, 10))
+    whole = plan_reads(grid, rows, 5, per_scene, **budget, in_memory_bytes=1)
+    assert whole.bands and not whole.spills
     arr = cube.tile_cube(scenes, grid, layout, DEFAULT_QAI_FLAGS, read_bytes=per_scene,
                          in_memory_bytes=held - 1, **budget)  # fmt: skip
     fn, args = _band_task(arr)

@@ -393,13 +393,14 @@ def test_the_scheduler_knows_before_building_a_tile_whether_it_spills(
 ):
     """``tile_spills`` (what the scheduler asks before starting a tile beyond ``tiles_in_flight``)
     says what the tile's graph does: read on one worker where it spills (also where its bands fit
-    the held memory but not what a worker holds whole, ``in_memory_bytes``), anywhere where
-    not."""
+    the held memory but not what a worker holds whole of bands that windows cross,
+    ``in_memory_bytes``: 4 px windows over bands of 6-row strips), anywhere where not."""
     from treesits_dask.pipeline.plan import make_plan
     from treesits_dask.pipeline.reading import ReadBudget, pinned_worker, tile_spills
     from treesits_dask.pipeline.schedule import tile_graph
 
-    plan = make_plan(_config(small_cube, native_lstm, tmp_path))
+    extra = {"window": "4x30"} if whole else {}
+    plan = make_plan(_config(small_cube, native_lstm, tmp_path, **extra))
     reads = ReadBudget(2**20, 2, 2**30, held_bytes=held, spill_bytes=2**40, in_memory_bytes=whole)
     # the graph is only built (the fork it writes into is a placeholder), not computed
     _, graph = tile_graph(plan, plan.tiles[0], None, Routing(), reads, "tcp://10.0.0.7:4000")

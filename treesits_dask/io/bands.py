@@ -275,12 +275,15 @@ def plan_reads(
     section: 3 times the tile where a 3000 px strips tile of 600 scenes on a 12 GiB worker with
     two tiles in flight read window by window decoded 10 times).
     ``in_memory_bytes`` (None: ``held_bytes``): the memory a reading worker may fill with bands
-    held whole in memory, whose pieces are views of them: where :data:`BANDS_HELD` bands fit
-    ``held_bytes`` but not this, and ``spill_bytes`` is known, the plan ``spills`` all the same
-    (pieces that own their memory, kept in memory while the worker has room for them).  Bands
-    held whole up to 75 % of a 12 GiB worker took it past Dask's 60 % target, and Dask spilled
-    1.4-3.6 GB of views per read of a 3000 px strips tile of 120 scenes, which frees nothing;
-    spilling, the same read had nothing spilled by Dask and 2-4 GiB less peak RSS.
+    held whole in memory whose windows cross them (a window put together from two bands or more),
+    whose pieces are views of them: where :data:`BANDS_HELD` such bands fit ``held_bytes`` but
+    not this, and ``spill_bytes`` is known, the plan ``spills`` all the same (pieces that own
+    their memory, kept in memory while the worker has room for them).  Held whole up to 75 % of
+    a 12 GiB worker, the bands of a 3000 px strips tile of 120 scenes in 200 px windows took it
+    past Dask's 60 % target, and Dask spilled 1.4-4.7 GB of views per read, which frees nothing;
+    spilling, the same read had nothing spilled by Dask and 3-4 GiB less peak RSS.  Bands that
+    are each a row of whole windows are held whole as before: Dask's order keeps fewer of them,
+    and spilling read them 4-9 % slower where nothing was short.
     """
     count = grid.count if bands is None else bands
     out = _bands(grid, layout)
@@ -300,6 +303,7 @@ def plan_reads(
     # bands that fit the worker's memory, but not the share it holds whole without Dask
     # spilling views of them: pieces of their own, kept in memory while there is room
     views = in_memory_bytes is not None and held > in_memory_bytes and spill_bytes is not None
+    views = views and _crossed(out)
     if spills and (spill_bytes is None or held > held_bytes + spill_bytes):
         # windows read on their own, a run of a window row's windows side by side per task as
         # the read budget allows: a block is decoded once per run that crosses it, not once per
@@ -344,6 +348,16 @@ def _bands(
                     )  # fmt: skip
         out.append(Band(first + index, r0, r1 - r0, tuple(pieces), cols))
     return out
+
+
+def _crossed(bands: list[Band]) -> bool:
+    """Whether a window has pieces in two of ``bands`` or more."""
+    seen: dict[tuple[int, int], int] = {}
+    for band in bands:
+        for p in band.pieces:
+            if seen.setdefault((p.i, p.j), band.index) != band.index:
+                return True
+    return False
 
 
 def _held(height: int, width: int, count: int, n_scenes: int) -> int:

@@ -186,8 +186,8 @@ def tile_cube(
     window, in runs of a window row's windows side by side within ``read_bytes`` (every block
     decoded once per run that crosses it), whichever decodes less (logged as a warning).
     ``in_memory_bytes``: the memory a reading worker may fill with bands held whole in memory
-    (None: ``held_bytes``); bands that fit ``held_bytes`` but not this are read as a plan that
-    spills, where ``spill_bytes`` is known.
+    that windows cross (None: ``held_bytes``); such bands that fit ``held_bytes`` but not this
+    are read as a plan that spills, where ``spill_bytes`` is known.
     ``checked``: the scenes whose file headers the run's driver
     checked (:func:`scene_problems`): the workers check again only those of their files found
     changed since (see :class:`~treesits_dask.io.reader.WindowReader`).  ``worker``: where the

@@ -40,9 +40,9 @@ class ReadBudget:
     worker may fill with the bands of the tiles it reads at once (the memory guard of
     :func:`~treesits_dask.io.bands.plan_reads`), ``spill_bytes`` the local disk it may fill with
     what Dask spills of them (None: unknown, no spilling counted on).  ``in_memory_bytes``: what
-    it may fill with bands held whole in memory (None: ``held_bytes``), half its limit
-    (:data:`~treesits_dask.io.pieces.IN_MEMORY_SHARE`, shared as ``held_bytes``): beyond it, a plan
-    whose bands fit ``held_bytes`` spills where the disk is known (see
+    it may fill with bands held whole in memory that windows cross (None: ``held_bytes``), half
+    its limit (:data:`~treesits_dask.io.pieces.IN_MEMORY_SHARE`, shared as ``held_bytes``):
+    beyond it, such a plan whose bands fit ``held_bytes`` spills where the disk is known (see
     :func:`~treesits_dask.io.bands.plan_reads`)."""
 
     task_bytes: int
