@@ -859,7 +859,9 @@ def test_bands_that_fit_only_in_sections_are_read_section_by_section(
 
 
 @pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["strips", "tiles"])
-def test_bands_beyond_what_a_worker_holds_whole_are_read_as_a_plan_that_spills(tmp_path, blocks):
+def test_bands_beyond_what_a_worker_holds_whole_are_read_as_a_plan_that_spills(
+    tmp_path, blocks, caplog
+):
     """Bands of all scenes that windows cross, which fit the memory the held bands may fill
     (``held_bytes``) but not the share a worker holds whole in memory (``in_memory_bytes``:
     Dask spills views of them, which frees nothing), are read as a plan that spills, where the
@@ -882,8 +884,10 @@ def test_bands_beyond_what_a_worker_holds_whole_are_read_as_a_plan_that_spills(t
     rows = WindowLayout.of(grid, (14 if blocks is None else 16, 10))
     whole = plan_reads(grid, rows, 5, per_scene, **budget, in_memory_bytes=1)
     assert whole.bands and not whole.spills
-    arr = cube.tile_cube(scenes, grid, layout, DEFAULT_QAI_FLAGS, read_bytes=per_scene,
-                         in_memory_bytes=held - 1, **budget)  # fmt: skip
+    with caplog.at_level("INFO", logger="treesits_dask.io.cube"):
+        arr = cube.tile_cube(scenes, grid, layout, DEFAULT_QAI_FLAGS, read_bytes=per_scene,
+                             in_memory_bytes=held - 1, **budget)  # fmt: skip
+    assert "what it holds whole of bands that windows cross" in caplog.text
     fn, args = _band_task(arr)
     assert all(isinstance(p, np.ndarray) and p.base is None for p in fn(*args) if p is not None)
     before = datasets.DECODED.snapshot()[1]

@@ -239,13 +239,16 @@ def tile_cube(
             *sizes, len(plan.groups), max(map(len, plan.groups)),
         )  # fmt: skip
     elif plan.spills:
+        # beyond the held memory, or beyond what a worker holds whole of bands windows cross
+        whole = held_bytes is None or plan.held <= held_bytes
         log.info(
             "tile %s: %d bands of all %d scenes (%.1f GiB) exceed %.1f GiB of a reading worker's "
-            "memory: the read tasks keep the pieces of the windows in memory while the worker has "
-            "room for them and write the rest to the worker's local disk (up to %.1f GiB may be "
-            "used); every block is still decoded once",
-            *sizes,
-        )
+            "memory%s: the read tasks keep the pieces of the windows in memory while the worker "
+            "has room for them and write the rest to the worker's local disk (up to %.1f GiB may "
+            "be used); every block is still decoded once",
+            *sizes[:4], ((in_memory_bytes if whole else held_bytes) or 0) / 2**30,
+            " (what it holds whole of bands that windows cross)" if whole else "", sizes[5],
+        )  # fmt: skip
     token = tokenize(reader, layout.shape, plan, mask.name if mask is not None else None)
     name = f"read-{grid.tile}-{token}"
     dsk = _read_graph(reader, layout, plan, name, mask.name if mask is not None else None)
