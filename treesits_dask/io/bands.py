@@ -303,7 +303,9 @@ def plan_reads(
     # bands that windows cross, which fit the worker's memory but not the share it holds whole
     # without Dask spilling views of them: pieces of their own, kept in memory while there is room
     views = in_memory_bytes is not None and held > in_memory_bytes and spill_bytes is not None
-    views = views and _crossed(out)
+    views = views and any(
+        len(pieces) > 1 for pieces in whole.of_window.values()
+    )  # a piece per band
     if spills and (spill_bytes is None or held > held_bytes + spill_bytes):
         # windows read on their own, a run of a window row's windows side by side per task as
         # the read budget allows: a block is decoded once per run that crosses it, not once per
@@ -348,16 +350,6 @@ def _bands(
                     )  # fmt: skip
         out.append(Band(first + index, r0, r1 - r0, tuple(pieces), cols))
     return out
-
-
-def _crossed(bands: list[Band]) -> bool:
-    """Whether a window has pieces in two of ``bands`` or more."""
-    seen: dict[tuple[int, int], int] = {}
-    for band in bands:
-        for p in band.pieces:
-            if seen.setdefault((p.i, p.j), band.index) != band.index:
-                return True
-    return False
 
 
 def _held(height: int, width: int, count: int, n_scenes: int) -> int:
