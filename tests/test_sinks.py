@@ -379,6 +379,25 @@ def test_check_writable(tmp_path):
     assert "--output" in str(info.value) and "is a file" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "url, remote",
+    [
+        ("/data/force/X0069_Y0043/20200302_LEVEL2_SEN2A_BOA.tif", False),
+        ("relative/dir/file.tif", False),
+        (Path("/data/force"), False),
+        ("file:///data/force/a.tif", False),
+        ("local://data/a.tif", False),
+        ("C:\\data\\a.tif", False),  # a drive letter is not a protocol
+        ("s3://bucket/force/a.tif", True),
+        ("S3://bucket/a.tif", True),
+        ("gs://bucket/a.tif", True),
+        ("https://host/a.tif", True),
+    ],
+)
+def test_is_remote(url, remote):
+    assert storage.is_remote(url) is remote
+
+
 # ------------------------------------------------------------------------------------------- S3
 @pytest.mark.s3
 def test_s3_round_trip(moto_endpoint, monkeypatch):

@@ -1,5 +1,4 @@
-"""One place that turns URLs (``/local/path``, ``file://...``, ``s3://bucket/key``) into
-filesystems.
+"""One place that turns URLs (a local path, ``file://...``, ``s3://bucket/key``) into filesystems.
 
 Every other module passes URLs around as plain strings and asks this module for a filesystem, a
 GDAL path or a joined URL.  Remote protocols need the ``s3`` extra
@@ -153,8 +152,9 @@ def apply_environment(env: dict[str, str]) -> None:
 
 
 def is_remote(url: str) -> bool:
-    """True for URLs with a non-file protocol (``s3://``...)."""
-    scheme = urlparse(str(url)).scheme
+    """True for URLs with a non-file protocol (``s3://``...); a path without a colon is local."""
+    url = str(url)
+    scheme = urlparse(url).scheme if ":" in url else ""
     return bool(scheme) and scheme not in ("file", "local") and len(scheme) > 1
 
 
