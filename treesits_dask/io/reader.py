@@ -107,9 +107,11 @@ def screen(block: np.ndarray, bad: np.ndarray) -> None:
 
     Only the rows from the first to the last that ``bad`` touches are visited (clouds come in
     patches: a block row of a 3000 px tile screened in a patch took 0.6 ms, not 4.7), rows all
-    ``bad`` are filled.  Else two bitwise passes over the block: ~4x faster than
+    ``bad`` are filled.  Else two bitwise passes over each band in turn: ~4x faster than
     ``block[:, bad] = NODATA`` (boolean indexing gathers every band), which cost as much as
-    decoding a ZSTD COG block here."""
+    decoding a ZSTD COG block here; band by band, the second pass finds the band in the CPU's
+    cache (0.37-0.50 ms against 0.46-0.77 per 10-band block of 256 x 512 px of the 3000 px COG,
+    where the screening was 6 % of a read task's samples)."""
     rows = np.flatnonzero(bad.any(axis=1))
     if not rows.size:
         return
@@ -119,8 +121,10 @@ def screen(block: np.ndarray, bad: np.ndarray) -> None:
         return
     keep = (~bad).view(np.uint8).astype(np.int16)
     np.negative(keep, out=keep)  # all bits set where kept, 0 where screened
-    np.bitwise_and(block, keep, out=block)
-    np.bitwise_or(block, np.bitwise_and(np.int16(NODATA), ~keep), out=block)
+    fill = np.bitwise_and(np.int16(NODATA), ~keep)  # nodata where screened, 0 where kept
+    for band in block:
+        np.bitwise_and(band, keep, out=band)
+        np.bitwise_or(band, fill, out=band)
 
 
 def assemble(
