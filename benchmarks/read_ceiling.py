@@ -22,13 +22,15 @@ Variants (``--variants``):
   tasks of a plan that spills do where the worker has no room (plans in bands only).
 
 ``pool-1`` against the one-thread floor is the read code's own overhead (opens, QAI, screening,
-the pieces' copy); ``pool-N`` against ``pool-1`` what running its threads side by side costs
-(against the per-core floor on N threads: what the bare decoding loses so); ``dask`` against
-``pool-N`` (or ``pool-N-disk``) what Dask and putting the windows together add.  Each read also
-reports ``task_s``: the thread-seconds its read tasks took (from Dask's task stream for ``dask``:
-the tasks of a band and batch of scenes or of a group of windows, not a window read by its own
-task; timed around each job for a pool), so that the read tasks themselves can be told apart from
-what runs between and after them.  Prints one JSON line per read.
+the pieces' copy, and writing what it decodes to memory: against the floor to memory,
+``bench.real.decode_floor``'s ``to_memory``, the rest); ``pool-N`` against ``pool-1`` what
+running its threads side by side costs (against the per-core floor on N threads: what the bare
+decoding loses so); ``dask`` against ``pool-N`` (or ``pool-N-disk``) what Dask and putting the
+windows together add.  Each read also reports ``task_s``: the thread-seconds its read tasks
+took (from Dask's task stream for ``dask``: the tasks of a band and batch of scenes or of a group
+of windows, not a window read by its own task; timed around each job for a pool), so that the
+read tasks themselves can be told apart from what runs between and after them.  Prints one JSON
+line per read.
 """
 
 from __future__ import annotations
@@ -144,7 +146,7 @@ def main(argv=None) -> int:
         emit_row,
     )
     from treesits_dask.bench.pagecache import page_in
-    from treesits_dask.bench.real import files_bytes, floor_sample, floors
+    from treesits_dask.bench.real import files_bytes, floor_sample, floors, memory_floor
     from treesits_dask.pipeline.cluster import Routing
     from treesits_dask.pipeline.plan import make_plan
     from treesits_dask.pipeline.reading import read_budget, worker_disks
@@ -173,6 +175,7 @@ def main(argv=None) -> int:
         for r in range(args.rounds):
             for variant in variants:
                 one, per_core = (f["mb_s"] for f in floors(sample, args.threads))
+                memory = memory_floor(sample)["mb_s"]
                 page_in(str(root))
                 if variant == "dask":
                     before = sum(client.run(_opens).values())
@@ -201,19 +204,25 @@ def main(argv=None) -> int:
                 # the floors again just after the read: this VM's decode speed moved by up to
                 # 40 % within minutes, so a read is also given against the mean of both
                 after, per_core_after = (f["mb_s"] for f in floors(sample, args.threads))
+                memory_after = memory_floor(sample)["mb_s"]
                 mean = (one + after) / 2
                 row = {"round": r, "variant": variant, "seconds": round(run["seconds"], 2),
                        "task_s": round(run["task_s"], 2),
                        "threads": threads, "read_tasks": run["read_tasks"],
                        "mb_s_per_core": round(mbs, 1),
                        "floor_mb_s": {"one_thread": round(one, 1),
-                                      f"per_core_on_{args.threads}": round(per_core, 1)},
+                                      f"per_core_on_{args.threads}": round(per_core, 1),
+                                      "one_thread_to_memory": round(memory, 1)},
                        "floor_after_mb_s": {"one_thread": round(after, 1),
                                             f"per_core_on_{args.threads}":
-                                                round(per_core_after, 1)},
+                                                round(per_core_after, 1),
+                                            "one_thread_to_memory": round(memory_after, 1)},
                        "over_one_thread_floor": round(mbs / one, 3),
                        "over_per_core_floor": round(mbs / per_core, 3),
                        "over_mean_one_thread_floor": round(mbs / mean, 3),
+                       "over_floor_to_memory": round(mbs / memory, 3),
+                       "over_mean_floor_to_memory":
+                           round(mbs / ((memory + memory_after) / 2), 3),
                        "opens": run["opens"],
                        "decoded_x": round(run["decoded_bytes"] / total, 3),
                        "written_mib": round(run.get("written_bytes", 0) / 2**20),

@@ -174,11 +174,13 @@ def test_bench_real_small(tmp_path, capsys):
         assert read["decode_amplification"] + read["screened_share"] == pytest.approx(1, abs=2e-4)
         assert read["screened_share"] > 0, key  # the synthetic weather has all-cloud scenes
         for fig in ("decode_floor_mb_s_per_core", "decode_floor_parallel_mb_s_per_core",
-                    "read_mb_s_per_core", "read_over_floor", "read_over_parallel_floor",
+                    "decode_floor_to_memory_mb_s_per_core", "read_mb_s_per_core",
+                    "read_over_floor", "read_over_parallel_floor", "read_over_floor_to_memory",
                     "worker_peak_rss_mib"):  # fmt: skip
             assert read[fig] > 0, (key, fig)
         assert len(read["read_over_parallel_floor_paired"]) == len(read["read_s_runs"]) == 1
         assert all(v > 0 for v in read["read_over_floor_paired"]), key
+        assert len(read["read_over_floor_to_memory_paired"]) == 1, key
         assert read["decode_floor_sample_mib"] == read["uncompressed_mib"], (
             key
         )  # all 6 or 40 scenes
@@ -231,3 +233,33 @@ def test_parallel_floor_gives_each_thread_an_even_share_of_the_bytes():
     two = split_even(files, 2)
     assert all(sum(p.endswith("_BOA.tif") for p in g) == 4 for g in two)
     assert split_even(files[:1], 4) == [[files[0][0]]]  # no empty groups
+
+
+def test_floor_to_memory_decodes_every_block_row_into_the_ring_in_turn(tmp_path, monkeypatch):
+    """The floor to memory decodes what the reused-buffer floor decodes, each block row into the
+    next part of its ring (wrapping round where the next one would not fit), so that no row is
+    written where the last one was (a reused buffer stays in the CPU's cache)."""
+    import numpy as np
+    import rasterio
+
+    from treesits_dask.bench import real
+
+    data = np.arange(3 * 50 * 40, dtype=np.int16).reshape(3, 50, 40)
+    path = tmp_path / "scene_BOA.tif"
+    profile = {"driver": "GTiff", "width": 40, "height": 50, "count": 3, "dtype": "int16",
+               "tiled": True, "blockxsize": 16, "blockysize": 16}  # fmt: skip
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+    monkeypatch.setattr(real, "MEMORY_RING_BYTES", 2 * 3 * 16 * 40 * 2)  # two block rows
+    monkeypatch.setattr(real, "_RING", [])
+    monkeypatch.setattr(real.os, "sysconf", lambda name: 0)  # no cache size: the least ring
+    reused = real.decode_floor([str(path)])
+    to_memory = real.decode_floor([str(path)], to_memory=True)
+    assert to_memory["mib"] == reused["mib"] == round(data.nbytes / 2**20, 1)
+    ring = real._ring().reshape(-1)
+    row = 3 * 16 * 40
+    # 4 block rows (16, 16, 16, 2 px high) into a ring of two: the third wrapped round to its
+    # start, the fourth after it, over the start of the second
+    assert np.array_equal(ring[:row].reshape(3, 16, 40), data[:, 32:48])
+    assert np.array_equal(ring[row : row + 240].reshape(3, 2, 40), data[:, 48:50])
+    assert not np.array_equal(ring[row : 2 * row].reshape(3, 16, 40), data[:, 16:32])
