@@ -169,13 +169,19 @@ def main(argv=None) -> int:
     pool_cluster, pool_client = (
         bench_cluster(1, args.threads, args.memory_limit) if pools else (None, None)
     )
+
+    def measure_floors() -> tuple[float, float, float]:
+        """MB/s: the one-thread floor, the per-core floor on ``--threads`` and the floor to
+        memory, of the sample, now."""
+        one, per_core = (f["mb_s"] for f in floors(sample, args.threads))
+        return one, per_core, memory_floor(sample)["mb_s"]
+
     try:
         info = client.scheduler_info(n_workers=-1)["workers"]
         reads = read_budget(plan.config, info, Routing(), worker_disks(client))
         for r in range(args.rounds):
             for variant in variants:
-                one, per_core = (f["mb_s"] for f in floors(sample, args.threads))
-                memory = memory_floor(sample)["mb_s"]
+                one, per_core, memory = measure_floors()
                 page_in(str(root))
                 if variant == "dask":
                     before = sum(client.run(_opens).values())
@@ -203,8 +209,7 @@ def main(argv=None) -> int:
                 mbs = total / run["seconds"] / 1e6 / threads
                 # the floors again just after the read: this VM's decode speed moved by up to
                 # 40 % within minutes, so a read is also given against the mean of both
-                after, per_core_after = (f["mb_s"] for f in floors(sample, args.threads))
-                memory_after = memory_floor(sample)["mb_s"]
+                after, per_core_after, memory_after = measure_floors()
                 mean = (one + after) / 2
                 row = {"round": r, "variant": variant, "seconds": round(run["seconds"], 2),
                        "task_s": round(run["task_s"], 2),
