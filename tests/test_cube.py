@@ -690,8 +690,9 @@ def test_bands_that_do_not_fit_are_read_window_by_window(tmp_path, blocks, caplo
     band = plan_reads(grid, layout, 5, 1 << 30)
     per_band = max(b.height for b in band.bands) * 50 * grid.count * 2 * 5
     assert not plan_reads(grid, layout, 5, 1 << 30, held_bytes=BANDS_HELD * per_band).by_window
-    # (a section of the tile's width holds no less than one window column: none fits here)
-    small = plan_reads(grid, layout, 5, 1 << 30, held_bytes=BANDS_HELD * per_band // 5 - 1)
+    # (a section of the tile's width holds no less than one window column, and its bands held at
+    # once no fewer than the 2 a window crosses: none fits here)
+    small = plan_reads(grid, layout, 5, 1 << 30, held_bytes=2 * per_band // 5 - 1)
     assert small.by_window and small.bands == () and small.sections == 1
 
     # the windows of a window row side by side in one task (1 GiB of read budget holds the row):
@@ -774,17 +775,20 @@ def test_bands_that_fit_only_in_sections_are_read_section_by_section(
     once per window where a read task holds one window), a block once per section that crosses
     it, as the plan counts (``planned_decode``), and a warning says so.  Its pieces own their
     memory, as a spilling plan's; they go to local disk where the worker has no room for them
-    only where the plan counts on its disk."""
+    only where the plan counts on its disk.  With a disk, where not even the 2 bands a window
+    crosses fit it over the full width, each section is read behind a gate too (2 bands of its
+    width at a time, which fit it)."""
     from treesits_dask.io.bands import BANDS_HELD, plan_reads, planned_decode
 
     expected, scenes, grid, layout, held, per_scene = _spilling_plan(tmp_path, blocks)
     # 5 window columns of 10 px: sections of 2 and 3 columns (20 and 30 px), the wider one holds
-    # 30/50 of the full width's bands
-    memory, disk = (held * 3 // 5 - 1, 2) if spills else (held - 1, 0)
+    # 30/50 of the full width's bands; with a disk, 2 of the 4 bands the guard counts: 3/10 of
+    # ``held``, where 2 full-width bands are 5/10 and 3 bands of a section 4.5/10
+    memory, disk = (held // 4, held * 3 // 10) if spills else (held - 1, 0)
     # a read task holds one scene's full-width band: runs of one window each
     plan = plan_reads(grid, layout, 5, per_scene, held_bytes=memory, spill_bytes=disk)
     assert plan.sections == 2 and not plan.by_window and plan.spills == spills
-    assert plan.held == held * 3 // 5
+    assert (plan.gate, plan.held) == ((2, held * 3 // 10) if spills else (0, held * 3 // 5))
     assert {b.cols for b in plan.bands} == {(0, 20), (20, 50)}
     assert [plan.section_of(b.index) for b in plan.bands] == sorted(
         plan.section_of(b.index) for b in plan.bands
@@ -802,12 +806,15 @@ def test_bands_that_fit_only_in_sections_are_read_section_by_section(
     assert "in 2 sections of whole window columns" in caplog.text
     assert "X0010_Y0010" in caplog.text
     # the read, a task per window after it (as a prediction), one thread: what the guard counts
-    # (bands of a section's width), one section at a time (its priorities)
-    assert _bands_held_in_dask_order(arr.data) <= BANDS_HELD
+    # (bands of a section's width, as many as the gate lets), one section at a time (its
+    # priorities)
+    assert _bands_held_in_dask_order(arr.data) <= (plan.gate or BANDS_HELD)
     layer = arr.data.__dask_graph__().layers[arr.data.name]
     reads = sorted(k for k in layer if str(k[0]).startswith("read-band-"))
     priority = layer.annotations["priority"]
-    assert [priority(k) for k in reads] == [-2 * plan.section_of(k[1]) for k in reads]
+    # a section's tasks after the previous section's; with a gate its reads after its windows
+    gated = -2 if plan.gate else 0
+    assert [priority(k) for k in reads] == [-4 * plan.section_of(k[1]) + gated for k in reads]
     from treesits_dask.io import pieces as piece_files
     from treesits_dask.io import reader as reader_module
 
@@ -856,6 +863,68 @@ def test_bands_that_fit_only_in_sections_are_read_section_by_section(
         for r0, r1, c0, c1 in block_runs(mask[:, a:b], (0, 37), (a, b), grid.block_shape)
     )
     assert done == 5 * 11 * 2 * area
+
+
+@pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["strips", "tiles"])
+def test_bands_that_fit_only_two_at_a_time_are_read_behind_a_gate(tmp_path, blocks, caplog):
+    """Where the 4 bands of all scenes the guard counts fit neither the reading worker's memory
+    nor its spill disk, but the 2 a window crosses do, the tile is read over its full width with
+    a gate: the read tasks of each band wait for the windows with a piece in the band 2 above it
+    (windows that cross only bands above it), so that no order Dask may take holds more than 2
+    bands at once; the values of the files, every block decoded once (not once per section), and
+    a message that says so.  The plan spills (its pieces go to local disk as the worker runs
+    short of memory), so it needs a disk: without one, or where the 2 bands do not fit memory
+    and disk, the tile goes in sections."""
+    import logging
+
+    from dask.core import get_dependencies
+
+    from treesits_dask.io.bands import plan_reads, planned_decode
+
+    expected, scenes, grid, layout, held, per_scene = _spilling_plan(tmp_path, blocks)
+    memory, disk = held // 4, held // 2
+    plan = plan_reads(grid, layout, 5, per_scene, held_bytes=memory, spill_bytes=disk)
+    assert plan.gate == 2 and plan.sections == 1 and not plan.by_window
+    assert plan.spills and plan.held == held // 2 and len(plan.bands) == 3
+    files = 5 * 10 * 37 * 50 * 2
+    assert planned_decode(grid, layout, plan, 5) == files  # every BOA block once
+    # the gate's bands must fit the disk alone (they may all be there at once): a byte less of
+    # it, and more memory, and the tile goes in sections
+    more_memory = plan_reads(grid, layout, 5, per_scene, held_bytes=held // 2,
+                             spill_bytes=held // 2 - 1)  # fmt: skip
+    assert more_memory.sections == 2 and more_memory.gate == 0
+    no_disk = plan_reads(grid, layout, 5, per_scene, held_bytes=held // 2)
+    assert no_disk.sections == 3 and no_disk.gate == 0  # 2 of 5 window columns: 4/10
+
+    with caplog.at_level(logging.INFO, logger="treesits_dask.io.cube"):
+        arr = cube.tile_cube(scenes, grid, layout, DEFAULT_QAI_FLAGS, read_bytes=per_scene,
+                             held_bytes=memory, spill_bytes=disk)  # fmt: skip
+    assert "tile X0010_Y0010: 4 bands of all 5 scenes over its full width" in caplog.text
+    assert "reading it 2 bands at a time" in caplog.text
+    graph = dict(arr.data.__dask_graph__())
+    name = arr.data.name
+    reads = [k for k in graph if str(k[0]).startswith("read-band-")]
+    assert {k[1] for k in reads} == {0, 1, 2}
+    for key in reads:
+        gates = [d for d in get_dependencies(graph, key) if str(d[0]).startswith("read-gate-")]
+        if key[1] < 2:
+            assert gates == []
+            continue
+        (gate,) = gates
+        windows = {d[1:] for d in get_dependencies(graph, gate)}
+        assert windows == {ij for ij, pieces in plan.of_window.items()
+                           if any(b == key[1] - 2 for b, _ in pieces)}  # fmt: skip
+        for i, j in windows:  # each done once its window is put together, of bands above
+            assert get_dependencies(graph, ("read-done-" + name[5:], i, j)) == {(name, 0, 0, i, j)}
+            assert all(b < key[1] for b, _ in plan.of_window[(i, j)])
+    assert _bands_held_in_dask_order(arr.data) <= 2
+    before = datasets.DECODED.snapshot()[1] + datasets.SCREENED.snapshot()[1]
+    with dask.config.set(scheduler="threads", num_workers=3):
+        got = arr.values
+    np.testing.assert_array_equal(got, expected)
+    done = datasets.DECODED.snapshot()[1] + datasets.SCREENED.snapshot()[1] - before
+    assert done == 5 * 11 * 37 * 50 * 2  # BOA and QAI, every block once
+    assert done == planned_decode(grid, layout, plan, 5, grid.count + 1)
 
 
 @pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["strips", "tiles"])

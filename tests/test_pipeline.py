@@ -469,13 +469,16 @@ def test_chunks_of_whole_blocks_fall_back_to_the_windows_on_workers_that_cannot_
     _assert_same_maps(tmp_path / "a", tmp_path / "b")
 
 
-def test_a_tile_whose_bands_fit_only_in_sections_maps_the_same_values(
-    native_lstm, tmp_path, client, monkeypatch, caplog
+@pytest.mark.parametrize("disk", [0.5, 0.0], ids=["gate", "sections"])
+def test_a_tile_whose_bands_fit_only_fewer_or_in_sections_maps_the_same_values(
+    native_lstm, tmp_path, client, monkeypatch, caplog, disk
 ):
-    """A striped tile whose bands of all scenes over its full width fit neither the reading
-    workers' memory nor their disk (the budget the run finds on its cluster cut to 60 % of what
-    they hold, no disk), but those of half its width do, is read in 2 sections of window
-    columns, says so, and maps the same values as a run that reads it in full-width bands."""
+    """A striped tile whose 4 bands of all scenes over its full width fit neither the reading
+    workers' memory nor their disk (the budget the run finds on its cluster cut to 30 % of what
+    they hold and 50 % on disk; or to 60 % and no disk), but 2 of them fit the disk, is read
+    2 bands at a time behind a gate, on one reading worker (a plan that spills); without a disk
+    in 2 sections of window columns; either says so, and maps the same values as a run that
+    reads it in full-width bands, on the test's LocalCluster."""
     import dataclasses
     import logging
 
@@ -496,16 +499,26 @@ def test_a_tile_whose_bands_fit_only_in_sections_maps_the_same_values(
     per_window = t.reading.shape[0] * t.reading.shape[1] * t.grid.count * 2 * len(t.scenes)
     budget = schedule.read_budget
 
-    def small(*args, **kwargs):  # one window per read task, 60 % of the bands, no disk
+    memory, spill = int(held * (0.3 if disk else 0.6)), int(held * disk)
+    plan = plan_reads(t.grid, t.reading, len(t.scenes), per_window, held_bytes=memory,
+                      spill_bytes=spill)  # fmt: skip
+    assert (plan.sections, plan.gate, plan.spills) == ((1, 2, True) if disk else (2, 0, False))
+
+    def small(*args, **kwargs):  # one window per read task, part of the bands, some disk or none
         got = budget(*args, **kwargs)
-        return dataclasses.replace(got, task_bytes=per_window, held_bytes=held * 3 // 5,
-                                   spill_bytes=0)  # fmt: skip
+        return dataclasses.replace(got, task_bytes=per_window, held_bytes=memory,
+                                   spill_bytes=spill)  # fmt: skip
 
     monkeypatch.setattr(schedule, "read_budget", small)
-    with caplog.at_level(logging.WARNING, logger="treesits_dask.io.cube"):
+    with caplog.at_level(logging.INFO, logger="treesits_dask"):
         run(config(tmp_path / "b"), client=client)
-    assert f"tile {t.tile}: the bands of all 5 scenes over its full width" in caplog.text
-    assert "in 2 sections of whole window columns" in caplog.text
+    if disk:
+        assert f"tile {t.tile} spills its bands: read on worker" in caplog.text
+        assert f"tile {t.tile}: 4 bands of all 5 scenes over its full width" in caplog.text
+        assert "reading it 2 bands at a time" in caplog.text
+    else:
+        assert f"tile {t.tile}: the bands of all 5 scenes over its full width" in caplog.text
+        assert "in 2 sections of whole window columns" in caplog.text
     _assert_same_maps(tmp_path / "a", tmp_path / "b")
 
 

@@ -321,7 +321,7 @@ def decode_run(plan, client, pin: bool = True) -> dict:
         pinned_worker,
         read_budget,
         spill_worker,
-        tile_in_sections,
+        tile_ordered,
         worker_disks,
     )
 
@@ -342,8 +342,8 @@ def decode_run(plan, client, pin: bool = True) -> dict:
             lambda b: np.array(int(b[:1, :1].sum()), ndmin=4), chunks=(1, 1, 1, 1), dtype=np.int64
         )
         # a pinned read's graph is not optimised (fusion drops the annotation), nor one read in
-        # sections (their order is its priorities), as in ``run``
-        keep = busy[-1] is not None or tile_in_sections(tile, reads)
+        # sections or behind a gate (their order is its priorities), as in ``run``
+        keep = busy[-1] is not None or tile_ordered(tile, reads)
         ordered = ordered or keep
         delayed += list(picked.to_delayed(optimize_graph=not keep).ravel())
     client.run(cold_reads)

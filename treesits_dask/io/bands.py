@@ -18,7 +18,9 @@ A striped tile whose windows cut its strips is chunked whole strips high
 are whole chunks, all of one size (their buffers are recycled for each other).
 
 Where the bands of all scenes fit neither a reading worker's memory nor its spill disk, the tile
-is read window by window, or in sections of whole window columns side by side whose bands do fit
+is read fewer bands at a time, each band's reads waiting for the windows of an earlier band
+(:attr:`ReadPlan.gate`), which still decodes every block once; where not even that fits, window
+by window, or in sections of whole window columns side by side whose bands do fit
 (:func:`plan_reads`), whichever decodes less.
 
 Where every window starts on a block edge, each block lies in one window and the window's own
@@ -123,8 +125,8 @@ class ReadPlan:
     #: (:mod:`~treesits_dask.io.pieces`)
     spills: bool = False
     #: bytes of the :data:`BANDS_HELD` bands of all scenes a reading worker holds (the memory
-    #: guard's figure; of a section's width where ``sections``; 0 where every band is a whole
-    #: window)
+    #: guard's figure; ``gate`` bands where the plan has one; of a section's width where
+    #: ``sections``; 0 where every band is a whole window)
     held: int = 0
     #: every window starts on a block edge, so each block lies in one window: each window reads
     #: its own blocks into itself (``by_window``), nothing is put together or held
@@ -138,6 +140,12 @@ class ReadPlan:
     #: of the full width fit neither the reading worker's memory nor its spill disk, a section's
     #: do (a full-width strip is decoded once per section)
     sections: int = 1
+    #: where not 0, the reads of band ``b`` wait until every window with a piece in band
+    #: ``b - gate`` is put together (:meth:`gated_by`; each such window crosses only bands above
+    #: ``b``), so that a reading worker holds the pieces of at most ``gate`` bands, not the
+    #: :data:`BANDS_HELD` that Dask's order held: where those fit neither its memory nor its
+    #: spill disk, ``gate`` bands may, and every block is still decoded once
+    gate: int = 0
 
     def __post_init__(self) -> None:
         found: dict[tuple[int, int], list[tuple[int, int]]] = {}
@@ -150,7 +158,10 @@ class ReadPlan:
         return hash(self._identity())
 
     def _identity(self) -> tuple:
-        return (self.bands, self.batches, self.by_window, self.spills, self.groups, self.sections)
+        return (
+            self.bands, self.batches, self.by_window, self.spills, self.groups, self.sections,
+            self.gate,
+        )  # fmt: skip
 
     def __eq__(self, other) -> bool:
         return isinstance(other, ReadPlan) and self._identity() == other._identity()
@@ -167,6 +178,20 @@ class ReadPlan:
     def tasks(self) -> int:
         """Read tasks of the tile (bands x batches)."""
         return len(self.bands) * len(self.batches)
+
+    @property
+    def bands_held(self) -> int:
+        """Bands of all scenes the guard counts a reading worker to hold at once (``held``)."""
+        return self.gate or BANDS_HELD
+
+    def gated_by(self, band_index: int) -> tuple[tuple[int, int], ...]:
+        """The windows ``(i, j)`` that must be put together before band ``band_index`` is read:
+        those with a piece in band ``band_index - gate`` (none without a gate, or for the first
+        ``gate`` bands)."""
+        if not self.gate or band_index < self.gate:
+            return ()
+        above = self.bands[band_index - self.gate]
+        return tuple(dict.fromkeys((p.i, p.j) for p in above.pieces))
 
     def section_of(self, band_index: int) -> int:
         """The section (0 .. ``sections`` - 1) whose columns band ``band_index`` covers."""
@@ -265,15 +290,22 @@ def plan_reads(
     ``held_bytes`` but fit with ``spill_bytes``, the plan ``spills``: the read tasks write what
     the worker's memory has no room for to its local disk (:mod:`~treesits_dask.io.pieces`), so
     memory stays within the worker's limit whatever the scene count, and every block is still
-    decoded once.  Where they do not fit even so, the plan reads window by window
+    decoded once.  Where they do not fit even so, but fewer bands do (at least as many as a
+    window crosses) in ``spill_bytes`` alone (they may all be on disk at once), the plan has a
+    ``gate`` and spills: the reads of each band wait until the windows of the band that many
+    above it are put together, so that a reading worker holds no more bands than that, and every
+    block is still decoded once (a 3000 px strips tile of 600 scenes whose 4 bands of 10 GiB fit
+    neither memory nor disk on a 12 GiB worker was read in 2 sections, decoding its strips 1.87
+    times).  Where not even that fits, the plan reads window by window
     (``by_window``), a run of a window row's windows side by side per task, as many as fit
     ``task_bytes`` (at least one): memory per task is the read budget, at the price of decoding a
     block once per run crossing it; or, where that decodes less (:func:`planned_decode`), in
     ``sections``: the fewest sections of whole window columns side by side whose bands of all
-    scenes fit memory and disk together, each read in bands of its own width, section after
-    section, which decodes a block once per section that crosses it (a full-width strip once per
-    section: 3 times the tile where a 3000 px strips tile of 600 scenes on a 12 GiB worker with
-    two tiles in flight read window by window decoded 10 times).
+    scenes fit memory and disk together (with a gate where :data:`BANDS_HELD` bands of a
+    section's width do not), each read in bands of its own width, section after section, which
+    decodes a block once per section that crosses it (a full-width strip once per section, where
+    a 3000 px strips tile of 600 scenes on a 12 GiB worker with two tiles in flight read window
+    by window decoded 10 times).
     ``in_memory_bytes`` (None: ``held_bytes``): the memory a reading worker may fill with bands
     held whole in memory whose windows cross them (a window put together from two bands or more),
     whose pieces are views of them: where :data:`BANDS_HELD` such bands fit ``held_bytes`` but
@@ -307,16 +339,30 @@ def plan_reads(
         len(pieces) > 1 for pieces in whole.of_window.values()
     )  # a piece per band
     if spills and (spill_bytes is None or held > held_bytes + spill_bytes):
-        # windows read on their own, a run of a window row's windows side by side per task as
-        # the read budget allows: a block is decoded once per run that crosses it, not once per
-        # window (a 300-row strip of a 3000 px tile: 15 times per 200 px window row, not 3 times
-        # per row of 3 runs of 5); or the tile in sections of window columns side by side whose
-        # bands fit, where those decode less (a strip once per section)
+        # fewer bands held at once, each band's reads after the windows of an earlier band are
+        # put together: every block still decoded once.  A gate's bands are held whole, where
+        # the guard's count without one is reached at the peak only: its pieces go to local disk
+        # as the worker runs short of memory, never to Dask's spill (a 1000 px tile of 600 scenes
+        # held in 2 bands, then in 1, of 1.1 GiB on a 3 GiB worker with no disk: Dask spilled 42
+        # and 12 GB, the next read was restarted at 95 %), and all of them may be on disk at
+        # once (there, with a disk: 2.24 GiB of files for 2.24 GiB held), so they must fit it
+        crossed = max(map(len, whole.of_window.values()))
+        gated = _gate(crossed, highest, grid.width, count, n_scenes, spill_bytes or 0)
+        if gated is not None:
+            gate, held = gated
+            per_scene = highest * grid.width * count * 2
+            # the reading threads take the tasks of ``gate`` bands at a time: full turns of those
+            batches = _batches(gate, per_scene, n_scenes, task_bytes, min_tasks, True)
+            return ReadPlan(tuple(out), batches, spills=True, held=held, gate=gate)
+        # else windows read on their own, a run of a window row's windows side by side per task
+        # as the read budget allows: a block is decoded once per run that crosses it, not once
+        # per window (a 300-row strip of a 3000 px tile: 15 times per 200 px window row, not 3
+        # times per row of 3 runs of 5); or the tile in sections of window columns side by side
+        # whose bands fit, where those decode less (a strip once per section)
         groups = window_groups(layout, n_scenes * count * 2, task_bytes, min_tasks)
         runs = ReadPlan((), ((0, n_scenes),), by_window=True, held=held, groups=groups)
-        fits = held_bytes + (spill_bytes or 0)
         sectioned = _sectioned(grid, layout, n_scenes, count, task_bytes, min_tasks, held_bytes,
-                               fits)  # fmt: skip
+                               spill_bytes or 0, crossed)  # fmt: skip
         if sectioned is not None and planned_decode(
             grid, layout, sectioned, n_scenes, count
         ) < planned_decode(grid, layout, runs, n_scenes, count):
@@ -352,14 +398,29 @@ def _bands(
     return out
 
 
-def _held(height: int, width: int, count: int, n_scenes: int) -> int:
+def _held(height: int, width: int, count: int, n_scenes: int, bands: int = BANDS_HELD) -> int:
     """What the memory guard counts a reading worker to hold of bands at most ``height`` rows
-    high and ``width`` px wide: :data:`BANDS_HELD` of them, of all scenes."""
-    return BANDS_HELD * height * width * count * 2 * n_scenes
+    high and ``width`` px wide: ``bands`` of them (default :data:`BANDS_HELD`), of all scenes."""
+    return bands * height * width * count * 2 * n_scenes
+
+
+def _gate(
+    crossed: int, height: int, width: int, count: int, n_scenes: int, fits: int
+) -> tuple[int, int] | None:
+    """The most bands (fewer than :data:`BANDS_HELD`, at least the ``crossed`` bands a window
+    crosses, so that a band never waits for a window that waits for it) at most ``height`` rows
+    high and ``width`` px wide, of all scenes, that fit ``fits`` bytes: (bands, their bytes), or
+    None where not even ``crossed`` bands do."""
+    for gate in range(BANDS_HELD - 1, max(1, crossed) - 1, -1):
+        held = _held(height, width, count, n_scenes, gate)
+        if held <= fits:
+            return gate, held
+    return None
 
 
 def _batches(n_bands, per_scene, n_scenes, task_bytes, min_tasks, spills):
-    """The scene batches of a plan of ``n_bands`` bands (see :func:`scene_batches`)."""
+    """The scene batches of a plan whose reading threads take the tasks of ``n_bands`` bands at
+    a time (see :func:`scene_batches`)."""
     wanted = math.ceil(min_tasks / n_bands)
     # half the batch where the plan spills: a task decodes into its pieces scene by scene, and
     # the whole batch measured no faster (strips, 3000 px x 120 scenes), with 0-0.6 GiB more peak
@@ -376,14 +437,18 @@ def _sectioned(
     task_bytes: int,
     min_tasks: int,
     held_bytes: int,
-    fits: int,
+    spill_bytes: int,
+    crossed: int,
 ) -> ReadPlan | None:
     """The tile read in the fewest sections of whole window columns side by side (2 or more, of
-    about equal width) whose bands of all scenes fit ``fits`` bytes of memory and spill disk
-    together (spilling beyond ``held_bytes``); None where not even one window column's do.  The
-    guard counts :data:`BANDS_HELD` bands of a section's width: the read goes through the tile
-    section by section (:func:`~treesits_dask.io.cube.tile_cube` gives each section's tasks a
-    lower priority than the previous section's)."""
+    about equal width) whose bands of all scenes fit ``held_bytes`` of memory and ``spill_bytes``
+    of spill disk together (spilling beyond ``held_bytes``); None where not even one window
+    column's do.  The guard counts :data:`BANDS_HELD` bands of a section's width, or fewer behind
+    a gate where those do not fit and fewer fit the spill disk alone (:func:`_gate`; ``crossed``:
+    the bands a window crosses; see :func:`plan_reads`): the read goes through the tile section
+    by section (:func:`~treesits_dask.io.cube.tile_cube` gives each section's tasks a lower
+    priority than the previous section's)."""
+    fits = held_bytes + spill_bytes
     columns = layout.windows[0]
     highest = max(r1 - r0 for r0, r1 in _band_rows(grid, layout))
     for k in range(2, len(columns) + 1):
@@ -393,16 +458,20 @@ def _sectioned(
             for a, b in zip(edges[:-1], edges[1:], strict=True)
         ]
         widest = max(c1 - c0 for c0, c1 in spans)
-        held = _held(highest, widest, count, n_scenes)
-        if held > fits:
-            continue
+        gate, held = 0, _held(highest, widest, count, n_scenes)
+        spills = held > held_bytes
+        if held > fits:  # behind a gate only where its pieces fit the disk (see plan_reads)
+            gated = _gate(crossed, highest, widest, count, n_scenes, spill_bytes)
+            if gated is None:
+                continue
+            (gate, held), spills = gated, True
         out: list[Band] = []
         for span in spans:
             out += _bands(grid, layout, span, len(out))
-        spills = held > held_bytes
         per_scene = highest * widest * count * 2
-        batches = _batches(len(out), per_scene, n_scenes, task_bytes, min_tasks, spills)
-        return ReadPlan(tuple(out), batches, spills=spills, held=held, sections=k)
+        in_turn = gate or len(out)  # the bands whose tasks the threads take at a time
+        batches = _batches(in_turn, per_scene, n_scenes, task_bytes, min_tasks, spills)
+        return ReadPlan(tuple(out), batches, spills=spills, held=held, sections=k, gate=gate)
     return None
 
 

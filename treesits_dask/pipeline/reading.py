@@ -24,7 +24,7 @@ __all__ = [
     "read_budget",
     "routed_workers",
     "spill_worker",
-    "tile_in_sections",
+    "tile_ordered",
     "tile_read_plan",
     "tile_spills",
     "worker_disks",
@@ -144,11 +144,13 @@ def tile_spills(tile, reads: ReadBudget | None) -> bool:
     return plan is not None and plan.spills
 
 
-def tile_in_sections(tile, reads: ReadBudget | None) -> bool:
-    """Whether ``tile`` is read in sections of window columns (:func:`tile_read_plan`), whose
-    order its graph's priorities give: a graph that must not be optimised (fusion drops them)."""
+def tile_ordered(tile, reads: ReadBudget | None) -> bool:
+    """Whether ``tile`` is read in sections of window columns or behind a gate
+    (:func:`tile_read_plan`), whose order its graph's priorities give (a section after the
+    other; the windows a gate waits for as soon as they are put together): a graph that must not
+    be optimised (fusion drops them)."""
     plan = tile_read_plan(tile, reads)
-    return plan is not None and plan.sections > 1
+    return plan is not None and (plan.sections > 1 or plan.gate > 0)
 
 
 def pinned_worker(graph) -> str | None:

@@ -52,7 +52,7 @@ from .reading import (
     pinned_worker,
     read_budget,
     spill_worker,
-    tile_in_sections,
+    tile_ordered,
     tile_spills,
     worker_disks,
 )
@@ -193,8 +193,8 @@ class _Scheduler:
         if worker := pinned_worker(graph):  # None where the tile's plan does not spill
             log.info("tile %s spills its bands: read on worker %s alone", tile.tile, worker)
         # annotated graphs must not be optimised: fusion drops or merges the annotations (the
-        # resources, a pinned worker, the order of a tile's sections)
-        annotated = self.routing.gpu or worker or tile_in_sections(tile, self.reads)
+        # resources, a pinned worker, the order of a tile's sections or of its gate)
+        annotated = self.routing.gpu or worker or tile_ordered(tile, self.reads)
         delayed = [Delayed(k, graph, layer=k[0]) for k in keys]
         futures = self.client.compute(delayed, optimize_graph=not annotated)
         self.state[tile.tile] = {
