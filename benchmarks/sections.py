@@ -2,10 +2,13 @@
 the page cache, each read against the one-thread decode floor measured just before it).
 
 For a tile whose bands of all scenes fit neither the reading worker's memory nor its spill disk:
-``sections``, as the plan now reads them where a section's bands fit, the tile in sections of
-whole window columns side by side, each in bands of its own width (a full-width strip decoded
-once per section); ``runs``, as before, window by window, a run of a window row's windows side by
-side per read task (a strip decoded once per run).
+``gate``, as the plan now reads them where fewer bands fit (at least those a window crosses),
+over the full width, each band's reads waiting for the windows of an earlier band (every block
+decoded once; where not even those fit, as the plan reads it then: in sections, with a gate
+where needed); ``sections``, as before the gate, the tile in sections of whole window columns
+side by side, each in bands of its own width (a full-width strip decoded once per section);
+``runs``, as before the sections, window by window, a run of a window row's windows side by side
+per read task (a strip decoded once per run).
 
 For a tile whose windows cross its bands, which fit the memory held bands may fill (75 % of the
 worker's) but not half of it: ``whole-50``, as it is now read, as a plan that spills (pieces of
@@ -22,7 +25,7 @@ whole in memory up to 75 % (``pipeline.reading.IN_MEMORY_SHARE`` set to ``HELD_S
 as where the worker's disk is full or small; the default), so that the full-width bands fit
 neither.  ``--tiles-in-flight``: the run's setting (1: a tile's bands get 75 % of the worker's
 memory, half of it held whole where windows cross them).  ``--variants``: the plans read
-(default ``sections,runs``).  Prints one JSON line per read: seconds, read / one-thread floor,
+(default ``gate,sections``).  Prints one JSON line per read: seconds, read / one-thread floor,
 decoded / uncompressed bytes (counted) and as the plan counts them, read tasks and mode, the
 worker's CPU time, the pieces written to local disk, what Dask spilled, the most piece files on
 disk and data in Dask's memory at once (sampled every 50 ms) and the worker's peak RSS during
@@ -82,8 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--spill-gib", type=float, default=0.0,
                    help="local disk a tile's spilled pieces may fill (GiB)")  # fmt: skip
     p.add_argument("--tiles-in-flight", type=int, default=1)
-    p.add_argument("--variants", default="sections,runs",
-                   help="the plans read, comma-separated (sections, runs, whole-50, "
+    p.add_argument("--variants", default="gate,sections",
+                   help="the plans read, comma-separated (gate, sections, runs, whole-50, "
                         "whole-75)")  # fmt: skip
     p.set_defaults(tiles=1, size=1000, window=100, threads=2, rounds=2, layout="strips")
     args = p.parse_args(argv)
@@ -110,13 +113,18 @@ def main(argv=None) -> int:
         return dataclasses.replace(budget(*a, **k), spill_bytes=int(args.spill_gib * 2**30))
 
     reading.read_budget = read_budget
-    # each variant: (what it patches, the attribute, the value it reads with)
-    sectioned, whole = bands._sectioned, reading.IN_MEMORY_SHARE
+    # each variant: what it patches, (module, attribute, the value it reads with)
+    gate, sectioned, whole = bands._gate, bands._sectioned, reading.IN_MEMORY_SHARE
+
+    def none(*args, **kwargs):
+        return None
+
     variants = {
-        "sections": (bands, "_sectioned", sectioned),
-        "runs": (bands, "_sectioned", lambda *a, **k: None),
-        "whole-50": (reading, "IN_MEMORY_SHARE", whole),
-        "whole-75": (reading, "IN_MEMORY_SHARE", reading.HELD_SHARE),
+        "gate": [],
+        "sections": [(bands, "_gate", none)],
+        "runs": [(bands, "_gate", none), (bands, "_sectioned", none)],
+        "whole-50": [(reading, "IN_MEMORY_SHARE", whole)],
+        "whole-75": [(reading, "IN_MEMORY_SHARE", reading.HELD_SHARE)],
     }
     variants = {v: variants[v] for v in args.variants.split(",")}
     _, total = files_bytes(plan)
@@ -136,21 +144,25 @@ def main(argv=None) -> int:
         for r in range(args.rounds):
             order = list(variants) if r % 2 == 0 else list(variants)[::-1]
             for variant in order:
-                target, attribute, value = variants[variant]
-                setattr(target, attribute, value)
+                for target, attribute, value in variants[variant]:
+                    setattr(target, attribute, value)
                 try:
                     reads = read_budget(plan.config, info, Routing(), disks)
+                    plans = [(t, tile_read_plan(t, reads)) for t in plan.tiles]
                     planned = sum(
-                        planned_decode(t.grid, t.reading, tile_read_plan(t, reads), len(t.scenes))
-                        for t in plan.tiles
+                        planned_decode(t.grid, t.reading, p, len(t.scenes)) for t, p in plans
                     )
                     client.run(_start_sampling)
                     read = measured_read(plan, client, root, sample, total, args.threads)
                     (sampled,) = client.run(_stop_sampling).values()
                 finally:
-                    bands._sectioned, reading.IN_MEMORY_SHARE = sectioned, whole
+                    bands._gate, bands._sectioned = gate, sectioned
+                    reading.IN_MEMORY_SHARE = whole
                 row = {"round": r, "variant": variant, **read,
                        "planned_over_tile": round(planned / plan_bytes(plan), 3),
+                       # each tile's plan: sections, bands held at once behind a gate (0: none)
+                       "sections": [p.sections for _, p in plans],
+                       "gate": [p.gate for _, p in plans],
                        # at once, sampled every 50 ms: piece files on disk, Dask's data in
                        # memory, both together
                        "peak_piece_files_gib": round(sampled["disk"] / 2**30, 2),
