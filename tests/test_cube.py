@@ -776,19 +776,29 @@ def test_bands_that_fit_only_in_sections_are_read_section_by_section(
     it, as the plan counts (``planned_decode``), and a warning says so.  Its pieces own their
     memory, as a spilling plan's; they go to local disk where the worker has no room for them
     only where the plan counts on its disk.  With a disk, where not even the 2 bands a window
-    crosses fit it over the full width, each section is read behind a gate too (2 bands of its
-    width at a time, which fit it)."""
+    crosses fit it over the full width, each section of a striped tile is read behind a gate too
+    (2 bands of its width at a time, which fit it), where more sections without one would decode
+    more than 1.3 times as much."""
     from treesits_dask.io.bands import BANDS_HELD, plan_reads, planned_decode
 
     expected, scenes, grid, layout, held, per_scene = _spilling_plan(tmp_path, blocks)
     # 5 window columns of 10 px: sections of 2 and 3 columns (20 and 30 px), the wider one holds
     # 30/50 of the full width's bands; with a disk, 2 of the 4 bands the guard counts: 3/10 of
     # ``held``, where 2 full-width bands are 5/10 and 3 bands of a section 4.5/10
-    memory, disk = (held // 4, held * 3 // 10) if spills else (held - 1, 0)
+    gate_budget = dict(held_bytes=held // 4, spill_bytes=held * 3 // 10)
+    if blocks is not None:
+        # 16 px blocks: 3 sections without a gate decode 82/50 of the tile, 2 behind a gate
+        # 66/50, which is not worth the gate (GATE_DECODE): 3 sections
+        three = plan_reads(grid, layout, 5, per_scene, **gate_budget)
+        assert three.sections == 3 and three.gate == 0
+    gated = spills and blocks is None
+    memory, disk = (held * 3 // 5 - 1, 2) if spills else (held - 1, 0)
+    if gated:
+        memory, disk = gate_budget["held_bytes"], gate_budget["spill_bytes"]
     # a read task holds one scene's full-width band: runs of one window each
     plan = plan_reads(grid, layout, 5, per_scene, held_bytes=memory, spill_bytes=disk)
     assert plan.sections == 2 and not plan.by_window and plan.spills == spills
-    assert (plan.gate, plan.held) == ((2, held * 3 // 10) if spills else (0, held * 3 // 5))
+    assert (plan.gate, plan.held) == ((2, held * 3 // 10) if gated else (0, held * 3 // 5))
     assert {b.cols for b in plan.bands} == {(0, 20), (20, 50)}
     assert [plan.section_of(b.index) for b in plan.bands] == sorted(
         plan.section_of(b.index) for b in plan.bands
