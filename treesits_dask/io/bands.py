@@ -421,7 +421,7 @@ def _gate(
 
 
 #: a plan behind a gate is taken over one without only where that decodes more than this many
-#: times what the gate's does: a gated read cost 1.24-1.29 times as much per byte decoded (its
+#: times what the gate's does: a gated read cost 1.22-1.29 times as much per byte decoded (its
 #: bands wait for the windows of earlier ones; its pieces go through the disk).  Measured on a
 #: 12 GiB worker, 3000 px strips tile of 595 scenes: 309.6 s decoding x0.948 behind a gate
 #: against 499.5 s decoding x1.869 in 2 sections; on a 6 GiB worker, 3000 px COG of 595 scenes
