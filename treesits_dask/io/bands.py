@@ -349,18 +349,19 @@ def plan_reads(
         # and 12 GB, the next read was restarted at 95 %), and all of them may be on disk at
         # once (there, with a disk: 2.24 GiB of files for 2.24 GiB held), so they must fit it
         crossed = max(map(len, whole.of_window.values()))
-        gated = _gate(crossed, highest, grid.width, count, n_scenes, spill_bytes or 0)
-        if gated is not None:
-            gate, gate_held = gated
+        fewer, gated = _gate(crossed, highest, grid.width, count, n_scenes, spill_bytes or 0), None
+        if fewer is not None:
+            gate, gate_held = fewer
             per_scene = highest * grid.width * count * 2
             # the reading threads take the tasks of ``gate`` bands at a time: full turns of those
             batches = _batches(gate, per_scene, n_scenes, task_bytes, min_tasks, True)
             gated = ReadPlan(tuple(out), batches, spills=True, held=gate_held, gate=gate)
-        # else windows read on their own, a run of a window row's windows side by side per task
-        # as the read budget allows: a block is decoded once per run that crosses it, not once
-        # per window (a 300-row strip of a 3000 px tile: 15 times per 200 px window row, not 3
-        # times per row of 3 runs of 5); or the tile in sections of window columns side by side
-        # whose bands fit, where those decode less (a strip once per section)
+        # the plans without a gate: windows read on their own, a run of a window row's windows
+        # side by side per task as the read budget allows (a block is decoded once per run that
+        # crosses it, not once per window: a 300-row strip of a 3000 px tile 15 times per 200 px
+        # window row, not 3 times per row of 3 runs of 5), or the tile in sections of window
+        # columns side by side whose bands fit, where those decode less (a strip once per
+        # section); the gate where those decode more than GATE_DECODE times what it does
         groups = window_groups(layout, n_scenes * count * 2, task_bytes, min_tasks)
         runs = ReadPlan((), ((0, n_scenes),), by_window=True, held=held, groups=groups)
         sectioned = _sectioned(grid, layout, n_scenes, count, task_bytes, min_tasks, held_bytes,

@@ -409,9 +409,9 @@ def _picks_first(key, gated: bool = False) -> int:
     ``gated`` (a plan with a gate): a gate's tasks first too, then any task without a priority
     (what takes the windows: their predictions), then the windows, then the reads.  Dask's own
     order put every window a gate waits for first (they lead to the next band's reads), before
-    the tasks that take them away: a 3000 px strips tile of 600 scenes on a 12 GiB worker filled
-    27 GB of Dask's spill in 3 minutes with the reads after the windows, and spilled 140 GB in
-    the whole read with the windows put together before what takes them."""
+    the tasks that take them away: on a 3000 px strips tile of 600 scenes and a 12 GiB worker,
+    Dask spilled 27 GB in 3 minutes and the disk filled; with only the reads after the windows
+    it spilled 140 GB in a read of 568 s; so ordered, nothing in 355 s."""
     name = str(key[0])
     if name.startswith(("read-row-", "read-gate-", "read-done-")):
         return 1
