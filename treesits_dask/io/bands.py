@@ -298,16 +298,17 @@ def plan_reads(
     above it are put together, so that a reading worker holds no more bands than that, and every
     block is still decoded once (a 3000 px strips tile of 600 scenes whose 4 bands of 10 GiB fit
     neither memory nor disk on a 12 GiB worker was read in 2 sections, decoding its strips 1.87
-    times).  Where not even that fits, the plan reads window by window
-    (``by_window``), a run of a window row's windows side by side per task, as many as fit
-    ``task_bytes`` (at least one): memory per task is the read budget, at the price of decoding a
-    block once per run crossing it; or, where that decodes less (:func:`planned_decode`), in
-    ``sections``: the fewest sections of whole window columns side by side whose bands of all
-    scenes fit memory and disk together (with a gate where :data:`BANDS_HELD` bands of a
-    section's width do not), each read in bands of its own width, section after section, which
-    decodes a block once per section that crosses it (a full-width strip once per section, where
-    a 3000 px strips tile of 600 scenes on a 12 GiB worker with two tiles in flight read window
-    by window decoded 10 times).
+    times), where the plan without a gate (below) would decode more than :data:`GATE_DECODE` times
+    as much. Otherwise the plan reads window by window (``by_window``), a run of a window row's
+    windows side by side per task, as many as fit ``task_bytes`` (at least one): memory per task is
+    the read budget, at the price of decoding a block once per run crossing it; or, where that
+    decodes less (:func:`planned_decode`), in ``sections``: the fewest sections of whole window
+    columns side by side whose bands of all scenes fit memory and disk together (with a gate where
+    :data:`BANDS_HELD` bands of a section's width do not, and more sections without one would decode
+    more than :data:`GATE_DECODE` times as much), each read in bands of its own width, section after
+    section, which decodes a block once per section that crosses it (a full-width strip once per
+    section, where a 3000 px strips tile of 600 scenes on a 12 GiB worker with two tiles in flight
+    read window by window decoded 10 times).
     ``in_memory_bytes`` (None: ``held_bytes``): the memory a reading worker may fill with bands
     held whole in memory whose windows cross them (a window put together from two bands or more),
     whose pieces are views of them: where :data:`BANDS_HELD` such bands fit ``held_bytes`` but
