@@ -8,7 +8,9 @@ decoded once; where not even those fit, as the plan reads it then: in sections, 
 where needed); ``sections``, as before the gate, the tile in sections of whole window columns
 side by side, each in bands of its own width (a full-width strip decoded once per section);
 ``runs``, as before the sections, window by window, a run of a window row's windows side by side
-per read task (a strip decoded once per run).
+per read task (a strip decoded once per run); ``sections-75``, the plan with a section's bands held
+in memory up to 75 % of the worker (``held_bytes``), as before they were held only within half
+of it (``in_memory_bytes``) and spilled beyond it, or, without a spill disk, cut narrower.
 
 For a tile whose windows cross its bands, which fit the memory held bands may fill (75 % of the
 worker's) but not half of it: ``whole-50``, as it is now read, as a plan that spills (pieces of
@@ -71,7 +73,9 @@ def _start_sampling(dask_worker) -> None:
 def _stop_sampling(dask_worker) -> dict:
     import time
 
-    state = dask_worker._sections_sampling
+    state = getattr(dask_worker, "_sections_sampling", None)
+    if state is None:  # a worker that was restarted during the read: its samples are lost
+        return {"disk": 0, "memory": 0, "both": 0}
     state["run"] = False
     time.sleep(0.1)
     return {k: v for k, v in state.items() if k != "run"}
@@ -86,8 +90,8 @@ def main(argv=None) -> int:
                    help="local disk a tile's spilled pieces may fill (GiB)")  # fmt: skip
     p.add_argument("--tiles-in-flight", type=int, default=1)
     p.add_argument("--variants", default="gate,sections",
-                   help="the plans read, comma-separated (gate, sections, runs, whole-50, "
-                        "whole-75)")  # fmt: skip
+                   help="the plans read, comma-separated (gate, sections, runs, sections-75, "
+                        "whole-50, whole-75)")  # fmt: skip
     p.set_defaults(tiles=1, size=1000, window=100, threads=2, rounds=2, layout="strips")
     args = p.parse_args(argv)
 
@@ -119,10 +123,14 @@ def main(argv=None) -> int:
     def none(*args, **kwargs):
         return None
 
+    def held_75(*args, **kwargs):  # sections held in memory up to HELD_SHARE, as before
+        return sectioned(*args, **{**kwargs, "in_memory_bytes": None})
+
     variants = {
         "gate": [],
         "sections": [(bands, "_gate", none)],
         "runs": [(bands, "_gate", none), (bands, "_sectioned", none)],
+        "sections-75": [(bands, "_sectioned", held_75)],
         "whole-50": [(reading, "IN_MEMORY_SHARE", whole)],
         "whole-75": [(reading, "IN_MEMORY_SHARE", reading.HELD_SHARE)],
     }

@@ -875,6 +875,36 @@ def test_bands_that_fit_only_in_sections_are_read_section_by_section(
     assert done == 5 * 11 * 2 * area
 
 
+def test_sections_hold_in_memory_only_what_a_worker_holds_whole(tmp_path):
+    """A section's bands, which windows cross, are held in memory only within what a reading
+    worker holds whole of such bands (``in_memory_bytes``, half its memory), as the full width's:
+    beyond it the plan spills where it has a spill disk (pieces to disk as the worker runs short),
+    and without one the tile is cut in more sections whose bands fit it.  Held up to 75 % (2
+    sections of 2.2 GiB against 2.25 GiB), a 3 GiB worker reading a 1000 px strips tile of 600
+    scenes was restarted at 95 % in 4 of 15 reads."""
+    from treesits_dask.io.bands import plan_reads
+
+    _, _, grid, layout, held, per_scene = _spilling_plan(tmp_path, None)
+    section = held * 3 // 5  # the wider of 2 sections (30 of the 50 px) of the 4 bands counted
+
+    def plan(spill, in_memory):
+        return plan_reads(grid, layout, 5, per_scene, held_bytes=section, spill_bytes=spill,
+                          in_memory_bytes=in_memory)  # fmt: skip
+
+    # as before, where a worker holds whole all it may hold: 2 sections in memory
+    for spill in (0, 2):
+        assert (plan(spill, None).sections, plan(spill, None).spills) == (2, False)
+    # beyond what it holds whole, with a disk: the same sections, spilling
+    spilling = plan(2, section - 1)
+    assert (spilling.sections, spilling.spills, spilling.held) == (2, True, section)
+    # without a disk: 3 sections (20, 10 and 20 px) whose bands fit it
+    narrower = plan(0, held * 2 // 5)
+    assert (narrower.sections, narrower.spills, narrower.held) == (3, False, held * 2 // 5)
+    assert {b.cols for b in narrower.bands} == {(0, 20), (20, 30), (30, 50)}
+    # and where not even one window column's bands fit it, window by window
+    assert plan(0, held // 5 - 1).by_window
+
+
 @pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["strips", "tiles"])
 def test_bands_that_fit_only_two_at_a_time_are_read_behind_a_gate(tmp_path, blocks, caplog):
     """Where the 4 bands of all scenes the guard counts fit neither the reading worker's memory

@@ -308,7 +308,8 @@ def plan_reads(
     more than :data:`GATE_DECODE` times as much), each read in bands of its own width, section after
     section, which decodes a block once per section that crosses it (a full-width strip once per
     section, where a 3000 px strips tile of 600 scenes on a 12 GiB worker with two tiles in flight
-    read window by window decoded 10 times).
+    read window by window decoded 10 times).  A section's bands are held in memory only within
+    ``in_memory_bytes``; beyond it they spill, and without a spill disk they must fit it.
     ``in_memory_bytes`` (None: ``held_bytes``): the memory a reading worker may fill with bands
     held whole in memory whose windows cross them (a window put together from two bands or more),
     whose pieces are views of them: where :data:`BANDS_HELD` such bands fit ``held_bytes`` but
@@ -365,8 +366,9 @@ def plan_reads(
         # section); the gate where those decode more than GATE_DECODE times what it does
         groups = window_groups(layout, n_scenes * count * 2, task_bytes, min_tasks)
         runs = ReadPlan((), ((0, n_scenes),), by_window=True, held=held, groups=groups)
+        in_memory = held_bytes if in_memory_bytes is None else min(in_memory_bytes, held_bytes)
         sectioned = _sectioned(grid, layout, n_scenes, count, task_bytes, min_tasks, held_bytes,
-                               spill_bytes or 0, crossed)  # fmt: skip
+                               spill_bytes or 0, crossed, in_memory_bytes=in_memory)  # fmt: skip
         decode = functools.partial(planned_decode, grid, layout, n_scenes=n_scenes, count=count)
         best = runs
         if sectioned is not None and decode(sectioned) < decode(runs):
@@ -462,16 +464,19 @@ def _sectioned(
     held_bytes: int,
     spill_bytes: int,
     crossed: int,
+    in_memory_bytes: int | None = None,
 ) -> ReadPlan | None:
     """The tile read in the fewest sections of whole window columns side by side (2 or more, of
     about equal width) whose bands of all scenes fit ``held_bytes`` of memory and ``spill_bytes``
-    of spill disk together (spilling beyond ``held_bytes``); None where not even one window
-    column's do.  The guard counts :data:`BANDS_HELD` bands of a section's width, or fewer behind
-    a gate where those do not fit and fewer fit the spill disk alone (:func:`_gate`; ``crossed``:
-    the bands a window crosses; see :func:`plan_reads`): the read goes through the tile section
-    by section (:func:`~treesits_dask.io.cube.tile_cube` gives each section's tasks a lower
-    priority than the previous section's)."""
-    fits = held_bytes + spill_bytes
+    of spill disk together, spilling beyond ``in_memory_bytes`` (None: ``held_bytes``), what a
+    reading worker holds in memory of bands that windows cross; without a spill disk, whose bands
+    fit ``in_memory_bytes``; None where not even one window column's do.  The guard counts
+    :data:`BANDS_HELD` bands of a section's width, or fewer behind a gate where those do not fit
+    and fewer fit the spill disk alone (:func:`_gate`; ``crossed``: the bands a window crosses;
+    see :func:`plan_reads`): the read goes through the tile section by section
+    (:func:`~treesits_dask.io.cube.tile_cube` gives each section's tasks a lower priority than
+    the previous section's)."""
+    memory = held_bytes if in_memory_bytes is None else in_memory_bytes
     columns = layout.windows[0]
     highest = max(r1 - r0 for r0, r1 in _band_rows(grid, layout))
     decode = functools.partial(planned_decode, grid, layout, n_scenes=n_scenes, count=count)
@@ -484,7 +489,11 @@ def _sectioned(
         ]
         widest = max(c1 - c0 for c0, c1 in spans)
         gate, held = 0, _held(highest, widest, count, n_scenes)
-        spills = held > held_bytes
+        # held in memory only within ``memory``: beyond it, on a 3 GiB worker without a disk,
+        # Dask spilled and the nanny restarted the worker (4 bands of 2.2 GiB counted against
+        # 2.25 of held memory); beyond it the pieces go to disk as the worker runs short
+        spills = held > held_bytes or (held > memory and spill_bytes > 0)
+        fits = held_bytes + spill_bytes if spill_bytes > 0 else memory
         if held > fits:  # behind a gate only where its pieces fit the disk (see plan_reads)
             gated = _gate(crossed, highest, widest, count, n_scenes, spill_bytes)
             if gated is None or first_gated is not None:
