@@ -8,9 +8,9 @@ decoded once; where not even those fit, as the plan reads it then: in sections, 
 where needed); ``sections``, as before the gate, the tile in sections of whole window columns
 side by side, each in bands of its own width (a full-width strip decoded once per section);
 ``runs``, as before the sections, window by window, a run of a window row's windows side by side
-per read task (a strip decoded once per run); ``sections-75``, the plan with a section's bands held
-in memory up to 75 % of the worker (``held_bytes``), as before they were held only within half
-of it (``in_memory_bytes``) and spilled beyond it, or, without a spill disk, cut narrower.
+per read task (a strip decoded once per run); ``sections-75``, the plan as it was before a
+section's bands were held in memory only within half the worker (``in_memory_bytes``; beyond it
+they spill, or without a spill disk the sections are narrower): held up to 75 % (``held_bytes``).
 
 For a tile whose windows cross its bands, which fit the memory held bands may fill (75 % of the
 worker's) but not half of it: ``whole-50``, as it is now read, as a plan that spills (pieces of
