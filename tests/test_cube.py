@@ -815,6 +815,7 @@ def test_bands_that_fit_only_in_sections_are_read_section_by_section(
                          held_bytes=memory, spill_bytes=disk)  # fmt: skip
     assert "in 2 sections of whole window columns" in caplog.text
     assert "X0010_Y0010" in caplog.text
+    assert "fewer tiles in flight each (tiles_in_flight" in caplog.text  # what the user can change
     # the read, a task per window after it (as a prediction), one thread: what the guard counts
     # (bands of a section's width, as many as the gate lets), one section at a time (its
     # priorities)

@@ -225,7 +225,8 @@ def tile_cube(
             "of whole window columns side by side, each in bands of its own width (%d of them "
             "%.1f GiB), which decodes a file block once per section that crosses it (%.2f times "
             "the tile by the plan's count; give the reading workers more memory or local disk, "
-            "or fewer scenes per run, to decode once)",
+            "fewer tiles in flight each (tiles_in_flight: a tile's share of a reading worker's "
+            "memory and disk), or fewer scenes per run, to decode once)",
             grid.tile, len(scenes), *sizes[4:], plan.sections, plan.bands_held, plan.held / 2**30,
             planned_decode(grid, layout, plan, len(scenes)) / tile_bytes,
         )  # fmt: skip
@@ -243,8 +244,9 @@ def tile_cube(
             "tile %s: %d bands of all %d scenes (%.1f GiB) fit neither %.1f GiB of a reading "
             "worker's memory nor %.1f GiB of its spill disk: reading window by window, which "
             "decodes file blocks once per run of windows side by side crossing them (%d runs of up "
-            "to %d windows; give the reading workers more memory or local disk, or fewer scenes "
-            "per run, to decode once)",
+            "to %d windows; give the reading workers more memory or local disk, fewer tiles in "
+            "flight each (tiles_in_flight: a tile's share of a reading worker's memory and disk), "
+            "or fewer scenes per run, to decode once)",
             *sizes, len(plan.groups), max(map(len, plan.groups)),
         )  # fmt: skip
     elif plan.spills:
