@@ -123,7 +123,8 @@ _RUN_FLAGS = [
         "--tiles-in-flight",
         dict(
             type=int,
-            help="tiles processed at once (default 2); a tile whose read spills to disk also "
+            help="tiles processed at once (default 2); each tile's read gets its share of a "
+            "reading worker's memory and spill disk; a tile whose read spills to disk also "
             "starts beyond it on a reading worker that reads no tile",
         ),
     ),
