@@ -522,6 +522,69 @@ def test_a_tile_whose_bands_fit_only_fewer_or_in_sections_maps_the_same_values(
     _assert_same_maps(tmp_path / "a", tmp_path / "b")
 
 
+def test_a_tile_that_decodes_less_alone_is_read_with_no_other_tile_beside_it(
+    native_lstm, tmp_path, client, monkeypatch, caplog
+):
+    """Where ``tiles_in_flight`` gives a reading worker more than one tile (4 tiles on the test's 2
+    workers) and a tile's share of a worker (half) would have it read in sections, decoding each
+    strip twice, where the whole worker's budget reads it in full-width bands: the tile is read
+    with the whole worker's budget and no more tiles in flight than reading workers while it is,
+    says so, and maps the same values."""
+    import dataclasses
+    import logging
+
+    from treesits_dask.io.bands import plan_reads
+    from treesits_dask.pipeline import reading, schedule
+    from treesits_dask.pipeline.plan import make_plan
+    from treesits_dask.synthetic import make_cube
+
+    names = ("X0069_Y0043", "X0070_Y0043", "X0071_Y0043")
+    cube = make_cube(tmp_path / "cube", tiles=names, size=300, n_scenes=5, layout="strips", seed=4,
+                     mask_dir=str(tmp_path / "masks"))  # fmt: skip
+
+    def config(out, **kw):
+        return _window_config(cube, native_lstm, out).model_copy(update=kw)
+
+    t = make_plan(config(tmp_path / "a")).tiles[0]
+    run(config(tmp_path / "a"), client=client)
+    held = plan_reads(t.grid, t.reading, len(t.scenes), 1 << 40).held
+    per_window = t.reading.shape[0] * t.reading.shape[1] * t.grid.count * 2 * len(t.scenes)
+    budget = reading.read_budget
+
+    def halved(cfg, *args, **kwargs):  # a tile's share: 4 bands fit with 2 tiles per worker only
+        got = budget(cfg, *args, **kwargs)
+        memory = held * 7 // 10 if cfg.tiles_in_flight > 2 else held * 2
+        return dataclasses.replace(got, task_bytes=per_window, held_bytes=memory,
+                                   spill_bytes=None, in_memory_bytes=memory)  # fmt: skip
+
+    monkeypatch.setattr(schedule, "read_budget", halved)
+    monkeypatch.setattr(reading, "read_budget", halved)
+    shared, whole = (
+        halved(config(tmp_path, tiles_in_flight=n), {}, schedule.Routing()) for n in (4, 2)
+    )
+    assert (tile_plan := reading.tile_read_plan(t, shared)).sections == 2 and not tile_plan.gate
+    assert reading.tile_read_plan(t, whole).sections == 1
+    assert reading.read_alone(t, shared, whole) and not reading.read_alone(t, whole, whole)
+    in_flight = []
+    submit = schedule._Scheduler.submit
+
+    def counted(self, tile):
+        submit(self, tile)
+        in_flight.append(len(self.state))
+
+    monkeypatch.setattr(schedule._Scheduler, "submit", counted)
+    with caplog.at_level(logging.INFO, logger="treesits_dask"):
+        run(config(tmp_path / "b", tiles_in_flight=4), client=client)
+    for name in names:
+        assert (
+            f"tile {name}: read with no other tile beside it on its reading worker" in caplog.text
+        )
+    assert "decode 2.00 times what it decodes with the whole worker's" in caplog.text
+    assert "sections of whole window columns" not in caplog.text
+    assert len(in_flight) == 3 and max(in_flight) <= 2  # the reading workers, not 4
+    _assert_same_maps(tmp_path / "a", tmp_path / "b")
+
+
 @pytest.mark.parametrize(
     "layout,size,window,chunk,chunks,windows",
     [

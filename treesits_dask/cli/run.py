@@ -124,8 +124,9 @@ _RUN_FLAGS = [
         dict(
             type=int,
             help="tiles processed at once (default 2); each tile's read gets its share of a "
-            "reading worker's memory and spill disk; a tile whose read spills to disk also "
-            "starts beyond it on a reading worker that reads no tile",
+            "reading worker's memory and spill disk, and a tile that would decode more with its "
+            "share than with a whole worker is read alone on its worker; a tile whose read "
+            "spills to disk also starts beyond it on a reading worker that reads no tile",
         ),
     ),
     (

@@ -48,10 +48,14 @@ from .postprocess import update_derived
 from .predict import Inference, ModelPlugin, annotate, inference_stats, predict_layer
 from .reading import (
     ReadBudget,
+    alone_budget,
     idle_reader,
     pinned_worker,
+    read_alone,
     read_budget,
+    reading_workers,
     spill_worker,
+    tile_decode,
     tile_ordered,
     tile_spills,
     worker_disks,
@@ -172,10 +176,15 @@ class _Scheduler:
         clock,
         routing: Routing,
         reads: ReadBudget | None = None,
+        alone: ReadBudget | None = None,
+        alone_tiles: int = 1,
     ):
         from distributed import as_completed
 
         self.job, self.plan, self.routing, self.reads = job, job.plan, routing, reads
+        # the budget of a tile read with no other tile beside it on its reading worker, and how
+        # many tiles are in flight at most while such a tile is (the reading workers)
+        self.alone, self.alone_tiles, self._alone = alone, alone_tiles, {}
         self.client, self.cb, self.result, self.clock = client, cb, result, clock
         self.pending = tiles_that_fit(self.plan, client, routing, cb, result)
         self.state: dict[str, dict] = {}
@@ -189,20 +198,49 @@ class _Scheduler:
         session, fork = self.plan.repo.tile_session()
         workers = self.client.scheduler_info(n_workers=-1)["workers"]
         worker = spill_worker(workers, self.routing, [s.get("worker") for s in self.state.values()])
-        keys, graph = tile_graph(self.plan, tile, fork, self.routing, self.reads, worker)
+        reads, alone = self._budget(tile), self._read_alone(tile)
+        if alone:
+            log.info(
+                "tile %s: read with no other tile beside it on its reading worker: with %d tiles "
+                "in flight on %d reading worker(s), its share of a worker would have its plan "
+                "decode %.2f times what it decodes with the whole worker's",
+                tile.tile, self.plan.config.tiles_in_flight, self.alone_tiles,
+                tile_decode(tile, self.reads) / tile_decode(tile, self.alone),
+            )  # fmt: skip
+        keys, graph = tile_graph(self.plan, tile, fork, self.routing, reads, worker)
         if worker := pinned_worker(graph):  # None where the tile's plan does not spill
             log.info("tile %s spills its bands: read on worker %s alone", tile.tile, worker)
         # annotated graphs must not be optimised: fusion drops or merges the annotations (the
         # resources, a pinned worker, the order of a tile's sections or of its gate)
-        annotated = self.routing.gpu or worker or tile_ordered(tile, self.reads)
+        annotated = self.routing.gpu or worker or tile_ordered(tile, reads)
         delayed = [Delayed(k, graph, layer=k[0]) for k in keys]
         futures = self.client.compute(delayed, optimize_graph=not annotated)
         self.state[tile.tile] = {
             "plan": tile, "left": len(futures), "stats": [], "session": session,
-            "t0": time.perf_counter(), "futures": futures, "worker": worker,
+            "t0": time.perf_counter(), "futures": futures, "worker": worker, "alone": alone,
         }  # fmt: skip
         for f in futures:
             self._follow(f, tile.tile, "window")
+
+    def _read_alone(self, tile: TilePlan) -> bool:
+        """Whether ``tile`` is read with no other tile beside it on its reading worker
+        (:func:`~treesits_dask.pipeline.reading.read_alone`), found once per tile."""
+        if tile.tile not in self._alone:
+            self._alone[tile.tile] = read_alone(tile, self.reads, self.alone)
+        return self._alone[tile.tile]
+
+    def _budget(self, tile: TilePlan) -> ReadBudget | None:
+        """The read budget of ``tile``: the whole reading worker's where it is read alone, else
+        its share under ``tiles_in_flight``."""
+        return self.alone if self._read_alone(tile) else self.reads
+
+    def _in_flight(self, tile: TilePlan) -> int:
+        """How many tiles may be in flight when ``tile`` is next: ``tiles_in_flight``, or the
+        reading workers' count while a tile read alone is in flight or ``tile`` is one."""
+        most = self.plan.config.tiles_in_flight
+        if self._read_alone(tile) or any(s.get("alone") for s in self.state.values()):
+            return min(most, self.alone_tiles)
+        return most
 
     def submit_cogs(self, tile: str, record: dict, snapshot: str, variables=None) -> None:
         """COGs of a finished tile from the map at ``snapshot`` (``variables``: default all)."""
@@ -287,7 +325,7 @@ class _Scheduler:
 
     def fill(self) -> None:
         while self.pending:
-            if len(self.state) < self.plan.config.tiles_in_flight:
+            if len(self.state) < self._in_flight(self.pending[0]):
                 self.submit(self.pending.pop(0))
             elif self._idle_reader(self.pending[0]):
                 log.info("tile %s spills its bands and a reading worker reads no tile: started "
@@ -302,7 +340,7 @@ class _Scheduler:
         worker's budget is one tile's while the tiles in flight are no more than the reading
         workers (:func:`read_budget`), so beyond ``tiles_in_flight`` such tiles go on starting, one
         on each idle reading worker; otherwise all but ``tiles_in_flight`` of them stood idle."""
-        if not tile_spills(tile, self.reads):
+        if not tile_spills(tile, self._budget(tile)):
             return False
         busy = [s.get("worker") for s in self.state.values()]
         return idle_reader(self.client.scheduler_info(n_workers=-1)["workers"], self.routing, busy)
@@ -344,9 +382,8 @@ def run_tiles(job: Job, client, cb: RunCallbacks, result: RunResult, clock=None)
     log.info(
         "routing: reads %s, inference %s", routing.read or "anywhere", routing.predict or "anywhere"
     )
-    reads = read_budget(
-        cfg, client.scheduler_info(n_workers=-1)["workers"], routing, worker_disks(client)
-    )
+    workers, disks = client.scheduler_info(n_workers=-1)["workers"], worker_disks(client)
+    reads = read_budget(cfg, workers, routing, disks)
     log.info(
         "reads: up to %.0f MiB of decoded scenes per read task, %d reading threads",
         reads.task_bytes / 2**20,
@@ -365,7 +402,11 @@ def run_tiles(job: Job, client, cb: RunCallbacks, result: RunResult, clock=None)
     cb.start(
         sum(plan.windows_per_tile(t) for t in plan.tiles), getattr(client, "dashboard_link", None)
     )
-    _Scheduler(job, client, cb, result, clock, routing, reads).loop()
+    # where tiles_in_flight gives a reading worker more than one tile, a tile whose plan decodes
+    # more with its share than with the whole worker is read with no other tile beside it
+    alone = alone_budget(cfg, workers, routing, disks)
+    count = reading_workers(workers, routing)
+    _Scheduler(job, client, cb, result, clock, routing, reads, alone, count).loop()
     result.inference = collect_inference(client, inference_stats)
     # the layers made from the stored map (smoothing across tiles, overviews), now that the
     # tiles are committed
