@@ -15,14 +15,14 @@ worker's, as a run reads a tile whose plan decodes more with its share
 ``--disk-gib``: the free local disk the worker reports (half of it counted on for spilled pieces,
 shared out among the tiles in flight), whatever its disk has.  Prints one JSON line per read:
 seconds (of all tiles), read / one-thread floor, decoded / uncompressed bytes (counted) and as the
-plans count them, each tile's sections and gate, pieces written to local disk, what Dask spilled,
-the worker's peak RSS and restarts.
+plans count them, read tasks and modes, the worker's CPU time, each tile's sections, gate and
+spilling, pieces written to local disk, what Dask spilled, the worker's peak RSS and restarts
+(``bench.real.measured_read``).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 
@@ -38,18 +38,8 @@ def main(argv=None) -> int:
     p.set_defaults(tiles=2, size=1000, window=100, threads=2, rounds=2, layout="strips")
     args = p.parse_args(argv)
 
-    from treesits_dask.bench.measure import (
-        bench_cluster,
-        bench_config,
-        cube_workdir,
-        decode_run,
-        emit_row,
-        reset_vm_hwm,
-        vm_hwm,
-    )
-    from treesits_dask.bench.pagecache import page_in
-    from treesits_dask.bench.real import files_bytes, floor_sample, floors
-    from treesits_dask.io.bands import planned_decode
+    from treesits_dask.bench.measure import bench_cluster, bench_config, cube_workdir, emit_row
+    from treesits_dask.bench.real import files_bytes, floor_sample, measured_read, plan_bytes
     from treesits_dask.pipeline import reading
     from treesits_dask.pipeline.cluster import Routing
     from treesits_dask.pipeline.plan import make_plan
@@ -83,34 +73,14 @@ def main(argv=None) -> int:
                     plan.config, info, Routing(), reading.worker_disks(None)
                 )
                 plans = [(t, reading.tile_read_plan(t, reads)) for t in plan.tiles]
-                one = floors(sample, args.threads)[0]["mb_s"]
-                page_in(str(root))
-                client.run(reset_vm_hwm)
-                runs = (
-                    [decode_run(plan, client)]
-                    if variant == "together"
-                    else [
-                        decode_run(dataclasses.replace(plan, tiles=[t]), client) for t in plan.tiles
-                    ]
-                )
-                peak = max(client.run(vm_hwm).values())
-                seconds = sum(x["seconds"] for x in runs)
-                planned = sum(planned_decode(t.grid, t.reading, q, len(t.scenes)) for t, q in plans)
-                row = {"round": r, "variant": variant, "seconds": round(seconds, 2),
-                       "floor_mb_s": round(one),
-                       "read_over_floor": round(total / seconds / 1e6 / args.threads / one, 3),
-                       "decoded_over_uncompressed": round(
-                           sum(x["decoded_bytes"] for x in runs) / total, 3),
-                       "planned_over_uncompressed": round(
-                           planned / sum(len(t.scenes) * t.grid.height * t.grid.width
-                                         * t.grid.count * 2 for t in plan.tiles), 3),
+                read = measured_read(plan, client, root, sample, total, args.threads,
+                                     one_by_one=variant == "alone")  # fmt: skip
+                planned = sum(reading.tile_decode(t, reads) for t in plan.tiles)
+                row = {"round": r, "variant": variant, **read,
+                       "planned_over_uncompressed": round(planned / plan_bytes(plan), 3),
                        "sections": [q.sections for _, q in plans],
                        "gate": [q.gate for _, q in plans],
-                       "spills": [q.spills for _, q in plans],
-                       "written_gb": round(sum(x["written_bytes"] for x in runs) / 1e9, 2),
-                       "spilled_gb": round(sum(x["spilled_bytes"] for x in runs) / 1e9, 2),
-                       "peak_rss_gib": round(peak / 2**30, 2) if peak else None,
-                       "worker_restarts": sum(x["worker_restarts"] for x in runs)}  # fmt: skip
+                       "spills": [q.spills for _, q in plans]}  # fmt: skip
                 emit_row(report, row, args.json)
     finally:
         reading.worker_disks = disks

@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         cube_workdir,
         emit_row,
     )
-    from treesits_dask.bench.real import files_bytes, floor_sample, measured_read
+    from treesits_dask.bench.real import files_bytes, floor_sample, measured_read, plan_bytes
     from treesits_dask.io import bands
     from treesits_dask.io.bands import planned_decode
     from treesits_dask.pipeline import reading
@@ -184,12 +184,6 @@ def main(argv=None) -> int:
         if tmp is not None:
             tmp.cleanup()
     return 0
-
-
-def plan_bytes(plan) -> int:
-    """Uncompressed bytes of the BOA of every scene of every tile of ``plan`` (what
-    :func:`~treesits_dask.io.bands.planned_decode` counts against)."""
-    return sum(len(t.scenes) * t.grid.height * t.grid.width * t.grid.count * 2 for t in plan.tiles)
 
 
 if __name__ == "__main__":

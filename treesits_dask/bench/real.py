@@ -71,6 +71,7 @@ __all__ = [
     "measured_read",
     "memory_floor",
     "parallel_floor",
+    "plan_bytes",
     "split_even",
 ]
 
@@ -229,30 +230,47 @@ def cpu_times() -> tuple[float, float]:
     return r.ru_utime, r.ru_stime
 
 
-def measured_read(plan, client, root, sample, total: int, threads: int) -> dict:
+def measured_read(
+    plan, client, root, sample, total: int, threads: int, one_by_one: bool = False
+) -> dict:
     """One read of the benchmark scripts that alternate plans on one worker: the one-thread decode
     floor of ``sample`` (:func:`floor_sample`) measured just before, the cube under ``root`` paged
-    in, :func:`~treesits_dask.bench.measure.decode_run` of ``plan``; the row's common figures
-    (seconds, read / floor for ``total`` uncompressed bytes on ``threads`` threads, decoded /
-    uncompressed, read tasks and modes, the worker's CPU time, pieces written, what Dask spilled,
-    the worker's peak RSS, restarts)."""
+    in, :func:`~treesits_dask.bench.measure.decode_run` of ``plan`` (``one_by_one``: of each of its
+    tiles, one after the other); the row's common figures, of all its tiles (seconds, read / floor
+    for ``total`` uncompressed bytes on ``threads`` threads, decoded / uncompressed, read tasks and
+    modes, the worker's CPU time, pieces written, what Dask spilled, the worker's peak RSS,
+    restarts)."""
+    import dataclasses
+
     one = floors(sample, threads)[0]["mb_s"]
     page_in(str(root))
     (before,) = client.run(cpu_times).values()
     client.run(reset_vm_hwm)
-    run = decode_run(plan, client)
+    parts = [dataclasses.replace(plan, tiles=[t]) for t in plan.tiles] if one_by_one else [plan]
+    runs = [decode_run(part, client) for part in parts]
     (after,) = client.run(cpu_times).values()
     peak = max(client.run(vm_hwm).values())
-    mbs = total / run["seconds"] / 1e6 / threads
-    return {"seconds": round(run["seconds"], 2), "floor_mb_s": round(one),
+
+    def summed(key: str):
+        return sum(r[key] for r in runs)
+
+    mbs = total / summed("seconds") / 1e6 / threads
+    return {"seconds": round(summed("seconds"), 2), "floor_mb_s": round(one),
             "read_over_floor": round(mbs / one, 3),
-            "decoded_over_uncompressed": round(run["decoded_bytes"] / total, 3),
-            "read_tasks": run["read_tasks"], "read_modes": run["read_modes"],
+            "decoded_over_uncompressed": round(summed("decoded_bytes") / total, 3),
+            "read_tasks": summed("read_tasks"),
+            "read_modes": sorted({m for r in runs for m in r["read_modes"]}),
             "user_s": round(after[0] - before[0], 1), "system_s": round(after[1] - before[1], 1),
-            "written_gb": round(run["written_bytes"] / 1e9, 2),
-            "spilled_gb": round(run["spilled_bytes"] / 1e9, 2),
+            "written_gb": round(summed("written_bytes") / 1e9, 2),
+            "spilled_gb": round(summed("spilled_bytes") / 1e9, 2),
             "peak_rss_gib": round(peak / 2**30, 2) if peak else None,
-            "worker_restarts": run["worker_restarts"]}  # fmt: skip
+            "worker_restarts": summed("worker_restarts")}  # fmt: skip
+
+
+def plan_bytes(plan) -> int:
+    """Uncompressed bytes of the BOA of every scene of every tile of ``plan`` (what
+    :func:`~treesits_dask.io.bands.planned_decode` counts against)."""
+    return sum(len(t.scenes) * t.grid.height * t.grid.width * t.grid.count * 2 for t in plan.tiles)
 
 
 def _reads(plan, args, memory_limit: str, cores: int, cube_root: str) -> dict:
