@@ -516,9 +516,16 @@ def test_a_tile_whose_bands_fit_only_fewer_or_in_sections_maps_the_same_values(
         assert f"tile {t.tile} spills its bands: read on worker" in caplog.text
         assert f"tile {t.tile}: 4 bands of all 5 scenes over its full width" in caplog.text
         assert "reading it 2 bands at a time" in caplog.text
+        assert "times its bytes by the plan's count" not in caplog.text  # decoded once
     else:
-        assert f"tile {t.tile}: the bands of all 5 scenes over its full width" in caplog.text
+        started = caplog.text.index(f"tile {t.tile}: the bands of all 5 scenes over its full width")
         assert "in 2 sections of whole window columns" in caplog.text
+        # said before any tile started, with the disk that would have it decode once
+        said = caplog.text.index(
+            f"tile {t.tile}: read in 2 sections of window columns, it decodes 2.00 times its bytes "
+            "by the plan's count; with "
+        )
+        assert said < started and "GiB of free local disk per reading worker" in caplog.text
     _assert_same_maps(tmp_path / "a", tmp_path / "b")
 
 

@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
-        "plan", help="dry run: tiles, scenes, windows, memory estimate, cluster (JSON)"
+        "plan",
+        help="dry run: tiles, scenes, windows, memory estimate, cluster, each tile's read plan "
+        "(JSON; a warning per tile whose read would decode its blocks more than once)",
     )
     add_run_flags(p)
     p.add_argument(

@@ -146,7 +146,9 @@ class RunPlan:
     def summary(self) -> dict:
         """JSON-able description (what ``plan`` prints)."""
         from .cluster import describe
+        from .preview import read_preview
 
+        reads = read_preview(self)
         tiles = [
             {
                 "tile": t.tile,
@@ -161,6 +163,7 @@ class RunPlan:
                 "mask": t.mask.url if t.mask else None,
                 "window_mib": round(self.window_bytes(t) / 2**20, 1),
                 "why": list(t.reasons),
+                "read": reads["tiles"][t.tile] if reads["known"] else None,
             }
             for t in self.tiles
         ]
@@ -193,6 +196,7 @@ class RunPlan:
                 "cluster_mib_estimate": round(max_window * 2.5 * concurrent / 2**20, 1),
             },
             "cluster": cluster,
+            "reads": {k: v for k, v in reads.items() if k != "tiles"},
         }
 
 

@@ -46,6 +46,7 @@ from .plan import RunPlan, TilePlan
 from .plugins import register_pinned_reads, worker_plugins
 from .postprocess import update_derived
 from .predict import Inference, ModelPlugin, annotate, inference_stats, predict_layer
+from .preview import decode_warnings, reads_report
 from .reading import (
     ReadBudget,
     alone_budget,
@@ -406,6 +407,12 @@ def run_tiles(job: Job, client, cb: RunCallbacks, result: RunResult, clock=None)
     # more with its share than with the whole worker is read with no other tile beside it
     alone = alone_budget(cfg, workers, routing, disks)
     count = reading_workers(workers, routing)
+    # before any tile starts (a tile's own read logs its plan only as it starts, maybe hours in):
+    # the tiles whose read plans decode their blocks more than once, and the disk to decode once
+    where = "kubernetes.scratch_size" if cfg.cluster == "kubernetes" else "the workers' disks"
+    report = reads_report(cfg, workers, disks, routing, where, plan.tiles, (reads, alone))
+    for line in decode_warnings(report):
+        log.warning("%s", line)
     _Scheduler(job, client, cb, result, clock, routing, reads, alone, count).loop()
     result.inference = collect_inference(client, inference_stats)
     # the layers made from the stored map (smoothing across tiles, overviews), now that the

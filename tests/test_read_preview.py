@@ -1,0 +1,147 @@
+"""`plan` says how each tile would be read before any cluster exists: the read budget of the
+workers the settings start, each tile's read plan, what it decodes, and the disk that would have
+it decode once (`pipeline.preview`)."""
+
+import json
+import os
+
+import pytest
+import yaml
+
+from treesits_dask.cli import main
+from treesits_dask.config import load_config
+
+
+def _linked_cube(tmp_path, n_scenes: int):
+    """A 1000 px FORCE < 3.8 tile (100-row LZW strips) of ``n_scenes`` scenes: one scene's BOA and
+    QAI written by the generator, hard-linked under the names of the others (``plan`` reads only
+    headers, and a tile's read plan counts scenes, not their values)."""
+    from treesits_dask.synthetic import make_cube
+
+    one = make_cube(tmp_path / "one", size=1000, n_scenes=1, layout="strips", seed=2)
+    (tile,) = one.tiles
+    src = tmp_path / "one" / tile
+    (boa,) = sorted(src.glob("*_SEN2?_BOA.tif"))
+    root = tmp_path / "cube"
+    (root / tile).mkdir(parents=True)
+    (root / "datacube-definition.prj").write_bytes(
+        (tmp_path / "one" / "datacube-definition.prj").read_bytes()
+    )
+    for i in range(n_scenes):
+        date = f"{2018 + i // 300}{1 + i % 300 // 25:02d}{1 + i % 25:02d}"
+        for kind in ("BOA", "QAI"):
+            os.link(
+                str(boa).replace("_BOA", f"_{kind}"),
+                root / tile / f"{date}_LEVEL2_SEN2A_{kind}.tif",
+            )
+    return root, tile
+
+
+def _kube_plan(tmp_path, capsys, cube, model, scratch: str) -> tuple[dict, str]:
+    """``plan`` on Kubernetes settings of one CPU worker of 1 thread and 2 GiB, one tile in flight
+    and ``scratch`` of scratch volume (the disk a run counts on there, so the plan is the same on
+    every machine): (its JSON, its stderr)."""
+    run_yaml = tmp_path / f"run-{scratch}.yaml"
+    run_yaml.write_text(
+        yaml.safe_dump(
+            {
+                "cube": str(cube), "tiles": "all", "output": str(tmp_path / "out"),
+                "model": model, "window": "100x100", "cluster": "kubernetes",
+                "tiles_in_flight": 1,
+                "kubernetes": {
+                    "scratch_size": scratch,
+                    "gpu": {"enabled": False},
+                    "cpu": {"workers": 1, "threads": 1, "memory_request": "2Gi",
+                            "memory_limit": "2Gi", "cpu_request": "1", "cpu_limit": "1"},
+                },
+            }
+        )
+    )  # fmt: skip
+    rc = main(["plan", "--config", str(run_yaml)])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    return json.loads(out.out), out.err
+
+
+def test_plan_names_a_tile_that_would_decode_more_than_once_and_the_disk_to_decode_it_once(
+    native_lstm, tmp_path, capsys
+):
+    """A 1000 px strips tile of 300 scenes on a 2 GiB Kubernetes worker with 1 GiB of scratch: its
+    4 bands of all scenes (2.2 GiB) fit neither, so its plan decodes the strips more than once, and
+    ``plan`` says so, naming the tile and the scratch volume on which it would decode once; with
+    that scratch volume it does, with 1 GiB less it does not."""
+    from treesits_dask.io.bands import plan_reads, planned_decode
+    from treesits_dask.pipeline.plan import make_plan
+    from treesits_dask.pipeline.preview import DECODE_ONCE
+
+    cube, tile = _linked_cube(tmp_path, 300)
+    summary, err = _kube_plan(tmp_path, capsys, cube, native_lstm, "1Gi")
+    reads, (entry,) = summary["reads"], summary["tiles"]
+    assert reads["known"] and reads["reading_workers"] == 1
+    assert reads["disk"] == "kubernetes.scratch_size" and reads["free_disk_gib"] == 1.0
+    read = entry["read"]
+    assert read["decoded_over_tile"] > DECODE_ONCE and not read["read_alone"]
+    need = read["decode_once_free_disk_gib"]
+    assert need is not None and need > 1
+    assert f"tile {tile}: read {read['mode']}, it decodes {read['decoded_over_tile']:.2f}" in err
+    assert f"with {need} GiB of free local disk per reading worker (kubernetes.scratch_size" in err
+
+    # the figures are those of the tile's read plan under the budget a run derives
+    config = load_config(
+        overrides=dict(cube=str(cube), tiles="all", output=str(tmp_path / "o"),
+                       model=native_lstm, window="100x100"),
+        environ={},
+    )  # fmt: skip
+    t = make_plan(config).tiles[0]
+    gib = 2**30
+    plan = plan_reads(t.grid, t.reading, 300, int(2 * gib * 0.25), min_tasks=1,
+                      held_bytes=int(2 * gib * 0.75), spill_bytes=gib // 2,
+                      in_memory_bytes=gib)  # fmt: skip
+    decoded = planned_decode(t.grid, t.reading, plan, 300) / (300 * 1000 * 1000 * 10 * 2)
+    assert read["decoded_over_tile"] == round(decoded, 3)
+
+    enough, err = _kube_plan(tmp_path, capsys, cube, native_lstm, f"{need}Gi")
+    assert enough["tiles"][0]["read"]["decoded_over_tile"] <= DECODE_ONCE
+    assert "decode_once_free_disk_gib" not in enough["tiles"][0]["read"] and "warning" not in err
+    short, _ = _kube_plan(tmp_path, capsys, cube, native_lstm, f"{need - 1}Gi")
+    assert short["tiles"][0]["read"]["decoded_over_tile"] > DECODE_ONCE
+
+
+def test_the_plans_read_budget_is_the_one_a_run_finds_on_the_cluster_it_starts(
+    small_cube, native_lstm, tmp_path
+):
+    """The budget ``plan`` derives from the settings (a LocalCluster of 2 workers of 1 thread and
+    1.5 GiB) is the one a run derives from that cluster's workers once started: the same read
+    task budget, threads, memory and spill disk (to the free disk's drift while it starts)."""
+    from treesits_dask.pipeline.cluster import connect, declared_routing, routing_for
+    from treesits_dask.pipeline.preview import declared_workers
+    from treesits_dask.pipeline.reading import read_budget, worker_disks
+
+    config = load_config(
+        overrides=dict(cube=small_cube.root, tiles="all", output=str(tmp_path / "out"),
+                       model=native_lstm, workers=2, threads_per_worker=1, memory_limit="1.5GiB"),
+        environ={},
+    )  # fmt: skip
+    workers, disks, _ = declared_workers(config)
+    declared = read_budget(config, workers, declared_routing(config), disks)
+    with connect(config) as client:
+        found = client.scheduler_info(n_workers=-1)["workers"]
+        run = read_budget(config, found, routing_for(config, found), worker_disks(client))
+    assert len(found) == len(workers) == 2
+    assert (declared.task_bytes, declared.threads, declared.memory_limit) == (
+        run.task_bytes, run.threads, run.memory_limit)  # fmt: skip
+    assert (declared.held_bytes, declared.in_memory_bytes) == (run.held_bytes, run.in_memory_bytes)
+    assert declared.spill_bytes == pytest.approx(run.spill_bytes, rel=0.01)
+
+
+def test_plan_of_a_standing_cluster_says_its_reads_are_known_when_a_run_connects(
+    small_cube, native_lstm, tmp_path, capsys
+):
+    rc = main(["plan", "--cube", small_cube.root, "--tiles", "all", "--model", native_lstm,
+               "--output", str(tmp_path / "out"), "--scheduler-address",
+               "tcp://127.0.0.1:1"])  # fmt: skip
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    summary = json.loads(out.out)
+    assert summary["reads"]["known"] is False and "scheduler_address" in summary["reads"]["why"]
+    assert all(t["read"] is None for t in summary["tiles"])

@@ -1,0 +1,277 @@
+"""How each tile of a run would be read, known before any cluster exists (``plan``'s ``reads``).
+
+A run derives its read budget from the reading workers it finds (their memory limits and threads,
+and the free local disk where they spill: :func:`~treesits_dask.pipeline.reading.read_budget`) and
+plans each tile's read under it (:func:`~treesits_dask.io.bands.plan_reads`): in bands that decode
+every block once, or, where a tile's bands of all scenes fit neither memory nor disk, in sections
+of window columns or window by window, which decode blocks more than once (a 3000 px strips tile
+of 600 scenes on this VM's default LocalCluster with 19 GiB free: twice).  A national run should
+know that before it starts, so here the same budget is derived from the workers the settings
+start: a LocalCluster's on this machine (its memory limit as Dask parses it, the free disk of
+Dask's temporary directory), or the Kubernetes worker groups' limits and scratch volume.  For a
+standing cluster (``scheduler_address``) the workers are known only once a run connects.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+
+from ..config import RunConfig
+from ..config.kube_resources import parse_quantity
+from ..io.bands import ReadPlan, planned_decode
+from .cluster import Routing, declared_routing, local_cluster_kwargs
+from .reading import (
+    ReadBudget,
+    alone_budget,
+    read_alone,
+    read_budget,
+    reading_workers,
+    routed_workers,
+    tile_read_plan,
+)
+
+__all__ = [
+    "DECODE_ONCE",
+    "budgets_on",
+    "declared_workers",
+    "decode_warnings",
+    "plan_mode",
+    "read_preview",
+    "reads_report",
+    "tile_reads",
+]
+
+log = logging.getLogger(__name__)
+
+#: a tile's read "decodes once" where its plan decodes at most this many times its uncompressed
+#: bytes (COG blocks at the tile's edge are decoded whole: 3072 of 3000 px is 1.05)
+DECODE_ONCE = 1.1
+
+#: the most free disk per reading worker searched for one on which a tile decodes once (GiB)
+_MOST_DISK = 1 << 16
+
+
+def declared_workers(config: RunConfig) -> tuple[dict[str, dict], dict[str, int], str] | None:
+    """The workers the settings start, as ``scheduler_info()["workers"]`` describes them (memory
+    limit, threads, the resources they advertise), the free local disk of each where it spills,
+    and where that disk is (for the messages); None for a standing cluster
+    (``scheduler_address``), whose workers only a run that connects to it finds.
+
+    A LocalCluster's workers (and the local CPU and GPU groups) take the memory limit that Dask
+    parses from ``memory_limit`` for their threads, and spill under Dask's temporary directory on
+    this machine.  Kubernetes worker groups count with their fixed size (an adaptive group: its
+    minimum, at least the one worker a run waits for), their memory limit and their scratch
+    volume (``kubernetes.scratch_size``, which a run caps the free disk with)."""
+    if config.scheduler_address:
+        return None
+    workers: dict[str, dict] = {}
+    if config.cluster == "kubernetes":
+        k = config.kubernetes
+        advertised = k.worker_resources()
+        groups = [("cpu", k.cpu)] + ([("gpu", k.gpu)] if k.gpu.enabled else [])
+        for name, group in groups:
+            for i in range(0 if group.empty else max(1, group.initial_workers)):
+                workers[f"{name}-{i}"] = {
+                    "memory_limit": group.memory_limit_bytes,
+                    "nthreads": group.threads,
+                    "resources": advertised[name],
+                }
+        scratch = int(parse_quantity(k.scratch_size, "scratch_size"))
+        return workers, dict.fromkeys(workers, scratch), "kubernetes.scratch_size"
+    from distributed.worker_memory import parse_memory_limit
+
+    kw = local_cluster_kwargs(config)
+    groups = [("cpu", kw["n_workers"], kw["threads_per_worker"])]
+    if config.local_gpu_workers:
+        groups.append(("gpu", config.local_gpu_workers, config.gpu_windows_in_flight))
+    for name, count, threads in groups:
+        limit = parse_memory_limit(kw["memory_limit"], threads, os.cpu_count() or 1, logger=log)
+        resources = {}
+        if config.local_gpu_workers:  # the local CPU + GPU groups advertise their resource
+            resources = {"CPU": threads} if name == "cpu" else {"GPU": 1}
+        for i in range(count):
+            workers[f"{name}-{i}"] = {
+                "memory_limit": limit or 0,
+                "nthreads": threads,
+                "resources": resources,
+            }
+    import dask
+
+    where = dask.config.get("temporary-directory", None) or tempfile.gettempdir()
+    free = shutil.disk_usage(where).free
+    return workers, dict.fromkeys(workers, free), where
+
+
+def plan_mode(plan: ReadPlan) -> str:
+    """How a :class:`~treesits_dask.io.bands.ReadPlan` reads its tile, in words that follow
+    "read"."""
+    if plan.aligned:
+        return "in chunks of whole blocks"
+    if plan.by_window:
+        return "window by window"
+    how = f"in {plan.sections} sections of window columns" if plan.sections > 1 else "in bands"
+    if plan.gate:
+        how += f", {plan.gate} band{'s' if plan.gate > 1 else ''} at a time behind a gate"
+    if plan.spills:
+        how += ", pieces to local disk beyond memory"
+    return how
+
+
+def budgets_on(config: RunConfig, workers: dict, routing: Routing):
+    """A function of free local disk (bytes per reading worker) to the read budgets a run derives
+    from ``workers`` (``scheduler_info()["workers"]``) with that disk: (a tile's share of a reading
+    worker, :func:`~treesits_dask.pipeline.reading.read_budget`; the whole worker's where a tile
+    is read alone, :func:`~treesits_dask.pipeline.reading.alone_budget`)."""
+
+    def on(free: int) -> tuple[ReadBudget, ReadBudget | None]:
+        disks, settings = dict.fromkeys(workers, free), config
+        if config.cluster == "kubernetes":  # a run caps the free disk with the scratch volume
+            scratch = config.kubernetes.model_copy(update={"scratch_size": str(free)})
+            settings = config.model_copy(update={"kubernetes": scratch})
+        return (
+            read_budget(settings, workers, routing, disks),
+            alone_budget(settings, workers, routing, disks),
+        )
+
+    return on
+
+
+def _decode(tile, shared: ReadBudget, alone: ReadBudget | None) -> tuple[ReadPlan, bool, int]:
+    """The read plan of ``tile`` as a run picks it (with the whole reading worker where it is read
+    alone), whether it is read alone, and the bytes it decodes by the plan's count."""
+    by_itself = read_alone(tile, shared, alone)
+    plan = tile_read_plan(tile, alone if by_itself else shared)
+    return plan, by_itself, planned_decode(tile.grid, tile.reading, plan, _scenes(tile))
+
+
+def _scenes(tile) -> int:
+    return len(tile.scenes) + (len(tile.alerts.older) if tile.alerts is not None else 0)
+
+
+def _tile_bytes(tile) -> int:
+    return _scenes(tile) * tile.grid.height * tile.grid.width * tile.grid.count * 2
+
+
+def _disk_to_decode_once(tile, on) -> int | None:
+    """The least free local disk per reading worker (whole GiB) on which ``tile``'s read plan
+    decodes once (:data:`DECODE_ONCE`) under the budgets ``on`` gives (:func:`budgets_on`); None
+    where not even :data:`_MOST_DISK` GiB do."""
+
+    def once(gib: int) -> bool:
+        return _decode(tile, *on(gib << 30))[2] <= DECODE_ONCE * _tile_bytes(tile)
+
+    if not once(_MOST_DISK):
+        return None
+    low, high = 0, _MOST_DISK  # once(high)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if once(mid) else (mid, high)
+    return high
+
+
+def tile_reads(tiles, shared: ReadBudget, alone: ReadBudget | None, on) -> dict[str, dict]:
+    """Per tile of ``tiles`` (:class:`~treesits_dask.pipeline.plan.TilePlan`), how a run with the
+    read budgets ``shared`` and ``alone`` (:func:`budgets_on`) reads it: its read plan in words
+    (``mode``, :func:`plan_mode`), whether it is read with no other tile beside it on its reading
+    worker (``read_alone``), the bytes it decodes by the plan's count over its uncompressed bytes
+    (``decoded_over_tile``, before masks and the QAI screening skip blocks), and where that is
+    more than :data:`DECODE_ONCE`, the free local disk per reading worker on which it would decode
+    once under the budgets ``on`` gives (``decode_once_free_disk_gib``).  Tiles of one shape and
+    scene count are planned once."""
+    out: dict[str, dict] = {}
+    seen: dict[tuple, dict] = {}
+    for tile in tiles:
+        key = (tile.grid.height, tile.grid.width, tuple(tile.grid.block_shape), tile.grid.count,
+               tile.reading.shape, len(tile.scenes), _scenes(tile))  # fmt: skip
+        if key not in seen:
+            read, by_itself, decoded = _decode(tile, shared, alone)
+            entry = {
+                "mode": plan_mode(read),
+                "read_alone": by_itself,
+                "decoded_over_tile": round(decoded / _tile_bytes(tile), 3),
+            }
+            if decoded > DECODE_ONCE * _tile_bytes(tile):
+                entry["decode_once_free_disk_gib"] = _disk_to_decode_once(tile, on)
+            seen[key] = entry
+        out[tile.tile] = seen[key]
+    return out
+
+
+def reads_report(
+    config: RunConfig,
+    workers: dict,
+    disks: dict,
+    routing: Routing,
+    where: str,
+    tiles,
+    budgets: tuple[ReadBudget, ReadBudget | None] | None = None,
+) -> dict:
+    """The read budget of ``workers`` (``scheduler_info()["workers"]``) with the free local disk
+    ``disks`` (by worker) under ``routing`` (``where``: what that disk is, for the messages), and
+    :func:`tile_reads` of ``tiles`` under it (``tiles``).  ``budgets``: the (shared, alone)
+    budgets a run already derived from them (None: derived here)."""
+    shared, alone = budgets or (
+        read_budget(config, workers, routing, disks),
+        alone_budget(config, workers, routing, disks),
+    )
+    reading = routed_workers([w | {"address": a} for a, w in workers.items()], routing.read)
+    free = min((disks.get(w["address"], 0) for w in reading), default=0)
+    if config.cluster == "kubernetes":
+        free = min(free, int(parse_quantity(config.kubernetes.scratch_size, "scratch_size")))
+    gib = 2**30
+    return {
+        "known": True,
+        "reading_workers": reading_workers(workers, routing),
+        "task_mib": round(shared.task_bytes / 2**20),
+        "held_gib": round((shared.held_bytes or 0) / gib, 1),
+        "spill_gib": round((shared.spill_bytes or 0) / gib, 1),
+        "free_disk_gib": round(free / gib, 1),
+        "disk": where,
+        "tiles_in_flight": config.tiles_in_flight,
+        "tiles": tile_reads(tiles, shared, alone, budgets_on(config, workers, routing)),
+    }
+
+
+def read_preview(plan) -> dict:
+    """:func:`reads_report` of the tiles of ``plan`` (a
+    :class:`~treesits_dask.pipeline.plan.RunPlan`) on the cluster its settings start
+    (:func:`declared_workers`); for a standing cluster ``known`` false and why."""
+    config = plan.config
+    declared = declared_workers(config)
+    if declared is None:
+        return {
+            "known": False,
+            "why": "the workers of a standing cluster (scheduler_address) are known only once a "
+            "run connects to it; the run logs the tiles whose read would decode more than once",
+        }
+    workers, disks, where = declared
+    return reads_report(config, workers, disks, declared_routing(config), where, plan.tiles)
+
+
+def decode_warnings(reads: dict) -> list[str]:
+    """A line per tile of a :func:`reads_report` that decodes more than once: the tile, how it is
+    read, how much it decodes and what would have it decode once."""
+    lines: list[str] = []
+    if not reads.get("known"):
+        return lines
+    for tile, entry in reads["tiles"].items():
+        if entry["decoded_over_tile"] <= DECODE_ONCE:
+            continue
+        need = entry.get("decode_once_free_disk_gib")
+        fix = "give the reading workers more memory"
+        if need is not None:
+            fix = (
+                f"with {need} GiB of free local disk per reading worker ({reads['disk']}, now "
+                f"{reads['free_disk_gib']} GiB) it would decode once; or {fix}"
+            )
+        if not entry["read_alone"] and reads["reading_workers"] < reads["tiles_in_flight"]:
+            fix += " or fewer tiles in flight each (tiles_in_flight)"
+        lines.append(
+            f"tile {tile}: read {entry['mode']}, it decodes "
+            f"{entry['decoded_over_tile']:.2f} times its bytes by the plan's count; {fix}, or "
+            f"read fewer scenes per run"
+        )
+    return lines
