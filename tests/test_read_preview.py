@@ -107,19 +107,21 @@ def test_plan_names_a_tile_that_would_decode_more_than_once_and_the_disk_to_deco
     assert short["tiles"][0]["read"]["decoded_over_tile"] > DECODE_ONCE
 
 
+@pytest.mark.parametrize("memory", ["1.5GiB", "auto"])
 def test_the_plans_read_budget_is_the_one_a_run_finds_on_the_cluster_it_starts(
-    small_cube, native_lstm, tmp_path
+    small_cube, native_lstm, tmp_path, memory
 ):
     """The budget ``plan`` derives from the settings (a LocalCluster of 2 workers of 1 thread and
-    1.5 GiB) is the one a run derives from that cluster's workers once started: the same read
-    task budget, threads, memory and spill disk (to the free disk's drift while it starts)."""
+    1.5 GiB, or Dask's share of this machine's memory) is the one a run derives from that
+    cluster's workers once started: the same read task budget, threads, memory and spill disk (to
+    the free disk's drift while it starts)."""
     from treesits_dask.pipeline.cluster import connect, declared_routing, routing_for
     from treesits_dask.pipeline.preview import declared_workers
     from treesits_dask.pipeline.reading import read_budget, worker_disks
 
     config = load_config(
         overrides=dict(cube=small_cube.root, tiles="all", output=str(tmp_path / "out"),
-                       model=native_lstm, workers=2, threads_per_worker=1, memory_limit="1.5GiB"),
+                       model=native_lstm, workers=2, threads_per_worker=1, memory_limit=memory),
         environ={},
     )  # fmt: skip
     workers, disks, _ = declared_workers(config)

@@ -15,7 +15,6 @@ standing cluster (``scheduler_address``) the workers are known only once a run c
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 
@@ -88,7 +87,8 @@ def declared_workers(config: RunConfig) -> tuple[dict[str, dict], dict[str, int]
     if config.local_gpu_workers:
         groups.append(("gpu", config.local_gpu_workers, config.gpu_windows_in_flight))
     for name, count, threads in groups:
-        limit = parse_memory_limit(kw["memory_limit"], threads, os.cpu_count() or 1, logger=log)
+        # as each worker parses it (of this machine's memory and cores, cgroup limits included)
+        limit = parse_memory_limit(kw["memory_limit"], threads, logger=log)
         resources = {}
         if config.local_gpu_workers:  # the local CPU + GPU groups advertise their resource
             resources = {"CPU": threads} if name == "cpu" else {"GPU": 1}
