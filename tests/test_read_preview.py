@@ -133,7 +133,7 @@ def test_the_plans_read_budget_is_the_one_a_run_finds_on_the_cluster_it_starts(
     assert (declared.task_bytes, declared.threads, declared.memory_limit) == (
         run.task_bytes, run.threads, run.memory_limit)  # fmt: skip
     assert (declared.held_bytes, declared.in_memory_bytes) == (run.held_bytes, run.in_memory_bytes)
-    assert declared.spill_bytes == pytest.approx(run.spill_bytes, rel=0.01)
+    assert declared.spill_bytes == pytest.approx(run.spill_bytes, rel=0.02)
 
 
 def test_plan_of_a_standing_cluster_says_its_reads_are_known_when_a_run_connects(
