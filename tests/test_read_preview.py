@@ -12,29 +12,30 @@ from treesits_dask.cli import main
 from treesits_dask.config import load_config
 
 
-def _linked_cube(tmp_path, n_scenes: int):
-    """A 1000 px FORCE < 3.8 tile (100-row LZW strips) of ``n_scenes`` scenes: one scene's BOA and
-    QAI written by the generator, hard-linked under the names of the others (``plan`` reads only
-    headers, and a tile's read plan counts scenes, not their values)."""
+def _linked_cube(tmp_path, n_scenes: int, tiles=("X0069_Y0043",)):
+    """A cube of 1000 px FORCE < 3.8 tiles (100-row LZW strips) of ``n_scenes`` scenes each: one
+    scene's BOA and QAI per tile written by the generator, hard-linked under the names of the
+    others (``plan`` reads only headers, and a tile's read plan counts scenes, not their
+    values)."""
     from treesits_dask.synthetic import make_cube
 
-    one = make_cube(tmp_path / "one", size=1000, n_scenes=1, layout="strips", seed=2)
-    (tile,) = one.tiles
-    src = tmp_path / "one" / tile
-    (boa,) = sorted(src.glob("*_SEN2?_BOA.tif"))
+    make_cube(tmp_path / "one", tiles=tiles, size=1000, n_scenes=1, layout="strips", seed=2)
     root = tmp_path / "cube"
-    (root / tile).mkdir(parents=True)
+    root.mkdir()
     (root / "datacube-definition.prj").write_bytes(
         (tmp_path / "one" / "datacube-definition.prj").read_bytes()
     )
-    for i in range(n_scenes):
-        date = f"{2018 + i // 300}{1 + i % 300 // 25:02d}{1 + i % 25:02d}"
-        for kind in ("BOA", "QAI"):
-            os.link(
-                str(boa).replace("_BOA", f"_{kind}"),
-                root / tile / f"{date}_LEVEL2_SEN2A_{kind}.tif",
-            )
-    return root, tile
+    for tile in tiles:
+        (boa,) = sorted((tmp_path / "one" / tile).glob("*_SEN2?_BOA.tif"))
+        (root / tile).mkdir()
+        for i in range(n_scenes):
+            date = f"{2018 + i // 300}{1 + i % 300 // 25:02d}{1 + i % 25:02d}"
+            for kind in ("BOA", "QAI"):
+                os.link(
+                    str(boa).replace("_BOA", f"_{kind}"),
+                    root / tile / f"{date}_LEVEL2_SEN2A_{kind}.tif",
+                )
+    return root, tiles[0]
 
 
 def _kube_plan(tmp_path, capsys, cube, model, scratch: str) -> tuple[dict, str]:
@@ -147,3 +148,15 @@ def test_plan_of_a_standing_cluster_says_its_reads_are_known_when_a_run_connects
     summary = json.loads(out.out)
     assert summary["reads"]["known"] is False and "scheduler_address" in summary["reads"]["why"]
     assert all(t["read"] is None for t in summary["tiles"])
+
+
+def test_plan_names_tiles_read_alike_in_one_warning(native_lstm, tmp_path, capsys):
+    """Tiles of one shape and scene count that decode more than once are named in one warning
+    (a national run's hundreds of tiles in a line, not hundreds of lines)."""
+    tiles = ("X0069_Y0043", "X0070_Y0043")
+    cube, _ = _linked_cube(tmp_path, 300, tiles)
+    summary, err = _kube_plan(tmp_path, capsys, cube, native_lstm, "1Gi")
+    (first, second) = (t["read"] for t in summary["tiles"])
+    assert first == second and first["decoded_over_tile"] > 1.1
+    (line,) = [x for x in err.splitlines() if x.startswith("warning:")]
+    assert line.startswith(f"warning: 2 tiles {tiles[0]}, {tiles[1]}: read {first['mode']}, each ")

@@ -251,27 +251,42 @@ def read_preview(plan) -> dict:
     return reads_report(config, workers, disks, declared_routing(config), where, plan.tiles)
 
 
+#: tiles a warning of :func:`decode_warnings` names before it counts the rest
+_NAMED = 5
+
+
 def decode_warnings(reads: dict) -> list[str]:
-    """A line per tile of a :func:`reads_report` that decodes more than once: the tile, how it is
-    read, how much it decodes and what would have it decode once."""
+    """A line per read plan of a :func:`reads_report` that decodes more than once, for all tiles
+    read so (a national run's tiles of one scene count share one): the tiles (the first
+    :data:`_NAMED`, and how many more), how they are read, how much they decode and what would
+    have them decode once."""
     lines: list[str] = []
     if not reads.get("known"):
         return lines
+    alike: dict[tuple, list[str]] = {}
     for tile, entry in reads["tiles"].items():
-        if entry["decoded_over_tile"] <= DECODE_ONCE:
-            continue
+        if entry["decoded_over_tile"] > DECODE_ONCE:
+            alike.setdefault(tuple(sorted(entry.items())), []).append(tile)
+    for key, tiles in alike.items():
+        entry = dict(key)
         need = entry.get("decode_once_free_disk_gib")
+        one = len(tiles) == 1
         fix = "give the reading workers more memory"
         if need is not None:
             fix = (
                 f"with {need} GiB of free local disk per reading worker ({reads['disk']}, now "
-                f"{reads['free_disk_gib']} GiB) it would decode once; or {fix}"
+                f"{reads['free_disk_gib']} GiB) {'it' if one else 'they'} would decode once; "
+                f"or {fix}"
             )
         if not entry["read_alone"] and reads["reading_workers"] < reads["tiles_in_flight"]:
             fix += " or fewer tiles in flight each (tiles_in_flight)"
+        named = ", ".join(tiles[:_NAMED]) + (
+            f" and {len(tiles) - _NAMED} more" if len(tiles) > _NAMED else ""
+        )
         lines.append(
-            f"tile {tile}: read {entry['mode']}, it decodes "
-            f"{entry['decoded_over_tile']:.2f} times its bytes by the plan's count; {fix}, or "
-            f"read fewer scenes per run"
+            f"{'tile' if one else f'{len(tiles)} tiles'} {named}: read {entry['mode']}, "
+            f"{'it decodes' if one else 'each decodes'} {entry['decoded_over_tile']:.2f} times "
+            f"its bytes by the plan's count; {fix}, or read fewer scenes "
+            "per run"
         )
     return lines
