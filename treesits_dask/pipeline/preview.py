@@ -15,6 +15,7 @@ standing cluster (``scheduler_address``) the workers are known only once a run c
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 
@@ -101,7 +102,10 @@ def declared_workers(config: RunConfig) -> tuple[dict[str, dict], dict[str, int]
     import dask
 
     where = dask.config.get("temporary-directory", None) or tempfile.gettempdir()
-    free = shutil.disk_usage(where).free
+    existing = os.path.abspath(where)
+    while not os.path.exists(existing):  # made by the first worker: its disk is its parent's
+        existing = os.path.dirname(existing)
+    free = shutil.disk_usage(existing).free
     return workers, dict.fromkeys(workers, free), where
 
 
