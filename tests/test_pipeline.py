@@ -529,6 +529,58 @@ def test_a_tile_whose_bands_fit_only_fewer_or_in_sections_maps_the_same_values(
     _assert_same_maps(tmp_path / "a", tmp_path / "b")
 
 
+def test_read_budgets_follow_reading_workers_that_join_during_a_run(
+    native_lstm, tmp_path, client, monkeypatch, caplog
+):
+    """A run that starts on the one reading worker it waits for (an adaptive group at its minimum)
+    and gains a second while it runs derives its read budgets again for the tiles that start
+    after: their reading threads and the tiles in flight while one is read alone follow the
+    workers they are read on, not those of the run's start; the maps are the same."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    from treesits_dask.pipeline import schedule
+    from treesits_dask.pipeline.schedule import RunCallbacks
+    from treesits_dask.synthetic import make_cube
+
+    names = ("X0069_Y0043", "X0070_Y0043", "X0071_Y0043")
+    cube = make_cube(tmp_path / "cube", tiles=names, size=300, n_scenes=5, layout="strips", seed=4,
+                     mask_dir=str(tmp_path / "masks"))  # fmt: skip
+
+    def config(out):
+        return _window_config(cube, native_lstm, out).model_copy(update={"tiles_in_flight": 2})
+
+    run(config(tmp_path / "a"), client=client)
+    started = []
+    submit = schedule._Scheduler.submit
+
+    def recorded(self, tile):
+        started.append((self.reads.threads, self.alone_tiles, self.alone is None))
+        submit(self, tile)
+
+    monkeypatch.setattr(schedule._Scheduler, "submit", recorded)
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                     dashboard_address=":0") as cluster,
+        Client(cluster) as grown,
+    ):  # fmt: skip
+
+        class Grow(RunCallbacks):  # a second reading worker joins when the first tile is done
+            def tile_done(self, tile, stats):
+                if len(grown.scheduler_info(n_workers=-1)["workers"]) < 2:
+                    cluster.scale(2)
+                    grown.wait_for_workers(2, timeout=120)
+
+        with caplog.at_level(logging.INFO, logger="treesits_dask"):
+            run(config(tmp_path / "b"), client=grown, callbacks=Grow())
+    # two tiles on one worker (2 tiles in flight beyond it: a budget for a tile read alone), the
+    # third on two (no more tiles in flight than reading workers: none)
+    assert started == [(1, 1, False), (1, 1, False), (2, 2, True)]
+    assert "reading workers: 2, were 1: read budgets derived again" in caplog.text
+    _assert_same_maps(tmp_path / "a", tmp_path / "b")
+
+
 def test_a_tile_that_decodes_less_alone_is_read_with_no_other_tile_beside_it(
     native_lstm, tmp_path, client, monkeypatch, caplog
 ):

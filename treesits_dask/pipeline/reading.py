@@ -67,15 +67,16 @@ HELD_SHARE = 0.75
 SPILL_SHARE = 0.5
 
 
-def worker_disks(client) -> dict[str, int]:
-    """Free bytes of each worker's local directory (where Dask spills), by worker address."""
+def worker_disks(client, workers: list[str] | None = None) -> dict[str, int]:
+    """Free bytes of each worker's local directory (where Dask spills), by worker address (of
+    ``workers``, default all)."""
 
     def free(dask_worker) -> int:
         import shutil
 
         return shutil.disk_usage(dask_worker.local_directory).free
 
-    return client.run(free)
+    return client.run(free, workers=workers)
 
 
 def routed_workers(workers: list[dict], resources: dict | None) -> list[dict]:

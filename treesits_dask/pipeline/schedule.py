@@ -55,6 +55,7 @@ from .reading import (
     read_alone,
     read_budget,
     reading_workers,
+    routed_workers,
     spill_worker,
     tile_decode,
     tile_ordered,
@@ -179,6 +180,7 @@ class _Scheduler:
         reads: ReadBudget | None = None,
         alone: ReadBudget | None = None,
         alone_tiles: int = 1,
+        disks: dict[str, int] | None = None,
     ):
         from distributed import as_completed
 
@@ -187,6 +189,10 @@ class _Scheduler:
         # many tiles are in flight at most while such a tile is (the reading workers)
         self.alone, self.alone_tiles, self._alone = alone, alone_tiles, {}
         self.client, self.cb, self.result, self.clock = client, cb, result, clock
+        # the reading workers the budgets were derived from, and the free disk of the workers
+        # (see _refresh)
+        self._readers = self._reading(client.scheduler_info(n_workers=-1)["workers"])
+        self._disks = dict(disks or {})
         self.pending = tiles_that_fit(self.plan, client, routing, cb, result)
         self.state: dict[str, dict] = {}
         self.owner: dict = {}
@@ -324,7 +330,46 @@ class _Scheduler:
             future.result()
             self.done(tile)
 
+    def _reading(self, workers: dict[str, dict]) -> tuple:
+        """The reading workers of ``workers`` (``scheduler_info()["workers"]``): address, memory
+        limit and threads of each."""
+        routed = routed_workers([w | {"address": a} for a, w in workers.items()], self.routing.read)
+        return tuple(
+            sorted((w["address"], w.get("memory_limit"), w.get("nthreads")) for w in routed)
+        )
+
+    def _refresh(self) -> None:
+        """The read budgets derived again where the reading workers changed since they were (an
+        adaptive group that scaled, a worker lost or joined), so that a tile started later is
+        planned for the workers it is read on: a run that started with the one reading worker it
+        waits for kept every tile's share of that worker, and no more tiles in flight than one
+        while a tile read alone was, after its group had grown.  Tiles in flight keep theirs."""
+        if self.reads is None:
+            return
+        workers = self.client.scheduler_info(n_workers=-1)["workers"]
+        readers = self._reading(workers)
+        if readers == self._readers:
+            return
+        new = [address for address, _, _ in readers if address not in self._disks]
+        try:  # only the workers that joined: one busy or leaving does not hold the run up
+            self._disks.update(worker_disks(self.client, new) if new else {})
+        except Exception as exc:  # noqa: BLE001 - a worker leaving as it is asked: next time
+            log.warning("reading workers changed, their disks not known yet (%s): the read "
+                        "budgets stay as they were for now", exc)  # fmt: skip
+            return
+        cfg = self.plan.config
+        self.reads = read_budget(cfg, workers, self.routing, self._disks)
+        self.alone = alone_budget(cfg, workers, self.routing, self._disks)
+        self.alone_tiles, self._alone = reading_workers(workers, self.routing), {}
+        log.info(
+            "reading workers: %d, were %d: read budgets derived again for the tiles that start "
+            "from now on (up to %.0f MiB per read task, %d reading threads)",
+            len(readers), len(self._readers), self.reads.task_bytes / 2**20, self.reads.threads,
+        )  # fmt: skip
+        self._readers = readers
+
     def fill(self) -> None:
+        self._refresh()
         while self.pending:
             if len(self.state) < self._in_flight(self.pending[0]):
                 self.submit(self.pending.pop(0))
@@ -413,7 +458,7 @@ def run_tiles(job: Job, client, cb: RunCallbacks, result: RunResult, clock=None)
     report = reads_report(cfg, workers, disks, routing, where, plan.tiles, (reads, alone))
     for line in decode_warnings(report):
         log.warning("%s", line)
-    _Scheduler(job, client, cb, result, clock, routing, reads, alone, count).loop()
+    _Scheduler(job, client, cb, result, clock, routing, reads, alone, count, disks).loop()
     result.inference = collect_inference(client, inference_stats)
     # the layers made from the stored map (smoothing across tiles, overviews), now that the
     # tiles are committed
