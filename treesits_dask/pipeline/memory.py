@@ -159,7 +159,9 @@ def _smallest_inference_worker(workers: dict[str, dict], routing: Routing):
 def expected_workers(config: RunConfig) -> dict[str, dict] | None:
     """The workers the settings will start, as ``scheduler_info()["workers"]`` describes them
     (memory limit, threads, resources), known on the driver before any cluster exists; None for
-    a standing cluster behind ``scheduler_address`` (only its workers know)."""
+    a standing cluster behind ``scheduler_address`` (only its workers know).  A Kubernetes group
+    counts the workers it starts with (an adaptive group: its minimum), at least the one a run
+    waits for."""
     from distributed.worker_memory import parse_memory_limit
 
     from ..config.kube_resources import parse_quantity
@@ -169,13 +171,12 @@ def expected_workers(config: RunConfig) -> dict[str, dict] | None:
     if config.cluster == "kubernetes":
         k = config.kubernetes
         res = k.worker_resources()
-        groups = {"cpu": (k.cpu.memory_limit, k.cpu.threads, res["cpu"])}
-        if k.gpu.enabled:
-            groups["gpu"] = (k.gpu.memory_limit, k.gpu.threads, res["gpu"])
+        groups = {"cpu": k.cpu, **({"gpu": k.gpu} if k.gpu.enabled else {})}
         return {
-            name: {"memory_limit": int(parse_quantity(mem)), "nthreads": threads,
-                   "resources": resources}
-            for name, (mem, threads, resources) in groups.items()
+            f"{name}-{i}": {"memory_limit": int(parse_quantity(group.memory_limit)),
+                            "nthreads": group.threads, "resources": res[name]}
+            for name, group in groups.items()
+            for i in range(max(1, group.initial_workers))
         }  # fmt: skip
     kw = local_cluster_kwargs(config)
     threads = kw["threads_per_worker"]

@@ -14,7 +14,6 @@ standing cluster (``scheduler_address``) the workers are known only once a run c
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
@@ -22,14 +21,16 @@ import tempfile
 from ..config import RunConfig
 from ..config.kube_resources import parse_quantity
 from ..io.bands import ReadPlan, planned_decode
-from .cluster import Routing, declared_routing, local_cluster_kwargs
+from .cluster import Routing, declared_routing
+from .memory import expected_workers
 from .reading import (
     ReadBudget,
     alone_budget,
+    free_disk,
     read_alone,
     read_budget,
+    readers,
     reading_workers,
-    routed_workers,
     tile_read_plan,
 )
 
@@ -44,8 +45,6 @@ __all__ = [
     "tile_reads",
 ]
 
-log = logging.getLogger(__name__)
-
 #: a tile's read "decodes once" where its plan decodes at most this many times its uncompressed
 #: bytes (COG blocks at the tile's edge are decoded whole: 3072 of 3000 px is 1.05)
 DECODE_ONCE = 1.1
@@ -55,50 +54,20 @@ _MOST_DISK = 1 << 16
 
 
 def declared_workers(config: RunConfig) -> tuple[dict[str, dict], dict[str, int], str] | None:
-    """The workers the settings start, as ``scheduler_info()["workers"]`` describes them (memory
-    limit, threads, the resources they advertise), the free local disk of each where it spills,
-    and where that disk is (for the messages); None for a standing cluster
+    """The workers the settings start (:func:`~treesits_dask.pipeline.memory.expected_workers`:
+    a Kubernetes group with the workers it starts with), the free local disk of each where it
+    spills, and where that disk is (for the messages); None for a standing cluster
     (``scheduler_address``), whose workers only a run that connects to it finds.
 
-    A LocalCluster's workers (and the local CPU and GPU groups) take the memory limit that Dask
-    parses from ``memory_limit`` for their threads, and spill under Dask's temporary directory on
-    this machine.  Kubernetes worker groups count with their fixed size (an adaptive group: its
-    minimum, at least the one worker a run waits for), their memory limit and their scratch
-    volume (``kubernetes.scratch_size``, which a run caps the free disk with)."""
-    if config.scheduler_address:
+    A LocalCluster's workers spill under Dask's temporary directory on this machine; Kubernetes
+    workers on their scratch volume (``kubernetes.scratch_size``, which a run caps the free disk
+    with)."""
+    workers = expected_workers(config)
+    if workers is None:
         return None
-    workers: dict[str, dict] = {}
     if config.cluster == "kubernetes":
-        k = config.kubernetes
-        advertised = k.worker_resources()
-        groups = [("cpu", k.cpu)] + ([("gpu", k.gpu)] if k.gpu.enabled else [])
-        for name, group in groups:
-            for i in range(0 if group.empty else max(1, group.initial_workers)):
-                workers[f"{name}-{i}"] = {
-                    "memory_limit": group.memory_limit_bytes,
-                    "nthreads": group.threads,
-                    "resources": advertised[name],
-                }
-        scratch = int(parse_quantity(k.scratch_size, "scratch_size"))
+        scratch = int(parse_quantity(config.kubernetes.scratch_size, "scratch_size"))
         return workers, dict.fromkeys(workers, scratch), "kubernetes.scratch_size"
-    from distributed.worker_memory import parse_memory_limit
-
-    kw = local_cluster_kwargs(config)
-    groups = [("cpu", kw["n_workers"], kw["threads_per_worker"])]
-    if config.local_gpu_workers:
-        groups.append(("gpu", config.local_gpu_workers, config.gpu_windows_in_flight))
-    for name, count, threads in groups:
-        # as each worker parses it (of this machine's memory and cores, cgroup limits included)
-        limit = parse_memory_limit(kw["memory_limit"], threads, logger=log)
-        resources = {}
-        if config.local_gpu_workers:  # the local CPU + GPU groups advertise their resource
-            resources = {"CPU": threads} if name == "cpu" else {"GPU": 1}
-        for i in range(count):
-            workers[f"{name}-{i}"] = {
-                "memory_limit": limit or 0,
-                "nthreads": threads,
-                "resources": resources,
-            }
     import dask
 
     where = dask.config.get("temporary-directory", None) or tempfile.gettempdir()
@@ -221,10 +190,7 @@ def reads_report(
         read_budget(config, workers, routing, disks),
         alone_budget(config, workers, routing, disks),
     )
-    reading = routed_workers([w | {"address": a} for a, w in workers.items()], routing.read)
-    free = min((disks.get(w["address"], 0) for w in reading), default=0)
-    if config.cluster == "kubernetes":
-        free = min(free, int(parse_quantity(config.kubernetes.scratch_size, "scratch_size")))
+    free = free_disk(config, readers(workers, routing), disks)
     gib = 2**30
     return {
         "known": True,

@@ -20,11 +20,13 @@ __all__ = [
     "SPILL_SHARE",
     "ReadBudget",
     "alone_budget",
+    "free_disk",
     "idle_reader",
     "memory_and_threads",
     "pinned_worker",
     "read_alone",
     "read_budget",
+    "readers",
     "reading_workers",
     "routed_workers",
     "spill_worker",
@@ -89,6 +91,22 @@ def routed_workers(workers: list[dict], resources: dict | None) -> list[dict]:
     ] or workers
 
 
+def readers(workers: dict[str, dict], routing: Routing) -> list[dict]:
+    """The workers of ``workers`` (``scheduler_info()["workers"]``) that read under ``routing``
+    (:func:`routed_workers`), each with its ``address``."""
+    return routed_workers([w | {"address": a} for a, w in workers.items()], routing.read)
+
+
+def free_disk(config: RunConfig, reading: list[dict], disks: dict[str, int]) -> int:
+    """The least free local disk of the ``reading`` workers (:func:`readers`) by ``disks``
+    (:func:`worker_disks`; a worker not in it has none), capped on Kubernetes by the scratch
+    volume of the pods (``kubernetes.scratch_size``)."""
+    free = min((disks.get(w["address"], 0) for w in reading), default=0)
+    if config.cluster == "kubernetes":
+        free = min(free, int(parse_quantity(config.kubernetes.scratch_size, "scratch_size")))
+    return free
+
+
 def spill_worker(
     workers: dict[str, dict], routing: Routing, busy: Iterable[str | None] = ()
 ) -> str | None:
@@ -106,8 +124,7 @@ def spill_worker(
     spilled, against 29.6-32.7 s, 2.2-2.8 GiB; ``benchmarks/spill_workers.py``).
     :func:`read_budget` already counts a worker's bands as those of its share of the tiles in
     flight."""
-    routed = routed_workers([w | {"address": a} for a, w in workers.items()], routing.read)
-    reading = sorted(w["address"] for w in routed)
+    reading = sorted(w["address"] for w in readers(workers, routing))
     if len(reading) < 2:
         return None
     load = Counter(w for w in busy if w in reading)
@@ -187,7 +204,7 @@ def read_budget(
     import psutil
 
     total = psutil.virtual_memory().total
-    reading = routed_workers([w | {"address": a} for a, w in workers.items()], routing.read)
+    reading = readers(workers, routing)
     if not reading:
         return ReadBudget(int(total * config.read_memory), 1, total, int(total * HELD_SHARE))
     limits = [memory_and_threads(w, total) for w in reading]
@@ -199,11 +216,7 @@ def read_budget(
     in_memory = int(smallest * IN_MEMORY_SHARE) // per_worker
     spill = None
     if disks is not None:
-        free = [disks.get(w["address"], 0) for w in reading]
-        if config.cluster == "kubernetes":
-            scratch = int(parse_quantity(config.kubernetes.scratch_size, "scratch_size"))
-            free = [min(f, scratch) for f in free]
-        spill = int(min(free) * SPILL_SHARE) // per_worker
+        spill = int(free_disk(config, reading, disks) * SPILL_SHARE) // per_worker
     return ReadBudget(task, sum(t for _, t in limits), smallest, held, spill, in_memory)
 
 
@@ -216,9 +229,7 @@ ALONE_DECODE = 1.1
 def reading_workers(workers: dict[str, dict], routing: Routing) -> int:
     """How many of ``workers`` (``scheduler_info()["workers"]``) read under ``routing`` (at least
     one)."""
-    return max(
-        1, len(routed_workers([w | {"address": a} for a, w in workers.items()], routing.read))
-    )
+    return max(1, len(readers(workers, routing)))
 
 
 def alone_budget(

@@ -54,8 +54,8 @@ from .reading import (
     pinned_worker,
     read_alone,
     read_budget,
+    readers,
     reading_workers,
-    routed_workers,
     spill_worker,
     tile_decode,
     tile_ordered,
@@ -181,6 +181,7 @@ class _Scheduler:
         alone: ReadBudget | None = None,
         alone_tiles: int = 1,
         disks: dict[str, int] | None = None,
+        workers: dict[str, dict] | None = None,
     ):
         from distributed import as_completed
 
@@ -189,9 +190,9 @@ class _Scheduler:
         # many tiles are in flight at most while such a tile is (the reading workers)
         self.alone, self.alone_tiles, self._alone = alone, alone_tiles, {}
         self.client, self.cb, self.result, self.clock = client, cb, result, clock
-        # the reading workers the budgets were derived from, and the free disk of the workers
-        # (see _refresh)
-        self._readers = self._reading(client.scheduler_info(n_workers=-1)["workers"])
+        # the reading workers the budgets were derived from (``workers``, default those there now),
+        # and the free disk of the workers (see _refresh)
+        self._readers = self._reading(workers or client.scheduler_info(n_workers=-1)["workers"])
         self._disks = dict(disks or {})
         self.pending = tiles_that_fit(self.plan, client, routing, cb, result)
         self.state: dict[str, dict] = {}
@@ -333,9 +334,11 @@ class _Scheduler:
     def _reading(self, workers: dict[str, dict]) -> tuple:
         """The reading workers of ``workers`` (``scheduler_info()["workers"]``): address, memory
         limit and threads of each."""
-        routed = routed_workers([w | {"address": a} for a, w in workers.items()], self.routing.read)
         return tuple(
-            sorted((w["address"], w.get("memory_limit"), w.get("nthreads")) for w in routed)
+            sorted(
+                (w["address"], w.get("memory_limit"), w.get("nthreads"))
+                for w in readers(workers, self.routing)
+            )
         )
 
     def _refresh(self) -> None:
@@ -458,7 +461,7 @@ def run_tiles(job: Job, client, cb: RunCallbacks, result: RunResult, clock=None)
     report = reads_report(cfg, workers, disks, routing, where, plan.tiles, (reads, alone))
     for line in decode_warnings(report):
         log.warning("%s", line)
-    _Scheduler(job, client, cb, result, clock, routing, reads, alone, count, disks).loop()
+    _Scheduler(job, client, cb, result, clock, routing, reads, alone, count, disks, workers).loop()
     result.inference = collect_inference(client, inference_stats)
     # the layers made from the stored map (smoothing across tiles, overviews), now that the
     # tiles are committed
