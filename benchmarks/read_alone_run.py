@@ -1,20 +1,23 @@
-"""`run` end to end on tiles that decode less read alone: as a run reads them now (a tile whose
-share of the reading worker would decode more is read with the whole worker, no other tile beside
-it: ``pipeline.reading.read_alone``) against together (``read_alone`` off: each tile its share),
-alternating in one process on one worker that both reads and predicts, with COGs.
+"""`run` end to end on tiles whose bands of all scenes do not fit the reading worker: streamed
+through the model (``stream: auto``, as a run with a one-way LSTM reads them now), read alone
+(``stream: never``; a tile whose share of the reading worker would decode more is read with the
+whole worker, no other tile beside it: ``pipeline.reading.read_alone``) or together (``stream:
+never``, ``read_alone`` off: each tile its share), alternating in one process on one worker that
+both reads and predicts, with COGs (``--variants``, default all three).
 
 ``read_alone.py`` times the reads alone; here the windows are predicted (a small ``sits-lstm``
 with random weights, 16 wide: speed does not depend on the values) and the tiles written, so that
 what reading alone costs in overlap between one tile's reading and another's predictions shows.
 
     python benchmarks/read_alone_run.py --cube CUBE-OF-2-TILES --mask-dir MASKS --window 100 \\
-        --memory-limit 3GiB --disk-gib 3 --rounds 2 --json alone_run.json
+        --memory-limit 3GiB --disk-gib 3 --rounds 2 --variants stream,alone --json run.json
 
 ``--disk-gib``: the free local disk the worker reports (half of it counted on for spilled pieces,
 shared out among the tiles in flight), whatever its disk has.  Prints one JSON line per run:
 seconds, each tile's seconds as the run reports them, the bytes the worker decoded (counted; none
 where a worker was restarted, whose count starts again), how often Dask paused the worker for
-memory (from its log) and the workers restarted by their nanny.
+memory (from its log), the workers restarted by their nanny and the most memory the worker held
+(its process's RSS, as the scheduler heard it every 0.5 s).
 """
 
 from __future__ import annotations
@@ -37,6 +40,34 @@ class _Restarts(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.count += "exceeded 95% memory budget" in record.getMessage()
+
+
+class _Peak:
+    """The most memory (RSS) the workers' processes held together, sampled every 0.5 s from the
+    scheduler's heartbeats while the block runs."""
+
+    def __init__(self, client) -> None:
+        self.client, self.most = client, 0
+
+    def _sample(self) -> None:
+        import time
+
+        while not self._stop.is_set():
+            workers = self.client.scheduler_info(n_workers=-1)["workers"].values()
+            self.most = max(self.most, sum(w["metrics"]["memory"] for w in workers))
+            time.sleep(0.5)
+
+    def __enter__(self):
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _paused(dask_worker) -> int:
@@ -69,6 +100,8 @@ def main(argv=None) -> int:
     p.add_argument("--disk-gib", type=float, default=3.0,
                    help="free local disk the worker reports (GiB)")  # fmt: skip
     p.add_argument("--mask-dir", default=None, help="forest masks of the cube's tiles")
+    p.add_argument("--variants", default="stream,alone,together",
+                   help="comma list of stream, alone, together")  # fmt: skip
     p.set_defaults(tiles=2, size=1000, scenes=600, window=100, threads=2, rounds=2,
                    layout="strips")  # fmt: skip
     args = p.parse_args(argv)
@@ -103,15 +136,19 @@ def main(argv=None) -> int:
     cluster, client = bench_cluster(args.workers, args.threads, args.memory_limit)
     schedule.worker_disks = reported
     try:
-        variants = ["alone", "together"]
+        variants = args.variants.split(",")
         for r in range(args.rounds):
             for variant in variants if r % 2 == 0 else variants[::-1]:
-                reading.ALONE_DECODE = alone_decode if variant == "alone" else math.inf
+                reading.ALONE_DECODE = alone_decode if variant != "together" else math.inf
                 out = wd / f"out-{r}-{variant}"
+                stream = "auto" if variant == "stream" else "never"
                 restarts = restarted.count
                 before = sum(v[1] for v in client.run(decoded).values())
                 paused = sum(client.run(_paused).values())
-                result = run(base.model_copy(update={"output": str(out)}), client=client)
+                peak = _Peak(client)
+                with peak:
+                    result = run(base.model_copy(update={"output": str(out), "stream": stream}),
+                                 client=client)  # fmt: skip
                 after = sum(v[1] for v in client.run(decoded).values())
                 # a worker restarted by its nanny counts (and logs) from nothing again
                 restarts = restarted.count - restarts
@@ -120,7 +157,8 @@ def main(argv=None) -> int:
                        "decoded_gb": None if restarts else round((after - before) / 1e9, 2),
                        "paused_for_memory": sum(client.run(_paused).values())
                        - (0 if restarts else paused),
-                       "worker_restarts": restarts}  # fmt: skip
+                       "worker_restarts": restarts,
+                       "peak_worker_memory_gib": round(peak.most / 2**30, 2)}  # fmt: skip
                 emit_row(report, row, args.json)
                 shutil.rmtree(out, ignore_errors=True)
     finally:

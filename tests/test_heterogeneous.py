@@ -113,6 +113,37 @@ def test_standing_cluster_keeps_the_routing(small_cube, native_lstm, tmp_path):
     assert {a for a, n in loads.items() if n} == gpu  # CPU workers load no model
 
 
+def test_a_streamed_tile_reads_on_the_reading_workers_and_steps_on_the_gpu_worker(
+    small_cube, native_lstm, tmp_path, monkeypatch
+):
+    """A tile whose bands do not fit a reading worker, streamed (the LSTM, ``stream: auto``):
+    its reads and the picks of their pieces run only on the CPU workers, its steps through the
+    model and its outputs only on the GPU worker (the graph's per-task resources), and it maps
+    what a run that holds its bands maps."""
+    from distributed import Client
+
+    from treesits_dask.pipeline import reading
+
+    groups = {"cpu-0": {"CPU": 2}, "cpu-1": {"CPU": 2}, "gpu-0": {"GPU": 1}}
+    with _standing_cluster(groups) as standing, Client(standing) as client:
+        held = _config(small_cube, native_lstm, tmp_path, tiles="all",
+                       scheduler_address=standing.scheduler_address)  # fmt: skip
+        run(held, client=client)
+        monkeypatch.setattr(reading, "HELD_SHARE", 1e-9)  # no band of all scenes fits
+        config = held.model_copy(update={"output": str(tmp_path / "streamed")})
+        info = client.scheduler_info()["workers"]
+        gpu = {a for a, w in info.items() if w["name"].startswith("gpu")}
+        result, by_prefix, _, _ = _run_and_trace(config, client)
+    assert not result.failed and result.pixels_predicted > 0
+    cpu = set(info) - gpu
+    # "read" (bands of scenes and their pieces), "stream" (steps, their marks, the outputs)
+    assert by_prefix["read"] and by_prefix["read"] <= cpu, by_prefix
+    assert by_prefix["stream"] == gpu, by_prefix
+    a, b = open_map(str(tmp_path / "out")), open_map(str(tmp_path / "streamed"))
+    np.testing.assert_allclose(b.probability.values, a.probability.values, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(b.valid_obs.values, a.valid_obs.values)
+
+
 @pytest.mark.parametrize("tiles_in_flight", [2, 1])
 def test_a_tile_whose_read_spills_is_read_on_one_worker(
     small_cube, native_lstm, tmp_path, monkeypatch, caplog, tiles_in_flight
@@ -140,7 +171,7 @@ def test_a_tile_whose_read_spills_is_read_on_one_worker(
     ):
         config = _config(small_cube, native_lstm, tmp_path, tiles="all",
                          scheduler_address=standing.scheduler_address,
-                         tiles_in_flight=tiles_in_flight)  # fmt: skip
+                         tiles_in_flight=tiles_in_flight, stream="never")  # fmt: skip
         info = client.scheduler_info()["workers"]
         gpu = {a for a, w in info.items() if w["name"].startswith("gpu")}
         from distributed import get_task_stream
@@ -400,7 +431,7 @@ def test_the_scheduler_knows_before_building_a_tile_whether_it_spills(
     from treesits_dask.pipeline.schedule import tile_graph
 
     extra = {"window": "4x30"} if whole else {}
-    plan = make_plan(_config(small_cube, native_lstm, tmp_path, **extra))
+    plan = make_plan(_config(small_cube, native_lstm, tmp_path, stream="never", **extra))
     reads = ReadBudget(2**20, 2, 2**30, held_bytes=held, spill_bytes=2**40, in_memory_bytes=whole)
     # the graph is only built (the fork it writes into is a placeholder), not computed
     _, graph = tile_graph(plan, plan.tiles[0], None, Routing(), reads, "tcp://10.0.0.7:4000")

@@ -38,17 +38,20 @@ def _linked_cube(tmp_path, n_scenes: int, tiles=("X0069_Y0043",)):
     return root, tiles[0]
 
 
-def _kube_plan(tmp_path, capsys, cube, model, scratch: str) -> tuple[dict, str]:
+def _kube_plan(
+    tmp_path, capsys, cube, model, scratch: str, stream: str = "never"
+) -> tuple[dict, str]:
     """``plan`` on Kubernetes settings of one CPU worker of 1 thread and 2 GiB, one tile in flight
     and ``scratch`` of scratch volume (the disk a run counts on there, so the plan is the same on
-    every machine): (its JSON, its stderr)."""
-    run_yaml = tmp_path / f"run-{scratch}.yaml"
+    every machine): (its JSON, its stderr).  ``stream``: the setting (``never``: the LSTM is read
+    as the other models are, whose plans these tests are about)."""
+    run_yaml = tmp_path / f"run-{scratch}-{stream}.yaml"
     run_yaml.write_text(
         yaml.safe_dump(
             {
                 "cube": str(cube), "tiles": "all", "output": str(tmp_path / "out"),
                 "model": model, "window": "100x100", "cluster": "kubernetes",
-                "tiles_in_flight": 1,
+                "tiles_in_flight": 1, "stream": stream,
                 "kubernetes": {
                     "scratch_size": scratch,
                     "gpu": {"enabled": False},
@@ -90,7 +93,7 @@ def test_plan_names_a_tile_that_would_decode_more_than_once_and_the_disk_to_deco
     # the figures are those of the tile's read plan under the budget a run derives
     config = load_config(
         overrides=dict(cube=str(cube), tiles="all", output=str(tmp_path / "o"),
-                       model=native_lstm, window="100x100"),
+                       model=native_lstm, window="100x100", stream="never"),
         environ={},
     )  # fmt: skip
     t = make_plan(config).tiles[0]
@@ -106,6 +109,12 @@ def test_plan_names_a_tile_that_would_decode_more_than_once_and_the_disk_to_deco
     assert "decode_once_free_disk_gib" not in enough["tiles"][0]["read"] and "warning" not in err
     short, _ = _kube_plan(tmp_path, capsys, cube, native_lstm, f"{need - 1}Gi")
     assert short["tiles"][0]["read"]["decoded_over_tile"] > DECODE_ONCE
+
+    # the LSTM as a run reads it (``stream: auto``): streamed through the model, decoded once
+    streamed, err = _kube_plan(tmp_path, capsys, cube, native_lstm, "1Gi", stream="auto")
+    read = streamed["tiles"][0]["read"]
+    assert read["mode"].startswith("in bands, streamed through the model in ")
+    assert read["decoded_over_tile"] <= DECODE_ONCE and "warning" not in err
 
 
 @pytest.mark.parametrize("memory", ["1.5GiB", "auto"])

@@ -141,6 +141,16 @@ _RUN_FLAGS = [
             "decoded scenes, shared out among its threads (default 0.25)",
         ),
     ),
+    (
+        "--stream",
+        dict(
+            choices=["auto", "always", "never"],
+            help="run a one-way LSTM (sits-lstm) over a tile's scenes batch by batch, carrying "
+            "its state: every block decoded once and nothing of all scenes held (auto, the "
+            "default: where the tile's bands of all scenes would not be held in a reading "
+            "worker's memory; always: wherever windows are put together from bands; never)",
+        ),
+    ),
     ("--dashboard-address", dict(help="LocalCluster dashboard address (default :8787)")),
     (
         "--cluster",

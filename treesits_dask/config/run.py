@@ -41,6 +41,13 @@ class RunConfig(InputSettings):
         description="share of a reading worker's memory limit that its read tasks may fill with "
         "decoded scenes (shared out among its threads)",
     )
+    stream: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="run a one-way LSTM (sits-lstm) over a tile's scenes batch by batch, its "
+        "state carried from one batch to the next: auto where the tile's bands of all scenes "
+        "would not be held in a reading worker's memory, always where windows are put together "
+        "from bands, never",
+    )
     scheduler_address: str | None = None
     device: str = "auto"
     precision: Literal["fp32", "tf32", "bf16"] = Field(

@@ -148,6 +148,11 @@ class ReadPlan:
     #: :data:`BANDS_HELD` that Dask's order held: where those fit neither its memory nor its
     #: spill disk, ``gate`` bands may, and every block is still decoded once
     gate: int = 0
+    #: the tile's scenes go through the model batch by batch, each window's model state carried
+    #: from one batch to the next (a one-way LSTM, see :mod:`treesits_dask.pipeline.streaming`):
+    #: the bands are read as ``batches`` of scenes, each batch of a band decoded once and
+    #: dropped once its windows stepped through it; nothing of all scenes is held (``held`` 0)
+    stream: bool = False
 
     def __post_init__(self) -> None:
         found: dict[tuple[int, int], list[tuple[int, int]]] = {}
@@ -162,7 +167,7 @@ class ReadPlan:
     def _identity(self) -> tuple:
         return (
             self.bands, self.batches, self.by_window, self.spills, self.groups, self.sections,
-            self.gate,
+            self.gate, self.stream,
         )  # fmt: skip
 
     def __eq__(self, other) -> bool:
@@ -180,6 +185,22 @@ class ReadPlan:
     def tasks(self) -> int:
         """Read tasks of the tile (bands x batches)."""
         return len(self.bands) * len(self.batches)
+
+    def band_groups(self) -> tuple[tuple[int, ...], ...]:
+        """The bands (indices, top to bottom) that windows tie together: a window's bands are in
+        one group, and a band crossed by two window rows joins their groups.  Where each window
+        row is whole bands (a striped tile chunked whole strips high), a group is a window row's
+        bands."""
+        groups: list[list[int]] = []
+        above: set[int] = set()  # the window rows crossing the band above
+        for band in self.bands:  # full-width bands, top to bottom: a group is a run of them
+            rows = {p.i for p in band.pieces}
+            if groups and rows & above:
+                groups[-1].append(band.index)
+            else:
+                groups.append([band.index])
+            above = rows
+        return tuple(tuple(g) for g in groups)
 
     @property
     def bands_held(self) -> int:
@@ -273,6 +294,7 @@ def plan_reads(
     held_bytes: int | None = None,
     spill_bytes: int | None = None,
     in_memory_bytes: int | None = None,
+    stream: str = "never",
 ) -> ReadPlan:
     """The read plan of a tile whose windows are ``layout``.
 
@@ -320,6 +342,12 @@ def plan_reads(
     spilling, the same read had nothing spilled by Dask and 3-4 GiB less peak RSS.  Bands that
     are each a row of whole windows are held whole as before: Dask spilled nothing of them, and
     spilling them gained only memory (4 % more time where a tile was read alone).
+    ``stream`` (the model carries its state from one batch of scenes to the next, see
+    :mod:`treesits_dask.pipeline.streaming`): ``auto`` streams the tile (``ReadPlan.stream``)
+    where its bands of all scenes would not be held whole in memory (the plans that spill, or
+    are read behind a gate, in sections or window by window), ``always`` wherever windows are
+    put together from bands; ``never`` (models that cannot) does not.  A streamed tile decodes
+    every block once and holds a few batches of its bands, whatever its scene count.
     """
     count = grid.count if bands is None else bands
     out = _bands(grid, layout)
@@ -342,6 +370,8 @@ def plan_reads(
     views = views and any(
         len(pieces) > 1 for pieces in whole.of_window.values()
     )  # a piece per band
+    if stream == "always" or (stream == "auto" and (spills or views)):
+        return _streamed(whole, grid.width, count, n_scenes, task_bytes, min_tasks)
     if spills and (spill_bytes is None or held > held_bytes + spill_bytes):
         # fewer bands held at once, each band's reads after the windows of an earlier band are
         # put together: every block still decoded once.  A gate's bands are held whole, where
@@ -441,6 +471,19 @@ def _gated_if_worth(gated: ReadPlan | None, other: ReadPlan | None, decode) -> R
     if gated is None or (other is not None and decode(other) <= GATE_DECODE * decode(gated)):
         return other
     return gated
+
+
+def _streamed(
+    whole: ReadPlan, width: int, count: int, n_scenes: int, task_bytes: int, min_tasks: int
+) -> ReadPlan:
+    """The streamed plan of a tile's bands (``whole``: their plan of one batch): batches of
+    scenes whose group of bands (:meth:`ReadPlan.band_groups`) fits half of ``task_bytes``
+    (a few batches of a group are held at once: one stepped through, the next ones read)."""
+    heights = {b.index: b.height for b in whole.bands}
+    tallest = max(sum(heights[b] for b in g) for g in whole.band_groups())
+    per_scene = tallest * width * count * 2
+    batches = _batches(len(whole.bands), per_scene, n_scenes, task_bytes, min_tasks, True)
+    return ReadPlan(whole.bands, batches, stream=True)
 
 
 def _batches(n_bands, per_scene, n_scenes, task_bytes, min_tasks, spills):

@@ -94,6 +94,15 @@ class ModelCard(BaseModel):
     sequence: dict[str, Any]
     metrics: dict[str, Any] | None = None
 
+    @property
+    def streams(self) -> bool:
+        """Whether the model can run over a series in parts, carrying its state from one part to
+        the next: a one-way SITS-NN LSTM, whose input at a step is that observation alone (raw,
+        invalid ones 0), from a zero state, and whose output is its state after the last step
+        (:meth:`~treesits_dask.models.loading.Predictor.stream_step`).  The Transformer and SBERT
+        see every observation at once (SBERT the newest 256 valid ones of a pixel)."""
+        return self.family == "sits-lstm" and not self.hyperparameters.get("bidirectional", False)
+
     @field_validator("family")
     @classmethod
     def _family(cls, v: str) -> str:

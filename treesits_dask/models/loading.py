@@ -287,6 +287,53 @@ class Predictor:
             return torch.sigmoid(logits)
         return logits.softmax(1)
 
+    @property
+    def streams(self) -> bool:
+        """Whether the model can run over a series in parts (:attr:`ModelCard.streams`)."""
+        return self.card.streams
+
+    def stream_state(self, n: int) -> np.ndarray:
+        """The state of ``n`` pixels before their first observation: zeros ``(2, layers, n,
+        hidden)`` float32 (the LSTM's ``h`` and ``c``)."""
+        lstm = self.module.lstm
+        return np.zeros((2, lstm.num_layers, n, lstm.hidden_size), dtype=np.float32)
+
+    def stream_step(self, state: np.ndarray, series: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """The state of N pixels after the observations ``series`` (N, t, 10) int16 with
+        ``valid`` (N, t), the next ``t`` scenes in ascending date order, from ``state``
+        (:meth:`stream_state`, or an earlier step's result).  Runs over a series in parts give
+        the state of one run over the whole series (the same computation, step by step); the
+        state stays on the host between parts (a Dask result)."""
+        if not self.streams:
+            raise ModelError(f"a {self.card.family} model cannot be run over a series in parts")
+        if series.shape[0] == 0 or series.shape[1] == 0:  # no pixel, or no scene
+            return state.copy()
+        out = np.empty_like(state)
+        module = self.module
+        with torch.inference_mode(), precision_scope(self.device, self.precision):
+            for s in self._chunks(len(series), 1, _FULL_CPU_CHUNK):
+                x, _ = full_inputs(series[s], valid[s])
+                xt = torch.from_numpy(x).to(self.device, non_blocking=True)
+                hc = torch.from_numpy(state[:, :, s]).to(self.device)
+                self._set_threads()
+                _, (h, c) = module.lstm(module.embd(xt), (hc[0].contiguous(), hc[1].contiguous()))
+                out[0, :, s] = h.float().cpu().numpy()
+                out[1, :, s] = c.float().cpu().numpy()
+        return out
+
+    def stream_probs(self, state: np.ndarray) -> np.ndarray:
+        """Probabilities (N, C) float32 of N pixels from their state after the last observation
+        (:meth:`stream_step`): the model's head on the last layer's output at the last step."""
+        module = self.module
+        n = state.shape[2]
+        probs = np.empty((n, self.card.n_classes), dtype=np.float32)
+        with torch.inference_mode(), precision_scope(self.device, self.precision):
+            for s in self._chunks(n, 1, _FULL_CPU_CHUNK):
+                last = torch.from_numpy(np.ascontiguousarray(state[0, -1, s])).to(self.device)
+                self._set_threads()
+                probs[s] = module.fc(last).float().cpu().numpy()
+        return probs
+
     def _full_batch(self, series: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x, used = full_inputs(series, valid)
         xt = torch.from_numpy(x).to(self.device, non_blocking=True)

@@ -67,6 +67,10 @@ class TilePlan:
     #: COG blocks, or whole strips high, see :func:`~treesits_dask.io.grid.read_shape`); None:
     #: the windows
     read_layout: WindowLayout | None = None
+    #: whether the tile's scenes may go through the model batch by batch (the ``stream``
+    #: setting where the model can and the tile has no alert steps, else ``never``; see
+    #: :func:`~treesits_dask.io.bands.plan_reads`)
+    stream: str = "never"
 
     @property
     def reading(self) -> WindowLayout:
@@ -422,6 +426,7 @@ def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
             fingerprint=st.fingerprint,
             reasons=st.reasons,
             alerts=_alerts(config, card, repo, st, records.get(st.tile), digests),
+            stream=config.stream if card.streams and config.alerts is None else "never",
         )
         for st, grid, mask, shape in checked
     ]

@@ -85,6 +85,8 @@ def plan_mode(plan: ReadPlan) -> str:
         return "in chunks of whole blocks"
     if plan.by_window:
         return "window by window"
+    if plan.stream:
+        return f"in bands, streamed through the model in {len(plan.batches)} batches of scenes"
     how = f"in {plan.sections} sections of window columns" if plan.sections > 1 else "in bands"
     if plan.gate:
         how += f", {plan.gate} band{'s' if plan.gate > 1 else ''} at a time behind a gate"

@@ -155,7 +155,7 @@ def tile_read_plan(tile, reads: ReadBudget | None):
     return plan_reads(
         tile.grid, tile.reading, scenes, reads.task_bytes, min_tasks=reads.threads,
         held_bytes=reads.held_bytes, spill_bytes=reads.spill_bytes,
-        in_memory_bytes=reads.in_memory_bytes,
+        in_memory_bytes=reads.in_memory_bytes, stream=tile.stream,
     )  # fmt: skip
 
 
@@ -168,12 +168,12 @@ def tile_spills(tile, reads: ReadBudget | None) -> bool:
 
 
 def tile_ordered(tile, reads: ReadBudget | None) -> bool:
-    """Whether ``tile`` is read in sections of window columns or behind a gate
+    """Whether ``tile`` is read in sections of window columns, behind a gate or streamed
     (:func:`tile_read_plan`), whose order its graph's priorities give (a section after the
-    other; the windows a gate waits for as soon as they are put together): a graph that must not
-    be optimised (fusion drops them)."""
+    other; the windows a gate waits for as soon as they are put together; a streamed tile's
+    batches one after the other): a graph that must not be optimised (fusion drops them)."""
     plan = tile_read_plan(tile, reads)
-    return plan is not None and (plan.sections > 1 or plan.gate > 0)
+    return plan is not None and (plan.sections > 1 or plan.gate > 0 or plan.stream)
 
 
 def pinned_worker(graph) -> str | None:

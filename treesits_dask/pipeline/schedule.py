@@ -22,7 +22,8 @@ import numpy as np
 
 from ..errors import InputDataError, TreesitsError
 from ..io import discovery
-from ..io.cube import DEFAULT_READ_BYTES, days_since_epoch, tile_cube
+from ..io.bands import plan_reads
+from ..io.cube import DEFAULT_READ_BYTES, WindowReader, days_since_epoch, tile_cube
 from ..io.datasets import forget_datasets
 from ..io.masks import open_mask
 from ..io.remote import clear_gdal_cache
@@ -63,6 +64,7 @@ from .reading import (
     worker_disks,
 )
 from .report import RunResult, collect_inference
+from .streaming import Kernel, stream_layer
 
 __all__ = ["Job", "RunCallbacks", "run_tiles", "tile_graph"]
 
@@ -125,6 +127,15 @@ def tile_graph(
     reading = tile.reading  # the chunks read and predicted: the windows, or whole COG blocks
     with annotate(routing.read):
         mask = open_mask(tile.mask, tile.grid, reading) if tile.mask else None
+    if tile.stream != "never":
+        streamed = plan_reads(
+            tile.grid, reading, len(scenes), task_bytes, min_tasks=threads, held_bytes=held,
+            spill_bytes=spill, in_memory_bytes=in_memory, stream=tile.stream,
+        )  # fmt: skip
+        if streamed.stream:
+            packed = _streamed(plan, tile, streamed, mask, routing, threads)
+            return _written(plan, tile, packed, session)
+    with annotate(routing.read):
         cube = tile_cube(
             scenes, tile.grid, reading, cfg.qai_flags, mask=mask,
             read_bytes=task_bytes, min_read_tasks=threads, held_bytes=held, spill_bytes=spill,
@@ -150,7 +161,31 @@ def tile_graph(
         alerts=steps,
         prev=prev,
     )
-    if reading is not tile.layout:  # the outputs (a few layers) to the map's windows
+    return _written(plan, tile, packed, session)
+
+
+def _streamed(plan: RunPlan, tile: TilePlan, read_plan, mask, routing: Routing, threads: int):
+    """The packed outputs of a streamed tile (see
+    :func:`~treesits_dask.pipeline.streaming.stream_layer`): its reads may run as many units
+    ahead of its steps as a tile in flight has reading threads (at least 2: one batch stepped
+    through, the next read)."""
+    cfg = plan.config
+    reader = WindowReader.of_scenes(tile.grid, tile.scenes, cfg.qai_flags, tile.scenes)
+    kernel = Kernel(plan.spec, cfg.device, Inference.of(cfg), plan.output_grid.packing)
+    days = days_since_epoch([s.date for s in tile.scenes])
+    ahead = max(2, -(-threads // cfg.tiles_in_flight))
+    scenes, batches = len(tile.scenes), len(read_plan.batches)
+    log.info(
+        "tile %s: streamed through the model in %d batches of its %d scenes (every block decoded "
+        "once, nothing of all scenes held)", tile.tile, batches, scenes,
+    )  # fmt: skip
+    return stream_layer(reader, tile.reading, read_plan, days, kernel, mask, routing, ahead)
+
+
+def _written(plan: RunPlan, tile: TilePlan, packed, session):
+    """The write tasks of a tile's packed outputs (rechunked to the map's windows where they
+    were read in other chunks) and their graph."""
+    if tile.reading is not tile.layout:  # the outputs (a few layers) to the map's windows
         packed = packed.rechunk(((packed.shape[0],), *tile.layout.chunks))
     return store.write_layer(
         packed, session, tile.region, tile.layout, plan.output_grid.variables(),

@@ -1,0 +1,176 @@
+"""Streamed tiles: a one-way LSTM run over the scenes batch by batch, its state carried
+(pipeline.streaming), maps what it maps over all scenes at once, decoding every block once where
+the bands of all scenes fit neither memory nor disk."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from treesits_dask.api import open_map
+from treesits_dask.config import load_config
+from treesits_dask.io.bands import plan_reads
+from treesits_dask.models import ModelCard
+from treesits_dask.models.architectures import LSTMClassifier
+from treesits_dask.models.loading import Predictor
+from treesits_dask.pipeline.run import run
+
+BANDS = ["BLUE", "GREEN", "RED", "REDEDGE1", "REDEDGE2", "REDEDGE3", "BROADNIR", "NIR", "SWIR1",
+         "SWIR2"]  # fmt: skip
+
+
+def _lstm(layers: int = 2, bidirectional: bool = False) -> Predictor:
+    torch.manual_seed(3)
+    hp = {"num_bands": 10, "input_size": 12, "hidden_size": 20, "num_layers": layers,
+          "num_classes": 4, "bidirectional": bidirectional}  # fmt: skip
+    module = LSTMClassifier(**hp).eval()
+    with torch.no_grad():  # a head whose BatchNorm is not the identity
+        module.fc[2].running_mean.uniform_(-0.5, 0.5)
+        module.fc[2].running_var.uniform_(0.5, 2.0)
+    card = ModelCard(family="sits-lstm", hyperparameters=hp, bands=BANDS,
+                     class_names=["a", "b", "c", "d"], output_kind="softmax",
+                     sequence={"kind": "full"})  # fmt: skip
+    return Predictor(module, card)
+
+
+def test_stream_steps_give_the_result_over_the_whole_series():
+    """Three steps over parts of 7, 9 and 7 scenes give the probabilities of one forward over all
+    23 (raw values, invalid observations 0, zero initial state)."""
+    rng = np.random.default_rng(0)
+    n, t = 700, 23  # more than one CPU call of 512 pixels
+    series = rng.integers(0, 6000, (n, t, 10)).astype(np.int16)
+    valid = rng.random((n, t)) > 0.4
+    valid[:, 0] = True
+    series[~valid] = -9999
+    days = np.arange(t, dtype=np.int64) * 5 + 19000
+    predictor = _lstm()
+    assert predictor.streams
+    whole, _ = predictor.predict(series, valid, days)
+    state = predictor.stream_state(n)
+    assert state.shape == (2, 2, n, 20) and not state.any()
+    for lo, hi in ((0, 7), (7, 16), (16, 23)):
+        state = predictor.stream_step(state, series[:, lo:hi], valid[:, lo:hi])
+    parts = predictor.stream_probs(state)
+    np.testing.assert_allclose(parts, whole, rtol=0, atol=2e-6)
+    # one step of no scenes changes nothing
+    again = predictor.stream_step(state, series[:, :0], valid[:, :0])
+    np.testing.assert_array_equal(again, state)
+
+
+def test_only_a_one_way_lstm_streams():
+    assert not _lstm(bidirectional=True).streams
+    hp = {"num_bands": 10, "num_classes": 2, "d_model": 8, "nhead": 2, "num_layers": 1,
+          "dim_feedforward": 16}  # fmt: skip
+    card = ModelCard(family="sits-transformer", bands=BANDS, class_names=["a", "b"],
+                     output_kind="softmax", sequence={"kind": "full"},
+                     hyperparameters=hp)  # fmt: skip
+    assert not card.streams
+
+
+def test_plan_streams_only_the_tiles_whose_bands_are_not_held(tmp_path):
+    """``auto`` streams a tile whose bands of all scenes would spill or be read in sections, in
+    batches within half a read task's budget, and keeps one whose bands fit memory as it is;
+    ``always`` streams both; ``never`` neither."""
+    from treesits_dask.io import discovery
+    from treesits_dask.io.cube import tile_grid
+    from treesits_dask.io.grid import WindowLayout, read_shape
+    from treesits_dask.synthetic import make_cube
+
+    cube = make_cube(tmp_path / "cube", size=600, n_scenes=8, layout="strips", seed=4)
+    definition = discovery.read_cube_definition(str(cube.root))
+    scenes = discovery.scene_table(str(cube.root), "X0069_Y0043")
+    grid = tile_grid(definition, scenes[0])
+    layout = WindowLayout.of(grid, read_shape(grid, (100, 100)))  # 120 px: whole 60-row strips
+    n = len(scenes)
+    held = plan_reads(grid, layout, n, 1 << 40).held
+    per_scene = 100 * grid.width * grid.count * 2
+    for stream, tight, fits in (("auto", True, False), ("always", True, True),
+                                ("never", False, False)):  # fmt: skip
+        small = plan_reads(grid, layout, n, 3 * per_scene, held_bytes=held // 2, stream=stream)
+        big = plan_reads(grid, layout, n, 3 * per_scene, held_bytes=held, stream=stream)
+        assert small.stream is tight and big.stream is fits
+    streamed = plan_reads(grid, layout, n, 3 * per_scene, held_bytes=0, stream="auto")
+    # a group of one band (a window row of whole strips each), batches of at most 1.5 scenes of
+    # a band
+    assert streamed.band_groups() == tuple((b.index,) for b in streamed.bands)
+    assert [stop - start for start, stop in streamed.batches] == [1] * n
+    assert streamed.held == 0 and not streamed.spills and streamed.sections == 1
+    # 100 px windows across the bands of 120 rows: the bands each window row crosses, together
+    crossed = plan_reads(grid, WindowLayout.of(grid, (100, 100)), n, 1, stream="always")
+    assert [[(b.row_off, b.height) for b in crossed.bands if b.index in g]
+            for g in crossed.band_groups()] == [[(0, 120), (120, 120), (240, 60)],
+                                                [(300, 120), (420, 120), (540, 60)]]  # fmt: skip
+
+
+def _config(cube, model, out, stream):
+    return load_config(
+        overrides=dict(cube=cube.root, tiles="all", output=str(out), model=model,
+                       window="100x100", mask_dir=cube.mask_dir, cog=False, stream=stream),
+        environ={},
+    )  # fmt: skip
+
+
+def _decoded_here() -> int:
+    from treesits_dask.io.datasets import DECODED
+
+    return DECODED.snapshot()[1]
+
+
+def _decoded(client) -> int:
+    """Bytes the workers decoded so far."""
+    return sum(client.run(_decoded_here).values())
+
+
+@pytest.mark.parametrize("stream", ["auto", "always"])
+def test_a_streamed_tile_maps_the_values_of_one_read_over_all_scenes(
+    native_lstm, tmp_path, client, monkeypatch, caplog, stream
+):
+    """A striped tile whose bands of all scenes fit neither the reading workers' memory nor
+    their disk (the budget cut to 60 % of what its bands hold, no disk: read in 2 sections
+    without streaming, decoding its strips twice) is streamed under ``auto`` (and ``always``),
+    in batches of scenes: it decodes what a run that holds its bands decodes (each block once),
+    against about twice that read in sections, and maps the same values (probabilities to float
+    rounding) on the test's LocalCluster."""
+    from treesits_dask.pipeline import schedule
+    from treesits_dask.pipeline.plan import make_plan
+    from treesits_dask.synthetic import make_cube
+
+    cube = make_cube(tmp_path / "cube", size=600, n_scenes=7, layout="strips", seed=4,
+                     mask_dir=str(tmp_path / "masks"))  # fmt: skip
+    (t,) = make_plan(_config(cube, native_lstm, tmp_path / "a", "never")).tiles
+    assert t.stream == "never"
+    before = _decoded(client)
+    run(_config(cube, native_lstm, tmp_path / "a", "never"), client=client)
+    whole = _decoded(client) - before
+    held = plan_reads(t.grid, t.reading, len(t.scenes), 1 << 40).held
+    per_window = t.reading.shape[0] * t.reading.shape[1] * t.grid.count * 2 * len(t.scenes)
+    budget = schedule.read_budget
+
+    def small(*args, **kwargs):  # one window of all scenes per read task, part of the bands
+        got = budget(*args, **kwargs)
+        return dataclasses.replace(got, task_bytes=per_window, held_bytes=int(held * 0.6),
+                                   spill_bytes=None)  # fmt: skip
+
+    monkeypatch.setattr(schedule, "read_budget", small)
+    if stream == "auto":
+        before = _decoded(client)
+        run(_config(cube, native_lstm, tmp_path / "s", "never"), client=client)
+        sections = _decoded(client) - before
+        assert sections > 1.5 * whole  # the full-width strips decoded once per section
+    (t,) = make_plan(_config(cube, native_lstm, tmp_path / "b", stream)).tiles
+    assert t.stream == stream
+    before = _decoded(client)
+    with caplog.at_level(logging.INFO, logger="treesits_dask"):
+        run(_config(cube, native_lstm, tmp_path / "b", stream), client=client)
+    assert _decoded(client) - before == whole
+    assert f"tile {t.tile}: streamed through the model in " in caplog.text
+    assert "sections" not in caplog.text.split(f"tile {t.tile}: streamed")[1]
+    a, b = open_map(str(tmp_path / "a")), open_map(str(tmp_path / "b"))
+    assert a.probability.notnull().any()
+    np.testing.assert_allclose(b.probability.values, a.probability.values, rtol=0, atol=1e-5)
+    for var in ("class", "valid_obs", "last_obs_valid", "last_valid_date"):
+        np.testing.assert_array_equal(b[var].values, a[var].values, err_msg=var)
