@@ -14,11 +14,15 @@ each, is read so within the read budget of any worker.
 The graph of a tile (:func:`stream_layer`), one layer with per-task annotations (reads where
 reads go, steps where inference goes):
 
-- per band and batch of scenes a read task (``read-band-stream-``), and per piece of it a task
-  that picks it out (so that a window's step fetches its own piece, not the band);
-- per window and batch a step task: the window's state after that batch;
+- per band and batch of scenes a read task (``read-band-stream-``), and per run of windows a
+  task that picks the run's pieces out of it (so that a step fetches its own pieces, not the
+  band);
+- per run of windows and batch a step task: the states of the run's windows after that batch
+  (runs of consecutive windows of about :data:`STEP_PIXELS`, at least as many per unit as a
+  tile has reading threads: a tile of 100 px windows has hundreds of windows, each a task per
+  batch otherwise);
 - per window the outputs from its last state (:func:`stream_outputs`);
-- per window and batch a task that returns nothing once the step is done, and per unit (a group
+- per run and batch a task that returns nothing once the step is done, and per unit (a group
   of bands tied together by windows, see :meth:`~treesits_dask.io.bands.ReadPlan.band_groups`,
   and a batch) a gate that waits for those: the reads of the unit ``ahead`` units later take it
   as their first argument, so that a tile holds at most ``ahead`` units of read batches that
@@ -44,7 +48,7 @@ from ..outputs.uncertainty import uncertainty
 from .devices import device_lock, device_pool
 from .predict import FORWARDS_IN_PROGRESS, Inference, get_predictor, last_valid_day
 
-__all__ = ["Kernel", "stream_layer", "stream_outputs", "stream_step"]
+__all__ = ["STEP_PIXELS", "Kernel", "stream_layer", "stream_outputs", "stream_step", "window_step"]
 
 
 @dataclass(frozen=True)
@@ -70,16 +74,18 @@ def _predictor(kernel: Kernel):
             yield predictor
 
 
-def stream_step(
+def window_step(
     state: dict | None,
     shape: tuple[int, int, int, int],
     mask: np.ndarray | None,
     where: tuple,
     days: np.ndarray,
     kernel: Kernel,
-    *pieces,
+    pieces: list,
+    first: bool = True,
 ) -> dict | None:
-    """A window's state after one batch of scenes (``state`` None: before the first batch).
+    """A window's state after one batch of scenes (``state`` None and ``first``: before the
+    first batch; None and not ``first``: a window without a mask pixel, which stays None).
 
     ``shape``: (scenes of the batch, bands, h, w); ``pieces`` the window's pieces of the batch
     (``where[k]``: ``(0, scenes, first row, last row)`` in the window), as
@@ -91,7 +97,7 @@ def stream_step(
     """
     t, _, h, w = shape
     if state is None:
-        if mask is not None and not mask.any():
+        if not first or (mask is not None and not mask.any()):
             return None
         idx = np.flatnonzero(mask) if mask is not None else np.arange(h * w)
         with _predictor(kernel) as predictor:
@@ -103,7 +109,7 @@ def stream_step(
             "last_day": np.full(idx.size, -1, np.int64),
             "last_valid": np.zeros(idx.size, bool),
         }
-    part = assemble(shape, mask, where, list(pieces))
+    part = assemble(shape, mask, where, pieces)
     idx = state["idx"]
     series = np.ascontiguousarray(part.reshape(t, shape[1], h * w)[:, :, idx].transpose(2, 0, 1))
     del part
@@ -124,10 +130,31 @@ def stream_step(
     }
 
 
-def stream_outputs(state: dict | None, hw: tuple[int, int], kernel: Kernel) -> np.ndarray:
-    """The packed outputs of a window from its state after the last batch (see
+def stream_step(
+    state: list | None, windows: tuple, days: np.ndarray, kernel: Kernel, masks, *picks
+) -> list:
+    """The states of a run of windows after one batch of scenes (``state`` None: before the
+    first batch; see :func:`window_step`).  ``windows``: per window ``(bands, h, w, parts)``,
+    ``parts`` per piece of the window ``(pick, at, first row, last row)``: piece ``at`` of
+    ``picks[pick]`` (the run's pieces of one band of the batch) holds those rows of the window;
+    ``masks``: the window's masks (None: no mask)."""
+    t = len(days)
+    out = []
+    for k, (count, h, w, parts) in enumerate(windows):
+        pieces = [picks[pick][at] for pick, at, _, _ in parts]
+        where = tuple((0, t, r0, r1) for _, _, r0, r1 in parts)
+        mask = masks[k] if masks is not None else None
+        prev = state[k] if state is not None else None
+        out.append(window_step(prev, (t, count, h, w), mask, where, days, kernel, pieces,
+                               first=state is None))  # fmt: skip
+    return out
+
+
+def stream_outputs(states: list, k: int, hw: tuple[int, int], kernel: Kernel) -> np.ndarray:
+    """The packed outputs of window ``k`` of a run from its state after the last batch (see
     :func:`~treesits_dask.pipeline.predict.predict_block`: the same variables, nodata where the
     mask has no pixel or a pixel no valid observation)."""
+    state = states[k]
     packing = kernel.packing
     n_classes = packing.n_classes
     out = empty_outputs(n_classes, hw, packing.layers)
@@ -159,10 +186,17 @@ def _then(_, fn=None, *args):
     return fn(*args) if fn is not None else None
 
 
-def _piece(pieces, k: int):
-    """Piece ``k`` of a band's read (a list; a band that is one whole window is the window)."""
-    return pieces if isinstance(pieces, np.ndarray) else pieces[k]
+def _pick(pieces, ks: tuple[int, ...]) -> tuple:
+    """The pieces ``ks`` of a band's read (a list; a band that is one whole window is the
+    window)."""
+    if isinstance(pieces, np.ndarray):
+        return (pieces,)
+    return tuple(pieces[k] for k in ks)
 
+
+#: pixels of the windows one step task takes at most (more tasks where a tile's reading threads
+#: would otherwise wait): a 300-row band of a 3000 px tile in 4 runs
+STEP_PIXELS = 1 << 18
 
 #: the tasks of a streamed tile, by their name's start: (reads or steps, their priority offset)
 _KINDS = {
@@ -195,6 +229,16 @@ def _priority(units: dict, key) -> int:
     return -2 * units[key] + _kind(key)[1]
 
 
+def _runs(windows: list, layout, parts: int) -> list[list]:
+    """``windows`` (in order) cut into runs of consecutive ones of about equal pixels, at least
+    ``parts`` of them (as many windows at most), each at most :data:`STEP_PIXELS` where the
+    windows allow."""
+    sizes = [layout.windows[i][j].height * layout.windows[i][j].width for i, j in windows]
+    n = max(-(-sum(sizes) // STEP_PIXELS), min(len(windows), parts), 1)
+    edges = np.linspace(0, len(windows), min(n, len(windows)) + 1).round().astype(int)
+    return [windows[a:b] for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
 def stream_layer(
     reader: WindowReader,
     layout,
@@ -210,65 +254,71 @@ def stream_layer(
     (:func:`~treesits_dask.io.bands.plan_reads` with ``stream``), its scenes read by ``reader``.
     ``mask`` (dask array (y, x) bool chunked like ``layout``, or None); ``routing``
     (:class:`~treesits_dask.pipeline.cluster.Routing`): resources of reads and of steps;
-    ``ahead``: units of read batches a tile may hold before its steps took them (at least 1)."""
+    ``ahead``: units of read batches a tile may hold before its steps took them (at least 1),
+    and the least number of step tasks per unit (runs of windows, see :func:`_runs`)."""
     import dask
     import dask.array as da
     from dask.base import tokenize
     from dask.highlevelgraph import HighLevelGraph
 
     grid = reader.grid
-    token = tokenize(
-        reader, layout.shape, plan, days, kernel, mask.name if mask is not None else None
-    )
-    tile = grid.tile
-    name, rb, pick = (
-        f"stream-{tile}-{token}",
-        f"read-band-stream-{tile}-{token}",
-        f"read-pick-stream-{tile}-{token}",
-    )
-    step, done, gate = (f"stream-{k}-{tile}-{token}" for k in ("step", "done", "gate"))
     mname = mask.name if mask is not None else None
+    token = tokenize(reader, layout.shape, plan, days, kernel, mname, ahead)
+    tile = grid.tile
+    name = f"stream-{tile}-{token}"
+    rb, pick = f"read-band-stream-{tile}-{token}", f"read-pick-stream-{tile}-{token}"
+    step, done, gate = (f"stream-{k}-{tile}-{token}" for k in ("step", "done", "gate"))
+    ahead = max(1, int(ahead))
     dsk: dict = {}
     units: dict = {}
-    order = [(g, s) for g in plan.band_groups() for s in range(len(plan.batches))]
-    ahead = max(1, int(ahead))
-    rows_of = {}  # window -> its pieces: (band, piece index)
-    for (i, j), found in plan.of_window.items():
-        rows_of[(i, j)] = found
-    for u, (group, s) in enumerate(order):
-        start, stop = plan.batches[s]
-        wait = (gate, u - ahead) if u >= ahead else None
-        windows = []
-        for b in group:
-            band = plan.bands[b]
-            masks = [(mname, p.i, p.j) for p in band.pieces] if mname else []
-            task = (reader.read_band, band, start, stop, *masks)
-            dsk[(rb, b, s)] = (_then, wait, *task) if wait else task
-            units[(rb, b, s)] = u
-            for k, p in enumerate(band.pieces):
-                dsk[(pick, b, s, k)] = (_piece, (rb, b, s), k)
-                units[(pick, b, s, k)] = u
-                windows.append((p.i, p.j))
-        windows = list(dict.fromkeys(windows))
-        for i, j in windows:
-            w = layout.windows[i][j]
-            keys, where = [], []
-            for b, k in rows_of[(i, j)]:
-                keys.append((pick, b, s, k))
-                where.append((0, stop - start, *plan.bands[b].pieces[k].window_rows))
-            prev = (step, i, j, s - 1) if s else None
-            dsk[(step, i, j, s)] = (
-                stream_step, prev, (stop - start, grid.count, w.height, w.width),
-                (mname, i, j) if mname else None, tuple(where), days[start:stop], kernel, *keys,
-            )  # fmt: skip
-            dsk[(done, i, j, s)] = (_then, (step, i, j, s))
-            units[(step, i, j, s)] = units[(done, i, j, s)] = u
-        dsk[(gate, u)] = (_then, [(done, i, j, s) for i, j in windows])
-        units[(gate, u)] = u
-    last = len(plan.batches) - 1
-    for i, j, w in layout:
-        dsk[(name, 0, i, j)] = (stream_outputs, (step, i, j, last), (w.height, w.width), kernel)
-        units[(name, 0, i, j)] = units[(step, i, j, last)]
+    u = 0
+    for g, group in enumerate(plan.band_groups()):
+        windows = list(dict.fromkeys((p.i, p.j) for b in group for p in plan.bands[b].pieces))
+        runs = _runs(windows, layout, ahead)
+        # per run: the pieces it picks out of each band's read, and per window where they go
+        ks = {(r, b): [] for r in range(len(runs)) for b in group}
+        specs = []
+        for r, run in enumerate(runs):
+            spec = []
+            for i, j in run:
+                w, parts = layout.windows[i][j], []
+                for b, k in plan.of_window[(i, j)]:
+                    at = len(ks[(r, b)])
+                    ks[(r, b)].append(k)
+                    rows = plan.bands[b].pieces[k].window_rows
+                    parts.append((group.index(b), at, *rows))
+                spec.append((grid.count, w.height, w.width, tuple(parts)))
+            specs.append(tuple(spec))
+        for s, (start, stop) in enumerate(plan.batches):
+            wait = (gate, u - ahead) if u >= ahead else None
+            for b in group:
+                band = plan.bands[b]
+                masks = [(mname, p.i, p.j) for p in band.pieces] if mname else []
+                task = (reader.read_band, band, start, stop, *masks)
+                dsk[(rb, b, s)] = (_then, wait, *task) if wait else task
+                units[(rb, b, s)] = u
+                for r in range(len(runs)):
+                    dsk[(pick, b, s, r)] = (_pick, (rb, b, s), tuple(ks[(r, b)]))
+                    units[(pick, b, s, r)] = u
+            for r, run in enumerate(runs):
+                masks = [(mname, i, j) for i, j in run] if mname else None
+                picks = [(pick, b, s, r) for b in group]
+                prev = (step, g, r, s - 1) if s else None
+                dsk[(step, g, r, s)] = (
+                    stream_step, prev, specs[r], days[start:stop], kernel, masks, *picks,
+                )  # fmt: skip
+                dsk[(done, g, r, s)] = (_then, (step, g, r, s))
+                units[(step, g, r, s)] = units[(done, g, r, s)] = u
+            dsk[(gate, u)] = (_then, [(done, g, r, s) for r in range(len(runs))])
+            units[(gate, u)] = u
+            u += 1
+        last = len(plan.batches) - 1
+        for r, run in enumerate(runs):
+            for k, (i, j) in enumerate(run):
+                w = layout.windows[i][j]
+                dsk[(name, 0, i, j)] = (stream_outputs, (step, g, r, last), k, (w.height, w.width),
+                                        kernel)  # fmt: skip
+                units[(name, 0, i, j)] = u - 1
     annotations = {"priority": functools.partial(_priority, units)}
     if routing is not None and (routing.read or routing.predict):
         annotations["resources"] = functools.partial(_resources, routing)
