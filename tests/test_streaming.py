@@ -174,3 +174,54 @@ def test_a_streamed_tile_maps_the_values_of_one_read_over_all_scenes(
     np.testing.assert_allclose(b.probability.values, a.probability.values, rtol=0, atol=1e-5)
     for var in ("class", "valid_obs", "last_obs_valid", "last_valid_date"):
         np.testing.assert_array_equal(b[var].values, a[var].values, err_msg=var)
+
+
+def test_a_streamed_graph_bounds_the_batches_its_reads_run_ahead(tmp_path):
+    """The graph of a streamed tile: per band and batch one read, per run of windows and batch
+    one step (at least ``ahead`` runs per unit where the tile has as many windows, not one per
+    window), and the reads of each unit from the ``ahead``-th on wait for the gate of the unit
+    ``ahead`` before them, which waits for that unit's steps: a tile holds at most ``ahead``
+    units of batches its steps have not taken."""
+    from dask.core import get_dependencies
+
+    from treesits_dask.io import discovery
+    from treesits_dask.io.cube import days_since_epoch, tile_grid
+    from treesits_dask.io.grid import WindowLayout
+    from treesits_dask.io.reader import WindowReader
+    from treesits_dask.models import ModelSpec
+    from treesits_dask.outputs.schema import Packing
+    from treesits_dask.pipeline.predict import Inference
+    from treesits_dask.pipeline.streaming import Kernel, stream_layer
+
+    cube = make_cube_once(tmp_path)
+    definition = discovery.read_cube_definition(str(cube.root))
+    scenes = discovery.scene_table(str(cube.root), "X0069_Y0043")
+    grid = tile_grid(definition, scenes[0])
+    layout = WindowLayout.of(grid, (60, 50))  # a window row per 60-row strip, 12 windows each
+    plan = plan_reads(grid, layout, len(scenes), 1, stream="always")  # one scene per batch
+    kernel = Kernel(ModelSpec("unused.pt", "native"), "cpu", Inference(), Packing(3))
+    days = days_since_epoch([s.date for s in scenes])
+    reader = WindowReader.of_scenes(grid, scenes)
+    arr = stream_layer(reader, layout, plan, days, kernel, ahead=3)
+    dsk = dict(arr.__dask_graph__())
+    kinds: dict[str, list] = {}
+    for key in dsk:
+        kinds.setdefault(key[0].split("-X0069")[0], []).append(key)
+    units = len(plan.bands) * len(plan.batches)  # a group per band (one window row each)
+    assert len(kinds["read-band-stream"]) == units
+    assert len(kinds["stream-step"]) == 3 * units  # 3 runs of 4 windows per unit
+    assert len(kinds["stream"]) == 10 * 12  # the outputs: one per window
+    gates = sorted(kinds["stream-gate"])
+    order = [(b, s) for b in range(len(plan.bands)) for s in range(len(plan.batches))]
+    for u, (b, s) in enumerate(order):
+        read = next(k for k in kinds["read-band-stream"] if k[1:] == (b, s))
+        waits = [d for d in get_dependencies(dsk, read) if d[0].startswith("stream-gate")]
+        assert waits == ([gates[u - 3]] if u >= 3 else []), (u, waits)
+    steps_of_gate = get_dependencies(dsk, gates[0])
+    assert len(steps_of_gate) == 3 and all(d[0].startswith("stream-done") for d in steps_of_gate)
+
+
+def make_cube_once(tmp_path):
+    from treesits_dask.synthetic import make_cube
+
+    return make_cube(tmp_path / "cube", size=600, n_scenes=4, layout="strips", seed=4)
