@@ -129,6 +129,11 @@ def test_run_synthetic(small_cube, native_lstm, tmp_path, client):
     # ... and its allocator keeps torch temporaries on the heap (nanny workers start with
     # MALLOC_TRIM_THRESHOLD_ set, which would mmap every one of them afresh)
     assert all(client.run(predict.malloc_tuned).values())
+    # ... which gives what it keeps back to the system above Dask's target, every second
+    trims = client.run(
+        lambda dask_worker: dask_worker.periodic_callbacks["treesits-give-back-memory"].is_running()
+    )
+    assert all(trims.values()), trims
     # ... and its CPU model shares the worker's cores out among the reads and forwards in progress
     budgets = client.run(
         lambda: [

@@ -109,7 +109,8 @@ def test_plan_streams_only_the_tiles_whose_bands_are_not_held(tmp_path):
 def _config(cube, model, out, stream):
     return load_config(
         overrides=dict(cube=cube.root, tiles="all", output=str(out), model=model,
-                       window="100x100", mask_dir=cube.mask_dir, cog=False, stream=stream),
+                       window="100x100", mask_dir=cube.mask_dir, cog=False, stream=stream,
+                       uncertainty=["entropy", "margin"]),
         environ={},
     )  # fmt: skip
 
@@ -174,6 +175,9 @@ def test_a_streamed_tile_maps_the_values_of_one_read_over_all_scenes(
     np.testing.assert_allclose(b.probability.values, a.probability.values, rtol=0, atol=1e-5)
     for var in ("class", "valid_obs", "last_obs_valid", "last_valid_date"):
         np.testing.assert_array_equal(b[var].values, a[var].values, err_msg=var)
+    for var in ("entropy", "margin"):  # the uncertainty layers of the same probabilities
+        assert a[var].notnull().any(), var
+        np.testing.assert_allclose(b[var].values, a[var].values, rtol=0, atol=1e-4, err_msg=var)
 
 
 def test_a_streamed_graph_bounds_the_batches_its_reads_run_ahead(tmp_path):
@@ -225,3 +229,27 @@ def make_cube_once(tmp_path):
     from treesits_dask.synthetic import make_cube
 
     return make_cube(tmp_path / "cube", size=600, n_scenes=4, layout="strips", seed=4)
+
+
+def test_a_worker_gives_back_the_memory_its_allocator_keeps_only_above_its_target():
+    """give_back_memory trims glibc's heaps where the process holds more than Dask's target
+    share of its memory limit, and leaves them alone below it."""
+    from types import SimpleNamespace
+
+    from treesits_dask.pipeline import predict
+
+    if not predict.tune_malloc():
+        pytest.skip("glibc's malloc is not there to tune (not Linux)")
+    rss = [0]
+
+    def worker(limit):
+        manager = SimpleNamespace(memory_limit=limit, memory_target_fraction=0.6)
+        monitor = SimpleNamespace(get_process_memory=lambda: rss[0])
+        return SimpleNamespace(memory_manager=manager, monitor=monitor)
+
+    rss[0] = 500
+    before = predict.TRIMMED[0]
+    assert not predict.give_back_memory(worker(1000))  # 50 % of its limit
+    assert not predict.give_back_memory(worker(None))  # no limit: Dask pauses nothing
+    rss[0] = 700
+    assert predict.give_back_memory(worker(1000)) and predict.TRIMMED[0] == before + 1

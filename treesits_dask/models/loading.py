@@ -311,7 +311,9 @@ class Predictor:
         out = np.empty_like(state)
         module = self.module
         with torch.inference_mode(), precision_scope(self.device, self.precision):
-            for s in self._chunks(len(series), 1, _FULL_CPU_CHUNK):
+            # per call at most the attention budget's elements of the LSTM's output (N, t, hidden)
+            per_item = series.shape[1] * module.lstm.hidden_size
+            for s in self._chunks(len(series), per_item, _FULL_CPU_CHUNK):
                 x, _ = full_inputs(series[s], valid[s])
                 xt = torch.from_numpy(x).to(self.device, non_blocking=True)
                 hc = torch.from_numpy(state[:, :, s]).to(self.device)

@@ -43,6 +43,7 @@ __all__ = [
     "Inference",
     "ModelPlugin",
     "annotate",
+    "fill_outputs",
     "get_predictor",
     "give_back_memory",
     "inference_stats",
@@ -378,19 +379,8 @@ def predict_block(
     if now.any():
         probs, n_used = forward(now, lo, block.shape[0] - 1)
         probs_all[now] = probs
-        sel = idx[now]
-        prob = out["probability"].reshape(n_classes, h * w)
-        prob[:, sel] = probs.T
-        if n_classes > 1:
-            out["class"].reshape(-1)[sel] = np.argmax(probs, axis=1).astype(DTYPES["class"])
-        most = np.iinfo(DTYPES["valid_obs"]).max
-        out["valid_obs"].reshape(-1)[sel] = np.minimum(n_used, most).astype(DTYPES["valid_obs"])
-        out["last_obs_valid"].reshape(-1)[sel] = valid_sel[now, -1].astype(DTYPES["last_obs_valid"])
-        out["last_valid_date"].reshape(-1)[sel] = last_valid_day(valid_sel[now, lo:], days[lo:])
-        wanted = [v for v in layers if v in UNCERTAINTY]
-        if wanted:
-            for var, values in uncertainty(probs, wanted).items():
-                out[var].reshape(-1)[sel] = values
+        newest = last_valid_day(valid_sel[now, lo:], days[lo:])
+        fill_outputs(out, idx[now], probs, n_used, valid_sel[now, -1], newest, layers)
     if alerts is not None:
         st = state[:, idx]
         last = block.shape[0] - 1
@@ -411,6 +401,33 @@ def predict_block(
         for k, var in enumerate(ALERT_VARIABLES):
             out[var] = state[k].reshape(h, w).astype(DTYPES[var])
     return out
+
+
+def fill_outputs(
+    out: dict[str, np.ndarray],
+    sel: np.ndarray,
+    probs: np.ndarray,
+    n_used: np.ndarray,
+    last_valid: np.ndarray,
+    last_day: np.ndarray,
+    layers: tuple[str, ...] = (),
+) -> None:
+    """Write the outputs of the pixels ``sel`` (flat indices of the window) into ``out``
+    (:func:`~treesits_dask.outputs.schema.empty_outputs`): their probabilities ``probs`` (N, C),
+    the class, observations used ``n_used``, whether the newest scene is valid (``last_valid``),
+    the day of the newest valid observation (``last_day``) and the uncertainty ``layers``."""
+    n_classes = probs.shape[1]
+    out["probability"].reshape(n_classes, -1)[:, sel] = probs.T
+    if n_classes > 1:
+        out["class"].reshape(-1)[sel] = np.argmax(probs, axis=1).astype(DTYPES["class"])
+    most = np.iinfo(DTYPES["valid_obs"]).max
+    out["valid_obs"].reshape(-1)[sel] = np.minimum(n_used, most).astype(DTYPES["valid_obs"])
+    out["last_obs_valid"].reshape(-1)[sel] = last_valid.astype(DTYPES["last_obs_valid"])
+    out["last_valid_date"].reshape(-1)[sel] = last_day.astype(DTYPES["last_valid_date"])
+    wanted = [v for v in layers if v in UNCERTAINTY]
+    if wanted:
+        for var, values in uncertainty(probs, wanted).items():
+            out[var].reshape(-1)[sel] = values
 
 
 def last_valid_day(valid: np.ndarray, days: np.ndarray) -> np.ndarray:

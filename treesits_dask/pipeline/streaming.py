@@ -43,10 +43,9 @@ import numpy as np
 from ..io.cube import NODATA
 from ..io.reader import WindowReader, assemble
 from ..models import ModelSpec
-from ..outputs.schema import DTYPES, UNCERTAINTY, Packing, empty_outputs
-from ..outputs.uncertainty import uncertainty
+from ..outputs.schema import Packing, empty_outputs
 from .devices import device_lock, device_pool
-from .predict import FORWARDS_IN_PROGRESS, Inference, get_predictor, last_valid_day
+from .predict import FORWARDS_IN_PROGRESS, Inference, fill_outputs, get_predictor, last_valid_day
 
 __all__ = ["STEP_PIXELS", "Kernel", "stream_layer", "stream_outputs", "stream_step", "window_step"]
 
@@ -159,24 +158,10 @@ def stream_outputs(states: list, k: int, hw: tuple[int, int], kernel: Kernel) ->
     n_classes = packing.n_classes
     out = empty_outputs(n_classes, hw, packing.layers)
     if state is not None and (now := state["n_valid"] > 0).any():
-        sel = state["idx"][now]
         with _predictor(kernel) as predictor:
             probs = predictor.stream_probs(np.ascontiguousarray(state["hc"][:, :, now]))
-        prob = out["probability"].reshape(n_classes, -1)
-        prob[:, sel] = probs.T
-        if n_classes > 1:
-            out["class"].reshape(-1)[sel] = np.argmax(probs, axis=1).astype(DTYPES["class"])
-        most = np.iinfo(DTYPES["valid_obs"]).max
-        used = np.minimum(state["n_valid"][now], most)
-        out["valid_obs"].reshape(-1)[sel] = used.astype(DTYPES["valid_obs"])
-        lov = state["last_valid"][now].astype(DTYPES["last_obs_valid"])
-        out["last_obs_valid"].reshape(-1)[sel] = lov
-        lvd = state["last_day"][now].astype(DTYPES["last_valid_date"])
-        out["last_valid_date"].reshape(-1)[sel] = lvd
-        wanted = [v for v in packing.layers if v in UNCERTAINTY]
-        if wanted:
-            for var, values in uncertainty(probs, wanted).items():
-                out[var].reshape(-1)[sel] = values
+        fill_outputs(out, state["idx"][now], probs, state["n_valid"][now],
+                     state["last_valid"][now], state["last_day"][now], packing.layers)  # fmt: skip
     return packing.pack(out)
 
 
