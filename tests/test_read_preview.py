@@ -115,6 +115,8 @@ def test_plan_names_a_tile_that_would_decode_more_than_once_and_the_disk_to_deco
     read = streamed["tiles"][0]["read"]
     assert read["mode"].startswith("in bands, streamed through the model in ")
     assert read["decoded_over_tile"] <= DECODE_ONCE and "warning" not in err
+    # the model states of two 100-row bands at once, 153 bytes a pixel (16 wide, one layer)
+    assert read["stream_state_gib"] == round(2 * 100 * 1000 * (2 * 16 * 4 + 25) / 2**30, 2)
 
 
 @pytest.mark.parametrize("memory", ["1.5GiB", "auto"])

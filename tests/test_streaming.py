@@ -62,7 +62,11 @@ def test_stream_steps_give_the_result_over_the_whole_series():
 
 
 def test_only_a_one_way_lstm_streams():
+    """... and a streamed pixel's state is its (h, c) per layer as float32 and 25 bytes of its
+    counts (1049 bytes for the published 2-layer, 64-wide LSTM)."""
+    assert _lstm().card.stream_state_bytes == 2 * 2 * 20 * 4 + 25
     assert not _lstm(bidirectional=True).streams
+    assert _lstm(bidirectional=True).card.stream_state_bytes == 0
     hp = {"num_bands": 10, "num_classes": 2, "d_model": 8, "nhead": 2, "num_layers": 1,
           "dim_feedforward": 16}  # fmt: skip
     card = ModelCard(family="sits-transformer", bands=BANDS, class_names=["a", "b"],
@@ -99,11 +103,14 @@ def test_plan_streams_only_the_tiles_whose_bands_are_not_held(tmp_path):
     assert streamed.band_groups() == tuple((b.index,) for b in streamed.bands)
     assert [stop - start for start, stop in streamed.batches] == [1] * n
     assert streamed.held == 0 and not streamed.spills and streamed.sections == 1
+    # the states of its two largest groups at once: 2 x 120 rows of 600 px
+    assert streamed.states_bytes(600, 153) == 2 * 120 * 600 * 153
     # 100 px windows across the bands of 120 rows: the bands each window row crosses, together
     crossed = plan_reads(grid, WindowLayout.of(grid, (100, 100)), n, 1, stream="always")
     assert [[(b.row_off, b.height) for b in crossed.bands if b.index in g]
             for g in crossed.band_groups()] == [[(0, 120), (120, 120), (240, 60)],
                                                 [(300, 120), (420, 120), (540, 60)]]  # fmt: skip
+    assert crossed.states_bytes(600, 100) == 600 * 600 * 100
 
 
 def _config(cube, model, out, stream):

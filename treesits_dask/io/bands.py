@@ -202,6 +202,16 @@ class ReadPlan:
             above = rows
         return tuple(tuple(g) for g in groups)
 
+    def states_bytes(self, width: int, per_pixel: int) -> int:
+        """Where the plan streams: the most memory the windows' model states hold at once,
+        ``per_pixel`` bytes each (full-width bands ``width`` px wide), every pixel predicted (a
+        mask holds fewer): those of its two largest groups of bands (a group's states live from
+        its first batch to its outputs, and the next group's first batches are read and stepped
+        while its last ones are; see :mod:`treesits_dask.pipeline.streaming`)."""
+        rows = {b.index: b.height for b in self.bands}
+        sizes = sorted((sum(rows[b] for b in g) for g in self.band_groups()), reverse=True)
+        return sum(sizes[:2]) * width * per_pixel
+
     @property
     def bands_held(self) -> int:
         """Bands of all scenes the guard counts a reading worker to hold at once (``held``)."""

@@ -103,6 +103,17 @@ class ModelCard(BaseModel):
         see every observation at once (SBERT the newest 256 valid ones of a pixel)."""
         return self.family == "sits-lstm" and not self.hyperparameters.get("bidirectional", False)
 
+    @property
+    def stream_state_bytes(self) -> int:
+        """Bytes a streamed pixel's state holds between batches (0 where the model does not
+        stream): ``h`` and ``c`` of each layer as float32, and the pixel's index, valid
+        observations, newest valid day and whether the newest scene is valid (see
+        :func:`~treesits_dask.pipeline.streaming.window_step`)."""
+        if not self.streams:
+            return 0
+        hp = self.hyperparameters
+        return 2 * int(hp.get("num_layers", 1)) * int(hp.get("hidden_size", 64)) * 4 + 25
+
     @field_validator("family")
     @classmethod
     def _family(cls, v: str) -> str:

@@ -71,6 +71,9 @@ class TilePlan:
     #: setting where the model can and the tile has no alert steps, else ``never``; see
     #: :func:`~treesits_dask.io.bands.plan_reads`)
     stream: str = "never"
+    #: bytes a streamed pixel's model state holds between batches (the model's
+    #: :attr:`~treesits_dask.models.ModelCard.stream_state_bytes`; 0 where it does not stream)
+    stream_state: int = 0
 
     @property
     def reading(self) -> WindowLayout:
@@ -427,6 +430,7 @@ def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
             reasons=st.reasons,
             alerts=_alerts(config, card, repo, st, records.get(st.tile), digests),
             stream=config.stream if card.streams and config.alerts is None else "never",
+            stream_state=card.stream_state_bytes,
         )
         for st, grid, mask, shape in checked
     ]

@@ -154,8 +154,10 @@ def tile_reads(tiles, shared: ReadBudget, alone: ReadBudget | None, on) -> dict[
     worker (``read_alone``), the bytes it decodes by the plan's count over its uncompressed bytes
     (``decoded_over_tile``, before masks and the QAI screening skip blocks), and where that is
     more than :data:`DECODE_ONCE`, the free local disk per reading worker on which it would decode
-    once under the budgets ``on`` gives (``decode_once_free_disk_gib``).  Tiles of one shape and
-    scene count are planned once."""
+    once under the budgets ``on`` gives (``decode_once_free_disk_gib``); where it is streamed
+    through the model, the most memory its windows' model states hold at once
+    (``stream_state_gib``, :meth:`~treesits_dask.io.bands.ReadPlan.states_bytes`).  Tiles of one
+    shape and scene count are planned once."""
     out: dict[str, dict] = {}
     seen: dict[tuple, dict] = {}
     for tile in tiles:
@@ -170,6 +172,9 @@ def tile_reads(tiles, shared: ReadBudget, alone: ReadBudget | None, on) -> dict[
             }
             if decoded > DECODE_ONCE * _tile_bytes(tile):
                 entry["decode_once_free_disk_gib"] = _disk_to_decode_once(tile, on)
+            if read is not None and read.stream:
+                states = read.states_bytes(tile.grid.width, tile.stream_state)
+                entry["stream_state_gib"] = round(states / 2**30, 2)
             seen[key] = entry
         out[tile.tile] = seen[key]
     return out

@@ -47,7 +47,14 @@ from ..outputs.schema import Packing, empty_outputs
 from .devices import device_lock, device_pool
 from .predict import FORWARDS_IN_PROGRESS, Inference, fill_outputs, get_predictor, last_valid_day
 
-__all__ = ["STEP_PIXELS", "Kernel", "stream_layer", "stream_outputs", "stream_step", "window_step"]
+__all__ = [
+    "STEP_PIXELS",
+    "Kernel",
+    "stream_layer",
+    "stream_outputs",
+    "stream_step",
+    "window_step",
+]
 
 
 @dataclass(frozen=True)
