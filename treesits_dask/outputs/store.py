@@ -207,7 +207,10 @@ def data_group(zstore, mode: str = "r"):
     import zarr
 
     root = zarr.open_group(zstore, mode=mode)
-    return root[LEVEL0] if LEVEL0 in root.group_keys() else root
+    try:  # a member's metadata, not a listing: see write_window
+        return root[LEVEL0]
+    except KeyError:
+        return root
 
 
 def stored_grid(zstore) -> OutputGrid | None:
@@ -323,16 +326,25 @@ def write_window(zstore, rows: slice, cols: slice, outputs: dict[str, np.ndarray
     :class:`OutputError`; variables missing from ``outputs`` are left as they are.
     """
     group = data_group(zstore, "r+")
-    arrays = set(group.array_keys())
-    unknown = [k for k in outputs if k not in arrays or k not in ALL_VARIABLES]
+    # each array opened by its name, never listed: Icechunk lists a session's keys synchronously
+    # on zarr's event loop, and with windows written from other threads at once that loop once
+    # stayed in the listing while the writes waited on it (a test hung)
+    found, unknown = {}, []
+    for var in outputs:
+        try:
+            found[var] = group[var] if var in ALL_VARIABLES else None
+        except KeyError:
+            found[var] = None
+        if found[var] is None:
+            unknown.append(var)
     if unknown:
         raise OutputError(
             f"the map store has no variable(s) {unknown} (it holds "
-            f"{sorted(arrays & set(ALL_VARIABLES))}); it was created for another model or other "
-            "layers: write to another --output"
+            f"{sorted(set(group.array_keys()) & set(ALL_VARIABLES))}); it was created for "
+            "another model or other layers: write to another --output"
         )
     for var, value in outputs.items():
-        arr = group[var]
+        arr = found[var]
         r, c = _check_aligned(arr, rows, cols)
         expected = (*arr.shape[:-2], r.stop - r.start, c.stop - c.start)
         value = np.asarray(value)
