@@ -22,7 +22,6 @@ import numpy as np
 
 from ..errors import InputDataError, TreesitsError
 from ..io import discovery
-from ..io.bands import plan_reads
 from ..io.cube import DEFAULT_READ_BYTES, WindowReader, days_since_epoch, tile_cube
 from ..io.datasets import forget_datasets
 from ..io.masks import open_mask
@@ -60,6 +59,7 @@ from .reading import (
     spill_worker,
     tile_decode,
     tile_ordered,
+    tile_read_plan,
     tile_spills,
     worker_disks,
 )
@@ -127,14 +127,10 @@ def tile_graph(
     reading = tile.reading  # the chunks read and predicted: the windows, or whole COG blocks
     with annotate(routing.read):
         mask = open_mask(tile.mask, tile.grid, reading) if tile.mask else None
-    if tile.stream != "never":
-        streamed = plan_reads(
-            tile.grid, reading, len(scenes), task_bytes, min_tasks=threads, held_bytes=held,
-            spill_bytes=spill, in_memory_bytes=in_memory, stream=tile.stream,
-        )  # fmt: skip
-        if streamed.stream:
-            packed = _streamed(plan, tile, streamed, mask, routing, threads)
-            return _written(plan, tile, packed, session)
+    streamed = tile_read_plan(tile, reads)  # the plan the scheduler's decisions came from
+    if streamed is not None and streamed.stream:
+        packed = _streamed(plan, tile, streamed, mask, routing, threads)
+        return _written(plan, tile, packed, session)
     with annotate(routing.read):
         cube = tile_cube(
             scenes, tile.grid, reading, cfg.qai_flags, mask=mask,
