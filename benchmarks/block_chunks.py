@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     from treesits_dask.bench.measure import (
         bench_cluster,
         bench_config,
+        close_bench,
         cube_workdir,
         emit_row,
     )
@@ -66,10 +67,7 @@ def main(argv=None) -> int:
                 row = {"round": r, "variant": variant, **read}
                 emit_row(report, row, args.json)
     finally:
-        client.close()
-        cluster.close()
-        if tmp is not None:
-            tmp.cleanup()
+        close_bench(tmp, client, cluster)
     return 0
 
 

@@ -52,7 +52,13 @@ def main(argv=None) -> int:
     p.add_argument("--tiles-in-flight", type=int, default=1)
     args = p.parse_args(argv)
 
-    from treesits_dask.bench.measure import bench_cluster, bench_config, cube_workdir, emit_row
+    from treesits_dask.bench.measure import (
+        bench_cluster,
+        bench_config,
+        close_bench,
+        cube_workdir,
+        emit_row,
+    )
     from treesits_dask.bench.pagecache import page_in
     from treesits_dask.pipeline import schedule
     from treesits_dask.pipeline.plan import make_plan
@@ -94,10 +100,7 @@ def main(argv=None) -> int:
                 emit_row(report, row, args.json)
     finally:
         schedule._Scheduler._idle_reader, schedule.register_pinned_reads = idle_reader, register
-        client.close()
-        cluster.close()
-        if tmp is not None:
-            tmp.cleanup()
+        close_bench(tmp, client, cluster)
     return 0
 
 

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--kill-after", type=float, default=10.0, help="seconds into the read")
     args = p.parse_args(argv)
 
-    from treesits_dask.bench.measure import bench_config, cube_workdir, emit_row
+    from treesits_dask.bench.measure import bench_config, close_bench, cube_workdir, emit_row
     from treesits_dask.bench.pagecache import page_in
     from treesits_dask.pipeline.plan import make_plan
     from treesits_dask.pipeline.plugins import PinnedReads
@@ -63,14 +63,13 @@ def main(argv=None) -> int:
     finally:
         for name, hook in hooks.items():
             setattr(PinnedReads, name, hook)
-        if tmp is not None:
-            tmp.cleanup()
+        close_bench(tmp)
     return 0
 
 
 def _read(args, plan) -> dict:
     """One read of every tile on a fresh cluster, the first tile's worker killed on the way."""
-    from treesits_dask.bench.measure import bench_cluster, decode_run
+    from treesits_dask.bench.measure import bench_cluster, close_bench, decode_run
 
     cluster, client = bench_cluster(args.workers, 1, args.memory_limit)
     try:
@@ -91,8 +90,7 @@ def _read(args, plan) -> dict:
                 "spilled_mib": round(run["spilled_bytes"] / 2**20),
                 "worker_restarts": run["worker_restarts"]}  # fmt: skip
     finally:
-        client.close()
-        cluster.close()
+        close_bench(None, client, cluster)
 
 
 if __name__ == "__main__":

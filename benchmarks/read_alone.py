@@ -38,7 +38,13 @@ def main(argv=None) -> int:
     p.set_defaults(tiles=2, size=1000, window=100, threads=2, rounds=2, layout="strips")
     args = p.parse_args(argv)
 
-    from treesits_dask.bench.measure import bench_cluster, bench_config, cube_workdir, emit_row
+    from treesits_dask.bench.measure import (
+        bench_cluster,
+        bench_config,
+        close_bench,
+        cube_workdir,
+        emit_row,
+    )
     from treesits_dask.bench.real import files_bytes, floor_sample, measured_read, plan_bytes
     from treesits_dask.pipeline import reading
     from treesits_dask.pipeline.cluster import Routing
@@ -84,10 +90,7 @@ def main(argv=None) -> int:
                 emit_row(report, row, args.json)
     finally:
         reading.worker_disks = disks
-        client.close()
-        cluster.close()
-        if tmp is not None:
-            tmp.cleanup()
+        close_bench(tmp, client, cluster)
     return 0
 
 

@@ -109,6 +109,7 @@ def main(argv=None) -> int:
     from treesits_dask.bench.measure import (
         bench_cluster,
         bench_config,
+        close_bench,
         cube_workdir,
         decoded,
         emit_row,
@@ -165,10 +166,7 @@ def main(argv=None) -> int:
         logging.getLogger("distributed.nanny.memory").removeHandler(restarted)
         reading.ALONE_DECODE = alone_decode
         schedule.worker_disks = disks
-        client.close()
-        cluster.close()
-        if tmp is not None:
-            tmp.cleanup()
+        close_bench(tmp, client, cluster)
     return 0
 
 

@@ -142,6 +142,7 @@ def main(argv=None) -> int:
         bench_cluster,
         bench_config,
         benchmark_cube,
+        close_bench,
         decode_run,
         emit_row,
     )
@@ -234,11 +235,7 @@ def main(argv=None) -> int:
                        "spilled_mib": round(run.get("spilled_bytes", 0) / 2**20)}  # fmt: skip
                 emit_row(report, row, args.json)
     finally:
-        for c in (pool_client, pool_cluster, client, cluster):
-            if c is not None:
-                c.close()
-        if tmp is not None:
-            tmp.cleanup()
+        close_bench(tmp, pool_client, pool_cluster, client, cluster)
     return 0
 
 

@@ -46,6 +46,7 @@ def main(argv=None) -> int:
         bench_cluster,
         bench_config,
         benchmark_cube,
+        close_bench,
         decode_run,
         emit_row,
     )
@@ -102,10 +103,7 @@ def main(argv=None) -> int:
                        "spilled_mib": round(run["spilled_bytes"] / 2**20)}  # fmt: skip
                 emit_row(report, row, args.json)
     finally:
-        client.close()
-        cluster.close()
-        if tmp is not None:
-            tmp.cleanup()
+        close_bench(tmp, client, cluster)
     return 0
 
 

@@ -98,6 +98,7 @@ def main(argv=None) -> int:
     from treesits_dask.bench.measure import (
         bench_cluster,
         bench_config,
+        close_bench,
         cube_workdir,
         emit_row,
     )
@@ -179,10 +180,7 @@ def main(argv=None) -> int:
                 emit_row(report, row, args.json)
     finally:
         reading.read_budget = budget
-        client.close()
-        cluster.close()
-        if tmp is not None:
-            tmp.cleanup()
+        close_bench(tmp, client, cluster)
     return 0
 
 

@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     from treesits_dask.bench.measure import (
         bench_cluster,
         bench_config,
+        close_bench,
         cube_workdir,
         decode_run,
         emit_row,
@@ -68,10 +69,7 @@ def main(argv=None) -> int:
                        "over_per_core_floor": round(mbs / per_core, 3)}  # fmt: skip
                 emit_row(report, row, args.json)
     finally:
-        client.close()
-        cluster.close()
-        if tmp is not None:
-            tmp.cleanup()
+        close_bench(tmp, client, cluster)
     return 0
 
 

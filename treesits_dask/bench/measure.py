@@ -20,6 +20,7 @@ __all__ = [
     "PeakRSS",
     "bench_cluster",
     "bench_config",
+    "close_bench",
     "bench_models",
     "benchmark_cube",
     "cube_arguments",
@@ -117,6 +118,16 @@ def bench_cluster(workers: int, threads: int, memory_limit: str | int = "auto"):
     client.register_plugin(PieceFiles())  # as run's workers: piece files removed before closing
     register_pinned_reads(client)  # as run: work stealing leaves pinned reads where they are
     return cluster, client
+
+
+def close_bench(tmp, *closing) -> None:
+    """End a benchmark script: close its clients and clusters in the order given (None: not
+    started), then remove its temporary work directory (``tmp``; None: a directory given)."""
+    for c in closing:
+        if c is not None:
+            c.close()
+    if tmp is not None:
+        tmp.cleanup()
 
 
 def bench_config(cube, workdir: Path, threads: int, memory_limit: str, window: int):
