@@ -98,19 +98,26 @@ def test_plan_streams_only_the_tiles_whose_bands_are_not_held(tmp_path):
         big = plan_reads(grid, layout, n, 3 * per_scene, held_bytes=held, stream=stream)
         assert small.stream is tight and big.stream is fits
     streamed = plan_reads(grid, layout, n, 3 * per_scene, held_bytes=0, stream="auto")
-    # a group of one band (a window row of whole strips each), batches of at most 1.5 scenes of
-    # a band
+    # read and stepped in its layout's windows, one band high already (2 strips of 60 rows): a
+    # group of one band each, batches of one scene (a band's scene is more than half the task's
+    # budget)
+    assert streamed.windows == layout
     assert streamed.band_groups() == tuple((b.index,) for b in streamed.bands)
     assert [stop - start for start, stop in streamed.batches] == [1] * n
     assert streamed.held == 0 and not streamed.spills and streamed.sections == 1
     # the states of its two largest groups at once: 2 x 120 rows of 600 px
     assert streamed.states_bytes(600, 153) == 2 * 120 * 600 * 153
-    # 100 px windows across the bands of 120 rows: the bands each window row crosses, together
-    crossed = plan_reads(grid, WindowLayout.of(grid, (100, 100)), n, 1, stream="always")
-    assert [[(b.row_off, b.height) for b in crossed.bands if b.index in g]
-            for g in crossed.band_groups()] == [[(0, 120), (120, 120), (240, 60)],
-                                                [(300, 120), (420, 120), (540, 60)]]  # fmt: skip
-    assert crossed.states_bytes(600, 100) == 600 * 600 * 100
+    # 100 px windows, whose rows cross the bands of two strips, read as they are, tie 300 rows
+    # together; streamed in windows one band high (120 x 100 px), they tie none (states of 2 x
+    # 120 rows, not of 2 x 300)
+    crossing = WindowLayout.of(grid, (100, 100))
+    held_so = plan_reads(grid, crossing, n, 1 << 40)
+    assert [len(g) for g in held_so.band_groups()] == [3, 3]
+    crossed = plan_reads(grid, crossing, n, 1, stream="always")
+    assert crossed.windows == WindowLayout.of(grid, (120, 100))
+    assert [(b.row_off, b.height) for b in crossed.bands] == [(r, 120) for r in range(0, 600, 120)]
+    assert crossed.band_groups() == tuple((b.index,) for b in crossed.bands)
+    assert crossed.states_bytes(600, 100) == 2 * 120 * 600 * 100
 
 
 def _config(cube, model, out, stream):
@@ -208,8 +215,9 @@ def test_a_streamed_graph_bounds_the_batches_its_reads_run_ahead(tmp_path):
     definition = discovery.read_cube_definition(str(cube.root))
     scenes = discovery.scene_table(str(cube.root), "X0069_Y0043")
     grid = tile_grid(definition, scenes[0])
-    layout = WindowLayout.of(grid, (60, 50))  # a window row per 60-row strip, 12 windows each
+    layout = WindowLayout.of(grid, (60, 50))  # 12 windows per row
     plan = plan_reads(grid, layout, len(scenes), 1, stream="always")  # one scene per batch
+    assert plan.windows == layout and len(plan.bands) == 10  # a window row per 60-row strip
     kernel = Kernel(ModelSpec("unused.pt", "native"), "cpu", Inference(), Packing(3))
     days = days_since_epoch([s.date for s in scenes])
     reader = WindowReader.of_scenes(grid, scenes)
@@ -260,3 +268,96 @@ def test_a_worker_gives_back_the_memory_its_allocator_keeps_only_above_its_targe
     assert not predict.give_back_memory(worker(None))  # no limit: Dask pauses nothing
     rss[0] = 700
     assert predict.give_back_memory(worker(1000)) and predict.TRIMMED[0] == before + 1
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_killed_mid_stream_leaves_the_map_of_a_run_without_it(native_lstm, tmp_path):
+    """A streamed tile whose worker is killed (SIGKILL) once a third of its steps are done: the
+    states it held are lost, Dask computes them again from their reads (the steps, picks, gates
+    and reads of earlier batches), and the run finishes with the map of the same run without the
+    kill (every variable, probabilities exactly: the same steps in the same order)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from treesits_dask.pipeline.cluster import connect
+    from treesits_dask.synthetic import make_cube
+
+    cube = make_cube(tmp_path / "cube", size=600, n_scenes=24, layout="strips", seed=4)
+
+    def config(out):  # 6 MiB per read task: 12 batches of 2 scenes
+        return load_config(
+            overrides=dict(cube=cube.root, tiles="all", output=str(tmp_path / out),
+                           model=native_lstm, window="100x100", cog=False, stream="always",
+                           read_memory=0.004, workers=2, threads_per_worker=1,
+                           memory_limit="1.5GiB", dashboard_address=":0"),
+            environ={},
+        )  # fmt: skip
+
+    def steps(dask_scheduler) -> tuple[int, int]:
+        names = [(str(k[0] if isinstance(k, tuple) else k), ts.state)
+                 for k, ts in dask_scheduler.tasks.items()]  # fmt: skip
+        mine = [state for name, state in names if name.startswith("stream-step-")]
+        return sum(s in ("memory", "released", "forgotten") for s in mine), len(mine)
+
+    with connect(config("a")) as client:
+        run(config("a"), client=client)
+        killed: list = []
+
+        def kill_at_a_third():
+            deadline = time.monotonic() + 120
+            while not killed and time.monotonic() < deadline:
+                done, total = client.run_on_scheduler(steps)
+                if total and done >= total // 3:
+                    pids = client.run(os.getpid)
+                    os.kill(pids[max(pids)], signal.SIGKILL)
+                    killed.append((done, total))
+                    return
+                time.sleep(0.02)
+
+        killer = threading.Thread(target=kill_at_a_third, daemon=True)
+        killer.start()
+        result = run(config("b"), client=client)
+        killer.join(timeout=10)
+    assert killed, "the worker was never killed"
+    done, total = killed[0]
+    assert total >= 12 and done < total, f"killed after {done} of {total} steps, not mid-stream"
+    assert not result.failed
+    a, b = open_map(str(tmp_path / "a")), open_map(str(tmp_path / "b"))
+    assert a.probability.notnull().any()
+    for var in ("probability", "class", "valid_obs", "last_obs_valid", "last_valid_date"):
+        np.testing.assert_array_equal(b[var].values, a[var].values, err_msg=var)
+
+
+def test_a_streamed_tile_is_stepped_in_windows_one_band_high_of_bounded_pixels():
+    """Whatever the map's windows, a streamed tile's windows tie no bands together and hold at
+    most STREAM_WINDOW_PIXELS, so that a tile holds two bands' states and a step a bounded state:
+    the map's windows where they are so, else windows one band high (whole block rows, at least
+    min(window height, BAND_ROWS)) as wide as the map's, or that width cut in equal parts."""
+    from treesits_dask.io.bands import BAND_ROWS, STREAM_WINDOW_PIXELS, stream_windows
+    from treesits_dask.io.grid import TileGrid, WindowLayout
+
+    def grid(block):
+        return TileGrid("X0069_Y0043", "", (0, 10, 0, 0, 0, -10), 3000, 3000, block, 10)
+
+    strips, cog, rows = grid((300, 3000)), grid((256, 256)), grid((1, 3000))
+    cases = [(strips, (1000, 1000), (300, 500)), (strips, (200, 200), (300, 200)),
+             (strips, (250, 250), (300, 250)), (strips, (100, 100), None),
+             (cog, (1000, 1000), (256, 1000)), (cog, (250, 250), (256, 250)),
+             (rows, (100, 100), None), (rows, (500, 500), (BAND_ROWS, 500))]  # fmt: skip
+    for g, window, expected in cases:
+        layout = WindowLayout.of(g, window)
+        plan = plan_reads(g, layout, 600, 1 << 28, stream="always")
+        assert plan.stream
+        if expected is None:  # the map's windows tie no bands together: kept
+            assert plan.windows == layout, (g.block_shape, window)
+        else:
+            assert plan.windows == stream_windows(g, layout), (g.block_shape, window)
+            assert plan.windows.shape == expected, (g.block_shape, window, plan.windows.shape)
+        assert plan.windows.shape[0] * plan.windows.shape[1] <= STREAM_WINDOW_PIXELS
+        assert plan.band_groups() == tuple((b.index,) for b in plan.bands)
+    # strip windows of all scenes: each band is a whole window, whose read is the window itself
+    whole = plan_reads(strips, WindowLayout.of(strips, (300, 3000)), 600, 1 << 28, stream="always")
+    assert not whole.stream and whole.windows is None
+    assert stream_windows(strips, WindowLayout.of(strips, (300, 3000))).shape == (300, 750)

@@ -51,6 +51,7 @@ __all__ = [
     "BAND_ROWS",
     "BANDS_HELD",
     "GATE_DECODE",
+    "STREAM_WINDOW_PIXELS",
     "Band",
     "Piece",
     "ReadPlan",
@@ -60,6 +61,7 @@ __all__ = [
     "plan_reads",
     "planned_decode",
     "scene_batches",
+    "stream_windows",
     "turn_share",
     "window_groups",
 ]
@@ -153,6 +155,12 @@ class ReadPlan:
     #: the bands are read as ``batches`` of scenes, each batch of a band decoded once and
     #: dropped once its windows stepped through it; nothing of all scenes is held (``held`` 0)
     stream: bool = False
+    #: where not None (a streamed plan): the windows its pieces cut, none of them crossing two
+    #: bands: the layout it was planned for, or where those windows tie bands together or are
+    #: large, windows one band high (:func:`stream_windows`; the outputs are rechunked to the
+    #: layout's).  A window's model state lives from its group's first batch to its outputs, so
+    #: the tile holds the states of at most two bands' pixels (:meth:`states_bytes`)
+    windows: WindowLayout | None = None
 
     def __post_init__(self) -> None:
         found: dict[tuple[int, int], list[tuple[int, int]]] = {}
@@ -167,7 +175,7 @@ class ReadPlan:
     def _identity(self) -> tuple:
         return (
             self.bands, self.batches, self.by_window, self.spills, self.groups, self.sections,
-            self.gate, self.stream,
+            self.gate, self.stream, self.windows,
         )  # fmt: skip
 
     def __eq__(self, other) -> bool:
@@ -357,7 +365,8 @@ def plan_reads(
     where its bands of all scenes would not be held whole in memory (the plans that spill, or
     are read behind a gate, in sections or window by window), ``always`` wherever windows are
     put together from bands; ``never`` (models that cannot) does not.  A streamed tile decodes
-    every block once and holds a few batches of its bands, whatever its scene count.
+    every block once and holds a few batches of its bands, whatever its scene count, and is read
+    and stepped in windows one band high (:func:`stream_windows`, :attr:`ReadPlan.windows`).
     """
     count = grid.count if bands is None else bands
     out = _bands(grid, layout)
@@ -381,7 +390,7 @@ def plan_reads(
         len(pieces) > 1 for pieces in whole.of_window.values()
     )  # a piece per band
     if stream == "always" or (stream == "auto" and (spills or views)):
-        return _streamed(whole, grid.width, count, n_scenes, task_bytes, min_tasks)
+        return _streamed(grid, layout, count, n_scenes, task_bytes, min_tasks)
     if spills and (spill_bytes is None or held > held_bytes + spill_bytes):
         # fewer bands held at once, each band's reads after the windows of an earlier band are
         # put together: every block still decoded once.  A gate's bands are held whole, where
@@ -483,17 +492,56 @@ def _gated_if_worth(gated: ReadPlan | None, other: ReadPlan | None, decode) -> R
     return gated
 
 
+#: the most pixels of a window a streamed tile is stepped in (:func:`stream_windows`): a step
+#: holds its windows' states twice, before and after the batch (about 1 KB per pixel each for
+#: the published LSTM)
+STREAM_WINDOW_PIXELS = 1 << 18
+
+
+def stream_windows(grid: TileGrid, layout: WindowLayout) -> WindowLayout:
+    """The windows a streamed tile is read and stepped in: one band high (whole block rows, at
+    least ``min(window height, BAND_ROWS)``, as the bands of ``layout`` are: one 300-row strip,
+    one row of 256 px COG blocks), as wide as the windows of ``layout`` or, where such a window
+    would pass :data:`STREAM_WINDOW_PIXELS`, that width cut in equal parts.  Each band is then
+    one window row, so no window ties two bands together (:meth:`ReadPlan.band_groups`), and a
+    tile's windows hold the model states of two bands' pixels at most.  With the map's windows
+    instead, 200 x 200 px windows on 300-row strips tied two strips together (3.52 GiB of states
+    of the published LSTM for a 3000 px tile, against 1.76 one strip high) and 1000 px windows
+    three (5.28 GiB, a step of one 1000 x 900 px window holding 0.9 GiB of states twice).
+    Measured on that tile (12 scenes, unmasked) on a 3 GiB worker of 2 threads: 200 px windows
+    108.9 and 115.3 s with 2.1 GB spilled by Dask each, against 83.5 and 84.0 s with nothing
+    spilled; 1000 px windows failed (the worker passed 95 % of its memory four times), against
+    86.1 and 90.3 s (``docs/performance.md``, "Streamed in windows one band high")."""
+    bh = max(1, grid.block_shape[0])
+    rows = min(grid.height, bh * max(1, -(-min(layout.shape[0], BAND_ROWS) // bh)))
+    width = min(layout.shape[1], grid.width)
+    width = -(-width // max(1, -(-rows * width // STREAM_WINDOW_PIXELS)))
+    return WindowLayout.of(grid, (rows, width))
+
+
 def _streamed(
-    whole: ReadPlan, width: int, count: int, n_scenes: int, task_bytes: int, min_tasks: int
+    grid: TileGrid,
+    layout: WindowLayout,
+    count: int,
+    n_scenes: int,
+    task_bytes: int,
+    min_tasks: int,
 ) -> ReadPlan:
-    """The streamed plan of a tile's bands (``whole``: their plan of one batch): batches of
-    scenes whose group of bands (:meth:`ReadPlan.band_groups`) fits half of ``task_bytes``
-    (a few batches of a group are held at once: one stepped through, the next ones read)."""
-    heights = {b.index: b.height for b in whole.bands}
-    tallest = max(sum(heights[b] for b in g) for g in whole.band_groups())
-    per_scene = tallest * width * count * 2
-    batches = _batches(len(whole.bands), per_scene, n_scenes, task_bytes, min_tasks, True)
-    return ReadPlan(whole.bands, batches, stream=True)
+    """The streamed plan of a tile whose map is read in ``layout``: its bands, cut into the
+    windows of ``layout`` where those tie no bands together and are at most
+    :data:`STREAM_WINDOW_PIXELS`, else into those of :func:`stream_windows`, read as batches of
+    scenes whose band fits half of ``task_bytes`` (a few batches are held at once: one stepped
+    through, the next ones read)."""
+    bands = tuple(_bands(grid, layout))
+    small = layout.shape[0] * layout.shape[1] <= STREAM_WINDOW_PIXELS
+    windows = layout
+    if not small or any(len(g) > 1 for g in ReadPlan(bands, ((0, n_scenes),)).band_groups()):
+        windows = stream_windows(grid, layout)
+        bands = tuple(_bands(grid, windows))
+    tallest = max(b.height for b in bands)
+    per_scene = tallest * grid.width * count * 2
+    batches = _batches(len(bands), per_scene, n_scenes, task_bytes, min_tasks, True)
+    return ReadPlan(bands, batches, stream=True, windows=windows)
 
 
 def _batches(n_bands, per_scene, n_scenes, task_bytes, min_tasks, spills):

@@ -156,7 +156,9 @@ def tile_reads(tiles, shared: ReadBudget, alone: ReadBudget | None, on) -> dict[
     more than :data:`DECODE_ONCE`, the free local disk per reading worker on which it would decode
     once under the budgets ``on`` gives (``decode_once_free_disk_gib``); where it is streamed
     through the model, the most memory its windows' model states hold at once
-    (``stream_state_gib``, :meth:`~treesits_dask.io.bands.ReadPlan.states_bytes`).  Tiles of one
+    (``stream_state_gib``, :meth:`~treesits_dask.io.bands.ReadPlan.states_bytes`) and the windows
+    it is read and stepped in (``stream_chunk``, :attr:`~treesits_dask.io.bands.ReadPlan.windows`,
+    the outputs rechunked to the map's windows).  Tiles of one
     shape and scene count are planned once."""
     out: dict[str, dict] = {}
     seen: dict[tuple, dict] = {}
@@ -175,6 +177,7 @@ def tile_reads(tiles, shared: ReadBudget, alone: ReadBudget | None, on) -> dict[
             if read is not None and read.stream:
                 states = read.states_bytes(tile.grid.width, tile.stream_state)
                 entry["stream_state_gib"] = round(states / 2**30, 2)
+                entry["stream_chunk"] = list((read.windows or tile.reading).shape)
             seen[key] = entry
         out[tile.tile] = seen[key]
     return out

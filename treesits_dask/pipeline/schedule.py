@@ -125,13 +125,15 @@ def tile_graph(
         scenes = (*tile.alerts.older, *tile.scenes)
         steps = alert_steps(tile.alerts, cfg, tile.scenes)
     reading = tile.reading  # the chunks read and predicted: the windows, or whole COG blocks
-    with annotate(routing.read):
-        mask = open_mask(tile.mask, tile.grid, reading) if tile.mask else None
     streamed = tile_read_plan(tile, reads)  # the plan the scheduler's decisions came from
     if streamed is not None and streamed.stream:
+        windows = streamed.windows or reading  # a streamed tile's windows: one band high
+        with annotate(routing.read):
+            mask = open_mask(tile.mask, tile.grid, windows) if tile.mask else None
         packed = _streamed(plan, tile, streamed, mask, routing, threads)
         return _written(plan, tile, packed, session)
     with annotate(routing.read):
+        mask = open_mask(tile.mask, tile.grid, reading) if tile.mask else None
         cube = tile_cube(
             scenes, tile.grid, reading, cfg.qai_flags, mask=mask,
             read_bytes=task_bytes, min_read_tasks=threads, held_bytes=held, spill_bytes=spill,
@@ -183,7 +185,7 @@ def _streamed(plan: RunPlan, tile: TilePlan, read_plan, mask, routing: Routing, 
 def _written(plan: RunPlan, tile: TilePlan, packed, session):
     """The write tasks of a tile's packed outputs (rechunked to the map's windows where they
     were read in other chunks) and their graph."""
-    if tile.reading is not tile.layout:  # the outputs (a few layers) to the map's windows
+    if packed.chunks[1:] != tile.layout.chunks:  # the outputs (a few layers) to the map's windows
         packed = packed.rechunk(((packed.shape[0],), *tile.layout.chunks))
     return store.write_layer(
         packed, session, tile.region, tile.layout, plan.output_grid.variables(),

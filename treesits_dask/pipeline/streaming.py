@@ -11,6 +11,12 @@ block decoded once), each window steps its state through its pieces of a batch, 
 is dropped.  A 3000 px strips tile of 600 scenes, whose 300-row bands of all scenes are 10 GiB
 each, is read so within the read budget of any worker.
 
+A streamed tile is read and stepped in windows of its own, one band high (whole block rows,
+:func:`~treesits_dask.io.bands.stream_windows`), and its outputs are rechunked to the map's
+windows: a window's state lives from its first batch to its outputs, and the map's windows may
+cross two or three bands (200 x 200 px windows on 300-row strips), whose states would all live
+together.
+
 The graph of a tile (:func:`stream_layer`), one layer with per-task annotations (reads where
 reads go, steps where inference goes):
 
@@ -242,9 +248,10 @@ def stream_layer(
     ahead: int = 2,
 ):
     """Lazy dask array (k, y, x) float32: the packed outputs of every window of ``layout`` (the
-    chunks the tile is read in) from the streamed ``plan``
+    chunks the tile is read in; the plan's own windows where it has them,
+    :attr:`~treesits_dask.io.bands.ReadPlan.windows`) from the streamed ``plan``
     (:func:`~treesits_dask.io.bands.plan_reads` with ``stream``), its scenes read by ``reader``.
-    ``mask`` (dask array (y, x) bool chunked like ``layout``, or None); ``routing``
+    ``mask`` (dask array (y, x) bool chunked like those windows, or None); ``routing``
     (:class:`~treesits_dask.pipeline.cluster.Routing`): resources of reads and of steps;
     ``ahead``: units of read batches a tile may hold before its steps took them (at least 1),
     and the least number of step tasks per unit (runs of windows, see :func:`_runs`)."""
@@ -254,6 +261,7 @@ def stream_layer(
     from dask.highlevelgraph import HighLevelGraph
 
     grid = reader.grid
+    layout = plan.windows or layout
     mname = mask.name if mask is not None else None
     token = tokenize(reader, layout.shape, plan, days, kernel, mname, ahead)
     tile = grid.tile
