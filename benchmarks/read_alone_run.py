@@ -70,11 +70,6 @@ class _Peak:
         self._thread.join()
 
 
-def _paused(dask_worker) -> int:
-    """Times this worker was paused for memory so far (its log's "Pausing worker" lines)."""
-    return sum("Pausing worker" in line for _, line in dask_worker.get_logs())
-
-
 def _small_lstm(workdir) -> str:
     """A native ``sits-lstm`` of 16 wide with random weights, its path."""
     import torch
@@ -113,6 +108,7 @@ def main(argv=None) -> int:
         cube_workdir,
         decoded,
         emit_row,
+        paused_times,
     )
     from treesits_dask.pipeline import reading, schedule
     from treesits_dask.pipeline.run import run
@@ -145,7 +141,7 @@ def main(argv=None) -> int:
                 stream = "auto" if variant == "stream" else "never"
                 restarts = restarted.count
                 before = sum(v[1] for v in client.run(decoded).values())
-                paused = sum(client.run(_paused).values())
+                paused = sum(client.run(paused_times).values())
                 peak = _Peak(client)
                 with peak:
                     result = run(base.model_copy(update={"output": str(out), "stream": stream}),
@@ -156,7 +152,7 @@ def main(argv=None) -> int:
                 row = {"round": r, "variant": variant, "seconds": round(result.seconds, 1),
                        "tiles_seconds": {t: s["seconds"] for t, s in result.tiles.items()},
                        "decoded_gb": None if restarts else round((after - before) / 1e9, 2),
-                       "paused_for_memory": sum(client.run(_paused).values())
+                       "paused_for_memory": sum(client.run(paused_times).values())
                        - (0 if restarts else paused),
                        "worker_restarts": restarts,
                        "peak_worker_memory_gib": round(peak.most / 2**30, 2)}  # fmt: skip

@@ -37,6 +37,7 @@ __all__ = [
     "forward_seconds",
     "mib",
     "open_count",
+    "paused_times",
     "prefetched",
     "rerun",
     "reset_vm_hwm",
@@ -295,6 +296,11 @@ def spilled(dask_worker) -> int:
     data = getattr(dask_worker, "data", None)
     metrics = getattr(data, "cumulative_metrics", {})
     return int(metrics.get(("disk-write", "bytes"), 0))
+
+
+def paused_times(dask_worker) -> int:
+    """Times this worker was paused for memory so far (its log's "Pausing worker" lines)."""
+    return sum("Pausing worker" in line for _, line in dask_worker.get_logs())
 
 
 def pieces_written() -> int:

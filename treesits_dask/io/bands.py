@@ -508,10 +508,11 @@ def stream_windows(grid: TileGrid, layout: WindowLayout) -> WindowLayout:
     instead, 200 x 200 px windows on 300-row strips tied two strips together (3.52 GiB of states
     of the published LSTM for a 3000 px tile, against 1.76 one strip high) and 1000 px windows
     three (5.28 GiB, a step of one 1000 x 900 px window holding 0.9 GiB of states twice).
-    Measured on that tile (12 scenes, unmasked) on a 3 GiB worker of 2 threads: 200 px windows
-    108.9 and 115.3 s with 2.1 GB spilled by Dask each, against 83.5 and 84.0 s with nothing
-    spilled; 1000 px windows failed (the worker passed 95 % of its memory four times), against
-    86.1 and 90.3 s (``docs/performance.md``, "Streamed in windows one band high")."""
+    Measured on that tile (12 scenes, unmasked, COGs) on a 3 GiB worker of 2 threads with
+    ``benchmarks/stream_windows.py``: 200 px windows 110.3 and 121.9 s, Dask writing 39-42 GB of
+    spilled data to disk, against 102.5 s twice and 3-4 GB; 1000 px windows failed twice (the
+    worker passed 95 % of its memory four times), against 102.3 and 101.2 s
+    (``docs/performance.md``, "Streamed in windows one band high")."""
     bh = max(1, grid.block_shape[0])
     rows = min(grid.height, bh * max(1, -(-min(layout.shape[0], BAND_ROWS) // bh)))
     width = min(layout.shape[1], grid.width)
