@@ -366,7 +366,8 @@ def plan_reads(
     are read behind a gate, in sections or window by window), ``always`` wherever windows are
     put together from bands; ``never`` (models that cannot) does not.  A streamed tile decodes
     every block once and holds a few batches of its bands, whatever its scene count, and is read
-    and stepped in windows one band high (:func:`stream_windows`, :attr:`ReadPlan.windows`).
+    and stepped in windows that cross no two bands (:attr:`ReadPlan.windows`: the layout's, or
+    one band high where those cross bands, :func:`stream_windows`).
     """
     count = grid.count if bands is None else bands
     out = _bands(grid, layout)

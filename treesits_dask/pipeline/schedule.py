@@ -127,7 +127,7 @@ def tile_graph(
     reading = tile.reading  # the chunks read and predicted: the windows, or whole COG blocks
     streamed = tile_read_plan(tile, reads)  # the plan the scheduler's decisions came from
     if streamed is not None and streamed.stream:
-        windows = streamed.windows or reading  # a streamed tile's windows: one band high
+        windows = streamed.windows or reading  # a streamed tile's: crossing no two bands
         with annotate(routing.read):
             mask = open_mask(tile.mask, tile.grid, windows) if tile.mask else None
         packed = _streamed(plan, tile, streamed, mask, routing, threads)

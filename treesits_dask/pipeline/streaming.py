@@ -11,11 +11,12 @@ block decoded once), each window steps its state through its pieces of a batch, 
 is dropped.  A 3000 px strips tile of 600 scenes, whose 300-row bands of all scenes are 10 GiB
 each, is read so within the read budget of any worker.
 
-A streamed tile is read and stepped in windows of its own, one band high (whole block rows,
-:func:`~treesits_dask.io.bands.stream_windows`), and its outputs are rechunked to the map's
-windows: a window's state lives from its first batch to its outputs, and the map's windows may
-cross two or three bands (200 x 200 px windows on 300-row strips), whose states would all live
-together.
+A streamed tile is read and stepped in windows that cross no two bands
+(:attr:`~treesits_dask.io.bands.ReadPlan.windows`): the map's where they are so, else windows of
+its own, one band high (whole block rows, :func:`~treesits_dask.io.bands.stream_windows`), its
+outputs rechunked to the map's windows.  A window's state lives from its first batch to its
+outputs, and the map's windows may cross two or three bands (200 x 200 px windows on 300-row
+strips), whose states would then all live together.
 
 The graph of a tile (:func:`stream_layer`), one layer with per-task annotations (reads where
 reads go, steps where inference goes):
