@@ -171,3 +171,54 @@ def test_plan_names_tiles_read_alike_in_one_warning(native_lstm, tmp_path, capsy
     assert first == second and first["decoded_over_tile"] > 1.1
     (line,) = [x for x in err.splitlines() if x.startswith("warning:")]
     assert line.startswith(f"warning: 2 tiles {tiles[0]}, {tiles[1]}: read {first['mode']}, each ")
+
+
+def test_plan_warns_where_a_streamed_tiles_model_states_would_not_fit_its_inference_worker(
+    tmp_path, capsys
+):
+    """A streamed tile holds its windows' model states (the published LSTM's shapes: 1049 bytes
+    a pixel, two 100-row bands of a 1000 px tile at once, 0.2 GiB): ``plan`` says how many
+    inference workers there are and the smallest one's memory, and warns, naming the tile, where
+    the states of the tiles in flight on one fill more than STATE_SHARE of it (a 384 MiB worker),
+    not where they do not (2 GiB)."""
+    from pathlib import Path
+
+    from treesits_dask.bench.measure import bench_models
+    from treesits_dask.pipeline.preview import STATE_SHARE, state_warnings
+
+    cube, tile = _linked_cube(tmp_path, 300)
+    model = bench_models(Path(tmp_path), ["sits-lstm"])["sits-lstm"]["model"]
+
+    def plan(memory: str) -> tuple[dict, str]:
+        run_yaml = tmp_path / f"run-{memory}.yaml"
+        run_yaml.write_text(
+            yaml.safe_dump(
+                {
+                    "cube": str(cube), "tiles": "all", "output": str(tmp_path / "out"),
+                    "model": model, "window": "100x100", "cluster": "kubernetes",
+                    "tiles_in_flight": 1,
+                    "kubernetes": {
+                        "scratch_size": "1Gi", "gpu": {"enabled": False},
+                        "cpu": {"workers": 1, "threads": 1, "memory_request": memory,
+                                "memory_limit": memory, "cpu_request": "1", "cpu_limit": "1"},
+                    },
+                }
+            )
+        )  # fmt: skip
+        rc = main(["plan", "--config", str(run_yaml)])
+        out = capsys.readouterr()
+        assert rc == 0, out.err
+        return json.loads(out.out), out.err
+
+    small, err = plan("384Mi")
+    reads, read = small["reads"], small["tiles"][0]["read"]
+    assert reads["inference_workers"] == 1 and reads["inference_memory_gib"] == 0.38
+    assert read["mode"].startswith("in bands, streamed through the model")
+    assert read["stream_state_gib"] == round(2 * 100 * 1000 * (2 * 2 * 64 * 4 + 25) / 2**30, 2)
+    assert read["stream_state_gib"] > STATE_SHARE * 0.38
+    (line,) = state_warnings({**reads, "tiles": {tile: read}})
+    assert f"warning: tile {tile}: streamed through the model, its windows' model states" in err
+    assert line in err and "0.38 GiB" in line and "tiles_in_flight" in line
+    big, err = plan("2Gi")
+    assert big["reads"]["inference_memory_gib"] == 2.0
+    assert "stream_state_gib" in big["tiles"][0]["read"] and "model states" not in err

@@ -328,12 +328,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
             return 0
     else:
         planned = plan(config)
-    from ..pipeline.preview import decode_warnings
+    from ..pipeline.preview import decode_warnings, state_warnings
 
     summary = planned.summary()
     print(json.dumps(summary, indent=2, default=str))
     reads = {**summary["reads"], "tiles": {t["tile"]: t["read"] for t in summary["tiles"]}}
-    for line in decode_warnings(reads):
+    for line in decode_warnings(reads) + state_warnings(reads):
         print(f"warning: {line}", file=sys.stderr)
     if planned.invalid:
         lines = "; ".join(f"{t}: {e}" for t, e in planned.invalid.items())

@@ -27,21 +27,25 @@ from .reading import (
     ReadBudget,
     alone_budget,
     free_disk,
+    memory_and_threads,
     read_alone,
     read_budget,
     readers,
     reading_workers,
+    routed_workers,
     tile_read_plan,
 )
 
 __all__ = [
     "DECODE_ONCE",
+    "STATE_SHARE",
     "budgets_on",
     "declared_workers",
     "decode_warnings",
     "plan_mode",
     "read_preview",
     "reads_report",
+    "state_warnings",
     "tile_reads",
 ]
 
@@ -193,8 +197,10 @@ def reads_report(
     budgets: tuple[ReadBudget, ReadBudget | None] | None = None,
 ) -> dict:
     """The read budget of ``workers`` (``scheduler_info()["workers"]``) with the free local disk
-    ``disks`` (by worker) under ``routing`` (``where``: what that disk is, for the messages), and
-    :func:`tile_reads` of ``tiles`` under it (``tiles``).  ``budgets``: the (shared, alone)
+    ``disks`` (by worker) under ``routing`` (``where``: what that disk is, for the messages),
+    the inference workers (how many, the smallest memory limit: what :func:`state_warnings`
+    weighs streamed tiles' model states against), and :func:`tile_reads` of ``tiles`` under it
+    (``tiles``).  ``budgets``: the (shared, alone)
     budgets a run already derived from them (None: derived here)."""
     shared, alone = budgets or (
         read_budget(config, workers, routing, disks),
@@ -202,9 +208,16 @@ def reads_report(
     )
     free = free_disk(config, readers(workers, routing), disks)
     gib = 2**30
+    import psutil
+
+    total = psutil.virtual_memory().total  # what a worker without a limit counts with
+    inferring = routed_workers(list(workers.values()), routing.predict)
+    smallest = min((memory_and_threads(w, total)[0] for w in inferring), default=total)
     return {
         "known": True,
         "reading_workers": reading_workers(workers, routing),
+        "inference_workers": max(1, len(inferring)),
+        "inference_memory_gib": round(smallest / gib, 2),
         "task_mib": round(shared.task_bytes / 2**20),
         "held_gib": round((shared.held_bytes or 0) / gib, 1),
         "spill_gib": round((shared.spill_bytes or 0) / gib, 1),
@@ -234,6 +247,20 @@ def read_preview(plan) -> dict:
 #: tiles a warning of :func:`decode_warnings` names before it counts the rest
 _NAMED = 5
 
+#: share of an inference worker's memory limit that the model states of the streamed tiles it
+#: steps may fill (:func:`state_warnings`): beyond it, with the worker's own memory (torch, read
+#: buffers, COGs), Dask passes its 60 % target and writes the states to disk and back between
+#: batches of scenes (a 3 GiB worker streaming an unmasked 3000 px tile of 300-row strips, 1.76
+#: GiB of states: 3-9 GB written per 100 s run; with twice the states 39-42 GB, see
+#: ``benchmarks/stream_windows.py``)
+STATE_SHARE = 0.5
+
+
+def _named(tiles: list[str]) -> str:
+    return ", ".join(tiles[:_NAMED]) + (
+        f" and {len(tiles) - _NAMED} more" if len(tiles) > _NAMED else ""
+    )
+
 
 def decode_warnings(reads: dict) -> list[str]:
     """A line per read plan of a :func:`reads_report` that decodes more than once, for all tiles
@@ -260,13 +287,40 @@ def decode_warnings(reads: dict) -> list[str]:
             )
         if not entry["read_alone"] and reads["reading_workers"] < reads["tiles_in_flight"]:
             fix += " or fewer tiles in flight each (tiles_in_flight)"
-        named = ", ".join(tiles[:_NAMED]) + (
-            f" and {len(tiles) - _NAMED} more" if len(tiles) > _NAMED else ""
-        )
+        named = _named(tiles)
         lines.append(
             f"{'tile' if one else f'{len(tiles)} tiles'} {named}: read {entry['mode']}, "
             f"{'it decodes' if one else 'each decodes'} {entry['decoded_over_tile']:.2f} times "
             f"its bytes by the plan's count; {fix}, or read fewer scenes "
             "per run"
+        )
+    return lines
+
+
+def state_warnings(reads: dict) -> list[str]:
+    """A line per model-state size of a :func:`reads_report`'s streamed tiles whose states, as
+    many tiles as ``tiles_in_flight`` gives an inference worker, would fill more than
+    :data:`STATE_SHARE` of the smallest inference worker's memory limit (every pixel predicted:
+    a mask holds fewer): Dask would write them to disk and back between batches of scenes."""
+    lines: list[str] = []
+    if not reads.get("known") or "inference_memory_gib" not in reads:
+        return lines
+    per_worker = -(-reads["tiles_in_flight"] // max(1, reads["inference_workers"]))
+    room = STATE_SHARE * reads["inference_memory_gib"]
+    alike: dict[float, list[str]] = {}
+    for tile, entry in reads["tiles"].items():
+        states = entry.get("stream_state_gib")
+        if states is not None and states * per_worker > room:
+            alike.setdefault(states, []).append(tile)
+    for states, tiles in alike.items():
+        one = len(tiles) == 1
+        whose = "its" if one else "each one's"
+        lines.append(
+            f"{'tile' if one else f'{len(tiles)} tiles'} {_named(tiles)}: streamed through the "
+            f"model, {whose} windows' model states hold up to {states} GiB at once where every "
+            f"pixel is predicted, {per_worker} tile(s) in flight per inference worker: more than "
+            f"{STATE_SHARE:.0%} of an inference worker's {reads['inference_memory_gib']} GiB, so "
+            "Dask would write them to disk and read them back between batches of scenes; give "
+            "the inference workers more memory, or fewer tiles in flight each (tiles_in_flight)"
         )
     return lines

@@ -46,7 +46,7 @@ from .plan import RunPlan, TilePlan
 from .plugins import register_pinned_reads, worker_plugins
 from .postprocess import update_derived
 from .predict import Inference, ModelPlugin, annotate, inference_stats, predict_layer
-from .preview import decode_warnings, reads_report
+from .preview import decode_warnings, reads_report, state_warnings
 from .reading import (
     ReadBudget,
     alone_budget,
@@ -494,7 +494,7 @@ def run_tiles(job: Job, client, cb: RunCallbacks, result: RunResult, clock=None)
     # the tiles whose read plans decode their blocks more than once, and the disk to decode once
     where = "kubernetes.scratch_size" if cfg.cluster == "kubernetes" else "the workers' disks"
     report = reads_report(cfg, workers, disks, routing, where, plan.tiles, (reads, alone))
-    for line in decode_warnings(report):
+    for line in decode_warnings(report) + state_warnings(report):
         log.warning("%s", line)
     _Scheduler(job, client, cb, result, clock, routing, reads, alone, count, disks, workers).loop()
     result.inference = collect_inference(client, inference_stats)
