@@ -158,6 +158,36 @@ def test_s3_run_equals_local_run(s3_run, local_run, small_cube):
     assert LEASE_NAME not in remote
 
 
+def test_a_streamed_run_of_the_cube_on_s3_maps_the_local_run(
+    inputs, client, local_run, small_cube, caplog
+):
+    """The LSTM streamed through the model (``stream: always``; the read budget cut so that each
+    batch holds one or two scenes), its scenes and masks read from S3 band by band and batch by
+    batch, maps what the local run (not streamed, all scenes at once) maps: probabilities to
+    float rounding, the rest exactly."""
+    output = f"s3://{new_bucket('streamed')}/maps"
+    # windows of half the tile's width: put together from bands (full-width windows of whole
+    # strips are read whole, never streamed)
+    settings = {**SETTINGS, "window": "30x30"}
+    config = load_config(
+        overrides=dict(**inputs, output=output, stream="always", cog=False, read_memory=1e-5,
+                       **settings),
+        environ={},
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="treesits_dask"):
+        result = run(config, client=client)
+    assert set(result.tiles) == set(small_cube.tiles) and not result.failed
+    batches = [
+        int(b) for b in re.findall(r"streamed through the model in (\d+) batches", caplog.text)
+    ]
+    assert len(batches) == len(small_cube.tiles) and min(batches) > 1, batches
+    a, b = MapRepo(output).open_dataset(), MapRepo(str(local_run)).open_dataset()
+    assert (b["class"].values != 255).sum() > 1000
+    np.testing.assert_allclose(a.probability.values, b.probability.values, rtol=0, atol=1e-5)
+    for var in ("class", "valid_obs", "last_obs_valid", "last_valid_date"):
+        np.testing.assert_array_equal(a[var].values, b[var].values, err_msg=var)
+
+
 def test_no_credentials_in_graph_logs_or_outputs(s3_run, inputs, client, caplog):
     secrets = (FAKE_SECRET.encode(), FAKE_TOKEN.encode())
     # outputs: every object the run wrote (run.json, the map's
