@@ -120,10 +120,10 @@ def test_plan_streams_only_the_tiles_whose_bands_are_not_held(tmp_path):
     assert crossed.states_bytes(600, 100) == 2 * 120 * 600 * 100
 
 
-def _config(cube, model, out, stream):
+def _config(cube, model, out, stream, window="100x100"):
     return load_config(
         overrides=dict(cube=cube.root, tiles="all", output=str(out), model=model,
-                       window="100x100", mask_dir=cube.mask_dir, cog=False, stream=stream,
+                       window=window, mask_dir=cube.mask_dir, cog=False, stream=stream,
                        uncertainty=["entropy", "margin"]),
         environ={},
     )  # fmt: skip
@@ -361,3 +361,33 @@ def test_a_streamed_tile_is_stepped_in_windows_one_band_high_of_bounded_pixels()
     whole = plan_reads(strips, WindowLayout.of(strips, (300, 3000)), 600, 1 << 28, stream="always")
     assert not whole.stream and whole.windows is None
     assert stream_windows(strips, WindowLayout.of(strips, (300, 3000))).shape == (300, 750)
+
+
+def test_a_tile_streamed_in_windows_of_its_own_maps_the_values_of_one_read_over_all_scenes(
+    native_lstm, tmp_path, client
+):
+    """The map's 300 x 300 px windows on 60-row strips tie two bands (180 and 120 rows) together;
+    streamed, the tile is stepped in windows one band high (180 x 300 px) instead, its mask
+    opened in them and its outputs rechunked to the map's windows: it decodes what the run that
+    holds its bands decodes (each block once) and maps the same values."""
+    from treesits_dask.pipeline.plan import make_plan
+    from treesits_dask.synthetic import make_cube
+
+    cube = make_cube(tmp_path / "cube", size=600, n_scenes=7, layout="strips", seed=4,
+                     mask_dir=str(tmp_path / "masks"))  # fmt: skip
+    (t,) = make_plan(_config(cube, native_lstm, tmp_path / "a", "always", "300x300")).tiles
+    held = plan_reads(t.grid, t.reading, len(t.scenes), 1 << 40)
+    assert t.reading.shape == (300, 300) and [len(g) for g in held.band_groups()] == [2, 2]
+    streamed = plan_reads(t.grid, t.reading, len(t.scenes), 1 << 20, stream="always")
+    assert streamed.windows.shape == (180, 300)
+    before = _decoded(client)
+    run(_config(cube, native_lstm, tmp_path / "a", "never", "300x300"), client=client)
+    whole = _decoded(client) - before
+    before = _decoded(client)
+    run(_config(cube, native_lstm, tmp_path / "b", "always", "300x300"), client=client)
+    assert _decoded(client) - before == whole
+    a, b = open_map(str(tmp_path / "a")), open_map(str(tmp_path / "b"))
+    assert a.probability.notnull().any() and a.probability.isnull().any()  # the mask's holes
+    np.testing.assert_allclose(b.probability.values, a.probability.values, rtol=0, atol=1e-5)
+    for var in ("class", "valid_obs", "last_obs_valid", "last_valid_date"):
+        np.testing.assert_array_equal(b[var].values, a[var].values, err_msg=var)
