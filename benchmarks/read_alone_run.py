@@ -42,34 +42,6 @@ class _Restarts(logging.Handler):
         self.count += "exceeded 95% memory budget" in record.getMessage()
 
 
-class _Peak:
-    """The most memory (RSS) the workers' processes held together, sampled every 0.5 s from the
-    scheduler's heartbeats while the block runs."""
-
-    def __init__(self, client) -> None:
-        self.client, self.most = client, 0
-
-    def _sample(self) -> None:
-        import time
-
-        while not self._stop.is_set():
-            workers = self.client.scheduler_info(n_workers=-1)["workers"].values()
-            self.most = max(self.most, sum(w["metrics"]["memory"] for w in workers))
-            time.sleep(0.5)
-
-    def __enter__(self):
-        import threading
-
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def _small_lstm(workdir) -> str:
     """A native ``sits-lstm`` of 16 wide with random weights, its path."""
     import torch
@@ -102,6 +74,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from treesits_dask.bench.measure import (
+        MostSampled,
         bench_cluster,
         bench_config,
         close_bench,
@@ -142,7 +115,10 @@ def main(argv=None) -> int:
                 restarts = restarted.count
                 before = sum(v[1] for v in client.run(decoded).values())
                 paused = sum(client.run(paused_times).values())
-                peak = _Peak(client)
+                # the workers' RSS as the scheduler heard it, every 0.5 s
+                peak = MostSampled(lambda: sum(w["metrics"]["memory"] for w in
+                                               client.scheduler_info(n_workers=-1)["workers"]
+                                               .values()), 0.5)  # fmt: skip
                 with peak:
                     result = run(base.model_copy(update={"output": str(out), "stream": stream}),
                                  client=client)  # fmt: skip

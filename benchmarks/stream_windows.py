@@ -25,7 +25,6 @@ import argparse
 import json
 import shutil
 import sys
-import threading
 
 
 def _states(dask_worker) -> int:
@@ -33,30 +32,6 @@ def _states(dask_worker) -> int:
     fast = getattr(getattr(dask_worker, "data", None), "fast", None)
     weights = getattr(fast, "weights", None) or {}
     return sum(v for k, v in list(weights.items()) if "stream-step-" in str(k))
-
-
-class _MostStates:
-    """The most bytes of states the workers held together, sampled every second."""
-
-    def __init__(self, client) -> None:
-        self.client, self.most = client, 0
-        self._stop = threading.Event()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(1.0):
-            try:
-                self.most = max(self.most, sum(self.client.run(_states).values()))
-            except Exception:  # a worker restarting: the next sample
-                continue
-
-    def __enter__(self):
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def main(argv=None) -> int:
@@ -73,6 +48,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from treesits_dask.bench.measure import (
+        MostSampled,
         bench_cluster,
         bench_config,
         close_bench,
@@ -115,7 +91,7 @@ def main(argv=None) -> int:
                 )
                 client.run(reset_vm_hwm)
                 error, seconds = None, None
-                with _MostStates(client) as states:
+                with MostSampled(lambda: sum(client.run(_states).values()), 1.0) as states:
                     try:
                         seconds = round(run(config, client=client).seconds, 1)
                     except RunError as e:

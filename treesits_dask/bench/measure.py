@@ -17,6 +17,7 @@ from ..io.buffers import handed_out
 from ..io.grid import Window
 
 __all__ = [
+    "MostSampled",
     "PeakRSS",
     "bench_cluster",
     "bench_config",
@@ -100,6 +101,37 @@ class PeakRSS:
         driver = vm_hwm() if self._reset else None
         if driver is not None and all(v is not None for v in workers.values()):
             self.peak = driver + sum(workers.values())
+
+
+class MostSampled:
+    """The largest value ``measure()`` returned, called every ``every`` seconds in a thread while
+    the block runs (``most``); a call that raises (a worker restarting) is skipped."""
+
+    def __init__(self, measure, every: float) -> None:
+        import threading
+
+        self.measure, self.every, self.most = measure, every, 0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        while True:
+            try:
+                self.most = max(self.most, self.measure())
+            except Exception:  # noqa: BLE001 - the next sample
+                pass
+            if self._stop.wait(self.every):
+                return
+
+    def __enter__(self):
+        import threading
+
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def bench_cluster(workers: int, threads: int, memory_limit: str | int = "auto"):
