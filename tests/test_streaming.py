@@ -5,6 +5,7 @@ the bands of all scenes fit neither memory nor disk."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 
 from treesits_dask.api import open_map
 from treesits_dask.config import load_config
-from treesits_dask.io.bands import plan_reads
+from treesits_dask.io.bands import ReadPlan, plan_reads
 from treesits_dask.models import ModelCard
 from treesits_dask.models.architectures import LSTMClassifier
 from treesits_dask.models.loading import Predictor
@@ -53,11 +54,14 @@ def test_stream_steps_give_the_result_over_the_whole_series():
     state = predictor.stream_state(n)
     assert state.shape == (2, 2, n, 20) and not state.any()
     for lo, hi in ((0, 7), (7, 16), (16, 23)):
-        state = predictor.stream_step(state, series[:, lo:hi], valid[:, lo:hi])
-    parts = predictor.stream_probs(state)
+        state = predictor.stream_step(state, series[:, lo:hi], valid[:, lo:hi], days[lo:hi])
+    parts, used = predictor.stream_probs(state, np.arange(n))
     np.testing.assert_allclose(parts, whole, rtol=0, atol=2e-6)
+    assert used is None  # every valid observation
+    some, _ = predictor.stream_probs(state, np.arange(1, n, 3))
+    np.testing.assert_array_equal(some, parts[1::3])
     # one step of no scenes changes nothing
-    again = predictor.stream_step(state, series[:, :0], valid[:, :0])
+    again = predictor.stream_step(state, series[:, :0], valid[:, :0], days[:0])
     np.testing.assert_array_equal(again, state)
 
 
@@ -120,11 +124,11 @@ def test_plan_streams_only_the_tiles_whose_bands_are_not_held(tmp_path):
     assert crossed.states_bytes(600, 100) == 2 * 120 * 600 * 100
 
 
-def _config(cube, model, out, stream, window="100x100"):
+def _config(cube, model, out, stream, window="100x100", uncertainty=("entropy", "margin")):
     return load_config(
         overrides=dict(cube=cube.root, tiles="all", output=str(out), model=model,
                        window=window, mask_dir=cube.mask_dir, cog=False, stream=stream,
-                       uncertainty=["entropy", "margin"]),
+                       uncertainty=list(uncertainty)),
         environ={},
     )  # fmt: skip
 
@@ -271,11 +275,14 @@ def test_a_worker_gives_back_the_memory_its_allocator_keeps_only_above_its_targe
 
 
 @pytest.mark.timeout(300)
-def test_a_worker_killed_mid_stream_leaves_the_map_of_a_run_without_it(native_lstm, tmp_path):
+@pytest.mark.parametrize("model", ["native_lstm", "native_sbert"])
+def test_a_worker_killed_mid_stream_leaves_the_map_of_a_run_without_it(model, tmp_path, request):
     """A streamed tile whose worker is killed (SIGKILL) once a third of its steps are done: the
     states it held are lost, Dask computes them again from their reads (the steps, picks, gates
     and reads of earlier batches), and the run finishes with the map of the same run without the
-    kill (every variable, probabilities exactly: the same steps in the same order)."""
+    kill (every variable, probabilities exactly: the same steps in the same order).  SBERT's
+    steps update their state in place: a state lost or moved is computed again or copied, never
+    stepped twice."""
     import os
     import signal
     import threading
@@ -285,11 +292,12 @@ def test_a_worker_killed_mid_stream_leaves_the_map_of_a_run_without_it(native_ls
     from treesits_dask.synthetic import make_cube
 
     cube = make_cube(tmp_path / "cube", size=600, n_scenes=24, layout="strips", seed=4)
+    path = request.getfixturevalue(model)
 
     def config(out):  # 6 MiB per read task: 12 batches of 2 scenes
         return load_config(
             overrides=dict(cube=cube.root, tiles="all", output=str(tmp_path / out),
-                           model=native_lstm, window="100x100", cog=False, stream="always",
+                           model=path, window="100x100", cog=False, stream="always",
                            read_memory=0.004, workers=2, threads_per_worker=1,
                            memory_limit="1.5GiB", dashboard_address=":0"),
             environ={},
@@ -325,8 +333,8 @@ def test_a_worker_killed_mid_stream_leaves_the_map_of_a_run_without_it(native_ls
     assert total >= 12 and done < total, f"killed after {done} of {total} steps, not mid-stream"
     assert not result.failed
     a, b = open_map(str(tmp_path / "a")), open_map(str(tmp_path / "b"))
-    assert a.probability.notnull().any()
-    for var in ("probability", "class", "valid_obs", "last_obs_valid", "last_valid_date"):
+    assert a.probability.notnull().any() and {"valid_obs", "last_valid_date"} <= set(a.data_vars)
+    for var in a.data_vars:  # the SBERT map (binary) has no class
         np.testing.assert_array_equal(b[var].values, a[var].values, err_msg=var)
 
 
@@ -390,4 +398,172 @@ def test_a_tile_streamed_in_windows_of_its_own_maps_the_values_of_one_read_over_
     assert a.probability.notnull().any() and a.probability.isnull().any()  # the mask's holes
     np.testing.assert_allclose(b.probability.values, a.probability.values, rtol=0, atol=1e-5)
     for var in ("class", "valid_obs", "last_obs_valid", "last_valid_date"):
+        np.testing.assert_array_equal(b[var].values, a[var].values, err_msg=var)
+
+
+# --- SBERT: the newest valid observations kept, batch by batch ----------------------------------
+
+
+def _sbert_card(seq_len: int) -> ModelCard:
+    from treesits_dask.models.card import SBERT_SEQUENCE
+
+    hp = {"num_features": 10, "hidden": 16, "n_layers": 1, "attn_heads": 2, "dropout": 0.3,
+          "num_classes": 1, "max_position": 1826}  # fmt: skip
+    return ModelCard(family="sbert", hyperparameters=hp, bands=BANDS,
+                     class_names=["disturbance"], output_kind="sigmoid",
+                     sequence=dict(SBERT_SEQUENCE, seq_len=seq_len))  # fmt: skip
+
+
+def _sbert(seq_len: int) -> Predictor:
+    from treesits_dask.models.architectures import SBERTClassifier
+
+    torch.manual_seed(5)
+    card = _sbert_card(seq_len)
+    return Predictor(SBERTClassifier(**card.hyperparameters).eval(), card)
+
+
+@pytest.fixture(scope="module")
+def native_sbert(tmp_path_factory) -> str:
+    """A small native SBERT with random weights that keeps the newest 4 valid observations (the
+    test cubes have 7 scenes and more: the ring of kept observations wraps)."""
+    from treesits_dask.models import save_native
+
+    predictor = _sbert(4)
+    pt, _ = save_native(
+        predictor.module, predictor.card, str(tmp_path_factory.mktemp("m") / "s.pt")
+    )
+    return pt
+
+
+def test_sbert_stream_steps_give_the_result_over_the_whole_series():
+    """SBERT's state is the newest ``seq_len`` valid observations of each pixel: kept over parts
+    of 1, 6, 17 and 16 scenes (pixels with more valid ones than the 8 slots, fewer, none, one;
+    a part with more than 8 valid ones), they give the probabilities and the observations used
+    of one pass over all 40 scenes, also where the newest kept one is beyond the position table
+    (its oldest ones dropped), and the state holds 8 observations whatever the scene count."""
+    from treesits_dask.models.preprocess import sbert_kept
+
+    rng = np.random.default_rng(1)
+    n, t = 600, 40
+    series = rng.integers(-300, 9000, (n, t, 10)).astype(np.int16)
+    valid = rng.random((n, t)) < rng.uniform(0.02, 0.98, (n, 1))
+    valid[0] = False  # none
+    valid[1] = True  # every one
+    valid[2] = False
+    valid[2, 0] = True  # only the oldest
+    valid[3] = False
+    valid[3, [0, -1]] = True  # the oldest and the newest, 1900 days apart
+    series[~valid] = -9999
+    days = 18500 + np.sort(rng.choice(np.arange(1200), t, replace=False)).astype(np.int64)
+    days[-1] = days[0] + 1900  # the newest scene is beyond a 1826-row table from the oldest
+    predictor = _sbert(8)
+    assert predictor.streams and predictor.card.stream_auto == "fallback"
+    some = valid.any(axis=1)
+    whole, used_whole = predictor.predict(series[some], valid[some], days)
+    state = predictor.stream_state(n)
+    for lo, hi in ((0, 1), (1, 7), (7, 24), (24, 40)):
+        state = predictor.stream_step(state, series[:, lo:hi], valid[:, lo:hi], days[lo:hi])
+    assert state["values"].shape == (n, 8, 10)
+    np.testing.assert_array_equal(state["count"], valid.sum(axis=1))
+    kept, kept_valid, kept_days = sbert_kept(state, [1, 2])
+    np.testing.assert_array_equal(kept[0], series[1, -8:])  # every one: the newest 8
+    np.testing.assert_array_equal(kept_days[0], days[-8:])
+    assert kept_valid[1].sum() == 1 and kept_days[1, -1] == days[0] and not kept[1, :-1].any()
+    probs, used = predictor.stream_probs(state, np.flatnonzero(some))
+    np.testing.assert_allclose(probs, whole, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(used, used_whole)
+    assert used[0] == 8 and used[2] == 1  # pixel 3's oldest dropped: beyond the table
+    # a step of no scenes changes nothing
+    before = {k: v.copy() for k, v in state.items()}
+    state = predictor.stream_step(state, series[:, :0], valid[:, :0], days[:0])
+    for key, value in before.items():
+        np.testing.assert_array_equal(state[key], value, err_msg=key)
+
+
+def test_sbert_streams_only_where_its_tile_would_decode_more_than_once(tmp_path):
+    """SBERT's state (6 KB per pixel of 256 observations) is as large as a band of 308 scenes:
+    its ``auto`` (``fallback``) streams a tile only where the plan that holds its bands would
+    decode blocks more than once (in sections, no disk), not where they spill to a disk that
+    holds them, nor where they fit memory, nor where its states would not fit the room given
+    (an inference worker's share)."""
+    from treesits_dask.io import discovery
+    from treesits_dask.io.bands import planned_decode
+    from treesits_dask.io.cube import tile_grid
+    from treesits_dask.io.grid import WindowLayout, read_shape
+    from treesits_dask.synthetic import make_cube
+
+    assert _sbert_card(256).stream_state_bytes == 256 * (10 * 2 + 4) + 8 + 25
+    cube = make_cube(tmp_path / "cube", size=600, n_scenes=8, layout="strips", seed=4)
+    definition = discovery.read_cube_definition(str(cube.root))
+    scenes = discovery.scene_table(str(cube.root), "X0069_Y0043")
+    grid = tile_grid(definition, scenes[0])
+    layout = WindowLayout.of(grid, read_shape(grid, (100, 100)))
+    n = len(scenes)
+    held = plan_reads(grid, layout, n, 1 << 40).held
+    task = 100 * grid.width * grid.count * 2 * n  # a window row of all scenes
+    fits = plan_reads(grid, layout, n, task, held_bytes=held, stream="fallback")
+    to_disk = plan_reads(grid, layout, n, task, held_bytes=held // 2, spill_bytes=held,
+                         stream="fallback")  # fmt: skip
+    no_disk = plan_reads(grid, layout, n, task, held_bytes=held // 2, stream="fallback")
+    without = plan_reads(grid, layout, n, task, held_bytes=held // 2)
+    assert not fits.stream and not to_disk.stream and to_disk.spills
+    assert no_disk.stream and not without.stream
+    # ... where its states fit the room an inference worker has for them
+    states = no_disk.states_bytes(grid.width, 6177)
+    assert states == 2 * 120 * 600 * 6177  # two bands of 120 rows, every pixel
+    of_plan = functools.partial(ReadPlan.states_bytes, width=grid.width, per_pixel=6177)
+    for room, streams in ((states, True), (states - 1, False)):
+        got = plan_reads(grid, layout, n, task, held_bytes=held // 2, stream="fallback",
+                         state_room=room, states=of_plan)  # fmt: skip
+        assert got.stream is streams and got == (no_disk if streams else without)
+    # with a mask, the states of its pixels: 7 in the rows of the first band, 1 in the rest
+    rows = np.zeros(grid.height, np.int64)
+    rows[[3, 50, 119]] = (1, 2, 4)
+    rows[-1] = 1
+    assert no_disk.states_bytes(grid.width, 6177, rows) == (7 + 1) * 6177
+    decode = [planned_decode(grid, layout, p, n) for p in (to_disk, no_disk, without)]
+    assert decode[0] == decode[1] < decode[2]
+
+
+@pytest.mark.parametrize("stream", ["auto", "always"])
+def test_a_streamed_sbert_tile_maps_the_values_of_one_read_over_all_scenes(
+    native_sbert, tmp_path, client, monkeypatch, caplog, stream
+):
+    """SBERT (4 observations kept of 7 scenes) on a striped tile whose bands fit neither memory
+    nor disk (as in the LSTM's test above): streamed under ``auto`` (and ``always``), it decodes
+    what the run that holds its bands decodes, and maps its values: probabilities to float
+    rounding, the observations used (at most 4), the newest scene's validity and day exactly."""
+    from treesits_dask.pipeline import schedule
+    from treesits_dask.pipeline.plan import make_plan
+    from treesits_dask.synthetic import make_cube
+
+    cube = make_cube(tmp_path / "cube", size=600, n_scenes=7, layout="strips", seed=4,
+                     mask_dir=str(tmp_path / "masks"))  # fmt: skip
+    (t,) = make_plan(_config(cube, native_sbert, tmp_path / "a", "never", uncertainty=())).tiles
+    before = _decoded(client)
+    run(_config(cube, native_sbert, tmp_path / "a", "never", uncertainty=()), client=client)
+    whole = _decoded(client) - before
+    held = plan_reads(t.grid, t.reading, len(t.scenes), 1 << 40).held
+    per_window = t.reading.shape[0] * t.reading.shape[1] * t.grid.count * 2 * len(t.scenes)
+    budget = schedule.read_budget
+
+    def small(*args, **kwargs):  # one window of all scenes per read task, part of the bands
+        got = budget(*args, **kwargs)
+        return dataclasses.replace(got, task_bytes=per_window, held_bytes=int(held * 0.6),
+                                   spill_bytes=None)  # fmt: skip
+
+    monkeypatch.setattr(schedule, "read_budget", small)
+    (t,) = make_plan(_config(cube, native_sbert, tmp_path / "b", stream, uncertainty=())).tiles
+    assert t.stream == ("fallback" if stream == "auto" else stream)
+    before = _decoded(client)
+    with caplog.at_level(logging.INFO, logger="treesits_dask"):
+        run(_config(cube, native_sbert, tmp_path / "b", stream, uncertainty=()), client=client)
+    assert _decoded(client) - before == whole
+    assert f"tile {t.tile}: streamed through the model in " in caplog.text
+    assert "(the pixels of its mask)" in caplog.text
+    a, b = open_map(str(tmp_path / "a")), open_map(str(tmp_path / "b"))
+    assert a.probability.notnull().any() and a.probability.isnull().any()  # the mask's holes
+    assert int(a.valid_obs.max()) == 4
+    np.testing.assert_allclose(b.probability.values, a.probability.values, rtol=0, atol=1e-5)
+    for var in ("valid_obs", "last_obs_valid", "last_valid_date"):
         np.testing.assert_array_equal(b[var].values, a[var].values, err_msg=var)

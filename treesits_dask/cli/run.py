@@ -145,10 +145,12 @@ _RUN_FLAGS = [
         "--stream",
         dict(
             choices=["auto", "always", "never"],
-            help="run a one-way LSTM (sits-lstm) over a tile's scenes batch by batch, carrying "
-            "its state: every block decoded once and nothing of all scenes held (auto, the "
-            "default: where the tile's bands of all scenes would not be held in a reading "
-            "worker's memory; always: wherever windows are put together from bands; never)",
+            help="run a one-way LSTM (sits-lstm) or SBERT over a tile's scenes batch by batch, "
+            "carrying a state (the LSTM's h and c; SBERT's newest 256 valid observations): every "
+            "block decoded once and nothing of all scenes held (auto, the default: where the "
+            "tile's bands of all scenes would not be held in a reading worker's memory, for SBERT "
+            "only where its plan would otherwise decode blocks more than once; always: wherever "
+            "windows are put together from bands; never)",
         ),
     ),
     ("--dashboard-address", dict(help="LocalCluster dashboard address (default :8787)")),

@@ -43,10 +43,11 @@ class RunConfig(InputSettings):
     )
     stream: Literal["auto", "always", "never"] = Field(
         "auto",
-        description="run a one-way LSTM (sits-lstm) over a tile's scenes batch by batch, its "
-        "state carried from one batch to the next: auto where the tile's bands of all scenes "
-        "would not be held in a reading worker's memory, always where windows are put together "
-        "from bands, never",
+        description="run a one-way LSTM (sits-lstm) or SBERT over a tile's scenes batch by "
+        "batch, a state carried from one batch to the next (the LSTM's h and c; SBERT's newest "
+        "256 valid observations): auto where the tile's bands of all scenes would not be held in "
+        "a reading worker's memory (SBERT: only where its plan would otherwise decode blocks more "
+        "than once), always where windows are put together from bands, never",
     )
     scheduler_address: str | None = None
     device: str = "auto"

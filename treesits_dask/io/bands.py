@@ -151,7 +151,8 @@ class ReadPlan:
     #: spill disk, ``gate`` bands may, and every block is still decoded once
     gate: int = 0
     #: the tile's scenes go through the model batch by batch, each window's model state carried
-    #: from one batch to the next (a one-way LSTM, see :mod:`treesits_dask.pipeline.streaming`):
+    #: from one batch to the next (a one-way LSTM or SBERT, see
+    #: :mod:`treesits_dask.pipeline.streaming`):
     #: the bands are read as ``batches`` of scenes, each batch of a band decoded once and
     #: dropped once its windows stepped through it; nothing of all scenes is held (``held`` 0)
     stream: bool = False
@@ -210,15 +211,21 @@ class ReadPlan:
             above = rows
         return tuple(tuple(g) for g in groups)
 
-    def states_bytes(self, width: int, per_pixel: int) -> int:
+    def states_bytes(self, width: int, per_pixel: int, rows=None) -> int:
         """Where the plan streams: the most memory the windows' model states hold at once,
-        ``per_pixel`` bytes each (full-width bands ``width`` px wide), every pixel predicted (a
-        mask holds fewer): those of its two largest groups of bands (a group's states live from
-        its first batch to its outputs, and the next group's first batches are read and stepped
-        while its last ones are; see :mod:`treesits_dask.pipeline.streaming`)."""
-        rows = {b.index: b.height for b in self.bands}
-        sizes = sorted((sum(rows[b] for b in g) for g in self.band_groups()), reverse=True)
-        return sum(sizes[:2]) * width * per_pixel
+        ``per_pixel`` bytes each (full-width bands ``width`` px wide), every pixel predicted, or
+        where ``rows`` (the pixels to predict in each row of the tile, its mask's:
+        :func:`~treesits_dask.io.masks.mask_rows`) is given, those: the states of its two
+        largest groups of bands (a group's states live from its first batch to its outputs, and
+        the next group's first batches are read and stepped while its last ones are; see
+        :mod:`treesits_dask.pipeline.streaming`)."""
+        band = {b.index: b for b in self.bands}
+        if rows is None:
+            pixels = {i: b.height * width for i, b in band.items()}
+        else:
+            pixels = {i: int(rows[b.row_off : b.row_off + b.height].sum()) for i, b in band.items()}
+        sizes = sorted((sum(pixels[b] for b in g) for g in self.band_groups()), reverse=True)
+        return sum(sizes[:2]) * per_pixel
 
     @property
     def bands_held(self) -> int:
@@ -313,6 +320,8 @@ def plan_reads(
     spill_bytes: int | None = None,
     in_memory_bytes: int | None = None,
     stream: str = "never",
+    state_room: int | None = None,
+    states=None,
 ) -> ReadPlan:
     """The read plan of a tile whose windows are ``layout``.
 
@@ -364,10 +373,15 @@ def plan_reads(
     :mod:`treesits_dask.pipeline.streaming`): ``auto`` streams the tile (``ReadPlan.stream``)
     where its bands of all scenes would not be held whole in memory (the plans that spill, or
     are read behind a gate, in sections or window by window), ``always`` wherever windows are
-    put together from bands; ``never`` (models that cannot) does not.  A streamed tile decodes
-    every block once and holds a few batches of its bands, whatever its scene count, and is read
-    and stepped in windows that cross no two bands (:attr:`ReadPlan.windows`: the layout's, or
-    one band high where those cross bands, :func:`stream_windows`).
+    put together from bands; ``fallback`` (SBERT's ``auto``, whose state is as large as a band
+    of 300 scenes) only where the plan would otherwise decode blocks more than once (in sections
+    or window by window, :func:`planned_decode`) and the streamed tile's model states
+    (``states``, a function of the streamed plan: its bytes, see :meth:`ReadPlan.states_bytes`)
+    fit ``state_room`` (None: no limit); ``never`` (models that cannot) does not.  A
+    streamed tile decodes every block once and holds a few batches of its bands, whatever its
+    scene count, and is read and stepped in windows that cross no two bands
+    (:attr:`ReadPlan.windows`: the layout's, or one band high where those cross bands,
+    :func:`stream_windows`).
     """
     count = grid.count if bands is None else bands
     out = _bands(grid, layout)
@@ -392,6 +406,13 @@ def plan_reads(
     )  # a piece per band
     if stream == "always" or (stream == "auto" and (spills or views)):
         return _streamed(grid, layout, count, n_scenes, task_bytes, min_tasks)
+    if stream == "fallback" and spills:
+        held_so = plan_reads(grid, layout, n_scenes, task_bytes, bands, min_tasks, held_bytes,
+                             spill_bytes, in_memory_bytes)  # fmt: skip
+        streamed = _streamed(grid, layout, count, n_scenes, task_bytes, min_tasks)
+        decode = functools.partial(planned_decode, grid, layout, n_scenes=n_scenes, count=count)
+        fits = state_room is None or states is None or states(streamed) <= state_room
+        return streamed if fits and decode(held_so) > decode(streamed) else held_so
     if spills and (spill_bytes is None or held > held_bytes + spill_bytes):
         # fewer bands held at once, each band's reads after the windows of an earlier band are
         # put together: every block still decoded once.  A gate's bands are held whole, where

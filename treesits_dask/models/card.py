@@ -96,22 +96,40 @@ class ModelCard(BaseModel):
 
     @property
     def streams(self) -> bool:
-        """Whether the model can run over a series in parts, carrying its state from one part to
-        the next: a one-way SITS-NN LSTM, whose input at a step is that observation alone (raw,
-        invalid ones 0), from a zero state, and whose output is its state after the last step
-        (:meth:`~treesits_dask.models.loading.Predictor.stream_step`).  The Transformer and SBERT
-        see every observation at once (SBERT the newest 256 valid ones of a pixel)."""
+        """Whether the model can run over a series in parts, carrying a state from one part to
+        the next (:meth:`~treesits_dask.models.loading.Predictor.stream_step`): a one-way SITS-NN
+        LSTM, whose input at a step is that observation alone (raw, invalid ones 0), from a zero
+        state, and whose output is its state after the last step; SBERT, which sees the newest
+        ``seq_len`` valid observations of a pixel and nothing else, so that its state is those
+        (:func:`~treesits_dask.models.preprocess.sbert_keep`).  The Transformer sees every
+        observation at once."""
+        if self.sequence.get("kind") == "sbert":
+            return True
         return self.family == "sits-lstm" and not self.hyperparameters.get("bidirectional", False)
+
+    @property
+    def stream_auto(self) -> str:
+        """What ``stream: auto`` means for this model (see
+        :func:`~treesits_dask.io.bands.plan_reads`): ``auto`` for the LSTM (streamed wherever a
+        tile's bands of all scenes are not held in memory: the published one's state is 1 KB
+        per pixel, what a band of 52 scenes holds), ``fallback`` for SBERT (streamed only where
+        the tile would otherwise decode blocks more than once: its state of 256 observations is
+        6 KB per pixel, what a band of 308 scenes holds)."""
+        return "fallback" if self.sequence.get("kind") == "sbert" else "auto"
 
     @property
     def stream_state_bytes(self) -> int:
         """Bytes a streamed pixel's state holds between batches (0 where the model does not
-        stream): ``h`` and ``c`` of each layer as float32, and the pixel's index, valid
-        observations, newest valid day and whether the newest scene is valid (see
-        :func:`~treesits_dask.pipeline.streaming.window_step`)."""
+        stream), with 25 bytes of the pixel's index, valid observations, newest valid day and
+        whether the newest scene is valid (see
+        :func:`~treesits_dask.pipeline.streaming.window_step`): the LSTM's ``h`` and ``c`` of
+        each layer as float32; SBERT's ``seq_len`` observations of 10 int16 bands and an int32
+        day, and its count of valid observations."""
         if not self.streams:
             return 0
         hp = self.hyperparameters
+        if self.sequence.get("kind") == "sbert":
+            return int(self.sequence["seq_len"]) * (len(self.bands) * 2 + 4) + 8 + 25
         return 2 * int(hp.get("num_layers", 1)) * int(hp.get("hidden_size", 64)) * 4 + 25
 
     @field_validator("family")

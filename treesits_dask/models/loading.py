@@ -1,5 +1,10 @@
 """Model loading (checkpoints via :mod:`.checkpoint`), the batched :class:`Predictor` and native
-save."""
+save.
+
+This module is longer than 400 lines because the :class:`Predictor`'s ways through a model (a
+whole series on the host or on the device, and a series in parts, carrying a state) share its
+loaded module, device, precision and batching.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,14 @@ from .architectures import build_module
 from .card import ModelCard, ModelSpec, card_path, read_card
 from .checkpoint import fit_state_dict, read_state_dict, sbert_card_from_state
 from .feeding import feed_window
-from .preprocess import check_inputs, full_inputs, sbert_inputs
+from .preprocess import (
+    check_inputs,
+    full_inputs,
+    sbert_inputs,
+    sbert_keep,
+    sbert_kept,
+    sbert_state,
+)
 
 __all__ = [
     "DEFAULT_MAX_BATCH",
@@ -182,7 +194,7 @@ class Predictor:
         if n == 0:
             return probs, n_used
         batch_size = max(1, int(batch_size))
-        sbert = self.card.sequence["kind"] == "sbert"
+        sbert = self._sbert
         # SBERT: group pixels of similar observation counts so that padding can be trimmed
         order = np.argsort(valid.sum(axis=1), kind="stable") if sbert else None
         with torch.inference_mode():
@@ -292,20 +304,30 @@ class Predictor:
         """Whether the model can run over a series in parts (:attr:`ModelCard.streams`)."""
         return self.card.streams
 
-    def stream_state(self, n: int) -> np.ndarray:
-        """The state of ``n`` pixels before their first observation: zeros ``(2, layers, n,
-        hidden)`` float32 (the LSTM's ``h`` and ``c``)."""
+    @property
+    def _sbert(self) -> bool:
+        return self.card.sequence["kind"] == "sbert"
+
+    def stream_state(self, n: int):
+        """The state of ``n`` pixels before their first observation: the LSTM's ``h`` and ``c``,
+        zeros ``(2, layers, n, hidden)`` float32; SBERT's newest valid observations so far, none
+        (:func:`~.preprocess.sbert_state`)."""
+        if self._sbert:
+            return sbert_state(n, int(self.card.sequence["seq_len"]), len(self.card.bands))
         lstm = self.module.lstm
         return np.zeros((2, lstm.num_layers, n, lstm.hidden_size), dtype=np.float32)
 
-    def stream_step(self, state: np.ndarray, series: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    def stream_step(self, state, series: np.ndarray, valid: np.ndarray, days: np.ndarray):
         """The state of N pixels after the observations ``series`` (N, t, 10) int16 with
-        ``valid`` (N, t), the next ``t`` scenes in ascending date order, from ``state``
-        (:meth:`stream_state`, or an earlier step's result).  Runs over a series in parts give
-        the state of one run over the whole series (the same computation, step by step); the
-        state stays on the host between parts (a Dask result)."""
+        ``valid`` (N, t) and ``days`` (t,), the next ``t`` scenes in ascending date order, from
+        ``state`` (:meth:`stream_state`, or an earlier step's result).  Runs over a series in
+        parts give the state of one run over the whole series; the state stays on the host
+        between parts (a Dask result).  The LSTM's is a new array (the same computation, step by
+        step); SBERT's is ``state`` itself, updated (:func:`~.preprocess.sbert_keep`)."""
         if not self.streams:
             raise ModelError(f"a {self.card.family} model cannot be run over a series in parts")
+        if self._sbert:
+            return sbert_keep(state, series, valid, days)
         if series.shape[0] == 0 or series.shape[1] == 0:  # no pixel, or no scene
             return state.copy()
         out = np.empty_like(state)
@@ -323,18 +345,41 @@ class Predictor:
                 out[1, :, s] = c.float().cpu().numpy()
         return out
 
-    def stream_probs(self, state: np.ndarray) -> np.ndarray:
-        """Probabilities (N, C) float32 of N pixels from their state after the last observation
-        (:meth:`stream_step`): the model's head on the last layer's output at the last step."""
-        module = self.module
-        n = state.shape[2]
+    def stream_probs(
+        self, state, pixels: np.ndarray, batch_size: int = 2048
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities (N, C) float32 of the N pixels ``pixels`` (indices into ``state``) from
+        their state after the last observation (:meth:`stream_step`), and the observations
+        each used where the state tells them apart from the valid ones (SBERT: at most
+        ``seq_len``; None for the LSTM, which uses every valid one).  The LSTM: its head on the
+        last layer's output at the last step; SBERT: the model on the observations kept, as
+        :meth:`predict` feeds it, ``batch_size`` pixels at a time."""
+        pixels = np.asarray(pixels)
+        n = pixels.size
         probs = np.empty((n, self.card.n_classes), dtype=np.float32)
+        if self._sbert:
+            seq = self.card.sequence
+            used = np.zeros(n, dtype=np.int64)
+            with torch.inference_mode():
+                for lo in range(0, n, max(1, int(batch_size))):
+                    sel = slice(lo, lo + max(1, int(batch_size)))
+                    series, valid, days = sbert_kept(state, pixels[sel])
+                    x, doy, mask, got = sbert_inputs(
+                        series, valid, days, int(seq["seq_len"]), int(seq.get("max_position", 1826))
+                    )
+                    order = np.argsort(got, kind="stable")  # similar lengths trim together
+                    p = self.forward_sbert(*(torch.from_numpy(a[order]) for a in (x, doy, mask)),
+                                           got[order])  # fmt: skip
+                    probs[sel][order] = p.cpu().numpy()
+                    used[sel] = got
+            return probs, used
+        module = self.module
         with torch.inference_mode(), precision_scope(self.device, self.precision):
             for s in self._chunks(n, 1, _FULL_CPU_CHUNK):
-                last = torch.from_numpy(np.ascontiguousarray(state[0, -1, s])).to(self.device)
+                last = torch.from_numpy(np.ascontiguousarray(state[0, -1, pixels[s]]))
                 self._set_threads()
-                probs[s] = module.fc(last).float().cpu().numpy()
-        return probs
+                probs[s] = module.fc(last.to(self.device)).float().cpu().numpy()
+        return probs, None
 
     def _full_batch(self, series: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x, used = full_inputs(series, valid)

@@ -10,7 +10,16 @@ import numpy as np
 
 from ..errors import InputDataError, ModelError
 
-__all__ = ["check_inputs", "day_index_error", "day_of_year", "full_inputs", "sbert_inputs"]
+__all__ = [
+    "check_inputs",
+    "day_index_error",
+    "day_of_year",
+    "full_inputs",
+    "sbert_inputs",
+    "sbert_keep",
+    "sbert_kept",
+    "sbert_state",
+]
 
 _EPOCH = np.datetime64("1970-01-01", "D")
 
@@ -46,13 +55,14 @@ def day_of_year(days: np.ndarray) -> np.ndarray:
 def _fit_position_table(kept: np.ndarray, days: np.ndarray, max_position: int):
     """Drop (in ``kept``, in place) the oldest kept observations of every pixel whose newest one
     would get a day index beyond the position table; returns the index, day and day-of-year of
-    each pixel's first kept observation."""
+    each pixel's first kept observation.  ``days``: (N, T), each pixel's own."""
+    every = np.arange(kept.shape[0])
     while True:
         first = np.argmax(kept, axis=1)  # index of the oldest kept observation
         last = kept.shape[1] - 1 - np.argmax(kept[:, ::-1], axis=1)  # of the newest
-        first_day = days[first]
+        first_day = days[every, first]
         t0 = day_of_year(first_day)
-        over = kept.any(axis=1) & (days[last] - first_day + t0 >= max_position)
+        over = kept.any(axis=1) & (days[every, last] - first_day + t0 >= max_position)
         if not over.any():
             return first, first_day, t0
         rows = np.flatnonzero(over)
@@ -87,12 +97,15 @@ def sbert_inputs(
     falls late in a leap year reaches 1826), the oldest kept observations are dropped until it
     does; everywhere else the result is the reference's (which would crash there).
 
+    ``days``: (T,) days since 1970-01-01 of the scenes, or (N, T) each pixel's own (the
+    observations a streamed pixel kept, :func:`sbert_kept`).
+
     Returns ``x`` (N, seq_len, 10) float32, ``doy`` (N, seq_len) int64, ``mask`` (N, seq_len)
     bool and ``n_used`` (N,) int64.
     """
     n_pix, _, n_bands = series.shape
     valid = valid.astype(bool, copy=False)
-    days = np.asarray(days, dtype=np.int64)
+    days = np.broadcast_to(np.asarray(days, dtype=np.int64), valid.shape)
     # rank of each valid observation counted from the newest (1 = newest)
     rank = np.cumsum(valid[:, ::-1], axis=1, dtype=np.int64)[:, ::-1]
     kept = valid & (rank <= seq_len)
@@ -106,7 +119,7 @@ def sbert_inputs(
     n_used = kept.sum(axis=1, dtype=np.int64)
     pix, obs = np.nonzero(kept)
     slot = seq_len - rank[pix, obs]
-    day_index = days[obs] - first_day[pix] + t0[pix]
+    day_index = days[pix, obs] - first_day[pix] + t0[pix]
     # z-score per pixel and band over the kept observations (float64 statistics, ddof 0)
     weight = kept[:, :, None]
     refl = series.astype(np.float64)
@@ -121,3 +134,66 @@ def sbert_inputs(
     doy[pix, slot] = day_index
     mask[pix, slot] = True
     return x, doy, mask, n_used
+
+
+# --- SBERT over a series in parts -------------------------------------------------------------
+#
+# SBERT sees the newest ``seq_len`` valid observations of a pixel and nothing else (their
+# statistics, the z-score, are of those alone): a pixel run over its scenes batch by batch, in
+# ascending date order, needs only the newest ``seq_len`` valid observations so far, kept in a
+# ring buffer, whatever the number of scenes.  ``sbert_kept`` gives them back in date order,
+# right-aligned as :func:`sbert_inputs` takes them.
+
+
+def sbert_state(n: int, seq_len: int, bands: int = 10) -> dict:
+    """The state of ``n`` pixels before their first observation: ``values`` (n, seq_len, bands)
+    int16 and ``days`` (n, seq_len) int32 of the newest ``seq_len`` valid observations so far
+    (slot ``k % seq_len`` holds a pixel's ``k``-th), ``count`` (n,) int64 the valid ones seen."""
+    return {
+        "values": np.zeros((n, seq_len, bands), dtype=np.int16),
+        "days": np.zeros((n, seq_len), dtype=np.int32),
+        "count": np.zeros(n, dtype=np.int64),
+    }
+
+
+def sbert_keep(state: dict, series: np.ndarray, valid: np.ndarray, days: np.ndarray) -> dict:
+    """``state`` (:func:`sbert_state`) after the next scenes of its pixels, in ascending date
+    order: ``series`` (N, t, bands) int16, ``valid`` (N, t), ``days`` (t,).  Updated in place
+    (the state of a whole band of a tile is gigabytes: copied per batch, it would cost more than
+    decoding the batch) and returned."""
+    values, kept_days, count = state["values"], state["days"], state["count"]
+    seq_len = values.shape[1]
+    valid = np.asarray(valid, dtype=bool)
+    if valid.size == 0:
+        return state
+    rank = np.cumsum(valid, axis=1, dtype=np.int64)  # 1 = the batch's oldest valid one
+    total = rank[:, -1]
+    # of a batch with more valid observations than slots, only the newest ``seq_len`` are
+    # written (each slot at most once: no write order to rely on)
+    pix, obs = np.nonzero(valid & (rank > (total - seq_len)[:, None]))
+    slot = (count[pix] + rank[pix, obs] - 1) % seq_len
+    values[pix, slot] = series[pix, obs]
+    kept_days[pix, slot] = np.asarray(days, dtype=np.int64)[obs]
+    count += total
+    return state
+
+
+def sbert_kept(
+    state: dict, pixels: np.ndarray | slice | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The observations ``state`` (:func:`sbert_state`) kept of ``pixels`` (default: all), in
+    date order and right-aligned into ``seq_len`` slots, as :func:`sbert_inputs` takes them:
+    ``series`` (N, seq_len, bands) int16, ``valid`` (N, seq_len) and ``days`` (N, seq_len)
+    int64 (0 in the empty slots)."""
+    sel = slice(None) if pixels is None else pixels
+    values, kept_days, count = state["values"][sel], state["days"][sel], state["count"][sel]
+    n, seq_len = kept_days.shape
+    held = np.minimum(count, seq_len)
+    # the oldest kept observation's slot: 0 until the ring is full, then the next to write
+    oldest = np.where(count > seq_len, count % seq_len, 0)
+    slots = np.arange(seq_len)
+    valid = slots[None, :] >= (seq_len - held)[:, None]
+    at = (oldest[:, None] + slots[None, :] - (seq_len - held)[:, None]) % seq_len
+    rows = np.arange(n)[:, None]
+    series = np.where(valid[:, :, None], values[rows, at], 0).astype(np.int16, copy=False)
+    return series, valid, np.where(valid, kept_days[rows, at], 0).astype(np.int64)

@@ -68,7 +68,8 @@ class TilePlan:
     #: the windows
     read_layout: WindowLayout | None = None
     #: whether the tile's scenes may go through the model batch by batch (the ``stream``
-    #: setting where the model can and the tile has no alert steps, else ``never``; see
+    #: setting where the model can and the tile has no alert steps, ``auto`` as the model means
+    #: it, :attr:`~treesits_dask.models.ModelCard.stream_auto`; else ``never``; see
     #: :func:`~treesits_dask.io.bands.plan_reads`)
     stream: str = "never"
     #: bytes a streamed pixel's model state holds between batches (the model's
@@ -429,7 +430,7 @@ def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
             fingerprint=st.fingerprint,
             reasons=st.reasons,
             alerts=_alerts(config, card, repo, st, records.get(st.tile), digests),
-            stream=config.stream if card.streams and config.alerts is None else "never",
+            stream=_stream(config, card),
             stream_state=card.stream_state_bytes,
         )
         for st, grid, mask, shape in checked
@@ -445,6 +446,13 @@ def _alerts(config: RunConfig, card, repo: MapRepo, st: _Staged, record, digests
         return None
     key = alert_key(digests["model_digest"], digests["config_digest"], st.fingerprint["mask"])
     return plan_alerts(repo, config, card, st.tile, st.listed, st.scenes, st.start, key, record)
+
+
+def _stream(config: RunConfig, card) -> str:
+    """A tile's ``stream`` (see :attr:`TilePlan.stream`)."""
+    if not card.streams or config.alerts is not None:
+        return "never"
+    return card.stream_auto if config.stream == "auto" else config.stream
 
 
 def _read_layout(grid: TileGrid, window_shape, shape) -> WindowLayout | None:

@@ -24,6 +24,7 @@ from ..io.bands import ReadPlan, planned_decode
 from .cluster import Routing, declared_routing
 from .memory import expected_workers
 from .reading import (
+    STATE_SHARE,
     ReadBudget,
     alone_budget,
     free_disk,
@@ -34,6 +35,7 @@ from .reading import (
     reading_workers,
     routed_workers,
     tile_read_plan,
+    tile_states,
 )
 
 __all__ = [
@@ -160,15 +162,18 @@ def tile_reads(tiles, shared: ReadBudget, alone: ReadBudget | None, on) -> dict[
     more than :data:`DECODE_ONCE`, the free local disk per reading worker on which it would decode
     once under the budgets ``on`` gives (``decode_once_free_disk_gib``); where it is streamed
     through the model, the most memory its windows' model states hold at once
-    (``stream_state_gib``, :meth:`~treesits_dask.io.bands.ReadPlan.states_bytes`) and the windows
-    it is read and stepped in (``stream_chunk``, :attr:`~treesits_dask.io.bands.ReadPlan.windows`,
-    the outputs rechunked to the map's windows).  Tiles of one
-    shape and scene count are planned once."""
+    (``stream_state_gib``, of its mask's pixels:
+    :func:`~treesits_dask.pipeline.reading.tile_states`) and the windows it is read and stepped
+    in (``stream_chunk``, :attr:`~treesits_dask.io.bands.ReadPlan.windows`, the outputs rechunked
+    to the map's windows).  Tiles of one shape and scene count (and mask, where they may stream)
+    are planned once."""
     out: dict[str, dict] = {}
     seen: dict[tuple, dict] = {}
     for tile in tiles:
+        # a streamed tile's model states are of its mask's pixels, and SBERT's plan hangs on them
+        mask = tile.mask if tile.stream != "never" else None
         key = (tile.grid.height, tile.grid.width, tuple(tile.grid.block_shape), tile.grid.count,
-               tile.reading.shape, len(tile.scenes), _scenes(tile))  # fmt: skip
+               tile.reading.shape, len(tile.scenes), _scenes(tile), mask)  # fmt: skip
         if key not in seen:
             read, by_itself, decoded = _decode(tile, shared, alone)
             entry = {
@@ -179,7 +184,7 @@ def tile_reads(tiles, shared: ReadBudget, alone: ReadBudget | None, on) -> dict[
             if decoded > DECODE_ONCE * _tile_bytes(tile):
                 entry["decode_once_free_disk_gib"] = _disk_to_decode_once(tile, on)
             if read is not None and read.stream:
-                states = read.states_bytes(tile.grid.width, tile.stream_state)
+                states = tile_states(tile, read)
                 entry["stream_state_gib"] = round(states / 2**30, 2)
                 entry["stream_chunk"] = list((read.windows or tile.reading).shape)
             seen[key] = entry
@@ -247,14 +252,6 @@ def read_preview(plan) -> dict:
 #: tiles a warning of :func:`decode_warnings` names before it counts the rest
 _NAMED = 5
 
-#: share of an inference worker's memory limit that the model states of the streamed tiles it
-#: steps may fill (:func:`state_warnings`): beyond it, with the worker's own memory (torch, read
-#: buffers, COGs), Dask passes its 60 % target and writes the states to disk and back between
-#: batches of scenes (a 3 GiB worker streaming an unmasked 3000 px tile of 300-row strips, 1.76
-#: GiB of states: 3-9 GB written per 100 s run; with twice the states 39-42 GB, see
-#: ``benchmarks/stream_windows.py``)
-STATE_SHARE = 0.5
-
 
 def _named(tiles: list[str]) -> str:
     return ", ".join(tiles[:_NAMED]) + (
@@ -300,8 +297,9 @@ def decode_warnings(reads: dict) -> list[str]:
 def state_warnings(reads: dict) -> list[str]:
     """A line per model-state size of a :func:`reads_report`'s streamed tiles whose states, as
     many tiles as ``tiles_in_flight`` gives an inference worker, would fill more than
-    :data:`STATE_SHARE` of the smallest inference worker's memory limit (every pixel predicted:
-    a mask holds fewer): Dask would write them to disk and back between batches of scenes."""
+    :data:`STATE_SHARE` of the smallest inference worker's memory limit (the pixels of each
+    tile's mask, or every pixel): Dask would write them to disk and back between batches of
+    scenes."""
     lines: list[str] = []
     if not reads.get("known") or "inference_memory_gib" not in reads:
         return lines
@@ -317,8 +315,8 @@ def state_warnings(reads: dict) -> list[str]:
         whose = "its" if one else "each one's"
         lines.append(
             f"{'tile' if one else f'{len(tiles)} tiles'} {_named(tiles)}: streamed through the "
-            f"model, {whose} windows' model states hold up to {states} GiB at once where every "
-            f"pixel is predicted, {per_worker} tile(s) in flight per inference worker: more than "
+            f"model, {whose} windows' model states hold up to {states} GiB at once, "
+            f"{per_worker} tile(s) in flight per inference worker: more than "
             f"{STATE_SHARE:.0%} of an inference worker's {reads['inference_memory_gib']} GiB, so "
             "Dask would write them to disk and read them back between batches of scenes; give "
             "the inference workers more memory, or fewer tiles in flight each (tiles_in_flight)"

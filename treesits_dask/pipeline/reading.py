@@ -5,6 +5,7 @@ it may fill with what Dask spills of them (the memory guard)."""
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ __all__ = [
     "ALONE_DECODE",
     "HELD_SHARE",
     "SPILL_SHARE",
+    "STATE_SHARE",
     "ReadBudget",
     "alone_budget",
     "free_disk",
@@ -34,6 +36,7 @@ __all__ = [
     "tile_ordered",
     "tile_read_plan",
     "tile_spills",
+    "tile_states",
     "worker_disks",
 ]
 
@@ -50,7 +53,10 @@ class ReadBudget:
     it may fill with bands held whole in memory that windows cross (None: ``held_bytes``), half
     its limit (:data:`~treesits_dask.io.pieces.IN_MEMORY_SHARE`, shared as ``held_bytes``):
     beyond it, such a plan whose bands fit ``held_bytes`` spills where the disk is known (see
-    :func:`~treesits_dask.io.bands.plan_reads`)."""
+    :func:`~treesits_dask.io.bands.plan_reads`).  ``state_bytes``: what the model states of a
+    streamed tile may fill on an inference worker (:data:`STATE_SHARE` of the smallest one's
+    limit, shared out among the tiles in flight on each; None: no limit), within which SBERT
+    streams a tile instead of decoding its blocks more than once (``fallback``)."""
 
     task_bytes: int
     threads: int
@@ -58,7 +64,16 @@ class ReadBudget:
     held_bytes: int | None = None
     spill_bytes: int | None = None
     in_memory_bytes: int | None = None
+    state_bytes: int | None = None
 
+
+#: share of an inference worker's memory limit that the model states of the streamed tiles it
+#: steps may fill (:class:`ReadBudget`, :func:`~treesits_dask.pipeline.preview.state_warnings`):
+#: beyond it, with the worker's own memory (torch, read buffers, COGs), Dask passes its 60 %
+#: target and writes the states to disk and back between batches of scenes (a 3 GiB worker
+#: streaming an unmasked 3000 px tile of 300-row strips, 1.76 GiB of states: 3-9 GB written per
+#: 100 s run; with twice the states 39-42 GB, see ``benchmarks/stream_windows.py``)
+STATE_SHARE = 0.5
 
 #: share of a reading worker's memory limit the bands of its tiles may fill (Dask pauses a worker
 #: at 80 %; the rest is the windows, the model and the worker itself)
@@ -156,7 +171,21 @@ def tile_read_plan(tile, reads: ReadBudget | None):
         tile.grid, tile.reading, scenes, reads.task_bytes, min_tasks=reads.threads,
         held_bytes=reads.held_bytes, spill_bytes=reads.spill_bytes,
         in_memory_bytes=reads.in_memory_bytes, stream=tile.stream,
+        state_room=reads.state_bytes, states=functools.partial(tile_states, tile),
     )  # fmt: skip
+
+
+def tile_states(tile, plan) -> int:
+    """The most memory the model states of ``tile`` (a
+    :class:`~treesits_dask.pipeline.plan.TilePlan`) hold at once where it is streamed by
+    ``plan`` (:meth:`~treesits_dask.io.bands.ReadPlan.states_bytes`): the pixels of its mask
+    (read once per process), or every pixel without one."""
+    from ..io.masks import mask_rows
+
+    rows = None
+    if tile.mask is not None:
+        rows = mask_rows(tile.mask, tile.grid.height, tile.grid.width)
+    return plan.states_bytes(tile.grid.width, tile.stream_state, rows)
 
 
 def tile_spills(tile, reads: ReadBudget | None) -> bool:
@@ -205,8 +234,15 @@ def read_budget(
 
     total = psutil.virtual_memory().total
     reading = readers(workers, routing)
+    inferring = routed_workers(list(workers.values()), routing.predict)
+    states = None
+    if inferring:  # the tiles in flight spread over the inference workers
+        on_each = max(1, -(-config.tiles_in_flight // len(inferring)))
+        least = min(memory_and_threads(w, total)[0] for w in inferring)
+        states = int(least * STATE_SHARE) // on_each
     if not reading:
-        return ReadBudget(int(total * config.read_memory), 1, total, int(total * HELD_SHARE))
+        return ReadBudget(int(total * config.read_memory), 1, total, int(total * HELD_SHARE),
+                          state_bytes=states)  # fmt: skip
     limits = [memory_and_threads(w, total) for w in reading]
     task = min(int(limit * config.read_memory) // threads for limit, threads in limits)
     smallest = min(limit for limit, _ in limits)
@@ -217,7 +253,7 @@ def read_budget(
     spill = None
     if disks is not None:
         spill = int(free_disk(config, reading, disks) * SPILL_SHARE) // per_worker
-    return ReadBudget(task, sum(t for _, t in limits), smallest, held, spill, in_memory)
+    return ReadBudget(task, sum(t for _, t in limits), smallest, held, spill, in_memory, states)
 
 
 #: a tile is read with no other tile in flight beside it on its reading worker where its share of

@@ -61,6 +61,7 @@ from .reading import (
     tile_ordered,
     tile_read_plan,
     tile_spills,
+    tile_states,
     worker_disks,
 )
 from .report import RunResult, collect_inference
@@ -173,11 +174,12 @@ def _streamed(plan: RunPlan, tile: TilePlan, read_plan, mask, routing: Routing, 
     days = days_since_epoch([s.date for s in tile.scenes])
     ahead = max(2, -(-threads // cfg.tiles_in_flight))
     scenes, batches = len(tile.scenes), len(read_plan.batches)
-    states = read_plan.states_bytes(tile.grid.width, tile.stream_state) / 2**30
+    states = tile_states(tile, read_plan) / 2**30
     log.info(
         "tile %s: streamed through the model in %d batches of its %d scenes (every block decoded "
         "once, nothing of all scenes held); its windows' model states hold up to %.2f GiB at once "
-        "where every pixel is predicted", tile.tile, batches, scenes, states,
+        "(%s)", tile.tile, batches, scenes, states,
+        "the pixels of its mask" if tile.mask is not None else "every pixel predicted",
     )  # fmt: skip
     return stream_layer(reader, tile.reading, read_plan, days, kernel, mask, routing, ahead)
 

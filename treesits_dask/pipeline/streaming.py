@@ -4,7 +4,11 @@ carried from one batch to the next, so that nothing of all scenes is ever held.
 A one-way LSTM (the SITS-NN LSTM) sees one observation per step, from a zero state, and its
 output is its state after the last step: run over the scenes in batches, carrying ``(h, c)``,
 it gives the same result as over all of them at once
-(:meth:`~treesits_dask.models.loading.Predictor.stream_step`).  A tile read so needs neither its
+(:meth:`~treesits_dask.models.loading.Predictor.stream_step`).  SBERT sees the newest 256 valid
+observations of a pixel and nothing else: its state is those, kept in a ring buffer of 6 KB per
+pixel whatever the scene count, and fed to the model after the last batch as it would have been
+fed them all at once (:func:`~treesits_dask.models.preprocess.sbert_keep`).  A tile read so
+needs neither its
 bands of all scenes in memory nor on disk (what :mod:`treesits_dask.io.bands` otherwise counts
 on, or decodes blocks more than once without): each band is read as batches of scenes (every
 block decoded once), each window steps its state through its pieces of a batch, and the batch
@@ -104,7 +108,11 @@ def window_step(
     (``where[k]``: ``(0, scenes, first row, last row)`` in the window), as
     :func:`~treesits_dask.io.reader.assemble` takes them; ``days`` the batch's days since
     1970-01-01.  The state: ``idx`` (the flat indices of the pixels stepped: the mask's, or
-    all), ``hc`` (the model's state of each), ``n_valid`` (valid observations so far),
+    all), ``model`` (the model's state of each, see
+    :meth:`~treesits_dask.models.loading.Predictor.stream_step`: SBERT's is updated in place, so
+    a step's input state is its output: the next step is the one task that reads a state, the
+    step's ``done`` task returns nothing, and a state lost with its worker is computed again by
+    the steps before it), ``n_valid`` (valid observations so far),
     ``last_day`` (the day of the newest one, -1: none) and ``last_valid`` (whether the batch's
     newest scene is valid).  None where the mask has no pixel (nothing is read or predicted).
     """
@@ -114,10 +122,10 @@ def window_step(
             return None
         idx = np.flatnonzero(mask) if mask is not None else np.arange(h * w)
         with _predictor(kernel) as predictor:
-            hc = predictor.stream_state(idx.size)
+            model = predictor.stream_state(idx.size)
         state = {
             "idx": idx,
-            "hc": hc,
+            "model": model,
             "n_valid": np.zeros(idx.size, np.int64),
             "last_day": np.full(idx.size, -1, np.int64),
             "last_valid": np.zeros(idx.size, bool),
@@ -128,7 +136,7 @@ def window_step(
     del part
     valid = np.all(series != NODATA, axis=2)
     with _predictor(kernel) as predictor:
-        hc = predictor.stream_step(state["hc"], series, valid)
+        model = predictor.stream_step(state["model"], series, valid, days)
     del series
     seen = valid.any(axis=1)
     last_day = state["last_day"].copy()
@@ -136,7 +144,7 @@ def window_step(
         last_day[seen] = last_valid_day(valid[seen], days)
     return {
         "idx": idx,
-        "hc": hc,
+        "model": model,
         "n_valid": state["n_valid"] + valid.sum(axis=1),
         "last_day": last_day,
         "last_valid": valid[:, -1] if t else state["last_valid"],
@@ -173,9 +181,10 @@ def stream_outputs(states: list, k: int, hw: tuple[int, int], kernel: Kernel) ->
     out = empty_outputs(n_classes, hw, packing.layers)
     if state is not None and (now := state["n_valid"] > 0).any():
         with _predictor(kernel) as predictor:
-            probs = predictor.stream_probs(np.ascontiguousarray(state["hc"][:, :, now]))
-        fill_outputs(out, state["idx"][now], probs, state["n_valid"][now],
-                     state["last_valid"][now], state["last_day"][now], packing.layers)  # fmt: skip
+            probs, used = predictor.stream_probs(state["model"], np.flatnonzero(now))
+        used = state["n_valid"][now] if used is None else used
+        fill_outputs(out, state["idx"][now], probs, used, state["last_valid"][now],
+                     state["last_day"][now], packing.layers)  # fmt: skip
     return packing.pack(out)
 
 
