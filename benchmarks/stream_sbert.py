@@ -14,6 +14,9 @@ The cube: ``--cube`` (with ``--mask-dir``), or one written under ``--workdir`` (
 that are hard links to those, so that a 600-scene tile takes the disk of a few and all of them lie
 in SBERT's 4-year window) and a mask of ``--forest`` of its pixels, drawn at random (SBERT runs
 at about 170 px/s on 2 cores: sparse pixels keep the run short while every strip holds some).
+``--model-size small``: an SBERT of 16 wide and one layer that keeps the published 256
+observations, so the states are the published model's while its forward is cheap enough for a
+mask of many pixels (30 % of a 3000 px tile: 3.1 GiB of states).
 
 Prints one JSON line per run: seconds (and the error where it failed), bytes decoded (and over
 the tile's BOA bytes), the run's log lines on how the tile was read, what Dask spilled to disk,
@@ -87,6 +90,26 @@ def _mask(root: Path, masks: Path, fraction: float, seed: int = 7) -> None:
                       .astype("uint8"))  # fmt: skip
 
 
+def _small_sbert(workdir: Path) -> dict:
+    """A native SBERT of 16 wide, one layer, 2 heads, with random weights, that keeps the
+    published 256 observations (the state of the published model, a far cheaper forward)."""
+    import torch
+
+    from treesits_dask.io.discovery import S2_BANDS
+    from treesits_dask.models import ModelCard, save_native
+    from treesits_dask.models.architectures import SBERTClassifier
+    from treesits_dask.models.card import SBERT_SEQUENCE
+
+    torch.manual_seed(0)
+    hp = {"num_features": 10, "hidden": 16, "n_layers": 1, "attn_heads": 2, "dropout": 0.3,
+          "num_classes": 1, "max_position": 1826}  # fmt: skip
+    card = ModelCard(family="sbert", hyperparameters=hp, bands=list(S2_BANDS),
+                     class_names=["disturbance"], output_kind="sigmoid",
+                     sequence=dict(SBERT_SEQUENCE))  # fmt: skip
+    path, _ = save_native(SBERTClassifier(**hp).eval(), card, str(workdir / "small_sbert.pt"))
+    return {"model": path, "model_family": "native"}
+
+
 def main(argv=None) -> int:
     from treesits_dask.bench.measure import cube_arguments
 
@@ -98,6 +121,10 @@ def main(argv=None) -> int:
     p.add_argument("--forest", type=float, default=0.005,
                    help="share of the written tile's pixels in its mask")  # fmt: skip
     p.add_argument("--variants", default="stream,never", help="comma list of stream, never")
+    p.add_argument("--model-size", default="published", choices=["published", "small"],
+                   help="SBERT of the published shapes, or a small one keeping as many "
+                   "observations (its state, a cheaper forward)")  # fmt: skip
+    p.add_argument("--tiles-in-flight", type=int, default=2)
     p.set_defaults(tiles=1, size=1000, scenes=12, threads=2, rounds=2, layout="strips")
     args = p.parse_args(argv)
 
@@ -130,10 +157,13 @@ def main(argv=None) -> int:
         masks = str(wd / "masks")
         _mask(Path(root), Path(masks), args.forest)
     base = bench_config(root, wd, args.threads, args.memory_limit, args.window).model_copy(
-        update=dict(mask_dir=masks, **bench_models(wd, ["sbert"])["sbert"])
+        update=dict(mask_dir=masks, tiles_in_flight=args.tiles_in_flight,
+                    **(bench_models(wd, ["sbert"])["sbert"] if args.model_size == "published"
+                       else _small_sbert(wd)))
     )  # fmt: skip
     report: dict = {"cube": str(root), "mask_dir": masks, "window": args.window,
                     "threads": args.threads, "memory_limit": args.memory_limit,
+                    "model_size": args.model_size, "tiles_in_flight": args.tiles_in_flight,
                     "reads": []}  # fmt: skip
     print(json.dumps({k: v for k, v in report.items() if k != "reads"}), flush=True)
     disks = schedule.worker_disks
