@@ -567,3 +567,56 @@ def test_a_streamed_sbert_tile_maps_the_values_of_one_read_over_all_scenes(
     np.testing.assert_allclose(b.probability.values, a.probability.values, rtol=0, atol=1e-5)
     for var in ("valid_obs", "last_obs_valid", "last_valid_date"):
         np.testing.assert_array_equal(b[var].values, a[var].values, err_msg=var)
+
+
+def test_plan_weighs_each_masked_sbert_tiles_states(native_sbert, tmp_path):
+    """``plan``'s read report plans SBERT's masked tiles by whether their states fit, not once
+    per mask: of two tiles of one shape on a worker with room for the states of a few pixels, the
+    one whose mask holds 2 pixels is streamed (every block decoded once, its own states), the one
+    whose mask holds every pixel is read as it would be without streaming."""
+    import rasterio
+
+    from treesits_dask.io.masks import MaskSource
+    from treesits_dask.pipeline.cluster import Routing
+    from treesits_dask.pipeline.plan import make_plan
+    from treesits_dask.pipeline.preview import budgets_on, tile_reads
+    from treesits_dask.synthetic import make_cube
+
+    cube = make_cube(tmp_path / "cube", size=600, n_scenes=7, layout="strips", seed=4,
+                     mask_dir=str(tmp_path / "masks"))  # fmt: skip
+    config = _config(cube, native_sbert, tmp_path / "o", "auto", uncertainty=())
+    (t,) = make_plan(config).tiles
+    assert t.stream == "fallback" and t.mask is not None
+    masks = {}
+    with rasterio.open(t.mask.url) as src:
+        profile = src.profile
+    for name, fill in (("few", False), ("all", True)):
+        data = np.full((600, 600), fill, np.uint8)
+        data[[5, 300], [7, 9]] = 1
+        path = tmp_path / f"{name}.tif"
+        with rasterio.open(path, "w", **profile) as dst:
+            dst.write(data[None])
+        masks[name] = dataclasses.replace(t, tile=name, mask=MaskSource(str(path)))
+    held = plan_reads(t.grid, t.reading, len(t.scenes), 1 << 40).held
+    per_window = t.reading.shape[0] * t.reading.shape[1] * t.grid.count * 2 * len(t.scenes)
+
+    def budget(room):  # bands fit neither memory nor disk; ``room`` bytes of states
+        def on(free):
+            workers = {"w": {"memory_limit": 8 << 30, "nthreads": 2}}
+            shared, _ = budgets_on(config, workers, Routing())(0)
+            small = dataclasses.replace(shared, task_bytes=per_window, held_bytes=held // 2,
+                                        spill_bytes=free or None, state_bytes=room)  # fmt: skip
+            return small, None
+
+        return (*on(0), on)
+
+    reads = tile_reads(list(masks.values()), *budget(1024))
+    few, every = reads["few"], reads["all"]
+    assert "streamed through the model" in few["mode"] and few["decoded_over_tile"] == 1.0
+    assert "streamed" not in every["mode"] and every["decoded_over_tile"] > 1.0
+    assert "stream_state_gib" not in every
+    # with room for all: both streamed alike, each with the states of its own mask
+    reads = tile_reads(list(masks.values()), *budget(None))
+    assert reads["few"]["mode"] == reads["all"]["mode"] == few["mode"]
+    assert reads["few"]["stream_state_gib"] == 0.0
+    assert reads["all"]["stream_state_gib"] == round(2 * 120 * 600 * t.stream_state / 2**30, 2) > 0
