@@ -49,13 +49,6 @@ class _Lines(logging.Handler):
             self.lines.append(line[:200])
 
 
-def _states(dask_worker) -> int:
-    """Bytes of the streamed states (the step tasks' results) in this worker's memory now."""
-    fast = getattr(getattr(dask_worker, "data", None), "fast", None)
-    weights = getattr(fast, "weights", None) or {}
-    return sum(v for k, v in list(weights.items()) if "stream-step-" in str(k))
-
-
 def _linked(src: Path, out: Path, n: int) -> None:
     """A cube of ``n`` scenes per tile, two days apart, each BOA and QAI a hard link to a scene of
     ``src`` (in turn)."""
@@ -129,24 +122,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from treesits_dask.bench.measure import (
-        MostSampled,
         bench_cluster,
         bench_config,
         bench_models,
         close_bench,
         cube_workdir,
-        decoded,
         emit_row,
-        paused_times,
-        reset_vm_hwm,
-        spilled,
-        vm_hwm,
-        worker_pids,
-        worker_restarts,
+        measured_run,
+        no_local_disk,
     )
     from treesits_dask.pipeline import schedule
     from treesits_dask.pipeline.plan import make_plan
-    from treesits_dask.pipeline.run import RunError, run
 
     tmp, wd, root = cube_workdir(args, "stream-sbert-")
     masks = args.mask_dir
@@ -167,13 +153,9 @@ def main(argv=None) -> int:
                     "reads": []}  # fmt: skip
     print(json.dumps({k: v for k, v in report.items() if k != "reads"}), flush=True)
     disks = schedule.worker_disks
-
-    def none(client, workers=None):  # no local disk counted on: nothing spills by the plan
-        return dict.fromkeys(workers or client.scheduler_info(n_workers=-1)["workers"], 0)
-
     logging.getLogger("treesits_dask").setLevel(logging.INFO)  # the run's lines on its tiles
     cluster, client = bench_cluster(args.workers, args.threads, args.memory_limit)
-    schedule.worker_disks = none
+    schedule.worker_disks = no_local_disk  # nothing spills by the plan
     try:
         variants = args.variants.split(",")
         for r in range(args.rounds):
@@ -185,36 +167,13 @@ def main(argv=None) -> int:
                                  for t in make_plan(config).tiles)  # fmt: skip
                 lines = _Lines()
                 logging.getLogger("treesits_dask").addHandler(lines)
-                pids = worker_pids(client)
-                before = sum(v[1] for v in client.run(decoded).values())
-                spill, paused = (
-                    sum(client.run(spilled).values()),
-                    sum(client.run(paused_times).values()),
-                )
-                client.run(reset_vm_hwm)
-                error, seconds = None, None
-                with MostSampled(lambda: sum(client.run(_states).values()), 1.0) as states:
-                    try:
-                        seconds = round(run(config, client=client).seconds, 1)
-                    except RunError as e:
-                        error = str(e)[:300]
-                    finally:
-                        logging.getLogger("treesits_dask").removeHandler(lines)
-                restarts = worker_restarts(pids, worker_pids(client))
-                after = sum(v[1] for v in client.run(decoded).values())
-                row = {"round": r, "variant": variant, "seconds": seconds, "error": error,
-                       "decoded_gb": None if restarts else round((after - before) / 1e9, 2),
-                       "decoded_over_tile": None if restarts
-                       else round((after - before) / tile_bytes, 3),
-                       "log": lines.lines,
-                       "dask_spilled_gb": None if restarts
-                       else round((sum(client.run(spilled).values()) - spill) / 1e9, 2),
-                       "most_states_in_memory_gib": round(states.most / 2**30, 3),
-                       "paused_for_memory": None if restarts
-                       else sum(client.run(paused_times).values()) - paused,
-                       "worker_restarts": restarts,
-                       "peak_worker_rss_gib": {a: round(v / 2**30, 2) if v else None
-                                               for a, v in client.run(vm_hwm).items()}}  # fmt: skip
+                try:
+                    measured, done = measured_run(client, config, state_digits=3)
+                finally:
+                    logging.getLogger("treesits_dask").removeHandler(lines)
+                row = {"round": r, "variant": variant, **measured,
+                       "decoded_over_tile": None if done is None else round(done / tile_bytes, 3),
+                       "log": lines.lines}  # fmt: skip
                 emit_row(report, row, args.json)
                 shutil.rmtree(out, ignore_errors=True)
     finally:

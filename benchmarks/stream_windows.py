@@ -27,13 +27,6 @@ import shutil
 import sys
 
 
-def _states(dask_worker) -> int:
-    """Bytes of the streamed states (the step tasks' results) in this worker's memory now."""
-    fast = getattr(getattr(dask_worker, "data", None), "fast", None)
-    weights = getattr(fast, "weights", None) or {}
-    return sum(v for k, v in list(weights.items()) if "stream-step-" in str(k))
-
-
 def main(argv=None) -> int:
     from treesits_dask.bench.measure import cube_arguments
 
@@ -48,22 +41,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from treesits_dask.bench.measure import (
-        MostSampled,
         bench_cluster,
         bench_config,
         close_bench,
         cube_workdir,
-        decoded,
         emit_row,
-        paused_times,
-        reset_vm_hwm,
-        spilled,
-        vm_hwm,
-        worker_pids,
-        worker_restarts,
+        measured_run,
+        no_local_disk,
     )
     from treesits_dask.pipeline import schedule
-    from treesits_dask.pipeline.run import RunError, run
 
     tmp, wd, root = cube_workdir(args, "stream-windows-")
     windows = [int(w) for w in args.windows.split(",")]
@@ -71,44 +57,16 @@ def main(argv=None) -> int:
                     "memory_limit": args.memory_limit, "reads": []}  # fmt: skip
     print(json.dumps({k: v for k, v in report.items() if k != "reads"}), flush=True)
     disks = schedule.worker_disks
-
-    def none(client, workers=None):  # no local disk counted on: nothing spills by the plan
-        return dict.fromkeys(workers or client.scheduler_info(n_workers=-1)["workers"], 0)
-
     cluster, client = bench_cluster(args.workers, args.threads, args.memory_limit)
-    schedule.worker_disks = none
+    schedule.worker_disks = no_local_disk  # nothing spills by the plan
     try:
         for r in range(args.rounds):
             for window in windows if r % 2 == 0 else windows[::-1]:
                 out = wd / f"out-{r}-{window}"
                 config = bench_config(root, wd, args.threads, args.memory_limit, window)
                 config = config.model_copy(update={"output": str(out), "stream": "always"})
-                pids = worker_pids(client)
-                before = sum(v[1] for v in client.run(decoded).values())
-                spill, paused = (
-                    sum(client.run(spilled).values()),
-                    sum(client.run(paused_times).values()),
-                )
-                client.run(reset_vm_hwm)
-                error, seconds = None, None
-                with MostSampled(lambda: sum(client.run(_states).values()), 1.0) as states:
-                    try:
-                        seconds = round(run(config, client=client).seconds, 1)
-                    except RunError as e:
-                        error = str(e)[:300]
-                restarts = worker_restarts(pids, worker_pids(client))
-                after = sum(v[1] for v in client.run(decoded).values())
-                row = {"round": r, "window": window, "seconds": seconds, "error": error,
-                       "decoded_gb": None if restarts else round((after - before) / 1e9, 2),
-                       "dask_spilled_gb": None if restarts
-                       else round((sum(client.run(spilled).values()) - spill) / 1e9, 2),
-                       "most_states_in_memory_gib": round(states.most / 2**30, 2),
-                       "paused_for_memory": None if restarts
-                       else sum(client.run(paused_times).values()) - paused,
-                       "worker_restarts": restarts,
-                       "peak_worker_rss_gib": {a: round(v / 2**30, 2) if v else None
-                                               for a, v in client.run(vm_hwm).items()}}  # fmt: skip
-                emit_row(report, row, args.json)
+                measured, _ = measured_run(client, config)
+                emit_row(report, {"round": r, "window": window, **measured}, args.json)
                 shutil.rmtree(out, ignore_errors=True)
     finally:
         schedule.worker_disks = disks

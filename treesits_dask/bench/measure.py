@@ -28,6 +28,9 @@ __all__ = [
     "cube_workdir",
     "cold_reads",
     "decode_run",
+    "measured_run",
+    "no_local_disk",
+    "stream_states",
     "decode_seconds",
     "decoded",
     "emit_row",
@@ -355,6 +358,53 @@ def worker_restarts(before: dict[str, int], after: dict[str, int]) -> int:
     restarted lost what that worker had counted and recomputed its tasks, and its peak RSS is the
     new process's."""
     return sum(1 for w, pid in before.items() if after.get(w) != pid)
+
+
+def no_local_disk(client, workers: list[str] | None = None) -> dict[str, int]:
+    """No free local disk on any worker: in place of
+    :func:`~treesits_dask.pipeline.reading.worker_disks`, so that no plan counts on spilling."""
+    return dict.fromkeys(workers or client.scheduler_info(n_workers=-1)["workers"], 0)
+
+
+def stream_states(dask_worker) -> int:
+    """Bytes of the streamed model states (the step tasks' results) in this worker's memory."""
+    fast = getattr(getattr(dask_worker, "data", None), "fast", None)
+    weights = getattr(fast, "weights", None) or {}
+    return sum(v for k, v in list(weights.items()) if "stream-step-" in str(k))
+
+
+def measured_run(client, config, state_digits: int = 2) -> tuple[dict, int | None]:
+    """``run(config)`` on ``client``, measured: its seconds (None and the ``error`` where it
+    failed), what the workers decoded and Dask spilled to disk, the most the streamed states held
+    in memory (sampled every second, GiB to ``state_digits`` digits), the times Dask paused a
+    worker for memory, the workers restarted by their nanny and each worker's peak RSS; and the
+    bytes decoded (None where a worker restarted: its count started again)."""
+    from ..pipeline.run import RunError, run
+
+    pids = worker_pids(client)
+    before = sum(v[1] for v in client.run(decoded).values())
+    spill = sum(client.run(spilled).values())
+    paused = sum(client.run(paused_times).values())
+    client.run(reset_vm_hwm)
+    error, seconds = None, None
+    with MostSampled(lambda: sum(client.run(stream_states).values()), 1.0) as states:
+        try:
+            seconds = round(run(config, client=client).seconds, 1)
+        except RunError as e:
+            error = str(e)[:300]
+    restarts = worker_restarts(pids, worker_pids(client))
+    done = None if restarts else sum(v[1] for v in client.run(decoded).values()) - before
+    row = {"seconds": seconds, "error": error,
+           "decoded_gb": None if restarts else round(done / 1e9, 2),
+           "dask_spilled_gb": None if restarts
+           else round((sum(client.run(spilled).values()) - spill) / 1e9, 2),
+           "most_states_in_memory_gib": round(states.most / 2**30, state_digits),
+           "paused_for_memory": None if restarts
+           else sum(client.run(paused_times).values()) - paused,
+           "worker_restarts": restarts,
+           "peak_worker_rss_gib": {a: round(v / 2**30, 2) if v else None
+                                   for a, v in client.run(vm_hwm).items()}}  # fmt: skip
+    return row, done
 
 
 def decode_run(plan, client, pin: bool = True) -> dict:
