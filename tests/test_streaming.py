@@ -133,6 +133,23 @@ def _config(cube, model, out, stream, window="100x100", uncertainty=("entropy", 
     )  # fmt: skip
 
 
+def _cut_budget(monkeypatch, t) -> None:
+    """Runs read tile ``t`` with one window of all scenes per read task, 60 % of its bands' memory
+    and no disk: its bands fit neither (read in 2 sections without streaming)."""
+    from treesits_dask.pipeline import schedule
+
+    held = plan_reads(t.grid, t.reading, len(t.scenes), 1 << 40).held
+    per_window = t.reading.shape[0] * t.reading.shape[1] * t.grid.count * 2 * len(t.scenes)
+    budget = schedule.read_budget
+
+    def small(*args, **kwargs):
+        got = budget(*args, **kwargs)
+        return dataclasses.replace(got, task_bytes=per_window, held_bytes=int(held * 0.6),
+                                   spill_bytes=None)  # fmt: skip
+
+    monkeypatch.setattr(schedule, "read_budget", small)
+
+
 def _decoded_here() -> int:
     from treesits_dask.io.datasets import DECODED
 
@@ -154,7 +171,6 @@ def test_a_streamed_tile_maps_the_values_of_one_read_over_all_scenes(
     in batches of scenes: it decodes what a run that holds its bands decodes (each block once),
     against about twice that read in sections, and maps the same values (probabilities to float
     rounding) on the test's LocalCluster."""
-    from treesits_dask.pipeline import schedule
     from treesits_dask.pipeline.plan import make_plan
     from treesits_dask.synthetic import make_cube
 
@@ -165,16 +181,7 @@ def test_a_streamed_tile_maps_the_values_of_one_read_over_all_scenes(
     before = _decoded(client)
     run(_config(cube, native_lstm, tmp_path / "a", "never"), client=client)
     whole = _decoded(client) - before
-    held = plan_reads(t.grid, t.reading, len(t.scenes), 1 << 40).held
-    per_window = t.reading.shape[0] * t.reading.shape[1] * t.grid.count * 2 * len(t.scenes)
-    budget = schedule.read_budget
-
-    def small(*args, **kwargs):  # one window of all scenes per read task, part of the bands
-        got = budget(*args, **kwargs)
-        return dataclasses.replace(got, task_bytes=per_window, held_bytes=int(held * 0.6),
-                                   spill_bytes=None)  # fmt: skip
-
-    monkeypatch.setattr(schedule, "read_budget", small)
+    _cut_budget(monkeypatch, t)
     if stream == "auto":
         before = _decoded(client)
         run(_config(cube, native_lstm, tmp_path / "s", "never"), client=client)
@@ -533,7 +540,6 @@ def test_a_streamed_sbert_tile_maps_the_values_of_one_read_over_all_scenes(
     nor disk (as in the LSTM's test above): streamed under ``auto`` (and ``always``), it decodes
     what the run that holds its bands decodes, and maps its values: probabilities to float
     rounding, the observations used (at most 4), the newest scene's validity and day exactly."""
-    from treesits_dask.pipeline import schedule
     from treesits_dask.pipeline.plan import make_plan
     from treesits_dask.synthetic import make_cube
 
@@ -543,16 +549,7 @@ def test_a_streamed_sbert_tile_maps_the_values_of_one_read_over_all_scenes(
     before = _decoded(client)
     run(_config(cube, native_sbert, tmp_path / "a", "never", uncertainty=()), client=client)
     whole = _decoded(client) - before
-    held = plan_reads(t.grid, t.reading, len(t.scenes), 1 << 40).held
-    per_window = t.reading.shape[0] * t.reading.shape[1] * t.grid.count * 2 * len(t.scenes)
-    budget = schedule.read_budget
-
-    def small(*args, **kwargs):  # one window of all scenes per read task, part of the bands
-        got = budget(*args, **kwargs)
-        return dataclasses.replace(got, task_bytes=per_window, held_bytes=int(held * 0.6),
-                                   spill_bytes=None)  # fmt: skip
-
-    monkeypatch.setattr(schedule, "read_budget", small)
+    _cut_budget(monkeypatch, t)
     (t,) = make_plan(_config(cube, native_sbert, tmp_path / "b", stream, uncertainty=())).tiles
     assert t.stream == ("fallback" if stream == "auto" else stream)
     before = _decoded(client)
