@@ -337,3 +337,36 @@ def test_qai_flag_order_does_not_change_the_settings_digest(cube, tmp_path, nati
 
     assert digest("CLOUD_OPAQUE,CLOUD_SHADOW,SNOW") == digest("SNOW,CLOUD_OPAQUE,CLOUD_SHADOW")
     assert digest("CLOUD_OPAQUE,CLOUD_SHADOW,SNOW") != digest("CLOUD_OPAQUE,CLOUD_SHADOW")
+
+
+def test_a_heartbeat_that_finds_the_scheduler_gone_is_one_line(caplog):
+    """As a cluster closes its scheduler may go before its workers: a worker's heartbeat then
+    logs distributed's "Failed to communicate with scheduler" with a traceback, which a run
+    printed after its own message.  The workers' log filter makes it one line with the error;
+    other worker errors keep their traceback."""
+    import logging
+
+    from distributed.comm.core import CommClosedError
+
+    from treesits_dask.pipeline.plugins import HEARTBEAT_LOST, TaskErrorLog
+
+    logger = logging.getLogger("distributed.worker")
+    before = list(logger.filters)
+    TaskErrorLog().setup()
+    try:
+        with caplog.at_level(logging.ERROR, logger="distributed.worker"):
+            for message in (HEARTBEAT_LOST, "Unexpected exception during heartbeat."):
+                try:
+                    raise CommClosedError("in <TCP (closed)>: Stream is closed")
+                except CommClosedError:
+                    logger.exception(message)
+    finally:
+        logger.filters[:] = before
+    lost, other = caplog.records
+    assert lost.exc_info is None and "Traceback" not in caplog.text.split("Unexpected")[0]
+    assert (
+        lost.getMessage()
+        == f"{HEARTBEAT_LOST} CommClosedError: in <TCP (closed)>: Stream is closed"
+    )
+    # not a heartbeat that lost the scheduler: as distributed logs it
+    assert other.exc_info is not None

@@ -57,17 +57,29 @@ def _package_errors() -> set[str]:
     return names
 
 
+#: what distributed logs, with a traceback, where a worker's heartbeat finds the scheduler gone
+#: (it retries at the next one): as a cluster closes, the scheduler may go before its workers
+HEARTBEAT_LOST = "Failed to communicate with scheduler during heartbeat."
+
+
 class _OneLineInputErrors(logging.Filter):
     """distributed logs a failed task as "Compute Failed" with the task, the exception and its
     traceback.  For input problems (a :class:`TreesitsError`, whose message names the file and
     the fix, and which the driver reports per tile) one line is enough; other errors keep their
-    traceback."""
+    traceback.  A heartbeat that found the scheduler gone (:data:`HEARTBEAT_LOST`) is one line
+    with its error too: a run whose cluster closed printed that traceback after its own message
+    (once in about ten runs of ``tests/test_validation.py::test_worker_input_errors_are_one_line``
+    on 2 busy cores)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if str(record.msg).startswith("Compute Failed") and len(record.args or ()) == 5:
             key, _, _, exception_text, _ = record.args
             if str(exception_text).split("(", 1)[0] in _package_errors():
                 record.msg, record.args = "task %s failed: %s", (key, exception_text)
+        elif record.msg == HEARTBEAT_LOST and record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            record.msg, record.args = "%s %s: %s", (HEARTBEAT_LOST, type(error).__name__, error)
+            record.exc_info, record.exc_text = None, None
         return True
 
 
