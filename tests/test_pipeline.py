@@ -295,12 +295,14 @@ def test_precision_is_recorded_in_run_report_and_settings_digest(
     assert len({make_plan(c).config_digest for c in (config, fp32, tf32)}) == 3
 
 
-def _standing_config(cube, model, out, client, window):
-    """A run of ``cube`` on the standing cluster of ``client`` in ``window`` windows."""
+def _standing_config(cube, model, out, client, window, stream="never"):
+    """A run of ``cube`` on the standing cluster of ``client`` in ``window`` windows (the LSTM
+    read as models that cannot stream are: these tests are about windows of all scenes, which a
+    streamed tile never holds, see tests/test_streaming.py)."""
     return load_config(
         overrides=dict(cube=cube.root, tiles="all", output=str(out), model=model,
                        model_family="native", mask_dir=cube.mask_dir, window=window,
-                       scheduler_address=client.scheduler.address),
+                       scheduler_address=client.scheduler.address, stream=stream),
         environ={},
     )  # fmt: skip
 
@@ -329,6 +331,7 @@ def test_a_tile_whose_windows_do_not_fit_the_workers_is_refused_before_reading(
     for tile in small_cube.tiles:
         assert f"{tile}: a window of all 10 scenes is 60x60 px" in text
     assert "--memory-limit" in text and "--window" in text
+    assert "(--stream auto)" in text  # the LSTM could be streamed instead
     assert MapRepo(str(out)).records() == {}
 
 
@@ -370,11 +373,11 @@ def test_windows_that_do_not_fit_the_local_workers_are_refused_by_the_plan(
 
     out = tmp_path / "out"
 
-    def config(limit, window="60x60"):
+    def config(limit, window="60x60", stream="never"):
         return load_config(
             overrides=dict(cube=small_cube.root, tiles="all", output=str(out), model=native_lstm,
                            model_family="native", mask_dir=small_cube.mask_dir, window=window,
-                           workers=1, threads_per_worker=2, memory_limit=limit),
+                           workers=1, threads_per_worker=2, memory_limit=limit, stream=stream),
             environ={},
         )  # fmt: skip
 
@@ -383,6 +386,18 @@ def test_windows_that_do_not_fit_the_local_workers_are_refused_by_the_plan(
     assert plan.tiles == [] and set(plan.invalid) == set(small_cube.tiles)
     assert all(isinstance(e, ConfigError) for e in plan.invalid.values())
     assert "a window of all 10 scenes is 60x60 px x 10 bands" in str(plan.invalid["X0069_Y0043"])
+    assert "(--stream auto)" in str(plan.invalid["X0069_Y0043"])
+    # the LSTM streamed instead (``stream: auto``): no window of all scenes is ever held, and its
+    # states (153 bytes per mask pixel) fit half of the worker over the 2 tiles in flight
+    streamed = make_plan(config("4MiB", stream="auto"))
+    assert not streamed.invalid and [t.stream for t in streamed.tiles] == ["required"] * 2
+    assert [t.reading.shape for t in streamed.tiles] == [(60, 60)] * 2
+    # but not where the states do not fit either: 400 kB leaves 100 kB of states per tile
+    tight = make_plan(config("400kB", stream="auto"))
+    assert tight.tiles == [] and set(tight.invalid) == set(small_cube.tiles)
+    why = str(tight.invalid["X0069_Y0043"])
+    assert "a window of all 10 scenes" in why and "Streamed through the model instead" in why
+    assert "more than the 97.66 kiB an inference worker has room for" in why
     import distributed
 
     def no_cluster(*args, **kwargs):

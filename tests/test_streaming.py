@@ -408,6 +408,73 @@ def test_a_tile_streamed_in_windows_of_its_own_maps_the_values_of_one_read_over_
         np.testing.assert_array_equal(b[var].values, a[var].values, err_msg=var)
 
 
+@pytest.mark.parametrize("standing", [False, True], ids=["planned", "standing"])
+def test_a_map_whose_series_outgrew_its_windows_goes_on_streamed(
+    native_lstm, tmp_path, client, monkeypatch, caplog, standing
+):
+    """A map's windows stay its own while its series grows. Made of 3 scenes in full-width
+    windows of whole strips (60 x 600 px, read as one task of all scenes each), the tile gets 4
+    new scenes, and now its windows of all scenes do not fit the inference workers (the share
+    they may fill made tiny): the update is not refused but streamed through the model
+    (``required``, planned where the settings say which workers and checked again on the
+    cluster), in the map's own windows. It decodes what a run of all 7 scenes on roomy workers
+    decodes (each block once) and maps its values. On a standing cluster (``standing``) the plan
+    cannot know the workers, and the run streams the tile once it finds them."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from treesits_dask.io import discovery
+    from treesits_dask.pipeline import memory
+    from treesits_dask.pipeline.plan import make_plan
+    from treesits_dask.synthetic import make_cube
+
+    cube = make_cube(tmp_path / "cube", size=600, n_scenes=7, layout="strips", seed=4,
+                     mask_dir=str(tmp_path / "masks"))  # fmt: skip
+    (tile,) = cube.tiles
+    scenes = discovery.scene_table(cube.root, tile)
+    growing = tmp_path / "growing"
+    (growing / tile).mkdir(parents=True)
+    shutil.copy(Path(cube.root) / "datacube-definition.prj", growing)
+
+    def deliver(part):  # hard links: the same files, sizes and times
+        for s in part:
+            for path in (s.boa, s.qai):
+                os.link(path, growing / tile / Path(path).name)
+
+    def config(root, out):
+        update = {"cube": str(root)}
+        if standing:
+            update["scheduler_address"] = client.scheduler.address
+        return _config(cube, native_lstm, out, "auto", "60x600").model_copy(update=update)
+
+    before = _decoded(client)
+    run(config(cube.root, tmp_path / "a"), client=client)  # all scenes, windows held whole
+    whole = _decoded(client) - before
+    deliver(scenes[:3])
+    run(config(growing, tmp_path / "b"), client=client)
+    assert make_plan(config(growing, tmp_path / "b")).tiles == []  # up to date
+    deliver(scenes[3:])
+    monkeypatch.setattr(memory, "WINDOW_SHARE", 1e-9)
+    (t,) = make_plan(config(growing, tmp_path / "b")).tiles
+    assert t.stream == ("auto" if standing else "required") and len(t.scenes) == 7
+    assert t.reading.shape == (60, 600)
+    before = _decoded(client)
+    with caplog.at_level(logging.INFO, logger="treesits_dask"):
+        run(config(growing, tmp_path / "b"), client=client)
+    assert _decoded(client) - before == whole
+    assert (
+        f"tile {tile}: its windows of all 7 scenes (60x600 px) do not fit the inference workers; "
+        "streamed through the model instead" in caplog.text
+    )
+    assert f"tile {tile}: streamed through the model in " in caplog.text
+    a, b = open_map(str(tmp_path / "a")), open_map(str(tmp_path / "b"))
+    assert a.probability.notnull().any() and a.probability.isnull().any()  # the mask's holes
+    np.testing.assert_allclose(b.probability.values, a.probability.values, rtol=0, atol=1e-5)
+    for var in ("class", "valid_obs", "last_obs_valid", "last_valid_date"):
+        np.testing.assert_array_equal(b[var].values, a[var].values, err_msg=var)
+
+
 # --- SBERT: the newest valid observations kept, batch by batch ----------------------------------
 
 

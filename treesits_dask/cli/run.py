@@ -150,7 +150,9 @@ _RUN_FLAGS = [
             "block decoded once and nothing of all scenes held (auto, the default: where the "
             "tile's bands of all scenes would not be held in a reading worker's memory, for SBERT "
             "only where its plan would otherwise decode blocks more than once; always: wherever "
-            "windows are put together from bands; never)",
+            "windows are put together from bands; never). Under auto and always, a tile whose "
+            "windows of all scenes the inference workers cannot hold is streamed where its "
+            "states fit, instead of refused",
         ),
     ),
     ("--dashboard-address", dict(help="LocalCluster dashboard address (default :8787)")),

@@ -47,7 +47,9 @@ class RunConfig(InputSettings):
         "batch, a state carried from one batch to the next (the LSTM's h and c; SBERT's newest "
         "256 valid observations): auto where the tile's bands of all scenes would not be held in "
         "a reading worker's memory (SBERT: only where its plan would otherwise decode blocks more "
-        "than once), always where windows are put together from bands, never",
+        "than once), always where windows are put together from bands, never; under auto and "
+        "always also a tile whose windows of all scenes the inference workers cannot hold, "
+        "where its states fit (else refused)",
     )
     scheduler_address: str | None = None
     device: str = "auto"

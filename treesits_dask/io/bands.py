@@ -377,13 +377,18 @@ def plan_reads(
     of 300 scenes) only where the plan would otherwise decode blocks more than once (in sections
     or window by window, :func:`planned_decode`) and the streamed tile's model states
     (``states``, a function of the streamed plan: its bytes, see :meth:`ReadPlan.states_bytes`)
-    fit ``state_room`` (None: no limit); ``never`` (models that cannot) does not.  A
+    fit ``state_room`` (None: no limit); ``required`` (a tile whose windows of all scenes the
+    inference workers cannot hold, :func:`~treesits_dask.pipeline.memory.streams_instead`)
+    streams whatever its layout, even where its windows are whole window rows or blocks;
+    ``never`` (models that cannot) does not.  A
     streamed tile decodes every block once and holds a few batches of its bands, whatever its
     scene count, and is read and stepped in windows that cross no two bands
     (:attr:`ReadPlan.windows`: the layout's, or one band high where those cross bands,
     :func:`stream_windows`).
     """
     count = grid.count if bands is None else bands
+    if stream == "required":  # its windows of all scenes cannot be held: never put together
+        return _streamed(grid, layout, count, n_scenes, task_bytes, min_tasks)
     out = _bands(grid, layout)
     whole = ReadPlan(tuple(out), ((0, n_scenes),))
     if all(whole.direct(b) for b in whole.bands):

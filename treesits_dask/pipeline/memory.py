@@ -22,6 +22,7 @@ __all__ = [
     "WINDOW_SHARE",
     "expected_workers",
     "fitting_chunk",
+    "streams_instead",
     "tiles_that_fit",
     "window_budget",
     "window_memory_problem",
@@ -100,6 +101,58 @@ def window_memory_problem(
         f"Kubernetes kubernetes.cpu.memory_limit or kubernetes.gpu.memory_limit), or {fewer}fewer "
         "scenes per run (--start-date / --end-date, where the model allows); a new output can "
         "take smaller windows (--window)"
+    )
+
+
+def streams_instead(
+    problem: str,
+    stream: str,
+    config: RunConfig,
+    card,
+    workers: dict[str, dict],
+    routing: Routing,
+    tile,
+) -> tuple[bool, str]:
+    """Whether a tile whose windows of all scenes the inference workers cannot hold (``problem``,
+    :func:`window_memory_problem`) is streamed through the model instead, and why: (True, what
+    its states hold) where its model may stream (``stream``, the tile's setting: not ``never``)
+    and the states of its mask's pixels fit what an inference worker has room for
+    (:attr:`~treesits_dask.pipeline.reading.ReadBudget.state_bytes`); else (False, ``problem``
+    with what streaming would take, or the setting that allows it; logged where it streams).
+    ``tile``: ``(name, grid, window layout, scene count, mask)``.
+
+    A streamed tile never holds a window of all scenes: each window steps its model state
+    through batches of scenes (:mod:`~treesits_dask.pipeline.streaming`).  So a map whose windows
+    were chosen for fewer scenes (they stay the map's while its series grows) goes on with the
+    LSTM, and with SBERT where its states fit, instead of being refused (:func:`fitting_chunk`:
+    ``window: 250`` of 600 scenes on a 3 GiB worker of 2 threads)."""
+    from dask.utils import format_bytes
+
+    from ..io.bands import plan_reads
+    from .reading import STATE_SHARE, mask_states, read_budget
+
+    if stream == "never":
+        if card.streams and config.alerts is None:
+            problem += "; or let the model stream the tile in batches of scenes (--stream auto)"
+        return False, problem
+    name, grid, layout, scenes, mask = tile
+    streamed = plan_reads(grid, layout, scenes, 1 << 30, stream="required")
+    states = mask_states(streamed, grid, mask, card.stream_state_bytes)
+    room = read_budget(config, workers, routing).state_bytes
+    what = "the pixels of its mask" if mask is not None else "every pixel"
+    if room is None or states <= room:
+        why = f"its windows' model states ({what}) hold up to {format_bytes(states)}"
+        if stream != "required":  # else the plan said so
+            log.info(
+                "tile %s: its windows of all %d scenes (%dx%d px) do not fit the inference "
+                "workers; streamed through the model instead: %s", name, scenes, *layout.shape, why,
+            )  # fmt: skip
+        return True, why
+    return False, (
+        f"{problem}. Streamed through the model instead, its windows' model states ({what}) "
+        f"would hold {format_bytes(states)} at once, more than the {format_bytes(room)} an "
+        f"inference worker has room for ({STATE_SHARE:.0%} of its memory limit over the tiles in "
+        "flight on it: --memory-limit, --tiles-in-flight)"
     )
 
 
@@ -208,7 +261,8 @@ def tiles_that_fit(plan, client, routing: Routing, cb, result) -> list:
     ``result`` (the plan checks this already where the settings say which workers; a standing
     cluster's workers are known only here).  A tile whose read chunks (whole blocks or strips, a
     little larger than its windows) do not fit but whose windows do is read in its windows, as
-    the plan decides where it knows the workers."""
+    the plan decides where it knows the workers; one whose windows do not fit either is streamed
+    through the model where its model may and its states fit (:func:`streams_instead`)."""
     import dataclasses
 
     from ..io.grid import WindowLayout, block_chunk, read_shape
@@ -224,6 +278,16 @@ def tiles_that_fit(plan, client, routing: Routing, cb, result) -> list:
             len(tile.scenes), tile.grid.count, read_shape(tile.grid, window) if larger else chunk,
             window, workers, routing, larger,
         )  # fmt: skip
+        if problem is not None:
+            layout = tile.layout  # not even the window fits: streamed, where it may be
+            streams, why = streams_instead(
+                problem, tile.stream, plan.config, plan.card, workers, routing,
+                (tile.tile, tile.grid, layout, len(tile.scenes), tile.mask),
+            )  # fmt: skip
+            if streams:
+                kept.append(dataclasses.replace(tile, read_layout=None, stream="required"))
+                continue
+            problem = why
         if problem is None and shape != chunk:
             log.info(
                 "tile %s: chunks of %dx%d px of all scenes do not fit the inference workers, "

@@ -69,7 +69,9 @@ class TilePlan:
     read_layout: WindowLayout | None = None
     #: whether the tile's scenes may go through the model batch by batch (the ``stream``
     #: setting where the model can and the tile has no alert steps, ``auto`` as the model means
-    #: it, :attr:`~treesits_dask.models.ModelCard.stream_auto`; else ``never``; see
+    #: it, :attr:`~treesits_dask.models.ModelCard.stream_auto`; else ``never``; ``required``
+    #: where its windows of all scenes do not fit the inference workers and it streams instead,
+    #: :func:`~treesits_dask.pipeline.memory.streams_instead`; see
     #: :func:`~treesits_dask.io.bands.plan_reads`)
     stream: str = "never"
     #: bytes a streamed pixel's model state holds between batches (the model's
@@ -176,7 +178,13 @@ class RunPlan:
             for t in self.tiles
         ]
         cluster = describe(self.config)
-        max_window = max((self.window_bytes(t) for t in self.tiles), default=0)
+
+        def held(t: TilePlan) -> bool:  # a streamed tile never holds a window of all scenes
+            if reads["known"]:
+                return "stream_chunk" not in reads["tiles"][t.tile]
+            return t.stream != "required"
+
+        max_window = max((self.window_bytes(t) for t in self.tiles if held(t)), default=0)
         concurrent = cluster.get("concurrent_tasks", 1)
         return {
             "cube": self.config.cube,
@@ -196,7 +204,7 @@ class RunPlan:
                 "overviews": self.derived.overviews,
             },
             "total_windows": sum(self.windows_per_tile(t) for t in self.tiles),
-            "memory": {
+            "memory": {  # of the tiles whose windows of all scenes are put together
                 "window_mib": round(max_window / 2**20, 1),
                 # a window of int16 input, the float32 copy of its selected pixels and the outputs
                 "per_task_mib_estimate": round(max_window * 2.5 / 2**20, 1),
@@ -409,10 +417,10 @@ def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
     window_shape = _window_shape(config, stored, first, n_scenes, expected)
     for _, grid, _ in checked:
         choose_window_shape(grid, window_shape, 1)  # same divisibility check for every tile
-    checked = _windows_fit_workers(checked, window_shape, invalid, expected)
+    checked = _windows_fit_workers(config, card, checked, window_shape, invalid, expected)
     if not checked:
         return RunPlan(window_shape=window_shape, tiles=[], output_grid=target, **common)
-    grids = {st.tile: grid for st, grid, _, _ in checked}
+    grids = {st.tile: grid for st, grid, _, _, _ in checked}
     output_grid, regions = _output_grid(
         definition, all_tiles, first, grids, window_shape, card, config.layers
     )
@@ -430,10 +438,10 @@ def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
             fingerprint=st.fingerprint,
             reasons=st.reasons,
             alerts=_alerts(config, card, repo, st, records.get(st.tile), digests),
-            stream=_stream(config, card),
+            stream=stream,
             stream_state=card.stream_state_bytes,
         )
-        for st, grid, mask, shape in checked
+        for st, grid, mask, shape, stream in checked
     ]
     for tile, exc in invalid.items():
         log.error("tile %s cannot be processed: %s", tile, exc)
@@ -470,31 +478,44 @@ def _expected_workers(config: RunConfig):
     return (workers, routing_for(config, workers)) if workers else None
 
 
-def _windows_fit_workers(checked: list, window_shape, invalid: dict, expected) -> list:
+def _windows_fit_workers(
+    config: RunConfig, card, checked: list, window_shape, invalid: dict, expected
+) -> list:
     """The ``checked`` tiles whose chunks of all scenes fit the inference workers the settings
     start (``expected``: :func:`_expected_workers`; see
     :func:`~treesits_dask.pipeline.memory.window_memory_problem`), each with the chunk shape it is
-    read and predicted in: chunks of whole blocks that hold a window where windows are smaller
-    than the blocks and those chunks fit well (:func:`~treesits_dask.io.grid.block_chunk`), else
-    :func:`~treesits_dask.io.grid.read_shape`, else the window where only the window fits.  The
-    others go to ``invalid`` with the sizes and the settings to change.
+    read and predicted in and its ``stream`` (:attr:`TilePlan.stream`): chunks of whole blocks
+    that hold a window where windows are smaller than the blocks and those chunks fit well
+    (:func:`~treesits_dask.io.grid.block_chunk`), else :func:`~treesits_dask.io.grid.read_shape`,
+    else the window where only the window fits; where not even the window fits, the window,
+    streamed through the model (``required``) where the model streams and its states fit
+    (:func:`~treesits_dask.pipeline.memory.streams_instead`).  The others go to ``invalid`` with
+    the sizes and the settings to change.
     Nothing is left out for a standing cluster (its workers are checked when the run connects)."""
-    from .memory import fitting_chunk
+    from .memory import fitting_chunk, streams_instead
 
+    stream = _stream(config, card)
     kept = []
     for st, grid, mask in checked:
         shape = read_shape(grid, window_shape)  # a chunk of all scenes, as it is predicted
         if expected is None:
-            kept.append((st, grid, mask, shape))
+            kept.append((st, grid, mask, shape, stream))
             continue
         larger = block_chunk(grid, window_shape)  # whole blocks, where windows cut them
         shape, problem = fitting_chunk(
             len(st.scenes), grid.count, shape, window_shape, *expected, larger=larger
         )
         if problem:
-            invalid[st.tile] = ConfigError(problem)
+            layout = WindowLayout.of(grid, window_shape)
+            tile = (st.tile, grid, layout, len(st.scenes), mask)
+            streams, why = streams_instead(problem, stream, config, card, *expected, tile)
+            if not streams:
+                invalid[st.tile] = ConfigError(why)
+                continue
+            shape, stream_of = tuple(window_shape), "required"
         else:
-            kept.append((st, grid, mask, shape))
+            stream_of = stream
+        kept.append((st, grid, mask, shape, stream_of))
     return kept
 
 

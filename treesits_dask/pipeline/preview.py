@@ -171,7 +171,7 @@ def tile_reads(tiles, shared: ReadBudget, alone: ReadBudget | None, on) -> dict[
     seen: dict[tuple, tuple[dict, ReadPlan | None]] = {}
     for tile in tiles:
         key = (tile.grid.height, tile.grid.width, tuple(tile.grid.block_shape), tile.grid.count,
-               tile.reading.shape, len(tile.scenes), _scenes(tile))  # fmt: skip
+               tile.reading.shape, len(tile.scenes), _scenes(tile), tile.stream)  # fmt: skip
         if tile.stream == "fallback" and tile.mask is not None:
             key += _states_fit(tile, shared, alone)
         if key not in seen:

@@ -24,6 +24,7 @@ __all__ = [
     "alone_budget",
     "free_disk",
     "idle_reader",
+    "mask_states",
     "memory_and_threads",
     "pinned_worker",
     "read_alone",
@@ -161,11 +162,16 @@ def tile_read_plan(tile, reads: ReadBudget | None):
     """The :class:`~treesits_dask.io.bands.ReadPlan` of ``tile`` (a
     :class:`~treesits_dask.pipeline.plan.TilePlan`, alert runs with their older scenes) under
     ``reads``, as :func:`~treesits_dask.io.cube.tile_cube` plans it for the tile's graph; None
-    without a budget (nothing is held, nothing spills)."""
+    without a budget (nothing is held, nothing spills), except for a tile that must be streamed
+    (``stream: required``), planned with the default read task."""
     from ..io.bands import plan_reads
 
     if reads is None:
-        return None
+        if tile.stream != "required":
+            return None
+        from ..io.cube import DEFAULT_READ_BYTES
+
+        reads = ReadBudget(DEFAULT_READ_BYTES, 1, 0)
     scenes = len(tile.scenes) + (len(tile.alerts.older) if tile.alerts is not None else 0)
     return plan_reads(
         tile.grid, tile.reading, scenes, reads.task_bytes, min_tasks=reads.threads,
@@ -180,12 +186,18 @@ def tile_states(tile, plan) -> int:
     :class:`~treesits_dask.pipeline.plan.TilePlan`) hold at once where it is streamed by
     ``plan`` (:meth:`~treesits_dask.io.bands.ReadPlan.states_bytes`): the pixels of its mask
     (read once per process), or every pixel without one."""
+    return mask_states(plan, tile.grid, tile.mask, tile.stream_state)
+
+
+def mask_states(plan, grid, mask, per_pixel: int) -> int:
+    """The most memory the model states (``per_pixel`` bytes each) of a tile of ``grid`` hold at
+    once where it is streamed by ``plan``: the pixels of ``mask`` (a
+    :class:`~treesits_dask.io.masks.MaskSource`, read once per process), or every pixel without
+    one (None)."""
     from ..io.masks import mask_rows
 
-    rows = None
-    if tile.mask is not None:
-        rows = mask_rows(tile.mask, tile.grid.height, tile.grid.width)
-    return plan.states_bytes(tile.grid.width, tile.stream_state, rows)
+    rows = None if mask is None else mask_rows(mask, grid.height, grid.width)
+    return plan.states_bytes(grid.width, per_pixel, rows)
 
 
 def tile_spills(tile, reads: ReadBudget | None) -> bool:
