@@ -349,7 +349,8 @@ def test_a_streamed_tile_is_stepped_in_windows_one_band_high_of_bounded_pixels()
     """Whatever the map's windows, a streamed tile's windows tie no bands together and hold at
     most STREAM_WINDOW_PIXELS, so that a tile holds two bands' states and a step a bounded state:
     the map's windows where they are so, else windows one band high (whole block rows, at least
-    min(window height, BAND_ROWS)) as wide as the map's, or that width cut in equal parts."""
+    min(window height, BAND_ROWS)) as wide as the map's (a COG's: whole blocks), or that width
+    cut in equal parts."""
     from treesits_dask.io.bands import BAND_ROWS, STREAM_WINDOW_PIXELS, stream_windows
     from treesits_dask.io.grid import TileGrid, WindowLayout
 
@@ -359,7 +360,8 @@ def test_a_streamed_tile_is_stepped_in_windows_one_band_high_of_bounded_pixels()
     strips, cog, rows = grid((300, 3000)), grid((256, 256)), grid((1, 3000))
     cases = [(strips, (1000, 1000), (300, 500)), (strips, (200, 200), (300, 200)),
              (strips, (250, 250), (300, 250)), (strips, (100, 100), None),
-             (cog, (1000, 1000), (256, 1000)), (cog, (250, 250), (256, 250)),
+             (cog, (1000, 1000), (256, 1024)), (cog, (250, 250), (256, 256)),
+             (cog, (100, 100), (256, 256)),
              (rows, (100, 100), None), (rows, (500, 500), (BAND_ROWS, 500))]  # fmt: skip
     for g, window, expected in cases:
         layout = WindowLayout.of(g, window)
@@ -591,12 +593,60 @@ def test_sbert_streams_only_where_its_tile_would_decode_more_than_once(tmp_path)
                          state_room=room, states=of_plan)  # fmt: skip
         assert got.stream is streams and got == (no_disk if streams else without)
     # with a mask, the states of its pixels: 7 in the rows of the first band, 1 in the rest
-    rows = np.zeros(grid.height, np.int64)
-    rows[[3, 50, 119]] = (1, 2, 4)
-    rows[-1] = 1
-    assert no_disk.states_bytes(grid.width, 6177, rows) == (7 + 1) * 6177
+    from treesits_dask.io.masks import MaskPixels
+
+    mask = np.zeros((grid.height, grid.width), bool)
+    mask[[3, 50, 50, 119, 119, 119, 119, 599], [0, 1, 2, 3, 4, 5, 599, 0]] = True
+    pixels = MaskPixels(np.packbits(mask, axis=1), grid.width)
+    assert pixels.count((0, 120), (0, 600)) == 7 and pixels.count((0, 120), (300, 600)) == 1
+    assert no_disk.states_bytes(grid.width, 6177, pixels) == (7 + 1) * 6177
     decode = [planned_decode(grid, layout, p, n) for p in (to_disk, no_disk, without)]
     assert decode[0] == decode[1] < decode[2]
+
+
+def test_sbert_streams_in_sections_where_the_states_of_whole_bands_do_not_fit():
+    """Where the states of two full-width bands do not fit the room (an unmasked 3000 px tile's
+    SBERT states: 10.4 GiB), SBERT is streamed in the fewest sections of window columns whose
+    states do, where that decodes less than the plan that holds its bands: a COG's sections are
+    whole blocks wide (its windows one block row high and one block wide), so every block is
+    still decoded once; a striped tile's full-width strips are decoded once per section."""
+    from treesits_dask.io.bands import planned_decode
+    from treesits_dask.io.grid import TileGrid, WindowLayout
+
+    def grid(block):
+        return TileGrid("X0069_Y0043", "", (0, 10, 0, 0, 0, -10), 3000, 3000, block, 10)
+
+    n, per_px = 600, 6177
+    of_plan = functools.partial(ReadPlan.states_bytes, width=3000, per_pixel=per_px)
+    for g, sections in ((grid((256, 256)), 12), (grid((300, 3000)), 4)):
+        layout = WindowLayout.of(g, (100, 100))
+        task = 100 * 100 * 10 * 2 * n
+        held = plan_reads(g, layout, n, 1 << 40).held // 100  # neither memory nor disk
+        decode = functools.partial(planned_decode, g, layout, n_scenes=n)
+        without = plan_reads(g, layout, n, task, held_bytes=held)
+        whole = plan_reads(g, layout, n, task, held_bytes=held, stream="fallback")
+        assert whole.stream and whole.sections == 1
+        band = whole.bands[0].height
+        room = 2 * band * (256 if sections == 12 else 800) * per_px  # 4 x 7-8 columns
+        got = plan_reads(g, layout, n, task, held_bytes=held, stream="fallback", state_room=room,
+                         states=of_plan)  # fmt: skip
+        assert got.stream and got.sections == sections and of_plan(got) <= room
+        assert decode(got) == sections // (12 if sections == 12 else 1) * decode(whole)
+        assert decode(got) < decode(without)
+        if sections == 12:  # COG: windows and sections of whole blocks
+            assert got.windows.shape == (256, 256)
+            assert all(b.columns(3000)[0] % 256 == 0 for b in got.bands)
+        # ``required`` (windows of all scenes that do not fit): the same sections
+        required = plan_reads(g, layout, n, task, held_bytes=held, stream="required",
+                              state_room=room, states=of_plan)  # fmt: skip
+        assert required == got
+        # no room for even one window column's states: not streamed (required: one section
+        # per window column, which the caller refuses)
+        tiny = plan_reads(g, layout, n, task, held_bytes=held, stream="fallback", state_room=1,
+                          states=of_plan)  # fmt: skip
+        assert tiny == without
+        least = plan_reads(g, layout, n, task, stream="required", state_room=1, states=of_plan)
+        assert least.sections == len(got.windows.windows[0]) and of_plan(least) > 1
 
 
 @pytest.mark.parametrize("stream", ["auto", "always"])
@@ -633,11 +683,57 @@ def test_a_streamed_sbert_tile_maps_the_values_of_one_read_over_all_scenes(
         np.testing.assert_array_equal(b[var].values, a[var].values, err_msg=var)
 
 
+def test_a_cog_tile_streamed_in_sections_maps_the_values_of_one_read_over_all_scenes(
+    native_sbert, tmp_path, client, monkeypatch, caplog
+):
+    """SBERT on a COG tile whose windows of all scenes the workers cannot hold (their share made
+    tiny) and whose states of two full-width bands do not fit the room for them (made 60 % of
+    those) is streamed in sections of whole blocks (decided by the run on a standing cluster):
+    it decodes what the run that holds its windows decodes (each block once) and maps its
+    values."""
+    from treesits_dask.pipeline import memory, reading
+    from treesits_dask.pipeline.cluster import Routing
+    from treesits_dask.pipeline.plan import make_plan
+    from treesits_dask.synthetic import make_cube
+
+    cube = make_cube(tmp_path / "cube", size=600, n_scenes=7, layout="cog", seed=4,
+                     mask_dir=str(tmp_path / "masks"))  # fmt: skip
+
+    def config(out, stream):
+        c = _config(cube, native_sbert, out, stream, uncertainty=())
+        return c.model_copy(update={"scheduler_address": client.scheduler.address})
+
+    before = _decoded(client)
+    run(config(tmp_path / "a", "never"), client=client)
+    whole = _decoded(client) - before
+    (t,) = make_plan(config(tmp_path / "b", "auto")).tiles
+    full = plan_reads(t.grid, t.layout, len(t.scenes), 1 << 30, stream="required")
+    states = reading.mask_states(full, t.grid, t.mask, t.stream_state)
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    monkeypatch.setattr(reading, "STATE_SHARE", 1.0)
+    room = reading.read_budget(config(tmp_path / "b", "auto"), workers, Routing()).state_bytes
+    monkeypatch.setattr(reading, "STATE_SHARE", 0.6 * states / room)
+    monkeypatch.setattr(memory, "WINDOW_SHARE", 1e-9)
+    before = _decoded(client)
+    with caplog.at_level(logging.INFO, logger="treesits_dask"):
+        run(config(tmp_path / "b", "auto"), client=client)
+    assert _decoded(client) - before == whole
+    assert "streamed through the model instead" in caplog.text
+    line = caplog.text.split(f"tile {t.tile}: streamed through the model in ")[1]
+    assert "sections of window columns, each block decoded once per section" in line
+    a, b = open_map(str(tmp_path / "a")), open_map(str(tmp_path / "b"))
+    assert a.probability.notnull().any() and a.probability.isnull().any()  # the mask's holes
+    np.testing.assert_allclose(b.probability.values, a.probability.values, rtol=0, atol=1e-5)
+    for var in ("valid_obs", "last_obs_valid", "last_valid_date"):
+        np.testing.assert_array_equal(b[var].values, a[var].values, err_msg=var)
+
+
 def test_plan_weighs_each_masked_sbert_tiles_states(native_sbert, tmp_path):
     """``plan``'s read report plans SBERT's masked tiles by whether their states fit, not once
     per mask: of two tiles of one shape on a worker with room for the states of a few pixels, the
     one whose mask holds 2 pixels is streamed (every block decoded once, its own states), the one
-    whose mask holds every pixel is read as it would be without streaming."""
+    whose mask holds every pixel is read as it would be without streaming (also where the states
+    of a section would fit: a striped tile streamed in sections decodes as much)."""
     import rasterio
 
     from treesits_dask.io.masks import MaskSource
@@ -684,3 +780,9 @@ def test_plan_weighs_each_masked_sbert_tiles_states(native_sbert, tmp_path):
     assert reads["few"]["mode"] == reads["all"]["mode"] == few["mode"]
     assert reads["few"]["stream_state_gib"] == 0.0
     assert reads["all"]["stream_state_gib"] == round(2 * 120 * 600 * t.stream_state / 2**30, 2) > 0
+    # with room for half of those: the one of every pixel would stream in 2 sections, which
+    # decodes its strips twice, as the plan without streaming does (2 sections): not streamed
+    reads = tile_reads(list(masks.values()), *budget(120 * 600 * t.stream_state))
+    assert reads["all"]["mode"] == "in 2 sections of window columns"
+    assert reads["few"]["mode"].startswith("in bands, streamed")
+    assert reads["all"]["decoded_over_tile"] == 2.0 and reads["few"]["decoded_over_tile"] == 1.0

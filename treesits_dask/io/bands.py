@@ -62,6 +62,7 @@ __all__ = [
     "planned_decode",
     "scene_batches",
     "stream_windows",
+    "streamed_within",
     "turn_share",
     "window_groups",
 ]
@@ -211,20 +212,21 @@ class ReadPlan:
             above = rows
         return tuple(tuple(g) for g in groups)
 
-    def states_bytes(self, width: int, per_pixel: int, rows=None) -> int:
+    def states_bytes(self, width: int, per_pixel: int, pixels=None) -> int:
         """Where the plan streams: the most memory the windows' model states hold at once,
-        ``per_pixel`` bytes each (full-width bands ``width`` px wide), every pixel predicted, or
-        where ``rows`` (the pixels to predict in each row of the tile, its mask's:
-        :func:`~treesits_dask.io.masks.mask_rows`) is given, those: the states of its two
+        ``per_pixel`` bytes each (bands of a tile ``width`` px wide, or of their sections), every
+        pixel predicted, or where ``pixels`` (the tile's mask's:
+        :class:`~treesits_dask.io.masks.MaskPixels`) is given, those: the states of its two
         largest groups of bands (a group's states live from its first batch to its outputs, and
         the next group's first batches are read and stepped while its last ones are; see
-        :mod:`treesits_dask.pipeline.streaming`)."""
-        band = {b.index: b for b in self.bands}
-        if rows is None:
-            pixels = {i: b.height * width for i, b in band.items()}
-        else:
-            pixels = {i: int(rows[b.row_off : b.row_off + b.height].sum()) for i, b in band.items()}
-        sizes = sorted((sum(pixels[b] for b in g) for g in self.band_groups()), reverse=True)
+        :mod:`treesits_dask.pipeline.streaming`; a section's after the previous section's)."""
+
+        def count(b: Band) -> int:
+            rows, cols = (b.row_off, b.row_off + b.height), b.columns(width)
+            return b.height * (cols[1] - cols[0]) if pixels is None else pixels.count(rows, cols)
+
+        band = {b.index: count(b) for b in self.bands}
+        sizes = sorted((sum(band[b] for b in g) for g in self.band_groups()), reverse=True)
         return sum(sizes[:2]) * per_pixel
 
     @property
@@ -377,18 +379,27 @@ def plan_reads(
     of 300 scenes) only where the plan would otherwise decode blocks more than once (in sections
     or window by window, :func:`planned_decode`) and the streamed tile's model states
     (``states``, a function of the streamed plan: its bytes, see :meth:`ReadPlan.states_bytes`)
-    fit ``state_room`` (None: no limit); ``required`` (a tile whose windows of all scenes the
-    inference workers cannot hold, :func:`~treesits_dask.pipeline.memory.streams_instead`)
-    streams whatever its layout, even where its windows are whole window rows or blocks;
-    ``never`` (models that cannot) does not.  A
-    streamed tile decodes every block once and holds a few batches of its bands, whatever its
-    scene count, and is read and stepped in windows that cross no two bands
-    (:attr:`ReadPlan.windows`: the layout's, or one band high where those cross bands,
-    :func:`stream_windows`).
+    fit ``state_room`` (None: no limit), in the fewest sections of window columns side by side
+    whose states do (each section's bands one after the other: an unmasked 3000 px tile's SBERT
+    states of two bands are 10.4 GiB), where those decode less; ``required`` (a tile whose
+    windows of all scenes the inference workers cannot hold,
+    :func:`~treesits_dask.pipeline.memory.streams_instead`) streams whatever its layout, even
+    where its windows are whole window rows or blocks, in the fewest sections whose states fit
+    (where none do, in one per window column: the caller refuses it); ``never`` (models that
+    cannot) does not.  A streamed tile decodes every block once (a striped tile's strips once
+    per section) and holds a few batches of its bands, whatever its scene count, and is read
+    and stepped in windows that cross no two bands (:attr:`ReadPlan.windows`: the layout's, or
+    one band high where those cross bands, :func:`stream_windows`).
     """
     count = grid.count if bands is None else bands
+
+    def fits(plan: ReadPlan) -> bool:  # its model states within the room for them
+        return state_room is None or states is None or states(plan) <= state_room
+
     if stream == "required":  # its windows of all scenes cannot be held: never put together
-        return _streamed(grid, layout, count, n_scenes, task_bytes, min_tasks)
+        within = streamed_within(grid, layout, count, n_scenes, task_bytes, min_tasks, fits)
+        most = len(_stream_layout(grid, layout).windows[0])  # the least states, where none fit
+        return within or _streamed(grid, layout, count, n_scenes, task_bytes, min_tasks, most)
     out = _bands(grid, layout)
     whole = ReadPlan(tuple(out), ((0, n_scenes),))
     if all(whole.direct(b) for b in whole.bands):
@@ -412,12 +423,11 @@ def plan_reads(
     if stream == "always" or (stream == "auto" and (spills or views)):
         return _streamed(grid, layout, count, n_scenes, task_bytes, min_tasks)
     if stream == "fallback" and spills:
-        held_so = plan_reads(grid, layout, n_scenes, task_bytes, bands, min_tasks, held_bytes,
-                             spill_bytes, in_memory_bytes)  # fmt: skip
-        streamed = _streamed(grid, layout, count, n_scenes, task_bytes, min_tasks)
-        decode = functools.partial(planned_decode, grid, layout, n_scenes=n_scenes, count=count)
-        fits = state_room is None or states is None or states(streamed) <= state_room
-        return streamed if fits and decode(held_so) > decode(streamed) else held_so
+        held_so, most = _held_plan(grid, layout, n_scenes, task_bytes, bands, min_tasks,
+                                   held_bytes, spill_bytes, in_memory_bytes)  # fmt: skip
+        streamed = streamed_within(grid, layout, count, n_scenes, task_bytes, min_tasks, fits,
+                                    most)  # fmt: skip
+        return streamed or held_so
     if spills and (spill_bytes is None or held > held_bytes + spill_bytes):
         # fewer bands held at once, each band's reads after the windows of an earlier band are
         # put together: every block still decoded once.  A gate's bands are held whole, where
@@ -454,6 +464,15 @@ def plan_reads(
     per_scene = highest * grid.width * count * 2
     batches = _batches(len(out), per_scene, n_scenes, task_bytes, min_tasks, spills)
     return ReadPlan(tuple(out), batches, spills=spills, held=held)
+
+
+@functools.lru_cache(maxsize=256)  # the same for each masked tile of a shape
+def _held_plan(grid, layout, n_scenes, task_bytes, bands, min_tasks, held, spill, in_memory):
+    """The plan of a streamable tile without streaming (:func:`plan_reads`), and the bytes it
+    decodes (:func:`planned_decode`)."""
+    plan = plan_reads(grid, layout, n_scenes, task_bytes, bands, min_tasks, held, spill, in_memory)
+    count = grid.count if bands is None else bands
+    return plan, planned_decode(grid, layout, plan, n_scenes, count)
 
 
 def _bands(
@@ -528,8 +547,10 @@ STREAM_WINDOW_PIXELS = 1 << 18
 def stream_windows(grid: TileGrid, layout: WindowLayout) -> WindowLayout:
     """The windows a streamed tile is read and stepped in: one band high (whole block rows, at
     least ``min(window height, BAND_ROWS)``, as the bands of ``layout`` are: one 300-row strip,
-    one row of 256 px COG blocks), as wide as the windows of ``layout`` or, where such a window
-    would pass :data:`STREAM_WINDOW_PIXELS`, that width cut in equal parts.  Each band is then
+    one row of 256 px COG blocks), as wide as the windows of ``layout`` (tiled files: the whole
+    blocks nearest that width, so that sections of window columns, :func:`_streamed`, cut no
+    block) or, where such a window would pass :data:`STREAM_WINDOW_PIXELS`, that width cut in
+    equal parts.  Each band is then
     one window row, so no window ties two bands together (:meth:`ReadPlan.band_groups`), and a
     tile's windows hold the model states of two bands' pixels at most.  With the map's windows
     instead, 200 x 200 px windows on 300-row strips tied two strips together (3.52 GiB of states
@@ -540,13 +561,17 @@ def stream_windows(grid: TileGrid, layout: WindowLayout) -> WindowLayout:
     spilled data to disk, against 102.5 s twice and 3-4 GB; 1000 px windows failed twice (the
     worker passed 95 % of its memory four times), against 102.3 and 101.2 s
     (``docs/performance.md``, "Streamed in windows one band high")."""
-    bh = max(1, grid.block_shape[0])
+    bh, bw = max(1, grid.block_shape[0]), max(1, grid.block_shape[1])
     rows = min(grid.height, bh * max(1, -(-min(layout.shape[0], BAND_ROWS) // bh)))
     width = min(layout.shape[1], grid.width)
+    if bw < grid.width:  # tiled files: whole blocks wide, so that sections cut no block
+        most = max(1, STREAM_WINDOW_PIXELS // (rows * bw))
+        width = min(grid.width, bw * min(most, max(1, round(width / bw))))
     width = -(-width // max(1, -(-rows * width // STREAM_WINDOW_PIXELS)))
     return WindowLayout.of(grid, (rows, width))
 
 
+@functools.lru_cache(maxsize=256)  # planned for each count of sections, per tile of a shape
 def _streamed(
     grid: TileGrid,
     layout: WindowLayout,
@@ -554,22 +579,68 @@ def _streamed(
     n_scenes: int,
     task_bytes: int,
     min_tasks: int,
+    sections: int = 1,
 ) -> ReadPlan:
     """The streamed plan of a tile whose map is read in ``layout``: its bands, cut into the
     windows of ``layout`` where those tie no bands together and are at most
     :data:`STREAM_WINDOW_PIXELS`, else into those of :func:`stream_windows`, read as batches of
     scenes whose band fits half of ``task_bytes`` (a few batches are held at once: one stepped
-    through, the next ones read)."""
+    through, the next ones read); in ``sections`` of those windows' columns side by side (each
+    in bands of its own width, section after section, so that the states of two bands of a
+    section are held at once, not of two bands of the tile's width), where more than one."""
+    windows = _stream_layout(grid, layout)
+    bands = tuple(_bands(grid, windows))
+    sections = min(sections, len(windows.windows[0]))
+    widest = grid.width
+    if sections > 1:
+        columns = windows.windows[0]
+        edges = np.linspace(0, len(columns), sections + 1).round().astype(int)
+        out: list[Band] = []
+        for a, b in zip(edges[:-1], edges[1:], strict=True):
+            span = (columns[a].col_off, columns[b - 1].col_off + columns[b - 1].width)
+            out += _bands(grid, windows, span, len(out))
+        bands = tuple(out)
+        widest = max(c1 - c0 for c0, c1 in (b.columns(grid.width) for b in bands))
+    tallest = max(b.height for b in bands)
+    per_scene = tallest * widest * count * 2
+    batches = _batches(len(bands), per_scene, n_scenes, task_bytes, min_tasks, True)
+    return ReadPlan(bands, batches, stream=True, windows=windows, sections=sections)
+
+
+@functools.lru_cache(maxsize=256)
+def _stream_layout(grid: TileGrid, layout: WindowLayout) -> WindowLayout:
+    """The windows a tile whose map is read in ``layout`` is streamed in: those of ``layout``
+    where they tie no bands together and are at most :data:`STREAM_WINDOW_PIXELS`, else
+    :func:`stream_windows`."""
     bands = tuple(_bands(grid, layout))
     small = layout.shape[0] * layout.shape[1] <= STREAM_WINDOW_PIXELS
-    windows = layout
-    if not small or any(len(g) > 1 for g in ReadPlan(bands, ((0, n_scenes),)).band_groups()):
-        windows = stream_windows(grid, layout)
-        bands = tuple(_bands(grid, windows))
-    tallest = max(b.height for b in bands)
-    per_scene = tallest * grid.width * count * 2
-    batches = _batches(len(bands), per_scene, n_scenes, task_bytes, min_tasks, True)
-    return ReadPlan(bands, batches, stream=True, windows=windows)
+    if small and all(len(g) == 1 for g in ReadPlan(bands, ((0, 1),)).band_groups()):
+        return layout
+    return stream_windows(grid, layout)
+
+
+def streamed_within(
+    grid: TileGrid,
+    layout: WindowLayout,
+    count: int,
+    n_scenes: int,
+    task_bytes: int,
+    min_tasks: int,
+    fits,
+    most: int | None = None,
+) -> ReadPlan | None:
+    """The streamed plan (:func:`_streamed`) in the fewest sections whose model states ``fits``
+    (a function of a plan: whether its states fit the room), decoding at most ``most`` bytes
+    (:func:`planned_decode`; None: any); None where none does.  A striped tile's sections each
+    decode its full-width strips; a COG's cut only the blocks at their edges."""
+    decode = functools.partial(planned_decode, grid, layout, n_scenes=n_scenes, count=count)
+    for k in range(1, len(_stream_layout(grid, layout).windows[0]) + 1):
+        plan = _streamed(grid, layout, count, n_scenes, task_bytes, min_tasks, k)
+        if most is not None and decode(plan) >= most:
+            return None
+        if fits(plan):
+            return plan
+    return None
 
 
 def _batches(n_bands, per_scene, n_scenes, task_bytes, min_tasks, spills):

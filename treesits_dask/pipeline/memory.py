@@ -8,6 +8,7 @@ scheduler loop on a standing cluster) instead of restarting workers until Dask g
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from ..config import RunConfig
@@ -136,12 +137,18 @@ def streams_instead(
             problem += "; or let the model stream the tile in batches of scenes (--stream auto)"
         return False, problem
     name, grid, layout, scenes, mask = tile
-    streamed = plan_reads(grid, layout, scenes, 1 << 30, stream="required")
-    states = mask_states(streamed, grid, mask, card.stream_state_bytes)
     room = read_budget(config, workers, routing).state_bytes
+    of_plan = functools.partial(
+        mask_states, grid=grid, mask=mask, per_pixel=card.stream_state_bytes
+    )
+    streamed = plan_reads(grid, layout, scenes, 1 << 30, stream="required", state_room=room,
+                          states=of_plan)  # fmt: skip
+    states = of_plan(streamed)
     what = "the pixels of its mask" if mask is not None else "every pixel"
     if room is None or states <= room:
         why = f"its windows' model states ({what}) hold up to {format_bytes(states)}"
+        if streamed.sections > 1:
+            why += f", in {streamed.sections} sections of window columns"
         if stream != "required":  # else the plan said so
             log.info(
                 "tile %s: its windows of all %d scenes (%dx%d px) do not fit the inference "
@@ -150,7 +157,8 @@ def streams_instead(
         return True, why
     return False, (
         f"{problem}. Streamed through the model instead, its windows' model states ({what}) "
-        f"would hold {format_bytes(states)} at once, more than the {format_bytes(room)} an "
+        f"would hold {format_bytes(states)} at once even in {streamed.sections} sections of "
+        f"window columns, more than the {format_bytes(room)} an "
         f"inference worker has room for ({STATE_SHARE:.0%} of its memory limit over the tiles in "
         "flight on it: --memory-limit, --tiles-in-flight)"
     )

@@ -34,6 +34,7 @@ from .reading import (
     readers,
     reading_workers,
     routed_workers,
+    stream_sections,
     tile_read_plan,
     tile_states,
 )
@@ -92,7 +93,8 @@ def plan_mode(plan: ReadPlan) -> str:
     if plan.by_window:
         return "window by window"
     if plan.stream:
-        return f"in bands, streamed through the model in {len(plan.batches)} batches of scenes"
+        how = f"in {plan.sections} sections of window columns" if plan.sections > 1 else "in bands"
+        return f"{how}, streamed through the model in {len(plan.batches)} batches of scenes"
     how = f"in {plan.sections} sections of window columns" if plan.sections > 1 else "in bands"
     if plan.gate:
         how += f", {plan.gate} band{'s' if plan.gate > 1 else ''} at a time behind a gate"
@@ -166,14 +168,15 @@ def tile_reads(tiles, shared: ReadBudget, alone: ReadBudget | None, on) -> dict[
     :func:`~treesits_dask.pipeline.reading.tile_states`) and the windows it is read and stepped
     in (``stream_chunk``, :attr:`~treesits_dask.io.bands.ReadPlan.windows`, the outputs rechunked
     to the map's windows).  Tiles of one shape and scene count are planned once (SBERT's masked
-    tiles also by whether their states fit, :func:`_states_fit`); the states are each tile's."""
+    tiles also by whether they stream and in how many sections, :func:`_streamed_as`); the
+    states are each tile's."""
     out: dict[str, dict] = {}
     seen: dict[tuple, tuple[dict, ReadPlan | None]] = {}
     for tile in tiles:
         key = (tile.grid.height, tile.grid.width, tuple(tile.grid.block_shape), tile.grid.count,
                tile.reading.shape, len(tile.scenes), _scenes(tile), tile.stream)  # fmt: skip
-        if tile.stream == "fallback" and tile.mask is not None:
-            key += _states_fit(tile, shared, alone)
+        if tile.stream in ("fallback", "required") and tile.mask is not None:
+            key += _streamed_as(tile, shared, alone)
         if key not in seen:
             read, by_itself, decoded = _decode(tile, shared, alone)
             entry = {
@@ -193,22 +196,13 @@ def tile_reads(tiles, shared: ReadBudget, alone: ReadBudget | None, on) -> dict[
     return out
 
 
-def _states_fit(tile, shared: ReadBudget, alone: ReadBudget | None) -> tuple[bool, ...]:
-    """Whether the model states of ``tile`` streamed (of its mask's pixels) fit the state room of
-    ``shared`` and of ``alone``: all that SBERT's plan (``fallback``) takes from its mask, the
-    same under any free disk (:func:`_disk_to_decode_once`).  Planned per tile, 100 masked SBERT
-    tiles that decode more than once took 23.7 s to plan, against 0.16 s for one."""
-    from ..io.bands import plan_reads
-
-    streamed = plan_reads(tile.grid, tile.reading, _scenes(tile), shared.task_bytes,
-                          min_tasks=shared.threads, stream="always")  # fmt: skip
-    if not streamed.stream:
-        return ()
-    states = tile_states(tile, streamed)
-    return tuple(
-        b is not None and (b.state_bytes is None or states <= b.state_bytes)
-        for b in (shared, alone)
-    )
+def _streamed_as(tile, shared: ReadBudget, alone: ReadBudget | None) -> tuple:
+    """The fewest sections in which the model states of ``tile`` streamed (of its mask's pixels)
+    fit the room of ``shared`` and of ``alone`` (:func:`stream_sections`): all that SBERT's plan
+    (``fallback``, ``required``) takes from its mask, whatever the free disk
+    (:func:`_disk_to_decode_once`).  Planned in full per tile, 100 masked
+    SBERT tiles that decode more than once took 23.7 s to plan, against 0.16 s for one."""
+    return tuple(stream_sections(tile, b) if b is not None else None for b in (shared, alone))
 
 
 def reads_report(

@@ -33,6 +33,7 @@ __all__ = [
     "reading_workers",
     "routed_workers",
     "spill_worker",
+    "stream_sections",
     "tile_decode",
     "tile_ordered",
     "tile_read_plan",
@@ -189,15 +190,31 @@ def tile_states(tile, plan) -> int:
     return mask_states(plan, tile.grid, tile.mask, tile.stream_state)
 
 
+def stream_sections(tile, reads: ReadBudget) -> int:
+    """The fewest sections of window columns in which ``tile`` (a
+    :class:`~treesits_dask.pipeline.plan.TilePlan`), streamed, holds model states of its mask's
+    pixels within the room of ``reads`` (:attr:`ReadBudget.state_bytes`); 0 where none: with the
+    free disk (what its plan compares them with), all that its plan takes from its mask."""
+    from ..io.bands import streamed_within
+
+    def fits(plan) -> bool:
+        return reads.state_bytes is None or tile_states(tile, plan) <= reads.state_bytes
+
+    scenes = len(tile.scenes) + (len(tile.alerts.older) if tile.alerts is not None else 0)
+    plan = streamed_within(tile.grid, tile.reading, tile.grid.count, scenes, reads.task_bytes,
+                           reads.threads, fits)  # fmt: skip
+    return plan.sections if plan is not None else 0
+
+
 def mask_states(plan, grid, mask, per_pixel: int) -> int:
     """The most memory the model states (``per_pixel`` bytes each) of a tile of ``grid`` hold at
     once where it is streamed by ``plan``: the pixels of ``mask`` (a
     :class:`~treesits_dask.io.masks.MaskSource`, read once per process), or every pixel without
     one (None)."""
-    from ..io.masks import mask_rows
+    from ..io.masks import mask_pixels
 
-    rows = None if mask is None else mask_rows(mask, grid.height, grid.width)
-    return plan.states_bytes(grid.width, per_pixel, rows)
+    pixels = None if mask is None else mask_pixels(mask, grid.height, grid.width)
+    return plan.states_bytes(grid.width, per_pixel, pixels)
 
 
 def tile_spills(tile, reads: ReadBudget | None) -> bool:

@@ -175,11 +175,14 @@ def _streamed(plan: RunPlan, tile: TilePlan, read_plan, mask, routing: Routing, 
     ahead = max(2, -(-threads // cfg.tiles_in_flight))
     scenes, batches = len(tile.scenes), len(read_plan.batches)
     states = tile_states(tile, read_plan) / 2**30
+    sections = read_plan.sections
     log.info(
-        "tile %s: streamed through the model in %d batches of its %d scenes (every block decoded "
-        "once, nothing of all scenes held); its windows' model states hold up to %.2f GiB at once "
-        "(%s)", tile.tile, batches, scenes, states,
-        "the pixels of its mask" if tile.mask is not None else "every pixel predicted",
+        "tile %s: streamed through the model in %d batches of its %d scenes (%s, nothing of all "
+        "scenes held); its windows' model states hold up to %.2f GiB at once (%s)",
+        tile.tile, batches, scenes,
+        f"in {sections} sections of window columns, each block decoded once per section that "
+        "crosses it" if sections > 1 else "every block decoded once",
+        states, "the pixels of its mask" if tile.mask is not None else "every pixel predicted",
     )  # fmt: skip
     return stream_layer(reader, tile.reading, read_plan, days, kernel, mask, routing, ahead)
 
