@@ -593,14 +593,9 @@ def _streamed(
     sections = min(sections, len(windows.windows[0]))
     widest = grid.width
     if sections > 1:
-        columns = windows.windows[0]
-        edges = np.linspace(0, len(columns), sections + 1).round().astype(int)
-        out: list[Band] = []
-        for a, b in zip(edges[:-1], edges[1:], strict=True):
-            span = (columns[a].col_off, columns[b - 1].col_off + columns[b - 1].width)
-            out += _bands(grid, windows, span, len(out))
-        bands = tuple(out)
-        widest = max(c1 - c0 for c0, c1 in (b.columns(grid.width) for b in bands))
+        spans = _spans(windows, sections)
+        bands = tuple(_section_bands(grid, windows, spans))
+        widest = max(c1 - c0 for c0, c1 in spans)
     tallest = max(b.height for b in bands)
     per_scene = tallest * widest * count * 2
     batches = _batches(len(bands), per_scene, n_scenes, task_bytes, min_tasks, True)
@@ -654,6 +649,25 @@ def _batches(n_bands, per_scene, n_scenes, task_bytes, min_tasks, spills):
     return scene_batches(n_scenes, per_scene, budget, wanted, n_bands, min_tasks)
 
 
+def _spans(layout: WindowLayout, k: int) -> list[tuple[int, int]]:
+    """Columns ``[start, stop)`` of ``k`` sections of about equal width of whole window columns
+    of ``layout``, side by side."""
+    columns = layout.windows[0]
+    edges = np.linspace(0, len(columns), k + 1).round().astype(int)
+    return [
+        (columns[a].col_off, columns[b - 1].col_off + columns[b - 1].width)
+        for a, b in zip(edges[:-1], edges[1:], strict=True)
+    ]
+
+
+def _section_bands(grid: TileGrid, layout: WindowLayout, spans) -> list[Band]:
+    """The bands of the sections ``spans`` (:func:`_spans`), numbered section after section."""
+    out: list[Band] = []
+    for span in spans:
+        out += _bands(grid, layout, span, len(out))
+    return out
+
+
 def _sectioned(
     grid: TileGrid,
     layout: WindowLayout,
@@ -682,11 +696,7 @@ def _sectioned(
     decode = functools.partial(planned_decode, grid, layout, n_scenes=n_scenes, count=count)
     first_gated: ReadPlan | None = None  # the fewest sections behind a gate
     for k in range(2, len(columns) + 1):
-        edges = np.linspace(0, len(columns), k + 1).round().astype(int)
-        spans = [
-            (columns[a].col_off, columns[b - 1].col_off + columns[b - 1].width)
-            for a, b in zip(edges[:-1], edges[1:], strict=True)
-        ]
+        spans = _spans(layout, k)
         widest = max(c1 - c0 for c0, c1 in spans)
         gate, held = 0, _held(highest, widest, count, n_scenes)
         # held in memory only within ``memory``: beyond it, on a 3 GiB worker without a disk,
@@ -699,9 +709,7 @@ def _sectioned(
             if gated is None or first_gated is not None:
                 continue
             (gate, held), spills = gated, True
-        out: list[Band] = []
-        for span in spans:
-            out += _bands(grid, layout, span, len(out))
+        out = _section_bands(grid, layout, spans)
         per_scene = highest * widest * count * 2
         in_turn = gate or len(out)  # the bands whose tasks the threads take at a time
         batches = _batches(in_turn, per_scene, n_scenes, task_bytes, min_tasks, spills)

@@ -31,6 +31,7 @@ from .reading import (
     memory_and_threads,
     read_alone,
     read_budget,
+    read_scenes,
     readers,
     reading_workers,
     routed_workers,
@@ -127,15 +128,11 @@ def _decode(tile, shared: ReadBudget, alone: ReadBudget | None) -> tuple[ReadPla
     alone), whether it is read alone, and the bytes it decodes by the plan's count."""
     by_itself = read_alone(tile, shared, alone)
     plan = tile_read_plan(tile, alone if by_itself else shared)
-    return plan, by_itself, planned_decode(tile.grid, tile.reading, plan, _scenes(tile))
-
-
-def _scenes(tile) -> int:
-    return len(tile.scenes) + (len(tile.alerts.older) if tile.alerts is not None else 0)
+    return plan, by_itself, planned_decode(tile.grid, tile.reading, plan, read_scenes(tile))
 
 
 def _tile_bytes(tile) -> int:
-    return _scenes(tile) * tile.grid.height * tile.grid.width * tile.grid.count * 2
+    return read_scenes(tile) * tile.grid.height * tile.grid.width * tile.grid.count * 2
 
 
 def _disk_to_decode_once(tile, on) -> int | None:
@@ -174,7 +171,7 @@ def tile_reads(tiles, shared: ReadBudget, alone: ReadBudget | None, on) -> dict[
     seen: dict[tuple, tuple[dict, ReadPlan | None]] = {}
     for tile in tiles:
         key = (tile.grid.height, tile.grid.width, tuple(tile.grid.block_shape), tile.grid.count,
-               tile.reading.shape, len(tile.scenes), _scenes(tile), tile.stream)  # fmt: skip
+               tile.reading.shape, len(tile.scenes), read_scenes(tile), tile.stream)  # fmt: skip
         if tile.stream in ("fallback", "required") and tile.mask is not None:
             key += _streamed_as(tile, shared, alone)
         if key not in seen:

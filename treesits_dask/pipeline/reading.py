@@ -29,6 +29,7 @@ __all__ = [
     "pinned_worker",
     "read_alone",
     "read_budget",
+    "read_scenes",
     "readers",
     "reading_workers",
     "routed_workers",
@@ -159,6 +160,12 @@ def idle_reader(workers: dict[str, dict], routing: Routing, busy: list[str | Non
     return idle is not None and idle not in busy
 
 
+def read_scenes(tile) -> int:
+    """The scenes a tile's read goes through: its own, and for alert runs the older ones their
+    steps need."""
+    return len(tile.scenes) + (len(tile.alerts.older) if tile.alerts is not None else 0)
+
+
 def tile_read_plan(tile, reads: ReadBudget | None):
     """The :class:`~treesits_dask.io.bands.ReadPlan` of ``tile`` (a
     :class:`~treesits_dask.pipeline.plan.TilePlan`, alert runs with their older scenes) under
@@ -173,7 +180,7 @@ def tile_read_plan(tile, reads: ReadBudget | None):
         from ..io.cube import DEFAULT_READ_BYTES
 
         reads = ReadBudget(DEFAULT_READ_BYTES, 1, 0)
-    scenes = len(tile.scenes) + (len(tile.alerts.older) if tile.alerts is not None else 0)
+    scenes = read_scenes(tile)
     return plan_reads(
         tile.grid, tile.reading, scenes, reads.task_bytes, min_tasks=reads.threads,
         held_bytes=reads.held_bytes, spill_bytes=reads.spill_bytes,
@@ -200,7 +207,7 @@ def stream_sections(tile, reads: ReadBudget) -> int:
     def fits(plan) -> bool:
         return reads.state_bytes is None or tile_states(tile, plan) <= reads.state_bytes
 
-    scenes = len(tile.scenes) + (len(tile.alerts.older) if tile.alerts is not None else 0)
+    scenes = read_scenes(tile)
     plan = streamed_within(tile.grid, tile.reading, tile.grid.count, scenes, reads.task_bytes,
                            reads.threads, fits)  # fmt: skip
     return plan.sections if plan is not None else 0
@@ -321,7 +328,7 @@ def tile_decode(tile, reads: ReadBudget | None) -> int | None:
     plan = tile_read_plan(tile, reads)
     if plan is None:
         return None
-    scenes = len(tile.scenes) + (len(tile.alerts.older) if tile.alerts is not None else 0)
+    scenes = read_scenes(tile)
     return planned_decode(tile.grid, tile.reading, plan, scenes)
 
 
