@@ -1417,6 +1417,38 @@ def test_kept_datasets_are_bounded_by_memory(tmp_path, monkeypatch):
     datasets.forget_datasets()
 
 
+def test_kept_datasets_yield_to_the_rest_of_the_memory(tmp_path, monkeypatch):
+    """Idle datasets are closed where the rest of the process's memory leaves them no room under
+    Dask's target share of the limit (as on a small worker streaming a tile's 1200 files, which
+    its pool could not keep anyway), and kept again once there is room."""
+    import dask
+
+    root, _ = _striped_tile(tmp_path, blocks=(16, 16))
+    _, scenes, _grid_ = _grid(root)
+    files = [s.boa for s in scenes]
+    monkeypatch.setattr(datasets, "MEMORY_SECONDS", 0.0)  # the memory looked at every time
+
+    def read_twice() -> tuple[int, tuple[int, int]]:
+        datasets.forget_datasets()
+        opens = cube.OPEN_COUNTER.count
+        for _ in range(2):
+            for f in files:
+                with datasets.dataset(f, None, lambda s, georeferenced=True: None) as src:
+                    src.read(1, window=((0, 8), (0, 8)))
+        return cube.OPEN_COUNTER.count - opens, datasets.kept_datasets()
+
+    with datasets.open_raster(files[0]) as src:
+        each = datasets.held_by(src)  # the same for every file of the tile
+    limit = datasets.memory_budget() / datasets.KEPT_SHARE  # this process's limit
+    under = datasets._rss() / 2 / limit  # a target at half of what the process holds now
+    try:
+        with dask.config.set({"distributed.worker.memory.target": under}):
+            assert read_twice() == (2 * len(files), (0, 0))  # each closed as given back
+        assert read_twice() == (len(files), (len(files), len(files) * each))
+    finally:
+        datasets.forget_datasets()
+
+
 def _checked_files(tmp_path, crs_seen: bool = False):
     """The BOA files of a striped tile, after :func:`datasets.forget_datasets`, with the header
     checks that reads of them record (``check(f)``; ``crs_seen``: each asserts the dataset it

@@ -42,6 +42,7 @@ __all__ = [
     "SWEEP_SECONDS",
     "Recycler",
     "handed_out",
+    "target_share",
     "worker_memory_limit",
 ]
 
@@ -91,7 +92,7 @@ def _idle(slot: _Slot) -> bool:
     return sys.getrefcount(slot.raw) <= 2
 
 
-def _target_share() -> float:
+def target_share() -> float:
     """Dask's ``distributed.worker.memory.target`` (0.6 where it is off or not a share)."""
     import dask
 
@@ -220,7 +221,7 @@ class Recycler:
         limit = self._limit()
         cap = self._idle_bytes if self._idle_bytes is not None else limit * IDLE_SHARE
         used = psutil.Process().memory_info().rss - idle
-        return int(max(0, min(cap, limit * _target_share() - used)))
+        return int(max(0, min(cap, limit * target_share() - used)))
 
     def _mark(self, now: float) -> list[_Slot]:
         """The idle owners, marked with when they were first found idle.  Under the lock."""
