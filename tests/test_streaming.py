@@ -600,6 +600,13 @@ def test_sbert_streams_only_where_its_tile_would_decode_more_than_once(tmp_path)
     pixels = MaskPixels(np.packbits(mask, axis=1), grid.width)
     assert pixels.count((0, 120), (0, 600)) == 7 and pixels.count((0, 120), (300, 600)) == 1
     assert no_disk.states_bytes(grid.width, 6177, pixels) == (7 + 1) * 6177
+    # the column sums it keeps are bounded; the counts stay right when they are forgotten
+    from treesits_dask.io.masks import ROW_RANGES_KEPT
+
+    for r in range(ROW_RANGES_KEPT + 5):
+        assert pixels.count((r, r + 1), (0, 600)) == int(mask[r].sum())
+        assert len(pixels._columns) <= ROW_RANGES_KEPT
+    assert pixels.count((0, 120), (0, 600)) == 7
     decode = [planned_decode(grid, layout, p, n) for p in (to_disk, no_disk, without)]
     assert decode[0] == decode[1] < decode[2]
 

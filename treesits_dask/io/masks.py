@@ -21,6 +21,7 @@ from .grid import TileGrid, Window, WindowLayout
 from .remote import read_retrying
 
 __all__ = [
+    "ROW_RANGES_KEPT",
     "MaskPixels",
     "MaskSource",
     "ensure_masks",
@@ -144,6 +145,11 @@ def open_mask(source: MaskSource, grid: TileGrid, layout: WindowLayout):
     return da.Array(HighLevelGraph.from_collections(name, dsk), name, layout.chunks, dtype=bool)
 
 
+#: row ranges whose column sums a :class:`MaskPixels` keeps (8 bytes a column: 3 MB of a 3000 px
+#: tile; a tile's plans ask for a few dozen)
+ROW_RANGES_KEPT = 128
+
+
 @dataclass(frozen=True, eq=False)
 class MaskPixels:
     """The pixels to predict of a tile's mask, packed 8 to a byte (1.1 MB for a 3000 px tile),
@@ -152,7 +158,8 @@ class MaskPixels:
     bits: np.ndarray  # (height, ceil(width / 8)) uint8, np.packbits of the mask's rows
     width: int
     #: per row range asked for: its pixels to predict in each column, summed (the bands of a
-    #: plan are few, and planned again for each count of sections)
+    #: plan are few, and planned again for each count of sections); at most
+    #: :data:`ROW_RANGES_KEPT` of them, all forgotten when there would be more
     _columns: dict = field(default_factory=dict, repr=False)
 
     def count(self, rows: tuple[int, int], cols: tuple[int, int]) -> int:
@@ -160,6 +167,8 @@ class MaskPixels:
         (r0, r1), (c0, c1) = rows, cols
         per_column = self._columns.get((r0, r1))
         if per_column is None:
+            if len(self._columns) >= ROW_RANGES_KEPT:
+                self._columns.clear()
             block = np.unpackbits(self.bits[r0:r1], axis=1, count=self.width)
             per_column = self._columns[(r0, r1)] = block.sum(axis=0, dtype=np.int64)
         return int(per_column[c0:c1].sum())
