@@ -1417,19 +1417,23 @@ def test_kept_datasets_are_bounded_by_memory(tmp_path, monkeypatch):
     datasets.forget_datasets()
 
 
-def test_kept_datasets_yield_to_the_rest_of_the_memory(tmp_path, monkeypatch):
+def test_kept_datasets_give_way_to_the_rest_of_the_memory(tmp_path):
     """Idle datasets are closed where the rest of the process's memory leaves them no room under
-    Dask's target share of the limit (as on a small worker streaming a tile's 1200 files, which
-    its pool could not keep anyway), and kept again once there is room."""
+    the share of the limit at which Dask spills (as on a small worker streaming a tile's 1200
+    files), and kept again once there is room; a thread of the process looks at its memory."""
+    import threading
+
     import dask
 
     root, _ = _striped_tile(tmp_path, blocks=(16, 16))
     _, scenes, _grid_ = _grid(root)
     files = [s.boa for s in scenes]
-    monkeypatch.setattr(datasets, "MEMORY_SECONDS", 0.0)  # the memory looked at every time
+    with datasets.open_raster(files[0]) as src:
+        each = datasets.held_by(src)  # the same for every file of the tile
 
     def read_twice() -> tuple[int, tuple[int, int]]:
         datasets.forget_datasets()
+        datasets._POOL.look()  # the memory looked at now, under the settings of the moment
         opens = cube.OPEN_COUNTER.count
         for _ in range(2):
             for f in files:
@@ -1437,15 +1441,22 @@ def test_kept_datasets_yield_to_the_rest_of_the_memory(tmp_path, monkeypatch):
                     src.read(1, window=((0, 8), (0, 8)))
         return cube.OPEN_COUNTER.count - opens, datasets.kept_datasets()
 
-    with datasets.open_raster(files[0]) as src:
-        each = datasets.held_by(src)  # the same for every file of the tile
     limit = datasets.memory_budget() / datasets.KEPT_SHARE  # this process's limit
-    under = datasets._rss() / 2 / limit  # a target at half of what the process holds now
+    under = datasets._rss() / 2 / limit  # a spill share at half of what the process holds now
     try:
-        with dask.config.set({"distributed.worker.memory.target": under}):
+        with dask.config.set({"distributed.worker.memory.spill": under}):
             assert read_twice() == (2 * len(files), (0, 0))  # each closed as given back
         assert read_twice() == (len(files), (len(files), len(files) * each))
+        assert "treesits-kept-datasets" in {t.name for t in threading.enumerate()}
+        # kept, until the memory leaves no room: the thread closes them without a read
+        with dask.config.set({"distributed.worker.memory.spill": under}):
+            for _ in range(100):
+                if datasets.kept_datasets() == (0, 0):
+                    break
+                time.sleep(datasets.MEMORY_SECONDS)
+            assert datasets.kept_datasets() == (0, 0)
     finally:
+        datasets._POOL.look()  # the room under the settings restored, for the tests after
         datasets.forget_datasets()
 
 

@@ -92,12 +92,14 @@ def _idle(slot: _Slot) -> bool:
     return sys.getrefcount(slot.raw) <= 2
 
 
-def target_share() -> float:
-    """Dask's ``distributed.worker.memory.target`` (0.6 where it is off or not a share)."""
+def target_share(threshold: str = "target", default: float = 0.6) -> float:
+    """Dask's ``distributed.worker.memory.<threshold>`` (``default`` where it is off or not a
+    share): ``target`` (0.6), where Dask spills what it manages, or ``spill`` (0.7), where it spills
+    by the process's memory."""
     import dask
 
-    value = dask.config.get("distributed.worker.memory.target", 0.6)
-    return float(value) if isinstance(value, int | float) and 0 < value <= 1 else 0.6
+    value = dask.config.get(f"distributed.worker.memory.{threshold}", default)
+    return float(value) if isinstance(value, int | float) and 0 < value <= 1 else default
 
 
 def _dask_worker_limit() -> int | None:

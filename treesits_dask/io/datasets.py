@@ -10,12 +10,12 @@ opened every file.  A kept dataset is keyed by its URL and its version (size and
 as the scene table saw them), so a replaced file is opened again; :func:`forget_datasets`
 (called with the GDAL cache clearing at the start of a run) closes them all.  An open GeoTIFF
 keeps decoded blocks, so what the pool keeps is bounded by memory too (:func:`memory_budget`,
-:func:`held_by`), less where the worker's other memory leaves no room for it (Dask's target share
-of the limit, :data:`MEMORY_SECONDS`), and GDAL's block cache is limited per process
-(:data:`READ_GDAL_CACHE`).  The
-pool was per thread before: every thread of a worker kept its own dataset of the same files
-within its share of the memory, so a 600-scene tile's 1200 files, which fit a 3 GiB worker's
-budget once, fit no thread's share and were opened 4-5 times per read.
+:func:`held_by`), less where the worker's other memory leaves it no room under the share of the
+limit at which Dask spills (:data:`MEMORY_SECONDS`), and GDAL's block cache is limited per
+process (:data:`READ_GDAL_CACHE`).  The pool was per thread before: every thread of a worker
+kept its own dataset of the same files within its share of the memory, so a 600-scene tile's
+1200 files, which fit a 3 GiB worker's budget once, fit no thread's share and were opened 4-5
+times per read.
 
 This module is longer than 400 lines: what a worker keeps open (the pool, the header check once
 per process, what a kept file holds, GDAL's block cache) is one policy, measured as one.
@@ -23,6 +23,7 @@ per process, what a kept file holds, GDAL's block cache) is one policy, measured
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -39,6 +40,8 @@ from .buffers import target_share, worker_memory_limit
 from .crs import same_crs, short_crs
 from .grid import TileGrid
 from .remote import limit_gdal_cache
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DECODED",
@@ -244,17 +247,16 @@ def memory_budget() -> int:
     return _BUDGET
 
 
-#: the pool yields to the rest of the worker's memory: idle datasets are closed, least recently
-#: used first, while the process's memory less what the pool holds, at its highest over the last
-#: :data:`MEMORY_WINDOW` seconds, leaves less than that for it under Dask's target share of the
-#: limit (``distributed.worker.memory.target``, 60 %; Dask spills from 70 % of the process's
-#: memory, which a read's or a forward's passing peak reaches); the process's memory is looked
-#: at once per this many seconds at most (a read gives datasets back thousands of times a
-#: second).  A 3 GiB worker streaming SBERT through a 3000 px COG of 600 scenes ran at 1.85 GiB in
-#: the median, 2.37 at its peaks, nearly all of it unmanaged: Dask spilled 28.2 GB in one tile,
-#: while the pool's 386 MB held about 200 of the 1200 files that each pass of the stream visits
-#: in turn, saving 3 % of the opens (docs/performance.md, "The pool of kept datasets yields")
-MEMORY_SECONDS = 0.25
+#: the pool gives way to the rest of the worker's memory: a thread of the process looks at its
+#: memory every this many seconds and closes idle datasets, least recently used first (and so
+#: does each give-back), while the process's memory less what the pool holds, at its highest over
+#: the last :data:`MEMORY_WINDOW` seconds, leaves less than that for the pool under the share of
+#: the limit at which Dask spills by the process's memory (``distributed.worker.memory.spill``,
+#: 70 %).  The thread sees the peaks of a model's forward too, when no read gives a dataset back.
+#: A 3 GiB worker streaming SBERT through a 3000 px COG of 600 scenes peaked at 2.3-2.4 GiB with
+#: the pool's 386 MB, nearly all of it memory Dask does not manage, and Dask spilled 28-31 GB in
+#: one tile (docs/performance.md, "The pool of kept datasets gives way")
+MEMORY_SECONDS = 0.1
 MEMORY_WINDOW = 10.0
 
 _PROCESS = None
@@ -312,9 +314,9 @@ class _Pool:
         self.open = 0
         self.bytes = 0
         self.generation = 0
-        self.room = 0  # what the rest of the process's memory leaves the pool, as last looked at
-        self.looked = -MEMORY_SECONDS  # when (time.monotonic)
+        self.room: int | None = None  # what the rest of the process's memory leaves the pool
         self.rest: deque = deque()  # (when, the rest of the process's memory) looked at
+        self.watching = False  # the thread that looks at it started
 
     def take(self, key):
         """An idle dataset of ``key`` (lent: no longer idle), or None; every idle one of an
@@ -349,30 +351,60 @@ class _Pool:
             else:
                 self.idle.setdefault(key, []).append((src, nbytes))
                 self.idle.move_to_end(key)
-            budget, most = min(memory_budget(), self._room()), capacity()
-            while self.idle and (self.open > most or self.bytes > budget):
-                oldest, kept = next(iter(self.idle.items()))
-                closing.append(self._forget(*kept.pop(0)))
-                if not kept:
-                    del self.idle[oldest]
+            if not self.watching:
+                self._watch()
+            closing += self._close_beyond()
         _close(closing)
 
-    def _room(self) -> int:
-        """Under the lock: the bytes the pool may hold beside the rest of the process's memory
-        at its highest over the last :data:`MEMORY_WINDOW` seconds, under Dask's target share of
-        the worker's limit (:data:`MEMORY_SECONDS`); the process's memory is looked at again at
-        most once per :data:`MEMORY_SECONDS`, the room kept between (so closing datasets does
-        not shrink it again before the memory is seen)."""
-        now = time.monotonic()
-        if now - self.looked >= MEMORY_SECONDS:
-            memory_budget()  # the limit, found once
-            target = int((_LIMIT or worker_memory_limit()) * target_share())
-            self.rest.append((now, _rss() - self.bytes))
+    def _close_beyond(self) -> list:
+        """Under the lock: take out the idle datasets, least recently used first, while the
+        open ones are more than :func:`capacity` or hold more than :func:`memory_budget` or the
+        room the rest of the process's memory leaves them (:data:`MEMORY_SECONDS`); returns
+        them, to close outside the lock."""
+        closing = []
+        budget, most = memory_budget(), capacity()
+        if self.room is not None:
+            budget = min(budget, self.room)
+        while self.idle and (self.open > most or self.bytes > budget):
+            oldest, kept = next(iter(self.idle.items()))
+            closing.append(self._forget(*kept.pop(0)))
+            if not kept:
+                del self.idle[oldest]
+        return closing
+
+    def look(self) -> None:
+        """Look at the process's memory now: the room it leaves the pool (the spill share of the
+        worker's limit less the rest of the memory at its highest over the last
+        :data:`MEMORY_WINDOW` seconds), and close the idle datasets beyond it."""
+        memory_budget()  # the limit, found once
+        limit = int((_LIMIT or worker_memory_limit()) * target_share("spill", 0.7))
+        rss, now = _rss(), time.monotonic()
+        with self.lock:
+            self.rest.append((now, rss - self.bytes))
             while self.rest[0][0] < now - MEMORY_WINDOW:
                 self.rest.popleft()
-            highest = max(rest for _, rest in self.rest)
-            self.room, self.looked = max(0, target - highest), now
-        return self.room
+            self.room = max(0, limit - max(rest for _, rest in self.rest))
+            closing = self._close_beyond()
+        _close(closing)
+
+    def _watch(self) -> None:
+        """Under the lock: start the thread that looks at the process's memory every
+        :data:`MEMORY_SECONDS` (once per process)."""
+        self.watching = True
+
+        def watch() -> None:
+            while True:
+                time.sleep(MEMORY_SECONDS)
+                try:
+                    self.look()
+                except Exception:  # the pool then keeps its last room
+                    log.debug("kept datasets: memory not looked at", exc_info=True)
+
+        threading.Thread(target=watch, name="treesits-kept-datasets", daemon=True).start()
+
+    def forked(self) -> None:
+        """In a forked child: no thread looks at its memory yet."""
+        self.watching, self.room = False, None
 
     def discard(self, src, nbytes: int) -> None:
         """Close a lent dataset (after a failed read: the next one opens the file afresh)."""
@@ -402,6 +434,8 @@ def _close(datasets: list) -> None:
 
 
 _POOL = _Pool()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_POOL.forked)
 
 
 #: files whose header check a process remembers (all forgotten when there are more): 55 tiles of
