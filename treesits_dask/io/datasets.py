@@ -254,8 +254,8 @@ def memory_budget() -> int:
 #: the limit at which Dask spills by the process's memory (``distributed.worker.memory.spill``,
 #: 70 %).  The thread sees the peaks of a model's forward too, when no read gives a dataset back.
 #: A 3 GiB worker streaming SBERT through a 3000 px COG of 600 scenes peaked at 2.3-2.4 GiB with
-#: the pool's 386 MB, nearly all of it memory Dask does not manage, and Dask spilled 28-31 GB in
-#: one tile (docs/performance.md, "The pool of kept datasets gives way")
+#: the pool's 386 MB, nearly all of it memory Dask does not manage, and Dask spilled 28-32 GB in
+#: one tile; 6.1 GB with this (docs/performance.md, "The pool of kept datasets gives way")
 MEMORY_SECONDS = 0.1
 MEMORY_WINDOW = 10.0
 
