@@ -375,11 +375,14 @@ class _Pool:
     def look(self) -> None:
         """Look at the process's memory now: the room it leaves the pool (the spill share of the
         worker's limit less the rest of the memory at its highest over the last
-        :data:`MEMORY_WINDOW` seconds), and close the idle datasets beyond it."""
-        memory_budget()  # the limit, found once
-        limit = int((_LIMIT or worker_memory_limit()) * target_share("spill", 0.7))
-        rss, now = _rss(), time.monotonic()
+        :data:`MEMORY_WINDOW` seconds), and close the idle datasets beyond it.  The settings and
+        the memory are read under the pool's lock, so that the last look to take it is the one
+        whose room stays (the thread's look, begun before a setting changed, cannot overwrite the
+        room of a look made after it)."""
         with self.lock:
+            memory_budget()  # the limit, found once
+            limit = int((_LIMIT or worker_memory_limit()) * target_share("spill", 0.7))
+            rss, now = _rss(), time.monotonic()
             self.rest.append((now, rss - self.bytes))
             while self.rest[0][0] < now - MEMORY_WINDOW:
                 self.rest.popleft()
