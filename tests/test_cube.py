@@ -1425,6 +1425,8 @@ def test_kept_datasets_give_way_to_the_rest_of_the_memory(tmp_path):
 
     import dask
 
+    from treesits_dask.io.buffers import process_rss
+
     root, _ = _striped_tile(tmp_path, blocks=(16, 16))
     _, scenes, _grid_ = _grid(root)
     files = [s.boa for s in scenes]
@@ -1442,7 +1444,7 @@ def test_kept_datasets_give_way_to_the_rest_of_the_memory(tmp_path):
         return cube.OPEN_COUNTER.count - opens, datasets.kept_datasets()
 
     limit = datasets.memory_budget() / datasets.KEPT_SHARE  # this process's limit
-    under = datasets._rss() / 2 / limit  # a spill share at half of what the process holds now
+    under = process_rss() / 2 / limit  # a spill share at half of what the process holds now
     try:
         with dask.config.set({"distributed.worker.memory.spill": under}):
             assert read_twice() == (2 * len(files), (0, 0))  # each closed as given back

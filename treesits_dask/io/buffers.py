@@ -42,6 +42,7 @@ __all__ = [
     "SWEEP_SECONDS",
     "Recycler",
     "handed_out",
+    "process_rss",
     "target_share",
     "worker_memory_limit",
 ]
@@ -111,6 +112,19 @@ def _dask_worker_limit() -> int | None:
         return int(get_worker().memory_manager.memory_limit or 0)
     except (ImportError, ValueError, AttributeError):
         return None
+
+
+_PROCESS = None
+
+
+def process_rss() -> int:
+    """The resident memory of this process (what Dask's memory thresholds compare)."""
+    global _PROCESS
+    if _PROCESS is None:
+        import psutil
+
+        _PROCESS = psutil.Process()
+    return _PROCESS.memory_info().rss
 
 
 def worker_memory_limit() -> int:
@@ -218,11 +232,9 @@ class Recycler:
         """The idle bytes that may be kept: at most ``idle_bytes`` (default :data:`IDLE_SHARE` of
         the memory limit), and only while the memory in use (the process's RSS less ``idle``)
         stays below Dask's target share of the limit."""
-        import psutil
-
         limit = self._limit()
         cap = self._idle_bytes if self._idle_bytes is not None else limit * IDLE_SHARE
-        used = psutil.Process().memory_info().rss - idle
+        used = process_rss() - idle
         return int(max(0, min(cap, limit * target_share() - used)))
 
     def _mark(self, now: float) -> list[_Slot]:

@@ -36,7 +36,7 @@ from rasterio.errors import NotGeoreferencedWarning
 
 from ..errors import InputDataError
 from . import storage
-from .buffers import target_share, worker_memory_limit
+from .buffers import process_rss, target_share, worker_memory_limit
 from .crs import same_crs, short_crs
 from .grid import TileGrid
 from .remote import limit_gdal_cache
@@ -259,18 +259,6 @@ def memory_budget() -> int:
 MEMORY_SECONDS = 0.1
 MEMORY_WINDOW = 10.0
 
-_PROCESS = None
-
-
-def _rss() -> int:
-    """The resident memory of this process."""
-    global _PROCESS
-    if _PROCESS is None:
-        import psutil
-
-        _PROCESS = psutil.Process()
-    return _PROCESS.memory_info().rss
-
 
 def held_by(src, size: int | None = None) -> int:
     """What an open dataset that has been read holds, estimated from the measurements of
@@ -382,7 +370,7 @@ class _Pool:
         with self.lock:
             memory_budget()  # the limit, found once
             limit = int((_LIMIT or worker_memory_limit()) * target_share("spill", 0.7))
-            rss, now = _rss(), time.monotonic()
+            rss, now = process_rss(), time.monotonic()
             self.rest.append((now, rss - self.bytes))
             while self.rest[0][0] < now - MEMORY_WINDOW:
                 self.rest.popleft()
