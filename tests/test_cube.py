@@ -1417,10 +1417,12 @@ def test_kept_datasets_are_bounded_by_memory(tmp_path, monkeypatch):
     datasets.forget_datasets()
 
 
-def test_kept_datasets_give_way_to_the_rest_of_the_memory(tmp_path):
+def test_kept_datasets_give_way_to_the_rest_of_the_memory(tmp_path, monkeypatch):
     """Idle datasets are closed where the rest of the process's memory leaves them no room under
     the share of the limit at which Dask spills (as on a small worker streaming a tile's 1200
-    files), and kept again once there is room; a thread of the process looks at its memory."""
+    files), and kept again once there is room; a thread of the process looks at its memory, and
+    gives the heap's free memory back to the system after closing datasets for lack of room (not
+    after closing them for a new run)."""
     import threading
 
     import dask
@@ -1443,12 +1445,27 @@ def test_kept_datasets_give_way_to_the_rest_of_the_memory(tmp_path):
                     src.read(1, window=((0, 8), (0, 8)))
         return cube.OPEN_COUNTER.count - opens, datasets.kept_datasets()
 
+    def trimmed_since(trims: int) -> bool:
+        for _ in range(100):
+            if datasets.TRIMS.count > trims:
+                return True
+            time.sleep(datasets.MEMORY_SECONDS)
+        return False
+
+    monkeypatch.setattr(datasets, "TRIM_BYTES", 1)  # the test's files hold a few kB each
+    monkeypatch.setattr(datasets, "TRIM_SECONDS", 0.0)
     limit = datasets.memory_budget() / datasets.KEPT_SHARE  # this process's limit
     under = process_rss() / 2 / limit  # a spill share at half of what the process holds now
     try:
+        trims = datasets.TRIMS.count
         with dask.config.set({"distributed.worker.memory.spill": under}):
             assert read_twice() == (2 * len(files), (0, 0))  # each closed as given back
+            assert trimmed_since(trims)  # by the thread, within a look or two
+        datasets._POOL.look()
+        trims = datasets.TRIMS.count
         assert read_twice() == (len(files), (len(files), len(files) * each))
+        time.sleep(3 * datasets.MEMORY_SECONDS)
+        assert datasets.TRIMS.count == trims  # closed for the new run only: nothing given back
         assert "treesits-kept-datasets" in {t.name for t in threading.enumerate()}
         # kept, until the memory leaves no room: the thread closes them without a read
         with dask.config.set({"distributed.worker.memory.spill": under}):

@@ -36,7 +36,7 @@ from rasterio.errors import NotGeoreferencedWarning
 
 from ..errors import InputDataError
 from . import storage
-from .buffers import process_rss, target_share, worker_memory_limit
+from .buffers import process_rss, target_share, trim_heap, worker_memory_limit
 from .crs import same_crs, short_crs
 from .grid import TileGrid
 from .remote import limit_gdal_cache
@@ -259,6 +259,17 @@ def memory_budget() -> int:
 MEMORY_SECONDS = 0.1
 MEMORY_WINDOW = 10.0
 
+#: what the pool closes for lack of room is freed inside glibc's heap and stays in the process
+#: (the rest of its memory then seemed to grow by as much, and the pool gave way until it was
+#: empty, the process no smaller: a 600-scene COG read after one with a larger pool spilled 20.8
+#: GB, its pool empty): the thread that looks at the memory gives the heap's free memory back to
+#: the system (:func:`~treesits_dask.io.buffers.trim_heap`) once the datasets closed so since the
+#: last time hold this many bytes, at most every :data:`TRIM_SECONDS`
+TRIM_BYTES = 32 * 2**20
+TRIM_SECONDS = 1.0
+#: times this process's pool gave the heap's free memory back (tests and benchmarks read it)
+TRIMS = Counter()
+
 
 def held_by(src, size: int | None = None) -> int:
     """What an open dataset that has been read holds, estimated from the measurements of
@@ -305,6 +316,8 @@ class _Pool:
         self.room: int | None = None  # what the rest of the process's memory leaves the pool
         self.rest: deque = deque()  # (when, the rest of the process's memory) looked at
         self.watching = False  # the thread that looks at it started
+        self.unreturned = 0  # bytes of the datasets closed for lack of room since the last trim
+        self.trimmed = 0.0  # when the heap was last trimmed (time.monotonic)
 
     def take(self, key):
         """An idle dataset of ``key`` (lent: no longer idle), or None; every idle one of an
@@ -351,13 +364,17 @@ class _Pool:
         them, to close outside the lock."""
         closing = []
         budget, most = memory_budget(), capacity()
-        if self.room is not None:
-            budget = min(budget, self.room)
+        roomy = self.room is None or self.room >= budget
+        if not roomy:
+            budget = self.room
+        held = self.bytes
         while self.idle and (self.open > most or self.bytes > budget):
             oldest, kept = next(iter(self.idle.items()))
             closing.append(self._forget(*kept.pop(0)))
             if not kept:
                 del self.idle[oldest]
+        if not roomy:
+            self.unreturned += held - self.bytes
         return closing
 
     def look(self) -> None:
@@ -366,7 +383,9 @@ class _Pool:
         :data:`MEMORY_WINDOW` seconds), and close the idle datasets beyond it.  The settings and
         the memory are read under the pool's lock, so that the last look to take it is the one
         whose room stays (the thread's look, begun before a setting changed, cannot overwrite the
-        room of a look made after it)."""
+        room of a look made after it).  Where the datasets closed for lack of room (here or as
+        they were given back) hold :data:`TRIM_BYTES` since the last time, the heap's free memory
+        goes back to the system."""
         with self.lock:
             memory_budget()  # the limit, found once
             limit = int((_LIMIT or worker_memory_limit()) * target_share("spill", 0.7))
@@ -376,7 +395,12 @@ class _Pool:
                 self.rest.popleft()
             self.room = max(0, limit - max(rest for _, rest in self.rest))
             closing = self._close_beyond()
+            trim = self.unreturned >= TRIM_BYTES and now - self.trimmed >= TRIM_SECONDS
+            if trim:
+                self.unreturned, self.trimmed = 0, now
         _close(closing)
+        if trim and trim_heap():
+            TRIMS.add()
 
     def _watch(self) -> None:
         """Under the lock: start the thread that looks at the process's memory every

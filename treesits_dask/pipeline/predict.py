@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from ..io.buffers import trim_heap
 from ..io.cube import NODATA, READS_IN_PROGRESS, InProgress
 from ..models import ModelSpec
 from ..outputs.alerts import AlertSteps, fresh_state, step
@@ -211,8 +212,6 @@ def give_back_memory(dask_worker) -> bool:
     it, until ``malloc_trim`` brought it to 0.82 GiB.  Called every second by
     :class:`ModelPlugin` (a few ms where there is anything to give back); returns whether it
     trimmed."""
-    import ctypes
-
     manager = getattr(dask_worker, "memory_manager", None)
     limit = getattr(manager, "memory_limit", None)
     if not _MALLOC_TUNED or not limit:
@@ -221,7 +220,7 @@ def give_back_memory(dask_worker) -> bool:
     before = dask_worker.monitor.get_process_memory()
     if before < share * limit:
         return False
-    ctypes.CDLL(None).malloc_trim(0)
+    trim_heap()
     freed = before - dask_worker.monitor.get_process_memory()
     TRIMMED[0] += 1
     TRIMMED[1] += max(0, freed)
