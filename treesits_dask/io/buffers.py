@@ -144,7 +144,7 @@ def trim_heap() -> bool:
 
         try:
             _LIBC = ctypes.CDLL(None).malloc_trim
-        except (OSError, AttributeError):  # not glibc
+        except (OSError, AttributeError, TypeError):  # not glibc (TypeError: Windows)
             _LIBC = False
     if _LIBC is False:
         return False
