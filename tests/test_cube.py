@@ -1,4 +1,5 @@
 import datetime as dt
+import os
 import time
 
 import dask
@@ -1477,6 +1478,32 @@ def test_kept_datasets_give_way_to_the_rest_of_the_memory(tmp_path, monkeypatch)
     finally:
         datasets._POOL.look()  # the room under the settings restored, for the tests after
         datasets.forget_datasets()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX")
+def test_a_forked_child_starts_its_pool_afresh():
+    """A child forked while the pool's lock is held (its thread looks at the memory ten times a
+    second) can take the lock, and reads its own memory, not its parent's."""
+    from treesits_dask.io import buffers
+
+    buffers.process_rss()  # the parent's psutil.Process, cached
+    read, write = os.pipe()
+    with datasets._POOL.lock:
+        pid = os.fork()
+        if pid == 0:  # the child: report and leave at once, whatever happens
+            ok = False
+            try:
+                took = datasets._POOL.lock.acquire(timeout=2)
+                buffers.process_rss()
+                ok = took and buffers._PROCESS.pid == os.getpid() and not datasets._POOL.rest
+            finally:
+                os.write(write, b"1" if ok else b"0")
+                os._exit(0)
+    os.close(write)
+    answer = os.read(read, 1)
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert answer == b"1"
 
 
 def _checked_files(tmp_path, crs_seen: bool = False):

@@ -27,6 +27,7 @@ daemon thread does this while any owner is held.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import threading
 import time
@@ -119,9 +120,10 @@ _PROCESS = None
 
 
 def process_rss() -> int:
-    """The resident memory of this process (what Dask's memory thresholds compare)."""
+    """The resident memory of this process (what Dask's memory thresholds compare); one
+    ``psutil.Process``, made again in a forked child (it would read its parent's)."""
     global _PROCESS
-    if _PROCESS is None:
+    if _PROCESS is None or _PROCESS.pid != os.getpid():
         import psutil
 
         _PROCESS = psutil.Process()

@@ -418,8 +418,11 @@ class _Pool:
         threading.Thread(target=watch, name="treesits-kept-datasets", daemon=True).start()
 
     def forked(self) -> None:
-        """In a forked child: no thread looks at its memory yet."""
-        self.watching, self.room = False, None
+        """In a forked child: no thread looks at its memory yet, the memory looked at was the
+        parent's, and the lock may have been held by a thread the child does not have."""
+        self.lock = threading.Lock()
+        self.watching, self.room, self.unreturned = False, None, 0
+        self.rest.clear()
 
     def discard(self, src, nbytes: int) -> None:
         """Close a lent dataset (after a failed read: the next one opens the file afresh)."""
