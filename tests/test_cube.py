@@ -1659,9 +1659,9 @@ def test_files_the_driver_checked_skip_their_georeferencing_until_they_change(
     opened: list[tuple[str, bool]] = []
     real_open = datasets.open_raster
 
-    def open_raster(url, georeferenced=True):
+    def open_raster(url, georeferenced=True, threads=None):
         opened.append((url, georeferenced))
-        return real_open(url, georeferenced)
+        return real_open(url, georeferenced, threads)
 
     monkeypatch.setattr(datasets, "open_raster", open_raster)
     window = Window(0, 0, 37, 50)
@@ -1723,6 +1723,97 @@ def test_kept_striped_files_count_what_their_compressed_strips_hold(tmp_path):
         datasets.forget_datasets()
     assert held["flat"] < before < held["noise"]
     assert before == 2 * 300 * 3000 * 2 + 128 * 2**10
+
+
+@pytest.mark.parametrize("blocks", [None, (256, 256)], ids=["strips", "tiles"])
+def test_scene_files_are_opened_lean_once_the_pool_runs_short_of_memory(
+    tmp_path, monkeypatch, blocks
+):
+    """Where the pool has had to close datasets for its memory in this generation, the BOA files
+    it opens next are opened for GDAL's multi-threaded read (``NUM_THREADS``) and counted
+    :data:`~treesits_dask.io.datasets.LEAN_HELD` (they keep no decoded block): the same values;
+    QAI files are never opened so; a read of one block of a pixel-interleaved file (GDAL's
+    ordinary path, which keeps one) counts it whole; a new generation opens files whole again."""
+    from rasterio.windows import Window as RioWindow
+
+    from treesits_dask.io.grid import Window
+
+    root, expected = _striped_tile(tmp_path, h=512, w=512, blocks=blocks)
+    _, scenes, grid = _grid(root)
+    reader = cube.WindowReader.of_scenes(grid, scenes, DEFAULT_QAI_FLAGS)  # with versions
+    whole_tile = Window(0, 0, 512, 512)
+
+    def kept() -> list:
+        return [
+            (url, src.options.get("NUM_THREADS"), n, whole)
+            for (url, _), entries in datasets._POOL.idle.items()
+            for src, n, whole in entries
+        ]
+
+    datasets.forget_datasets()
+    np.testing.assert_array_equal(reader.read(whole_tile), expected)
+    assert len(kept()) == 10 and all(threads is None for _, threads, _, _ in kept())
+    assert not datasets._POOL.lean and datasets.kept_datasets()[0] == 10
+
+    boa = scenes[0].boa
+    with datasets.open_raster(boa) as src:
+        each = datasets.held_by(src, scenes[0].size)
+    assert each > datasets.LEAN_HELD
+    datasets.forget_datasets()
+    monkeypatch.setattr(datasets, "_BUDGET", 2 * each)  # closes for its memory: then lean
+    for _ in range(2):
+        np.testing.assert_array_equal(reader.read(whole_tile), expected)
+    assert datasets._POOL.lean
+    lean = [k for k in kept() if k[1] is not None]
+    assert lean and all(url.endswith("_BOA.tif") for url, *_ in lean)
+    assert all(t == str(datasets.decode_threads()) and n in (datasets.LEAN_HELD, w)
+               for _, t, n, w in lean)  # fmt: skip
+    # counted whole only where a read of one block of a tiled file took GDAL's ordinary path
+    assert any(n == datasets.LEAN_HELD < w for _, _, n, w in lean)
+    assert blocks is not None or all(n == datasets.LEAN_HELD for _, _, n, _ in lean)
+    assert datasets.kept_datasets()[1] == sum(n for _, _, n, _ in kept())
+    assert datasets.decode_threads() >= 2
+
+    # one block of a pixel-interleaved file: GDAL's ordinary path, counted whole from then on
+    datasets.forget_datasets()
+    monkeypatch.setattr(datasets, "_BUDGET", 1 << 40)
+    datasets._POOL.take(("none", None))  # the new generation: not lean
+    assert not datasets._POOL.lean
+    datasets._POOL.lean = True
+    check = lambda src, georeferenced=True: None  # noqa: E731
+    out = np.empty((10, 100, 300), np.int16)
+    for scene, window, one in ((scenes[1], RioWindow(0, 0, 100, 100), True),
+                               (scenes[2], RioWindow(200, 0, 100, 100), False)):  # fmt: skip
+        url, before = scene.boa, datasets.kept_datasets()[1]
+        lent = datasets.dataset(url, (scene.size, scene.mtime), check, lean=True)
+        with lent as src:
+            assert src.options.get("NUM_THREADS") == str(datasets.decode_threads())
+            assert lent.lean and datasets.kept_datasets()[1] - before == datasets.LEAN_HELD
+            src.read(window=window, out=out[:, :, : window.width])
+            np.testing.assert_array_equal(
+                out[:, :, : window.width],
+                rasterio_read(url, window),
+            )
+            lent.count_reads([window])
+        grew = datasets.kept_datasets()[1] - before
+        single = one and blocks is not None
+        assert datasets.ordinary_read(src, window) == single
+        assert grew == (lent.whole if single else datasets.LEAN_HELD)
+    with datasets.dataset(scenes[3].qai, None, check, lean=False) as src:
+        assert "NUM_THREADS" not in src.options  # the caller's say: a QAI file
+
+    datasets.forget_datasets()
+    np.testing.assert_array_equal(reader.read(whole_tile), expected)
+    assert not datasets._POOL.lean and all(t is None for _, t, _, _ in kept())
+    datasets.forget_datasets()
+
+
+def rasterio_read(url, window) -> np.ndarray:
+    """``window`` of every band of ``url``, read by rasterio alone."""
+    import rasterio
+
+    with rasterio.open(url) as src:
+        return src.read(window=window)
 
 
 def test_read_tasks_fill_the_reading_threads_turns(tmp_path):

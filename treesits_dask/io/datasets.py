@@ -58,10 +58,13 @@ __all__ = [
     "forget_datasets",
     "held_by",
     "kept_datasets",
+    "LEAN_HELD",
+    "decode_threads",
     "memory_budget",
     "open_error",
     "open_options",
     "open_raster",
+    "ordinary_read",
     "read_cache_bytes",
     "unchanged",
 ]
@@ -135,13 +138,17 @@ def open_options(georeferenced: bool = True) -> dict:
     return {} if georeferenced else REOPEN_OPTIONS
 
 
-def open_raster(url: str, georeferenced: bool = True):
+def open_raster(url: str, georeferenced: bool = True, threads: int | None = None):
     """``rasterio.open`` of a local path or ``s3://`` URL, counted in :data:`OPEN_COUNTER`, with
-    :func:`open_options`."""
+    :func:`open_options`; ``threads`` (more than one): for GDAL's multi-threaded read on that many
+    threads (the GeoTIFF open option ``NUM_THREADS``, see :data:`LEAN_HELD`)."""
     import rasterio
 
     OPEN_COUNTER.add()
-    return rasterio.open(storage.gdal_path(url), **open_options(georeferenced))
+    options = open_options(georeferenced)
+    if threads is not None and threads > 1:
+        options = {**options, "NUM_THREADS": str(threads)}
+    return rasterio.open(storage.gdal_path(url), **options)
 
 
 def open_error(url: str, exc: BaseException) -> InputDataError:
@@ -270,6 +277,24 @@ TRIM_SECONDS = 1.0
 #: times this process's pool gave the heap's free memory back (tests and benchmarks read it)
 TRIMS = Counter()
 
+#: what a dataset opened for GDAL's multi-threaded read is counted to hold.  Where the pool has
+#: had to close datasets for its memory in this generation (its budget, or the room the rest of
+#: the process's memory leaves it), the BOA files of local scenes it opens from then on are opened
+#: so (the GeoTIFF open option ``NUM_THREADS``, :func:`decode_threads`): a read of more than one
+#: block decodes each block into a buffer of its own, freed after it, so the dataset keeps neither
+#: a decoded block of all bands nor libtiff's buffer of a compressed one.  Measured (120 files
+#: kept, each read in 256 x 512 px, GDAL cache 16 MiB): a 3000 px COG 0.16-0.19 MB against 3.17,
+#: a 3000 px FORCE strips BOA (300-row bands) 0.24 MB against 1.67, the same values; 5-10 % more
+#: CPU per read (the blocks go through GDAL's thread pool), so only where the files do not fit
+#: otherwise.  A read of one block of a pixel-interleaved file takes GDAL's ordinary path all the
+#: same, after which the dataset is counted whole (:meth:`Lent.count_reads`).  A 3000 px COG of
+#: 600 scenes (12 GiB worker of 2 threads, 200 px windows), whose files the pool's 12 % held about
+#: half of, read so in 79.5-88.4 s against 85.6-93.7 s: 1 512-1 609 files kept against 771-878 in
+#: the same budget, 4 266-4 779 opens against 33 779-41 800 (docs/performance.md, "Kept files
+#: opened for GDAL's multi-threaded read").  A QAI file (one band, small blocks) is not opened
+#: so: its reads took 45 % more CPU so, for half its 0.33 MB
+LEAN_HELD = 256 * 2**10
+
 
 def held_by(src, size: int | None = None) -> int:
     """What an open dataset that has been read holds, estimated from the measurements of
@@ -302,6 +327,32 @@ def held_by(src, size: int | None = None) -> int:
     return int(1.5 * size / blocks + 0.2 * block) + 256 * 2**10
 
 
+def decode_threads() -> int:
+    """The threads a dataset opened for GDAL's multi-threaded read (:data:`LEAN_HELD`) decodes
+    on: as many as the Dask worker running this task has (the reads of its threads share GDAL's
+    one pool of threads, as large as the most any dataset asked for), else as this machine has
+    cores; at least 2 (GDAL reads on the calling thread alone below that)."""
+    try:
+        from distributed import get_worker
+
+        threads = get_worker().state.nthreads
+    except (ImportError, ValueError, AttributeError):
+        threads = os.cpu_count() or 1
+    return max(2, int(threads))
+
+
+def ordinary_read(src, window) -> bool:
+    """Whether GDAL reads ``window`` (a rasterio ``Window``) of every band of ``src`` through its
+    ordinary path although ``src`` was opened for its multi-threaded read: where the window lies
+    in one block of a file whose blocks hold every band (pixel-interleaved) or its one band."""
+    if src.count > 1 and (src.interleaving is None or src.interleaving.name != "pixel"):
+        return False  # a block per band: two blocks at least
+    bh, bw = src.block_shapes[0]
+    r0, c0 = int(window.row_off), int(window.col_off)
+    r1, c1 = r0 + int(window.height) - 1, c0 + int(window.width) - 1
+    return r0 // bh == r1 // bh and c0 // bw == c1 // bw
+
+
 class _Pool:
     """The datasets this process keeps open: counted (open ones, lent or idle, and the memory
     they hold), the idle ones by key (more than one where threads read a file at once), least
@@ -309,7 +360,8 @@ class _Pool:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.idle: OrderedDict = OrderedDict()  # key -> [(dataset, bytes it holds), ...]
+        # key -> [(dataset, bytes it is counted to hold, bytes it holds read whole), ...]
+        self.idle: OrderedDict = OrderedDict()
         self.open = 0
         self.bytes = 0
         self.generation = 0
@@ -318,6 +370,7 @@ class _Pool:
         self.watching = False  # the thread that looks at it started
         self.unreturned = 0  # bytes of the datasets closed for lack of room since the last trim
         self.trimmed = 0.0  # when the heap was last trimmed (time.monotonic)
+        self.lean = False  # closed datasets for its memory in this generation (LEAN_HELD)
 
     def take(self, key):
         """An idle dataset of ``key`` (lent: no longer idle), or None; every idle one of an
@@ -337,7 +390,7 @@ class _Pool:
             self.open += 1
             self.bytes += nbytes
 
-    def give_back(self, key, src, nbytes: int, generation: int) -> None:
+    def give_back(self, key, src, nbytes: int, whole: int, generation: int) -> None:
         """Keep the lent dataset ``src`` of ``key`` idle (closed where it is of an earlier
         generation), then close idle ones, least recently used first, while the open ones are
         more than :func:`capacity` or hold more than :func:`memory_budget` or the room that the
@@ -350,7 +403,7 @@ class _Pool:
             if generation != self.generation:
                 closing.append(self._forget(src, nbytes))
             else:
-                self.idle.setdefault(key, []).append((src, nbytes))
+                self.idle.setdefault(key, []).append((src, nbytes, whole))
                 self.idle.move_to_end(key)
             if not self.watching:
                 self._watch()
@@ -369,6 +422,7 @@ class _Pool:
             budget = self.room
         held = self.bytes
         while self.idle and (self.open > most or self.bytes > budget):
+            self.lean = self.lean or self.bytes > budget
             oldest, kept = next(iter(self.idle.items()))
             closing.append(self._forget(*kept.pop(0)))
             if not kept:
@@ -421,8 +475,13 @@ class _Pool:
         """In a forked child: no thread looks at its memory yet, the memory looked at was the
         parent's, and the lock may have been held by a thread the child does not have."""
         self.lock = threading.Lock()
-        self.watching, self.room, self.unreturned = False, None, 0
+        self.watching, self.room, self.unreturned, self.lean = False, None, 0, False
         self.rest.clear()
+
+    def recount(self, before: int, after: int) -> None:
+        """A lent dataset counted ``before`` bytes holds ``after`` now."""
+        with self.lock:
+            self.bytes += after - before
 
     def discard(self, src, nbytes: int) -> None:
         """Close a lent dataset (after a failed read: the next one opens the file afresh)."""
@@ -430,7 +489,7 @@ class _Pool:
             self._forget(src, nbytes)
         src.close()
 
-    def _forget(self, src, nbytes: int):
+    def _forget(self, src, nbytes: int, whole: int = 0):
         self.open -= 1
         self.bytes -= nbytes
         return src
@@ -441,8 +500,9 @@ class _Pool:
         if self.generation == _GENERATION.count:
             return []
         self.generation = _GENERATION.count
-        stale = [self._forget(src, n) for kept in self.idle.values() for src, n in kept]
+        stale = [self._forget(src, n) for kept in self.idle.values() for src, n, _ in kept]
         self.idle.clear()
+        self.lean = False
         return stale
 
 
@@ -523,24 +583,42 @@ def _limit_gdal_cache() -> None:
 class Lent:
     """A dataset lent by the process's pool (:func:`dataset`): ``with`` it, the read uses ``src``
     and gives it back at the end, or closes it where the read raised (the next read opens the
-    file afresh).  Use it in one thread; do not close it."""
+    file afresh).  Use it in one thread; do not close it.  ``nbytes``: what the pool counts it to
+    hold; ``whole``: what it holds once GDAL's ordinary path read it (more where it was opened
+    for the multi-threaded read, :data:`LEAN_HELD`)."""
 
-    __slots__ = ("generation", "key", "nbytes", "src")
+    __slots__ = ("generation", "key", "nbytes", "src", "whole")
 
-    def __init__(self, key, src, nbytes: int, generation: int) -> None:
-        self.key, self.src, self.nbytes, self.generation = key, src, nbytes, generation
+    def __init__(self, key, src, nbytes: int, whole: int, generation: int) -> None:
+        self.key, self.src, self.nbytes, self.whole = key, src, nbytes, whole
+        self.generation = generation
+
+    @property
+    def lean(self) -> bool:
+        """Opened for GDAL's multi-threaded read, and counted so (:data:`LEAN_HELD`)."""
+        return self.nbytes < self.whole
+
+    def count_reads(self, windows) -> None:
+        r"""The read of ``windows`` (rasterio ``Window``\ s of every band) is done: a lean dataset
+        that GDAL read one of them through its ordinary path (:func:`ordinary_read`) keeps a
+        decoded block from now on, and is counted whole."""
+        if self.lean and any(ordinary_read(self.src, w) for w in windows):
+            _POOL.recount(self.nbytes, self.whole)
+            self.nbytes = self.whole
 
     def __enter__(self):
         return self.src
 
     def __exit__(self, kind, exc, tb) -> None:
         if kind is None:
-            _POOL.give_back(self.key, self.src, self.nbytes, self.generation)
+            _POOL.give_back(self.key, self.src, self.nbytes, self.whole, self.generation)
         else:
             _POOL.discard(self.src, self.nbytes)
 
 
-def dataset(url: str, version, check: Callable[..., None], verified: bool = False) -> Lent:
+def dataset(
+    url: str, version, check: Callable[..., None], verified: bool = False, lean: bool = False
+) -> Lent:
     r"""The open dataset of ``url`` (at ``version``), lent to this thread until the end of the
     ``with`` block of the returned :class:`Lent`: an idle one of the process's pool, else opened
     (counted in :data:`OPEN_COUNTER`) and ``check``\ ed once per process (by whichever thread
@@ -554,7 +632,10 @@ def dataset(url: str, version, check: Callable[..., None], verified: bool = Fals
     :data:`REOPEN_OPTIONS`).  Raises what opening or ``check`` raises (the file is then not kept).
     The first call of a process limits GDAL's block cache (:data:`READ_GDAL_CACHE`).
     ``version``: as the reader's (size, mtime or ETag); where its first item is an int, it is the
-    file's size, which :func:`held_by` counts a striped file by."""
+    file's size, which :func:`held_by` counts a striped file by.  ``lean``: a local file is
+    opened for GDAL's multi-threaded read where the pool has had to close datasets for its memory
+    in this generation (:data:`LEAN_HELD`; the BOA files, whose reads call
+    :meth:`Lent.count_reads`)."""
     if not _cache_limited:
         _limit_gdal_cache()
     key = (url, version)
@@ -564,7 +645,8 @@ def dataset(url: str, version, check: Callable[..., None], verified: bool = Fals
         return Lent(key, *kept, generation)
     checked = key in _CHECKED  # a file closed for room and opened again is not checked again
     georeferenced = not checked and not (verified and unchanged(url, version))
-    src = open_raster(url, georeferenced=georeferenced)
+    lean = lean and _POOL.lean and not storage.is_remote(url)
+    src = open_raster(url, georeferenced=georeferenced, threads=decode_threads() if lean else None)
     if not checked:
         try:
             check(src, georeferenced=georeferenced)
@@ -573,9 +655,10 @@ def dataset(url: str, version, check: Callable[..., None], verified: bool = Fals
             raise
         _CHECKED.add(key)
     sized = isinstance(version, tuple) and version and isinstance(version[0], int)
-    nbytes = held_by(src, version[0] if sized else None)
+    whole = held_by(src, version[0] if sized else None)
+    nbytes = min(LEAN_HELD, whole) if lean else whole
     _POOL.add(nbytes)
-    return Lent(key, src, nbytes, generation)
+    return Lent(key, src, nbytes, whole, generation)
 
 
 def unchanged(url: str, version) -> bool:

@@ -443,7 +443,8 @@ class WindowReader:
         def check(src, georeferenced: bool = True) -> None:
             check_header(src, url, self.grid, bands, georeferenced)
 
-        return dataset(url, version, check, bool(self.verified) and self.verified[t])
+        verified = bool(self.verified) and self.verified[t]
+        return dataset(url, version, check, verified, lean=not qai)
 
     def _screening(self, t: int, rows, cols, runs, q: np.ndarray) -> tuple[list, list]:
         """The QAI of scene ``t`` in the ``runs`` of the rectangle (read into ``q``): what it
@@ -534,6 +535,8 @@ class WindowReader:
                         src.read(window=rw, out=dest[:, r0:r1, c0:c1])
                     else:
                         src.read(1, window=rw, out=dest[r0:r1, c0:c1])
+                if dest.ndim == 3:
+                    lent.count_reads(rects)
                 block, size = tuple(src.block_shapes[0]), (src.height, src.width)
             DECODED.add(*_cost(rows, cols, runs, block, size, src.count))
 
