@@ -1,5 +1,7 @@
 import datetime as dt
 import os
+import select
+import signal
 import time
 
 import dask
@@ -1504,6 +1506,49 @@ def test_a_forked_child_starts_its_pool_afresh():
     os.close(read)
     os.waitpid(pid, 0)
     assert answer == b"1"
+
+
+def test_a_child_forked_after_gdal_threads_started_does_not_open_files_for_them(tmp_path):
+    """GDAL's pool of threads is not remade in a forked child: a multi-threaded read there waits
+    for threads it does not have (a child's read of a file opened with ``NUM_THREADS`` after its
+    parent's hung).  A child forked after its process opened a file for GDAL's multi-threaded read
+    opens its files the ordinary way, and reads them."""
+    from rasterio.windows import Window as RioWindow
+
+    root, _ = _striped_tile(tmp_path, h=512, w=512, blocks=(256, 256))
+    _, scenes, _grid_ = _grid(root)
+    check = lambda src, georeferenced=True: None  # noqa: E731
+    window = RioWindow(0, 0, 512, 256)  # two blocks: GDAL's threads
+    datasets.forget_datasets()
+    datasets._POOL.take(("none", None))  # the new generation
+    datasets._POOL.lean = True
+    version = (scenes[0].size, scenes[0].mtime)
+    with datasets.dataset(scenes[0].boa, version, check, lean=True) as src:
+        assert src.options.get("NUM_THREADS")
+        want = src.read(window=window)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report and leave, whatever happens (killed if the read hangs)
+        ok = False
+        try:
+            datasets._POOL.take(("none", None))
+            datasets._POOL.lean = True  # as if it had run short
+            lent = datasets.dataset(scenes[1].boa, None, check, lean=True)
+            with lent as src:
+                got = src.read(window=window)
+            ok = "NUM_THREADS" not in src.options and not lent.lean and got.shape == want.shape
+        finally:
+            os.write(write, b"1" if ok else b"0")
+            os._exit(0)
+    os.close(write)
+    answered = select.select([read], [], [], 30)[0]
+    answer = os.read(read, 1) if answered else b"hung"
+    os.close(read)
+    if not answered:
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    assert answer == b"1"
+    datasets.forget_datasets()
 
 
 def _checked_files(tmp_path, crs_seen: bool = False):

@@ -371,6 +371,8 @@ class _Pool:
         self.unreturned = 0  # bytes of the datasets closed for lack of room since the last trim
         self.trimmed = 0.0  # when the heap was last trimmed (time.monotonic)
         self.lean = False  # closed datasets for its memory in this generation (LEAN_HELD)
+        self.threaded = False  # opened a file so: GDAL's pool of threads started in this process
+        self.forked_threaded = False  # forked from a process whose GDAL threads had started
 
     def take(self, key):
         """An idle dataset of ``key`` (lent: no longer idle), or None; every idle one of an
@@ -477,6 +479,9 @@ class _Pool:
         self.lock = threading.Lock()
         self.watching, self.room, self.unreturned, self.lean = False, None, 0, False
         self.rest.clear()
+        # GDAL's pool of threads is not remade in a forked child, whose multi-threaded reads
+        # would wait for threads it does not have (a child's read hung so)
+        self.forked_threaded = self.forked_threaded or self.threaded
 
     def recount(self, before: int, after: int) -> None:
         """A lent dataset counted ``before`` bytes holds ``after`` now."""
@@ -635,7 +640,8 @@ def dataset(
     file's size, which :func:`held_by` counts a striped file by.  ``lean``: a local file is
     opened for GDAL's multi-threaded read where the pool has had to close datasets for its memory
     in this generation (:data:`LEAN_HELD`; the BOA files, whose reads call
-    :meth:`Lent.count_reads`)."""
+    :meth:`Lent.count_reads`), unless this process was forked from one that had opened a file so
+    (GDAL's threads are not remade in a forked child)."""
     if not _cache_limited:
         _limit_gdal_cache()
     key = (url, version)
@@ -645,7 +651,9 @@ def dataset(
         return Lent(key, *kept, generation)
     checked = key in _CHECKED  # a file closed for room and opened again is not checked again
     georeferenced = not checked and not (verified and unchanged(url, version))
-    lean = lean and _POOL.lean and not storage.is_remote(url)
+    lean = lean and _POOL.lean and not _POOL.forked_threaded and not storage.is_remote(url)
+    if lean:
+        _POOL.threaded = True
     src = open_raster(url, georeferenced=georeferenced, threads=decode_threads() if lean else None)
     if not checked:
         try:
