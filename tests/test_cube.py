@@ -1508,13 +1508,16 @@ def test_a_forked_child_starts_its_pool_afresh():
     assert answer == b"1"
 
 
-def test_a_child_forked_after_gdal_threads_started_does_not_open_files_for_them(tmp_path):
+def test_a_child_forked_after_gdal_threads_started_does_not_open_files_for_them(
+    tmp_path, monkeypatch
+):
     """GDAL's pool of threads is not remade in a forked child: a multi-threaded read there waits
     for threads it does not have (a child's read of a file opened with ``NUM_THREADS`` after its
     parent's hung).  A child forked after its process opened a file for GDAL's multi-threaded read
     opens its files the ordinary way, and reads them."""
     from rasterio.windows import Window as RioWindow
 
+    monkeypatch.setattr(datasets._POOL, "forwards", False)  # no CPU forward in this process
     root, _ = _striped_tile(tmp_path, h=512, w=512, blocks=(256, 256))
     _, scenes, _grid_ = _grid(root)
     check = lambda src, georeferenced=True: None  # noqa: E731
@@ -1537,6 +1540,10 @@ def test_a_child_forked_after_gdal_threads_started_does_not_open_files_for_them(
             with lent as src:
                 got = src.read(window=window)
             ok = "NUM_THREADS" not in src.options and not lent.lean and got.shape == want.shape
+            # the parent's kept file, opened for GDAL's threads: opened again the ordinary way
+            with datasets.dataset(scenes[0].boa, version, check, lean=True) as src:
+                again = src.read(window=window)
+            ok = ok and not datasets.threaded(src) and (again == want).all()
         finally:
             os.write(write, b"1" if ok else b"0")
             os._exit(0)
@@ -1783,6 +1790,7 @@ def test_scene_files_are_opened_lean_once_the_pool_runs_short_of_memory(
 
     from treesits_dask.io.grid import Window
 
+    monkeypatch.setattr(datasets._POOL, "forwards", False)  # no CPU forward in this process
     root, expected = _striped_tile(tmp_path, h=512, w=512, blocks=blocks)
     _, scenes, grid = _grid(root)
     reader = cube.WindowReader.of_scenes(grid, scenes, DEFAULT_QAI_FLAGS)  # with versions
@@ -1846,6 +1854,22 @@ def test_scene_files_are_opened_lean_once_the_pool_runs_short_of_memory(
         assert grew == (lent.whole if single else datasets.LEAN_HELD)
     with datasets.dataset(scenes[3].qai, None, check, lean=False) as src:
         assert "NUM_THREADS" not in src.options  # the caller's say: a QAI file
+
+    # a CPU forward in this process: no more files opened for GDAL's threads, and those kept so
+    # are opened again the ordinary way as they are lent
+    from treesits_dask.pipeline.predict import FORWARDS_IN_PROGRESS
+
+    with FORWARDS_IN_PROGRESS:
+        assert datasets._POOL.forwards
+    for scene in scenes[1:3]:
+        opens = cube.OPEN_COUNTER.count
+        with datasets.dataset(scene.boa, (scene.size, scene.mtime), check, lean=True) as src:
+            assert not datasets.threaded(src) and cube.OPEN_COUNTER.count == opens + 1
+    with datasets.dataset(
+        scenes[4].boa, (scenes[4].size, scenes[4].mtime), check, lean=True
+    ) as src:
+        assert not datasets.threaded(src)
+    datasets._POOL.forwards = False
 
     datasets.forget_datasets()
     np.testing.assert_array_equal(reader.read(whole_tile), expected)

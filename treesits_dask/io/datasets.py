@@ -56,6 +56,7 @@ __all__ = [
     "Lent",
     "dataset",
     "forget_datasets",
+    "forwards_here",
     "held_by",
     "kept_datasets",
     "LEAN_HELD",
@@ -66,6 +67,7 @@ __all__ = [
     "open_raster",
     "ordinary_read",
     "read_cache_bytes",
+    "threaded",
     "unchanged",
 ]
 
@@ -341,6 +343,22 @@ def decode_threads() -> int:
     return max(2, int(threads))
 
 
+def forwards_here() -> None:
+    """This process runs CPU forwards (``pipeline.predict`` says so at each): from now on it opens
+    no file for GDAL's multi-threaded read (:data:`LEAN_HELD`), and a kept file opened so is
+    opened again the ordinary way when it is next lent (so is one a forked child finds in the
+    pool it inherited).  The forward's threads are given the
+    worker's cores less one per read running (``threads_for_forward``; a read beside a forward
+    that used every core made it 2.4x slower), and GDAL's threads would decode a read's blocks on
+    more than one."""
+    _POOL.forwards = True
+
+
+def threaded(src) -> bool:
+    """Whether ``src`` was opened for GDAL's multi-threaded read (``NUM_THREADS``)."""
+    return "NUM_THREADS" in (getattr(src, "options", None) or {})
+
+
 def ordinary_read(src, window) -> bool:
     """Whether GDAL reads ``window`` (a rasterio ``Window``) of every band of ``src`` through its
     ordinary path although ``src`` was opened for its multi-threaded read: where the window lies
@@ -373,6 +391,7 @@ class _Pool:
         self.lean = False  # closed datasets for its memory in this generation (LEAN_HELD)
         self.threaded = False  # opened a file so: GDAL's pool of threads started in this process
         self.forked_threaded = False  # forked from a process whose GDAL threads had started
+        self.forwards = False  # CPU forwards run in this process (forwards_here)
 
     def take(self, key):
         """An idle dataset of ``key`` (lent: no longer idle), or None; every idle one of an
@@ -489,7 +508,8 @@ class _Pool:
             self.bytes += after - before
 
     def discard(self, src, nbytes: int) -> None:
-        """Close a lent dataset (after a failed read: the next one opens the file afresh)."""
+        """Close a lent dataset (after a failed read, or one opened for GDAL's threads in a process
+        that runs CPU forwards or was forked: the next one opens the file afresh)."""
         with self.lock:
             self._forget(src, nbytes)
         src.close()
@@ -640,18 +660,24 @@ def dataset(
     file's size, which :func:`held_by` counts a striped file by.  ``lean``: a local file is
     opened for GDAL's multi-threaded read where the pool has had to close datasets for its memory
     in this generation (:data:`LEAN_HELD`; the BOA files, whose reads call
-    :meth:`Lent.count_reads`), unless this process was forked from one that had opened a file so
-    (GDAL's threads are not remade in a forked child)."""
+    :meth:`Lent.count_reads`), unless this process runs CPU forwards (:func:`forwards_here`) or
+    was forked from one that had opened a file so (GDAL's threads are not remade in a forked
+    child)."""
     if not _cache_limited:
         _limit_gdal_cache()
     key = (url, version)
     generation = _GENERATION.count  # a forget_datasets from here on: closed when given back
     kept = _POOL.take(key)
     if kept is not None:
-        return Lent(key, *kept, generation)
+        if not ((_POOL.forwards or _POOL.forked_threaded) and threaded(kept[0])):
+            return Lent(key, *kept, generation)
+        # beside CPU forwards, or kept by the parent of this forked child: opened again the
+        # ordinary way
+        _POOL.discard(*kept[:2])
     checked = key in _CHECKED  # a file closed for room and opened again is not checked again
     georeferenced = not checked and not (verified and unchanged(url, version))
-    lean = lean and _POOL.lean and not _POOL.forked_threaded and not storage.is_remote(url)
+    lean = lean and _POOL.lean and not (_POOL.forwards or _POOL.forked_threaded)
+    lean = lean and not storage.is_remote(url)
     if lean:
         _POOL.threaded = True
     src = open_raster(url, georeferenced=georeferenced, threads=decode_threads() if lean else None)

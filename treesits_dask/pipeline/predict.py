@@ -25,6 +25,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from ..io.buffers import trim_heap
 from ..io.cube import NODATA, READS_IN_PROGRESS, InProgress
+from ..io.datasets import forwards_here
 from ..models import ModelSpec
 from ..outputs.alerts import AlertSteps, fresh_state, step
 from ..outputs.schema import (
@@ -81,11 +82,22 @@ class Inference:
 _CACHE: dict[tuple[ModelSpec, str, Inference], object] = {}
 _LOCK = threading.Lock()
 _LOADS = 0
+
+
 # On an accelerator one forward runs at a time per device, the other windows in flight select
 # their pixels beside it (pipeline.devices).  On CPU every worker thread runs its own forward and
 # the worker's cores are shared out among them and the reads (see ModelPlugin).
+class _Forwards(InProgress):
+    """CPU forwards running in this process; the first tells the pool of kept files
+    (:func:`~treesits_dask.io.datasets.forwards_here`)."""
+
+    def __enter__(self):
+        forwards_here()
+        return super().__enter__()
+
+
 #: CPU forwards running in this process right now (see :func:`threads_for_forward`)
-FORWARDS_IN_PROGRESS = InProgress()
+FORWARDS_IN_PROGRESS = _Forwards()
 #: glibc allocator thresholds of inference workers (see :func:`tune_malloc`)
 MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 256 << 20
