@@ -347,10 +347,9 @@ def forwards_here() -> None:
     """This process runs CPU forwards (``pipeline.predict`` says so at each): from now on it opens
     no file for GDAL's multi-threaded read (:data:`LEAN_HELD`), and a kept file opened so is
     opened again the ordinary way when it is next lent (so is one a forked child finds in the
-    pool it inherited).  The forward's threads are given the
-    worker's cores less one per read running (``threads_for_forward``; a read beside a forward
-    that used every core made it 2.4x slower), and GDAL's threads would decode a read's blocks on
-    more than one."""
+    pool it inherited).  The forward's threads are given the worker's cores less one per read
+    running (``threads_for_forward``; a read beside a forward that used every core made it 2.4x
+    slower), and GDAL's threads would decode a read's blocks on more than one."""
     _POOL.forwards = True
 
 
@@ -392,6 +391,12 @@ class _Pool:
         self.threaded = False  # opened a file so: GDAL's pool of threads started in this process
         self.forked_threaded = False  # forked from a process whose GDAL threads had started
         self.forwards = False  # CPU forwards run in this process (forwards_here)
+
+    @property
+    def threads_barred(self) -> bool:
+        """No file may be read on GDAL's threads here: CPU forwards run in this process, or it was
+        forked from one whose GDAL threads had started."""
+        return self.forwards or self.forked_threaded
 
     def take(self, key):
         """An idle dataset of ``key`` (lent: no longer idle), or None; every idle one of an
@@ -445,7 +450,8 @@ class _Pool:
         while self.idle and (self.open > most or self.bytes > budget):
             self.lean = self.lean or self.bytes > budget
             oldest, kept = next(iter(self.idle.items()))
-            closing.append(self._forget(*kept.pop(0)))
+            src, nbytes, _ = kept.pop(0)
+            closing.append(self._forget(src, nbytes))
             if not kept:
                 del self.idle[oldest]
         if not roomy:
@@ -514,7 +520,7 @@ class _Pool:
             self._forget(src, nbytes)
         src.close()
 
-    def _forget(self, src, nbytes: int, whole: int = 0):
+    def _forget(self, src, nbytes: int):
         self.open -= 1
         self.bytes -= nbytes
         return src
@@ -669,15 +675,14 @@ def dataset(
     generation = _GENERATION.count  # a forget_datasets from here on: closed when given back
     kept = _POOL.take(key)
     if kept is not None:
-        if not ((_POOL.forwards or _POOL.forked_threaded) and threaded(kept[0])):
+        if not (_POOL.threads_barred and threaded(kept[0])):
             return Lent(key, *kept, generation)
         # beside CPU forwards, or kept by the parent of this forked child: opened again the
         # ordinary way
         _POOL.discard(*kept[:2])
     checked = key in _CHECKED  # a file closed for room and opened again is not checked again
     georeferenced = not checked and not (verified and unchanged(url, version))
-    lean = lean and _POOL.lean and not (_POOL.forwards or _POOL.forked_threaded)
-    lean = lean and not storage.is_remote(url)
+    lean = lean and _POOL.lean and not _POOL.threads_barred and not storage.is_remote(url)
     if lean:
         _POOL.threaded = True
     src = open_raster(url, georeferenced=georeferenced, threads=decode_threads() if lean else None)

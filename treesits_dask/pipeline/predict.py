@@ -84,9 +84,6 @@ _LOCK = threading.Lock()
 _LOADS = 0
 
 
-# On an accelerator one forward runs at a time per device, the other windows in flight select
-# their pixels beside it (pipeline.devices).  On CPU every worker thread runs its own forward and
-# the worker's cores are shared out among them and the reads (see ModelPlugin).
 class _Forwards(InProgress):
     """CPU forwards running in this process; the first tells the pool of kept files
     (:func:`~treesits_dask.io.datasets.forwards_here`)."""
@@ -96,6 +93,9 @@ class _Forwards(InProgress):
         return super().__enter__()
 
 
+# On an accelerator one forward runs at a time per device, the other windows in flight select
+# their pixels beside it (pipeline.devices).  On CPU every worker thread runs its own forward and
+# the worker's cores are shared out among them and the reads (see ModelPlugin).
 #: CPU forwards running in this process right now (see :func:`threads_for_forward`)
 FORWARDS_IN_PROGRESS = _Forwards()
 #: glibc allocator thresholds of inference workers (see :func:`tune_malloc`)
