@@ -9,6 +9,9 @@ file and window, QAI screening as configured), once per method:
   ``storage.GDAL_DEFAULTS`` and ``storage.s3_environment(endpoint, region, "path")`` applied,
   the tile read as :func:`~treesits_dask.io.cube.tile_cube` reads it (bands of whole file blocks,
   each block requested once, datasets kept open);
+* ``gdal-vsis3-ordinary``: the same, but no BOA file opened for GDAL's multi-threaded read
+  (``NUM_THREADS``) where the pool of kept datasets runs short (as before S3 COGs were opened
+  so; see ``--kept-mib``);
 * ``gdal-vsis3-windows``: the same GDAL reader, but every window read on its own (all scenes, the
   blocks of the window only: a strip crossed by several windows is requested by each), datasets
   kept open;
@@ -62,6 +65,7 @@ from pathlib import Path
 
 METHODS = (
     "gdal-vsis3",
+    "gdal-vsis3-ordinary",
     "gdal-vsis3-windows",
     "gdal-vsis3-windows-reopen",
     "fsspec-fileobj",
@@ -105,6 +109,17 @@ def _child(spec: dict) -> dict:
             storage.s3_environment(spec["endpoint"], REGION, "path", environ={})
         )
     method = spec["method"]
+    if spec.get("kept_mib"):  # the pool's budget, as a worker's share (KEPT_SHARE) would be
+        datasets._BUDGET = int(spec["kept_mib"] * 2**20)
+    if method == "gdal-vsis3-ordinary":
+        from treesits_dask.io import reader as reader_module
+
+        dataset = reader_module.dataset
+
+        def ordinary(url, version, check, verified=False, lean=False):
+            return dataset(url, version, check, verified, lean=False)
+
+        reader_module.dataset = ordinary
     if method.startswith("fsspec"):
         fs, _ = storage.get_fs(spec["boa"][0])
         if method == "fsspec-fileobj":
@@ -188,6 +203,9 @@ def _child(spec: dict) -> dict:
         "windows": len(windows),
         "valid_observations": valid,
         "opens": datasets.OPEN_COUNTER.count,
+        # whether the pool ran short of memory, and opened files for GDAL's threads
+        "pool_short": datasets._POOL.lean,
+        "opened_for_threads": datasets._POOL.threaded,
     }
 
 
@@ -417,7 +435,7 @@ def _bands_verdict(m: dict) -> str:
     """How reading in bands compares with reading window by window (GDAL both)."""
     gdal = m.get("gdal-vsis3")
     parts = []
-    for name in _BY_WINDOW:
+    for name in ("gdal-vsis3-ordinary", *_BY_WINDOW):
         v = m.get(name)
         if not gdal or not v or "requests_median" not in v or "requests_median" not in gdal:
             continue
@@ -425,8 +443,9 @@ def _bands_verdict(m: dict) -> str:
         requests_x = v["requests_median"] / max(gdal["requests_median"], 1)
         bytes_x = v["mib_down_median"] / max(gdal["mib_down_median"], 1e-9)
         parts.append(
-            f"{name} takes {time_x:.1f}x the time of gdal-vsis3 (bands) with {requests_x:.1f}x "
-            f"its requests and {bytes_x:.1f}x its bytes"
+            f"{name} takes {time_x:.2f}x the time of gdal-vsis3 (bands) with {requests_x:.2f}x "
+            f"its requests, {bytes_x:.2f}x its bytes and {v['opens_median']:.0f} opens against "
+            f"{gdal['opens_median']:.0f}"
         )
     return "; ".join(parts) + ("." if parts else "")
 
@@ -503,6 +522,14 @@ def _parser() -> argparse.ArgumentParser:
         help="GDAL configuration option for the readers (repeatable; the child processes do not "
         "inherit GDAL_* / CPL_* variables)",
     )
+    parser.add_argument(
+        "--kept-mib",
+        type=float,
+        default=0.0,
+        help="memory the readers' pool of kept datasets may hold (MiB; 0: its share of this "
+        "machine's memory): a small one makes it close and open files again, as a worker's does "
+        "at hundreds of scenes",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -557,6 +584,7 @@ def _local_cube(args, tmp: str) -> dict:
             "window": list(window),
             "qai_flags": list(qai_flags),
             "tuned_cache": args.tuned_cache,
+            "kept_mib": args.kept_mib,
             "gdal_options": dict(args.gdal_option),
         },
         "files": files,
@@ -665,6 +693,9 @@ def _summary(args, runs: dict[str, list[dict]], counted: bool) -> dict:
             "seconds_median": round(_median([r["seconds"] for r in rs]), 3),
             "seconds_all": [round(r["seconds"], 3) for r in rs],
             "identical_to_local": all(r["sha256"] == reference for r in rs),
+            "opens_median": _median([r["opens"] for r in rs]),
+            "pool_short": any(r.get("pool_short") for r in rs),
+            "opened_for_threads": any(r.get("opened_for_threads") for r in rs),
         }
         if method != "local" and counted:
             summary[method].update(
@@ -704,6 +735,7 @@ def main(argv=None) -> int:
             "windows": first["windows"],
             "file_opens_per_run": first["opens"],
             "qai_flags": list(local["qai_flags"]),
+            "kept_mib": args.kept_mib or None,
             "latency_s": args.latency,
             "repeats": args.repeats,
             "bandwidth_mb_s": args.bandwidth or None,

@@ -281,10 +281,11 @@ TRIMS = Counter()
 
 #: what a dataset opened for GDAL's multi-threaded read is counted to hold.  Where the pool has
 #: had to close datasets for its memory in this generation (its budget, or the room the rest of
-#: the process's memory leaves it), the BOA files of local scenes it opens from then on are opened
-#: so (the GeoTIFF open option ``NUM_THREADS``, :func:`decode_threads`): a read of more than one
-#: block decodes each block into a buffer of its own, freed after it, so the dataset keeps neither
-#: a decoded block of all bands nor libtiff's buffer of a compressed one.  Measured (120 files
+#: the process's memory leaves it), the BOA files of local scenes and COGs on S3 it opens from
+#: then on are opened so (the GeoTIFF open option ``NUM_THREADS``, :func:`decode_threads`): a
+#: read of more than one block decodes each block into a buffer of its own, freed after it, so
+#: the dataset keeps neither a decoded block of all bands nor libtiff's buffer of a compressed
+#: one.  Measured (120 files
 #: kept, each read in 256 x 512 px, GDAL cache 16 MiB): a 3000 px COG 0.16-0.19 MB against 3.17,
 #: a 3000 px FORCE strips BOA (300-row bands) 0.24 MB against 1.67, the same values; 5-10 % more
 #: CPU per read (the blocks go through GDAL's thread pool), so only where the files do not fit
@@ -294,7 +295,8 @@ TRIMS = Counter()
 #: half of, read so in 79.5-88.4 s against 85.6-93.7 s: 1 512-1 609 files kept against 771-878 in
 #: the same budget, 4 266-4 779 opens against 33 779-41 800 (docs/performance.md, "Kept files
 #: opened for GDAL's multi-threaded read").  A QAI file (one band, small blocks) is not opened
-#: so: its reads took 45 % more CPU so, for half its 0.33 MB
+#: so: its reads took 45 % more CPU so, for half its 0.33 MB.  Nor is a striped BOA file on S3
+#: (the reader decides, ``WindowReader._may_be_lean``; docs/performance.md, "Kept files on S3")
 LEAN_HELD = 256 * 2**10
 
 
@@ -663,12 +665,12 @@ def dataset(
     :data:`REOPEN_OPTIONS`).  Raises what opening or ``check`` raises (the file is then not kept).
     The first call of a process limits GDAL's block cache (:data:`READ_GDAL_CACHE`).
     ``version``: as the reader's (size, mtime or ETag); where its first item is an int, it is the
-    file's size, which :func:`held_by` counts a striped file by.  ``lean``: a local file is
+    file's size, which :func:`held_by` counts a striped file by.  ``lean``: the file is
     opened for GDAL's multi-threaded read where the pool has had to close datasets for its memory
-    in this generation (:data:`LEAN_HELD`; the BOA files, whose reads call
-    :meth:`Lent.count_reads`), unless this process runs CPU forwards (:func:`forwards_here`) or
-    was forked from one that had opened a file so (GDAL's threads are not remade in a forked
-    child)."""
+    in this generation (:data:`LEAN_HELD`; the caller's say: the reader's BOA files, local or
+    tiled on S3, whose reads call :meth:`Lent.count_reads`), unless this process runs CPU
+    forwards (:func:`forwards_here`) or was forked from one that had opened a file so (GDAL's
+    threads are not remade in a forked child)."""
     if not _cache_limited:
         _limit_gdal_cache()
     key = (url, version)
@@ -682,7 +684,7 @@ def dataset(
         _POOL.discard(*kept[:2])
     checked = key in _CHECKED  # a file closed for room and opened again is not checked again
     georeferenced = not checked and not (verified and unchanged(url, version))
-    lean = lean and _POOL.lean and not _POOL.threads_barred and not storage.is_remote(url)
+    lean = lean and _POOL.lean and not _POOL.threads_barred
     if lean:
         _POOL.threaded = True
     src = open_raster(url, georeferenced=georeferenced, threads=decode_threads() if lean else None)
