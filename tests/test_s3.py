@@ -416,6 +416,7 @@ def _read_bands_from_s3(moto_endpoint, tmp_path, layout: str, short: bool):
                 for k in range(height // rows)
             ]
             kept = [src for (u, _), e in datasets._POOL.idle.items() if u == url for src, *_ in e]
+            assert datasets.pool_state()["ran_short"] == short
             clear_gdal_cache()
     finally:
         datasets._POOL.lean, datasets._POOL.forwards = saved

@@ -110,7 +110,7 @@ def _child(spec: dict) -> dict:
         )
     method = spec["method"]
     if spec.get("kept_mib"):  # the pool's budget, as a worker's share (KEPT_SHARE) would be
-        datasets._BUDGET = int(spec["kept_mib"] * 2**20)
+        datasets.set_memory_budget(int(spec["kept_mib"] * 2**20))
     if method == "gdal-vsis3-ordinary":
         from treesits_dask.io import reader as reader_module
 
@@ -204,8 +204,8 @@ def _child(spec: dict) -> dict:
         "valid_observations": valid,
         "opens": datasets.OPEN_COUNTER.count,
         # whether the pool ran short of memory, and opened files for GDAL's threads
-        "pool_short": datasets._POOL.lean,
-        "opened_for_threads": datasets._POOL.threaded,
+        "pool_short": datasets.pool_state()["ran_short"],
+        "opened_for_threads": datasets.pool_state()["threads_started"],
     }
 
 

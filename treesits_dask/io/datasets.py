@@ -66,7 +66,9 @@ __all__ = [
     "open_options",
     "open_raster",
     "ordinary_read",
+    "pool_state",
     "read_cache_bytes",
+    "set_memory_budget",
     "threaded",
     "unchanged",
 ]
@@ -285,18 +287,18 @@ TRIMS = Counter()
 #: then on are opened so (the GeoTIFF open option ``NUM_THREADS``, :func:`decode_threads`): a
 #: read of more than one block decodes each block into a buffer of its own, freed after it, so
 #: the dataset keeps neither a decoded block of all bands nor libtiff's buffer of a compressed
-#: one.  Measured (120 files
-#: kept, each read in 256 x 512 px, GDAL cache 16 MiB): a 3000 px COG 0.16-0.19 MB against 3.17,
-#: a 3000 px FORCE strips BOA (300-row bands) 0.24 MB against 1.67, the same values; 5-10 % more
-#: CPU per read (the blocks go through GDAL's thread pool), so only where the files do not fit
-#: otherwise.  A read of one block of a pixel-interleaved file takes GDAL's ordinary path all the
-#: same, after which the dataset is counted whole (:meth:`Lent.count_reads`).  A 3000 px COG of
-#: 600 scenes (12 GiB worker of 2 threads, 200 px windows), whose files the pool's 12 % held about
-#: half of, read so in 79.5-88.4 s against 85.6-93.7 s: 1 512-1 609 files kept against 771-878 in
-#: the same budget, 4 266-4 779 opens against 33 779-41 800 (docs/performance.md, "Kept files
-#: opened for GDAL's multi-threaded read").  A QAI file (one band, small blocks) is not opened
-#: so: its reads took 45 % more CPU so, for half its 0.33 MB.  Nor is a striped BOA file on S3
-#: (the reader decides, ``WindowReader._may_be_lean``; docs/performance.md, "Kept files on S3")
+#: one.  Measured (120 files kept, each read in 256 x 512 px, GDAL cache 16 MiB): a 3000 px COG
+#: 0.16-0.19 MB against 3.17, a 3000 px FORCE strips BOA (300-row bands) 0.24 MB against 1.67,
+#: the same values; 5-10 % more CPU per read (the blocks go through GDAL's thread pool), so only
+#: where the files do not fit otherwise.  A read of one block of a pixel-interleaved file takes
+#: GDAL's ordinary path all the same, after which the dataset is counted whole
+#: (:meth:`Lent.count_reads`).  A 3000 px COG of 600 scenes (12 GiB worker of 2 threads, 200 px
+#: windows), whose files the pool's 12 % held about half of, read so in 79.5-88.4 s against
+#: 85.6-93.7 s: 1 512-1 609 files kept against 771-878 in the same budget, 4 266-4 779 opens
+#: against 33 779-41 800 (docs/performance.md, "Kept files opened for GDAL's multi-threaded
+#: read").  A QAI file (one band, small blocks) is not opened so: its reads took 45 % more CPU
+#: so, for half its 0.33 MB.  Nor is a striped BOA file on S3 (the reader decides,
+#: ``WindowReader._may_be_lean``; docs/performance.md, "Kept files on S3")
 LEAN_HELD = 256 * 2**10
 
 
@@ -713,6 +715,25 @@ def unchanged(url: str, version) -> bool:
     except OSError:
         return False
     return (st.st_size, str(st.st_mtime)) == version
+
+
+def set_memory_budget(nbytes: int) -> None:
+    """The datasets this process keeps may hold ``nbytes`` from now on, instead of
+    :data:`KEPT_SHARE` of its memory limit: a benchmark's process that is no worker runs short as
+    a worker's pool does at hundreds of scenes (``python -m treesits_dask.bench.s3_read
+    --kept-mib``)."""
+    global _BUDGET
+    memory_budget()  # the limit, found once
+    with _POOL.lock:
+        _BUDGET = int(nbytes)
+
+
+def pool_state() -> dict:
+    """``ran_short``: the pool has closed datasets for its memory in this generation (it opens
+    files for GDAL's multi-threaded read from then on, :data:`LEAN_HELD`); ``threads_started``:
+    this process opened a file so."""
+    with _POOL.lock:
+        return {"ran_short": _POOL.lean, "threads_started": _POOL.threaded}
 
 
 def kept_datasets() -> tuple[int, int]:

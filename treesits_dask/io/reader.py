@@ -449,11 +449,11 @@ class WindowReader:
     def _may_be_lean(self, url: str, qai: bool) -> bool:
         """Whether the pool may open ``url`` for GDAL's multi-threaded read where it runs short
         (:data:`~treesits_dask.io.datasets.LEAN_HELD`): a BOA file, local, or on S3 where it is
-        tiled (a COG).  On S3 a file the pool closes costs a request again when it is opened
-        (0.5-1.2 GETs per open measured), and COGs opened so were read in fewer requests and less
-        time; striped BOA files on S3 opened so took 2.2 times as long, in fewer requests
-        (``python -m treesits_dask.bench.s3_read --kept-mib``, docs/performance.md, "Kept files
-        on S3")."""
+        tiled (a COG; the tile's layout, which its grid has from its first scene).  On S3 a file
+        the pool closes costs requests again when it is opened (0.5-1.2 GETs per open
+        measured), and COGs opened so were read in fewer requests and less time; striped BOA
+        files on S3 opened so took 2.2 times as long, in fewer requests (``python -m
+        treesits_dask.bench.s3_read --kept-mib``, docs/performance.md, "Kept files on S3")."""
         if qai:
             return False
         return self.grid.block_shape[1] < self.grid.width or not storage.is_remote(url)
