@@ -197,6 +197,7 @@ def _child(spec: dict) -> dict:
         digest.update(np.ascontiguousarray(arr).tobytes())
         valid += int(np.count_nonzero(arr[:, 0] != cube.NODATA))
     seconds = time.perf_counter() - t0
+    pool = datasets.pool_state()
     return {
         "seconds": seconds,
         "sha256": digest.hexdigest(),
@@ -204,8 +205,8 @@ def _child(spec: dict) -> dict:
         "valid_observations": valid,
         "opens": datasets.OPEN_COUNTER.count,
         # whether the pool ran short of memory, and opened files for GDAL's threads
-        "pool_short": datasets.pool_state()["ran_short"],
-        "opened_for_threads": datasets.pool_state()["threads_started"],
+        "pool_short": pool["ran_short"],
+        "opened_for_threads": pool["threads_started"],
     }
 
 

@@ -564,7 +564,7 @@ def stream_windows(grid: TileGrid, layout: WindowLayout) -> WindowLayout:
     bh, bw = max(1, grid.block_shape[0]), max(1, grid.block_shape[1])
     rows = min(grid.height, bh * max(1, -(-min(layout.shape[0], BAND_ROWS) // bh)))
     width = min(layout.shape[1], grid.width)
-    if bw < grid.width:  # tiled files: whole blocks wide, so that sections cut no block
+    if not grid.striped:  # tiled files: whole blocks wide, so that sections cut no block
         most = max(1, STREAM_WINDOW_PIXELS // (rows * bw))
         width = min(grid.width, bw * min(most, max(1, round(width / bw))))
     width = -(-width // max(1, -(-rows * width // STREAM_WINDOW_PIXELS)))

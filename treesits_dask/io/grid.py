@@ -42,6 +42,11 @@ class TileGrid:
     count: int
 
     @property
+    def striped(self) -> bool:
+        """Whether its files are in full-width strips (FORCE < 3.8), not tiled (a COG)."""
+        return self.block_shape[1] >= self.width
+
+    @property
     def affine(self):
         from affine import Affine
 
@@ -196,7 +201,7 @@ def read_shape(grid: TileGrid, window: tuple[int, int]) -> tuple[int, int]:
     rows, cols = window
     if WindowLayout.of(grid, window).block_aligned((bh, bw)):
         return window
-    if bw >= grid.width:  # striped: whole strips near the window's height
+    if grid.striped:  # whole strips near the window's height
         if rows >= grid.height:
             return window
         near = [m * bh for m in (rows // bh, rows // bh + 1) if m >= 1 and m * bh <= grid.height]
@@ -234,7 +239,7 @@ def block_chunk(grid: TileGrid, window: tuple[int, int]) -> tuple[int, int] | No
     (:func:`~treesits_dask.pipeline.memory.fitting_chunk`)."""
     bh, bw = max(1, grid.block_shape[0]), max(1, grid.block_shape[1])
     rows, cols = window
-    if bw >= grid.width or read_shape(grid, window) != tuple(window):
+    if grid.striped or read_shape(grid, window) != tuple(window):
         return None  # striped, or a chunk of whole blocks near the window already
     if WindowLayout.of(grid, window).block_aligned((bh, bw)):
         return None

@@ -456,7 +456,7 @@ class WindowReader:
         treesits_dask.bench.s3_read --kept-mib``, docs/performance.md, "Kept files on S3")."""
         if qai:
             return False
-        return self.grid.block_shape[1] < self.grid.width or not storage.is_remote(url)
+        return not self.grid.striped or not storage.is_remote(url)
 
     def _screening(self, t: int, rows, cols, runs, q: np.ndarray) -> tuple[list, list]:
         """The QAI of scene ``t`` in the ``runs`` of the rectangle (read into ``q``): what it
