@@ -486,10 +486,13 @@ def test_first_scene_checked_against_prj(hand_tile):
         cube.tile_grid(definition, scenes[0])
 
 
-def _striped_tile(tmp_path, rows_per_strip=7, h=37, w=50, n=5, blocks=None, clouds=False):
+def _striped_tile(
+    tmp_path, rows_per_strip=7, h=37, w=50, n=5, blocks=None, clouds=False, layouts=None
+):
     """A tile of ``n`` scenes, striped (``rows_per_strip``) or tiled (``blocks``), with QAI.
     ``clouds``: scene 1 is all cloud, scene 2 cloud in its first 7 rows, scene 3 beyond the
-    swath (nodata) in rows 0:16, cols 0:32 (the rest screened at random, as in every scene)."""
+    swath (nodata) in rows 0:16, cols 0:32 (the rest screened at random, as in every scene).
+    ``layouts``: per scene, its ``blocks`` (None: striped), instead of ``blocks`` for all."""
     import rasterio
 
     root = tmp_path / "cube"
@@ -502,10 +505,11 @@ def _striped_tile(tmp_path, rows_per_strip=7, h=37, w=50, n=5, blocks=None, clou
         qai[2, :7] = 2 << 1
         qai[3, :16, :32] |= 1
     for t in range(n):
+        own = layouts[t] if layouts is not None else blocks
         path = write_scene(
-            root, "X0010_Y0010", dt.date(2022, 5, 1 + t), data[t], qai[t], blocks=blocks
+            root, "X0010_Y0010", dt.date(2022, 5, 1 + t), data[t], qai[t], blocks=own
         )
-        if blocks is None:  # rewrite striped with the wanted strip height
+        if own is None:  # rewrite striped with the wanted strip height
             for p, arr in ((path, data[t]), (str(path).replace("_BOA", "_QAI"), qai[t][None])):
                 with rasterio.open(p) as src:
                     prof = src.profile
@@ -517,6 +521,152 @@ def _striped_tile(tmp_path, rows_per_strip=7, h=37, w=50, n=5, blocks=None, clou
     for t in range(n):
         expected[t][:, qai_invalid(qai[t], DEFAULT_QAI_FLAGS)] = -9999
     return root, expected
+
+
+@pytest.mark.parametrize(
+    "layouts",
+    [(None, None, None, (16, 16), (16, 16)), ((16, 16), None, (16, 16), None, None)],
+    ids=["strips-then-tiles", "interleaved"],
+)
+@pytest.mark.parametrize("shape", [(14, 25), (16, 16), (10, 10), (7, 50)])
+@pytest.mark.parametrize(
+    "read_bytes, spill",
+    [(1 << 30, None), (1, 1 << 40), (1 << 30, 1 << 40), (1 << 30, 0)],
+    ids=["one-batch", "spills-batch-per-scene", "spills", "no-room"],
+)
+def test_a_tile_in_two_file_layouts_decodes_each_block_once(
+    tmp_path, layouts, shape, read_bytes, spill, caplog, monkeypatch
+):
+    """A tile whose older scenes are FORCE < 3.8 strips and newer ones COGs (or mixed in any
+    order): the driver finds each scene's layout from the headers it reads (the first and the
+    newest, then all), and the tile is read as one part per layout into the same chunks, each
+    planned for its own blocks: the cube is what the files hold, and each block of each file is
+    decoded once (one plan for all, the tile grid's, decodes the other layout's more than once).
+    Where no held memory is left the parts read window by window, each as its own plan says."""
+    import logging
+
+    from treesits_dask.io import layouts as layouts_module
+    from treesits_dask.io.bands import planned_decode
+    from treesits_dask.io.grid import WindowLayout, read_shape
+
+    root, expected = _striped_tile(tmp_path, layouts=layouts)
+    _, scenes, first = _grid(root)
+    assert first.block_shape == (layouts[0] or (7, 50))
+    opened = []
+    real = layouts_module.block_shape_of
+    layouts_module.block_shape_of = lambda url: opened.append(url) or real(url)
+    try:
+        with caplog.at_level(logging.INFO, logger="treesits_dask.io.layouts"):
+            own, grid = layouts_module.with_layouts(scenes, first, {})
+    finally:
+        layouts_module.block_shape_of = real
+    assert len(opened) == 4  # the newest, then the other three (the first's is the grid's)
+    assert [s.block_shape for s in own] == [b or (7, 50) for b in layouts]
+    assert grid.block_shape == (7, 50)  # the layout of most scenes
+    said = ("3 scenes in 7 x 50 px blocks, 2 in 16 x 16" if layouts[0] is None
+            else "2 scenes in 16 x 16 px blocks, 3 in 7 x 50")  # fmt: skip
+    assert f"in 2 file layouts ({said})" in caplog.text
+    assert own == tuple(scenes)  # the same scenes (the block shape is not compared)
+
+    layout = WindowLayout.of(grid, read_shape(grid, shape))
+    memory = dict(read_bytes=read_bytes, held_bytes=None if spill is None else 1, spill_bytes=spill)
+    if spill:  # no room in memory: the pieces go to local disk and are read back from there
+        from treesits_dask.io import pieces as piece_files
+        from treesits_dask.io import reader as reader_module
+
+        (tmp_path / "tmp").mkdir()
+        monkeypatch.setattr(piece_files.tempfile, "tempdir", str(tmp_path / "tmp"))
+        monkeypatch.setattr(piece_files, "_DIR", {})
+        monkeypatch.setattr(reader_module, "in_memory", lambda nbytes: False)
+        written = piece_files.WRITTEN.count
+    files = 5 * 11 * 37 * 50 * 2
+    decoded = {}
+    for name, these in (("parts", own), ("one plan", scenes)):
+        arr = cube.tile_cube(these, grid, layout, DEFAULT_QAI_FLAGS, **memory)
+        before = datasets.DECODED.snapshot()[1]
+        with dask.config.set(scheduler="threads", num_workers=3):
+            got = arr.values
+        np.testing.assert_array_equal(got, expected)
+        decoded[name] = datasets.DECODED.snapshot()[1] - before
+    parts = layouts_module.part_plans(own, grid, layout, read_bytes, 1, memory["held_bytes"], spill)
+    assert [p.grid.block_shape for p, _, _ in parts] == list(
+        dict.fromkeys(b or (7, 50) for b in layouts)
+    )
+    planned = sum(planned_decode(p.grid, layout, plan, len(p.indices), 11) for p, plan, _ in parts)
+    assert decoded["parts"] == planned  # each part as its own plan says
+    if spill:
+        assert piece_files.WRITTEN.count > written  # pieces went through the disk
+    once = all(not (plan.by_window and not plan.aligned) for _, plan, _ in parts)
+    assert once or spill == 0  # no memory, no disk: a part may read window by window
+    if once:
+        assert decoded["parts"] == files  # every block of every file once
+        assert decoded["one plan"] > files  # the tile grid's plan cuts the COGs' blocks
+
+
+def test_the_layouts_of_a_tile_share_the_reading_worker_by_the_bands_they_hold(tmp_path):
+    """The parts of a tile in two file layouts plan with all of a reading worker's memory and disk
+    where the bands they hold with all of it fit together (a part read in chunks of whole blocks
+    holds none: the other part's bands are planned as if alone), else with shares by those
+    bands."""
+    from treesits_dask.io.grid import WindowLayout, read_shape
+    from treesits_dask.io.layouts import part_plans, with_layouts
+
+    layouts = (None, None, (16, 16), (16, 16), (16, 16))
+    root, _ = _striped_tile(tmp_path, layouts=layouts)
+    _, scenes, first = _grid(root)
+    scenes, grid = with_layouts(scenes, first, {})
+    assert grid.block_shape == (16, 16)
+    blocks = WindowLayout.of(grid, read_shape(grid, (16, 16)))  # the COGs' chunks of whole blocks
+    plans = {p.grid.block_shape: plan for p, plan, _ in part_plans(scenes, grid, blocks, 1 << 30)}
+    cog_plan, strip_plan = plans[(16, 16)], plans[(7, 50)]
+    assert cog_plan.aligned and cog_plan.held == 0 and strip_plan.held > 0
+    need = strip_plan.held
+    alone = part_plans(scenes, grid, blocks, 1 << 30, 1, need, 0, need)
+    got = {p.grid.block_shape: (plan, budgets) for p, plan, budgets in alone}
+    assert got[(7, 50)][1] == (need, 0, need) and not got[(7, 50)][0].spills  # as if alone
+    assert got[(7, 50)][0].bands and not got[(7, 50)][0].by_window
+
+    windows = WindowLayout.of(grid, (14, 25))  # both parts hold bands
+    held = {
+        p.grid.block_shape: plan.held for p, plan, _ in part_plans(scenes, grid, windows, 1 << 30)
+    }
+    assert all(held.values())
+    room = sum(held.values()) - 1
+    shared = part_plans(scenes, grid, windows, 1 << 30, 1, room, 10 * room, room)
+    for part, _, (h, spill, in_memory) in shared:
+        assert h == in_memory == room * held[part.grid.block_shape] // sum(held.values())
+        assert spill == 10 * room * held[part.grid.block_shape] // sum(held.values())
+    assert sum(b[0] for *_, b in shared) <= room
+
+
+def test_a_tile_in_two_file_layouts_behind_gates_decodes_each_block_once(tmp_path):
+    """A tile in two file layouts whose parts are read behind gates (their bands' reads wait for
+    windows put together from both parts' pieces: each part's gate waits only for windows above
+    its band, whose pieces of the other part lie above it too): the read ends, the cube is what
+    the files hold, and each block is decoded once."""
+    from treesits_dask.io.grid import WindowLayout
+    from treesits_dask.io.layouts import part_plans, with_layouts
+
+    layouts = (None, None, (16, 16), (16, 16), (16, 16))
+    root, expected = _striped_tile(tmp_path, layouts=layouts, h=96)
+    _, scenes, first = _grid(root)
+    scenes, grid = with_layouts(scenes, first, {})
+    layout = WindowLayout.of(grid, (8, 25))
+    gated = None
+    for spill in (1 << k for k in range(10, 30)):  # the least disk whose plans have a gate
+        parts = part_plans(scenes, grid, layout, 1 << 30, 1, 1, spill)
+        if all(plan.gate and not plan.by_window for _, plan, _ in parts):
+            gated = spill
+            break
+    assert gated is not None
+    arr = cube.tile_cube(scenes, grid, layout, DEFAULT_QAI_FLAGS, held_bytes=1, spill_bytes=gated)
+    graph = dict(arr.data.__dask_graph__())
+    assert sum(1 for k in graph if "read-gate-" in str(k[0])) > 0
+    before = datasets.DECODED.snapshot()[1]
+    with dask.config.set(scheduler="threads", num_workers=3):
+        got = arr.values
+    np.testing.assert_array_equal(got, expected)
+    assert datasets.DECODED.snapshot()[1] - before == 5 * 11 * 96 * 50 * 2
 
 
 @pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["strips", "tiles"])

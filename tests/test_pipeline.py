@@ -666,6 +666,73 @@ def test_a_tile_that_decodes_less_alone_is_read_with_no_other_tile_beside_it(
     _assert_same_maps(tmp_path / "a", tmp_path / "b")
 
 
+def test_a_cube_kept_up_to_date_across_force_versions_maps_what_one_layout_maps(
+    native_lstm, tmp_path, client, caplog
+):
+    """A tile read by a first run in FORCE < 3.8 strips, then grown by scenes that a newer FORCE
+    wrote as COGs (the same pixels): the second run finds the new scenes' layout in the headers it
+    checks and the older ones' by reading theirs again, reads each layout in blocks of its own
+    (the plan counts each block once, where one plan for all, the strips', decodes the COGs'
+    blocks more than 1.5 times), says so, and maps what a run over the same scenes all in strips
+    maps."""
+    import dataclasses
+    import logging
+    import shutil
+
+    from treesits_dask.io.bands import plan_reads, planned_decode
+    from treesits_dask.pipeline.plan import make_plan
+    from treesits_dask.synthetic import make_cube
+
+    cubes = {
+        layout: make_cube(
+            tmp_path / layout,
+            size=300,
+            n_scenes=9,
+            layout=layout,
+            seed=4,
+            mask_dir=str(tmp_path / layout / "masks"),
+        )  # fmt: skip
+        for layout in ("strips", "cog")
+    }
+    grown = tmp_path / "grown"
+    shutil.copytree(cubes["strips"].root, grown)
+    folder = grown / "X0069_Y0043"
+    newest = sorted(folder.glob("*_SEN2?_BOA.tif"))[-3:]
+    for boa in newest:
+        for name in (boa.name, boa.name.replace("_BOA", "_QAI")):
+            (folder / name).unlink()
+
+    def config(root, out):
+        return load_config(
+            overrides=dict(cube=str(root), tiles="all", output=str(out), model=native_lstm,
+                           window="100x100", mask_dir=cubes["strips"].mask_dir, cog=False),
+            environ={},
+        )  # fmt: skip
+
+    run(config(grown, tmp_path / "map"), client=client)
+    for boa in newest:  # the newer FORCE's COGs of the same scenes
+        for name in (boa.name, boa.name.replace("_BOA", "_QAI")):
+            shutil.copy(cubes["cog"].root + f"/X0069_Y0043/{name}", folder / name)
+    plan = make_plan(config(grown, tmp_path / "map"))
+    (tile,) = plan.tiles
+    assert [s.block_shape for s in tile.scenes] == [(30, 300)] * 6 + [(256, 256)] * 3
+    assert tile.grid.block_shape == (30, 300)
+    (summary,) = plan.summary()["tiles"]
+    assert summary["file_blocks"] == {"30x300": 6, "256x256": 3}
+    assert summary["read"]["decoded_over_tile"] <= 1.0
+    assert "256 x 256 px blocks in bands" in summary["read"]["mode"]
+    one = plan_reads(tile.grid, tile.reading, 9, 1 << 40)  # one plan for all, the strips'
+    cog = dataclasses.replace(tile.grid, block_shape=(256, 256))
+    assert planned_decode(cog, tile.reading, one, 3) > 1.5 * 3 * 300 * 300 * 10 * 2
+    with caplog.at_level(logging.INFO, logger="treesits_dask.io.cube"):
+        run(config(grown, tmp_path / "map"), client=client)
+    assert "6 scenes in 30 x 300 px blocks, 3 in 256 x 256, each read in blocks of its own" in (
+        caplog.text
+    )
+    run(config(cubes["strips"].root, tmp_path / "reference"), client=client)
+    _assert_same_maps(tmp_path / "map", tmp_path / "reference")
+
+
 @pytest.mark.parametrize(
     "layout,size,window,chunk,chunks,windows",
     [

@@ -41,6 +41,7 @@ def open_cube(
     """
     from .io.cube import tile_cube, tile_grid
     from .io.grid import WindowLayout, choose_window_shape
+    from .io.layouts import with_layouts
 
     settings = InputSettings(
         cube=cube, sensors=sensors, start_date=start_date, end_date=end_date, qai=qai, window=window
@@ -54,7 +55,7 @@ def open_cube(
             f"tile {tile} of {cube} has no BOA scenes of sensors {','.join(settings.sensors)} "
             "in the date window; check the tile, sensors, start_date and end_date"
         )
-    grid = tile_grid(definition, scenes[0])
+    scenes, grid = with_layouts(scenes, tile_grid(definition, scenes[0]), {})
     shape = choose_window_shape(grid, settings.window_shape, len(scenes))
     return tile_cube(scenes, grid, WindowLayout.of(grid, shape), settings.qai_flags)
 

@@ -22,11 +22,12 @@ import numpy as np
 
 from ..errors import InputDataError
 from . import storage
-from .bands import BANDS_HELD, ReadPlan, plan_reads, planned_decode
+from .bands import BANDS_HELD, ReadPlan, planned_decode
 from .crs import same_crs, short_crs
 from .datasets import OPEN_COUNTER, Counter, check_header, open_error, open_raster
 from .discovery import S2_BANDS, CubeDefinition, Scene
 from .grid import TileGrid, WindowLayout
+from .layouts import layouts_text, part_plans
 from .reader import NODATA, READS_IN_PROGRESS, InProgress, WindowReader, assemble
 from .remote import read_retrying
 
@@ -98,12 +99,15 @@ def tile_grid(definition: CubeDefinition, scene: Scene) -> TileGrid:
     return grid
 
 
-def _header_problem(url: str, grid: TileGrid, bands: int) -> str | None:
-    """The problem of one scene file's header, or None (opened with retries when remote)."""
+def _header_problem(url: str, grid: TileGrid, bands: int, shapes: dict | None = None) -> str | None:
+    """The problem of one scene file's header, or None (opened with retries when remote); its
+    block shape into ``shapes`` (where given)."""
 
     def check() -> None:
         with open_raster(url) as src:
             check_header(src, url, grid, bands)
+            if shapes is not None:
+                shapes[url] = tuple(src.block_shapes[0])
 
     try:
         read_retrying(url, check, what="reading the header", permanent=(InputDataError,))
@@ -120,11 +124,13 @@ def scene_problems(
     qai_flags: Sequence[str] = (),
     known: frozenset[str] = frozenset(),
     threads: int = 16,
+    shapes: dict[str, tuple[int, int]] | None = None,
 ) -> list[str]:
     """What is wrong with the scenes of a tile, from their headers only (many read at once): a
     BOA or QAI file that does not open, has other bands or another grid or CRS than ``grid``, or
     a missing QAI twin while ``qai_flags`` screen.  Scenes named in ``known`` (checked by an earlier
-    run and unchanged since) are not opened again."""
+    run and unchanged since) are not opened again.  ``shapes`` (where given) receives the block
+    shape of each BOA file opened (:func:`~treesits_dask.io.layouts.with_layouts`)."""
     from concurrent.futures import ThreadPoolExecutor
 
     problems = []
@@ -143,7 +149,9 @@ def scene_problems(
             files.append((scene.qai, 1))
     if files:
         with ThreadPoolExecutor(max(1, min(threads, len(files)))) as pool:
-            found = pool.map(lambda f: _header_problem(f[0], grid, f[1]), files)
+            found = pool.map(
+                lambda f: _header_problem(f[0], grid, f[1], shapes if f[1] > 1 else None), files
+            )
             problems += [p for p in found if p]
     return problems
 
@@ -188,6 +196,12 @@ def tile_cube(
     ``in_memory_bytes``: the memory a reading worker may fill with bands held whole in memory
     that windows cross (None: ``held_bytes``); such bands that fit ``held_bytes`` but not this
     are read as a plan that spills, where ``spill_bytes`` is known.
+    Scenes in another file layout than others (``Scene.block_shape``, FORCE < 3.8 strips and
+    FORCE >= 3.8 COGs in one tile) are read as one part per layout, each planned for its own
+    blocks into the chunks of ``layout`` (``held_bytes``, ``spill_bytes`` and
+    ``in_memory_bytes`` shared among them by the bands they hold), and each chunk is put together
+    from the pieces of every part (:mod:`treesits_dask.io.layouts`): every block is still decoded
+    once.
     ``checked``: the scenes whose file headers the run's driver
     checked (:func:`scene_problems`): the workers check again only those of their files found
     changed since (see :class:`~treesits_dask.io.reader.WindowReader`).  ``worker``: where the
@@ -200,25 +214,209 @@ def tile_cube(
     many in one message as fit 50 MB of "a few bytes" each: gigabytes at once
     (:func:`~treesits_dask.pipeline.reading.spill_worker`).
     """
-    import dask
-    import dask.array as da
     import rioxarray  # noqa: F401  (registers the .rio accessor)
     import xarray as xr
+
+    parts = part_plans(scenes, grid, layout, read_bytes, min_read_tasks, held_bytes, spill_bytes,
+                       in_memory_bytes)  # fmt: skip
+    if len(parts) == 1:
+        _, plan, budgets = parts[0]
+        data = _read_data(scenes, grid, layout, qai_flags, mask, plan, budgets, checked, worker)
+    else:
+        log.info("tile %s: %s, each read in blocks of its own into the same chunks",
+                 grid.tile, layouts_text([p for p, _, _ in parts]))  # fmt: skip
+        data = _parts_data(scenes, grid, layout, qai_flags, mask, parts, checked, worker)
+    times = np.array([np.datetime64(s.date, "ns") for s in scenes], dtype="datetime64[ns]")
+    arr = xr.DataArray(
+        data,
+        dims=("time", "band", "y", "x"),
+        coords={
+            "time": times,
+            "band": list(S2_BANDS[: grid.count]),
+            "y": grid.y_coords(),
+            "x": grid.x_coords(),
+            "sensor": ("time", [s.sensor for s in scenes]),
+        },
+        name=grid.tile,
+        attrs={"nodata": NODATA, "tile": grid.tile, "_FillValue": NODATA},
+    )
+    arr = arr.rio.write_crs(grid.crs_wkt).rio.write_transform(grid.affine)
+    return arr
+
+
+def _read_data(
+    scenes: Sequence[Scene],
+    grid: TileGrid,
+    layout: WindowLayout,
+    qai_flags: Sequence[str],
+    mask,
+    plan: ReadPlan,
+    budgets: tuple,
+    checked: Sequence[Scene] = (),
+    worker: str | None = None,
+):
+    """The dask array (time, band, y, x) of ``scenes``, all in the block layout of ``grid``, read
+    by ``plan`` into the chunks of ``layout`` (see :func:`tile_cube`; ``budgets``: the
+    ``held_bytes``, ``spill_bytes`` and ``in_memory_bytes`` the plan was made with)."""
+    import dask
+    import dask.array as da
     from dask.base import tokenize
     from dask.highlevelgraph import HighLevelGraph
 
     reader = WindowReader.of_scenes(grid, scenes, qai_flags, checked)
-    plan = plan_reads(
-        grid, layout, len(scenes), read_bytes, min_tasks=min_read_tasks, held_bytes=held_bytes,
-        spill_bytes=spill_bytes, in_memory_bytes=in_memory_bytes,
-    )  # fmt: skip
+    _log_plan(grid, len(scenes), layout, plan, *budgets)
+    token = tokenize(reader, layout.shape, plan, mask.name if mask is not None else None)
+    name = f"read-{grid.tile}-{token}"
+    dsk = _read_graph(reader, layout, plan, name, mask.name if mask is not None else None)
+    chunks = ((len(scenes),), (grid.count,), *layout.chunks)
+    annotations: dict = {}
+    priority = _priority(plan, layout)
+    if priority is not None:
+        annotations = {"priority": priority}
+    if plan.spills and worker is not None:
+        annotations |= {"workers": [worker], "allow_other_workers": True}
+    with dask.annotate(**annotations) if annotations else nullcontext():
+        graph = HighLevelGraph.from_collections(
+            name, dsk, dependencies=[mask] if mask is not None else []
+        )
+    return da.Array(graph, name, chunks, dtype=np.int16)
+
+
+def _parts_data(
+    scenes: Sequence[Scene],
+    grid: TileGrid,
+    layout: WindowLayout,
+    qai_flags: Sequence[str],
+    mask,
+    parts: tuple,
+    checked: Sequence[Scene] = (),
+    worker: str | None = None,
+):
+    """The dask array of a tile whose ``scenes`` are in more than one file layout: ``parts``
+    (:func:`~treesits_dask.io.layouts.part_plans`: each part, its plan and the budgets it was
+    planned with), each read by its own plan (:func:`_read_tasks`), and each chunk put together
+    from the pieces (or chunks) of every part, in the scenes' order, as one window of one plan
+    is: one layer, whose tasks take the priorities of their part's plan (a chunk the most urgent
+    of them), all on ``worker`` where a part's plan spills (None: any)."""
+    import dask
+    import dask.array as da
+    from dask.base import tokenize
+    from dask.highlevelgraph import HighLevelGraph
+
+    n, mask_name = len(scenes), mask.name if mask is not None else None
+    own = []
+    for part, plan, budgets in parts:
+        _log_plan(part.grid, len(part.indices), layout, plan, *budgets)
+        reader = WindowReader.of_scenes(part.grid, [scenes[i] for i in part.indices], qai_flags,
+                                        checked)  # fmt: skip
+        own.append((part, plan, reader, tokenize(reader, layout.shape, plan, mask_name)))
+    name = f"read-{grid.tile}-{tokenize([token for *_, token in own])}"
+    dsk: dict = {}
+    found: dict = {}
+    priorities = []
+    for part, plan, reader, token in own:
+        part_name = f"read-{grid.tile}-{token}"
+        tasks, pieces = _read_tasks(reader, layout, plan, part_name, mask_name, name)
+        dsk.update(tasks)
+        priorities.append((token, _priority(plan, layout), _task_rows(plan, layout)))
+        for i, j, w in layout:  # the part's pieces of the window, or its chunk of the window
+            here = pieces.get((i, j)) or [
+                ((part_name, 0, 0, i, j), None, (0, len(part.indices), 0, w.height))
+            ]
+            found.setdefault((i, j), []).extend(
+                (key, pick, _in_tile(part.indices, where)) for key, pick, where in here
+            )
+    for (i, j), pieces in found.items():
+        w = layout.windows[i][j]
+        dsk[(name, 0, 0, i, j)] = _assembled((n, grid.count, w.height, w.width), mask_name, i, j,
+                                             pieces)  # fmt: skip
+    rows = tuple(w[0].row_off for w in layout.windows)
+    annotations = {"priority": functools.partial(_parts_priority, tuple(priorities), rows)}
+    if worker is not None and any(plan.spills for _, plan, _ in parts):
+        annotations |= {"workers": [worker], "allow_other_workers": True}
+    with dask.annotate(**annotations) if annotations else nullcontext():
+        graph = HighLevelGraph.from_collections(
+            name, dsk, dependencies=[mask] if mask is not None else []
+        )
+    return da.Array(graph, name, ((n,), (grid.count,), *layout.chunks), dtype=np.int16)
+
+
+def _in_tile(indices: tuple[int, ...], where: tuple) -> tuple:
+    """A piece's ``where`` (scenes ``[s0, s1)`` of its part, whose positions among the tile's
+    scenes are ``indices``) as the tile's: ``(first, last + 1, r0, r1)`` where they are
+    consecutive there, else ``(positions, None, r0, r1)``
+    (:func:`~treesits_dask.io.reader.assemble`)."""
+    s0, s1, r0, r1 = where
+    at = indices[s0:s1]
+    if at[-1] - at[0] == len(at) - 1:
+        return (at[0], at[-1] + 1, r0, r1)
+    return (tuple(at), None, r0, r1)
+
+
+def _priority(plan: ReadPlan, layout: WindowLayout):
+    """The priority annotation of the read tasks of ``plan`` (None: none): section after section
+    where it is read in sections, else picks first where it spills or has a gate."""
+    if plan.sections > 1:
+        return functools.partial(
+            _by_section, plan.sections, len(plan.bands), _column_sections(plan, layout),
+            gated=plan.gate > 0,
+        )  # fmt: skip
+    if plan.spills or plan.gate:
+        return functools.partial(_picks_first, gated=plan.gate > 0)
+    return None
+
+
+def _task_rows(plan: ReadPlan, layout: WindowLayout) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The first row of each band of ``plan``, and of each group of windows read together."""
+    groups = tuple(layout.windows[g[0][0]][0].row_off for g in plan.groups)
+    return tuple(b.row_off for b in plan.bands), groups
+
+
+def _parts_priority(priorities: tuple, rows: tuple[int, ...], key) -> int:
+    """Dask priority of a task of :func:`_parts_data`: its part's (``priorities``: per part the
+    token that ends its task names, its plan's priority function or None, and the first rows of
+    its bands and groups of windows, :func:`_task_rows`), and within that, the higher its rows
+    in the tile the sooner, so that the parts read the same rows at the same time and a chunk
+    does not wait for one part while the other's pieces pile up (``rows``: the first row of
+    each window row); a chunk put together from every part's, the most urgent the parts' give
+    it."""
+    name = str(key[0])
+    token = name.rsplit("-", 1)[-1]
+    if name.startswith(("read-band-", "read-row-", "read-gate-", "read-group-")):
+        found = next(p for p in priorities if p[0] == token)
+        band_rows, group_rows = found[2]
+        row = (group_rows if name.startswith("read-group-") else band_rows)[key[1]]
+        fns = [found[1]]
+    else:  # a window of a part or of the tile, or what a gate waits for: (name, [0, 0,] i, j)
+        row = rows[key[-2]]
+        own = [p for p in priorities if p[0] == token]
+        fns = [p[1] for p in (own or priorities)]
+    level = max((fn(key) if fn is not None else 0) for fn in fns)
+    return level * _ROWS - row  # rows order the tasks of one level
+
+
+#: more than the rows of any tile: a level of a plan's priorities in :func:`_parts_priority`
+_ROWS = 1 << 20
+
+
+def _log_plan(
+    grid: TileGrid,
+    n_scenes: int,
+    layout: WindowLayout,
+    plan: ReadPlan,
+    held_bytes: int | None,
+    spill_bytes: int | None,
+    in_memory_bytes: int | None,
+) -> None:
+    """What a plan that does not hold every band of all scenes in memory does, logged (a warning
+    where it decodes blocks more than once)."""
     # tile, bands held, scenes, GiB they hold, GiB of memory and of spill disk a worker may fill
     sizes = (
-        grid.tile, plan.bands_held, len(scenes), plan.held / 2**30,
+        grid.tile, plan.bands_held, n_scenes, plan.held / 2**30,
         (held_bytes or 0) / 2**30, (spill_bytes or 0) / 2**30,
     )  # fmt: skip
     if plan.sections > 1:
-        tile_bytes = len(scenes) * grid.height * grid.width * grid.count * 2
+        tile_bytes = n_scenes * grid.height * grid.width * grid.count * 2
         log.warning(
             "tile %s: the bands of all %d scenes over its full width fit neither %.1f GiB of a "
             "reading worker's memory nor %.1f GiB of its spill disk: reading it in %d sections "
@@ -227,8 +425,8 @@ def tile_cube(
             "the tile by the plan's count; give the reading workers more memory or local disk, "
             "fewer tiles in flight each (tiles_in_flight: a tile's share of a reading worker's "
             "memory and disk), or fewer scenes per run, to decode once)",
-            grid.tile, len(scenes), *sizes[4:], plan.sections, plan.bands_held, plan.held / 2**30,
-            planned_decode(grid, layout, plan, len(scenes)) / tile_bytes,
+            grid.tile, n_scenes, *sizes[4:], plan.sections, plan.bands_held, plan.held / 2**30,
+            planned_decode(grid, layout, plan, n_scenes) / tile_bytes,
         )  # fmt: skip
     elif plan.gate:
         log.info(
@@ -236,7 +434,7 @@ def tile_cube(
             "reading worker's memory nor %.1f GiB of its spill disk: reading it %d bands at a time "
             "(%.1f GiB; each band's reads wait until the windows of the band %d above it are put "
             "together); every block is still decoded once",
-            grid.tile, BANDS_HELD, len(scenes), *sizes[4:], plan.gate, plan.held / 2**30,
+            grid.tile, BANDS_HELD, n_scenes, *sizes[4:], plan.gate, plan.held / 2**30,
             plan.gate,
         )  # fmt: skip
     elif plan.by_window and not plan.aligned:
@@ -260,47 +458,44 @@ def tile_cube(
             *sizes[:4], ((in_memory_bytes if whole else held_bytes) or 0) / 2**30,
             " (what it holds whole of bands that windows cross)" if whole else "", sizes[5],
         )  # fmt: skip
-    token = tokenize(reader, layout.shape, plan, mask.name if mask is not None else None)
-    name = f"read-{grid.tile}-{token}"
-    dsk = _read_graph(reader, layout, plan, name, mask.name if mask is not None else None)
-    chunks = ((len(scenes),), (grid.count,), *layout.chunks)
-    deps = [mask] if mask is not None else []
-    annotations: dict = {}
-    if plan.sections > 1:
-        priority = functools.partial(
-            _by_section, plan.sections, len(plan.bands), _column_sections(plan, layout),
-            gated=plan.gate > 0,
-        )  # fmt: skip
-        annotations = {"priority": priority}
-    elif plan.spills or plan.gate:
-        annotations = {"priority": functools.partial(_picks_first, gated=plan.gate > 0)}
-    if plan.spills and worker is not None:
-        annotations |= {"workers": [worker], "allow_other_workers": True}
-    with dask.annotate(**annotations) if annotations else nullcontext():
-        graph = HighLevelGraph.from_collections(name, dsk, dependencies=deps)
-    data = da.Array(graph, name, chunks, dtype=np.int16)
-    times = np.array([np.datetime64(s.date, "ns") for s in scenes], dtype="datetime64[ns]")
-    arr = xr.DataArray(
-        data,
-        dims=("time", "band", "y", "x"),
-        coords={
-            "time": times,
-            "band": list(S2_BANDS[: grid.count]),
-            "y": grid.y_coords(),
-            "x": grid.x_coords(),
-            "sensor": ("time", [s.sensor for s in scenes]),
-        },
-        name=grid.tile,
-        attrs={"nodata": NODATA, "tile": grid.tile, "_FillValue": NODATA},
-    )
-    arr = arr.rio.write_crs(grid.crs_wkt).rio.write_transform(grid.affine)
-    return arr
 
 
 def _read_graph(
     reader: WindowReader, layout: WindowLayout, plan: ReadPlan, name: str, mask: str | None
 ) -> dict:
-    """The tasks of :func:`tile_cube`: per band and batch of scenes a read task; per window row
+    """The tasks of :func:`tile_cube` (:func:`_read_tasks`) and per window a task that puts its
+    pieces together."""
+    dsk, pieces = _read_tasks(reader, layout, plan, name, mask, name)
+    shape = (len(reader.boa), reader.grid.count)
+    for (i, j), found in pieces.items():
+        w = layout.windows[i][j]
+        dsk[(name, 0, 0, i, j)] = _assembled((*shape, w.height, w.width), mask, i, j, found)
+    return dsk
+
+
+def _assembled(shape: tuple, mask: str | None, i: int, j: int, pieces: list) -> tuple:
+    """The task that puts window ``(i, j)`` of ``shape`` together from ``pieces`` (``(key, pick,
+    where)`` each, see :func:`_read_tasks`)."""
+    keys, picks, where = (list(x) for x in zip(*pieces, strict=True))
+    return (_assemble_picked, shape, (mask, i, j) if mask else None, tuple(where), tuple(picks),
+            keys)  # fmt: skip
+
+
+def _read_tasks(
+    reader: WindowReader,
+    layout: WindowLayout,
+    plan: ReadPlan,
+    name: str,
+    mask: str | None,
+    windows: str,
+) -> tuple[dict, dict]:
+    """The tasks of :func:`tile_cube` but the windows put together from pieces, and the pieces of
+    each such window: ``{(i, j): [(key, pick, (first scene, last scene + 1, first row, last row +
+    1)), ...]}`` (``pick`` the piece's position in the key's result, None where the result is
+    the piece).  ``windows``: the name of the windows put together (``name``, or the windows of
+    a tile's parts, see :func:`_parts_data`), which a gate waits for.
+
+    Per band and batch of scenes a read task; per window row
     that crosses the band a task that picks the pieces of that row's windows out of it (so that a
     window pulls only its row's share of a band from another worker, and a tile has two of these
     per band, not one per window: each small task costs the worker a dispatch; where the plan
@@ -318,7 +513,7 @@ def _read_graph(
     sent anywhere for it), and per such band a task that waits for those: the band's read tasks
     take it as their first argument (:func:`_after`)."""
     bands, rows = name.replace("read-", "read-band-", 1), name.replace("read-", "read-row-", 1)
-    n_scenes, count = len(reader.boa), reader.grid.count
+    n_scenes = len(reader.boa)
     own = plan.spills or plan.sections > 1 or plan.gate > 0
     read_band = reader.read_band
     if own:  # pieces to local disk only where the plan counts on it
@@ -327,15 +522,15 @@ def _read_graph(
     if plan.by_window:  # windows read on their own, several per task where they are aligned
         group = name.replace("read-", "read-group-", 1)
         for g, ij in enumerate(plan.groups):
-            windows = tuple(layout.windows[i][j] for i, j in ij)
+            read = tuple(layout.windows[i][j] for i, j in ij)
             masks = [(mask, i, j) for i, j in ij] if mask else []
             if len(ij) == 1:  # the task's result is the window itself
-                dsk[(name, 0, 0, *ij[0])] = (reader.read, *windows, *masks)
+                dsk[(name, 0, 0, *ij[0])] = (reader.read, *read, *masks)
                 continue
-            dsk[(group, g)] = (reader.read_windows, windows, *masks)
+            dsk[(group, g)] = (reader.read_windows, read, *masks)
             for k, (i, j) in enumerate(ij):
                 dsk[(name, 0, 0, i, j)] = (operator.getitem, (group, g), k)
-        return dsk
+        return dsk, {}
     # (band, piece) -> (its group: a window row, or the piece itself; its position in the group,
     # None where the group's task result is the piece itself)
     grouped: dict[tuple[int, int], tuple[int, int | None]] = {}
@@ -345,7 +540,7 @@ def _read_graph(
         if waits:
             dsk[(gates, band.index)] = (_after, [(done, i, j) for i, j in waits])
             for i, j in waits:
-                dsk[(done, i, j)] = (_after, (name, 0, 0, i, j))
+                dsk[(done, i, j)] = (_after, (windows, 0, 0, i, j))
         masks = [(mask, p.i, p.j) for p in band.pieces] if mask else []
         if plan.direct(band):
             p = band.pieces[0]
@@ -372,23 +567,17 @@ def _read_graph(
                     if own
                     else (_pick, (bands, band.index, s), tuple(ks))
                 )
-    for i, j, w in layout:
+    pieces: dict = {}
+    for i, j, _ in layout:
         if (name, 0, 0, i, j) in dsk:
             continue
-        keys, where, picks = [], [], []
+        found = pieces[(i, j)] = []
         for b, k in plan.of_window[(i, j)]:
             window_rows = plan.bands[b].pieces[k].window_rows
             group, at = grouped[(b, k)]
             for s, (start, stop) in enumerate(plan.batches):
-                keys.append((rows, b, s, group))
-                picks.append(at)
-                where.append((start, stop, *window_rows))
-        shape = (n_scenes, count, w.height, w.width)
-        dsk[(name, 0, 0, i, j)] = (
-            _assemble_picked, shape, (mask, i, j) if mask else None, tuple(where), tuple(picks),
-            keys,
-        )  # fmt: skip
-    return dsk
+                found.append(((rows, b, s, group), at, (start, stop, *window_rows)))
+    return dsk, pieces
 
 
 def read_tile(key) -> str | None:

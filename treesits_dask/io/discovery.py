@@ -107,6 +107,10 @@ class Scene:
     mtime: str | None = field(default=None, compare=False)
     qai_size: int | None = field(default=None, compare=False)
     qai_mtime: str | None = field(default=None, compare=False)
+    #: the BOA file's block shape (rows, cols), where the run's driver read it from the header and
+    #: the tile's scenes are not all in one layout (:func:`~treesits_dask.io.layouts.with_layouts`);
+    #: None: the tile grid's
+    block_shape: tuple[int, int] | None = field(default=None, compare=False)
 
     @property
     def name(self) -> str:

@@ -131,20 +131,22 @@ def assemble(
     shape: tuple[int, ...], mask: np.ndarray | None, where: tuple, pieces: list
 ) -> np.ndarray:
     """A window ``(T, bands, h, w)`` from its pieces: ``pieces[k]`` (a ``(batch, bands, rows, w)``
-    array, or None where nothing was read) holds scenes ``where[k][0]:where[k][1]`` and window
-    rows ``where[k][2]:where[k][3]`` (a :class:`~treesits_dask.io.pieces.DiskPiece` is read from
-    its file).  A window without a mask pixel is a read-only broadcast of
-    nodata (no memory)."""
+    array, or None where nothing was read) holds scenes ``where[k][0]:where[k][1]`` (where
+    ``where[k][1]`` is None: the scenes at the positions ``where[k][0]``, a tile's scenes in
+    more than one file layout) and window rows ``where[k][2]:where[k][3]`` (a
+    :class:`~treesits_dask.io.pieces.DiskPiece` is read from its file).  A window without a mask
+    pixel is a read-only broadcast of nodata (no memory)."""
     if mask is not None and not np.any(mask):
         return np.broadcast_to(np.int16(NODATA), shape)
     out = RECYCLER.empty(shape, np.int16)
     for (s0, s1, r0, r1), piece in zip(where, pieces, strict=True):
+        at = slice(s0, s1) if s1 is not None else list(s0)
         if piece is None:
-            out[s0:s1, :, r0:r1] = NODATA
-        elif isinstance(piece, DiskPiece):
-            piece.read_into(out[s0:s1, :, r0:r1])
+            out[at, :, r0:r1] = NODATA
+        elif isinstance(piece, DiskPiece) and s1 is not None:
+            piece.read_into(out[at, :, r0:r1])
         else:
-            out[s0:s1, :, r0:r1] = piece
+            out[at, :, r0:r1] = piece.load() if isinstance(piece, DiskPiece) else piece
     return out
 
 

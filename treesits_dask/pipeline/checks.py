@@ -15,6 +15,7 @@ can be known from settings, listings, file headers and the checkpoint itself.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 
@@ -22,6 +23,7 @@ from ..config import RunConfig
 from ..errors import DiscoveryError, InputDataError, MaskError, OutputError, TreesitsError
 from ..io import masks, storage
 from ..io.cube import scene_problems, tile_grid
+from ..io.layouts import with_layouts
 from ..models import ModelCard, ModelSpec
 
 __all__ = [
@@ -93,20 +95,24 @@ def tile_problem(tile: str, problems: list[str]) -> InputDataError:
 def check_tiles(config: RunConfig, definition, staged: list, invalid: dict) -> list[tuple]:
     """``(staged tile, grid, mask source)`` of the tiles whose scene headers (QAI files
     included), grid and mask are right; the others go into ``invalid`` with their problems.
+    Where a tile's scenes are in more than one file layout, its staged scenes carry each one's
+    block shape and its grid is in the layout of most of them
+    (:func:`~treesits_dask.io.layouts.with_layouts`).
     Tiles are checked a few at a time, each reading many headers at once (remote headers cost a
     round trip each)."""
     from concurrent.futures import ThreadPoolExecutor
 
     def check(st):
         try:
-            grid = tile_grid(definition, st.scenes[0])
-            problems = scene_problems(st.scenes, grid, config.qai_flags, st.known)
+            grid, shapes = tile_grid(definition, st.scenes[0]), {}
+            problems = scene_problems(st.scenes, grid, config.qai_flags, st.known, shapes=shapes)
             if problems:
                 raise tile_problem(st.tile, problems)
+            scenes, grid = with_layouts(st.scenes, grid, shapes)
             mask = masks.mask_source(st.mask_url, grid) if st.mask_url else None
         except TILE_ERRORS as exc:
             return st, exc
-        return st, (grid, mask)
+        return dataclasses.replace(st, scenes=scenes), (grid, mask)
 
     checked = []
     with ThreadPoolExecutor(max(1, min(_TILES_CHECKED_AT_ONCE, len(staged)))) as pool:

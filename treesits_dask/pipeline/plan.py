@@ -155,6 +155,7 @@ class RunPlan:
 
     def summary(self) -> dict:
         """JSON-able description (what ``plan`` prints)."""
+        from ..io.layouts import layout_parts
         from .cluster import describe
         from .preview import read_preview
 
@@ -170,6 +171,10 @@ class RunPlan:
                 "size_px": [t.grid.height, t.grid.width],
                 "windows": self.windows_per_tile(t),
                 "read_chunk": list(t.reading.shape),
+                "file_blocks": {
+                    f"{p.grid.block_shape[0]}x{p.grid.block_shape[1]}": len(p.indices)
+                    for p in layout_parts(t.scenes, t.grid)
+                },
                 "mask": t.mask.url if t.mask else None,
                 "window_mib": round(self.window_bytes(t) / 2**20, 1),
                 "why": list(t.reasons),

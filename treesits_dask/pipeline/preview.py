@@ -20,7 +20,8 @@ import tempfile
 
 from ..config import RunConfig
 from ..config.kube_resources import parse_quantity
-from ..io.bands import ReadPlan, planned_decode
+from ..io.bands import ReadPlan
+from ..io.layouts import layout_parts
 from .cluster import Routing, declared_routing
 from .memory import expected_workers
 from .reading import (
@@ -36,7 +37,10 @@ from .reading import (
     reading_workers,
     routed_workers,
     stream_sections,
+    tile_decode,
     tile_read_plan,
+    tile_read_plans,
+    tile_scenes,
     tile_states,
 )
 
@@ -125,10 +129,28 @@ def budgets_on(config: RunConfig, workers: dict, routing: Routing):
 
 def _decode(tile, shared: ReadBudget, alone: ReadBudget | None) -> tuple[ReadPlan, bool, int]:
     """The read plan of ``tile`` as a run picks it (with the whole reading worker where it is read
-    alone), whether it is read alone, and the bytes it decodes by the plan's count."""
+    alone), whether it is read alone, and the bytes it decodes by the plan's count (of each
+    scene's blocks in its own layout, :func:`~treesits_dask.pipeline.reading.tile_decode`)."""
     by_itself = read_alone(tile, shared, alone)
-    plan = tile_read_plan(tile, alone if by_itself else shared)
-    return plan, by_itself, planned_decode(tile.grid, tile.reading, plan, read_scenes(tile))
+    reads = alone if by_itself else shared
+    return tile_read_plan(tile, reads), by_itself, tile_decode(tile, reads)
+
+
+def _mode(tile, reads: ReadBudget, plan: ReadPlan) -> str:
+    """How ``tile`` is read under ``reads`` in words that follow "read" (:func:`plan_mode`): where
+    its scenes are in more than one file layout, each layout's part (the plan of most of them
+    where it is streamed)."""
+    parts = tile_read_plans(tile, reads)
+    if len(parts) == 1:
+        return plan_mode(plan)
+    shapes = [
+        f"{n} scenes in {g.block_shape[0]} x {g.block_shape[1]} px blocks" for g, n, _ in parts
+    ]
+    if plan.stream:
+        return f"{plan_mode(plan)}, in one plan for all its layouts ({', '.join(shapes)})"
+    return "; ".join(
+        f"{where} {plan_mode(p)}" for where, (_, _, p) in zip(shapes, parts, strict=True)
+    )
 
 
 def _tile_bytes(tile) -> int:
@@ -170,14 +192,17 @@ def tile_reads(tiles, shared: ReadBudget, alone: ReadBudget | None, on) -> dict[
     out: dict[str, dict] = {}
     seen: dict[tuple, tuple[dict, ReadPlan | None]] = {}
     for tile in tiles:
+        parts = tuple((p.grid.block_shape, len(p.indices))
+                      for p in layout_parts(tile_scenes(tile), tile.grid))  # fmt: skip
         key = (tile.grid.height, tile.grid.width, tuple(tile.grid.block_shape), tile.grid.count,
-               tile.reading.shape, len(tile.scenes), read_scenes(tile), tile.stream)  # fmt: skip
+               tile.reading.shape, len(tile.scenes), read_scenes(tile), tile.stream,
+               parts)  # fmt: skip
         if tile.stream in ("fallback", "required") and tile.mask is not None:
             key += _streamed_as(tile, shared, alone)
         if key not in seen:
             read, by_itself, decoded = _decode(tile, shared, alone)
             entry = {
-                "mode": plan_mode(read),
+                "mode": _mode(tile, alone if by_itself else shared, read),
                 "read_alone": by_itself,
                 "decoded_over_tile": round(decoded / _tile_bytes(tile), 3),
             }

@@ -38,6 +38,8 @@ __all__ = [
     "tile_decode",
     "tile_ordered",
     "tile_read_plan",
+    "tile_read_plans",
+    "tile_scenes",
     "tile_spills",
     "tile_states",
     "worker_disks",
@@ -160,9 +162,14 @@ def idle_reader(workers: dict[str, dict], routing: Routing, busy: list[str | Non
     return idle is not None and idle not in busy
 
 
+def tile_scenes(tile) -> tuple:
+    """The scenes a tile's read goes through, oldest first: its own, and for alert runs the older
+    ones their steps need."""
+    return (*tile.alerts.older, *tile.scenes) if tile.alerts is not None else tuple(tile.scenes)
+
+
 def read_scenes(tile) -> int:
-    """The scenes a tile's read goes through: its own, and for alert runs the older ones their
-    steps need."""
+    """How many scenes a tile's read goes through (:func:`tile_scenes`)."""
     return len(tile.scenes) + (len(tile.alerts.older) if tile.alerts is not None else 0)
 
 
@@ -213,6 +220,27 @@ def stream_sections(tile, reads: ReadBudget) -> int:
     return plan.sections if plan is not None else 0
 
 
+def tile_read_plans(tile, reads: ReadBudget | None) -> tuple:
+    """``(grid, scenes, plan)`` of each part of ``tile``'s read: one, :func:`tile_read_plan`,
+    where its scenes are in one file layout; else one per layout
+    (:func:`~treesits_dask.io.layouts.part_plans`, as
+    :func:`~treesits_dask.io.cube.tile_cube` plans them), or where the tile is streamed (one plan
+    for all its scenes), that plan with each layout's grid and scene count (its decoded bytes
+    are each layout's at its own blocks).  Empty where :func:`tile_read_plan` is None."""
+    from ..io.layouts import layout_parts, part_plans
+
+    plan = tile_read_plan(tile, reads)
+    if plan is None:
+        return ()
+    scenes = tile_scenes(tile)
+    parts = layout_parts(scenes, tile.grid)
+    if len(parts) == 1 or plan.stream:
+        return tuple((p.grid, len(p.indices), plan) for p in parts)
+    planned = part_plans(scenes, tile.grid, tile.reading, reads.task_bytes, reads.threads,
+                         reads.held_bytes, reads.spill_bytes, reads.in_memory_bytes)  # fmt: skip
+    return tuple((p.grid, len(p.indices), plan) for p, plan, _ in planned)
+
+
 def mask_states(plan, grid, mask, per_pixel: int) -> int:
     """The most memory the model states (``per_pixel`` bytes each) of a tile of ``grid`` hold at
     once where it is streamed by ``plan``: the pixels of ``mask`` (a
@@ -227,18 +255,18 @@ def mask_states(plan, grid, mask, per_pixel: int) -> int:
 def tile_spills(tile, reads: ReadBudget | None) -> bool:
     """Whether the read plan of ``tile`` (a :class:`~treesits_dask.pipeline.plan.TilePlan`) spills
     under ``reads`` (:func:`tile_read_plan`): such a tile is read on one reading worker
-    (:func:`spill_worker`)."""
-    plan = tile_read_plan(tile, reads)
-    return plan is not None and plan.spills
+    (:func:`spill_worker`); where its scenes are in more than one file layout, whether a part's
+    plan spills (:func:`tile_read_plans`)."""
+    return any(plan.spills for _, _, plan in tile_read_plans(tile, reads))
 
 
 def tile_ordered(tile, reads: ReadBudget | None) -> bool:
     """Whether ``tile`` is read in sections of window columns, behind a gate or streamed
     (:func:`tile_read_plan`), whose order its graph's priorities give (a section after the
     other; the windows a gate waits for as soon as they are put together; a streamed tile's
-    batches one after the other): a graph that must not be optimised (fusion drops them)."""
-    plan = tile_read_plan(tile, reads)
-    return plan is not None and (plan.sections > 1 or plan.gate > 0 or plan.stream)
+    batches one after the other): a graph that must not be optimised (fusion drops them); where
+    its scenes are in more than one file layout, a part's plan (:func:`tile_read_plans`)."""
+    return any(p.sections > 1 or p.gate > 0 or p.stream for _, _, p in tile_read_plans(tile, reads))
 
 
 def pinned_worker(graph) -> str | None:
@@ -321,15 +349,15 @@ def alone_budget(
 
 
 def tile_decode(tile, reads: ReadBudget | None) -> int | None:
-    """Bytes the read plan of ``tile`` decodes under ``reads``
-    (:func:`~treesits_dask.io.bands.planned_decode`); None without a budget."""
+    """Bytes the read plans of ``tile`` decode under ``reads`` (:func:`tile_read_plans`, each
+    scene's blocks in its own layout: :func:`~treesits_dask.io.bands.planned_decode`); None
+    without a budget."""
     from ..io.bands import planned_decode
 
-    plan = tile_read_plan(tile, reads)
-    if plan is None:
+    plans = tile_read_plans(tile, reads)
+    if not plans:
         return None
-    scenes = read_scenes(tile)
-    return planned_decode(tile.grid, tile.reading, plan, scenes)
+    return sum(planned_decode(grid, tile.reading, plan, n) for grid, n, plan in plans)
 
 
 def read_alone(tile, shared: ReadBudget | None, alone: ReadBudget | None) -> bool:

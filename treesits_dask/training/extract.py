@@ -26,6 +26,7 @@ from ..io.crs import same_crs
 from ..io.cube import NODATA, days_since_epoch, tile_cube, tile_grid
 from ..io.discovery import S2_BANDS
 from ..io.grid import WindowLayout, choose_window_shape
+from ..io.layouts import with_layouts
 from ..models import ModelCard, effective_window
 from .points import ReferencePoints, read_points
 from .samples import SampleSet, encode_labels
@@ -168,7 +169,7 @@ def extract_points(
     for tile in sorted(available & set(tiles)):
         idx = np.flatnonzero(tiles_arr == tile)
         scenes = _tile_scenes(settings, tile, card)
-        grid = tile_grid(definition, scenes[0])
+        scenes, grid = with_layouts(scenes, tile_grid(definition, scenes[0]), {})
         inv = ~grid.affine
         cols_f = inv.a * x[idx] + inv.b * y[idx] + inv.c
         rows_f = inv.d * x[idx] + inv.e * y[idx] + inv.f
