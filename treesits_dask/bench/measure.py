@@ -483,19 +483,32 @@ def decode_run(plan, client, pin: bool = True) -> dict:
 
 
 def read_mode(tile, reads) -> tuple[str, int]:
-    """How a tile is read under ``reads``, and in how many read tasks: ``blocks`` (chunks of whole
-    COG blocks, :func:`~treesits_dask.io.grid.read_shape`), ``windows`` (strip windows of all
-    scenes, or the memory guard's fallback), ``bands`` or ``bands+spill``, with ``+sections``
-    where the guard's fallback reads the tile in sections of window columns."""
-    from ..pipeline.reading import tile_read_plan
+    """How :func:`decode_run` reads a tile under ``reads`` (its plans as
+    :func:`~treesits_dask.io.cube.tile_cube` makes them: one per file layout), and in how many
+    read tasks: ``blocks`` (chunks of whole COG blocks, :func:`~treesits_dask.io.grid.read_shape`),
+    ``windows`` (strip windows of all scenes, or the memory guard's fallback), ``bands`` or
+    ``bands+spill``, with ``+sections`` where the guard's fallback reads the tile in sections of
+    window columns; the modes of a tile in two file layouts joined by ``/``."""
+    from ..io.layouts import part_plans
+    from ..pipeline.reading import tile_scenes
 
-    rp = tile_read_plan(tile, reads)
-    if rp.by_window or all(rp.direct(b) for b in rp.bands):
-        if rp.by_window:  # runs of windows side by side, each by one task
-            return ("blocks" if rp.aligned else "windows"), len(rp.groups)
-        return "windows", len(tile.reading)  # strip windows, each band a window
-    mode = ("bands+spill" if rp.spills else "bands") + ("+sections" if rp.sections > 1 else "")
-    return mode, rp.tasks
+    modes, tasks = [], 0
+    for _, rp, _ in part_plans(tile_scenes(tile), tile.grid, tile.reading, reads.task_bytes,
+                               reads.threads, reads.held_bytes, reads.spill_bytes,
+                               reads.in_memory_bytes):  # fmt: skip
+        if rp.by_window or all(rp.direct(b) for b in rp.bands):
+            if rp.by_window:  # runs of windows side by side, each by one task
+                modes.append("blocks" if rp.aligned else "windows")
+                tasks += len(rp.groups)
+            else:
+                modes.append("windows")  # strip windows, each band a window
+                tasks += len(tile.reading)
+            continue
+        modes.append(
+            ("bands+spill" if rp.spills else "bands") + ("+sections" if rp.sections > 1 else "")
+        )
+        tasks += rp.tasks
+    return "/".join(modes), tasks
 
 
 def decode_seconds(plan, client) -> float:
