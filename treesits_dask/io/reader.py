@@ -451,7 +451,8 @@ class WindowReader:
     def _may_be_lean(self, url: str, qai: bool) -> bool:
         """Whether the pool may open ``url`` for GDAL's multi-threaded read where it runs short
         (:data:`~treesits_dask.io.datasets.LEAN_HELD`): a BOA file, local, or on S3 where it is
-        tiled (a COG; the tile's layout, which its grid has from its first scene).  On S3 a file
+        tiled (a COG: the reader's grid has its scenes' layout, that of a tile's part in its
+        own layout where the tile has two, :mod:`~treesits_dask.io.layouts`).  On S3 a file
         the pool closes costs requests again when it is opened (0.5-1.2 GETs per open
         measured), and COGs opened so were read in fewer requests and less time; striped BOA
         files on S3 opened so took 2.2 times as long, in fewer requests (``python -m
