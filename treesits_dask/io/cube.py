@@ -24,7 +24,14 @@ from ..errors import InputDataError
 from . import storage
 from .bands import BANDS_HELD, ReadPlan, planned_decode
 from .crs import same_crs, short_crs
-from .datasets import OPEN_COUNTER, Counter, check_header, open_error, open_raster
+from .datasets import (
+    OPEN_COUNTER,
+    Counter,
+    check_header,
+    open_error,
+    open_raster,
+    open_retrying,
+)
 from .discovery import S2_BANDS, CubeDefinition, Scene
 from .grid import TileGrid, WindowLayout
 from .layouts import layouts_text, part_plans
@@ -54,19 +61,10 @@ log = logging.getLogger(__name__)
 DEFAULT_READ_BYTES = 1 << 30
 
 
-def _open(url: str):
-    """Open a GeoTIFF (remote ones with retries); :class:`InputDataError` naming it if
-    impossible."""
-    try:
-        return read_retrying(url, lambda: open_raster(url), what="opening")
-    except Exception as exc:  # rasterio raises RasterioIOError and friends
-        raise open_error(url, exc) from exc
-
-
 def tile_grid(definition: CubeDefinition, scene: Scene) -> TileGrid:
     """The tile's pixel grid from its first BOA; checked against datacube-definition.prj."""
 
-    with _open(scene.boa) as src:
+    with open_retrying(scene.boa) as src:
         tr = src.transform
         grid = TileGrid(
             tile=scene.tile,

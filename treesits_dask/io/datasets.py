@@ -39,7 +39,7 @@ from . import storage
 from .buffers import process_rss, target_share, trim_heap, worker_memory_limit
 from .crs import same_crs, short_crs
 from .grid import TileGrid
-from .remote import limit_gdal_cache
+from .remote import limit_gdal_cache, read_retrying
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ __all__ = [
     "decode_threads",
     "memory_budget",
     "open_error",
+    "open_retrying",
     "open_options",
     "open_raster",
     "ordinary_read",
@@ -153,6 +154,15 @@ def open_raster(url: str, georeferenced: bool = True, threads: int | None = None
     if threads is not None and threads > 1:
         options = {**options, "NUM_THREADS": str(threads)}
     return rasterio.open(storage.gdal_path(url), **options)
+
+
+def open_retrying(url: str):
+    """Open a GeoTIFF (remote ones with retries); :class:`InputDataError` naming it if
+    impossible (:func:`open_error`)."""
+    try:
+        return read_retrying(url, lambda: open_raster(url), what="opening")
+    except Exception as exc:  # rasterio raises RasterioIOError and friends
+        raise open_error(url, exc) from exc
 
 
 def open_error(url: str, exc: BaseException) -> InputDataError:

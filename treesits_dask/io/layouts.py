@@ -122,20 +122,13 @@ def layouts_text(parts: Sequence[LayoutPart]) -> str:
 
 
 def block_shape_of(url: str) -> tuple[int, int]:
-    """The block shape (rows, cols) of the first band of a GeoTIFF, from its header (opened with
-    retries where remote); :class:`~treesits_dask.errors.InputDataError` naming it if it cannot be
-    opened."""
-    from .datasets import open_error, open_raster
-    from .remote import read_retrying
+    """The block shape (rows, cols) of the first band of a GeoTIFF, from its header
+    (:func:`~treesits_dask.io.datasets.open_retrying`: with retries where remote, an
+    :class:`~treesits_dask.errors.InputDataError` naming it where it cannot be opened)."""
+    from .datasets import open_retrying
 
-    def read() -> tuple[int, int]:
-        with open_raster(url) as src:
-            return tuple(src.block_shapes[0])
-
-    try:
-        return read_retrying(url, read, what="reading the header")
-    except Exception as exc:  # rasterio raises RasterioIOError and friends
-        raise open_error(url, exc) from exc
+    with open_retrying(url) as src:
+        return tuple(src.block_shapes[0])
 
 
 def with_layouts(

@@ -143,10 +143,12 @@ def assemble(
         at = slice(s0, s1) if s1 is not None else list(s0)
         if piece is None:
             out[at, :, r0:r1] = NODATA
-        elif isinstance(piece, DiskPiece) and s1 is not None:
+        elif not isinstance(piece, DiskPiece):
+            out[at, :, r0:r1] = piece
+        elif s1 is not None:  # straight into the window's scenes
             piece.read_into(out[at, :, r0:r1])
-        else:
-            out[at, :, r0:r1] = piece.load() if isinstance(piece, DiskPiece) else piece
+        else:  # scenes apart: out[list] is a copy, so through the loaded piece
+            out[at, :, r0:r1] = piece.load()
     return out
 
 

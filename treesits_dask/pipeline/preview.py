@@ -30,6 +30,7 @@ from .reading import (
     alone_budget,
     free_disk,
     memory_and_threads,
+    plans_decode,
     read_alone,
     read_budget,
     read_scenes,
@@ -37,8 +38,6 @@ from .reading import (
     reading_workers,
     routed_workers,
     stream_sections,
-    tile_decode,
-    tile_read_plan,
     tile_read_plans,
     tile_scenes,
     tile_states,
@@ -127,29 +126,30 @@ def budgets_on(config: RunConfig, workers: dict, routing: Routing):
     return on
 
 
-def _decode(tile, shared: ReadBudget, alone: ReadBudget | None) -> tuple[ReadPlan, bool, int]:
-    """The read plan of ``tile`` as a run picks it (with the whole reading worker where it is read
-    alone), whether it is read alone, and the bytes it decodes by the plan's count (of each
-    scene's blocks in its own layout, :func:`~treesits_dask.pipeline.reading.tile_decode`)."""
+def _decode(tile, shared: ReadBudget, alone: ReadBudget | None) -> tuple[tuple, bool, int]:
+    """The read plans of ``tile`` as a run picks them (with the whole reading worker where it is
+    read alone; :func:`~treesits_dask.pipeline.reading.tile_read_plans`: one, or one per file
+    layout), whether it is read alone, and the bytes they decode by the plans' count (of each
+    scene's blocks in its own layout)."""
     by_itself = read_alone(tile, shared, alone)
-    reads = alone if by_itself else shared
-    return tile_read_plan(tile, reads), by_itself, tile_decode(tile, reads)
+    plans = tile_read_plans(tile, alone if by_itself else shared)
+    return plans, by_itself, plans_decode(tile, plans)
 
 
-def _mode(tile, reads: ReadBudget, plan: ReadPlan) -> str:
-    """How ``tile`` is read under ``reads`` in words that follow "read" (:func:`plan_mode`): where
-    its scenes are in more than one file layout, each layout's part (the plan of most of them
-    where it is streamed)."""
-    parts = tile_read_plans(tile, reads)
-    if len(parts) == 1:
-        return plan_mode(plan)
+def _mode(plans: tuple) -> str:
+    """How a tile read by ``plans`` (:func:`_decode`) is read, in words that follow "read"
+    (:func:`plan_mode`): where its scenes are in more than one file layout, each layout's part
+    (the plan of most of them where it is streamed)."""
+    first = plans[0][2]
+    if len(plans) == 1:
+        return plan_mode(first)
     shapes = [
-        f"{n} scenes in {g.block_shape[0]} x {g.block_shape[1]} px blocks" for g, n, _ in parts
+        f"{n} scenes in {g.block_shape[0]} x {g.block_shape[1]} px blocks" for g, n, _ in plans
     ]
-    if plan.stream:
-        return f"{plan_mode(plan)}, in one plan for all its layouts ({', '.join(shapes)})"
+    if first.stream:
+        return f"{plan_mode(first)}, in one plan for all its layouts ({', '.join(shapes)})"
     return "; ".join(
-        f"{where} {plan_mode(p)}" for where, (_, _, p) in zip(shapes, parts, strict=True)
+        f"{where} {plan_mode(p)}" for where, (_, _, p) in zip(shapes, plans, strict=True)
     )
 
 
@@ -200,9 +200,10 @@ def tile_reads(tiles, shared: ReadBudget, alone: ReadBudget | None, on) -> dict[
         if tile.stream in ("fallback", "required") and tile.mask is not None:
             key += _streamed_as(tile, shared, alone)
         if key not in seen:
-            read, by_itself, decoded = _decode(tile, shared, alone)
+            plans, by_itself, decoded = _decode(tile, shared, alone)
+            read = plans[0][2]  # a streamed tile's one plan (the parts' are not streamed)
             entry = {
-                "mode": _mode(tile, alone if by_itself else shared, read),
+                "mode": _mode(plans),
                 "read_alone": by_itself,
                 "decoded_over_tile": round(decoded / _tile_bytes(tile), 3),
             }

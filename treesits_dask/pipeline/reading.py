@@ -27,6 +27,7 @@ __all__ = [
     "mask_states",
     "memory_and_threads",
     "pinned_worker",
+    "plans_decode",
     "read_alone",
     "read_budget",
     "read_scenes",
@@ -352,11 +353,15 @@ def tile_decode(tile, reads: ReadBudget | None) -> int | None:
     """Bytes the read plans of ``tile`` decode under ``reads`` (:func:`tile_read_plans`, each
     scene's blocks in its own layout: :func:`~treesits_dask.io.bands.planned_decode`); None
     without a budget."""
+    plans = tile_read_plans(tile, reads)
+    return plans_decode(tile, plans) if plans else None
+
+
+def plans_decode(tile, plans: tuple) -> int:
+    """Bytes the read plans ``plans`` of ``tile`` (:func:`tile_read_plans`) decode, each part's
+    scenes at their own blocks (:func:`~treesits_dask.io.bands.planned_decode`)."""
     from ..io.bands import planned_decode
 
-    plans = tile_read_plans(tile, reads)
-    if not plans:
-        return None
     return sum(planned_decode(grid, tile.reading, plan, n) for grid, n, plan in plans)
 
 
