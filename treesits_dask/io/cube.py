@@ -256,10 +256,7 @@ def _read_data(
     """The dask array (time, band, y, x) of ``scenes``, all in the block layout of ``grid``, read
     by ``plan`` into the chunks of ``layout`` (see :func:`tile_cube`; ``budgets``: the
     ``held_bytes``, ``spill_bytes`` and ``in_memory_bytes`` the plan was made with)."""
-    import dask
-    import dask.array as da
     from dask.base import tokenize
-    from dask.highlevelgraph import HighLevelGraph
 
     reader = WindowReader.of_scenes(grid, scenes, qai_flags, checked)
     _log_plan(grid, len(scenes), layout, plan, *budgets)
@@ -267,11 +264,21 @@ def _read_data(
     name = f"read-{grid.tile}-{token}"
     dsk = _read_graph(reader, layout, plan, name, mask.name if mask is not None else None)
     chunks = ((len(scenes),), (grid.count,), *layout.chunks)
-    annotations: dict = {}
-    priority = _priority(plan, layout)
-    if priority is not None:
-        annotations = {"priority": priority}
-    if plan.spills and worker is not None:
+    return _tile_array(name, dsk, chunks, mask, _priority(plan, layout),
+                       worker if plan.spills else None)  # fmt: skip
+
+
+def _tile_array(name: str, dsk: dict, chunks: tuple, mask, priority, worker: str | None):
+    """The dask array of a tile's read layer ``name`` (its tasks ``dsk``, after the layer of
+    ``mask`` where there is one), its tasks annotated with ``priority`` (a function of a key; None:
+    none) and, where ``worker`` is given, to run on it (a loose restriction, see
+    :func:`tile_cube`)."""
+    import dask
+    import dask.array as da
+    from dask.highlevelgraph import HighLevelGraph
+
+    annotations: dict = {} if priority is None else {"priority": priority}
+    if worker is not None:
         annotations |= {"workers": [worker], "allow_other_workers": True}
     with dask.annotate(**annotations) if annotations else nullcontext():
         graph = HighLevelGraph.from_collections(
@@ -296,10 +303,7 @@ def _parts_data(
     from the pieces (or chunks) of every part, in the scenes' order, as one window of one plan
     is: one layer, whose tasks take the priorities of their part's plan (a chunk the most urgent
     of them), all on ``worker`` where a part's plan spills (None: any)."""
-    import dask
-    import dask.array as da
     from dask.base import tokenize
-    from dask.highlevelgraph import HighLevelGraph
 
     n, mask_name = len(scenes), mask.name if mask is not None else None
     own = []
@@ -329,14 +333,10 @@ def _parts_data(
         dsk[(name, 0, 0, i, j)] = _assembled((n, grid.count, w.height, w.width), mask_name, i, j,
                                              pieces)  # fmt: skip
     rows = tuple(w[0].row_off for w in layout.windows)
-    annotations = {"priority": functools.partial(_parts_priority, tuple(priorities), rows)}
-    if worker is not None and any(plan.spills for _, plan, _ in parts):
-        annotations |= {"workers": [worker], "allow_other_workers": True}
-    with dask.annotate(**annotations) if annotations else nullcontext():
-        graph = HighLevelGraph.from_collections(
-            name, dsk, dependencies=[mask] if mask is not None else []
-        )
-    return da.Array(graph, name, ((n,), (grid.count,), *layout.chunks), dtype=np.int16)
+    priority = functools.partial(_parts_priority, tuple(priorities), rows)
+    spills = any(plan.spills for _, plan, _ in parts)
+    return _tile_array(name, dsk, ((n,), (grid.count,), *layout.chunks), mask, priority,
+                       worker if spills else None)  # fmt: skip
 
 
 def _in_tile(indices: tuple[int, ...], where: tuple) -> tuple:
