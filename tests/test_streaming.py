@@ -793,3 +793,110 @@ def test_plan_weighs_each_masked_sbert_tiles_states(native_sbert, tmp_path):
     assert reads["all"]["mode"] == "in 2 sections of window columns"
     assert reads["few"]["mode"].startswith("in bands, streamed")
     assert reads["all"]["decoded_over_tile"] == 2.0 and reads["few"]["decoded_over_tile"] == 1.0
+
+
+def _grown(tmp_path, cog_positions: tuple[int, ...], size: int = 300, n: int = 9):
+    """A striped cube of ``n`` scenes whose scenes at ``cog_positions`` (oldest first) are the
+    newer FORCE's COGs of the same pixels: a cube kept up to date across FORCE versions."""
+    import shutil
+
+    from treesits_dask.synthetic import make_cube
+
+    cubes = {
+        layout: make_cube(
+            tmp_path / layout,
+            size=size,
+            n_scenes=n,
+            layout=layout,
+            seed=4,
+            mask_dir=str(tmp_path / layout / "masks"),
+        )  # fmt: skip
+        for layout in ("strips", "cog")
+    }
+    grown = tmp_path / "grown"
+    shutil.copytree(cubes["strips"].root, grown)
+    folder = grown / "X0069_Y0043"
+    boas = sorted(folder.glob("*_SEN2?_BOA.tif"))
+    for k in cog_positions:
+        for name in (boas[k].name, boas[k].name.replace("_BOA", "_QAI")):
+            shutil.copy(cubes["cog"].root + f"/X0069_Y0043/{name}", folder / name)
+    return dataclasses.replace(cubes["strips"], root=str(grown)), cubes["strips"]
+
+
+@pytest.mark.parametrize(
+    "family,cogs,masked",
+    [
+        ("lstm", (6, 7, 8), False),  # strips, then COGs: two stages
+        ("lstm", (2, 3, 8), True),  # strips, COGs, strips, a COG: four stages
+        ("sbert", (5, 6, 7, 8), True),
+    ],
+    ids=["lstm-strips-then-cogs", "lstm-interleaved-masked", "sbert-strips-then-cogs-masked"],
+)
+def test_a_streamed_tile_in_two_file_layouts_decodes_each_block_once(
+    native_lstm, native_sbert, tmp_path, client, caplog, family, cogs, masked
+):
+    """A streamed tile whose scenes are FORCE < 3.8 strips and FORCE >= 3.8 COGs is streamed in
+    one stage per run of scenes in one layout, each read in blocks of its own and stepped in
+    windows of its own (30-row strips: the map's 90 x 100 px windows; 256 px COG blocks: 256 x
+    256), each
+    stage's windows taking their states from the stage before: it decodes what the run that
+    holds its windows decodes (every block of every file once at most), where one plan for all
+    decodes the COGs' blocks more than once, and maps the same values as that run and as a run
+    over the same scenes all in strips."""
+    from treesits_dask.io.bands import planned_decode
+    from treesits_dask.io.layouts import layout_runs
+    from treesits_dask.pipeline import reading
+    from treesits_dask.pipeline.plan import make_plan
+
+    grown, strips = _grown(tmp_path, cogs)
+    model = native_lstm if family == "lstm" else native_sbert
+    extra = {} if family == "lstm" else {"uncertainty": ()}
+
+    def config(cube, out, stream):
+        c = _config(cube, model, out, stream, **extra)
+        return c if masked else c.model_copy(update={"mask_dir": None})
+
+    plan = make_plan(config(grown, tmp_path / "s", "always"))
+    (t,) = plan.tiles
+    runs = layout_runs(t.scenes, t.grid)
+    (summary,) = plan.summary()["tiles"]
+    assert summary["read"]["mode"].startswith(f"in {len(runs)} stages, one per run of scenes")
+    assert summary["read"]["decoded_over_tile"] <= 1.0
+    assert len(runs) == (2 if cogs[0] > 3 else 4)
+    budget = reading.ReadBudget(1 << 24, 2, 0)
+    stages = reading.stream_stages(t, budget)
+    assert [run.grid.block_shape for run, _ in stages] == [r.grid.block_shape for r in runs]
+    assert t.reading.shape == (90, 100)  # 3 strips of 30 rows: one band, stepped as they are
+    assert [p.windows.shape for _, p in stages] == [
+        (256, 256) if run.grid.block_shape == (256, 256) else (90, 100) for run, _ in stages
+    ]
+    one = reading.tile_read_plan(t, budget)  # one plan for all scenes, the strips'
+    cog_grid = runs[1].grid
+    stage_cogs = sum(planned_decode(run.grid, t.reading, p, len(run.indices))
+                     for run, p in stages if run.grid == cog_grid)  # fmt: skip
+    assert stage_cogs == len(cogs) * 300 * 300 * 10 * 2  # each block once
+    assert planned_decode(cog_grid, t.reading, one, len(cogs)) > 1.1 * stage_cogs
+
+    before = _decoded(client)
+    run(config(grown, tmp_path / "held", "never"), client=client)
+    held = _decoded(client) - before
+    before = _decoded(client)
+    with caplog.at_level(logging.INFO, logger="treesits_dask"):
+        run(config(grown, tmp_path / "s", "always"), client=client)
+    streamed = _decoded(client) - before
+    assert f"streamed in {len(runs)} stages, one per run of scenes in one file layout" in (
+        caplog.text
+    )
+    assert streamed == held
+    assert streamed <= 9 * 300 * 300 * 10 * 2  # every block of every file once at most (a
+    # block whose pixels are all flagged in the QAI is not decoded)
+    run(config(strips, tmp_path / "strips", "always"), client=client)
+    a = open_map(str(tmp_path / "held"))
+    assert a.probability.notnull().any()
+    for other in ("s", "strips"):
+        b = open_map(str(tmp_path / other))
+        np.testing.assert_allclose(b.probability.values, a.probability.values, rtol=0, atol=1e-5)
+        for var in ("valid_obs", "last_obs_valid", "last_valid_date"):
+            np.testing.assert_array_equal(b[var].values, a[var].values, err_msg=(other, var))
+    if masked:
+        assert a.probability.isnull().any()  # the mask's holes

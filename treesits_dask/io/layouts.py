@@ -18,9 +18,13 @@ against x1.306, the COGs' ZSTD blocks being cheap to decode again), with more pi
 local disk (``benchmarks/layouts.py``).
 
 A tile streamed through the model (:mod:`treesits_dask.pipeline.streaming`) carries its windows'
-states from one batch of scenes to the next in windows that cross no two bands of one plan: it is
-read in one plan, made for the layout of most of its scenes, and decodes the others' blocks more
-than once (``plan`` counts it: :func:`~treesits_dask.pipeline.reading.tile_read_plans`).
+states from one batch of scenes to the next in windows that cross no two bands of one plan.  It
+is streamed in one stage per run of consecutive scenes in one layout (:func:`layout_runs`, at
+most :data:`STREAM_STAGES`), each read by a plan for its own blocks and stepped in windows of
+its own, the first windows of a stage taking their states from the last of the stage before
+(:func:`~treesits_dask.pipeline.streaming.stages_layer`).  Beyond that many runs it is read in
+one plan, made for the layout of most of its scenes, which decodes the others' blocks more than
+once (``plan`` counts it: :func:`~treesits_dask.pipeline.reading.tile_read_plans`).
 
 The driver learns the layouts from the headers it reads anyway (:func:`with_layouts`).
 """
@@ -35,8 +39,8 @@ from collections.abc import Sequence
 from .bands import ReadPlan, plan_reads
 from .grid import TileGrid, WindowLayout
 
-__all__ = ["LayoutPart", "block_shape_of", "layout_parts", "layouts_text", "part_plans", "share",
-           "with_layouts"]  # fmt: skip
+__all__ = ["STREAM_STAGES", "LayoutPart", "block_shape_of", "layout_parts", "layout_runs",
+           "layouts_text", "part_plans", "share", "with_layouts"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,30 @@ def layout_parts(scenes: Sequence, grid: TileGrid) -> tuple[LayoutPart, ...]:
         )
         for shape in dict.fromkeys(shapes)
     )
+
+
+#: a streamed tile is read in one stage per run of consecutive scenes in one file layout where
+#: it has at most this many (each run's windows take their states from the run's before): a
+#: cube that changed layout once has two; beyond, in one plan for all its scenes
+STREAM_STAGES = 4
+
+
+def layout_runs(scenes: Sequence, grid: TileGrid) -> tuple[LayoutPart, ...]:
+    """The runs of consecutive ``scenes`` in one file layout (``Scene.block_shape``; None: the
+    tile grid's), oldest first, each with its grid (as :func:`layout_parts`); one, with ``grid``
+    itself, where they are all in one layout."""
+    parts = layout_parts(scenes, grid)
+    if len(parts) == 1:
+        return parts
+    grids = {p.grid.block_shape: p.grid for p in parts}
+    runs: list[list] = []
+    for i, s in enumerate(scenes):
+        shape = tuple(s.block_shape or grid.block_shape)
+        if runs and runs[-1][0] == shape:
+            runs[-1][1].append(i)
+        else:
+            runs.append([shape, [i]])
+    return tuple(LayoutPart(grids[shape], tuple(indices)) for shape, indices in runs)
 
 
 def share(nbytes: int | None, part: int, whole: int) -> int | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from .preprocess import (
 __all__ = [
     "DEFAULT_MAX_BATCH",
     "Predictor",
+    "gather_stream_states",
     "load_model",
     "read_state_dict",
     "resolve_device",
@@ -113,6 +115,19 @@ def load_model(
     module.to(dev).eval()
     predictor = Predictor(module, card, dev, precision=precision, max_batch=max_batch)
     return predictor.compile() if compile else predictor
+
+
+def gather_stream_states(parts: Sequence[tuple]):
+    """One model state (:meth:`Predictor.stream_state`) of the pixels ``indices`` of each
+    ``(state, indices)`` of ``parts``, in that order: the LSTM's ``(2, layers, n, hidden)``
+    arrays joined along their pixels, SBERT's arrays (:func:`~.preprocess.sbert_state`) along
+    theirs.  A streamed tile whose later scenes are stepped in other windows than its earlier
+    ones gives those windows their pixels' states so (see
+    :mod:`treesits_dask.pipeline.streaming`)."""
+    first = parts[0][0]
+    if isinstance(first, dict):
+        return {k: np.concatenate([s[k][i] for s, i in parts]) for k in first}
+    return np.concatenate([s[:, :, i] for s, i in parts], axis=2)
 
 
 class Predictor:

@@ -138,16 +138,21 @@ def _decode(tile, shared: ReadBudget, alone: ReadBudget | None) -> tuple[tuple, 
 
 def _mode(plans: tuple) -> str:
     """How a tile read by ``plans`` (:func:`_decode`) is read, in words that follow "read"
-    (:func:`plan_mode`): where its scenes are in more than one file layout, each layout's part
-    (the plan of most of them where it is streamed)."""
+    (:func:`plan_mode`): where its scenes are in more than one file layout, each layout's part,
+    or where it is streamed, each stage (a run of scenes in one layout), or the plan of most of
+    them where it streams in one plan for all."""
     first = plans[0][2]
     if len(plans) == 1:
         return plan_mode(first)
     shapes = [
         f"{n} scenes in {g.block_shape[0]} x {g.block_shape[1]} px blocks" for g, n, _ in plans
     ]
-    if first.stream:
+    if first.stream and all(p is first for _, _, p in plans):
         return f"{plan_mode(first)}, in one plan for all its layouts ({', '.join(shapes)})"
+    if first.stream:
+        return f"in {len(plans)} stages, one per run of scenes in one file layout: " + "; ".join(
+            f"{where} {plan_mode(p)}" for where, (_, _, p) in zip(shapes, plans, strict=True)
+        )
     return "; ".join(
         f"{where} {plan_mode(p)}" for where, (_, _, p) in zip(shapes, plans, strict=True)
     )
@@ -190,7 +195,7 @@ def tile_reads(tiles, shared: ReadBudget, alone: ReadBudget | None, on) -> dict[
     tiles also by whether they stream and in how many sections, :func:`_streamed_as`); the
     states are each tile's."""
     out: dict[str, dict] = {}
-    seen: dict[tuple, tuple[dict, ReadPlan | None]] = {}
+    seen: dict[tuple, tuple[dict, ReadPlan | None, tuple]] = {}
     for tile in tiles:
         parts = tuple((p.grid.block_shape, len(p.indices))
                       for p in layout_parts(tile_scenes(tile), tile.grid))  # fmt: skip
@@ -201,7 +206,7 @@ def tile_reads(tiles, shared: ReadBudget, alone: ReadBudget | None, on) -> dict[
             key += _streamed_as(tile, shared, alone)
         if key not in seen:
             plans, by_itself, decoded = _decode(tile, shared, alone)
-            read = plans[0][2]  # a streamed tile's one plan (the parts' are not streamed)
+            read = plans[0][2]  # a streamed tile's plan, or its first stage's (parts: not streamed)
             entry = {
                 "mode": _mode(plans),
                 "read_alone": by_itself,
@@ -211,10 +216,11 @@ def tile_reads(tiles, shared: ReadBudget, alone: ReadBudget | None, on) -> dict[
                 entry["decode_once_free_disk_gib"] = _disk_to_decode_once(tile, on)
             if read is not None and read.stream:
                 entry["stream_chunk"] = list((read.windows or tile.reading).shape)
-            seen[key] = (entry, read)
-        entry, read = seen[key]
-        if read is not None and read.stream:  # of the tile's mask's pixels
-            entry = entry | {"stream_state_gib": round(tile_states(tile, read) / 2**30, 2)}
+            seen[key] = (entry, read, plans)
+        entry, read, plans = seen[key]
+        if read is not None and read.stream:  # of the tile's mask's pixels, its largest stage's
+            states = max(tile_states(tile, p) for _, _, p in plans)
+            entry = entry | {"stream_state_gib": round(states / 2**30, 2)}
         out[tile.tile] = entry
     return out
 

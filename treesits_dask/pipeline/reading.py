@@ -1,7 +1,11 @@
 """How much a tile's read tasks may hold, from the reading workers of the cluster (see
 :mod:`treesits_dask.io.bands`): the decoded scenes of one read task, and the bands of all scenes
 a reading worker holds in memory while windows are put together from them, and the local disk
-it may fill with what Dask spills of them (the memory guard)."""
+it may fill with what Dask spills of them (the memory guard).
+
+This module is longer than 400 lines: the budgets, the reading workers they come from and the
+plans a tile's read follows under them (one, one per file layout, or one per stage of a streamed
+tile) are asked together by the planner, the preview and the scheduler."""
 
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ __all__ = [
     "routed_workers",
     "spill_worker",
     "stream_sections",
+    "stream_stages",
     "tile_decode",
     "tile_ordered",
     "tile_read_plan",
@@ -221,12 +226,54 @@ def stream_sections(tile, reads: ReadBudget) -> int:
     return plan.sections if plan is not None else 0
 
 
+def stream_stages(tile, reads: ReadBudget | None) -> tuple:
+    """``(run, plan)`` of each stage of ``tile`` (a :class:`~treesits_dask.pipeline.plan.TilePlan`)
+    where :func:`tile_read_plan` streams it and its scenes are in more than one file layout, in
+    at most :data:`~treesits_dask.io.layouts.STREAM_STAGES` runs of consecutive scenes in one
+    layout (:func:`~treesits_dask.io.layouts.layout_runs`): each run with a streamed plan for
+    its own blocks, in the fewest sections whose model states fit the room of ``reads`` (as a
+    tile that must be streamed is planned, :func:`~treesits_dask.io.bands.plan_reads`); each
+    block of each scene is so decoded once (:func:`~treesits_dask.pipeline.streaming.stages_layer`).
+    Empty where the tile is not streamed, or in one layout, or in more runs."""
+    from ..io.bands import plan_reads
+    from ..io.layouts import STREAM_STAGES, layout_runs
+
+    plan = tile_read_plan(tile, reads)
+    if plan is None or not plan.stream:
+        return ()
+    runs = layout_runs(tile.scenes, tile.grid)
+    if not 1 < len(runs) <= STREAM_STAGES:
+        return ()
+    if reads is None:
+        from ..io.cube import DEFAULT_READ_BYTES
+
+        reads = ReadBudget(DEFAULT_READ_BYTES, 1, 0)
+    states = functools.partial(tile_states, tile)
+    return tuple(
+        (
+            run,
+            plan_reads(
+                run.grid,
+                tile.reading,
+                len(run.indices),
+                reads.task_bytes,
+                min_tasks=reads.threads,
+                stream="required",
+                state_room=reads.state_bytes,
+                states=states,
+            ),
+        )  # fmt: skip
+        for run in runs
+    )
+
+
 def tile_read_plans(tile, reads: ReadBudget | None) -> tuple:
     """``(grid, scenes, plan)`` of each part of ``tile``'s read: one, :func:`tile_read_plan`,
     where its scenes are in one file layout; else one per layout
     (:func:`~treesits_dask.io.layouts.part_plans`, as
-    :func:`~treesits_dask.io.cube.tile_cube` plans them), or where the tile is streamed (one plan
-    for all its scenes), that plan with each layout's grid and scene count (its decoded bytes
+    :func:`~treesits_dask.io.cube.tile_cube` plans them); where the tile is streamed, one per
+    stage (:func:`stream_stages`), or where it streams in one plan for all its scenes (more runs
+    of layouts than stages), that plan with each layout's grid and scene count (its decoded bytes
     are each layout's at its own blocks).  Empty where :func:`tile_read_plan` is None."""
     from ..io.layouts import layout_parts, part_plans
 
@@ -235,6 +282,8 @@ def tile_read_plans(tile, reads: ReadBudget | None) -> tuple:
         return ()
     scenes = tile_scenes(tile)
     parts = layout_parts(scenes, tile.grid)
+    if plan.stream and len(parts) > 1 and (stages := stream_stages(tile, reads)):
+        return tuple((run.grid, len(run.indices), own) for run, own in stages)
     if len(parts) == 1 or plan.stream:
         return tuple((p.grid, len(p.indices), plan) for p in parts)
     planned = part_plans(scenes, tile.grid, tile.reading, reads.task_bytes, reads.threads,

@@ -24,6 +24,7 @@ from ..errors import InputDataError, TreesitsError
 from ..io import discovery
 from ..io.cube import DEFAULT_READ_BYTES, WindowReader, days_since_epoch, tile_cube
 from ..io.datasets import forget_datasets
+from ..io.layouts import layouts_text
 from ..io.masks import open_mask
 from ..io.remote import clear_gdal_cache
 from ..outputs import store
@@ -57,6 +58,7 @@ from .reading import (
     readers,
     reading_workers,
     spill_worker,
+    stream_stages,
     tile_decode,
     tile_ordered,
     tile_read_plan,
@@ -65,7 +67,7 @@ from .reading import (
     worker_disks,
 )
 from .report import RunResult, collect_inference
-from .streaming import Kernel, stream_layer
+from .streaming import Kernel, StreamStage, stages_layer, stream_layer
 
 __all__ = ["Job", "RunCallbacks", "run_tiles", "tile_graph"]
 
@@ -128,6 +130,15 @@ def tile_graph(
     reading = tile.reading  # the chunks read and predicted: the windows, or whole COG blocks
     streamed = tile_read_plan(tile, reads)  # the plan the scheduler's decisions came from
     if streamed is not None and streamed.stream:
+        if stages := stream_stages(tile, reads):  # a stage per run of scenes in one layout
+
+            def mask(windows):  # the tile's mask chunked like a stage's windows
+                with annotate(routing.read):
+                    return open_mask(tile.mask, tile.grid, windows)
+
+            packed = _streamed(plan, tile, streamed, mask if tile.mask else None, routing,
+                               threads, stages)  # fmt: skip
+            return _written(plan, tile, packed, session)
         windows = streamed.windows or reading  # a streamed tile's: crossing no two bands
         with annotate(routing.read):
             mask = open_mask(tile.mask, tile.grid, windows) if tile.mask else None
@@ -163,19 +174,23 @@ def tile_graph(
     return _written(plan, tile, packed, session)
 
 
-def _streamed(plan: RunPlan, tile: TilePlan, read_plan, mask, routing: Routing, threads: int):
+def _streamed(plan: RunPlan, tile: TilePlan, read_plan, mask, routing: Routing, threads: int,
+              stages: tuple = ()):  # fmt: skip
     """The packed outputs of a streamed tile (see
     :func:`~treesits_dask.pipeline.streaming.stream_layer`): its reads may run as many units
     ahead of its steps as a tile in flight has reading threads (at least 2: one batch stepped
-    through, the next read)."""
+    through, the next read).  ``stages``: where its scenes are in runs of file layouts
+    (:func:`~treesits_dask.pipeline.reading.stream_stages`), each run and its plan, streamed one
+    after the other (:func:`~treesits_dask.pipeline.streaming.stages_layer`; ``mask`` then a
+    function of a stage's windows giving the mask chunked like them, or None)."""
     cfg = plan.config
-    reader = WindowReader.of_scenes(tile.grid, tile.scenes, cfg.qai_flags, tile.scenes)
     kernel = Kernel(plan.spec, cfg.device, Inference.of(cfg), plan.output_grid.packing)
     days = days_since_epoch([s.date for s in tile.scenes])
     ahead = max(2, -(-threads // cfg.tiles_in_flight))
-    scenes, batches = len(tile.scenes), len(read_plan.batches)
-    states = tile_states(tile, read_plan) / 2**30
-    sections = read_plan.sections
+    plans = [own for _, own in stages] or [read_plan]
+    scenes, batches = len(tile.scenes), sum(len(p.batches) for p in plans)
+    states = max(tile_states(tile, p) for p in plans) / 2**30
+    sections = max(p.sections for p in plans)
     log.info(
         "tile %s: streamed through the model in %d batches of its %d scenes (%s, nothing of all "
         "scenes held); its windows' model states hold up to %.2f GiB at once (%s)",
@@ -184,7 +199,23 @@ def _streamed(plan: RunPlan, tile: TilePlan, read_plan, mask, routing: Routing, 
         "crosses it" if sections > 1 else "every block decoded once",
         states, "the pixels of its mask" if tile.mask is not None else "every pixel predicted",
     )  # fmt: skip
-    return stream_layer(reader, tile.reading, read_plan, days, kernel, mask, routing, ahead)
+    if not stages:
+        reader = WindowReader.of_scenes(tile.grid, tile.scenes, cfg.qai_flags, tile.scenes)
+        return stream_layer(reader, tile.reading, read_plan, days, kernel, mask, routing, ahead)
+    log.info(
+        "tile %s: streamed in %d stages, one per run of scenes in one file layout (%s), each "
+        "read in blocks of its own and stepped in windows of its own, the states of each "
+        "stage's windows handed to the next's",
+        tile.tile, len(stages), layouts_text([run for run, _ in stages]),
+    )  # fmt: skip
+    steps = []
+    for run, own in stages:
+        these = [tile.scenes[i] for i in run.indices]
+        reader = WindowReader.of_scenes(run.grid, these, cfg.qai_flags, tile.scenes)
+        windows = own.windows or tile.reading
+        steps.append(StreamStage(reader, own, windows, run.indices[0],
+                                 mask(windows) if mask is not None else None))  # fmt: skip
+    return stages_layer(tuple(steps), days, kernel, routing, ahead)
 
 
 def _written(plan: RunPlan, tile: TilePlan, packed, session):
