@@ -222,3 +222,19 @@ def test_plan_warns_where_a_streamed_tiles_model_states_would_not_fit_its_infere
     big, err = plan("2Gi")
     assert big["reads"]["inference_memory_gib"] == 2.0
     assert "stream_state_gib" in big["tiles"][0]["read"] and "model states" not in err
+
+
+def test_streamed_tiles_that_decode_more_than_once_are_named_in_one_warning():
+    """Tiles streamed in sections of window columns (each full-width strip decoded once per
+    section) decode more than once: ``plan`` and the run name them in one line, their entries
+    holding the windows they are stepped in (a list, which broke the grouping of alike tiles)."""
+    from treesits_dask.pipeline.preview import decode_warnings
+
+    entry = {"mode": "in 2 sections of window columns, streamed through the model in 8 batches "
+             "of scenes", "read_alone": False, "decoded_over_tile": 1.9,
+             "stream_chunk": [300, 250], "stream_state_gib": 1.2}  # fmt: skip
+    reads = {"known": True, "tiles": {"X0069_Y0043": entry, "X0070_Y0043": dict(entry)},
+             "reading_workers": 1, "tiles_in_flight": 1}  # fmt: skip
+    (line,) = decode_warnings(reads)
+    assert line.startswith("2 tiles X0069_Y0043, X0070_Y0043: read in 2 sections of window")
+    assert "each decodes 1.90 times its bytes" in line

@@ -312,7 +312,10 @@ def decode_warnings(reads: dict) -> list[str]:
     alike: dict[tuple, list[str]] = {}
     for tile, entry in reads["tiles"].items():
         if entry["decoded_over_tile"] > DECODE_ONCE:
-            alike.setdefault(tuple(sorted(entry.items())), []).append(tile)
+            # a streamed tile's entry holds its windows' shape, a list
+            key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                               for k, v in entry.items()))  # fmt: skip
+            alike.setdefault(key, []).append(tile)
     for key, tiles in alike.items():
         entry = dict(key)
         need = entry.get("decode_once_free_disk_gib")
