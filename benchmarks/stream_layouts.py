@@ -6,7 +6,7 @@ of its own and stepped in windows of its own (``pipeline.streaming.stages_layer`
 
     python benchmarks/stream_layouts.py --strips STRIPS_CUBE --cogs COG_CUBE --each 60 \\
         --window 250 --memory-limit 12GiB --rounds 2 --workdir /data/wd --json report.json
-    python benchmarks/stream_layouts.py ... --each 40 --cog-scenes 80   # most scenes COGs
+    python benchmarks/stream_layouts.py ... --each 40 --cog-scenes 80 --required  # most COGs
 
 The tile is made of hard links as ``benchmarks/layouts.py`` makes it.  Its mask holds one pixel
 every ``--every`` px in both directions (0.4 % of the tile at 16), so that every block of every
@@ -56,6 +56,10 @@ def main(argv=None) -> int:
     p.add_argument("--cog-scenes", type=int, default=None, help="COG scenes (default --each)")
     p.add_argument("--window", type=int, default=250, help="square windows of this edge")
     p.add_argument("--every", type=int, default=16, help="a mask pixel every this many px")
+    p.add_argument("--required", action="store_true",
+                   help="stream the tile as one whose windows of all scenes the inference "
+                   "workers cannot hold (``required``): a tile of most scenes COGs, read in "
+                   "chunks of whole blocks, is streamed only so")  # fmt: skip
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--memory-limit", default="12GiB")
     p.add_argument("--rounds", type=int, default=2)
@@ -75,8 +79,12 @@ def main(argv=None) -> int:
     )
     from treesits_dask.bench.real import files_bytes
     from treesits_dask.io.layouts import layout_runs
+    from treesits_dask.pipeline import plan as planning
     from treesits_dask.pipeline import reading, schedule
     from treesits_dask.pipeline.plan import make_plan
+
+    if args.required:
+        planning._stream = lambda config, card: "required"
 
     wd = Path(args.workdir)
     each = (args.each, args.each if args.cog_scenes is None else args.cog_scenes)
@@ -92,6 +100,7 @@ def main(argv=None) -> int:
         "cube": str(root), "window": args.window, "threads": args.threads,
         "memory_limit": args.memory_limit, "uncompressed_gb": round(total / 1e9, 2),
         "mask_every_px": args.every, "grid_blocks": list(tile.grid.block_shape),
+        "stream": tile.stream,
         "runs": [[f"{r.grid.block_shape[0]}x{r.grid.block_shape[1]}", len(r.indices)]
                  for r in layout_runs(tile.scenes, tile.grid)],
         "reads": [],

@@ -367,10 +367,12 @@ def no_local_disk(client, workers: list[str] | None = None) -> dict[str, int]:
 
 
 def stream_states(dask_worker) -> int:
-    """Bytes of the streamed model states (the step tasks' results) in this worker's memory."""
+    """Bytes of the streamed model states in this worker's memory: the step tasks' results, and
+    those of the tasks that hand a stage's states to the next stage's windows."""
     fast = getattr(getattr(dask_worker, "data", None), "fast", None)
     weights = getattr(fast, "weights", None) or {}
-    return sum(v for k, v in list(weights.items()) if "stream-step-" in str(k))
+    return sum(v for k, v in list(weights.items())
+               if "stream-step-" in str(k) or "stream-windows-" in str(k))  # fmt: skip
 
 
 def measured_run(client, config, state_digits: int = 2) -> tuple[dict, int | None]:
