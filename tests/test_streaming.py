@@ -900,3 +900,46 @@ def test_a_streamed_tile_in_two_file_layouts_decodes_each_block_once(
             np.testing.assert_array_equal(b[var].values, a[var].values, err_msg=(other, var))
     if masked:
         assert a.probability.isnull().any()  # the mask's holes
+
+
+def test_the_stages_of_a_streamed_tile_hold_two_stages_states_within_the_room(
+    native_lstm, tmp_path
+):
+    """Where a stage hands its windows' states to the next, both stages' states are held: their
+    count is two adjacent stages' together, the stages plan their sections in shares of the room
+    for states so that those fit it, and where the sections that needs would decode more than
+    one plan for all the scenes (a striped stage's full-width strips once per section), the tile
+    is streamed in that one plan."""
+    from treesits_dask.pipeline import reading
+    from treesits_dask.pipeline.plan import make_plan
+
+    grown, _ = _grown(tmp_path, (6, 7, 8))
+    (t,) = make_plan(_config(grown, native_lstm, tmp_path / "o", "always")).tiles
+    free = reading.ReadBudget(1 << 24, 2, 0)
+    runs = [run for run, _ in reading.stream_stages(t, free)]
+    plans = [p for _, p in reading.stream_stages(t, free)]
+    assert len(plans) == 2 and all(p.sections == 1 for p in plans)
+    each = [reading.tile_states(t, p) for p in plans]
+    assert reading.stages_states(t, plans) == sum(each) > max(each)
+    roomy = dataclasses.replace(free, state_bytes=sum(each))
+    assert [p for _, p in reading.stream_stages(t, roomy)] == plans  # both fit: one section
+
+    def decode(these) -> int:
+        staged = zip(runs, these, strict=True)
+        return reading.plans_decode(t, tuple((r.grid, len(r.indices), p) for r, p in staged))
+
+    chosen = set()
+    for room in (sum(each) - 1, max(each), sum(each) // 2, min(each) // 2):
+        tight = dataclasses.replace(free, state_bytes=room)
+        one = reading.tile_read_plan(t, tight)  # one plan for all its scenes, the strips'
+        got = [p for _, p in reading.stream_stages(t, tight)]
+        chosen.add(bool(got))
+        if got:
+            assert max(p.sections for p in got) > 1  # in sections: both do not fit in one
+            assert decode(got) <= decode([one, one])
+            assert reading.stages_states(t, got) <= room or all(
+                p.sections == len(p.windows.windows[0]) for p in got
+            )  # within the room, or in as many sections as window columns
+        else:  # read and counted in the one plan, each layout at its own blocks
+            assert [p for _, _, p in reading.tile_read_plans(t, tight)] == [one, one]
+    assert chosen == {True, False}  # both happen

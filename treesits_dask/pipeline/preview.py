@@ -21,7 +21,7 @@ import tempfile
 from ..config import RunConfig
 from ..config.kube_resources import parse_quantity
 from ..io.bands import ReadPlan
-from ..io.layouts import layout_parts
+from ..io.layouts import layout_runs
 from .cluster import Routing, declared_routing
 from .memory import expected_workers
 from .reading import (
@@ -37,10 +37,10 @@ from .reading import (
     readers,
     reading_workers,
     routed_workers,
+    stages_states,
     stream_sections,
     tile_read_plans,
     tile_scenes,
-    tile_states,
 )
 
 __all__ = [
@@ -198,7 +198,7 @@ def tile_reads(tiles, shared: ReadBudget, alone: ReadBudget | None, on) -> dict[
     seen: dict[tuple, tuple[dict, ReadPlan | None, tuple]] = {}
     for tile in tiles:
         parts = tuple((p.grid.block_shape, len(p.indices))
-                      for p in layout_parts(tile_scenes(tile), tile.grid))  # fmt: skip
+                      for p in layout_runs(tile_scenes(tile), tile.grid))  # fmt: skip
         key = (tile.grid.height, tile.grid.width, tuple(tile.grid.block_shape), tile.grid.count,
                tile.reading.shape, len(tile.scenes), read_scenes(tile), tile.stream,
                parts)  # fmt: skip
@@ -218,8 +218,11 @@ def tile_reads(tiles, shared: ReadBudget, alone: ReadBudget | None, on) -> dict[
                 entry["stream_chunk"] = list((read.windows or tile.reading).shape)
             seen[key] = (entry, read, plans)
         entry, read, plans = seen[key]
-        if read is not None and read.stream:  # of the tile's mask's pixels, its largest stage's
-            states = max(tile_states(tile, p) for _, _, p in plans)
+        if read is not None and read.stream:  # of the tile's mask's pixels, two stages' at once
+            own = [p for _, _, p in plans]
+            if all(p is read for p in own):  # one plan for all its layouts, or one layout
+                own = [read]
+            states = stages_states(tile, own)
             entry = entry | {"stream_state_gib": round(states / 2**30, 2)}
         out[tile.tile] = entry
     return out

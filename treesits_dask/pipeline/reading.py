@@ -40,6 +40,7 @@ __all__ = [
     "routed_workers",
     "spill_worker",
     "stream_sections",
+    "stages_states",
     "stream_stages",
     "tile_decode",
     "tile_ordered",
@@ -231,12 +232,16 @@ def stream_stages(tile, reads: ReadBudget | None) -> tuple:
     where :func:`tile_read_plan` streams it and its scenes are in more than one file layout, in
     at most :data:`~treesits_dask.io.layouts.STREAM_STAGES` runs of consecutive scenes in one
     layout (:func:`~treesits_dask.io.layouts.layout_runs`): each run with a streamed plan for
-    its own blocks, in the fewest sections whose model states fit the room of ``reads`` (as a
-    tile that must be streamed is planned, :func:`~treesits_dask.io.bands.plan_reads`); each
-    block of each scene is so decoded once (:func:`~treesits_dask.pipeline.streaming.stages_layer`).
-    Empty where the tile is not streamed, or in one layout, or in more runs."""
-    from ..io.bands import plan_reads
-    from ..io.layouts import STREAM_STAGES, layout_runs
+    its own blocks (as a tile that must be streamed is planned,
+    :func:`~treesits_dask.io.bands.plan_reads`), each block of each scene so decoded once
+    (:func:`~treesits_dask.pipeline.streaming.stages_layer`).  Where a stage hands its windows'
+    states to the next stage's, both stages' states are held (:func:`stages_states`), so the
+    stages are read in the sections that decode least with the states of every two adjacent
+    stages within the room of ``reads`` for them (a striped stage's sections each decode its
+    full-width strips, a COG stage's cut only the blocks at their edges).  Empty where the tile
+    is not streamed, or in one layout, or in more runs, or where the stages would decode more
+    than the one plan for all its scenes (:func:`plans_decode`)."""
+    from ..io.layouts import STREAM_STAGES, layout_parts, layout_runs
 
     plan = tile_read_plan(tile, reads)
     if plan is None or not plan.stream:
@@ -248,23 +253,63 @@ def stream_stages(tile, reads: ReadBudget | None) -> tuple:
         from ..io.cube import DEFAULT_READ_BYTES
 
         reads = ReadBudget(DEFAULT_READ_BYTES, 1, 0)
-    states = functools.partial(tile_states, tile)
-    return tuple(
-        (
-            run,
-            plan_reads(
-                run.grid,
-                tile.reading,
-                len(run.indices),
-                reads.task_bytes,
-                min_tasks=reads.threads,
-                stream="required",
-                state_room=reads.state_bytes,
-                states=states,
-            ),
-        )  # fmt: skip
-        for run in runs
-    )
+    choices = [_stage_choices(tile, run, reads) for run in runs]
+    stages = tuple(zip(runs, _least_decoding(choices, reads.state_bytes), strict=True))
+    one = [(p.grid, len(p.indices), plan) for p in layout_parts(tile.scenes, tile.grid)]
+    staged = [(run.grid, len(run.indices), own) for run, own in stages]
+    return stages if plans_decode(tile, staged) <= plans_decode(tile, one) else ()
+
+
+def _stage_choices(tile, run, reads: ReadBudget) -> list[tuple]:
+    """``(plan, states, decoded bytes)`` of a stage ``run`` of ``tile`` streamed in 1, 2, ...
+    sections of window columns, up to one per column
+    (:func:`~treesits_dask.io.bands.streamed_within`)."""
+    from ..io.bands import planned_decode, streamed_within
+
+    out: list[tuple] = []
+    n = len(run.indices)
+    while True:
+        k = len(out) + 1
+        plan = streamed_within(run.grid, tile.reading, run.grid.count, n, reads.task_bytes,
+                               reads.threads, lambda p, k=k: p.sections >= k)  # fmt: skip
+        if plan is None or (out and plan.sections <= out[-1][0].sections):
+            return out
+        out.append((plan, tile_states(tile, plan), planned_decode(run.grid, tile.reading, plan, n)))
+
+
+def _least_decoding(choices: list[list[tuple]], room: int | None) -> list:
+    """One plan per stage of ``choices`` (:func:`_stage_choices`, in stage order): those that
+    decode least, with the states of every two adjacent stages within ``room`` (None: no limit);
+    where none are, each stage's in the most sections (the least states)."""
+    if room is None:
+        return [c[0][0] for c in choices]
+    # per choice of the stage so far: (decoded, sections, plans) of the best path ending in it
+    best = {k: (dec, plan.sections, [plan]) for k, (plan, _, dec) in enumerate(choices[0])}
+    for before, here in zip(choices[:-1], choices[1:], strict=True):
+        paths = {}
+        for k, (plan, states, dec) in enumerate(here):
+            fits = [v for k0, v in best.items() if before[k0][1] + states <= room]
+            if fits:
+                d, s, path = min(fits, key=lambda v: v[:2])
+                paths[k] = (d + dec, s + plan.sections, [*path, plan])
+        best = paths
+    if not best:
+        return [c[-1][0] for c in choices]
+    return min(best.values(), key=lambda v: v[:2])[2]
+
+
+def stages_states(tile, plans) -> int:
+    """The most memory the model states of ``tile`` streamed by ``plans`` hold at once
+    (:func:`tile_states` of each plan, in stage order): one plan's, or where a stage hands its
+    windows' states to the next's, the two stages' together (the earlier stage's states of the
+    rows a later band crosses live until that band's windows take theirs from them).  Measured
+    on a 3000 px tile of 4 striped scenes then 4 COGs, a quarter of its pixels masked in (the
+    published LSTM's shapes): the states held 0.50-0.59 GiB at most in stages against 0.22 GiB
+    in one plan, whose own count is 0.44 GiB (``benchmarks/stream_layouts.py``)."""
+    each = [tile_states(tile, p) for p in plans]
+    if len(each) == 1:
+        return each[0]
+    return max(a + b for a, b in zip(each[:-1], each[1:], strict=True))
 
 
 def tile_read_plans(tile, reads: ReadBudget | None) -> tuple:

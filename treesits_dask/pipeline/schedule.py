@@ -58,12 +58,12 @@ from .reading import (
     readers,
     reading_workers,
     spill_worker,
+    stages_states,
     stream_stages,
     tile_decode,
     tile_ordered,
     tile_read_plan,
     tile_spills,
-    tile_states,
     worker_disks,
 )
 from .report import RunResult, collect_inference
@@ -189,7 +189,7 @@ def _streamed(plan: RunPlan, tile: TilePlan, read_plan, mask, routing: Routing, 
     ahead = max(2, -(-threads // cfg.tiles_in_flight))
     plans = [own for _, own in stages] or [read_plan]
     scenes, batches = len(tile.scenes), sum(len(p.batches) for p in plans)
-    states = max(tile_states(tile, p) for p in plans) / 2**30
+    states = stages_states(tile, plans) / 2**30
     sections = max(p.sections for p in plans)
     log.info(
         "tile %s: streamed through the model in %d batches of its %d scenes (%s, nothing of all "
