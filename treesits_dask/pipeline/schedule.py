@@ -130,19 +130,7 @@ def tile_graph(
     reading = tile.reading  # the chunks read and predicted: the windows, or whole COG blocks
     streamed = tile_read_plan(tile, reads)  # the plan the scheduler's decisions came from
     if streamed is not None and streamed.stream:
-        if stages := stream_stages(tile, reads):  # a stage per run of scenes in one layout
-
-            def mask(windows):  # the tile's mask chunked like a stage's windows
-                with annotate(routing.read):
-                    return open_mask(tile.mask, tile.grid, windows)
-
-            packed = _streamed(plan, tile, streamed, mask if tile.mask else None, routing,
-                               threads, stages)  # fmt: skip
-            return _written(plan, tile, packed, session)
-        windows = streamed.windows or reading  # a streamed tile's: crossing no two bands
-        with annotate(routing.read):
-            mask = open_mask(tile.mask, tile.grid, windows) if tile.mask else None
-        packed = _streamed(plan, tile, streamed, mask, routing, threads)
+        packed = _streamed(plan, tile, streamed, routing, threads, stream_stages(tile, reads))
         return _written(plan, tile, packed, session)
     with annotate(routing.read):
         mask = open_mask(tile.mask, tile.grid, reading) if tile.mask else None
@@ -174,15 +162,15 @@ def tile_graph(
     return _written(plan, tile, packed, session)
 
 
-def _streamed(plan: RunPlan, tile: TilePlan, read_plan, mask, routing: Routing, threads: int,
+def _streamed(plan: RunPlan, tile: TilePlan, read_plan, routing: Routing, threads: int,
               stages: tuple = ()):  # fmt: skip
     """The packed outputs of a streamed tile (see
     :func:`~treesits_dask.pipeline.streaming.stream_layer`): its reads may run as many units
     ahead of its steps as a tile in flight has reading threads (at least 2: one batch stepped
     through, the next read).  ``stages``: where its scenes are in runs of file layouts
     (:func:`~treesits_dask.pipeline.reading.stream_stages`), each run and its plan, streamed one
-    after the other (:func:`~treesits_dask.pipeline.streaming.stages_layer`; ``mask`` then a
-    function of a stage's windows giving the mask chunked like them, or None)."""
+    after the other (:func:`~treesits_dask.pipeline.streaming.stages_layer`).  Its mask is
+    opened in the windows each plan steps (crossing no two of its bands)."""
     cfg = plan.config
     kernel = Kernel(plan.spec, cfg.device, Inference.of(cfg), plan.output_grid.packing)
     days = days_since_epoch([s.date for s in tile.scenes])
@@ -199,9 +187,18 @@ def _streamed(plan: RunPlan, tile: TilePlan, read_plan, mask, routing: Routing, 
         "crosses it" if sections > 1 else "every block decoded once",
         states, "the pixels of its mask" if tile.mask is not None else "every pixel predicted",
     )  # fmt: skip
+
+    def mask(windows):  # the tile's mask chunked like the windows a plan steps
+        if not tile.mask:
+            return None
+        with annotate(routing.read):
+            return open_mask(tile.mask, tile.grid, windows)
+
     if not stages:
         reader = WindowReader.of_scenes(tile.grid, tile.scenes, cfg.qai_flags, tile.scenes)
-        return stream_layer(reader, tile.reading, read_plan, days, kernel, mask, routing, ahead)
+        windows = read_plan.windows or tile.reading
+        return stream_layer(reader, windows, read_plan, days, kernel, mask(windows), routing,
+                            ahead)  # fmt: skip
     log.info(
         "tile %s: streamed in %d stages, one per run of scenes in one file layout (%s), each "
         "read in blocks of its own and stepped in windows of its own, the states of each "
@@ -213,8 +210,7 @@ def _streamed(plan: RunPlan, tile: TilePlan, read_plan, mask, routing: Routing, 
         these = [tile.scenes[i] for i in run.indices]
         reader = WindowReader.of_scenes(run.grid, these, cfg.qai_flags, tile.scenes)
         windows = own.windows or tile.reading
-        steps.append(StreamStage(reader, own, windows, run.indices[0],
-                                 mask(windows) if mask is not None else None))  # fmt: skip
+        steps.append(StreamStage(reader, own, windows, run.indices[0], mask(windows)))
     return stages_layer(tuple(steps), days, kernel, routing, ahead)
 
 
