@@ -943,3 +943,30 @@ def test_the_stages_of_a_streamed_tile_hold_two_stages_states_within_the_room(
         else:  # read and counted in the one plan, each layout at its own blocks
             assert [p for _, _, p in reading.tile_read_plans(t, tight)] == [one, one]
     assert chosen == {True, False}  # both happen
+
+
+def test_a_streamed_tiles_read_tasks_name_their_tile(tmp_path):
+    """The read tasks of a streamed tile, of each of its stages, are named as a tile's read tasks
+    are, ``read-...-<tile>-<token>``, so that the scheduler's plugin finds their tile
+    (:func:`~treesits_dask.io.cube.read_tile`)."""
+    from treesits_dask.io import discovery
+    from treesits_dask.io.cube import days_since_epoch, read_tile, tile_grid
+    from treesits_dask.io.grid import WindowLayout
+    from treesits_dask.io.reader import WindowReader
+    from treesits_dask.models import ModelSpec
+    from treesits_dask.outputs.schema import Packing
+    from treesits_dask.pipeline.predict import Inference
+    from treesits_dask.pipeline.streaming import Kernel, StreamStage, stages_layer
+
+    cube = make_cube_once(tmp_path)
+    scenes = discovery.scene_table(str(cube.root), "X0069_Y0043")
+    grid = tile_grid(discovery.read_cube_definition(str(cube.root)), scenes[0])
+    layout = WindowLayout.of(grid, (60, 50))
+    plan = plan_reads(grid, layout, 2, 1, stream="always")
+    kernel = Kernel(ModelSpec("unused.pt", "native"), "cpu", Inference(), Packing(3))
+    stages = tuple(StreamStage(WindowReader.of_scenes(grid, scenes[k:k + 2]), plan, layout, k)
+                   for k in (0, 2))  # fmt: skip
+    arr = stages_layer(stages, days_since_epoch([s.date for s in scenes]), kernel)
+    reads = [k for k in dict(arr.__dask_graph__()) if str(k[0]).startswith("read-")]
+    assert reads and {read_tile(k) for k in reads} == {"X0069_Y0043"}
+    assert len({k[0] for k in reads}) == 4  # the band reads and picks of each stage

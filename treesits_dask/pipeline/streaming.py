@@ -313,17 +313,15 @@ class _Stage:
 
 
 def _stage(stage: StreamStage, tile: str, token: str, n: int, ahead: int) -> _Stage:
+    """The :class:`_Stage` of ``stage``, the ``n``-th of a tile: its tasks named
+    ``<kind>-<tile>-<token>`` as a tile's read tasks are (see
+    :func:`~treesits_dask.io.cube.read_tile`), the token the stage's own."""
+    from dask.base import tokenize
+
     plan, layout, grid = stage.plan, stage.layout, stage.reader.grid
-    names = tuple(
-        f"{kind}-{tile}-{n}-{token}"
-        for kind in (
-            "read-band-stream",
-            "read-pick-stream",
-            "stream-step",
-            "stream-done",
-            "stream-windows",
-        )
-    )
+    own = tokenize(token, n)
+    kinds = ("read-band-stream", "read-pick-stream", "stream-step", "stream-done", "stream-windows")
+    names = tuple(f"{kind}-{tile}-{own}" for kind in kinds)
     out = _Stage(stage, names, [], [], [], {})
     for g, group in enumerate(plan.band_groups()):
         windows = list(dict.fromkeys((p.i, p.j) for b in group for p in plan.bands[b].pieces))
