@@ -970,3 +970,40 @@ def test_a_streamed_tiles_read_tasks_name_their_tile(tmp_path):
     reads = [k for k in dict(arr.__dask_graph__()) if str(k[0]).startswith("read-")]
     assert reads and {read_tile(k) for k in reads} == {"X0069_Y0043"}
     assert len({k[0] for k in reads}) == 4  # the band reads and picks of each stage
+
+
+def test_a_streamed_tile_in_two_file_layouts_in_sections_maps_the_values_of_one_read(
+    native_lstm, tmp_path, client, monkeypatch, caplog
+):
+    """Where two stages' states do not fit the room for them in one section each, the stages are
+    read in sections of window columns (those that decode least, each stage's first windows of a
+    section taking their states from the stage before's windows of the same pixels): the map is
+    the one a run that holds the tile's windows maps."""
+    from treesits_dask.pipeline import reading, schedule
+    from treesits_dask.pipeline.plan import make_plan
+
+    grown, _ = _grown(tmp_path, (5, 6, 7, 8))
+    config = _config(grown, native_lstm, tmp_path / "s", "always")
+    (t,) = make_plan(config).tiles
+    free = reading.ReadBudget(1 << 24, 2, 0)
+    each = [reading.tile_states(t, p) for _, p in reading.stream_stages(t, free)]
+    room = None
+    for r in range(sum(each), 0, -max(1, sum(each) // 50)):  # the largest room that cuts both
+        got = reading.stream_stages(t, dataclasses.replace(free, state_bytes=r))
+        if got and all(p.sections > 1 for _, p in got):
+            room = r
+            break
+    assert room is not None
+    budget = schedule.read_budget
+    monkeypatch.setattr(schedule, "read_budget", lambda *a, **k: dataclasses.replace(
+        budget(*a, **k), state_bytes=room))  # fmt: skip
+    run(_config(grown, native_lstm, tmp_path / "held", "never"), client=client)
+    with caplog.at_level(logging.INFO, logger="treesits_dask"):
+        run(config, client=client)
+    assert "streamed in 2 stages, one per run of scenes in one file layout" in caplog.text
+    assert "sections of window columns" in caplog.text.split(f"tile {t.tile}: streamed")[1]
+    a, b = open_map(str(tmp_path / "held")), open_map(str(tmp_path / "s"))
+    assert a.probability.notnull().any()
+    np.testing.assert_allclose(b.probability.values, a.probability.values, rtol=0, atol=1e-5)
+    for var in ("class", "valid_obs", "last_obs_valid", "last_valid_date"):
+        np.testing.assert_array_equal(b[var].values, a[var].values, err_msg=var)
