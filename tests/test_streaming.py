@@ -1007,3 +1007,27 @@ def test_a_streamed_tile_in_two_file_layouts_in_sections_maps_the_values_of_one_
     np.testing.assert_allclose(b.probability.values, a.probability.values, rtol=0, atol=1e-5)
     for var in ("class", "valid_obs", "last_obs_valid", "last_valid_date"):
         np.testing.assert_array_equal(b[var].values, a[var].values, err_msg=var)
+
+
+def test_the_states_of_pixels_are_gathered_from_several_states():
+    """``gather_stream_states`` joins the states of the pixels picked of each state in order:
+    the LSTM's (h, c) per layer along the pixels, SBERT's kept observations, days and counts;
+    a gathered state steps on as the states it was taken from."""
+    from treesits_dask.models.loading import gather_stream_states
+    from treesits_dask.models.preprocess import sbert_keep, sbert_state
+
+    rng = np.random.default_rng(5)
+    lstm = [rng.random((2, 3, n, 8)).astype(np.float32) for n in (7, 11)]
+    picks = [np.array([6, 0, 3]), np.array([10, 2])]
+    got = gather_stream_states(list(zip(lstm, picks, strict=True)))
+    want = np.concatenate([s[:, :, i] for s, i in zip(lstm, picks, strict=True)], axis=2)
+    np.testing.assert_array_equal(got, want)
+    states = []
+    for n in (7, 11):
+        series = rng.integers(0, 5000, (n, 6, 10)).astype(np.int16)
+        states.append(sbert_keep(sbert_state(n, 4), series, rng.random((n, 6)) > 0.3,
+                                 np.arange(6) * 5))  # fmt: skip
+    got = gather_stream_states(list(zip(states, picks, strict=True)))
+    for k in ("values", "days", "count"):
+        want = np.concatenate([s[k][i] for s, i in zip(states, picks, strict=True)])
+        np.testing.assert_array_equal(got[k], want, err_msg=k)

@@ -125,9 +125,25 @@ def gather_stream_states(parts: Sequence[tuple]):
     ones gives those windows their pixels' states so (see
     :mod:`treesits_dask.pipeline.streaming`)."""
     first = parts[0][0]
-    if isinstance(first, dict):
-        return {k: np.concatenate([s[k][i] for s, i in parts]) for k in first}
-    return np.concatenate([s[:, :, i] for s, i in parts], axis=2)
+    n = sum(len(i) for _, i in parts)
+    sbert = isinstance(first, dict)
+    if sbert:
+        out = {k: np.empty((n, *v.shape[1:]), v.dtype) for k, v in first.items()}
+    else:
+        out = np.empty((*first.shape[:2], n, *first.shape[3:]), first.dtype)
+    at = 0
+    for s, i in parts:
+        # each part taken into its place (the LSTM's per (h or c, layer): contiguous rows of
+        # its pixels); a concatenation of fancy indexes copies twice, 5 times slower here
+        if sbert:
+            for k, v in s.items():
+                np.take(v, i, axis=0, out=out[k][at : at + len(i)], mode="clip")
+        else:
+            for a in range(first.shape[0]):
+                for b in range(first.shape[1]):
+                    np.take(s[a, b], i, axis=0, out=out[a, b, at : at + len(i)], mode="clip")
+        at += len(i)
+    return out
 
 
 class Predictor:
