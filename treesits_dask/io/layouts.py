@@ -22,9 +22,10 @@ states from one batch of scenes to the next in windows that cross no two bands o
 is streamed in one stage per run of consecutive scenes in one layout (:func:`layout_runs`, at
 most :data:`STREAM_STAGES`), each read by a plan for its own blocks and stepped in windows of
 its own, the first windows of a stage taking their states from the last of the stage before
-(:func:`~treesits_dask.pipeline.streaming.stages_layer`).  Beyond that many runs it is read in
-one plan, made for the layout of most of its scenes, which decodes the others' blocks more than
-once (``plan`` counts it: :func:`~treesits_dask.pipeline.reading.tile_read_plans`).
+(:func:`~treesits_dask.pipeline.streaming.stages_layer`).  Beyond that many runs, or where the
+stages' sections (two stages' states held at once) would decode more, it is read in one plan,
+made for the layout of most of its scenes, which decodes the others' blocks more than once
+(``plan`` counts it: :func:`~treesits_dask.pipeline.reading.tile_read_plans`).
 
 The driver learns the layouts from the headers it reads anyway (:func:`with_layouts`).
 """
