@@ -58,8 +58,9 @@ def mixed_cube(strips: str, cogs: str, tile: str, each: tuple[int, int], root: P
     return root
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def mixed_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of a benchmark on a tile of hard links to two cubes (:func:`mixed_tile`),
+    read on one worker in rounds."""
     p.add_argument("--strips", required=True, help="a FORCE cube of striped files")
     p.add_argument("--cogs", required=True, help="a FORCE cube of COGs on the same grid")
     p.add_argument("--tile", default="X0069_Y0043")
@@ -71,6 +72,17 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--workdir", required=True)
     p.add_argument("--json", default=None)
+
+
+def mixed_tile(args) -> Path:
+    """The cube of :func:`mixed_cube` under ``--workdir`` as :func:`mixed_arguments` give it."""
+    each = (args.each, args.each if args.cog_scenes is None else args.cog_scenes)
+    return mixed_cube(args.strips, args.cogs, args.tile, each, Path(args.workdir) / "cube")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mixed_arguments(p)
     args = p.parse_args(argv)
 
     import dataclasses
@@ -81,8 +93,7 @@ def main(argv=None) -> int:
     from treesits_dask.pipeline.plan import make_plan
 
     wd = Path(args.workdir)
-    each = (args.each, args.each if args.cog_scenes is None else args.cog_scenes)
-    root = mixed_cube(args.strips, args.cogs, args.tile, each, wd / "cube")
+    root = mixed_tile(args)
     config = bench_config(root, wd, args.threads, args.memory_limit, args.window)
     parts = make_plan(config)
     (tile,) = parts.tiles

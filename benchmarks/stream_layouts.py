@@ -48,27 +48,17 @@ def lattice_mask(root: Path, tile: str, every: int, out: Path) -> str:
 
 
 def main(argv=None) -> int:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from layouts import mixed_arguments, mixed_tile
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--strips", required=True, help="a FORCE cube of striped files")
-    p.add_argument("--cogs", required=True, help="a FORCE cube of COGs on the same grid")
-    p.add_argument("--tile", default="X0069_Y0043")
-    p.add_argument("--each", type=int, default=60, help="scenes of each layout")
-    p.add_argument("--cog-scenes", type=int, default=None, help="COG scenes (default --each)")
-    p.add_argument("--window", type=int, default=250, help="square windows of this edge")
+    mixed_arguments(p)
     p.add_argument("--every", type=int, default=16, help="a mask pixel every this many px")
     p.add_argument("--required", action="store_true",
                    help="stream the tile as one whose windows of all scenes the inference "
                    "workers cannot hold (``required``): a tile of most scenes COGs, read in "
                    "chunks of whole blocks, is streamed only so")  # fmt: skip
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--memory-limit", default="12GiB")
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from layouts import mixed_cube
 
     from treesits_dask.bench.measure import (
         bench_cluster,
@@ -87,8 +77,7 @@ def main(argv=None) -> int:
         planning._stream = lambda config, card: "required"
 
     wd = Path(args.workdir)
-    each = (args.each, args.each if args.cog_scenes is None else args.cog_scenes)
-    root = mixed_cube(args.strips, args.cogs, args.tile, each, wd / "cube")
+    root = mixed_tile(args)
     masks = lattice_mask(root, args.tile, args.every, wd / "masks")
     config = bench_config(root, wd, args.threads, args.memory_limit, args.window)
     config = config.model_copy(update={"stream": "always", "mask_dir": masks, "cog": False})
