@@ -227,7 +227,7 @@ def stream_sections(tile, reads: ReadBudget) -> int:
     return plan.sections if plan is not None else 0
 
 
-def stream_stages(tile, reads: ReadBudget | None) -> tuple:
+def stream_stages(tile, reads: ReadBudget | None, plan=None) -> tuple:
     """``(run, plan)`` of each stage of ``tile`` (a :class:`~treesits_dask.pipeline.plan.TilePlan`)
     where :func:`tile_read_plan` streams it and its scenes are in more than one file layout, in
     at most :data:`~treesits_dask.io.layouts.STREAM_STAGES` runs of consecutive scenes in one
@@ -240,10 +240,11 @@ def stream_stages(tile, reads: ReadBudget | None) -> tuple:
     stages within the room of ``reads`` for them (a striped stage's sections each decode its
     full-width strips, a COG stage's cut only the blocks at their edges).  Empty where the tile
     is not streamed, or in one layout, or in more runs, or where the stages would decode more
-    than the one plan for all its scenes (:func:`plans_decode`)."""
+    than the one plan for all its scenes (:func:`plans_decode`).  ``plan``: the tile's
+    :func:`tile_read_plan` under ``reads`` where the caller has it (None: planned here)."""
     from ..io.layouts import STREAM_STAGES, layout_parts, layout_runs
 
-    plan = tile_read_plan(tile, reads)
+    plan = tile_read_plan(tile, reads) if plan is None else plan
     if plan is None or not plan.stream:
         return ()
     runs = layout_runs(tile.scenes, tile.grid)
@@ -327,7 +328,7 @@ def tile_read_plans(tile, reads: ReadBudget | None) -> tuple:
         return ()
     scenes = tile_scenes(tile)
     parts = layout_parts(scenes, tile.grid)
-    if plan.stream and len(parts) > 1 and (stages := stream_stages(tile, reads)):
+    if plan.stream and len(parts) > 1 and (stages := stream_stages(tile, reads, plan)):
         return tuple((run.grid, len(run.indices), own) for run, own in stages)
     if len(parts) == 1 or plan.stream:
         return tuple((p.grid, len(p.indices), plan) for p in parts)

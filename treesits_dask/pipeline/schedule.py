@@ -130,7 +130,8 @@ def tile_graph(
     reading = tile.reading  # the chunks read and predicted: the windows, or whole COG blocks
     streamed = tile_read_plan(tile, reads)  # the plan the scheduler's decisions came from
     if streamed is not None and streamed.stream:
-        packed = _streamed(plan, tile, streamed, routing, threads, stream_stages(tile, reads))
+        stages = stream_stages(tile, reads, streamed)
+        packed = _streamed(plan, tile, streamed, routing, threads, stages)
         return _written(plan, tile, packed, session)
     with annotate(routing.read):
         mask = open_mask(tile.mask, tile.grid, reading) if tile.mask else None
