@@ -250,3 +250,69 @@ def test_alerts_of_cogs_read_in_chunks_of_whole_blocks_equal_the_truth(world, cl
             layer = got[var].values[:, 30 * k : 30 * k + 30].astype(np.int64)
             np.testing.assert_array_equal(layer, want[var], err_msg=f"{tile} {var}")
     assert (got["alert_state"].values[:, :30] == 2).any()  # the clear-cut is confirmed
+
+
+def test_the_alerts_older_scenes_are_checked_on_the_driver_and_read_in_their_layout(
+    world, client, tmp_path
+):
+    """An alert run also reads the scenes before the model's window that its first steps' windows
+    reach (``alerts.older``).  The driver checks their headers with the tile's, before any
+    output exists, and learns their file layout: here the older scenes are FORCE < 3.8 strips and
+    the model's window FORCE >= 3.8 COGs of 16 px blocks, so each part is read in blocks of its
+    own, and the layers equal those of the same scenes all in strips.  An older scene of another
+    grid leaves the tile out, named, where the run used to start and fail on a worker."""
+    import rasterio
+
+    from treesits_dask.synthetic import ClearCut, make_cube
+
+    _, model, _ = world
+    strips = make_cube(
+        tmp_path / "strips", tiles=(A,), size=30, n_scenes=36, start="2017-09-01",
+        end="2022-07-31", clear_cuts=[ClearCut(A, CUT, 5, 5, 12, 18)], forest_fraction=0.8,
+        seed=7,
+    )  # fmt: skip
+    cogs, mixed = tmp_path / "cogs", tmp_path / "mixed"
+    cogs.mkdir()
+    _as_cogs(Path(strips.root), cogs, 16)
+    shutil.copytree(strips.root, mixed)
+
+    config = _config(str(mixed), strips.mask_dir, model, tmp_path / "probe")
+    (probe,) = make_plan(config).tiles
+    older = {s.name for s in probe.alerts.older}
+    assert older and probe.scenes  # the steps' windows reach before the model's window
+    for s in probe.scenes:  # the model's window in COGs, the older scenes in strips
+        for path in (s.boa, s.qai):
+            shutil.copy(cogs / A / Path(path).name, path)
+
+    out = tmp_path / "mixed-out"
+    plan = make_plan(_config(str(mixed), strips.mask_dir, model, out))
+    (tile,) = plan.tiles
+    assert {s.name for s in tile.alerts.older} == older
+    assert {s.block_shape for s in tile.alerts.older} == {(3, 30)}
+    assert {s.block_shape for s in tile.scenes} == {(16, 16)}
+    (summary,) = plan.summary()["tiles"]
+    assert summary["file_blocks"] == {"3x30": len(older), "16x16": len(tile.scenes)}
+
+    mixed_run = run(_config(str(mixed), strips.mask_dir, model, out), client=client)
+    assert set(mixed_run.tiles) == {A} and not mixed_run.failed
+    plain = tmp_path / "plain-out"
+    plain_run = run(_config(strips.root, strips.mask_dir, model, plain), client=client)
+    assert set(plain_run.tiles) == {A} and not plain_run.failed
+    got, want = open_map(str(out)), open_map(str(plain))
+    for var in (*ALERT_LAYERS, "valid_obs"):
+        np.testing.assert_array_equal(got[var].values, want[var].values, err_msg=var)
+    # other chunks (16 x 30 px, whole COG blocks) batch the pixels otherwise: float32 rounding
+    np.testing.assert_allclose(got["probability"].values, want["probability"].values, rtol=1e-5)
+    assert np.isin(want["alert_state"].values, (1, 2)).any()  # the clear-cut is seen
+
+    # an older scene replaced by a file of another grid: the tile is left out before any output
+    bad = next(s for s in probe.alerts.older)
+    with rasterio.open(bad.boa) as f:
+        profile = f.profile
+    profile.update(width=20, height=20)
+    with rasterio.open(bad.boa, "w", **profile) as f:
+        f.write(np.zeros((profile["count"], 20, 20), profile["dtype"]))
+    later = tmp_path / "later-out"
+    plan = make_plan(_config(str(mixed), strips.mask_dir, model, later))
+    assert not plan.tiles and Path(bad.boa).name in str(plan.invalid[A])
+    assert not later.exists()

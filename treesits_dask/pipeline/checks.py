@@ -103,16 +103,23 @@ def check_tiles(config: RunConfig, definition, staged: list, invalid: dict) -> l
     from concurrent.futures import ThreadPoolExecutor
 
     def check(st):
+        older = st.alerts.older if st.alerts is not None else ()
         try:
             grid, shapes = tile_grid(definition, st.scenes[0]), {}
-            problems = scene_problems(st.scenes, grid, config.qai_flags, st.known, shapes=shapes)
+            shapes[st.scenes[0].boa] = tuple(grid.block_shape)
+            problems = scene_problems(st.read, grid, config.qai_flags, st.known, shapes=shapes)
             if problems:
                 raise tile_problem(st.tile, problems)
-            scenes, grid = with_layouts(st.scenes, grid, shapes)
+            read, grid = with_layouts(st.read, grid, shapes)
             mask = masks.mask_source(st.mask_url, grid) if st.mask_url else None
         except TILE_ERRORS as exc:
             return st, exc
-        return dataclasses.replace(st, scenes=scenes), (grid, mask)
+        st = dataclasses.replace(st, scenes=read[len(older) :])
+        if older:
+            st = dataclasses.replace(
+                st, alerts=dataclasses.replace(st.alerts, older=read[: len(older)])
+            )
+        return st, (grid, mask)
 
     checked = []
     with ThreadPoolExecutor(max(1, min(_TILES_CHECKED_AT_ONCE, len(staged)))) as pool:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..config import RunConfig
 from ..errors import (
@@ -158,6 +158,7 @@ class RunPlan:
         from ..io.layouts import layout_parts
         from .cluster import describe
         from .preview import read_preview
+        from .reading import tile_scenes
 
         reads = read_preview(self)
         tiles = [
@@ -173,7 +174,7 @@ class RunPlan:
                 "read_chunk": list(t.reading.shape),
                 "file_blocks": {
                     f"{p.grid.block_shape[0]}x{p.grid.block_shape[1]}": len(p.indices)
-                    for p in layout_parts(t.scenes, t.grid)
+                    for p in layout_parts(tile_scenes(t), t.grid)
                 },
                 "mask": t.mask.url if t.mask else None,
                 "window_mib": round(self.window_bytes(t) / 2**20, 1),
@@ -271,6 +272,13 @@ class _Staged:
     known: frozenset[str] = frozenset()
     #: every scene of the tile (of the sensors), in and before the window
     listed: tuple[discovery.Scene, ...] = ()
+    #: the tile's alert plan (None without alerts); its ``older`` scenes are read and checked too
+    alerts: AlertPlan | None = None
+
+    @property
+    def read(self) -> tuple[discovery.Scene, ...]:
+        """The scenes the tile's read goes through: the alerts' older ones, then its own."""
+        return (*self.alerts.older, *self.scenes) if self.alerts is not None else self.scenes
 
 
 def _stage(
@@ -412,13 +420,17 @@ def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
     if staged:  # the run's own checks, before any per-tile header is read
         check_model(spec)
         check_output(config.output)
+    staged = [  # the alerts' older scenes are read too: checked and counted with the tile's
+        replace(st, alerts=_alerts(config, card, repo, st, records.get(st.tile), digests))
+        for st in staged
+    ]
     checked = check_tiles(config, definition, staged, invalid)
     if not checked:
         return RunPlan(window_shape=stored.chunk if stored else (0, 0), tiles=[],
                        output_grid=target, **common)  # fmt: skip
     first = checked[0][1]
     expected = _expected_workers(config)  # (workers, routing) the settings start, or None
-    n_scenes = max(len(st.scenes) for st, _, _ in checked)
+    n_scenes = max(len(st.read) for st, _, _ in checked)
     window_shape = _window_shape(config, stored, first, n_scenes, expected)
     for _, grid, _ in checked:
         choose_window_shape(grid, window_shape, 1)  # same divisibility check for every tile
@@ -442,7 +454,7 @@ def make_plan(config: RunConfig, skip_done: bool | None = None) -> RunPlan:
             read_layout=_read_layout(grid, window_shape, shape),
             fingerprint=st.fingerprint,
             reasons=st.reasons,
-            alerts=_alerts(config, card, repo, st, records.get(st.tile), digests),
+            alerts=st.alerts,
             stream=stream,
             stream_state=card.stream_state_bytes,
         )
@@ -508,11 +520,11 @@ def _windows_fit_workers(
             continue
         larger = block_chunk(grid, window_shape)  # whole blocks, where windows cut them
         shape, problem = fitting_chunk(
-            len(st.scenes), grid.count, shape, window_shape, *expected, larger=larger
+            len(st.read), grid.count, shape, window_shape, *expected, larger=larger
         )
         if problem:
             layout = WindowLayout.of(grid, window_shape)
-            tile = (st.tile, grid, layout, len(st.scenes), mask)
+            tile = (st.tile, grid, layout, len(st.read), mask)
             streams, why = streams_instead(problem, stream, config, card, *expected, tile)
             if not streams:
                 invalid[st.tile] = ConfigError(why)

@@ -139,7 +139,7 @@ def tile_graph(
             scenes, tile.grid, reading, cfg.qai_flags, mask=mask,
             read_bytes=task_bytes, min_read_tasks=threads, held_bytes=held, spill_bytes=spill,
             in_memory_bytes=in_memory,
-            checked=tile.scenes,  # the plan's checks read their headers (not the alerts' older)
+            checked=scenes,  # the plan's checks read their headers (the alerts' older too)
             worker=worker,
         )  # fmt: skip
         if tile.alerts is not None:
