@@ -733,6 +733,83 @@ def test_a_cube_kept_up_to_date_across_force_versions_maps_what_one_layout_maps(
     _assert_same_maps(tmp_path / "map", tmp_path / "reference")
 
 
+def test_the_file_layout_of_scenes_not_opened_again_comes_from_the_tile_record(
+    native_lstm, tmp_path, client, monkeypatch
+):
+    """A tile mapped from FORCE < 3.8 strips, whose oldest and newest scenes a newer FORCE then
+    wrote again as COGs (the same pixels): the next run opens only those two scenes' headers
+    (the others are unchanged since the tile's record), and the record keeps every scene's block
+    shape, so the run still finds the two layouts (the first and the newest scene alone would
+    show COGs only, and the strips would be read in COG blocks) and maps what the strips map.  A
+    third run opens no scene header at all and finds them again; a record written before block
+    shapes were kept knows no scene."""
+    import shutil
+
+    from treesits_dask.io import cube as cube_module
+    from treesits_dask.io import layouts
+    from treesits_dask.pipeline.plan import make_plan
+    from treesits_dask.state import ledger
+    from treesits_dask.synthetic import make_cube
+
+    cubes = {
+        layout: make_cube(
+            tmp_path / layout,
+            size=300,
+            n_scenes=9,
+            layout=layout,
+            seed=4,
+            mask_dir=str(tmp_path / layout / "masks"),
+        )  # fmt: skip
+        for layout in ("strips", "cog")
+    }
+    grown = tmp_path / "grown"
+    shutil.copytree(cubes["strips"].root, grown)
+    folder = grown / "X0069_Y0043"
+
+    def config(root, out):
+        return load_config(
+            overrides=dict(cube=str(root), tiles="all", output=str(out), model=native_lstm,
+                           window="100x100", mask_dir=cubes["strips"].mask_dir, cog=False),
+            environ={},
+        )  # fmt: skip
+
+    run(config(grown, tmp_path / "map"), client=client)
+    (record,) = MapRepo(str(tmp_path / "map")).records().values()
+    assert record["blocks"] == {"shape": [30, 300], "others": {}}
+    names = [s["name"] for s in record["fingerprint"]["scenes"]]
+    assert ledger.known_scenes(record, record["fingerprint"]) == dict.fromkeys(names, (30, 300))
+    older = {k: v for k, v in record.items() if k != "blocks"}
+    assert ledger.known_scenes(older, record["fingerprint"]) == {}
+
+    reprocessed = [names[0], names[-1]]
+    for boa in reprocessed:  # the newer FORCE's COGs of the same scenes
+        for name in (boa, boa.replace("_BOA", "_QAI")):
+            shutil.copy(cubes["cog"].root + f"/X0069_Y0043/{name}", folder / name)
+    opened = []
+    real_open = cube_module.open_raster
+    monkeypatch.setattr(
+        cube_module, "open_raster", lambda url: opened.append(url) or real_open(url)
+    )
+    monkeypatch.setattr(layouts, "block_shape_of", lambda url: pytest.fail(f"read again: {url}"))
+
+    def planned():
+        opened.clear()
+        (tile,) = make_plan(config(grown, tmp_path / "map"), skip_done=False).tiles
+        assert [s.block_shape for s in tile.scenes] == [(256, 256)] + [(30, 300)] * 7 + [(256, 256)]
+        assert tile.grid.block_shape == (30, 300)
+        return sorted(u.rsplit("/", 1)[-1].replace("_QAI", "_BOA") for u in opened)
+
+    assert planned() == sorted(reprocessed * 2)  # BOA and QAI of the two, no other scene
+    run(config(grown, tmp_path / "map"), client=client)
+    run(config(cubes["strips"].root, tmp_path / "reference"), client=client)
+    _assert_same_maps(tmp_path / "map", tmp_path / "reference")
+    (record,) = MapRepo(str(tmp_path / "map")).records().values()
+    assert record["blocks"] == {
+        "shape": [30, 300], "others": dict.fromkeys(reprocessed, [256, 256])
+    }  # fmt: skip
+    assert planned() == []
+
+
 @pytest.mark.parametrize(
     "layout,size,window,chunk,chunks,windows",
     [

@@ -27,7 +27,9 @@ stages' sections (two stages' states held at once) would decode more, it is read
 made for the layout of most of its scenes, which decodes the others' blocks more than once
 (``plan`` counts it: :func:`~treesits_dask.pipeline.reading.tile_read_plans`).
 
-The driver learns the layouts from the headers it reads anyway (:func:`with_layouts`).
+The driver learns the layouts from the headers it reads anyway and, for the scenes it does not
+open again, from the block shapes the tile's record keeps (:func:`with_layouts`,
+:func:`~treesits_dask.state.ledger.known_scenes`).
 """
 
 from __future__ import annotations
@@ -169,7 +171,8 @@ def with_layouts(
 
     ``grid`` is the first scene's (its block shape that file's); ``found``: the block shapes of
     BOA files whose headers were read already (the driver's checks of the scenes no earlier run
-    checked).  The newest scene's header is read where it is not among them: a cube kept up to
+    checked, and those the tile's record keeps of the scenes it holds unchanged: with both, every
+    scene's).  The newest scene's header is read where it is not among them: a cube kept up to
     date across FORCE versions changes layout from one scene on, so the newest scene and the new
     ones show it; only where two layouts show are the other scenes' headers read."""
     from concurrent.futures import ThreadPoolExecutor

@@ -95,7 +95,9 @@ def tile_problem(tile: str, problems: list[str]) -> InputDataError:
 def check_tiles(config: RunConfig, definition, staged: list, invalid: dict) -> list[tuple]:
     """``(staged tile, grid, mask source)`` of the tiles whose scene headers (QAI files
     included), grid and mask are right; the others go into ``invalid`` with their problems.
-    Where a tile's scenes are in more than one file layout, its staged scenes carry each one's
+    The scenes its read goes through (for alert runs the older ones its steps reach too) are
+    checked, but those the tile's record holds unchanged: their block shapes come from the
+    record.  Where they are in more than one file layout, its staged scenes carry each one's
     block shape and its grid is in the layout of most of them
     (:func:`~treesits_dask.io.layouts.with_layouts`).
     Tiles are checked a few at a time, each reading many headers at once (remote headers cost a
@@ -105,9 +107,11 @@ def check_tiles(config: RunConfig, definition, staged: list, invalid: dict) -> l
     def check(st):
         older = st.alerts.older if st.alerts is not None else ()
         try:
-            grid, shapes = tile_grid(definition, st.scenes[0]), {}
+            grid = tile_grid(definition, st.scenes[0])
+            shapes = {s.boa: st.known[s.name] for s in st.read if s.name in st.known}
             shapes[st.scenes[0].boa] = tuple(grid.block_shape)
-            problems = scene_problems(st.read, grid, config.qai_flags, st.known, shapes=shapes)
+            known = frozenset(st.known)
+            problems = scene_problems(st.read, grid, config.qai_flags, known, shapes=shapes)
             if problems:
                 raise tile_problem(st.tile, problems)
             read, grid = with_layouts(st.read, grid, shapes)

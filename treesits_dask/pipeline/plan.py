@@ -268,8 +268,9 @@ class _Staged:
     mask_url: str | None
     fingerprint: dict
     reasons: tuple[str, ...]
-    #: scenes unchanged since the ledger record of a finished run (their headers were read then)
-    known: frozenset[str] = frozenset()
+    #: scenes unchanged since the ledger record of a finished run (their headers were read then),
+    #: by name, with their BOA file's block shape as recorded (:func:`ledger.known_scenes`)
+    known: dict[str, tuple[int, int]] = field(default_factory=dict, hash=False, compare=False)
     #: every scene of the tile (of the sensors), in and before the window
     listed: tuple[discovery.Scene, ...] = ()
     #: the tile's alert plan (None without alerts); its ``older`` scenes are read and checked too
@@ -323,7 +324,7 @@ def _stage(
         mask_url,
         fingerprint,
         tuple(reasons),
-        ledger.unchanged_scenes(record, fingerprint),
+        ledger.known_scenes(record, fingerprint),
         tuple(scenes),
     )
 

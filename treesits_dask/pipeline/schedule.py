@@ -567,7 +567,8 @@ def _checked_record(job: Job, st: dict) -> dict:
         "windows": len(st["stats"]),
         "pixels_predicted": int(arr[0]),
     }
+    blocks = {s.name: tuple(s.block_shape or tp.grid.block_shape) for s in tp.scenes}
     return ledger.tile_record(
         tp.tile, tp.fingerprint, plan.model_digest, plan.config_digest, tp.region, stats,
-        job.run_id, tp.reasons,
+        job.run_id, tp.reasons, blocks=blocks,
     )  # fmt: skip

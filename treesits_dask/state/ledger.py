@@ -3,7 +3,8 @@ with the tile's data (:meth:`treesits_dask.outputs.repo.MapRepo.commit_tile`).
 
 A record (:func:`tile_record`) holds the tile's input fingerprint (:func:`tile_fingerprint`:
 scene names, sizes and modification times or ETags of BOA and QAI files, the date window, the
-mask's content digest), the model digest, the settings digest, where its outputs are and its
+mask's content digest), the block shape of each scene's BOA file (its file layout, from the
+headers the driver read), the model digest, the settings digest, where its outputs are and its
 statistics.  ``run`` skips tiles whose record matches the current inputs (``--force`` redoes
 them); ``update`` explains, per tile, why it will be processed (:func:`compare`).  Everything
 here reads listings and file metadata only (and masks whose size or time changed).
@@ -11,6 +12,7 @@ here reads listings and file metadata only (and masks whose size or time changed
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -28,8 +30,8 @@ __all__ = [
     "mask_fingerprint",
     "same_mask",
     "tile_fingerprint",
+    "known_scenes",
     "tile_record",
-    "unchanged_scenes",
 ]
 
 log = logging.getLogger(__name__)
@@ -102,11 +104,17 @@ def tile_record(
     stats: dict,
     run_id: str,
     reasons: list[str] | tuple[str, ...] = (),
+    blocks: dict[str, tuple[int, int]] | None = None,
 ) -> dict:
     """The record of a finished tile: what it was computed from, where its data is in the map
     (``region``: its rows and columns), its statistics, the run, why it was processed and a
-    unique ``record_id`` (the tile's COGs name the record they were made from)."""
-    return {
+    unique ``record_id`` (the tile's COGs name the record they were made from).
+
+    ``blocks``: the block shape of each scene's BOA file by scene name, kept as the shape of most
+    scenes and the others' (``{"shape": [300, 3000], "others": {name: [256, 256]}}``), so
+    that a later run knows the file layout of the scenes it does not open again
+    (:func:`known_scenes`)."""
+    record = {
         "tile": tile,
         "record_id": uuid.uuid4().hex,
         "run": run_id,
@@ -121,6 +129,14 @@ def tile_record(
         "stats": stats,
         "treesits_dask_version": __version__,
     }
+    if blocks:
+        counts = collections.Counter(blocks.values())
+        shape = max(counts, key=counts.__getitem__)
+        record["blocks"] = {
+            "shape": list(shape),
+            "others": {name: list(b) for name, b in blocks.items() if tuple(b) != tuple(shape)},
+        }
+    return record
 
 
 def same_mask(a: dict | None, b: dict | None) -> bool:
@@ -167,13 +183,21 @@ def compare(
     return reasons
 
 
-def unchanged_scenes(record: dict | None, fingerprint: dict) -> frozenset[str]:
-    """Names of the scenes of ``fingerprint`` that a finished tile's ``record`` holds with the same
-    size and modification time (or ETag) and QAI twin: they were read without a problem then."""
-    if record is None:
-        return frozenset()
+def known_scenes(record: dict | None, fingerprint: dict) -> dict[str, tuple[int, int]]:
+    """The scenes of ``fingerprint`` that a finished tile's ``record`` holds with the same size and
+    modification time (or ETag) and QAI twin, by name, with their BOA file's block shape: their
+    headers were read without a problem then, and need not be read again.  A record written
+    before block shapes were recorded knows none (their headers are read once more, for their
+    file layout)."""
+    if record is None or "blocks" not in record:
+        return {}
     old = {s["name"]: s for s in record.get("fingerprint", {}).get("scenes", [])}
-    return frozenset(s["name"] for s in fingerprint["scenes"] if old.get(s["name"]) == s)
+    shape, others = tuple(record["blocks"]["shape"]), record["blocks"].get("others", {})
+    return {
+        s["name"]: tuple(others.get(s["name"], shape))
+        for s in fingerprint["scenes"]
+        if old.get(s["name"]) == s
+    }
 
 
 def changed_inputs(processed: dict, now: dict) -> list[str]:
