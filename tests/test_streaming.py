@@ -902,6 +902,55 @@ def test_a_streamed_tile_in_two_file_layouts_decodes_each_block_once(
         assert a.probability.isnull().any()  # the mask's holes
 
 
+def test_a_streamed_tile_grown_by_scenes_in_another_layout_maps_what_one_run_maps(
+    native_lstm, tmp_path, client, caplog
+):
+    """A sequence of runs on one map: a streamed tile of 6 FORCE < 3.8 strips, then 3 scenes more
+    that a newer FORCE wrote as COGs.  The second run finds the new layout, streams the tile in 2
+    stages (each block decoded once at most), keeps the map's windows, and maps what one run over
+    all 9 scenes maps."""
+    import shutil
+
+    from treesits_dask import versions
+
+    grown, _ = _grown(tmp_path, (6, 7, 8))
+    seq = tmp_path / "seq"
+    shutil.copytree(grown.root, seq)
+    folder = seq / "X0069_Y0043"
+    newest = sorted(folder.glob("*_SEN2?_BOA.tif"))[-3:]
+    for boa in newest:
+        for name in (boa.name, boa.name.replace("_BOA", "_QAI")):
+            (folder / name).unlink()
+    cube = dataclasses.replace(grown, root=str(seq))
+    out = tmp_path / "map"
+
+    with caplog.at_level(logging.INFO, logger="treesits_dask"):
+        first = run(_config(cube, native_lstm, out, "always"), client=client)
+    assert list(first.tiles) == ["X0069_Y0043"] and not first.failed
+    assert "tile X0069_Y0043: streamed through the model in" in caplog.text
+    assert "stages, one per run of scenes" not in caplog.text
+    for boa in newest:  # the newer FORCE's COGs arrive
+        for name in (boa.name, boa.name.replace("_BOA", "_QAI")):
+            shutil.copy(f"{grown.root}/X0069_Y0043/{name}", folder / name)
+    caplog.clear()
+    before = _decoded(client)
+    with caplog.at_level(logging.INFO, logger="treesits_dask"):
+        second = run(_config(cube, native_lstm, out, "always"), client=client)
+    decoded = _decoded(client) - before
+    assert list(second.tiles) == ["X0069_Y0043"] and not second.failed
+    assert "streamed in 2 stages, one per run of scenes in one file layout" in caplog.text
+    assert 0 < decoded <= 9 * 300 * 300 * 10 * 2  # every block of every file once at most
+    assert len(versions(str(out))) == 2
+
+    run(_config(grown, native_lstm, tmp_path / "one", "always"), client=client)
+    a, b = open_map(str(tmp_path / "one")), open_map(str(out))
+    assert a.probability.notnull().any()
+    assert b.probability.encoding["chunks"] == a.probability.encoding["chunks"]
+    np.testing.assert_allclose(b.probability.values, a.probability.values, rtol=0, atol=1e-5)
+    for var in ("valid_obs", "last_obs_valid", "last_valid_date"):
+        np.testing.assert_array_equal(b[var].values, a[var].values, err_msg=var)
+
+
 def test_the_stages_of_a_streamed_tile_hold_two_stages_states_within_the_room(
     native_lstm, tmp_path
 ):
