@@ -305,6 +305,28 @@ def test_the_alerts_older_scenes_are_checked_on_the_driver_and_read_in_their_lay
     np.testing.assert_allclose(got["probability"].values, want["probability"].values, rtol=1e-5)
     assert np.isin(want["alert_state"].values, (1, 2)).any()  # the clear-cut is seen
 
+    # the older scenes count where a chunk of all scenes must fit the workers the settings start:
+    # inference workers of 2 threads with room for the model's window, not for the older scenes
+    from treesits_dask.pipeline.memory import WINDOW_SHARE, WINDOWS_PER_THREAD
+
+    def limited(n_scenes: float):
+        limit = WINDOWS_PER_THREAD * 2 * n_scenes * 10 * 15 * 30 * 2 / WINDOW_SHARE
+        return load_config(
+            overrides=dict(
+                cube=strips.root, mask_dir=strips.mask_dir, model=model,
+                output=str(tmp_path / "new"),
+                model_family="native", window="15x30", workers=1, threads_per_worker=2,
+                memory_limit=str(int(limit)),
+                alerts={"start": str(START), "threshold": THRESHOLD, "confirm_after": CONFIRM},
+            ),
+            environ={},
+        )  # fmt: skip
+
+    n = len(tile.scenes) + len(older)
+    refused = make_plan(limited(n - len(older) / 2))
+    assert not refused.tiles and f"a window of all {n} scenes" in str(refused.invalid[A])
+    assert [t.tile for t in make_plan(limited(n + 1)).tiles] == [A]
+
     # an older scene replaced by a file of another grid: the tile is left out before any output
     bad = next(s for s in probe.alerts.older)
     with rasterio.open(bad.boa) as f:
