@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     own = reading.stream_stages
 
     def variant_on(name: str) -> None:
-        fn = own if name == "stages" else (lambda tile, reads: ())
+        fn = own if name == "stages" else (lambda tile, reads, plan=None: ())
         reading.stream_stages = schedule.stream_stages = fn
 
     cluster, client = bench_cluster(1, args.threads, args.memory_limit)
