@@ -2071,3 +2071,46 @@ def test_read_tasks_fill_the_reading_threads_turns(tmp_path):
         got = arr.values
     np.testing.assert_array_equal(got, expected)
     assert datasets.DECODED.snapshot()[1] - before == 5 * 11 * 37 * 50 * 2  # every block once
+
+
+def test_open_cube_reads_every_header_and_finds_each_scenes_layout(tmp_path, monkeypatch):
+    """``open_cube`` (notebooks) reads every scene's header as a run's driver does: a middle scene
+    that a newer FORCE wrote as a COG among strips (the first and the newest scene alone show
+    strips) is found and read in blocks of its own, the cube equal to the strips', and a scene
+    of another grid raises an error naming its file before anything is read."""
+    import shutil
+
+    import rasterio
+
+    from treesits_dask import open_cube
+    from treesits_dask.synthetic import make_cube
+
+    cubes = {
+        layout: make_cube(
+            tmp_path / layout, size=60, n_scenes=5, layout=layout, seed=3, with_masks=False
+        )  # fmt: skip
+        for layout in ("strips", "cog")
+    }
+    tile = cubes["strips"].tiles[0]
+    grown = tmp_path / "grown"
+    shutil.copytree(cubes["strips"].root, grown)
+    boas = sorted((grown / tile).glob("*_SEN2?_BOA.tif"))
+    for name in (boas[2].name, boas[2].name.replace("_BOA", "_QAI")):
+        shutil.copy(f"{cubes['cog'].root}/{tile}/{name}", grown / tile / name)
+
+    seen = []
+    real = cube.tile_cube
+    monkeypatch.setattr(cube, "tile_cube", lambda scenes, *a, **k: seen.append(scenes)
+                        or real(scenes, *a, **k))  # fmt: skip
+    got = open_cube(str(grown), tile)
+    assert [s.block_shape for s in seen[-1]] == [(6, 60)] * 2 + [(256, 256)] + [(6, 60)] * 2
+    want = open_cube(cubes["strips"].root, tile)
+    np.testing.assert_array_equal(got.values, want.values)
+
+    with rasterio.open(boas[3]) as f:
+        profile = f.profile
+    profile.update(width=20, height=20)
+    with rasterio.open(boas[3], "w", **profile) as f:
+        f.write(np.zeros((profile["count"], 20, 20), profile["dtype"]))
+    with pytest.raises(InputDataError, match=boas[3].name):
+        open_cube(str(grown), tile)

@@ -38,10 +38,16 @@ def open_cube(
     screening, ``none``, or a list of flags); coordinates ``time``, ``band`` (FORCE band names),
     ``y``, ``x`` and ``sensor``; CRS and transform through ``.rio``.  One Dask chunk per window of
     all scenes (``window``: ``auto``, ``N`` or ``ROWSxCOLS``), read exactly as a run reads it.
+
+    Every scene's header (and QAI twin) is read here, many at once, as a run's driver reads
+    them: a file of another grid, CRS or band count raises an
+    :class:`~treesits_dask.errors.InputDataError` naming it, and each scene's file layout is
+    known, so that a tile whose scenes are in two layouts reads each in blocks of its own.
     """
-    from .io.cube import tile_cube, tile_grid
+    from .io.cube import scene_problems, tile_cube, tile_grid
     from .io.grid import WindowLayout, choose_window_shape
     from .io.layouts import with_layouts
+    from .pipeline.checks import tile_problem
 
     settings = InputSettings(
         cube=cube, sensors=sensors, start_date=start_date, end_date=end_date, qai=qai, window=window
@@ -55,9 +61,14 @@ def open_cube(
             f"tile {tile} of {cube} has no BOA scenes of sensors {','.join(settings.sensors)} "
             "in the date window; check the tile, sensors, start_date and end_date"
         )
-    scenes, grid = with_layouts(scenes, tile_grid(definition, scenes[0]), {})
+    grid = tile_grid(definition, scenes[0])
+    shapes = {scenes[0].boa: tuple(grid.block_shape)}
+    problems = scene_problems(scenes, grid, settings.qai_flags, shapes=shapes)
+    if problems:
+        raise tile_problem(tile, problems)
+    scenes, grid = with_layouts(scenes, grid, shapes)
     shape = choose_window_shape(grid, settings.window_shape, len(scenes))
-    return tile_cube(scenes, grid, WindowLayout.of(grid, shape), settings.qai_flags)
+    return tile_cube(scenes, grid, WindowLayout.of(grid, shape), settings.qai_flags, checked=scenes)
 
 
 def plan(config: RunConfig) -> RunPlan:
