@@ -27,10 +27,10 @@ __all__ = [
     "compare",
     "config_digest",
     "file_digest",
+    "known_scenes",
     "mask_fingerprint",
     "same_mask",
     "tile_fingerprint",
-    "known_scenes",
     "tile_record",
 ]
 
