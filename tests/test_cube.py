@@ -608,6 +608,7 @@ def test_the_layouts_of_a_tile_share_the_reading_worker_by_the_bands_they_hold(t
     where the bands they hold with all of it fit together (a part read in chunks of whole blocks
     holds none: the other part's bands are planned as if alone), else with shares by those
     bands."""
+    from treesits_dask.io.bands import plan_reads
     from treesits_dask.io.grid import WindowLayout, read_shape
     from treesits_dask.io.layouts import part_plans, with_layouts
 
@@ -637,6 +638,22 @@ def test_the_layouts_of_a_tile_share_the_reading_worker_by_the_bands_they_hold(t
         assert h == in_memory == room * held[part.grid.block_shape] // sum(held.values())
         assert spill == 10 * room * held[part.grid.block_shape] // sum(held.values())
     assert sum(b[0] for *_, b in shared) <= room
+
+    # without a disk, a part whose share reads it window by window holds no band: its share goes
+    # to the part that holds bands, which plans as if alone
+    given = 0
+    for room in range(min(held.values()) // 4, sum(held.values()), sum(held.values()) // 40):
+        shared = part_plans(scenes, grid, windows, 1 << 30, 1, room, 0, room)
+        idle = [plan.by_window for _, plan, _ in shared]
+        if sum(idle) != 1:
+            continue
+        ((part, plan, budgets),) = [s for s, i in zip(shared, idle, strict=True) if not i]
+        assert budgets == (room, 0, room)
+        alone = plan_reads(part.grid, windows, len(part.indices), 1 << 30, min_tasks=1,
+                           held_bytes=room, spill_bytes=0, in_memory_bytes=room)  # fmt: skip
+        assert plan == alone
+        given += 1
+    assert given
 
 
 def test_a_tile_in_two_file_layouts_behind_gates_decodes_each_block_once(tmp_path):

@@ -121,7 +121,12 @@ def part_plans(
     ``spill_bytes``, ``in_memory_bytes``) go to the parts whole where the bands that each part's
     plan holds with all of them (:attr:`~treesits_dask.io.bands.ReadPlan.held`) fit together
     (a part read in chunks of whole blocks holds none); else they are shared among the parts by
-    those bands."""
+    those bands, and where a part's share reads it window by window (which holds no band: its
+    tasks' memory is ``task_bytes``), its share goes to the parts that hold bands.  On a 3000 px
+    tile of 60 strips and 60 COGs (12 GiB, 2 threads, 250 px windows), the strips' share read
+    them a window row per task (each strip once) and the COGs' share read them in 3 sections of
+    window columns, spilling pieces to local disk; with the strips' share the COGs are one plan
+    of bands held in memory."""
     parts = layout_parts(scenes, grid)
     budgets = (held_bytes, spill_bytes, in_memory_bytes)
 
@@ -138,7 +143,14 @@ def part_plans(
     room = None if held_bytes is None else min(held_bytes, in_memory_bytes or held_bytes)
     if len(parts) == 1 or room is None or sum(needs) <= room:
         return tuple(alone)
-    return tuple(planned(part, need, sum(needs)) for part, need in zip(parts, needs, strict=True))
+    shared = [planned(part, need, sum(needs)) for part, need in zip(parts, needs, strict=True)]
+    idle = {k for k, (_, plan, _) in enumerate(shared) if plan.by_window}  # hold no band
+    if not idle or len(idle) == len(parts):
+        return tuple(shared)
+    holding = sum(need for k, need in enumerate(needs) if k not in idle)
+    return tuple(
+        shared[k] if k in idle else planned(part, needs[k], holding) for k, part in enumerate(parts)
+    )
 
 
 def layouts_text(parts: Sequence[LayoutPart]) -> str:
