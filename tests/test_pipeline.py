@@ -677,26 +677,13 @@ def test_a_cube_kept_up_to_date_across_force_versions_maps_what_one_layout_maps(
     maps."""
     import dataclasses
     import logging
-    import shutil
 
+    from tests.two_layouts import to_cogs, two_layouts
     from treesits_dask.io.bands import plan_reads, planned_decode
     from treesits_dask.pipeline.plan import make_plan
-    from treesits_dask.synthetic import make_cube
 
-    cubes = {
-        layout: make_cube(
-            tmp_path / layout,
-            size=300,
-            n_scenes=9,
-            layout=layout,
-            seed=4,
-            mask_dir=str(tmp_path / layout / "masks"),
-        )  # fmt: skip
-        for layout in ("strips", "cog")
-    }
-    grown = tmp_path / "grown"
-    shutil.copytree(cubes["strips"].root, grown)
-    folder = grown / "X0069_Y0043"
+    cubes, folder = two_layouts(tmp_path)
+    grown = folder.parent
     newest = sorted(folder.glob("*_SEN2?_BOA.tif"))[-3:]
     for boa in newest:
         for name in (boa.name, boa.name.replace("_BOA", "_QAI")):
@@ -710,9 +697,7 @@ def test_a_cube_kept_up_to_date_across_force_versions_maps_what_one_layout_maps(
         )  # fmt: skip
 
     run(config(grown, tmp_path / "map"), client=client)
-    for boa in newest:  # the newer FORCE's COGs of the same scenes
-        for name in (boa.name, boa.name.replace("_BOA", "_QAI")):
-            shutil.copy(cubes["cog"].root + f"/X0069_Y0043/{name}", folder / name)
+    to_cogs(cubes, folder, [boa.name for boa in newest])  # the newer FORCE's, same scenes
     plan = make_plan(config(grown, tmp_path / "map"))
     (tile,) = plan.tiles
     assert [s.block_shape for s in tile.scenes] == [(30, 300)] * 6 + [(256, 256)] * 3
@@ -743,28 +728,14 @@ def test_the_file_layout_of_scenes_not_opened_again_comes_from_the_tile_record(
     show COGs only, and the strips would be read in COG blocks) and maps what the strips map.  A
     third run opens no scene header at all and finds them again; a record written before block
     shapes were kept knows no scene."""
-    import shutil
-
+    from tests.two_layouts import to_cogs, two_layouts
     from treesits_dask.io import cube as cube_module
     from treesits_dask.io import layouts
     from treesits_dask.pipeline.plan import make_plan
     from treesits_dask.state import ledger
-    from treesits_dask.synthetic import make_cube
 
-    cubes = {
-        layout: make_cube(
-            tmp_path / layout,
-            size=300,
-            n_scenes=9,
-            layout=layout,
-            seed=4,
-            mask_dir=str(tmp_path / layout / "masks"),
-        )  # fmt: skip
-        for layout in ("strips", "cog")
-    }
-    grown = tmp_path / "grown"
-    shutil.copytree(cubes["strips"].root, grown)
-    folder = grown / "X0069_Y0043"
+    cubes, folder = two_layouts(tmp_path)
+    grown = folder.parent
 
     def config(root, out):
         return load_config(
@@ -782,9 +753,7 @@ def test_the_file_layout_of_scenes_not_opened_again_comes_from_the_tile_record(
     assert ledger.known_scenes(older, record["fingerprint"]) == {}
 
     reprocessed = [names[0], names[-1]]
-    for boa in reprocessed:  # the newer FORCE's COGs of the same scenes
-        for name in (boa, boa.replace("_BOA", "_QAI")):
-            shutil.copy(cubes["cog"].root + f"/X0069_Y0043/{name}", folder / name)
+    to_cogs(cubes, folder, reprocessed)  # the newer FORCE's COGs of the same scenes
     opened = []
     real_open = cube_module.open_raster
     monkeypatch.setattr(

@@ -798,29 +798,12 @@ def test_plan_weighs_each_masked_sbert_tiles_states(native_sbert, tmp_path):
 def _grown(tmp_path, cog_positions: tuple[int, ...], size: int = 300, n: int = 9):
     """A striped cube of ``n`` scenes whose scenes at ``cog_positions`` (oldest first) are the
     newer FORCE's COGs of the same pixels: a cube kept up to date across FORCE versions."""
-    import shutil
+    from tests.two_layouts import to_cogs, two_layouts
 
-    from treesits_dask.synthetic import make_cube
-
-    cubes = {
-        layout: make_cube(
-            tmp_path / layout,
-            size=size,
-            n_scenes=n,
-            layout=layout,
-            seed=4,
-            mask_dir=str(tmp_path / layout / "masks"),
-        )  # fmt: skip
-        for layout in ("strips", "cog")
-    }
-    grown = tmp_path / "grown"
-    shutil.copytree(cubes["strips"].root, grown)
-    folder = grown / "X0069_Y0043"
+    cubes, folder = two_layouts(tmp_path, size, n)
     boas = sorted(folder.glob("*_SEN2?_BOA.tif"))
-    for k in cog_positions:
-        for name in (boas[k].name, boas[k].name.replace("_BOA", "_QAI")):
-            shutil.copy(cubes["cog"].root + f"/X0069_Y0043/{name}", folder / name)
-    return dataclasses.replace(cubes["strips"], root=str(grown)), cubes["strips"]
+    to_cogs(cubes, folder, [boas[k].name for k in cog_positions])
+    return dataclasses.replace(cubes["strips"], root=str(folder.parent)), cubes["strips"]
 
 
 @pytest.mark.parametrize(
