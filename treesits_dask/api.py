@@ -44,10 +44,9 @@ def open_cube(
     :class:`~treesits_dask.errors.InputDataError` naming it, and each scene's file layout is
     known, so that a tile whose scenes are in two layouts reads each in blocks of its own.
     """
-    from .io.cube import scene_problems, tile_cube, tile_grid
+    from .io.cube import tile_cube
     from .io.grid import WindowLayout, choose_window_shape
-    from .io.layouts import with_layouts
-    from .pipeline.checks import tile_problem
+    from .pipeline.checks import checked_scenes
 
     settings = InputSettings(
         cube=cube, sensors=sensors, start_date=start_date, end_date=end_date, qai=qai, window=window
@@ -61,12 +60,7 @@ def open_cube(
             f"tile {tile} of {cube} has no BOA scenes of sensors {','.join(settings.sensors)} "
             "in the date window; check the tile, sensors, start_date and end_date"
         )
-    grid = tile_grid(definition, scenes[0])
-    shapes = {scenes[0].boa: tuple(grid.block_shape)}
-    problems = scene_problems(scenes, grid, settings.qai_flags, shapes=shapes)
-    if problems:
-        raise tile_problem(tile, problems)
-    scenes, grid = with_layouts(scenes, grid, shapes)
+    scenes, grid = checked_scenes(definition, tile, scenes[0], scenes, settings.qai_flags)
     shape = choose_window_shape(grid, settings.window_shape, len(scenes))
     return tile_cube(scenes, grid, WindowLayout.of(grid, shape), settings.qai_flags, checked=scenes)
 

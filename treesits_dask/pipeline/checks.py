@@ -18,11 +18,13 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+from collections.abc import Sequence
 
 from ..config import RunConfig
 from ..errors import DiscoveryError, InputDataError, MaskError, OutputError, TreesitsError
 from ..io import masks, storage
 from ..io.cube import scene_problems, tile_grid
+from ..io.grid import TileGrid
 from ..io.layouts import with_layouts
 from ..models import ModelCard, ModelSpec
 
@@ -33,6 +35,7 @@ __all__ = [
     "check_not_old_store",
     "check_output",
     "check_tiles",
+    "checked_scenes",
     "tile_problem",
 ]
 
@@ -92,6 +95,31 @@ def tile_problem(tile: str, problems: list[str]) -> InputDataError:
     )
 
 
+def checked_scenes(
+    definition,
+    tile: str,
+    first,
+    scenes: Sequence,
+    qai_flags: Sequence[str],
+    known: dict[str, tuple[int, int]] | None = None,
+) -> tuple[tuple, TileGrid]:
+    """``scenes`` of ``tile`` whose headers are right, each with its BOA file's block shape where
+    they are in more than one file layout, and the tile's grid (from the header of ``first``,
+    checked against the cube's ``definition``; in the layout of most scenes:
+    :func:`~treesits_dask.io.layouts.with_layouts`).  Every header is read (many at once) but
+    those of the scenes in ``known`` (by name: checked by an earlier run, with their recorded
+    block shapes); the problems found raise one :class:`~treesits_dask.errors.InputDataError`
+    naming the tile (:func:`tile_problem`)."""
+    known = known or {}
+    grid = tile_grid(definition, first)
+    shapes = {s.boa: known[s.name] for s in scenes if s.name in known}
+    shapes[first.boa] = tuple(grid.block_shape)
+    problems = scene_problems(scenes, grid, qai_flags, frozenset(known), shapes=shapes)
+    if problems:
+        raise tile_problem(tile, problems)
+    return with_layouts(scenes, grid, shapes)
+
+
 def check_tiles(config: RunConfig, definition, staged: list, invalid: dict) -> list[tuple]:
     """``(staged tile, grid, mask source)`` of the tiles whose scene headers (QAI files
     included), grid and mask are right; the others go into ``invalid`` with their problems.
@@ -107,14 +135,8 @@ def check_tiles(config: RunConfig, definition, staged: list, invalid: dict) -> l
     def check(st):
         older = st.alerts.older if st.alerts is not None else ()
         try:
-            grid = tile_grid(definition, st.scenes[0])
-            shapes = {s.boa: st.known[s.name] for s in st.read if s.name in st.known}
-            shapes[st.scenes[0].boa] = tuple(grid.block_shape)
-            known = frozenset(st.known)
-            problems = scene_problems(st.read, grid, config.qai_flags, known, shapes=shapes)
-            if problems:
-                raise tile_problem(st.tile, problems)
-            read, grid = with_layouts(st.read, grid, shapes)
+            read, grid = checked_scenes(definition, st.tile, st.scenes[0], st.read,
+                                        config.qai_flags, st.known)  # fmt: skip
             mask = masks.mask_source(st.mask_url, grid) if st.mask_url else None
         except TILE_ERRORS as exc:
             return st, exc
