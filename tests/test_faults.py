@@ -195,6 +195,47 @@ def test_worker_killed_mid_run(fault_cube, native_lstm, own_client, clean_run, t
     assert ok, states
 
 
+@pytest.mark.timeout(300)
+def test_a_worker_lost_as_a_run_sets_up_is_left_to_dask(
+    fault_cube, native_lstm, own_client, clean_run, tmp_path
+):
+    """A worker killed (an OOM kill, a preempted node) as a run sets up, before the scheduler has
+    noticed: the set-up asks every worker for its free disk, to drop GDAL's cache and to take the
+    run's plugins, and one that could not be reached failed the whole run (CommClosedError)
+    although Dask reschedules its tasks.  The set-up now goes on with the workers that answer."""
+    import dask
+
+    from treesits_dask.pipeline.plugins import EnvPlugin, add_worker_plugin, on_workers
+    from treesits_dask.pipeline.reading import worker_disks
+
+    client = own_client
+    pids = client.run(os.getpid)
+    dead, alive = max(pids), min(pids)
+    os.kill(pids[dead], signal.SIGKILL)
+    # the dead worker's address asked directly, whether the scheduler has noticed or not (once
+    # its port is closed, the scheduler tries to connect until the connect timeout)
+    with dask.config.set({"distributed.comm.timeouts.connect": "3s"}):
+        assert set(worker_disks(client, [dead, alive])) == {alive}
+        assert on_workers(client, os.getpid, [dead, alive]) == {alive: pids[alive]}
+    add_worker_plugin(client, EnvPlugin({"TREESITS_LOST_AT_SET_UP": "1"}))
+    # ... an error of the function itself still fails
+    with pytest.raises(ZeroDivisionError):
+        on_workers(client, lambda: 1 / 0, [alive])
+    out = tmp_path / "out"
+    result = run(_config(fault_cube.root, fault_cube.mask_dir, native_lstm, out), client=client)
+    assert set(result.tiles) == set(TILES) and not result.failed
+    _assert_same_outputs(out, clean_run)
+    # the restarted worker got the plugin registered while it was away
+    client.wait_for_workers(2, timeout=180)
+    deadline = time.monotonic() + 60
+    while True:
+        seen = client.run(lambda: os.environ.get("TREESITS_LOST_AT_SET_UP"))
+        if set(seen.values()) == {"1"} or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert set(seen.values()) == {"1"} and len(seen) == 2, seen
+
+
 def test_a_worker_whose_restart_is_slow_comes_back(fault_cube, native_lstm, tmp_path):
     """The run's own LocalCluster (``connect``) keeps a killed worker's nanny while the worker
     restarts slowly: held back 20 s here (a worker preload), more than distributed's 15 s

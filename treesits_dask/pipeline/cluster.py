@@ -29,7 +29,7 @@ from ..errors import ClusterError
 from ..io import storage
 from ..kube.start import WorkerNeed, worker_needs
 from . import warmup
-from .plugins import worker_plugins
+from .plugins import add_worker_plugin, worker_plugins
 
 __all__ = [
     "Routing",
@@ -290,7 +290,7 @@ def connect(config: RunConfig) -> Iterator:
         client, cluster = _start(config)
         try:
             for plugin in worker_plugins(env):
-                client.register_plugin(plugin)
+                add_worker_plugin(client, plugin)
             yield client
         finally:
             client.close()

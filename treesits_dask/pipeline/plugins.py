@@ -19,7 +19,10 @@ __all__ = [
     "PieceFiles",
     "PinnedReads",
     "TaskErrorLog",
+    "add_worker_plugin",
+    "on_workers",
     "register_pinned_reads",
+    "unreachable",
     "worker_plugins",
 ]
 
@@ -265,6 +268,50 @@ def worker_plugins(env: dict[str, str]) -> list[WorkerPlugin]:
     input errors (:class:`TaskErrorLog`), piece files removed before it closes
     (:class:`PieceFiles`)."""
     return [EnvPlugin(env), TaskErrorLog(), PieceFiles()]
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says that a worker could not be reached (its connection closed, or none
+    made in time: the worker killed, its node gone, before the scheduler noticed), not that
+    something failed on it (a worker's own ``OSError`` is of a subclass: ``FileNotFoundError``)."""
+    from distributed.comm.core import CommClosedError
+
+    return isinstance(exc, CommClosedError) or type(exc) is OSError
+
+
+def on_workers(client, function, workers: list[str] | None = None) -> dict:
+    """``client.run(function)`` on ``workers`` (default all), by address, without the workers
+    that cannot be reached (:func:`unreachable`, logged): a worker lost as a run sets up (an OOM
+    kill, a preempted node) failed the whole run, although Dask reschedules its tasks and a
+    restarted worker starts without what the run's set-up asks of them (caches to drop, datasets
+    to close) or with what it measures (its free disk).  An error raised by ``function`` on a
+    worker is raised here."""
+    answers = client.run(function, workers=workers, on_error="return")
+    got = {}
+    for address, answer in answers.items():
+        if not isinstance(answer, BaseException):
+            got[address] = answer
+        elif unreachable(answer):
+            log.warning("worker %s cannot be reached (%s): left to Dask", address, answer)
+        else:
+            raise answer
+    return got
+
+
+def add_worker_plugin(client, plugin: WorkerPlugin) -> None:
+    """``client.register_plugin(plugin)``, which fails where a worker cannot be reached
+    (:func:`unreachable`); the scheduler keeps the plugin before it sends it to its workers, so
+    the workers that answer and every worker that starts later (a lost one, restarted) get it.
+    An error of the plugin's set-up on a worker is raised."""
+    try:
+        client.register_plugin(plugin)
+    except Exception as exc:
+        if not unreachable(exc):
+            raise
+        log.warning(
+            "a worker could not be reached as %s was registered (%s): the workers that start "
+            "later get it from the scheduler", getattr(plugin, "name", plugin), exc,
+        )  # fmt: skip
 
 
 def register_pinned_reads(client) -> bool:

@@ -98,14 +98,16 @@ SPILL_SHARE = 0.5
 
 def worker_disks(client, workers: list[str] | None = None) -> dict[str, int]:
     """Free bytes of each worker's local directory (where Dask spills), by worker address (of
-    ``workers``, default all)."""
+    ``workers``, default all; not of one that cannot be reached: :func:`~.plugins.on_workers`)."""
+
+    from .plugins import on_workers
 
     def free(dask_worker) -> int:
         import shutil
 
         return shutil.disk_usage(dask_worker.local_directory).free
 
-    return client.run(free, workers=workers)
+    return on_workers(client, free, workers)  # a worker that cannot be reached has none
 
 
 def routed_workers(workers: list[dict], resources: dict | None) -> list[dict]:

@@ -97,8 +97,10 @@ def run_settings(config) -> dict:
 def collect_inference(client, stats) -> dict[str, list]:
     """``stats()`` (:func:`treesits_dask.pipeline.predict.inference_stats`) of every worker that
     holds a model; empty (with a warning) when the workers cannot be asked."""
+    from .plugins import on_workers
+
     try:
-        per_worker = client.run(stats)
+        per_worker = on_workers(client, stats)  # a worker lost meanwhile is left out
     except Exception as exc:  # noqa: BLE001 - the report never fails a run
         log.warning("no inference statistics in run.json: %s", exc)
         return {}

@@ -44,7 +44,7 @@ from .cluster import (
 )
 from .memory import tiles_that_fit
 from .plan import RunPlan, TilePlan
-from .plugins import register_pinned_reads, worker_plugins
+from .plugins import add_worker_plugin, on_workers, register_pinned_reads, worker_plugins
 from .postprocess import update_derived
 from .predict import Inference, ModelPlugin, annotate, inference_stats, predict_layer
 from .preview import decode_warnings, reads_report, state_warnings
@@ -488,9 +488,11 @@ def run_tiles(job: Job, client, cb: RunCallbacks, result: RunResult, clock=None)
     plan = job.plan
     cfg = plan.config
     # GDAL/S3 settings on every worker (also of a cluster this run did not start, and ones that join
-    # later); credentials stay in each worker's own environment
+    # later); credentials stay in each worker's own environment.  A worker lost as the run sets
+    # up (before the scheduler noticed) is left to Dask: a restarted one gets the plugins, has no
+    # cache to drop, and counts with no free disk in the read plans made now
     for plugin in worker_plugins(worker_environment(cfg)):
-        client.register_plugin(plugin)
+        add_worker_plugin(client, plugin)
     register_pinned_reads(client)  # work stealing leaves a spilling tile's reads on their worker
     # the same routing on every kind of cluster (also a standing one behind scheduler_address),
     # and the groups it needs must have workers before any work waits for them
@@ -508,13 +510,14 @@ def run_tiles(job: Job, client, cb: RunCallbacks, result: RunResult, clock=None)
     )
     # workers that outlive a run must not serve scene bytes GDAL cached before files were replaced
     # (nor keep datasets open on them)
-    client.run(clear_gdal_cache)
-    client.run(forget_datasets)
+    on_workers(client, clear_gdal_cache)
+    on_workers(client, forget_datasets)
     resource = next(iter(routing.predict)) if routing.predict else None
-    client.register_plugin(
+    add_worker_plugin(
+        client,
         ModelPlugin(
             plan.spec, cfg.device, cfg.threads_per_worker, resource, inference=Inference.of(cfg)
-        )
+        ),
     )
     cb.start(
         sum(plan.windows_per_tile(t) for t in plan.tiles), getattr(client, "dashboard_link", None)
