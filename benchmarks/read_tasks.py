@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import treesits_dask.io.bands as bands
-    import treesits_dask.io.cube as cube
+    import treesits_dask.io.layouts as layouts
     from treesits_dask.bench.measure import (
         bench_cluster,
         bench_config,
@@ -70,7 +70,9 @@ def main(argv=None) -> int:
         forced["tasks"] = got.tasks
         return got
 
-    cube.plan_reads = plan_reads
+    # the tile's graph plans its reads through io.layouts (one plan per file layout), the read
+    # mode reported through io.bands: both take the forced least tasks
+    layouts.plan_reads = bands.plan_reads = plan_reads
     modes = (
         [("full_turns", float(v)) for v in args.full_turns.split(",")]
         if args.full_turns

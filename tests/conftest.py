@@ -19,12 +19,12 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 os.environ.setdefault("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
 
 
-#: the longest modules (about 300, 110, 75, 65, 55 and 50 s of a 17-minute serial run on 2 cores),
-#: run first: ``make test`` hands whole modules to two pytest-xdist workers in collection order,
-#: and a long module handed out last would run alone at the end
+#: the longest modules (about 300, 110, 100, 75, 65, 55 and 50 s of a 19-minute serial run on 2
+#: cores), run first: ``make test`` hands whole modules to two pytest-xdist workers in collection
+#: order, and a long module handed out last would run alone at the end
 LONGEST_FIRST = (
-    "test_lifecycle.py", "test_alerts.py", "test_faults.py", "test_bench.py", "test_s3_faults.py",
-    "test_s3.py",
+    "test_lifecycle.py", "test_alerts.py", "test_bench_scripts.py", "test_faults.py",
+    "test_bench.py", "test_s3_faults.py", "test_s3.py",
 )  # fmt: skip
 
 

@@ -263,37 +263,3 @@ def test_floor_to_memory_decodes_every_block_row_into_the_ring_in_turn(tmp_path,
     assert np.array_equal(ring[:row].reshape(3, 16, 40), data[:, 32:48])
     assert np.array_equal(ring[row : row + 240].reshape(3, 2, 40), data[:, 48:50])
     assert not np.array_equal(ring[row : 2 * row].reshape(3, 16, 40), data[:, 16:32])
-
-
-@pytest.mark.parametrize("script", ["layouts", "stream_layouts"])
-def test_the_two_layout_benchmarks_run_and_count_what_they_decode(tmp_path, script):
-    """``benchmarks/layouts.py`` and ``benchmarks/stream_layouts.py`` on a small tile of 3
-    striped scenes and then 3 COGs (hard links to two generated cubes), each in a process of its
-    own as a user runs it: both ways are read, and the counts they report say what the work on
-    those layouts is for (a part or stage per layout decodes each block once, one plan for all
-    more).  The scripts import the package's internals, so a change there can break them (one
-    did: a stand-in for ``stream_stages`` lacked its new argument)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from treesits_dask.synthetic import make_cube
-
-    for layout in ("strips", "cog"):
-        make_cube(tmp_path / layout, size=300, n_scenes=3, layout=layout, start="2021-01-01",
-                  end="2021-06-30", seed=2, with_masks=False)  # fmt: skip
-    report = tmp_path / "report.json"
-    done = subprocess.run(
-        [sys.executable, str(Path(__file__).parents[1] / "benchmarks" / f"{script}.py"),
-         "--strips", str(tmp_path / "strips"), "--cogs", str(tmp_path / "cog"), "--each", "3",
-         "--window", "100", "--memory-limit", "2GiB", "--rounds", "1",
-         "--workdir", str(tmp_path / "wd"), "--json", str(report)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    reads = {r["variant"]: r for r in json.loads(report.read_text())["reads"]}
-    own, one = ("parts", "one-plan") if script == "layouts" else ("stages", "one-plan")
-    assert set(reads) == {own, one}
-    key = "decoded_over_uncompressed" if script == "layouts" else "decoded_over_files"
-    assert 0 < reads[own][key] <= 1.0 < 1.1 < reads[one][key]
-    assert not any(r.get("error") for r in reads.values())

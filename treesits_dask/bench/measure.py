@@ -346,10 +346,12 @@ def pieces_written() -> int:
 
 
 def worker_pids(client) -> dict[str, int]:
-    """The process id of each worker, by address."""
+    """The process id of each worker that can be reached, by address."""
     import os
 
-    return client.run(os.getpid)
+    from ..pipeline.plugins import on_workers
+
+    return on_workers(client, os.getpid)
 
 
 def worker_restarts(before: dict[str, int], after: dict[str, int]) -> int:
@@ -418,6 +420,7 @@ def decode_run(plan, client, pin: bool = True) -> dict:
     from ..io.cube import tile_cube
     from ..io.masks import open_mask
     from ..pipeline.cluster import Routing
+    from ..pipeline.plugins import on_workers
     from ..pipeline.reading import (
         pinned_worker,
         read_budget,
@@ -447,19 +450,19 @@ def decode_run(plan, client, pin: bool = True) -> dict:
         keep = busy[-1] is not None or tile_ordered(tile, reads)
         ordered = ordered or keep
         delayed += list(picked.to_delayed(optimize_graph=not keep).ravel())
-    client.run(cold_reads)
+    on_workers(client, cold_reads)
     pids = worker_pids(client)
-    before, spilled_before = client.run(decoded), client.run(spilled)
-    written_before = client.run(pieces_written)
-    buffers_before, asked_before = client.run(handed_out), client.run(prefetched)
+    before, spilled_before = on_workers(client, decoded), on_workers(client, spilled)
+    written_before = on_workers(client, pieces_written)
+    buffers_before, asked_before = on_workers(client, handed_out), on_workers(client, prefetched)
     t0 = time.perf_counter()
     # one task per window that takes a pixel of it, gathered as they are: a reduction tree
     # would add a small task per window that the pipeline does not run
     client.compute(delayed, sync=True, optimize_graph=not ordered)
     seconds = time.perf_counter() - t0
-    after, spilled_after = client.run(decoded), client.run(spilled)
-    written_after = client.run(pieces_written)
-    buffers_after, asked_after = client.run(handed_out), client.run(prefetched)
+    after, spilled_after = on_workers(client, decoded), on_workers(client, spilled)
+    written_after = on_workers(client, pieces_written)
+    buffers_after, asked_after = on_workers(client, handed_out), on_workers(client, prefetched)
     modes = [read_mode(tile, reads) for tile in plan.tiles]
     gained, buffers = (
         [int(v) for v in sum(np.subtract(new[w], old.get(w, 0)) for w in new)]
