@@ -18,7 +18,7 @@ from rasterio.warp import transform
 from treesits_dask.cli import main
 from treesits_dask.config import DEFAULT_QAI_FLAGS, SampleSettings, TrainConfig, load_train_config
 from treesits_dask.errors import ConfigError, InputDataError, ModelError
-from treesits_dask.io import discovery
+from treesits_dask.io import cube, discovery
 from treesits_dask.io.cube import OPEN_COUNTER, tile_grid
 from treesits_dask.io.datasets import DECODED, forget_datasets
 from treesits_dask.io.discovery import S2_BANDS
@@ -241,15 +241,64 @@ def test_each_window_is_read_once(small_cube, refs):
     before, decoded = OPEN_COUNTER.count, DECODED.snapshot()[1]
     with dask.config.set(scheduler="synchronous"):  # one reading thread: its files stay open
         samples = load_samples(settings)
-    # one header read for the tile grid, then every QAI file once and every BOA at most once
-    # (kept open by the thread for the next band; a BOA whose blocks there QAI screens whole, as
-    # an all-cloud scene's, is not opened), and no block decoded twice
-    assert 1 + n_scenes <= OPEN_COUNTER.count - before <= 1 + n_scenes * 2
+    # every header (BOA and QAI) checked once on the driver, as run checks them, then every QAI
+    # file once and every BOA at most once (kept open by the thread for the next band; a BOA whose
+    # blocks there QAI screens whole, as an all-cloud scene's, is not opened), and no block
+    # decoded twice
+    assert 3 * n_scenes <= OPEN_COUNTER.count - before <= 1 + n_scenes * 4
     assert DECODED.snapshot()[1] - decoded <= n_scenes * 11 * 60 * 60 * 2
     raw, valid = _raw_series(small_cube.root, tile, ref["rows"][sel], ref["cols"][sel])
     keep = valid.any(axis=1)
     np.testing.assert_array_equal(samples.valid, valid[keep])
     np.testing.assert_array_equal(samples.series[samples.valid], raw[keep][valid[keep]])
+
+
+def test_samples_of_a_tile_in_two_layouts_are_read_in_each_scenes_layout(tmp_path, monkeypatch):
+    """A tile whose first and newest scenes a newer FORCE wrote again as COGs, strips between: the
+    driver reads every scene's header (as ``run`` and ``open_cube`` do), so the strips between are
+    read in their own blocks (from the first and the newest header only, all were taken for COGs)
+    and a file of another grid is named before anything is read; the series are those of the
+    all-strips cube."""
+    from tests.two_layouts import TILE, to_cogs, two_layouts
+    from treesits_dask.io.layouts import block_shape_of
+    from treesits_dask.training import extract
+
+    cubes, folder = two_layouts(tmp_path, size=120, n=7)
+    boas = [Path(s.boa).name for s in discovery.scene_table(str(folder.parent), TILE)]
+    to_cogs(cubes, folder, [boas[0], boas[-1]])
+    grid = tile_grid(discovery.read_cube_definition(cubes["strips"].root),
+                     discovery.scene_table(cubes["strips"].root, TILE)[0])  # fmt: skip
+    rows, cols = np.array([3, 50, 64, 119]), np.array([7, 60, 2, 118])
+    x, y = pixel_centres(grid, rows, cols)
+    points = write_points(tmp_path / "points.csv", x, y, [0, 1, 0, 1], "EPSG:3035")
+    seen = []
+
+    def tile_cube(scenes, *args, **kwargs):
+        seen.append(([s.block_shape for s in scenes], kwargs.get("checked")))
+        return cube.tile_cube(scenes, *args, **kwargs)
+
+    monkeypatch.setattr(extract, "tile_cube", tile_cube)
+    got = {
+        name: load_samples(SampleSettings(samples=points, cube=str(root), window="40x40"))
+        for name, root in (("strips", cubes["strips"].root), ("mixed", folder.parent))
+    }
+    strips, cog = (block_shape_of(str(folder / boas[k])) for k in (1, 0))
+    assert strips != cog
+    shapes, checked = seen[-1]
+    assert shapes == [cog] + [strips] * 5 + [cog] and checked  # the workers trust those headers
+    for key in ("series", "valid", "days"):
+        np.testing.assert_array_equal(getattr(got["mixed"], key), getattr(got["strips"], key))
+    # a scene between replaced by a file of another grid: named, before any read
+    bad = folder / boas[3]
+    with rasterio.open(bad) as f:
+        profile = f.profile
+    profile.update(width=20, height=20)
+    with rasterio.open(bad, "w", **profile) as f:
+        f.write(np.zeros((profile["count"], 20, 20), profile["dtype"]))
+    decoded = DECODED.snapshot()[1]
+    with pytest.raises(InputDataError, match=boas[3]):
+        load_samples(SampleSettings(samples=points, cube=str(folder.parent), window="40x40"))
+    assert DECODED.snapshot()[1] == decoded
 
 
 def test_per_sample_csvs_round_trip_and_gee_columns(small_cube, refs, tmp_path):

@@ -23,11 +23,11 @@ from ..config import DEFAULT_QAI_FLAGS, SampleSettings
 from ..errors import ConfigError, DiscoveryError, InputDataError
 from ..io import discovery, storage
 from ..io.crs import same_crs
-from ..io.cube import NODATA, days_since_epoch, tile_cube, tile_grid
+from ..io.cube import NODATA, days_since_epoch, tile_cube
 from ..io.discovery import S2_BANDS
 from ..io.grid import WindowLayout, choose_window_shape
-from ..io.layouts import with_layouts
 from ..models import ModelCard, effective_window
+from ..pipeline.checks import checked_scenes
 from .points import ReferencePoints, read_points
 from .samples import SampleSet, encode_labels
 
@@ -56,13 +56,14 @@ def extract_pixels(
 
 
 def _window_tasks(
-    scenes, grid, rows, cols, qai_flags, window_shape
+    scenes, grid, rows, cols, qai_flags, window_shape, checked=()
 ) -> list[tuple[np.ndarray, Any]]:
-    """Delayed reads: one per window holding pixels, each paired with the positions it fills."""
+    """Delayed reads: one per window holding pixels, each paired with the positions it fills;
+    ``checked``: the scenes whose headers the driver checked (the workers check the others')."""
     import dask
 
     shape = choose_window_shape(grid, window_shape, len(scenes))
-    data = tile_cube(scenes, grid, WindowLayout.of(grid, shape), qai_flags).data
+    data = tile_cube(scenes, grid, WindowLayout.of(grid, shape), qai_flags, checked=checked).data
     wi, wj = rows // shape[0], cols // shape[1]
     tasks = []
     for key in sorted(set(zip(wi.tolist(), wj.tolist(), strict=True))):
@@ -169,7 +170,9 @@ def extract_points(
     for tile in sorted(available & set(tiles)):
         idx = np.flatnonzero(tiles_arr == tile)
         scenes = _tile_scenes(settings, tile, card)
-        scenes, grid = with_layouts(scenes, tile_grid(definition, scenes[0]), {})
+        # every header read and checked on the driver, as run and open_cube do: a file of
+        # another grid is named before anything is read, and each scene read in its layout
+        scenes, grid = checked_scenes(definition, tile, scenes[0], scenes, settings.qai_flags)
         inv = ~grid.affine
         cols_f = inv.a * x[idx] + inv.b * y[idx] + inv.c
         rows_f = inv.d * x[idx] + inv.e * y[idx] + inv.f
@@ -182,7 +185,8 @@ def extract_points(
             )
         for k, i in enumerate(idx):
             located[i] = (tile, int(rows[k]), int(cols[k]))
-        tasks = _window_tasks(scenes, grid, rows, cols, settings.qai_flags, settings.window_shape)
+        tasks = _window_tasks(scenes, grid, rows, cols, settings.qai_flags, settings.window_shape,
+                              checked=scenes)  # fmt: skip
         steps = [((s.date - dt.date(1970, 1, 1)).days, s.sensor) for s in scenes]
         plans.append((idx, steps, tasks))
     log.info(
