@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     files, total = files_bytes(plan)  # uncompressed bytes
     sample = floor_sample(plan)  # as bench --real's floors
     forced = {"min": 0, "tasks": None}
-    original = bands.plan_reads
+    original, full_turns = bands.plan_reads, bands.FULL_TURNS
 
     def plan_reads(*a, **k):
         if forced["min"]:
@@ -105,6 +105,8 @@ def main(argv=None) -> int:
                        "spilled_mib": round(run["spilled_bytes"] / 2**20)}  # fmt: skip
                 emit_row(report, row, args.json)
     finally:
+        layouts.plan_reads = bands.plan_reads = original
+        bands.FULL_TURNS = full_turns
         close_bench(tmp, client, cluster)
     return 0
 

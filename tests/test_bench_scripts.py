@@ -1,9 +1,14 @@
-"""Every script in ``benchmarks/`` runs at a tiny size, in a process of its own as a user runs it,
-and reports what it is for.  The scripts import the package's internals and patch some of them,
-so a change there can break them without any other test noticing: two did (``stream_layouts.py``'s
-stand-in for ``stream_stages`` lacked a new argument; ``read_tasks.py`` patched a name the
-reader no longer calls, so ``--min-tasks`` changed nothing and its reports said ``null``).  The
-figures themselves are measured by running the scripts at full size, never here."""
+"""Every script in ``benchmarks/`` runs at a tiny size and reports what it is for.  The scripts
+import the package's internals and patch some of them, so a change there can break them without
+any other test noticing: two did (``stream_layouts.py``'s stand-in for ``stream_stages`` lacked a
+new argument; ``read_tasks.py`` patched a name the reader no longer calls, so ``--min-tasks``
+changed nothing and its reports said ``null``).  The figures themselves are measured by running
+the scripts at full size, never here.
+
+The scripts run one after the other in one process of their own (:data:`RUNNER`), each through
+its ``main``, as ``python benchmarks/<name>.py`` runs it: a process per script spent most of its
+time importing torch, distributed and the package again (about 4 s of CPU each, twice that while
+the other test worker runs)."""
 
 from __future__ import annotations
 
@@ -23,17 +28,53 @@ BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 TINY = ["--size", "200", "--scenes", "6", "--window", "100", "--rounds", "1",
         "--memory-limit", "2GiB"]  # fmt: skip
 
+#: runs each script's ``main(argv)`` in turn (argv from a JSON file of ``{name: argv}``), and
+#: writes ``<name>.status`` beside: its return code, or the traceback of what it raised
+RUNNER = """
+import importlib.util, json, sys, traceback
+from pathlib import Path
 
-def bench_script(name: str, args: list[str], tmp_path) -> dict:
-    """Runs ``benchmarks/<name>.py`` with ``args`` in a process of its own; its JSON report."""
-    report = tmp_path / "report.json"
+if __name__ == "__main__":
+    benchmarks, cases, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    for name, argv in json.loads(cases.read_text()).items():
+        try:
+            path = benchmarks / f"{name}.py"
+            spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            status = {"rc": module.main(argv)}
+        except BaseException:  # SystemExit included: a script's own failure
+            status = {"rc": None, "error": traceback.format_exc()}
+        (out / f"{name}.status").write_text(json.dumps(status))
+"""
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory) -> dict:
+    """``{name: (status, report)}`` of every script of :data:`CASES`, run by :data:`RUNNER`."""
+    from treesits_dask.synthetic import make_cube
+
+    root = tmp_path_factory.mktemp("bench-scripts")
+    for layout in ("strips", "cog"):  # the two layout scripts' tile: 3 strips, then 3 COGs
+        make_cube(root / layout, size=300, n_scenes=3, layout=layout, start="2021-01-01",
+                  end="2021-06-30", seed=2, with_masks=False)  # fmt: skip
+    cases = {}
+    for name, (args, _) in CASES.items():
+        args = [a.replace("{root}", str(root)) for a in args]
+        cases[name] = [*args, "--workdir", str(root / name), "--json", str(root / f"{name}.json")]
+    (root / "cases.json").write_text(json.dumps(cases))
+    (root / "runner.py").write_text(RUNNER)
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / f"{name}.py"), *args,
-         "--workdir", str(tmp_path / "wd"), "--json", str(report)],
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, str(root / "runner.py"), str(BENCHMARKS), str(root / "cases.json"),
+         str(root)], capture_output=True, text=True, timeout=540,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(report.read_text())
+    out = {}
+    for name in CASES:
+        status = json.loads((root / f"{name}.status").read_text())
+        report = root / f"{name}.json"
+        out[name] = (status, json.loads(report.read_text()) if report.exists() else None)
+    return out
 
 
 def by_variant(report: dict, key: str = "variant") -> dict:
@@ -43,9 +84,8 @@ def by_variant(report: dict, key: str = "variant") -> dict:
 
 
 def test_every_benchmark_script_is_run_by_a_test_here():
-    """A script added to ``benchmarks/`` gets its case here (or in the layout test below)."""
-    tested = {*CASES, "layouts", "stream_layouts"}
-    assert {p.stem for p in BENCHMARKS.glob("*.py")} == tested
+    """A script added to ``benchmarks/`` gets its case in :data:`CASES`."""
+    assert {p.stem for p in BENCHMARKS.glob("*.py")} == set(CASES)
 
 
 def _block_chunks(report):
@@ -128,11 +168,32 @@ def _stream_windows(report):
     assert read["window"] == 100 and read["error"] is None and read["worker_restarts"] == 0
 
 
-#: each script's arguments beyond the cube's, and what its report must say
+def _two_layouts(report, own, key):
+    """Both ways read the tile of 3 strips and 3 COGs; a part or stage per layout decodes each
+    block once, one plan for all more."""
+    reads = by_variant(report)
+    assert set(reads) == {own, "one-plan"}
+    assert 0 < reads[own][key] <= 1.0 < 1.1 < reads["one-plan"][key]
+    assert not any(r.get("error") for r in reads.values())
+
+
+def _layouts(report):
+    _two_layouts(report, "parts", "decoded_over_uncompressed")
+
+
+def _stream_layouts(report):
+    _two_layouts(report, "stages", "decoded_over_files")
+
+
+#: the two layout scripts' tile: hard links to the scenes of two cubes the fixture writes
+LAYOUTS = ["--strips", "{root}/strips", "--cogs", "{root}/cog", "--each", "3", "--window", "100",
+           "--memory-limit", "2GiB", "--rounds", "1"]  # fmt: skip
+
+#: each script's arguments (``{root}``: the fixture's folder), and what its report must say
 CASES = {
     "block_chunks": (TINY + ["--tiles", "1"], _block_chunks),
     "idle_readers": (TINY + ["--tiles", "1"], _idle_readers),
-    "lost_worker": (TINY + ["--tiles", "1", "--kill-after", "0"], _lost_worker),
+    "lost_worker": (TINY + ["--tiles", "1", "--workers", "2", "--kill-after", "0"], _lost_worker),
     "read_alone": (TINY + ["--tiles", "2"], _read_alone),
     "read_alone_run": (TINY + ["--tiles", "2"], _read_alone_run),
     "read_ceiling": (TINY, _read_ceiling),
@@ -144,35 +205,13 @@ CASES = {
         _stream_sbert,
     ),  # fmt: skip
     "stream_windows": (TINY + ["--tiles", "1", "--windows", "100"], _stream_windows),
+    "layouts": (LAYOUTS, _layouts),
+    "stream_layouts": (LAYOUTS, _stream_layouts),
 }
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_a_benchmark_script_runs_at_a_tiny_size_and_reports_what_it_compares(name, tmp_path):
-    args, check = CASES[name]
-    check(bench_script(name, args, tmp_path))
-
-
-@pytest.mark.parametrize("script", ["layouts", "stream_layouts"])
-def test_the_two_layout_benchmarks_run_and_count_what_they_decode(tmp_path, script):
-    """``benchmarks/layouts.py`` and ``benchmarks/stream_layouts.py`` on a small tile of 3
-    striped scenes and then 3 COGs (hard links to two generated cubes): both ways are read, and
-    the counts they report say what the work on those layouts is for (a part or stage per layout
-    decodes each block once, one plan for all more)."""
-    from treesits_dask.synthetic import make_cube
-
-    for layout in ("strips", "cog"):
-        make_cube(tmp_path / layout, size=300, n_scenes=3, layout=layout, start="2021-01-01",
-                  end="2021-06-30", seed=2, with_masks=False)  # fmt: skip
-    report = bench_script(
-        script,
-        ["--strips", str(tmp_path / "strips"), "--cogs", str(tmp_path / "cog"), "--each", "3",
-         "--window", "100", "--memory-limit", "2GiB", "--rounds", "1"],
-        tmp_path,
-    )  # fmt: skip
-    own, one = ("parts", "one-plan") if script == "layouts" else ("stages", "one-plan")
-    reads = by_variant(report)
-    assert set(reads) == {own, one}
-    key = "decoded_over_uncompressed" if script == "layouts" else "decoded_over_files"
-    assert 0 < reads[own][key] <= 1.0 < 1.1 < reads[one][key]
-    assert not any(r.get("error") for r in reads.values())
+def test_a_benchmark_script_runs_at_a_tiny_size_and_reports_what_it_compares(name, reports):
+    status, report = reports[name]
+    assert status["rc"] == 0, status.get("error")
+    CASES[name][1](report)
