@@ -29,20 +29,21 @@ TINY = ["--size", "200", "--scenes", "6", "--window", "100", "--rounds", "1",
         "--memory-limit", "2GiB"]  # fmt: skip
 
 #: runs each script's ``main(argv)`` in turn (argv from a JSON file of ``{name: argv}``), and
-#: writes ``<name>.status`` beside: its return code, or the traceback of what it raised
+#: writes ``<name>.status`` beside: its return code and seconds, or the traceback of what it raised
 RUNNER = """
-import importlib.util, json, sys, traceback
+import importlib.util, json, sys, time, traceback
 from pathlib import Path
 
 if __name__ == "__main__":
     benchmarks, cases, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     for name, argv in json.loads(cases.read_text()).items():
+        t0 = time.perf_counter()
         try:
             path = benchmarks / f"{name}.py"
             spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
-            status = {"rc": module.main(argv)}
+            status = {"rc": module.main(argv), "seconds": round(time.perf_counter() - t0, 1)}
         except BaseException:  # SystemExit included: a script's own failure
             status = {"rc": None, "error": traceback.format_exc()}
         (out / f"{name}.status").write_text(json.dumps(status))
