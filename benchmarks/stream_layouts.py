@@ -73,6 +73,7 @@ def main(argv=None) -> int:
     from treesits_dask.pipeline import reading, schedule
     from treesits_dask.pipeline.plan import make_plan
 
+    stream = planning._stream
     if args.required:
         planning._stream = lambda config, card: "required"
 
@@ -123,6 +124,7 @@ def main(argv=None) -> int:
                 shutil.rmtree(out, ignore_errors=True)
     finally:
         variant_on("stages")
+        planning._stream = stream
         close_bench(None, client, cluster)
     return 0
 
