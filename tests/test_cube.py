@@ -2095,25 +2095,16 @@ def test_open_cube_reads_every_header_and_finds_each_scenes_layout(tmp_path, mon
     that a newer FORCE wrote as a COG among strips (the first and the newest scene alone show
     strips) is found and read in blocks of its own, the cube equal to the strips', and a scene
     of another grid raises an error naming its file before anything is read."""
-    import shutil
-
     import rasterio
 
+    from tests.two_layouts import TILE as tile
+    from tests.two_layouts import to_cogs, two_layouts
     from treesits_dask import open_cube
-    from treesits_dask.synthetic import make_cube
 
-    cubes = {
-        layout: make_cube(
-            tmp_path / layout, size=60, n_scenes=5, layout=layout, seed=3, with_masks=False
-        )  # fmt: skip
-        for layout in ("strips", "cog")
-    }
-    tile = cubes["strips"].tiles[0]
-    grown = tmp_path / "grown"
-    shutil.copytree(cubes["strips"].root, grown)
-    boas = sorted((grown / tile).glob("*_SEN2?_BOA.tif"))
-    for name in (boas[2].name, boas[2].name.replace("_BOA", "_QAI")):
-        shutil.copy(f"{cubes['cog'].root}/{tile}/{name}", grown / tile / name)
+    cubes, folder = two_layouts(tmp_path, size=60, n=5)
+    grown = folder.parent
+    boas = sorted(folder.glob("*_SEN2?_BOA.tif"))
+    to_cogs(cubes, folder, [boas[2].name])
 
     seen = []
     real = cube.tile_cube
