@@ -202,21 +202,31 @@ def test_a_worker_lost_as_a_run_sets_up_is_left_to_dask(
     """A worker killed (an OOM kill, a preempted node) as a run sets up, before the scheduler has
     noticed: the set-up asks every worker for its free disk, to drop GDAL's cache and to take the
     run's plugins, and one that could not be reached failed the whole run (CommClosedError)
-    although Dask reschedules its tasks.  The set-up now goes on with the workers that answer."""
+    although Dask reschedules its tasks.  The set-up now goes on with the workers that answer,
+    and its read budgets count only them: the lost one's missing disk made the least free disk of
+    the reading workers nothing, so that the tiles that started first counted on no spilling."""
     import dask
 
+    from treesits_dask.pipeline.cluster import Routing
     from treesits_dask.pipeline.plugins import EnvPlugin, add_worker_plugin, on_workers
-    from treesits_dask.pipeline.reading import worker_disks
+    from treesits_dask.pipeline.reading import answering, read_budget, worker_disks
 
     client = own_client
     pids = client.run(os.getpid)
+    info = client.scheduler_info(n_workers=-1)["workers"]  # what the set-up saw first
     dead, alive = max(pids), min(pids)
     os.kill(pids[dead], signal.SIGKILL)
     # the dead worker's address asked directly, whether the scheduler has noticed or not (once
     # its port is closed, the scheduler tries to connect until the connect timeout)
     with dask.config.set({"distributed.comm.timeouts.connect": "3s"}):
-        assert set(worker_disks(client, [dead, alive])) == {alive}
+        disks = worker_disks(client, [dead, alive])
+        assert set(disks) == {alive}
         assert on_workers(client, os.getpid, [dead, alive]) == {alive: pids[alive]}
+    config = _config(fault_cube.root, fault_cube.mask_dir, native_lstm, tmp_path / "unused")
+    counted = read_budget(config, answering(info, disks), Routing(), disks)
+    assert counted.spill_bytes > 0 and counted.threads == info[alive]["nthreads"]
+    assert read_budget(config, info, Routing(), disks).spill_bytes == 0  # the lost one counted
+    assert answering(info, {}) == info  # none answered: all counted, with no disk (as before)
     add_worker_plugin(client, EnvPlugin({"TREESITS_LOST_AT_SET_UP": "1"}))
     # ... an error of the function itself still fails
     with pytest.raises(ZeroDivisionError):

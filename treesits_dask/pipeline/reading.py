@@ -26,6 +26,7 @@ __all__ = [
     "STATE_SHARE",
     "ReadBudget",
     "alone_budget",
+    "answering",
     "free_disk",
     "idle_reader",
     "mask_states",
@@ -108,6 +109,16 @@ def worker_disks(client, workers: list[str] | None = None) -> dict[str, int]:
         return shutil.disk_usage(dask_worker.local_directory).free
 
     return on_workers(client, free, workers)  # a worker that cannot be reached has none
+
+
+def answering(workers: dict[str, dict], disks: dict[str, int]) -> dict[str, dict]:
+    """The workers of ``workers`` (``scheduler_info()["workers"]``) that answered
+    :func:`worker_disks` (``disks``): one that could not be reached was lost before the scheduler
+    noticed (an OOM kill, a preempted node), and counted in a read budget it would have lent its
+    memory and threads to the tiles that start next, and its missing disk made the least free
+    disk of the reading workers nothing (no spilling counted on).  All of ``workers`` where none
+    answered (the budgets then count no disk, as before)."""
+    return {a: w for a, w in workers.items() if a in disks} or workers
 
 
 def routed_workers(workers: list[dict], resources: dict | None) -> list[dict]:

@@ -51,6 +51,7 @@ from .preview import decode_warnings, reads_report, state_warnings
 from .reading import (
     ReadBudget,
     alone_budget,
+    answering,
     idle_reader,
     pinned_worker,
     read_alone,
@@ -429,9 +430,10 @@ class _Scheduler:
                         "budgets stay as they were for now", exc)  # fmt: skip
             return
         cfg = self.plan.config
-        self.reads = read_budget(cfg, workers, self.routing, self._disks)
-        self.alone = alone_budget(cfg, workers, self.routing, self._disks)
-        self.alone_tiles, self._alone = reading_workers(workers, self.routing), {}
+        counted = answering(workers, self._disks)  # not one lost before the scheduler noticed
+        self.reads = read_budget(cfg, counted, self.routing, self._disks)
+        self.alone = alone_budget(cfg, counted, self.routing, self._disks)
+        self.alone_tiles, self._alone = reading_workers(counted, self.routing), {}
         log.info(
             "reading workers: %d, were %d: read budgets derived again for the tiles that start "
             "from now on (up to %.0f MiB per read task, %d reading threads)",
@@ -501,7 +503,8 @@ def run_tiles(job: Job, client, cb: RunCallbacks, result: RunResult, clock=None)
     log.info(
         "routing: reads %s, inference %s", routing.read or "anywhere", routing.predict or "anywhere"
     )
-    workers, disks = client.scheduler_info(n_workers=-1)["workers"], worker_disks(client)
+    present, disks = client.scheduler_info(n_workers=-1)["workers"], worker_disks(client)
+    workers = answering(present, disks)  # not a worker lost before the scheduler noticed
     reads = read_budget(cfg, workers, routing, disks)
     log.info(
         "reads: up to %.0f MiB of decoded scenes per read task, %d reading threads",
@@ -532,7 +535,8 @@ def run_tiles(job: Job, client, cb: RunCallbacks, result: RunResult, clock=None)
     report = reads_report(cfg, workers, disks, routing, where, plan.tiles, (reads, alone))
     for line in decode_warnings(report) + state_warnings(report):
         log.warning("%s", line)
-    _Scheduler(job, client, cb, result, clock, routing, reads, alone, count, disks, workers).loop()
+    # the workers there now, a lost one included: the budgets are derived again once it is gone
+    _Scheduler(job, client, cb, result, clock, routing, reads, alone, count, disks, present).loop()
     result.inference = collect_inference(client, inference_stats)
     # the layers made from the stored map (smoothing across tiles, overviews), now that the
     # tiles are committed
