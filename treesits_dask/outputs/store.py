@@ -272,7 +272,8 @@ def extend_layout(zstore, old: OutputGrid, new: OutputGrid) -> OutputGrid:
     for k, path in enumerate(levels):
         g = geozarr.level_grid(grown, k)
         group = root[path] if path else root
-        for var in group.array_keys():
+        names = set(group.array_keys())  # a listing: once per level, not once per variable
+        for var in sorted(names):
             if var in ALL_VARIABLES:
                 arr = group[var]
                 if arr.shape[-2:] != (g.height, g.width):
@@ -284,7 +285,7 @@ def extend_layout(zstore, old: OutputGrid, new: OutputGrid) -> OutputGrid:
             if start != size:
                 arr.resize((size,))
                 arr[start:] = values[start:]
-        missing = [v for v in grown.variables() if v not in set(group.array_keys())]
+        missing = [v for v in grown.variables() if v not in names]
         if missing:
             _to_zarr(_template(g, missing, {}, k), zstore, path or None, "a")
         if not legacy:
