@@ -161,9 +161,41 @@ def _decoded(client) -> int:
     return sum(client.run(_decoded_here).values())
 
 
+@pytest.fixture(scope="module")
+def striped(tmp_path_factory):
+    """The 600 px tile of 7 scenes in 60-row strips, with a mask, that several tests stream
+    (none changes it)."""
+    from treesits_dask.synthetic import make_cube
+
+    root = tmp_path_factory.mktemp("striped")
+    return make_cube(root / "cube", size=600, n_scenes=7, layout="strips", seed=4,
+                     mask_dir=str(root / "masks"))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def held_run(client, tmp_path_factory):
+    """``held_run(config)``: the run of ``config`` (on the module's cluster, before a test cuts
+    its budgets), its output folder and the bytes the workers decoded for it, made once for the
+    module (the tests that compare a streamed run with the same run that holds its bands share
+    it).  ``config``'s output is replaced by one of the module's own."""
+    done: dict[str, tuple] = {}
+    root = tmp_path_factory.mktemp("held")
+
+    def held(config) -> tuple[str, int]:
+        key = config.model_copy(update={"output": "", "scheduler_address": None}).model_dump_json()
+        if key not in done:
+            out = str(root / f"run{len(done)}")
+            before = _decoded(client)
+            run(config.model_copy(update={"output": out}), client=client)
+            done[key] = (out, _decoded(client) - before)
+        return done[key]
+
+    return held
+
+
 @pytest.mark.parametrize("stream", ["auto", "always"])
 def test_a_streamed_tile_maps_the_values_of_one_read_over_all_scenes(
-    native_lstm, tmp_path, client, monkeypatch, caplog, stream
+    native_lstm, striped, held_run, tmp_path, client, monkeypatch, caplog, stream
 ):
     """A striped tile whose bands of all scenes fit neither the reading workers' memory nor
     their disk (the budget cut to 60 % of what its bands hold, no disk: read in 2 sections
@@ -172,15 +204,11 @@ def test_a_streamed_tile_maps_the_values_of_one_read_over_all_scenes(
     against about twice that read in sections, and maps the same values (probabilities to float
     rounding) on the test's LocalCluster."""
     from treesits_dask.pipeline.plan import make_plan
-    from treesits_dask.synthetic import make_cube
 
-    cube = make_cube(tmp_path / "cube", size=600, n_scenes=7, layout="strips", seed=4,
-                     mask_dir=str(tmp_path / "masks"))  # fmt: skip
+    cube = striped
     (t,) = make_plan(_config(cube, native_lstm, tmp_path / "a", "never")).tiles
     assert t.stream == "never"
-    before = _decoded(client)
-    run(_config(cube, native_lstm, tmp_path / "a", "never"), client=client)
-    whole = _decoded(client) - before
+    held, whole = held_run(_config(cube, native_lstm, tmp_path / "a", "never"))
     _cut_budget(monkeypatch, t)
     if stream == "auto":
         before = _decoded(client)
@@ -195,7 +223,7 @@ def test_a_streamed_tile_maps_the_values_of_one_read_over_all_scenes(
     assert _decoded(client) - before == whole
     assert f"tile {t.tile}: streamed through the model in " in caplog.text
     assert "sections" not in caplog.text.split(f"tile {t.tile}: streamed")[1]
-    a, b = open_map(str(tmp_path / "a")), open_map(str(tmp_path / "b"))
+    a, b = open_map(held), open_map(str(tmp_path / "b"))
     assert a.probability.notnull().any()
     np.testing.assert_allclose(b.probability.values, a.probability.values, rtol=0, atol=1e-5)
     for var in ("class", "valid_obs", "last_obs_valid", "last_valid_date"):
@@ -298,14 +326,14 @@ def test_a_worker_killed_mid_stream_leaves_the_map_of_a_run_without_it(model, tm
     from treesits_dask.pipeline.cluster import connect
     from treesits_dask.synthetic import make_cube
 
-    cube = make_cube(tmp_path / "cube", size=600, n_scenes=24, layout="strips", seed=4)
+    cube = make_cube(tmp_path / "cube", size=300, n_scenes=24, layout="strips", seed=4)
     path = request.getfixturevalue(model)
 
-    def config(out):  # 6 MiB per read task: 12 batches of 2 scenes
+    def config(out):  # 3 MiB per read task: 12 batches of 2 scenes
         return load_config(
             overrides=dict(cube=cube.root, tiles="all", output=str(tmp_path / out),
                            model=path, window="100x100", cog=False, stream="always",
-                           read_memory=0.004, workers=2, threads_per_worker=1,
+                           read_memory=0.002, workers=2, threads_per_worker=1,
                            memory_limit="1.5GiB", dashboard_address=":0"),
             environ={},
         )  # fmt: skip
@@ -381,29 +409,25 @@ def test_a_streamed_tile_is_stepped_in_windows_one_band_high_of_bounded_pixels()
 
 
 def test_a_tile_streamed_in_windows_of_its_own_maps_the_values_of_one_read_over_all_scenes(
-    native_lstm, tmp_path, client
+    native_lstm, striped, held_run, tmp_path, client
 ):
     """The map's 300 x 300 px windows on 60-row strips tie two bands (180 and 120 rows) together;
     streamed, the tile is stepped in windows one band high (180 x 300 px) instead, its mask
     opened in them and its outputs rechunked to the map's windows: it decodes what the run that
     holds its bands decodes (each block once) and maps the same values."""
     from treesits_dask.pipeline.plan import make_plan
-    from treesits_dask.synthetic import make_cube
 
-    cube = make_cube(tmp_path / "cube", size=600, n_scenes=7, layout="strips", seed=4,
-                     mask_dir=str(tmp_path / "masks"))  # fmt: skip
+    cube = striped
     (t,) = make_plan(_config(cube, native_lstm, tmp_path / "a", "always", "300x300")).tiles
     held = plan_reads(t.grid, t.reading, len(t.scenes), 1 << 40)
     assert t.reading.shape == (300, 300) and [len(g) for g in held.band_groups()] == [2, 2]
     streamed = plan_reads(t.grid, t.reading, len(t.scenes), 1 << 20, stream="always")
     assert streamed.windows.shape == (180, 300)
-    before = _decoded(client)
-    run(_config(cube, native_lstm, tmp_path / "a", "never", "300x300"), client=client)
-    whole = _decoded(client) - before
+    held, whole = held_run(_config(cube, native_lstm, tmp_path / "a", "never", "300x300"))
     before = _decoded(client)
     run(_config(cube, native_lstm, tmp_path / "b", "always", "300x300"), client=client)
     assert _decoded(client) - before == whole
-    a, b = open_map(str(tmp_path / "a")), open_map(str(tmp_path / "b"))
+    a, b = open_map(held), open_map(str(tmp_path / "b"))
     assert a.probability.notnull().any() and a.probability.isnull().any()  # the mask's holes
     np.testing.assert_allclose(b.probability.values, a.probability.values, rtol=0, atol=1e-5)
     for var in ("class", "valid_obs", "last_obs_valid", "last_valid_date"):
@@ -412,7 +436,7 @@ def test_a_tile_streamed_in_windows_of_its_own_maps_the_values_of_one_read_over_
 
 @pytest.mark.parametrize("standing", [False, True], ids=["planned", "standing"])
 def test_a_map_whose_series_outgrew_its_windows_goes_on_streamed(
-    native_lstm, tmp_path, client, monkeypatch, caplog, standing
+    native_lstm, striped, held_run, tmp_path, client, monkeypatch, caplog, standing
 ):
     """A map's windows stay its own while its series grows. Made of 3 scenes in full-width
     windows of whole strips (60 x 600 px, read as one task of all scenes each), the tile gets 4
@@ -429,10 +453,8 @@ def test_a_map_whose_series_outgrew_its_windows_goes_on_streamed(
     from treesits_dask.io import discovery
     from treesits_dask.pipeline import memory
     from treesits_dask.pipeline.plan import make_plan
-    from treesits_dask.synthetic import make_cube
 
-    cube = make_cube(tmp_path / "cube", size=600, n_scenes=7, layout="strips", seed=4,
-                     mask_dir=str(tmp_path / "masks"))  # fmt: skip
+    cube = striped
     (tile,) = cube.tiles
     scenes = discovery.scene_table(cube.root, tile)
     growing = tmp_path / "growing"
@@ -450,9 +472,7 @@ def test_a_map_whose_series_outgrew_its_windows_goes_on_streamed(
             update["scheduler_address"] = client.scheduler.address
         return _config(cube, native_lstm, out, "auto", "60x600").model_copy(update=update)
 
-    before = _decoded(client)
-    run(config(cube.root, tmp_path / "a"), client=client)  # all scenes, windows held whole
-    whole = _decoded(client) - before
+    held, whole = held_run(config(cube.root, tmp_path / "a"))  # all scenes, windows held whole
     deliver(scenes[:3])
     run(config(growing, tmp_path / "b"), client=client)
     assert make_plan(config(growing, tmp_path / "b")).tiles == []  # up to date
@@ -470,7 +490,7 @@ def test_a_map_whose_series_outgrew_its_windows_goes_on_streamed(
         "streamed through the model instead" in caplog.text
     )
     assert f"tile {tile}: streamed through the model in " in caplog.text
-    a, b = open_map(str(tmp_path / "a")), open_map(str(tmp_path / "b"))
+    a, b = open_map(held), open_map(str(tmp_path / "b"))
     assert a.probability.notnull().any() and a.probability.isnull().any()  # the mask's holes
     np.testing.assert_allclose(b.probability.values, a.probability.values, rtol=0, atol=1e-5)
     for var in ("class", "valid_obs", "last_obs_valid", "last_valid_date"):
@@ -658,21 +678,17 @@ def test_sbert_streams_in_sections_where_the_states_of_whole_bands_do_not_fit():
 
 @pytest.mark.parametrize("stream", ["auto", "always"])
 def test_a_streamed_sbert_tile_maps_the_values_of_one_read_over_all_scenes(
-    native_sbert, tmp_path, client, monkeypatch, caplog, stream
+    native_sbert, striped, held_run, tmp_path, client, monkeypatch, caplog, stream
 ):
     """SBERT (4 observations kept of 7 scenes) on a striped tile whose bands fit neither memory
     nor disk (as in the LSTM's test above): streamed under ``auto`` (and ``always``), it decodes
     what the run that holds its bands decodes, and maps its values: probabilities to float
     rounding, the observations used (at most 4), the newest scene's validity and day exactly."""
     from treesits_dask.pipeline.plan import make_plan
-    from treesits_dask.synthetic import make_cube
 
-    cube = make_cube(tmp_path / "cube", size=600, n_scenes=7, layout="strips", seed=4,
-                     mask_dir=str(tmp_path / "masks"))  # fmt: skip
+    cube = striped
     (t,) = make_plan(_config(cube, native_sbert, tmp_path / "a", "never", uncertainty=())).tiles
-    before = _decoded(client)
-    run(_config(cube, native_sbert, tmp_path / "a", "never", uncertainty=()), client=client)
-    whole = _decoded(client) - before
+    held, whole = held_run(_config(cube, native_sbert, tmp_path / "a", "never", uncertainty=()))
     _cut_budget(monkeypatch, t)
     (t,) = make_plan(_config(cube, native_sbert, tmp_path / "b", stream, uncertainty=())).tiles
     assert t.stream == ("fallback" if stream == "auto" else stream)
@@ -682,7 +698,7 @@ def test_a_streamed_sbert_tile_maps_the_values_of_one_read_over_all_scenes(
     assert _decoded(client) - before == whole
     assert f"tile {t.tile}: streamed through the model in " in caplog.text
     assert "(the pixels of its mask)" in caplog.text
-    a, b = open_map(str(tmp_path / "a")), open_map(str(tmp_path / "b"))
+    a, b = open_map(held), open_map(str(tmp_path / "b"))
     assert a.probability.notnull().any() and a.probability.isnull().any()  # the mask's holes
     assert int(a.valid_obs.max()) == 4
     np.testing.assert_allclose(b.probability.values, a.probability.values, rtol=0, atol=1e-5)
@@ -735,7 +751,7 @@ def test_a_cog_tile_streamed_in_sections_maps_the_values_of_one_read_over_all_sc
         np.testing.assert_array_equal(b[var].values, a[var].values, err_msg=var)
 
 
-def test_plan_weighs_each_masked_sbert_tiles_states(native_sbert, tmp_path):
+def test_plan_weighs_each_masked_sbert_tiles_states(native_sbert, striped, tmp_path):
     """``plan``'s read report plans SBERT's masked tiles by whether their states fit, not once
     per mask: of two tiles of one shape on a worker with room for the states of a few pixels, the
     one whose mask holds 2 pixels is streamed (every block decoded once, its own states), the one
@@ -747,11 +763,8 @@ def test_plan_weighs_each_masked_sbert_tiles_states(native_sbert, tmp_path):
     from treesits_dask.pipeline.cluster import Routing
     from treesits_dask.pipeline.plan import make_plan
     from treesits_dask.pipeline.preview import budgets_on, tile_reads
-    from treesits_dask.synthetic import make_cube
 
-    cube = make_cube(tmp_path / "cube", size=600, n_scenes=7, layout="strips", seed=4,
-                     mask_dir=str(tmp_path / "masks"))  # fmt: skip
-    config = _config(cube, native_sbert, tmp_path / "o", "auto", uncertainty=())
+    config = _config(striped, native_sbert, tmp_path / "o", "auto", uncertainty=())
     (t,) = make_plan(config).tiles
     assert t.stream == "fallback" and t.mask is not None
     masks = {}
