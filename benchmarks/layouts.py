@@ -11,9 +11,11 @@ before it): ``parts``, as a run reads it, one part per layout, each planned for 
 The tile is made of hard links under ``--workdir``: the first ``--each`` Sentinel-2 scenes of
 ``--strips`` (dated one year before the COGs') and then ``--cog-scenes`` (default: as many) of
 ``--cogs`` (one tile of the same grid,
-``X0069_Y0043`` by default).  Prints one JSON line per read: seconds, read / one-thread floor,
-decoded / uncompressed bytes (counted by the reads), read tasks and modes, the worker's CPU time,
-the pieces written to local disk, what Dask spilled and the worker's peak RSS during the read.
+``X0069_Y0043`` by default); with ``--alternate K`` the layouts alternate every K scenes
+instead (strips first, dated 5 days apart).  Prints one JSON line per read: seconds, read /
+one-thread floor, decoded / uncompressed bytes (counted by the reads), read tasks and modes, the
+worker's CPU time, the pieces written to local disk, what Dask spilled and the worker's peak RSS
+during the read.
 """
 
 from __future__ import annotations
@@ -27,14 +29,21 @@ import sys
 from pathlib import Path
 
 
-def mixed_cube(strips: str, cogs: str, tile: str, each: tuple[int, int], root: Path) -> Path:
+def mixed_cube(
+    strips: str, cogs: str, tile: str, each: tuple[int, int], root: Path, alternate: int = 0
+) -> Path:
     """Hard links to ``each[0]`` Sentinel-2 scenes of ``strips`` dated a year before and then to
-    ``each[1]`` of ``cogs``, as one tile ``tile`` under ``root`` (with the COG cube's .prj)."""
+    ``each[1]`` of ``cogs``, as one tile ``tile`` under ``root`` (with the COG cube's .prj);
+    ``alternate`` > 0: the layouts alternate every that many scenes instead (strips first, the
+    scenes of both cubes in their order, dated 5 days apart from the first strip's day)."""
     folder = root / tile
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     shutil.copy(Path(cogs) / "datacube-definition.prj", root / "datacube-definition.prj")
+    if alternate > 0:
+        _alternating(strips, cogs, tile, each, folder, alternate)
+        return root
     taken: set[str] = set()
     for source, years, wanted in ((strips, -1, each[0]), (cogs, 0, each[1])):
         boas = sorted(p for p in (Path(source) / tile).glob("*_LEVEL2_SEN2?_BOA.tif"))
@@ -58,6 +67,25 @@ def mixed_cube(strips: str, cogs: str, tile: str, each: tuple[int, int], root: P
     return root
 
 
+def _alternating(
+    strips: str, cogs: str, tile: str, each: tuple[int, int], folder: Path, k: int
+) -> Path:
+    """The tile of :func:`mixed_cube` whose layouts alternate every ``k`` scenes."""
+    sources = [sorted((Path(c) / tile).glob("*_LEVEL2_SEN2?_BOA.tif"))[:n]
+               for c, n in ((strips, each[0]), (cogs, each[1]))]  # fmt: skip
+    if any(len(s) < n for s, n in zip(sources, each, strict=True)):
+        raise SystemExit(f"--each/--cog-scenes ask for more scenes than {strips} or {cogs} hold")
+    day = dt.datetime.strptime(sources[0][0].name[:8], "%Y%m%d").date()
+    order = sorted(((i // k) * 2 + side, i, side) for side, s in enumerate(sources)
+                   for i in range(len(s)))  # fmt: skip
+    for n, (_, i, side) in enumerate(order):
+        boa = sources[side][i]
+        name = f"{day + dt.timedelta(days=5 * n):%Y%m%d}" + boa.name[8:]
+        os.link(boa, folder / name)
+        os.link(str(boa).replace("_BOA", "_QAI"), folder / name.replace("_BOA", "_QAI"))
+    return folder
+
+
 def mixed_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of a benchmark on a tile of hard links to two cubes (:func:`mixed_tile`),
     read on one worker in rounds."""
@@ -66,6 +94,9 @@ def mixed_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", default="X0069_Y0043")
     p.add_argument("--each", type=int, default=60, help="scenes of each layout")
     p.add_argument("--cog-scenes", type=int, default=None, help="COG scenes (default --each)")
+    p.add_argument("--alternate", type=int, default=0,
+                   help="the layouts alternate every this many scenes (default 0: all the "
+                   "strips, then all the COGs)")  # fmt: skip
     p.add_argument("--window", type=int, default=250, help="square windows of this edge")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--memory-limit", default="12GiB")
@@ -77,7 +108,8 @@ def mixed_arguments(p: argparse.ArgumentParser) -> None:
 def mixed_tile(args) -> Path:
     """The cube of :func:`mixed_cube` under ``--workdir`` as :func:`mixed_arguments` give it."""
     each = (args.each, args.each if args.cog_scenes is None else args.cog_scenes)
-    return mixed_cube(args.strips, args.cogs, args.tile, each, Path(args.workdir) / "cube")
+    root = Path(args.workdir) / "cube"
+    return mixed_cube(args.strips, args.cogs, args.tile, each, root, args.alternate)
 
 
 def main(argv=None) -> int:

@@ -7,8 +7,11 @@ of its own and stepped in windows of its own (``pipeline.streaming.stages_layer`
     python benchmarks/stream_layouts.py --strips STRIPS_CUBE --cogs COG_CUBE --each 60 \\
         --window 250 --memory-limit 12GiB --rounds 2 --workdir /data/wd --json report.json
     python benchmarks/stream_layouts.py ... --each 40 --cog-scenes 80 --required  # most COGs
+    python benchmarks/stream_layouts.py ... --each 16 --alternate 4 --max-stages 8  # 8 runs
 
-The tile is made of hard links as ``benchmarks/layouts.py`` makes it.  Its mask holds one pixel
+The tile is made of hard links as ``benchmarks/layouts.py`` makes it (``--alternate``: its
+layouts alternate every that many scenes; ``--max-stages``: the cap on runs streamed in stages,
+``io.layouts.STREAM_STAGES``, beyond which the run streams one plan).  Its mask holds one pixel
 every ``--every`` px in both directions (0.4 % of the tile at 16), so that every block of every
 file holds a masked-in pixel (the read decodes all of them, as an unmasked one) while the model
 (``sits-lstm`` of the published shapes, random weights) steps few pixels: the run measures the
@@ -54,6 +57,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mixed_arguments(p)
     p.add_argument("--every", type=int, default=16, help="a mask pixel every this many px")
+    p.add_argument("--max-stages", type=int, default=None,
+                   help="stream in stages up to this many runs of scenes in one layout "
+                   "(default: io.layouts.STREAM_STAGES); beyond, in one plan")  # fmt: skip
     p.add_argument("--required", action="store_true",
                    help="stream the tile as one whose windows of all scenes the inference "
                    "workers cannot hold (``required``): a tile of most scenes COGs, read in "
@@ -68,12 +74,15 @@ def main(argv=None) -> int:
         measured_run,
     )
     from treesits_dask.bench.real import files_bytes
+    from treesits_dask.io import layouts
     from treesits_dask.io.layouts import layout_runs
     from treesits_dask.pipeline import plan as planning
     from treesits_dask.pipeline import reading, schedule
     from treesits_dask.pipeline.plan import make_plan
 
-    stream = planning._stream
+    stream, cap = planning._stream, layouts.STREAM_STAGES
+    if args.max_stages is not None:
+        layouts.STREAM_STAGES = args.max_stages
     if args.required:
         planning._stream = lambda config, card: "required"
 
@@ -90,6 +99,7 @@ def main(argv=None) -> int:
         "cube": str(root), "window": args.window, "threads": args.threads,
         "memory_limit": args.memory_limit, "uncompressed_gb": round(total / 1e9, 2),
         "mask_every_px": args.every, "grid_blocks": list(tile.grid.block_shape),
+        "alternate": args.alternate, "max_stages": layouts.STREAM_STAGES,
         "stream": tile.stream,
         "runs": [[f"{r.grid.block_shape[0]}x{r.grid.block_shape[1]}", len(r.indices)]
                  for r in layout_runs(tile.scenes, tile.grid)],
@@ -124,7 +134,7 @@ def main(argv=None) -> int:
                 shutil.rmtree(out, ignore_errors=True)
     finally:
         variant_on("stages")
-        planning._stream = stream
+        planning._stream, layouts.STREAM_STAGES = stream, cap
         close_bench(None, client, cluster)
     return 0
 

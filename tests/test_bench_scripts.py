@@ -183,6 +183,9 @@ def _layouts(report):
 
 
 def _stream_layouts(report):
+    """The layouts alternate scene by scene (``--alternate 1``): 6 runs, streamed in 6 stages
+    (``--max-stages 6``, above the run's cap)."""
+    assert [n for _, n in report["runs"]] == [1] * 6
     _two_layouts(report, "stages", "decoded_over_files")
 
 
@@ -207,7 +210,7 @@ CASES = {
     ),  # fmt: skip
     "stream_windows": (TINY + ["--tiles", "1", "--windows", "100"], _stream_windows),
     "layouts": (LAYOUTS, _layouts),
-    "stream_layouts": (LAYOUTS, _stream_layouts),
+    "stream_layouts": (LAYOUTS + ["--alternate", "1", "--max-stages", "6"], _stream_layouts),
 }
 
 
