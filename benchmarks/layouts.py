@@ -69,8 +69,9 @@ def mixed_cube(
 
 def _alternating(
     strips: str, cogs: str, tile: str, each: tuple[int, int], folder: Path, k: int
-) -> Path:
-    """The tile of :func:`mixed_cube` whose layouts alternate every ``k`` scenes."""
+) -> None:
+    """Links the scenes of :func:`mixed_cube`'s tile into ``folder``, the layouts alternating
+    every ``k`` scenes."""
     sources = [sorted((Path(c) / tile).glob("*_LEVEL2_SEN2?_BOA.tif"))[:n]
                for c, n in ((strips, each[0]), (cogs, each[1]))]  # fmt: skip
     if any(len(s) < n for s, n in zip(sources, each, strict=True)):
@@ -83,7 +84,6 @@ def _alternating(
         name = f"{day + dt.timedelta(days=5 * n):%Y%m%d}" + boa.name[8:]
         os.link(boa, folder / name)
         os.link(str(boa).replace("_BOA", "_QAI"), folder / name.replace("_BOA", "_QAI"))
-    return folder
 
 
 def mixed_arguments(p: argparse.ArgumentParser) -> None:

@@ -113,10 +113,10 @@ def worker_disks(client, workers: list[str] | None = None) -> dict[str, int]:
 
 def answering(workers: dict[str, dict], disks: dict[str, int]) -> dict[str, dict]:
     """The workers of ``workers`` (``scheduler_info()["workers"]``) that answered
-    :func:`worker_disks` (``disks``): one that could not be reached was lost before the scheduler
-    noticed (an OOM kill, a preempted node), and counted in a read budget it would have lent its
-    memory and threads to the tiles that start next, and its missing disk made the least free
-    disk of the reading workers nothing (no spilling counted on).  All of ``workers`` where none
+    :func:`worker_disks` (``disks``).  One that could not be reached was lost before the
+    scheduler noticed (an OOM kill, a preempted node): counted, it lent the read budgets of the
+    tiles that start next its memory and threads, and its missing disk made the least free disk
+    of the reading workers nothing (no spilling counted on).  All of ``workers`` where none
     answered (the budgets then count no disk, as before)."""
     return {a: w for a, w in workers.items() if a in disks} or workers
 
