@@ -423,11 +423,11 @@ def test_a_tile_streamed_in_windows_of_its_own_maps_the_values_of_one_read_over_
     assert t.reading.shape == (300, 300) and [len(g) for g in held.band_groups()] == [2, 2]
     streamed = plan_reads(t.grid, t.reading, len(t.scenes), 1 << 20, stream="always")
     assert streamed.windows.shape == (180, 300)
-    held, whole = held_run(_config(cube, native_lstm, tmp_path / "a", "never", "300x300"))
+    ref, whole = held_run(_config(cube, native_lstm, tmp_path / "a", "never", "300x300"))
     before = _decoded(client)
     run(_config(cube, native_lstm, tmp_path / "b", "always", "300x300"), client=client)
     assert _decoded(client) - before == whole
-    a, b = open_map(held), open_map(str(tmp_path / "b"))
+    a, b = open_map(ref), open_map(str(tmp_path / "b"))
     assert a.probability.notnull().any() and a.probability.isnull().any()  # the mask's holes
     np.testing.assert_allclose(b.probability.values, a.probability.values, rtol=0, atol=1e-5)
     for var in ("class", "valid_obs", "last_obs_valid", "last_valid_date"):
