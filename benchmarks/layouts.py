@@ -58,9 +58,7 @@ def mixed_cube(
             if name in taken:
                 continue
             taken.add(name)
-            for src, dest in ((boa, name), (Path(str(boa).replace("_BOA", "_QAI")),
-                                            name.replace("_BOA", "_QAI"))):  # fmt: skip
-                os.link(src, folder / dest)
+            _link_scene(boa, folder / name)
             linked += 1
             if linked == wanted:
                 break
@@ -81,9 +79,15 @@ def _alternating(
                    for i in range(len(s)))  # fmt: skip
     for n, (_, i, side) in enumerate(order):
         boa = sources[side][i]
-        name = f"{day + dt.timedelta(days=5 * n):%Y%m%d}" + boa.name[8:]
-        os.link(boa, folder / name)
-        os.link(str(boa).replace("_BOA", "_QAI"), folder / name.replace("_BOA", "_QAI"))
+        _link_scene(boa, folder / (f"{day + dt.timedelta(days=5 * n):%Y%m%d}" + boa.name[8:]))
+
+
+def _link_scene(boa: Path, dest: Path) -> None:
+    """Hard links ``dest`` to the scene's BOA file ``boa``, and its QAI beside (the same names
+    with ``_QAI``)."""
+    os.link(boa, dest)
+    qai = boa.name.replace("_BOA", "_QAI")
+    os.link(boa.with_name(qai), dest.with_name(dest.name.replace("_BOA", "_QAI")))
 
 
 def mixed_arguments(p: argparse.ArgumentParser) -> None:
