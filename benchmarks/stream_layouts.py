@@ -10,12 +10,14 @@ of its own and stepped in windows of its own (``pipeline.streaming.stages_layer`
     python benchmarks/stream_layouts.py ... --each 16 --alternate 4 --max-stages 8  # 8 runs
 
 The tile is made of hard links as ``benchmarks/layouts.py`` makes it (``--alternate``: its
-layouts alternate every that many scenes; ``--max-stages``: the cap on runs streamed in stages,
-``io.layouts.STREAM_STAGES``, beyond which the run streams one plan).  Its mask holds one pixel
-every ``--every`` px in both directions (0.4 % of the tile at 16), so that every block of every
-file holds a masked-in pixel (the read decodes all of them, as an unmasked one) while the model
-(``sits-lstm`` of the published shapes, random weights) steps few pixels: the run measures the
-reading and the streaming, not the LSTM on 9 million pixels.  Prints one JSON line per run: its
+layouts alternate every that many scenes; ``--max-stages``: the ``stages`` variant streams in
+stages up to that many runs, ``io.layouts.STREAM_STAGES``, beyond which it streams as a run
+does: in stages only where they pay, ``io.layouts.STAGE_COST``; the report's ``run_streams``
+says which way a run streams the tile as it is).  Its mask holds one pixel every ``--every`` px
+in both directions (0.4 % of the tile at 16), so that every block of every file holds a
+masked-in pixel (the read decodes all of them, as an unmasked one) while the model (``sits-lstm``
+of the published shapes, random weights) steps few pixels: the run measures the reading and the
+streaming, not the LSTM on 9 million pixels.  Prints one JSON line per run: its
 seconds, the bytes the worker decoded (BOA and QAI files) over those files' uncompressed bytes
 (counted; blocks whose masked pixels the QAI flags are not decoded), the plans' count of the
 BOAs' over theirs, what Dask spilled, the most the states held and the worker's peak RSS
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=int, default=16, help="a mask pixel every this many px")
     p.add_argument("--max-stages", type=int, default=None,
                    help="stream in stages up to this many runs of scenes in one layout "
-                   "(default: io.layouts.STREAM_STAGES); beyond, in one plan")  # fmt: skip
+                   "(default: io.layouts.STREAM_STAGES); beyond, as a run does")  # fmt: skip
     p.add_argument("--required", action="store_true",
                    help="stream the tile as one whose windows of all scenes the inference "
                    "workers cannot hold (``required``): a tile of most scenes COGs, read in "
@@ -114,17 +116,21 @@ def main(argv=None) -> int:
 
     cluster, client = bench_cluster(1, args.threads, args.memory_limit)
     try:
+        reads = schedule.read_budget(
+            config,
+            client.scheduler_info(n_workers=-1)["workers"],
+            schedule.declared_routing(config) or schedule.Routing(),
+        )
+        layouts.STREAM_STAGES = cap  # what a run does with this tile (STAGE_COST beyond the cap)
+        report["run_streams"] = "stages" if own(tile, reads) else "one-plan"
+        layouts.STREAM_STAGES = cap if args.max_stages is None else args.max_stages
+        print(json.dumps({"run_streams": report["run_streams"]}), flush=True)
         for r in range(args.rounds):
             for name in ("stages", "one-plan") if r % 2 == 0 else ("one-plan", "stages"):
                 variant_on(name)
                 out = wd / f"out-{r}-{name}"
                 measured, done = measured_run(
                     client, config.model_copy(update={"output": str(out)})
-                )
-                reads = schedule.read_budget(
-                    config,
-                    client.scheduler_info(n_workers=-1)["workers"],
-                    schedule.declared_routing(config) or schedule.Routing(),
                 )
                 planned = reading.tile_decode(tile, reads)
                 row = {"round": r, "variant": name, **measured,

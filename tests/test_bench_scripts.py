@@ -184,8 +184,10 @@ def _layouts(report):
 
 def _stream_layouts(report):
     """The layouts alternate scene by scene (``--alternate 1``): 6 runs, streamed in 6 stages
-    (``--max-stages 6``, above the run's cap)."""
+    (``--max-stages 6``, above the run's cap), where a run streams them in one plan (6 stages
+    of 1 scene do not save ``STAGE_COST`` scenes' bytes each)."""
     assert [n for _, n in report["runs"]] == [1] * 6
+    assert report["run_streams"] == "one-plan" and report["max_stages"] == 6
     _two_layouts(report, "stages", "decoded_over_files")
 
 

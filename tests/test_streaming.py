@@ -990,6 +990,50 @@ def test_the_stages_of_a_streamed_tile_hold_two_stages_states_within_the_room(
     assert chosen == {True, False}  # both happen
 
 
+def test_a_tile_in_more_runs_of_layouts_than_always_staged_is_staged_where_it_pays(
+    native_lstm, tmp_path, monkeypatch
+):
+    """Beyond ``STREAM_STAGES`` runs of scenes in one file layout, a streamed tile is streamed in
+    a stage per run only where the stages decode at least ``STAGE_COST`` of its scenes' bytes per
+    stage less than one plan for all its scenes (each stage reads and steps at least one batch
+    of its own: 56 stages of 4 scenes took 32 % longer than the one plan that decoded twice as
+    much); within ``STREAM_STAGES`` runs it is staged whatever they save."""
+    from treesits_dask.io import layouts
+    from treesits_dask.pipeline import preview, reading
+    from treesits_dask.pipeline.plan import make_plan
+
+    grown, _ = _grown(tmp_path, (1, 2, 5, 6))  # a strip, COGs, strips, COGs, strips: 5 runs
+    (t,) = make_plan(_config(grown, native_lstm, tmp_path / "o", "always")).tiles
+    runs = layouts.layout_runs(t.scenes, t.grid)
+    assert [len(r.indices) for r in runs] == [1, 2, 2, 2, 2] and layouts.STREAM_STAGES == 4
+    free = reading.ReadBudget(1 << 24, 2, 0)
+    one = reading.tile_read_plan(t, free)
+    monkeypatch.setattr(layouts, "STREAM_STAGES", 5)  # every run a stage, whatever it saves
+    stages = reading.stream_stages(t, free)
+    assert [run for run, _ in stages] == list(runs)
+    staged = reading.plans_decode(t, [(r.grid, len(r.indices), p) for r, p in stages])
+    whole = [(p.grid, len(p.indices), one) for p in layouts.layout_parts(t.scenes, t.grid)]
+    saved = reading.plans_decode(t, whole) - staged
+    scene = t.grid.height * t.grid.width * t.grid.count * 2
+    assert staged == len(t.scenes) * scene  # each block once, where one plan decodes more
+    assert saved >= len(runs) * scene  # this small tile saves a scene's bytes per stage
+    monkeypatch.setattr(layouts, "STREAM_STAGES", 4)
+    assert layouts.STAGE_COST > saved // (len(runs) * scene)  # as it is: one plan
+    assert reading.stream_stages(t, free) == ()
+    assert [p for _, _, p in reading.tile_read_plans(t, free)] == [one, one]
+    entry = preview.tile_reads([t], free, None, lambda gib: (free, None))[t.tile]
+    assert "in one plan for all its layouts" in entry["mode"]
+    report = {"known": True, "tiles": {t.tile: entry}, "disk": "/tmp", "free_disk_gib": 1,
+              "reading_workers": 1, "tiles_in_flight": 1}  # fmt: skip
+    (line,) = preview.decode_warnings(report)
+    assert "change file layout too often for a stage per run" in line, line
+    for cost in (saved // (len(runs) * scene), saved // (len(runs) * scene) + 1):
+        monkeypatch.setattr(layouts, "STAGE_COST", cost)
+        got = reading.stream_stages(t, free)
+        assert (got == stages) == (len(runs) * cost * scene <= saved), cost
+        assert bool(got) == (len(runs) * cost * scene <= saved), cost
+
+
 def test_a_streamed_tiles_read_tasks_name_their_tile(tmp_path):
     """The read tasks of a streamed tile, of each of its stages, are named as a tile's read tasks
     are, ``read-...-<tile>-<token>``, so that the scheduler's plugin finds their tile

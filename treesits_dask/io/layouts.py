@@ -19,13 +19,14 @@ local disk (``benchmarks/layouts.py``).
 
 A tile streamed through the model (:mod:`treesits_dask.pipeline.streaming`) carries its windows'
 states from one batch of scenes to the next in windows that cross no two bands of one plan.  It
-is streamed in one stage per run of consecutive scenes in one layout (:func:`layout_runs`, at
-most :data:`STREAM_STAGES`), each read by a plan for its own blocks and stepped in windows of
-its own, the first windows of a stage taking their states from the last of the stage before
-(:func:`~treesits_dask.pipeline.streaming.stages_layer`).  Beyond that many runs, or where the
-stages' sections (two stages' states held at once) would decode more, it is read in one plan,
-made for the layout of most of its scenes, which decodes the others' blocks more than once
-(``plan`` counts it: :func:`~treesits_dask.pipeline.reading.tile_read_plans`).
+is streamed in one stage per run of consecutive scenes in one layout (:func:`layout_runs`),
+each read by a plan for its own blocks and stepped in windows of its own, the first windows of a
+stage taking their states from the last of the stage before
+(:func:`~treesits_dask.pipeline.streaming.stages_layer`).  Where the stages' sections (two
+stages' states held at once) would decode more, or beyond :data:`STREAM_STAGES` runs where the
+stages would not decode :data:`STAGE_COST` scenes' bytes less each (many short runs), it is
+read in one plan, made for the layout of most of its scenes, which decodes the others' blocks
+more than once (``plan`` counts it: :func:`~treesits_dask.pipeline.reading.tile_read_plans`).
 
 The driver learns the layouts from the headers it reads anyway and, for the scenes it does not
 open again, from the block shapes the tile's record keeps (:func:`with_layouts`,
@@ -42,8 +43,8 @@ from collections.abc import Sequence
 from .bands import ReadPlan, plan_reads
 from .grid import TileGrid, WindowLayout
 
-__all__ = ["STREAM_STAGES", "LayoutPart", "block_shape_of", "layout_parts", "layout_runs",
-           "layouts_text", "part_plans", "share", "with_layouts"]  # fmt: skip
+__all__ = ["STAGE_COST", "STREAM_STAGES", "LayoutPart", "block_shape_of", "layout_parts",
+           "layout_runs", "layouts_text", "part_plans", "share", "with_layouts"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,19 @@ def layout_parts(scenes: Sequence, grid: TileGrid) -> tuple[LayoutPart, ...]:
 
 #: a streamed tile is read in one stage per run of consecutive scenes in one file layout where
 #: it has at most this many (each run's windows take their states from the run's before): a
-#: cube that changed layout once has two; beyond, in one plan for all its scenes
+#: cube that changed layout once has two; beyond, only where the stages pay (:data:`STAGE_COST`)
 STREAM_STAGES = 4
+
+#: beyond :data:`STREAM_STAGES` runs, a streamed tile is read in stages only where they decode
+#: at least this many of its scenes' bytes per stage less than one plan for all its scenes: each
+#: stage reads its bands and steps every window through at least one batch of its own.  Measured
+#: (``benchmarks/stream_layouts.py``, one worker of 2 threads, stages against one plan) on a
+#: 1000 px tile of 224 scenes alternating every 28, 14, 7 and 4 scenes (100-row strips, 256 px
+#: COGs, 3 GiB, 100 px windows; the stages save 31.6, 15.8, 7.9, 4.5 scenes each): 7 and 8 %
+#: faster, 7 and 32 % slower; on 3000 px tiles of 240 scenes alternating every 40 and 32 (8 GiB,
+#: 250 px windows; 15.4 and 11.5): 0-5 and 3-5 % faster; of 32 alternating every 4 (1.5): 15-30 %
+#: slower.
+STAGE_COST = 10
 
 
 def layout_runs(scenes: Sequence, grid: TileGrid) -> tuple[LayoutPart, ...]:

@@ -324,6 +324,13 @@ def decode_warnings(reads: dict) -> list[str]:
         need = entry.get("decode_once_free_disk_gib")
         one = len(tiles) == 1
         fix = "give the reading workers more memory"
+        if "in one plan for all its layouts" in entry["mode"]:  # streamed: see stream_stages
+            fix = (
+                "its scenes change file layout too often for a stage per run of one layout to "
+                "pay (io.layouts.STAGE_COST), and one layout's blocks are decoded again where "
+                "the other's plan cuts them: files of one layout (its strips rewritten as "
+                f"COGs) would not be; or {fix}"
+            )
         if need is not None:
             fix = (
                 f"with {need} GiB of free local disk per reading worker ({reads['disk']}, now "

@@ -243,8 +243,8 @@ def stream_sections(tile, reads: ReadBudget) -> int:
 def stream_stages(tile, reads: ReadBudget | None, plan=None) -> tuple:
     """``(run, plan)`` of each stage of ``tile`` (a :class:`~treesits_dask.pipeline.plan.TilePlan`)
     where :func:`tile_read_plan` streams it and its scenes are in more than one file layout, in
-    at most :data:`~treesits_dask.io.layouts.STREAM_STAGES` runs of consecutive scenes in one
-    layout (:func:`~treesits_dask.io.layouts.layout_runs`): each run with a streamed plan for
+    runs of consecutive scenes in one layout (:func:`~treesits_dask.io.layouts.layout_runs`):
+    each run with a streamed plan for
     its own blocks (as a tile that must be streamed is planned,
     :func:`~treesits_dask.io.bands.plan_reads`), each block of each scene so decoded once
     (:func:`~treesits_dask.pipeline.streaming.stages_layer`).  Where a stage hands its windows'
@@ -252,26 +252,37 @@ def stream_stages(tile, reads: ReadBudget | None, plan=None) -> tuple:
     stages are read in the sections that decode least with the states of every two adjacent
     stages within the room of ``reads`` for them (a striped stage's sections each decode its
     full-width strips, a COG stage's cut only the blocks at their edges).  Empty where the tile
-    is not streamed, or in one layout, or in more runs, or where the stages would decode more
-    than the one plan for all its scenes (:func:`plans_decode`).  ``plan``: the tile's
-    :func:`tile_read_plan` under ``reads`` where the caller has it (None: planned here)."""
-    from ..io.layouts import STREAM_STAGES, layout_parts, layout_runs
+    is not streamed, or in one layout, or where the stages would decode more than the one plan
+    for all its scenes (:func:`plans_decode`), or in more than
+    :data:`~treesits_dask.io.layouts.STREAM_STAGES` runs where they would not decode
+    :data:`~treesits_dask.io.layouts.STAGE_COST` of its scenes' bytes less per stage (each stage
+    reads and steps at least one batch of its own: many short runs cost more than decoding the
+    other layout's blocks again).  ``plan``: the tile's :func:`tile_read_plan` under ``reads``
+    where the caller has it (None: planned here)."""
+    from ..io.layouts import STAGE_COST, STREAM_STAGES, layout_parts, layout_runs
 
     plan = tile_read_plan(tile, reads) if plan is None else plan
     if plan is None or not plan.stream:
         return ()
     runs = layout_runs(tile.scenes, tile.grid)
-    if not 1 < len(runs) <= STREAM_STAGES:
+    if len(runs) == 1:
         return ()
+    one = plans_decode(tile, [(p.grid, len(p.indices), plan)
+                              for p in layout_parts(tile.scenes, tile.grid)])  # fmt: skip
+    grid = tile.grid
+    cost = 0 if len(runs) <= STREAM_STAGES else (
+        len(runs) * STAGE_COST * grid.height * grid.width * grid.count * 2
+    )  # fmt: skip
+    if cost and one - cost < len(tile.scenes) * grid.height * grid.width * grid.count * 2:
+        return ()  # decoding every block once would not save that much: not worth planning
     if reads is None:
         from ..io.cube import DEFAULT_READ_BYTES
 
         reads = ReadBudget(DEFAULT_READ_BYTES, 1, 0)
     choices = [_stage_choices(tile, run, reads) for run in runs]
     stages = tuple(zip(runs, _least_decoding(choices, reads.state_bytes), strict=True))
-    one = [(p.grid, len(p.indices), plan) for p in layout_parts(tile.scenes, tile.grid)]
-    staged = [(run.grid, len(run.indices), own) for run, own in stages]
-    return stages if plans_decode(tile, staged) <= plans_decode(tile, one) else ()
+    staged = plans_decode(tile, [(run.grid, len(run.indices), own) for run, own in stages])
+    return stages if staged <= one - cost else ()
 
 
 def _stage_choices(tile, run, reads: ReadBudget) -> list[tuple]:
