@@ -991,13 +991,14 @@ def test_the_stages_of_a_streamed_tile_hold_two_stages_states_within_the_room(
 
 
 def test_a_tile_in_more_runs_of_layouts_than_always_staged_is_staged_where_it_pays(
-    native_lstm, tmp_path, monkeypatch
+    native_lstm, held_run, tmp_path, client, monkeypatch, caplog
 ):
     """Beyond ``STREAM_STAGES`` runs of scenes in one file layout, a streamed tile is streamed in
     a stage per run only where the stages decode at least ``STAGE_COST`` of its scenes' bytes per
     stage less than one plan for all its scenes (each stage reads and steps at least one batch
     of its own: 56 stages of 4 scenes took 32 % longer than the one plan that decoded twice as
-    much); within ``STREAM_STAGES`` runs it is staged whatever they save."""
+    much); within ``STREAM_STAGES`` runs it is staged whatever they save.  Staged, the tile maps
+    what a run that holds its bands maps, decoding the same bytes."""
     from treesits_dask.io import layouts
     from treesits_dask.pipeline import preview, reading
     from treesits_dask.pipeline.plan import make_plan
@@ -1032,6 +1033,20 @@ def test_a_tile_in_more_runs_of_layouts_than_always_staged_is_staged_where_it_pa
         got = reading.stream_stages(t, free)
         assert (got == stages) == (len(runs) * cost * scene <= saved), cost
         assert bool(got) == (len(runs) * cost * scene <= saved), cost
+
+    # staged (the cost at what it saves): 5 stages map what the run that holds its bands maps
+    monkeypatch.setattr(layouts, "STAGE_COST", 1)
+    held, whole = held_run(_config(grown, native_lstm, tmp_path / "h", "never"))
+    before = _decoded(client)
+    with caplog.at_level(logging.INFO, logger="treesits_dask"):
+        run(_config(grown, native_lstm, tmp_path / "s", "always"), client=client)
+    assert "streamed in 5 stages, one per run of scenes in one file layout" in caplog.text
+    assert _decoded(client) - before == whole  # every block once at most, as the held run
+    a, b = open_map(held), open_map(str(tmp_path / "s"))
+    assert a.probability.notnull().any()
+    np.testing.assert_allclose(b.probability.values, a.probability.values, rtol=0, atol=1e-5)
+    for var in ("valid_obs", "last_obs_valid", "last_valid_date"):
+        np.testing.assert_array_equal(b[var].values, a[var].values, err_msg=var)
 
 
 def test_a_streamed_tiles_read_tasks_name_their_tile(tmp_path):
