@@ -1049,6 +1049,57 @@ def test_a_tile_in_more_runs_of_layouts_than_always_staged_is_staged_where_it_pa
         np.testing.assert_array_equal(b[var].values, a[var].values, err_msg=var)
 
 
+def test_the_windows_of_a_step_go_through_the_model_together_where_they_are_small(
+    native_lstm, monkeypatch
+):
+    """A step task's windows of few mask pixels go through the LSTM in one call (a call costs
+    about 0.5 ms whatever its size), in groups of at most ``STEP_CALL_ELEMENTS``: their states
+    after two batches are those of the windows stepped one by one, to float rounding, and a
+    window without a mask pixel stays None."""
+    from treesits_dask.models import ModelSpec
+    from treesits_dask.outputs.schema import Packing
+    from treesits_dask.pipeline import streaming
+    from treesits_dask.pipeline.predict import Inference
+
+    kernel = streaming.Kernel(ModelSpec(native_lstm, "native"), "cpu", Inference(), Packing(5))
+    rng = np.random.default_rng(1)
+    masks = [rng.random((4, 5)) < 0.4 for _ in range(4)]
+    masks[2][:] = False  # no mask pixel
+    windows = tuple((10, 4, 5, ((0, k, 0, 4),)) for k in range(4))
+    batches = []
+    for t in (3, 3):
+        pieces = rng.integers(100, 3000, (4, t, 10, 4, 5)).astype(np.int16)
+        pieces[0, 1, :, 1] = -9999  # a scene without a valid observation in a row
+        batches.append((np.arange(t) * 5 + 18000 + 20 * len(batches), tuple(pieces)))
+    calls = []
+    step = Predictor.stream_step
+    monkeypatch.setattr(Predictor, "stream_step",
+                        lambda self, *a: calls.append(len(a[1])) or step(self, *a))  # fmt: skip
+
+    def states(elements: int) -> list:
+        monkeypatch.setattr(streaming, "STEP_CALL_ELEMENTS", elements)
+        state = None
+        for days, picks in batches:
+            state = streaming.stream_step(state, windows, days, kernel, masks, picks)
+        return state
+
+    one_by_one = states(1)
+    assert len(calls) == 6  # 3 windows with mask pixels, 2 batches
+    calls.clear()
+    together = states(1 << 21)
+    assert calls == [sum(int(m.sum()) for m in masks)] * 2
+    calls.clear()
+    in_two = states(3 * 10 * int(masks[0].sum() + masks[1].sum()))  # the first two windows
+    assert calls == [int(masks[0].sum() + masks[1].sum()), int(masks[3].sum())] * 2
+    assert one_by_one[2] is None and together[2] is None and in_two[2] is None
+    for k in (0, 1, 3):
+        for other in (together, in_two):
+            np.testing.assert_allclose(other[k]["model"], one_by_one[k]["model"], atol=1e-6)
+            for key in ("idx", "n_valid", "last_day", "last_valid"):
+                np.testing.assert_array_equal(other[k][key], one_by_one[k][key], err_msg=key)
+    assert one_by_one[0]["n_valid"].max() <= 6 and one_by_one[0]["last_day"].max() == 18030
+
+
 def test_a_streamed_tiles_read_tasks_name_their_tile(tmp_path):
     """The read tasks of a streamed tile, of each of its stages, are named as a tile's read tasks
     are, ``read-...-<tile>-<token>``, so that the scheduler's plugin finds their tile
