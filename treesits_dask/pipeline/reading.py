@@ -244,10 +244,9 @@ def stream_stages(tile, reads: ReadBudget | None, plan=None) -> tuple:
     """``(run, plan)`` of each stage of ``tile`` (a :class:`~treesits_dask.pipeline.plan.TilePlan`)
     where :func:`tile_read_plan` streams it and its scenes are in more than one file layout, in
     runs of consecutive scenes in one layout (:func:`~treesits_dask.io.layouts.layout_runs`):
-    each run with a streamed plan for
-    its own blocks (as a tile that must be streamed is planned,
-    :func:`~treesits_dask.io.bands.plan_reads`), each block of each scene so decoded once
-    (:func:`~treesits_dask.pipeline.streaming.stages_layer`).  Where a stage hands its windows'
+    each run with a streamed plan for its own blocks (as a tile that must be streamed is
+    planned, :func:`~treesits_dask.io.bands.plan_reads`), each block of each scene so decoded
+    once (:func:`~treesits_dask.pipeline.streaming.stages_layer`).  Where a stage hands its windows'
     states to the next stage's, both stages' states are held (:func:`stages_states`), so the
     stages are read in the sections that decode least with the states of every two adjacent
     stages within the room of ``reads`` for them (a striped stage's sections each decode its
