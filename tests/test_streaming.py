@@ -1013,8 +1013,8 @@ def test_a_tile_in_more_runs_of_layouts_than_always_staged_is_staged_where_it_pa
     stages = reading.stream_stages(t, free)
     assert [run for run, _ in stages] == list(runs)
     staged = reading.plans_decode(t, [(r.grid, len(r.indices), p) for r, p in stages])
-    whole = [(p.grid, len(p.indices), one) for p in layouts.layout_parts(t.scenes, t.grid)]
-    saved = reading.plans_decode(t, whole) - staged
+    in_one = [(p.grid, len(p.indices), one) for p in layouts.layout_parts(t.scenes, t.grid)]
+    saved = reading.plans_decode(t, in_one) - staged
     scene = t.grid.height * t.grid.width * t.grid.count * 2
     assert staged == len(t.scenes) * scene  # each block once, where one plan decodes more
     assert saved >= len(runs) * scene  # this small tile saves a scene's bytes per stage
@@ -1036,12 +1036,12 @@ def test_a_tile_in_more_runs_of_layouts_than_always_staged_is_staged_where_it_pa
 
     # staged (the cost at what it saves): 5 stages map what the run that holds its bands maps
     monkeypatch.setattr(layouts, "STAGE_COST", 1)
-    held, whole = held_run(_config(grown, native_lstm, tmp_path / "h", "never"))
+    held, held_decoded = held_run(_config(grown, native_lstm, tmp_path / "h", "never"))
     before = _decoded(client)
     with caplog.at_level(logging.INFO, logger="treesits_dask"):
         run(_config(grown, native_lstm, tmp_path / "s", "always"), client=client)
     assert "streamed in 5 stages, one per run of scenes in one file layout" in caplog.text
-    assert _decoded(client) - before == whole  # every block once at most, as the held run
+    assert _decoded(client) - before == held_decoded  # every block once at most, as held
     a, b = open_map(held), open_map(str(tmp_path / "s"))
     assert a.probability.notnull().any()
     np.testing.assert_allclose(b.probability.values, a.probability.values, rtol=0, atol=1e-5)
