@@ -122,7 +122,7 @@ class ModelCard(BaseModel):
         """Bytes a streamed pixel's state holds between batches (0 where the model does not
         stream), with 25 bytes of the pixel's index, valid observations, newest valid day and
         whether the newest scene is valid (see
-        :func:`~treesits_dask.pipeline.streaming.window_step`): the LSTM's ``h`` and ``c`` of
+        :func:`~treesits_dask.pipeline.streaming.stream_step`): the LSTM's ``h`` and ``c`` of
         each layer as float32; SBERT's ``seq_len`` observations of 10 int16 bands and an int32
         day, and its count of valid observations."""
         if not self.streams:

@@ -136,6 +136,11 @@ def _decode(tile, shared: ReadBudget, alone: ReadBudget | None) -> tuple[tuple, 
     return plans, by_itself, plans_decode(tile, plans)
 
 
+#: how :func:`_mode` names a streamed tile in several file layouts read in one plan (what
+#: :func:`decode_warnings` gives its own reason for)
+_ONE_PLAN = "in one plan for all its layouts"
+
+
 def _mode(plans: tuple) -> str:
     """How a tile read by ``plans`` (:func:`_decode`) is read, in words that follow "read"
     (:func:`plan_mode`): where its scenes are in more than one file layout, each layout's part,
@@ -148,7 +153,7 @@ def _mode(plans: tuple) -> str:
         f"{n} scenes in {g.block_shape[0]} x {g.block_shape[1]} px blocks" for g, n, _ in plans
     ]
     if first.stream and all(p is first for _, _, p in plans):
-        return f"{plan_mode(first)}, in one plan for all its layouts ({', '.join(shapes)})"
+        return f"{plan_mode(first)}, {_ONE_PLAN} ({', '.join(shapes)})"
     if first.stream:
         return f"in {len(plans)} stages, one per run of scenes in one file layout: " + "; ".join(
             f"{where} {plan_mode(p)}" for where, (_, _, p) in zip(shapes, plans, strict=True)
@@ -324,7 +329,7 @@ def decode_warnings(reads: dict) -> list[str]:
         need = entry.get("decode_once_free_disk_gib")
         one = len(tiles) == 1
         fix = "give the reading workers more memory"
-        if "in one plan for all its layouts" in entry["mode"]:  # streamed: see stream_stages
+        if _ONE_PLAN in entry["mode"]:  # streamed: see stream_stages
             fix = (
                 "its scenes change file layout too often for a stage per run of one layout to "
                 "pay (io.layouts.STAGE_COST), and one layout's blocks are decoded again where "

@@ -268,11 +268,9 @@ def stream_stages(tile, reads: ReadBudget | None, plan=None) -> tuple:
         return ()
     one = plans_decode(tile, [(p.grid, len(p.indices), plan)
                               for p in layout_parts(tile.scenes, tile.grid)])  # fmt: skip
-    grid = tile.grid
-    cost = 0 if len(runs) <= STREAM_STAGES else (
-        len(runs) * STAGE_COST * grid.height * grid.width * grid.count * 2
-    )  # fmt: skip
-    if cost and one - cost < len(tile.scenes) * grid.height * grid.width * grid.count * 2:
+    scene = tile.grid.height * tile.grid.width * tile.grid.count * 2  # a scene's BOA, decoded
+    cost = 0 if len(runs) <= STREAM_STAGES else len(runs) * STAGE_COST * scene
+    if cost and one - cost < len(tile.scenes) * scene:
         return ()  # decoding every block once would not save that much: not worth planning
     if reads is None:
         from ..io.cube import DEFAULT_READ_BYTES

@@ -80,7 +80,6 @@ __all__ = [
     "stream_outputs",
     "stream_step",
     "window_states",
-    "window_step",
 ]
 
 
@@ -107,40 +106,6 @@ def _predictor(kernel: Kernel):
             yield predictor
 
 
-def window_step(
-    state: dict | None,
-    shape: tuple[int, int, int, int],
-    mask: np.ndarray | None,
-    where: tuple,
-    days: np.ndarray,
-    kernel: Kernel,
-    pieces: list,
-    first: bool = True,
-) -> dict | None:
-    """A window's state after one batch of scenes (``state`` None and ``first``: before the
-    first batch; None and not ``first``: a window without a mask pixel, which stays None).
-
-    ``shape``: (scenes of the batch, bands, h, w); ``pieces`` the window's pieces of the batch
-    (``where[k]``: ``(0, scenes, first row, last row)`` in the window), as
-    :func:`~treesits_dask.io.reader.assemble` takes them; ``days`` the batch's days since
-    1970-01-01.  The state: ``idx`` (the flat indices of the pixels stepped: the mask's, or
-    all), ``model`` (the model's state of each, see
-    :meth:`~treesits_dask.models.loading.Predictor.stream_step`: SBERT's is updated in place, so
-    a step's input state is its output: the next step is the one task that reads a state, the
-    step's ``done`` task returns nothing, and a state lost with its worker is computed again by
-    the steps before it), ``n_valid`` (valid observations so far),
-    ``last_day`` (the day of the newest one, -1: none) and ``last_valid`` (whether the batch's
-    newest scene is valid).  None where the mask has no pixel (nothing is read or predicted).
-    """
-    got = _window_input(state, shape, mask, where, kernel, pieces, first)
-    if got is None:
-        return None
-    state, series, valid = got
-    with _predictor(kernel) as predictor:
-        model = predictor.stream_step(state["model"], series, valid, days)
-    return _window_after(state, model, valid, days)
-
-
 #: elements (pixels x scenes x bands) of the windows of a step task stepped through the model in
 #: one call, where they are that few (a sparse mask): a call costs about 0.5 ms whatever its size
 #: (the published LSTM's shapes on this VM's CPU: 26 windows of 39 pixels and 4 scenes took
@@ -149,9 +114,13 @@ STEP_CALL_ELEMENTS = 1 << 21
 
 
 def _window_input(state, shape, mask, where, kernel: Kernel, pieces, first: bool):
-    """``(state, series, valid)`` of a window before a batch of scenes (see :func:`window_step`):
-    its state (a new one before its first batch), its mask pixels' series (N, t, bands) int16
-    and their valid observations (N, t); None where it has no mask pixel."""
+    """``(state, series, valid)`` of a window before a batch of scenes (see :func:`stream_step`):
+    its state (a new one before its first batch; ``state`` None and not ``first``: a window
+    without a mask pixel, which stays None), its mask pixels' series (N, t, bands) int16 and
+    their valid observations (N, t); None where it has no mask pixel.  ``shape``: (scenes of the
+    batch, bands, h, w); ``pieces`` the window's pieces of the batch (``where[k]``: ``(0,
+    scenes, first row, last row)`` in the window), as :func:`~treesits_dask.io.reader.assemble`
+    takes them."""
     t, _, h, w = shape
     if state is None:
         if not first or (mask is not None and not mask.any()):
@@ -175,7 +144,7 @@ def _window_input(state, shape, mask, where, kernel: Kernel, pieces, first: bool
 
 def _window_after(state: dict, model, valid: np.ndarray, days: np.ndarray) -> dict:
     """A window's state after a batch of scenes whose model state is ``model`` (see
-    :func:`window_step`)."""
+    :func:`stream_step`)."""
     seen = valid.any(axis=1)
     last_day = state["last_day"].copy()
     if seen.any():
@@ -210,11 +179,20 @@ def stream_step(
     state: list | None, windows: tuple, days: np.ndarray, kernel: Kernel, masks, *picks
 ) -> list:
     """The states of a run of windows after one batch of scenes (``state`` None: before the
-    first batch; see :func:`window_step`).  ``windows``: per window ``(bands, h, w, parts)``,
-    ``parts`` per piece of the window ``(pick, at, first row, last row)``: piece ``at`` of
-    ``picks[pick]`` (the run's pieces of one band of the batch) holds those rows of the window;
-    ``masks``: the window's masks (None: no mask).  Consecutive windows of at most
-    :data:`STEP_CALL_ELEMENTS` together go through the model in one call."""
+    first batch).  ``windows``: per window ``(bands, h, w, parts)``, ``parts`` per piece of the
+    window ``(pick, at, first row, last row)``: piece ``at`` of ``picks[pick]`` (the run's
+    pieces of one band of the batch) holds those rows of the window; ``days`` the batch's days
+    since 1970-01-01; ``masks``: the window's masks (None: no mask).  Consecutive windows of at
+    most :data:`STEP_CALL_ELEMENTS` together go through the model in one call.
+
+    A window's state: ``idx`` (the flat indices of the pixels stepped: the mask's, or all),
+    ``model`` (the model's state of each, see
+    :meth:`~treesits_dask.models.loading.Predictor.stream_step`: SBERT's is updated in place, so
+    a step's input state is its output: the next step is the one task that reads a state, the
+    step's ``done`` task returns nothing, and a state lost with its worker is computed again by
+    the steps before it), ``n_valid`` (valid observations so far), ``last_day`` (the day of the
+    newest one, -1: none) and ``last_valid`` (whether the batch's newest scene is valid).  None
+    where the mask has no pixel (nothing is read or predicted)."""
     t = len(days)
     out: list = [None] * len(windows)
     group: list = []  # (k, window input) of the windows stepped in the next call
@@ -435,7 +413,7 @@ def _sources(before: _Stage, after: _Stage, g: int, r: int) -> tuple[list, tuple
 
 
 def window_states(targets: tuple, sources: tuple, *states) -> list:
-    """The states (see :func:`window_step`) of windows ``targets`` (row, column, height, width in
+    """The states (see :func:`stream_step`) of windows ``targets`` (row, column, height, width in
     the tile) from those of the windows of an earlier stage that share their pixels:
     ``sources[k]`` of target ``k``: ``(run, position, row, column, height, width)``, the state
     ``states[run][position]`` of the window at that place.  Each target's pixels source by
