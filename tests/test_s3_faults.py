@@ -418,3 +418,61 @@ def test_header_cut_off_in_the_middle_is_read_again(inputs, small_cube, moto_end
     assert source == masks.MaskSource(url, 0, 0)
     assert proxy.faulted[0] == ("drop", "GET", "/" + storage.gdal_path(url).removeprefix("/vsis3/"))
     assert "was incomplete" in caplog.text and "GeoKeyDirectory" in caplog.text
+
+
+class _CutOffRepoReads(FaultProxy):
+    """Once ``armed``, cuts off after half of its body the first GET of each map object whose key
+    holds one of ``parts`` (``transactions``, ``snapshots``): reads that Icechunk 1.1 streams
+    without retrying them."""
+
+    def __init__(self, upstream: str, parts: tuple[str, ...]):
+        super().__init__(upstream, drop_style="mid")
+        self.parts, self.cut, self.armed = parts, [], False
+
+    def _next_fault(self, method: str, path: str, rng: str) -> str | None:
+        super()._next_fault(method, path, rng)
+        with self._lock:
+            part = next((p for p in self.parts if f"/{p}/" in path), None)
+            if not self.armed or method != "GET" or part is None or part in dict(self.cut):
+                return None
+            self.cut.append((part, path))
+            return "drop"
+
+
+@pytest.mark.parametrize("parts", [("transactions",), ("transactions", "snapshots")])
+def test_a_tile_commit_whose_rebase_read_breaks_off_is_retried(
+    s3_module_env, moto_endpoint, parts, caplog
+):
+    """Tiles of a run commit concurrently, so a tile's commit rebases onto the others': it reads
+    their transaction logs (and the branch tip's snapshot) from the store.  Icechunk 1.1 does not
+    retry such a read that breaks off in the middle of its body, and the tile failed after all its
+    work ("session error: I/O error" in CI).  The commit is tried again: none of it had landed."""
+    import icechunk
+    import zarr
+
+    from treesits_dask.outputs.repo import TILES_GROUP, repo_storage
+
+    url = f"s3://{new_bucket('out')}/maps/2024"
+    icechunk.Repository.create(repo_storage(MapRepo(url).url))
+    setup = icechunk.Repository.open(repo_storage(MapRepo(url).url)).writable_session("main")
+    zarr.open_group(setup.store, mode="w").require_group(TILES_GROUP)
+    setup.commit("layout")
+    first = MapRepo(url).tile_session()[0]
+    with _CutOffRepoReads(moto_endpoint, parts) as proxy, environ_restored():
+        os.environ.update(
+            storage.s3_environment(endpoint_url=proxy.url, region="RegionOne", environ={})
+        )
+        # another driver's session (a repository object caches the logs and snapshots it wrote
+        # itself), opened behind the proxy before the first tile's commit: it must rebase
+        second = MapRepo(url).tile_session()[0]
+        MapRepo.commit_tile(first, [], "X0001_Y0001", {"n": 1}, {"run": "r"})
+        proxy.armed = True
+        with caplog.at_level(logging.WARNING, logger="treesits_dask.outputs"):
+            snapshot = MapRepo.commit_tile(second, [], "X0002_Y0001", {"n": 2}, {"run": "r"})
+    assert sorted(p for p, _ in proxy.cut) == sorted(parts)  # each read was cut off once
+    assert caplog.text.count("retrying the commit") == len(parts)
+    repo = MapRepo(url)
+    assert set(repo.records()) == {"X0001_Y0001", "X0002_Y0001"}
+    tiles = [i.metadata.get("tile") for i in repo.repo.ancestry(branch="main")]
+    assert tiles[:3] == ["X0002_Y0001", "X0001_Y0001", None]  # each tile committed once
+    assert repo.repo.lookup_branch("main") == snapshot

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import threading
+import time
 from typing import Any
 
 from ..errors import OutputError
@@ -50,6 +51,8 @@ MODELS_GROUP = "_models"
 _RUN_TAG = "run-"
 #: the most manifest shards per array of a new map (see :func:`repo_config`)
 MAX_SHARDS = 400
+#: tries of a commit whose rebase read broke off (:func:`commit_rebasing`)
+COMMIT_TRIES = 5
 _LOGS = threading.Lock()
 _LOGS_SET = False
 
@@ -64,6 +67,36 @@ def _quiet_icechunk() -> None:
 
             icechunk.set_logs_filter(os.environ.get("ICECHUNK_LOG", "error"))
             _LOGS_SET = True
+
+
+def commit_rebasing(session, message: str, metadata: dict) -> str:
+    """Commit ``session``, rebased onto commits made since it opened (other tiles of the run);
+    returns the snapshot id.
+
+    To rebase, Icechunk reads the branch tip's snapshot and the transaction log of each newer
+    commit.  Icechunk 1.1 streams both without retrying a read that breaks off in the middle of
+    its body (``session error: I/O error`` in ``icechunk::session::rebase``), so a dropped
+    connection would fail a tile after all its work.  Such a commit is tried again, up to
+    :data:`COMMIT_TRIES` times: a failed rebase leaves the session consistent (on the last commit
+    it got past) and nothing of it on the branch, so it cannot land twice.  Other errors
+    (conflicts the solver cannot settle, a commit that failed past its rebase) are raised."""
+    import icechunk
+
+    for attempt in range(1, COMMIT_TRIES):
+        try:
+            return session.commit(
+                message, metadata=metadata, rebase_with=icechunk.BasicConflictSolver()
+            )
+        except icechunk.IcechunkError as exc:
+            text = str(exc)
+            if "I/O error" not in text or "icechunk::session::rebase" not in text:
+                raise
+            log.warning(
+                "%s: a read of the map broke off while rebasing onto newer commits; retrying "
+                "the commit (try %d of %d)", message, attempt + 1, COMMIT_TRIES,
+            )  # fmt: skip
+            time.sleep(0.2 * 2**attempt)
+    return session.commit(message, metadata=metadata, rebase_with=icechunk.BasicConflictSolver())
 
 
 def repo_storage(url: str):
@@ -290,7 +323,6 @@ class MapRepo:
         """Merge the forks of derived-layer tasks and commit them with the tiles' new states
         (``{tile: {attribute: value}}``, e.g. what a tile's smoothed values were made from).
         Returns the snapshot id."""
-        import icechunk
         import zarr
 
         if forks:
@@ -301,9 +333,7 @@ class MapRepo:
             group = tiles.require_group(tile)
             for key, value in attrs.items():
                 group.attrs[key] = json.dumps(value, sort_keys=True, default=str)
-        return session.commit(
-            message, metadata=metadata, rebase_with=icechunk.BasicConflictSolver()
-        )
+        return commit_rebasing(session, message, metadata)
 
     @staticmethod
     def region(tile: str, record: dict) -> TileRegion:
@@ -346,7 +376,6 @@ class MapRepo:
         """Merge the window forks not merged yet (the run merges each as it comes back), add the
         tile's record, commit: the tile's data and record become visible together.  Returns the
         snapshot id."""
-        import icechunk
         import zarr
 
         if forks:
@@ -354,10 +383,7 @@ class MapRepo:
         root = zarr.open_group(session.store, mode="r+")
         group = root.require_group(TILES_GROUP).require_group(tile)
         group.attrs["record"] = json.dumps(record, sort_keys=True, default=str)
-        return session.commit(
-            f"tile {tile}", metadata={"tile": tile, **metadata},
-            rebase_with=icechunk.BasicConflictSolver(),
-        )  # fmt: skip
+        return commit_rebasing(session, f"tile {tile}", {"tile": tile, **metadata})
 
     def _last_tile_run(self) -> str | None:
         """The run of the newest tile commit on ``main`` (layout commits skipped), or None."""
