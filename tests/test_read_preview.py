@@ -2,6 +2,7 @@
 workers the settings start, each tile's read plan, what it decodes, and the disk that would have
 it decode once (`pipeline.preview`)."""
 
+import dataclasses
 import json
 import os
 
@@ -76,7 +77,7 @@ def test_plan_names_a_tile_that_would_decode_more_than_once_and_the_disk_to_deco
     that scratch volume it does, with 1 GiB less it does not."""
     from treesits_dask.io.bands import plan_reads, planned_decode
     from treesits_dask.pipeline.plan import make_plan
-    from treesits_dask.pipeline.preview import DECODE_ONCE
+    from treesits_dask.pipeline.preview import DECODE_ONCE, plan_mode
 
     cube, tile = _linked_cube(tmp_path, 300)
     summary, err = _kube_plan(tmp_path, capsys, cube, native_lstm, "1Gi")
@@ -103,6 +104,10 @@ def test_plan_names_a_tile_that_would_decode_more_than_once_and_the_disk_to_deco
                       in_memory_bytes=gib)  # fmt: skip
     decoded = planned_decode(t.grid, t.reading, plan, 300) / (300 * 1000 * 1000 * 10 * 2)
     assert read["decoded_over_tile"] == round(decoded, 3)
+    streamed = dataclasses.replace(plan, aligned=False, by_window=False, stream=True)
+    for batches, words in ((((0, 150), (150, 300)), "2 batches"), (((0, 300),), "1 batch")):
+        mode = plan_mode(dataclasses.replace(streamed, batches=batches))
+        assert mode.endswith(f"streamed through the model in {words} of scenes"), mode
 
     enough, err = _kube_plan(tmp_path, capsys, cube, native_lstm, f"{need}Gi")
     assert enough["tiles"][0]["read"]["decoded_over_tile"] <= DECODE_ONCE

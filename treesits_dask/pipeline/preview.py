@@ -98,7 +98,8 @@ def plan_mode(plan: ReadPlan) -> str:
         return "window by window"
     if plan.stream:
         how = f"in {plan.sections} sections of window columns" if plan.sections > 1 else "in bands"
-        return f"{how}, streamed through the model in {len(plan.batches)} batches of scenes"
+        n = len(plan.batches)
+        return f"{how}, streamed through the model in {n} batch{'es' if n > 1 else ''} of scenes"
     how = f"in {plan.sections} sections of window columns" if plan.sections > 1 else "in bands"
     if plan.gate:
         how += f", {plan.gate} band{'s' if plan.gate > 1 else ''} at a time behind a gate"
