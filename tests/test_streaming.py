@@ -278,6 +278,14 @@ def test_a_streamed_graph_bounds_the_batches_its_reads_run_ahead(tmp_path):
     steps_of_gate = get_dependencies(dsk, gates[0])
     assert len(steps_of_gate) == 3 and all(d[0].startswith("stream-done") for d in steps_of_gate)
 
+    # a group read in one batch (a stage of a few scenes) is stepped in one run: its units do not
+    # wait on one another, so runs would only add tasks
+    whole = plan_reads(grid, layout, len(scenes), 1 << 40, stream="always")
+    assert len(whole.batches) == 1 and len(whole.bands) == 10
+    dsk = dict(stream_layer(reader, layout, whole, days, kernel, ahead=3).__dask_graph__())
+    steps = [k for k in dsk if k[0].startswith("stream-step")]
+    assert len(steps) == len(whole.bands)
+
 
 def make_cube_once(tmp_path):
     from treesits_dask.synthetic import make_cube

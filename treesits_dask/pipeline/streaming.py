@@ -30,8 +30,9 @@ reads go, steps where inference goes):
   band);
 - per run of windows and batch a step task: the states of the run's windows after that batch
   (runs of consecutive windows of about :data:`STEP_PIXELS`, at least as many per unit as a
-  tile has reading threads: a tile of 100 px windows has hundreds of windows, each a task per
-  batch otherwise);
+  tile has reading threads where its groups are read in more than one batch: a tile of 100 px
+  windows has hundreds of windows, each a task per batch otherwise; a group read in one batch,
+  as a stage of a few scenes is, is stepped in as few runs as :data:`STEP_PIXELS` allows);
 - per window the outputs from its last state (:func:`stream_outputs`);
 - per run and batch a task that returns nothing once the step is done, and per unit (a group
   of bands tied together by windows, see :meth:`~treesits_dask.io.bands.ReadPlan.band_groups`,
@@ -327,7 +328,8 @@ def stream_layer(
     ``mask`` (dask array (y, x) bool chunked like those windows, or None); ``routing``
     (:class:`~treesits_dask.pipeline.cluster.Routing`): resources of reads and of steps;
     ``ahead``: units of read batches a tile may hold before its steps took them (at least 1),
-    and the least number of step tasks per unit (runs of windows, see :func:`_runs`)."""
+    and the least number of step tasks per unit (runs of windows, see :func:`_runs`) where its
+    groups are read in more than one batch."""
     stage = StreamStage(reader, plan, plan.windows or layout, 0, mask)
     return stages_layer((stage,), days, kernel, routing, ahead)
 
@@ -358,7 +360,9 @@ def _stage(stage: StreamStage, tile: str, token: str, n: int, ahead: int) -> _St
     out = _Stage(stage, names, [], [], [], {})
     for g, group in enumerate(plan.band_groups()):
         windows = list(dict.fromkeys((p.i, p.j) for b in group for p in plan.bands[b].pieces))
-        runs = _runs(windows, layout, ahead)
+        # a group read in one batch is stepped once: its units do not wait on one another, and
+        # those in flight (``ahead``) keep the threads busy; runs would only add tasks
+        runs = _runs(windows, layout, ahead if len(plan.batches) > 1 else 1)
         ks = {(r, b): [] for r in range(len(runs)) for b in group}
         specs = []
         for r, run in enumerate(runs):
