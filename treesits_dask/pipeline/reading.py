@@ -276,7 +276,12 @@ def stream_stages(tile, reads: ReadBudget | None, plan=None) -> tuple:
         from ..io.cube import DEFAULT_READ_BYTES
 
         reads = ReadBudget(DEFAULT_READ_BYTES, 1, 0)
-    choices = [_stage_choices(tile, run, reads) for run in runs]
+    known: dict = {}  # the choices of a stage follow from its grid and its count of scenes
+    for run in runs:
+        key = (run.grid, len(run.indices))
+        if key not in known:
+            known[key] = _stage_choices(tile, run, reads)
+    choices = [known[(run.grid, len(run.indices))] for run in runs]
     stages = tuple(zip(runs, _least_decoding(choices, reads.state_bytes), strict=True))
     staged = plans_decode(tile, [(run.grid, len(run.indices), own) for run, own in stages])
     return stages if staged <= one - cost else ()
