@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -944,6 +945,63 @@ def test_a_streamed_tile_grown_by_scenes_in_another_layout_maps_what_one_run_map
     assert list(second.tiles) == ["X0069_Y0043"] and not second.failed
     assert "streamed in 2 stages, one per run of scenes in one file layout" in caplog.text
     assert 0 < decoded <= 9 * 300 * 300 * 10 * 2  # every block of every file once at most
+    assert len(versions(str(out))) == 2
+
+    run(_config(grown, native_lstm, tmp_path / "one", "always"), client=client)
+    a, b = open_map(str(tmp_path / "one")), open_map(str(out))
+    assert a.probability.notnull().any()
+    assert b.probability.encoding["chunks"] == a.probability.encoding["chunks"]
+    np.testing.assert_allclose(b.probability.values, a.probability.values, rtol=0, atol=1e-5)
+    for var in ("valid_obs", "last_obs_valid", "last_valid_date"):
+        np.testing.assert_array_equal(b[var].values, a[var].values, err_msg=var)
+
+
+def test_a_staged_tile_grown_past_the_runs_always_staged_maps_what_one_run_maps(
+    native_lstm, tmp_path, client, caplog
+):
+    """A sequence of runs on one map where a tile's runs of scenes in one file layout grow past
+    ``STREAM_STAGES``: 6 scenes in 4 runs (strips, a COG, strips, a COG) are streamed in 4
+    stages; 3 strips more make 5 runs, and the next run re-plans the tile from its scenes (the
+    layouts of the 6 it does not open again from the tile's record): one plan for all its
+    layouts, as ``STAGE_COST`` has it for this tile, in the map's windows, mapping what one run
+    over all 9 scenes maps."""
+    import shutil
+
+    from treesits_dask import versions
+    from treesits_dask.io import layouts
+
+    grown, _ = _grown(tmp_path, (2, 5))  # S S C S S C S S S: 5 runs
+    seq = tmp_path / "seq"
+    shutil.copytree(grown.root, seq)
+    folder = seq / "X0069_Y0043"
+    newest = sorted(folder.glob("*_SEN2?_BOA.tif"))[-3:]  # the strips of the fifth run
+    for boa in newest:
+        for name in (boa.name, boa.name.replace("_BOA", "_QAI")):
+            (folder / name).unlink()
+    cube = dataclasses.replace(grown, root=str(seq))
+    out = tmp_path / "map"
+    assert layouts.STREAM_STAGES == 4
+
+    with caplog.at_level(logging.INFO, logger="treesits_dask"):
+        first = run(_config(cube, native_lstm, out, "always"), client=client)
+    assert list(first.tiles) == ["X0069_Y0043"] and not first.failed
+    assert "streamed in 4 stages, one per run of scenes in one file layout" in caplog.text
+    for boa in newest:  # the strips of a fifth run arrive
+        for name in (boa.name, boa.name.replace("_BOA", "_QAI")):
+            shutil.copy(f"{grown.root}/X0069_Y0043/{name}", folder / name)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="treesits_dask"):
+        second = run(_config(cube, native_lstm, out, "always"), client=client)
+    assert list(second.tiles) == ["X0069_Y0043"] and not second.failed
+    assert (
+        "tile X0069_Y0043: streamed through the model in 1 batch of its 9 scenes (" in caplog.text
+    )
+    assert "stages, one per run of scenes" not in caplog.text  # one plan for all its layouts
+    # and what that plan decodes, as the warning before it has it, not "every block decoded
+    # once": the COGs' blocks once per band that crosses them
+    (ratio,) = re.findall(r"it decodes ([0-9.]+) times its bytes by the plan's count", caplog.text)
+    assert float(ratio) > 1.1
+    assert f"{ratio} times its bytes decoded by the plan's count, in one plan for" in caplog.text
     assert len(versions(str(out))) == 2
 
     run(_config(grown, native_lstm, tmp_path / "one", "always"), client=client)

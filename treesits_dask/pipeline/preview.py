@@ -39,6 +39,7 @@ from .reading import (
     routed_workers,
     stages_states,
     stream_sections,
+    tile_bytes,
     tile_read_plans,
     tile_scenes,
 )
@@ -164,17 +165,13 @@ def _mode(plans: tuple) -> str:
     )
 
 
-def _tile_bytes(tile) -> int:
-    return read_scenes(tile) * tile.grid.height * tile.grid.width * tile.grid.count * 2
-
-
 def _disk_to_decode_once(tile, on) -> int | None:
     """The least free local disk per reading worker (whole GiB) on which ``tile``'s read plan
     decodes once (:data:`DECODE_ONCE`) under the budgets ``on`` gives (:func:`budgets_on`); None
     where not even :data:`_MOST_DISK` GiB do."""
 
     def once(gib: int) -> bool:
-        return _decode(tile, *on(gib << 30))[2] <= DECODE_ONCE * _tile_bytes(tile)
+        return _decode(tile, *on(gib << 30))[2] <= DECODE_ONCE * tile_bytes(tile)
 
     if not once(_MOST_DISK):
         return None
@@ -216,9 +213,9 @@ def tile_reads(tiles, shared: ReadBudget, alone: ReadBudget | None, on) -> dict[
             entry = {
                 "mode": _mode(plans),
                 "read_alone": by_itself,
-                "decoded_over_tile": round(decoded / _tile_bytes(tile), 3),
+                "decoded_over_tile": round(decoded / tile_bytes(tile), 3),
             }
-            if decoded > DECODE_ONCE * _tile_bytes(tile):
+            if decoded > DECODE_ONCE * tile_bytes(tile):
                 entry["decode_once_free_disk_gib"] = _disk_to_decode_once(tile, on)
             if read is not None and read.stream:
                 entry["stream_chunk"] = list((read.windows or tile.reading).shape)

@@ -43,6 +43,7 @@ __all__ = [
     "stream_sections",
     "stages_states",
     "stream_stages",
+    "tile_bytes",
     "tile_decode",
     "tile_ordered",
     "tile_read_plan",
@@ -191,6 +192,12 @@ def tile_scenes(tile) -> tuple:
 def read_scenes(tile) -> int:
     """How many scenes a tile's read goes through (:func:`tile_scenes`)."""
     return len(tile.scenes) + (len(tile.alerts.older) if tile.alerts is not None else 0)
+
+
+def tile_bytes(tile) -> int:
+    """The bytes of the scenes a tile's read goes through (:func:`read_scenes`), decoded: what a
+    plan that decodes every block once decodes."""
+    return read_scenes(tile) * tile.grid.height * tile.grid.width * tile.grid.count * 2
 
 
 def tile_read_plan(tile, reads: ReadBudget | None):

@@ -24,7 +24,7 @@ from ..errors import InputDataError, TreesitsError
 from ..io import discovery
 from ..io.cube import DEFAULT_READ_BYTES, WindowReader, days_since_epoch, tile_cube
 from ..io.datasets import forget_datasets
-from ..io.layouts import layouts_text
+from ..io.layouts import layout_parts, layouts_text
 from ..io.masks import open_mask
 from ..io.remote import clear_gdal_cache
 from ..outputs import store
@@ -54,6 +54,7 @@ from .reading import (
     answering,
     idle_reader,
     pinned_worker,
+    plans_decode,
     read_alone,
     read_budget,
     readers,
@@ -61,9 +62,11 @@ from .reading import (
     spill_worker,
     stages_states,
     stream_stages,
+    tile_bytes,
     tile_decode,
     tile_ordered,
     tile_read_plan,
+    tile_scenes,
     tile_spills,
     worker_disks,
 )
@@ -181,13 +184,23 @@ def _streamed(plan: RunPlan, tile: TilePlan, read_plan, routing: Routing, thread
     scenes, batches = len(tile.scenes), sum(len(p.batches) for p in plans)
     states = stages_states(tile, plans) / 2**30
     sections = max(p.sections for p in plans)
+    parts = layout_parts(tile_scenes(tile), tile.grid)
+    if len(parts) > 1 and not stages:
+        # one plan for all its layouts (more runs of layouts than pay for stages): a layout's
+        # blocks that the plan's bands cut are decoded once per band that crosses them
+        ratio = plans_decode(tile, [(p.grid, len(p.indices), read_plan) for p in parts])
+        decoded = (f"{ratio / tile_bytes(tile):.2f} times its bytes decoded by the plan's "
+                   "count, in one plan for all its file layouts")  # fmt: skip
+    elif sections > 1:
+        decoded = (f"in {sections} sections of window columns, each block decoded once per "
+                   "section that crosses it")  # fmt: skip
+    else:
+        decoded = "every block decoded once"
     log.info(
-        "tile %s: streamed through the model in %d batches of its %d scenes (%s, nothing of all "
-        "scenes held); its windows' model states hold up to %.2f GiB at once (%s)",
-        tile.tile, batches, scenes,
-        f"in {sections} sections of window columns, each block decoded once per section that "
-        "crosses it" if sections > 1 else "every block decoded once",
-        states, "the pixels of its mask" if tile.mask is not None else "every pixel predicted",
+        "tile %s: streamed through the model in %s of its %d scenes (%s, nothing of all scenes "
+        "held); its windows' model states hold up to %.2f GiB at once (%s)",
+        tile.tile, f"{batches} batch{'es' if batches != 1 else ''}", scenes, decoded, states,
+        "the pixels of its mask" if tile.mask is not None else "every pixel predicted",
     )  # fmt: skip
 
     def mask(windows):  # the tile's mask chunked like the windows a plan steps
