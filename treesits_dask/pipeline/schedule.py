@@ -188,8 +188,8 @@ def _streamed(plan: RunPlan, tile: TilePlan, read_plan, routing: Routing, thread
     if len(parts) > 1 and not stages:
         # one plan for all its layouts (more runs of layouts than pay for stages): a layout's
         # blocks that the plan's bands cut are decoded once per band that crosses them
-        ratio = plans_decode(tile, [(p.grid, len(p.indices), read_plan) for p in parts])
-        decoded = (f"{ratio / tile_bytes(tile):.2f} times its bytes decoded by the plan's "
+        counted = plans_decode(tile, [(p.grid, len(p.indices), read_plan) for p in parts])
+        decoded = (f"{counted / tile_bytes(tile):.2f} times its bytes decoded by the plan's "
                    "count, in one plan for all its file layouts")  # fmt: skip
     elif sections > 1:
         decoded = (f"in {sections} sections of window columns, each block decoded once per "
