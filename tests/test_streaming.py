@@ -907,6 +907,18 @@ def test_a_streamed_tile_in_two_file_layouts_decodes_each_block_once(
         assert a.probability.isnull().any()  # the mask's holes
 
 
+def _maps_what_one_run_maps(cube, model, one, out, client) -> None:
+    """The map ``out``, made over a sequence of runs, holds what one streamed run over all of
+    ``cube``'s scenes into ``one`` maps, in the same chunks."""
+    run(_config(cube, model, one, "always"), client=client)
+    a, b = open_map(str(one)), open_map(str(out))
+    assert a.probability.notnull().any()
+    assert b.probability.encoding["chunks"] == a.probability.encoding["chunks"]
+    np.testing.assert_allclose(b.probability.values, a.probability.values, rtol=0, atol=1e-5)
+    for var in ("valid_obs", "last_obs_valid", "last_valid_date"):
+        np.testing.assert_array_equal(b[var].values, a[var].values, err_msg=var)
+
+
 def test_a_streamed_tile_grown_by_scenes_in_another_layout_maps_what_one_run_maps(
     native_lstm, tmp_path, client, caplog
 ):
@@ -947,13 +959,7 @@ def test_a_streamed_tile_grown_by_scenes_in_another_layout_maps_what_one_run_map
     assert 0 < decoded <= 9 * 300 * 300 * 10 * 2  # every block of every file once at most
     assert len(versions(str(out))) == 2
 
-    run(_config(grown, native_lstm, tmp_path / "one", "always"), client=client)
-    a, b = open_map(str(tmp_path / "one")), open_map(str(out))
-    assert a.probability.notnull().any()
-    assert b.probability.encoding["chunks"] == a.probability.encoding["chunks"]
-    np.testing.assert_allclose(b.probability.values, a.probability.values, rtol=0, atol=1e-5)
-    for var in ("valid_obs", "last_obs_valid", "last_valid_date"):
-        np.testing.assert_array_equal(b[var].values, a[var].values, err_msg=var)
+    _maps_what_one_run_maps(grown, native_lstm, tmp_path / "one", out, client)
 
 
 def test_a_staged_tile_grown_past_the_runs_always_staged_maps_what_one_run_maps(
@@ -1004,13 +1010,7 @@ def test_a_staged_tile_grown_past_the_runs_always_staged_maps_what_one_run_maps(
     assert f"{ratio} times its bytes decoded by the plan's count, in one plan for" in caplog.text
     assert len(versions(str(out))) == 2
 
-    run(_config(grown, native_lstm, tmp_path / "one", "always"), client=client)
-    a, b = open_map(str(tmp_path / "one")), open_map(str(out))
-    assert a.probability.notnull().any()
-    assert b.probability.encoding["chunks"] == a.probability.encoding["chunks"]
-    np.testing.assert_allclose(b.probability.values, a.probability.values, rtol=0, atol=1e-5)
-    for var in ("valid_obs", "last_obs_valid", "last_valid_date"):
-        np.testing.assert_array_equal(b[var].values, a[var].values, err_msg=var)
+    _maps_what_one_run_maps(grown, native_lstm, tmp_path / "one", out, client)
 
 
 def test_the_stages_of_a_streamed_tile_hold_two_stages_states_within_the_room(
