@@ -82,21 +82,21 @@ def commit_rebasing(session, message: str, metadata: dict) -> str:
     (conflicts the solver cannot settle, a commit that failed past its rebase) are raised."""
     import icechunk
 
-    for attempt in range(1, COMMIT_TRIES):
+    for attempt in range(1, COMMIT_TRIES + 1):
         try:
             return session.commit(
                 message, metadata=metadata, rebase_with=icechunk.BasicConflictSolver()
             )
         except icechunk.IcechunkError as exc:
             text = str(exc)
-            if "I/O error" not in text or "icechunk::session::rebase" not in text:
+            broke_off = "I/O error" in text and "icechunk::session::rebase" in text
+            if not broke_off or attempt == COMMIT_TRIES:
                 raise
             log.warning(
                 "%s: a read of the map broke off while rebasing onto newer commits; retrying "
                 "the commit (try %d of %d)", message, attempt + 1, COMMIT_TRIES,
             )  # fmt: skip
             time.sleep(0.2 * 2**attempt)
-    return session.commit(message, metadata=metadata, rebase_with=icechunk.BasicConflictSolver())
 
 
 def repo_storage(url: str):
