@@ -585,6 +585,42 @@ def test_sbert_stream_steps_give_the_result_over_the_whole_series():
         np.testing.assert_array_equal(state[key], value, err_msg=key)
 
 
+def test_sbert_keeps_each_pixels_newest_valid_observations_in_its_ring():
+    """``sbert_keep`` over batches of 0, 1, 5, 30 and 9 scenes leaves in each pixel's ring what a
+    pixel-by-pixel loop puts there (its ``k``-th valid observation in slot ``k % seq_len``, the
+    newest ``seq_len`` only), also in a state whose arrays are views of larger ones (their
+    values kept, written to in the state), and refuses series of other bands."""
+    from treesits_dask.errors import InputDataError
+    from treesits_dask.models.preprocess import sbert_keep, sbert_state
+
+    rng = np.random.default_rng(7)
+    n, t, seq_len = 50, 45, 6
+    series = rng.integers(-9999, 9000, (n, t, 10)).astype(np.int16)
+    valid = rng.random((n, t)) < rng.uniform(0.0, 1.0, (n, 1))
+    valid[:3] = False  # none, one, fewer than the slots
+    valid[1, 20] = True
+    valid[2, [3, 10, 40]] = True
+    days = 18000 + np.arange(t, dtype=np.int64) * 3
+    wide = sbert_state(2 * n, seq_len)
+    wide["values"][1::2] = 77
+    strided = {k: v[1::2] for k, v in wide.items()}  # not contiguous
+    for state in (sbert_state(n, seq_len), strided):
+        want = {k: v.copy() for k, v in state.items()}
+        for p in range(n):
+            for k, o in enumerate(np.flatnonzero(valid[p])):
+                want["values"][p, k % seq_len] = series[p, o]
+                want["days"][p, k % seq_len] = days[o]
+            want["count"][p] = valid[p].sum()
+        for lo, hi in ((0, 0), (0, 1), (1, 6), (6, 36), (36, 45)):
+            state = sbert_keep(state, series[:, lo:hi], valid[:, lo:hi], days[lo:hi])
+        assert (valid.sum(axis=1) > seq_len).any() and (valid.sum(axis=1) == 0).any()
+        for key in ("values", "days", "count"):
+            np.testing.assert_array_equal(state[key], want[key], err_msg=key)
+    assert (strided["values"][~valid.any(axis=1)] == 77).all()
+    with pytest.raises(InputDataError, match="bands"):
+        sbert_keep(sbert_state(n, seq_len), series[:, :, :9], valid, days)
+
+
 def test_sbert_streams_only_where_its_tile_would_decode_more_than_once(tmp_path):
     """SBERT's state (6 KB per pixel of 256 observations) is as large as a band of 308 scenes:
     its ``auto`` (``fallback``) streams a tile only where the plan that holds its bands would

@@ -136,11 +136,18 @@ def _window_input(state, shape, mask, where, kernel: Kernel, pieces, first: bool
             "last_day": np.full(idx.size, -1, np.int64),
             "last_valid": np.zeros(idx.size, bool),
         }
-    part = assemble(shape, mask, where, pieces)
+    part = assemble(shape, mask, where, pieces).reshape(t, shape[1], h * w)
     idx = state["idx"]
-    series = np.ascontiguousarray(part.reshape(t, shape[1], h * w)[:, :, idx].transpose(2, 0, 1))
+    if idx.size != h * w or not np.array_equal(idx, np.arange(h * w)):
+        part = part[:, :, idx]  # the mask's pixels, or all in another order (a stage's handed)
+    # valid where no band is nodata, band by band over the pixels before the transpose: a fifth
+    # of the time of the same over each pixel's 10 bands after it (a short last axis)
+    valid = part[:, 0] != NODATA
+    for b in range(1, part.shape[1]):
+        valid &= part[:, b] != NODATA
+    series = np.ascontiguousarray(part.transpose(2, 0, 1))
     del part
-    return state, series, np.all(series != NODATA, axis=2)
+    return state, series, np.ascontiguousarray(valid.T)
 
 
 def _window_after(state: dict, model, valid: np.ndarray, days: np.ndarray) -> dict:
