@@ -209,15 +209,20 @@ def sbert_kept(
     date order and right-aligned into ``seq_len`` slots, as :func:`sbert_inputs` takes them:
     ``series`` (N, seq_len, bands) int16, ``valid`` (N, seq_len) and ``days`` (N, seq_len)
     int64 (0 in the empty slots)."""
-    sel = slice(None) if pixels is None else pixels
-    values, kept_days, count = state["values"][sel], state["days"][sel], state["count"][sel]
-    n, seq_len = kept_days.shape
+    values, kept_days = state["values"], state["days"]
+    seq_len = kept_days.shape[1]
+    where = np.arange(len(kept_days))[slice(None) if pixels is None else pixels]
+    count = state["count"][where]
     held = np.minimum(count, seq_len)
     # the oldest kept observation's slot: 0 until the ring is full, then the next to write
     oldest = np.where(count > seq_len, count % seq_len, 0)
     slots = np.arange(seq_len)
     valid = slots[None, :] >= (seq_len - held)[:, None]
-    at = (oldest[:, None] + slots[None, :] - (seq_len - held)[:, None]) % seq_len
-    rows = np.arange(n)[:, None]
-    series = np.where(valid[:, :, None], values[rows, at], 0).astype(np.int16, copy=False)
-    return series, valid, np.where(valid, kept_days[rows, at], 0).astype(np.int64)
+    # each pixel's slots in date order, as flat indices into its state: its observations taken
+    # as one item each (no copy of the pixels' states first)
+    at = where[:, None] * seq_len + (oldest[:, None] + slots - (seq_len - held)[:, None]) % seq_len
+    series = _items(values)[at].view(values.dtype).reshape(*at.shape, values.shape[2])
+    series[~valid] = 0
+    days = kept_days.reshape(-1)[at].astype(np.int64)
+    days[~valid] = 0
+    return series, valid, days
