@@ -135,6 +135,44 @@ def test_device_path_equals_host_path_on_cpu(family, sbert_spec):
         assert [s[0] for s in seen] == [128, 128, 44]
 
 
+@pytest.mark.parametrize("spread", [3, 80])
+def test_streamed_sbert_outputs_prepared_on_the_device_equal_the_host(
+    sbert_spec, spread, monkeypatch
+):
+    """What streamed pixels kept (each pixel's own days) goes through the model prepared on the
+    device as on the host: the same probabilities (bit for bit where no observation gives way to
+    the position table; with 3,200 days of dates many do, and the pixels then go through the
+    model in another order) and the same observations used, also as held windows."""
+    series, valid, days = _series(200, 40, seed=3, spread=spread)
+    host = load_model(sbert_spec, device="cpu")
+    device = load_model(sbert_spec, device="cpu")
+    device.feed = "device"
+    state = host.stream_state(len(series))
+    for lo, hi in ((0, 9), (9, 40)):
+        state = host.stream_step(state, series[:, lo:hi], valid[:, lo:hi], days[lo:hi])
+    pixels = np.flatnonzero(valid.any(axis=1))
+    want, want_used = host.stream_probs(state, pixels, batch_size=64)
+    with monkeypatch.context() as m:  # the host prepares nothing on the device path
+
+        def on_the_host(*args, **kwargs):
+            raise AssertionError("SBERT's inputs prepared on the host")
+
+        m.setattr("treesits_dask.models.loading.sbert_inputs", on_the_host)
+        got, used = device.stream_probs(state, pixels, batch_size=64)
+    np.testing.assert_array_equal(used, want_used)
+    if spread == 3:
+        np.testing.assert_array_equal(got, want)
+    else:
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    held, held_used = host.predict(series[pixels], valid[pixels], days)
+    np.testing.assert_allclose(want, held, rtol=0, atol=1e-6)  # streamed as held
+    _, device_used = device.predict(series[pixels], valid[pixels], days)
+    np.testing.assert_array_equal(device_used, held_used)
+    np.testing.assert_array_equal(used, held_used)
+    gave_way = held_used < valid[pixels].sum(axis=1)  # fewer than 256 valid: all would be used
+    assert gave_way.any() == (spread == 80)
+
+
 # --- batch size from the free device memory --------------------------------------------------
 
 

@@ -24,6 +24,14 @@ def full_inputs_torch(series: torch.Tensor, valid: torch.Tensor) -> torch.Tensor
     return series.to(torch.float32) * valid.unsqueeze(-1)
 
 
+def _at(per_scene: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+    """Each pixel's value of ``per_scene`` (T,), or (N, T) each pixel's own, at its observation
+    ``obs`` (N,)."""
+    if per_scene.dim() == 1:
+        return per_scene[obs]
+    return per_scene.gather(1, obs.unsqueeze(1)).squeeze(1)
+
+
 def _fit_position_table(
     kept: torch.Tensor, days: torch.Tensor, scene_doy: torch.Tensor, max_position: int
 ) -> torch.Tensor:
@@ -34,7 +42,7 @@ def _fit_position_table(
     while True:
         first = torch.argmax(kept.to(torch.uint8), dim=1)  # the oldest kept observation
         last = n_obs - 1 - torch.argmax(kept.flip(1).to(torch.uint8), dim=1)  # the newest
-        span = days[last] - days[first] + scene_doy[first]
+        span = _at(days, last) - _at(days, first) + _at(scene_doy, first)
         over = kept.any(1) & (span >= max_position)
         if not bool(over.any()):
             return first
@@ -56,8 +64,9 @@ def sbert_inputs_torch(
 
     ``series`` (N, T, B) int16, ``valid`` (N, T) bool, ``days`` (T,) int64 days since 1970-01-01,
     ``scene_doy`` (T,) int64 their day of year (``preprocess.day_of_year``, computed once per
-    window on the host).  ``keep`` must exceed the kept observations of every pixel (the slots
-    left out are then padding).
+    window on the host); or both (N, T), each pixel's own (the observations a streamed pixel
+    kept, ``preprocess.sbert_kept``).  ``keep`` must exceed the kept observations of every
+    pixel (the slots left out are then padding).
 
     As there, the oldest kept observations of a pixel are dropped until its newest one gets a day
     index inside the ``max_position``-row position table (one host sync per batch to see whether
@@ -76,8 +85,9 @@ def sbert_inputs_torch(
     kept = valid & (rank <= seq_len)
     first = _fit_position_table(kept, days, scene_doy, max_position)
     n_used = kept.sum(1)
-    first_day = days[first]
-    day_index = days.unsqueeze(0) - first_day.unsqueeze(1) + scene_doy[first].unsqueeze(1)
+    first_day = _at(days, first)
+    day_index = (days if days.dim() == 2 else days.unsqueeze(0)) - first_day.unsqueeze(1)
+    day_index = day_index + _at(scene_doy, first).unsqueeze(1)
     top = torch.where(kept, day_index, torch.zeros((), dtype=day_index.dtype, device=dev)).amax()
     # z-score per pixel and band over the kept observations (float64 statistics, ddof 0): the
     # operations of the numpy reference in the same order

@@ -28,7 +28,7 @@ from .accelerator import batch_for_memory, is_out_of_memory, pixel_bytes
 from .device_inputs import full_inputs_torch, sbert_inputs_torch
 from .preprocess import day_index_error, day_of_year
 
-__all__ = ["feed_window"]
+__all__ = ["feed_kept", "feed_window"]
 
 log = logging.getLogger(__name__)
 
@@ -95,26 +95,29 @@ class _Window:
                 s_dev, v_dev, self.days, self.scene_doy, self.seq_len, self.max_position, keep
             )
             probs = p.forward_sbert(x, doy, mask, self.n_used[idx])
+            used = mask.sum(1)  # fewer than n_used where the oldest gave way to the table
         else:
-            probs = p.forward_full(full_inputs_torch(s_dev, v_dev))
-        job = {"idx": idx, "probs": probs, "top": top, "done": None}
+            probs, used = p.forward_full(full_inputs_torch(s_dev, v_dev)), None
+        job = {"idx": idx, "probs": probs, "top": top, "used": used, "done": None}
         if self.cuda:
-            job["probs"] = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)
-            job["probs"].copy_(probs, non_blocking=True)
-            if top is not None:
-                job["top"] = torch.empty((), dtype=top.dtype, pin_memory=True)
-                job["top"].copy_(top, non_blocking=True)
+            for key in ("probs", "top", "used"):  # into pinned memory, read in finish
+                on_device = job[key]
+                if on_device is not None:
+                    job[key] = torch.empty(on_device.shape, dtype=on_device.dtype, pin_memory=True)
+                    job[key].copy_(on_device, non_blocking=True)
             job["done"] = torch.cuda.Event()
             job["done"].record()
         return job
 
     def finish(self, job: dict) -> None:
-        """Wait for a queued batch and take its probabilities."""
+        """Wait for a queued batch and take its probabilities (and SBERT's observations used)."""
         if job["done"] is not None:
             job["done"].synchronize()
         if job["top"] is not None and int(job["top"]) >= self.max_position:
             raise day_index_error(int(job["top"]), self.max_position)
         self.probs[job["idx"]] = job["probs"].numpy()
+        if job["used"] is not None:
+            self.n_used[job["idx"]] = job["used"].numpy()
 
 
 def feed_window(
@@ -164,3 +167,39 @@ def _release(win: _Window, pending: deque[dict]) -> None:
         with contextlib.suppress(RuntimeError):
             torch.cuda.synchronize(win.dev)
         torch.cuda.empty_cache()
+
+
+def feed_kept(
+    predictor, series: np.ndarray, valid: np.ndarray, days: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """SBERT's probabilities (N, C) float32 and observations used (N,) of what streamed pixels
+    kept (:func:`~.preprocess.sbert_kept`: right-aligned, each pixel's own days), prepared on
+    ``predictor.device``: the host ships the slots that hold observations (int16, validity and
+    days) and a day-of-year table of the days they span; the device selects, normalises and
+    right-aligns (:func:`~.device_inputs.sbert_inputs_torch`), as it does for a held window."""
+    seq = predictor.card.sequence
+    seq_len, max_position = int(seq.get("seq_len", 256)), int(seq.get("max_position", 1826))
+    n = len(series)
+    held = valid.sum(axis=1, dtype=np.int64)
+    order = np.argsort(held, kind="stable")  # similar lengths together: padding trimmed
+    keep = min(seq_len, int(held.max(initial=0)) + 1)  # the slots in front of these are padding
+    dev = predictor.device
+
+    def ship(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a[order, -keep:])).to(dev, non_blocking=True)
+
+    s_dev, v_dev, d_dev = ship(series), ship(valid), ship(days)
+    seen = days[valid]
+    lo, hi = (int(seen.min()), int(seen.max())) if seen.size else (0, 0)
+    table = torch.from_numpy(day_of_year(np.arange(lo, hi + 1))).to(dev)
+    doy_dev = table[(d_dev - lo).clamp(0, hi - lo)]  # the empty slots' (day 0) are not used
+    x, doy, mask, top = sbert_inputs_torch(
+        s_dev, v_dev, d_dev, doy_dev, seq_len, max_position, keep
+    )
+    if int(top) >= max_position:
+        raise day_index_error(int(top), max_position)
+    probs = np.empty((n, predictor.card.n_classes), dtype=np.float32)
+    used = np.empty(n, dtype=np.int64)
+    probs[order] = predictor.forward_sbert(x, doy, mask, held[order]).cpu().numpy()
+    used[order] = mask.sum(1).cpu().numpy()
+    return probs, used

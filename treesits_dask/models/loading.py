@@ -23,7 +23,7 @@ from .accelerator import PRECISIONS, Staging, free_memory, precision_scope
 from .architectures import build_module
 from .card import ModelCard, ModelSpec, card_path, read_card
 from .checkpoint import fit_state_dict, read_state_dict, sbert_card_from_state
-from .feeding import feed_window
+from .feeding import feed_kept, feed_window
 from .preprocess import (
     check_inputs,
     full_inputs,
@@ -384,7 +384,8 @@ class Predictor:
         each used where the state tells them apart from the valid ones (SBERT: at most
         ``seq_len``; None for the LSTM, which uses every valid one).  The LSTM: its head on the
         last layer's output at the last step; SBERT: the model on the observations kept, as
-        :meth:`predict` feeds it, ``batch_size`` pixels at a time."""
+        :meth:`predict` feeds it, ``batch_size`` pixels at a time (prepared on the device with
+        ``feed="device"``, :func:`~.feeding.feed_kept`)."""
         pixels = np.asarray(pixels)
         n = pixels.size
         probs = np.empty((n, self.card.n_classes), dtype=np.float32)
@@ -395,6 +396,9 @@ class Predictor:
                 for lo in range(0, n, max(1, int(batch_size))):
                     sel = slice(lo, lo + max(1, int(batch_size)))
                     series, valid, days = sbert_kept(state, pixels[sel])
+                    if self.feed == "device":  # prepared where the model runs
+                        probs[sel], used[sel] = feed_kept(self, series, valid, days)
+                        continue
                     x, doy, mask, got = sbert_inputs(
                         series, valid, days, int(seq["seq_len"]), int(seq.get("max_position", 1826))
                     )
