@@ -169,7 +169,7 @@ def sbert_keep(state: dict, series: np.ndarray, valid: np.ndarray, days: np.ndar
     (the state of a whole band of a tile is gigabytes: copied per batch, it would cost more than
     decoding the batch) and returned."""
     values, kept_days, count = state["values"], state["days"], state["count"]
-    n, seq_len, bands = values.shape
+    _, seq_len, bands = values.shape
     valid = np.asarray(valid, dtype=bool)
     if valid.size == 0:
         return state
