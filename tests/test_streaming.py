@@ -585,6 +585,41 @@ def test_sbert_stream_steps_give_the_result_over_the_whole_series():
         np.testing.assert_array_equal(state[key], value, err_msg=key)
 
 
+def test_a_windows_pixels_are_taken_from_its_pieces_as_from_the_window_put_together():
+    """A step takes its pixels' series and validity straight from the window's pieces of a batch:
+    the same as from the window put together (``assemble``), for all pixels in order, a mask's,
+    pixels handed on in another order across two pieces, pieces that are views of a band, and a
+    piece where nothing was read (nodata)."""
+    from treesits_dask.io.reader import assemble
+    from treesits_dask.pipeline.streaming import _pixel_series
+
+    rng = np.random.default_rng(3)
+    t, bands, h, w = 5, 10, 12, 9
+    band = rng.integers(-50, 3000, (t, bands, h, 30)).astype(np.int16)
+    band[rng.random(band.shape) < 0.05] = -9999  # one band invalid: the observation is
+    band[np.broadcast_to((rng.random((t, h, 30)) < 0.4)[:, None], band.shape)] = -9999
+    cases = {
+        "all, contiguous": (((0, t, 0, h),), [np.ascontiguousarray(band[..., 3:12])],
+                            np.arange(h * w)),
+        "all, a view": (((0, t, 0, h),), [band[..., 3:12]], np.arange(h * w)),
+        "a mask, a view": (((0, t, 0, h),), [band[..., 3:12]],
+                           np.flatnonzero(rng.random(h * w) < 0.3)),
+        "shuffled, two pieces": (((0, t, 0, 5), (0, t, 5, h)),
+                                 [band[:, :, :5, 3:12], np.ascontiguousarray(band[:, :, 5:, 3:12])],
+                                 rng.permutation(h * w)[:70]),
+        "nothing read": (((0, t, 0, 5), (0, t, 5, h)), [None, band[:, :, 5:, 3:12]],
+                         rng.permutation(h * w)),
+    }  # fmt: skip
+    for name, (where, pieces, idx) in cases.items():
+        series, valid = _pixel_series((t, bands, h, w), idx, where, pieces)
+        window = assemble((t, bands, h, w), None, where, pieces).reshape(t, bands, h * w)
+        want = window[:, :, idx].transpose(2, 0, 1)
+        assert series.dtype == np.int16 and series.flags.c_contiguous, name
+        np.testing.assert_array_equal(series, want, err_msg=name)
+        np.testing.assert_array_equal(valid, (want != -9999).all(axis=2), err_msg=name)
+        assert (~valid).any() and valid.any(), name
+
+
 def test_sbert_keeps_each_pixels_newest_valid_observations_in_its_ring():
     """``sbert_keep`` over batches of 0, 1, 5, 30 and 9 scenes leaves in each pixel's ring what a
     pixel-by-pixel loop puts there (its ``k``-th valid observation in slot ``k % seq_len``, the

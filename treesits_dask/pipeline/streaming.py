@@ -65,7 +65,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..io.cube import NODATA
-from ..io.reader import WindowReader, assemble
+from ..io.pieces import DiskPiece
+from ..io.reader import WindowReader
 from ..models import ModelSpec
 from ..outputs.schema import Packing, empty_outputs
 from .devices import device_lock, device_pool
@@ -122,7 +123,7 @@ def _window_input(state, shape, mask, where, kernel: Kernel, pieces, first: bool
     batch, bands, h, w); ``pieces`` the window's pieces of the batch (``where[k]``: ``(0,
     scenes, first row, last row)`` in the window), as :func:`~treesits_dask.io.reader.assemble`
     takes them."""
-    t, _, h, w = shape
+    _, _, h, w = shape
     if state is None:
         if not first or (mask is not None and not mask.any()):
             return None
@@ -136,18 +137,52 @@ def _window_input(state, shape, mask, where, kernel: Kernel, pieces, first: bool
             "last_day": np.full(idx.size, -1, np.int64),
             "last_valid": np.zeros(idx.size, bool),
         }
-    part = assemble(shape, mask, where, pieces).reshape(t, shape[1], h * w)
-    idx = state["idx"]
-    if idx.size != h * w or not np.array_equal(idx, np.arange(h * w)):
-        part = part[:, :, idx]  # the mask's pixels, or all in another order (a stage's handed)
-    # valid where no band is nodata, band by band over the pixels before the transpose: a fifth
-    # of the time of the same over each pixel's 10 bands after it (a short last axis)
-    valid = part[:, 0] != NODATA
-    for b in range(1, part.shape[1]):
-        valid &= part[:, b] != NODATA
-    series = np.ascontiguousarray(part.transpose(2, 0, 1))
-    del part
-    return state, series, np.ascontiguousarray(valid.T)
+    return (state, *_pixel_series(shape, state["idx"], where, pieces))
+
+
+def _pixel_series(shape, idx: np.ndarray, where, pieces) -> tuple[np.ndarray, np.ndarray]:
+    """The series (N, t, bands) int16 of a window's pixels ``idx`` (flat indices, in any order:
+    the mask's, all, or those a stage handed on) and their validity (N, t), taken from the
+    window's pieces of a batch (see :func:`_window_input`) piece by piece, where putting the
+    window together first (:func:`~treesits_dask.io.reader.assemble`) copied all of it once more
+    before a mask's pixels were taken out of it."""
+    t, bands, _, w = shape
+    series = np.empty((idx.size, t, bands), dtype=np.int16)
+    valid = np.empty((idx.size, t), dtype=bool)
+    for (_, _, r0, r1), piece in zip(where, pieces, strict=True):
+        at = np.flatnonzero((idx >= r0 * w) & (idx < r1 * w))
+        if not at.size:
+            continue
+        if piece is None:  # nothing read there
+            series[at], valid[at] = NODATA, False
+            continue
+        if isinstance(piece, DiskPiece):
+            piece = piece.load()
+        local = idx[at] - r0 * w
+        rows = slice(at[0], at[-1] + 1) if at[-1] - at[0] + 1 == at.size else at
+        if (
+            isinstance(rows, slice)
+            and local.size == piece.shape[2] * piece.shape[3]
+            and (local == np.arange(local.size)).all()
+        ):  # all of the piece's pixels in order (no mask): straight into their rows
+            ok = piece[:, 0] != NODATA
+            for b in range(1, bands):
+                ok &= piece[:, b] != NODATA
+            valid[rows] = ok.reshape(t, -1).T
+            series[rows].reshape(*piece.shape[2:], t, bands)[...] = piece.transpose(2, 3, 0, 1)
+            continue
+        if piece.flags.c_contiguous:  # numpy lays this gather out pixel-major
+            got = piece.reshape(t, bands, -1)[:, :, local]
+        else:
+            got = piece[:, :, local // w, local % w]
+        # valid where no band is nodata, band by band over the pixels (a fifth of the time of
+        # reducing each observation's 10 bands, a short last axis), then the pixels' series
+        ok = got[:, 0] != NODATA
+        for b in range(1, bands):
+            ok &= got[:, b] != NODATA
+        valid[rows] = ok.T
+        series[rows] = got.transpose(2, 0, 1)
+    return series, valid
 
 
 def _window_after(state: dict, model, valid: np.ndarray, days: np.ndarray) -> dict:
