@@ -57,6 +57,7 @@ __all__ = [
     "select_pixels",
     "threads_for_forward",
     "tune_malloc",
+    "valid_observations",
 ]
 
 log = logging.getLogger(__name__)
@@ -277,6 +278,21 @@ def _pixel_axis(block: np.ndarray) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(block).reshape(t_, b_, h * w), w
 
 
+def valid_observations(series: np.ndarray, axis: int = 1, out: np.ndarray | None = None):
+    """Where no band of ``series`` (its bands along ``axis``) is nodata, into ``out`` if given:
+    band by band, each compared into one temporary (half to a fifth of the time of reducing each
+    observation's 10 bands, a short axis)."""
+
+    def band(b: int) -> np.ndarray:
+        return series[(slice(None),) * axis + (b,)]
+
+    out = np.not_equal(band(0), NODATA, out=out)
+    other = np.empty_like(out)
+    for b in range(1, series.shape[axis]):
+        out &= np.not_equal(band(b), NODATA, out=other)
+    return out
+
+
 def select_pixels(
     block: np.ndarray, mask: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -291,12 +307,7 @@ def select_pixels(
     t_, b_, h, w = block.shape
     flat, row = _pixel_axis(block)
     if mask is None:
-        valid = block[:, 0] != NODATA  # (T, h, w)
-        other = np.empty_like(valid)
-        for b in range(1, b_):
-            valid &= np.not_equal(block[:, b], NODATA, out=other)
-        del other
-        valid = valid.reshape(t_, h * w)
+        valid = valid_observations(block).reshape(t_, h * w)  # temporaries of (T, h, w)
         idx = np.flatnonzero(valid.any(axis=0))
         valid = np.ascontiguousarray(valid[:, idx].T)  # before the series: one validity at a time
         return idx, _gather(flat, idx, w, row), valid
@@ -304,14 +315,8 @@ def select_pixels(
     series = _gather(flat, idx, w, row)
     valid = np.empty(series.shape[:2], dtype=bool)
     step = max(1, _VALID_BYTES // max(1, t_ * b_))  # pixels at a time: a bounded temporary
-    other = np.empty((min(step, len(idx)), t_), dtype=bool)
-    for lo in range(0, len(idx), step):
-        # band by band into the pixels' validity (half the time of reducing their short axis
-        # of bands), a cached part of them at a time
-        part, out = series[lo : lo + step], valid[lo : lo + step]
-        np.not_equal(part[:, :, 0], NODATA, out=out)
-        for b in range(1, b_):
-            out &= np.not_equal(part[:, :, b], NODATA, out=other[: len(part)])
+    for lo in range(0, len(idx), step):  # a cached part of the pixels at a time
+        valid_observations(series[lo : lo + step], axis=2, out=valid[lo : lo + step])
     keep = valid.any(axis=1)
     if not keep.all():  # pixels of the mask without a valid observation
         idx, series, valid = idx[keep], series[keep], valid[keep]

@@ -70,7 +70,14 @@ from ..io.reader import WindowReader
 from ..models import ModelSpec
 from ..outputs.schema import Packing, empty_outputs
 from .devices import device_lock, device_pool
-from .predict import FORWARDS_IN_PROGRESS, Inference, fill_outputs, get_predictor, last_valid_day
+from .predict import (
+    FORWARDS_IN_PROGRESS,
+    Inference,
+    fill_outputs,
+    get_predictor,
+    last_valid_day,
+    valid_observations,
+)
 
 __all__ = [
     "STEP_CALL_ELEMENTS",
@@ -165,22 +172,14 @@ def _pixel_series(shape, idx: np.ndarray, where, pieces) -> tuple[np.ndarray, np
             and local.size == piece.shape[2] * piece.shape[3]
             and (local == np.arange(local.size)).all()
         ):  # all of the piece's pixels in order (no mask): straight into their rows
-            ok = piece[:, 0] != NODATA
-            for b in range(1, bands):
-                ok &= piece[:, b] != NODATA
-            valid[rows] = ok.reshape(t, -1).T
+            valid[rows] = valid_observations(piece).reshape(t, -1).T
             series[rows].reshape(*piece.shape[2:], t, bands)[...] = piece.transpose(2, 3, 0, 1)
             continue
         if piece.flags.c_contiguous:  # numpy lays this gather out pixel-major
             got = piece.reshape(t, bands, -1)[:, :, local]
         else:
             got = piece[:, :, local // w, local % w]
-        # valid where no band is nodata, band by band over the pixels (half the time of reducing
-        # each observation's 10 bands, a short last axis), then the pixels' series
-        ok = got[:, 0] != NODATA
-        for b in range(1, bands):
-            ok &= got[:, b] != NODATA
-        valid[rows] = ok.T
+        valid[rows] = valid_observations(got).T
         series[rows] = got.transpose(2, 0, 1)
     return series, valid
 
